@@ -1,0 +1,667 @@
+//! The data plane of one tenant tunnel, sans IO.
+//!
+//! A [`TunnelEngine`] owns the tunnel's static key, its peers (one boringtun `Tunn`
+//! each), its routing state and its counters. Inputs are `handle_*` calls that carry
+//! `now`; datagrams to send and packets for the host leave through a caller-provided
+//! [`Sink`]; connection events are drained with [`TunnelEngine::poll_event`].
+//!
+//! One engine serves exactly one tunnel, so no lookup can ever reach another tenant:
+//! isolation holds by construction. The engine opens no socket, spawns nothing and
+//! reads no clock (boringtun's internal protocol timers excepted, see `peer`).
+
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use boringtun::noise::rate_limiter::RateLimiter;
+use boringtun::x25519::{PublicKey, StaticSecret};
+use ipnet::IpNet;
+
+use super::packet;
+use super::peer::{
+    identify_initiator, message_type, Decap, Encap, Initiator, Message, Peer, PeerConfig,
+    PeerStats,
+};
+use super::policy::{decide, DropReason, Egress, Origin, PeerId, RoutingState, Rule, Verdict};
+
+/// Largest datagram or inner packet handled, plus room for WireGuard's overhead.
+const BUF_LEN: usize = 65_536 + 256;
+
+/// Handshake initiations per second a tunnel accepts before it demands cookies.
+pub const HANDSHAKE_RATE_LIMIT: u64 = 1_000;
+
+/// Events kept for the control plane before the oldest are discarded. The driver
+/// drains them after every batch, so this only bounds memory if nobody listens.
+const MAX_EVENTS: usize = 4_096;
+
+/// Where the engine's outputs go. Implemented by the IO driver and by tests.
+pub trait Sink {
+    /// Sends `datagram` from the tunnel's socket to `to`.
+    fn send(&mut self, to: SocketAddr, datagram: &[u8]);
+    /// Delivers a packet addressed to the tunnel's own address; false if nothing
+    /// (host device or local stack) takes it.
+    fn local(&mut self, packet: &[u8]) -> bool;
+}
+
+/// An egress policy as configured: gateways named by public key, primary first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EgressConfig {
+    /// Client pool.
+    pub pool: IpNet,
+    /// Gateway peers' public keys, primary first.
+    pub gateways: Vec<[u8; 32]>,
+}
+
+/// Something the control plane wants to hear about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// First completed handshake after being disconnected.
+    Connected {
+        peer: [u8; 32],
+        endpoint: Option<SocketAddr>,
+    },
+    /// The session expired or the peer went silent.
+    Disconnected { peer: [u8; 32] },
+    /// An authenticated datagram came from a new endpoint.
+    Roamed {
+        peer: [u8; 32],
+        endpoint: SocketAddr,
+    },
+}
+
+/// Tunnel-wide counters, plain fields bumped inline.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TunnelStats {
+    /// Datagrams received on the tunnel's socket.
+    pub rx_datagrams: u64,
+    /// Datagrams handed to the sink.
+    pub tx_datagrams: u64,
+    /// Packets forwarded from one peer to another.
+    pub forwarded_peer: u64,
+    /// Packets from peers delivered locally (rule 4).
+    pub forwarded_local: u64,
+    /// Packets from the host forwarded to a peer.
+    pub forwarded_host: u64,
+    /// Packets sent by the egress rule.
+    pub egress_hits: u64,
+    /// Packets waiting in a peer's queue for its handshake.
+    pub queued: u64,
+    /// Completed handshakes.
+    pub handshakes: u64,
+    /// Cookie replies sent under load.
+    pub cookie_replies: u64,
+    /// Events discarded because nobody drained them.
+    pub events_lost: u64,
+    /// Drops, indexed by [`DropReason::index`].
+    pub drops: [u64; DropReason::ALL.len()],
+}
+
+impl TunnelStats {
+    /// Count of drops for one reason.
+    pub fn dropped(&self, reason: DropReason) -> u64 {
+        self.drops[reason.index()]
+    }
+    #[inline]
+    fn drop(&mut self, reason: DropReason) {
+        self.drops[reason.index()] += 1;
+    }
+}
+
+/// A peer's state as seen by the control plane.
+#[derive(Debug, Clone)]
+pub struct PeerStatus {
+    /// Public key.
+    pub public_key: [u8; 32],
+    /// Last authenticated source address.
+    pub endpoint: Option<SocketAddr>,
+    /// When the last handshake completed.
+    pub last_handshake: Option<Instant>,
+    /// Whether it has a live session now.
+    pub live: bool,
+    /// Counters.
+    pub stats: PeerStats,
+}
+
+/// What the data plane would do with a packet (for the explain endpoint).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Explanation {
+    /// The peer assumed to have sent it (owner of the source), if any.
+    pub from: Option<[u8; 32]>,
+    /// The verdict.
+    pub verdict: ExplainVerdict,
+}
+
+/// A verdict with peers named by key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExplainVerdict {
+    /// Sent to this peer by this rule.
+    Forward { peer: [u8; 32], rule: Rule },
+    /// Delivered to the tunnel's own address.
+    Local,
+    /// Dropped.
+    Drop(DropReason),
+}
+
+/// Why a control change was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EngineError {
+    /// Another peer of the tunnel already owns exactly this prefix.
+    #[error("prefix {prefix} already belongs to another peer")]
+    PrefixTaken { prefix: IpNet },
+    /// The peer index is already used by another peer.
+    #[error("receiver index {index} is already in use")]
+    IndexTaken { index: u32 },
+}
+
+/// Slot storage for peers with O(1) lookups by key and by receiver index.
+#[derive(Default)]
+struct Peers {
+    slots: Vec<Option<Peer>>,
+    free: Vec<PeerId>,
+    by_key: HashMap<[u8; 32], PeerId>,
+    by_index: HashMap<u32, PeerId>,
+}
+
+impl Peers {
+    #[inline]
+    fn get(&self, id: PeerId) -> Option<&Peer> {
+        self.slots.get(id as usize)?.as_ref()
+    }
+    #[inline]
+    fn get_mut(&mut self, id: PeerId) -> Option<&mut Peer> {
+        self.slots.get_mut(id as usize)?.as_mut()
+    }
+    fn insert(&mut self, peer: Peer) -> PeerId {
+        let key = *peer.public_key().as_bytes();
+        let index = peer.index;
+        let id = match self.free.pop() {
+            Some(id) => {
+                self.slots[id as usize] = Some(peer);
+                id
+            }
+            None => {
+                self.slots.push(Some(peer));
+                (self.slots.len() - 1) as PeerId
+            }
+        };
+        self.by_key.insert(key, id);
+        self.by_index.insert(index, id);
+        id
+    }
+    fn remove(&mut self, id: PeerId) -> Option<Peer> {
+        let peer = self.slots.get_mut(id as usize)?.take()?;
+        self.by_key.remove(peer.public_key().as_bytes());
+        self.by_index.remove(&peer.index);
+        self.free.push(id);
+        Some(peer)
+    }
+    fn iter_mut(&mut self) -> impl Iterator<Item = &mut Peer> {
+        self.slots.iter_mut().flatten()
+    }
+    fn iter(&self) -> impl Iterator<Item = &Peer> {
+        self.slots.iter().flatten()
+    }
+}
+
+/// The data plane of one tunnel.
+pub struct TunnelEngine {
+    secret: StaticSecret,
+    public: PublicKey,
+    rate_limiter: Arc<RateLimiter>,
+    last_limiter_reset: Option<Instant>,
+    peers: Peers,
+    routing: RoutingState,
+    egress: Vec<EgressConfig>,
+    stats: TunnelStats,
+    events: VecDeque<Event>,
+    rx: Box<[u8]>,
+    tx: Box<[u8]>,
+}
+
+impl TunnelEngine {
+    /// An engine for a tunnel with this static key and these own addresses.
+    pub fn new(secret: StaticSecret, local: Vec<IpAddr>) -> Self {
+        let public = PublicKey::from(&secret);
+        Self {
+            rate_limiter: Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT)),
+            secret,
+            public,
+            last_limiter_reset: None,
+            peers: Peers::default(),
+            routing: RoutingState {
+                local,
+                ..Default::default()
+            },
+            egress: Vec::new(),
+            stats: TunnelStats::default(),
+            events: VecDeque::new(),
+            rx: vec![0; BUF_LEN].into_boxed_slice(),
+            tx: vec![0; BUF_LEN].into_boxed_slice(),
+        }
+    }
+
+    // ---- getters ----
+
+    /// The tunnel's public key.
+    pub fn public_key(&self) -> &PublicKey {
+        &self.public
+    }
+
+    /// Tunnel-wide counters.
+    pub fn stats(&self) -> &TunnelStats {
+        &self.stats
+    }
+
+    /// Number of peers.
+    pub fn peer_count(&self) -> usize {
+        self.peers.by_key.len()
+    }
+
+    /// Status of every peer.
+    pub fn peer_statuses(&self, now: Instant) -> Vec<PeerStatus> {
+        self.peers
+            .iter()
+            .map(|p| PeerStatus {
+                public_key: *p.public_key().as_bytes(),
+                endpoint: p.endpoint,
+                last_handshake: p.last_handshake,
+                live: p.is_live(now),
+                stats: p.stats,
+            })
+            .collect()
+    }
+
+    /// What would happen to a packet from `src` to `dst`, as if sent by the peer that
+    /// owns `src` (or, for an address no peer owns, by the gateway of the pool that
+    /// holds `dst`: return traffic from the internet).
+    pub fn explain(&self, src: IpAddr, dst: IpAddr, now: Instant) -> Explanation {
+        let origin = match self.routing.routes.lookup(src) {
+            Some(&p) => Some(Origin::Peer(p)),
+            None if self.routing.local.contains(&src) => Some(Origin::Host),
+            None => self
+                .routing
+                .egress
+                .iter()
+                .find(|e| e.pool.contains(&dst))
+                .and_then(|e| e.gateways.first())
+                .map(|&g| Origin::Peer(g)),
+        };
+        let key = |id: PeerId| {
+            self.peers
+                .get(id)
+                .map(|p| *p.public_key().as_bytes())
+                .unwrap_or_default()
+        };
+        let Some(origin) = origin else {
+            return Explanation {
+                from: None,
+                verdict: ExplainVerdict::Drop(DropReason::SpoofedSource),
+            };
+        };
+        let verdict = decide(&self.routing, origin, src, dst, |g| {
+            self.peers.get(g).is_some_and(|p| p.is_live(now))
+        });
+        Explanation {
+            from: match origin {
+                Origin::Peer(p) => Some(key(p)),
+                Origin::Host => None,
+            },
+            verdict: match verdict {
+                Verdict::Forward { peer, rule } => ExplainVerdict::Forward {
+                    peer: key(peer),
+                    rule,
+                },
+                Verdict::Local => ExplainVerdict::Local,
+                Verdict::Drop { reason, .. } => ExplainVerdict::Drop(reason),
+            },
+        }
+    }
+
+    // ---- mutators (control plane) ----
+
+    /// Adds a peer, or updates the prefixes, keepalive and kind of an existing one
+    /// without touching its session. `index` is used only when the peer is new.
+    pub fn upsert_peer(&mut self, config: PeerConfig, index: u32) -> Result<(), EngineError> {
+        let key = *config.public_key.as_bytes();
+        let existing = self.peers.by_key.get(&key).copied();
+        for prefix in &config.allowed {
+            match self.routing.routes.get_exact(*prefix) {
+                Some(&owner) if Some(owner) != existing => {
+                    return Err(EngineError::PrefixTaken { prefix: *prefix })
+                }
+                _ => {}
+            }
+        }
+        let id = match existing {
+            Some(id) => {
+                self.routing.routes.retain(|_, &owner| owner != id);
+                if let Some(peer) = self.peers.get_mut(id) {
+                    if config.endpoint.is_some() {
+                        peer.endpoint = config.endpoint;
+                    }
+                    peer.config.allowed.clone_from(&config.allowed);
+                    peer.config.kind = config.kind;
+                }
+                id
+            }
+            None => {
+                if self.peers.by_index.contains_key(&index) {
+                    return Err(EngineError::IndexTaken { index });
+                }
+                let peer = Peer::new(
+                    &self.secret,
+                    config.clone(),
+                    index,
+                    Arc::clone(&self.rate_limiter),
+                );
+                self.peers.insert(peer)
+            }
+        };
+        for prefix in config.allowed {
+            self.routing.routes.insert(prefix, id);
+        }
+        self.resolve_egress();
+        Ok(())
+    }
+
+    /// Removes a peer and its routes; returns its receiver index for reuse.
+    pub fn remove_peer(&mut self, key: &[u8; 32]) -> Option<u32> {
+        let id = self.peers.by_key.get(key).copied()?;
+        let peer = self.peers.remove(id)?;
+        self.routing.routes.retain(|_, &owner| owner != id);
+        self.resolve_egress();
+        Some(peer.index)
+    }
+
+    /// Replaces the egress policies.
+    pub fn set_egress(&mut self, egress: Vec<EgressConfig>) {
+        self.egress = egress;
+        self.resolve_egress();
+    }
+
+    fn resolve_egress(&mut self) {
+        self.routing.egress = self
+            .egress
+            .iter()
+            .map(|e| Egress {
+                pool: e.pool,
+                gateways: e
+                    .gateways
+                    .iter()
+                    .filter_map(|k| self.peers.by_key.get(k).copied())
+                    .collect(),
+            })
+            .collect();
+    }
+
+    // ---- inputs ----
+
+    /// Handles one datagram received on the tunnel's socket from `from`.
+    pub fn handle_datagram(
+        &mut self,
+        from: SocketAddr,
+        datagram: &[u8],
+        now: Instant,
+        sink: &mut impl Sink,
+    ) {
+        self.stats.rx_datagrams += 1;
+        let Some(message) = Message::classify(datagram) else {
+            self.stats.drop(DropReason::InvalidDatagram);
+            return;
+        };
+        let Self {
+            secret,
+            public,
+            rate_limiter,
+            peers,
+            routing,
+            stats,
+            events,
+            rx,
+            tx,
+            ..
+        } = self;
+
+        let id = match message.peer_index() {
+            None => {
+                match identify_initiator(secret, public, rate_limiter, from.ip(), datagram, tx) {
+                    Initiator::Key(key) => match peers.by_key.get(&key) {
+                        Some(&id) => id,
+                        None => return stats.drop(DropReason::UnknownPeer),
+                    },
+                    Initiator::Cookie(cookie) => {
+                        stats.cookie_replies += 1;
+                        stats.tx_datagrams += 1;
+                        return sink.send(from, cookie);
+                    }
+                    Initiator::Drop(reason) => return stats.drop(reason),
+                }
+            }
+            Some(index) => match peers.by_index.get(&index) {
+                Some(&id) => id,
+                None => return stats.drop(DropReason::UnknownIndex),
+            },
+        };
+        let Some(peer) = peers.get_mut(id) else {
+            return stats.drop(DropReason::UnknownIndex);
+        };
+
+        match peer.decapsulate(from.ip(), datagram, rx) {
+            Decap::Reply(reply) => {
+                let kind = message_type(reply);
+                // A handshake response (type 2) answers an initiation; a keepalive
+                // (type 4) answers a response: either way a session now exists.
+                let established = matches!(
+                    (message, kind),
+                    (Message::Initiation, 2) | (Message::Response { .. }, 4)
+                );
+                if kind == 3 {
+                    stats.cookie_replies += 1;
+                }
+                stats.tx_datagrams += 1;
+                peer.stats.tx_bytes += reply.len() as u64;
+                sink.send(from, reply);
+                if established {
+                    authenticated(peer, from, datagram.len(), now, events);
+                    handshake_done(peer, now, stats, events);
+                    while let Some(queued) = peer.poll_queued(tx) {
+                        stats.tx_datagrams += 1;
+                        peer.stats.tx_bytes += queued.len() as u64;
+                        sink.send(from, queued);
+                    }
+                }
+            }
+            Decap::Packet(inner) => {
+                authenticated(peer, from, datagram.len(), now, events);
+                peer.stats.rx_packets += 1;
+                let len = inner.len();
+                route(
+                    peers,
+                    routing,
+                    stats,
+                    tx,
+                    Origin::Peer(id),
+                    &rx[..len],
+                    now,
+                    sink,
+                );
+            }
+            Decap::Nothing => {
+                if matches!(message, Message::Data { .. }) {
+                    authenticated(peer, from, datagram.len(), now, events);
+                }
+            }
+            Decap::Drop(reason) => stats.drop(reason),
+        }
+        trim_events(events, stats);
+    }
+
+    /// Handles a packet from the host side (TUN device or local stack), routed by
+    /// destination only.
+    pub fn handle_host_packet(&mut self, packet: &[u8], now: Instant, sink: &mut impl Sink) {
+        let Self {
+            peers,
+            routing,
+            stats,
+            tx,
+            ..
+        } = self;
+        route(peers, routing, stats, tx, Origin::Host, packet, now, sink);
+    }
+
+    /// Runs every peer's protocol timers. Call at least every 250 ms.
+    pub fn handle_timers(&mut self, now: Instant, sink: &mut impl Sink) {
+        let reset_due = self
+            .last_limiter_reset
+            .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1));
+        if reset_due {
+            self.rate_limiter.reset_count();
+            self.last_limiter_reset = Some(now);
+        }
+        let Self {
+            peers,
+            stats,
+            events,
+            tx,
+            ..
+        } = self;
+        for peer in peers.iter_mut() {
+            let (out, expired) = peer.update_timers(tx);
+            if let (Some(datagram), Some(to)) = (out, peer.endpoint) {
+                stats.tx_datagrams += 1;
+                peer.stats.tx_bytes += datagram.len() as u64;
+                sink.send(to, datagram);
+            }
+            if peer.connected && (expired || !peer.is_live(now)) {
+                peer.connected = false;
+                events.push_back(Event::Disconnected {
+                    peer: *peer.public_key().as_bytes(),
+                });
+            }
+        }
+        trim_events(events, stats);
+    }
+
+    // ---- outputs ----
+
+    /// Next connection event.
+    #[must_use]
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+}
+
+fn trim_events(events: &mut VecDeque<Event>, stats: &mut TunnelStats) {
+    while events.len() > MAX_EVENTS {
+        events.pop_front();
+        stats.events_lost += 1;
+    }
+}
+
+/// Bookkeeping for an authenticated datagram: counters, liveness and roaming.
+#[inline]
+fn authenticated(
+    peer: &mut Peer,
+    from: SocketAddr,
+    len: usize,
+    now: Instant,
+    events: &mut VecDeque<Event>,
+) {
+    peer.stats.rx_bytes += len as u64;
+    peer.last_rx = Some(now);
+    if peer.endpoint != Some(from) {
+        let had_endpoint = peer.endpoint.is_some();
+        peer.endpoint = Some(from);
+        if had_endpoint {
+            events.push_back(Event::Roamed {
+                peer: *peer.public_key().as_bytes(),
+                endpoint: from,
+            });
+        }
+    }
+}
+
+fn handshake_done(peer: &mut Peer, now: Instant, stats: &mut TunnelStats, events: &mut VecDeque<Event>) {
+    peer.last_handshake = Some(now);
+    peer.stats.handshakes += 1;
+    stats.handshakes += 1;
+    if !peer.connected {
+        peer.connected = true;
+        events.push_back(Event::Connected {
+            peer: *peer.public_key().as_bytes(),
+            endpoint: peer.endpoint,
+        });
+    }
+}
+
+/// Routing rules 1 to 6 for one packet, then encryption for the next hop.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+fn route(
+    peers: &mut Peers,
+    routing: &RoutingState,
+    stats: &mut TunnelStats,
+    tx: &mut [u8],
+    origin: Origin,
+    packet: &[u8],
+    now: Instant,
+    sink: &mut impl Sink,
+) {
+    // Rule 1: parse.
+    let header = match packet::parse(packet) {
+        Ok(h) => h,
+        Err(_) => return stats.drop(DropReason::Malformed),
+    };
+    let packet = &packet[..header.len];
+    let verdict = decide(routing, origin, header.src, header.dst, |g| {
+        peers.get(g).is_some_and(|p| p.is_live(now))
+    });
+    match verdict {
+        Verdict::Forward { peer, rule } => {
+            let Some(next) = peers.get_mut(peer) else {
+                return stats.drop(DropReason::NoRoute);
+            };
+            let Some(to) = next.endpoint else {
+                return stats.drop(DropReason::NoEndpoint);
+            };
+            match next.encapsulate(packet, tx) {
+                Encap::Send(datagram) => {
+                    next.stats.tx_bytes += datagram.len() as u64;
+                    next.stats.tx_packets += 1;
+                    stats.tx_datagrams += 1;
+                    if matches!(rule, Rule::Egress { .. }) {
+                        stats.egress_hits += 1;
+                    }
+                    match origin {
+                        Origin::Peer(_) => stats.forwarded_peer += 1,
+                        Origin::Host => stats.forwarded_host += 1,
+                    }
+                    sink.send(to, datagram);
+                }
+                Encap::Queued => stats.queued += 1,
+                Encap::Drop(reason) => stats.drop(reason),
+            }
+        }
+        Verdict::Local => {
+            if sink.local(packet) {
+                stats.forwarded_local += 1;
+            } else {
+                stats.drop(DropReason::LocalUnavailable);
+            }
+        }
+        Verdict::Drop { reason, primary } => {
+            stats.drop(reason);
+            // Wake the primary gateway: the packet is gone, but the next ones will
+            // find a session. It never goes anywhere else.
+            if let Some(gateway) = primary.and_then(|g| peers.get_mut(g)) {
+                if let Some(to) = gateway.endpoint {
+                    if let Some(init) = gateway.initiate(tx) {
+                        stats.tx_datagrams += 1;
+                        sink.send(to, init);
+                    }
+                }
+            }
+        }
+    }
+}

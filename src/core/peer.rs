@@ -1,0 +1,302 @@
+//! One WireGuard peer of a tunnel: boringtun's `Tunn` plus what the router tracks.
+//!
+//! This is the only module that talks to `boringtun::noise`. It turns boringtun's
+//! results into the few outcomes the engine cares about and keeps per-peer state as
+//! plain fields. Note that `Tunn` reads the monotonic clock itself for its protocol
+//! timers; everything wgplane decides (liveness, events) uses the `now` passed in.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use boringtun::noise::errors::WireGuardError;
+use boringtun::noise::rate_limiter::RateLimiter;
+use boringtun::noise::{Tunn, TunnResult};
+use boringtun::x25519::{PublicKey, StaticSecret};
+use ipnet::IpNet;
+
+use super::policy::DropReason;
+
+/// A session counts as live while its last handshake is younger than this
+/// (WireGuard's REJECT_AFTER_TIME: older keys are never used).
+pub const SESSION_LIFETIME: Duration = Duration::from_secs(180);
+
+/// A session also needs to have heard from the peer recently: RouterOS sends a
+/// keepalive every 25 s, WireGuard rekeys every 120 s, so 60 s of silence means the
+/// peer is gone and a gateway should not receive traffic any more.
+pub const LIVENESS_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What kind of object a peer is, for status and events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerKind {
+    /// A site router (MikroTik).
+    Router,
+    /// An end-user device.
+    Client,
+}
+
+/// Everything the engine needs to create or update a peer.
+#[derive(Clone)]
+pub struct PeerConfig {
+    /// The peer's static public key.
+    pub public_key: PublicKey,
+    /// Prefixes the peer may send from and that route to it.
+    pub allowed: Vec<IpNet>,
+    /// Keepalive interval in seconds, if any.
+    pub keepalive: Option<u16>,
+    /// Router or client.
+    pub kind: PeerKind,
+    /// Where to reach the peer before it has spoken (usually none: routers dial in).
+    pub endpoint: Option<SocketAddr>,
+}
+
+/// Per-peer counters, plain fields bumped inline.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PeerStats {
+    /// Datagram bytes received from the peer.
+    pub rx_bytes: u64,
+    /// Datagram bytes sent to the peer.
+    pub tx_bytes: u64,
+    /// Inner packets received from the peer.
+    pub rx_packets: u64,
+    /// Inner packets sent to the peer.
+    pub tx_packets: u64,
+    /// Completed handshakes.
+    pub handshakes: u64,
+}
+
+/// The outcome of feeding one datagram to a peer.
+pub enum Decap<'a> {
+    /// Send these bytes back to the peer (handshake response, cookie, keepalive).
+    Reply(&'a [u8]),
+    /// An authenticated inner packet.
+    Packet(&'a [u8]),
+    /// Authenticated, nothing to deliver (keepalive, cookie stored).
+    Nothing,
+    /// Failed; count it.
+    Drop(DropReason),
+}
+
+/// The outcome of encrypting one packet for a peer.
+pub enum Encap<'a> {
+    /// Send these bytes to the peer.
+    Send(&'a [u8]),
+    /// Queued inside the peer until its handshake completes.
+    Queued,
+    /// Failed; count it.
+    Drop(DropReason),
+}
+
+/// One peer of a tunnel.
+pub struct Peer {
+    tunn: Tunn,
+    pub(crate) config: PeerConfig,
+    pub(crate) index: u32,
+    /// Current endpoint: the source of the last authenticated datagram.
+    pub(crate) endpoint: Option<SocketAddr>,
+    pub(crate) last_handshake: Option<Instant>,
+    pub(crate) last_rx: Option<Instant>,
+    /// True between a completed handshake and the session's expiry (for events).
+    pub(crate) connected: bool,
+    pub(crate) stats: PeerStats,
+}
+
+impl Peer {
+    /// A peer with no session yet. `index` must be unique in the process.
+    pub fn new(
+        tunnel_secret: &StaticSecret,
+        config: PeerConfig,
+        index: u32,
+        rate_limiter: Arc<RateLimiter>,
+    ) -> Self {
+        let tunn = Tunn::new(
+            tunnel_secret.clone(),
+            config.public_key,
+            None,
+            config.keepalive,
+            index,
+            Some(rate_limiter),
+        );
+        Self {
+            tunn,
+            endpoint: config.endpoint,
+            config,
+            index,
+            last_handshake: None,
+            last_rx: None,
+            connected: false,
+            stats: PeerStats::default(),
+        }
+    }
+
+    /// The peer's public key.
+    pub fn public_key(&self) -> &PublicKey {
+        &self.config.public_key
+    }
+
+    /// True when traffic sent now would reach the peer on a current session.
+    #[inline]
+    pub fn is_live(&self, now: Instant) -> bool {
+        match (self.last_handshake, self.last_rx) {
+            (Some(hs), Some(rx)) => {
+                now.saturating_duration_since(hs) < SESSION_LIFETIME
+                    && now.saturating_duration_since(rx) < LIVENESS_TIMEOUT
+            }
+            _ => false,
+        }
+    }
+
+    /// Feeds an authenticated-or-not datagram from `from` to boringtun.
+    /// `out` must hold at least `datagram.len()` bytes and 148.
+    pub fn decapsulate<'a>(
+        &mut self,
+        from: IpAddr,
+        datagram: &[u8],
+        out: &'a mut [u8],
+    ) -> Decap<'a> {
+        match self.tunn.decapsulate(Some(from), datagram, out) {
+            TunnResult::Done => Decap::Nothing,
+            TunnResult::WriteToNetwork(b) => Decap::Reply(b),
+            TunnResult::WriteToTunnelV4(b, _) | TunnResult::WriteToTunnelV6(b, _) => {
+                Decap::Packet(b)
+            }
+            TunnResult::Err(e) => Decap::Drop(drop_reason(&e)),
+        }
+    }
+
+    /// Next packet boringtun queued while waiting for a handshake, already encrypted.
+    pub fn poll_queued<'a>(&mut self, out: &'a mut [u8]) -> Option<&'a [u8]> {
+        match self.tunn.decapsulate(None, &[], out) {
+            TunnResult::WriteToNetwork(b) => Some(b),
+            _ => None,
+        }
+    }
+
+    /// Encrypts `packet` for the peer, or queues it and starts a handshake.
+    /// `out` must hold at least `packet.len() + 32` bytes and 148.
+    #[inline]
+    pub fn encapsulate<'a>(&mut self, packet: &[u8], out: &'a mut [u8]) -> Encap<'a> {
+        debug_assert!(out.len() >= packet.len() + 32 && out.len() >= 148);
+        match self.tunn.encapsulate(packet, out) {
+            TunnResult::WriteToNetwork(b) => Encap::Send(b),
+            TunnResult::Done => Encap::Queued,
+            TunnResult::Err(_) => Encap::Drop(DropReason::EncryptFailed),
+            TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => {
+                Encap::Drop(DropReason::EncryptFailed)
+            }
+        }
+    }
+
+    /// Starts a handshake unless one is in progress.
+    pub fn initiate<'a>(&mut self, out: &'a mut [u8]) -> Option<&'a [u8]> {
+        match self.tunn.format_handshake_initiation(out, false) {
+            TunnResult::WriteToNetwork(b) => Some(b),
+            _ => None,
+        }
+    }
+
+    /// Runs boringtun's timers: retransmits, rekeys, keepalives.
+    /// Returns bytes to send, and whether the session has expired.
+    pub fn update_timers<'a>(&mut self, out: &'a mut [u8]) -> (Option<&'a [u8]>, bool) {
+        match self.tunn.update_timers(out) {
+            TunnResult::WriteToNetwork(b) => (Some(b), false),
+            TunnResult::Err(WireGuardError::ConnectionExpired) => (None, true),
+            _ => (None, false),
+        }
+    }
+}
+
+fn drop_reason(e: &WireGuardError) -> DropReason {
+    match e {
+        WireGuardError::InvalidMac => DropReason::BadMac,
+        WireGuardError::UnderLoad => DropReason::UnderLoad,
+        WireGuardError::DuplicateCounter | WireGuardError::InvalidCounter => DropReason::Replay,
+        WireGuardError::InvalidPacket => DropReason::Malformed,
+        WireGuardError::InvalidAeadTag | WireGuardError::NoCurrentSession => {
+            DropReason::DecryptFailed
+        }
+        _ => DropReason::HandshakeFailed,
+    }
+}
+
+/// A WireGuard message, classified before any peer is involved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Message {
+    /// A handshake initiation: the sender is found by decrypting its static key.
+    Initiation,
+    /// A handshake response: found by receiver index.
+    Response { receiver: u32 },
+    /// A cookie reply: found by receiver index.
+    Cookie { receiver: u32 },
+    /// A transport data message: found by receiver index.
+    Data { receiver: u32 },
+}
+
+impl Message {
+    /// Reads the type and, where there is one, the receiver index of `datagram`.
+    #[inline]
+    pub fn classify(datagram: &[u8]) -> Option<Message> {
+        use boringtun::noise::Packet;
+        match Tunn::parse_incoming_packet(datagram).ok()? {
+            Packet::HandshakeInit(_) => Some(Message::Initiation),
+            Packet::HandshakeResponse(p) => Some(Message::Response {
+                receiver: p.receiver_idx,
+            }),
+            Packet::PacketCookieReply(p) => Some(Message::Cookie {
+                receiver: p.receiver_idx,
+            }),
+            Packet::PacketData(p) => Some(Message::Data {
+                receiver: p.receiver_idx,
+            }),
+        }
+    }
+
+    /// The peer index (receiver index without boringtun's 8 session bits).
+    pub fn peer_index(self) -> Option<u32> {
+        match self {
+            Message::Initiation => None,
+            Message::Response { receiver }
+            | Message::Cookie { receiver }
+            | Message::Data { receiver } => Some(receiver >> 8),
+        }
+    }
+}
+
+/// Who sent a handshake initiation to a tunnel.
+pub enum Initiator<'a> {
+    /// The initiator's static public key, to look the peer up with.
+    Key([u8; 32]),
+    /// The tunnel is under load: send this cookie reply back, and stop.
+    Cookie(&'a [u8]),
+    /// Not a valid initiation for this tunnel.
+    Drop(DropReason),
+}
+
+/// Verifies MAC1 (and MAC2 under load) of an initiation and decrypts the initiator's
+/// static key with the tunnel's key. `out` receives a cookie reply if one is due.
+pub fn identify_initiator<'a>(
+    secret: &StaticSecret,
+    public: &PublicKey,
+    rate_limiter: &RateLimiter,
+    from: IpAddr,
+    datagram: &[u8],
+    out: &'a mut [u8],
+) -> Initiator<'a> {
+    use boringtun::noise::handshake::parse_handshake_anon;
+    use boringtun::noise::Packet;
+    match rate_limiter.verify_packet(Some(from), datagram, out) {
+        Ok(Packet::HandshakeInit(init)) => match parse_handshake_anon(secret, public, &init) {
+            Ok(half) => Initiator::Key(half.peer_static_public),
+            Err(_) => Initiator::Drop(DropReason::HandshakeFailed),
+        },
+        Ok(_) => Initiator::Drop(DropReason::InvalidDatagram),
+        Err(TunnResult::WriteToNetwork(cookie)) => Initiator::Cookie(cookie),
+        Err(TunnResult::Err(e)) => Initiator::Drop(drop_reason(&e)),
+        Err(_) => Initiator::Drop(DropReason::HandshakeFailed),
+    }
+}
+
+/// WireGuard message type of an outgoing datagram (1 init, 2 response, 3 cookie, 4 data).
+pub fn message_type(datagram: &[u8]) -> u8 {
+    datagram.first().copied().unwrap_or(0)
+}

@@ -1,0 +1,373 @@
+//! The routing rules of a tunnel, as a pure function.
+//!
+//! [`RoutingState`] is what one tunnel knows about where addresses live: its own
+//! server addresses, the prefixes of its peers and its egress policies. [`decide`]
+//! applies the rules of ARCHITECTURE.md in order to one packet that arrived decrypted
+//! from a peer. Nothing here looks at another tunnel, reads a clock or touches a
+//! socket: liveness of gateways is asked through a closure.
+
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+use super::table::PrefixTable;
+
+/// A peer's slot in its tunnel.
+pub type PeerId = u32;
+
+/// An egress policy after its gateways were resolved to peers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Egress {
+    /// Client pool: packets whose source lies here leave through a gateway.
+    pub pool: IpNet,
+    /// Gateway peers, primary first.
+    pub gateways: Vec<PeerId>,
+}
+
+/// What one tunnel knows about where addresses live.
+#[derive(Default)]
+pub struct RoutingState {
+    /// The tunnel's own addresses (the server address, v4 and optionally v6).
+    pub local: Vec<IpAddr>,
+    /// Every peer's allowed prefixes; a prefix belongs to exactly one peer.
+    pub routes: PrefixTable<PeerId>,
+    /// Egress policies, pools disjoint.
+    pub egress: Vec<Egress>,
+}
+
+/// Why a packet was dropped. Used as an index into counters, so keep `ALL` in sync.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DropReason {
+    /// The datagram is not a WireGuard message.
+    InvalidDatagram,
+    /// A handshake's MAC did not verify against the tunnel's key.
+    BadMac,
+    /// A handshake came while under load without a valid cookie (a cookie was sent).
+    UnderLoad,
+    /// A handshake initiation from a key that is not a peer of this tunnel.
+    UnknownPeer,
+    /// A message for a receiver index no peer of this tunnel owns.
+    UnknownIndex,
+    /// The handshake failed (replayed timestamp, bad encryption, wrong state).
+    HandshakeFailed,
+    /// A data message that failed authentication, or arrived without a session.
+    DecryptFailed,
+    /// A data message whose counter was already seen or is too old.
+    Replay,
+    /// The decrypted packet is not a well-formed IPv4/IPv6 packet.
+    Malformed,
+    /// The inner source is not an address the sending peer may use.
+    SpoofedSource,
+    /// A client-pool packet, but no gateway of its policy has a live session.
+    EgressDown,
+    /// The destination is the tunnel's own address, but no local stack or host device serves it.
+    LocalUnavailable,
+    /// No peer of this tunnel owns the destination.
+    NoRoute,
+    /// The route leads back to the peer the packet came from.
+    LoopBack,
+    /// The next hop has never told us where it is.
+    NoEndpoint,
+    /// Encryption for the next hop failed.
+    EncryptFailed,
+}
+
+impl DropReason {
+    /// Every reason, in counter order.
+    pub const ALL: [DropReason; 16] = [
+        Self::InvalidDatagram,
+        Self::BadMac,
+        Self::UnderLoad,
+        Self::UnknownPeer,
+        Self::UnknownIndex,
+        Self::HandshakeFailed,
+        Self::DecryptFailed,
+        Self::Replay,
+        Self::Malformed,
+        Self::SpoofedSource,
+        Self::EgressDown,
+        Self::LocalUnavailable,
+        Self::NoRoute,
+        Self::LoopBack,
+        Self::NoEndpoint,
+        Self::EncryptFailed,
+    ];
+
+    /// Stable snake_case name, used in metrics and the API.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::InvalidDatagram => "invalid_datagram",
+            Self::BadMac => "bad_mac",
+            Self::UnderLoad => "under_load",
+            Self::UnknownPeer => "unknown_peer",
+            Self::UnknownIndex => "unknown_index",
+            Self::HandshakeFailed => "handshake_failed",
+            Self::DecryptFailed => "decrypt_failed",
+            Self::Replay => "replay",
+            Self::Malformed => "malformed",
+            Self::SpoofedSource => "spoofed_source",
+            Self::EgressDown => "egress_down",
+            Self::LocalUnavailable => "local_unavailable",
+            Self::NoRoute => "no_route",
+            Self::LoopBack => "loop_back",
+            Self::NoEndpoint => "no_endpoint",
+            Self::EncryptFailed => "encrypt_failed",
+        }
+    }
+
+    /// Position in [`DropReason::ALL`].
+    pub const fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Which rule produced a forwarding verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rule {
+    /// Rule 3: the source is in this pool, the packet goes to its gateway.
+    Egress { pool: IpNet },
+    /// Rule 5: longest-prefix match on the destination.
+    Prefix { prefix: IpNet },
+}
+
+/// What happens to a packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Encrypt for this peer and send it.
+    Forward { peer: PeerId, rule: Rule },
+    /// The destination is the tunnel's own address.
+    Local,
+    /// Drop and count. For `EgressDown`, `primary` is the gateway to wake up.
+    Drop {
+        reason: DropReason,
+        primary: Option<PeerId>,
+    },
+}
+
+impl Verdict {
+    fn drop(reason: DropReason) -> Self {
+        Verdict::Drop {
+            reason,
+            primary: None,
+        }
+    }
+}
+
+/// Where a packet comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// Decrypted from this peer.
+    Peer(PeerId),
+    /// From the host side (TUN device or local stack); already trusted.
+    Host,
+}
+
+/// Applies routing rules 2 to 6 to a parsed packet (rule 1, parsing, is the caller's).
+///
+/// `is_live(peer)` tells whether a gateway has a session now.
+#[inline]
+pub fn decide(
+    state: &RoutingState,
+    origin: Origin,
+    src: IpAddr,
+    dst: IpAddr,
+    is_live: impl Fn(PeerId) -> bool,
+) -> Verdict {
+    let from = match origin {
+        Origin::Peer(p) => Some(p),
+        Origin::Host => None,
+    };
+
+    if let Some(p) = from {
+        // Rule 2: source check. Cryptokey routing: the owner of `src` must be `p`,
+        // except that a gateway may send anything towards its policy's pool.
+        let owns_src = state.routes.lookup(src) == Some(&p);
+        let gateway_return = || {
+            state
+                .egress
+                .iter()
+                .any(|e| e.pool.contains(&dst) && e.gateways.contains(&p))
+        };
+        if !owns_src && !gateway_return() {
+            return Verdict::drop(DropReason::SpoofedSource);
+        }
+
+        // Rule 3: egress policy. Client traffic leaves through a live gateway, whatever
+        // its destination. Packets sent by a gateway itself (hairpin between clients)
+        // are routed normally, or they would bounce back to it forever.
+        if let Some(e) = state.egress.iter().find(|e| e.pool.contains(&src)) {
+            if !e.gateways.contains(&p) {
+                return match e.gateways.iter().copied().find(|&g| is_live(g)) {
+                    Some(g) => Verdict::Forward {
+                        peer: g,
+                        rule: Rule::Egress { pool: e.pool },
+                    },
+                    None => Verdict::Drop {
+                        reason: DropReason::EgressDown,
+                        primary: e.gateways.first().copied(),
+                    },
+                };
+            }
+        }
+    }
+
+    // Rule 4: the tunnel's own address.
+    if state.local.contains(&dst) {
+        return Verdict::Local;
+    }
+
+    // Rule 5: longest-prefix match within this tunnel; rule 6: nothing matched.
+    match state.routes.lookup_with_prefix(dst) {
+        Some((_, &q)) if Some(q) == from => Verdict::drop(DropReason::LoopBack),
+        Some((prefix, &q)) => Verdict::Forward {
+            peer: q,
+            rule: Rule::Prefix { prefix },
+        },
+        None => Verdict::drop(DropReason::NoRoute),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ROUTER_A: PeerId = 0;
+    const ROUTER_B: PeerId = 1;
+    const GATEWAY: PeerId = 2;
+    const PHONE_1: PeerId = 3;
+    const PHONE_2: PeerId = 4;
+    const GATEWAY_2: PeerId = 5;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    /// The seed's KTN topology: tenant 10.100.0.0/16, gateway 10.100.0.40, pool 10.200.0.0/24.
+    fn ktn() -> RoutingState {
+        let mut s = RoutingState {
+            local: vec![ip("10.100.0.1")],
+            ..Default::default()
+        };
+        for (p, net) in [
+            (ROUTER_A, "10.100.1.1/32"),
+            (ROUTER_A, "192.168.88.0/24"),
+            (ROUTER_B, "10.100.1.2/32"),
+            (GATEWAY, "10.100.0.40/32"),
+            (PHONE_1, "10.200.0.2/32"),
+            (PHONE_2, "10.200.0.3/32"),
+            (GATEWAY_2, "10.100.0.41/32"),
+        ] {
+            s.routes.insert(net.parse().unwrap(), p);
+        }
+        s.egress.push(Egress {
+            pool: "10.200.0.0/24".parse().unwrap(),
+            gateways: vec![GATEWAY, GATEWAY_2],
+        });
+        s
+    }
+
+    fn from(p: PeerId, src: &str, dst: &str, live: &[PeerId]) -> Verdict {
+        decide(&ktn(), Origin::Peer(p), ip(src), ip(dst), |g| {
+            live.contains(&g)
+        })
+    }
+
+    #[test]
+    fn client_traffic_goes_to_primary_gateway_whatever_the_destination() {
+        for dst in ["198.18.0.1", "10.100.1.1", "10.200.0.3", "10.100.0.1"] {
+            assert_eq!(
+                from(PHONE_1, "10.200.0.2", dst, &[GATEWAY, GATEWAY_2]),
+                Verdict::Forward {
+                    peer: GATEWAY,
+                    rule: Rule::Egress {
+                        pool: "10.200.0.0/24".parse().unwrap()
+                    }
+                },
+                "dst {dst}"
+            );
+        }
+    }
+
+    #[test]
+    fn client_fails_over_to_secondary_then_drops() {
+        assert!(matches!(
+            from(PHONE_1, "10.200.0.2", "198.18.0.1", &[GATEWAY_2]),
+            Verdict::Forward { peer: GATEWAY_2, .. }
+        ));
+        assert_eq!(
+            from(PHONE_1, "10.200.0.2", "198.18.0.1", &[]),
+            Verdict::Drop {
+                reason: DropReason::EgressDown,
+                primary: Some(GATEWAY)
+            }
+        );
+    }
+
+    #[test]
+    fn gateway_return_traffic_reaches_the_phone() {
+        assert!(matches!(
+            from(GATEWAY, "198.18.0.1", "10.200.0.2", &[]),
+            Verdict::Forward { peer: PHONE_1, .. }
+        ));
+        // Hairpin between clients through the gateway is not bounced back to it.
+        assert!(matches!(
+            from(GATEWAY, "10.200.0.2", "10.200.0.3", &[GATEWAY]),
+            Verdict::Forward { peer: PHONE_2, .. }
+        ));
+    }
+
+    #[test]
+    fn gateway_may_not_send_from_arbitrary_addresses_elsewhere() {
+        assert_eq!(
+            from(GATEWAY, "198.18.0.1", "10.100.1.1", &[]),
+            Verdict::drop(DropReason::SpoofedSource)
+        );
+    }
+
+    #[test]
+    fn source_check() {
+        // A router sending with another router's, a gateway's or a client's address.
+        for src in ["10.100.1.2", "10.100.0.40", "10.200.0.2", "8.8.8.8"] {
+            assert_eq!(
+                from(ROUTER_A, src, "10.100.1.2", &[GATEWAY]),
+                Verdict::drop(DropReason::SpoofedSource),
+                "src {src}"
+            );
+        }
+        // A client sending with the gateway's or another client's address.
+        for src in ["10.100.0.40", "10.200.0.3"] {
+            assert_eq!(
+                from(PHONE_1, src, "198.18.0.1", &[GATEWAY]),
+                Verdict::drop(DropReason::SpoofedSource)
+            );
+        }
+        // Extra prefixes behind a router are its own.
+        assert!(matches!(
+            from(ROUTER_A, "192.168.88.10", "10.100.1.2", &[]),
+            Verdict::Forward { peer: ROUTER_B, .. }
+        ));
+    }
+
+    #[test]
+    fn routers_reach_each_other_the_server_and_nothing_else() {
+        assert!(matches!(
+            from(ROUTER_A, "10.100.1.1", "10.100.1.2", &[]),
+            Verdict::Forward { peer: ROUTER_B, .. }
+        ));
+        assert_eq!(from(ROUTER_A, "10.100.1.1", "10.100.0.1", &[]), Verdict::Local);
+        assert_eq!(
+            from(ROUTER_A, "10.100.1.1", "10.101.1.1", &[]),
+            Verdict::drop(DropReason::NoRoute)
+        );
+        assert_eq!(
+            from(ROUTER_A, "10.100.1.1", "192.168.88.1", &[]),
+            Verdict::drop(DropReason::LoopBack)
+        );
+    }
+
+    #[test]
+    fn host_packets_skip_the_source_check_and_the_egress_rule() {
+        let v = decide(&ktn(), Origin::Host, ip("10.100.0.1"), ip("10.200.0.2"), |_| false);
+        assert!(matches!(v, Verdict::Forward { peer: PHONE_1, .. }));
+    }
+}

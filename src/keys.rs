@@ -1,0 +1,98 @@
+//! WireGuard keys as text: generation and the base64 form `wg` prints.
+//!
+//! Private keys are wrapped in [`SecretKey`], whose `Debug` never shows the key, so a
+//! stray `{:?}` cannot leak one into a log.
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
+use boringtun::x25519::{PublicKey, StaticSecret};
+use rand_core::OsRng;
+
+/// Why a key string was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyError {
+    /// Not standard base64.
+    #[error("not valid base64")]
+    Base64,
+    /// Decodes, but not to 32 bytes.
+    #[error("a key is 32 bytes, this is {0}")]
+    Length(usize),
+}
+
+/// Parses a 32-byte key in standard base64.
+pub fn decode(text: &str) -> Result<[u8; 32], KeyError> {
+    let bytes = STANDARD.decode(text.trim()).map_err(|_| KeyError::Base64)?;
+    <[u8; 32]>::try_from(bytes.as_slice()).map_err(|_| KeyError::Length(bytes.len()))
+}
+
+/// Formats a 32-byte key in standard base64.
+pub fn encode(key: &[u8; 32]) -> String {
+    STANDARD.encode(key)
+}
+
+/// A private key. Cloning is explicit and `Debug` is redacted.
+#[derive(Clone)]
+pub struct SecretKey(StaticSecret);
+
+impl SecretKey {
+    /// A fresh random key (clamped by x25519 on use, as `wg genkey` does).
+    pub fn generate() -> Self {
+        Self(StaticSecret::random_from_rng(OsRng))
+    }
+
+    /// From raw bytes.
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        Self(StaticSecret::from(bytes))
+    }
+
+    /// Parses base64 text.
+    pub fn parse(text: &str) -> Result<Self, KeyError> {
+        decode(text).map(Self::from_bytes)
+    }
+
+    /// The public key.
+    pub fn public(&self) -> PublicKey {
+        PublicKey::from(&self.0)
+    }
+
+    /// The x25519 secret, for the data plane.
+    pub fn secret(&self) -> &StaticSecret {
+        &self.0
+    }
+
+    /// The key as `wg genkey` prints it. Only for the config a device receives.
+    pub fn to_base64(&self) -> String {
+        encode(&self.0.to_bytes())
+    }
+}
+
+impl std::fmt::Debug for SecretKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SecretKey(<redacted>)")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_redaction() {
+        let k = SecretKey::generate();
+        let again = SecretKey::parse(&k.to_base64()).unwrap();
+        assert_eq!(again.public().as_bytes(), k.public().as_bytes());
+        assert_eq!(format!("{k:?}"), "SecretKey(<redacted>)");
+        assert_eq!(decode("AAAA"), Err(KeyError::Length(3)));
+        assert_eq!(decode("not base64!"), Err(KeyError::Base64));
+    }
+
+    #[test]
+    fn public_key_matches_wg() {
+        // `echo yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk= | wg pubkey` (RFC 7748 vector key)
+        let k = SecretKey::parse("yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=").unwrap();
+        assert_eq!(
+            encode(k.public().as_bytes()),
+            "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw="
+        );
+    }
+}

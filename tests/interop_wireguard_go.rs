@@ -1,0 +1,610 @@
+//! End to end with real WireGuard peers: wireguard-go on a phone and on a
+//! tenant's gateway (a simulated MikroTik), the real `wgplane` binary as hub,
+//! all in network namespaces joined by veth pairs.
+//!
+//! ```text
+//!  phone ns                 hub ns                    gw ns                        inet ns
+//!  wg 10.200.0.2  --veth--  wgplane  --veth--  wg 10.100.0.40, MASQUERADE --veth--  HTTP server
+//!  198.51.100.2         198.51.100.1 203.0.113.1   203.0.113.2   198.18.0.1        198.18.0.2
+//! ```
+//!
+//! The phone's default route is its tunnel. wgplane's egress policy sends the
+//! phone's packets to the gateway, which masquerades them towards the HTTP
+//! server; `inet` has no route back to the pool, so an answer proves the path.
+//! Then the gateway goes down and the phone must get nowhere.
+//!
+//! Needs root, `ip netns`, wireguard-go, wg, iptables, curl and python3: without
+//! them it prints `SKIP` and passes, except under `CI`, where it fails.
+
+mod common;
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::netns::{
+    prerequisites_met, run_checked, unique_name, wait_for, write_private, Netns, Proc,
+};
+use serde_json::{json, Value};
+
+const TEST: &str = "interop_wireguard_go";
+/// Programs the test runs (CI installs them).
+const TOOLS: &[&str] = &[
+    "ip",
+    "wireguard-go",
+    "wg",
+    "iptables",
+    "curl",
+    "python3",
+    "sysctl",
+    "ss",
+];
+const API_PORT: u16 = 7443;
+const HTTP_PORT: u16 = 8000;
+const WG_ENV: [(&str, &str); 1] = [("WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD", "1")];
+
+#[test]
+fn phone_reaches_internet_through_gateway_and_not_without_it() {
+    if !prerequisites_met(TEST, TOOLS) {
+        return;
+    }
+    let mut lab = Lab::new();
+    lab.start_wgplane();
+    let tunnel = lab.provision();
+    lab.start_gateway(&tunnel);
+    lab.start_phone(&tunnel);
+    lab.wait_gateway_connected();
+
+    // Phone -> hub -> gateway -> internet and back. The first packets trigger the
+    // phone's handshake, so allow retries.
+    let url = format!("http://198.18.0.2:{HTTP_PORT}/");
+    let body = wait_for(Duration::from_secs(20), || {
+        let out = lab.phone.output(&["curl", "-sS", "--max-time", "5", &url]);
+        if out.status.success() {
+            Some(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            eprintln!(
+                "{TEST}: curl from phone failed, retrying: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+            None
+        }
+    })
+    .expect("the phone never reached the internet server through wgplane and the gateway");
+    assert!(
+        body.contains(&lab.marker),
+        "unexpected body from the internet server: {body:?}"
+    );
+    let clients = lab.http_clients();
+    assert!(
+        !clients.is_empty() && clients.iter().all(|c| c == "198.18.0.1"),
+        "the internet server should see only the gateway's masqueraded address 198.18.0.1, saw {clients:?}"
+    );
+
+    // Gateway down: the egress policy has nowhere else to send the phone's packets.
+    lab.gw_wg.as_mut().expect("gateway running").stop();
+    let seen_before = lab.http_clients().len();
+    let out = lab.phone.output(&["curl", "-sS", "--max-time", "5", &url]);
+    assert!(
+        !out.status.success(),
+        "with the gateway down the phone still got an answer: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let clients = lab.http_clients();
+    assert_eq!(
+        clients.len(),
+        seen_before,
+        "with the gateway down, requests still reached the internet server: {clients:?}"
+    );
+    assert!(
+        lab.wgplane.as_mut().expect("wgplane started").is_running(),
+        "wgplane exited while the gateway was down"
+    );
+}
+
+/// What provisioning hands to the WireGuard peers.
+struct Tunnel {
+    hub_pub: String,
+    port: u64,
+    gw_key: PathBuf,
+    phone_key: PathBuf,
+}
+
+/// Everything the test set up. Fields drop in order: processes first, then the
+/// namespaces, then the temporary directory. On a panic, `Drop` prints
+/// diagnostics before any of that goes away.
+struct Lab {
+    wgplane: Option<Proc>,
+    phone_wg: Option<Proc>,
+    gw_wg: Option<Proc>,
+    http: Proc,
+    phone: Netns,
+    hub: Netns,
+    gw: Netns,
+    inet: Netns,
+    phone_if: String,
+    gw_if: String,
+    marker: String,
+    dir: tempfile::TempDir,
+}
+
+impl Lab {
+    fn new() -> Lab {
+        let dir = tempfile::Builder::new()
+            .prefix("wgplane-interop-")
+            .tempdir()
+            .expect("create temporary directory");
+        let phone = Netns::new("phone");
+        let hub = Netns::new("hub");
+        let gw = Netns::new("gw");
+        let inet = Netns::new("inet");
+        phone.veth(
+            "eth0",
+            "198.51.100.2/24",
+            &hub,
+            "to-phone",
+            "198.51.100.1/24",
+        );
+        gw.veth("eth0", "203.0.113.2/24", &hub, "to-gw", "203.0.113.1/24");
+        gw.veth("to-inet", "198.18.0.1/24", &inet, "eth0", "198.18.0.2/24");
+
+        gw.sysctl("net.ipv4.ip_forward", "1");
+        gw.run_words("ip route add default via 198.18.0.2");
+        gw.run_words("iptables -t nat -A POSTROUTING -s 10.200.0.0/24 -o to-inet -j MASQUERADE");
+
+        // The internet: a web server that logs each client's address. No route to
+        // 10.200.0.0/24 here, so only masqueraded traffic can be answered.
+        let www = dir.path().join("www");
+        fs::create_dir(&www).expect("create web root");
+        let marker = format!("wgplane-interop-{}", std::process::id());
+        fs::write(www.join("index.html"), format!("{marker}\n")).expect("write index.html");
+        let http = inet.spawn(
+            "http server",
+            &[
+                "python3",
+                "-u",
+                "-m",
+                "http.server",
+                &HTTP_PORT.to_string(),
+                "--bind",
+                "198.18.0.2",
+                "--directory",
+                path_str(&www),
+            ],
+            &[],
+            &dir.path().join("http.log"),
+        );
+        let mut lab = Lab {
+            wgplane: None,
+            phone_wg: None,
+            gw_wg: None,
+            http,
+            phone,
+            hub,
+            gw,
+            inet,
+            phone_if: unique_name("wgph"),
+            gw_if: unique_name("wggw"),
+            marker,
+            dir,
+        };
+        let filter = format!("sport = :{HTTP_PORT}");
+        let listening = wait_for(Duration::from_secs(10), || {
+            let out = lab.inet.capture(&["ss", "-Hltn", &filter]);
+            (!out.trim().is_empty()).then_some(())
+        });
+        assert!(
+            listening.is_some(),
+            "the HTTP server in inet never listened"
+        );
+        assert!(
+            lab.http.is_running(),
+            "the HTTP server exited: {}",
+            lab.http.log()
+        );
+        lab
+    }
+
+    fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn state_dir(&self) -> PathBuf {
+        self.dir().join("state")
+    }
+
+    fn start_wgplane(&mut self) {
+        let state = self.state_dir();
+        fs::create_dir(&state).expect("create state dir");
+        let api = format!("127.0.0.1:{API_PORT}");
+        let proc = self.hub.spawn(
+            "wgplane",
+            &[
+                env!("CARGO_BIN_EXE_wgplane"),
+                "run",
+                "--state-dir",
+                path_str(&state),
+                "--api-listen",
+                &api,
+            ],
+            &[],
+            &self.dir().join("wgplane.log"),
+        );
+        self.wgplane = Some(proc);
+
+        // Ready when the token exists and /healthz says 200.
+        let token_file = state.join("api-token");
+        let header_file = self.dir().join("auth-header");
+        let ready = wait_for(Duration::from_secs(15), || {
+            if !self.wgplane.as_mut()?.is_running() {
+                return Some(false);
+            }
+            let token = fs::read_to_string(&token_file).ok()?;
+            let token = token.trim();
+            if token.is_empty() {
+                return None;
+            }
+            let url = format!("http://{api}/healthz");
+            let code = self.hub.capture(&[
+                "curl",
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--max-time",
+                "2",
+                &url,
+            ]);
+            (code.trim() == "200").then(|| {
+                write_private(&header_file, &format!("Authorization: Bearer {token}\n"));
+                true
+            })
+        });
+        match ready {
+            Some(true) => {}
+            Some(false) => panic!("wgplane exited during start-up"),
+            None => panic!(
+                "wgplane did not create {} and answer 200 on /healthz within 15 s",
+                token_file.display()
+            ),
+        }
+    }
+
+    /// Provisioning through the API, as the platform backend does it: the
+    /// tenant's tunnel, the gateway router, the egress policy, the phone.
+    fn provision(&self) -> Tunnel {
+        let (gw_key, gw_pub) = self.keypair("gw");
+        let (phone_key, phone_pub) = self.keypair("phone");
+
+        let tenant = self.expect_api("PUT", "/v1/tenants/kitonga", Some(json!({})), 201);
+        let hub_pub = str_field(&tenant, "server_public_key").to_string();
+        assert_eq!(tenant["listen_port"], 51820, "tenant: {tenant}");
+        assert_eq!(tenant["subnet_cidr"], "10.100.0.0/16", "tenant: {tenant}");
+        assert_eq!(tenant["server_ip"], "10.100.0.1", "tenant: {tenant}");
+        let port = tenant["listen_port"]
+            .as_u64()
+            .expect("listen_port is a number");
+
+        let router = self.expect_api(
+            "PUT",
+            "/v1/tenants/kitonga/routers/mikrotik-1",
+            Some(json!({"name": "gw", "public_key": gw_pub, "vpn_ip": "10.100.0.40"})),
+            201,
+        );
+        assert_eq!(router["vpn_ip"], "10.100.0.40", "router: {router}");
+        assert_eq!(router["public_key"], gw_pub.as_str(), "router: {router}");
+
+        self.expect_api(
+            "PUT",
+            "/v1/tenants/kitonga/egress",
+            Some(json!({"pool": "10.200.0.0/24", "gateways": ["mikrotik-1"]})),
+            201,
+        );
+
+        let client = self.expect_api(
+            "PUT",
+            "/v1/tenants/kitonga/clients/phone-1",
+            Some(json!({"name": "phone", "public_key": phone_pub, "vpn_ip": "10.200.0.2"})),
+            201,
+        );
+        assert_eq!(client["vpn_ip"], "10.200.0.2", "client: {client}");
+        Tunnel {
+            hub_pub,
+            port,
+            gw_key,
+            phone_key,
+        }
+    }
+
+    /// The gateway: a tunnel to the hub carrying its subnet and the client pool
+    /// (so return traffic to the phone is accepted), the pool routed into it, and
+    /// the pool masqueraded towards the internet (set up in [`Lab::new`]).
+    fn start_gateway(&mut self, t: &Tunnel) {
+        let gw_if = &self.gw_if;
+        let proc = start_wireguard_go(&self.gw, "gw wireguard-go", gw_if, self.dir.path());
+        self.gw_wg = Some(proc);
+        self.gw.run_words(&format!(
+            "wg set {gw_if} private-key {} peer {} endpoint 203.0.113.1:{} \
+             allowed-ips 10.100.0.0/16,10.200.0.0/24 persistent-keepalive 25",
+            path_str(&t.gw_key),
+            t.hub_pub,
+            t.port
+        ));
+        self.gw
+            .run_words(&format!("ip address add 10.100.0.40/16 dev {gw_if}"));
+        self.gw
+            .run_words(&format!("ip link set {gw_if} mtu 1420 up"));
+        self.gw
+            .run_words(&format!("ip route add 10.200.0.0/24 dev {gw_if}"));
+    }
+
+    /// The phone: everything through the tunnel; the underlay /24 stays
+    /// connected, so the hub's endpoint remains reachable.
+    fn start_phone(&mut self, t: &Tunnel) {
+        let phone_if = &self.phone_if;
+        let proc = start_wireguard_go(&self.phone, "phone wireguard-go", phone_if, self.dir.path());
+        self.phone_wg = Some(proc);
+        self.phone.run_words(&format!(
+            "wg set {phone_if} private-key {} peer {} endpoint 198.51.100.1:{} \
+             allowed-ips 0.0.0.0/0 persistent-keepalive 25",
+            path_str(&t.phone_key),
+            t.hub_pub,
+            t.port
+        ));
+        self.phone
+            .run_words(&format!("ip address add 10.200.0.2/32 dev {phone_if}"));
+        self.phone
+            .run_words(&format!("ip link set {phone_if} mtu 1420 up"));
+        self.phone
+            .run_words(&format!("ip route add default dev {phone_if}"));
+    }
+
+    /// The gateway's keepalive starts a handshake as soon as its link is up; from
+    /// it the hub learns the gateway's endpoint, and the API must say so.
+    fn wait_gateway_connected(&self) {
+        let shook = wait_for(Duration::from_secs(15), || {
+            latest_handshake(&self.gw, &self.gw_if).filter(|t| *t > 0)
+        });
+        assert!(
+            shook.is_some(),
+            "the gateway never completed a handshake with wgplane"
+        );
+        let path = "/v1/tenants/kitonga/routers/mikrotik-1";
+        let connected = wait_for(Duration::from_secs(5), || {
+            let (code, body) = self.api("GET", path, None);
+            let v: Value = serde_json::from_str(&body).ok()?;
+            (code == 200 && v["status"] == "connected").then_some(())
+        });
+        assert!(
+            connected.is_some(),
+            "after the gateway's handshake, GET {path} should say \"status\": \"connected\"; it says {}",
+            self.api("GET", path, None).1
+        );
+    }
+
+    /// One API call from inside the hub namespace: `(status, body)`.
+    fn api(&self, method: &str, path: &str, body: Option<Value>) -> (u16, String) {
+        let url = format!("http://127.0.0.1:{API_PORT}{path}");
+        let header = format!("@{}", path_str(&self.dir().join("auth-header")));
+        let mut argv = vec![
+            "curl",
+            "-sS",
+            "--max-time",
+            "5",
+            "-X",
+            method,
+            "-H",
+            &header,
+            "-w",
+            "\n%{http_code}",
+        ];
+        if body.is_some() {
+            argv.extend([
+                "-H",
+                "Content-Type: application/json",
+                "--data-binary",
+                "@-",
+            ]);
+        }
+        argv.push(&url);
+        let mut child = self
+            .hub
+            .command(&argv)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start curl in the hub namespace");
+        {
+            let mut stdin = child.stdin.take().expect("curl stdin");
+            if let Some(b) = &body {
+                stdin
+                    .write_all(b.to_string().as_bytes())
+                    .expect("write request body to curl");
+            }
+        }
+        let out = child.wait_with_output().expect("wait for curl");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (resp, code) = text.rsplit_once('\n').unwrap_or(("", text.as_str()));
+        let code = code.trim().parse().unwrap_or_else(|_| {
+            panic!(
+                "{method} {path}: no HTTP status from curl: {text:?} {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        (code, resp.to_string())
+    }
+
+    /// An API call that must answer `want` with a JSON body (or no body).
+    fn expect_api(&self, method: &str, path: &str, body: Option<Value>, want: u16) -> Value {
+        let sent = body.as_ref().map(Value::to_string).unwrap_or_default();
+        let (code, resp) = self.api(method, path, body);
+        assert_eq!(code, want, "{method} {path} {sent} answered {code}: {resp}");
+        if resp.trim().is_empty() {
+            return Value::Null;
+        }
+        serde_json::from_str(&resp)
+            .unwrap_or_else(|e| panic!("{method} {path} answered non-JSON ({e}): {resp}"))
+    }
+
+    /// A WireGuard keypair from `wg`: (private key file, public key).
+    fn keypair(&self, name: &str) -> (PathBuf, String) {
+        let private = run_checked(std::process::Command::new("wg").arg("genkey"));
+        let path = self.dir().join(format!("{name}.key"));
+        write_private(&path, &private);
+        let mut child = std::process::Command::new("wg")
+            .arg("pubkey")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start wg pubkey");
+        child
+            .stdin
+            .take()
+            .expect("wg pubkey stdin")
+            .write_all(private.as_bytes())
+            .expect("write to wg pubkey");
+        let out = child.wait_with_output().expect("wait for wg pubkey");
+        assert!(out.status.success(), "wg pubkey failed");
+        (
+            path,
+            String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        )
+    }
+
+    /// Client addresses in the HTTP server's access log, in order.
+    fn http_clients(&self) -> Vec<String> {
+        // `198.18.0.1 - - [29/Nov/2025 18:00:00] "GET / HTTP/1.1" 200 -`
+        self.http
+            .log()
+            .lines()
+            .filter(|l| l.contains("\"GET "))
+            .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+            .collect()
+    }
+
+    fn dump_diagnostics(&mut self) {
+        let mut d = String::new();
+        let mut section = |title: &str, text: String| {
+            d.push_str(&format!("----- {title} -----\n{}\n", text.trim_end()));
+        };
+        for proc in [&mut self.wgplane, &mut self.phone_wg, &mut self.gw_wg]
+            .into_iter()
+            .flatten()
+            .chain([&mut self.http])
+        {
+            let state = match proc.exit_status() {
+                None => format!("running, pid {}", proc.pid()),
+                Some(s) => format!("exited: {s}"),
+            };
+            section(&format!("{} ({state})", proc.label()), proc.log());
+        }
+        for (ns, ifn) in [(&self.phone, &self.phone_if), (&self.gw, &self.gw_if)] {
+            section(
+                &format!("{}: wg show", ns.name()),
+                ns.capture(&["wg", "show", ifn]),
+            );
+        }
+        for ns in [&self.phone, &self.hub, &self.gw, &self.inet] {
+            section(
+                &format!("{}: addresses and routes", ns.name()),
+                ns.capture(&["ip", "-br", "address"]) + &ns.capture(&["ip", "route"]),
+            );
+        }
+        section(
+            "gw: nat table",
+            self.gw
+                .capture(&["iptables", "-t", "nat", "-L", "-n", "-v"]),
+        );
+        if self.dir().join("auth-header").exists() {
+            for path in [
+                "/v1/tenants/kitonga",
+                "/v1/tenants/kitonga/routers",
+                "/v1/tenants/kitonga/clients",
+                "/v1/tenants/kitonga/egress",
+                "/v1/tenants/kitonga/route?src=10.200.0.2&dst=198.18.0.2",
+            ] {
+                let (code, body) = self.api("GET", path, None);
+                section(&format!("GET {path} -> {code}"), body);
+            }
+            let metrics = self.hub.capture(&[
+                "curl",
+                "-sS",
+                "--max-time",
+                "5",
+                &format!("http://127.0.0.1:{API_PORT}/metrics"),
+            ]);
+            let interesting: Vec<&str> = metrics
+                .lines()
+                .filter(|l| {
+                    !l.starts_with('#')
+                        && (l.starts_with("wgplane_") || l.starts_with("wireguard_"))
+                })
+                .collect();
+            section(
+                "GET /metrics (wgplane_*, wireguard_*)",
+                interesting.join("\n"),
+            );
+        }
+        eprintln!("===== {TEST} diagnostics =====\n{d}===== end of diagnostics =====");
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.dump_diagnostics();
+        }
+    }
+}
+
+/// Starts `wireguard-go -f <ifname>` in `ns` and waits until `wg` can talk to it.
+fn start_wireguard_go(ns: &Netns, label: &str, ifname: &str, dir: &Path) -> Proc {
+    let log = dir.join(format!("{ifname}.log"));
+    let mut proc = ns.spawn(label, &["wireguard-go", "-f", ifname], &WG_ENV, &log);
+    let up = wait_for(Duration::from_secs(10), || {
+        if !proc.is_running() {
+            return Some(false);
+        }
+        ns.output(&["wg", "show", ifname])
+            .status
+            .success()
+            .then_some(true)
+    });
+    match up {
+        Some(true) => proc,
+        Some(false) => panic!("{label} exited at start: {}", proc.log()),
+        None => panic!("{label} never answered `wg show {ifname}`: {}", proc.log()),
+    }
+}
+
+/// The latest handshake time (Unix seconds, 0 = never) of the first peer of `ifname`.
+fn latest_handshake(ns: &Netns, ifname: &str) -> Option<u64> {
+    let out = ns.output(&["wg", "show", ifname, "latest-handshakes"]);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+fn str_field<'a>(v: &'a Value, field: &str) -> &'a str {
+    v[field]
+        .as_str()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| panic!("missing string field {field:?} in {v}"))
+}
+
+fn path_str(p: &Path) -> &str {
+    let s = p.to_str().expect("temporary paths are UTF-8");
+    assert!(
+        !s.contains(char::is_whitespace),
+        "temporary path {s:?} contains whitespace"
+    );
+    s
+}

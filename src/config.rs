@@ -1,1 +1,229 @@
-//! placeholder
+//! Settings: embedded defaults, then the config file, then `WGPLANE_*` variables and
+//! flags (the last two are merged by clap in `main`).
+//!
+//! Everything is parsed into typed values and checked here, before any port is bound;
+//! an error names the file, the key and the reason. This module does no I/O beyond
+//! reading the file it is given.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use ipnet::Ipv4Net;
+use serde::Deserialize;
+
+/// The example config, also the documentation of every key. Tests load it.
+pub const EXAMPLE: &str = include_str!("../config/wgplane.toml");
+
+/// Why the settings could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        file: PathBuf,
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has a key of the wrong type or an unknown key.
+    #[error("{file}: {message}")]
+    Parse { file: PathBuf, message: String },
+    /// A value is well-typed but not acceptable.
+    #[error("{file}: key `{key}`: {reason}")]
+    Invalid {
+        file: String,
+        key: &'static str,
+        reason: String,
+    },
+}
+
+/// The whole configuration, as the file spells it. Every field has a default.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    /// Admin API.
+    pub api: ApiSettings,
+    /// Persistent state.
+    pub state: StateSettings,
+    /// Tunnels and allocation.
+    pub tunnels: TunnelSettings,
+}
+
+/// `[api]`
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiSettings {
+    /// Address the admin API listens on.
+    pub listen: SocketAddr,
+    /// File holding the bearer token; default `<state.dir>/api-token`.
+    pub token_file: Option<PathBuf>,
+}
+
+/// `[state]`
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct StateSettings {
+    /// Directory for the API token and, later, the store.
+    pub dir: PathBuf,
+}
+
+/// `[tunnels]`
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TunnelSettings {
+    /// Underlay address the tunnel sockets bind to.
+    pub bind: IpAddr,
+    /// First listen port handed out.
+    pub first_port: u16,
+    /// Host name or address that routers and phones dial (the `endpoint` field).
+    pub public_host: String,
+    /// Range tenant subnets are carved from.
+    pub supernet: Ipv4Net,
+    /// Prefix length of each tenant subnet.
+    pub subnet_prefix_len: u8,
+    /// Allocation starts at the subnet holding this address, then wraps around.
+    pub subnet_start: Ipv4Addr,
+    /// Keepalive interval the appliance uses towards peers, in seconds (0 = off).
+    pub keepalive_secs: u16,
+}
+
+impl Default for ApiSettings {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            token_file: None,
+        }
+    }
+}
+
+impl Default for StateSettings {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from("./wgplane-state"),
+        }
+    }
+}
+
+impl Default for TunnelSettings {
+    fn default() -> Self {
+        Self {
+            bind: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            first_port: 51820,
+            public_host: "vpn.example.com".into(),
+            supernet: Ipv4Net::new(Ipv4Addr::new(10, 0, 0, 0), 8).unwrap_or_default(),
+            subnet_prefix_len: 16,
+            subnet_start: Ipv4Addr::new(10, 100, 0, 0),
+            keepalive_secs: 0,
+        }
+    }
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            api: ApiSettings::default(),
+            state: StateSettings::default(),
+            tunnels: TunnelSettings::default(),
+        }
+    }
+}
+
+impl Settings {
+    /// Reads and validates a config file.
+    pub fn load(file: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
+            file: file.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, file)
+    }
+
+    /// Parses and validates config text; `file` is only used in messages.
+    pub fn parse(text: &str, file: &Path) -> Result<Self, ConfigError> {
+        let settings: Settings = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            file: file.to_owned(),
+            message: e.to_string().trim_end().replace('\n', " "),
+        })?;
+        settings.validate(&file.display().to_string())?;
+        Ok(settings)
+    }
+
+    /// Checks relations between values. `origin` names where they came from.
+    pub fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+        let invalid = |key, reason: String| ConfigError::Invalid {
+            file: origin.to_owned(),
+            key,
+            reason,
+        };
+        let t = &self.tunnels;
+        if t.subnet_prefix_len < t.supernet.prefix_len() || t.subnet_prefix_len > 30 {
+            return Err(invalid(
+                "tunnels.subnet_prefix_len",
+                format!(
+                    "must be between the supernet's /{} and /30, got /{}",
+                    t.supernet.prefix_len(),
+                    t.subnet_prefix_len
+                ),
+            ));
+        }
+        if t.supernet.network() != t.supernet.addr() {
+            return Err(invalid(
+                "tunnels.supernet",
+                format!("{} has host bits set; did you mean {}?", t.supernet, t.supernet.trunc()),
+            ));
+        }
+        if !t.supernet.contains(&t.subnet_start) {
+            return Err(invalid(
+                "tunnels.subnet_start",
+                format!("{} is outside the supernet {}", t.subnet_start, t.supernet),
+            ));
+        }
+        if t.first_port == 0 {
+            return Err(invalid("tunnels.first_port", "must not be 0".into()));
+        }
+        if t.public_host.trim().is_empty() || t.public_host.contains(char::is_whitespace) {
+            return Err(invalid(
+                "tunnels.public_host",
+                "must be a host name or address without spaces".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Where the API token lives.
+    pub fn token_file(&self) -> PathBuf {
+        self.api
+            .token_file
+            .clone()
+            .unwrap_or_else(|| self.state.dir.join("api-token"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_file_is_the_defaults_spelled_out() {
+        let s = Settings::parse(EXAMPLE, Path::new("config/wgplane.toml")).unwrap();
+        assert_eq!(s, Settings::default());
+    }
+
+    #[test]
+    fn errors_name_file_and_key() {
+        let e = Settings::parse("[tunnels]\nfirst_port = \"x\"\n", Path::new("a.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("a.toml:") && e.contains("first_port"), "{e}");
+        let e = Settings::parse("[tunels]\n", Path::new("b.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("tunels"), "{e}");
+        let e = Settings::parse("[tunnels]\nsubnet_prefix_len = 4\n", Path::new("c.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("c.toml: key `tunnels.subnet_prefix_len`"), "{e}");
+        let e = Settings::parse("[tunnels]\nsupernet = \"10.1.2.3/8\"\n", Path::new("d.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("tunnels.supernet"), "{e}");
+    }
+}

@@ -36,13 +36,15 @@ pub fn next_port(first: u16, used: &BTreeSet<u16>) -> Result<u16, AllocError> {
         .ok_or(AllocError::PortsExhausted { first })
 }
 
-/// The first `/prefix_len` of `supernet` that overlaps none of `taken`.
+/// The first `/prefix_len` of `supernet`, at or after the one holding `start` and
+/// then wrapping around, that overlaps none of `taken`.
 ///
 /// Linear in the number of candidate subnets times `taken`; this runs only when a
 /// tenant is created.
 pub fn next_subnet(
     supernet: Ipv4Net,
     prefix_len: u8,
+    start: Ipv4Addr,
     taken: &[IpNet],
 ) -> Result<Ipv4Net, AllocError> {
     let subnets = supernet
@@ -51,7 +53,12 @@ pub fn next_subnet(
             supernet,
             prefix_len,
         })?;
-    for candidate in subnets {
+    let start = Ipv4Net::new(start, prefix_len)
+        .map(|n| n.network())
+        .unwrap_or(supernet.network());
+    let after = subnets.clone().filter(|c| c.network() >= start);
+    let before = subnets.filter(|c| c.network() < start);
+    for candidate in after.chain(before) {
         let c = IpNet::V4(candidate);
         if !taken.iter().any(|t| overlaps(c, *t)) {
             return Ok(candidate);
@@ -186,11 +193,17 @@ mod tests {
 
     #[test]
     fn seed_layout() {
-        let supernet = n4("10.100.0.0/14");
-        let first = next_subnet(supernet, 16, &[]).unwrap();
+        let supernet = n4("10.0.0.0/8");
+        let start = Ipv4Addr::new(10, 100, 0, 0);
+        let first = next_subnet(supernet, 16, start, &[]).unwrap();
         assert_eq!(first, n4("10.100.0.0/16"));
-        let second = next_subnet(supernet, 16, &[IpNet::V4(first)]).unwrap();
+        let second = next_subnet(supernet, 16, start, &[IpNet::V4(first)]).unwrap();
         assert_eq!(second, n4("10.101.0.0/16"));
+        // After 10.255.0.0/16 allocation wraps around to 10.0.0.0/16.
+        let high: Vec<IpNet> = (100..=255)
+            .map(|b| format!("10.{b}.0.0/16").parse().unwrap())
+            .collect();
+        assert_eq!(next_subnet(supernet, 16, start, &high).unwrap(), n4("10.0.0.0/16"));
         assert_eq!(server_address(first), "10.100.0.1".parse::<Ipv4Addr>().unwrap());
         let used = HashSet::new();
         assert_eq!(
@@ -207,17 +220,18 @@ mod tests {
     fn subnets_skip_pools_and_report_exhaustion() {
         let supernet = n4("10.200.0.0/15");
         let pool: IpNet = "10.200.0.0/24".parse().unwrap();
-        assert_eq!(next_subnet(supernet, 16, &[pool]).unwrap(), n4("10.201.0.0/16"));
+        let start = supernet.network();
+        assert_eq!(next_subnet(supernet, 16, start, &[pool]).unwrap(), n4("10.201.0.0/16"));
         let all = [pool, "10.201.0.0/16".parse().unwrap()];
         assert_eq!(
-            next_subnet(supernet, 16, &all),
+            next_subnet(supernet, 16, start, &all),
             Err(AllocError::SubnetsExhausted {
                 supernet,
                 prefix_len: 16
             })
         );
         assert!(matches!(
-            next_subnet(supernet, 8, &[]),
+            next_subnet(supernet, 8, start, &[]),
             Err(AllocError::BadPrefixLength { .. })
         ));
     }
@@ -270,7 +284,7 @@ mod tests {
                 .map(|&(a, b)| IpNet::V4(Ipv4Net::new(Ipv4Addr::new(10, 100 + a, b, 0), 24).unwrap()))
                 .collect();
             let pools_len = taken.len();
-            while let Ok(s) = next_subnet(supernet, prefix_len, &taken) {
+            while let Ok(s) = next_subnet(supernet, prefix_len, Ipv4Addr::new(10, 101, 0, 0), &taken) {
                 let s = IpNet::V4(s);
                 prop_assert!(taken.iter().all(|t| !overlaps(s, *t)));
                 prop_assert!(IpNet::V4(supernet).contains(&s.network()));

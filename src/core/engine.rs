@@ -335,14 +335,20 @@ impl TunnelEngine {
         }
         let id = match existing {
             Some(id) => {
-                self.routing.routes.retain(|_, &owner| owner != id);
-                if let Some(peer) = self.peers.get_mut(id) {
-                    if config.endpoint.is_some() {
-                        peer.endpoint = config.endpoint;
-                    }
-                    peer.config.allowed.clone_from(&config.allowed);
-                    peer.config.kind = config.kind;
+                let Some(peer) = self.peers.get_mut(id) else {
+                    return Ok(());
+                };
+                if config.endpoint.is_some() {
+                    peer.endpoint = config.endpoint;
                 }
+                peer.config.kind = config.kind;
+                if peer.config.allowed == config.allowed {
+                    return Ok(());
+                }
+                for old in std::mem::take(&mut peer.config.allowed) {
+                    self.routing.routes.remove(old);
+                }
+                peer.config.allowed.clone_from(&config.allowed);
                 id
             }
             None => {
@@ -369,9 +375,33 @@ impl TunnelEngine {
     pub fn remove_peer(&mut self, key: &[u8; 32]) -> Option<u32> {
         let id = self.peers.by_key.get(key).copied()?;
         let peer = self.peers.remove(id)?;
-        self.routing.routes.retain(|_, &owner| owner != id);
+        for prefix in &peer.config.allowed {
+            if self.routing.routes.get_exact(*prefix) == Some(&id) {
+                self.routing.routes.remove(*prefix);
+            }
+        }
         self.resolve_egress();
         Some(peer.index)
+    }
+
+    /// Makes the peer set exactly `peers` (by key): removes the others, upserts these.
+    /// Sessions of peers whose key stays are untouched. Returns the receiver indices
+    /// of removed peers.
+    pub fn sync_peers(&mut self, peers: Vec<(PeerConfig, u32)>) -> Result<Vec<u32>, EngineError> {
+        let keep: std::collections::HashSet<[u8; 32]> =
+            peers.iter().map(|(c, _)| *c.public_key.as_bytes()).collect();
+        let gone: Vec<[u8; 32]> = self
+            .peers
+            .by_key
+            .keys()
+            .filter(|k| !keep.contains(*k))
+            .copied()
+            .collect();
+        let freed = gone.iter().filter_map(|k| self.remove_peer(k)).collect();
+        for (config, index) in peers {
+            self.upsert_peer(config, index)?;
+        }
+        Ok(freed)
     }
 
     /// Replaces the egress policies.

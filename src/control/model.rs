@@ -1,0 +1,196 @@
+//! Control-plane objects and the request bodies that create them.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::SystemTime;
+
+use boringtun::x25519::PublicKey;
+use ipnet::{IpNet, Ipv4Net};
+use serde::Deserialize;
+
+use super::error::ControlError;
+use crate::core::peer::{PeerConfig, PeerKind};
+use crate::keys::SecretKey;
+
+/// A caller-chosen id: 1-64 characters of `[A-Za-z0-9._-]`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Id(String);
+
+impl Id {
+    /// Validates `text` as an id; `field` names it in the error.
+    pub fn parse(text: &str, field: &'static str) -> Result<Self, ControlError> {
+        let ok = !text.is_empty()
+            && text.len() <= 64
+            && text
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+        if ok {
+            Ok(Id(text.to_owned()))
+        } else {
+            Err(ControlError::field(
+                field,
+                "must be 1-64 characters of A-Z a-z 0-9 . _ -",
+            ))
+        }
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for Id {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// One tenant's tunnel and everything on it.
+#[derive(Debug, Clone)]
+pub struct Tenant {
+    pub id: Id,
+    /// `wg0`, `wg1`, … (metrics, scripts).
+    pub interface_name: String,
+    pub secret: SecretKey,
+    pub public_key: PublicKey,
+    pub subnet: Ipv4Net,
+    pub listen_port: u16,
+    pub created_at: SystemTime,
+    pub routers: BTreeMap<Id, Router>,
+    pub clients: BTreeMap<Id, Client>,
+    pub egress: Option<EgressPolicy>,
+}
+
+/// A site router (MikroTik) of a tenant.
+#[derive(Debug, Clone)]
+pub struct Router {
+    pub id: Id,
+    pub name: String,
+    pub public_key: PublicKey,
+    /// Present only when the key pair was generated here (goes into its script).
+    pub private_key: Option<SecretKey>,
+    pub vpn_ip: Ipv4Addr,
+    /// Extra prefixes behind the router.
+    pub extra_prefixes: Vec<IpNet>,
+    /// Receiver index of its session slot, unique in the process.
+    pub index: u32,
+}
+
+/// An end-user device of a tenant's egress pool.
+#[derive(Debug, Clone)]
+pub struct Client {
+    pub id: Id,
+    pub name: String,
+    pub public_key: PublicKey,
+    pub private_key: Option<SecretKey>,
+    pub vpn_ip: Ipv4Addr,
+    pub dns: Vec<IpAddr>,
+    pub index: u32,
+}
+
+/// KTN egress: a client pool and its gateways, primary first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EgressPolicy {
+    pub pool: Ipv4Net,
+    pub gateways: Vec<Id>,
+}
+
+impl Tenant {
+    /// The tunnel's own address (first host of the subnet).
+    pub fn server_ip(&self) -> Ipv4Addr {
+        crate::core::alloc::server_address(self.subnet)
+    }
+
+    /// Every address a peer of this tenant uses.
+    pub fn used_addresses(&self) -> std::collections::HashSet<IpAddr> {
+        self.routers
+            .values()
+            .map(|r| IpAddr::V4(r.vpn_ip))
+            .chain(self.clients.values().map(|c| IpAddr::V4(c.vpn_ip)))
+            .chain([IpAddr::V4(self.server_ip())])
+            .collect()
+    }
+
+    /// Who in this tunnel uses `key`, if anyone (other than `except`).
+    pub fn key_owner(&self, key: &PublicKey, except: Option<&Id>) -> Option<String> {
+        let r = self
+            .routers
+            .values()
+            .find(|r| r.public_key == *key && Some(&r.id) != except)
+            .map(|r| format!("router {}", r.id));
+        r.or_else(|| {
+            self.clients
+                .values()
+                .find(|c| c.public_key == *key && Some(&c.id) != except)
+                .map(|c| format!("client {}", c.id))
+        })
+    }
+
+    /// The peer set of this tunnel, as the data plane needs it.
+    pub fn peer_configs(&self, keepalive: Option<u16>) -> Vec<(PeerConfig, u32)> {
+        let routers = self.routers.values().map(|r| {
+            let mut allowed = vec![IpNet::V4(Ipv4Net::from(r.vpn_ip))];
+            allowed.extend(r.extra_prefixes.iter().copied());
+            (
+                PeerConfig {
+                    public_key: r.public_key,
+                    allowed,
+                    keepalive,
+                    kind: PeerKind::Router,
+                    endpoint: None,
+                },
+                r.index,
+            )
+        });
+        let clients = self.clients.values().map(|c| {
+            (
+                PeerConfig {
+                    public_key: c.public_key,
+                    allowed: vec![IpNet::V4(Ipv4Net::from(c.vpn_ip))],
+                    keepalive,
+                    kind: PeerKind::Client,
+                    endpoint: None,
+                },
+                c.index,
+            )
+        });
+        routers.chain(clients).collect()
+    }
+}
+
+/// Body of `PUT /v1/tenants/{id}`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantRequest {
+    pub listen_port: Option<u16>,
+    pub subnet: Option<String>,
+}
+
+/// Body of `PUT …/routers/{id}`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouterRequest {
+    pub name: Option<String>,
+    pub public_key: Option<String>,
+    pub vpn_ip: Option<String>,
+    pub allowed_ips: Option<Vec<String>>,
+}
+
+/// Body of `PUT …/egress`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EgressRequest {
+    pub pool: String,
+    pub gateways: Vec<String>,
+}
+
+/// Body of `PUT …/clients/{id}`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientRequest {
+    pub name: Option<String>,
+    pub public_key: Option<String>,
+    pub vpn_ip: Option<String>,
+    pub dns: Option<Vec<String>>,
+}

@@ -1,0 +1,701 @@
+//! The registry of tenants and their peers: every control-plane rule in one place.
+//!
+//! Mutations validate and allocate, then apply all-or-nothing: a refused request
+//! leaves the registry exactly as it was. Wall-clock time comes in as an argument.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::SystemTime;
+
+use boringtun::x25519::PublicKey;
+use ipnet::{IpNet, Ipv4Net};
+
+use super::error::ControlError;
+use super::model::{
+    Client, ClientRequest, EgressPolicy, EgressRequest, Id, Router, RouterRequest, Tenant,
+    TenantRequest,
+};
+use crate::core::alloc::{self, IndexAllocator};
+use crate::keys::{self, SecretKey};
+
+/// How tenants get ports and subnets.
+#[derive(Debug, Clone)]
+pub struct AllocPolicy {
+    pub first_port: u16,
+    pub supernet: Ipv4Net,
+    pub subnet_prefix_len: u8,
+    pub subnet_start: Ipv4Addr,
+}
+
+/// What a `PUT` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Put {
+    /// The object did not exist.
+    Created,
+    /// The object existed (and may have changed).
+    Updated,
+}
+
+/// All tenants, with the allocation policy and the process-wide receiver indices.
+pub struct Registry {
+    policy: AllocPolicy,
+    tenants: BTreeMap<Id, Tenant>,
+    indices: IndexAllocator,
+}
+
+impl Registry {
+    /// An empty registry; `index_seed` randomizes receiver indices.
+    pub fn new(policy: AllocPolicy, index_seed: u32) -> Self {
+        Self {
+            policy,
+            tenants: BTreeMap::new(),
+            indices: IndexAllocator::new(index_seed),
+        }
+    }
+
+    /// Every tenant, by id.
+    pub fn tenants(&self) -> impl Iterator<Item = &Tenant> {
+        self.tenants.values()
+    }
+
+    /// One tenant.
+    pub fn tenant(&self, id: &Id) -> Result<&Tenant, ControlError> {
+        self.tenants
+            .get(id)
+            .ok_or_else(|| ControlError::NoTenant(id.to_string()))
+    }
+
+    fn tenant_mut(&mut self, id: &Id) -> Result<&mut Tenant, ControlError> {
+        self.tenants
+            .get_mut(id)
+            .ok_or_else(|| ControlError::NoTenant(id.to_string()))
+    }
+
+    /// Subnets and pools of every tenant except `except`.
+    fn taken_nets(&self, except: Option<&Id>) -> Vec<Ipv4Net> {
+        self.tenants
+            .values()
+            .filter(|t| Some(&t.id) != except)
+            .flat_map(|t| [Some(t.subnet), t.egress.as_ref().map(|e| e.pool)])
+            .flatten()
+            .collect()
+    }
+
+    fn check_free(
+        &self,
+        net: Ipv4Net,
+        field: &'static str,
+        except: Option<&Id>,
+    ) -> Result<(), ControlError> {
+        match self
+            .taken_nets(except)
+            .into_iter()
+            .find(|o| alloc::overlaps(IpNet::V4(net), IpNet::V4(*o)))
+        {
+            Some(other) => Err(ControlError::Overlap { field, net, other }),
+            None => Ok(()),
+        }
+    }
+
+    // ---- tenants ----
+
+    /// Creates the tenant's tunnel, or checks that an existing one matches `req`.
+    pub fn put_tenant(
+        &mut self,
+        id: &Id,
+        req: &TenantRequest,
+        now: SystemTime,
+    ) -> Result<Put, ControlError> {
+        let subnet = req
+            .subnet
+            .as_deref()
+            .map(|s| parse_v4_net(s, "subnet"))
+            .transpose()?;
+        if let Some(t) = self.tenants.get(id) {
+            if let Some(port) = req.listen_port.filter(|p| *p != t.listen_port) {
+                let _ = port;
+                return Err(ControlError::Immutable {
+                    field: "listen_port",
+                    current: t.listen_port.to_string(),
+                });
+            }
+            if subnet.is_some_and(|s| s != t.subnet) {
+                return Err(ControlError::Immutable {
+                    field: "subnet",
+                    current: t.subnet.to_string(),
+                });
+            }
+            return Ok(Put::Updated);
+        }
+
+        let ports: BTreeSet<u16> = self.tenants.values().map(|t| t.listen_port).collect();
+        let listen_port = match req.listen_port {
+            Some(0) => return Err(ControlError::field("listen_port", "must not be 0")),
+            Some(p) if ports.contains(&p) => return Err(ControlError::PortInUse(p)),
+            Some(p) => p,
+            None => alloc::next_port(self.policy.first_port, &ports)?,
+        };
+        let subnet = match subnet {
+            Some(s) => {
+                if s.prefix_len() > 30 {
+                    return Err(ControlError::field("subnet", "must be /30 or larger"));
+                }
+                self.check_free(s, "subnet", None)?;
+                s
+            }
+            None => {
+                let taken: Vec<IpNet> = self.taken_nets(None).into_iter().map(IpNet::V4).collect();
+                alloc::next_subnet(
+                    self.policy.supernet,
+                    self.policy.subnet_prefix_len,
+                    self.policy.subnet_start,
+                    &taken,
+                )?
+            }
+        };
+        let names: BTreeSet<&str> = self
+            .tenants
+            .values()
+            .map(|t| t.interface_name.as_str())
+            .collect();
+        let interface_name = (0..)
+            .map(|n| format!("wg{n}"))
+            .find(|n| !names.contains(n.as_str()))
+            .unwrap_or_default();
+        let secret = SecretKey::generate();
+        let tenant = Tenant {
+            id: id.clone(),
+            interface_name,
+            public_key: secret.public(),
+            secret,
+            subnet,
+            listen_port,
+            created_at: now,
+            routers: BTreeMap::new(),
+            clients: BTreeMap::new(),
+            egress: None,
+        };
+        self.tenants.insert(id.clone(), tenant);
+        Ok(Put::Created)
+    }
+
+    /// Removes a tenant with all its peers.
+    pub fn delete_tenant(&mut self, id: &Id) -> Result<Tenant, ControlError> {
+        let t = self
+            .tenants
+            .remove(id)
+            .ok_or_else(|| ControlError::NoTenant(id.to_string()))?;
+        for i in t.routers.values().map(|r| r.index) {
+            self.indices.free(i);
+        }
+        for i in t.clients.values().map(|c| c.index) {
+            self.indices.free(i);
+        }
+        Ok(t)
+    }
+
+    // ---- routers ----
+
+    /// Creates or updates a router; the tenant must exist.
+    pub fn put_router(
+        &mut self,
+        tenant_id: &Id,
+        id: &Id,
+        req: &RouterRequest,
+    ) -> Result<Put, ControlError> {
+        let tenant = self.tenant(tenant_id)?;
+        let existing = tenant.routers.get(id);
+        let (public_key, private_key) =
+            resolve_key(req.public_key.as_deref(), existing.map(|r| (r.public_key, &r.private_key)))?;
+        if let Some(owner) = tenant.key_owner(&public_key, Some(id)) {
+            return Err(ControlError::DuplicateKey { owner });
+        }
+        let mut used = tenant.used_addresses();
+        if let Some(r) = existing {
+            used.remove(&IpAddr::V4(r.vpn_ip));
+        }
+        let vpn_ip = match (req.vpn_ip.as_deref(), existing) {
+            (Some(text), _) => {
+                let ip = parse_v4(text, "vpn_ip")?;
+                check_address(tenant.subnet, ip, &used, "vpn_ip")?;
+                ip
+            }
+            (None, Some(r)) => r.vpn_ip,
+            (None, None) => alloc::next_router_address(tenant.subnet, &used)?,
+        };
+        let extra_prefixes = match (&req.allowed_ips, existing) {
+            (Some(list), _) => {
+                let mut out = Vec::with_capacity(list.len());
+                for text in list {
+                    let net: IpNet = text
+                        .parse::<IpNet>()
+                        .map(|n| n.trunc())
+                        .or_else(|_| text.parse::<IpAddr>().map(IpNet::from))
+                        .map_err(|_| {
+                            ControlError::field("allowed_ips", format!("{text:?} is not a prefix"))
+                        })?;
+                    self.check_prefix(tenant, id, net)?;
+                    // The router's own /32 is implied; listing it again is harmless.
+                    if net != IpNet::V4(Ipv4Net::from(vpn_ip)) && !out.contains(&net) {
+                        out.push(net);
+                    }
+                }
+                out
+            }
+            (None, Some(r)) => r.extra_prefixes.clone(),
+            (None, None) => Vec::new(),
+        };
+        let name = match (&req.name, existing) {
+            (Some(n), _) => validate_name(n)?,
+            (None, Some(r)) => r.name.clone(),
+            (None, None) => id.to_string(),
+        };
+        let index = match existing {
+            Some(r) => r.index,
+            None => self.indices.allocate()?,
+        };
+        let router = Router {
+            id: id.clone(),
+            name,
+            public_key,
+            private_key,
+            vpn_ip,
+            extra_prefixes,
+            index,
+        };
+        let tenant = self.tenant_mut(tenant_id)?;
+        let put = match tenant.routers.insert(id.clone(), router) {
+            Some(_) => Put::Updated,
+            None => Put::Created,
+        };
+        Ok(put)
+    }
+
+    /// An extra prefix may not cover the tenant's subnet, its pool, or another
+    /// peer's prefix.
+    fn check_prefix(&self, tenant: &Tenant, id: &Id, net: IpNet) -> Result<(), ControlError> {
+        let field = "allowed_ips";
+        let unavailable = |reason| ControlError::AddressUnavailable {
+            field,
+            addr: net,
+            reason,
+        };
+        if alloc::overlaps(net, IpNet::V4(tenant.subnet)) && net.prefix_len() < 32 {
+            return Err(unavailable("overlaps the tenant subnet"));
+        }
+        if let Some(e) = &tenant.egress {
+            if alloc::overlaps(net, IpNet::V4(e.pool)) {
+                return Err(unavailable("overlaps the egress pool"));
+            }
+        }
+        let clash = tenant.routers.values().filter(|r| &r.id != id).any(|r| {
+            r.extra_prefixes.iter().any(|p| alloc::overlaps(*p, net))
+                || net.contains(&IpAddr::V4(r.vpn_ip))
+        }) || tenant
+            .clients
+            .values()
+            .any(|c| net.contains(&IpAddr::V4(c.vpn_ip)));
+        if clash {
+            return Err(unavailable("overlaps another peer's addresses"));
+        }
+        if net == IpNet::V4(Ipv4Net::from(tenant.server_ip())) {
+            return Err(unavailable("is the server address"));
+        }
+        Ok(())
+    }
+
+    /// Removes a router; refused while an egress policy names it.
+    pub fn delete_router(&mut self, tenant_id: &Id, id: &Id) -> Result<Router, ControlError> {
+        let tenant = self.tenant_mut(tenant_id)?;
+        if tenant
+            .egress
+            .as_ref()
+            .is_some_and(|e| e.gateways.contains(id))
+        {
+            return Err(ControlError::InUse(format!(
+                "router {id} is a gateway of the egress policy"
+            )));
+        }
+        let r = tenant
+            .routers
+            .remove(id)
+            .ok_or_else(|| ControlError::NoRouter(id.to_string()))?;
+        self.indices.free(r.index);
+        Ok(r)
+    }
+
+    // ---- egress ----
+
+    /// Sets the tenant's egress policy.
+    pub fn put_egress(&mut self, tenant_id: &Id, req: &EgressRequest) -> Result<Put, ControlError> {
+        let pool = parse_v4_net(&req.pool, "pool")?;
+        if pool.prefix_len() > 30 {
+            return Err(ControlError::field("pool", "must be /30 or larger"));
+        }
+        let tenant = self.tenant(tenant_id)?;
+        if alloc::overlaps(IpNet::V4(pool), IpNet::V4(tenant.subnet)) {
+            return Err(ControlError::Overlap {
+                field: "pool",
+                net: pool,
+                other: tenant.subnet,
+            });
+        }
+        self.check_free(pool, "pool", Some(tenant_id))?;
+        if req.gateways.is_empty() {
+            return Err(ControlError::field("gateways", "needs at least one router id"));
+        }
+        let mut gateways = Vec::with_capacity(req.gateways.len());
+        for g in &req.gateways {
+            let id = Id::parse(g, "gateways")?;
+            if !tenant.routers.contains_key(&id) {
+                return Err(ControlError::field(
+                    "gateways",
+                    format!("router {id} does not exist in this tenant"),
+                ));
+            }
+            if gateways.contains(&id) {
+                return Err(ControlError::field("gateways", format!("router {id} is listed twice")));
+            }
+            gateways.push(id);
+        }
+        if let Some(c) = tenant.clients.values().find(|c| !pool.contains(&c.vpn_ip)) {
+            return Err(ControlError::InUse(format!(
+                "client {} uses {} outside the new pool",
+                c.id, c.vpn_ip
+            )));
+        }
+        let pool_net = IpNet::V4(pool);
+        if let Some(r) = tenant
+            .routers
+            .values()
+            .find(|r| r.extra_prefixes.iter().any(|p| alloc::overlaps(*p, pool_net)))
+        {
+            return Err(ControlError::InUse(format!(
+                "router {} routes a prefix inside the pool",
+                r.id
+            )));
+        }
+        let policy = EgressPolicy { pool, gateways };
+        let tenant = self.tenant_mut(tenant_id)?;
+        Ok(match tenant.egress.replace(policy) {
+            Some(_) => Put::Updated,
+            None => Put::Created,
+        })
+    }
+
+    /// Removes the egress policy; refused while clients exist.
+    pub fn delete_egress(&mut self, tenant_id: &Id) -> Result<(), ControlError> {
+        let tenant = self.tenant_mut(tenant_id)?;
+        if tenant.egress.is_none() {
+            return Err(ControlError::NoEgress);
+        }
+        if !tenant.clients.is_empty() {
+            return Err(ControlError::InUse(format!(
+                "{} clients still use the pool",
+                tenant.clients.len()
+            )));
+        }
+        tenant.egress = None;
+        Ok(())
+    }
+
+    // ---- clients ----
+
+    /// Creates or updates a client; the tenant needs an egress policy.
+    pub fn put_client(
+        &mut self,
+        tenant_id: &Id,
+        id: &Id,
+        req: &ClientRequest,
+    ) -> Result<Put, ControlError> {
+        let tenant = self.tenant(tenant_id)?;
+        let Some(egress) = &tenant.egress else {
+            return Err(ControlError::NoEgress);
+        };
+        let existing = tenant.clients.get(id);
+        let (public_key, private_key) =
+            resolve_key(req.public_key.as_deref(), existing.map(|c| (c.public_key, &c.private_key)))?;
+        if let Some(owner) = tenant.key_owner(&public_key, Some(id)) {
+            return Err(ControlError::DuplicateKey { owner });
+        }
+        let mut used = tenant.used_addresses();
+        if let Some(c) = existing {
+            used.remove(&IpAddr::V4(c.vpn_ip));
+        }
+        let vpn_ip = match (req.vpn_ip.as_deref(), existing) {
+            (Some(text), _) => {
+                let ip = parse_v4(text, "vpn_ip")?;
+                check_address(egress.pool, ip, &used, "vpn_ip")?;
+                ip
+            }
+            (None, Some(c)) => c.vpn_ip,
+            (None, None) => alloc::next_pool_address(egress.pool, &used)?,
+        };
+        let dns = match (&req.dns, existing) {
+            (Some(list), _) => list
+                .iter()
+                .map(|d| {
+                    d.parse::<IpAddr>()
+                        .map_err(|_| ControlError::field("dns", format!("{d:?} is not an IP address")))
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+            (None, Some(c)) => c.dns.clone(),
+            (None, None) => Vec::new(),
+        };
+        let name = match (&req.name, existing) {
+            (Some(n), _) => validate_name(n)?,
+            (None, Some(c)) => c.name.clone(),
+            (None, None) => id.to_string(),
+        };
+        let index = match existing {
+            Some(c) => c.index,
+            None => self.indices.allocate()?,
+        };
+        let client = Client {
+            id: id.clone(),
+            name,
+            public_key,
+            private_key,
+            vpn_ip,
+            dns,
+            index,
+        };
+        let tenant = self.tenant_mut(tenant_id)?;
+        Ok(match tenant.clients.insert(id.clone(), client) {
+            Some(_) => Put::Updated,
+            None => Put::Created,
+        })
+    }
+
+    /// Removes a client.
+    pub fn delete_client(&mut self, tenant_id: &Id, id: &Id) -> Result<Client, ControlError> {
+        let tenant = self.tenant_mut(tenant_id)?;
+        let c = tenant
+            .clients
+            .remove(id)
+            .ok_or_else(|| ControlError::NoClient(id.to_string()))?;
+        self.indices.free(c.index);
+        Ok(c)
+    }
+}
+
+/// The key of a new or updated peer: the one given, else the existing one, else a
+/// fresh pair generated here (whose private key goes into the peer's script/config).
+fn resolve_key(
+    given: Option<&str>,
+    existing: Option<(PublicKey, &Option<SecretKey>)>,
+) -> Result<(PublicKey, Option<SecretKey>), ControlError> {
+    match (given, existing) {
+        (Some(text), existing) => {
+            let key = keys::decode(text)
+                .map(PublicKey::from)
+                .map_err(|e| ControlError::field("public_key", e.to_string()))?;
+            // Keep a private key generated here only while the public key still matches.
+            let private = existing
+                .filter(|(k, _)| *k == key)
+                .and_then(|(_, p)| p.clone());
+            Ok((key, private))
+        }
+        (None, Some((key, private))) => Ok((key, private.clone())),
+        (None, None) => {
+            let secret = SecretKey::generate();
+            Ok((secret.public(), Some(secret)))
+        }
+    }
+}
+
+fn check_address(
+    range: Ipv4Net,
+    ip: Ipv4Addr,
+    used: &std::collections::HashSet<IpAddr>,
+    field: &'static str,
+) -> Result<(), ControlError> {
+    let addr = IpNet::V4(Ipv4Net::from(ip));
+    if !range.contains(&ip) {
+        return Err(ControlError::AddressUnavailable {
+            field,
+            addr,
+            reason: "outside the range",
+        });
+    }
+    if !alloc::is_assignable(range, ip) {
+        return Err(ControlError::AddressUnavailable {
+            field,
+            addr,
+            reason: "network, broadcast or server address",
+        });
+    }
+    if used.contains(&IpAddr::V4(ip)) {
+        return Err(ControlError::AddressUnavailable {
+            field,
+            addr,
+            reason: "already in use",
+        });
+    }
+    Ok(())
+}
+
+fn parse_v4(text: &str, field: &'static str) -> Result<Ipv4Addr, ControlError> {
+    text.parse()
+        .map_err(|_| ControlError::field(field, format!("{text:?} is not an IPv4 address")))
+}
+
+fn parse_v4_net(text: &str, field: &'static str) -> Result<Ipv4Net, ControlError> {
+    let net: Ipv4Net = text
+        .parse()
+        .map_err(|_| ControlError::field(field, format!("{text:?} is not an IPv4 prefix")))?;
+    if net.trunc() != net {
+        return Err(ControlError::field(
+            field,
+            format!("{net} has host bits set; did you mean {}?", net.trunc()),
+        ));
+    }
+    Ok(net)
+}
+
+fn validate_name(name: &str) -> Result<String, ControlError> {
+    if name.is_empty() || name.len() > 128 || name.chars().any(char::is_control) {
+        return Err(ControlError::field(
+            "name",
+            "must be 1-128 characters without control characters",
+        ));
+    }
+    Ok(name.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn registry() -> Registry {
+        Registry::new(
+            AllocPolicy {
+                first_port: 51820,
+                supernet: "10.0.0.0/8".parse().unwrap(),
+                subnet_prefix_len: 16,
+                subnet_start: Ipv4Addr::new(10, 100, 0, 0),
+            },
+            7,
+        )
+    }
+    fn id(s: &str) -> Id {
+        Id::parse(s, "id").unwrap()
+    }
+    fn now() -> SystemTime {
+        SystemTime::UNIX_EPOCH
+    }
+
+    #[test]
+    fn seed_allocation() {
+        let mut r = registry();
+        assert_eq!(r.put_tenant(&id("a"), &Default::default(), now()), Ok(Put::Created));
+        assert_eq!(r.put_tenant(&id("a"), &Default::default(), now()), Ok(Put::Updated));
+        r.put_tenant(&id("b"), &Default::default(), now()).unwrap();
+        let a = r.tenant(&id("a")).unwrap();
+        let b = r.tenant(&id("b")).unwrap();
+        assert_eq!((a.subnet.to_string(), a.listen_port), ("10.100.0.0/16".into(), 51820));
+        assert_eq!((b.subnet.to_string(), b.listen_port), ("10.101.0.0/16".into(), 51821));
+        assert_eq!((a.interface_name.as_str(), b.interface_name.as_str()), ("wg0", "wg1"));
+        assert_eq!(a.server_ip(), Ipv4Addr::new(10, 100, 0, 1));
+    }
+
+    #[test]
+    fn routers_allocate_and_conflict() {
+        let mut r = registry();
+        r.put_tenant(&id("a"), &Default::default(), now()).unwrap();
+        r.put_router(&id("a"), &id("r1"), &Default::default()).unwrap();
+        let r1 = r.tenant(&id("a")).unwrap().routers[&id("r1")].clone();
+        assert_eq!(r1.vpn_ip, Ipv4Addr::new(10, 100, 1, 1));
+        assert!(r1.private_key.is_some());
+        // Repeating the PUT keeps the generated key and the address.
+        assert_eq!(r.put_router(&id("a"), &id("r1"), &Default::default()), Ok(Put::Updated));
+        let again = &r.tenant(&id("a")).unwrap().routers[&id("r1")];
+        assert_eq!(again.public_key, r1.public_key);
+        assert_eq!(again.index, r1.index);
+
+        let dup = RouterRequest {
+            public_key: Some(keys::encode(r1.public_key.as_bytes())),
+            ..Default::default()
+        };
+        assert!(matches!(
+            r.put_router(&id("a"), &id("r2"), &dup),
+            Err(ControlError::DuplicateKey { .. })
+        ));
+        for (ip, field) in [("10.100.1.1", "vpn_ip"), ("10.101.0.5", "vpn_ip"), ("10.100.0.1", "vpn_ip")] {
+            let req = RouterRequest {
+                vpn_ip: Some(ip.into()),
+                ..Default::default()
+            };
+            let e = r.put_router(&id("a"), &id("r2"), &req).unwrap_err();
+            assert_eq!(e.field_name(), Some(field), "{ip}: {e}");
+        }
+        let bad = RouterRequest {
+            public_key: Some("nope".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            r.put_router(&id("a"), &id("r2"), &bad).unwrap_err().field_name(),
+            Some("public_key")
+        );
+        assert!(r.tenant(&id("a")).unwrap().routers.get(&id("r2")).is_none());
+    }
+
+    #[test]
+    fn egress_and_clients() {
+        let mut r = registry();
+        r.put_tenant(&id("a"), &Default::default(), now()).unwrap();
+        let gw = RouterRequest {
+            vpn_ip: Some("10.100.0.40".into()),
+            ..Default::default()
+        };
+        r.put_router(&id("a"), &id("gw"), &gw).unwrap();
+        assert_eq!(
+            r.put_client(&id("a"), &id("p1"), &Default::default()),
+            Err(ControlError::NoEgress)
+        );
+        let req = EgressRequest {
+            pool: "10.200.0.0/24".into(),
+            gateways: vec!["gw".into()],
+        };
+        assert_eq!(r.put_egress(&id("a"), &req), Ok(Put::Created));
+        r.put_client(&id("a"), &id("p1"), &Default::default()).unwrap();
+        assert_eq!(
+            r.tenant(&id("a")).unwrap().clients[&id("p1")].vpn_ip,
+            Ipv4Addr::new(10, 200, 0, 2)
+        );
+        assert!(matches!(r.delete_egress(&id("a")), Err(ControlError::InUse(_))));
+        assert!(matches!(r.delete_router(&id("a"), &id("gw")), Err(ControlError::InUse(_))));
+        // Another tenant can neither take the pool nor get a subnet overlapping it.
+        r.put_tenant(&id("b"), &Default::default(), now()).unwrap();
+        assert!(matches!(
+            r.put_egress(&id("b"), &req),
+            Err(ControlError::Overlap { field: "pool", .. })
+        ));
+        let overlapping = TenantRequest {
+            subnet: Some("10.200.0.0/16".into()),
+            listen_port: None,
+        };
+        assert!(matches!(
+            r.put_tenant(&id("c"), &overlapping, now()),
+            Err(ControlError::Overlap { field: "subnet", .. })
+        ));
+    }
+
+    #[test]
+    fn subnet_exhaustion_is_a_clear_error() {
+        let mut r = Registry::new(
+            AllocPolicy {
+                first_port: 51820,
+                supernet: "10.100.0.0/15".parse().unwrap(),
+                subnet_prefix_len: 16,
+                subnet_start: Ipv4Addr::new(10, 100, 0, 0),
+            },
+            1,
+        );
+        r.put_tenant(&id("a"), &Default::default(), now()).unwrap();
+        r.put_tenant(&id("b"), &Default::default(), now()).unwrap();
+        let e = r.put_tenant(&id("c"), &Default::default(), now()).unwrap_err();
+        assert_eq!(e.code(), "exhausted");
+        assert!(e.to_string().contains("10.100.0.0/15"), "{e}");
+    }
+}

@@ -1,1 +1,216 @@
-fn main() {}
+//! The `wgplane` command: run the appliance, or generate keys like `wg`.
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use ipnet::Ipv4Net;
+use tokio::sync::Mutex;
+
+use wgplane::api::{self, AppState, Control};
+use wgplane::config::Settings;
+use wgplane::control::registry::{AllocPolicy, Registry};
+use wgplane::io::Runtime;
+use wgplane::keys::{self, SecretKey};
+
+#[derive(Parser)]
+#[command(version, about = "Userspace WireGuard data plane for many tenant tunnels")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the appliance (embedded defaults unless overridden).
+    Run(RunArgs),
+    /// Print a new private key, like `wg genkey`.
+    Genkey,
+    /// Read a private key on stdin and print its public key, like `wg pubkey`.
+    Pubkey,
+}
+
+/// Flags override `WGPLANE_*` variables, which override the config file.
+#[derive(Args)]
+struct RunArgs {
+    /// Config file (TOML); see config/wgplane.toml.
+    #[arg(long, env = "WGPLANE_CONFIG")]
+    config: Option<PathBuf>,
+    /// State directory (api.token and state).
+    #[arg(long, env = "WGPLANE_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// Admin API listen address.
+    #[arg(long, env = "WGPLANE_API_LISTEN")]
+    api_listen: Option<SocketAddr>,
+    /// API token file.
+    #[arg(long, env = "WGPLANE_API_TOKEN_FILE")]
+    api_token_file: Option<PathBuf>,
+    /// Underlay address the tunnel sockets bind to.
+    #[arg(long, env = "WGPLANE_BIND")]
+    bind: Option<IpAddr>,
+    /// First tunnel listen port.
+    #[arg(long, env = "WGPLANE_FIRST_PORT")]
+    first_port: Option<u16>,
+    /// Host name or address peers dial.
+    #[arg(long, env = "WGPLANE_PUBLIC_HOST")]
+    public_host: Option<String>,
+    /// Range tenant subnets are carved from.
+    #[arg(long, env = "WGPLANE_SUPERNET")]
+    supernet: Option<Ipv4Net>,
+    /// Prefix length of tenant subnets.
+    #[arg(long, env = "WGPLANE_SUBNET_PREFIX_LEN")]
+    subnet_prefix_len: Option<u8>,
+    /// Subnet allocation starts at the subnet holding this address.
+    #[arg(long, env = "WGPLANE_SUBNET_START")]
+    subnet_start: Option<Ipv4Addr>,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Genkey => {
+            println!("{}", SecretKey::generate().to_base64());
+            Ok(())
+        }
+        Command::Pubkey => {
+            let mut text = String::new();
+            std::io::stdin().read_to_string(&mut text)?;
+            let key = SecretKey::parse(&text).context("stdin is not a WireGuard private key")?;
+            println!("{}", keys::encode(key.public().as_bytes()));
+            Ok(())
+        }
+        Command::Run(args) => {
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| "info".into()),
+                )
+                .with_writer(std::io::stderr)
+                .init();
+            let settings = settings(&args)?;
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(run(settings))
+        }
+    }
+}
+
+/// File (or defaults), then variables and flags; validated before anything binds.
+fn settings(args: &RunArgs) -> Result<Settings> {
+    let (mut s, origin) = match &args.config {
+        Some(file) => (Settings::load(file)?, file.display().to_string()),
+        None => (Settings::default(), "embedded defaults".to_owned()),
+    };
+    if let Some(v) = &args.state_dir {
+        s.state.dir.clone_from(v);
+    }
+    if let Some(v) = args.api_listen {
+        s.api.listen = v;
+    }
+    if let Some(v) = &args.api_token_file {
+        s.api.token_file = Some(v.clone());
+    }
+    if let Some(v) = args.bind {
+        s.tunnels.bind = v;
+    }
+    if let Some(v) = args.first_port {
+        s.tunnels.first_port = v;
+    }
+    if let Some(v) = &args.public_host {
+        s.tunnels.public_host.clone_from(v);
+    }
+    if let Some(v) = args.supernet {
+        s.tunnels.supernet = v;
+    }
+    if let Some(v) = args.subnet_prefix_len {
+        s.tunnels.subnet_prefix_len = v;
+    }
+    if let Some(v) = args.subnet_start {
+        s.tunnels.subnet_start = v;
+    }
+    s.validate(&format!("{origin} with flags and WGPLANE_* variables"))?;
+    Ok(s)
+}
+
+/// Reads the API token, creating it (mode 0600, random) on first start.
+fn load_or_create_token(path: &Path) -> Result<String> {
+    match std::fs::read_to_string(path) {
+        Ok(text) if !text.trim().is_empty() => return Ok(text.trim().to_owned()),
+        Ok(_) => anyhow::bail!("API token file {} is empty", path.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+    let token = SecretKey::generate().to_base64().replace(['+', '/', '='], "");
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    writeln!(file, "{token}")?;
+    file.sync_all()?;
+    tracing::info!(path = %path.display(), "created a new API token");
+    Ok(token)
+}
+
+async fn run(settings: Settings) -> Result<()> {
+    std::fs::create_dir_all(&settings.state.dir)
+        .with_context(|| format!("cannot create state dir {}", settings.state.dir.display()))?;
+    let token = load_or_create_token(&settings.token_file())?;
+    if settings.tunnels.public_host == "vpn.example.com" {
+        tracing::warn!("tunnels.public_host is the placeholder vpn.example.com: set it to the address peers dial");
+    }
+    let t = &settings.tunnels;
+    let registry = Registry::new(
+        AllocPolicy {
+            first_port: t.first_port,
+            supernet: t.supernet,
+            subnet_prefix_len: t.subnet_prefix_len,
+            subnet_start: t.subnet_start,
+        },
+        rand_core::RngCore::next_u32(&mut rand_core::OsRng),
+    );
+    let keepalive = (t.keepalive_secs > 0).then_some(t.keepalive_secs);
+    let state = Arc::new(AppState {
+        control: Mutex::new(Control {
+            registry,
+            runtime: Runtime::new(t.bind, keepalive),
+        }),
+        token,
+        public_host: t.public_host.clone(),
+    });
+    let listener = tokio::net::TcpListener::bind(settings.api.listen)
+        .await
+        .with_context(|| format!("cannot bind the admin API on {}", settings.api.listen))?;
+    tracing::info!(listen = %settings.api.listen, token_file = %settings.token_file().display(), "admin API up");
+    axum::serve(listener, api::router(Arc::clone(&state)))
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
+    tracing::info!("shutting down");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => return ctrl_c.await.unwrap_or(()),
+        };
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

@@ -1,1 +1,81 @@
-//! placeholder
+//! The admin HTTP API (axum): the contract of `shared/API.md`.
+//!
+//! Handlers parse ids and bodies at the edge, call the registry under one lock, then
+//! push the result to the running tunnels. They never touch packets. Errors are JSON
+//! `{"error": {"code", "message", "field"}}` with 4xx for every bad input.
+
+mod auth;
+mod body;
+mod error;
+mod handlers;
+mod views;
+
+use std::sync::Arc;
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::get;
+use axum::Router;
+use tokio::sync::Mutex;
+
+use crate::control::Registry;
+use crate::io::Runtime;
+
+pub use error::ApiError;
+
+/// Largest request body accepted.
+pub const MAX_BODY: usize = 64 * 1024;
+
+/// The registry and the running tunnels, changed together under one lock so that
+/// the data plane always follows the registry in the same order.
+pub struct Control {
+    pub registry: Registry,
+    pub runtime: Runtime,
+}
+
+/// Shared state of every handler.
+pub struct AppState {
+    pub control: Mutex<Control>,
+    pub token: String,
+    pub public_host: String,
+}
+
+/// The full router: `/v1` behind the token, `/healthz` open.
+pub fn router(state: Arc<AppState>) -> Router {
+    use handlers::*;
+    let v1 = Router::new()
+        .route("/tenants", get(list_tenants))
+        .route(
+            "/tenants/{tenant_id}",
+            get(get_tenant).put(put_tenant).delete(delete_tenant),
+        )
+        .route("/tenants/{tenant_id}/routers", get(list_routers))
+        .route(
+            "/tenants/{tenant_id}/routers/{router_id}",
+            get(get_router).put(put_router).delete(delete_router),
+        )
+        .route(
+            "/tenants/{tenant_id}/egress",
+            get(get_egress).put(put_egress).delete(delete_egress),
+        )
+        .route("/tenants/{tenant_id}/clients", get(list_clients))
+        .route(
+            "/tenants/{tenant_id}/clients/{client_id}",
+            get(get_client).put(put_client).delete(delete_client),
+        )
+        .route(
+            "/tenants/{tenant_id}/clients/{client_id}/config",
+            get(get_client_config),
+        )
+        .route("/tenants/{tenant_id}/route", get(explain_route))
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&state),
+            auth::require_token,
+        ));
+    Router::new()
+        .nest("/v1", v1)
+        .route("/healthz", get(healthz))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(state)
+}

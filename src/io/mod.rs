@@ -1,1 +1,10 @@
-//! placeholder
+//! The IO shell: tokio tasks that own sockets and the clock and feed the core.
+//!
+//! `tunnel` runs one task per tenant tunnel (its UDP socket, its engine, its timer);
+//! `runtime` starts, stops and talks to those tasks for the control plane. Nothing
+//! here makes a routing decision.
+
+pub mod runtime;
+pub mod tunnel;
+
+pub use runtime::{Runtime, RuntimeError, TunnelEvent};

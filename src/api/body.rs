@@ -1,0 +1,70 @@
+//! A JSON body extractor whose errors name the offending field.
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Request};
+use axum::http::StatusCode;
+use serde::de::DeserializeOwned;
+
+use super::ApiError;
+
+/// A JSON body; an empty body reads as `{}` so optional bodies may be omitted.
+pub struct JsonBody<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::too_large()
+            } else {
+                ApiError::bad_body(e.body_text())
+            }
+        })?;
+        let text: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
+            b"{}"
+        } else {
+            &bytes
+        };
+        let mut de = serde_json::Deserializer::from_slice(text);
+        let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+            let message = e.inner().to_string();
+            let path = e.path().to_string();
+            match field_of(&path, &message) {
+                Some(field) => ApiError::bad_field(field, message),
+                None => ApiError::bad_body(message),
+            }
+        })?;
+        // Trailing garbage after the JSON value.
+        de.end().map_err(|e| ApiError::bad_body(e.to_string()))?;
+        Ok(JsonBody(value))
+    }
+}
+
+/// The top-level field an error is about: from the path, or from serde's
+/// "missing field `x`" / "unknown field `x`" messages.
+fn field_of(path: &str, message: &str) -> Option<String> {
+    let top = path.split(['.', '[']).next().unwrap_or("");
+    if !top.is_empty() && top != "?" {
+        return Some(top.to_owned());
+    }
+    for prefix in ["missing field `", "unknown field `"] {
+        if let Some(rest) = message.strip_prefix(prefix) {
+            return rest.split('`').next().map(str::to_owned);
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::field_of;
+
+    #[test]
+    fn finds_fields() {
+        assert_eq!(field_of("gateways[0]", "invalid type"), Some("gateways".into()));
+        assert_eq!(field_of(".", "missing field `pool` at line 1"), Some("pool".into()));
+        assert_eq!(field_of(".", "unknown field `x`, expected"), Some("x".into()));
+        assert_eq!(field_of(".", "expected value"), None);
+    }
+}

@@ -1,0 +1,111 @@
+//! API errors and their JSON shape.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+
+use crate::control::ControlError;
+use crate::io::RuntimeError;
+
+/// An error answer: status, code, message and the field at fault.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+    pub field: Option<String>,
+}
+
+impl ApiError {
+    /// 400 for one field.
+    pub fn bad_field(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            code: "invalid_field",
+            message: message.into(),
+            field: Some(field.into()),
+        }
+    }
+    /// 400 for the body as a whole.
+    pub fn bad_body(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            code: "invalid_body",
+            message: message.into(),
+            field: None,
+        }
+    }
+    /// 401.
+    pub fn unauthorized() -> Self {
+        Self {
+            status: StatusCode::UNAUTHORIZED,
+            code: "unauthorized",
+            message: "missing or wrong bearer token".into(),
+            field: None,
+        }
+    }
+    /// 404 for a path that names nothing.
+    pub fn no_route() -> Self {
+        Self {
+            status: StatusCode::NOT_FOUND,
+            code: "not_found",
+            message: "no such path".into(),
+            field: None,
+        }
+    }
+    /// 413.
+    pub fn too_large() -> Self {
+        Self {
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            code: "body_too_large",
+            message: format!("request body is larger than {} bytes", super::MAX_BODY),
+            field: None,
+        }
+    }
+}
+
+impl From<ControlError> for ApiError {
+    fn from(e: ControlError) -> Self {
+        let status = match &e {
+            ControlError::InvalidField { .. } => StatusCode::BAD_REQUEST,
+            ControlError::NoTenant(_) | ControlError::NoRouter(_) | ControlError::NoClient(_) => {
+                StatusCode::NOT_FOUND
+            }
+            ControlError::NoEgress => StatusCode::CONFLICT,
+            _ => StatusCode::CONFLICT,
+        };
+        Self {
+            status,
+            code: e.code(),
+            field: e.field_name().map(str::to_owned),
+            message: e.to_string(),
+        }
+    }
+}
+
+impl From<RuntimeError> for ApiError {
+    fn from(e: RuntimeError) -> Self {
+        let (status, code, field) = match &e {
+            RuntimeError::Bind { .. } => (StatusCode::CONFLICT, "port_unavailable", Some("listen_port")),
+            RuntimeError::Engine(_) => (StatusCode::CONFLICT, "conflict", None),
+            RuntimeError::TaskGone(_) => (StatusCode::SERVICE_UNAVAILABLE, "tunnel_down", None),
+        };
+        Self {
+            status,
+            code,
+            message: e.to_string(),
+            field: field.map(str::to_owned),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut error = json!({"code": self.code, "message": self.message});
+        if let Some(field) = self.field {
+            error["field"] = json!(field);
+        }
+        (self.status, Json(json!({ "error": error }))).into_response()
+    }
+}

@@ -1,0 +1,366 @@
+//! Route handlers. Each one: parse ids, lock, change the registry, apply to the
+//! running tunnel, answer.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use axum::extract::{Path, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+
+use super::body::JsonBody;
+use super::views::{ClientView, EgressView, RouterView, Statuses, TenantView};
+use super::{ApiError, AppState, Control};
+use crate::control::model::{ClientRequest, EgressRequest, RouterRequest, TenantRequest};
+use crate::control::registry::Put;
+use crate::control::{render, Id, Tenant};
+use crate::core::engine::ExplainVerdict;
+use crate::core::policy::Rule;
+
+type Shared = State<Arc<AppState>>;
+type ApiResult = Result<Response, ApiError>;
+
+fn tenant_id(text: &str) -> Result<Id, ApiError> {
+    Ok(Id::parse(text, "tenant_id")?)
+}
+
+fn status_of(put: Put) -> StatusCode {
+    match put {
+        Put::Created => StatusCode::CREATED,
+        Put::Updated => StatusCode::OK,
+    }
+}
+
+async fn statuses(control: &Control, id: &Id) -> Statuses {
+    match control.runtime.snapshot(id).await {
+        Ok((peers, _)) => peers.into_iter().map(|p| (p.public_key, p)).collect(),
+        Err(_) => Statuses::new(),
+    }
+}
+
+fn tenant_view(state: &AppState, control: &Control, t: &Tenant) -> TenantView {
+    TenantView::new(t, &state.public_host, control.runtime.local_addr(&t.id).is_some())
+}
+
+/// Creates the tenant (and binds its port) if needed.
+async fn ensure_tenant(control: &mut Control, id: &Id, req: &TenantRequest) -> Result<Put, ApiError> {
+    let put = control.registry.put_tenant(id, req, SystemTime::now())?;
+    if put == Put::Created {
+        let started = match control.registry.tenant(id) {
+            Ok(t) => control.runtime.start(t).await,
+            Err(e) => return Err(e.into()),
+        };
+        if let Err(e) = started {
+            // Roll back: a tenant whose port cannot be bound does not exist.
+            let _ = control.registry.delete_tenant(id);
+            return Err(e.into());
+        }
+    }
+    Ok(put)
+}
+
+async fn sync(control: &Control, id: &Id) -> Result<(), ApiError> {
+    let tenant = control.registry.tenant(id)?;
+    control.runtime.sync(tenant).await?;
+    Ok(())
+}
+
+// ---- health ----
+
+pub async fn healthz(State(state): Shared) -> Response {
+    let control = state.control.lock().await;
+    if control.runtime.healthy() {
+        (StatusCode::OK, "ok\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "a tunnel is down\n").into_response()
+    }
+}
+
+pub async fn not_found() -> ApiError {
+    ApiError::no_route()
+}
+
+pub async fn method_not_allowed() -> ApiError {
+    ApiError {
+        status: StatusCode::METHOD_NOT_ALLOWED,
+        code: "method_not_allowed",
+        message: "method not allowed on this path".into(),
+        field: None,
+    }
+}
+
+// ---- tenants ----
+
+pub async fn list_tenants(State(state): Shared) -> ApiResult {
+    let control = state.control.lock().await;
+    let list: Vec<TenantView> = control
+        .registry
+        .tenants()
+        .map(|t| tenant_view(&state, &control, t))
+        .collect();
+    Ok(Json(list).into_response())
+}
+
+pub async fn get_tenant(State(state): Shared, Path(t): Path<String>) -> ApiResult {
+    let id = tenant_id(&t)?;
+    let control = state.control.lock().await;
+    let tenant = control.registry.tenant(&id)?;
+    Ok(Json(tenant_view(&state, &control, tenant)).into_response())
+}
+
+pub async fn put_tenant(
+    State(state): Shared,
+    Path(t): Path<String>,
+    JsonBody(req): JsonBody<TenantRequest>,
+) -> ApiResult {
+    let id = tenant_id(&t)?;
+    let mut control = state.control.lock().await;
+    let put = ensure_tenant(&mut control, &id, &req).await?;
+    let tenant = control.registry.tenant(&id)?;
+    Ok((status_of(put), Json(tenant_view(&state, &control, tenant))).into_response())
+}
+
+pub async fn delete_tenant(State(state): Shared, Path(t): Path<String>) -> ApiResult {
+    let id = tenant_id(&t)?;
+    let mut control = state.control.lock().await;
+    control.registry.delete_tenant(&id)?;
+    control.runtime.stop(&id).await;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+// ---- routers ----
+
+pub async fn list_routers(State(state): Shared, Path(t): Path<String>) -> ApiResult {
+    let id = tenant_id(&t)?;
+    let control = state.control.lock().await;
+    let tenant = control.registry.tenant(&id)?;
+    let st = statuses(&control, &id).await;
+    let (now, wall) = (Instant::now(), SystemTime::now());
+    let list: Vec<RouterView> = tenant
+        .routers
+        .values()
+        .map(|r| RouterView::new(tenant, r, &st, now, wall))
+        .collect();
+    Ok(Json(list).into_response())
+}
+
+async fn router_answer(control: &Control, t: &Id, r: &Id, status: StatusCode) -> ApiResult {
+    let tenant = control.registry.tenant(t)?;
+    let router = tenant
+        .routers
+        .get(r)
+        .ok_or_else(|| crate::control::ControlError::NoRouter(r.to_string()))?;
+    let st = statuses(control, t).await;
+    let view = RouterView::new(tenant, router, &st, Instant::now(), SystemTime::now());
+    Ok((status, Json(view)).into_response())
+}
+
+pub async fn get_router(State(state): Shared, Path((t, r)): Path<(String, String)>) -> ApiResult {
+    let (t, r) = (tenant_id(&t)?, Id::parse(&r, "router_id")?);
+    let control = state.control.lock().await;
+    router_answer(&control, &t, &r, StatusCode::OK).await
+}
+
+pub async fn put_router(
+    State(state): Shared,
+    Path((t, r)): Path<(String, String)>,
+    JsonBody(req): JsonBody<RouterRequest>,
+) -> ApiResult {
+    let (t, r) = (tenant_id(&t)?, Id::parse(&r, "router_id")?);
+    let mut control = state.control.lock().await;
+    let created_tenant = ensure_tenant(&mut control, &t, &TenantRequest::default()).await?;
+    let put = match control.registry.put_router(&t, &r, &req) {
+        Ok(put) => put,
+        Err(e) => {
+            if created_tenant == Put::Created {
+                let _ = control.registry.delete_tenant(&t);
+                control.runtime.stop(&t).await;
+            }
+            return Err(e.into());
+        }
+    };
+    sync(&control, &t).await?;
+    router_answer(&control, &t, &r, status_of(put)).await
+}
+
+pub async fn delete_router(State(state): Shared, Path((t, r)): Path<(String, String)>) -> ApiResult {
+    let (t, r) = (tenant_id(&t)?, Id::parse(&r, "router_id")?);
+    let mut control = state.control.lock().await;
+    control.registry.delete_router(&t, &r)?;
+    sync(&control, &t).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+// ---- egress ----
+
+pub async fn get_egress(State(state): Shared, Path(t): Path<String>) -> ApiResult {
+    let id = tenant_id(&t)?;
+    let control = state.control.lock().await;
+    let tenant = control.registry.tenant(&id)?;
+    match &tenant.egress {
+        Some(e) => Ok(Json(EgressView::new(e)).into_response()),
+        None => Err(no_egress()),
+    }
+}
+
+fn no_egress() -> ApiError {
+    ApiError {
+        status: StatusCode::NOT_FOUND,
+        code: "egress_not_found",
+        message: "tenant has no egress policy".into(),
+        field: None,
+    }
+}
+
+pub async fn put_egress(
+    State(state): Shared,
+    Path(t): Path<String>,
+    JsonBody(req): JsonBody<EgressRequest>,
+) -> ApiResult {
+    let id = tenant_id(&t)?;
+    let mut control = state.control.lock().await;
+    let put = control.registry.put_egress(&id, &req)?;
+    sync(&control, &id).await?;
+    let tenant = control.registry.tenant(&id)?;
+    let view = tenant.egress.as_ref().map(EgressView::new);
+    Ok((status_of(put), Json(view)).into_response())
+}
+
+pub async fn delete_egress(State(state): Shared, Path(t): Path<String>) -> ApiResult {
+    let id = tenant_id(&t)?;
+    let mut control = state.control.lock().await;
+    match control.registry.delete_egress(&id) {
+        Err(crate::control::ControlError::NoEgress) => return Err(no_egress()),
+        other => other?,
+    }
+    sync(&control, &id).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+// ---- clients ----
+
+pub async fn list_clients(State(state): Shared, Path(t): Path<String>) -> ApiResult {
+    let id = tenant_id(&t)?;
+    let control = state.control.lock().await;
+    let tenant = control.registry.tenant(&id)?;
+    let st = statuses(&control, &id).await;
+    let (now, wall) = (Instant::now(), SystemTime::now());
+    let list: Vec<ClientView> = tenant
+        .clients
+        .values()
+        .map(|c| ClientView::new(c, &st, now, wall))
+        .collect();
+    Ok(Json(list).into_response())
+}
+
+fn find_client<'a>(
+    control: &'a Control,
+    t: &Id,
+    c: &Id,
+) -> Result<(&'a Tenant, &'a crate::control::Client), ApiError> {
+    let tenant = control.registry.tenant(t)?;
+    let client = tenant
+        .clients
+        .get(c)
+        .ok_or_else(|| crate::control::ControlError::NoClient(c.to_string()))?;
+    Ok((tenant, client))
+}
+
+pub async fn get_client(State(state): Shared, Path((t, c)): Path<(String, String)>) -> ApiResult {
+    let (t, c) = (tenant_id(&t)?, Id::parse(&c, "client_id")?);
+    let control = state.control.lock().await;
+    let (_, client) = find_client(&control, &t, &c)?;
+    let st = statuses(&control, &t).await;
+    Ok(Json(ClientView::new(client, &st, Instant::now(), SystemTime::now())).into_response())
+}
+
+pub async fn put_client(
+    State(state): Shared,
+    Path((t, c)): Path<(String, String)>,
+    JsonBody(req): JsonBody<ClientRequest>,
+) -> ApiResult {
+    let (t, c) = (tenant_id(&t)?, Id::parse(&c, "client_id")?);
+    let mut control = state.control.lock().await;
+    let put = control.registry.put_client(&t, &c, &req)?;
+    sync(&control, &t).await?;
+    let (tenant, client) = find_client(&control, &t, &c)?;
+    let st = statuses(&control, &t).await;
+    let mut view = ClientView::new(client, &st, Instant::now(), SystemTime::now());
+    view.config = Some(render::client_config(tenant, client, &state.public_host));
+    Ok((status_of(put), Json(view)).into_response())
+}
+
+pub async fn get_client_config(State(state): Shared, Path((t, c)): Path<(String, String)>) -> ApiResult {
+    let (t, c) = (tenant_id(&t)?, Id::parse(&c, "client_id")?);
+    let control = state.control.lock().await;
+    let (tenant, client) = find_client(&control, &t, &c)?;
+    let text = render::client_config(tenant, client, &state.public_host);
+    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
+}
+
+pub async fn delete_client(State(state): Shared, Path((t, c)): Path<(String, String)>) -> ApiResult {
+    let (t, c) = (tenant_id(&t)?, Id::parse(&c, "client_id")?);
+    let mut control = state.control.lock().await;
+    control.registry.delete_client(&t, &c)?;
+    sync(&control, &t).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+// ---- diagnostics ----
+
+#[derive(serde::Deserialize)]
+pub struct RouteQuery {
+    src: Option<String>,
+    dst: Option<String>,
+}
+
+fn query_ip(value: Option<&str>, field: &'static str) -> Result<IpAddr, ApiError> {
+    let text = value.ok_or_else(|| ApiError::bad_field(field, format!("{field} is required")))?;
+    text.parse()
+        .map_err(|_| ApiError::bad_field(field, format!("{text:?} is not an IP address")))
+}
+
+pub async fn explain_route(
+    State(state): Shared,
+    Path(t): Path<String>,
+    Query(q): Query<RouteQuery>,
+) -> ApiResult {
+    let id = tenant_id(&t)?;
+    let src = query_ip(q.src.as_deref(), "src")?;
+    let dst = query_ip(q.dst.as_deref(), "dst")?;
+    let control = state.control.lock().await;
+    let tenant = control.registry.tenant(&id)?;
+    let e = control.runtime.explain(&id, src, dst).await?;
+    let name = |key: &[u8; 32]| {
+        if let Some(r) = tenant.routers.values().find(|r| r.public_key.as_bytes() == key) {
+            json!({"kind": "router", "id": r.id.as_str()})
+        } else if let Some(c) = tenant.clients.values().find(|c| c.public_key.as_bytes() == key) {
+            json!({"kind": "client", "id": c.id.as_str()})
+        } else {
+            json!(null)
+        }
+    };
+    let mut answer = match e.verdict {
+        ExplainVerdict::Forward { peer, rule } => json!({
+            "verdict": "forward",
+            "to": name(&peer),
+            "rule": match rule {
+                Rule::Egress { pool } => format!("egress {pool}"),
+                Rule::Prefix { prefix } => format!("route {prefix}"),
+            },
+        }),
+        ExplainVerdict::Local => json!({
+            "verdict": "local",
+            "to": {"kind": "server", "id": tenant.server_ip().to_string()},
+            "rule": format!("local {}", tenant.server_ip()),
+        }),
+        ExplainVerdict::Drop(reason) => json!({"verdict": "drop", "reason": reason.as_str()}),
+    };
+    if let Some(from) = e.from {
+        answer["from"] = name(&from);
+    }
+    Ok(Json(answer).into_response())
+}

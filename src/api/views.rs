@@ -1,0 +1,164 @@
+//! JSON answers: what the API shows of control objects, joined with live status.
+//! Private keys never appear here; only a device's own config text carries its key.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant, SystemTime};
+
+use ipnet::{IpNet, Ipv4Net};
+use serde::Serialize;
+
+use crate::control::render;
+use crate::control::{Client, EgressPolicy, Router, Tenant};
+use crate::core::engine::PeerStatus;
+use crate::keys;
+
+/// A handshake older than this makes a peer `stale` (WireGuard's REJECT_AFTER_TIME).
+const CONNECTED_WITHIN: Duration = Duration::from_secs(180);
+
+/// RFC 3339 UTC, seconds precision.
+pub fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+#[derive(Serialize)]
+pub struct TenantView {
+    pub tenant_id: String,
+    pub interface_name: String,
+    pub server_public_key: String,
+    pub server_ip: String,
+    pub subnet_cidr: String,
+    pub listen_port: u16,
+    pub endpoint: String,
+    pub status: &'static str,
+    pub created_at: String,
+    pub routers: usize,
+    pub clients: usize,
+}
+
+impl TenantView {
+    pub fn new(t: &Tenant, public_host: &str, running: bool) -> Self {
+        Self {
+            tenant_id: t.id.to_string(),
+            interface_name: t.interface_name.clone(),
+            server_public_key: keys::encode(t.public_key.as_bytes()),
+            server_ip: t.server_ip().to_string(),
+            subnet_cidr: t.subnet.to_string(),
+            listen_port: t.listen_port,
+            endpoint: render::endpoint(public_host, t.listen_port),
+            status: if running { "active" } else { "down" },
+            created_at: rfc3339(t.created_at),
+            routers: t.routers.len(),
+            clients: t.clients.len(),
+        }
+    }
+}
+
+/// Live status of a peer, converted to wall-clock time.
+#[derive(Serialize, Default)]
+pub struct LiveView {
+    pub status: &'static str,
+    pub last_handshake_at: Option<String>,
+    pub endpoint: Option<String>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+}
+
+impl LiveView {
+    pub fn new(status: Option<&PeerStatus>, now: Instant, wall: SystemTime) -> Self {
+        let Some(s) = status else {
+            return Self {
+                status: "pending",
+                ..Default::default()
+            };
+        };
+        let age = s.last_handshake.map(|t| now.saturating_duration_since(t));
+        Self {
+            status: match age {
+                None => "pending",
+                Some(a) if a < CONNECTED_WITHIN => "connected",
+                Some(_) => "stale",
+            },
+            last_handshake_at: age.map(|a| rfc3339(wall - a)),
+            endpoint: s.endpoint.map(|e| e.to_string()),
+            rx_bytes: s.stats.rx_bytes,
+            tx_bytes: s.stats.tx_bytes,
+        }
+    }
+}
+
+/// Live statuses of one tunnel by public key.
+pub type Statuses = HashMap<[u8; 32], PeerStatus>;
+
+#[derive(Serialize)]
+pub struct RouterView {
+    pub router_id: String,
+    pub name: String,
+    pub vpn_ip: String,
+    pub public_key: String,
+    pub allowed_ips: Vec<String>,
+    pub gateway: bool,
+    #[serde(flatten)]
+    pub live: LiveView,
+}
+
+impl RouterView {
+    pub fn new(t: &Tenant, r: &Router, statuses: &Statuses, now: Instant, wall: SystemTime) -> Self {
+        let allowed_ips = std::iter::once(IpNet::V4(Ipv4Net::from(r.vpn_ip)))
+            .chain(r.extra_prefixes.iter().copied())
+            .map(|n| n.to_string())
+            .collect();
+        Self {
+            router_id: r.id.to_string(),
+            name: r.name.clone(),
+            vpn_ip: r.vpn_ip.to_string(),
+            public_key: keys::encode(r.public_key.as_bytes()),
+            allowed_ips,
+            gateway: t.egress.as_ref().is_some_and(|e| e.gateways.contains(&r.id)),
+            live: LiveView::new(statuses.get(r.public_key.as_bytes()), now, wall),
+        }
+    }
+}
+
+#[derive(Serialize)]
+pub struct ClientView {
+    pub client_id: String,
+    pub name: String,
+    pub vpn_ip: String,
+    pub public_key: String,
+    pub allowed_ips: Vec<String>,
+    pub dns: Vec<String>,
+    #[serde(flatten)]
+    pub live: LiveView,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub config: Option<String>,
+}
+
+impl ClientView {
+    pub fn new(c: &Client, statuses: &Statuses, now: Instant, wall: SystemTime) -> Self {
+        Self {
+            client_id: c.id.to_string(),
+            name: c.name.clone(),
+            vpn_ip: c.vpn_ip.to_string(),
+            public_key: keys::encode(c.public_key.as_bytes()),
+            allowed_ips: vec![format!("{}/32", c.vpn_ip)],
+            dns: c.dns.iter().map(ToString::to_string).collect(),
+            live: LiveView::new(statuses.get(c.public_key.as_bytes()), now, wall),
+            config: None,
+        }
+    }
+}
+
+#[derive(Serialize)]
+pub struct EgressView {
+    pub pool: String,
+    pub gateways: Vec<String>,
+}
+
+impl EgressView {
+    pub fn new(e: &EgressPolicy) -> Self {
+        Self {
+            pool: e.pool.to_string(),
+            gateways: e.gateways.iter().map(ToString::to_string).collect(),
+        }
+    }
+}

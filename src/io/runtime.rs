@@ -1,0 +1,165 @@
+//! Starts, stops and queries the tunnel tasks on behalf of the control plane.
+//!
+//! The runtime binds each tunnel's socket before the tunnel is reported as created,
+//! so a port that cannot be bound is an error at the API, not a silent dead tunnel.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use tokio::net::UdpSocket;
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use super::tunnel::{self, Command, TaggedEvent};
+use crate::control::{Id, Tenant};
+use crate::core::engine::{EgressConfig, EngineError, Explanation, PeerStatus, TunnelEngine, TunnelStats};
+
+/// Events from every tunnel.
+pub type TunnelEvent = TaggedEvent;
+
+/// Why the runtime could not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// The tunnel's UDP port could not be bound.
+    #[error("cannot bind UDP {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    /// The tunnel task is gone.
+    #[error("tunnel task of {0} is not running")]
+    TaskGone(String),
+    /// The engine refused the peer set.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}
+
+struct Handle {
+    commands: mpsc::Sender<Command>,
+    task: JoinHandle<()>,
+    local_addr: SocketAddr,
+}
+
+/// The running tunnels.
+pub struct Runtime {
+    bind: IpAddr,
+    keepalive: Option<u16>,
+    tunnels: HashMap<Id, Handle>,
+    events: broadcast::Sender<TunnelEvent>,
+}
+
+impl Runtime {
+    /// A runtime whose tunnels bind on `bind`.
+    pub fn new(bind: IpAddr, keepalive: Option<u16>) -> Self {
+        let (events, _) = broadcast::channel(1024);
+        Self {
+            bind,
+            keepalive,
+            tunnels: HashMap::new(),
+            events,
+        }
+    }
+
+    /// Subscribes to peer events of every tunnel.
+    pub fn subscribe(&self) -> broadcast::Receiver<TunnelEvent> {
+        self.events.subscribe()
+    }
+
+    /// The address a tunnel's socket is bound to.
+    pub fn local_addr(&self, id: &Id) -> Option<SocketAddr> {
+        self.tunnels.get(id).map(|h| h.local_addr)
+    }
+
+    /// True when every tunnel's task is running.
+    pub fn healthy(&self) -> bool {
+        self.tunnels.values().all(|h| !h.task.is_finished())
+    }
+
+    /// Binds the tunnel's socket and starts its task with the tenant's peers.
+    pub async fn start(&mut self, tenant: &Tenant) -> Result<(), RuntimeError> {
+        if self.tunnels.contains_key(&tenant.id) {
+            return self.sync(tenant).await;
+        }
+        let addr = SocketAddr::new(self.bind, tenant.listen_port);
+        let socket = UdpSocket::bind(addr)
+            .await
+            .map_err(|source| RuntimeError::Bind { addr, source })?;
+        let local_addr = socket.local_addr().unwrap_or(addr);
+        let engine = TunnelEngine::new(
+            tenant.secret.secret().clone(),
+            vec![IpAddr::V4(tenant.server_ip())],
+        );
+        let (commands, rx) = mpsc::channel(64);
+        let task = tokio::spawn(tunnel::run(
+            engine,
+            socket,
+            rx,
+            self.events.clone(),
+            Arc::from(tenant.id.as_str()),
+        ));
+        self.tunnels.insert(
+            tenant.id.clone(),
+            Handle {
+                commands,
+                task,
+                local_addr,
+            },
+        );
+        tracing::info!(tenant = %tenant.id, interface = %tenant.interface_name, %local_addr, "tunnel up");
+        self.sync(tenant).await
+    }
+
+    /// Stops a tunnel and closes its port.
+    pub async fn stop(&mut self, id: &Id) {
+        if let Some(h) = self.tunnels.remove(id) {
+            drop(h.commands);
+            // The task ends when it sees the closed channel; abort covers a busy socket.
+            h.task.abort();
+            let _ = h.task.await;
+            tracing::info!(tenant = %id, "tunnel down");
+        }
+    }
+
+    /// Pushes the tenant's current peers and egress policy to its task.
+    pub async fn sync(&self, tenant: &Tenant) -> Result<(), RuntimeError> {
+        let peers = tenant.peer_configs(self.keepalive);
+        let egress = tenant
+            .egress
+            .iter()
+            .map(|e| EgressConfig {
+                pool: ipnet::IpNet::V4(e.pool),
+                gateways: e
+                    .gateways
+                    .iter()
+                    .filter_map(|g| tenant.routers.get(g))
+                    .map(|r| *r.public_key.as_bytes())
+                    .collect(),
+            })
+            .collect();
+        let (reply, rx) = oneshot::channel();
+        self.ask(&tenant.id, Command::Sync { peers, egress, reply }, rx)
+            .await?
+            .map(|_| ())
+            .map_err(RuntimeError::from)
+    }
+
+    /// What the tunnel would do with a packet from `src` to `dst`.
+    pub async fn explain(&self, id: &Id, src: IpAddr, dst: IpAddr) -> Result<Explanation, RuntimeError> {
+        let (reply, rx) = oneshot::channel();
+        self.ask(id, Command::Explain { src, dst, reply }, rx).await
+    }
+
+    /// Peer statuses and counters of one tunnel.
+    pub async fn snapshot(&self, id: &Id) -> Result<(Vec<PeerStatus>, TunnelStats), RuntimeError> {
+        let (reply, rx) = oneshot::channel();
+        self.ask(id, Command::Snapshot { reply }, rx).await
+    }
+
+    async fn ask<T>(&self, id: &Id, command: Command, rx: oneshot::Receiver<T>) -> Result<T, RuntimeError> {
+        let gone = || RuntimeError::TaskGone(id.to_string());
+        let handle = self.tunnels.get(id).ok_or_else(gone)?;
+        handle.commands.send(command).await.map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())
+    }
+}

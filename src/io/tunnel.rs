@@ -1,0 +1,137 @@
+//! One tenant tunnel's task: its UDP socket, its [`TunnelEngine`] and its timer.
+//!
+//! The task is the only owner of the engine, so the packet path takes no lock. The
+//! control plane talks to it through a command channel; events leave through a
+//! broadcast channel. Sends that would block are dropped (UDP semantics) and counted.
+
+use std::io::ErrorKind;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::UdpSocket;
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use crate::core::engine::{EgressConfig, Event, Explanation, PeerStatus, Sink, TunnelEngine, TunnelStats};
+use crate::core::peer::PeerConfig;
+
+/// How often peer timers run: boringtun expects about every 250 ms.
+const TIMER_PERIOD: Duration = Duration::from_millis(250);
+
+/// Datagrams handled per wake-up before the task yields to commands and timers, so
+/// a flood on one socket cannot starve the control plane (64 x 1.5 KB = 96 KB, about
+/// one socket buffer's worth).
+const RECV_BATCH: usize = 64;
+
+/// Largest UDP payload.
+const MAX_DATAGRAM: usize = 65_535;
+
+/// What the control plane asks of a tunnel task.
+pub enum Command {
+    /// Make the peer set exactly this; reply with freed receiver indices.
+    Sync {
+        peers: Vec<(PeerConfig, u32)>,
+        egress: Vec<EgressConfig>,
+        reply: oneshot::Sender<Result<Vec<u32>, crate::core::engine::EngineError>>,
+    },
+    /// Explain what would happen to a packet.
+    Explain {
+        src: IpAddr,
+        dst: IpAddr,
+        reply: oneshot::Sender<Explanation>,
+    },
+    /// Peer statuses and tunnel counters.
+    Snapshot {
+        reply: oneshot::Sender<(Vec<PeerStatus>, TunnelStats)>,
+    },
+}
+
+/// An engine event tagged with its tenant.
+#[derive(Debug, Clone)]
+pub struct TaggedEvent {
+    pub tenant: Arc<str>,
+    pub event: Event,
+}
+
+struct UdpSink<'a> {
+    socket: &'a UdpSocket,
+    send_failures: &'a mut u64,
+}
+
+impl Sink for UdpSink<'_> {
+    #[inline]
+    fn send(&mut self, to: SocketAddr, datagram: &[u8]) {
+        if self.socket.try_send_to(datagram, to).is_err() {
+            *self.send_failures += 1;
+        }
+    }
+
+    fn local(&mut self, _packet: &[u8]) -> bool {
+        // Neither a host device nor the userspace stack is attached yet.
+        false
+    }
+}
+
+/// Runs a tunnel until its command channel closes.
+pub async fn run(
+    mut engine: TunnelEngine,
+    socket: UdpSocket,
+    mut commands: mpsc::Receiver<Command>,
+    events: broadcast::Sender<TaggedEvent>,
+    tenant: Arc<str>,
+) {
+    let mut buf = vec![0u8; MAX_DATAGRAM].into_boxed_slice();
+    let mut timer = tokio::time::interval(TIMER_PERIOD);
+    timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut send_failures = 0u64;
+    loop {
+        tokio::select! {
+            biased;
+            command = commands.recv() => {
+                let Some(command) = command else { break };
+                match command {
+                    Command::Sync { peers, egress, reply } => {
+                        let result = engine.sync_peers(peers);
+                        engine.set_egress(egress);
+                        let _ = reply.send(result);
+                    }
+                    Command::Explain { src, dst, reply } => {
+                        let _ = reply.send(engine.explain(src, dst, Instant::now()));
+                    }
+                    Command::Snapshot { reply } => {
+                        let now = Instant::now();
+                        let _ = reply.send((engine.peer_statuses(now), engine.stats().clone()));
+                    }
+                }
+            }
+            _ = timer.tick() => {
+                let mut sink = UdpSink { socket: &socket, send_failures: &mut send_failures };
+                engine.handle_timers(Instant::now(), &mut sink);
+            }
+            readable = socket.readable() => {
+                if let Err(e) = readable {
+                    tracing::error!(tenant = %tenant, error = %e, "tunnel socket failed");
+                    break;
+                }
+                let now = Instant::now();
+                let mut sink = UdpSink { socket: &socket, send_failures: &mut send_failures };
+                for _ in 0..RECV_BATCH {
+                    match socket.try_recv_from(&mut buf) {
+                        Ok((len, from)) => engine.handle_datagram(from, &buf[..len], now, &mut sink),
+                        Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                        // ICMP errors from earlier sends surface here on Linux; skip them.
+                        Err(_) => continue,
+                    }
+                }
+            }
+        }
+        while let Some(event) = engine.poll_event() {
+            // No subscriber is fine: events are for whoever listens.
+            let _ = events.send(TaggedEvent {
+                tenant: Arc::clone(&tenant),
+                event,
+            });
+        }
+    }
+    tracing::debug!(tenant = %tenant, "tunnel task stopped");
+}

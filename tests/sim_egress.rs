@@ -1,0 +1,110 @@
+//! KTN egress: phone traffic leaves only through the tenant's live gateway, return
+//! traffic reaches the right phone, and with no live gateway nothing goes anywhere.
+
+mod sim;
+
+use std::time::Duration;
+
+use sim::{addrs, ip, Sim};
+use wgplane::core::peer::PeerKind;
+use wgplane::core::policy::DropReason;
+
+struct Ktn {
+    sim: Sim,
+    gateway: usize,
+    backup: usize,
+    router: usize,
+    phone1: usize,
+    phone2: usize,
+}
+
+/// The seed topology: tenant 10.100.0.0/16, gateway 10.100.0.40, pool 10.200.0.0/24.
+fn ktn() -> Ktn {
+    let mut sim = Sim::new();
+    let t = sim.tunnel(51820, "10.100.0.1");
+    let gateway = sim.peer("mikrotik-1", t, PeerKind::Router, &["10.100.0.40/32"]);
+    let backup = sim.peer("mikrotik-2", t, PeerKind::Router, &["10.100.0.41/32"]);
+    let router = sim.peer("branch", t, PeerKind::Router, &["10.100.1.1/32"]);
+    let phone1 = sim.peer("phone-1", t, PeerKind::Client, &["10.200.0.2/32"]);
+    let phone2 = sim.peer("phone-2", t, PeerKind::Client, &["10.200.0.3/32"]);
+    sim.set_egress(t, "10.200.0.0/24", &[gateway, backup]);
+    for p in [gateway, backup, router, phone1, phone2] {
+        sim.connect(p);
+    }
+    Ktn {
+        sim,
+        gateway,
+        backup,
+        router,
+        phone1,
+        phone2,
+    }
+}
+
+#[test]
+fn phone_to_internet_goes_through_the_gateway_and_back() {
+    let mut k = ktn();
+    k.sim.send_ip(k.phone1, "10.200.0.2", "198.18.0.1");
+    let at_gateway = k.sim.take_inbox(k.gateway);
+    assert_eq!(at_gateway.len(), 1);
+    assert_eq!(addrs(&at_gateway[0]), (ip("10.200.0.2"), ip("198.18.0.1")));
+
+    // The gateway answers (it masquerades on its WAN; towards the pool it keeps the
+    // internet address as source).
+    k.sim.send_ip(k.gateway, "198.18.0.1", "10.200.0.2");
+    let at_phone = k.sim.take_inbox(k.phone1);
+    assert_eq!(at_phone.len(), 1);
+    assert_eq!(addrs(&at_phone[0]), (ip("198.18.0.1"), ip("10.200.0.2")));
+    assert!(k.sim.take_inbox(k.phone2).is_empty());
+    assert_eq!(k.sim.tunnels[0].engine.stats().egress_hits, 1);
+}
+
+#[test]
+fn every_destination_of_a_phone_goes_to_the_gateway() {
+    let mut k = ktn();
+    // Another phone, a router, the server address itself: all through the gateway.
+    for dst in ["10.200.0.3", "10.100.1.1", "10.100.0.1", "10.100.0.40"] {
+        k.sim.send_ip(k.phone1, "10.200.0.2", dst);
+    }
+    assert_eq!(k.sim.take_inbox(k.gateway).len(), 4);
+    assert!(k.sim.take_inbox(k.phone2).is_empty());
+    assert!(k.sim.take_inbox(k.router).is_empty());
+    assert!(k.sim.tunnels[0].local.is_empty(), "a phone never reaches the appliance");
+    // The gateway hairpins phone-to-phone traffic back; it reaches phone 2.
+    k.sim.send_ip(k.gateway, "10.200.0.2", "10.200.0.3");
+    assert_eq!(k.sim.take_inbox(k.phone2).len(), 1);
+}
+
+#[test]
+fn failover_to_the_secondary_gateway() {
+    let mut k = ktn();
+    // Only the backup stays alive: the primary goes silent past the liveness timeout.
+    k.sim.peers[k.gateway].up = false;
+    k.sim.advance(Duration::from_secs(61));
+    k.sim.send_ip(k.backup, "10.100.0.41", "10.100.0.1"); // the backup's keepalive-ish traffic
+    k.sim.send_ip(k.phone1, "10.200.0.2", "198.18.0.1");
+    assert!(k.sim.take_inbox(k.gateway).is_empty());
+    assert_eq!(k.sim.take_inbox(k.backup).len(), 1);
+}
+
+#[test]
+fn no_live_gateway_means_drop_and_count_never_leak() {
+    let mut k = ktn();
+    k.sim.peers[k.gateway].up = false;
+    k.sim.peers[k.backup].up = false;
+    k.sim.advance(Duration::from_secs(61));
+    let before = k.sim.sent_by_engines.len();
+    let delivered_before = k.sim.delivered();
+    for dst in ["198.18.0.1", "10.100.1.1", "10.200.0.3", "10.100.0.1"] {
+        k.sim.send_ip(k.phone1, "10.200.0.2", dst);
+    }
+    let stats = k.sim.tunnels[0].engine.stats();
+    assert_eq!(stats.dropped(DropReason::EgressDown), 4);
+    assert_eq!(k.sim.delivered(), delivered_before, "no peer received anything");
+    assert!(k.sim.tunnels[0].local.is_empty());
+    // The only datagrams sent are handshake initiations to the primary gateway.
+    let gateway_addr = k.sim.peers[k.gateway].addr;
+    for (to, len) in &k.sim.sent_by_engines[before..] {
+        assert_eq!((*to, *len), (gateway_addr, 148), "only a handshake to the gateway");
+    }
+}

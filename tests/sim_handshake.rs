@@ -1,0 +1,81 @@
+//! Handshakes on two tenants' tunnels: each engine answers its own peers, matches
+//! initiations to its own key, and ignores peers that belong to another tunnel.
+
+mod sim;
+
+use sim::Sim;
+use wgplane::core::engine::Event;
+use wgplane::core::peer::PeerKind;
+use wgplane::core::policy::DropReason;
+
+#[test]
+fn peers_of_two_tenants_complete_handshakes_on_their_own_ports() {
+    let mut sim = Sim::new();
+    let a = sim.tunnel(51820, "10.100.0.1");
+    let b = sim.tunnel(51821, "10.101.0.1");
+    let ra = sim.peer("router-a", a, PeerKind::Router, &["10.100.1.1/32"]);
+    let rb = sim.peer("router-b", b, PeerKind::Router, &["10.101.1.1/32"]);
+
+    sim.connect(ra);
+    sim.connect(rb);
+
+    for (t, p) in [(a, ra), (b, rb)] {
+        let stats = sim.tunnels[t].engine.stats().clone();
+        assert_eq!(stats.handshakes, 1, "tunnel {t}");
+        let key = sim.public_key(p);
+        assert_eq!(
+            sim.tunnels[t].engine.poll_event(),
+            Some(Event::Connected {
+                peer: key,
+                endpoint: Some(sim.peers[p].addr)
+            })
+        );
+        let status = sim.tunnels[t].engine.peer_statuses(sim.now);
+        assert!(status[0].live && status[0].last_handshake.is_some());
+    }
+}
+
+#[test]
+fn a_peer_of_one_tenant_cannot_handshake_with_another() {
+    let mut sim = Sim::new();
+    let a = sim.tunnel(51820, "10.100.0.1");
+    let b = sim.tunnel(51821, "10.101.0.1");
+    let ra = sim.peer("router-a", a, PeerKind::Router, &["10.100.1.1/32"]);
+    // The same key dials tunnel B, where it is not a peer.
+    let secret = sim.peers[ra].secret.clone();
+    let intruder = sim.unregistered_peer("router-a-at-b", b, secret);
+    sim.connect(intruder);
+    let stats = sim.tunnels[b].engine.stats();
+    assert_eq!(stats.handshakes, 0);
+    assert_eq!(stats.dropped(DropReason::UnknownPeer), 1);
+    assert_eq!(stats.tx_datagrams, 0, "tunnel B must not answer a stranger");
+}
+
+#[test]
+fn data_after_handshake_flows_and_roaming_follows_the_peer() {
+    let mut sim = Sim::new();
+    let a = sim.tunnel(51820, "10.100.0.1");
+    let r1 = sim.peer("r1", a, PeerKind::Router, &["10.100.1.1/32"]);
+    let r2 = sim.peer("r2", a, PeerKind::Router, &["10.100.1.2/32"]);
+    sim.connect(r1);
+    sim.connect(r2);
+    while sim.tunnels[a].engine.poll_event().is_some() {}
+
+    // r1 moves to a new underlay address; its next authenticated packet updates the endpoint.
+    let old = sim.peers[r1].addr;
+    let new = "203.0.113.99:50000".parse().unwrap();
+    sim.peers[r1].addr = new;
+    sim.send_ip(r1, "10.100.1.1", "10.100.1.2");
+    assert_eq!(sim.take_inbox(r2).len(), 1);
+    assert_eq!(
+        sim.tunnels[a].engine.poll_event(),
+        Some(Event::Roamed {
+            peer: sim.public_key(r1),
+            endpoint: new
+        })
+    );
+    assert_ne!(old, new);
+    // Replies now go to the new address.
+    sim.send_ip(r2, "10.100.1.2", "10.100.1.1");
+    assert_eq!(sim.take_inbox(r1).len(), 1);
+}

@@ -36,7 +36,7 @@ pub enum ConfigError {
 }
 
 /// The whole configuration, as the file spells it. Every field has a default.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Settings {
     /// Admin API.
@@ -116,16 +116,6 @@ impl Default for TunnelSettings {
     }
 }
 
-impl Default for Settings {
-    fn default() -> Self {
-        Self {
-            api: ApiSettings::default(),
-            state: StateSettings::default(),
-            tunnels: TunnelSettings::default(),
-        }
-    }
-}
-
 impl Settings {
     /// Reads and validates a config file.
     pub fn load(file: &Path) -> Result<Self, ConfigError> {
@@ -167,7 +157,11 @@ impl Settings {
         if t.supernet.network() != t.supernet.addr() {
             return Err(invalid(
                 "tunnels.supernet",
-                format!("{} has host bits set; did you mean {}?", t.supernet, t.supernet.trunc()),
+                format!(
+                    "{} has host bits set; did you mean {}?",
+                    t.supernet,
+                    t.supernet.trunc()
+                ),
             ));
         }
         if !t.supernet.contains(&t.subnet_start) {
@@ -221,9 +215,12 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("c.toml: key `tunnels.subnet_prefix_len`"), "{e}");
-        let e = Settings::parse("[tunnels]\nsupernet = \"10.1.2.3/8\"\n", Path::new("d.toml"))
-            .unwrap_err()
-            .to_string();
+        let e = Settings::parse(
+            "[tunnels]\nsupernet = \"10.1.2.3/8\"\n",
+            Path::new("d.toml"),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("tunnels.supernet"), "{e}");
     }
 }

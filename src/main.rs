@@ -17,7 +17,10 @@ use wgplane::io::Runtime;
 use wgplane::keys::{self, SecretKey};
 
 #[derive(Parser)]
-#[command(version, about = "Userspace WireGuard data plane for many tenant tunnels")]
+#[command(
+    version,
+    about = "Userspace WireGuard data plane for many tenant tunnels"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -89,6 +92,7 @@ fn main() -> Result<()> {
                         .unwrap_or_else(|_| "info".into()),
                 )
                 .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .init();
             let settings = settings(&args)?;
             tokio::runtime::Builder::new_multi_thread()
@@ -144,7 +148,9 @@ fn load_or_create_token(path: &Path) -> Result<String> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
     }
-    let token = SecretKey::generate().to_base64().replace(['+', '/', '='], "");
+    let token = SecretKey::generate()
+        .to_base64()
+        .replace(['+', '/', '='], "");
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
@@ -202,10 +208,11 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => return ctrl_c.await.unwrap_or(()),
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return ctrl_c.await.unwrap_or(()),
+            };
         tokio::select! {
             _ = ctrl_c => {},
             _ = term.recv() => {},

@@ -14,7 +14,9 @@
 //! Then the gateway goes down and the phone must get nowhere.
 //!
 //! Needs root, `ip netns`, wireguard-go, wg, iptables, curl and python3: without
-//! them it prints `SKIP` and passes, except under `CI`, where it fails.
+//! them it prints `SKIP` and passes, except under `CI`, where it fails. On a
+//! failure it prints diagnostics (logs, `wg show`, routes, API state), and with
+//! `WGPLANE_INTEROP_DIAG=1` on success too.
 
 mod common;
 
@@ -229,7 +231,7 @@ impl Lab {
                 "--api-listen",
                 &api,
             ],
-            &[],
+            &[("NO_COLOR", "1")],
             &self.dir().join("wgplane.log"),
         );
         self.wgplane = Some(proc);
@@ -555,7 +557,8 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        if std::thread::panicking() {
+        // WGPLANE_INTEROP_DIAG=1 shows them on success too.
+        if std::thread::panicking() || std::env::var_os("WGPLANE_INTEROP_DIAG").is_some() {
             self.dump_diagnostics();
         }
     }

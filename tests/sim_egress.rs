@@ -69,7 +69,10 @@ fn every_destination_of_a_phone_goes_to_the_gateway() {
     assert_eq!(k.sim.take_inbox(k.gateway).len(), 4);
     assert!(k.sim.take_inbox(k.phone2).is_empty());
     assert!(k.sim.take_inbox(k.router).is_empty());
-    assert!(k.sim.tunnels[0].local.is_empty(), "a phone never reaches the appliance");
+    assert!(
+        k.sim.tunnels[0].local.is_empty(),
+        "a phone never reaches the appliance"
+    );
     // The gateway hairpins phone-to-phone traffic back; it reaches phone 2.
     k.sim.send_ip(k.gateway, "10.200.0.2", "10.200.0.3");
     assert_eq!(k.sim.take_inbox(k.phone2).len(), 1);
@@ -100,11 +103,19 @@ fn no_live_gateway_means_drop_and_count_never_leak() {
     }
     let stats = k.sim.tunnels[0].engine.stats();
     assert_eq!(stats.dropped(DropReason::EgressDown), 4);
-    assert_eq!(k.sim.delivered(), delivered_before, "no peer received anything");
+    assert_eq!(
+        k.sim.delivered(),
+        delivered_before,
+        "no peer received anything"
+    );
     assert!(k.sim.tunnels[0].local.is_empty());
     // The only datagrams sent are handshake initiations to the primary gateway.
     let gateway_addr = k.sim.peers[k.gateway].addr;
     for (to, len) in &k.sim.sent_by_engines[before..] {
-        assert_eq!((*to, *len), (gateway_addr, 148), "only a handshake to the gateway");
+        assert_eq!(
+            (*to, *len),
+            (gateway_addr, 148),
+            "only a handshake to the gateway"
+        );
     }
 }

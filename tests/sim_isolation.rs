@@ -10,8 +10,18 @@ use wgplane::core::policy::DropReason;
 fn routers_of_a_tenant_reach_each_other_and_the_subnets_behind_them() {
     let mut sim = Sim::new();
     let t = sim.tunnel(51820, "10.100.0.1");
-    let r1 = sim.peer("r1", t, PeerKind::Router, &["10.100.1.1/32", "192.168.88.0/24", "fd00:100::1/128"]);
-    let r2 = sim.peer("r2", t, PeerKind::Router, &["10.100.1.2/32", "fd00:100::2/128"]);
+    let r1 = sim.peer(
+        "r1",
+        t,
+        PeerKind::Router,
+        &["10.100.1.1/32", "192.168.88.0/24", "fd00:100::1/128"],
+    );
+    let r2 = sim.peer(
+        "r2",
+        t,
+        PeerKind::Router,
+        &["10.100.1.2/32", "fd00:100::2/128"],
+    );
     sim.connect(r1);
     sim.connect(r2);
 
@@ -30,7 +40,10 @@ fn routers_of_a_tenant_reach_each_other_and_the_subnets_behind_them() {
     assert_eq!(addrs(&at_r1[0]), (ip("fd00:100::2"), ip("fd00:100::1")));
     // Never back to the sender.
     sim.send_ip(r2, "fd00:100::2", "fd00:100::2");
-    assert_eq!(sim.tunnels[t].engine.stats().dropped(DropReason::LoopBack), 1);
+    assert_eq!(
+        sim.tunnels[t].engine.stats().dropped(DropReason::LoopBack),
+        1
+    );
 
     // The server address is local.
     sim.send_ip(r1, "10.100.1.1", "10.100.0.1");
@@ -43,7 +56,12 @@ fn a_router_of_tenant_a_never_reaches_tenant_b() {
     let a = sim.tunnel(51820, "10.100.0.1");
     let b = sim.tunnel(51821, "10.101.0.1");
     let ra = sim.peer("ra", a, PeerKind::Router, &["10.100.1.1/32"]);
-    let rb = sim.peer("rb", b, PeerKind::Router, &["10.101.1.1/32", "192.168.88.0/24"]);
+    let rb = sim.peer(
+        "rb",
+        b,
+        PeerKind::Router,
+        &["10.101.1.1/32", "192.168.88.0/24"],
+    );
     sim.connect(ra);
     sim.connect(rb);
 
@@ -53,8 +71,15 @@ fn a_router_of_tenant_a_never_reaches_tenant_b() {
     }
     assert!(sim.take_inbox(rb).is_empty());
     assert!(sim.tunnels[b].local.is_empty());
-    assert_eq!(sim.tunnels[b].engine.stats().rx_datagrams, 2, "B saw only rb's handshake");
-    assert_eq!(sim.tunnels[a].engine.stats().dropped(DropReason::NoRoute), 3);
+    assert_eq!(
+        sim.tunnels[b].engine.stats().rx_datagrams,
+        2,
+        "B saw only rb's handshake"
+    );
+    assert_eq!(
+        sim.tunnels[a].engine.stats().dropped(DropReason::NoRoute),
+        3
+    );
 
     // Replaying A's encrypted datagrams at B's port does not help either.
     let mut buf = vec![0u8; 256];
@@ -66,5 +91,11 @@ fn a_router_of_tenant_a_never_reaches_tenant_b() {
     let from = sim.peers[ra].addr;
     sim.inject(from, b, &datagram);
     assert!(sim.take_inbox(rb).is_empty());
-    assert_eq!(sim.tunnels[b].engine.stats().dropped(DropReason::UnknownIndex), 1);
+    assert_eq!(
+        sim.tunnels[b]
+            .engine
+            .stats()
+            .dropped(DropReason::UnknownIndex),
+        1
+    );
 }

@@ -27,7 +27,14 @@ fn malformed_datagrams_are_counted() {
     let mut data = vec![0u8; 64];
     data[0] = 4;
     data[4..8].copy_from_slice(&0x00ab_cdefu32.to_le_bytes());
-    for d in [&b""[..], b"x", &[1, 0, 0, 0, 9], &[9u8; 200], &handshake, &data] {
+    for d in [
+        &b""[..],
+        b"x",
+        &[1, 0, 0, 0, 9],
+        &[9u8; 200],
+        &handshake,
+        &data,
+    ] {
         sim.inject(from, 0, d);
     }
     let s = sim.tunnels[0].engine.stats();

@@ -62,9 +62,18 @@ mod tests {
 
     #[test]
     fn finds_fields() {
-        assert_eq!(field_of("gateways[0]", "invalid type"), Some("gateways".into()));
-        assert_eq!(field_of(".", "missing field `pool` at line 1"), Some("pool".into()));
-        assert_eq!(field_of(".", "unknown field `x`, expected"), Some("x".into()));
+        assert_eq!(
+            field_of("gateways[0]", "invalid type"),
+            Some("gateways".into())
+        );
+        assert_eq!(
+            field_of(".", "missing field `pool` at line 1"),
+            Some("pool".into())
+        );
+        assert_eq!(
+            field_of(".", "unknown field `x`, expected"),
+            Some("x".into())
+        );
         assert_eq!(field_of(".", "expected value"), None);
     }
 }

@@ -87,7 +87,11 @@ impl From<ControlError> for ApiError {
 impl From<RuntimeError> for ApiError {
     fn from(e: RuntimeError) -> Self {
         let (status, code, field) = match &e {
-            RuntimeError::Bind { .. } => (StatusCode::CONFLICT, "port_unavailable", Some("listen_port")),
+            RuntimeError::Bind { .. } => (
+                StatusCode::CONFLICT,
+                "port_unavailable",
+                Some("listen_port"),
+            ),
             RuntimeError::Engine(_) => (StatusCode::CONFLICT, "conflict", None),
             RuntimeError::TaskGone(_) => (StatusCode::SERVICE_UNAVAILABLE, "tunnel_down", None),
         };

@@ -42,11 +42,19 @@ async fn statuses(control: &Control, id: &Id) -> Statuses {
 }
 
 fn tenant_view(state: &AppState, control: &Control, t: &Tenant) -> TenantView {
-    TenantView::new(t, &state.public_host, control.runtime.local_addr(&t.id).is_some())
+    TenantView::new(
+        t,
+        &state.public_host,
+        control.runtime.local_addr(&t.id).is_some(),
+    )
 }
 
 /// Creates the tenant (and binds its port) if needed.
-async fn ensure_tenant(control: &mut Control, id: &Id, req: &TenantRequest) -> Result<Put, ApiError> {
+async fn ensure_tenant(
+    control: &mut Control,
+    id: &Id,
+    req: &TenantRequest,
+) -> Result<Put, ApiError> {
     let put = control.registry.put_tenant(id, req, SystemTime::now())?;
     if put == Put::Created {
         let started = match control.registry.tenant(id) {
@@ -186,7 +194,10 @@ pub async fn put_router(
     router_answer(&control, &t, &r, status_of(put)).await
 }
 
-pub async fn delete_router(State(state): Shared, Path((t, r)): Path<(String, String)>) -> ApiResult {
+pub async fn delete_router(
+    State(state): Shared,
+    Path((t, r)): Path<(String, String)>,
+) -> ApiResult {
     let (t, r) = (tenant_id(&t)?, Id::parse(&r, "router_id")?);
     let mut control = state.control.lock().await;
     control.registry.delete_router(&t, &r)?;
@@ -274,7 +285,13 @@ pub async fn get_client(State(state): Shared, Path((t, c)): Path<(String, String
     let control = state.control.lock().await;
     let (_, client) = find_client(&control, &t, &c)?;
     let st = statuses(&control, &t).await;
-    Ok(Json(ClientView::new(client, &st, Instant::now(), SystemTime::now())).into_response())
+    Ok(Json(ClientView::new(
+        client,
+        &st,
+        Instant::now(),
+        SystemTime::now(),
+    ))
+    .into_response())
 }
 
 pub async fn put_client(
@@ -293,7 +310,10 @@ pub async fn put_client(
     Ok((status_of(put), Json(view)).into_response())
 }
 
-pub async fn get_client_config(State(state): Shared, Path((t, c)): Path<(String, String)>) -> ApiResult {
+pub async fn get_client_config(
+    State(state): Shared,
+    Path((t, c)): Path<(String, String)>,
+) -> ApiResult {
     let (t, c) = (tenant_id(&t)?, Id::parse(&c, "client_id")?);
     let control = state.control.lock().await;
     let (tenant, client) = find_client(&control, &t, &c)?;
@@ -301,7 +321,10 @@ pub async fn get_client_config(State(state): Shared, Path((t, c)): Path<(String,
     Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
 }
 
-pub async fn delete_client(State(state): Shared, Path((t, c)): Path<(String, String)>) -> ApiResult {
+pub async fn delete_client(
+    State(state): Shared,
+    Path((t, c)): Path<(String, String)>,
+) -> ApiResult {
     let (t, c) = (tenant_id(&t)?, Id::parse(&c, "client_id")?);
     let mut control = state.control.lock().await;
     control.registry.delete_client(&t, &c)?;
@@ -335,9 +358,17 @@ pub async fn explain_route(
     let tenant = control.registry.tenant(&id)?;
     let e = control.runtime.explain(&id, src, dst).await?;
     let name = |key: &[u8; 32]| {
-        if let Some(r) = tenant.routers.values().find(|r| r.public_key.as_bytes() == key) {
+        if let Some(r) = tenant
+            .routers
+            .values()
+            .find(|r| r.public_key.as_bytes() == key)
+        {
             json!({"kind": "router", "id": r.id.as_str()})
-        } else if let Some(c) = tenant.clients.values().find(|c| c.public_key.as_bytes() == key) {
+        } else if let Some(c) = tenant
+            .clients
+            .values()
+            .find(|c| c.public_key.as_bytes() == key)
+        {
             json!({"kind": "client", "id": c.id.as_str()})
         } else {
             json!(null)

@@ -102,7 +102,13 @@ pub struct RouterView {
 }
 
 impl RouterView {
-    pub fn new(t: &Tenant, r: &Router, statuses: &Statuses, now: Instant, wall: SystemTime) -> Self {
+    pub fn new(
+        t: &Tenant,
+        r: &Router,
+        statuses: &Statuses,
+        now: Instant,
+        wall: SystemTime,
+    ) -> Self {
         let allowed_ips = std::iter::once(IpNet::V4(Ipv4Net::from(r.vpn_ip)))
             .chain(r.extra_prefixes.iter().copied())
             .map(|n| n.to_string())
@@ -113,7 +119,10 @@ impl RouterView {
             vpn_ip: r.vpn_ip.to_string(),
             public_key: keys::encode(r.public_key.as_bytes()),
             allowed_ips,
-            gateway: t.egress.as_ref().is_some_and(|e| e.gateways.contains(&r.id)),
+            gateway: t
+                .egress
+                .as_ref()
+                .is_some_and(|e| e.gateways.contains(&r.id)),
             live: LiveView::new(statuses.get(r.public_key.as_bytes()), now, wall),
         }
     }

@@ -205,8 +205,10 @@ impl Registry {
     ) -> Result<Put, ControlError> {
         let tenant = self.tenant(tenant_id)?;
         let existing = tenant.routers.get(id);
-        let (public_key, private_key) =
-            resolve_key(req.public_key.as_deref(), existing.map(|r| (r.public_key, &r.private_key)))?;
+        let (public_key, private_key) = resolve_key(
+            req.public_key.as_deref(),
+            existing.map(|r| (r.public_key, &r.private_key)),
+        )?;
         if let Some(owner) = tenant.key_owner(&public_key, Some(id)) {
             return Err(ControlError::DuplicateKey { owner });
         }
@@ -342,7 +344,10 @@ impl Registry {
         }
         self.check_free(pool, "pool", Some(tenant_id))?;
         if req.gateways.is_empty() {
-            return Err(ControlError::field("gateways", "needs at least one router id"));
+            return Err(ControlError::field(
+                "gateways",
+                "needs at least one router id",
+            ));
         }
         let mut gateways = Vec::with_capacity(req.gateways.len());
         for g in &req.gateways {
@@ -354,7 +359,10 @@ impl Registry {
                 ));
             }
             if gateways.contains(&id) {
-                return Err(ControlError::field("gateways", format!("router {id} is listed twice")));
+                return Err(ControlError::field(
+                    "gateways",
+                    format!("router {id} is listed twice"),
+                ));
             }
             gateways.push(id);
         }
@@ -365,11 +373,11 @@ impl Registry {
             )));
         }
         let pool_net = IpNet::V4(pool);
-        if let Some(r) = tenant
-            .routers
-            .values()
-            .find(|r| r.extra_prefixes.iter().any(|p| alloc::overlaps(*p, pool_net)))
-        {
+        if let Some(r) = tenant.routers.values().find(|r| {
+            r.extra_prefixes
+                .iter()
+                .any(|p| alloc::overlaps(*p, pool_net))
+        }) {
             return Err(ControlError::InUse(format!(
                 "router {} routes a prefix inside the pool",
                 r.id
@@ -413,8 +421,10 @@ impl Registry {
             return Err(ControlError::NoEgress);
         };
         let existing = tenant.clients.get(id);
-        let (public_key, private_key) =
-            resolve_key(req.public_key.as_deref(), existing.map(|c| (c.public_key, &c.private_key)))?;
+        let (public_key, private_key) = resolve_key(
+            req.public_key.as_deref(),
+            existing.map(|c| (c.public_key, &c.private_key)),
+        )?;
         if let Some(owner) = tenant.key_owner(&public_key, Some(id)) {
             return Err(ControlError::DuplicateKey { owner });
         }
@@ -435,8 +445,9 @@ impl Registry {
             (Some(list), _) => list
                 .iter()
                 .map(|d| {
-                    d.parse::<IpAddr>()
-                        .map_err(|_| ControlError::field("dns", format!("{d:?} is not an IP address")))
+                    d.parse::<IpAddr>().map_err(|_| {
+                        ControlError::field("dns", format!("{d:?} is not an IP address"))
+                    })
                 })
                 .collect::<Result<Vec<_>, _>>()?,
             (None, Some(c)) => c.dns.clone(),
@@ -588,14 +599,29 @@ mod tests {
     #[test]
     fn seed_allocation() {
         let mut r = registry();
-        assert_eq!(r.put_tenant(&id("a"), &Default::default(), now()), Ok(Put::Created));
-        assert_eq!(r.put_tenant(&id("a"), &Default::default(), now()), Ok(Put::Updated));
+        assert_eq!(
+            r.put_tenant(&id("a"), &Default::default(), now()),
+            Ok(Put::Created)
+        );
+        assert_eq!(
+            r.put_tenant(&id("a"), &Default::default(), now()),
+            Ok(Put::Updated)
+        );
         r.put_tenant(&id("b"), &Default::default(), now()).unwrap();
         let a = r.tenant(&id("a")).unwrap();
         let b = r.tenant(&id("b")).unwrap();
-        assert_eq!((a.subnet.to_string(), a.listen_port), ("10.100.0.0/16".into(), 51820));
-        assert_eq!((b.subnet.to_string(), b.listen_port), ("10.101.0.0/16".into(), 51821));
-        assert_eq!((a.interface_name.as_str(), b.interface_name.as_str()), ("wg0", "wg1"));
+        assert_eq!(
+            (a.subnet.to_string(), a.listen_port),
+            ("10.100.0.0/16".into(), 51820)
+        );
+        assert_eq!(
+            (b.subnet.to_string(), b.listen_port),
+            ("10.101.0.0/16".into(), 51821)
+        );
+        assert_eq!(
+            (a.interface_name.as_str(), b.interface_name.as_str()),
+            ("wg0", "wg1")
+        );
         assert_eq!(a.server_ip(), Ipv4Addr::new(10, 100, 0, 1));
     }
 
@@ -603,12 +629,16 @@ mod tests {
     fn routers_allocate_and_conflict() {
         let mut r = registry();
         r.put_tenant(&id("a"), &Default::default(), now()).unwrap();
-        r.put_router(&id("a"), &id("r1"), &Default::default()).unwrap();
+        r.put_router(&id("a"), &id("r1"), &Default::default())
+            .unwrap();
         let r1 = r.tenant(&id("a")).unwrap().routers[&id("r1")].clone();
         assert_eq!(r1.vpn_ip, Ipv4Addr::new(10, 100, 1, 1));
         assert!(r1.private_key.is_some());
         // Repeating the PUT keeps the generated key and the address.
-        assert_eq!(r.put_router(&id("a"), &id("r1"), &Default::default()), Ok(Put::Updated));
+        assert_eq!(
+            r.put_router(&id("a"), &id("r1"), &Default::default()),
+            Ok(Put::Updated)
+        );
         let again = &r.tenant(&id("a")).unwrap().routers[&id("r1")];
         assert_eq!(again.public_key, r1.public_key);
         assert_eq!(again.index, r1.index);
@@ -621,7 +651,11 @@ mod tests {
             r.put_router(&id("a"), &id("r2"), &dup),
             Err(ControlError::DuplicateKey { .. })
         ));
-        for (ip, field) in [("10.100.1.1", "vpn_ip"), ("10.101.0.5", "vpn_ip"), ("10.100.0.1", "vpn_ip")] {
+        for (ip, field) in [
+            ("10.100.1.1", "vpn_ip"),
+            ("10.101.0.5", "vpn_ip"),
+            ("10.100.0.1", "vpn_ip"),
+        ] {
             let req = RouterRequest {
                 vpn_ip: Some(ip.into()),
                 ..Default::default()
@@ -634,10 +668,12 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            r.put_router(&id("a"), &id("r2"), &bad).unwrap_err().field_name(),
+            r.put_router(&id("a"), &id("r2"), &bad)
+                .unwrap_err()
+                .field_name(),
             Some("public_key")
         );
-        assert!(r.tenant(&id("a")).unwrap().routers.get(&id("r2")).is_none());
+        assert!(!r.tenant(&id("a")).unwrap().routers.contains_key(&id("r2")));
     }
 
     #[test]
@@ -658,13 +694,20 @@ mod tests {
             gateways: vec!["gw".into()],
         };
         assert_eq!(r.put_egress(&id("a"), &req), Ok(Put::Created));
-        r.put_client(&id("a"), &id("p1"), &Default::default()).unwrap();
+        r.put_client(&id("a"), &id("p1"), &Default::default())
+            .unwrap();
         assert_eq!(
             r.tenant(&id("a")).unwrap().clients[&id("p1")].vpn_ip,
             Ipv4Addr::new(10, 200, 0, 2)
         );
-        assert!(matches!(r.delete_egress(&id("a")), Err(ControlError::InUse(_))));
-        assert!(matches!(r.delete_router(&id("a"), &id("gw")), Err(ControlError::InUse(_))));
+        assert!(matches!(
+            r.delete_egress(&id("a")),
+            Err(ControlError::InUse(_))
+        ));
+        assert!(matches!(
+            r.delete_router(&id("a"), &id("gw")),
+            Err(ControlError::InUse(_))
+        ));
         // Another tenant can neither take the pool nor get a subnet overlapping it.
         r.put_tenant(&id("b"), &Default::default(), now()).unwrap();
         assert!(matches!(
@@ -677,7 +720,10 @@ mod tests {
         };
         assert!(matches!(
             r.put_tenant(&id("c"), &overlapping, now()),
-            Err(ControlError::Overlap { field: "subnet", .. })
+            Err(ControlError::Overlap {
+                field: "subnet",
+                ..
+            })
         ));
     }
 
@@ -694,7 +740,9 @@ mod tests {
         );
         r.put_tenant(&id("a"), &Default::default(), now()).unwrap();
         r.put_tenant(&id("b"), &Default::default(), now()).unwrap();
-        let e = r.put_tenant(&id("c"), &Default::default(), now()).unwrap_err();
+        let e = r
+            .put_tenant(&id("c"), &Default::default(), now())
+            .unwrap_err();
         assert_eq!(e.code(), "exhausted");
         assert!(e.to_string().contains("10.100.0.0/15"), "{e}");
     }

@@ -28,8 +28,16 @@ pub fn client_config(tenant: &Tenant, client: &Client, public_host: &str) -> Str
     }
     let _ = writeln!(out);
     let _ = writeln!(out, "[Peer]");
-    let _ = writeln!(out, "PublicKey = {}", keys::encode(tenant.public_key.as_bytes()));
-    let _ = writeln!(out, "Endpoint = {}", endpoint(public_host, tenant.listen_port));
+    let _ = writeln!(
+        out,
+        "PublicKey = {}",
+        keys::encode(tenant.public_key.as_bytes())
+    );
+    let _ = writeln!(
+        out,
+        "Endpoint = {}",
+        endpoint(public_host, tenant.listen_port)
+    );
     let _ = writeln!(out, "AllowedIPs = 0.0.0.0/0, ::/0");
     let _ = writeln!(out, "PersistentKeepalive = 25");
     out

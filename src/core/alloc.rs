@@ -56,7 +56,7 @@ pub fn next_subnet(
     let start = Ipv4Net::new(start, prefix_len)
         .map(|n| n.network())
         .unwrap_or(supernet.network());
-    let after = subnets.clone().filter(|c| c.network() >= start);
+    let after = subnets.filter(|c| c.network() >= start);
     let before = subnets.filter(|c| c.network() < start);
     for candidate in after.chain(before) {
         let c = IpNet::V4(candidate);
@@ -203,8 +203,14 @@ mod tests {
         let high: Vec<IpNet> = (100..=255)
             .map(|b| format!("10.{b}.0.0/16").parse().unwrap())
             .collect();
-        assert_eq!(next_subnet(supernet, 16, start, &high).unwrap(), n4("10.0.0.0/16"));
-        assert_eq!(server_address(first), "10.100.0.1".parse::<Ipv4Addr>().unwrap());
+        assert_eq!(
+            next_subnet(supernet, 16, start, &high).unwrap(),
+            n4("10.0.0.0/16")
+        );
+        assert_eq!(
+            server_address(first),
+            "10.100.0.1".parse::<Ipv4Addr>().unwrap()
+        );
         let used = HashSet::new();
         assert_eq!(
             next_router_address(first, &used).unwrap(),
@@ -221,7 +227,10 @@ mod tests {
         let supernet = n4("10.200.0.0/15");
         let pool: IpNet = "10.200.0.0/24".parse().unwrap();
         let start = supernet.network();
-        assert_eq!(next_subnet(supernet, 16, start, &[pool]).unwrap(), n4("10.201.0.0/16"));
+        assert_eq!(
+            next_subnet(supernet, 16, start, &[pool]).unwrap(),
+            n4("10.201.0.0/16")
+        );
         let all = [pool, "10.201.0.0/16".parse().unwrap()];
         assert_eq!(
             next_subnet(supernet, 16, start, &all),

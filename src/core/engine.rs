@@ -20,8 +20,7 @@ use ipnet::IpNet;
 
 use super::packet;
 use super::peer::{
-    identify_initiator, message_type, Decap, Encap, Initiator, Message, Peer, PeerConfig,
-    PeerStats,
+    identify_initiator, message_type, Decap, Encap, Initiator, Message, Peer, PeerConfig, PeerStats,
 };
 use super::policy::{decide, DropReason, Egress, Origin, PeerId, RoutingState, Rule, Verdict};
 
@@ -388,8 +387,10 @@ impl TunnelEngine {
     /// Sessions of peers whose key stays are untouched. Returns the receiver indices
     /// of removed peers.
     pub fn sync_peers(&mut self, peers: Vec<(PeerConfig, u32)>) -> Result<Vec<u32>, EngineError> {
-        let keep: std::collections::HashSet<[u8; 32]> =
-            peers.iter().map(|(c, _)| *c.public_key.as_bytes()).collect();
+        let keep: std::collections::HashSet<[u8; 32]> = peers
+            .iter()
+            .map(|(c, _)| *c.public_key.as_bytes())
+            .collect();
         let gone: Vec<[u8; 32]> = self
             .peers
             .by_key
@@ -612,7 +613,12 @@ fn authenticated(
     }
 }
 
-fn handshake_done(peer: &mut Peer, now: Instant, stats: &mut TunnelStats, events: &mut VecDeque<Event>) {
+fn handshake_done(
+    peer: &mut Peer,
+    now: Instant,
+    stats: &mut TunnelStats,
+    events: &mut VecDeque<Event>,
+) {
     peer.last_handshake = Some(now);
     peer.stats.handshakes += 1;
     stats.handshakes += 1;

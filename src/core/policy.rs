@@ -292,7 +292,10 @@ mod tests {
     fn client_fails_over_to_secondary_then_drops() {
         assert!(matches!(
             from(PHONE_1, "10.200.0.2", "198.18.0.1", &[GATEWAY_2]),
-            Verdict::Forward { peer: GATEWAY_2, .. }
+            Verdict::Forward {
+                peer: GATEWAY_2,
+                ..
+            }
         ));
         assert_eq!(
             from(PHONE_1, "10.200.0.2", "198.18.0.1", &[]),
@@ -354,7 +357,10 @@ mod tests {
             from(ROUTER_A, "10.100.1.1", "10.100.1.2", &[]),
             Verdict::Forward { peer: ROUTER_B, .. }
         ));
-        assert_eq!(from(ROUTER_A, "10.100.1.1", "10.100.0.1", &[]), Verdict::Local);
+        assert_eq!(
+            from(ROUTER_A, "10.100.1.1", "10.100.0.1", &[]),
+            Verdict::Local
+        );
         assert_eq!(
             from(ROUTER_A, "10.100.1.1", "10.101.1.1", &[]),
             Verdict::drop(DropReason::NoRoute)
@@ -367,7 +373,13 @@ mod tests {
 
     #[test]
     fn host_packets_skip_the_source_check_and_the_egress_rule() {
-        let v = decide(&ktn(), Origin::Host, ip("10.100.0.1"), ip("10.200.0.2"), |_| false);
+        let v = decide(
+            &ktn(),
+            Origin::Host,
+            ip("10.100.0.1"),
+            ip("10.200.0.2"),
+            |_| false,
+        );
         assert!(matches!(v, Verdict::Forward { peer: PHONE_1, .. }));
     }
 }

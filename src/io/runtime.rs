@@ -13,7 +13,9 @@ use tokio::task::JoinHandle;
 
 use super::tunnel::{self, Command, TaggedEvent};
 use crate::control::{Id, Tenant};
-use crate::core::engine::{EgressConfig, EngineError, Explanation, PeerStatus, TunnelEngine, TunnelStats};
+use crate::core::engine::{
+    EgressConfig, EngineError, Explanation, PeerStatus, TunnelEngine, TunnelStats,
+};
 
 /// Events from every tunnel.
 pub type TunnelEvent = TaggedEvent;
@@ -138,14 +140,27 @@ impl Runtime {
             })
             .collect();
         let (reply, rx) = oneshot::channel();
-        self.ask(&tenant.id, Command::Sync { peers, egress, reply }, rx)
-            .await?
-            .map(|_| ())
-            .map_err(RuntimeError::from)
+        self.ask(
+            &tenant.id,
+            Command::Sync {
+                peers,
+                egress,
+                reply,
+            },
+            rx,
+        )
+        .await?
+        .map(|_| ())
+        .map_err(RuntimeError::from)
     }
 
     /// What the tunnel would do with a packet from `src` to `dst`.
-    pub async fn explain(&self, id: &Id, src: IpAddr, dst: IpAddr) -> Result<Explanation, RuntimeError> {
+    pub async fn explain(
+        &self,
+        id: &Id,
+        src: IpAddr,
+        dst: IpAddr,
+    ) -> Result<Explanation, RuntimeError> {
         let (reply, rx) = oneshot::channel();
         self.ask(id, Command::Explain { src, dst, reply }, rx).await
     }
@@ -156,7 +171,12 @@ impl Runtime {
         self.ask(id, Command::Snapshot { reply }, rx).await
     }
 
-    async fn ask<T>(&self, id: &Id, command: Command, rx: oneshot::Receiver<T>) -> Result<T, RuntimeError> {
+    async fn ask<T>(
+        &self,
+        id: &Id,
+        command: Command,
+        rx: oneshot::Receiver<T>,
+    ) -> Result<T, RuntimeError> {
         let gone = || RuntimeError::TaskGone(id.to_string());
         let handle = self.tunnels.get(id).ok_or_else(gone)?;
         handle.commands.send(command).await.map_err(|_| gone())?;

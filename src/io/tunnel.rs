@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 use tokio::net::UdpSocket;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
-use crate::core::engine::{EgressConfig, Event, Explanation, PeerStatus, Sink, TunnelEngine, TunnelStats};
+use crate::core::engine::{
+    EgressConfig, Event, Explanation, PeerStatus, Sink, TunnelEngine, TunnelStats,
+};
 use crate::core::peer::PeerConfig;
 
 /// How often peer timers run: boringtun expects about every 250 ms.

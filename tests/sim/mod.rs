@@ -180,7 +180,8 @@ impl Sim {
         let mut buf = vec![0u8; 2048];
         let peer = &mut self.peers[p];
         let to = self.tunnels[peer.tunnel].addr;
-        if let TunnResult::WriteToNetwork(d) = peer.tunn.format_handshake_initiation(&mut buf, true) {
+        if let TunnResult::WriteToNetwork(d) = peer.tunn.format_handshake_initiation(&mut buf, true)
+        {
             self.wire.push_back((peer.addr, to, d.to_vec()));
         }
         self.run();
@@ -246,7 +247,8 @@ impl Sim {
                     local: &mut t.local,
                     accept_local: true,
                 };
-                t.engine.handle_datagram(from, &datagram, self.now, &mut sink);
+                t.engine
+                    .handle_datagram(from, &datagram, self.now, &mut sink);
                 for (from, to, d) in out {
                     self.sent_by_engines.push((to, d.len()));
                     self.wire.push_back((from, to, d));

@@ -1,0 +1,271 @@
+//! The admin API answers bad input with a 4xx JSON error naming the field, and
+//! requires its token.
+
+mod support;
+
+use support::Appliance;
+
+fn error_of(v: &serde_json::Value) -> (&str, Option<&str>) {
+    (
+        v["error"]["code"].as_str().expect("error.code"),
+        v["error"]["field"].as_str(),
+    )
+}
+
+#[test]
+fn token_is_required_and_checked() {
+    let app = Appliance::start();
+    for token in [None, Some("wrong"), Some("")] {
+        let (status, v) = app.call_with("GET", "/v1/tenants", None, token);
+        assert_eq!(status, 401);
+        assert_eq!(error_of(&v).0, "unauthorized");
+    }
+    let (status, _) = app.call_with("GET", "/healthz", None, None);
+    assert_eq!(status, 200);
+}
+
+/// Method, path, body, expected status, error code and field.
+type Case<'a> = (
+    &'a str,
+    &'a str,
+    Option<&'a str>,
+    u16,
+    &'a str,
+    Option<&'a str>,
+);
+
+#[test]
+fn bad_input_gets_4xx_naming_the_field() {
+    let app = Appliance::start();
+    app.expect("PUT", "/v1/tenants/t1", None, 201);
+    let cases: &[Case] = &[
+        (
+            "PUT",
+            "/v1/tenants/bad%20id",
+            None,
+            400,
+            "invalid_field",
+            Some("tenant_id"),
+        ),
+        (
+            "PUT",
+            "/v1/tenants/t2",
+            Some(r#"{"listen_port":"x"}"#),
+            400,
+            "invalid_field",
+            Some("listen_port"),
+        ),
+        (
+            "PUT",
+            "/v1/tenants/t2",
+            Some(r#"{"subnet":"10.1.2.3/16"}"#),
+            400,
+            "invalid_field",
+            Some("subnet"),
+        ),
+        (
+            "PUT",
+            "/v1/tenants/t2",
+            Some(r#"{"colour":"red"}"#),
+            400,
+            "invalid_field",
+            Some("colour"),
+        ),
+        (
+            "PUT",
+            "/v1/tenants/t2",
+            Some("{not json"),
+            400,
+            "invalid_body",
+            None,
+        ),
+        (
+            "PUT",
+            "/v1/tenants/t1",
+            Some(r#"{"subnet":"10.99.0.0/16"}"#),
+            409,
+            "immutable_field",
+            Some("subnet"),
+        ),
+        (
+            "PUT",
+            "/v1/tenants/t1/routers/r1",
+            Some(r#"{"public_key":"abc"}"#),
+            400,
+            "invalid_field",
+            Some("public_key"),
+        ),
+        (
+            "PUT",
+            "/v1/tenants/t1/routers/r1",
+            Some(r#"{"vpn_ip":"10.55.0.1"}"#),
+            409,
+            "address_unavailable",
+            Some("vpn_ip"),
+        ),
+        (
+            "PUT",
+            "/v1/tenants/t1/routers/r1",
+            Some(r#"{"vpn_ip":"nope"}"#),
+            400,
+            "invalid_field",
+            Some("vpn_ip"),
+        ),
+        (
+            "PUT",
+            "/v1/tenants/t1/routers/r1",
+            Some(r#"{"allowed_ips":["10.100.0.0/8"]}"#),
+            409,
+            "address_unavailable",
+            Some("allowed_ips"),
+        ),
+        (
+            "PUT",
+            "/v1/tenants/t1/egress",
+            Some(r#"{"gateways":[]}"#),
+            400,
+            "invalid_field",
+            Some("pool"),
+        ),
+        (
+            "PUT",
+            "/v1/tenants/t1/egress",
+            Some(r#"{"pool":"10.200.0.0/24","gateways":["ghost"]}"#),
+            400,
+            "invalid_field",
+            Some("gateways"),
+        ),
+        (
+            "PUT",
+            "/v1/tenants/t1/egress",
+            Some(r#"{"pool":"10.100.5.0/24","gateways":["ghost"]}"#),
+            409,
+            "overlap",
+            Some("pool"),
+        ),
+        (
+            "PUT",
+            "/v1/tenants/t1/clients/c1",
+            Some("{}"),
+            409,
+            "egress_not_found",
+            None,
+        ),
+        (
+            "GET",
+            "/v1/tenants/nope",
+            None,
+            404,
+            "tenant_not_found",
+            None,
+        ),
+        (
+            "GET",
+            "/v1/tenants/t1/routers/nope",
+            None,
+            404,
+            "router_not_found",
+            None,
+        ),
+        (
+            "GET",
+            "/v1/tenants/t1/egress",
+            None,
+            404,
+            "egress_not_found",
+            None,
+        ),
+        (
+            "GET",
+            "/v1/tenants/t1/route?src=1.2.3.4",
+            None,
+            400,
+            "invalid_field",
+            Some("dst"),
+        ),
+        (
+            "GET",
+            "/v1/tenants/t1/route?src=x&dst=1.1.1.1",
+            None,
+            400,
+            "invalid_field",
+            Some("src"),
+        ),
+        ("GET", "/v1/nothing", None, 404, "not_found", None),
+    ];
+    for (method, path, body, status, code, field) in cases {
+        let (got, v) = app.call(method, path, *body);
+        assert_eq!(got, *status, "{method} {path} {body:?} -> {v}");
+        assert_eq!(
+            error_of(&v),
+            (*code, *field),
+            "{method} {path} {body:?} -> {v}"
+        );
+    }
+    // Nothing was created by the refused requests.
+    let list = app.expect("GET", "/v1/tenants", None, 200);
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    let routers = app.expect("GET", "/v1/tenants/t1/routers", None, 200);
+    assert_eq!(routers.as_array().unwrap().len(), 0);
+
+    let big = format!(r#"{{"name":"{}"}}"#, "x".repeat(100_000));
+    let (status, v) = app.call("PUT", "/v1/tenants/t1/routers/r1", Some(&big));
+    assert_eq!(status, 413, "{v}");
+}
+
+#[test]
+fn conflicts() {
+    let app = Appliance::start();
+    let (_, key) = support::keypair();
+    let body = format!(r#"{{"public_key":"{key}","vpn_ip":"10.100.0.40"}}"#);
+    app.expect("PUT", "/v1/tenants/t1/routers/gw", Some(&body), 201);
+    let (status, v) = app.call(
+        "PUT",
+        "/v1/tenants/t1/routers/other",
+        Some(&format!(r#"{{"public_key":"{key}"}}"#)),
+    );
+    assert_eq!(
+        (status, error_of(&v)),
+        (409, ("duplicate_public_key", Some("public_key")))
+    );
+    let (status, v) = app.call(
+        "PUT",
+        "/v1/tenants/t1/routers/other",
+        Some(r#"{"vpn_ip":"10.100.0.40"}"#),
+    );
+    assert_eq!(
+        (status, error_of(&v)),
+        (409, ("address_unavailable", Some("vpn_ip")))
+    );
+    app.expect(
+        "PUT",
+        "/v1/tenants/t1/egress",
+        Some(r#"{"pool":"10.200.0.0/24","gateways":["gw"]}"#),
+        201,
+    );
+    app.expect("PUT", "/v1/tenants/t1/clients/p1", None, 201);
+    let (status, v) = app.call("DELETE", "/v1/tenants/t1/routers/gw", None);
+    assert_eq!((status, error_of(&v).0), (409, "in_use"));
+    let (status, v) = app.call("DELETE", "/v1/tenants/t1/egress", None);
+    assert_eq!((status, error_of(&v).0), (409, "in_use"));
+    // Another tenant cannot claim the pool, nor a port in use.
+    let (status, v) = app.call(
+        "PUT",
+        "/v1/tenants/t2/egress",
+        Some(r#"{"pool":"10.200.0.0/24","gateways":["x"]}"#),
+    );
+    assert_eq!(status, 404, "{v}");
+    let port = app.first_port;
+    let (status, v) = app.call(
+        "PUT",
+        "/v1/tenants/t2",
+        Some(&format!(r#"{{"listen_port":{port}}}"#)),
+    );
+    assert_eq!(
+        (status, error_of(&v)),
+        (409, ("port_in_use", Some("listen_port")))
+    );
+    app.expect("DELETE", "/v1/tenants/t1/clients/p1", None, 204);
+    app.expect("DELETE", "/v1/tenants/t1/egress", None, 204);
+    app.expect("DELETE", "/v1/tenants/t1/routers/gw", None, 204);
+}

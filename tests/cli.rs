@@ -1,0 +1,142 @@
+//! The command line: key tools compatible with `wg`, and config errors that stop
+//! start-up with the file, the key and the reason.
+
+mod support;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+fn pubkey(private: &str) -> String {
+    let mut child = Command::new(support::binary())
+        .arg("pubkey")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run wgplane pubkey");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(private.as_bytes())
+        .expect("write key");
+    let out = child.wait_with_output().expect("wait");
+    assert!(out.status.success());
+    String::from_utf8(out.stdout)
+        .expect("utf8")
+        .trim()
+        .to_owned()
+}
+
+#[test]
+fn genkey_and_pubkey_match_wg_formats() {
+    let out = Command::new(support::binary())
+        .arg("genkey")
+        .output()
+        .expect("genkey");
+    let private = String::from_utf8(out.stdout).expect("utf8");
+    assert_eq!(private.trim().len(), 44);
+    assert!(wgplane::keys::decode(private.trim()).is_ok());
+    // RFC 7748's Alice key, as `wg pubkey` prints its public key.
+    assert_eq!(
+        pubkey("dwdtCnMYpX08FsFyUbJmRd9ML4frwJkqsXf7pR25LCo=\n"),
+        "hSDwCYkwp1R0i33ctD73Wg2/Og0mOBr066SpjqqbTmo="
+    );
+    // The same as wg itself, when it is installed.
+    if let Ok(mut wg) = Command::new("wg")
+        .arg("pubkey")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+    {
+        wg.stdin
+            .take()
+            .expect("stdin")
+            .write_all(private.as_bytes())
+            .expect("write");
+        let out = wg.wait_with_output().expect("wg pubkey");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            pubkey(&private)
+        );
+    } else {
+        eprintln!("note: wg not installed, compared against the RFC 7748 vector only");
+    }
+}
+
+#[test]
+fn bad_config_stops_start_up_naming_file_and_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("bad.toml");
+    std::fs::write(&file, "[tunnels]\nsubnet_prefix_len = 40\n").expect("write");
+    let port = support::free_tcp_port();
+    let out = Command::new(support::binary())
+        .args([
+            "run",
+            "--api-listen",
+            &format!("127.0.0.1:{port}"),
+            "--config",
+        ])
+        .arg(&file)
+        .arg("--state-dir")
+        .arg(dir.path())
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("bad.toml") && err.contains("tunnels.subnet_prefix_len"),
+        "{err}"
+    );
+    assert!(
+        !dir.path().join("api-token").exists(),
+        "nothing happens before validation"
+    );
+
+    std::fs::write(&file, "[api]\nlisten = 5\n").expect("write");
+    let out = Command::new(support::binary())
+        .args(["run", "--config"])
+        .arg(&file)
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("bad.toml") && err.contains("listen"),
+        "{err}"
+    );
+}
+
+#[test]
+fn the_example_config_starts() {
+    // config/wgplane.toml is loaded by the unit tests; here the binary accepts it too.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = support::free_tcp_port();
+    let mut child = Command::new(support::binary())
+        .args([
+            "run",
+            "--config",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/config/wgplane.toml"),
+        ])
+        .args(["--api-listen", &format!("127.0.0.1:{port}")])
+        .arg("--state-dir")
+        .arg(dir.path())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run");
+    let token = dir.path().join("api-token");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !token.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(token.exists());
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&token)
+            .expect("meta")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+}

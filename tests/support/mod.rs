@@ -1,0 +1,284 @@
+//! Helpers for black-box tests that start the real `wgplane` binary on loopback and
+//! talk to it with real UDP sockets and HTTP.
+#![allow(dead_code)]
+
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use boringtun::noise::{Tunn, TunnResult};
+use boringtun::x25519::{PublicKey, StaticSecret};
+use serde_json::Value;
+
+/// A running `wgplane run`, killed (by PID) on drop.
+pub struct Appliance {
+    child: Child,
+    pub api: SocketAddr,
+    pub token: String,
+    pub first_port: u16,
+    pub state: tempfile::TempDir,
+    http: reqwest::blocking::Client,
+}
+
+/// A port that was free a moment ago.
+pub fn free_tcp_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free TCP port on loopback")
+}
+
+/// Start of a run of `n` UDP ports that were free a moment ago.
+pub fn free_udp_ports(n: u16) -> u16 {
+    for _ in 0..100 {
+        let probe = UdpSocket::bind("127.0.0.1:0").expect("bind UDP");
+        let start = probe.local_addr().expect("addr").port();
+        drop(probe);
+        if start > 65_000 - n {
+            continue;
+        }
+        let all_free = (start..start + n).all(|p| UdpSocket::bind(("127.0.0.1", p)).is_ok());
+        if all_free {
+            return start;
+        }
+    }
+    panic!("no run of {n} free UDP ports");
+}
+
+pub fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_wgplane"))
+}
+
+impl Appliance {
+    /// Starts the binary on loopback with a fresh state dir.
+    pub fn start() -> Self {
+        let state = tempfile::tempdir().expect("tempdir");
+        let port = free_tcp_port();
+        let first_port = free_udp_ports(4);
+        let api: SocketAddr = ([127, 0, 0, 1], port).into();
+        let log = std::fs::File::create(state.path().join("wgplane.log")).expect("log file");
+        let child = Command::new(binary())
+            .args([
+                "run",
+                "--api-listen",
+                &api.to_string(),
+                "--bind",
+                "127.0.0.1",
+            ])
+            .args([
+                "--first-port",
+                &first_port.to_string(),
+                "--public-host",
+                "127.0.0.1",
+            ])
+            .arg("--state-dir")
+            .arg(state.path())
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start wgplane");
+        let token_file = state.path().join("api-token");
+        let mut app = Self {
+            child,
+            api,
+            token: String::new(),
+            first_port,
+            state,
+            http: reqwest::blocking::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()
+                .expect("http client"),
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(t) = std::fs::read_to_string(&token_file) {
+                let ok = app
+                    .http
+                    .get(format!("http://{api}/healthz"))
+                    .send()
+                    .is_ok_and(|r| r.status().is_success());
+                if ok && !t.trim().is_empty() {
+                    app.token = t.trim().to_owned();
+                    return app;
+                }
+            }
+            if let Ok(Some(status)) = app.child.try_wait() {
+                panic!("wgplane exited with {status}:\n{}", app.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "wgplane did not come up:\n{}",
+                app.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.state.path().join("wgplane.log")).unwrap_or_default()
+    }
+
+    pub fn state_dir(&self) -> &Path {
+        self.state.path()
+    }
+
+    /// A request with the token; returns status and JSON (or text as a JSON string).
+    pub fn call(&self, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
+        self.call_with(method, path, body, Some(&self.token))
+    }
+
+    pub fn call_with(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+        token: Option<&str>,
+    ) -> (u16, Value) {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+        let mut req = self
+            .http
+            .request(method, format!("http://{}{path}", self.api));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req
+                .header("content-type", "application/json")
+                .body(b.to_owned());
+        }
+        let resp = req.send().expect("request");
+        let status = resp.status().as_u16();
+        let text = resp.text().unwrap_or_default();
+        let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        (status, value)
+    }
+
+    /// Like `call` but asserts the status.
+    pub fn expect(&self, method: &str, path: &str, body: Option<&str>, status: u16) -> Value {
+        let (got, value) = self.call(method, path, body);
+        assert_eq!(got, status, "{method} {path} -> {value}\n{}", self.log());
+        value
+    }
+}
+
+impl Drop for Appliance {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A WireGuard peer in the test process: a boringtun `Tunn` on its own UDP socket.
+pub struct UdpPeer {
+    pub socket: UdpSocket,
+    pub tunn: Tunn,
+    pub secret: StaticSecret,
+    pub server: SocketAddr,
+    buf: Vec<u8>,
+}
+
+pub fn keypair() -> (StaticSecret, String) {
+    let secret = StaticSecret::random_from_rng(rand_core::OsRng);
+    let public = wgplane::keys::encode(PublicKey::from(&secret).as_bytes());
+    (secret, public)
+}
+
+impl UdpPeer {
+    pub fn new(
+        secret: StaticSecret,
+        server_public_b64: &str,
+        server: SocketAddr,
+        index: u32,
+    ) -> Self {
+        let server_public =
+            PublicKey::from(wgplane::keys::decode(server_public_b64).expect("server key"));
+        let socket = UdpSocket::bind("127.0.0.1:0").expect("bind peer socket");
+        socket
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .expect("timeout");
+        Self {
+            tunn: Tunn::new(secret.clone(), server_public, None, None, index, None),
+            socket,
+            secret,
+            server,
+            buf: vec![0u8; 65_600],
+        }
+    }
+
+    fn transmit(&self, datagram: &[u8]) {
+        self.socket.send_to(datagram, self.server).expect("send");
+    }
+
+    /// Handshakes with the appliance; true once the session is up.
+    pub fn handshake(&mut self) -> bool {
+        self.try_handshake(5)
+    }
+
+    /// Like `handshake`, with `attempts` initiations 2 s apart.
+    pub fn try_handshake(&mut self, attempts: usize) -> bool {
+        for _ in 0..attempts {
+            if let TunnResult::WriteToNetwork(d) =
+                self.tunn.format_handshake_initiation(&mut self.buf, true)
+            {
+                let d = d.to_vec();
+                self.transmit(&d);
+            }
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while Instant::now() < deadline {
+                self.poll();
+                if self.tunn.time_since_last_handshake().is_some() {
+                    return true;
+                }
+            }
+        }
+        false
+    }
+
+    /// Sends an inner packet.
+    pub fn send(&mut self, packet: &[u8]) {
+        let mut out = vec![0u8; packet.len() + 256];
+        if let TunnResult::WriteToNetwork(d) = self.tunn.encapsulate(packet, &mut out) {
+            let d = d.to_vec();
+            self.transmit(&d);
+        }
+    }
+
+    /// Receives one datagram (200 ms timeout), answering protocol messages; returns a
+    /// decrypted inner packet if it carried one.
+    pub fn poll(&mut self) -> Option<Vec<u8>> {
+        let mut datagram = vec![0u8; 65_600];
+        let (n, from) = self.socket.recv_from(&mut datagram).ok()?;
+        let mut result = self
+            .tunn
+            .decapsulate(Some(from.ip()), &datagram[..n], &mut self.buf);
+        let mut packet = None;
+        loop {
+            match result {
+                TunnResult::WriteToNetwork(d) => {
+                    let d = d.to_vec();
+                    self.transmit(&d);
+                    result = self.tunn.decapsulate(None, &[], &mut self.buf);
+                }
+                TunnResult::WriteToTunnelV4(p, _) | TunnResult::WriteToTunnelV6(p, _) => {
+                    packet = Some(p.to_vec());
+                    break;
+                }
+                _ => break,
+            }
+        }
+        packet
+    }
+
+    /// Waits up to `timeout` for an inner packet.
+    pub fn recv(&mut self, timeout: Duration) -> Option<Vec<u8>> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(p) = self.poll() {
+                return Some(p);
+            }
+        }
+        None
+    }
+}

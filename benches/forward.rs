@@ -1,1 +1,161 @@
-fn main() {}
+//! Criterion benchmarks of the data plane's per-packet work, each next to a baseline
+//! measured in the same run:
+//! - `route/decide`: the routing decision (rules 2-6) in a tunnel of 1,000 peers;
+//! - `forward/*`: one phone -> gateway packet through `TunnelEngine::handle_datagram`
+//!   (demux, decrypt, parse, policy, encrypt), against `boringtun_only`: the same
+//!   decrypt + encrypt with two bare `Tunn`s, the floor the engine adds its work to.
+//!
+//! Run: `cargo bench --bench forward`.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Instant;
+
+use boringtun::noise::{Tunn, TunnResult};
+use boringtun::x25519::{PublicKey, StaticSecret};
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use ipnet::IpNet;
+use wgplane::core::engine::Sink;
+use wgplane::core::harness::Ktn;
+use wgplane::core::packet::build::ip_packet;
+use wgplane::core::policy::{decide, Egress, Origin, RoutingState};
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn routing_state(peers: u32) -> RoutingState {
+    let mut s = RoutingState {
+        local: vec![ip("10.100.0.1")],
+        ..Default::default()
+    };
+    for i in 0..peers {
+        let addr = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 100, 1, 1)) + i);
+        s.routes.insert(IpNet::from(IpAddr::V4(addr)), i);
+    }
+    for i in 0..peers / 4 {
+        let addr = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 200, 0, 2)) + i);
+        s.routes.insert(IpNet::from(IpAddr::V4(addr)), peers + i);
+    }
+    s.egress.push(Egress {
+        pool: "10.200.0.0/16".parse().unwrap(),
+        gateways: vec![0, 1],
+    });
+    s
+}
+
+fn bench_decide(c: &mut Criterion) {
+    let state = routing_state(1_000);
+    let phone = 1_000 + 17;
+    let mut g = c.benchmark_group("route");
+    g.bench_function("decide/egress", |b| {
+        b.iter(|| {
+            decide(
+                &state,
+                Origin::Peer(phone),
+                ip("10.200.0.19"),
+                ip("198.18.0.1"),
+                |p| p == 0,
+            )
+        })
+    });
+    g.bench_function("decide/router_to_router", |b| {
+        b.iter(|| {
+            decide(
+                &state,
+                Origin::Peer(5),
+                ip("10.100.1.6"),
+                ip("10.100.2.200"),
+                |_| true,
+            )
+        })
+    });
+    g.finish();
+}
+
+/// Discards outputs; counts them so the optimizer cannot.
+struct Discard(usize);
+
+impl Sink for Discard {
+    fn send(&mut self, _to: SocketAddr, datagram: &[u8]) {
+        self.0 += datagram.len();
+    }
+    fn local(&mut self, _packet: &[u8]) -> bool {
+        false
+    }
+}
+
+fn bench_forward(c: &mut Criterion) {
+    for size in [64usize, 1420] {
+        let packet = ip_packet(ip("10.200.0.2"), ip("198.18.0.1"), size - 20);
+        let mut g = c.benchmark_group(format!("forward/{size}B"));
+        g.throughput(Throughput::Bytes(size as u64));
+
+        // Baseline: decrypt with one bare Tunn, encrypt with another.
+        let a_secret = StaticSecret::random_from_rng(rand_core::OsRng);
+        let b_secret = StaticSecret::random_from_rng(rand_core::OsRng);
+        let mut a = Tunn::new(
+            a_secret.clone(),
+            PublicKey::from(&b_secret),
+            None,
+            None,
+            1,
+            None,
+        );
+        let mut b = Tunn::new(b_secret, PublicKey::from(&a_secret), None, None, 2, None);
+        let mut buf = vec![0u8; 65_600];
+        let mut buf2 = vec![0u8; 65_600];
+        let init = match a.format_handshake_initiation(&mut buf, true) {
+            TunnResult::WriteToNetwork(d) => d.to_vec(),
+            _ => panic!(),
+        };
+        let resp = match b.decapsulate(None, &init, &mut buf) {
+            TunnResult::WriteToNetwork(d) => d.to_vec(),
+            _ => panic!(),
+        };
+        if let TunnResult::WriteToNetwork(k) = a.decapsulate(None, &resp, &mut buf) {
+            let k = k.to_vec();
+            let _ = b.decapsulate(None, &k, &mut buf);
+        }
+        g.bench_function("boringtun_only", |bench| {
+            bench.iter_batched(
+                || match a.encapsulate(&packet, &mut buf) {
+                    TunnResult::WriteToNetwork(d) => d.to_vec(),
+                    _ => panic!(),
+                },
+                |datagram| {
+                    let inner_len = match b.decapsulate(None, &datagram, &mut buf2) {
+                        TunnResult::WriteToTunnelV4(p, _) => p.len(),
+                        _ => panic!("decrypt failed"),
+                    };
+                    let inner = buf2[..inner_len].to_vec();
+                    let mut out = [0u8; 1600];
+                    matches!(
+                        b.encapsulate(&inner, &mut out),
+                        TunnResult::WriteToNetwork(_)
+                    )
+                },
+                BatchSize::SmallInput,
+            )
+        });
+
+        let Ktn {
+            mut engine,
+            mut phone,
+            ..
+        } = Ktn::new(Instant::now());
+        let from = phone.addr;
+        let mut sink = Discard(0);
+        g.bench_function("engine_forward", |bench| {
+            bench.iter_batched(
+                || phone.encrypt(&packet).expect("session"),
+                |datagram| engine.handle_datagram(from, &datagram, Instant::now(), &mut sink),
+                BatchSize::SmallInput,
+            )
+        });
+        assert!(engine.stats().forwarded_peer > 0, "the bench must forward");
+        g.finish();
+    }
+}
+
+criterion_group!(benches, bench_decide, bench_forward);
+criterion_main!(benches);

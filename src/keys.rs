@@ -20,6 +20,12 @@ pub enum KeyError {
 }
 
 /// Parses a 32-byte key in standard base64.
+///
+/// ```
+/// let key = wgplane::keys::decode("HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=").unwrap();
+/// assert_eq!(wgplane::keys::encode(&key), "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=");
+/// assert!(wgplane::keys::decode("too short").is_err());
+/// ```
 pub fn decode(text: &str) -> Result<[u8; 32], KeyError> {
     let bytes = STANDARD.decode(text.trim()).map_err(|_| KeyError::Base64)?;
     <[u8; 32]>::try_from(bytes.as_slice()).map_err(|_| KeyError::Length(bytes.len()))

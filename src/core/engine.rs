@@ -27,8 +27,10 @@ use super::policy::{decide, DropReason, Egress, Origin, PeerId, RoutingState, Ru
 /// Largest datagram or inner packet handled, plus room for WireGuard's overhead.
 const BUF_LEN: usize = 65_536 + 256;
 
-/// Handshake initiations per second a tunnel accepts before it demands cookies.
-pub const HANDSHAKE_RATE_LIMIT: u64 = 1_000;
+/// Handshake messages per second a tunnel verifies before it demands cookies. Each
+/// initiation is counted twice (once to find the initiator's key, once by its peer's
+/// `Tunn`), so this admits 1,000 initiations per second per tunnel.
+pub const HANDSHAKE_RATE_LIMIT: u64 = 2_000;
 
 /// Events kept for the control plane before the oldest are discarded. The driver
 /// drains them after every batch, so this only bounds memory if nobody listens.

@@ -61,8 +61,13 @@ pub struct ApiSettings {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct StateSettings {
-    /// Directory for the API token and, later, the store.
+    /// Directory for the database, the API token and (by default) the master key.
     pub dir: PathBuf,
+    /// File holding the master key (32 bytes, base64); default `<dir>/master-key`.
+    pub master_key_file: Option<PathBuf>,
+    /// Environment variable that, when set, holds the master key (base64) and wins
+    /// over the file.
+    pub master_key_env: String,
 }
 
 /// `[tunnels]`
@@ -98,6 +103,8 @@ impl Default for StateSettings {
     fn default() -> Self {
         Self {
             dir: PathBuf::from("./wgplane-state"),
+            master_key_file: None,
+            master_key_env: "WGPLANE_MASTER_KEY".into(),
         }
     }
 }
@@ -180,6 +187,19 @@ impl Settings {
             ));
         }
         Ok(())
+    }
+
+    /// Where the master key file lives.
+    pub fn master_key_file(&self) -> PathBuf {
+        self.state
+            .master_key_file
+            .clone()
+            .unwrap_or_else(|| self.state.dir.join("master-key"))
+    }
+
+    /// The state database.
+    pub fn database(&self) -> PathBuf {
+        self.state.dir.join("state.db")
     }
 
     /// Where the API token lives.

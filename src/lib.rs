@@ -21,3 +21,4 @@ pub mod control;
 pub mod core;
 pub mod io;
 pub mod keys;
+pub mod store;

@@ -15,6 +15,7 @@ use wgplane::config::Settings;
 use wgplane::control::registry::{AllocPolicy, Registry};
 use wgplane::io::Runtime;
 use wgplane::keys::{self, SecretKey};
+use wgplane::store::{MasterKey, Store};
 
 #[derive(Parser)]
 #[command(
@@ -51,6 +52,9 @@ struct RunArgs {
     /// API token file.
     #[arg(long, env = "WGPLANE_API_TOKEN_FILE")]
     api_token_file: Option<PathBuf>,
+    /// Master key file.
+    #[arg(long, env = "WGPLANE_MASTER_KEY_FILE")]
+    master_key_file: Option<PathBuf>,
     /// Underlay address the tunnel sockets bind to.
     #[arg(long, env = "WGPLANE_BIND")]
     bind: Option<IpAddr>,
@@ -118,6 +122,9 @@ fn settings(args: &RunArgs) -> Result<Settings> {
     if let Some(v) = &args.api_token_file {
         s.api.token_file = Some(v.clone());
     }
+    if let Some(v) = &args.master_key_file {
+        s.state.master_key_file = Some(v.clone());
+    }
     if let Some(v) = args.bind {
         s.tunnels.bind = v;
     }
@@ -151,6 +158,44 @@ fn load_or_create_token(path: &Path) -> Result<String> {
     let token = SecretKey::generate()
         .to_base64()
         .replace(['+', '/', '='], "");
+    write_private(path, &token)?;
+    tracing::info!(path = %path.display(), "created a new API token");
+    Ok(token)
+}
+
+/// The master key: from the variable named in the config, else from the key file;
+/// generated into the file only when there is no state yet to open.
+fn load_master_key(settings: &Settings) -> Result<MasterKey> {
+    let decode = |text: &str, origin: &str| -> Result<MasterKey> {
+        let bytes = keys::decode(text)
+            .with_context(|| format!("{origin} does not hold a base64 32-byte master key"))?;
+        Ok(MasterKey::from_bytes(bytes))
+    };
+    let var = &settings.state.master_key_env;
+    if let Ok(text) = std::env::var(var) {
+        return decode(&text, &format!("environment variable {var}"));
+    }
+    let file = settings.master_key_file();
+    match std::fs::read_to_string(&file) {
+        Ok(text) => return decode(&text, &file.display().to_string()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", file.display())),
+    }
+    if settings.database().exists() {
+        anyhow::bail!(
+            "state {} exists but its master key is missing: set {var} or restore {}",
+            settings.database().display(),
+            file.display()
+        );
+    }
+    let key = MasterKey::generate();
+    write_private(&file, &keys::encode(&key.to_bytes()))?;
+    tracing::warn!(path = %file.display(), "generated a new master key: keep a copy, the state cannot be opened without it");
+    Ok(key)
+}
+
+/// Creates `path` with mode 0600 holding `text` and a newline.
+fn write_private(path: &Path, text: &str) -> Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
@@ -161,10 +206,9 @@ fn load_or_create_token(path: &Path) -> Result<String> {
     let mut file = options
         .open(path)
         .with_context(|| format!("cannot create {}", path.display()))?;
-    writeln!(file, "{token}")?;
+    writeln!(file, "{text}")?;
     file.sync_all()?;
-    tracing::info!(path = %path.display(), "created a new API token");
-    Ok(token)
+    Ok(())
 }
 
 async fn run(settings: Settings) -> Result<()> {
@@ -174,8 +218,16 @@ async fn run(settings: Settings) -> Result<()> {
     if settings.tunnels.public_host == "vpn.example.com" {
         tracing::warn!("tunnels.public_host is the placeholder vpn.example.com: set it to the address peers dial");
     }
+    let master = load_master_key(&settings)?;
+    let database = settings.database();
+    let store = Store::open(&database, master)
+        .with_context(|| format!("cannot open {}", database.display()))?;
+    let tenants = store
+        .load()
+        .with_context(|| format!("cannot load {}", database.display()))?;
+
     let t = &settings.tunnels;
-    let registry = Registry::new(
+    let registry = Registry::restore(
         AllocPolicy {
             first_port: t.first_port,
             supernet: t.supernet,
@@ -183,12 +235,25 @@ async fn run(settings: Settings) -> Result<()> {
             subnet_start: t.subnet_start,
         },
         rand_core::RngCore::next_u32(&mut rand_core::OsRng),
-    );
+        tenants,
+    )?;
     let keepalive = (t.keepalive_secs > 0).then_some(t.keepalive_secs);
+    let mut runtime = Runtime::new(t.bind, keepalive);
+    let mut restored = 0usize;
+    for tenant in registry.tenants() {
+        match runtime.start(tenant).await {
+            Ok(()) => restored += 1,
+            Err(e) => {
+                tracing::error!(tenant = %tenant.id, error = %e, "tunnel could not be restored")
+            }
+        }
+    }
+    tracing::info!(tunnels = restored, database = %database.display(), "state restored");
     let state = Arc::new(AppState {
         control: Mutex::new(Control {
             registry,
-            runtime: Runtime::new(t.bind, keepalive),
+            runtime,
+            store: std::sync::Mutex::new(store),
         }),
         token,
         public_host: t.public_host.clone(),

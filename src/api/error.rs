@@ -65,6 +65,18 @@ impl ApiError {
     }
 }
 
+impl From<crate::store::StoreError> for ApiError {
+    fn from(e: crate::store::StoreError) -> Self {
+        tracing::error!(error = %e, "state could not be written; the change was undone");
+        Self {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            code: "storage_failed",
+            message: "the change could not be made durable and was undone".into(),
+            field: None,
+        }
+    }
+}
+
 impl From<ControlError> for ApiError {
     fn from(e: ControlError) -> Self {
         let status = match &e {

@@ -19,6 +19,7 @@ use crate::control::registry::Put;
 use crate::control::{render, Id, Tenant};
 use crate::core::engine::ExplainVerdict;
 use crate::core::policy::Rule;
+use crate::store::Change;
 
 type Shared = State<Arc<AppState>>;
 type ApiResult = Result<Response, ApiError>;
@@ -49,7 +50,8 @@ fn tenant_view(state: &AppState, control: &Control, t: &Tenant) -> TenantView {
     )
 }
 
-/// Creates the tenant (and binds its port) if needed.
+/// Creates the tenant in the registry and binds its port, if it does not exist yet.
+/// Nothing is stored: the caller persists the tenant together with its own change.
 async fn ensure_tenant(
     control: &mut Control,
     id: &Id,
@@ -62,12 +64,58 @@ async fn ensure_tenant(
             Err(e) => return Err(e.into()),
         };
         if let Err(e) = started {
-            // Roll back: a tenant whose port cannot be bound does not exist.
+            // A tenant whose port cannot be bound does not exist.
             let _ = control.registry.delete_tenant(id);
             return Err(e.into());
         }
     }
     Ok(put)
+}
+
+/// Undoes a change to tenant `id`: the registry goes back to `before`, and a tunnel
+/// started for a tenant that did not exist before is stopped.
+async fn undo(control: &mut Control, id: &Id, before: Option<Tenant>) {
+    if before.is_none() {
+        control.runtime.stop(id).await;
+    }
+    control.registry.reinstate(id, before);
+}
+
+/// Makes the registry's change durable in one transaction (`$changes`, computed
+/// from the registry as `$reg`); on failure undoes it and returns the error.
+macro_rules! persist {
+    ($control:ident, $id:expr, $before:expr, |$reg:ident| $changes:expr) => {{
+        let result = {
+            let Control {
+                registry: $reg,
+                store,
+                ..
+            } = &mut *$control;
+            let $reg: &crate::control::Registry = $reg;
+            let list: Vec<Change<'_>> = $changes;
+            // SQLite commits with fsync: keep the other tasks of this worker moving.
+            match store.get_mut() {
+                Ok(store) => tokio::task::block_in_place(|| store.apply(&list)),
+                Err(_) => Err(crate::store::StoreError::Poisoned),
+            }
+        };
+        if let Err(e) = result {
+            undo(&mut $control, $id, $before).await;
+            return Err(e.into());
+        }
+    }};
+}
+
+/// The changes that store tenant `id`'s own row, when it was just created.
+fn tenant_row<'a>(
+    registry: &'a crate::control::Registry,
+    id: &Id,
+    created: Put,
+) -> Vec<Change<'a>> {
+    match (created, registry.tenant(id)) {
+        (Put::Created, Ok(t)) => vec![Change::Tenant(t)],
+        _ => Vec::new(),
+    }
 }
 
 async fn sync(control: &Control, id: &Id) -> Result<(), ApiError> {
@@ -127,6 +175,7 @@ pub async fn put_tenant(
     let id = tenant_id(&t)?;
     let mut control = state.control.lock().await;
     let put = ensure_tenant(&mut control, &id, &req).await?;
+    persist!(control, &id, None, |r| tenant_row(r, &id, put));
     let tenant = control.registry.tenant(&id)?;
     Ok((status_of(put), Json(tenant_view(&state, &control, tenant))).into_response())
 }
@@ -134,7 +183,18 @@ pub async fn put_tenant(
 pub async fn delete_tenant(State(state): Shared, Path(t): Path<String>) -> ApiResult {
     let id = tenant_id(&t)?;
     let mut control = state.control.lock().await;
-    control.registry.delete_tenant(&id)?;
+    let before = control.registry.delete_tenant(&id)?;
+    let result = {
+        let Control { store, .. } = &mut *control;
+        match store.get_mut() {
+            Ok(store) => tokio::task::block_in_place(|| store.apply(&[Change::DeleteTenant(&id)])),
+            Err(_) => Err(crate::store::StoreError::Poisoned),
+        }
+    };
+    if let Err(e) = result {
+        control.registry.reinstate(&id, Some(before));
+        return Err(e.into());
+    }
     control.runtime.stop(&id).await;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
@@ -179,17 +239,22 @@ pub async fn put_router(
 ) -> ApiResult {
     let (t, r) = (tenant_id(&t)?, Id::parse(&r, "router_id")?);
     let mut control = state.control.lock().await;
+    let before = control.registry.tenant(&t).ok().cloned();
     let created_tenant = ensure_tenant(&mut control, &t, &TenantRequest::default()).await?;
     let put = match control.registry.put_router(&t, &r, &req) {
         Ok(put) => put,
         Err(e) => {
-            if created_tenant == Put::Created {
-                let _ = control.registry.delete_tenant(&t);
-                control.runtime.stop(&t).await;
-            }
+            undo(&mut control, &t, before).await;
             return Err(e.into());
         }
     };
+    persist!(control, &t, before, |reg| {
+        let mut changes = tenant_row(reg, &t, created_tenant);
+        if let Some(router) = reg.tenant(&t).ok().and_then(|x| x.routers.get(&r)) {
+            changes.push(Change::Router(&t, router));
+        }
+        changes
+    });
     sync(&control, &t).await?;
     router_answer(&control, &t, &r, status_of(put)).await
 }
@@ -200,7 +265,11 @@ pub async fn delete_router(
 ) -> ApiResult {
     let (t, r) = (tenant_id(&t)?, Id::parse(&r, "router_id")?);
     let mut control = state.control.lock().await;
+    let before = control.registry.tenant(&t).ok().cloned();
     control.registry.delete_router(&t, &r)?;
+    persist!(control, &t, before, |_reg| vec![Change::DeleteRouter(
+        &t, &r
+    )]);
     sync(&control, &t).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
@@ -233,7 +302,12 @@ pub async fn put_egress(
 ) -> ApiResult {
     let id = tenant_id(&t)?;
     let mut control = state.control.lock().await;
+    let before = control.registry.tenant(&id).ok().cloned();
     let put = control.registry.put_egress(&id, &req)?;
+    persist!(control, &id, before, |reg| {
+        let policy = reg.tenant(&id).ok().and_then(|x| x.egress.as_ref());
+        vec![Change::Egress(&id, policy)]
+    });
     sync(&control, &id).await?;
     let tenant = control.registry.tenant(&id)?;
     let view = tenant.egress.as_ref().map(EgressView::new);
@@ -243,10 +317,12 @@ pub async fn put_egress(
 pub async fn delete_egress(State(state): Shared, Path(t): Path<String>) -> ApiResult {
     let id = tenant_id(&t)?;
     let mut control = state.control.lock().await;
+    let before = control.registry.tenant(&id).ok().cloned();
     match control.registry.delete_egress(&id) {
         Err(crate::control::ControlError::NoEgress) => return Err(no_egress()),
         other => other?,
     }
+    persist!(control, &id, before, |_reg| vec![Change::Egress(&id, None)]);
     sync(&control, &id).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
@@ -301,7 +377,15 @@ pub async fn put_client(
 ) -> ApiResult {
     let (t, c) = (tenant_id(&t)?, Id::parse(&c, "client_id")?);
     let mut control = state.control.lock().await;
+    let before = control.registry.tenant(&t).ok().cloned();
     let put = control.registry.put_client(&t, &c, &req)?;
+    persist!(control, &t, before, |reg| {
+        reg.tenant(&t)
+            .ok()
+            .and_then(|x| x.clients.get(&c))
+            .map(|client| vec![Change::Client(&t, client)])
+            .unwrap_or_default()
+    });
     sync(&control, &t).await?;
     let (tenant, client) = find_client(&control, &t, &c)?;
     let st = statuses(&control, &t).await;
@@ -327,7 +411,11 @@ pub async fn delete_client(
 ) -> ApiResult {
     let (t, c) = (tenant_id(&t)?, Id::parse(&c, "client_id")?);
     let mut control = state.control.lock().await;
+    let before = control.registry.tenant(&t).ok().cloned();
     control.registry.delete_client(&t, &c)?;
+    persist!(control, &t, before, |_reg| vec![Change::DeleteClient(
+        &t, &c
+    )]);
     sync(&control, &t).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }

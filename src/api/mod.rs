@@ -19,6 +19,7 @@ use tokio::sync::Mutex;
 
 use crate::control::Registry;
 use crate::io::Runtime;
+use crate::store::Store;
 
 pub use error::ApiError;
 
@@ -30,6 +31,9 @@ pub const MAX_BODY: usize = 64 * 1024;
 pub struct Control {
     pub registry: Registry,
     pub runtime: Runtime,
+    /// SQLite connections are not `Sync`; the mutex is never contended (it is only
+    /// reached through `&mut Control`, via `get_mut`) and only makes `Control` `Sync`.
+    pub store: std::sync::Mutex<Store>,
 }
 
 /// Shared state of every handler.

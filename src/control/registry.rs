@@ -53,6 +53,44 @@ impl Registry {
         }
     }
 
+    /// A registry holding `tenants` as loaded from the store.
+    pub fn restore(
+        policy: AllocPolicy,
+        index_seed: u32,
+        tenants: Vec<Tenant>,
+    ) -> Result<Self, ControlError> {
+        let mut r = Self::new(policy, index_seed);
+        for t in tenants {
+            let indices = t
+                .routers
+                .values()
+                .map(|x| (x.index, x.id.as_str()))
+                .chain(t.clients.values().map(|x| (x.index, x.id.as_str())));
+            for (index, owner) in indices {
+                if !r.indices.reserve(index) {
+                    return Err(ControlError::InUse(format!(
+                        "receiver index {index} of {owner} in tenant {} is used twice",
+                        t.id
+                    )));
+                }
+            }
+            r.tenants.insert(t.id.clone(), t);
+        }
+        Ok(r)
+    }
+
+    /// Puts a tenant back as it was before a change that could not be stored.
+    pub fn reinstate(&mut self, id: &Id, before: Option<Tenant>) {
+        match before {
+            Some(t) => {
+                self.tenants.insert(id.clone(), t);
+            }
+            None => {
+                self.tenants.remove(id);
+            }
+        }
+    }
+
     /// Every tenant, by id.
     pub fn tenants(&self) -> impl Iterator<Item = &Tenant> {
         self.tenants.values()

@@ -171,6 +171,11 @@ impl IndexAllocator {
         }
     }
 
+    /// Marks an index restored from the store as used; false if it already was.
+    pub fn reserve(&mut self, index: u32) -> bool {
+        index != 0 && index < INDEX_SPACE && self.used.insert(index)
+    }
+
     /// Returns an index for reuse.
     pub fn free(&mut self, index: u32) {
         self.used.remove(&index);

@@ -54,10 +54,24 @@ impl Appliance {
     /// Starts the binary on loopback with a fresh state dir.
     pub fn start() -> Self {
         let state = tempfile::tempdir().expect("tempdir");
-        let port = free_tcp_port();
-        let first_port = free_udp_ports(4);
-        let api: SocketAddr = ([127, 0, 0, 1], port).into();
-        let log = std::fs::File::create(state.path().join("wgplane.log")).expect("log file");
+        Self::start_with(state, free_tcp_port(), free_udp_ports(4), &[])
+            .unwrap_or_else(|log| panic!("wgplane did not come up:\n{log}"))
+    }
+
+    /// Starts the binary on an existing state dir and given ports, with extra
+    /// environment variables. Err carries the log when it exits or does not answer.
+    pub fn start_with(
+        state: tempfile::TempDir,
+        api_port: u16,
+        first_port: u16,
+        envs: &[(&str, &str)],
+    ) -> Result<Self, String> {
+        let api: SocketAddr = ([127, 0, 0, 1], api_port).into();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(state.path().join("wgplane.log"))
+            .expect("log file");
         let child = Command::new(binary())
             .args([
                 "run",
@@ -75,6 +89,8 @@ impl Appliance {
             .arg("--state-dir")
             .arg(state.path())
             .env("RUST_LOG", "info")
+            .env_remove("WGPLANE_MASTER_KEY")
+            .envs(envs.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -101,19 +117,29 @@ impl Appliance {
                     .is_ok_and(|r| r.status().is_success());
                 if ok && !t.trim().is_empty() {
                     app.token = t.trim().to_owned();
-                    return app;
+                    return Ok(app);
                 }
             }
             if let Ok(Some(status)) = app.child.try_wait() {
-                panic!("wgplane exited with {status}:\n{}", app.log());
+                return Err(format!("wgplane exited with {status}:\n{}", app.log()));
             }
-            assert!(
-                Instant::now() < deadline,
-                "wgplane did not come up:\n{}",
-                app.log()
-            );
+            if Instant::now() > deadline {
+                return Err(app.log());
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Kills the process with SIGKILL (no chance to clean up) and hands back its
+    /// state dir and ports for a restart.
+    pub fn kill9(mut self) -> (tempfile::TempDir, u16, u16) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let api_port = self.api.port();
+        let first_port = self.first_port;
+        // Move the state dir out; Drop then only kills an already dead child.
+        let state = std::mem::replace(&mut self.state, tempfile::tempdir().expect("tempdir"));
+        (state, api_port, first_port)
     }
 
     pub fn log(&self) -> String {

@@ -1,0 +1,587 @@
+//! Durable state: every tenant, router, egress policy and client, in SQLite.
+//!
+//! SQLite (bundled, so no system library is needed) because it is a single file an
+//! operator can open with `sqlite3` to look, its transactions survive `kill -9` and
+//! power loss in WAL mode with `synchronous=FULL`, and migrations are plain SQL keyed
+//! by `PRAGMA user_version`. Each API call is one transaction, committed before the
+//! call answers. Private keys are sealed with the master key (`seal`).
+//!
+//! The store is written on the control path only, never per packet.
+
+pub mod schema;
+pub mod seal;
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use boringtun::x25519::PublicKey;
+use ipnet::IpNet;
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
+
+use crate::control::model::{Client, EgressPolicy, Id, Router, Tenant};
+use crate::keys::{self, SecretKey};
+pub use seal::{MasterKey, SealError};
+
+/// Why the store failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// SQLite reported an error.
+    #[error("state database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// The database was written by a newer wgplane.
+    #[error("state database has schema version {found}, this wgplane knows up to {known}")]
+    TooNew { found: i64, known: i64 },
+    /// The master key does not open this state.
+    #[error(
+        "the master key does not match this state directory ({0}); use the key it was created with"
+    )]
+    WrongMasterKey(SealError),
+    /// A previous write panicked half-way; the connection is not trusted any more.
+    #[error("state database handle is poisoned by an earlier panic")]
+    Poisoned,
+    /// A row could not be turned back into an object.
+    #[error("corrupt row {row}: {reason}")]
+    Corrupt { row: String, reason: String },
+}
+
+const KEY_CHECK: &str = "key_check";
+const KEY_CHECK_PLAIN: &[u8] = b"wgplane master key check v1";
+
+/// One change inside a transaction.
+pub enum Change<'a> {
+    /// Insert or replace the tenant's own row (not its peers).
+    Tenant(&'a Tenant),
+    /// Delete the tenant and, by cascade, its peers and policy.
+    DeleteTenant(&'a Id),
+    /// Insert or replace a router.
+    Router(&'a Id, &'a Router),
+    /// Delete a router.
+    DeleteRouter(&'a Id, &'a Id),
+    /// Set or clear the egress policy.
+    Egress(&'a Id, Option<&'a EgressPolicy>),
+    /// Insert or replace a client.
+    Client(&'a Id, &'a Client),
+    /// Delete a client.
+    DeleteClient(&'a Id, &'a Id),
+}
+
+/// The open state database.
+pub struct Store {
+    conn: Connection,
+    master: MasterKey,
+}
+
+impl Store {
+    /// Opens (creating if needed) the database at `path`, migrates it, and checks
+    /// that `master` is the key it was created with.
+    pub fn open(path: &Path, master: MasterKey) -> Result<Self, StoreError> {
+        let mut conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        migrate(&mut conn)?;
+        let store = Self { conn, master };
+        store.check_master_key()?;
+        Ok(store)
+    }
+
+    /// True when the database holds no tenant yet.
+    pub fn is_empty(&self) -> Result<bool, StoreError> {
+        let n: i64 = self
+            .conn
+            .query_row("SELECT COUNT(*) FROM tenants", [], |r| r.get(0))?;
+        Ok(n == 0)
+    }
+
+    fn check_master_key(&self) -> Result<(), StoreError> {
+        let sealed: Option<Vec<u8>> = self
+            .conn
+            .query_row("SELECT value FROM meta WHERE key = ?1", [KEY_CHECK], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        match sealed {
+            Some(s) => match self.master.open(&s, KEY_CHECK) {
+                Ok(plain) if plain == KEY_CHECK_PLAIN => Ok(()),
+                Ok(_) => Err(StoreError::WrongMasterKey(SealError::WrongKey)),
+                Err(e) => Err(StoreError::WrongMasterKey(e)),
+            },
+            None => {
+                let sealed = self.master.seal(KEY_CHECK_PLAIN, KEY_CHECK);
+                self.conn.execute(
+                    "INSERT INTO meta (key, value) VALUES (?1, ?2)",
+                    params![KEY_CHECK, sealed],
+                )?;
+                Ok(())
+            }
+        }
+    }
+
+    /// Applies changes in one transaction, durable when this returns.
+    pub fn apply(&mut self, changes: &[Change<'_>]) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        for change in changes {
+            apply_one(&tx, &self.master, change)?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Loads every tenant with its peers and policy.
+    pub fn load(&self) -> Result<Vec<Tenant>, StoreError> {
+        let mut tenants = BTreeMap::new();
+        let mut stmt = self.conn.prepare(
+            "SELECT id, interface_name, private_key, subnet, listen_port, created_at_ms FROM tenants",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, Vec<u8>>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, u16>(4)?,
+                r.get::<_, i64>(5)?,
+            ))
+        })?;
+        for row in rows {
+            let (id, interface_name, sealed, subnet, listen_port, created) = row?;
+            let row_name = format!("tenant/{id}");
+            let id = parse_id(&id, &row_name)?;
+            let secret = SecretKey::from_bytes(
+                self.master
+                    .open_key(&sealed, &row_name)
+                    .map_err(StoreError::WrongMasterKey)?,
+            );
+            let tenant = Tenant {
+                interface_name,
+                public_key: secret.public(),
+                secret,
+                subnet: subnet.parse().map_err(|_| corrupt(&row_name, "subnet"))?,
+                listen_port,
+                created_at: SystemTime::UNIX_EPOCH + Duration::from_millis(created.max(0) as u64),
+                routers: BTreeMap::new(),
+                clients: BTreeMap::new(),
+                egress: None,
+                id: id.clone(),
+            };
+            tenants.insert(id, tenant);
+        }
+
+        let mut stmt = self.conn.prepare(
+            "SELECT tenant_id, id, name, public_key, private_key, vpn_ip, extra_prefixes, receiver_index FROM routers",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, Option<Vec<u8>>>(4)?,
+                r.get::<_, String>(5)?,
+                r.get::<_, String>(6)?,
+                r.get::<_, u32>(7)?,
+            ))
+        })?;
+        for row in rows {
+            let (tid, id, name, public, sealed, vpn_ip, extra, index) = row?;
+            let row_name = format!("router/{tid}/{id}");
+            let router = Router {
+                id: parse_id(&id, &row_name)?,
+                name,
+                public_key: parse_public(&public, &row_name)?,
+                private_key: self.open_optional(sealed, &row_name)?,
+                vpn_ip: vpn_ip.parse().map_err(|_| corrupt(&row_name, "vpn_ip"))?,
+                extra_prefixes: serde_json::from_str::<Vec<IpNet>>(&extra)
+                    .map_err(|_| corrupt(&row_name, "extra_prefixes"))?,
+                index,
+            };
+            tenant_of(&mut tenants, &tid, &row_name)?
+                .routers
+                .insert(router.id.clone(), router);
+        }
+
+        let mut stmt = self.conn.prepare(
+            "SELECT tenant_id, id, name, public_key, private_key, vpn_ip, dns, receiver_index FROM clients",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, Option<Vec<u8>>>(4)?,
+                r.get::<_, String>(5)?,
+                r.get::<_, String>(6)?,
+                r.get::<_, u32>(7)?,
+            ))
+        })?;
+        for row in rows {
+            let (tid, id, name, public, sealed, vpn_ip, dns, index) = row?;
+            let row_name = format!("client/{tid}/{id}");
+            let client = Client {
+                id: parse_id(&id, &row_name)?,
+                name,
+                public_key: parse_public(&public, &row_name)?,
+                private_key: self.open_optional(sealed, &row_name)?,
+                vpn_ip: vpn_ip.parse().map_err(|_| corrupt(&row_name, "vpn_ip"))?,
+                dns: serde_json::from_str::<Vec<IpAddr>>(&dns)
+                    .map_err(|_| corrupt(&row_name, "dns"))?,
+                index,
+            };
+            tenant_of(&mut tenants, &tid, &row_name)?
+                .clients
+                .insert(client.id.clone(), client);
+        }
+
+        let mut stmt = self
+            .conn
+            .prepare("SELECT tenant_id, pool, gateways FROM egress")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+            ))
+        })?;
+        for row in rows {
+            let (tid, pool, gateways) = row?;
+            let row_name = format!("egress/{tid}");
+            let gateways = serde_json::from_str::<Vec<String>>(&gateways)
+                .map_err(|_| corrupt(&row_name, "gateways"))?
+                .iter()
+                .map(|g| parse_id(g, &row_name))
+                .collect::<Result<Vec<_>, _>>()?;
+            let policy = EgressPolicy {
+                pool: pool.parse().map_err(|_| corrupt(&row_name, "pool"))?,
+                gateways,
+            };
+            tenant_of(&mut tenants, &tid, &row_name)?.egress = Some(policy);
+        }
+        Ok(tenants.into_values().collect())
+    }
+
+    fn open_optional(
+        &self,
+        sealed: Option<Vec<u8>>,
+        context: &str,
+    ) -> Result<Option<SecretKey>, StoreError> {
+        sealed
+            .map(|s| {
+                self.master
+                    .open_key(&s, context)
+                    .map(SecretKey::from_bytes)
+                    .map_err(StoreError::WrongMasterKey)
+            })
+            .transpose()
+    }
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if version > schema::VERSION {
+        return Err(StoreError::TooNew {
+            found: version,
+            known: schema::VERSION,
+        });
+    }
+    for (from, sql) in schema::MIGRATIONS
+        .iter()
+        .enumerate()
+        .skip(version.max(0) as usize)
+    {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", from as i64 + 1)?;
+        tx.commit()?;
+        tracing::info!(version = from + 1, "state database migrated");
+    }
+    Ok(())
+}
+
+fn apply_one(
+    tx: &Transaction<'_>,
+    master: &MasterKey,
+    change: &Change<'_>,
+) -> Result<(), StoreError> {
+    match change {
+        Change::Tenant(t) => {
+            let context = format!("tenant/{}", t.id);
+            let created = t
+                .created_at
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_millis() as i64)
+                .unwrap_or(0);
+            tx.execute(
+                "INSERT INTO tenants (id, interface_name, private_key, public_key, subnet, listen_port, created_at_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                 ON CONFLICT(id) DO UPDATE SET interface_name = ?2, private_key = ?3, public_key = ?4,
+                   subnet = ?5, listen_port = ?6, created_at_ms = ?7",
+                params![
+                    t.id.as_str(),
+                    t.interface_name,
+                    master.seal(&t.secret.secret().to_bytes(), &context),
+                    keys::encode(t.public_key.as_bytes()),
+                    t.subnet.to_string(),
+                    t.listen_port,
+                    created
+                ],
+            )?;
+        }
+        Change::DeleteTenant(id) => {
+            tx.execute("DELETE FROM tenants WHERE id = ?1", [id.as_str()])?;
+        }
+        Change::Router(tid, r) => {
+            let context = format!("router/{tid}/{}", r.id);
+            let sealed = r
+                .private_key
+                .as_ref()
+                .map(|k| master.seal(&k.secret().to_bytes(), &context));
+            tx.execute(
+                "INSERT OR REPLACE INTO routers
+                   (tenant_id, id, name, public_key, private_key, vpn_ip, extra_prefixes, receiver_index)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![
+                    tid.as_str(),
+                    r.id.as_str(),
+                    r.name,
+                    keys::encode(r.public_key.as_bytes()),
+                    sealed,
+                    r.vpn_ip.to_string(),
+                    serde_json::to_string(&r.extra_prefixes).unwrap_or_else(|_| "[]".into()),
+                    r.index
+                ],
+            )?;
+        }
+        Change::DeleteRouter(tid, id) => {
+            tx.execute(
+                "DELETE FROM routers WHERE tenant_id = ?1 AND id = ?2",
+                [tid.as_str(), id.as_str()],
+            )?;
+        }
+        Change::Egress(tid, policy) => match policy {
+            Some(p) => {
+                let gateways: Vec<&str> = p.gateways.iter().map(Id::as_str).collect();
+                tx.execute(
+                    "INSERT OR REPLACE INTO egress (tenant_id, pool, gateways) VALUES (?1, ?2, ?3)",
+                    params![
+                        tid.as_str(),
+                        p.pool.to_string(),
+                        serde_json::to_string(&gateways).unwrap_or_else(|_| "[]".into())
+                    ],
+                )?;
+            }
+            None => {
+                tx.execute("DELETE FROM egress WHERE tenant_id = ?1", [tid.as_str()])?;
+            }
+        },
+        Change::Client(tid, c) => {
+            let context = format!("client/{tid}/{}", c.id);
+            let sealed = c
+                .private_key
+                .as_ref()
+                .map(|k| master.seal(&k.secret().to_bytes(), &context));
+            let dns: Vec<String> = c.dns.iter().map(ToString::to_string).collect();
+            tx.execute(
+                "INSERT OR REPLACE INTO clients
+                   (tenant_id, id, name, public_key, private_key, vpn_ip, dns, receiver_index)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![
+                    tid.as_str(),
+                    c.id.as_str(),
+                    c.name,
+                    keys::encode(c.public_key.as_bytes()),
+                    sealed,
+                    c.vpn_ip.to_string(),
+                    serde_json::to_string(&dns).unwrap_or_else(|_| "[]".into()),
+                    c.index
+                ],
+            )?;
+        }
+        Change::DeleteClient(tid, id) => {
+            tx.execute(
+                "DELETE FROM clients WHERE tenant_id = ?1 AND id = ?2",
+                [tid.as_str(), id.as_str()],
+            )?;
+        }
+    }
+    Ok(())
+}
+
+fn corrupt(row: &str, field: &str) -> StoreError {
+    StoreError::Corrupt {
+        row: row.to_owned(),
+        reason: format!("bad {field}"),
+    }
+}
+
+fn parse_id(text: &str, row: &str) -> Result<Id, StoreError> {
+    Id::parse(text, "id").map_err(|_| corrupt(row, "id"))
+}
+
+fn parse_public(text: &str, row: &str) -> Result<PublicKey, StoreError> {
+    keys::decode(text)
+        .map(PublicKey::from)
+        .map_err(|_| corrupt(row, "public_key"))
+}
+
+fn tenant_of<'a>(
+    tenants: &'a mut BTreeMap<Id, Tenant>,
+    tid: &str,
+    row: &str,
+) -> Result<&'a mut Tenant, StoreError> {
+    let id = parse_id(tid, row)?;
+    tenants
+        .get_mut(&id)
+        .ok_or_else(|| corrupt(row, "tenant_id (no such tenant)"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::model::{ClientRequest, EgressRequest, RouterRequest, TenantRequest};
+    use crate::control::registry::{AllocPolicy, Registry};
+
+    fn registry() -> Registry {
+        Registry::new(
+            AllocPolicy {
+                first_port: 51820,
+                supernet: "10.0.0.0/8".parse().unwrap(),
+                subnet_prefix_len: 16,
+                subnet_start: "10.100.0.0".parse().unwrap(),
+            },
+            3,
+        )
+    }
+
+    fn id(s: &str) -> Id {
+        Id::parse(s, "id").unwrap()
+    }
+
+    fn provisioned() -> Registry {
+        let mut r = registry();
+        let t = id("kitonga");
+        r.put_tenant(&t, &TenantRequest::default(), SystemTime::now())
+            .unwrap();
+        let gw = RouterRequest {
+            vpn_ip: Some("10.100.0.40".into()),
+            allowed_ips: Some(vec!["192.168.88.0/24".into()]),
+            ..Default::default()
+        };
+        r.put_router(&t, &id("gw"), &gw).unwrap();
+        let req = EgressRequest {
+            pool: "10.200.0.0/24".into(),
+            gateways: vec!["gw".into()],
+        };
+        r.put_egress(&t, &req).unwrap();
+        let phone = ClientRequest {
+            dns: Some(vec!["1.1.1.1".into()]),
+            ..Default::default()
+        };
+        r.put_client(&t, &id("p1"), &phone).unwrap();
+        r
+    }
+
+    fn save_all(store: &mut Store, r: &Registry) {
+        let mut changes = Vec::new();
+        for t in r.tenants() {
+            changes.push(Change::Tenant(t));
+            for router in t.routers.values() {
+                changes.push(Change::Router(&t.id, router));
+            }
+            changes.push(Change::Egress(&t.id, t.egress.as_ref()));
+            for c in t.clients.values() {
+                changes.push(Change::Client(&t.id, c));
+            }
+        }
+        store.apply(&changes).unwrap();
+    }
+
+    #[test]
+    fn round_trip_with_keys_sealed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let master = MasterKey::generate();
+        let r = provisioned();
+        {
+            let mut store = Store::open(&path, master.clone()).unwrap();
+            assert!(store.is_empty().unwrap());
+            save_all(&mut store, &r);
+        }
+        let store = Store::open(&path, master).unwrap();
+        let loaded = store.load().unwrap();
+        assert_eq!(loaded.len(), 1);
+        let (a, b) = (&loaded[0], r.tenants().next().unwrap());
+        assert_eq!(a.public_key, b.public_key);
+        assert_eq!(
+            (a.subnet, a.listen_port, &a.interface_name),
+            (b.subnet, b.listen_port, &b.interface_name)
+        );
+        let (ga, gb) = (&a.routers[&id("gw")], &b.routers[&id("gw")]);
+        assert_eq!(
+            (ga.vpn_ip, &ga.extra_prefixes, ga.index),
+            (gb.vpn_ip, &gb.extra_prefixes, gb.index)
+        );
+        assert_eq!(
+            ga.private_key.as_ref().unwrap().to_base64(),
+            gb.private_key.as_ref().unwrap().to_base64()
+        );
+        assert_eq!(a.egress, b.egress);
+        assert_eq!(a.clients[&id("p1")].dns, b.clients[&id("p1")].dns);
+
+        // No private key is in the file in plain text (raw or base64).
+        drop(store);
+        let bytes = std::fs::read(&path).unwrap();
+        let wal = std::fs::read(dir.path().join("state.db-wal")).unwrap_or_default();
+        for secret in [
+            b.secret.secret().to_bytes(),
+            gb.private_key.as_ref().unwrap().secret().to_bytes(),
+        ] {
+            for blob in [&bytes, &wal] {
+                assert!(!blob.windows(32).any(|w| w == secret));
+                let b64 = keys::encode(&secret);
+                assert!(!blob.windows(b64.len()).any(|w| w == b64.as_bytes()));
+            }
+        }
+    }
+
+    #[test]
+    fn wrong_master_key_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        drop(Store::open(&path, MasterKey::generate()).unwrap());
+        let err = Store::open(&path, MasterKey::generate()).err().unwrap();
+        assert!(matches!(err, StoreError::WrongMasterKey(_)), "{err}");
+        assert!(err.to_string().contains("master key"));
+    }
+
+    #[test]
+    fn newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let conn = Connection::open(&path).unwrap();
+        conn.pragma_update(None, "user_version", 99).unwrap();
+        drop(conn);
+        let err = Store::open(&path, MasterKey::generate()).err().unwrap();
+        assert!(matches!(err, StoreError::TooNew { found: 99, .. }), "{err}");
+    }
+
+    #[test]
+    fn deletes_cascade() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("s.db"), MasterKey::generate()).unwrap();
+        let r = provisioned();
+        save_all(&mut store, &r);
+        store
+            .apply(&[Change::DeleteTenant(&id("kitonga"))])
+            .unwrap();
+        assert!(store.load().unwrap().is_empty());
+        let n: i64 = store
+            .conn
+            .query_row("SELECT COUNT(*) FROM routers", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 0);
+    }
+}

@@ -45,6 +45,30 @@ pub struct Settings {
     pub state: StateSettings,
     /// Tunnels and allocation.
     pub tunnels: TunnelSettings,
+    /// Peer events.
+    pub events: EventSettings,
+}
+
+/// `[events]`
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct EventSettings {
+    /// URLs that receive every peer event as a JSON POST.
+    pub webhooks: Vec<String>,
+    /// Events waiting for webhook delivery before new ones are dropped.
+    pub webhook_queue: usize,
+    /// Timeout of one webhook request, in seconds.
+    pub webhook_timeout_secs: u16,
+}
+
+impl Default for EventSettings {
+    fn default() -> Self {
+        Self {
+            webhooks: Vec::new(),
+            webhook_queue: 1024,
+            webhook_timeout_secs: 5,
+        }
+    }
 }
 
 /// `[api]`
@@ -88,6 +112,9 @@ pub struct TunnelSettings {
     pub subnet_start: Ipv4Addr,
     /// Keepalive interval the appliance uses towards peers, in seconds (0 = off).
     pub keepalive_secs: u16,
+    /// Silence after which a peer counts as gone: gateways fail over, and
+    /// `peer_disconnected` is sent.
+    pub liveness_timeout_secs: u16,
 }
 
 impl Default for ApiSettings {
@@ -119,6 +146,7 @@ impl Default for TunnelSettings {
             subnet_prefix_len: 16,
             subnet_start: Ipv4Addr::new(10, 100, 0, 0),
             keepalive_secs: 0,
+            liveness_timeout_secs: 60,
         }
     }
 }
@@ -175,6 +203,26 @@ impl Settings {
             return Err(invalid(
                 "tunnels.subnet_start",
                 format!("{} is outside the supernet {}", t.subnet_start, t.supernet),
+            ));
+        }
+        for url in &self.events.webhooks {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(invalid(
+                    "events.webhooks",
+                    format!("{url:?} is not an http:// or https:// URL"),
+                ));
+            }
+        }
+        if self.events.webhook_queue == 0 || self.events.webhook_timeout_secs == 0 {
+            return Err(invalid(
+                "events.webhook_queue",
+                "queue and timeout must be at least 1".into(),
+            ));
+        }
+        if t.liveness_timeout_secs == 0 {
+            return Err(invalid(
+                "tunnels.liveness_timeout_secs",
+                "must be at least 1".into(),
             ));
         }
         if t.first_port == 0 {

@@ -4,16 +4,17 @@ use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use ipnet::Ipv4Net;
-use tokio::sync::Mutex;
+use tokio::sync::{broadcast, mpsc, Mutex};
 
 use wgplane::api::{self, AppState, Control};
 use wgplane::config::Settings;
 use wgplane::control::registry::{AllocPolicy, Registry};
-use wgplane::io::Runtime;
+use wgplane::io::{events, Runtime, RuntimeSettings};
 use wgplane::keys::{self, SecretKey};
 use wgplane::store::{MasterKey, Store};
 
@@ -73,6 +74,12 @@ struct RunArgs {
     /// Subnet allocation starts at the subnet holding this address.
     #[arg(long, env = "WGPLANE_SUBNET_START")]
     subnet_start: Option<Ipv4Addr>,
+    /// Seconds of silence after which a peer counts as gone.
+    #[arg(long, env = "WGPLANE_LIVENESS_TIMEOUT_SECS")]
+    liveness_timeout_secs: Option<u16>,
+    /// Webhook URL for peer events (repeat for several).
+    #[arg(long = "webhook", env = "WGPLANE_WEBHOOKS", value_delimiter = ',')]
+    webhooks: Vec<String>,
 }
 
 fn main() -> Result<()> {
@@ -142,6 +149,12 @@ fn settings(args: &RunArgs) -> Result<Settings> {
     }
     if let Some(v) = args.subnet_start {
         s.tunnels.subnet_start = v;
+    }
+    if let Some(v) = args.liveness_timeout_secs {
+        s.tunnels.liveness_timeout_secs = v;
+    }
+    if !args.webhooks.is_empty() {
+        s.events.webhooks.clone_from(&args.webhooks);
     }
     s.validate(&format!("{origin} with flags and WGPLANE_* variables"))?;
     Ok(s)
@@ -237,8 +250,12 @@ async fn run(settings: Settings) -> Result<()> {
         rand_core::RngCore::next_u32(&mut rand_core::OsRng),
         tenants,
     )?;
-    let keepalive = (t.keepalive_secs > 0).then_some(t.keepalive_secs);
-    let mut runtime = Runtime::new(t.bind, keepalive);
+    let mut runtime = Runtime::new(RuntimeSettings {
+        bind: t.bind,
+        keepalive: (t.keepalive_secs > 0).then_some(t.keepalive_secs),
+        liveness_timeout: Duration::from_secs(u64::from(t.liveness_timeout_secs)),
+    });
+    let engine_events = runtime.subscribe();
     let mut restored = 0usize;
     for tenant in registry.tenants() {
         match runtime.start(tenant).await {
@@ -257,7 +274,26 @@ async fn run(settings: Settings) -> Result<()> {
         }),
         token,
         public_host: t.public_host.clone(),
+        events: broadcast::channel(1024).0,
+        event_stats: Arc::default(),
     });
+    let webhooks = (!settings.events.webhooks.is_empty()).then(|| {
+        let (queue, rx) = mpsc::channel(settings.events.webhook_queue);
+        tokio::spawn(events::run_webhooks(
+            rx,
+            settings.events.webhooks.clone(),
+            Duration::from_secs(u64::from(settings.events.webhook_timeout_secs)),
+            Arc::clone(&state.event_stats),
+        ));
+        queue
+    });
+    tokio::spawn(events::run_hub(
+        engine_events,
+        Arc::clone(&state),
+        state.events.clone(),
+        webhooks,
+        Arc::clone(&state.event_stats),
+    ));
     let listener = tokio::net::TcpListener::bind(settings.api.listen)
         .await
         .with_context(|| format!("cannot bind the admin API on {}", settings.api.listen))?;

@@ -7,6 +7,7 @@
 mod auth;
 mod body;
 mod error;
+mod events;
 mod handlers;
 mod views;
 
@@ -41,6 +42,25 @@ pub struct AppState {
     pub control: Mutex<Control>,
     pub token: String,
     pub public_host: String,
+    /// Named peer events, for SSE subscribers.
+    pub events: tokio::sync::broadcast::Sender<crate::io::events::PeerEvent>,
+    /// Counters of the event path.
+    pub event_stats: Arc<crate::io::events::EventStats>,
+}
+
+impl crate::io::events::Resolve for Arc<AppState> {
+    async fn resolve(&self, tenant: &str, key: &[u8; 32]) -> Option<(&'static str, String)> {
+        let id = crate::control::Id::parse(tenant, "tenant_id").ok()?;
+        let control = self.control.lock().await;
+        let t = control.registry.tenant(&id).ok()?;
+        if let Some(r) = t.routers.values().find(|r| r.public_key.as_bytes() == key) {
+            return Some(("router", r.id.to_string()));
+        }
+        t.clients
+            .values()
+            .find(|c| c.public_key.as_bytes() == key)
+            .map(|c| ("client", c.id.to_string()))
+    }
 }
 
 /// The full router: `/v1` behind the token, `/healthz` open.
@@ -71,6 +91,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             get(get_client_config),
         )
         .route("/tenants/{tenant_id}/route", get(explain_route))
+        .route("/events", get(events::stream))
         .layer(axum::middleware::from_fn_with_state(
             Arc::clone(&state),
             auth::require_token,

@@ -211,6 +211,7 @@ pub struct TunnelEngine {
     public: PublicKey,
     rate_limiter: Arc<RateLimiter>,
     last_limiter_reset: Option<Instant>,
+    liveness_timeout: Duration,
     peers: Peers,
     routing: RoutingState,
     egress: Vec<EgressConfig>,
@@ -229,6 +230,7 @@ impl TunnelEngine {
             secret,
             public,
             last_limiter_reset: None,
+            liveness_timeout: super::peer::DEFAULT_LIVENESS_TIMEOUT,
             peers: Peers::default(),
             routing: RoutingState {
                 local,
@@ -240,6 +242,14 @@ impl TunnelEngine {
             rx: vec![0; BUF_LEN].into_boxed_slice(),
             tx: vec![0; BUF_LEN].into_boxed_slice(),
         }
+    }
+
+    /// Sets how long a peer may stay silent before it counts as gone (gateway
+    /// failover, `peer_disconnected`). Applies to peers added afterwards.
+    #[must_use]
+    pub fn with_liveness_timeout(mut self, timeout: Duration) -> Self {
+        self.liveness_timeout = timeout;
+        self
     }
 
     // ---- getters ----
@@ -361,6 +371,7 @@ impl TunnelEngine {
                     config.clone(),
                     index,
                     Arc::clone(&self.rate_limiter),
+                    self.liveness_timeout,
                 );
                 self.peers.insert(peer)
             }

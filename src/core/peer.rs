@@ -22,9 +22,9 @@ use super::policy::DropReason;
 pub const SESSION_LIFETIME: Duration = Duration::from_secs(180);
 
 /// A session also needs to have heard from the peer recently: RouterOS sends a
-/// keepalive every 25 s, WireGuard rekeys every 120 s, so 60 s of silence means the
-/// peer is gone and a gateway should not receive traffic any more.
-pub const LIVENESS_TIMEOUT: Duration = Duration::from_secs(60);
+/// keepalive every 25 s, WireGuard rekeys every 120 s, so by default 60 s of silence
+/// means the peer is gone and a gateway should not receive traffic any more.
+pub const DEFAULT_LIVENESS_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// What kind of object a peer is, for status and events.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,6 +98,8 @@ pub struct Peer {
     pub(crate) last_rx: Option<Instant>,
     /// True between a completed handshake and the session's expiry (for events).
     pub(crate) connected: bool,
+    /// Silence after which the peer is not live any more.
+    pub(crate) liveness_timeout: Duration,
     pub(crate) stats: PeerStats,
 }
 
@@ -108,6 +110,7 @@ impl Peer {
         config: PeerConfig,
         index: u32,
         rate_limiter: Arc<RateLimiter>,
+        liveness_timeout: Duration,
     ) -> Self {
         let tunn = Tunn::new(
             tunnel_secret.clone(),
@@ -125,6 +128,7 @@ impl Peer {
             last_handshake: None,
             last_rx: None,
             connected: false,
+            liveness_timeout,
             stats: PeerStats::default(),
         }
     }
@@ -140,7 +144,7 @@ impl Peer {
         match (self.last_handshake, self.last_rx) {
             (Some(hs), Some(rx)) => {
                 now.saturating_duration_since(hs) < SESSION_LIFETIME
-                    && now.saturating_duration_since(rx) < LIVENESS_TIMEOUT
+                    && now.saturating_duration_since(rx) < self.liveness_timeout
             }
             _ => false,
         }

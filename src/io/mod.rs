@@ -7,4 +7,6 @@
 pub mod runtime;
 pub mod tunnel;
 
-pub use runtime::{Runtime, RuntimeError, TunnelEvent};
+pub mod events;
+
+pub use runtime::{Runtime, RuntimeError, RuntimeSettings, TunnelEvent};

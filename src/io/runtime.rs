@@ -43,21 +43,30 @@ struct Handle {
     local_addr: SocketAddr,
 }
 
+/// How tunnels are run.
+#[derive(Debug, Clone)]
+pub struct RuntimeSettings {
+    /// Underlay address the sockets bind to.
+    pub bind: IpAddr,
+    /// Keepalive the appliance sends, if any.
+    pub keepalive: Option<u16>,
+    /// Silence after which a peer counts as gone.
+    pub liveness_timeout: std::time::Duration,
+}
+
 /// The running tunnels.
 pub struct Runtime {
-    bind: IpAddr,
-    keepalive: Option<u16>,
+    settings: RuntimeSettings,
     tunnels: HashMap<Id, Handle>,
     events: broadcast::Sender<TunnelEvent>,
 }
 
 impl Runtime {
-    /// A runtime whose tunnels bind on `bind`.
-    pub fn new(bind: IpAddr, keepalive: Option<u16>) -> Self {
+    /// A runtime with no tunnels yet.
+    pub fn new(settings: RuntimeSettings) -> Self {
         let (events, _) = broadcast::channel(1024);
         Self {
-            bind,
-            keepalive,
+            settings,
             tunnels: HashMap::new(),
             events,
         }
@@ -83,7 +92,7 @@ impl Runtime {
         if self.tunnels.contains_key(&tenant.id) {
             return self.sync(tenant).await;
         }
-        let addr = SocketAddr::new(self.bind, tenant.listen_port);
+        let addr = SocketAddr::new(self.settings.bind, tenant.listen_port);
         let socket = UdpSocket::bind(addr)
             .await
             .map_err(|source| RuntimeError::Bind { addr, source })?;
@@ -91,7 +100,8 @@ impl Runtime {
         let engine = TunnelEngine::new(
             tenant.secret.secret().clone(),
             vec![IpAddr::V4(tenant.server_ip())],
-        );
+        )
+        .with_liveness_timeout(self.settings.liveness_timeout);
         let (commands, rx) = mpsc::channel(64);
         let task = tokio::spawn(tunnel::run(
             engine,
@@ -125,7 +135,7 @@ impl Runtime {
 
     /// Pushes the tenant's current peers and egress policy to its task.
     pub async fn sync(&self, tenant: &Tenant) -> Result<(), RuntimeError> {
-        let peers = tenant.peer_configs(self.keepalive);
+        let peers = tenant.peer_configs(self.settings.keepalive);
         let egress = tenant
             .egress
             .iter()

@@ -53,6 +53,8 @@ pub enum Command {
 pub struct TaggedEvent {
     pub tenant: Arc<str>,
     pub event: Event,
+    /// Wall-clock time the driver saw it.
+    pub at: std::time::SystemTime,
 }
 
 struct UdpSink<'a> {
@@ -132,6 +134,7 @@ pub async fn run(
             let _ = events.send(TaggedEvent {
                 tenant: Arc::clone(&tenant),
                 event,
+                at: std::time::SystemTime::now(),
             });
         }
     }

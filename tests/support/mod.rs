@@ -150,6 +150,44 @@ impl Appliance {
         self.state.path()
     }
 
+    /// Subscribes to `GET /v1/events`; parsed `(event, data)` pairs arrive on the
+    /// returned channel from a reader thread.
+    pub fn subscribe_events(&self) -> std::sync::mpsc::Receiver<(String, Value)> {
+        use std::io::BufRead;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let client = reqwest::blocking::Client::builder()
+            .timeout(None)
+            .build()
+            .expect("sse client");
+        let resp = client
+            .get(format!("http://{}/v1/events", self.api))
+            .bearer_auth(&self.token)
+            .send()
+            .expect("subscribe");
+        assert_eq!(resp.status().as_u16(), 200);
+        std::thread::spawn(move || {
+            let mut name = String::new();
+            for line in std::io::BufReader::new(resp).lines() {
+                let Ok(line) = line else { break };
+                if let Some(n) = line
+                    .strip_prefix("event: ")
+                    .or_else(|| line.strip_prefix("event:"))
+                {
+                    name = n.trim().to_owned();
+                } else if let Some(d) = line
+                    .strip_prefix("data: ")
+                    .or_else(|| line.strip_prefix("data:"))
+                {
+                    let value = serde_json::from_str(d.trim()).unwrap_or(Value::Null);
+                    if tx.send((std::mem::take(&mut name), value)).is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        rx
+    }
+
     /// A request with the token; returns status and JSON (or text as a JSON string).
     pub fn call(&self, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
         self.call_with(method, path, body, Some(&self.token))
@@ -231,6 +269,16 @@ impl UdpPeer {
             server,
             buf: vec![0u8; 65_600],
         }
+    }
+
+    /// Moves to a new UDP socket (a new source port), keeping the session: roaming.
+    pub fn rebind(&mut self) -> SocketAddr {
+        let socket = UdpSocket::bind("127.0.0.1:0").expect("bind peer socket");
+        socket
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .expect("timeout");
+        self.socket = socket;
+        self.socket.local_addr().expect("addr")
     }
 
     fn transmit(&self, datagram: &[u8]) {

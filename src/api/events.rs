@@ -1,0 +1,32 @@
+//! `GET /v1/events`: peer events as Server-Sent Events.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
+use tokio_stream::wrappers::BroadcastStream;
+use tokio_stream::{Stream, StreamExt};
+
+use super::AppState;
+
+/// Streams every peer event from now on. A subscriber that falls behind gets a
+/// `lagged` comment with the number of events it missed, then continues.
+pub async fn stream(
+    State(state): State<Arc<AppState>>,
+) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    let events = BroadcastStream::new(state.events.subscribe()).map(|item| {
+        Ok(match item {
+            Ok(e) => Event::default()
+                .event(e.event)
+                .json_data(&e)
+                .unwrap_or_else(|_| Event::default().comment("unserializable event")),
+            Err(BroadcastStreamRecvError::Lagged(n)) => {
+                Event::default().comment(format!("lagged {n}"))
+            }
+        })
+    });
+    Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+}

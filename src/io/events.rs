@@ -1,0 +1,163 @@
+//! Peer events for the platform: the engines' connect/disconnect/roam events, named
+//! after their tenant and object, fanned out to SSE subscribers and webhooks.
+//!
+//! The hub never blocks a tunnel: engines hand events to a broadcast channel; the
+//! hub resolves names under the control lock (events are rare) and hands them on.
+//! Webhook delivery has its own bounded queue and retries; when the queue is full
+//! the event is dropped for webhooks and counted, never waited for.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::sync::{broadcast, mpsc};
+
+use super::runtime::TunnelEvent;
+use crate::core::engine::Event;
+
+/// An event as the platform sees it (SSE data and webhook body).
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct PeerEvent {
+    /// `peer_connected`, `peer_disconnected` or `peer_roamed`.
+    pub event: &'static str,
+    pub tenant_id: String,
+    /// `router` or `client`.
+    pub kind: &'static str,
+    pub id: String,
+    pub public_key: String,
+    pub endpoint: Option<String>,
+    /// RFC 3339 UTC.
+    pub at: String,
+}
+
+/// Names a peer: (kind, id) of the object in `tenant` with this public key.
+pub trait Resolve {
+    fn resolve(
+        &self,
+        tenant: &str,
+        key: &[u8; 32],
+    ) -> impl std::future::Future<Output = Option<(&'static str, String)>> + Send;
+}
+
+/// Counters of the event path.
+#[derive(Debug, Default)]
+pub struct EventStats {
+    /// Events published to subscribers.
+    pub published: AtomicU64,
+    /// Webhook deliveries that succeeded.
+    pub webhook_delivered: AtomicU64,
+    /// Webhook deliveries that failed after every retry.
+    pub webhook_failed: AtomicU64,
+    /// Events not queued for webhooks because the queue was full.
+    pub webhook_dropped: AtomicU64,
+    /// Engine events lost because the hub fell behind.
+    pub lagged: AtomicU64,
+}
+
+/// Turns an engine event into a platform event.
+fn describe(e: &TunnelEvent, kind: &'static str, id: String) -> PeerEvent {
+    let (event, key, endpoint) = match &e.event {
+        Event::Connected { peer, endpoint } => ("peer_connected", peer, *endpoint),
+        Event::Disconnected { peer } => ("peer_disconnected", peer, None),
+        Event::Roamed { peer, endpoint } => ("peer_roamed", peer, Some(*endpoint)),
+    };
+    PeerEvent {
+        event,
+        tenant_id: e.tenant.to_string(),
+        kind,
+        id,
+        public_key: crate::keys::encode(key),
+        endpoint: endpoint.map(|a| a.to_string()),
+        at: humantime::format_rfc3339_seconds(e.at).to_string(),
+    }
+}
+
+fn peer_key(e: &Event) -> &[u8; 32] {
+    match e {
+        Event::Connected { peer, .. }
+        | Event::Disconnected { peer }
+        | Event::Roamed { peer, .. } => peer,
+    }
+}
+
+/// Runs the hub until the engines' channel closes.
+pub async fn run_hub(
+    mut engines: broadcast::Receiver<TunnelEvent>,
+    resolver: impl Resolve,
+    subscribers: broadcast::Sender<PeerEvent>,
+    webhooks: Option<mpsc::Sender<PeerEvent>>,
+    stats: Arc<EventStats>,
+) {
+    loop {
+        let e = match engines.recv().await {
+            Ok(e) => e,
+            Err(broadcast::error::RecvError::Lagged(n)) => {
+                stats.lagged.fetch_add(n, Ordering::Relaxed);
+                tracing::warn!(lost = n, "event hub fell behind");
+                continue;
+            }
+            Err(broadcast::error::RecvError::Closed) => break,
+        };
+        // A peer deleted meanwhile has no name any more: its event is moot.
+        let Some((kind, id)) = resolver.resolve(&e.tenant, peer_key(&e.event)).await else {
+            continue;
+        };
+        let event = describe(&e, kind, id);
+        tracing::info!(event = event.event, tenant = %event.tenant_id, id = %event.id, "peer event");
+        stats.published.fetch_add(1, Ordering::Relaxed);
+        let _ = subscribers.send(event.clone());
+        if let Some(queue) = &webhooks {
+            if queue.try_send(event).is_err() {
+                stats.webhook_dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// Delivery attempts per event and URL, and the pause before each retry.
+const RETRY_DELAYS: [Duration; 3] = [
+    Duration::from_millis(500),
+    Duration::from_secs(2),
+    Duration::from_secs(8),
+];
+
+/// Posts every queued event to every URL, with retries, in order.
+pub async fn run_webhooks(
+    mut queue: mpsc::Receiver<PeerEvent>,
+    urls: Vec<String>,
+    timeout: Duration,
+    stats: Arc<EventStats>,
+) {
+    let client = match reqwest::Client::builder().timeout(timeout).build() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "webhooks disabled: no HTTP client");
+            return;
+        }
+    };
+    while let Some(event) = queue.recv().await {
+        for url in &urls {
+            let mut delivered = false;
+            for attempt in 0..=RETRY_DELAYS.len() {
+                match client.post(url).json(&event).send().await {
+                    Ok(r) if r.status().is_success() => {
+                        delivered = true;
+                        break;
+                    }
+                    Ok(r) => tracing::warn!(%url, status = %r.status(), attempt, "webhook refused"),
+                    Err(e) => tracing::warn!(%url, error = %e, attempt, "webhook failed"),
+                }
+                if let Some(delay) = RETRY_DELAYS.get(attempt) {
+                    tokio::time::sleep(*delay).await;
+                }
+            }
+            let counter = if delivered {
+                &stats.webhook_delivered
+            } else {
+                &stats.webhook_failed
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}

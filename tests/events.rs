@@ -1,0 +1,141 @@
+//! Peer events: `peer_connected` within a second of the first handshake,
+//! `peer_roamed` when the endpoint changes, `peer_disconnected` when the peer goes
+//! silent, on the SSE stream and, with retries, on a webhook.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::http::StatusCode;
+use axum::routing::post;
+use axum::Json;
+use serde_json::Value;
+use support::{free_tcp_port, free_udp_ports, keypair, Appliance, UdpPeer};
+
+/// A webhook receiver on loopback that refuses its first request.
+fn webhook_receiver() -> (SocketAddr, Arc<Mutex<Vec<Value>>>, Arc<Mutex<u32>>) {
+    let received = Arc::new(Mutex::new(Vec::new()));
+    let attempts = Arc::new(Mutex::new(0u32));
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind receiver");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let addr = listener.local_addr().expect("addr");
+    let (r, a) = (Arc::clone(&received), Arc::clone(&attempts));
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let app = axum::Router::new().route(
+                "/hook",
+                post(move |Json(body): Json<Value>| {
+                    let (r, a) = (Arc::clone(&r), Arc::clone(&a));
+                    async move {
+                        let mut n = a.lock().unwrap();
+                        *n += 1;
+                        if *n == 1 {
+                            return StatusCode::INTERNAL_SERVER_ERROR;
+                        }
+                        r.lock().unwrap().push(body);
+                        StatusCode::NO_CONTENT
+                    }
+                }),
+            );
+            let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+            let _ = axum::serve(listener, app).await;
+        });
+    });
+    (addr, received, attempts)
+}
+
+fn next_event(
+    rx: &std::sync::mpsc::Receiver<(String, Value)>,
+    timeout: Duration,
+) -> (String, Value) {
+    rx.recv_timeout(timeout).expect("an event in time")
+}
+
+#[test]
+fn connected_roamed_disconnected_on_sse_and_webhook() {
+    let (hook, received, attempts) = webhook_receiver();
+    let url = format!("http://{hook}/hook");
+    let state = tempfile::tempdir().expect("tempdir");
+    let app = Appliance::start_with(
+        state,
+        free_tcp_port(),
+        free_udp_ports(2),
+        &[
+            ("WGPLANE_LIVENESS_TIMEOUT_SECS", "2"),
+            ("WGPLANE_WEBHOOKS", &url),
+        ],
+    )
+    .expect("start");
+    let tenant = app.expect("PUT", "/v1/tenants/acme", None, 201);
+    let (secret, public) = keypair();
+    let body = format!(r#"{{"public_key":"{public}"}}"#);
+    app.expect("PUT", "/v1/tenants/acme/routers/r1", Some(&body), 201);
+    let events = app.subscribe_events();
+
+    let endpoint: SocketAddr = ([127, 0, 0, 1], app.first_port).into();
+    let mut peer = UdpPeer::new(
+        secret,
+        tenant["server_public_key"].as_str().unwrap(),
+        endpoint,
+        7,
+    );
+    assert!(peer.handshake());
+    let handshake_done = Instant::now();
+    let (name, data) = next_event(&events, Duration::from_secs(5));
+    assert!(
+        handshake_done.elapsed() < Duration::from_secs(1),
+        "peer_connected within 1 s"
+    );
+    assert_eq!(name, "peer_connected");
+    assert_eq!(data["event"], "peer_connected");
+    assert_eq!(data["tenant_id"], "acme");
+    assert_eq!(
+        (data["kind"].as_str(), data["id"].as_str()),
+        (Some("router"), Some("r1"))
+    );
+    assert_eq!(data["public_key"], public.as_str());
+    assert_eq!(
+        data["endpoint"],
+        peer.socket.local_addr().unwrap().to_string()
+    );
+    assert!(data["at"].as_str().unwrap().ends_with('Z'));
+
+    // Roaming: the same session from a new source port.
+    let new_addr = peer.rebind();
+    peer.send(&wgplane::core::packet::build::ip_packet(
+        "10.100.1.1".parse().unwrap(),
+        "10.100.0.1".parse().unwrap(),
+        8,
+    ));
+    let (name, data) = next_event(&events, Duration::from_secs(3));
+    assert_eq!(name, "peer_roamed");
+    assert_eq!(data["endpoint"], new_addr.to_string());
+
+    // Silence past the liveness timeout (2 s here).
+    let (name, data) = next_event(&events, Duration::from_secs(6));
+    assert_eq!(name, "peer_disconnected");
+    assert_eq!(data["id"], "r1");
+
+    // The webhook got the same three, in order, despite refusing the first attempt.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while received.lock().unwrap().len() < 3 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let got: Vec<String> = received
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|v| v["event"].as_str().unwrap_or("").to_owned())
+        .collect();
+    assert_eq!(got, ["peer_connected", "peer_roamed", "peer_disconnected"]);
+    assert!(
+        *attempts.lock().unwrap() >= 4,
+        "the refused delivery was retried"
+    );
+}

@@ -14,8 +14,11 @@ use axum::Json;
 use serde_json::Value;
 use support::{free_tcp_port, free_udp_ports, keypair, Appliance, UdpPeer};
 
+/// Bodies a receiver accepted, shared with the test.
+type Received = Arc<Mutex<Vec<Value>>>;
+
 /// A webhook receiver on loopback that refuses its first request.
-fn webhook_receiver() -> (SocketAddr, Arc<Mutex<Vec<Value>>>, Arc<Mutex<u32>>) {
+fn webhook_receiver() -> (SocketAddr, Received, Arc<Mutex<u32>>) {
     let received = Arc::new(Mutex::new(Vec::new()));
     let attempts = Arc::new(Mutex::new(0u32));
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind receiver");

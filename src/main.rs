@@ -31,7 +31,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the appliance (embedded defaults unless overridden).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print a new private key, like `wg genkey`.
     Genkey,
     /// Read a private key on stdin and print its public key, like `wg pubkey`.

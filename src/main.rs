@@ -276,6 +276,7 @@ async fn run(settings: Settings) -> Result<()> {
         public_host: t.public_host.clone(),
         events: broadcast::channel(1024).0,
         event_stats: Arc::default(),
+        api_requests: Default::default(),
     });
     let webhooks = (!settings.events.webhooks.is_empty()).then(|| {
         let (queue, rx) = mpsc::channel(settings.events.webhook_queue);

@@ -37,7 +37,11 @@ fn status_of(put: Put) -> StatusCode {
 
 async fn statuses(control: &Control, id: &Id) -> Statuses {
     match control.runtime.snapshot(id).await {
-        Ok((peers, _)) => peers.into_iter().map(|p| (p.public_key, p)).collect(),
+        Ok(snapshot) => snapshot
+            .peers
+            .into_iter()
+            .map(|p| (p.public_key, p))
+            .collect(),
         Err(_) => Statuses::new(),
     }
 }

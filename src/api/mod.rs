@@ -9,6 +9,7 @@ mod body;
 mod error;
 mod events;
 mod handlers;
+mod metrics;
 mod views;
 
 use std::sync::Arc;
@@ -46,6 +47,8 @@ pub struct AppState {
     pub events: tokio::sync::broadcast::Sender<crate::io::events::PeerEvent>,
     /// Counters of the event path.
     pub event_stats: Arc<crate::io::events::EventStats>,
+    /// API requests by route and status.
+    pub api_requests: metrics::ApiCounters,
 }
 
 impl crate::io::events::Resolve for Arc<AppState> {
@@ -96,9 +99,12 @@ pub fn router(state: Arc<AppState>) -> Router {
             Arc::clone(&state),
             auth::require_token,
         ));
+    let count = axum::middleware::from_fn_with_state(Arc::clone(&state), metrics::count_requests);
     Router::new()
         .nest("/v1", v1)
         .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics::scrape))
+        .route_layer(count)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY))

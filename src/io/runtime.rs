@@ -11,11 +11,9 @@ use tokio::net::UdpSocket;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use super::tunnel::{self, Command, TaggedEvent};
+use super::tunnel::{self, Command, TaggedEvent, TunnelSnapshot};
 use crate::control::{Id, Tenant};
-use crate::core::engine::{
-    EgressConfig, EngineError, Explanation, PeerStatus, TunnelEngine, TunnelStats,
-};
+use crate::core::engine::{EgressConfig, EngineError, Explanation, TunnelEngine};
 
 /// Events from every tunnel.
 pub type TunnelEvent = TaggedEvent;
@@ -176,7 +174,7 @@ impl Runtime {
     }
 
     /// Peer statuses and counters of one tunnel.
-    pub async fn snapshot(&self, id: &Id) -> Result<(Vec<PeerStatus>, TunnelStats), RuntimeError> {
+    pub async fn snapshot(&self, id: &Id) -> Result<TunnelSnapshot, RuntimeError> {
         let (reply, rx) = oneshot::channel();
         self.ask(id, Command::Snapshot { reply }, rx).await
     }

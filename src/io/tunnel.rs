@@ -44,8 +44,19 @@ pub enum Command {
     },
     /// Peer statuses and tunnel counters.
     Snapshot {
-        reply: oneshot::Sender<(Vec<PeerStatus>, TunnelStats)>,
+        reply: oneshot::Sender<TunnelSnapshot>,
     },
+}
+
+/// A tunnel's state for status answers and metrics.
+#[derive(Debug, Clone)]
+pub struct TunnelSnapshot {
+    /// Every peer.
+    pub peers: Vec<PeerStatus>,
+    /// The engine's counters.
+    pub stats: TunnelStats,
+    /// Datagrams the socket refused to send (buffer full, no route).
+    pub send_failures: u64,
 }
 
 /// An engine event tagged with its tenant.
@@ -103,8 +114,11 @@ pub async fn run(
                         let _ = reply.send(engine.explain(src, dst, Instant::now()));
                     }
                     Command::Snapshot { reply } => {
-                        let now = Instant::now();
-                        let _ = reply.send((engine.peer_statuses(now), engine.stats().clone()));
+                        let _ = reply.send(TunnelSnapshot {
+                            peers: engine.peer_statuses(Instant::now()),
+                            stats: engine.stats().clone(),
+                            send_failures,
+                        });
                     }
                 }
             }

@@ -188,6 +188,13 @@ impl Appliance {
         rx
     }
 
+    /// `GET /metrics` as text (no token).
+    pub fn scrape(&self) -> String {
+        let (status, body) = self.call_with("GET", "/metrics", None, None);
+        assert_eq!(status, 200);
+        body.as_str().unwrap_or_default().to_owned()
+    }
+
     /// A request with the token; returns status and JSON (or text as a JSON string).
     pub fn call(&self, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
         self.call_with(method, path, body, Some(&self.token))
@@ -240,6 +247,9 @@ pub struct UdpPeer {
     pub tunn: Tunn,
     pub secret: StaticSecret,
     pub server: SocketAddr,
+    /// Bytes of every datagram sent to / received from the appliance.
+    pub sent_bytes: u64,
+    pub received_bytes: u64,
     buf: Vec<u8>,
 }
 
@@ -267,6 +277,8 @@ impl UdpPeer {
             socket,
             secret,
             server,
+            sent_bytes: 0,
+            received_bytes: 0,
             buf: vec![0u8; 65_600],
         }
     }
@@ -281,8 +293,9 @@ impl UdpPeer {
         self.socket.local_addr().expect("addr")
     }
 
-    fn transmit(&self, datagram: &[u8]) {
+    fn transmit(&mut self, datagram: &[u8]) {
         self.socket.send_to(datagram, self.server).expect("send");
+        self.sent_bytes += datagram.len() as u64;
     }
 
     /// Handshakes with the appliance; true once the session is up.
@@ -324,6 +337,7 @@ impl UdpPeer {
     pub fn poll(&mut self) -> Option<Vec<u8>> {
         let mut datagram = vec![0u8; 65_600];
         let (n, from) = self.socket.recv_from(&mut datagram).ok()?;
+        self.received_bytes += n as u64;
         let mut result = self
             .tunn
             .decapsulate(Some(from.ip()), &datagram[..n], &mut self.buf);

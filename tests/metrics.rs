@@ -1,0 +1,167 @@
+//! `/metrics` after real traffic: per-peer WireGuard series and wgplane counters
+//! agree with what the test's peers sent and received; label values are escaped.
+
+mod support;
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use support::{keypair, Appliance, UdpPeer};
+use wgplane::core::packet::build::ip_packet;
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+/// The value of the one sample of `name` whose labels include every `label`.
+fn sample(text: &str, name: &str, labels: &[&str]) -> f64 {
+    let hits: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+        .filter(|l| labels.iter().all(|x| l.contains(x)))
+        .collect();
+    assert_eq!(
+        hits.len(),
+        1,
+        "one sample of {name} with {labels:?}, found {hits:?}"
+    );
+    hits[0]
+        .rsplit(' ')
+        .next()
+        .and_then(|v| v.parse().ok())
+        .expect("numeric sample")
+}
+
+#[test]
+fn metrics_match_the_traffic() {
+    let app = Appliance::start();
+    let tenant = app.expect("PUT", "/v1/tenants/kitonga", None, 201);
+    let key = tenant["server_public_key"].as_str().unwrap().to_owned();
+    let (gw_secret, gw_public) = keypair();
+    let body = format!(
+        r#"{{"name":"Gate \"way\" \\ 1","public_key":"{gw_public}","vpn_ip":"10.100.0.40"}}"#
+    );
+    app.expect(
+        "PUT",
+        "/v1/tenants/kitonga/routers/mikrotik-1",
+        Some(&body),
+        201,
+    );
+    app.expect(
+        "PUT",
+        "/v1/tenants/kitonga/egress",
+        Some(r#"{"pool":"10.200.0.0/24","gateways":["mikrotik-1"]}"#),
+        201,
+    );
+    let (p_secret, p_public) = keypair();
+    let body = format!(r#"{{"name":"phone","public_key":"{p_public}"}}"#);
+    app.expect(
+        "PUT",
+        "/v1/tenants/kitonga/clients/phone-1",
+        Some(&body),
+        201,
+    );
+
+    let endpoint: SocketAddr = ([127, 0, 0, 1], app.first_port).into();
+    let mut gateway = UdpPeer::new(gw_secret, &key, endpoint, 1);
+    let mut phone = UdpPeer::new(p_secret, &key, endpoint, 2);
+    assert!(gateway.handshake() && phone.handshake());
+    const N: usize = 10;
+    for i in 0..N {
+        phone.send(&ip_packet(ip("10.200.0.2"), ip("198.18.0.1"), 100 + i));
+    }
+    for _ in 0..N {
+        gateway
+            .recv(Duration::from_secs(3))
+            .expect("forwarded packet");
+    }
+    phone.send(&ip_packet(ip("10.100.0.40"), ip("198.18.0.1"), 10)); // spoofed
+    std::thread::sleep(Duration::from_millis(300));
+
+    let text = app.scrape();
+    let phone_labels = [
+        r#"tenant="kitonga""#,
+        r#"interface="wg0""#,
+        r#"friendly_name="phone""#,
+    ];
+    assert_eq!(
+        sample(&text, "wireguard_received_bytes_total", &phone_labels),
+        phone.sent_bytes as f64,
+        "every byte the phone sent was authenticated and counted"
+    );
+    let gw_labels = [
+        &format!(r#"public_key="{gw_public}""#)[..],
+        r#"allowed_ips="10.100.0.40/32""#,
+    ];
+    assert_eq!(
+        sample(&text, "wireguard_sent_bytes_total", &gw_labels),
+        gateway.received_bytes as f64,
+        "every byte sent to the gateway"
+    );
+    let handshake = sample(&text, "wireguard_latest_handshake_seconds", &gw_labels);
+    let unix_now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(
+        (unix_now - handshake).abs() < 30.0,
+        "handshake time is wall-clock: {handshake}"
+    );
+    // The friendly name with quotes and a backslash is escaped, not broken.
+    assert!(
+        text.contains(r#"friendly_name="Gate \"way\" \\ 1""#),
+        "{text}"
+    );
+
+    let t = r#"tenant="kitonga""#;
+    assert_eq!(
+        sample(&text, "wgplane_egress_packets_total", &[t]),
+        N as f64
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "wgplane_packets_forwarded_total",
+            &[t, r#"path="peer_to_peer""#]
+        ),
+        N as f64
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "wgplane_packets_dropped_total",
+            &[t, r#"reason="spoofed_source""#]
+        ),
+        1.0
+    );
+    assert_eq!(sample(&text, "wgplane_handshakes_total", &[t]), 2.0);
+    assert_eq!(
+        sample(&text, "wgplane_gateway_up", &[t, r#"gateway="mikrotik-1""#]),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "wgplane_peers",
+            &[t, r#"kind="client""#, r#"status="connected""#]
+        ),
+        1.0
+    );
+    assert_eq!(sample(&text, "wgplane_tunnel_up", &[t]), 1.0);
+    assert!(
+        sample(
+            &text,
+            "wgplane_api_requests_total",
+            &[
+                r#"route="/v1/tenants/{tenant_id}""#,
+                r#"method="PUT""#,
+                r#"status="201""#
+            ]
+        ) >= 1.0
+    );
+
+    // A deleted peer's series are gone at the next scrape.
+    app.expect("DELETE", "/v1/tenants/kitonga/clients/phone-1", None, 204);
+    assert!(!app.scrape().contains(r#"friendly_name="phone""#));
+}

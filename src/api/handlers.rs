@@ -263,6 +263,21 @@ pub async fn put_router(
     router_answer(&control, &t, &r, status_of(put)).await
 }
 
+pub async fn get_router_script(
+    State(state): Shared,
+    Path((t, r)): Path<(String, String)>,
+) -> ApiResult {
+    let (t, r) = (tenant_id(&t)?, Id::parse(&r, "router_id")?);
+    let control = state.control.lock().await;
+    let tenant = control.registry.tenant(&t)?;
+    let router = tenant
+        .routers
+        .get(&r)
+        .ok_or_else(|| crate::control::ControlError::NoRouter(r.to_string()))?;
+    let text = render::router_script(tenant, router, &state.public_host);
+    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
+}
+
 pub async fn delete_router(
     State(state): Shared,
     Path((t, r)): Path<(String, String)>,
@@ -407,6 +422,23 @@ pub async fn get_client_config(
     let (tenant, client) = find_client(&control, &t, &c)?;
     let text = render::client_config(tenant, client, &state.public_host);
     Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
+}
+
+pub async fn get_client_qr(
+    State(state): Shared,
+    Path((t, c)): Path<(String, String)>,
+) -> ApiResult {
+    let (t, c) = (tenant_id(&t)?, Id::parse(&c, "client_id")?);
+    let control = state.control.lock().await;
+    let (tenant, client) = find_client(&control, &t, &c)?;
+    let text = render::client_config(tenant, client, &state.public_host);
+    let png = render::qr_png(&text).map_err(|e| ApiError {
+        status: StatusCode::INTERNAL_SERVER_ERROR,
+        code: "render_failed",
+        message: e.to_string(),
+        field: None,
+    })?;
+    Ok(([(header::CONTENT_TYPE, "image/png")], png).into_response())
 }
 
 pub async fn delete_client(

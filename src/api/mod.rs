@@ -81,6 +81,10 @@ pub fn router(state: Arc<AppState>) -> Router {
             get(get_router).put(put_router).delete(delete_router),
         )
         .route(
+            "/tenants/{tenant_id}/routers/{router_id}/script",
+            get(get_router_script),
+        )
+        .route(
             "/tenants/{tenant_id}/egress",
             get(get_egress).put(put_egress).delete(delete_egress),
         )
@@ -92,6 +96,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route(
             "/tenants/{tenant_id}/clients/{client_id}/config",
             get(get_client_config),
+        )
+        .route(
+            "/tenants/{tenant_id}/clients/{client_id}/config.png",
+            get(get_client_qr),
         )
         .route("/tenants/{tenant_id}/route", get(explain_route))
         .route("/events", get(events::stream))

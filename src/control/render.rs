@@ -1,11 +1,10 @@
-//! Text that devices receive: the wg-quick config of a client.
-//!
-//! RouterOS scripts come with the provisioning work of the control plane (issue 3);
-//! this module only renders, it never decides.
+//! Text that devices receive: the RouterOS v7 script of a router and the wg-quick
+//! config of a client (also as a QR code). This module only renders, it never
+//! decides; every value it prints comes from the registry.
 
 use std::fmt::Write as _;
 
-use super::model::{Client, Tenant};
+use super::model::{Client, Router, Tenant};
 use crate::keys;
 
 /// The wg-quick style config of a client. The `PrivateKey` line is present only when
@@ -50,4 +49,146 @@ pub fn endpoint(host: &str, port: u16) -> String {
     } else {
         format!("{host}:{port}")
     }
+}
+
+/// Name of the WireGuard interface the script creates on the router.
+pub fn router_interface(tenant: &Tenant) -> String {
+    format!("wgplane-{}", tenant.id)
+}
+
+/// A RouterOS string literal: quoted, with `\`, `"`, `$` and `?` escaped.
+pub fn ros_quote(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push('"');
+    for c in text.chars() {
+        if matches!(c, '\\' | '"' | '$' | '?') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('"');
+    out
+}
+
+/// The RouterOS v7 script that brings `router` onto its tenant's tunnel.
+///
+/// RouterOS peers take `endpoint-address` and `endpoint-port` (not `host:port`);
+/// `allowed-address` adds no route, so the routes are explicit; the API service is
+/// limited to the appliance's server address. A gateway of the egress policy also
+/// accepts the client pool from the tunnel, routes it back into the tunnel and
+/// masquerades it on its WAN interface list.
+pub fn router_script(tenant: &Tenant, router: &Router, public_host: &str) -> String {
+    let ifname = router_interface(tenant);
+    let pool = tenant
+        .egress
+        .as_ref()
+        .filter(|e| e.gateways.contains(&router.id))
+        .map(|e| e.pool);
+    let mut allowed = vec![tenant.subnet.to_string()];
+    allowed.extend(pool.map(|p| p.to_string()));
+    let comment = ros_quote(&format!("wgplane {}", tenant.id));
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# wgplane: RouterOS v7 script for router {} ({}) of tenant {}",
+        ros_quote(&router.name),
+        router.id,
+        tenant.id
+    );
+    let _ = writeln!(out, "/system identity set name={}", ros_quote(&router.name));
+    match &router.private_key {
+        Some(key) => {
+            let _ = writeln!(
+                out,
+                "/interface wireguard add name={ifname} listen-port=13231 mtu=1420 private-key={} comment={comment}",
+                ros_quote(&key.to_base64())
+            );
+        }
+        None => {
+            let _ = writeln!(
+                out,
+                "# This router keeps its own key: the interface below must hold the private key of {}",
+                keys::encode(router.public_key.as_bytes())
+            );
+            let _ = writeln!(
+                out,
+                "/interface wireguard add name={ifname} listen-port=13231 mtu=1420 comment={comment}"
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "/interface wireguard peers add interface={ifname} public-key={} endpoint-address={} endpoint-port={} allowed-address={} persistent-keepalive=25s comment={comment}",
+        ros_quote(&keys::encode(tenant.public_key.as_bytes())),
+        public_host.trim_start_matches('[').trim_end_matches(']'),
+        tenant.listen_port,
+        allowed.join(",")
+    );
+    let _ = writeln!(
+        out,
+        "/ip address add address={}/32 interface={ifname} comment={comment}",
+        router.vpn_ip
+    );
+    let _ = writeln!(
+        out,
+        "/ip route add dst-address={} gateway={ifname} comment={comment}",
+        tenant.subnet
+    );
+    let _ = writeln!(out, "/ip service set api address={}/32", tenant.server_ip());
+    if let Some(pool) = pool {
+        let _ = writeln!(
+            out,
+            "# KTN gateway: the client pool comes through the tunnel and leaves on the WAN."
+        );
+        let _ = writeln!(
+            out,
+            "/ip route add dst-address={pool} gateway={ifname} comment={comment}"
+        );
+        let _ = writeln!(
+            out,
+            "/ip firewall nat add chain=srcnat src-address={pool} out-interface-list=WAN action=masquerade comment={comment}"
+        );
+    }
+    out
+}
+
+/// A QR code of `text` as a PNG (8 pixels a module, 4 modules of quiet zone).
+pub fn qr_png(text: &str) -> Result<Vec<u8>, RenderError> {
+    const SCALE: usize = 8;
+    const QUIET: usize = 4;
+    let code = qrcode::QrCode::new(text.as_bytes()).map_err(|_| RenderError::TooLongForQr)?;
+    let width = code.width();
+    let colors = code.to_colors();
+    let side = (width + 2 * QUIET) * SCALE;
+    let mut pixels = vec![255u8; side * side];
+    for (i, color) in colors.iter().enumerate() {
+        if *color == qrcode::Color::Dark {
+            let (x, y) = ((i % width + QUIET) * SCALE, (i / width + QUIET) * SCALE);
+            for row in pixels[y * side..(y + SCALE) * side].chunks_mut(side) {
+                row[x..x + SCALE].fill(0);
+            }
+        }
+    }
+    let mut png = Vec::new();
+    {
+        let mut encoder = png::Encoder::new(&mut png, side as u32, side as u32);
+        encoder.set_color(png::ColorType::Grayscale);
+        encoder.set_depth(png::BitDepth::Eight);
+        let mut writer = encoder.write_header().map_err(|_| RenderError::Png)?;
+        writer
+            .write_image_data(&pixels)
+            .map_err(|_| RenderError::Png)?;
+    }
+    Ok(png)
+}
+
+/// Why something could not be rendered.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RenderError {
+    /// The text does not fit in the largest QR code.
+    #[error("text too long for a QR code")]
+    TooLongForQr,
+    /// PNG encoding failed.
+    #[error("PNG encoding failed")]
+    Png,
 }

@@ -14,6 +14,7 @@ use super::AppState;
 
 /// Streams every peer event from now on. A subscriber that falls behind gets a
 /// `lagged` comment with the number of events it missed, then continues.
+#[utoipa::path(get, path = "/events", tag = "events", responses((status = 200, description = "Server-Sent Events: peer_connected, peer_disconnected, peer_roamed; data is a PeerEvent", content_type = "text/event-stream", body = crate::io::events::PeerEvent), (status = 401, description = "Missing or wrong token", body = super::views::ErrorBody)))]
 pub async fn stream(
     State(state): State<Arc<AppState>>,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {

@@ -9,10 +9,11 @@ use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde_json::json;
 
 use super::body::JsonBody;
-use super::views::{ClientView, EgressView, RouterView, Statuses, TenantView};
+use super::views::{
+    ClientView, EgressView, ErrorBody, PeerRef, RouteView, RouterView, Statuses, TenantView,
+};
 use super::{ApiError, AppState, Control};
 use crate::control::model::{ClientRequest, EgressRequest, RouterRequest, TenantRequest};
 use crate::control::registry::Put;
@@ -130,6 +131,7 @@ async fn sync(control: &Control, id: &Id) -> Result<(), ApiError> {
 
 // ---- health ----
 
+#[utoipa::path(get, path = "/healthz", tag = "operations", security(()), responses((status = 200, description = "Every tunnel is up", content_type = "text/plain", body = String), (status = 503, description = "A tunnel is down", content_type = "text/plain", body = String)))]
 pub async fn healthz(State(state): Shared) -> Response {
     let control = state.control.lock().await;
     if control.runtime.healthy() {
@@ -154,6 +156,7 @@ pub async fn method_not_allowed() -> ApiError {
 
 // ---- tenants ----
 
+#[utoipa::path(get, path = "/tenants", tag = "tenants", responses((status = 200, body = [TenantView]), (status = 400, description = "Bad input", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody)))]
 pub async fn list_tenants(State(state): Shared) -> ApiResult {
     let control = state.control.lock().await;
     let list: Vec<TenantView> = control
@@ -164,6 +167,7 @@ pub async fn list_tenants(State(state): Shared) -> ApiResult {
     Ok(Json(list).into_response())
 }
 
+#[utoipa::path(get, path = "/tenants/{tenant_id}", tag = "tenants", params(("tenant_id" = String, Path, description = "Tenant id: 1-64 of [A-Za-z0-9._-]")), responses((status = 200, body = TenantView), (status = 400, description = "Bad input", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 404, description = "Unknown object", body = ErrorBody)))]
 pub async fn get_tenant(State(state): Shared, Path(t): Path<String>) -> ApiResult {
     let id = tenant_id(&t)?;
     let control = state.control.lock().await;
@@ -171,6 +175,7 @@ pub async fn get_tenant(State(state): Shared, Path(t): Path<String>) -> ApiResul
     Ok(Json(tenant_view(&state, &control, tenant)).into_response())
 }
 
+#[utoipa::path(put, path = "/tenants/{tenant_id}", tag = "tenants", params(("tenant_id" = String, Path, description = "Tenant id: 1-64 of [A-Za-z0-9._-]")), request_body(content = Option<TenantRequest>, description = "Optional: listen_port and subnet; omitted values are allocated"), responses((status = 201, description = "Created", body = TenantView), (status = 200, description = "Existed", body = TenantView), (status = 400, description = "Bad input", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 409, description = "Conflict", body = ErrorBody), (status = 503, description = "Change could not be stored; undone", body = ErrorBody)))]
 pub async fn put_tenant(
     State(state): Shared,
     Path(t): Path<String>,
@@ -184,6 +189,7 @@ pub async fn put_tenant(
     Ok((status_of(put), Json(tenant_view(&state, &control, tenant))).into_response())
 }
 
+#[utoipa::path(delete, path = "/tenants/{tenant_id}", tag = "tenants", params(("tenant_id" = String, Path, description = "Tenant id: 1-64 of [A-Za-z0-9._-]")), responses((status = 204, description = "Deleted; its port is closed"), (status = 400, description = "Bad input", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 404, description = "Unknown object", body = ErrorBody), (status = 503, description = "Change could not be stored; undone", body = ErrorBody)))]
 pub async fn delete_tenant(State(state): Shared, Path(t): Path<String>) -> ApiResult {
     let id = tenant_id(&t)?;
     let mut control = state.control.lock().await;
@@ -205,6 +211,7 @@ pub async fn delete_tenant(State(state): Shared, Path(t): Path<String>) -> ApiRe
 
 // ---- routers ----
 
+#[utoipa::path(get, path = "/tenants/{tenant_id}/routers", tag = "routers", params(("tenant_id" = String, Path, description = "Tenant id: 1-64 of [A-Za-z0-9._-]")), responses((status = 200, body = [RouterView]), (status = 400, description = "Bad input", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 404, description = "Unknown object", body = ErrorBody)))]
 pub async fn list_routers(State(state): Shared, Path(t): Path<String>) -> ApiResult {
     let id = tenant_id(&t)?;
     let control = state.control.lock().await;
@@ -230,12 +237,14 @@ async fn router_answer(control: &Control, t: &Id, r: &Id, status: StatusCode) ->
     Ok((status, Json(view)).into_response())
 }
 
+#[utoipa::path(get, path = "/tenants/{tenant_id}/routers/{router_id}", tag = "routers", params(("tenant_id" = String, Path, description = "Tenant id: 1-64 of [A-Za-z0-9._-]"), ("router_id" = String, Path, description = "Router id")), responses((status = 200, body = RouterView), (status = 400, description = "Bad input", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 404, description = "Unknown object", body = ErrorBody)))]
 pub async fn get_router(State(state): Shared, Path((t, r)): Path<(String, String)>) -> ApiResult {
     let (t, r) = (tenant_id(&t)?, Id::parse(&r, "router_id")?);
     let control = state.control.lock().await;
     router_answer(&control, &t, &r, StatusCode::OK).await
 }
 
+#[utoipa::path(put, path = "/tenants/{tenant_id}/routers/{router_id}", tag = "routers", params(("tenant_id" = String, Path, description = "Tenant id: 1-64 of [A-Za-z0-9._-]"), ("router_id" = String, Path, description = "Router id")), request_body = RouterRequest, responses((status = 201, description = "Created", body = RouterView), (status = 200, description = "Existed", body = RouterView), (status = 400, description = "Bad input", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 409, description = "Conflict", body = ErrorBody), (status = 503, description = "Change could not be stored; undone", body = ErrorBody)))]
 pub async fn put_router(
     State(state): Shared,
     Path((t, r)): Path<(String, String)>,
@@ -263,6 +272,7 @@ pub async fn put_router(
     router_answer(&control, &t, &r, status_of(put)).await
 }
 
+#[utoipa::path(get, path = "/tenants/{tenant_id}/routers/{router_id}/script", tag = "routers", params(("tenant_id" = String, Path, description = "Tenant id: 1-64 of [A-Za-z0-9._-]"), ("router_id" = String, Path, description = "Router id")), responses((status = 200, description = "RouterOS v7 script", content_type = "text/plain", body = String), (status = 400, description = "Bad input", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 404, description = "Unknown object", body = ErrorBody)))]
 pub async fn get_router_script(
     State(state): Shared,
     Path((t, r)): Path<(String, String)>,
@@ -278,6 +288,7 @@ pub async fn get_router_script(
     Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
 }
 
+#[utoipa::path(delete, path = "/tenants/{tenant_id}/routers/{router_id}", tag = "routers", params(("tenant_id" = String, Path, description = "Tenant id: 1-64 of [A-Za-z0-9._-]"), ("router_id" = String, Path, description = "Router id")), responses((status = 204, description = "Deleted"), (status = 400, description = "Bad input", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 404, description = "Unknown object", body = ErrorBody), (status = 409, description = "Conflict", body = ErrorBody), (status = 503, description = "Change could not be stored; undone", body = ErrorBody)))]
 pub async fn delete_router(
     State(state): Shared,
     Path((t, r)): Path<(String, String)>,
@@ -295,6 +306,7 @@ pub async fn delete_router(
 
 // ---- egress ----
 
+#[utoipa::path(get, path = "/tenants/{tenant_id}/egress", tag = "egress", params(("tenant_id" = String, Path, description = "Tenant id: 1-64 of [A-Za-z0-9._-]")), responses((status = 200, body = EgressView), (status = 400, description = "Bad input", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 404, description = "Unknown object", body = ErrorBody)))]
 pub async fn get_egress(State(state): Shared, Path(t): Path<String>) -> ApiResult {
     let id = tenant_id(&t)?;
     let control = state.control.lock().await;
@@ -314,6 +326,7 @@ fn no_egress() -> ApiError {
     }
 }
 
+#[utoipa::path(put, path = "/tenants/{tenant_id}/egress", tag = "egress", params(("tenant_id" = String, Path, description = "Tenant id: 1-64 of [A-Za-z0-9._-]")), request_body = EgressRequest, responses((status = 201, description = "Created", body = EgressView), (status = 200, description = "Existed", body = EgressView), (status = 400, description = "Bad input", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 404, description = "Unknown object", body = ErrorBody), (status = 409, description = "Conflict", body = ErrorBody), (status = 503, description = "Change could not be stored; undone", body = ErrorBody)))]
 pub async fn put_egress(
     State(state): Shared,
     Path(t): Path<String>,
@@ -333,6 +346,7 @@ pub async fn put_egress(
     Ok((status_of(put), Json(view)).into_response())
 }
 
+#[utoipa::path(delete, path = "/tenants/{tenant_id}/egress", tag = "egress", params(("tenant_id" = String, Path, description = "Tenant id: 1-64 of [A-Za-z0-9._-]")), responses((status = 204, description = "Deleted"), (status = 400, description = "Bad input", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 404, description = "Unknown object", body = ErrorBody), (status = 409, description = "Conflict", body = ErrorBody), (status = 503, description = "Change could not be stored; undone", body = ErrorBody)))]
 pub async fn delete_egress(State(state): Shared, Path(t): Path<String>) -> ApiResult {
     let id = tenant_id(&t)?;
     let mut control = state.control.lock().await;
@@ -348,6 +362,7 @@ pub async fn delete_egress(State(state): Shared, Path(t): Path<String>) -> ApiRe
 
 // ---- clients ----
 
+#[utoipa::path(get, path = "/tenants/{tenant_id}/clients", tag = "clients", params(("tenant_id" = String, Path, description = "Tenant id: 1-64 of [A-Za-z0-9._-]")), responses((status = 200, body = [ClientView]), (status = 400, description = "Bad input", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 404, description = "Unknown object", body = ErrorBody)))]
 pub async fn list_clients(State(state): Shared, Path(t): Path<String>) -> ApiResult {
     let id = tenant_id(&t)?;
     let control = state.control.lock().await;
@@ -375,6 +390,7 @@ fn find_client<'a>(
     Ok((tenant, client))
 }
 
+#[utoipa::path(get, path = "/tenants/{tenant_id}/clients/{client_id}", tag = "clients", params(("tenant_id" = String, Path, description = "Tenant id: 1-64 of [A-Za-z0-9._-]"), ("client_id" = String, Path, description = "Client id")), responses((status = 200, body = ClientView), (status = 400, description = "Bad input", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 404, description = "Unknown object", body = ErrorBody)))]
 pub async fn get_client(State(state): Shared, Path((t, c)): Path<(String, String)>) -> ApiResult {
     let (t, c) = (tenant_id(&t)?, Id::parse(&c, "client_id")?);
     let control = state.control.lock().await;
@@ -389,6 +405,7 @@ pub async fn get_client(State(state): Shared, Path((t, c)): Path<(String, String
     .into_response())
 }
 
+#[utoipa::path(put, path = "/tenants/{tenant_id}/clients/{client_id}", tag = "clients", params(("tenant_id" = String, Path, description = "Tenant id: 1-64 of [A-Za-z0-9._-]"), ("client_id" = String, Path, description = "Client id")), request_body = ClientRequest, responses((status = 201, description = "Created; includes config", body = ClientView), (status = 200, description = "Existed; includes config", body = ClientView), (status = 400, description = "Bad input", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 404, description = "Unknown object", body = ErrorBody), (status = 409, description = "Conflict", body = ErrorBody), (status = 503, description = "Change could not be stored; undone", body = ErrorBody)))]
 pub async fn put_client(
     State(state): Shared,
     Path((t, c)): Path<(String, String)>,
@@ -413,6 +430,7 @@ pub async fn put_client(
     Ok((status_of(put), Json(view)).into_response())
 }
 
+#[utoipa::path(get, path = "/tenants/{tenant_id}/clients/{client_id}/config", tag = "clients", params(("tenant_id" = String, Path, description = "Tenant id: 1-64 of [A-Za-z0-9._-]"), ("client_id" = String, Path, description = "Client id")), responses((status = 200, description = "wg-quick config", content_type = "text/plain", body = String), (status = 400, description = "Bad input", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 404, description = "Unknown object", body = ErrorBody)))]
 pub async fn get_client_config(
     State(state): Shared,
     Path((t, c)): Path<(String, String)>,
@@ -424,6 +442,7 @@ pub async fn get_client_config(
     Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
 }
 
+#[utoipa::path(get, path = "/tenants/{tenant_id}/clients/{client_id}/config.png", tag = "clients", params(("tenant_id" = String, Path, description = "Tenant id: 1-64 of [A-Za-z0-9._-]"), ("client_id" = String, Path, description = "Client id")), responses((status = 200, description = "The config as a QR code", content_type = "image/png", body = Vec<u8>), (status = 400, description = "Bad input", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 404, description = "Unknown object", body = ErrorBody)))]
 pub async fn get_client_qr(
     State(state): Shared,
     Path((t, c)): Path<(String, String)>,
@@ -441,6 +460,7 @@ pub async fn get_client_qr(
     Ok(([(header::CONTENT_TYPE, "image/png")], png).into_response())
 }
 
+#[utoipa::path(delete, path = "/tenants/{tenant_id}/clients/{client_id}", tag = "clients", params(("tenant_id" = String, Path, description = "Tenant id: 1-64 of [A-Za-z0-9._-]"), ("client_id" = String, Path, description = "Client id")), responses((status = 204, description = "Deleted"), (status = 400, description = "Bad input", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 404, description = "Unknown object", body = ErrorBody), (status = 503, description = "Change could not be stored; undone", body = ErrorBody)))]
 pub async fn delete_client(
     State(state): Shared,
     Path((t, c)): Path<(String, String)>,
@@ -470,6 +490,7 @@ fn query_ip(value: Option<&str>, field: &'static str) -> Result<IpAddr, ApiError
         .map_err(|_| ApiError::bad_field(field, format!("{text:?} is not an IP address")))
 }
 
+#[utoipa::path(get, path = "/tenants/{tenant_id}/route", tag = "diagnostics", params(("tenant_id" = String, Path, description = "Tenant id: 1-64 of [A-Za-z0-9._-]"), ("src" = String, Query, description = "Inner source address"), ("dst" = String, Query, description = "Inner destination address")), responses((status = 200, description = "What the data plane would do", body = RouteView), (status = 400, description = "Bad input", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 404, description = "Unknown object", body = ErrorBody)))]
 pub async fn explain_route(
     State(state): Shared,
     Path(t): Path<String>,
@@ -482,40 +503,54 @@ pub async fn explain_route(
     let tenant = control.registry.tenant(&id)?;
     let e = control.runtime.explain(&id, src, dst).await?;
     let name = |key: &[u8; 32]| {
-        if let Some(r) = tenant
+        let router = tenant
             .routers
             .values()
-            .find(|r| r.public_key.as_bytes() == key)
-        {
-            json!({"kind": "router", "id": r.id.as_str()})
-        } else if let Some(c) = tenant
+            .find(|r| r.public_key.as_bytes() == key);
+        let client = tenant
             .clients
             .values()
-            .find(|c| c.public_key.as_bytes() == key)
-        {
-            json!({"kind": "client", "id": c.id.as_str()})
-        } else {
-            json!(null)
+            .find(|c| c.public_key.as_bytes() == key);
+        match (router, client) {
+            (Some(r), _) => Some(PeerRef {
+                kind: "router".into(),
+                id: r.id.to_string(),
+            }),
+            (None, Some(c)) => Some(PeerRef {
+                kind: "client".into(),
+                id: c.id.to_string(),
+            }),
+            (None, None) => None,
         }
     };
-    let mut answer = match e.verdict {
-        ExplainVerdict::Forward { peer, rule } => json!({
-            "verdict": "forward",
-            "to": name(&peer),
-            "rule": match rule {
+    let mut answer = RouteView {
+        verdict: String::new(),
+        to: None,
+        rule: None,
+        reason: None,
+        from: e.from.as_ref().and_then(name),
+    };
+    match e.verdict {
+        ExplainVerdict::Forward { peer, rule } => {
+            answer.verdict = "forward".into();
+            answer.to = name(&peer);
+            answer.rule = Some(match rule {
                 Rule::Egress { pool } => format!("egress {pool}"),
                 Rule::Prefix { prefix } => format!("route {prefix}"),
-            },
-        }),
-        ExplainVerdict::Local => json!({
-            "verdict": "local",
-            "to": {"kind": "server", "id": tenant.server_ip().to_string()},
-            "rule": format!("local {}", tenant.server_ip()),
-        }),
-        ExplainVerdict::Drop(reason) => json!({"verdict": "drop", "reason": reason.as_str()}),
-    };
-    if let Some(from) = e.from {
-        answer["from"] = name(&from);
+            });
+        }
+        ExplainVerdict::Local => {
+            answer.verdict = "local".into();
+            answer.to = Some(PeerRef {
+                kind: "server".into(),
+                id: tenant.server_ip().to_string(),
+            });
+            answer.rule = Some(format!("local {}", tenant.server_ip()));
+        }
+        ExplainVerdict::Drop(reason) => {
+            answer.verdict = "drop".into();
+            answer.reason = Some(reason.as_str().into());
+        }
     }
     Ok(Json(answer).into_response())
 }

@@ -51,6 +51,7 @@ pub async fn count_requests(
 }
 
 /// Renders every series.
+#[utoipa::path(get, path = "/metrics", tag = "operations", security(()), responses((status = 200, description = "Prometheus text exposition", content_type = "text/plain", body = String)))]
 pub async fn scrape(State(state): State<Arc<AppState>>) -> Response {
     let control = state.control.lock().await;
     let mut tunnels: Vec<(&Tenant, Option<TunnelSnapshot>)> = Vec::new();

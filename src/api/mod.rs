@@ -66,55 +66,80 @@ impl crate::io::events::Resolve for Arc<AppState> {
     }
 }
 
-/// The full router: `/v1` behind the token, `/healthz` open.
+/// The full router: `/v1` behind the token, `/healthz` and `/metrics` open. The
+/// OpenAPI document is collected from the same handler annotations that register
+/// the routes, so the two cannot drift apart.
 pub fn router(state: Arc<AppState>) -> Router {
+    let (router, api) = routes(Arc::clone(&state));
+    let api = Arc::new(api);
+    router.route(
+        "/v1/openapi.json",
+        get(move || {
+            let api = Arc::clone(&api);
+            async move { axum::Json(api.as_ref().clone()) }
+        })
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&state),
+            auth::require_token,
+        )),
+    )
+}
+
+fn routes(state: Arc<AppState>) -> (Router, utoipa::openapi::OpenApi) {
     use handlers::*;
-    let v1 = Router::new()
-        .route("/tenants", get(list_tenants))
-        .route(
-            "/tenants/{tenant_id}",
-            get(get_tenant).put(put_tenant).delete(delete_tenant),
-        )
-        .route("/tenants/{tenant_id}/routers", get(list_routers))
-        .route(
-            "/tenants/{tenant_id}/routers/{router_id}",
-            get(get_router).put(put_router).delete(delete_router),
-        )
-        .route(
-            "/tenants/{tenant_id}/routers/{router_id}/script",
-            get(get_router_script),
-        )
-        .route(
-            "/tenants/{tenant_id}/egress",
-            get(get_egress).put(put_egress).delete(delete_egress),
-        )
-        .route("/tenants/{tenant_id}/clients", get(list_clients))
-        .route(
-            "/tenants/{tenant_id}/clients/{client_id}",
-            get(get_client).put(put_client).delete(delete_client),
-        )
-        .route(
-            "/tenants/{tenant_id}/clients/{client_id}/config",
-            get(get_client_config),
-        )
-        .route(
-            "/tenants/{tenant_id}/clients/{client_id}/config.png",
-            get(get_client_qr),
-        )
-        .route("/tenants/{tenant_id}/route", get(explain_route))
-        .route("/events", get(events::stream))
+    use utoipa_axum::router::OpenApiRouter;
+    use utoipa_axum::routes;
+    let v1 = OpenApiRouter::new()
+        .routes(routes!(list_tenants))
+        .routes(routes!(get_tenant, put_tenant, delete_tenant))
+        .routes(routes!(list_routers))
+        .routes(routes!(get_router, put_router, delete_router))
+        .routes(routes!(get_router_script))
+        .routes(routes!(get_egress, put_egress, delete_egress))
+        .routes(routes!(list_clients))
+        .routes(routes!(get_client, put_client, delete_client))
+        .routes(routes!(get_client_config))
+        .routes(routes!(get_client_qr))
+        .routes(routes!(explain_route))
+        .routes(routes!(events::stream))
         .layer(axum::middleware::from_fn_with_state(
             Arc::clone(&state),
             auth::require_token,
         ));
     let count = axum::middleware::from_fn_with_state(Arc::clone(&state), metrics::count_requests);
-    Router::new()
+    let (router, mut api) = OpenApiRouter::new()
         .nest("/v1", v1)
-        .route("/healthz", get(healthz))
-        .route("/metrics", get(metrics::scrape))
+        .routes(routes!(healthz))
+        .routes(routes!(metrics::scrape))
         .route_layer(count)
+        .split_for_parts();
+    describe(&mut api);
+    let router = router
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY))
-        .with_state(state)
+        .with_state(state);
+    (router, api)
+}
+
+/// Title, version and the bearer scheme that every `/v1` operation needs.
+fn describe(api: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::security::{
+        HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme,
+    };
+    api.info.title = "wgplane admin API".into();
+    api.info.version = "1".into();
+    api.info.description = Some(
+        "Tenant tunnels, routers, KTN egress policies and clients of a wgplane appliance.".into(),
+    );
+    api.components
+        .get_or_insert_with(Default::default)
+        .add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    api.security = Some(vec![SecurityRequirement::new(
+        "bearer",
+        Vec::<String>::new(),
+    )]);
 }

@@ -20,7 +20,7 @@ pub fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct TenantView {
     pub tenant_id: String,
     pub interface_name: String,
@@ -54,7 +54,7 @@ impl TenantView {
 }
 
 /// Live status of a peer, converted to wall-clock time.
-#[derive(Serialize, Default)]
+#[derive(Serialize, Default, utoipa::ToSchema)]
 pub struct LiveView {
     pub status: &'static str,
     pub last_handshake_at: Option<String>,
@@ -89,7 +89,7 @@ impl LiveView {
 /// Live statuses of one tunnel by public key.
 pub type Statuses = HashMap<[u8; 32], PeerStatus>;
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct RouterView {
     pub router_id: String,
     pub name: String,
@@ -128,7 +128,7 @@ impl RouterView {
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct ClientView {
     pub client_id: String,
     pub name: String,
@@ -157,7 +157,7 @@ impl ClientView {
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct EgressView {
     pub pool: String,
     pub gateways: Vec<String>,
@@ -170,4 +170,47 @@ impl EgressView {
             gateways: e.gateways.iter().map(ToString::to_string).collect(),
         }
     }
+}
+
+/// The error shape of every 4xx/5xx answer.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+/// `{"code", "message", "field"}`.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ErrorDetail {
+    /// Stable snake_case code.
+    pub code: String,
+    /// Human sentence.
+    pub message: String,
+    /// The input field at fault, when one is.
+    pub field: Option<String>,
+}
+
+/// The answer of the route explain endpoint.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct RouteView {
+    /// `forward`, `local` or `drop`.
+    pub verdict: String,
+    /// Where it goes: `{"kind": "router"|"client"|"server", "id": …}`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub to: Option<PeerRef>,
+    /// The rule that decided: `egress <pool>`, `route <prefix>`, `local <address>`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+    /// Drop reason, for `drop`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The peer assumed to send the packet.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from: Option<PeerRef>,
+}
+
+/// A peer named by kind and id.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct PeerRef {
+    pub kind: String,
+    pub id: String,
 }

@@ -160,7 +160,7 @@ impl Tenant {
 }
 
 /// Body of `PUT /v1/tenants/{id}`.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TenantRequest {
     pub listen_port: Option<u16>,
@@ -168,7 +168,7 @@ pub struct TenantRequest {
 }
 
 /// Body of `PUT …/routers/{id}`.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RouterRequest {
     pub name: Option<String>,
@@ -178,7 +178,7 @@ pub struct RouterRequest {
 }
 
 /// Body of `PUT …/egress`.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EgressRequest {
     pub pool: String,
@@ -186,7 +186,7 @@ pub struct EgressRequest {
 }
 
 /// Body of `PUT …/clients/{id}`.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ClientRequest {
     pub name: Option<String>,

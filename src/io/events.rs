@@ -17,7 +17,7 @@ use super::runtime::TunnelEvent;
 use crate::core::engine::Event;
 
 /// An event as the platform sees it (SSE data and webhook body).
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct PeerEvent {
     /// `peer_connected`, `peer_disconnected` or `peer_roamed`.
     pub event: &'static str,

@@ -1,0 +1,99 @@
+//! Live changes never disturb other sessions: a ping flow between two routers loses
+//! no packet while 200 other peers are added and removed through the API.
+
+mod support;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use support::{keypair, Appliance, UdpPeer};
+use wgplane::core::packet::{build::ip_packet, parse};
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+#[test]
+fn ping_survives_200_peer_changes() {
+    let app = Appliance::start();
+    let tenant = app.expect("PUT", "/v1/tenants/acme", None, 201);
+    let key = tenant["server_public_key"].as_str().unwrap().to_owned();
+    let (s1, p1) = keypair();
+    let (s2, p2) = keypair();
+    for (id, public) in [("r1", &p1), ("r2", &p2)] {
+        let body = format!(r#"{{"public_key":"{public}"}}"#);
+        app.expect(
+            "PUT",
+            &format!("/v1/tenants/acme/routers/{id}"),
+            Some(&body),
+            201,
+        );
+    }
+    let endpoint: SocketAddr = ([127, 0, 0, 1], app.first_port).into();
+    let mut r1 = UdpPeer::new(s1, &key, endpoint, 1);
+    let mut r2 = UdpPeer::new(s2, &key, endpoint, 2);
+    assert!(r1.handshake() && r2.handshake());
+
+    let churning = AtomicBool::new(true);
+    let (mut sent, mut answered) = (0u32, 0u32);
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            for i in 0..200 {
+                let path = format!("/v1/tenants/acme/routers/churn-{i}");
+                app.expect("PUT", &path, Some("{}"), 201);
+                if i % 2 == 1 {
+                    app.expect(
+                        "DELETE",
+                        &format!("/v1/tenants/acme/routers/churn-{}", i - 1),
+                        None,
+                        204,
+                    );
+                }
+            }
+            // The survivors' prefixes change too, which rewrites the routing table.
+            app.expect(
+                "PUT",
+                "/v1/tenants/acme/routers/r1",
+                Some(r#"{"allowed_ips":["192.168.1.0/24"]}"#),
+                200,
+            );
+            for i in (1..200).step_by(2) {
+                app.expect(
+                    "DELETE",
+                    &format!("/v1/tenants/acme/routers/churn-{i}"),
+                    None,
+                    204,
+                );
+            }
+            churning.store(false, Ordering::SeqCst);
+        });
+        // Ping r1 -> r2 -> r1 until the churn is over, and a little beyond.
+        let mut extra = 20;
+        while churning.load(Ordering::SeqCst) || extra > 0 {
+            if !churning.load(Ordering::SeqCst) {
+                extra -= 1;
+            }
+            let payload = 16 + (sent % 100) as usize;
+            r1.send(&ip_packet(ip("10.100.1.1"), ip("10.100.1.2"), payload));
+            sent += 1;
+            let request = r2
+                .recv(Duration::from_secs(1))
+                .expect("r2 got the echo request");
+            assert_eq!(request.len(), 20 + payload);
+            let h = parse(&request).unwrap();
+            r2.send(&ip_packet(h.dst, h.src, payload));
+            let reply = r1
+                .recv(Duration::from_secs(1))
+                .expect("r1 got the echo reply");
+            assert_eq!(parse(&reply).unwrap().src, ip("10.100.1.2"));
+            answered += 1;
+        }
+    });
+    assert_eq!(answered, sent, "no ping lost");
+    assert!(sent >= 20, "the flow ran during the churn ({sent} pings)");
+    let routers = app.expect("GET", "/v1/tenants/acme/routers", None, 200);
+    assert_eq!(routers.as_array().unwrap().len(), 2);
+    let r1_view = app.expect("GET", "/v1/tenants/acme/routers/r1", None, 200);
+    assert_eq!(r1_view["status"], "connected");
+}

@@ -306,6 +306,12 @@ impl Proc {
         fs::read_to_string(&self.log).unwrap_or_else(|e| format!("<cannot read log: {e}>"))
     }
 
+    /// SIGKILL at once (a crash, as far as the process can tell), then reap.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// SIGTERM, up to [`TERM_GRACE`] to exit, then SIGKILL. Idempotent.
     pub fn stop(&mut self) {
         if !self.is_running() {

@@ -18,6 +18,7 @@ use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::x25519::{PublicKey, StaticSecret};
 use ipnet::IpNet;
 
+use super::netstack::{ConnId, LocalStack, StackError};
 use super::packet;
 use super::peer::{
     identify_initiator, message_type, Decap, Encap, Initiator, Message, Peer, PeerConfig, PeerStats,
@@ -219,6 +220,7 @@ pub struct TunnelEngine {
     events: VecDeque<Event>,
     rx: Box<[u8]>,
     tx: Box<[u8]>,
+    local: Option<LocalStack>,
 }
 
 impl TunnelEngine {
@@ -241,7 +243,21 @@ impl TunnelEngine {
             events: VecDeque::new(),
             rx: vec![0; BUF_LEN].into_boxed_slice(),
             tx: vec![0; BUF_LEN].into_boxed_slice(),
+            local: None,
         }
+    }
+
+    /// Serves the tunnel's own IPv4 address with the userspace stack (ping, TCP to
+    /// peers) instead of handing local packets to the sink.
+    #[must_use]
+    pub fn with_local_stack(
+        mut self,
+        address: std::net::Ipv4Addr,
+        prefix_len: u8,
+        now: Instant,
+    ) -> Self {
+        self.local = Some(LocalStack::new(address, prefix_len, now));
+        self
     }
 
     /// Sets how long a peer may stay silent before it counts as gone (gateway
@@ -464,6 +480,7 @@ impl TunnelEngine {
             events,
             rx,
             tx,
+            local,
             ..
         } = self;
 
@@ -525,6 +542,7 @@ impl TunnelEngine {
                     routing,
                     stats,
                     tx,
+                    local.as_mut(),
                     Origin::Peer(id),
                     &rx[..len],
                     now,
@@ -539,6 +557,39 @@ impl TunnelEngine {
             Decap::Drop(reason) => stats.drop(reason),
         }
         trim_events(events, stats);
+        self.flush_local(now, sink);
+    }
+
+    /// Runs the local stack and routes what it sends, as packets from the host.
+    fn flush_local(&mut self, now: Instant, sink: &mut impl Sink) {
+        let Self {
+            peers,
+            routing,
+            stats,
+            tx,
+            local,
+            ..
+        } = self;
+        let Some(stack) = local else { return };
+        stack.poll(now);
+        // Bounded: the stack sends at most what its sockets and input allow; the
+        // cap only guards against a bug turning this into a busy loop.
+        for _ in 0..4096 {
+            let Some(packet) = stack.poll_transmit() else {
+                break;
+            };
+            route(
+                peers,
+                routing,
+                stats,
+                tx,
+                None,
+                Origin::Host,
+                &packet,
+                now,
+                sink,
+            );
+        }
     }
 
     /// Handles a packet from the host side (TUN device or local stack), routed by
@@ -551,7 +602,17 @@ impl TunnelEngine {
             tx,
             ..
         } = self;
-        route(peers, routing, stats, tx, Origin::Host, packet, now, sink);
+        route(
+            peers,
+            routing,
+            stats,
+            tx,
+            None,
+            Origin::Host,
+            packet,
+            now,
+            sink,
+        );
     }
 
     /// Runs every peer's protocol timers. Call at least every 250 ms.
@@ -585,6 +646,38 @@ impl TunnelEngine {
             }
         }
         trim_events(events, stats);
+        self.flush_local(now, sink);
+    }
+
+    // ---- the local stack's TCP connections (management forwarding) ----
+
+    /// Opens a TCP connection from the tunnel's own address to `remote`.
+    pub fn tcp_connect(
+        &mut self,
+        remote: std::net::SocketAddrV4,
+        now: Instant,
+        sink: &mut impl Sink,
+    ) -> Result<ConnId, StackError> {
+        let stack = self.local.as_mut().ok_or(StackError::NoConnection)?;
+        let id = stack.connect(remote, now)?;
+        self.flush_local(now, sink);
+        Ok(id)
+    }
+
+    /// The local stack, for reading and writing its connections. Call
+    /// [`TunnelEngine::handle_local`] afterwards so that what they queued goes out.
+    pub fn local_stack(&mut self) -> Option<&mut LocalStack> {
+        self.local.as_mut()
+    }
+
+    /// Sends what the local stack has queued.
+    pub fn handle_local(&mut self, now: Instant, sink: &mut impl Sink) {
+        self.flush_local(now, sink);
+    }
+
+    /// When the local stack next needs [`TunnelEngine::handle_local`].
+    pub fn poll_local_at(&mut self, now: Instant) -> Option<Instant> {
+        self.local.as_mut().and_then(|s| s.poll_at(now))
     }
 
     // ---- outputs ----
@@ -652,6 +745,7 @@ fn route(
     routing: &RoutingState,
     stats: &mut TunnelStats,
     tx: &mut [u8],
+    local: Option<&mut LocalStack>,
     origin: Origin,
     packet: &[u8],
     now: Instant,
@@ -693,7 +787,14 @@ fn route(
             }
         }
         Verdict::Local => {
-            if sink.local(packet) {
+            let delivered = match local {
+                Some(stack) => {
+                    stack.receive(packet);
+                    true
+                }
+                None => sink.local(packet),
+            };
+            if delivered {
                 stats.forwarded_local += 1;
             } else {
                 stats.drop(DropReason::LocalUnavailable);

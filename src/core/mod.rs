@@ -7,6 +7,7 @@
 pub mod alloc;
 pub mod engine;
 pub mod harness;
+pub mod netstack;
 pub mod packet;
 pub mod peer;
 pub mod policy;

@@ -99,7 +99,12 @@ impl Runtime {
             tenant.secret.secret().clone(),
             vec![IpAddr::V4(tenant.server_ip())],
         )
-        .with_liveness_timeout(self.settings.liveness_timeout);
+        .with_liveness_timeout(self.settings.liveness_timeout)
+        .with_local_stack(
+            tenant.server_ip(),
+            tenant.subnet.prefix_len(),
+            std::time::Instant::now(),
+        );
         let (commands, rx) = mpsc::channel(64);
         let task = tokio::spawn(tunnel::run(
             engine,

@@ -118,6 +118,21 @@ impl Sim {
         self.tunnels.len() - 1
     }
 
+    /// Like [`Sim::tunnel`], with the userspace stack serving `server` in `/prefix_len`.
+    pub fn tunnel_with_stack(&mut self, port: u16, server: &str, prefix_len: u8) -> TunnelIx {
+        let t = self.tunnel(port, server);
+        let tunnel = &mut self.tunnels[t];
+        let engine = std::mem::replace(
+            &mut tunnel.engine,
+            TunnelEngine::new(tunnel.secret.clone(), vec![ip(server)]),
+        );
+        let std::net::IpAddr::V4(v4) = ip(server) else {
+            panic!("IPv4 server address expected")
+        };
+        tunnel.engine = engine.with_local_stack(v4, prefix_len, self.now);
+        t
+    }
+
     /// A peer of `tunnel` allowed `allowed`, at a fresh underlay address.
     pub fn peer(
         &mut self,

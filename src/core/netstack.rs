@@ -1,0 +1,430 @@
+//! The tunnel's own address, served in userspace: smoltcp on an in-memory device.
+//!
+//! Packets the router delivers locally (rule 4) go in with [`LocalStack::receive`];
+//! what the stack sends comes out of [`LocalStack::poll_transmit`] and is routed
+//! like a packet from the host. It answers ICMP echo by itself (router health
+//! checks: ping, `/tool netwatch`) and opens TCP connections to peers for management
+//! forwarding. No privileges, no TUN, no kernel routes. Time comes in as `now`; no
+//! socket or clock is touched here.
+//!
+//! Left out: listening sockets (nothing inside a tunnel may open a connection to the
+//! appliance except ping), UDP, IPv6 (tenants have no IPv6 server address yet).
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::time::{Duration, Instant};
+
+use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::phy::{self, Device, DeviceCapabilities, Medium};
+use smoltcp::socket::tcp;
+use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr, IpEndpoint};
+
+/// MTU of the inner packets the stack sends (the tunnels' MTU).
+pub const MTU: usize = 1420;
+
+/// Packets waiting for the stack; more are dropped (a flood must not grow memory).
+const RX_QUEUE: usize = 256;
+
+/// Send and receive buffer of each TCP connection: enough to fill a link with a
+/// few milliseconds of latency, small enough for thousands of connections.
+const TCP_BUFFER: usize = 256 * 1024;
+
+/// A connection that gets no answer for this long is given up.
+const TCP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Identifies a TCP connection of the stack.
+pub type ConnId = u32;
+
+/// Where a TCP connection is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnState {
+    /// SYN sent, no answer yet.
+    Connecting,
+    /// Data flows.
+    Open,
+    /// The peer closed its side; what it sent may still be read.
+    PeerClosed,
+    /// Gone: closed, reset, refused or timed out.
+    Closed,
+}
+
+/// Why a connection call failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StackError {
+    /// No such connection.
+    #[error("no such connection")]
+    NoConnection,
+    /// smoltcp refused to connect (no free port, bad address).
+    #[error("cannot connect: {0}")]
+    Connect(String),
+}
+
+/// An in-memory IP device: queues in, queues out.
+#[derive(Default)]
+struct Queues {
+    rx: VecDeque<Vec<u8>>,
+    tx: VecDeque<Vec<u8>>,
+}
+
+impl Device for Queues {
+    type RxToken<'a> = RxToken;
+    type TxToken<'a> = TxToken<'a>;
+
+    fn receive(&mut self, _: smoltcp::time::Instant) -> Option<(RxToken, TxToken<'_>)> {
+        let packet = self.rx.pop_front()?;
+        Some((RxToken(packet), TxToken(&mut self.tx)))
+    }
+
+    fn transmit(&mut self, _: smoltcp::time::Instant) -> Option<TxToken<'_>> {
+        Some(TxToken(&mut self.tx))
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        let mut caps = DeviceCapabilities::default();
+        caps.medium = Medium::Ip;
+        caps.max_transmission_unit = MTU;
+        caps
+    }
+}
+
+struct RxToken(Vec<u8>);
+
+impl phy::RxToken for RxToken {
+    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+        f(&self.0)
+    }
+}
+
+struct TxToken<'a>(&'a mut VecDeque<Vec<u8>>);
+
+impl phy::TxToken for TxToken<'_> {
+    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+        let mut packet = vec![0; len];
+        let r = f(&mut packet);
+        self.0.push_back(packet);
+        r
+    }
+}
+
+/// smoltcp serving one tunnel's server address.
+pub struct LocalStack {
+    iface: Interface,
+    device: Queues,
+    sockets: SocketSet<'static>,
+    epoch: Instant,
+    address: Ipv4Addr,
+    conns: BTreeMap<ConnId, SocketHandle>,
+    next_conn: ConnId,
+    next_port: u16,
+    dropped: u64,
+}
+
+impl LocalStack {
+    /// A stack owning `address` in the tunnel subnet `address/prefix_len`.
+    pub fn new(address: Ipv4Addr, prefix_len: u8, now: Instant) -> Self {
+        let mut device = Queues::default();
+        let config = Config::new(HardwareAddress::Ip);
+        let mut iface = Interface::new(config, &mut device, smoltcp::time::Instant::ZERO);
+        iface.update_ip_addrs(|addrs| {
+            // Capacity is at least one address; the push cannot fail.
+            let _ = addrs.push(IpCidr::new(IpAddress::Ipv4(address), prefix_len));
+        });
+        // Peers also own prefixes outside the subnet (LANs behind routers): answer
+        // them through the tunnel too. On an IP device the gateway is not used.
+        let _ = iface.routes_mut().add_default_ipv4_route(address);
+        Self {
+            iface,
+            device,
+            sockets: SocketSet::new(Vec::new()),
+            epoch: now,
+            address,
+            conns: BTreeMap::new(),
+            next_conn: 1,
+            next_port: 49152,
+            dropped: 0,
+        }
+    }
+
+    fn at(&self, now: Instant) -> smoltcp::time::Instant {
+        let d = now.saturating_duration_since(self.epoch);
+        smoltcp::time::Instant::from_micros(d.as_micros() as i64)
+    }
+
+    /// The stack's address.
+    pub fn address(&self) -> Ipv4Addr {
+        self.address
+    }
+
+    /// Packets dropped because the input queue was full.
+    pub fn dropped(&self) -> u64 {
+        self.dropped
+    }
+
+    /// Hands a packet addressed to the stack over; it is processed at the next poll.
+    pub fn receive(&mut self, packet: &[u8]) {
+        if self.device.rx.len() >= RX_QUEUE {
+            self.dropped += 1;
+            return;
+        }
+        self.device.rx.push_back(packet.to_vec());
+    }
+
+    /// Runs the stack: processes input, timers and socket output.
+    pub fn poll(&mut self, now: Instant) {
+        let at = self.at(now);
+        self.iface.poll(at, &mut self.device, &mut self.sockets);
+    }
+
+    /// When the stack next needs a poll, if it has timers running.
+    pub fn poll_at(&mut self, now: Instant) -> Option<Instant> {
+        let at = self.at(now);
+        self.iface
+            .poll_delay(at, &self.sockets)
+            .map(|d| now + Duration::from_micros(d.total_micros()))
+    }
+
+    /// The next packet the stack wants to send.
+    #[must_use]
+    pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
+        self.device.tx.pop_front()
+    }
+
+    /// Opens a TCP connection to `remote` from the stack's address.
+    pub fn connect(&mut self, remote: SocketAddrV4, now: Instant) -> Result<ConnId, StackError> {
+        let mut socket = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0; TCP_BUFFER]),
+            tcp::SocketBuffer::new(vec![0; TCP_BUFFER]),
+        );
+        socket.set_timeout(Some(smoltcp::time::Duration::from_millis(
+            TCP_TIMEOUT.as_millis() as u64,
+        )));
+        socket.set_nagle_enabled(false);
+        let port = self.next_local_port();
+        let remote = IpEndpoint::new(IpAddress::Ipv4(*remote.ip()), remote.port());
+        let local = IpEndpoint::new(IpAddress::Ipv4(self.address), port);
+        socket
+            .connect(self.iface.context(), remote, local)
+            .map_err(|e| StackError::Connect(e.to_string()))?;
+        let handle = self.sockets.add(socket);
+        let id = self.next_conn;
+        self.next_conn = self.next_conn.wrapping_add(1).max(1);
+        self.conns.insert(id, handle);
+        self.poll(now);
+        Ok(id)
+    }
+
+    fn next_local_port(&mut self) -> u16 {
+        let in_use: Vec<u16> = self
+            .conns
+            .values()
+            .filter_map(|h| self.sockets.get::<tcp::Socket>(*h).local_endpoint())
+            .map(|e| e.port)
+            .collect();
+        loop {
+            let port = self.next_port;
+            self.next_port = if self.next_port == u16::MAX {
+                49152
+            } else {
+                self.next_port + 1
+            };
+            if !in_use.contains(&port) {
+                return port;
+            }
+        }
+    }
+
+    fn socket(&mut self, id: ConnId) -> Result<&mut tcp::Socket<'static>, StackError> {
+        let handle = *self.conns.get(&id).ok_or(StackError::NoConnection)?;
+        Ok(self.sockets.get_mut::<tcp::Socket>(handle))
+    }
+
+    /// Where connection `id` is.
+    pub fn state(&mut self, id: ConnId) -> ConnState {
+        let Ok(s) = self.socket(id) else {
+            return ConnState::Closed;
+        };
+        match s.state() {
+            tcp::State::SynSent | tcp::State::SynReceived => ConnState::Connecting,
+            tcp::State::Established | tcp::State::FinWait1 | tcp::State::FinWait2 => {
+                ConnState::Open
+            }
+            tcp::State::CloseWait
+            | tcp::State::LastAck
+            | tcp::State::Closing
+            | tcp::State::TimeWait => {
+                if s.can_recv() {
+                    ConnState::PeerClosed
+                } else {
+                    ConnState::Closed
+                }
+            }
+            tcp::State::Closed | tcp::State::Listen => ConnState::Closed,
+        }
+    }
+
+    /// Queues as much of `data` as fits; returns how much.
+    pub fn send(&mut self, id: ConnId, data: &[u8]) -> Result<usize, StackError> {
+        let s = self.socket(id)?;
+        if !s.may_send() {
+            return Ok(0);
+        }
+        Ok(s.send_slice(data).unwrap_or(0))
+    }
+
+    /// Room left in the send buffer.
+    pub fn send_room(&mut self, id: ConnId) -> usize {
+        self.socket(id)
+            .map(|s| {
+                if s.may_send() {
+                    s.send_capacity() - s.send_queue()
+                } else {
+                    0
+                }
+            })
+            .unwrap_or(0)
+    }
+
+    /// Reads received bytes into `buf`; 0 when nothing is waiting.
+    pub fn recv(&mut self, id: ConnId, buf: &mut [u8]) -> Result<usize, StackError> {
+        let s = self.socket(id)?;
+        if !s.can_recv() {
+            return Ok(0);
+        }
+        Ok(s.recv_slice(buf).unwrap_or(0))
+    }
+
+    /// Closes our side once everything queued is sent (FIN).
+    pub fn close(&mut self, id: ConnId) {
+        if let Ok(s) = self.socket(id) {
+            s.close();
+        }
+    }
+
+    /// Resets the connection and forgets it.
+    pub fn abort(&mut self, id: ConnId) {
+        if let Some(handle) = self.conns.remove(&id) {
+            self.sockets.get_mut::<tcp::Socket>(handle).abort();
+            // The RST goes out at the next poll; the socket can go now.
+            self.sockets.remove(handle);
+        }
+    }
+
+    /// Forgets connections that are fully closed; returns their ids.
+    pub fn reap(&mut self) -> Vec<ConnId> {
+        let closed: Vec<ConnId> = self
+            .conns
+            .iter()
+            .filter(|(_, h)| {
+                let s = self.sockets.get::<tcp::Socket>(**h);
+                s.state() == tcp::State::Closed && !s.can_recv()
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &closed {
+            if let Some(h) = self.conns.remove(id) {
+                self.sockets.remove(h);
+            }
+        }
+        closed
+    }
+
+    /// Open connections.
+    pub fn connections(&self) -> usize {
+        self.conns.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::packet;
+    use smoltcp::wire::{Icmpv4Packet, Icmpv4Repr, Ipv4Packet, Ipv4Repr};
+
+    fn echo_request(src: Ipv4Addr, dst: Ipv4Addr, seq: u16) -> Vec<u8> {
+        let icmp = Icmpv4Repr::EchoRequest {
+            ident: 7,
+            seq_no: seq,
+            data: b"health",
+        };
+        let ip = Ipv4Repr {
+            src_addr: src,
+            dst_addr: dst,
+            next_header: smoltcp::wire::IpProtocol::Icmp,
+            payload_len: icmp.buffer_len(),
+            hop_limit: 64,
+        };
+        let mut buf = vec![0u8; ip.buffer_len() + icmp.buffer_len()];
+        let caps = smoltcp::phy::ChecksumCapabilities::default();
+        ip.emit(&mut Ipv4Packet::new_unchecked(&mut buf[..]), &caps);
+        icmp.emit(
+            &mut Icmpv4Packet::new_unchecked(&mut buf[ip.buffer_len()..]),
+            &caps,
+        );
+        buf
+    }
+
+    #[test]
+    fn answers_ping_from_the_subnet_and_beyond() {
+        let now = Instant::now();
+        let server = Ipv4Addr::new(10, 100, 0, 1);
+        let mut stack = LocalStack::new(server, 16, now);
+        for (i, src) in [Ipv4Addr::new(10, 100, 1, 1), Ipv4Addr::new(192, 168, 88, 5)]
+            .into_iter()
+            .enumerate()
+        {
+            stack.receive(&echo_request(src, server, i as u16));
+            stack.poll(now);
+            let reply = stack.poll_transmit().expect("an echo reply");
+            let h = packet::parse(&reply).unwrap();
+            assert_eq!((h.src, h.dst), (server.into(), src.into()));
+            let ip = Ipv4Packet::new_checked(&reply[..]).unwrap();
+            let icmp = Icmpv4Packet::new_checked(ip.payload()).unwrap();
+            assert_eq!(icmp.msg_type(), smoltcp::wire::Icmpv4Message::EchoReply);
+            assert_eq!(icmp.echo_seq_no(), i as u16);
+        }
+        // A ping to another address is not the stack's business.
+        stack.receive(&echo_request(
+            Ipv4Addr::new(10, 100, 1, 1),
+            Ipv4Addr::new(10, 100, 0, 9),
+            9,
+        ));
+        stack.poll(now);
+        assert!(stack.poll_transmit().is_none());
+    }
+
+    #[test]
+    fn tcp_connection_to_an_unreachable_peer_times_out() {
+        let start = Instant::now();
+        let mut stack = LocalStack::new(Ipv4Addr::new(10, 100, 0, 1), 16, start);
+        let id = stack
+            .connect("10.100.1.1:8728".parse().unwrap(), start)
+            .unwrap();
+        assert_eq!(stack.state(id), ConnState::Connecting);
+        let syn = stack.poll_transmit().expect("a SYN");
+        assert_eq!(
+            packet::parse(&syn).unwrap().dst,
+            "10.100.1.1".parse::<std::net::IpAddr>().unwrap()
+        );
+        // Simulated time: nobody answers for longer than the timeout.
+        let mut now = start;
+        for _ in 0..30 {
+            now += Duration::from_secs(1);
+            stack.poll(now);
+            while stack.poll_transmit().is_some() {}
+        }
+        assert_eq!(stack.state(id), ConnState::Closed);
+        assert_eq!(stack.reap(), vec![id]);
+        assert_eq!(stack.connections(), 0);
+    }
+
+    #[test]
+    fn input_queue_is_bounded() {
+        let now = Instant::now();
+        let mut stack = LocalStack::new(Ipv4Addr::new(10, 100, 0, 1), 16, now);
+        for _ in 0..RX_QUEUE + 10 {
+            stack.receive(&[0x45; 20]);
+        }
+        assert_eq!(stack.dropped(), 10);
+        stack.poll(now);
+    }
+}

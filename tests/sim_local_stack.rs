@@ -1,0 +1,91 @@
+//! The tunnel's own address in userspace: routers get answers to ping from the
+//! server address; a KTN phone's ping to it goes to the gateway instead; another
+//! tenant's router gets nothing.
+
+mod sim;
+
+use sim::{addrs, ip, Sim};
+use smoltcp::phy::ChecksumCapabilities;
+use smoltcp::wire::{Icmpv4Message, Icmpv4Packet, Icmpv4Repr, IpProtocol, Ipv4Packet, Ipv4Repr};
+use wgplane::core::peer::PeerKind;
+
+fn ping(src: &str, dst: &str, seq: u16) -> Vec<u8> {
+    let icmp = Icmpv4Repr::EchoRequest {
+        ident: 1,
+        seq_no: seq,
+        data: b"netwatch",
+    };
+    let repr = Ipv4Repr {
+        src_addr: src.parse().unwrap(),
+        dst_addr: dst.parse().unwrap(),
+        next_header: IpProtocol::Icmp,
+        payload_len: icmp.buffer_len(),
+        hop_limit: 64,
+    };
+    let mut buf = vec![0u8; repr.buffer_len() + icmp.buffer_len()];
+    let caps = ChecksumCapabilities::default();
+    repr.emit(&mut Ipv4Packet::new_unchecked(&mut buf[..]), &caps);
+    icmp.emit(
+        &mut Icmpv4Packet::new_unchecked(&mut buf[repr.buffer_len()..]),
+        &caps,
+    );
+    buf
+}
+
+fn is_echo_reply(packet: &[u8], seq: u16) -> bool {
+    let ip = Ipv4Packet::new_checked(packet).unwrap();
+    let icmp = Icmpv4Packet::new_checked(ip.payload()).unwrap();
+    icmp.msg_type() == Icmpv4Message::EchoReply && icmp.echo_seq_no() == seq
+}
+
+#[test]
+fn routers_ping_the_server_address() {
+    let mut sim = Sim::new();
+    let t = sim.tunnel_with_stack(51820, "10.100.0.1", 16);
+    let r1 = sim.peer(
+        "r1",
+        t,
+        PeerKind::Router,
+        &["10.100.1.1/32", "192.168.88.0/24"],
+    );
+    sim.connect(r1);
+    for seq in 0..3 {
+        sim.send(r1, &ping("10.100.1.1", "10.100.0.1", seq));
+        let inbox = sim.take_inbox(r1);
+        assert_eq!(inbox.len(), 1, "one echo reply for seq {seq}");
+        assert_eq!(addrs(&inbox[0]), (ip("10.100.0.1"), ip("10.100.1.1")));
+        assert!(is_echo_reply(&inbox[0], seq));
+    }
+    // From the LAN behind the router too (netwatch from a LAN address).
+    sim.send(r1, &ping("192.168.88.5", "10.100.0.1", 9));
+    let inbox = sim.take_inbox(r1);
+    assert_eq!(addrs(&inbox[0]).1, ip("192.168.88.5"));
+}
+
+#[test]
+fn a_phone_never_reaches_the_stack_and_another_tenant_never_does() {
+    let mut sim = Sim::new();
+    let a = sim.tunnel_with_stack(51820, "10.100.0.1", 16);
+    let b = sim.tunnel_with_stack(51821, "10.101.0.1", 16);
+    let gw = sim.peer("gw", a, PeerKind::Router, &["10.100.0.40/32"]);
+    let phone = sim.peer("phone", a, PeerKind::Client, &["10.200.0.2/32"]);
+    let rb = sim.peer("rb", b, PeerKind::Router, &["10.101.1.1/32"]);
+    sim.set_egress(a, "10.200.0.0/24", &[gw]);
+    for p in [gw, phone, rb] {
+        sim.connect(p);
+    }
+    sim.send(phone, &ping("10.200.0.2", "10.100.0.1", 1));
+    assert!(
+        sim.take_inbox(phone).is_empty(),
+        "the stack never answers a phone"
+    );
+    let at_gw = sim.take_inbox(gw);
+    assert_eq!(at_gw.len(), 1, "the phone's ping went to the gateway");
+    assert_eq!(addrs(&at_gw[0]).1, ip("10.100.0.1"));
+
+    sim.send(rb, &ping("10.101.1.1", "10.100.0.1", 2));
+    assert!(
+        sim.take_inbox(rb).is_empty(),
+        "tenant B's router gets no answer from A"
+    );
+}

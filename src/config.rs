@@ -47,6 +47,22 @@ pub struct Settings {
     pub tunnels: TunnelSettings,
     /// Peer events.
     pub events: EventSettings,
+    /// Management forwards opened at start-up (the API adds more).
+    pub forwards: Vec<ForwardSetting>,
+}
+
+/// `[[forwards]]`: a host TCP listener carried to a router's port in its tunnel.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ForwardSetting {
+    /// Tenant id.
+    pub tenant: String,
+    /// Router id.
+    pub router: String,
+    /// The router's TCP port (8728 for the RouterOS API).
+    pub port: u16,
+    /// Host address to listen on.
+    pub listen: SocketAddr,
 }
 
 /// `[events]`

@@ -14,9 +14,10 @@ use tokio::sync::{broadcast, mpsc, Mutex};
 use wgplane::api::{self, AppState, Control};
 use wgplane::config::Settings;
 use wgplane::control::registry::{AllocPolicy, Registry};
+use wgplane::control::Id;
 use wgplane::io::{events, Runtime, RuntimeSettings};
 use wgplane::keys::{self, SecretKey};
-use wgplane::store::{MasterKey, Store};
+use wgplane::store::{Change, MasterKey, Store};
 
 #[derive(Parser)]
 #[command(
@@ -207,6 +208,30 @@ fn load_master_key(settings: &Settings) -> Result<MasterKey> {
     Ok(key)
 }
 
+/// Adds the config file's `[[forwards]]` to the registry (and the store).
+fn apply_config_forwards(
+    settings: &Settings,
+    registry: &mut Registry,
+    store: &mut Store,
+) -> Result<()> {
+    for f in &settings.forwards {
+        let (Ok(t), Ok(r)) = (
+            Id::parse(&f.tenant, "tenant"),
+            Id::parse(&f.router, "router"),
+        ) else {
+            tracing::warn!(tenant = %f.tenant, router = %f.router, "config forward skipped: bad id");
+            continue;
+        };
+        match registry.put_forward(&t, &r, f.port, f.listen) {
+            Ok(_) => store.apply(&[Change::Forward(&t, &r, f.port, f.listen)])?,
+            Err(e) => {
+                tracing::warn!(tenant = %t, router = %r, port = f.port, error = %e, "config forward skipped")
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Creates `path` with mode 0600 holding `text` and a newline.
 fn write_private(path: &Path, text: &str) -> Result<()> {
     if let Some(dir) = path.parent() {
@@ -266,6 +291,22 @@ async fn run(settings: Settings) -> Result<()> {
         }
     }
     tracing::info!(tunnels = restored, database = %database.display(), "state restored");
+    let mut store = store;
+    let mut registry = registry;
+    apply_config_forwards(&settings, &mut registry, &mut store)?;
+    for tenant in registry.tenants() {
+        for router in tenant.routers.values() {
+            for (port, listen) in &router.forwards {
+                let target = std::net::SocketAddrV4::new(router.vpn_ip, *port);
+                if let Err(e) = runtime
+                    .set_forward(&tenant.id, &router.id, *port, *listen, target)
+                    .await
+                {
+                    tracing::error!(tenant = %tenant.id, router = %router.id, port, error = %e, "forward could not be opened");
+                }
+            }
+        }
+    }
     let state = Arc::new(AppState {
         control: Mutex::new(Control {
             registry,

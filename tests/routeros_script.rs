@@ -43,6 +43,7 @@ fn tenant() -> Tenant {
             vpn_ip: "10.100.0.40".parse().unwrap(),
             extra_prefixes: vec![],
             index: 1,
+            forwards: Default::default(),
         },
     );
     t.routers.insert(
@@ -55,6 +56,7 @@ fn tenant() -> Tenant {
             vpn_ip: "10.100.1.1".parse().unwrap(),
             extra_prefixes: vec!["192.168.88.0/24".parse().unwrap()],
             index: 2,
+            forwards: Default::default(),
         },
     );
     t

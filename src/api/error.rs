@@ -81,9 +81,10 @@ impl From<ControlError> for ApiError {
     fn from(e: ControlError) -> Self {
         let status = match &e {
             ControlError::InvalidField { .. } => StatusCode::BAD_REQUEST,
-            ControlError::NoTenant(_) | ControlError::NoRouter(_) | ControlError::NoClient(_) => {
-                StatusCode::NOT_FOUND
-            }
+            ControlError::NoTenant(_)
+            | ControlError::NoRouter(_)
+            | ControlError::NoClient(_)
+            | ControlError::NoForward(_) => StatusCode::NOT_FOUND,
             ControlError::NoEgress => StatusCode::CONFLICT,
             _ => StatusCode::CONFLICT,
         };
@@ -104,6 +105,9 @@ impl From<RuntimeError> for ApiError {
                 "port_unavailable",
                 Some("listen_port"),
             ),
+            RuntimeError::Listen { .. } => {
+                (StatusCode::CONFLICT, "listen_unavailable", Some("listen"))
+            }
             RuntimeError::Engine(_) => (StatusCode::CONFLICT, "conflict", None),
             RuntimeError::TaskGone(_) => (StatusCode::SERVICE_UNAVAILABLE, "tunnel_down", None),
         };

@@ -1,7 +1,7 @@
 //! Route handlers. Each one: parse ids, lock, change the registry, apply to the
 //! running tunnel, answer.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
@@ -12,10 +12,13 @@ use axum::Json;
 
 use super::body::JsonBody;
 use super::views::{
-    ClientView, EgressView, ErrorBody, PeerRef, RouteView, RouterView, Statuses, TenantView,
+    ClientView, EgressView, ErrorBody, ForwardView, PeerRef, RouteView, RouterView, Statuses,
+    TenantView,
 };
 use super::{ApiError, AppState, Control};
-use crate::control::model::{ClientRequest, EgressRequest, RouterRequest, TenantRequest};
+use crate::control::model::{
+    ClientRequest, EgressRequest, ForwardRequest, RouterRequest, TenantRequest,
+};
 use crate::control::registry::Put;
 use crate::control::{render, Id, Tenant};
 use crate::core::engine::ExplainVerdict;
@@ -269,6 +272,7 @@ pub async fn put_router(
         changes
     });
     sync(&control, &t).await?;
+    apply_forwards(&mut control, &t, &r).await?;
     router_answer(&control, &t, &r, status_of(put)).await
 }
 
@@ -288,6 +292,133 @@ pub async fn get_router_script(
     Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
 }
 
+fn port_param(text: &str) -> Result<u16, ApiError> {
+    text.parse::<u16>()
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or_else(|| ApiError::bad_field("port", format!("{text:?} is not a port (1-65535)")))
+}
+
+/// Makes the running forwards of router `r` match the registry (targets follow the
+/// router's address).
+async fn apply_forwards(control: &mut Control, t: &Id, r: &Id) -> Result<(), ApiError> {
+    let Some(router) = control
+        .registry
+        .tenant(t)
+        .ok()
+        .and_then(|x| x.routers.get(r))
+    else {
+        return Ok(());
+    };
+    let wanted: Vec<(u16, std::net::SocketAddr, SocketAddrV4)> = router
+        .forwards
+        .iter()
+        .map(|(port, listen)| (*port, *listen, SocketAddrV4::new(router.vpn_ip, *port)))
+        .collect();
+    for (port, listen, target) in wanted {
+        control
+            .runtime
+            .set_forward(t, r, port, listen, target)
+            .await?;
+    }
+    Ok(())
+}
+
+#[utoipa::path(get, path = "/tenants/{tenant_id}/routers/{router_id}/forwards", tag = "forwards", params(("tenant_id" = String, Path, description = "Tenant id"), ("router_id" = String, Path, description = "Router id")), responses((status = 200, body = [ForwardView]), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 404, description = "Unknown object", body = ErrorBody)))]
+pub async fn list_forwards(
+    State(state): Shared,
+    Path((t, r)): Path<(String, String)>,
+) -> ApiResult {
+    let (t, r) = (tenant_id(&t)?, Id::parse(&r, "router_id")?);
+    let control = state.control.lock().await;
+    let router = control
+        .registry
+        .tenant(&t)?
+        .routers
+        .get(&r)
+        .ok_or_else(|| crate::control::ControlError::NoRouter(r.to_string()))?;
+    let list: Vec<ForwardView> = router
+        .forwards
+        .iter()
+        .map(|(port, listen)| ForwardView::new(router, *port, *listen))
+        .collect();
+    Ok(Json(list).into_response())
+}
+
+#[utoipa::path(put, path = "/tenants/{tenant_id}/routers/{router_id}/forwards/{port}", tag = "forwards", params(("tenant_id" = String, Path, description = "Tenant id"), ("router_id" = String, Path, description = "Router id"), ("port" = u16, Path, description = "The router's TCP port inside the tunnel")), request_body(content = Option<ForwardRequest>, description = "listen: host address (default 127.0.0.1:0, any free port)"), responses((status = 201, description = "Created: the listener is open", body = ForwardView), (status = 200, description = "Existed", body = ForwardView), (status = 400, description = "Bad input", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 404, description = "Unknown object", body = ErrorBody), (status = 409, description = "Listen address in use", body = ErrorBody)))]
+pub async fn put_forward(
+    State(state): Shared,
+    Path((t, r, port)): Path<(String, String, String)>,
+    JsonBody(req): JsonBody<ForwardRequest>,
+) -> ApiResult {
+    let (t, r, port) = (
+        tenant_id(&t)?,
+        Id::parse(&r, "router_id")?,
+        port_param(&port)?,
+    );
+    let listen: std::net::SocketAddr = req
+        .listen
+        .as_deref()
+        .unwrap_or("127.0.0.1:0")
+        .parse()
+        .map_err(|_| ApiError::bad_field("listen", "not an address:port"))?;
+    let mut control = state.control.lock().await;
+    let before = control.registry.tenant(&t).ok().cloned();
+    let put = control.registry.put_forward(&t, &r, port, listen)?;
+    let target = match control
+        .registry
+        .tenant(&t)
+        .ok()
+        .and_then(|x| x.routers.get(&r))
+    {
+        Some(router) => SocketAddrV4::new(router.vpn_ip, port),
+        None => return Err(crate::control::ControlError::NoRouter(r.to_string()).into()),
+    };
+    let bound = match control
+        .runtime
+        .set_forward(&t, &r, port, listen, target)
+        .await
+    {
+        Ok(bound) => bound,
+        Err(e) => {
+            undo(&mut control, &t, before).await;
+            return Err(e.into());
+        }
+    };
+    // Store the port actually bound, so that a restart listens on the same one.
+    control.registry.put_forward(&t, &r, port, bound)?;
+    persist!(control, &t, before, |_reg| vec![Change::Forward(
+        &t, &r, port, bound
+    )]);
+    let router = control
+        .registry
+        .tenant(&t)?
+        .routers
+        .get(&r)
+        .ok_or_else(|| crate::control::ControlError::NoRouter(r.to_string()))?;
+    Ok((status_of(put), Json(ForwardView::new(router, port, bound))).into_response())
+}
+
+#[utoipa::path(delete, path = "/tenants/{tenant_id}/routers/{router_id}/forwards/{port}", tag = "forwards", params(("tenant_id" = String, Path, description = "Tenant id"), ("router_id" = String, Path, description = "Router id"), ("port" = u16, Path, description = "The router's port")), responses((status = 204, description = "Deleted; the listener is closed"), (status = 400, description = "Bad input", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 404, description = "Unknown object", body = ErrorBody)))]
+pub async fn delete_forward(
+    State(state): Shared,
+    Path((t, r, port)): Path<(String, String, String)>,
+) -> ApiResult {
+    let (t, r, port) = (
+        tenant_id(&t)?,
+        Id::parse(&r, "router_id")?,
+        port_param(&port)?,
+    );
+    let mut control = state.control.lock().await;
+    let before = control.registry.tenant(&t).ok().cloned();
+    control.registry.delete_forward(&t, &r, port)?;
+    persist!(control, &t, before, |_reg| vec![Change::DeleteForward(
+        &t, &r, port
+    )]);
+    control.runtime.remove_forward(&t, &r, port);
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
 #[utoipa::path(delete, path = "/tenants/{tenant_id}/routers/{router_id}", tag = "routers", params(("tenant_id" = String, Path, description = "Tenant id: 1-64 of [A-Za-z0-9._-]"), ("router_id" = String, Path, description = "Router id")), responses((status = 204, description = "Deleted"), (status = 400, description = "Bad input", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 404, description = "Unknown object", body = ErrorBody), (status = 409, description = "Conflict", body = ErrorBody), (status = 503, description = "Change could not be stored; undone", body = ErrorBody)))]
 pub async fn delete_router(
     State(state): Shared,
@@ -296,10 +427,13 @@ pub async fn delete_router(
     let (t, r) = (tenant_id(&t)?, Id::parse(&r, "router_id")?);
     let mut control = state.control.lock().await;
     let before = control.registry.tenant(&t).ok().cloned();
-    control.registry.delete_router(&t, &r)?;
+    let removed = control.registry.delete_router(&t, &r)?;
     persist!(control, &t, before, |_reg| vec![Change::DeleteRouter(
         &t, &r
     )]);
+    for port in removed.forwards.keys() {
+        control.runtime.remove_forward(&t, &r, *port);
+    }
     sync(&control, &t).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }

@@ -95,6 +95,8 @@ fn routes(state: Arc<AppState>) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(list_routers))
         .routes(routes!(get_router, put_router, delete_router))
         .routes(routes!(get_router_script))
+        .routes(routes!(list_forwards))
+        .routes(routes!(put_forward, delete_forward))
         .routes(routes!(get_egress, put_egress, delete_egress))
         .routes(routes!(list_clients))
         .routes(routes!(get_client, put_client, delete_client))

@@ -214,3 +214,26 @@ pub struct PeerRef {
     pub kind: String,
     pub id: String,
 }
+
+/// A management forward.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ForwardView {
+    pub router_id: String,
+    /// The router's port inside the tunnel.
+    pub port: u16,
+    /// Where connections go: the router's tunnel address and port.
+    pub target: String,
+    /// The host address that accepts connections.
+    pub listen: String,
+}
+
+impl ForwardView {
+    pub fn new(r: &Router, port: u16, listen: std::net::SocketAddr) -> Self {
+        Self {
+            router_id: r.id.to_string(),
+            port,
+            target: format!("{}:{port}", r.vpn_ip),
+            listen: listen.to_string(),
+        }
+    }
+}

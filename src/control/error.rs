@@ -19,6 +19,9 @@ pub enum ControlError {
     /// The client does not exist (404).
     #[error("client {0} does not exist")]
     NoClient(String),
+    /// The router has no forward for this port (404).
+    #[error("no forward for port {0}")]
+    NoForward(u16),
     /// The tenant has no egress policy (404 on GET/DELETE, 409 for clients).
     #[error("tenant has no egress policy")]
     NoEgress,
@@ -86,6 +89,7 @@ impl ControlError {
             ControlError::NoRouter(_) => "router_not_found",
             ControlError::NoClient(_) => "client_not_found",
             ControlError::NoEgress => "egress_not_found",
+            ControlError::NoForward(_) => "forward_not_found",
             ControlError::DuplicateKey { .. } => "duplicate_public_key",
             ControlError::AddressUnavailable { .. } => "address_unavailable",
             ControlError::PortInUse(_) => "port_in_use",

@@ -75,6 +75,8 @@ pub struct Router {
     pub extra_prefixes: Vec<IpNet>,
     /// Receiver index of its session slot, unique in the process.
     pub index: u32,
+    /// Management forwards to this router: router port -> host listen address.
+    pub forwards: BTreeMap<u16, std::net::SocketAddr>,
 }
 
 /// An end-user device of a tenant's egress pool.
@@ -183,6 +185,14 @@ pub struct RouterRequest {
 pub struct EgressRequest {
     pub pool: String,
     pub gateways: Vec<String>,
+}
+
+/// Body of `PUT …/routers/{id}/forwards/{port}`.
+#[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ForwardRequest {
+    /// Host address to listen on; default `127.0.0.1:0` (any free port).
+    pub listen: Option<String>,
 }
 
 /// Body of `PUT …/clients/{id}`.

@@ -290,6 +290,7 @@ impl Registry {
             (None, Some(r)) => r.name.clone(),
             (None, None) => id.to_string(),
         };
+        let forwards = existing.map(|r| r.forwards.clone()).unwrap_or_default();
         let index = match existing {
             Some(r) => r.index,
             None => self.indices.allocate()?,
@@ -302,6 +303,7 @@ impl Registry {
             vpn_ip,
             extra_prefixes,
             index,
+            forwards,
         };
         let tenant = self.tenant_mut(tenant_id)?;
         let put = match tenant.routers.insert(id.clone(), router) {
@@ -362,6 +364,64 @@ impl Registry {
             .ok_or_else(|| ControlError::NoRouter(id.to_string()))?;
         self.indices.free(r.index);
         Ok(r)
+    }
+
+    // ---- forwards ----
+
+    /// Sets a management forward from `listen` on the host to `port` of the router.
+    pub fn put_forward(
+        &mut self,
+        tenant_id: &Id,
+        router_id: &Id,
+        port: u16,
+        listen: std::net::SocketAddr,
+    ) -> Result<Put, ControlError> {
+        if port == 0 {
+            return Err(ControlError::field("port", "must be 1-65535"));
+        }
+        let taken = self.tenants.values().flat_map(|t| {
+            t.routers.values().flat_map(move |r| {
+                r.forwards
+                    .iter()
+                    .map(move |(p, l)| ((&t.id, &r.id, *p), *l))
+            })
+        });
+        for ((t, r, p), l) in taken {
+            let same = t == tenant_id && r == router_id && p == port;
+            if !same && listen.port() != 0 && l == listen {
+                return Err(ControlError::InUse(format!(
+                    "{listen} already forwards to router {r} port {p} of tenant {t}"
+                )));
+            }
+        }
+        let tenant = self.tenant_mut(tenant_id)?;
+        let router = tenant
+            .routers
+            .get_mut(router_id)
+            .ok_or_else(|| ControlError::NoRouter(router_id.to_string()))?;
+        Ok(match router.forwards.insert(port, listen) {
+            Some(_) => Put::Updated,
+            None => Put::Created,
+        })
+    }
+
+    /// Removes a forward.
+    pub fn delete_forward(
+        &mut self,
+        tenant_id: &Id,
+        router_id: &Id,
+        port: u16,
+    ) -> Result<(), ControlError> {
+        let tenant = self.tenant_mut(tenant_id)?;
+        let router = tenant
+            .routers
+            .get_mut(router_id)
+            .ok_or_else(|| ControlError::NoRouter(router_id.to_string()))?;
+        router
+            .forwards
+            .remove(&port)
+            .map(|_| ())
+            .ok_or(ControlError::NoForward(port))
     }
 
     // ---- egress ----

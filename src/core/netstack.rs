@@ -42,7 +42,8 @@ pub enum ConnState {
     Connecting,
     /// Data flows.
     Open,
-    /// The peer closed its side; what it sent may still be read.
+    /// The peer closed its side (or both are closing); what it sent may still be
+    /// read, and our side may still send until we close.
     PeerClosed,
     /// Gone: closed, reset, refused or timed out.
     Closed,
@@ -61,9 +62,9 @@ pub enum StackError {
 
 /// An in-memory IP device: queues in, queues out.
 #[derive(Default)]
-struct Queues {
-    rx: VecDeque<Vec<u8>>,
-    tx: VecDeque<Vec<u8>>,
+pub(crate) struct Queues {
+    pub(crate) rx: VecDeque<Vec<u8>>,
+    pub(crate) tx: VecDeque<Vec<u8>>,
 }
 
 impl Device for Queues {
@@ -87,7 +88,7 @@ impl Device for Queues {
     }
 }
 
-struct RxToken(Vec<u8>);
+pub(crate) struct RxToken(Vec<u8>);
 
 impl phy::RxToken for RxToken {
     fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
@@ -95,7 +96,7 @@ impl phy::RxToken for RxToken {
     }
 }
 
-struct TxToken<'a>(&'a mut VecDeque<Vec<u8>>);
+pub(crate) struct TxToken<'a>(&'a mut VecDeque<Vec<u8>>);
 
 impl phy::TxToken for TxToken<'_> {
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
@@ -251,13 +252,7 @@ impl LocalStack {
             tcp::State::CloseWait
             | tcp::State::LastAck
             | tcp::State::Closing
-            | tcp::State::TimeWait => {
-                if s.can_recv() {
-                    ConnState::PeerClosed
-                } else {
-                    ConnState::Closed
-                }
-            }
+            | tcp::State::TimeWait => ConnState::PeerClosed,
             tcp::State::Closed | tcp::State::Listen => ConnState::Closed,
         }
     }
@@ -291,6 +286,11 @@ impl LocalStack {
             return Ok(0);
         }
         Ok(s.recv_slice(buf).unwrap_or(0))
+    }
+
+    /// True when received bytes wait to be read.
+    pub fn has_data(&mut self, id: ConnId) -> bool {
+        self.socket(id).is_ok_and(|s| s.can_recv())
     }
 
     /// Closes our side once everything queued is sent (FIN).

@@ -7,6 +7,8 @@
 pub mod runtime;
 pub mod tunnel;
 
+pub mod bridge;
 pub mod events;
+pub mod forward;
 
 pub use runtime::{Runtime, RuntimeError, RuntimeSettings, TunnelEvent};

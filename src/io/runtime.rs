@@ -4,13 +4,14 @@
 //! so a port that cannot be bound is an error at the API, not a silent dead tunnel.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 
 use tokio::net::UdpSocket;
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot, Notify};
 use tokio::task::JoinHandle;
 
+use super::forward::{self, Forward};
 use super::tunnel::{self, Command, TaggedEvent, TunnelSnapshot};
 use crate::control::{Id, Tenant};
 use crate::core::engine::{EgressConfig, EngineError, Explanation, TunnelEngine};
@@ -27,6 +28,12 @@ pub enum RuntimeError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    /// A forward's TCP listener could not be bound.
+    #[error("cannot listen on TCP {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     /// The tunnel task is gone.
     #[error("tunnel task of {0} is not running")]
     TaskGone(String),
@@ -39,6 +46,9 @@ struct Handle {
     commands: mpsc::Sender<Command>,
     task: JoinHandle<()>,
     local_addr: SocketAddr,
+    work: Arc<Notify>,
+    /// Management forwards into this tunnel, by (router id, router port).
+    forwards: HashMap<(Id, u16), Forward>,
 }
 
 /// How tunnels are run.
@@ -106,12 +116,14 @@ impl Runtime {
             std::time::Instant::now(),
         );
         let (commands, rx) = mpsc::channel(64);
+        let work = Arc::new(Notify::new());
         let task = tokio::spawn(tunnel::run(
             engine,
             socket,
             rx,
             self.events.clone(),
             Arc::from(tenant.id.as_str()),
+            Arc::clone(&work),
         ));
         self.tunnels.insert(
             tenant.id.clone(),
@@ -119,6 +131,8 @@ impl Runtime {
                 commands,
                 task,
                 local_addr,
+                work,
+                forwards: HashMap::new(),
             },
         );
         tracing::info!(tenant = %tenant.id, interface = %tenant.interface_name, %local_addr, "tunnel up");
@@ -134,6 +148,61 @@ impl Runtime {
             let _ = h.task.await;
             tracing::info!(tenant = %id, "tunnel down");
         }
+    }
+
+    /// Opens (or re-targets) the forward from `listen` on the host to `target`,
+    /// the port `port` of router `router` inside tenant `tenant`'s tunnel.
+    pub async fn set_forward(
+        &mut self,
+        tenant: &Id,
+        router: &Id,
+        port: u16,
+        listen: SocketAddr,
+        target: SocketAddrV4,
+    ) -> Result<SocketAddr, RuntimeError> {
+        let handle = self
+            .tunnels
+            .get_mut(tenant)
+            .ok_or_else(|| RuntimeError::TaskGone(tenant.to_string()))?;
+        let key = (router.clone(), port);
+        if let Some(f) = handle.forwards.get(&key) {
+            if f.target == target && (f.listen == listen || listen.port() == 0) {
+                return Ok(f.listen);
+            }
+        }
+        // Close the old listener first: the new one may want the same port.
+        handle.forwards.remove(&key);
+        let forward = forward::start(
+            listen,
+            target,
+            handle.commands.clone(),
+            Arc::clone(&handle.work),
+        )
+        .await
+        .map_err(|source| RuntimeError::Listen {
+            addr: listen,
+            source,
+        })?;
+        let bound = forward.listen;
+        handle.forwards.insert(key, forward);
+        Ok(bound)
+    }
+
+    /// Closes a forward; true if it existed.
+    pub fn remove_forward(&mut self, tenant: &Id, router: &Id, port: u16) -> bool {
+        self.tunnels
+            .get_mut(tenant)
+            .and_then(|h| h.forwards.remove(&(router.clone(), port)))
+            .is_some()
+    }
+
+    /// The bound address of a forward.
+    pub fn forward_listen(&self, tenant: &Id, router: &Id, port: u16) -> Option<SocketAddr> {
+        self.tunnels
+            .get(tenant)?
+            .forwards
+            .get(&(router.clone(), port))
+            .map(|f| f.listen)
     }
 
     /// Pushes the tenant's current peers and egress policy to its task.

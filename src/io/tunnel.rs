@@ -10,7 +10,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::net::UdpSocket;
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot, Notify};
+
+use super::bridge::{Bridges, ForwardError, HostPipes};
 
 use crate::core::engine::{
     EgressConfig, Event, Explanation, PeerStatus, Sink, TunnelEngine, TunnelStats,
@@ -41,6 +43,11 @@ pub enum Command {
         src: IpAddr,
         dst: IpAddr,
         reply: oneshot::Sender<Explanation>,
+    },
+    /// Opens a TCP connection from the tunnel's own address (management forwarding).
+    OpenTcp {
+        remote: std::net::SocketAddrV4,
+        pipes: HostPipes,
     },
     /// Peer statuses and tunnel counters.
     Snapshot {
@@ -87,19 +94,35 @@ impl Sink for UdpSink<'_> {
     }
 }
 
-/// Runs a tunnel until its command channel closes.
+/// Runs a tunnel until its command channel closes. `work` is signalled by the
+/// host ends of forwarded connections when they have moved bytes.
 pub async fn run(
     mut engine: TunnelEngine,
     socket: UdpSocket,
     mut commands: mpsc::Receiver<Command>,
     events: broadcast::Sender<TaggedEvent>,
     tenant: Arc<str>,
+    work: Arc<Notify>,
 ) {
     let mut buf = vec![0u8; MAX_DATAGRAM].into_boxed_slice();
     let mut timer = tokio::time::interval(TIMER_PERIOD);
     timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut send_failures = 0u64;
+    let mut bridges = Bridges::default();
     loop {
+        // The stack's own timers (ACK delay, retransmits) need finer ticks than
+        // the peers' timers while connections are open.
+        let stack_deadline = if bridges.is_empty() {
+            None
+        } else {
+            engine.poll_local_at(Instant::now())
+        };
+        let stack_timer = async {
+            match stack_deadline {
+                Some(at) => tokio::time::sleep_until(at.into()).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             biased;
             command = commands.recv() => {
@@ -112,6 +135,15 @@ pub async fn run(
                     }
                     Command::Explain { src, dst, reply } => {
                         let _ = reply.send(engine.explain(src, dst, Instant::now()));
+                    }
+                    Command::OpenTcp { remote, pipes } => {
+                        let mut sink = UdpSink { socket: &socket, send_failures: &mut send_failures };
+                        match engine.tcp_connect(remote, Instant::now(), &mut sink) {
+                            Ok(id) => bridges.add(id, remote, pipes),
+                            Err(_) => {
+                                let _ = pipes.opened.send(Err(ForwardError::NoStack));
+                            }
+                        }
                     }
                     Command::Snapshot { reply } => {
                         let _ = reply.send(TunnelSnapshot {
@@ -142,6 +174,18 @@ pub async fn run(
                     }
                 }
             }
+            _ = work.notified() => {}
+            _ = stack_timer => {}
+        }
+        if !bridges.is_empty() {
+            if let Some(stack) = engine.local_stack() {
+                bridges.pump(stack);
+            }
+            let mut sink = UdpSink {
+                socket: &socket,
+                send_failures: &mut send_failures,
+            };
+            engine.handle_local(Instant::now(), &mut sink);
         }
         while let Some(event) = engine.poll_event() {
             // No subscriber is fine: events are for whoever listens.

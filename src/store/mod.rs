@@ -65,6 +65,10 @@ pub enum Change<'a> {
     Client(&'a Id, &'a Client),
     /// Delete a client.
     DeleteClient(&'a Id, &'a Id),
+    /// Insert or replace a forward (tenant, router, port, listen).
+    Forward(&'a Id, &'a Id, u16, std::net::SocketAddr),
+    /// Delete a forward.
+    DeleteForward(&'a Id, &'a Id, u16),
 }
 
 /// The open state database.
@@ -197,6 +201,7 @@ impl Store {
                 extra_prefixes: serde_json::from_str::<Vec<IpNet>>(&extra)
                     .map_err(|_| corrupt(&row_name, "extra_prefixes"))?,
                 index,
+                forwards: BTreeMap::new(),
             };
             tenant_of(&mut tenants, &tid, &row_name)?
                 .routers
@@ -339,10 +344,14 @@ fn apply_one(
                 .private_key
                 .as_ref()
                 .map(|k| master.seal(&k.secret().to_bytes(), &context));
+            // An upsert, not REPLACE: a REPLACE deletes the row first, and with it
+            // (by cascade) the router's forwards.
             tx.execute(
-                "INSERT OR REPLACE INTO routers
+                "INSERT INTO routers
                    (tenant_id, id, name, public_key, private_key, vpn_ip, extra_prefixes, receiver_index)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                 ON CONFLICT(tenant_id, id) DO UPDATE SET name = ?3, public_key = ?4,
+                   private_key = ?5, vpn_ip = ?6, extra_prefixes = ?7, receiver_index = ?8",
                 params![
                     tid.as_str(),
                     r.id.as_str(),
@@ -385,9 +394,11 @@ fn apply_one(
                 .map(|k| master.seal(&k.secret().to_bytes(), &context));
             let dns: Vec<String> = c.dns.iter().map(ToString::to_string).collect();
             tx.execute(
-                "INSERT OR REPLACE INTO clients
+                "INSERT INTO clients
                    (tenant_id, id, name, public_key, private_key, vpn_ip, dns, receiver_index)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                 ON CONFLICT(tenant_id, id) DO UPDATE SET name = ?3, public_key = ?4,
+                   private_key = ?5, vpn_ip = ?6, dns = ?7, receiver_index = ?8",
                 params![
                     tid.as_str(),
                     c.id.as_str(),
@@ -398,6 +409,19 @@ fn apply_one(
                     serde_json::to_string(&dns).unwrap_or_else(|_| "[]".into()),
                     c.index
                 ],
+            )?;
+        }
+        Change::Forward(tid, rid, port, listen) => {
+            tx.execute(
+                "INSERT INTO forwards (tenant_id, router_id, port, listen) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(tenant_id, router_id, port) DO UPDATE SET listen = ?4",
+                params![tid.as_str(), rid.as_str(), port, listen.to_string()],
+            )?;
+        }
+        Change::DeleteForward(tid, rid, port) => {
+            tx.execute(
+                "DELETE FROM forwards WHERE tenant_id = ?1 AND router_id = ?2 AND port = ?3",
+                params![tid.as_str(), rid.as_str(), port],
             )?;
         }
         Change::DeleteClient(tid, id) => {

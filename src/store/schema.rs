@@ -48,6 +48,15 @@ pub const MIGRATIONS: &[&str] = &[
         pool      TEXT NOT NULL,
         gateways  TEXT NOT NULL                 -- JSON array of router ids, primary first
     );",
+    // 2: management forwards (router port -> host listen address).
+    "CREATE TABLE forwards (
+        tenant_id TEXT NOT NULL,
+        router_id TEXT NOT NULL,
+        port      INTEGER NOT NULL,
+        listen    TEXT NOT NULL,
+        PRIMARY KEY (tenant_id, router_id, port),
+        FOREIGN KEY (tenant_id, router_id) REFERENCES routers(tenant_id, id) ON DELETE CASCADE
+    );",
 ];
 
 /// The version this binary writes.

@@ -1,0 +1,330 @@
+//! Byte pipes between host TCP connections and the local stack's TCP connections.
+//!
+//! The tunnel task owns the stack; each forwarded connection has a reader task
+//! (host -> stack) and a writer task (stack -> host) on the other end of two small
+//! bounded channels. Back-pressure is end to end: the tunnel task takes host bytes
+//! only while the stack has send room, so a slow router stops the reader; and it
+//! reads from the stack only while the writer's channel has room, so a slow host
+//! lets smoltcp's receive window close towards the router.
+
+use std::collections::BTreeMap;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::core::netstack::{ConnId, ConnState, LocalStack};
+
+/// Chunks in flight per direction and connection.
+pub const PIPE_DEPTH: usize = 8;
+
+/// Bytes per chunk read from the stack.
+const CHUNK: usize = 64 * 1024;
+
+/// Why a forwarded connection did not open.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ForwardError {
+    /// The router refused or did not answer within the stack's timeout.
+    #[error("{0} refused the connection or did not answer")]
+    Unreachable(std::net::SocketAddrV4),
+    /// The tunnel has no userspace stack (TUN mode) or is gone.
+    #[error("the tunnel cannot open connections")]
+    NoStack,
+}
+
+/// The tunnel task's ends of one forwarded connection.
+pub struct HostPipes {
+    /// Bytes from the host client, to send to the router.
+    pub from_host: mpsc::Receiver<Vec<u8>>,
+    /// Bytes from the router, for the host client. Dropped at the router's FIN.
+    pub to_host: mpsc::Sender<Vec<u8>>,
+    /// Answered once: connected, or why not.
+    pub opened: oneshot::Sender<Result<(), ForwardError>>,
+}
+
+struct Bridge {
+    remote: std::net::SocketAddrV4,
+    from_host: mpsc::Receiver<Vec<u8>>,
+    pending: Option<(Vec<u8>, usize)>,
+    host_eof: bool,
+    fin_sent: bool,
+    to_host: Option<mpsc::Sender<Vec<u8>>>,
+    opened: Option<oneshot::Sender<Result<(), ForwardError>>>,
+}
+
+/// Every forwarded connection of one tunnel.
+#[derive(Default)]
+pub struct Bridges {
+    bridges: BTreeMap<ConnId, Bridge>,
+    buf: Vec<u8>,
+}
+
+impl Bridges {
+    /// Tracks a connection the stack just opened.
+    pub fn add(&mut self, id: ConnId, remote: std::net::SocketAddrV4, pipes: HostPipes) {
+        self.bridges.insert(
+            id,
+            Bridge {
+                remote,
+                from_host: pipes.from_host,
+                pending: None,
+                host_eof: false,
+                fin_sent: false,
+                to_host: Some(pipes.to_host),
+                opened: Some(pipes.opened),
+            },
+        );
+    }
+
+    /// Number of connections.
+    pub fn len(&self) -> usize {
+        self.bridges.len()
+    }
+
+    /// True when there are none.
+    pub fn is_empty(&self) -> bool {
+        self.bridges.is_empty()
+    }
+
+    /// Moves bytes both ways as far as buffers allow and retires finished
+    /// connections. The caller then lets the engine send what the stack queued.
+    pub fn pump(&mut self, stack: &mut LocalStack) {
+        if self.buf.len() < CHUNK {
+            self.buf.resize(CHUNK, 0);
+        }
+        let mut done = Vec::new();
+        for (&id, b) in &mut self.bridges {
+            let state = stack.state(id);
+            match state {
+                ConnState::Connecting => continue,
+                ConnState::Closed if b.opened.is_some() => {
+                    if let Some(opened) = b.opened.take() {
+                        let _ = opened.send(Err(ForwardError::Unreachable(b.remote)));
+                    }
+                    done.push(id);
+                    continue;
+                }
+                _ => {
+                    if let Some(opened) = b.opened.take() {
+                        let _ = opened.send(Ok(()));
+                    }
+                }
+            }
+
+            // Host -> stack, while the stack has room.
+            loop {
+                if b.pending.is_none() && !b.host_eof {
+                    match b.from_host.try_recv() {
+                        Ok(chunk) => b.pending = Some((chunk, 0)),
+                        Err(mpsc::error::TryRecvError::Empty) => break,
+                        Err(mpsc::error::TryRecvError::Disconnected) => b.host_eof = true,
+                    }
+                }
+                let Some((chunk, offset)) = &mut b.pending else {
+                    break;
+                };
+                let sent = stack.send(id, &chunk[*offset..]).unwrap_or(0);
+                *offset += sent;
+                if *offset < chunk.len() {
+                    break;
+                }
+                b.pending = None;
+            }
+            if b.host_eof && b.pending.is_none() && !b.fin_sent {
+                stack.close(id);
+                b.fin_sent = true;
+            }
+
+            // Stack -> host, while the host side has room.
+            if let Some(tx) = &b.to_host {
+                while let Ok(permit) = tx.try_reserve() {
+                    match stack.recv(id, &mut self.buf) {
+                        Ok(n) if n > 0 => permit.send(self.buf[..n].to_vec()),
+                        _ => break,
+                    }
+                }
+                // The router closed and everything it sent was handed over.
+                if matches!(state, ConnState::PeerClosed | ConnState::Closed) && !stack.has_data(id)
+                {
+                    b.to_host = None;
+                }
+            }
+            if b.to_host.is_none() && (b.fin_sent || state == ConnState::Closed) {
+                done.push(id);
+            }
+        }
+        for id in done {
+            if let Some(b) = self.bridges.remove(&id) {
+                if b.to_host.is_some() || !b.fin_sent {
+                    // The router went away with the host still talking: reset.
+                    stack.abort(id);
+                }
+            }
+        }
+        stack.reap();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The bridge against a smoltcp "router" running an echo server, wired
+    //! back to back in memory with simulated time.
+    use std::net::Ipv4Addr;
+    use std::time::{Duration, Instant};
+
+    use smoltcp::iface::{Config, Interface, SocketSet};
+
+    use crate::core::netstack::Queues;
+    use smoltcp::socket::tcp;
+    use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr};
+
+    use super::*;
+
+    struct Router {
+        iface: Interface,
+        device: Queues,
+        sockets: SocketSet<'static>,
+        handle: smoltcp::iface::SocketHandle,
+    }
+
+    impl Router {
+        fn new() -> Self {
+            let mut device = Queues::default();
+            let mut iface = Interface::new(
+                Config::new(HardwareAddress::Ip),
+                &mut device,
+                smoltcp::time::Instant::ZERO,
+            );
+            iface.update_ip_addrs(|a| {
+                let _ = a.push(IpCidr::new(IpAddress::v4(10, 100, 1, 1), 16));
+            });
+            let mut sockets = SocketSet::new(Vec::new());
+            let mut socket = tcp::Socket::new(
+                tcp::SocketBuffer::new(vec![0; 65536]),
+                tcp::SocketBuffer::new(vec![0; 65536]),
+            );
+            socket.listen(8728).unwrap();
+            let handle = sockets.add(socket);
+            Self {
+                iface,
+                device,
+                sockets,
+                handle,
+            }
+        }
+
+        /// Takes packets from the appliance, runs, echoes, returns what it sends.
+        fn exchange(&mut self, input: Vec<Vec<u8>>, at: smoltcp::time::Instant) -> Vec<Vec<u8>> {
+            self.device.rx.extend(input);
+            self.iface.poll(at, &mut self.device, &mut self.sockets);
+            let s = self.sockets.get_mut::<tcp::Socket>(self.handle);
+            let mut buf = [0u8; 4096];
+            while s.can_recv() && s.send_capacity() - s.send_queue() >= buf.len() {
+                let n = s.recv_slice(&mut buf).unwrap();
+                s.send_slice(&buf[..n]).unwrap();
+            }
+            if !s.may_recv() && s.state() == tcp::State::CloseWait {
+                s.close();
+            }
+            self.iface.poll(at, &mut self.device, &mut self.sockets);
+            self.device.tx.drain(..).collect()
+        }
+    }
+
+    #[test]
+    fn a_megabyte_echoes_intact_with_back_pressure() {
+        let start = Instant::now();
+        let mut stack = LocalStack::new(Ipv4Addr::new(10, 100, 0, 1), 16, start);
+        let mut router = Router::new();
+        let mut bridges = Bridges::default();
+        let (to_stack, from_host) = mpsc::channel(PIPE_DEPTH);
+        let (to_host, mut from_stack) = mpsc::channel(PIPE_DEPTH);
+        let (opened, mut opened_rx) = oneshot::channel();
+        let remote = "10.100.1.1:8728".parse().unwrap();
+        let id = stack.connect(remote, start).unwrap();
+        bridges.add(
+            id,
+            remote,
+            HostPipes {
+                from_host,
+                to_host,
+                opened,
+            },
+        );
+
+        let data: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
+        let mut offset = 0;
+        let mut echoed = Vec::new();
+        let mut now = start;
+        let mut to_stack = Some(to_stack);
+        for _ in 0..200_000 {
+            now += Duration::from_millis(1);
+            // The host writes in 16 KiB chunks while the pipe has room.
+            if let Some(tx) = &to_stack {
+                while offset < data.len() {
+                    let end = (offset + 16384).min(data.len());
+                    match tx.try_send(data[offset..end].to_vec()) {
+                        Ok(()) => offset = end,
+                        Err(_) => break,
+                    }
+                }
+                if offset == data.len() {
+                    to_stack = None; // host EOF
+                }
+            }
+            bridges.pump(&mut stack);
+            stack.poll(now);
+            let mut out = Vec::new();
+            while let Some(p) = stack.poll_transmit() {
+                out.push(p);
+            }
+            let at =
+                smoltcp::time::Instant::from_micros(now.duration_since(start).as_micros() as i64);
+            for p in router.exchange(out, at) {
+                stack.receive(&p);
+            }
+            stack.poll(now);
+            while let Ok(chunk) = from_stack.try_recv() {
+                echoed.extend_from_slice(&chunk);
+            }
+            if echoed.len() == data.len() && bridges.is_empty() {
+                break;
+            }
+        }
+        assert_eq!(opened_rx.try_recv(), Ok(Ok(())));
+        assert_eq!(echoed.len(), data.len());
+        assert!(echoed == data, "echo is intact");
+    }
+
+    #[test]
+    fn an_unreachable_router_is_reported() {
+        let start = Instant::now();
+        let mut stack = LocalStack::new(Ipv4Addr::new(10, 100, 0, 1), 16, start);
+        let mut bridges = Bridges::default();
+        let (_to_stack, from_host) = mpsc::channel(PIPE_DEPTH);
+        let (to_host, _from_stack) = mpsc::channel(PIPE_DEPTH);
+        let (opened, mut opened_rx) = oneshot::channel();
+        let remote = "10.100.1.9:8728".parse().unwrap();
+        let id = stack.connect(remote, start).unwrap();
+        bridges.add(
+            id,
+            remote,
+            HostPipes {
+                from_host,
+                to_host,
+                opened,
+            },
+        );
+        let mut now = start;
+        for _ in 0..30 {
+            now += Duration::from_secs(1);
+            stack.poll(now);
+            while stack.poll_transmit().is_some() {}
+            bridges.pump(&mut stack);
+        }
+        assert_eq!(
+            opened_rx.try_recv(),
+            Ok(Err(ForwardError::Unreachable(remote)))
+        );
+        assert!(bridges.is_empty());
+        assert_eq!(stack.connections(), 0);
+    }
+}

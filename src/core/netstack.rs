@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
-use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::iface::{Config, Interface, PollResult, SocketHandle, SocketSet};
 use smoltcp::phy::{self, Device, DeviceCapabilities, Medium};
 use smoltcp::socket::tcp;
 use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr, IpEndpoint};
@@ -25,12 +25,16 @@ pub const MTU: usize = 1420;
 /// Packets waiting for the stack; more are dropped (a flood must not grow memory).
 const RX_QUEUE: usize = 256;
 
-/// Send and receive buffer of each TCP connection: enough to fill a link with a
-/// few milliseconds of latency, small enough for thousands of connections.
-const TCP_BUFFER: usize = 256 * 1024;
+/// Send and receive buffer of each TCP connection. It is also the most either side
+/// may send in one burst, so it stays below what a default UDP socket buffer
+/// absorbs (about 200 KiB); 128 KiB still carries several MB/s at 20 ms RTT.
+const TCP_BUFFER: usize = 128 * 1024;
 
 /// A connection that gets no answer for this long is given up.
 const TCP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Upper bound of egress passes per poll (see [`LocalStack::poll`]).
+const MAX_EGRESS_PASSES: usize = 1024;
 
 /// Identifies a TCP connection of the stack.
 pub type ConnId = u32;
@@ -174,6 +178,18 @@ impl LocalStack {
     pub fn poll(&mut self, now: Instant) {
         let at = self.at(now);
         self.iface.poll(at, &mut self.device, &mut self.sockets);
+        // One egress pass sends at most one segment per socket: repeat while the
+        // sockets have more to send. Bounded by the send buffers (256 KiB in
+        // 1380-byte segments is under 200 per connection); the cap is a guard.
+        for _ in 0..MAX_EGRESS_PASSES {
+            if matches!(
+                self.iface
+                    .poll_egress(at, &mut self.device, &mut self.sockets),
+                PollResult::None
+            ) {
+                break;
+            }
+        }
     }
 
     /// When the stack next needs a poll, if it has timers running.
@@ -200,6 +216,9 @@ impl LocalStack {
             TCP_TIMEOUT.as_millis() as u64,
         )));
         socket.set_nagle_enabled(false);
+        // Tunnels lose packets when a socket buffer overflows; without congestion
+        // control a full window would be sent as one burst again and again.
+        socket.set_congestion_control(tcp::CongestionControl::Cubic);
         let port = self.next_local_port();
         let remote = IpEndpoint::new(IpAddress::Ipv4(*remote.ip()), remote.port());
         let local = IpEndpoint::new(IpAddress::Ipv4(self.address), port);

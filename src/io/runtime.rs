@@ -51,6 +51,23 @@ struct Handle {
     forwards: HashMap<(Id, u16), Forward>,
 }
 
+/// Socket buffers requested for tunnel sockets: bursts of a few thousand datagrams
+/// must not be dropped by the kernel while the task is busy. The kernel caps the
+/// request at `net.core.rmem_max` / `wmem_max`.
+const UDP_BUFFER: usize = 8 * 1024 * 1024;
+
+/// Binds a tunnel's UDP socket with large buffers, non-blocking, for tokio.
+fn bind_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    // Best effort: a smaller buffer still works, it only drops earlier.
+    let _ = socket.set_recv_buffer_size(UDP_BUFFER);
+    let _ = socket.set_send_buffer_size(UDP_BUFFER);
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    UdpSocket::from_std(socket.into())
+}
+
 /// How tunnels are run.
 #[derive(Debug, Clone)]
 pub struct RuntimeSettings {
@@ -101,9 +118,7 @@ impl Runtime {
             return self.sync(tenant).await;
         }
         let addr = SocketAddr::new(self.settings.bind, tenant.listen_port);
-        let socket = UdpSocket::bind(addr)
-            .await
-            .map_err(|source| RuntimeError::Bind { addr, source })?;
+        let socket = bind_udp(addr).map_err(|source| RuntimeError::Bind { addr, source })?;
         let local_addr = socket.local_addr().unwrap_or(addr);
         let engine = TunnelEngine::new(
             tenant.secret.secret().clone(),

@@ -243,6 +243,30 @@ impl Store {
 
         let mut stmt = self
             .conn
+            .prepare("SELECT tenant_id, router_id, port, listen FROM forwards")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, u16>(2)?,
+                r.get::<_, String>(3)?,
+            ))
+        })?;
+        for row in rows {
+            let (tid, rid, port, listen) = row?;
+            let row_name = format!("forward/{tid}/{rid}/{port}");
+            let listen = listen.parse().map_err(|_| corrupt(&row_name, "listen"))?;
+            let rid = parse_id(&rid, &row_name)?;
+            tenant_of(&mut tenants, &tid, &row_name)?
+                .routers
+                .get_mut(&rid)
+                .ok_or_else(|| corrupt(&row_name, "router_id (no such router)"))?
+                .forwards
+                .insert(port, listen);
+        }
+
+        let mut stmt = self
+            .conn
             .prepare("SELECT tenant_id, pool, gateways FROM egress")?;
         let rows = stmt.query_map([], |r| {
             Ok((
@@ -505,6 +529,8 @@ mod tests {
             ..Default::default()
         };
         r.put_client(&t, &id("p1"), &phone).unwrap();
+        r.put_forward(&t, &id("gw"), 8728, "127.0.0.1:18728".parse().unwrap())
+            .unwrap();
         r
     }
 
@@ -514,6 +540,9 @@ mod tests {
             changes.push(Change::Tenant(t));
             for router in t.routers.values() {
                 changes.push(Change::Router(&t.id, router));
+                for (port, listen) in &router.forwards {
+                    changes.push(Change::Forward(&t.id, &router.id, *port, *listen));
+                }
             }
             changes.push(Change::Egress(&t.id, t.egress.as_ref()));
             for c in t.clients.values() {
@@ -553,6 +582,7 @@ mod tests {
             gb.private_key.as_ref().unwrap().to_base64()
         );
         assert_eq!(a.egress, b.egress);
+        assert_eq!(ga.forwards, gb.forwards);
         assert_eq!(a.clients[&id("p1")].dns, b.clients[&id("p1")].dns);
 
         // No private key is in the file in plain text (raw or base64).
@@ -569,6 +599,43 @@ mod tests {
                 assert!(!blob.windows(b64.len()).any(|w| w == b64.as_bytes()));
             }
         }
+    }
+
+    #[test]
+    fn a_version_1_state_is_migrated_with_its_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let master = MasterKey::generate();
+        {
+            // What a release with only schema 1 wrote.
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(schema::MIGRATIONS[0]).unwrap();
+            conn.pragma_update(None, "user_version", 1).unwrap();
+            let sealed = master.seal(KEY_CHECK_PLAIN, KEY_CHECK);
+            conn.execute(
+                "INSERT INTO meta (key, value) VALUES (?1, ?2)",
+                params![KEY_CHECK, sealed],
+            )
+            .unwrap();
+            let t = SecretKey::generate();
+            conn.execute(
+                "INSERT INTO tenants VALUES ('acme', 'wg0', ?1, ?2, '10.100.0.0/16', 51820, 0)",
+                params![
+                    master.seal(&t.secret().to_bytes(), "tenant/acme"),
+                    keys::encode(t.public().as_bytes())
+                ],
+            )
+            .unwrap();
+        }
+        let store = Store::open(&path, master).unwrap();
+        let version: i64 = store
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, schema::VERSION);
+        let tenants = store.load().unwrap();
+        assert_eq!(tenants.len(), 1);
+        assert_eq!(tenants[0].listen_port, 51820);
     }
 
     #[test]

@@ -2,6 +2,8 @@
 //! talk to it with real UDP sockets and HTTP.
 #![allow(dead_code)]
 
+pub mod stack_router;
+
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

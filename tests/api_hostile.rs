@@ -86,7 +86,8 @@ fn hostile_input_gets_4xx_and_changes_nothing() {
                         },
                     )
                     .replace("{router_id}", if id == "t1" { "gw" } else { id })
-                    .replace("{client_id}", if id == "t1" { "c1" } else { id });
+                    .replace("{client_id}", if id == "t1" { "c1" } else { id })
+                    .replace("{port}", if id == "t1" { "8728" } else { id });
                 let bodies = if method == "put" {
                     hostile_bodies()
                 } else {

@@ -21,6 +21,18 @@ const EXPECTED: &[(&str, &str)] = &[
     ("put", "/v1/tenants/{tenant_id}/routers/{router_id}"),
     ("delete", "/v1/tenants/{tenant_id}/routers/{router_id}"),
     ("get", "/v1/tenants/{tenant_id}/routers/{router_id}/script"),
+    (
+        "get",
+        "/v1/tenants/{tenant_id}/routers/{router_id}/forwards",
+    ),
+    (
+        "put",
+        "/v1/tenants/{tenant_id}/routers/{router_id}/forwards/{port}",
+    ),
+    (
+        "delete",
+        "/v1/tenants/{tenant_id}/routers/{router_id}/forwards/{port}",
+    ),
     ("get", "/v1/tenants/{tenant_id}/egress"),
     ("put", "/v1/tenants/{tenant_id}/egress"),
     ("delete", "/v1/tenants/{tenant_id}/egress"),
@@ -72,7 +84,8 @@ fn document_matches_the_routes() {
         let concrete = path
             .replace("{tenant_id}", "nobody")
             .replace("{router_id}", "r")
-            .replace("{client_id}", "c");
+            .replace("{client_id}", "c")
+            .replace("{port}", "8728");
         let (status, body) = app.call(&method.to_uppercase(), &concrete, None);
         assert_ne!(status, 405, "{method} {path}");
         if status == 404 {

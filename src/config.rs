@@ -49,6 +49,32 @@ pub struct Settings {
     pub events: EventSettings,
     /// Management forwards opened at start-up (the API adds more).
     pub forwards: Vec<ForwardSetting>,
+    /// TUN mode.
+    pub tun: TunSettings,
+}
+
+/// `[tun]`
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TunSettings {
+    /// Route the host into the tunnels with a kernel TUN device (needs
+    /// `CAP_NET_ADMIN` and `/dev/net/tun`). Off: the userspace stack serves each
+    /// tunnel's server address, with no privileges.
+    pub enabled: bool,
+    /// Device name.
+    pub name: String,
+    /// Device MTU.
+    pub mtu: u16,
+}
+
+impl Default for TunSettings {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            name: "wgplane0".into(),
+            mtu: 1420,
+        }
+    }
 }
 
 /// `[[forwards]]`: a host TCP listener carried to a router's port in its tunnel.
@@ -233,6 +259,21 @@ impl Settings {
             return Err(invalid(
                 "events.webhook_queue",
                 "queue and timeout must be at least 1".into(),
+            ));
+        }
+        if self.tun.name.is_empty()
+            || self.tun.name.len() > 15
+            || self.tun.name.contains(['/', ' '])
+        {
+            return Err(invalid(
+                "tun.name",
+                "must be 1-15 characters, no '/' or spaces".into(),
+            ));
+        }
+        if !(576..=9000).contains(&self.tun.mtu) {
+            return Err(invalid(
+                "tun.mtu",
+                format!("{} is outside 576-9000", self.tun.mtu),
             ));
         }
         if t.liveness_timeout_secs == 0 {

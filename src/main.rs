@@ -15,6 +15,7 @@ use wgplane::api::{self, AppState, Control};
 use wgplane::config::Settings;
 use wgplane::control::registry::{AllocPolicy, Registry};
 use wgplane::control::Id;
+use wgplane::io::tun::HostDevice;
 use wgplane::io::{events, Runtime, RuntimeSettings};
 use wgplane::keys::{self, SecretKey};
 use wgplane::store::{Change, MasterKey, Store};
@@ -78,6 +79,12 @@ struct RunArgs {
     /// Seconds of silence after which a peer counts as gone.
     #[arg(long, env = "WGPLANE_LIVENESS_TIMEOUT_SECS")]
     liveness_timeout_secs: Option<u16>,
+    /// TUN mode: route the host into the tunnels through a kernel device.
+    #[arg(long, env = "WGPLANE_TUN", num_args = 0..=1, default_missing_value = "true")]
+    tun: Option<bool>,
+    /// TUN device name.
+    #[arg(long, env = "WGPLANE_TUN_NAME")]
+    tun_name: Option<String>,
     /// Webhook URL for peer events (repeat for several).
     #[arg(long = "webhook", env = "WGPLANE_WEBHOOKS", value_delimiter = ',')]
     webhooks: Vec<String>,
@@ -153,6 +160,12 @@ fn settings(args: &RunArgs) -> Result<Settings> {
     }
     if let Some(v) = args.liveness_timeout_secs {
         s.tunnels.liveness_timeout_secs = v;
+    }
+    if let Some(v) = args.tun {
+        s.tun.enabled = v;
+    }
+    if let Some(v) = &args.tun_name {
+        s.tun.name.clone_from(v);
     }
     if !args.webhooks.is_empty() {
         s.events.webhooks.clone_from(&args.webhooks);
@@ -275,7 +288,16 @@ async fn run(settings: Settings) -> Result<()> {
         rand_core::RngCore::next_u32(&mut rand_core::OsRng),
         tenants,
     )?;
+    let host = if settings.tun.enabled {
+        let device = HostDevice::open(&settings.tun.name, settings.tun.mtu).context(
+            "TUN mode needs /dev/net/tun and CAP_NET_ADMIN (or set tun.enabled = false)",
+        )?;
+        Some(Arc::new(device))
+    } else {
+        None
+    };
     let mut runtime = Runtime::new(RuntimeSettings {
+        host,
         bind: t.bind,
         keepalive: (t.keepalive_secs > 0).then_some(t.keepalive_secs),
         liveness_timeout: Duration::from_secs(u64::from(t.liveness_timeout_secs)),

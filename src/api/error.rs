@@ -105,6 +105,7 @@ impl From<RuntimeError> for ApiError {
                 "port_unavailable",
                 Some("listen_port"),
             ),
+            RuntimeError::Tun(_) => (StatusCode::SERVICE_UNAVAILABLE, "host_device_failed", None),
             RuntimeError::Listen { .. } => {
                 (StatusCode::CONFLICT, "listen_unavailable", Some("listen"))
             }

@@ -126,9 +126,12 @@ fn tenant_row<'a>(
     }
 }
 
-async fn sync(control: &Control, id: &Id) -> Result<(), ApiError> {
-    let tenant = control.registry.tenant(id)?;
-    control.runtime.sync(tenant).await?;
+async fn sync(control: &mut Control, id: &Id) -> Result<(), ApiError> {
+    let Control {
+        registry, runtime, ..
+    } = control;
+    let tenant = registry.tenant(id)?;
+    runtime.sync(tenant).await?;
     Ok(())
 }
 
@@ -271,7 +274,7 @@ pub async fn put_router(
         }
         changes
     });
-    sync(&control, &t).await?;
+    sync(&mut control, &t).await?;
     apply_forwards(&mut control, &t, &r).await?;
     router_answer(&control, &t, &r, status_of(put)).await
 }
@@ -434,7 +437,7 @@ pub async fn delete_router(
     for port in removed.forwards.keys() {
         control.runtime.remove_forward(&t, &r, *port);
     }
-    sync(&control, &t).await?;
+    sync(&mut control, &t).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -474,7 +477,7 @@ pub async fn put_egress(
         let policy = reg.tenant(&id).ok().and_then(|x| x.egress.as_ref());
         vec![Change::Egress(&id, policy)]
     });
-    sync(&control, &id).await?;
+    sync(&mut control, &id).await?;
     let tenant = control.registry.tenant(&id)?;
     let view = tenant.egress.as_ref().map(EgressView::new);
     Ok((status_of(put), Json(view)).into_response())
@@ -490,7 +493,7 @@ pub async fn delete_egress(State(state): Shared, Path(t): Path<String>) -> ApiRe
         other => other?,
     }
     persist!(control, &id, before, |_reg| vec![Change::Egress(&id, None)]);
-    sync(&control, &id).await?;
+    sync(&mut control, &id).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -556,7 +559,7 @@ pub async fn put_client(
             .map(|client| vec![Change::Client(&t, client)])
             .unwrap_or_default()
     });
-    sync(&control, &t).await?;
+    sync(&mut control, &t).await?;
     let (tenant, client) = find_client(&control, &t, &c)?;
     let st = statuses(&control, &t).await;
     let mut view = ClientView::new(client, &st, Instant::now(), SystemTime::now());
@@ -606,7 +609,7 @@ pub async fn delete_client(
     persist!(control, &t, before, |_reg| vec![Change::DeleteClient(
         &t, &c
     )]);
-    sync(&control, &t).await?;
+    sync(&mut control, &t).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 

@@ -10,5 +10,6 @@ pub mod tunnel;
 pub mod bridge;
 pub mod events;
 pub mod forward;
+pub mod tun;
 
 pub use runtime::{Runtime, RuntimeError, RuntimeSettings, TunnelEvent};

@@ -12,7 +12,8 @@ use tokio::sync::{broadcast, mpsc, oneshot, Notify};
 use tokio::task::JoinHandle;
 
 use super::forward::{self, Forward};
-use super::tunnel::{self, Command, TaggedEvent, TunnelSnapshot};
+use super::tun::HostDevice;
+use super::tunnel::{self, Command, HostLink, TaggedEvent, TunnelSnapshot};
 use crate::control::{Id, Tenant};
 use crate::core::engine::{EgressConfig, EngineError, Explanation, TunnelEngine};
 
@@ -37,6 +38,9 @@ pub enum RuntimeError {
     /// The tunnel task is gone.
     #[error("tunnel task of {0} is not running")]
     TaskGone(String),
+    /// The TUN device refused an address or route.
+    #[error(transparent)]
+    Tun(#[from] super::tun::TunError),
     /// The engine refused the peer set.
     #[error(transparent)]
     Engine(#[from] EngineError),
@@ -49,6 +53,11 @@ struct Handle {
     work: Arc<Notify>,
     /// Management forwards into this tunnel, by (router id, router port).
     forwards: HashMap<(Id, u16), Forward>,
+    /// TUN mode: where host packets for this tunnel go, and what is routed here.
+    host_packets: Option<mpsc::Sender<Vec<u8>>>,
+    server: std::net::Ipv4Addr,
+    subnet: ipnet::Ipv4Net,
+    pools: Vec<ipnet::Ipv4Net>,
 }
 
 /// Socket buffers requested for tunnel sockets: bursts of a few thousand datagrams
@@ -69,7 +78,7 @@ fn bind_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
 }
 
 /// How tunnels are run.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct RuntimeSettings {
     /// Underlay address the sockets bind to.
     pub bind: IpAddr,
@@ -77,6 +86,9 @@ pub struct RuntimeSettings {
     pub keepalive: Option<u16>,
     /// Silence after which a peer counts as gone.
     pub liveness_timeout: std::time::Duration,
+    /// TUN mode: the host device. Without it, each tunnel's server address is
+    /// served by the userspace stack.
+    pub host: Option<Arc<HostDevice>>,
 }
 
 /// The running tunnels.
@@ -120,16 +132,31 @@ impl Runtime {
         let addr = SocketAddr::new(self.settings.bind, tenant.listen_port);
         let socket = bind_udp(addr).map_err(|source| RuntimeError::Bind { addr, source })?;
         let local_addr = socket.local_addr().unwrap_or(addr);
-        let engine = TunnelEngine::new(
+        let mut engine = TunnelEngine::new(
             tenant.secret.secret().clone(),
             vec![IpAddr::V4(tenant.server_ip())],
         )
-        .with_liveness_timeout(self.settings.liveness_timeout)
-        .with_local_stack(
-            tenant.server_ip(),
-            tenant.subnet.prefix_len(),
-            std::time::Instant::now(),
-        );
+        .with_liveness_timeout(self.settings.liveness_timeout);
+        let mut link = HostLink::default();
+        let mut host_packets = None;
+        match &self.settings.host {
+            Some(host) => {
+                let (tx, rx) = mpsc::channel(super::tun::HOST_QUEUE);
+                host.add_tenant(tenant.server_ip(), tenant.subnet, tx.clone())?;
+                link = HostLink {
+                    packets: Some(rx),
+                    device: Some(host.device()),
+                };
+                host_packets = Some(tx);
+            }
+            None => {
+                engine = engine.with_local_stack(
+                    tenant.server_ip(),
+                    tenant.subnet.prefix_len(),
+                    std::time::Instant::now(),
+                );
+            }
+        }
         let (commands, rx) = mpsc::channel(64);
         let work = Arc::new(Notify::new());
         let task = tokio::spawn(tunnel::run(
@@ -139,6 +166,7 @@ impl Runtime {
             self.events.clone(),
             Arc::from(tenant.id.as_str()),
             Arc::clone(&work),
+            link,
         ));
         self.tunnels.insert(
             tenant.id.clone(),
@@ -148,6 +176,10 @@ impl Runtime {
                 local_addr,
                 work,
                 forwards: HashMap::new(),
+                host_packets,
+                server: tenant.server_ip(),
+                subnet: tenant.subnet,
+                pools: Vec::new(),
             },
         );
         tracing::info!(tenant = %tenant.id, interface = %tenant.interface_name, %local_addr, "tunnel up");
@@ -157,6 +189,12 @@ impl Runtime {
     /// Stops a tunnel and closes its port.
     pub async fn stop(&mut self, id: &Id) {
         if let Some(h) = self.tunnels.remove(id) {
+            if let Some(host) = &self.settings.host {
+                host.remove_tenant(h.server, h.subnet);
+                for pool in &h.pools {
+                    host.remove_pool(*pool).await;
+                }
+            }
             drop(h.commands);
             // The task ends when it sees the closed channel; abort covers a busy socket.
             h.task.abort();
@@ -221,7 +259,7 @@ impl Runtime {
     }
 
     /// Pushes the tenant's current peers and egress policy to its task.
-    pub async fn sync(&self, tenant: &Tenant) -> Result<(), RuntimeError> {
+    pub async fn sync(&mut self, tenant: &Tenant) -> Result<(), RuntimeError> {
         let peers = tenant.peer_configs(self.settings.keepalive);
         let egress = tenant
             .egress
@@ -236,6 +274,7 @@ impl Runtime {
                     .collect(),
             })
             .collect();
+        self.sync_pools(tenant).await?;
         let (reply, rx) = oneshot::channel();
         self.ask(
             &tenant.id,
@@ -249,6 +288,28 @@ impl Runtime {
         .await?
         .map(|_| ())
         .map_err(RuntimeError::from)
+    }
+
+    /// TUN mode: routes the tenant's client pool into the host device.
+    async fn sync_pools(&mut self, tenant: &Tenant) -> Result<(), RuntimeError> {
+        let (Some(host), Some(handle)) = (&self.settings.host, self.tunnels.get_mut(&tenant.id))
+        else {
+            return Ok(());
+        };
+        let wanted: Vec<ipnet::Ipv4Net> = tenant.egress.iter().map(|e| e.pool).collect();
+        if wanted == handle.pools {
+            return Ok(());
+        }
+        for pool in handle.pools.iter().filter(|p| !wanted.contains(p)) {
+            host.remove_pool(*pool).await;
+        }
+        if let Some(tx) = &handle.host_packets {
+            for pool in wanted.iter().filter(|p| !handle.pools.contains(p)) {
+                host.add_pool(*pool, tx.clone()).await?;
+            }
+        }
+        handle.pools = wanted;
+        Ok(())
     }
 
     /// What the tunnel would do with a packet from `src` to `dst`.

@@ -66,6 +66,22 @@ pub struct TunnelSnapshot {
     pub send_failures: u64,
 }
 
+/// The tunnel's side of the host TUN device, when there is one.
+#[derive(Default)]
+pub struct HostLink {
+    /// Packets from the host whose destination is in this tunnel.
+    pub packets: Option<mpsc::Receiver<Vec<u8>>>,
+    /// The device, for packets to the tunnel's server address.
+    pub device: Option<Arc<tun_rs::AsyncDevice>>,
+}
+
+async fn recv_host(packets: &mut Option<mpsc::Receiver<Vec<u8>>>) -> Option<Vec<u8>> {
+    match packets {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// An engine event tagged with its tenant.
 #[derive(Debug, Clone)]
 pub struct TaggedEvent {
@@ -78,6 +94,7 @@ pub struct TaggedEvent {
 struct UdpSink<'a> {
     socket: &'a UdpSocket,
     send_failures: &'a mut u64,
+    host: Option<&'a tun_rs::AsyncDevice>,
 }
 
 impl Sink for UdpSink<'_> {
@@ -88,9 +105,18 @@ impl Sink for UdpSink<'_> {
         }
     }
 
-    fn local(&mut self, _packet: &[u8]) -> bool {
-        // Neither a host device nor the userspace stack is attached yet.
-        false
+    fn local(&mut self, packet: &[u8]) -> bool {
+        // TUN mode: the host kernel answers for the server address. (In userspace
+        // mode the engine's own stack takes these packets and this is not called.)
+        match self.host {
+            Some(device) => {
+                if device.try_send(packet).is_err() {
+                    *self.send_failures += 1;
+                }
+                true
+            }
+            None => false,
+        }
     }
 }
 
@@ -103,6 +129,7 @@ pub async fn run(
     events: broadcast::Sender<TaggedEvent>,
     tenant: Arc<str>,
     work: Arc<Notify>,
+    mut host: HostLink,
 ) {
     let mut buf = vec![0u8; MAX_DATAGRAM].into_boxed_slice();
     let mut timer = tokio::time::interval(TIMER_PERIOD);
@@ -137,7 +164,7 @@ pub async fn run(
                         let _ = reply.send(engine.explain(src, dst, Instant::now()));
                     }
                     Command::OpenTcp { remote, pipes } => {
-                        let mut sink = UdpSink { socket: &socket, send_failures: &mut send_failures };
+                        let mut sink = UdpSink { socket: &socket, send_failures: &mut send_failures, host: host.device.as_deref() };
                         match engine.tcp_connect(remote, Instant::now(), &mut sink) {
                             Ok(id) => bridges.add(id, remote, pipes),
                             Err(_) => {
@@ -155,7 +182,7 @@ pub async fn run(
                 }
             }
             _ = timer.tick() => {
-                let mut sink = UdpSink { socket: &socket, send_failures: &mut send_failures };
+                let mut sink = UdpSink { socket: &socket, send_failures: &mut send_failures, host: host.device.as_deref() };
                 engine.handle_timers(Instant::now(), &mut sink);
             }
             readable = socket.readable() => {
@@ -164,13 +191,26 @@ pub async fn run(
                     break;
                 }
                 let now = Instant::now();
-                let mut sink = UdpSink { socket: &socket, send_failures: &mut send_failures };
+                let mut sink = UdpSink { socket: &socket, send_failures: &mut send_failures, host: host.device.as_deref() };
                 for _ in 0..RECV_BATCH {
                     match socket.try_recv_from(&mut buf) {
                         Ok((len, from)) => engine.handle_datagram(from, &buf[..len], now, &mut sink),
                         Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                         // ICMP errors from earlier sends surface here on Linux; skip them.
                         Err(_) => continue,
+                    }
+                }
+            }
+            packet = recv_host(&mut host.packets) => {
+                let Some(packet) = packet else { break };
+                let now = Instant::now();
+                let mut sink = UdpSink { socket: &socket, send_failures: &mut send_failures, host: host.device.as_deref() };
+                engine.handle_host_packet(&packet, now, &mut sink);
+                // Whatever else is queued, in the same wake-up (bounded like the socket).
+                for _ in 1..RECV_BATCH {
+                    match host.packets.as_mut().map(|rx| rx.try_recv()) {
+                        Some(Ok(packet)) => engine.handle_host_packet(&packet, now, &mut sink),
+                        _ => break,
                     }
                 }
             }
@@ -184,6 +224,7 @@ pub async fn run(
             let mut sink = UdpSink {
                 socket: &socket,
                 send_failures: &mut send_failures,
+                host: host.device.as_deref(),
             };
             engine.handle_local(Instant::now(), &mut sink);
         }

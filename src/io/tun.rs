@@ -1,0 +1,183 @@
+//! TUN mode: one kernel device (e.g. `wgplane0`) carrying every tenant's server
+//! address, so the host reaches routers through ordinary routes, and the routers
+//! reach the host.
+//!
+//! The device gets each tenant's server address with the tenant's prefix (which
+//! makes the kernel route the subnet into it) and a route for each client pool.
+//! One reader takes packets from the device and hands each to the one tunnel whose
+//! subnet or pool holds its destination; the tunnel's engine routes it to a peer by
+//! longest-prefix match. Packets from peers reach the device only through routing
+//! rule 4 (destination = the tenant's server address). Addresses and routes vanish
+//! with the device when the process exits.
+//!
+//! Left out: multi-queue and GSO/GRO offload (one queue, one packet per syscall).
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::{Arc, RwLock};
+
+use ipnet::{IpNet, Ipv4Net};
+use tokio::sync::mpsc;
+use tun_rs::{AsyncDevice, DeviceBuilder};
+
+use crate::core::packet;
+use crate::core::table::PrefixTable;
+
+/// Packets waiting for one tunnel task; more are dropped (the kernel's queue is
+/// the place to wait, not our memory).
+pub const HOST_QUEUE: usize = 1024;
+
+/// Why the device or its routes could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum TunError {
+    /// Creating or configuring the device failed (no `/dev/net/tun`, no
+    /// `CAP_NET_ADMIN`, name taken).
+    #[error("TUN device {name}: {source}")]
+    Device {
+        name: String,
+        source: std::io::Error,
+    },
+    /// A route could not be added or removed.
+    #[error("route {prefix} via {name}: {message}")]
+    Route {
+        name: String,
+        prefix: Ipv4Net,
+        message: String,
+    },
+}
+
+/// The host device and the table that sends its packets to tunnels.
+pub struct HostDevice {
+    device: Arc<AsyncDevice>,
+    name: String,
+    index: u32,
+    routes: Arc<RwLock<PrefixTable<mpsc::Sender<Vec<u8>>>>>,
+    netlink: rtnetlink::Handle,
+}
+
+impl HostDevice {
+    /// Creates the device and starts its reader. Needs `CAP_NET_ADMIN`.
+    pub fn open(name: &str, mtu: u16) -> Result<Self, TunError> {
+        let err = |source| TunError::Device {
+            name: name.to_owned(),
+            source,
+        };
+        let device = DeviceBuilder::new()
+            .name(name)
+            .mtu(mtu)
+            .build_async()
+            .map_err(err)?;
+        let index = device.if_index().map_err(err)?;
+        let (connection, netlink, _) = rtnetlink::new_connection().map_err(err)?;
+        tokio::spawn(connection);
+        let device = Arc::new(device);
+        let routes = Arc::new(RwLock::new(PrefixTable::new()));
+        tokio::spawn(read_loop(Arc::clone(&device), Arc::clone(&routes)));
+        tracing::info!(name, index, mtu, "TUN device up");
+        Ok(Self {
+            device,
+            name: name.to_owned(),
+            index,
+            routes,
+            netlink,
+        })
+    }
+
+    /// The device, for the tunnel tasks to write host-bound packets.
+    pub fn device(&self) -> Arc<AsyncDevice> {
+        Arc::clone(&self.device)
+    }
+
+    /// Gives the device a tenant's server address (routing its subnet here) and
+    /// sends packets for the subnet to `tunnel`.
+    pub fn add_tenant(
+        &self,
+        server: Ipv4Addr,
+        subnet: Ipv4Net,
+        tunnel: mpsc::Sender<Vec<u8>>,
+    ) -> Result<(), TunError> {
+        self.device
+            .add_address_v4(server, subnet.prefix_len())
+            .map_err(|source| TunError::Device {
+                name: self.name.clone(),
+                source,
+            })?;
+        if let Ok(mut routes) = self.routes.write() {
+            routes.insert(IpNet::V4(subnet), tunnel);
+        }
+        Ok(())
+    }
+
+    /// Removes a tenant's address and every route to its tunnel.
+    pub fn remove_tenant(&self, server: Ipv4Addr, subnet: Ipv4Net) {
+        let _ = self.device.remove_address(IpAddr::V4(server));
+        if let Ok(mut routes) = self.routes.write() {
+            routes.remove(IpNet::V4(subnet));
+        }
+    }
+
+    /// Routes a client pool into the device, towards `tunnel`.
+    pub async fn add_pool(
+        &self,
+        pool: Ipv4Net,
+        tunnel: mpsc::Sender<Vec<u8>>,
+    ) -> Result<(), TunError> {
+        let route = rtnetlink::RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(pool.network(), pool.prefix_len())
+            .output_interface(self.index)
+            .build();
+        match self.netlink.route().add(route).replace().execute().await {
+            Ok(()) => {}
+            Err(e) => {
+                return Err(TunError::Route {
+                    name: self.name.clone(),
+                    prefix: pool,
+                    message: e.to_string(),
+                })
+            }
+        }
+        if let Ok(mut routes) = self.routes.write() {
+            routes.insert(IpNet::V4(pool), tunnel);
+        }
+        Ok(())
+    }
+
+    /// Removes a pool's route.
+    pub async fn remove_pool(&self, pool: Ipv4Net) {
+        if let Ok(mut routes) = self.routes.write() {
+            routes.remove(IpNet::V4(pool));
+        }
+        let route = rtnetlink::RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(pool.network(), pool.prefix_len())
+            .output_interface(self.index)
+            .build();
+        let _ = self.netlink.route().del(route).execute().await;
+    }
+}
+
+/// The single reader: one queue, so the packets of a flow stay in order.
+async fn read_loop(
+    device: Arc<AsyncDevice>,
+    routes: Arc<RwLock<PrefixTable<mpsc::Sender<Vec<u8>>>>>,
+) {
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        let n = match device.recv(&mut buf).await {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::error!(error = %e, "TUN device read failed; host traffic stops");
+                return;
+            }
+        };
+        let Ok(header) = packet::parse(&buf[..n]) else {
+            continue;
+        };
+        let target = routes
+            .read()
+            .ok()
+            .and_then(|r| r.lookup(header.dst).cloned());
+        if let Some(tunnel) = target {
+            // Full queue: drop, as a congested link would.
+            let _ = tunnel.try_send(buf[..header.len].to_vec());
+        }
+    }
+}

@@ -1,0 +1,448 @@
+//! TUN mode end to end, in network namespaces with wireguard-go routers: the host
+//! (the hub namespace) pings a router and talks TCP to a server bound on the
+//! router's tunnel address; the router pings the server address; a router of
+//! another tenant cannot reach the first tenant through the host; and the seed's
+//! original failure cannot happen: with IP forwarding and masquerade on the hub's
+//! uplink and the KTN gateway down, not one packet of the phone's reaches the
+//! internet host.
+//!
+//! ```text
+//!   ra (kitonga router 10.100.1.1) --203.0.113.0/24-- hub (wgplane --tun) --198.18.0.0/24-- inet
+//!   rb (acme router 10.101.1.1)    --198.18.1.0/24--/    \--198.18.2.0/24-- phone (10.200.0.2)
+//! ```
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::netns::{
+    prerequisites_met, run_checked, unique_name, wait_for, write_private, Netns, Proc,
+};
+use serde_json::Value;
+
+const TEST: &str = "netns_tun";
+const TOOLS: &[&str] = &[
+    "ip",
+    "wireguard-go",
+    "wg",
+    "iptables",
+    "curl",
+    "python3",
+    "ping",
+    "sysctl",
+];
+const API: &str = "127.0.0.1:7444";
+const WG_ENV: [(&str, &str); 1] = [("WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD", "1")];
+
+const ECHO_SERVER: &str = r#"
+import socket, sys, threading
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2]))); s.listen(16)
+def serve(c):
+    while True:
+        d = c.recv(65536)
+        if not d: break
+        c.sendall(d)
+    c.close()
+while True:
+    c, _ = s.accept(); threading.Thread(target=serve, args=(c,), daemon=True).start()
+"#;
+
+const ECHO_CLIENT: &str = r#"
+import os, socket, sys, threading
+data = os.urandom(int(sys.argv[3]))
+c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=20)
+got = bytearray()
+def rd():
+    while len(got) < len(data):
+        d = c.recv(65536)
+        if not d: break
+        got.extend(d)
+t = threading.Thread(target=rd); t.start(); c.sendall(data); t.join()
+print("intact" if bytes(got) == data else "broken %d/%d" % (len(got), len(data)))
+"#;
+
+const UDP_LISTENER: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind((sys.argv[1], int(sys.argv[2])))
+while True:
+    d, a = s.recvfrom(2048); print(a[0], flush=True)
+"#;
+
+const UDP_SENDER: &str = r#"
+import socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for i in range(int(sys.argv[3])):
+    try: s.sendto(b"leak?", (sys.argv[1], int(sys.argv[2])))
+    except OSError: pass
+    time.sleep(0.05)
+"#;
+
+struct Lab {
+    procs: Vec<Proc>,
+    hub: Netns,
+    ra: Netns,
+    rb: Netns,
+    phone: Netns,
+    inet: Netns,
+    dir: tempfile::TempDir,
+    token: String,
+}
+
+impl Lab {
+    fn script(&self, name: &str, body: &str) -> String {
+        let path = self.dir.path().join(name);
+        std::fs::write(&path, body).expect("write script");
+        path.to_str().expect("utf-8 path").to_owned()
+    }
+
+    fn api(&self, method: &str, path: &str, body: &str) -> Value {
+        let url = format!("http://{API}{path}");
+        let auth = format!("Authorization: Bearer {}", self.token);
+        let out = self.hub.output(&[
+            "curl",
+            "-sS",
+            "--max-time",
+            "5",
+            "-X",
+            method,
+            "-H",
+            &auth,
+            "-d",
+            body,
+            &url,
+        ]);
+        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    }
+
+    fn keypair(&self, name: &str) -> (String, String) {
+        let private = run_checked(std::process::Command::new("wg").arg("genkey"));
+        let path = self.dir.path().join(format!("{name}.key"));
+        write_private(&path, &private);
+        let public = run_checked(
+            std::process::Command::new("sh")
+                .arg("-c")
+                .arg(format!("wg pubkey < {}", path.display())),
+        );
+        (
+            path.to_str().expect("utf-8").to_owned(),
+            public.trim().to_owned(),
+        )
+    }
+}
+
+/// A wireguard-go interface: its name tag, key file, address and its one peer.
+struct Wg<'a> {
+    tag: &'a str,
+    key: &'a str,
+    addr: &'a str,
+    server: &'a str,
+    endpoint: &'a str,
+    allowed: &'a str,
+}
+
+/// wireguard-go in `ns` as `w.addr` with one peer, the hub's tunnel.
+fn wireguard(ns: &Netns, dir: &Path, w: Wg<'_>) -> (String, Proc) {
+    let Wg {
+        tag,
+        key,
+        addr,
+        server,
+        endpoint,
+        allowed,
+    } = w;
+    let ifname = unique_name(tag);
+    let log = dir.join(format!("{ifname}.log"));
+    let mut proc = ns.spawn(
+        "wireguard-go",
+        &["wireguard-go", "-f", &ifname],
+        &WG_ENV,
+        &log,
+    );
+    let up = wait_for(Duration::from_secs(10), || {
+        ns.output(&["wg", "show", &ifname])
+            .status
+            .success()
+            .then_some(())
+    });
+    assert!(
+        up.is_some() && proc.is_running(),
+        "wireguard-go did not start: {}",
+        proc.log()
+    );
+    ns.run_words(&format!(
+        "wg set {ifname} private-key {key} peer {server} endpoint {endpoint} allowed-ips {allowed} persistent-keepalive 25"
+    ));
+    ns.run_words(&format!("ip address add {addr} dev {ifname}"));
+    ns.run_words(&format!("ip link set {ifname} mtu 1420 up"));
+    (ifname, proc)
+}
+
+fn wait_ping(ns: &Netns, dst: &str) -> bool {
+    wait_for(Duration::from_secs(15), || {
+        ns.output(&["ping", "-c", "1", "-W", "1", dst])
+            .status
+            .success()
+            .then_some(())
+    })
+    .is_some()
+}
+
+#[test]
+fn tun_mode_reaches_routers_and_never_leaks() {
+    if !prerequisites_met(TEST, TOOLS) {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (hub, ra, rb, phone, inet) = (
+        Netns::new("thub"),
+        Netns::new("tra"),
+        Netns::new("trb"),
+        Netns::new("tphone"),
+        Netns::new("tinet"),
+    );
+    hub.veth("to-ra", "203.0.113.1/24", &ra, "eth0", "203.0.113.2/24");
+    hub.veth("to-rb", "198.18.1.1/24", &rb, "eth0", "198.18.1.2/24");
+    hub.veth("to-phone", "198.18.2.1/24", &phone, "eth0", "198.18.2.2/24");
+    hub.veth("uplink", "198.18.0.1/24", &inet, "eth0", "198.18.0.2/24");
+    // The seed's setup: the hub forwards and masquerades towards the internet.
+    hub.sysctl("net.ipv4.ip_forward", "1");
+    hub.run_words("ip route add default via 198.18.0.2");
+    hub.run_words("iptables -t nat -A POSTROUTING -o uplink -j MASQUERADE");
+
+    let state = dir.path().join("state");
+    let mut lab = Lab {
+        procs: Vec::new(),
+        hub,
+        ra,
+        rb,
+        phone,
+        inet,
+        dir,
+        token: String::new(),
+    };
+    let wgplane = lab.hub.spawn(
+        "wgplane",
+        &[
+            env!("CARGO_BIN_EXE_wgplane"),
+            "run",
+            "--tun",
+            "--state-dir",
+            state.to_str().expect("utf-8"),
+            "--api-listen",
+            API,
+        ],
+        &[("NO_COLOR", "1")],
+        &lab.dir.path().join("wgplane.log"),
+    );
+    lab.procs.push(wgplane);
+    let token_file = state.join("api-token");
+    let token = wait_for(Duration::from_secs(15), || {
+        std::fs::read_to_string(&token_file).ok()
+    })
+    .expect("wgplane wrote its token");
+    lab.token = token.trim().to_owned();
+    let healthy = wait_for(Duration::from_secs(10), || {
+        let out = lab.hub.output(&[
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &format!("http://{API}/healthz"),
+        ]);
+        (String::from_utf8_lossy(&out.stdout) == "200").then_some(())
+    });
+    assert!(
+        healthy.is_some(),
+        "wgplane is not healthy: {}",
+        lab.procs[0].log()
+    );
+
+    // Provisioning: two tenants; kitonga has a router, a gateway that stays down,
+    // an egress policy and a phone; acme has one router.
+    let (ra_key, ra_pub) = lab.keypair("ra");
+    let (rb_key, rb_pub) = lab.keypair("rb");
+    let (phone_key, phone_pub) = lab.keypair("phone");
+    let kitonga = lab.api("PUT", "/v1/tenants/kitonga", "{}");
+    let acme = lab.api("PUT", "/v1/tenants/acme", "{}");
+    let (k_pub, a_pub) = (
+        kitonga["server_public_key"]
+            .as_str()
+            .expect("kitonga key")
+            .to_owned(),
+        acme["server_public_key"]
+            .as_str()
+            .expect("acme key")
+            .to_owned(),
+    );
+    lab.api(
+        "PUT",
+        "/v1/tenants/kitonga/routers/ra",
+        &format!(r#"{{"public_key":"{ra_pub}"}}"#),
+    );
+    lab.api(
+        "PUT",
+        "/v1/tenants/kitonga/routers/gw",
+        r#"{"vpn_ip":"10.100.0.40"}"#,
+    );
+    lab.api(
+        "PUT",
+        "/v1/tenants/kitonga/egress",
+        r#"{"pool":"10.200.0.0/24","gateways":["gw"]}"#,
+    );
+    lab.api(
+        "PUT",
+        "/v1/tenants/kitonga/clients/phone",
+        &format!(r#"{{"public_key":"{phone_pub}","vpn_ip":"10.200.0.2"}}"#),
+    );
+    lab.api(
+        "PUT",
+        "/v1/tenants/acme/routers/rb",
+        &format!(r#"{{"public_key":"{rb_pub}"}}"#),
+    );
+
+    let dir = lab.dir.path().to_owned();
+    let (_, p) = wireguard(
+        &lab.ra,
+        &dir,
+        Wg {
+            tag: "wgta",
+            key: &ra_key,
+            addr: "10.100.1.1/16",
+            server: &k_pub,
+            endpoint: "203.0.113.1:51820",
+            allowed: "10.100.0.0/16",
+        },
+    );
+    lab.procs.push(p);
+    let (rb_if, p) = wireguard(
+        &lab.rb,
+        &dir,
+        Wg {
+            tag: "wgtb",
+            key: &rb_key,
+            addr: "10.101.1.1/16",
+            server: &a_pub,
+            endpoint: "198.18.1.1:51821",
+            allowed: "0.0.0.0/0",
+        },
+    );
+    lab.procs.push(p);
+    lab.rb
+        .run_words(&format!("ip route add 10.100.0.0/16 dev {rb_if}"));
+    let (phone_if, p) = wireguard(
+        &lab.phone,
+        &dir,
+        Wg {
+            tag: "wgtp",
+            key: &phone_key,
+            addr: "10.200.0.2/32",
+            server: &k_pub,
+            endpoint: "198.18.2.1:51820",
+            allowed: "0.0.0.0/0",
+        },
+    );
+    lab.procs.push(p);
+    lab.phone
+        .run_words(&format!("ip route add default dev {phone_if}"));
+    let (ra_ns, rb_ns, phone_ns) = (&lab.ra, &lab.rb, &lab.phone);
+
+    let echo = lab.script("echo_server.py", ECHO_SERVER);
+    let log = lab.dir.path().join("echo.log");
+    let server = lab.ra.spawn(
+        "echo server",
+        &["python3", "-u", &echo, "10.100.1.1", "7000"],
+        &[],
+        &log,
+    );
+    lab.procs.push(server);
+    let listener = lab.script("udp_listener.py", UDP_LISTENER);
+    let inet_log = lab.dir.path().join("inet.log");
+    let inet_proc = lab.inet.spawn(
+        "inet listener",
+        &["python3", "-u", &listener, "198.18.0.2", "9999"],
+        &[],
+        &inet_log,
+    );
+    lab.procs.push(inet_proc);
+
+    // 1. The host pings the router and talks TCP to a server on its tunnel address.
+    assert!(
+        wait_ping(&lab.hub, "10.100.1.1"),
+        "host -> router ping\n{}",
+        lab.procs[0].log()
+    );
+    let client = lab.script("echo_client.py", ECHO_CLIENT);
+    let out = lab
+        .hub
+        .capture(&["python3", &client, "10.100.1.1", "7000", "1048576"]);
+    assert_eq!(out.trim(), "intact", "TCP echo through the TUN: {out}");
+
+    // 2. The router pings the server address (answered by the host kernel).
+    assert!(
+        wait_ping(ra_ns, "10.100.0.1"),
+        "router -> server address ping"
+    );
+
+    // 3. A router of another tenant cannot reach tenant kitonga through the host,
+    //    although the hub forwards IP: its tunnel drops what is not its own.
+    assert!(wait_ping(rb_ns, "10.101.0.1"), "rb's own tunnel works");
+    for dst in ["10.100.1.1", "10.100.0.1"] {
+        let out = rb_ns.output(&["ping", "-c", "2", "-W", "1", dst]);
+        assert!(
+            !out.status.success(),
+            "tenant acme reached {dst} of kitonga"
+        );
+    }
+
+    // 4. Positive control: the hub itself does reach the internet host.
+    let sender = lab.script("udp_sender.py", UDP_SENDER);
+    lab.hub
+        .run(&["python3", &sender, "198.18.0.2", "9999", "2"]);
+    let seen = wait_for(Duration::from_secs(5), || {
+        let log = std::fs::read_to_string(&inet_log).unwrap_or_default();
+        (log.lines().count() >= 2).then_some(log)
+    });
+    assert!(seen.is_some(), "the leak path exists (hub -> inet works)");
+    let before = std::fs::read_to_string(&inet_log)
+        .unwrap_or_default()
+        .lines()
+        .count();
+
+    // 5. The phone, with its gateway down: nothing reaches the internet host.
+    phone_ns.run(&["python3", &sender, "198.18.0.2", "9999", "40"]);
+    let _ = phone_ns.output(&["ping", "-c", "3", "-W", "1", "198.18.0.2"]);
+    let _ = phone_ns.output(&[
+        "curl",
+        "-s",
+        "--max-time",
+        "2",
+        "http://10.100.0.1:7444/healthz",
+    ]);
+    std::thread::sleep(Duration::from_secs(1));
+    let after = std::fs::read_to_string(&inet_log)
+        .unwrap_or_default()
+        .lines()
+        .count();
+    assert_eq!(after, before, "phone packets leaked to the internet host");
+    let metrics = lab
+        .hub
+        .capture(&["curl", "-s", &format!("http://{API}/metrics")]);
+    let dropped = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("wgplane_packets_dropped_total")
+                && l.contains("tenant=\"kitonga\"")
+                && l.contains("reason=\"egress_down\"")
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(
+        dropped >= 40.0,
+        "the phone's packets were dropped as egress_down ({dropped})"
+    );
+}

@@ -376,10 +376,15 @@ fn tun_mode_reaches_routers_and_never_leaks() {
         lab.procs[0].log()
     );
     let client = lab.script("echo_client.py", ECHO_CLIENT);
-    let out = lab
-        .hub
-        .capture(&["python3", &client, "10.100.1.1", "7000", "1048576"]);
-    assert_eq!(out.trim(), "intact", "TCP echo through the TUN: {out}");
+    // The echo server may still be starting: retry until it answers.
+    let mut out = String::new();
+    let intact = wait_for(Duration::from_secs(10), || {
+        out = lab
+            .hub
+            .capture(&["python3", &client, "10.100.1.1", "7000", "1048576"]);
+        (out.trim() == "intact").then_some(())
+    });
+    assert!(intact.is_some(), "TCP echo through the TUN: {out}");
 
     // 2. The router pings the server address (answered by the host kernel).
     assert!(

@@ -210,6 +210,9 @@ fn tun_mode_reaches_routers_and_never_leaks() {
     hub.sysctl("net.ipv4.ip_forward", "1");
     hub.run_words("ip route add default via 198.18.0.2");
     hub.run_words("iptables -t nat -A POSTROUTING -o uplink -j MASQUERADE");
+    // The backend's network on the host (a container bridge, say); an address on
+    // loopback stands in for it.
+    hub.run_words("ip address add 198.18.5.1/24 dev lo");
 
     let state = dir.path().join("state");
     let mut lab = Lab {
@@ -305,7 +308,7 @@ fn tun_mode_reaches_routers_and_never_leaks() {
     );
 
     let dir = lab.dir.path().to_owned();
-    let (_, p) = wireguard(
+    let (ra_if, p) = wireguard(
         &lab.ra,
         &dir,
         Wg {
@@ -314,7 +317,7 @@ fn tun_mode_reaches_routers_and_never_leaks() {
             addr: "10.100.1.1/16",
             server: &k_pub,
             endpoint: "203.0.113.1:51820",
-            allowed: "10.100.0.0/16",
+            allowed: "10.100.0.0/16,198.18.5.0/24",
         },
     );
     lab.procs.push(p);
@@ -402,6 +405,28 @@ fn tun_mode_reaches_routers_and_never_leaks() {
             "tenant acme reached {dst} of kitonga"
         );
     }
+
+    // 3b. Host prefixes: the router reaches the backend's network on the host only
+    //     once the tenant lists it.
+    lab.ra
+        .run_words(&format!("ip route add 198.18.5.0/24 dev {ra_if}"));
+    let out = lab.ra.output(&["ping", "-c", "2", "-W", "1", "198.18.5.1"]);
+    assert!(
+        !out.status.success(),
+        "reached the backend without a host prefix"
+    );
+    let t = lab.api(
+        "PUT",
+        "/v1/tenants/kitonga",
+        r#"{"host_prefixes":["198.18.5.0/24"]}"#,
+    );
+    assert_eq!(t["host_prefixes"][0], "198.18.5.0/24", "{t}");
+    assert!(
+        wait_ping(&lab.ra, "198.18.5.1"),
+        "router -> backend via host prefix"
+    );
+    let out = rb_ns.output(&["ping", "-c", "2", "-W", "1", "198.18.5.1"]);
+    assert!(!out.status.success(), "tenant acme has no host prefix");
 
     // 4. Positive control: the hub itself does reach the internet host.
     let sender = lab.script("udp_sender.py", UDP_SENDER);

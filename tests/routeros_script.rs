@@ -31,6 +31,7 @@ fn tenant() -> Tenant {
             pool: "10.200.0.0/24".parse().unwrap(),
             gateways: vec![id("mikrotik-1")],
         }),
+        host_prefixes: Vec::new(),
     };
     let gw_key = SecretKey::from_bytes([2; 32]);
     t.routers.insert(

@@ -189,8 +189,11 @@ pub async fn put_tenant(
 ) -> ApiResult {
     let id = tenant_id(&t)?;
     let mut control = state.control.lock().await;
+    let before = control.registry.tenant(&id).ok().cloned();
     let put = ensure_tenant(&mut control, &id, &req).await?;
-    persist!(control, &id, None, |r| tenant_row(r, &id, put));
+    // Always stored: an update may have changed the host prefixes.
+    persist!(control, &id, before, |r| tenant_row(r, &id, Put::Created));
+    sync(&mut control, &id).await?;
     let tenant = control.registry.tenant(&id)?;
     Ok((status_of(put), Json(tenant_view(&state, &control, tenant))).into_response())
 }
@@ -683,6 +686,14 @@ pub async fn explain_route(
                 id: tenant.server_ip().to_string(),
             });
             answer.rule = Some(format!("local {}", tenant.server_ip()));
+        }
+        ExplainVerdict::Host => {
+            answer.verdict = "local".into();
+            answer.to = Some(PeerRef {
+                kind: "host".into(),
+                id: dst.to_string(),
+            });
+            answer.rule = Some("host prefix".into());
         }
         ExplainVerdict::Drop(reason) => {
             answer.verdict = "drop".into();

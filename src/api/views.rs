@@ -33,6 +33,8 @@ pub struct TenantView {
     pub created_at: String,
     pub routers: usize,
     pub clients: usize,
+    /// TUN mode: host prefixes this tenant's routers may reach.
+    pub host_prefixes: Vec<String>,
 }
 
 impl TenantView {
@@ -49,6 +51,7 @@ impl TenantView {
             created_at: rfc3339(t.created_at),
             routers: t.routers.len(),
             clients: t.clients.len(),
+            host_prefixes: t.host_prefixes.iter().map(ToString::to_string).collect(),
         }
     }
 }

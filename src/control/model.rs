@@ -60,6 +60,8 @@ pub struct Tenant {
     pub routers: BTreeMap<Id, Router>,
     pub clients: BTreeMap<Id, Client>,
     pub egress: Option<EgressPolicy>,
+    /// TUN mode: host-side prefixes the tenant's routers may reach.
+    pub host_prefixes: Vec<IpNet>,
 }
 
 /// A site router (MikroTik) of a tenant.
@@ -167,6 +169,9 @@ impl Tenant {
 pub struct TenantRequest {
     pub listen_port: Option<u16>,
     pub subnet: Option<String>,
+    /// TUN mode: host-side prefixes (e.g. the backend's container network) that
+    /// this tenant's routers may reach through the host device. Replaces the list.
+    pub host_prefixes: Option<Vec<String>>,
 }
 
 /// Body of `PUT …/routers/{id}`.

@@ -149,9 +149,13 @@ impl Registry {
             .as_deref()
             .map(|s| parse_v4_net(s, "subnet"))
             .transpose()?;
+        let host_prefixes = req
+            .host_prefixes
+            .as_ref()
+            .map(|list| self.parse_host_prefixes(id, list))
+            .transpose()?;
         if let Some(t) = self.tenants.get(id) {
-            if let Some(port) = req.listen_port.filter(|p| *p != t.listen_port) {
-                let _ = port;
+            if req.listen_port.is_some_and(|p| p != t.listen_port) {
                 return Err(ControlError::Immutable {
                     field: "listen_port",
                     current: t.listen_port.to_string(),
@@ -162,6 +166,9 @@ impl Registry {
                     field: "subnet",
                     current: t.subnet.to_string(),
                 });
+            }
+            if let Some(list) = host_prefixes {
+                self.tenant_mut(id)?.host_prefixes = list;
             }
             return Ok(Put::Updated);
         }
@@ -212,9 +219,43 @@ impl Registry {
             routers: BTreeMap::new(),
             clients: BTreeMap::new(),
             egress: None,
+            host_prefixes: host_prefixes.unwrap_or_default(),
         };
         self.tenants.insert(id.clone(), tenant);
         Ok(Put::Created)
+    }
+
+    /// Host prefixes must not overlap any tenant's subnet or pool, nor a prefix
+    /// behind one of this tenant's routers: each address has one place to go.
+    fn parse_host_prefixes(&self, id: &Id, list: &[String]) -> Result<Vec<IpNet>, ControlError> {
+        let field = "host_prefixes";
+        let mut out = Vec::with_capacity(list.len());
+        for text in list {
+            let net: IpNet = text
+                .parse()
+                .map_err(|_| ControlError::field(field, format!("{text:?} is not a prefix")))?;
+            let net = net.trunc();
+            let clash = self
+                .taken_nets(None)
+                .into_iter()
+                .map(IpNet::V4)
+                .chain(self.tenants.get(id).into_iter().flat_map(|t| {
+                    t.routers
+                        .values()
+                        .flat_map(|r| r.extra_prefixes.iter().copied())
+                }))
+                .find(|o| alloc::overlaps(net, *o));
+            if let Some(other) = clash {
+                return Err(ControlError::field(
+                    field,
+                    format!("{net} overlaps {other}, which is routed into a tunnel"),
+                ));
+            }
+            if !out.contains(&net) {
+                out.push(net);
+            }
+        }
+        Ok(out)
     }
 
     /// Removes a tenant with all its peers.
@@ -814,7 +855,7 @@ mod tests {
         ));
         let overlapping = TenantRequest {
             subnet: Some("10.200.0.0/16".into()),
-            listen_port: None,
+            ..Default::default()
         };
         assert!(matches!(
             r.put_tenant(&id("c"), &overlapping, now()),

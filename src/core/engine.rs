@@ -24,6 +24,7 @@ use super::peer::{
     identify_initiator, message_type, Decap, Encap, Initiator, Message, Peer, PeerConfig, PeerStats,
 };
 use super::policy::{decide, DropReason, Egress, Origin, PeerId, RoutingState, Rule, Verdict};
+use super::table::PrefixTable;
 
 /// Largest datagram or inner packet handled, plus room for WireGuard's overhead.
 const BUF_LEN: usize = 65_536 + 256;
@@ -141,6 +142,8 @@ pub enum ExplainVerdict {
     Forward { peer: [u8; 32], rule: Rule },
     /// Delivered to the tunnel's own address.
     Local,
+    /// Sent to the host device (a host prefix, TUN mode).
+    Host,
     /// Dropped.
     Drop(DropReason),
 }
@@ -340,6 +343,7 @@ impl TunnelEngine {
                     rule,
                 },
                 Verdict::Local => ExplainVerdict::Local,
+                Verdict::Host => ExplainVerdict::Host,
                 Verdict::Drop { reason, .. } => ExplainVerdict::Drop(reason),
             },
         }
@@ -432,6 +436,14 @@ impl TunnelEngine {
             self.upsert_peer(config, index)?;
         }
         Ok(freed)
+    }
+
+    /// Replaces the host prefixes (TUN mode).
+    pub fn set_host_prefixes(&mut self, prefixes: &[IpNet]) {
+        self.routing.host = PrefixTable::new();
+        for p in prefixes {
+            self.routing.host.insert(*p, ());
+        }
     }
 
     /// Replaces the egress policies.
@@ -784,6 +796,13 @@ fn route(
                 }
                 Encap::Queued => stats.queued += 1,
                 Encap::Drop(reason) => stats.drop(reason),
+            }
+        }
+        Verdict::Host => {
+            if sink.local(packet) {
+                stats.forwarded_local += 1;
+            } else {
+                stats.drop(DropReason::LocalUnavailable);
             }
         }
         Verdict::Local => {

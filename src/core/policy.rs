@@ -33,6 +33,8 @@ pub struct RoutingState {
     pub routes: PrefixTable<PeerId>,
     /// Egress policies, pools disjoint.
     pub egress: Vec<Egress>,
+    /// Host-side prefixes peers may reach through the host device (TUN mode).
+    pub host: PrefixTable<()>,
 }
 
 /// Why a packet was dropped. Used as an index into counters, so keep `ALL` in sync.
@@ -137,6 +139,8 @@ pub enum Verdict {
     Forward { peer: PeerId, rule: Rule },
     /// The destination is the tunnel's own address.
     Local,
+    /// The destination is one of the tunnel's host prefixes: to the host device.
+    Host,
     /// Drop and count. For `EgressDown`, `primary` is the gateway to wake up.
     Drop {
         reason: DropReason,
@@ -211,9 +215,15 @@ pub fn decide(
         }
     }
 
-    // Rule 4: the tunnel's own address.
+    // Rule 4: the tunnel's own address, and the host prefixes behind it (TUN mode).
     if state.local.contains(&dst) {
         return Verdict::Local;
+    }
+    if state.host.lookup(dst).is_some() {
+        return match origin {
+            Origin::Peer(_) => Verdict::Host,
+            Origin::Host => Verdict::drop(DropReason::LoopBack),
+        };
     }
 
     // Rule 5: longest-prefix match within this tunnel; rule 6: nothing matched.
@@ -369,6 +379,22 @@ mod tests {
             from(ROUTER_A, "10.100.1.1", "192.168.88.1", &[]),
             Verdict::drop(DropReason::LoopBack)
         );
+    }
+
+    #[test]
+    fn host_prefixes_go_to_the_host_but_never_for_clients() {
+        let mut s = ktn();
+        s.host.insert("198.18.5.0/24".parse().unwrap(), ());
+        let d = |p, src: &str| decide(&s, Origin::Peer(p), ip(src), ip("198.18.5.9"), |_| true);
+        assert_eq!(d(ROUTER_A, "10.100.1.1"), Verdict::Host);
+        assert!(matches!(
+            d(PHONE_1, "10.200.0.2"),
+            Verdict::Forward { peer: GATEWAY, .. }
+        ));
+        let back = decide(&s, Origin::Host, ip("198.18.5.9"), ip("198.18.5.1"), |_| {
+            true
+        });
+        assert_eq!(back, Verdict::drop(DropReason::LoopBack));
     }
 
     #[test]

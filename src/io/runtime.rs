@@ -281,6 +281,12 @@ impl Runtime {
             Command::Sync {
                 peers,
                 egress,
+                // Host prefixes only mean something with a host device.
+                host_prefixes: if self.settings.host.is_some() {
+                    tenant.host_prefixes.clone()
+                } else {
+                    Vec::new()
+                },
                 reply,
             },
             rx,

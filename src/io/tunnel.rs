@@ -36,6 +36,7 @@ pub enum Command {
     Sync {
         peers: Vec<(PeerConfig, u32)>,
         egress: Vec<EgressConfig>,
+        host_prefixes: Vec<ipnet::IpNet>,
         reply: oneshot::Sender<Result<Vec<u32>, crate::core::engine::EngineError>>,
     },
     /// Explain what would happen to a packet.
@@ -155,9 +156,10 @@ pub async fn run(
             command = commands.recv() => {
                 let Some(command) = command else { break };
                 match command {
-                    Command::Sync { peers, egress, reply } => {
+                    Command::Sync { peers, egress, host_prefixes, reply } => {
                         let result = engine.sync_peers(peers);
                         engine.set_egress(egress);
+                        engine.set_host_prefixes(&host_prefixes);
                         let _ = reply.send(result);
                     }
                     Command::Explain { src, dst, reply } => {

@@ -138,7 +138,7 @@ impl Store {
     pub fn load(&self) -> Result<Vec<Tenant>, StoreError> {
         let mut tenants = BTreeMap::new();
         let mut stmt = self.conn.prepare(
-            "SELECT id, interface_name, private_key, subnet, listen_port, created_at_ms FROM tenants",
+            "SELECT id, interface_name, private_key, subnet, listen_port, created_at_ms, host_prefixes FROM tenants",
         )?;
         let rows = stmt.query_map([], |r| {
             Ok((
@@ -148,10 +148,11 @@ impl Store {
                 r.get::<_, String>(3)?,
                 r.get::<_, u16>(4)?,
                 r.get::<_, i64>(5)?,
+                r.get::<_, String>(6)?,
             ))
         })?;
         for row in rows {
-            let (id, interface_name, sealed, subnet, listen_port, created) = row?;
+            let (id, interface_name, sealed, subnet, listen_port, created, host) = row?;
             let row_name = format!("tenant/{id}");
             let id = parse_id(&id, &row_name)?;
             let secret = SecretKey::from_bytes(
@@ -169,6 +170,8 @@ impl Store {
                 routers: BTreeMap::new(),
                 clients: BTreeMap::new(),
                 egress: None,
+                host_prefixes: serde_json::from_str::<Vec<IpNet>>(&host)
+                    .map_err(|_| corrupt(&row_name, "host_prefixes"))?,
                 id: id.clone(),
             };
             tenants.insert(id, tenant);
@@ -344,10 +347,10 @@ fn apply_one(
                 .map(|d| d.as_millis() as i64)
                 .unwrap_or(0);
             tx.execute(
-                "INSERT INTO tenants (id, interface_name, private_key, public_key, subnet, listen_port, created_at_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                "INSERT INTO tenants (id, interface_name, private_key, public_key, subnet, listen_port, created_at_ms, host_prefixes)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
                  ON CONFLICT(id) DO UPDATE SET interface_name = ?2, private_key = ?3, public_key = ?4,
-                   subnet = ?5, listen_port = ?6, created_at_ms = ?7",
+                   subnet = ?5, listen_port = ?6, created_at_ms = ?7, host_prefixes = ?8",
                 params![
                     t.id.as_str(),
                     t.interface_name,
@@ -355,7 +358,8 @@ fn apply_one(
                     keys::encode(t.public_key.as_bytes()),
                     t.subnet.to_string(),
                     t.listen_port,
-                    created
+                    created,
+                    serde_json::to_string(&t.host_prefixes).unwrap_or_else(|_| "[]".into())
                 ],
             )?;
         }

@@ -57,6 +57,8 @@ pub const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (tenant_id, router_id, port),
         FOREIGN KEY (tenant_id, router_id) REFERENCES routers(tenant_id, id) ON DELETE CASCADE
     );",
+    // 3: host prefixes a tenant's routers may reach in TUN mode.
+    "ALTER TABLE tenants ADD COLUMN host_prefixes TEXT NOT NULL DEFAULT '[]';",
 ];
 
 /// The version this binary writes.

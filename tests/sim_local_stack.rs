@@ -62,6 +62,68 @@ fn routers_ping_the_server_address() {
     assert_eq!(addrs(&inbox[0]).1, ip("192.168.88.5"));
 }
 
+fn ping6(src: &str, dst: &str, seq: u16) -> Vec<u8> {
+    use smoltcp::wire::{Icmpv6Packet, Icmpv6Repr, Ipv6Packet, Ipv6Repr};
+    let (src, dst): (std::net::Ipv6Addr, std::net::Ipv6Addr) =
+        (src.parse().unwrap(), dst.parse().unwrap());
+    let icmp = Icmpv6Repr::EchoRequest {
+        ident: 1,
+        seq_no: seq,
+        data: b"netwatch6",
+    };
+    let repr = Ipv6Repr {
+        src_addr: src,
+        dst_addr: dst,
+        next_header: IpProtocol::Icmpv6,
+        payload_len: icmp.buffer_len(),
+        hop_limit: 64,
+    };
+    let mut buf = vec![0u8; repr.buffer_len() + icmp.buffer_len()];
+    repr.emit(&mut Ipv6Packet::new_unchecked(&mut buf[..]));
+    icmp.emit(
+        &src,
+        &dst,
+        &mut Icmpv6Packet::new_unchecked(&mut buf[repr.buffer_len()..]),
+        &ChecksumCapabilities::default(),
+    );
+    buf
+}
+
+#[test]
+fn routers_ping_the_ipv6_server_address() {
+    use smoltcp::wire::{Icmpv6Message, Icmpv6Packet, Ipv6Packet};
+    let mut sim = Sim::new();
+    let server6 = wgplane::core::alloc::server_address_v6("10.100.0.0/16".parse().unwrap());
+    assert_eq!(
+        server6.to_string(),
+        "fd77:7770:a64:0:0:0:0:1"
+            .parse::<std::net::Ipv6Addr>()
+            .unwrap()
+            .to_string()
+    );
+    let t = sim.tunnel_with_stack_v6(51820, "10.100.0.1", 16, &server6.to_string());
+    let r1 = sim.peer(
+        "r1",
+        t,
+        PeerKind::Router,
+        &["10.100.1.1/32", "fd77:7770:a64:0:1::1/128"],
+    );
+    sim.connect(r1);
+    sim.send(r1, &ping6("fd77:7770:a64:0:1::1", &server6.to_string(), 5));
+    let inbox = sim.take_inbox(r1);
+    assert_eq!(inbox.len(), 1, "an ICMPv6 echo reply");
+    assert_eq!(
+        addrs(&inbox[0]),
+        (std::net::IpAddr::V6(server6), ip("fd77:7770:a64:0:1::1"))
+    );
+    let p = Ipv6Packet::new_checked(&inbox[0][..]).unwrap();
+    let icmp = Icmpv6Packet::new_checked(p.payload()).unwrap();
+    assert_eq!(icmp.msg_type(), Icmpv6Message::EchoReply);
+    // And IPv4 still answers on the same stack.
+    sim.send(r1, &ping("10.100.1.1", "10.100.0.1", 6));
+    assert!(is_echo_reply(&sim.take_inbox(r1)[0], 6));
+}
+
 #[test]
 fn a_phone_never_reaches_the_stack_and_another_tenant_never_does() {
     let mut sim = Sim::new();

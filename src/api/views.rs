@@ -26,6 +26,8 @@ pub struct TenantView {
     pub interface_name: String,
     pub server_public_key: String,
     pub server_ip: String,
+    /// Answers ping in userspace mode, for routers given IPv6 prefixes.
+    pub server_ipv6: String,
     pub subnet_cidr: String,
     pub listen_port: u16,
     pub endpoint: String,
@@ -44,6 +46,7 @@ impl TenantView {
             interface_name: t.interface_name.clone(),
             server_public_key: keys::encode(t.public_key.as_bytes()),
             server_ip: t.server_ip().to_string(),
+            server_ipv6: t.server_ipv6().to_string(),
             subnet_cidr: t.subnet.to_string(),
             listen_port: t.listen_port,
             endpoint: render::endpoint(public_host, t.listen_port),

@@ -106,6 +106,11 @@ impl Tenant {
         crate::core::alloc::server_address(self.subnet)
     }
 
+    /// The tunnel's own IPv6 address (see [`crate::core::alloc::server_address_v6`]).
+    pub fn server_ipv6(&self) -> std::net::Ipv6Addr {
+        crate::core::alloc::server_address_v6(self.subnet)
+    }
+
     /// Every address a peer of this tenant uses.
     pub fn used_addresses(&self) -> std::collections::HashSet<IpAddr> {
         self.routers

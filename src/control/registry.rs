@@ -381,8 +381,10 @@ impl Registry {
         if clash {
             return Err(unavailable("overlaps another peer's addresses"));
         }
-        if net == IpNet::V4(Ipv4Net::from(tenant.server_ip())) {
-            return Err(unavailable("is the server address"));
+        if net == IpNet::V4(Ipv4Net::from(tenant.server_ip()))
+            || net.contains(&IpAddr::V6(tenant.server_ipv6()))
+        {
+            return Err(unavailable("is or covers the server address"));
         }
         Ok(())
     }

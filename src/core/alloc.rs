@@ -80,6 +80,23 @@ pub fn server_address(subnet: Ipv4Net) -> Ipv4Addr {
     nth(subnet, 1)
 }
 
+/// The tenant's IPv6 server address: the tenant's IPv4 network embedded in a ULA
+/// /64 (`fd77:7770:<v4 network>::1`), so every tenant has one without another
+/// allocation to store. 10.100.0.0/16 gets `fd77:7770:a64:0::1`.
+pub fn server_address_v6(subnet: Ipv4Net) -> std::net::Ipv6Addr {
+    let [a, b, c, d] = subnet.network().octets();
+    std::net::Ipv6Addr::new(
+        0xfd77,
+        0x7770,
+        u16::from_be_bytes([a, b]),
+        u16::from_be_bytes([c, d]),
+        0,
+        0,
+        0,
+        1,
+    )
+}
+
 /// Where router addresses start: 10.X.1.1 in a subnet large enough to keep the
 /// first /24 for the server and imported peers, else the second host.
 pub fn router_range_start(subnet: Ipv4Net) -> u32 {

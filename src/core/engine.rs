@@ -250,8 +250,9 @@ impl TunnelEngine {
         }
     }
 
-    /// Serves the tunnel's own IPv4 address with the userspace stack (ping, TCP to
-    /// peers) instead of handing local packets to the sink.
+    /// Serves the tunnel's own addresses with the userspace stack (ping, TCP to
+    /// peers) instead of handing local packets to the sink: `address/prefix_len`,
+    /// and the IPv6 address among the engine's own addresses, if there is one.
     #[must_use]
     pub fn with_local_stack(
         mut self,
@@ -259,7 +260,11 @@ impl TunnelEngine {
         prefix_len: u8,
         now: Instant,
     ) -> Self {
-        self.local = Some(LocalStack::new(address, prefix_len, now));
+        let mut stack = LocalStack::new(address, prefix_len, now);
+        if let Some(IpAddr::V6(v6)) = self.routing.local.iter().find(|a| a.is_ipv6()) {
+            stack = stack.with_ipv6(*v6);
+        }
+        self.local = Some(stack);
         self
     }
 

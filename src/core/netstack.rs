@@ -125,6 +125,16 @@ pub struct LocalStack {
 }
 
 impl LocalStack {
+    /// Adds an IPv6 address (`/64` on-link), answered like the IPv4 one.
+    pub fn with_ipv6(mut self, address: std::net::Ipv6Addr) -> Self {
+        self.iface.update_ip_addrs(|addrs| {
+            // Two addresses fit (smoltcp's default capacity): IPv4 and this one.
+            let _ = addrs.push(IpCidr::new(IpAddress::Ipv6(address), 64));
+        });
+        let _ = self.iface.routes_mut().add_default_ipv6_route(address);
+        self
+    }
+
     /// A stack owning `address` in the tunnel subnet `address/prefix_len`.
     pub fn new(address: Ipv4Addr, prefix_len: u8, now: Instant) -> Self {
         let mut device = Queues::default();

@@ -132,11 +132,14 @@ impl Runtime {
         let addr = SocketAddr::new(self.settings.bind, tenant.listen_port);
         let socket = bind_udp(addr).map_err(|source| RuntimeError::Bind { addr, source })?;
         let local_addr = socket.local_addr().unwrap_or(addr);
-        let mut engine = TunnelEngine::new(
-            tenant.secret.secret().clone(),
-            vec![IpAddr::V4(tenant.server_ip())],
-        )
-        .with_liveness_timeout(self.settings.liveness_timeout);
+        // In TUN mode the host kernel answers for the server address; the IPv6
+        // one exists only in userspace mode.
+        let mut own = vec![IpAddr::V4(tenant.server_ip())];
+        if self.settings.host.is_none() {
+            own.push(IpAddr::V6(tenant.server_ipv6()));
+        }
+        let mut engine = TunnelEngine::new(tenant.secret.secret().clone(), own)
+            .with_liveness_timeout(self.settings.liveness_timeout);
         let mut link = HostLink::default();
         let mut host_packets = None;
         match &self.settings.host {

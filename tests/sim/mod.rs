@@ -133,6 +133,24 @@ impl Sim {
         t
     }
 
+    /// Like [`Sim::tunnel_with_stack`], with an IPv6 server address too.
+    pub fn tunnel_with_stack_v6(
+        &mut self,
+        port: u16,
+        server: &str,
+        prefix_len: u8,
+        server6: &str,
+    ) -> TunnelIx {
+        let t = self.tunnel(port, server);
+        let tunnel = &mut self.tunnels[t];
+        let std::net::IpAddr::V4(v4) = ip(server) else {
+            panic!("IPv4 server address expected")
+        };
+        tunnel.engine = TunnelEngine::new(tunnel.secret.clone(), vec![ip(server), ip(server6)])
+            .with_local_stack(v4, prefix_len, self.now);
+        t
+    }
+
     /// A peer of `tunnel` allowed `allowed`, at a fresh underlay address.
     pub fn peer(
         &mut self,

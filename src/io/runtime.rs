@@ -149,6 +149,7 @@ impl Runtime {
                 link = HostLink {
                     packets: Some(rx),
                     device: Some(host.device()),
+                    vnet_hdr: host.vnet_hdr(),
                 };
                 host_packets = Some(tx);
             }

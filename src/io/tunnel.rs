@@ -74,6 +74,8 @@ pub struct HostLink {
     pub packets: Option<mpsc::Receiver<Vec<u8>>>,
     /// The device, for packets to the tunnel's server address.
     pub device: Option<Arc<tun_rs::AsyncDevice>>,
+    /// Writes need an (empty) virtio header in front: offload is on.
+    pub vnet_hdr: bool,
 }
 
 async fn recv_host(packets: &mut Option<mpsc::Receiver<Vec<u8>>>) -> Option<Vec<u8>> {
@@ -96,6 +98,7 @@ struct UdpSink<'a> {
     socket: &'a UdpSocket,
     send_failures: &'a mut u64,
     host: Option<&'a tun_rs::AsyncDevice>,
+    vnet_hdr: bool,
 }
 
 impl Sink for UdpSink<'_> {
@@ -111,7 +114,17 @@ impl Sink for UdpSink<'_> {
         // mode the engine's own stack takes these packets and this is not called.)
         match self.host {
             Some(device) => {
-                if device.try_send(packet).is_err() {
+                let sent = if self.vnet_hdr {
+                    // GSO_NONE, no checksum offload: a plain packet.
+                    let header = [0u8; tun_rs::VIRTIO_NET_HDR_LEN];
+                    device.try_send_vectored(&[
+                        std::io::IoSlice::new(&header),
+                        std::io::IoSlice::new(packet),
+                    ])
+                } else {
+                    device.try_send(packet)
+                };
+                if sent.is_err() {
                     *self.send_failures += 1;
                 }
                 true
@@ -166,7 +179,7 @@ pub async fn run(
                         let _ = reply.send(engine.explain(src, dst, Instant::now()));
                     }
                     Command::OpenTcp { remote, pipes } => {
-                        let mut sink = UdpSink { socket: &socket, send_failures: &mut send_failures, host: host.device.as_deref() };
+                        let mut sink = UdpSink { socket: &socket, send_failures: &mut send_failures, host: host.device.as_deref(), vnet_hdr: host.vnet_hdr };
                         match engine.tcp_connect(remote, Instant::now(), &mut sink) {
                             Ok(id) => bridges.add(id, remote, pipes),
                             Err(_) => {
@@ -184,7 +197,7 @@ pub async fn run(
                 }
             }
             _ = timer.tick() => {
-                let mut sink = UdpSink { socket: &socket, send_failures: &mut send_failures, host: host.device.as_deref() };
+                let mut sink = UdpSink { socket: &socket, send_failures: &mut send_failures, host: host.device.as_deref(), vnet_hdr: host.vnet_hdr };
                 engine.handle_timers(Instant::now(), &mut sink);
             }
             readable = socket.readable() => {
@@ -193,7 +206,7 @@ pub async fn run(
                     break;
                 }
                 let now = Instant::now();
-                let mut sink = UdpSink { socket: &socket, send_failures: &mut send_failures, host: host.device.as_deref() };
+                let mut sink = UdpSink { socket: &socket, send_failures: &mut send_failures, host: host.device.as_deref(), vnet_hdr: host.vnet_hdr };
                 for _ in 0..RECV_BATCH {
                     match socket.try_recv_from(&mut buf) {
                         Ok((len, from)) => engine.handle_datagram(from, &buf[..len], now, &mut sink),
@@ -206,7 +219,7 @@ pub async fn run(
             packet = recv_host(&mut host.packets) => {
                 let Some(packet) = packet else { break };
                 let now = Instant::now();
-                let mut sink = UdpSink { socket: &socket, send_failures: &mut send_failures, host: host.device.as_deref() };
+                let mut sink = UdpSink { socket: &socket, send_failures: &mut send_failures, host: host.device.as_deref(), vnet_hdr: host.vnet_hdr };
                 engine.handle_host_packet(&packet, now, &mut sink);
                 // Whatever else is queued, in the same wake-up (bounded like the socket).
                 for _ in 1..RECV_BATCH {
@@ -227,6 +240,7 @@ pub async fn run(
                 socket: &socket,
                 send_failures: &mut send_failures,
                 host: host.device.as_deref(),
+                vnet_hdr: host.vnet_hdr,
             };
             engine.handle_local(Instant::now(), &mut sink);
         }

@@ -149,7 +149,7 @@ impl Runtime {
                 link = HostLink {
                     packets: Some(rx),
                     device: Some(host.device()),
-                    vnet_hdr: host.vnet_hdr(),
+                    out: Default::default(),
                 };
                 host_packets = Some(tx);
             }

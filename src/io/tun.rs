@@ -12,9 +12,10 @@
 //!
 //! Offload: when the kernel takes `IFF_VNET_HDR`, the reader gets GSO super-packets
 //! from the host (one syscall for up to 64 KiB of a TCP flow), split into MTU-sized
-//! packets by tun-rs; packets towards the host are written one at a time with an
-//! empty virtio header. Without offload support it falls back to plain reads.
-//! Left out: GRO on writes, and multi-queue.
+//! packets by tun-rs; each tunnel task writes what it has for the host once per
+//! wake-up with `send_multiple`, which coalesces TCP/UDP flows (GRO) into
+//! super-packets. Without offload support both fall back to one packet per
+//! syscall. Left out: multi-queue (one reader keeps every flow in order).
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::{Arc, RwLock};
@@ -52,7 +53,6 @@ pub enum TunError {
 /// The host device and the table that sends its packets to tunnels.
 pub struct HostDevice {
     device: Arc<AsyncDevice>,
-    vnet_hdr: bool,
     name: String,
     index: u32,
     routes: Arc<RwLock<PrefixTable<mpsc::Sender<Vec<u8>>>>>,
@@ -89,7 +89,6 @@ impl HostDevice {
         tracing::info!(name, index, mtu, offload = vnet_hdr, "TUN device up");
         Ok(Self {
             device,
-            vnet_hdr,
             name: name.to_owned(),
             index,
             routes,
@@ -100,11 +99,6 @@ impl HostDevice {
     /// The device, for the tunnel tasks to write host-bound packets.
     pub fn device(&self) -> Arc<AsyncDevice> {
         Arc::clone(&self.device)
-    }
-
-    /// True when every write needs a virtio header in front (offload on).
-    pub fn vnet_hdr(&self) -> bool {
-        self.vnet_hdr
     }
 
     /// Gives the device a tenant's server address (routing its subnet here) and

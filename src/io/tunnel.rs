@@ -74,8 +74,8 @@ pub struct HostLink {
     pub packets: Option<mpsc::Receiver<Vec<u8>>>,
     /// The device, for packets to the tunnel's server address.
     pub device: Option<Arc<tun_rs::AsyncDevice>>,
-    /// Writes need an (empty) virtio header in front: offload is on.
-    pub vnet_hdr: bool,
+    /// Packets for the device, written once per wake-up.
+    pub out: HostOut,
 }
 
 async fn recv_host(packets: &mut Option<mpsc::Receiver<Vec<u8>>>) -> Option<Vec<u8>> {
@@ -97,8 +97,36 @@ pub struct TaggedEvent {
 struct UdpSink<'a> {
     socket: &'a UdpSocket,
     send_failures: &'a mut u64,
-    host: Option<&'a tun_rs::AsyncDevice>,
-    vnet_hdr: bool,
+    host: Option<&'a mut HostOut>,
+}
+
+/// Packets for the host device, collected during one wake-up and written in one
+/// batch (`send_multiple`: coalesced with GRO when offload is on). Buffers are
+/// recycled, with headroom for the virtio header.
+#[derive(Default)]
+pub struct HostOut {
+    pending: Vec<Vec<u8>>,
+    spare: Vec<Vec<u8>>,
+    dropped: u64,
+}
+
+/// Packets collected before the batch is written; more are dropped (one wake-up
+/// handles at most a few batches of datagrams, so this is never reached in
+/// practice).
+const HOST_BATCH: usize = 1024;
+
+impl HostOut {
+    fn push(&mut self, packet: &[u8]) {
+        if self.pending.len() >= HOST_BATCH {
+            self.dropped += 1;
+            return;
+        }
+        let mut buf = self.spare.pop().unwrap_or_default();
+        buf.clear();
+        buf.resize(tun_rs::VIRTIO_NET_HDR_LEN, 0);
+        buf.extend_from_slice(packet);
+        self.pending.push(buf);
+    }
 }
 
 impl Sink for UdpSink<'_> {
@@ -112,26 +140,37 @@ impl Sink for UdpSink<'_> {
     fn local(&mut self, packet: &[u8]) -> bool {
         // TUN mode: the host kernel answers for the server address. (In userspace
         // mode the engine's own stack takes these packets and this is not called.)
-        match self.host {
-            Some(device) => {
-                let sent = if self.vnet_hdr {
-                    // GSO_NONE, no checksum offload: a plain packet.
-                    let header = [0u8; tun_rs::VIRTIO_NET_HDR_LEN];
-                    device.try_send_vectored(&[
-                        std::io::IoSlice::new(&header),
-                        std::io::IoSlice::new(packet),
-                    ])
-                } else {
-                    device.try_send(packet)
-                };
-                if sent.is_err() {
-                    *self.send_failures += 1;
-                }
+        match self.host.as_mut() {
+            Some(out) => {
+                out.push(packet);
                 true
             }
             None => false,
         }
     }
+}
+
+/// Writes what the engine sent to the host during this wake-up.
+async fn flush_host(host: &mut HostLink, gro: &mut tun_rs::GROTable, send_failures: &mut u64) {
+    let Some(device) = &host.device else { return };
+    if host.out.pending.is_empty() {
+        return;
+    }
+    if device
+        .send_multiple(gro, &mut host.out.pending, tun_rs::VIRTIO_NET_HDR_LEN)
+        .await
+        .is_err()
+    {
+        *send_failures += 1;
+    }
+    let HostOut {
+        pending,
+        spare,
+        dropped,
+    } = &mut host.out;
+    *send_failures += std::mem::take(dropped);
+    spare.append(pending);
+    spare.truncate(tun_rs::IDEAL_BATCH_SIZE);
 }
 
 /// Runs a tunnel until its command channel closes. `work` is signalled by the
@@ -150,6 +189,7 @@ pub async fn run(
     timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut send_failures = 0u64;
     let mut bridges = Bridges::default();
+    let mut gro = tun_rs::GROTable::default();
     loop {
         // The stack's own timers (ACK delay, retransmits) need finer ticks than
         // the peers' timers while connections are open.
@@ -179,7 +219,7 @@ pub async fn run(
                         let _ = reply.send(engine.explain(src, dst, Instant::now()));
                     }
                     Command::OpenTcp { remote, pipes } => {
-                        let mut sink = UdpSink { socket: &socket, send_failures: &mut send_failures, host: host.device.as_deref(), vnet_hdr: host.vnet_hdr };
+                        let mut sink = UdpSink { socket: &socket, send_failures: &mut send_failures, host: host.device.is_some().then_some(&mut host.out) };
                         match engine.tcp_connect(remote, Instant::now(), &mut sink) {
                             Ok(id) => bridges.add(id, remote, pipes),
                             Err(_) => {
@@ -197,7 +237,7 @@ pub async fn run(
                 }
             }
             _ = timer.tick() => {
-                let mut sink = UdpSink { socket: &socket, send_failures: &mut send_failures, host: host.device.as_deref(), vnet_hdr: host.vnet_hdr };
+                let mut sink = UdpSink { socket: &socket, send_failures: &mut send_failures, host: host.device.is_some().then_some(&mut host.out) };
                 engine.handle_timers(Instant::now(), &mut sink);
             }
             readable = socket.readable() => {
@@ -206,7 +246,7 @@ pub async fn run(
                     break;
                 }
                 let now = Instant::now();
-                let mut sink = UdpSink { socket: &socket, send_failures: &mut send_failures, host: host.device.as_deref(), vnet_hdr: host.vnet_hdr };
+                let mut sink = UdpSink { socket: &socket, send_failures: &mut send_failures, host: host.device.is_some().then_some(&mut host.out) };
                 for _ in 0..RECV_BATCH {
                     match socket.try_recv_from(&mut buf) {
                         Ok((len, from)) => engine.handle_datagram(from, &buf[..len], now, &mut sink),
@@ -219,7 +259,7 @@ pub async fn run(
             packet = recv_host(&mut host.packets) => {
                 let Some(packet) = packet else { break };
                 let now = Instant::now();
-                let mut sink = UdpSink { socket: &socket, send_failures: &mut send_failures, host: host.device.as_deref(), vnet_hdr: host.vnet_hdr };
+                let mut sink = UdpSink { socket: &socket, send_failures: &mut send_failures, host: host.device.is_some().then_some(&mut host.out) };
                 engine.handle_host_packet(&packet, now, &mut sink);
                 // Whatever else is queued, in the same wake-up (bounded like the socket).
                 for _ in 1..RECV_BATCH {
@@ -239,11 +279,11 @@ pub async fn run(
             let mut sink = UdpSink {
                 socket: &socket,
                 send_failures: &mut send_failures,
-                host: host.device.as_deref(),
-                vnet_hdr: host.vnet_hdr,
+                host: host.device.is_some().then_some(&mut host.out),
             };
             engine.handle_local(Instant::now(), &mut sink);
         }
+        flush_host(&mut host, &mut gro, &mut send_failures).await;
         while let Some(event) = engine.poll_event() {
             // No subscriber is fine: events are for whoever listens.
             let _ = events.send(TaggedEvent {

@@ -21,13 +21,12 @@
 mod common;
 
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 use common::netns::{
-    prerequisites_met, run_checked, unique_name, wait_for, write_private, Netns, Proc,
+    prerequisites_met, run_checked, start_wireguard_go, unique_name, wait_for, wg_keypair,
+    write_private, Netns, NsApi, Proc,
 };
 use serde_json::{json, Value};
 
@@ -46,7 +45,6 @@ const TOOLS: &[&str] = &[
 ];
 const API_PORT: u16 = 7443;
 const HTTP_PORT: u16 = 8000;
-const WG_ENV: [(&str, &str); 1] = [("WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD", "1")];
 
 #[test]
 fn phone_reaches_internet_through_gateway_and_not_without_it() {
@@ -444,92 +442,25 @@ impl Lab {
 
     /// One API call from inside the hub namespace: `(status, body)`.
     fn api(&self, method: &str, path: &str, body: Option<Value>) -> (u16, String) {
-        let url = format!("http://127.0.0.1:{API_PORT}{path}");
-        let header = format!("@{}", path_str(&self.dir().join("auth-header")));
-        let mut argv = vec![
-            "curl",
-            "-sS",
-            "--max-time",
-            "5",
-            "-X",
-            method,
-            "-H",
-            &header,
-            "-w",
-            "\n%{http_code}",
-        ];
-        if body.is_some() {
-            argv.extend([
-                "-H",
-                "Content-Type: application/json",
-                "--data-binary",
-                "@-",
-            ]);
+        self.hub_api().call(method, path, body)
+    }
+
+    fn hub_api(&self) -> NsApi<'_> {
+        NsApi {
+            ns: &self.hub,
+            port: API_PORT,
+            header_file: self.dir().join("auth-header"),
         }
-        argv.push(&url);
-        let mut child = self
-            .hub
-            .command(&argv)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start curl in the hub namespace");
-        {
-            let mut stdin = child.stdin.take().expect("curl stdin");
-            if let Some(b) = &body {
-                stdin
-                    .write_all(b.to_string().as_bytes())
-                    .expect("write request body to curl");
-            }
-        }
-        let out = child.wait_with_output().expect("wait for curl");
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let (resp, code) = text.rsplit_once('\n').unwrap_or(("", text.as_str()));
-        let code = code.trim().parse().unwrap_or_else(|_| {
-            panic!(
-                "{method} {path}: no HTTP status from curl: {text:?} {}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-        });
-        (code, resp.to_string())
     }
 
     /// An API call that must answer `want` with a JSON body (or no body).
     fn expect_api(&self, method: &str, path: &str, body: Option<Value>, want: u16) -> Value {
-        let sent = body.as_ref().map(Value::to_string).unwrap_or_default();
-        let (code, resp) = self.api(method, path, body);
-        assert_eq!(code, want, "{method} {path} {sent} answered {code}: {resp}");
-        if resp.trim().is_empty() {
-            return Value::Null;
-        }
-        serde_json::from_str(&resp)
-            .unwrap_or_else(|e| panic!("{method} {path} answered non-JSON ({e}): {resp}"))
+        self.hub_api().expect(method, path, body, want)
     }
 
     /// A WireGuard keypair from `wg`: (private key file, public key).
     fn keypair(&self, name: &str) -> (PathBuf, String) {
-        let private = run_checked(std::process::Command::new("wg").arg("genkey"));
-        let path = self.dir().join(format!("{name}.key"));
-        write_private(&path, &private);
-        let mut child = std::process::Command::new("wg")
-            .arg("pubkey")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start wg pubkey");
-        child
-            .stdin
-            .take()
-            .expect("wg pubkey stdin")
-            .write_all(private.as_bytes())
-            .expect("write to wg pubkey");
-        let out = child.wait_with_output().expect("wait for wg pubkey");
-        assert!(out.status.success(), "wg pubkey failed");
-        (
-            path,
-            String::from_utf8_lossy(&out.stdout).trim().to_string(),
-        )
+        wg_keypair(self.dir(), name)
     }
 
     /// Client addresses in the HTTP server's access log, in order.
@@ -616,26 +547,6 @@ impl Drop for Lab {
         if std::thread::panicking() || std::env::var_os("WGPLANE_INTEROP_DIAG").is_some() {
             self.dump_diagnostics();
         }
-    }
-}
-
-/// Starts `wireguard-go -f <ifname>` in `ns` and waits until `wg` can talk to it.
-fn start_wireguard_go(ns: &Netns, label: &str, ifname: &str, dir: &Path) -> Proc {
-    let log = dir.join(format!("{ifname}.log"));
-    let mut proc = ns.spawn(label, &["wireguard-go", "-f", ifname], &WG_ENV, &log);
-    let up = wait_for(Duration::from_secs(10), || {
-        if !proc.is_running() {
-            return Some(false);
-        }
-        ns.output(&["wg", "show", ifname])
-            .status
-            .success()
-            .then_some(true)
-    });
-    match up {
-        Some(true) => proc,
-        Some(false) => panic!("{label} exited at start: {}", proc.log()),
-        None => panic!("{label} never answered `wg show {ifname}`: {}", proc.log()),
     }
 }
 

@@ -17,7 +17,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::netns::{
-    prerequisites_met, run_checked, unique_name, wait_for, write_private, Netns, Proc,
+    prerequisites_met, run_checked, unique_name, wait_for, write_private, Netns, Proc, WG_ENV,
 };
 use serde_json::Value;
 
@@ -33,7 +33,6 @@ const TOOLS: &[&str] = &[
     "sysctl",
 ];
 const API: &str = "127.0.0.1:7444";
-const WG_ENV: [(&str, &str); 1] = [("WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD", "1")];
 
 const ECHO_SERVER: &str = r#"
 import socket, sys, threading

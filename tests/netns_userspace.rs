@@ -27,14 +27,14 @@ mod common;
 
 use std::collections::HashMap;
 use std::fs;
-use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::netns::{
-    prerequisites_met, run_checked, unique_name, wait_for, write_private, Netns, Proc,
+    prerequisites_met, start_wireguard_go, unique_name, wait_for, wg_keypair, write_private, Netns,
+    NsApi, Proc,
 };
 use serde_json::{json, Value};
 
@@ -58,7 +58,6 @@ const FORWARD_LISTEN: &str = "127.0.0.1:17000";
 const CLOSED_LISTEN: &str = "127.0.0.1:17001";
 /// The unprivileged user and group wgplane runs as.
 const NOBODY: u32 = 65534;
-const WG_ENV: [(&str, &str); 1] = [("WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD", "1")];
 
 /// A threaded TCP echo server: echoes everything until EOF, then closes.
 const ECHO_SERVER_PY: &str = r#"
@@ -682,92 +681,25 @@ impl Lab {
 
     /// One API call from inside the hub namespace: `(status, body)`.
     fn api(&self, method: &str, path: &str, body: Option<Value>) -> (u16, String) {
-        let url = format!("http://127.0.0.1:{API_PORT}{path}");
-        let header = format!("@{}", path_str(&self.dir().join("auth-header")));
-        let mut argv = vec![
-            "curl",
-            "-sS",
-            "--max-time",
-            "5",
-            "-X",
-            method,
-            "-H",
-            &header,
-            "-w",
-            "\n%{http_code}",
-        ];
-        if body.is_some() {
-            argv.extend([
-                "-H",
-                "Content-Type: application/json",
-                "--data-binary",
-                "@-",
-            ]);
+        self.hub_api().call(method, path, body)
+    }
+
+    fn hub_api(&self) -> NsApi<'_> {
+        NsApi {
+            ns: &self.hub,
+            port: API_PORT,
+            header_file: self.dir().join("auth-header"),
         }
-        argv.push(&url);
-        let mut child = self
-            .hub
-            .command(&argv)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start curl in the hub namespace");
-        {
-            let mut stdin = child.stdin.take().expect("curl stdin");
-            if let Some(b) = &body {
-                stdin
-                    .write_all(b.to_string().as_bytes())
-                    .expect("write request body to curl");
-            }
-        }
-        let out = child.wait_with_output().expect("wait for curl");
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let (resp, code) = text.rsplit_once('\n').unwrap_or(("", text.as_str()));
-        let code = code.trim().parse().unwrap_or_else(|_| {
-            panic!(
-                "{method} {path}: no HTTP status from curl: {text:?} {}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-        });
-        (code, resp.to_string())
     }
 
     /// An API call that must answer `want` with a JSON body (or no body).
     fn expect_api(&self, method: &str, path: &str, body: Option<Value>, want: u16) -> Value {
-        let sent = body.as_ref().map(Value::to_string).unwrap_or_default();
-        let (code, resp) = self.api(method, path, body);
-        assert_eq!(code, want, "{method} {path} {sent} answered {code}: {resp}");
-        if resp.trim().is_empty() {
-            return Value::Null;
-        }
-        serde_json::from_str(&resp)
-            .unwrap_or_else(|e| panic!("{method} {path} answered non-JSON ({e}): {resp}"))
+        self.hub_api().expect(method, path, body, want)
     }
 
     /// A WireGuard keypair from `wg`: (private key file, public key).
     fn keypair(&self, name: &str) -> (PathBuf, String) {
-        let private = run_checked(Command::new("wg").arg("genkey"));
-        let path = self.dir().join(format!("{name}.key"));
-        write_private(&path, &private);
-        let mut child = Command::new("wg")
-            .arg("pubkey")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start wg pubkey");
-        child
-            .stdin
-            .take()
-            .expect("wg pubkey stdin")
-            .write_all(private.as_bytes())
-            .expect("write to wg pubkey");
-        let out = child.wait_with_output().expect("wait for wg pubkey");
-        assert!(out.status.success(), "wg pubkey failed");
-        (
-            path,
-            String::from_utf8_lossy(&out.stdout).trim().to_string(),
-        )
+        wg_keypair(self.dir(), name)
     }
 
     fn dump_diagnostics(&mut self) {
@@ -931,26 +863,6 @@ fn proc_net_counters(ns: &Netns) -> HashMap<String, i64> {
         }
     }
     map
-}
-
-/// Starts `wireguard-go -f <ifname>` in `ns` and waits until `wg` can talk to it.
-fn start_wireguard_go(ns: &Netns, label: &str, ifname: &str, dir: &Path) -> Proc {
-    let log = dir.join(format!("{ifname}.log"));
-    let mut proc = ns.spawn(label, &["wireguard-go", "-f", ifname], &WG_ENV, &log);
-    let up = wait_for(Duration::from_secs(10), || {
-        if !proc.is_running() {
-            return Some(false);
-        }
-        ns.output(&["wg", "show", ifname])
-            .status
-            .success()
-            .then_some(true)
-    });
-    match up {
-        Some(true) => proc,
-        Some(false) => panic!("{label} exited at start: {}", proc.log()),
-        None => panic!("{label} never answered `wg show {ifname}`: {}", proc.log()),
-    }
 }
 
 fn str_field<'a>(v: &'a Value, field: &str) -> &'a str {

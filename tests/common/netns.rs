@@ -345,3 +345,132 @@ pub fn write_private(path: &Path, contents: &str) {
     f.write_all(contents.as_bytes())
         .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
 }
+
+/// wireguard-go refuses to start on Linux without this (it prefers the kernel module).
+pub const WG_ENV: [(&str, &str); 1] = [("WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD", "1")];
+
+/// A wgplane admin API on `127.0.0.1:<port>` inside namespace `ns`, called with
+/// curl from there, authenticated by the header in `header_file`.
+pub struct NsApi<'a> {
+    pub ns: &'a Netns,
+    pub port: u16,
+    pub header_file: PathBuf,
+}
+
+impl NsApi<'_> {
+    /// One API call: `(status, body)`.
+    pub fn call(&self, method: &str, path: &str, body: Option<serde_json::Value>) -> (u16, String) {
+        let url = format!("http://127.0.0.1:{}{path}", self.port);
+        let header = format!("@{}", self.header_file.display());
+        let mut argv = vec![
+            "curl",
+            "-sS",
+            "--max-time",
+            "5",
+            "-X",
+            method,
+            "-H",
+            &header,
+            "-w",
+            "\n%{http_code}",
+        ];
+        if body.is_some() {
+            argv.extend([
+                "-H",
+                "Content-Type: application/json",
+                "--data-binary",
+                "@-",
+            ]);
+        }
+        argv.push(&url);
+        let mut child = self
+            .ns
+            .command(&argv)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start curl in the namespace");
+        {
+            let mut stdin = child.stdin.take().expect("curl stdin");
+            if let Some(b) = &body {
+                stdin
+                    .write_all(b.to_string().as_bytes())
+                    .expect("write request body to curl");
+            }
+        }
+        let out = child.wait_with_output().expect("wait for curl");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (resp, code) = text.rsplit_once('\n').unwrap_or(("", text.as_str()));
+        let code = code.trim().parse().unwrap_or_else(|_| {
+            panic!(
+                "{method} {path}: no HTTP status from curl: {text:?} {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        (code, resp.to_string())
+    }
+
+    /// An API call that must answer `want` with a JSON body (or no body).
+    pub fn expect(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+        want: u16,
+    ) -> serde_json::Value {
+        let sent = body.as_ref().map(ToString::to_string).unwrap_or_default();
+        let (code, resp) = self.call(method, path, body);
+        assert_eq!(code, want, "{method} {path} {sent} answered {code}: {resp}");
+        if resp.trim().is_empty() {
+            return serde_json::Value::Null;
+        }
+        serde_json::from_str(&resp)
+            .unwrap_or_else(|e| panic!("{method} {path} answered non-JSON ({e}): {resp}"))
+    }
+}
+
+/// A WireGuard keypair from `wg`: (private key file in `dir`, public key).
+pub fn wg_keypair(dir: &Path, name: &str) -> (PathBuf, String) {
+    let private = run_checked(Command::new("wg").arg("genkey"));
+    let path = dir.join(format!("{name}.key"));
+    write_private(&path, &private);
+    let mut child = Command::new("wg")
+        .arg("pubkey")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start wg pubkey");
+    child
+        .stdin
+        .take()
+        .expect("wg pubkey stdin")
+        .write_all(private.as_bytes())
+        .expect("write to wg pubkey");
+    let out = child.wait_with_output().expect("wait for wg pubkey");
+    assert!(out.status.success(), "wg pubkey failed");
+    (
+        path,
+        String::from_utf8_lossy(&out.stdout).trim().to_string(),
+    )
+}
+
+/// Starts `wireguard-go -f <ifname>` in `ns` and waits until `wg` can talk to it.
+pub fn start_wireguard_go(ns: &Netns, label: &str, ifname: &str, dir: &Path) -> Proc {
+    let log = dir.join(format!("{ifname}.log"));
+    let mut proc = ns.spawn(label, &["wireguard-go", "-f", ifname], &WG_ENV, &log);
+    let up = wait_for(Duration::from_secs(10), || {
+        if !proc.is_running() {
+            return Some(false);
+        }
+        ns.output(&["wg", "show", ifname])
+            .status
+            .success()
+            .then_some(true)
+    });
+    match up {
+        Some(true) => proc,
+        Some(false) => panic!("{label} exited at start: {}", proc.log()),
+        None => panic!("{label} never answered `wg show {ifname}`: {}", proc.log()),
+    }
+}

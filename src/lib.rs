@@ -16,6 +16,7 @@
 //! routing. Every lookup is scoped to one tunnel's engine, so nothing crosses tenants.
 
 pub mod api;
+pub mod bench;
 pub mod config;
 pub mod control;
 pub mod core;

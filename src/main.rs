@@ -38,6 +38,40 @@ enum Command {
     Genkey,
     /// Read a private key on stdin and print its public key, like `wg pubkey`.
     Pubkey,
+    /// Measure a running appliance: forward phone -> gateway packets through a
+    /// throw-away tenant and report throughput and the appliance's CPU per GiB.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// Admin API of the appliance.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    api: String,
+    /// File with the API token.
+    #[arg(long, default_value = "./wgplane-state/api-token")]
+    token_file: PathBuf,
+    /// Address the appliance's tunnel ports are reached at.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: IpAddr,
+    /// Inner packet size in bytes.
+    #[arg(long, default_value_t = 1420)]
+    size: usize,
+    /// Seconds to send.
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+    /// Sending threads (phones).
+    #[arg(long, default_value_t = 1)]
+    senders: usize,
+    /// PID of the appliance, to measure its CPU time.
+    #[arg(long)]
+    pid: Option<u32>,
+    /// Packets per second offered in total (0: as fast as possible).
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 /// Flags override `WGPLANE_*` variables, which override the config file.
@@ -102,6 +136,30 @@ fn main() -> Result<()> {
             std::io::stdin().read_to_string(&mut text)?;
             let key = SecretKey::parse(&text).context("stdin is not a WireGuard private key")?;
             println!("{}", keys::encode(key.public().as_bytes()));
+            Ok(())
+        }
+        Command::Bench(args) => {
+            let token = std::fs::read_to_string(&args.token_file)
+                .with_context(|| format!("cannot read {}", args.token_file.display()))?;
+            let spec = wgplane::bench::BenchSpec {
+                api: args.api.clone(),
+                token: token.trim().to_owned(),
+                host: args.host,
+                size: args.size,
+                duration: Duration::from_secs(args.seconds),
+                senders: args.senders,
+                pid: args.pid,
+                rate: args.rate,
+            };
+            let report = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(wgplane::bench::run(&spec))?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", wgplane::bench::table(&report));
+            }
             Ok(())
         }
         Command::Run(args) => {

@@ -144,6 +144,11 @@ impl Appliance {
         (state, api_port, first_port)
     }
 
+    /// The appliance's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.state.path().join("wgplane.log")).unwrap_or_default()
     }

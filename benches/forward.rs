@@ -5,6 +5,10 @@
 //!   (demux, decrypt, parse, policy, encrypt), against `boringtun_only`: the same
 //!   decrypt + encrypt with two bare `Tunn`s, the floor the engine adds its work to.
 //!
+//! - `table/100k`: longest-prefix match in a table of 100,000 prefixes, against a
+//!   `HashMap` exact lookup of the same addresses (the floor for any lookup);
+//! - `crypto/*`: boringtun encapsulate and decapsulate alone.
+//!
 //! Run: `cargo bench --bench forward`.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -157,5 +161,103 @@ fn bench_forward(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, bench_decide, bench_forward);
+fn bench_table(c: &mut Criterion) {
+    use std::collections::HashMap;
+    use wgplane::core::table::PrefixTable;
+    // 100,000 peers: /32 addresses spread over 10.0.0.0/8, a /24 behind every tenth.
+    let mut table = PrefixTable::new();
+    let mut exact = HashMap::new();
+    let mut probes = Vec::new();
+    for i in 0..100_000u32 {
+        let addr = Ipv4Addr::from(0x0a00_0000 + i * 97);
+        table.insert(IpNet::from(IpAddr::V4(addr)), i);
+        exact.insert(IpAddr::V4(addr), i);
+        if i % 10 == 0 {
+            let lan = Ipv4Addr::from(0xac10_0000u32 + (i / 10) * 256);
+            table.insert(IpNet::new(IpAddr::V4(lan), 24).unwrap(), i);
+        }
+        if i % 1000 == 0 {
+            probes.push(IpAddr::V4(addr));
+        }
+    }
+    let mut g = c.benchmark_group("table/100k");
+    let mut n = 0usize;
+    g.bench_function("hashmap_exact_baseline", |b| {
+        b.iter(|| {
+            n = (n + 1) % probes.len();
+            exact.get(&probes[n]).copied()
+        })
+    });
+    g.bench_function("prefix_lpm", |b| {
+        b.iter(|| {
+            n = (n + 1) % probes.len();
+            table.lookup(probes[n]).copied()
+        })
+    });
+    g.finish();
+}
+
+fn bench_crypto(c: &mut Criterion) {
+    let packet = ip_packet(ip("10.200.0.2"), ip("198.18.0.1"), 1400);
+    let a_secret = StaticSecret::random_from_rng(rand_core::OsRng);
+    let b_secret = StaticSecret::random_from_rng(rand_core::OsRng);
+    let mut a = Tunn::new(
+        a_secret.clone(),
+        PublicKey::from(&b_secret),
+        None,
+        None,
+        1,
+        None,
+    );
+    let mut b = Tunn::new(b_secret, PublicKey::from(&a_secret), None, None, 2, None);
+    let mut buf = vec![0u8; 65_600];
+    let init = match a.format_handshake_initiation(&mut buf, true) {
+        TunnResult::WriteToNetwork(d) => d.to_vec(),
+        _ => panic!(),
+    };
+    let resp = match b.decapsulate(None, &init, &mut buf) {
+        TunnResult::WriteToNetwork(d) => d.to_vec(),
+        _ => panic!(),
+    };
+    if let TunnResult::WriteToNetwork(k) = a.decapsulate(None, &resp, &mut buf) {
+        let k = k.to_vec();
+        let _ = b.decapsulate(None, &k, &mut buf);
+    }
+    let mut g = c.benchmark_group("crypto/1420B");
+    g.throughput(Throughput::Bytes(packet.len() as u64));
+    let mut out = vec![0u8; 2048];
+    g.bench_function("encapsulate", |bench| {
+        bench.iter(|| {
+            matches!(
+                a.encapsulate(&packet, &mut out),
+                TunnResult::WriteToNetwork(_)
+            )
+        })
+    });
+    let mut plain = vec![0u8; 2048];
+    g.bench_function("decapsulate", |bench| {
+        bench.iter_batched(
+            || match a.encapsulate(&packet, &mut out) {
+                TunnResult::WriteToNetwork(d) => d.to_vec(),
+                _ => panic!(),
+            },
+            |datagram| {
+                matches!(
+                    b.decapsulate(None, &datagram, &mut plain),
+                    TunnResult::WriteToTunnelV4(..)
+                )
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    bench_decide,
+    bench_forward,
+    bench_table,
+    bench_crypto
+);
 criterion_main!(benches);

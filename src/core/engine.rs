@@ -649,6 +649,13 @@ impl TunnelEngine {
             ..
         } = self;
         for peer in peers.iter_mut() {
+            // A peer that never spoke has no session, no handshake in flight and
+            // nowhere to send to: its timers have nothing to do. At scale most
+            // provisioned peers are like that, so boringtun's timer work follows
+            // the active peers, not all of them.
+            if peer.endpoint.is_none() {
+                continue;
+            }
             let (out, expired) = peer.update_timers(tx);
             if let (Some(datagram), Some(to)) = (out, peer.endpoint) {
                 stats.tx_datagrams += 1;

@@ -88,6 +88,35 @@ impl Sink for Discard {
     }
 }
 
+/// Two bare `Tunn`s with a completed handshake: the boringtun-only baselines.
+fn session_pair() -> (Tunn, Tunn) {
+    let a_secret = StaticSecret::random_from_rng(rand_core::OsRng);
+    let b_secret = StaticSecret::random_from_rng(rand_core::OsRng);
+    let mut a = Tunn::new(
+        a_secret.clone(),
+        PublicKey::from(&b_secret),
+        None,
+        None,
+        1,
+        None,
+    );
+    let mut b = Tunn::new(b_secret, PublicKey::from(&a_secret), None, None, 2, None);
+    let mut buf = vec![0u8; 2048];
+    let init = match a.format_handshake_initiation(&mut buf, true) {
+        TunnResult::WriteToNetwork(d) => d.to_vec(),
+        _ => panic!("no initiation"),
+    };
+    let resp = match b.decapsulate(None, &init, &mut buf) {
+        TunnResult::WriteToNetwork(d) => d.to_vec(),
+        _ => panic!("no response"),
+    };
+    if let TunnResult::WriteToNetwork(k) = a.decapsulate(None, &resp, &mut buf) {
+        let k = k.to_vec();
+        let _ = b.decapsulate(None, &k, &mut buf);
+    }
+    (a, b)
+}
+
 fn bench_forward(c: &mut Criterion) {
     for size in [64usize, 1420] {
         let packet = ip_packet(ip("10.200.0.2"), ip("198.18.0.1"), size - 20);
@@ -95,31 +124,9 @@ fn bench_forward(c: &mut Criterion) {
         g.throughput(Throughput::Bytes(size as u64));
 
         // Baseline: decrypt with one bare Tunn, encrypt with another.
-        let a_secret = StaticSecret::random_from_rng(rand_core::OsRng);
-        let b_secret = StaticSecret::random_from_rng(rand_core::OsRng);
-        let mut a = Tunn::new(
-            a_secret.clone(),
-            PublicKey::from(&b_secret),
-            None,
-            None,
-            1,
-            None,
-        );
-        let mut b = Tunn::new(b_secret, PublicKey::from(&a_secret), None, None, 2, None);
+        let (mut a, mut b) = session_pair();
         let mut buf = vec![0u8; 65_600];
         let mut buf2 = vec![0u8; 65_600];
-        let init = match a.format_handshake_initiation(&mut buf, true) {
-            TunnResult::WriteToNetwork(d) => d.to_vec(),
-            _ => panic!(),
-        };
-        let resp = match b.decapsulate(None, &init, &mut buf) {
-            TunnResult::WriteToNetwork(d) => d.to_vec(),
-            _ => panic!(),
-        };
-        if let TunnResult::WriteToNetwork(k) = a.decapsulate(None, &resp, &mut buf) {
-            let k = k.to_vec();
-            let _ = b.decapsulate(None, &k, &mut buf);
-        }
         g.bench_function("boringtun_only", |bench| {
             bench.iter_batched(
                 || match a.encapsulate(&packet, &mut buf) {
@@ -199,30 +206,7 @@ fn bench_table(c: &mut Criterion) {
 
 fn bench_crypto(c: &mut Criterion) {
     let packet = ip_packet(ip("10.200.0.2"), ip("198.18.0.1"), 1400);
-    let a_secret = StaticSecret::random_from_rng(rand_core::OsRng);
-    let b_secret = StaticSecret::random_from_rng(rand_core::OsRng);
-    let mut a = Tunn::new(
-        a_secret.clone(),
-        PublicKey::from(&b_secret),
-        None,
-        None,
-        1,
-        None,
-    );
-    let mut b = Tunn::new(b_secret, PublicKey::from(&a_secret), None, None, 2, None);
-    let mut buf = vec![0u8; 65_600];
-    let init = match a.format_handshake_initiation(&mut buf, true) {
-        TunnResult::WriteToNetwork(d) => d.to_vec(),
-        _ => panic!(),
-    };
-    let resp = match b.decapsulate(None, &init, &mut buf) {
-        TunnResult::WriteToNetwork(d) => d.to_vec(),
-        _ => panic!(),
-    };
-    if let TunnResult::WriteToNetwork(k) = a.decapsulate(None, &resp, &mut buf) {
-        let k = k.to_vec();
-        let _ = b.decapsulate(None, &k, &mut buf);
-    }
+    let (mut a, mut b) = session_pair();
     let mut g = c.benchmark_group("crypto/1420B");
     g.throughput(Throughput::Bytes(packet.len() as u64));
     let mut out = vec![0u8; 2048];

@@ -235,12 +235,22 @@ pub async fn list_routers(State(state): Shared, Path(t): Path<String>) -> ApiRes
     Ok(Json(list).into_response())
 }
 
-async fn router_answer(control: &Control, t: &Id, r: &Id, status: StatusCode) -> ApiResult {
+/// A tenant and one of its routers, or the 404 that names which is missing.
+fn find_router<'a>(
+    control: &'a Control,
+    t: &Id,
+    r: &Id,
+) -> Result<(&'a Tenant, &'a crate::control::Router), ApiError> {
     let tenant = control.registry.tenant(t)?;
     let router = tenant
         .routers
         .get(r)
         .ok_or_else(|| crate::control::ControlError::NoRouter(r.to_string()))?;
+    Ok((tenant, router))
+}
+
+async fn router_answer(control: &Control, t: &Id, r: &Id, status: StatusCode) -> ApiResult {
+    let (tenant, router) = find_router(control, t, r)?;
     let st = statuses(control, t).await;
     let view = RouterView::new(tenant, router, &st, Instant::now(), SystemTime::now());
     Ok((status, Json(view)).into_response())
@@ -289,11 +299,7 @@ pub async fn get_router_script(
 ) -> ApiResult {
     let (t, r) = (tenant_id(&t)?, Id::parse(&r, "router_id")?);
     let control = state.control.lock().await;
-    let tenant = control.registry.tenant(&t)?;
-    let router = tenant
-        .routers
-        .get(&r)
-        .ok_or_else(|| crate::control::ControlError::NoRouter(r.to_string()))?;
+    let (tenant, router) = find_router(&control, &t, &r)?;
     let text = render::router_script(tenant, router, &state.public_host);
     Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
 }
@@ -337,12 +343,7 @@ pub async fn list_forwards(
 ) -> ApiResult {
     let (t, r) = (tenant_id(&t)?, Id::parse(&r, "router_id")?);
     let control = state.control.lock().await;
-    let router = control
-        .registry
-        .tenant(&t)?
-        .routers
-        .get(&r)
-        .ok_or_else(|| crate::control::ControlError::NoRouter(r.to_string()))?;
+    let (_, router) = find_router(&control, &t, &r)?;
     let list: Vec<ForwardView> = router
         .forwards
         .iter()
@@ -371,14 +372,12 @@ pub async fn put_forward(
     let mut control = state.control.lock().await;
     let before = control.registry.tenant(&t).ok().cloned();
     let put = control.registry.put_forward(&t, &r, port, listen)?;
-    let target = match control
-        .registry
-        .tenant(&t)
-        .ok()
-        .and_then(|x| x.routers.get(&r))
-    {
-        Some(router) => SocketAddrV4::new(router.vpn_ip, port),
-        None => return Err(crate::control::ControlError::NoRouter(r.to_string()).into()),
+    let target = match find_router(&control, &t, &r) {
+        Ok((_, router)) => SocketAddrV4::new(router.vpn_ip, port),
+        Err(e) => {
+            undo(&mut control, &t, before).await;
+            return Err(e);
+        }
     };
     let bound = match control
         .runtime
@@ -396,12 +395,7 @@ pub async fn put_forward(
     persist!(control, &t, before, |_reg| vec![Change::Forward(
         &t, &r, port, bound
     )]);
-    let router = control
-        .registry
-        .tenant(&t)?
-        .routers
-        .get(&r)
-        .ok_or_else(|| crate::control::ControlError::NoRouter(r.to_string()))?;
+    let (_, router) = find_router(&control, &t, &r)?;
     Ok((status_of(put), Json(ForwardView::new(router, port, bound))).into_response())
 }
 

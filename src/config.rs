@@ -157,6 +157,9 @@ pub struct TunnelSettings {
     /// Silence after which a peer counts as gone: gateways fail over, and
     /// `peer_disconnected` is sent.
     pub liveness_timeout_secs: u16,
+    /// Handshake initiations per second and tunnel answered with a handshake;
+    /// above it, initiators get cookie replies (WireGuard's load defence).
+    pub handshakes_per_second: u32,
 }
 
 impl Default for ApiSettings {
@@ -189,6 +192,7 @@ impl Default for TunnelSettings {
             subnet_start: Ipv4Addr::new(10, 100, 0, 0),
             keepalive_secs: 0,
             liveness_timeout_secs: 60,
+            handshakes_per_second: crate::core::engine::DEFAULT_HANDSHAKES_PER_SECOND,
         }
     }
 }
@@ -279,6 +283,12 @@ impl Settings {
         if t.liveness_timeout_secs == 0 {
             return Err(invalid(
                 "tunnels.liveness_timeout_secs",
+                "must be at least 1".into(),
+            ));
+        }
+        if t.handshakes_per_second == 0 {
+            return Err(invalid(
+                "tunnels.handshakes_per_second",
                 "must be at least 1".into(),
             ));
         }

@@ -60,18 +60,41 @@ struct BenchArgs {
     /// Seconds to send.
     #[arg(long, default_value_t = 5)]
     seconds: u64,
-    /// Sending threads (phones).
+    /// What to load the appliance with.
+    #[arg(long, value_enum, default_value_t = BenchMode::Flow)]
+    mode: BenchMode,
+    /// Sending threads.
     #[arg(long, default_value_t = 1)]
     senders: usize,
+    /// Phones (flow) or routers per tunnel (handshakes).
+    #[arg(long, default_value_t = 1)]
+    peers: usize,
+    /// Tunnels (handshakes).
+    #[arg(long, default_value_t = 10)]
+    tunnels: usize,
+    /// Peers send with UDP GSO and receive with UDP GRO, like modern WireGuard
+    /// implementations; without it, one datagram per syscall.
+    #[arg(long)]
+    offload: bool,
     /// PID of the appliance, to measure its CPU time.
     #[arg(long)]
     pid: Option<u32>,
-    /// Packets per second offered in total (0: as fast as possible).
+    /// Packets (flow) or initiations (handshakes) per second offered in total
+    /// (0: flow as fast as possible, handshakes 25,000/s).
     #[arg(long, default_value_t = 0)]
     rate: u64,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+}
+
+/// The bench's load.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum BenchMode {
+    /// Phone -> gateway packets through the egress rule.
+    Flow,
+    /// Handshake initiations across many tunnels.
+    Handshakes,
 }
 
 /// Flags override `WGPLANE_*` variables, which override the config file.
@@ -113,6 +136,9 @@ struct RunArgs {
     /// Seconds of silence after which a peer counts as gone.
     #[arg(long, env = "WGPLANE_LIVENESS_TIMEOUT_SECS")]
     liveness_timeout_secs: Option<u16>,
+    /// Handshake initiations per second and tunnel answered before cookie replies.
+    #[arg(long, env = "WGPLANE_HANDSHAKES_PER_SECOND")]
+    handshakes_per_second: Option<u32>,
     /// TUN mode: route the host into the tunnels through a kernel device.
     #[arg(long, env = "WGPLANE_TUN", num_args = 0..=1, default_missing_value = "true")]
     tun: Option<bool>,
@@ -147,9 +173,16 @@ fn main() -> Result<()> {
                 host: args.host,
                 size: args.size,
                 duration: Duration::from_secs(args.seconds),
+                mode: match args.mode {
+                    BenchMode::Flow => wgplane::bench::Mode::Flow,
+                    BenchMode::Handshakes => wgplane::bench::Mode::Handshakes,
+                },
                 senders: args.senders,
+                peers: args.peers,
+                tunnels: args.tunnels,
                 pid: args.pid,
                 rate: args.rate,
+                offload: args.offload,
             };
             let report = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -218,6 +251,9 @@ fn settings(args: &RunArgs) -> Result<Settings> {
     }
     if let Some(v) = args.liveness_timeout_secs {
         s.tunnels.liveness_timeout_secs = v;
+    }
+    if let Some(v) = args.handshakes_per_second {
+        s.tunnels.handshakes_per_second = v;
     }
     if let Some(v) = args.tun {
         s.tun.enabled = v;
@@ -359,6 +395,7 @@ async fn run(settings: Settings) -> Result<()> {
         bind: t.bind,
         keepalive: (t.keepalive_secs > 0).then_some(t.keepalive_secs),
         liveness_timeout: Duration::from_secs(u64::from(t.liveness_timeout_secs)),
+        handshakes_per_second: t.handshakes_per_second,
     });
     let engine_events = runtime.subscribe();
     let mut restored = 0usize;

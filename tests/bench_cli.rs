@@ -10,34 +10,7 @@ use support::Appliance;
 #[test]
 fn bench_reports_a_paced_run_and_cleans_up() {
     let app = Appliance::start();
-    let token = app.state_dir().join("api-token");
-    let out = Command::new(support::binary())
-        .args([
-            "bench",
-            "--api",
-            &format!("http://{}", app.api),
-            "--token-file",
-        ])
-        .arg(&token)
-        .args([
-            "--seconds",
-            "1",
-            "--rate",
-            "2000",
-            "--size",
-            "200",
-            "--json",
-        ])
-        .args(["--pid", &app.pid().to_string()])
-        .output()
-        .expect("run wgplane bench");
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        app.log()
-    );
-    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+    let r = bench_json(&app, &["--seconds", "1", "--rate", "2000", "--size", "200"]);
     let sent = r["sent_packets"].as_u64().unwrap();
     let forwarded = r["forwarded_packets"].as_u64().unwrap();
     let received = r["received_packets"].as_u64().unwrap();
@@ -57,6 +30,75 @@ fn bench_reports_a_paced_run_and_cleans_up() {
         "{r}"
     );
     // The throw-away tenant is gone.
+    let tenants = app.expect("GET", "/v1/tenants", None, 200);
+    assert_eq!(tenants.as_array().unwrap().len(), 0, "{tenants}");
+}
+
+/// Runs `wgplane bench` with these arguments against `app` and returns its JSON.
+fn bench_json(app: &Appliance, args: &[&str]) -> serde_json::Value {
+    let out = Command::new(support::binary())
+        .args(["bench", "--api", &format!("http://{}", app.api)])
+        .arg("--token-file")
+        .arg(app.state_dir().join("api-token"))
+        .args(args)
+        .args(["--json", "--pid", &app.pid().to_string()])
+        .output()
+        .expect("run wgplane bench");
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        app.log()
+    );
+    serde_json::from_slice(&out.stdout).expect("JSON report")
+}
+
+#[test]
+fn handshake_storm_is_answered_then_met_with_cookies_above_the_limit() {
+    // 50 initiations per second and tunnel answered; above that, cookies.
+    let state = tempfile::tempdir().expect("tempdir");
+    let app = Appliance::start_with(
+        state,
+        support::free_tcp_port(),
+        support::free_udp_ports(4),
+        &[("WGPLANE_HANDSHAKES_PER_SECOND", "50")],
+    )
+    .unwrap_or_else(|log| panic!("wgplane did not come up:\n{log}"));
+    let common = ["--mode", "handshakes", "--tunnels", "2", "--peers", "5"];
+
+    // 40 per second over 2 tunnels: every initiation gets its handshake.
+    let calm = bench_json(
+        &app,
+        &[&common[..], &["--rate", "40", "--seconds", "2"]].concat(),
+    );
+    let sent = calm["sent_initiations"].as_u64().unwrap();
+    assert!((60..=100).contains(&sent), "{calm}");
+    assert_eq!(calm["responses"], sent, "{calm}");
+    assert_eq!(calm["cookie_replies"], 0, "{calm}");
+    assert_eq!(calm["appliance_handshakes"], sent, "{calm}");
+    assert!(calm["appliance_cpu_us_per_handshake"].as_f64().unwrap() > 0.0);
+
+    // 1,000 per second over 2 tunnels, 20 times the limit: the appliance answers
+    // about its limit with handshakes and the rest with cookie replies.
+    let storm = bench_json(
+        &app,
+        &[&common[..], &["--rate", "1000", "--seconds", "2"]].concat(),
+    );
+    let sent = storm["sent_initiations"].as_u64().unwrap();
+    let responses = storm["responses"].as_u64().unwrap();
+    let cookies = storm["cookie_replies"].as_u64().unwrap();
+    assert!(sent >= 1_500, "{storm}");
+    assert!(cookies >= sent / 2, "cookies took over: {storm}");
+    assert!(
+        responses <= sent / 4,
+        "handshakes stayed near the limit: {storm}"
+    );
+    assert_eq!(
+        responses + cookies,
+        sent,
+        "every initiation answered once: {storm}"
+    );
+
     let tenants = app.expect("GET", "/v1/tenants", None, 200);
     assert_eq!(tenants.as_array().unwrap().len(), 0, "{tenants}");
 }

@@ -29,10 +29,18 @@ use super::table::PrefixTable;
 /// Largest datagram or inner packet handled, plus room for WireGuard's overhead.
 const BUF_LEN: usize = 65_536 + 256;
 
-/// Handshake messages per second a tunnel verifies before it demands cookies. Each
-/// initiation is counted twice (once to find the initiator's key, once by its peer's
-/// `Tunn`), so this admits 1,000 initiations per second per tunnel.
-pub const HANDSHAKE_RATE_LIMIT: u64 = 2_000;
+/// Handshake initiations per second a tunnel answers before it demands cookies
+/// (each costs several Diffie-Hellman operations; a cookie reply costs a MAC).
+pub const DEFAULT_HANDSHAKES_PER_SECOND: u32 = 1_000;
+
+/// The rate limiter sees every initiation twice: once when the engine finds the
+/// initiator's key, once in its peer's `Tunn`.
+fn rate_limiter(public: &PublicKey, initiations_per_second: u32) -> Arc<RateLimiter> {
+    Arc::new(RateLimiter::new(
+        public,
+        2 * u64::from(initiations_per_second.max(1)),
+    ))
+}
 
 /// Events kept for the control plane before the oldest are discarded. The driver
 /// drains them after every batch, so this only bounds memory if nobody listens.
@@ -231,7 +239,7 @@ impl TunnelEngine {
     pub fn new(secret: StaticSecret, local: Vec<IpAddr>) -> Self {
         let public = PublicKey::from(&secret);
         Self {
-            rate_limiter: Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT)),
+            rate_limiter: rate_limiter(&public, DEFAULT_HANDSHAKES_PER_SECOND),
             secret,
             public,
             last_limiter_reset: None,
@@ -273,6 +281,14 @@ impl TunnelEngine {
     #[must_use]
     pub fn with_liveness_timeout(mut self, timeout: Duration) -> Self {
         self.liveness_timeout = timeout;
+        self
+    }
+
+    /// Sets how many handshake initiations per second the tunnel answers before
+    /// it answers with cookie replies instead. Applies to peers added afterwards.
+    #[must_use]
+    pub fn with_handshake_limit(mut self, initiations_per_second: u32) -> Self {
+        self.rate_limiter = rate_limiter(&self.public, initiations_per_second);
         self
     }
 

@@ -86,6 +86,8 @@ pub struct RuntimeSettings {
     pub keepalive: Option<u16>,
     /// Silence after which a peer counts as gone.
     pub liveness_timeout: std::time::Duration,
+    /// Handshake initiations per second and tunnel answered before cookie replies.
+    pub handshakes_per_second: u32,
     /// TUN mode: the host device. Without it, each tunnel's server address is
     /// served by the userspace stack.
     pub host: Option<Arc<HostDevice>>,
@@ -139,7 +141,8 @@ impl Runtime {
             own.push(IpAddr::V6(tenant.server_ipv6()));
         }
         let mut engine = TunnelEngine::new(tenant.secret.secret().clone(), own)
-            .with_liveness_timeout(self.settings.liveness_timeout);
+            .with_liveness_timeout(self.settings.liveness_timeout)
+            .with_handshake_limit(self.settings.handshakes_per_second);
         let mut link = HostLink::default();
         let mut host_packets = None;
         match &self.settings.host {

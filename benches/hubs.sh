@@ -1,0 +1,607 @@
+#!/usr/bin/env bash
+# Compares WireGuard hubs in the same run: wgplane, wireguard-go with kernel
+# policy routing (the old production setup) and boringtun-cli with the same
+# kernel routing. Each run and hub gets a fresh lab of four network namespaces:
+#
+#  phone ns                 hub ns                     gw ns                          inet ns
+#  wireguard-go 10.200.0.2 --veth-- HUB --veth-- wireguard-go 10.100.0.40, MASQUERADE --veth-- iperf3 -s
+#  198.51.100.2          198.51.100.1  203.0.113.1   203.0.113.2    198.18.0.1              198.18.0.2
+#
+# inet has no route back to 10.200.0.0/24: answers only come back through the
+# gateway's masquerade. Measured per run and hub: TCP (iperf3, hub CPU-seconds
+# and whole-machine CPU-seconds per GiB received, Mbit/s) and 64-byte UDP (hub
+# CPU-microseconds per packet received by the server).
+#
+# Usage: benches/hubs.sh [--runs N (3)] [--seconds S (10)] [--udp-rate PPS (50000)]
+#                        [--hubs wgplane,wireguard-go,boringtun] [--json FILE]
+# Needs root. Traffic never leaves the namespaces this script creates.
+# Env: BORINGTUN_VERSION (0.7.1) to install, HUBS_KEEP=1 keeps logs and iperf3 JSON.
+set -euo pipefail
+
+RUNS=3
+SECONDS_PER_TEST=10
+HUBS="wgplane,wireguard-go,boringtun"
+UDP_RATE=50000
+JSON_OUT=""
+BORINGTUN_VERSION="${BORINGTUN_VERSION:-0.7.1}"
+
+usage() {
+    sed -n '15,18p' "$0" | sed 's/^# \{0,1\}//'
+}
+
+die() {
+    echo "hubs.sh: $*" >&2
+    exit 1
+}
+
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --runs) RUNS="${2:?--runs needs a value}"; shift 2 ;;
+        --seconds) SECONDS_PER_TEST="${2:?--seconds needs a value}"; shift 2 ;;
+        --hubs) HUBS="${2:?--hubs needs a value}"; shift 2 ;;
+        --udp-rate) UDP_RATE="${2:?--udp-rate needs a value}"; shift 2 ;;
+        --json) JSON_OUT="${2:?--json needs a file}"; shift 2 ;;
+        -h | --help) usage; exit 0 ;;
+        *) usage >&2; die "unknown argument: $1" ;;
+    esac
+done
+
+[[ "$RUNS" =~ ^[1-9][0-9]*$ ]] || die "--runs must be a positive integer"
+[[ "$SECONDS_PER_TEST" =~ ^[1-9][0-9]*$ ]] || die "--seconds must be a positive integer"
+[[ "$UDP_RATE" =~ ^[1-9][0-9]*$ ]] || die "--udp-rate must be a positive integer"
+IFS=',' read -r -a HUB_LIST <<<"$HUBS"
+[[ ${#HUB_LIST[@]} -gt 0 ]] || die "--hubs is empty"
+for h in "${HUB_LIST[@]}"; do
+    case "$h" in
+        wgplane | wireguard-go | boringtun) ;;
+        *) die "unknown hub '$h' (wgplane, wireguard-go, boringtun)" ;;
+    esac
+done
+[[ $EUID -eq 0 ]] || die "must run as root (namespaces, TUN devices, iptables)"
+[[ -e /dev/net/tun ]] || die "/dev/net/tun is missing"
+if [[ -n "$JSON_OUT" ]]; then
+    JSON_OUT="$(realpath -m -- "$JSON_OUT")"
+fi
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+TOOLS_ROOT="$REPO/target/hubs-tools"
+BORINGTUN="$TOOLS_ROOT/bin/boringtun-cli"
+WGPLANE="$REPO/target/release/wgplane"
+TAG="$$"
+API_PORT=7443
+IPERF_PORT=5201
+# Interface names carry our PID: the UAPI sockets in /var/run/wireguard are not
+# per namespace. Names are at most 15 bytes.
+PHONE_IF="wgp${TAG}"
+HUB_IF="wgh${TAG}"
+GW_IF="wgg${TAG}"
+PHONE_IF="${PHONE_IF:0:15}"
+HUB_IF="${HUB_IF:0:15}"
+GW_IF="${GW_IF:0:15}"
+export WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1
+
+log() {
+    echo "[hubs $(date +%H:%M:%S)] $*" >&2
+}
+
+# ---------------------------------------------------------------- cleanup ---
+
+PIDS=()       # processes we started (all our direct children)
+NAMESPACES=() # namespaces we created
+WORK=""       # temporary directory
+LAST_PID=""
+
+proc_alive() {
+    # Still our child (a reaped PID may be reused by anyone) and not a zombie.
+    local st
+    st="$(cat "/proc/$1/stat" 2>/dev/null)" || return 1
+    st="${st##*) }"
+    read -r -a st <<<"$st"
+    [[ "${st[0]}" != Z && "${st[1]}" == "$$" ]]
+}
+
+stop_pid() {
+    local pid=$1 i
+    if proc_alive "$pid"; then
+        kill -TERM "$pid" 2>/dev/null || true
+        for ((i = 0; i < 30; i++)); do
+            proc_alive "$pid" || break
+            sleep 0.1
+        done
+        if proc_alive "$pid"; then
+            kill -KILL "$pid" 2>/dev/null || true
+        fi
+    fi
+    wait "$pid" 2>/dev/null || true
+}
+
+forget_pid() { # a reaped child: never signal its (reusable) PID again
+    local -a keep=()
+    local p
+    for p in "${PIDS[@]}"; do
+        [[ "$p" == "$1" ]] || keep+=("$p")
+    done
+    PIDS=("${keep[@]}")
+}
+
+# Stops every process we started and deletes every namespace we created.
+teardown_lab() {
+    local pid ns
+    for pid in "${PIDS[@]}"; do
+        stop_pid "$pid"
+    done
+    PIDS=()
+    for ns in "${NAMESPACES[@]}"; do
+        ip netns del "$ns" 2>/dev/null || true
+    done
+    NAMESPACES=()
+    for ifn in "$PHONE_IF" "$HUB_IF" "$GW_IF"; do
+        rm -f "/var/run/wireguard/$ifn.sock"
+    done
+}
+
+cleanup() {
+    local rc=$?
+    trap - EXIT INT TERM
+    teardown_lab
+    if [[ -n "$WORK" && -d "$WORK" && -z "${HUBS_KEEP:-}" ]]; then
+        rm -rf -- "$WORK"
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# ---------------------------------------------------------------- install ---
+
+ensure_packages() {
+    local -A pkg_of=(
+        [iperf3]=iperf3 [wireguard-go]=wireguard-go [wg]=wireguard-tools
+        [ip]=iproute2 [ss]=iproute2 [iptables]=iptables [sysctl]=procps
+        [curl]=curl [ping]=iputils-ping [python3]=python3 [timeout]=coreutils
+    )
+    local -a missing=()
+    local cmd
+    for cmd in "${!pkg_of[@]}"; do
+        command -v "$cmd" >/dev/null 2>&1 || missing+=("${pkg_of[$cmd]}")
+    done
+    if [[ ${#missing[@]} -gt 0 ]]; then
+        mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
+        log "installing ${missing[*]}"
+        export DEBIAN_FRONTEND=noninteractive
+        timeout 600 apt-get update -qq || die "apt-get update failed"
+        timeout 900 apt-get install -y -qq "${missing[@]}" >/dev/null ||
+            die "apt-get install ${missing[*]} failed"
+    fi
+}
+
+find_cargo() {
+    if command -v cargo >/dev/null 2>&1; then
+        command -v cargo
+    elif [[ -x "${CARGO_HOME:-$HOME/.cargo}/bin/cargo" ]]; then
+        echo "${CARGO_HOME:-$HOME/.cargo}/bin/cargo"
+    else
+        die "cargo not found (needed to build wgplane and boringtun-cli)"
+    fi
+}
+
+needs_boringtun() {
+    local h
+    for h in "${HUB_LIST[@]}"; do [[ "$h" == boringtun ]] && return 0; done
+    return 1
+}
+
+ensure_binaries() {
+    local cargo
+    cargo="$(find_cargo)"
+    if needs_boringtun && [[ ! -x "$BORINGTUN" ]]; then
+        log "cargo install boringtun-cli $BORINGTUN_VERSION into $TOOLS_ROOT (a few minutes)"
+        timeout 1800 "$cargo" install boringtun-cli --version "$BORINGTUN_VERSION" --locked \
+            --root "$TOOLS_ROOT" || die "cargo install boringtun-cli failed"
+    fi
+    log "cargo build --release --bin wgplane"
+    if ! (cd "$REPO" && timeout 1800 "$cargo" build --release --bin wgplane) >"$WORK/build.log" 2>&1; then
+        tail -n 40 "$WORK/build.log" >&2
+        die "cargo build --release of wgplane failed"
+    fi
+    [[ -x "$WGPLANE" ]] || die "$WGPLANE was not built"
+}
+
+# ------------------------------------------------------------------- lab ---
+
+ns_name() { echo "hb-$1-$TAG"; }
+
+nsx() {
+    local ns=$1
+    shift
+    ip netns exec "$ns" "$@"
+}
+
+new_ns() {
+    local ns
+    ns="$(ns_name "$1")"
+    ip netns del "$ns" 2>/dev/null || true
+    ip netns add "$ns"
+    NAMESPACES+=("$ns")
+    nsx "$ns" ip link set lo up
+}
+
+# veth NS_A IF_A ADDR_A NS_B IF_B ADDR_B: created inside the namespaces, so the
+# host namespace never sees the links.
+veth() {
+    ip -n "$1" link add "$2" type veth peer name "$5" netns "$4"
+    ip -n "$1" address add "$3" dev "$2"
+    ip -n "$1" link set "$2" up
+    ip -n "$4" address add "$6" dev "$5"
+    ip -n "$4" link set "$5" up
+}
+
+# start_bg NS LOG CMD...: starts CMD in NS in the background, PID in LAST_PID.
+# `ip netns exec` and `env` exec, so the PID is the program's own.
+start_bg() {
+    local ns=$1 logf=$2
+    shift 2
+    ip netns exec "$ns" env WG_PROCESS_FOREGROUND=1 NO_COLOR=1 "$@" </dev/null >"$logf" 2>&1 &
+    LAST_PID=$!
+    PIDS+=("$LAST_PID")
+}
+
+# wait_until SECONDS CMD...: polls CMD every 0.2 s.
+wait_until() {
+    local secs=$1 end
+    shift
+    end=$((SECONDS + secs))
+    while ((SECONDS < end)); do
+        "$@" >/dev/null 2>&1 && return 0
+        sleep 0.2
+    done
+    "$@" >/dev/null 2>&1
+}
+
+keypair() { # keypair NAME -> $DIR/NAME.key, echoes the public key
+    local key="$DIR/$1.key"
+    (umask 077 && wg genkey >"$key")
+    wg pubkey <"$key"
+}
+
+# start_wg_userspace NS IF LOG PROGRAM...: a wireguard-go or boringtun device,
+# waits until `wg` can talk to it.
+start_wg_userspace() {
+    local ns=$1 ifn=$2 logf=$3
+    shift 3
+    rm -f "/var/run/wireguard/$ifn.sock"
+    start_bg "$ns" "$logf" "$@"
+    local pid=$LAST_PID
+    if ! wait_until 15 nsx "$ns" wg show "$ifn"; then
+        tail -n 30 "$logf" >&2 || true
+        die "$* did not come up in $ns within 15 s"
+    fi
+    proc_alive "$pid" || die "$* exited right after start: $(tail -n 20 "$logf")"
+}
+
+# api METHOD PATH [BODY]: one admin API call from inside the hub namespace.
+# Prints the body; fails unless the status is 2xx.
+api() {
+    local method=$1 path=$2 body=${3:-} out code
+    local -a args=(-sS --max-time 5 -X "$method" -H "@$DIR/auth-header" -w '\n%{http_code}')
+    if [[ -n "$body" ]]; then
+        args+=(-H 'Content-Type: application/json' --data-binary "$body")
+    fi
+    out="$(nsx "$HUB_NS" curl "${args[@]}" "http://127.0.0.1:$API_PORT$path")" ||
+        die "curl $method $path failed"
+    code="${out##*$'\n'}"
+    out="${out%$'\n'*}"
+    [[ "$code" == 2* ]] || die "API $method $path $body answered $code: $out"
+    printf '%s\n' "$out"
+}
+
+json_field() { # json_field FIELD <<<JSON
+    python3 -c 'import json,sys; print(json.load(sys.stdin)[sys.argv[1]])' "$1"
+}
+
+wgplane_healthy() {
+    [[ -s "$STATE/api-token" ]] || return 1
+    [[ "$(nsx "$HUB_NS" curl -s -o /dev/null -w '%{http_code}' --max-time 2 \
+        "http://127.0.0.1:$API_PORT/healthz")" == 200 ]]
+}
+
+# Starts the hub in HUB_NS; sets HUB_PID, HUB_PUB, HUB_PORT.
+start_hub_wgplane() {
+    STATE="$DIR/state"
+    mkdir -p "$STATE"
+    HUB_LOG="$DIR/wgplane.log"
+    start_bg "$HUB_NS" "$HUB_LOG" "$WGPLANE" run --state-dir "$STATE" \
+        --api-listen "127.0.0.1:$API_PORT" --bind 0.0.0.0 --public-host 198.51.100.1
+    HUB_PID=$LAST_PID
+    if ! wait_until 20 wgplane_healthy; then
+        hub_failure "wgplane did not write $STATE/api-token and answer /healthz within 20 s"
+    fi
+    (umask 077 && printf 'Authorization: Bearer %s\n' "$(tr -d '[:space:]' <"$STATE/api-token")" \
+        >"$DIR/auth-header")
+
+    local tenant
+    tenant="$(api PUT /v1/tenants/kitonga '{}')"
+    HUB_PUB="$(json_field server_public_key <<<"$tenant")"
+    HUB_PORT="$(json_field listen_port <<<"$tenant")"
+    api PUT /v1/tenants/kitonga/routers/mikrotik-1 \
+        "{\"name\":\"gw\",\"public_key\":\"$GW_PUB\",\"vpn_ip\":\"10.100.0.40\"}" >/dev/null
+    api PUT /v1/tenants/kitonga/egress \
+        '{"pool":"10.200.0.0/24","gateways":["mikrotik-1"]}' >/dev/null
+    api PUT /v1/tenants/kitonga/clients/phone-1 \
+        "{\"name\":\"phone\",\"public_key\":\"$PHONE_PUB\",\"vpn_ip\":\"10.200.0.2\"}" >/dev/null
+}
+
+# wireguard-go or boringtun as hub, routed by the kernel like the old setup.
+start_hub_kernel_routed() {
+    local which=$1
+    HUB_PUB="$(keypair hub)"
+    HUB_PORT=51820
+    HUB_LOG="$DIR/$which.log"
+    if [[ "$which" == wireguard-go ]]; then
+        start_wg_userspace "$HUB_NS" "$HUB_IF" "$HUB_LOG" wireguard-go "$HUB_IF"
+    else
+        start_wg_userspace "$HUB_NS" "$HUB_IF" "$HUB_LOG" "$BORINGTUN" "$HUB_IF" \
+            --foreground --disable-drop-privileges --log "$HUB_LOG.boringtun"
+    fi
+    HUB_PID=$LAST_PID
+    nsx "$HUB_NS" wg set "$HUB_IF" private-key "$DIR/hub.key" listen-port "$HUB_PORT" \
+        peer "$PHONE_PUB" allowed-ips 10.200.0.2/32 \
+        peer "$GW_PUB" allowed-ips 0.0.0.0/0
+    nsx "$HUB_NS" ip address add 10.100.0.1/16 dev "$HUB_IF"
+    nsx "$HUB_NS" ip link set "$HUB_IF" mtu 1420 up
+    nsx "$HUB_NS" sysctl -q -w net.ipv4.ip_forward=1
+    nsx "$HUB_NS" ip rule add from 10.200.0.0/24 lookup 100
+    nsx "$HUB_NS" ip route add default dev "$HUB_IF" table 100
+    nsx "$HUB_NS" ip route add 10.200.0.0/24 dev "$HUB_IF"
+}
+
+hub_failure() {
+    {
+        echo "----- hub log ($HUB_LOG), last 40 lines -----"
+        tail -n 40 "$HUB_LOG" 2>/dev/null || true
+        if [[ -f "$HUB_LOG.boringtun" ]]; then
+            echo "----- boringtun log file -----"
+            tail -n 40 "$HUB_LOG.boringtun" || true
+        fi
+        echo "----- phone: wg show -----"
+        nsx "$PHONE_NS" wg show "$PHONE_IF" 2>&1 || true
+        echo "----- gateway: wg show -----"
+        nsx "$GW_NS" wg show "$GW_IF" 2>&1 || true
+        if [[ "$CUR_HUB" != wgplane ]]; then
+            echo "----- hub: wg show -----"
+            nsx "$HUB_NS" wg show "$HUB_IF" 2>&1 || true
+        fi
+    } >&2
+    die "$CUR_HUB: $*"
+}
+
+# Builds the lab for hub $1 and waits until the phone reaches 198.18.0.2.
+build_lab() {
+    CUR_HUB=$1
+    DIR="$WORK/$CUR_HUB-run$2"
+    mkdir -p "$DIR"
+    PHONE_NS="$(ns_name phone)"
+    HUB_NS="$(ns_name hub)"
+    GW_NS="$(ns_name gw)"
+    INET_NS="$(ns_name inet)"
+    HUB_LOG="$DIR/hub.log"
+    local role
+    for role in phone hub gw inet; do new_ns "$role"; done
+    veth "$PHONE_NS" eth0 198.51.100.2/24 "$HUB_NS" to-phone 198.51.100.1/24
+    veth "$GW_NS" eth0 203.0.113.2/24 "$HUB_NS" to-gw 203.0.113.1/24
+    veth "$GW_NS" to-inet 198.18.0.1/24 "$INET_NS" eth0 198.18.0.2/24
+
+    # The internet: an iperf3 server, no route back to the client pool.
+    start_bg "$INET_NS" "$DIR/iperf3-server.log" iperf3 -s -B 198.18.0.2 -p "$IPERF_PORT" --forceflush
+    wait_until 10 bash -c "[[ -n \"\$(ip netns exec '$INET_NS' ss -Hltn 'sport = :$IPERF_PORT')\" ]]" ||
+        die "iperf3 server did not listen in $INET_NS: $(cat "$DIR/iperf3-server.log")"
+
+    PHONE_PUB="$(keypair phone)"
+    GW_PUB="$(keypair gw)"
+    if [[ "$CUR_HUB" == wgplane ]]; then
+        start_hub_wgplane
+    else
+        start_hub_kernel_routed "$CUR_HUB"
+    fi
+
+    # The gateway: tunnel to the hub carrying its subnet and the pool, the pool
+    # masqueraded towards the internet.
+    start_wg_userspace "$GW_NS" "$GW_IF" "$DIR/gw-wireguard-go.log" wireguard-go "$GW_IF"
+    nsx "$GW_NS" wg set "$GW_IF" private-key "$DIR/gw.key" \
+        peer "$HUB_PUB" endpoint "203.0.113.1:$HUB_PORT" \
+        allowed-ips 10.100.0.0/16,10.200.0.0/24 persistent-keepalive 25
+    nsx "$GW_NS" ip address add 10.100.0.40/16 dev "$GW_IF"
+    nsx "$GW_NS" ip link set "$GW_IF" mtu 1420 up
+    nsx "$GW_NS" ip route add 10.200.0.0/24 dev "$GW_IF"
+    nsx "$GW_NS" sysctl -q -w net.ipv4.ip_forward=1
+    nsx "$GW_NS" iptables -t nat -A POSTROUTING -s 10.200.0.0/24 -o to-inet -j MASQUERADE
+
+    # The phone: everything for 198.18.0.2 into its tunnel.
+    start_wg_userspace "$PHONE_NS" "$PHONE_IF" "$DIR/phone-wireguard-go.log" wireguard-go "$PHONE_IF"
+    nsx "$PHONE_NS" wg set "$PHONE_IF" private-key "$DIR/phone.key" \
+        peer "$HUB_PUB" endpoint "198.51.100.1:$HUB_PORT" \
+        allowed-ips 0.0.0.0/0 persistent-keepalive 25
+    nsx "$PHONE_NS" ip address add 10.200.0.2/32 dev "$PHONE_IF"
+    nsx "$PHONE_NS" ip link set "$PHONE_IF" mtu 1420 up
+    nsx "$PHONE_NS" ip route add 198.18.0.2/32 dev "$PHONE_IF"
+
+    local end=$((SECONDS + 30))
+    until nsx "$PHONE_NS" ping -n -q -c 1 -W 1 198.18.0.2 >/dev/null 2>&1; do
+        proc_alive "$HUB_PID" || hub_failure "the hub process exited"
+        ((SECONDS < end)) || hub_failure "the phone never reached 198.18.0.2 through the hub within 30 s"
+        sleep 0.2
+    done
+    log "$CUR_HUB run $2: tunnel up (hub pid $HUB_PID)"
+}
+
+# ------------------------------------------------------------ measuring ---
+
+CLK_TCK="$(getconf CLK_TCK)"
+
+proc_ticks() { # utime + stime of $1 (all threads), in clock ticks
+    local st
+    st="$(cat "/proc/$1/stat")" || die "hub process $1 is gone"
+    st="${st##*) }"
+    # shellcheck disable=SC2086
+    set -- $st
+    echo $((${12} + ${13}))
+}
+
+machine_ticks() { # all non-idle time: user+nice+system+irq+softirq+steal
+    local _cpu user nice system _idle _iowait irq softirq steal _rest
+    read -r _cpu user nice system _idle _iowait irq softirq steal _rest </proc/stat
+    echo $((user + nice + system + irq + softirq + steal))
+}
+
+# measure KIND ARGS...: runs iperf3 from the phone, records hub and machine
+# CPU ticks around it, appends one JSON line to $RESULTS.
+measure() {
+    local kind=$1 run=$2
+    shift 2
+    local out="$DIR/iperf3-$kind.json" h0 m0 h1 m1
+    h0="$(proc_ticks "$HUB_PID")"
+    m0="$(machine_ticks)"
+    # In the background so that a signal interrupts `wait` and cleans up at once.
+    timeout $((SECONDS_PER_TEST + 30)) ip netns exec "$PHONE_NS" \
+        iperf3 -c 198.18.0.2 -p "$IPERF_PORT" -t "$SECONDS_PER_TEST" -J "$@" >"$out" 2>&1 &
+    local client=$!
+    PIDS+=("$client")
+    local rc=0
+    wait "$client" || rc=$?
+    forget_pid "$client"
+    if ((rc != 0)); then
+        tail -n 20 "$out" >&2
+        hub_failure "iperf3 $kind failed or timed out"
+    fi
+    h1="$(proc_ticks "$HUB_PID")"
+    m1="$(machine_ticks)"
+    python3 - "$kind" "$CUR_HUB" "$run" "$out" "$((h1 - h0))" "$((m1 - m0))" "$CLK_TCK" \
+        >>"$RESULTS" <<'PY' || hub_failure "could not read the iperf3 $kind result"
+import json, sys
+kind, hub, run, path, hub_ticks, machine_ticks, tck = sys.argv[1:]
+d = json.load(open(path))
+if "error" in d:
+    sys.exit(f"iperf3 error: {d['error']}")
+end = d["end"]
+hub_s = int(hub_ticks) / int(tck)
+machine_s = int(machine_ticks) / int(tck)
+r = {"hub": hub, "run": int(run), "kind": kind,
+     "hub_cpu_s": hub_s, "machine_cpu_s": machine_s}
+if kind == "tcp":
+    s = end["sum_received"]
+    gib = s["bytes"] / 2**30
+    r.update(bytes=s["bytes"], seconds=s["seconds"],
+             mbit_s=s["bits_per_second"] / 1e6,
+             hub_cpu_s_per_gib=hub_s / gib if gib else None,
+             machine_cpu_s_per_gib=machine_s / gib if gib else None)
+else:
+    # The server counts packets up to the highest sequence number it saw
+    # ("packets") and the gaps below it ("lost_packets"): received is their
+    # difference. Old iperf3 without sum_received: the sender's sum, same keys.
+    s = end.get("sum_received") or end["sum"]
+    sent = end.get("sum_sent", end["sum"])["packets"]
+    lost = s["lost_packets"]
+    received = s["packets"] - lost
+    secs = s["seconds"]
+    r.update(sent=sent, lost=lost, received=received, seconds=secs,
+             received_pps=received / secs if secs else None,
+             hub_cpu_us_per_pkt=hub_s * 1e6 / received if received else None,
+             machine_cpu_us_per_pkt=machine_s * 1e6 / received if received else None)
+print(json.dumps(r))
+PY
+}
+
+# The internet server must only ever have seen the gateway's address.
+check_masquerade() {
+    local peers
+    peers="$(sed -n 's/.*Accepted connection from \([0-9.]*\),.*/\1/p' "$DIR/iperf3-server.log" | sort -u)"
+    [[ "$peers" == 198.18.0.1 ]] ||
+        hub_failure "the iperf3 server saw clients '${peers//$'\n'/ }', expected only the gateway 198.18.0.1"
+}
+
+# ---------------------------------------------------------------- report ---
+
+report() {
+    python3 - "$RESULTS" "$JSON_OUT" "$RUNS" "$SECONDS_PER_TEST" "$UDP_RATE" "$HUBS" "$VERSIONS" <<'PY'
+import json, statistics, sys
+path, json_out, runs, secs, rate, hubs, versions = sys.argv[1:]
+rows = [json.loads(l) for l in open(path) if l.strip()]
+hubs = hubs.split(",")
+metrics = [
+    ("tcp", "mbit_s", "TCP throughput, Mbit/s (higher is better)"),
+    ("tcp", "hub_cpu_s_per_gib", "TCP: hub process CPU-seconds per GiB received (lower is better)"),
+    ("tcp", "machine_cpu_s_per_gib", "TCP: whole-machine CPU-seconds per GiB received (lower is better)"),
+    ("udp", "received_pps", f"UDP 64-byte at {rate} pps offered: packets/s received (higher is better)"),
+    ("udp", "hub_cpu_us_per_pkt", "UDP 64-byte: hub process CPU-µs per received packet (lower is better)"),
+    ("udp", "machine_cpu_us_per_pkt", "UDP 64-byte: whole-machine CPU-µs per received packet (lower is better)"),
+]
+def fmt(x):
+    if x is None:
+        return "n/a"
+    return f"{x:.3g}" if abs(x) < 100 else f"{x:.0f}"
+summary = {}
+print(f"\n## WireGuard hubs: {runs} run(s), {secs} s per test\n")
+print("  \n".join(versions.split("; ")))
+for kind, key, title in metrics:
+    print(f"\n### {title}\n")
+    print("| hub | min | median | max | vs wgplane (median) |")
+    print("|---|---:|---:|---:|---|")
+    stats = {}
+    for hub in hubs:
+        vals = [r[key] for r in rows if r["hub"] == hub and r["kind"] == kind and r.get(key) is not None]
+        if vals:
+            stats[hub] = {"min": min(vals), "median": statistics.median(vals), "max": max(vals), "n": len(vals)}
+    base = stats.get("wgplane", {}).get("median")
+    for hub in hubs:
+        s = stats.get(hub)
+        if not s:
+            print(f"| {hub} | n/a | n/a | n/a | |")
+            continue
+        if hub == "wgplane":
+            ratio = "1.0×"
+        elif base:
+            s["ratio_to_wgplane"] = s["median"] / base
+            ratio = f"{hub}: {s['median'] / base:.2f}× wgplane"
+        else:
+            ratio = "n/a"
+        print(f"| {hub} | {fmt(s['min'])} | {fmt(s['median'])} | {fmt(s['max'])} | {ratio} |")
+    summary[f"{kind}.{key}"] = stats
+if json_out:
+    with open(json_out, "w") as f:
+        json.dump({"runs": int(runs), "seconds": int(secs), "udp_rate_pps": int(rate),
+                   "hubs": hubs, "versions": versions.split("; "),
+                   "raw": rows, "summary": summary}, f, indent=2)
+    print(f"\nRaw numbers and summaries: {json_out}")
+PY
+}
+
+# ------------------------------------------------------------------ main ---
+
+WORK="$(mktemp -d /tmp/wgplane-hubs.XXXXXX)"
+[[ -z "${HUBS_KEEP:-}" ]] || log "HUBS_KEEP set: logs and iperf3 JSON stay in $WORK"
+ensure_packages
+ensure_binaries
+RESULTS="$WORK/results.jsonl"
+: >"$RESULTS"
+VERSIONS="wgplane $(cd "$REPO" && git describe --always --dirty 2>/dev/null || echo '?')"
+VERSIONS+="; wireguard-go $(dpkg-query -W -f '${Version}' wireguard-go 2>/dev/null || echo '?')"
+if needs_boringtun; then
+    VERSIONS+="; $("$BORINGTUN" --version 2>/dev/null || echo 'boringtun ?')"
+fi
+VERSIONS+="; iperf3 $(iperf3 --version | awk 'NR==1 {print $2}'); $(nproc) CPUs"
+UDP_BPS=$((UDP_RATE * 64 * 8))
+
+for ((run = 1; run <= RUNS; run++)); do
+    for hub in "${HUB_LIST[@]}"; do
+        build_lab "$hub" "$run"
+        log "$hub run $run: TCP ${SECONDS_PER_TEST}s"
+        measure tcp "$run"
+        check_masquerade
+        log "$hub run $run: UDP 64-byte at $UDP_RATE pps for ${SECONDS_PER_TEST}s"
+        measure udp "$run" -u -l 64 -b "$UDP_BPS"
+        teardown_lab
+    done
+done
+
+report

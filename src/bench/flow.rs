@@ -1,0 +1,386 @@
+//! Flow mode: phones send packets to an internet address; the appliance's egress
+//! rule takes them to the tenant's gateway, where they are counted and timed.
+//!
+//! Each packet carries its send time (nanoseconds since the run began) in its
+//! payload, so the gateway measures one-way latency through the appliance on the
+//! same clock. Latency is only meaningful at a rate the path sustains (`--rate`):
+//! flat out it measures the queues.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use boringtun::noise::TunnResult;
+use boringtun::x25519::{PublicKey, StaticSecret};
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use serde_json::json;
+
+use super::cpu::CpuMeter;
+use super::{opt, Api, BenchError, BenchSpec, Peer};
+use crate::core::packet::build::ip_packet;
+use crate::keys;
+
+/// Packets a phone sends back to back (one GSO send with offload).
+const BURST: usize = 64;
+
+/// Largest GSO send, below the kernel's 64 KiB limit.
+const MAX_GSO_BYTES: usize = 60_000;
+
+/// Where the phones send: an address of the simulated internet that nothing
+/// answers for; it only names a destination for the egress rule.
+const INTERNET: [u8; 4] = [198, 18, 0, 1];
+
+/// One-way latency percentiles, in microseconds.
+#[derive(Debug, Clone, Serialize)]
+pub struct Latency {
+    pub p50_us: u64,
+    pub p90_us: u64,
+    pub p99_us: u64,
+    pub p999_us: u64,
+    pub max_us: u64,
+}
+
+/// What a flow run measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct FlowReport {
+    pub packet_bytes: usize,
+    pub seconds: f64,
+    pub phones: usize,
+    pub offload: bool,
+    pub sent_packets: u64,
+    /// Packets the appliance forwarded by the egress rule (from its metrics).
+    pub forwarded_packets: u64,
+    pub received_packets: u64,
+    pub loss_percent: f64,
+    pub received_gbit_per_s: f64,
+    pub received_packets_per_s: f64,
+    pub latency: Option<Latency>,
+    pub appliance_cpu_seconds: Option<f64>,
+    pub appliance_cpu_seconds_per_gib: Option<f64>,
+    pub appliance_cpu_us_per_packet: Option<f64>,
+}
+
+impl FlowReport {
+    /// The report as a small table.
+    pub fn table(&self) -> String {
+        let latency = self.latency.as_ref().map_or("n/a".to_owned(), |l| {
+            format!(
+                "p50 {} / p90 {} / p99 {} / p99.9 {} / max {} µs",
+                l.p50_us, l.p90_us, l.p99_us, l.p999_us, l.max_us
+            )
+        });
+        format!(
+            "packet size            {} B ({} phone(s), peer offload {})\n\
+             duration               {:.1} s\n\
+             sent / forwarded / received {} / {} / {} packets ({:.2} % lost)\n\
+             throughput             {:.3} Gbit/s, {:.0} packets/s\n\
+             one-way latency        {}\n\
+             appliance CPU          {}\n\
+             appliance CPU per GiB  {}\n\
+             appliance CPU / packet {}\n",
+            self.packet_bytes,
+            self.phones,
+            if self.offload { "on" } else { "off" },
+            self.seconds,
+            self.sent_packets,
+            self.forwarded_packets,
+            self.received_packets,
+            self.loss_percent,
+            self.received_gbit_per_s,
+            self.received_packets_per_s,
+            latency,
+            opt(self.appliance_cpu_seconds, "s"),
+            opt(self.appliance_cpu_seconds_per_gib, "s"),
+            opt(self.appliance_cpu_us_per_packet, "µs"),
+        )
+    }
+}
+
+/// Provisions a KTN tenant (gateway, egress pool, phones) and runs the flow.
+pub(crate) async fn run(
+    spec: &BenchSpec,
+    api: &Api,
+    created: &mut Vec<String>,
+) -> Result<FlowReport, BenchError> {
+    let tenant = format!("bench-{}", std::process::id());
+    let tunnel = api.tenant(&tenant, created).await?;
+    let endpoint = SocketAddr::new(spec.host, tunnel.port);
+    let gw_secret = api.router(&tenant, "gateway").await?;
+    api.call(
+        reqwest::Method::PUT,
+        &format!("/v1/tenants/{tenant}/egress"),
+        Some(json!({"pool": "198.18.128.0/24", "gateways": ["gateway"]})),
+    )
+    .await?;
+    let mut phones = Vec::new();
+    for i in 0..spec.peers.clamp(1, 250) {
+        let secret = StaticSecret::random_from_rng(rand_core::OsRng);
+        let public = keys::encode(PublicKey::from(&secret).as_bytes());
+        let c = api
+            .call(
+                reqwest::Method::PUT,
+                &format!("/v1/tenants/{tenant}/clients/phone-{i}"),
+                Some(json!({ "public_key": public })),
+            )
+            .await?;
+        let ip: IpAddr = c["vpn_ip"]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| BenchError::Api(format!("client answer lacks vpn_ip: {c}")))?;
+        phones.push((secret, ip));
+    }
+
+    let blast_spec = spec.clone();
+    let server = tunnel.public;
+    let mut report = tokio::task::spawn_blocking(move || {
+        blast(&blast_spec, server, endpoint, gw_secret, phones)
+    })
+    .await
+    .map_err(|e| BenchError::Api(e.to_string()))??;
+    // The appliance's own count: the per-packet and per-GiB figures use it, so
+    // losses after the appliance (the receiver's socket) do not inflate them.
+    report.forwarded_packets = api.counter("wgplane_egress_packets_total", &tenant).await? as u64;
+    if let Some(cpu) = report.appliance_cpu_seconds {
+        let gib = (report.forwarded_packets * spec.size as u64) as f64 / f64::from(1u32 << 30);
+        report.appliance_cpu_seconds_per_gib = (gib > 0.0).then(|| cpu / gib);
+        report.appliance_cpu_us_per_packet =
+            (report.forwarded_packets > 0).then(|| cpu * 1e6 / report.forwarded_packets as f64);
+    }
+    Ok(report)
+}
+
+/// Counters shared by the sending and receiving threads.
+#[derive(Default)]
+struct Counters {
+    stop: AtomicBool,
+    sent: AtomicU64,
+    received: AtomicU64,
+    received_bytes: AtomicU64,
+}
+
+fn blast(
+    spec: &BenchSpec,
+    server: PublicKey,
+    endpoint: SocketAddr,
+    gw_secret: StaticSecret,
+    phones: Vec<(StaticSecret, IpAddr)>,
+) -> Result<FlowReport, BenchError> {
+    let mut gateway = Peer::new(gw_secret, server, 1, endpoint)?;
+    gateway.handshake("gateway")?;
+    let phone_count = phones.len();
+    let threads = spec.senders.clamp(1, phone_count.max(1));
+    let mut groups: Vec<Vec<(Peer, IpAddr)>> = (0..threads).map(|_| Vec::new()).collect();
+    for (i, (secret, ip)) in phones.into_iter().enumerate() {
+        let mut phone = Peer::new(secret, server, 100 + i as u32, endpoint)?;
+        phone.handshake("phone")?;
+        groups[i % threads].push((phone, ip));
+    }
+
+    let counters = Counters::default();
+    let latency = Mutex::new(None);
+    let size = spec.size.max(28);
+    let begin = Instant::now();
+    let meter = CpuMeter::start(spec.pid);
+    std::thread::scope(|scope| {
+        let gateway = &mut gateway;
+        let (counters_r, latency_r) = (&counters, &latency);
+        scope.spawn(move || {
+            let hist = receive(gateway, counters_r, begin, spec.offload);
+            if let Ok(mut slot) = latency_r.lock() {
+                *slot = Some(hist);
+            }
+        });
+        let per_thread = spec.rate / threads as u64;
+        for group in groups {
+            let counters_s = &counters;
+            scope.spawn(move || send(group, counters_s, begin, size, per_thread, spec.offload));
+        }
+        std::thread::sleep(spec.duration);
+        counters.stop.store(true, Ordering::Relaxed);
+    });
+    let cpu = meter.seconds();
+    let seconds = begin.elapsed().as_secs_f64();
+    let sent = counters.sent.load(Ordering::Relaxed);
+    let received = counters.received.load(Ordering::Relaxed);
+    let bytes = counters.received_bytes.load(Ordering::Relaxed);
+    let latency = latency
+        .into_inner()
+        .ok()
+        .flatten()
+        .filter(|h| !h.is_empty())
+        .map(|h| Latency {
+            p50_us: h.value_at_quantile(0.5),
+            p90_us: h.value_at_quantile(0.9),
+            p99_us: h.value_at_quantile(0.99),
+            p999_us: h.value_at_quantile(0.999),
+            max_us: h.max(),
+        });
+    Ok(FlowReport {
+        packet_bytes: size,
+        seconds,
+        phones: phone_count,
+        offload: spec.offload,
+        sent_packets: sent,
+        forwarded_packets: 0,
+        received_packets: received,
+        loss_percent: if sent == 0 {
+            0.0
+        } else {
+            100.0 * (sent.saturating_sub(received)) as f64 / sent as f64
+        },
+        received_gbit_per_s: bytes as f64 * 8.0 / seconds / 1e9,
+        received_packets_per_s: received as f64 / seconds,
+        latency,
+        appliance_cpu_seconds: cpu,
+        appliance_cpu_seconds_per_gib: None,
+        appliance_cpu_us_per_packet: None,
+    })
+}
+
+/// The gateway: decrypts, counts and times what arrives until told to stop.
+fn receive(
+    gateway: &mut Peer,
+    counters: &Counters,
+    begin: Instant,
+    offload: bool,
+) -> Histogram<u64> {
+    // 1 µs to 60 s at 3 significant digits; cannot fail with these bounds.
+    let mut hist =
+        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("constant, valid bounds");
+    let gro = offload
+        .then(|| quinn_udp::UdpSocketState::new((&gateway.socket).into()).ok())
+        .flatten();
+    let mut datagram = vec![0u8; 65_536];
+    let mut buf = vec![0u8; 65_536];
+    while !counters.stop.load(Ordering::Relaxed) {
+        let (len, stride) = match &gro {
+            Some(state) => {
+                let mut meta = [quinn_udp::RecvMeta::default()];
+                let mut slices = [std::io::IoSliceMut::new(&mut datagram)];
+                match state.recv((&gateway.socket).into(), &mut slices, &mut meta) {
+                    Ok(1) => (meta[0].len, meta[0].stride.max(1)),
+                    _ => continue,
+                }
+            }
+            None => match gateway.socket.recv(&mut datagram) {
+                Ok(n) => (n, n.max(1)),
+                Err(_) => continue,
+            },
+        };
+        for one in datagram[..len].chunks(stride) {
+            if let TunnResult::WriteToTunnelV4(p, _) = gateway.tunn.decapsulate(None, one, &mut buf)
+            {
+                counters.received.fetch_add(1, Ordering::Relaxed);
+                counters
+                    .received_bytes
+                    .fetch_add(p.len() as u64, Ordering::Relaxed);
+                if let Some(stamp) = p.get(20..28) {
+                    let mut sent_at = [0u8; 8];
+                    sent_at.copy_from_slice(stamp);
+                    let now = begin.elapsed().as_nanos() as u64;
+                    let micros = now.saturating_sub(u64::from_le_bytes(sent_at)) / 1_000;
+                    hist.saturating_record(micros.max(1));
+                }
+            }
+        }
+    }
+    hist
+}
+
+/// One sending thread: its phones take turns sending bursts, paced at `rate`
+/// packets per second (0: flat out).
+fn send(
+    mut phones: Vec<(Peer, IpAddr)>,
+    counters: &Counters,
+    begin: Instant,
+    size: usize,
+    rate: u64,
+    offload: bool,
+) {
+    let mut packets: Vec<Vec<u8>> = phones
+        .iter()
+        .map(|(_, ip)| ip_packet(*ip, IpAddr::from(INTERNET), size - 20))
+        .collect();
+    let states: Vec<Option<quinn_udp::UdpSocketState>> = phones
+        .iter()
+        .map(|(p, _)| {
+            offload
+                .then(|| quinn_udp::UdpSocketState::new((&p.socket).into()).ok())
+                .flatten()
+        })
+        .collect();
+    let mut burst = vec![0u8; BURST * (size + 64)];
+    let mut one = vec![0u8; size + 64];
+    let started = Instant::now();
+    let mut bursts = 0u64;
+    let mut turn = 0;
+    while !counters.stop.load(Ordering::Relaxed) {
+        // Pacing: burst `n` is due at n * BURST / rate seconds.
+        if rate > 0 {
+            let due = Duration::from_secs_f64(bursts as f64 * BURST as f64 / rate as f64);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
+        bursts += 1;
+        turn = (turn + 1) % phones.len();
+        let (phone, _) = &mut phones[turn];
+        let packet = &mut packets[turn];
+        match &states[turn] {
+            Some(state) => {
+                let mut len = 0;
+                let mut segment = 0;
+                // A GSO send carries at most 64 KiB.
+                let fits = MAX_GSO_BYTES / (size + 32);
+                let segments = BURST.min(state.max_gso_segments()).min(fits).max(1);
+                for _ in 0..segments {
+                    stamp(packet, begin);
+                    if let TunnResult::WriteToNetwork(d) =
+                        phone.tunn.encapsulate(packet, &mut burst[len..])
+                    {
+                        segment = d.len();
+                        len += segment;
+                    }
+                }
+                let transmit = quinn_udp::Transmit {
+                    destination: phone
+                        .socket
+                        .peer_addr()
+                        .unwrap_or(SocketAddr::from(([0; 4], 0))),
+                    ecn: None,
+                    contents: &burst[..len],
+                    segment_size: (len > segment).then_some(segment),
+                    src_ip: None,
+                };
+                if segment > 0 && state.try_send((&phone.socket).into(), &transmit).is_ok() {
+                    counters
+                        .sent
+                        .fetch_add((len / segment) as u64, Ordering::Relaxed);
+                }
+            }
+            None => {
+                for _ in 0..BURST {
+                    stamp(packet, begin);
+                    if let TunnResult::WriteToNetwork(d) = phone.tunn.encapsulate(packet, &mut one)
+                    {
+                        // A full socket buffer drops, like a real link.
+                        if phone.socket.send(d).is_ok() {
+                            counters.sent.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Writes the send time into the packet's payload (bytes 20..28, after the IPv4
+/// header; protocol 253 carries no checksum).
+fn stamp(packet: &mut [u8], begin: Instant) {
+    let now = begin.elapsed().as_nanos() as u64;
+    if let Some(slot) = packet.get_mut(20..28) {
+        slot.copy_from_slice(&now.to_le_bytes());
+    }
+}

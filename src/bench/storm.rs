@@ -1,0 +1,263 @@
+//! Handshake mode: routers across many tunnels send handshake initiations at a
+//! fixed rate; the appliance answers each with a handshake response or, above
+//! its configured load, with a cookie reply.
+//!
+//! Initiations are prepared before the measured window (each needs the sender's
+//! own Diffie-Hellman work, which would otherwise compete with the appliance for
+//! the same cores) in the order they will be sent, so every peer's timestamps
+//! increase and none is refused as a replay. The responses are counted, not
+//! completed: the appliance's work for a handshake is done when it answers.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use boringtun::noise::{Tunn, TunnResult};
+use serde::Serialize;
+
+use super::cpu::CpuMeter;
+use super::{opt, Api, BenchError, BenchSpec, TunnelInfo};
+
+/// Initiations per second offered when `--rate` is 0.
+pub const DEFAULT_RATE: u64 = 25_000;
+
+/// Most initiations prepared for one run (about 150 bytes each).
+const MAX_PREPARED: u64 = 2_000_000;
+
+/// What a handshake run measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct StormReport {
+    pub tunnels: usize,
+    pub peers_per_tunnel: usize,
+    /// From the first initiation to the last answer.
+    pub seconds: f64,
+    pub offered_per_s: f64,
+    pub sent_initiations: u64,
+    /// Handshake responses received: handshakes the appliance completed.
+    pub responses: u64,
+    /// Cookie replies received: initiations the appliance refused under load.
+    pub cookie_replies: u64,
+    pub handshakes_per_s: f64,
+    /// Handshakes the appliance counted (its metrics).
+    pub appliance_handshakes: u64,
+    pub appliance_cpu_seconds: Option<f64>,
+    pub appliance_cpu_us_per_handshake: Option<f64>,
+}
+
+impl StormReport {
+    /// The report as a small table.
+    pub fn table(&self) -> String {
+        format!(
+            "tunnels x peers        {} x {}\n\
+             duration               {:.1} s, {:.0} initiations/s offered\n\
+             sent initiations       {}\n\
+             responses / cookies    {} / {}\n\
+             handshakes             {:.0} /s ({} counted by the appliance)\n\
+             appliance CPU          {}\n\
+             appliance CPU / hs     {}\n",
+            self.tunnels,
+            self.peers_per_tunnel,
+            self.seconds,
+            self.offered_per_s,
+            self.sent_initiations,
+            self.responses,
+            self.cookie_replies,
+            self.handshakes_per_s,
+            self.appliance_handshakes,
+            opt(self.appliance_cpu_seconds, "s"),
+            opt(self.appliance_cpu_us_per_handshake, "µs"),
+        )
+    }
+}
+
+/// Provisions the tunnels and their routers, then runs the storm.
+pub(crate) async fn run(
+    spec: &BenchSpec,
+    api: &Api,
+    created: &mut Vec<String>,
+) -> Result<StormReport, BenchError> {
+    let pid = std::process::id();
+    let tunnels = spec.tunnels.max(1);
+    let peers = spec.peers.max(1);
+    let mut routers = Vec::new();
+    let mut names = Vec::new();
+    for t in 0..tunnels {
+        let name = format!("bench-{pid}-hs{t}");
+        let TunnelInfo { public, port } = api.tenant(&name, created).await?;
+        for r in 0..peers {
+            let secret = api.router(&name, &format!("r{r}")).await?;
+            let index = (t * peers + r) as u32;
+            routers.push((
+                Tunn::new(secret, public, None, None, index, None),
+                SocketAddr::new(spec.host, port),
+            ));
+        }
+        names.push(name);
+    }
+    let rate = if spec.rate == 0 {
+        DEFAULT_RATE
+    } else {
+        spec.rate
+    };
+    let total = (rate as f64 * spec.duration.as_secs_f64()) as u64;
+    let total = total.min(MAX_PREPARED);
+    let blast_spec = spec.clone();
+    let mut report = tokio::task::spawn_blocking(move || {
+        let prepared = prepare(routers, total, blast_spec.senders.max(2));
+        storm(&blast_spec, &prepared, rate)
+    })
+    .await
+    .map_err(|e| BenchError::Api(e.to_string()))??;
+    report.tunnels = tunnels;
+    report.peers_per_tunnel = peers;
+    for name in &names {
+        report.appliance_handshakes += api.counter("wgplane_handshakes_total", name).await? as u64;
+    }
+    Ok(report)
+}
+
+/// `total` initiations, round-robin over the routers, in sending order. Prepared
+/// on `threads` threads, each taking a share of the routers (so each router's
+/// timestamps still increase in the final order).
+fn prepare(
+    routers: Vec<(Tunn, SocketAddr)>,
+    total: u64,
+    threads: usize,
+) -> Vec<(SocketAddr, Vec<u8>)> {
+    let count = routers.len().max(1);
+    let rounds = total.div_ceil(count as u64) as usize;
+    let mut shares: Vec<Vec<(usize, Tunn, SocketAddr)>> =
+        (0..threads).map(|_| Vec::new()).collect();
+    for (i, (tunn, to)) in routers.into_iter().enumerate() {
+        shares[i % threads].push((i, tunn, to));
+    }
+    // Per router, its initiations in order.
+    let per_router: Vec<(usize, SocketAddr, Vec<Vec<u8>>)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = shares
+            .into_iter()
+            .map(|share| {
+                scope.spawn(move || {
+                    let mut out = Vec::new();
+                    let mut buf = [0u8; 256];
+                    for (i, mut tunn, to) in share {
+                        let mut mine = Vec::with_capacity(rounds);
+                        for _ in 0..rounds {
+                            if let TunnResult::WriteToNetwork(d) =
+                                tunn.format_handshake_initiation(&mut buf, true)
+                            {
+                                mine.push(d.to_vec());
+                            }
+                        }
+                        out.push((i, to, mine));
+                    }
+                    out
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_default())
+            .collect()
+    });
+    let mut by_router: Vec<Option<(SocketAddr, std::vec::IntoIter<Vec<u8>>)>> =
+        (0..count).map(|_| None).collect();
+    for (i, to, mine) in per_router {
+        by_router[i] = Some((to, mine.into_iter()));
+    }
+    let mut order = Vec::with_capacity(total as usize);
+    'rounds: for _ in 0..rounds {
+        for slot in by_router.iter_mut().flatten() {
+            if order.len() as u64 >= total {
+                break 'rounds;
+            }
+            if let Some(d) = slot.1.next() {
+                order.push((slot.0, d));
+            }
+        }
+    }
+    order
+}
+
+fn storm(
+    spec: &BenchSpec,
+    prepared: &[(SocketAddr, Vec<u8>)],
+    rate: u64,
+) -> Result<StormReport, BenchError> {
+    let socket = UdpSocket::bind((spec.host, 0))?;
+    socket.set_read_timeout(Some(Duration::from_millis(100)))?;
+    let listener = socket.try_clone()?;
+    let stop = AtomicBool::new(false);
+    let (responses, cookies, sent) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
+    // Nanoseconds since `begin` of the last answer.
+    let last_answer = AtomicU64::new(0);
+    let meter = CpuMeter::start(spec.pid);
+    let begin = Instant::now();
+    let mut sending = Duration::ZERO;
+    std::thread::scope(|scope| {
+        let (stop_r, responses_r, cookies_r, last_r) = (&stop, &responses, &cookies, &last_answer);
+        scope.spawn(move || {
+            let mut buf = [0u8; 256];
+            while !stop_r.load(Ordering::Relaxed) {
+                if let Ok(n) = listener.recv(&mut buf) {
+                    match (n, buf[0]) {
+                        (92, 2) => responses_r.fetch_add(1, Ordering::Relaxed),
+                        (64, 3) => cookies_r.fetch_add(1, Ordering::Relaxed),
+                        _ => 0,
+                    };
+                    last_r.store(begin.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                }
+            }
+        });
+        // Initiations go out in chunks of 64, chunk `n` due at n * 64 / rate s.
+        for (n, chunk) in prepared.chunks(64).enumerate() {
+            sending = begin.elapsed();
+            let due = Duration::from_secs_f64(n as f64 * 64.0 / rate as f64);
+            if due >= spec.duration {
+                break;
+            }
+            if let Some(wait) = due.checked_sub(begin.elapsed()) {
+                std::thread::sleep(wait);
+            }
+            for (to, d) in chunk {
+                if socket.send_to(d, to).is_ok() {
+                    sent.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        // A backlog is still being answered: wait until the answers stop (half a
+        // second of quiet, at most ten seconds), so the CPU read covers them.
+        let drained = Instant::now();
+        while drained.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(100));
+            let last = Duration::from_nanos(last_answer.load(Ordering::Relaxed));
+            if begin.elapsed().saturating_sub(last) > Duration::from_millis(500) {
+                break;
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+    });
+    let cpu = meter.seconds();
+    let sent = sent.load(Ordering::Relaxed);
+    let responses = responses.load(Ordering::Relaxed);
+    let cookie_replies = cookies.load(Ordering::Relaxed);
+    // From the first initiation to the last answer.
+    let answering = Duration::from_nanos(last_answer.load(Ordering::Relaxed));
+    let seconds = answering.as_secs_f64().max(f64::EPSILON);
+    Ok(StormReport {
+        tunnels: 0,
+        peers_per_tunnel: 0,
+        seconds,
+        offered_per_s: sent as f64 / sending.as_secs_f64().max(f64::EPSILON),
+        sent_initiations: sent,
+        responses,
+        cookie_replies,
+        handshakes_per_s: responses as f64 / seconds,
+        appliance_handshakes: 0,
+        appliance_cpu_seconds: cpu,
+        // Cookie replies cost a MAC, not Diffie-Hellman: they are left out of the
+        // denominator, which makes this an upper bound.
+        appliance_cpu_us_per_handshake: cpu
+            .filter(|_| responses > 0)
+            .map(|c| c * 1e6 / responses as f64),
+    })
+}

@@ -79,3 +79,49 @@ fn data_after_handshake_flows_and_roaming_follows_the_peer() {
     sim.send_ip(r2, "10.100.1.2", "10.100.1.1");
     assert_eq!(sim.take_inbox(r1).len(), 1);
 }
+
+#[test]
+fn a_new_key_at_a_known_endpoint_still_handshakes_as_itself() {
+    // Repeated initiations from a peer's own endpoint go straight to that peer
+    // (no key search); a different key behind the same address and port (a NAT
+    // reusing a mapping) must still be recognised as who it is.
+    let mut sim = Sim::new();
+    let a = sim.tunnel(51820, "10.100.0.1");
+    let r1 = sim.peer("r1", a, PeerKind::Router, &["10.100.1.1/32"]);
+    let r2 = sim.peer("r2", a, PeerKind::Router, &["10.100.1.2/32"]);
+    sim.connect(r1);
+    sim.connect(r1);
+    assert_eq!(sim.tunnels[a].engine.stats().handshakes, 2);
+
+    // r1 moves on; its old address and port are then reused (a NAT mapping) by
+    // r2, while the engine still remembers r1 there.
+    let old = sim.peers[r1].addr;
+    sim.peers[r1].addr = "203.0.113.77:40000".parse().unwrap();
+    sim.peers[r2].addr = old;
+    sim.connect(r2);
+    let stats = sim.tunnels[a].engine.stats().clone();
+    assert_eq!(stats.handshakes, 3);
+    assert_eq!(stats.dropped(DropReason::HandshakeFailed), 0);
+    let statuses = sim.tunnels[a].engine.peer_statuses(sim.now);
+    assert!(statuses.iter().all(|s| s.last_handshake.is_some()));
+
+    // Both sessions carry traffic, each under its own key and source check.
+    sim.send_ip(r1, "10.100.1.1", "10.100.1.2");
+    sim.send_ip(r2, "10.100.1.2", "10.100.1.1");
+    assert_eq!(sim.take_inbox(r2).len(), 1, "r1 -> r2");
+    assert_eq!(sim.take_inbox(r1).len(), 1, "r2 -> r1");
+    assert_eq!(
+        sim.tunnels[a].engine.stats().handshakes,
+        3,
+        "no new handshakes"
+    );
+
+    // A stranger at a known endpoint is refused after the key search.
+    let stranger_key = boringtun::x25519::StaticSecret::random_from_rng(rand_core::OsRng);
+    let stranger = sim.unregistered_peer("stranger", a, stranger_key);
+    sim.peers[stranger].addr = sim.peers[r2].addr;
+    sim.connect(stranger);
+    let stats = sim.tunnels[a].engine.stats();
+    assert_eq!(stats.handshakes, 3);
+    assert_eq!(stats.dropped(DropReason::UnknownPeer), 1);
+}

@@ -314,17 +314,16 @@ fn send(
     let mut burst = vec![0u8; BURST * (size + 64)];
     let mut one = vec![0u8; size + 64];
     let started = Instant::now();
-    let mut bursts = 0u64;
+    // Packets offered so far: the next burst is due at offered / rate seconds.
+    let mut offered = 0u64;
     let mut turn = 0;
     while !counters.stop.load(Ordering::Relaxed) {
-        // Pacing: burst `n` is due at n * BURST / rate seconds.
         if rate > 0 {
-            let due = Duration::from_secs_f64(bursts as f64 * BURST as f64 / rate as f64);
+            let due = Duration::from_secs_f64(offered as f64 / rate as f64);
             if let Some(wait) = due.checked_sub(started.elapsed()) {
                 std::thread::sleep(wait);
             }
         }
-        bursts += 1;
         turn = (turn + 1) % phones.len();
         let (phone, _) = &mut phones[turn];
         let packet = &mut packets[turn];
@@ -335,6 +334,7 @@ fn send(
                 // A GSO send carries at most 64 KiB.
                 let fits = MAX_GSO_BYTES / (size + 32);
                 let segments = BURST.min(state.max_gso_segments()).min(fits).max(1);
+                offered += segments as u64;
                 for _ in 0..segments {
                     stamp(packet, begin);
                     if let TunnResult::WriteToNetwork(d) =
@@ -361,6 +361,7 @@ fn send(
                 }
             }
             None => {
+                offered += BURST as u64;
                 for _ in 0..BURST {
                     stamp(packet, begin);
                     if let TunnResult::WriteToNetwork(d) = phone.tunn.encapsulate(packet, &mut one)

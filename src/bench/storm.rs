@@ -5,12 +5,16 @@
 //! Initiations are prepared before the measured window (each needs the sender's
 //! own Diffie-Hellman work, which would otherwise compete with the appliance for
 //! the same cores) in the order they will be sent, so every peer's timestamps
-//! increase and none is refused as a replay. The responses are counted, not
-//! completed: the appliance's work for a handshake is done when it answers.
+//! increase and none is refused as a replay. Each router sends from its own
+//! socket, as real routers have their own endpoints. The responses are counted,
+//! not completed: the appliance's work for a handshake is done when it answers.
 
-use std::net::{SocketAddr, UdpSocket};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
 
 use boringtun::noise::{Tunn, TunnResult};
 use serde::Serialize;
@@ -101,13 +105,12 @@ pub(crate) async fn run(
     };
     let total = (rate as f64 * spec.duration.as_secs_f64()) as u64;
     let total = total.min(MAX_PREPARED);
-    let blast_spec = spec.clone();
-    let mut report = tokio::task::spawn_blocking(move || {
-        let prepared = prepare(routers, total, blast_spec.senders.max(2));
-        storm(&blast_spec, &prepared, rate)
-    })
-    .await
-    .map_err(|e| BenchError::Api(e.to_string()))??;
+    let threads = spec.senders.max(2);
+    let count = routers.len();
+    let prepared = tokio::task::spawn_blocking(move || prepare(routers, total, threads))
+        .await
+        .map_err(|e| BenchError::Api(e.to_string()))?;
+    let mut report = storm(spec, &prepared, count, rate).await?;
     report.tunnels = tunnels;
     report.peers_per_tunnel = peers;
     for name in &names {
@@ -119,11 +122,7 @@ pub(crate) async fn run(
 /// `total` initiations, round-robin over the routers, in sending order. Prepared
 /// on `threads` threads, each taking a share of the routers (so each router's
 /// timestamps still increase in the final order).
-fn prepare(
-    routers: Vec<(Tunn, SocketAddr)>,
-    total: u64,
-    threads: usize,
-) -> Vec<(SocketAddr, Vec<u8>)> {
+fn prepare(routers: Vec<(Tunn, SocketAddr)>, total: u64, threads: usize) -> Vec<Prepared> {
     let count = routers.len().max(1);
     let rounds = total.div_ceil(count as u64) as usize;
     let mut shares: Vec<Vec<(usize, Tunn, SocketAddr)>> =
@@ -166,82 +165,122 @@ fn prepare(
     }
     let mut order = Vec::with_capacity(total as usize);
     'rounds: for _ in 0..rounds {
-        for slot in by_router.iter_mut().flatten() {
+        for (router, slot) in by_router.iter_mut().enumerate() {
+            let Some((to, initiations)) = slot else {
+                continue;
+            };
             if order.len() as u64 >= total {
                 break 'rounds;
             }
-            if let Some(d) = slot.1.next() {
-                order.push((slot.0, d));
+            if let Some(datagram) = initiations.next() {
+                order.push(Prepared {
+                    router,
+                    to: *to,
+                    datagram,
+                });
             }
         }
     }
     order
 }
 
-fn storm(
+/// One initiation, ready to send from its router's socket.
+struct Prepared {
+    router: usize,
+    to: SocketAddr,
+    datagram: Vec<u8>,
+}
+
+/// Answers counted by the listening tasks.
+#[derive(Default)]
+struct Answers {
+    responses: AtomicU64,
+    cookies: AtomicU64,
+    /// Nanoseconds since the start of the last answer.
+    last: AtomicU64,
+}
+
+/// Counts what comes back to one router's socket until told to stop.
+async fn listen(
+    socket: Arc<tokio::net::UdpSocket>,
+    answers: Arc<Answers>,
+    mut stop: watch::Receiver<bool>,
+    begin: Instant,
+) {
+    let mut buf = [0u8; 256];
+    loop {
+        tokio::select! {
+            got = socket.recv(&mut buf) => {
+                let Ok(n) = got else { continue };
+                match (n, buf[0]) {
+                    (92, 2) => answers.responses.fetch_add(1, Ordering::Relaxed),
+                    (64, 3) => answers.cookies.fetch_add(1, Ordering::Relaxed),
+                    _ => 0,
+                };
+                answers.last.store(begin.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            }
+            _ = stop.changed() => break,
+        }
+    }
+}
+
+/// Sends the prepared initiations at `rate` per second, each router from its
+/// own socket (its own endpoint, as real routers have), and counts the answers.
+async fn storm(
     spec: &BenchSpec,
-    prepared: &[(SocketAddr, Vec<u8>)],
+    prepared: &[Prepared],
+    routers: usize,
     rate: u64,
 ) -> Result<StormReport, BenchError> {
-    let socket = UdpSocket::bind((spec.host, 0))?;
-    socket.set_read_timeout(Some(Duration::from_millis(100)))?;
-    let listener = socket.try_clone()?;
-    let stop = AtomicBool::new(false);
-    let (responses, cookies, sent) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
-    // Nanoseconds since `begin` of the last answer.
-    let last_answer = AtomicU64::new(0);
-    let meter = CpuMeter::start(spec.pid);
+    let mut sockets = Vec::with_capacity(routers);
+    for _ in 0..routers {
+        sockets.push(Arc::new(tokio::net::UdpSocket::bind((spec.host, 0)).await?));
+    }
+    let answers = Arc::new(Answers::default());
+    let (stop, stopped) = watch::channel(false);
     let begin = Instant::now();
+    let mut listeners = tokio::task::JoinSet::new();
+    for socket in &sockets {
+        listeners.spawn(listen(
+            Arc::clone(socket),
+            Arc::clone(&answers),
+            stopped.clone(),
+            begin,
+        ));
+    }
+    let meter = CpuMeter::start(spec.pid);
+    let mut sent = 0u64;
     let mut sending = Duration::ZERO;
-    std::thread::scope(|scope| {
-        let (stop_r, responses_r, cookies_r, last_r) = (&stop, &responses, &cookies, &last_answer);
-        scope.spawn(move || {
-            let mut buf = [0u8; 256];
-            while !stop_r.load(Ordering::Relaxed) {
-                if let Ok(n) = listener.recv(&mut buf) {
-                    match (n, buf[0]) {
-                        (92, 2) => responses_r.fetch_add(1, Ordering::Relaxed),
-                        (64, 3) => cookies_r.fetch_add(1, Ordering::Relaxed),
-                        _ => 0,
-                    };
-                    last_r.store(begin.elapsed().as_nanos() as u64, Ordering::Relaxed);
-                }
-            }
-        });
-        // Initiations go out in chunks of 64, chunk `n` due at n * 64 / rate s.
-        for (n, chunk) in prepared.chunks(64).enumerate() {
-            sending = begin.elapsed();
-            let due = Duration::from_secs_f64(n as f64 * 64.0 / rate as f64);
-            if due >= spec.duration {
-                break;
-            }
-            if let Some(wait) = due.checked_sub(begin.elapsed()) {
-                std::thread::sleep(wait);
-            }
-            for (to, d) in chunk {
-                if socket.send_to(d, to).is_ok() {
-                    sent.fetch_add(1, Ordering::Relaxed);
-                }
+    // Initiations go out in chunks of 64, chunk `n` due at n * 64 / rate s.
+    for (n, chunk) in prepared.chunks(64).enumerate() {
+        let due = Duration::from_secs_f64(n as f64 * 64.0 / rate as f64);
+        if due >= spec.duration {
+            break;
+        }
+        tokio::time::sleep_until((begin + due).into()).await;
+        for p in chunk {
+            if sockets[p.router].try_send_to(&p.datagram, p.to).is_ok() {
+                sent += 1;
             }
         }
-        // A backlog is still being answered: wait until the answers stop (half a
-        // second of quiet, at most ten seconds), so the CPU read covers them.
-        let drained = Instant::now();
-        while drained.elapsed() < Duration::from_secs(10) {
-            std::thread::sleep(Duration::from_millis(100));
-            let last = Duration::from_nanos(last_answer.load(Ordering::Relaxed));
-            if begin.elapsed().saturating_sub(last) > Duration::from_millis(500) {
-                break;
-            }
+        sending = begin.elapsed();
+    }
+    // A backlog is still being answered: wait until the answers stop (half a
+    // second of quiet, at most ten seconds), so the CPU read covers them.
+    let drained = Instant::now();
+    while drained.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let last = Duration::from_nanos(answers.last.load(Ordering::Relaxed));
+        if begin.elapsed().saturating_sub(last) > Duration::from_millis(500) {
+            break;
         }
-        stop.store(true, Ordering::Relaxed);
-    });
+    }
     let cpu = meter.seconds();
-    let sent = sent.load(Ordering::Relaxed);
-    let responses = responses.load(Ordering::Relaxed);
-    let cookie_replies = cookies.load(Ordering::Relaxed);
+    let _ = stop.send(true);
+    while listeners.join_next().await.is_some() {}
+    let responses = answers.responses.load(Ordering::Relaxed);
     // From the first initiation to the last answer.
-    let answering = Duration::from_nanos(last_answer.load(Ordering::Relaxed));
+    let answering = Duration::from_nanos(answers.last.load(Ordering::Relaxed));
     let seconds = answering.as_secs_f64().max(f64::EPSILON);
     Ok(StormReport {
         tunnels: 0,
@@ -250,7 +289,7 @@ fn storm(
         offered_per_s: sent as f64 / sending.as_secs_f64().max(f64::EPSILON),
         sent_initiations: sent,
         responses,
-        cookie_replies,
+        cookie_replies: answers.cookies.load(Ordering::Relaxed),
         handshakes_per_s: responses as f64 / seconds,
         appliance_handshakes: 0,
         appliance_cpu_seconds: cpu,

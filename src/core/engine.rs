@@ -21,7 +21,8 @@ use ipnet::IpNet;
 use super::netstack::{ConnId, LocalStack, StackError};
 use super::packet;
 use super::peer::{
-    identify_initiator, message_type, Decap, Encap, Initiator, Message, Peer, PeerConfig, PeerStats,
+    admit_initiation, identify_initiator, message_type, Decap, Encap, Initiator, Message, Peer,
+    PeerConfig, PeerStats,
 };
 use super::policy::{decide, DropReason, Egress, Origin, PeerId, RoutingState, Rule, Verdict};
 use super::table::PrefixTable;
@@ -225,6 +226,10 @@ pub struct TunnelEngine {
     last_limiter_reset: Option<Instant>,
     liveness_timeout: Duration,
     peers: Peers,
+    /// The peer last authenticated at each endpoint: a hint that lets a repeated
+    /// initiation skip the Diffie-Hellman that finds its sender. Stale entries are
+    /// harmless (the hinted peer refuses a foreign key without changing state).
+    endpoints: HashMap<SocketAddr, PeerId>,
     routing: RoutingState,
     egress: Vec<EgressConfig>,
     stats: TunnelStats,
@@ -245,6 +250,7 @@ impl TunnelEngine {
             last_limiter_reset: None,
             liveness_timeout: super::peer::DEFAULT_LIVENESS_TIMEOUT,
             peers: Peers::default(),
+            endpoints: HashMap::new(),
             routing: RoutingState {
                 local,
                 ..Default::default()
@@ -428,6 +434,11 @@ impl TunnelEngine {
     pub fn remove_peer(&mut self, key: &[u8; 32]) -> Option<u32> {
         let id = self.peers.by_key.get(key).copied()?;
         let peer = self.peers.remove(id)?;
+        if let Some(endpoint) = peer.endpoint {
+            if self.endpoints.get(&endpoint) == Some(&id) {
+                self.endpoints.remove(&endpoint);
+            }
+        }
         for prefix in &peer.config.allowed {
             if self.routing.routes.get_exact(*prefix) == Some(&id) {
                 self.routing.routes.remove(*prefix);
@@ -508,6 +519,7 @@ impl TunnelEngine {
             public,
             rate_limiter,
             peers,
+            endpoints,
             routing,
             stats,
             events,
@@ -517,31 +529,67 @@ impl TunnelEngine {
             ..
         } = self;
 
-        let id = match message.peer_index() {
-            None => {
-                match identify_initiator(secret, public, rate_limiter, from.ip(), datagram, tx) {
-                    Initiator::Key(key) => match peers.by_key.get(&key) {
-                        Some(&id) => id,
-                        None => return stats.drop(DropReason::UnknownPeer),
-                    },
-                    Initiator::Cookie(cookie) => {
-                        stats.cookie_replies += 1;
-                        stats.tx_datagrams += 1;
-                        return sink.send(from, cookie);
-                    }
-                    Initiator::Drop(reason) => return stats.drop(reason),
-                }
-            }
-            Some(index) => match peers.by_index.get(&index) {
-                Some(&id) => id,
-                None => return stats.drop(DropReason::UnknownIndex),
-            },
+        // An initiation from an endpoint a peer was last seen at goes to that
+        // peer's `Tunn` directly; only if it carries another key is the sender
+        // found by decrypting its key (one Diffie-Hellman more).
+        let hint = match message {
+            Message::Initiation => endpoints.get(&from).copied(),
+            _ => None,
         };
-        let Some(peer) = peers.get_mut(id) else {
+        if hint.is_some() {
+            // The same load accounting and cookie defence as the unhinted path.
+            match admit_initiation(rate_limiter, from.ip(), datagram, tx) {
+                Ok(()) => {}
+                Err(Initiator::Cookie(cookie)) => {
+                    stats.cookie_replies += 1;
+                    stats.tx_datagrams += 1;
+                    return sink.send(from, cookie);
+                }
+                Err(Initiator::Drop(reason)) => return stats.drop(reason),
+                Err(Initiator::Key(_)) => return stats.drop(DropReason::HandshakeFailed),
+            }
+        }
+        let identify = |tx: &mut [u8], peers: &Peers| -> Result<PeerId, Outcome> {
+            match identify_initiator(secret, public, rate_limiter, from.ip(), datagram, tx) {
+                Initiator::Key(key) => peers
+                    .by_key
+                    .get(&key)
+                    .copied()
+                    .ok_or(Outcome::Drop(DropReason::UnknownPeer)),
+                Initiator::Cookie(cookie) => Err(Outcome::Cookie(cookie.len())),
+                Initiator::Drop(reason) => Err(Outcome::Drop(reason)),
+            }
+        };
+        let found = match (message.peer_index(), hint) {
+            (None, Some(id)) => Ok(id),
+            (None, None) => identify(tx, peers),
+            (Some(index), _) => peers
+                .by_index
+                .get(&index)
+                .copied()
+                .ok_or(Outcome::Drop(DropReason::UnknownIndex)),
+        };
+        let mut id = match found {
+            Ok(id) => id,
+            Err(outcome) => return outcome.apply(from, tx, stats, sink),
+        };
+        let Some(mut peer) = peers.get_mut(id) else {
             return stats.drop(DropReason::UnknownIndex);
         };
+        let mut decap = peer.decapsulate(from.ip(), datagram, rx);
+        if matches!(decap, Decap::WrongPeer) && hint.is_some() {
+            id = match identify(tx, peers) {
+                Ok(id) => id,
+                Err(outcome) => return outcome.apply(from, tx, stats, sink),
+            };
+            let Some(found) = peers.get_mut(id) else {
+                return stats.drop(DropReason::UnknownPeer);
+            };
+            peer = found;
+            decap = peer.decapsulate(from.ip(), datagram, rx);
+        }
 
-        match peer.decapsulate(from.ip(), datagram, rx) {
+        match decap {
             Decap::Reply(reply) => {
                 let kind = message_type(reply);
                 // A handshake response (type 2) answers an initiation; a keepalive
@@ -557,7 +605,7 @@ impl TunnelEngine {
                 peer.stats.tx_bytes += reply.len() as u64;
                 sink.send(from, reply);
                 if established {
-                    authenticated(peer, from, datagram.len(), now, events);
+                    authenticated(peer, id, endpoints, from, datagram.len(), now, events);
                     handshake_done(peer, now, stats, events);
                     while let Some(queued) = peer.poll_queued(tx) {
                         stats.tx_datagrams += 1;
@@ -567,7 +615,7 @@ impl TunnelEngine {
                 }
             }
             Decap::Packet(inner) => {
-                authenticated(peer, from, datagram.len(), now, events);
+                authenticated(peer, id, endpoints, from, datagram.len(), now, events);
                 peer.stats.rx_packets += 1;
                 let len = inner.len();
                 route(
@@ -584,10 +632,11 @@ impl TunnelEngine {
             }
             Decap::Nothing => {
                 if matches!(message, Message::Data { .. }) {
-                    authenticated(peer, from, datagram.len(), now, events);
+                    authenticated(peer, id, endpoints, from, datagram.len(), now, events);
                 }
             }
             Decap::Drop(reason) => stats.drop(reason),
+            Decap::WrongPeer => stats.drop(DropReason::HandshakeFailed),
         }
         trim_events(events, stats);
         self.flush_local(now, sink);
@@ -736,10 +785,33 @@ fn trim_events(events: &mut VecDeque<Event>, stats: &mut TunnelStats) {
     }
 }
 
+/// Why a datagram's sender could not be found, or the answer instead of a peer.
+enum Outcome {
+    /// A cookie reply of this many bytes waits in the tx buffer.
+    Cookie(usize),
+    /// Dropped, counted under this reason.
+    Drop(DropReason),
+}
+
+impl Outcome {
+    fn apply(self, from: SocketAddr, tx: &[u8], stats: &mut TunnelStats, sink: &mut impl Sink) {
+        match self {
+            Outcome::Cookie(len) => {
+                stats.cookie_replies += 1;
+                stats.tx_datagrams += 1;
+                sink.send(from, &tx[..len]);
+            }
+            Outcome::Drop(reason) => stats.drop(reason),
+        }
+    }
+}
+
 /// Bookkeeping for an authenticated datagram: counters, liveness and roaming.
 #[inline]
 fn authenticated(
     peer: &mut Peer,
+    id: PeerId,
+    endpoints: &mut HashMap<SocketAddr, PeerId>,
     from: SocketAddr,
     len: usize,
     now: Instant,
@@ -748,9 +820,14 @@ fn authenticated(
     peer.stats.rx_bytes += len as u64;
     peer.last_rx = Some(now);
     if peer.endpoint != Some(from) {
-        let had_endpoint = peer.endpoint.is_some();
-        peer.endpoint = Some(from);
-        if had_endpoint {
+        let previous = peer.endpoint.replace(from);
+        if let Some(old) = previous {
+            if endpoints.get(&old) == Some(&id) {
+                endpoints.remove(&old);
+            }
+        }
+        endpoints.insert(from, id);
+        if previous.is_some() {
             events.push_back(Event::Roamed {
                 peer: *peer.public_key().as_bytes(),
                 endpoint: from,

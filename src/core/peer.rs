@@ -73,6 +73,8 @@ pub enum Decap<'a> {
     Packet(&'a [u8]),
     /// Authenticated, nothing to deliver (keepalive, cookie stored).
     Nothing,
+    /// A handshake initiation from some other peer's key: nothing changed here.
+    WrongPeer,
     /// Failed; count it.
     Drop(DropReason),
 }
@@ -164,6 +166,7 @@ impl Peer {
             TunnResult::WriteToTunnelV4(b, _) | TunnResult::WriteToTunnelV6(b, _) => {
                 Decap::Packet(b)
             }
+            TunnResult::Err(WireGuardError::WrongKey) => Decap::WrongPeer,
             TunnResult::Err(e) => Decap::Drop(drop_reason(&e)),
         }
     }
@@ -297,6 +300,22 @@ pub fn identify_initiator<'a>(
         Err(TunnResult::WriteToNetwork(cookie)) => Initiator::Cookie(cookie),
         Err(TunnResult::Err(e)) => Initiator::Drop(drop_reason(&e)),
         Err(_) => Initiator::Drop(DropReason::HandshakeFailed),
+    }
+}
+
+/// The tunnel's load check for an initiation whose sender is already known (an
+/// endpoint hint): MAC1, and under load MAC2 or a cookie reply in `out`.
+pub fn admit_initiation<'a>(
+    rate_limiter: &RateLimiter,
+    from: IpAddr,
+    datagram: &[u8],
+    out: &'a mut [u8],
+) -> Result<(), Initiator<'a>> {
+    match rate_limiter.verify_packet(Some(from), datagram, out) {
+        Ok(_) => Ok(()),
+        Err(TunnResult::WriteToNetwork(cookie)) => Err(Initiator::Cookie(cookie)),
+        Err(TunnResult::Err(e)) => Err(Initiator::Drop(drop_reason(&e))),
+        Err(_) => Err(Initiator::Drop(DropReason::HandshakeFailed)),
     }
 }
 

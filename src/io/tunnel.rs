@@ -228,6 +228,11 @@ thread_local! {
 
 /// Reads what is waiting on the socket (a bounded number of batched syscalls, so a
 /// flood cannot starve commands and timers) and hands every datagram to the engine.
+///
+/// A batch that comes back short means the queue was empty at that moment: the
+/// socket's readiness is cleared right there instead of paying for one more
+/// `recvmmsg` that would only say `EAGAIN`. Nothing is lost by that: a datagram
+/// that arrives afterwards raises a new readiness event.
 fn receive(
     socket: &UdpSocket,
     udp: &quinn_udp::UdpSocketState,
@@ -241,25 +246,33 @@ fn receive(
         };
         let mut meta = [quinn_udp::RecvMeta::default(); RX_SLOTS];
         for _ in 0..RECV_BATCH / RX_SLOTS {
-            let mut slices: Vec<std::io::IoSliceMut<'_>> = bufs
-                .iter_mut()
-                .map(|b| std::io::IoSliceMut::new(b))
-                .collect();
-            let got = socket.try_io(tokio::io::Interest::READABLE, || {
-                udp.recv(socket.into(), &mut slices, &mut meta)
+            let outcome = socket.try_io(tokio::io::Interest::READABLE, || {
+                let count = {
+                    let mut free = bufs.iter_mut();
+                    let mut slices: [std::io::IoSliceMut<'_>; RX_SLOTS] =
+                        std::array::from_fn(|_| {
+                            std::io::IoSliceMut::new(
+                                free.next().map_or(&mut [][..], |b| &mut b[..]),
+                            )
+                        });
+                    udp.recv(socket.into(), &mut slices, &mut meta)?
+                };
+                for (m, buf) in meta.iter().zip(bufs.iter()).take(count) {
+                    let stride = m.stride.max(1);
+                    for datagram in buf[..m.len].chunks(stride) {
+                        engine.handle_datagram(m.addr, datagram, now, sink);
+                    }
+                }
+                if count < RX_SLOTS {
+                    return Err(ErrorKind::WouldBlock.into());
+                }
+                Ok(())
             });
-            drop(slices);
-            let count = match got {
-                Ok(n) => n,
+            match outcome {
+                Ok(()) => {}
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 // ICMP errors from earlier sends surface here on Linux; skip them.
-                Err(_) => continue,
-            };
-            for (m, buf) in meta.iter().zip(bufs.iter()).take(count) {
-                let stride = m.stride.max(1);
-                for datagram in buf[..m.len].chunks(stride) {
-                    engine.handle_datagram(m.addr, datagram, now, sink);
-                }
+                Err(_) => {}
             }
         }
     });

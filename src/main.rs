@@ -390,6 +390,10 @@ async fn run(settings: Settings) -> Result<()> {
     } else {
         None
     };
+    // One socket per tunnel: a thousand tenants need more than the usual 1024.
+    if let Some(open_files) = wgplane::io::limits::raise_open_files() {
+        tracing::debug!(open_files, "open-files limit");
+    }
     let mut runtime = Runtime::new(RuntimeSettings {
         host,
         bind: t.bind,

@@ -125,3 +125,42 @@ fn a_new_key_at_a_known_endpoint_still_handshakes_as_itself() {
     assert_eq!(stats.handshakes, 3);
     assert_eq!(stats.dropped(DropReason::UnknownPeer), 1);
 }
+
+#[test]
+fn only_peers_that_speak_get_protocol_state() {
+    let mut sim = Sim::new();
+    let a = sim.tunnel(51820, "10.100.0.1");
+    let peers: Vec<_> = ["10.100.1.1/32", "10.100.1.2/32", "10.100.1.3/32"]
+        .iter()
+        .map(|p| sim.peer("r", a, PeerKind::Router, &[p]))
+        .collect();
+    assert_eq!(sim.tunnels[a].engine.active_peer_count(), 0);
+    sim.tick();
+    assert!(
+        sim.sent_by_engines.is_empty(),
+        "idle peers have no timer output"
+    );
+
+    sim.connect(peers[0]);
+    assert_eq!(sim.tunnels[a].engine.active_peer_count(), 1);
+    // Traffic to a peer that never spoke has nowhere to go and creates nothing.
+    sim.send_ip(peers[0], "10.100.1.1", "10.100.1.2");
+    assert_eq!(sim.tunnels[a].engine.active_peer_count(), 1);
+    assert_eq!(
+        sim.tunnels[a]
+            .engine
+            .stats()
+            .dropped(DropReason::NoEndpoint),
+        1
+    );
+    sim.connect(peers[1]);
+    sim.connect(peers[1]);
+    assert_eq!(sim.tunnels[a].engine.active_peer_count(), 2);
+    sim.send_ip(peers[0], "10.100.1.1", "10.100.1.2");
+    assert_eq!(sim.take_inbox(peers[1]).len(), 1);
+
+    // Removing an active peer takes it off the list.
+    let key = sim.public_key(peers[0]);
+    assert!(sim.tunnels[a].engine.remove_peer(&key).is_some());
+    assert_eq!(sim.tunnels[a].engine.active_peer_count(), 1);
+}

@@ -175,6 +175,8 @@ struct Peers {
     free: Vec<PeerId>,
     by_key: HashMap<[u8; 32], PeerId>,
     by_index: HashMap<u32, PeerId>,
+    /// Peers with protocol state, the only ones whose timers have work.
+    active: Vec<PeerId>,
 }
 
 impl Peers {
@@ -207,11 +209,23 @@ impl Peers {
         let peer = self.slots.get_mut(id as usize)?.take()?;
         self.by_key.remove(peer.public_key().as_bytes());
         self.by_index.remove(&peer.index);
+        if peer.listed {
+            self.active.retain(|&a| a != id);
+        }
         self.free.push(id);
         Some(peer)
     }
-    fn iter_mut(&mut self) -> impl Iterator<Item = &mut Peer> {
-        self.slots.iter_mut().flatten()
+    /// Gives peer `id` protocol state (if it has none yet) and lists it among
+    /// the active peers. Called before a handshake or a first packet to it.
+    #[inline]
+    fn activate(&mut self, id: PeerId) {
+        if let Some(peer) = self.slots.get_mut(id as usize).and_then(Option::as_mut) {
+            if !peer.listed {
+                peer.start_protocol();
+                peer.listed = true;
+                self.active.push(id);
+            }
+        }
     }
     fn iter(&self) -> impl Iterator<Item = &Peer> {
         self.slots.iter().flatten()
@@ -220,7 +234,7 @@ impl Peers {
 
 /// The data plane of one tunnel.
 pub struct TunnelEngine {
-    secret: StaticSecret,
+    secret: Arc<StaticSecret>,
     public: PublicKey,
     rate_limiter: Arc<RateLimiter>,
     last_limiter_reset: Option<Instant>,
@@ -245,7 +259,7 @@ impl TunnelEngine {
         let public = PublicKey::from(&secret);
         Self {
             rate_limiter: rate_limiter(&public, DEFAULT_HANDSHAKES_PER_SECOND),
-            secret,
+            secret: Arc::new(secret),
             public,
             last_limiter_reset: None,
             liveness_timeout: super::peer::DEFAULT_LIVENESS_TIMEOUT,
@@ -299,6 +313,29 @@ impl TunnelEngine {
     }
 
     // ---- getters ----
+
+    /// True while some peer has protocol timers to run; an idle tunnel's driver
+    /// may skip [`Self::handle_timers`] until this turns true again.
+    pub fn needs_timers(&self) -> bool {
+        !self.peers.active.is_empty()
+    }
+
+    /// The handshake load count covers one second at a time.
+    fn reset_limiter_if_due(&mut self, now: Instant) {
+        let due = self
+            .last_limiter_reset
+            .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1));
+        if due {
+            self.rate_limiter.reset_count();
+            self.last_limiter_reset = Some(now);
+        }
+    }
+
+    /// Peers with protocol state (that spoke or were spoken to since start):
+    /// the ones that cost boringtun memory and timer work.
+    pub fn active_peer_count(&self) -> usize {
+        self.peers.active.len()
+    }
 
     /// The tunnel's public key.
     pub fn public_key(&self) -> &PublicKey {
@@ -414,7 +451,7 @@ impl TunnelEngine {
                     return Err(EngineError::IndexTaken { index });
                 }
                 let peer = Peer::new(
-                    &self.secret,
+                    Arc::clone(&self.secret),
                     config.clone(),
                     index,
                     Arc::clone(&self.rate_limiter),
@@ -514,6 +551,11 @@ impl TunnelEngine {
             self.stats.drop(DropReason::InvalidDatagram);
             return;
         };
+        if message == Message::Initiation {
+            // Also when timers are idle: strangers' initiations must not leave
+            // the tunnel "under load" for good.
+            self.reset_limiter_if_due(now);
+        }
         let Self {
             secret,
             public,
@@ -573,6 +615,9 @@ impl TunnelEngine {
             Ok(id) => id,
             Err(outcome) => return outcome.apply(from, tx, stats, sink),
         };
+        if message == Message::Initiation {
+            peers.activate(id);
+        }
         let Some(mut peer) = peers.get_mut(id) else {
             return stats.drop(DropReason::UnknownIndex);
         };
@@ -582,6 +627,7 @@ impl TunnelEngine {
                 Ok(id) => id,
                 Err(outcome) => return outcome.apply(from, tx, stats, sink),
             };
+            peers.activate(id);
             let Some(found) = peers.get_mut(id) else {
                 return stats.drop(DropReason::UnknownPeer);
             };
@@ -699,13 +745,7 @@ impl TunnelEngine {
 
     /// Runs every peer's protocol timers. Call at least every 250 ms.
     pub fn handle_timers(&mut self, now: Instant, sink: &mut impl Sink) {
-        let reset_due = self
-            .last_limiter_reset
-            .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1));
-        if reset_due {
-            self.rate_limiter.reset_count();
-            self.last_limiter_reset = Some(now);
-        }
+        self.reset_limiter_if_due(now);
         let Self {
             peers,
             stats,
@@ -713,11 +753,13 @@ impl TunnelEngine {
             tx,
             ..
         } = self;
-        for peer in peers.iter_mut() {
-            // A peer that never spoke has no session, no handshake in flight and
-            // nowhere to send to: its timers have nothing to do. At scale most
-            // provisioned peers are like that, so boringtun's timer work follows
-            // the active peers, not all of them.
+        // Only peers with protocol state have timer work: at scale most
+        // provisioned peers never spoke, so this follows the active ones.
+        for i in 0..peers.active.len() {
+            let Some(peer) = peers.get_mut(peers.active[i]) else {
+                continue;
+            };
+            // Without an endpoint there is nowhere to send to.
             if peer.endpoint.is_none() {
                 continue;
             }
@@ -879,11 +921,17 @@ fn route(
     });
     match verdict {
         Verdict::Forward { peer, rule } => {
-            let Some(next) = peers.get_mut(peer) else {
+            let Some(endpoint) = peers.get(peer).map(|p| p.endpoint) else {
                 return stats.drop(DropReason::NoRoute);
             };
-            let Some(to) = next.endpoint else {
+            let Some(to) = endpoint else {
                 return stats.drop(DropReason::NoEndpoint);
+            };
+            if peers.get(peer).is_some_and(|p| !p.listed) {
+                peers.activate(peer);
+            }
+            let Some(next) = peers.get_mut(peer) else {
+                return stats.drop(DropReason::NoRoute);
             };
             match next.encapsulate(packet, tx) {
                 Encap::Send(datagram) => {
@@ -928,6 +976,10 @@ fn route(
             stats.drop(reason);
             // Wake the primary gateway: the packet is gone, but the next ones will
             // find a session. It never goes anywhere else.
+            if let Some(g) = primary.filter(|&g| peers.get(g).is_some_and(|p| p.endpoint.is_some()))
+            {
+                peers.activate(g);
+            }
             if let Some(gateway) = primary.and_then(|g| peers.get_mut(g)) {
                 if let Some(to) = gateway.endpoint {
                     if let Some(init) = gateway.initiate(tx) {

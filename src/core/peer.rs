@@ -90,8 +90,16 @@ pub enum Encap<'a> {
 }
 
 /// One peer of a tunnel.
+///
+/// boringtun's `Tunn` (11 KB, and a Diffie-Hellman to create) is made on the
+/// peer's first handshake or first outbound packet: a provisioned router that
+/// never dials in costs a few hundred bytes and no start-up time.
 pub struct Peer {
-    tunn: Tunn,
+    tunn: Option<Box<Tunn>>,
+    tunnel_secret: Arc<StaticSecret>,
+    rate_limiter: Arc<RateLimiter>,
+    /// Listed among the engine's active peers (those with a `Tunn`).
+    pub(crate) listed: bool,
     pub(crate) config: PeerConfig,
     pub(crate) index: u32,
     /// Current endpoint: the source of the last authenticated datagram.
@@ -108,22 +116,17 @@ pub struct Peer {
 impl Peer {
     /// A peer with no session yet. `index` must be unique in the process.
     pub fn new(
-        tunnel_secret: &StaticSecret,
+        tunnel_secret: Arc<StaticSecret>,
         config: PeerConfig,
         index: u32,
         rate_limiter: Arc<RateLimiter>,
         liveness_timeout: Duration,
     ) -> Self {
-        let tunn = Tunn::new(
-            tunnel_secret.clone(),
-            config.public_key,
-            None,
-            config.keepalive,
-            index,
-            Some(rate_limiter),
-        );
         Self {
-            tunn,
+            tunn: None,
+            tunnel_secret,
+            rate_limiter,
+            listed: false,
             endpoint: config.endpoint,
             config,
             index,
@@ -138,6 +141,39 @@ impl Peer {
     /// The peer's public key.
     pub fn public_key(&self) -> &PublicKey {
         &self.config.public_key
+    }
+
+    /// True once the peer has protocol state (it spoke, or was spoken to).
+    #[inline]
+    pub fn is_active(&self) -> bool {
+        self.tunn.is_some()
+    }
+
+    /// Makes the peer's protocol state now (it is about to be used).
+    pub fn start_protocol(&mut self) {
+        self.tunn();
+    }
+
+    /// The peer's `Tunn`, made now if this is its first use.
+    fn tunn(&mut self) -> &mut Tunn {
+        let Self {
+            tunn,
+            tunnel_secret,
+            rate_limiter,
+            config,
+            index,
+            ..
+        } = self;
+        tunn.get_or_insert_with(|| {
+            Box::new(Tunn::new(
+                StaticSecret::clone(tunnel_secret),
+                config.public_key,
+                None,
+                config.keepalive,
+                *index,
+                Some(Arc::clone(rate_limiter)),
+            ))
+        })
     }
 
     /// True when traffic sent now would reach the peer on a current session.
@@ -160,7 +196,14 @@ impl Peer {
         datagram: &[u8],
         out: &'a mut [u8],
     ) -> Decap<'a> {
-        match self.tunn.decapsulate(Some(from), datagram, out) {
+        // Only an initiation can start protocol state; anything else for a peer
+        // without it refers to a session that does not exist.
+        let tunn = match self.tunn {
+            Some(ref mut tunn) => tunn,
+            None if message_type(datagram) == 1 => self.tunn(),
+            None => return Decap::Drop(DropReason::DecryptFailed),
+        };
+        match tunn.decapsulate(Some(from), datagram, out) {
             TunnResult::Done => Decap::Nothing,
             TunnResult::WriteToNetwork(b) => Decap::Reply(b),
             TunnResult::WriteToTunnelV4(b, _) | TunnResult::WriteToTunnelV6(b, _) => {
@@ -173,7 +216,7 @@ impl Peer {
 
     /// Next packet boringtun queued while waiting for a handshake, already encrypted.
     pub fn poll_queued<'a>(&mut self, out: &'a mut [u8]) -> Option<&'a [u8]> {
-        match self.tunn.decapsulate(None, &[], out) {
+        match self.tunn.as_mut()?.decapsulate(None, &[], out) {
             TunnResult::WriteToNetwork(b) => Some(b),
             _ => None,
         }
@@ -184,7 +227,7 @@ impl Peer {
     #[inline]
     pub fn encapsulate<'a>(&mut self, packet: &[u8], out: &'a mut [u8]) -> Encap<'a> {
         debug_assert!(out.len() >= packet.len() + 32 && out.len() >= 148);
-        match self.tunn.encapsulate(packet, out) {
+        match self.tunn().encapsulate(packet, out) {
             TunnResult::WriteToNetwork(b) => Encap::Send(b),
             TunnResult::Done => Encap::Queued,
             TunnResult::Err(_) => Encap::Drop(DropReason::EncryptFailed),
@@ -196,7 +239,7 @@ impl Peer {
 
     /// Starts a handshake unless one is in progress.
     pub fn initiate<'a>(&mut self, out: &'a mut [u8]) -> Option<&'a [u8]> {
-        match self.tunn.format_handshake_initiation(out, false) {
+        match self.tunn().format_handshake_initiation(out, false) {
             TunnResult::WriteToNetwork(b) => Some(b),
             _ => None,
         }
@@ -205,7 +248,10 @@ impl Peer {
     /// Runs boringtun's timers: retransmits, rekeys, keepalives.
     /// Returns bytes to send, and whether the session has expired.
     pub fn update_timers<'a>(&mut self, out: &'a mut [u8]) -> (Option<&'a [u8]>, bool) {
-        match self.tunn.update_timers(out) {
+        let Some(tunn) = self.tunn.as_mut() else {
+            return (None, false);
+        };
+        match tunn.update_timers(out) {
             TunnResult::WriteToNetwork(b) => (Some(b), false),
             TunnResult::Err(WireGuardError::ConnectionExpired) => (None, true),
             _ => (None, false),

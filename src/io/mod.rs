@@ -10,6 +10,7 @@ pub mod tunnel;
 pub mod bridge;
 pub mod events;
 pub mod forward;
+pub mod limits;
 pub mod tun;
 
 pub use runtime::{Runtime, RuntimeError, RuntimeSettings, TunnelEvent};

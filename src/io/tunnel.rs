@@ -278,12 +278,18 @@ fn receive(
     });
 }
 
-/// Writes what the engine sent to the host during this wake-up.
-async fn flush_host(host: &mut HostLink, gro: &mut tun_rs::GROTable, send_failures: &mut u64) {
+/// Writes what the engine sent to the host during this wake-up. The GRO table
+/// (1.8 MB) is made on the first write: tunnels without host traffic never pay.
+async fn flush_host(
+    host: &mut HostLink,
+    gro: &mut Option<Box<tun_rs::GROTable>>,
+    send_failures: &mut u64,
+) {
     let Some(device) = &host.device else { return };
     if host.out.pending.is_empty() {
         return;
     }
+    let gro = gro.get_or_insert_with(Box::default);
     if device
         .send_multiple(gro, &mut host.out.pending, tun_rs::VIRTIO_NET_HDR_LEN)
         .await
@@ -328,7 +334,7 @@ pub async fn run(
     timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut send_failures = 0u64;
     let mut bridges = Bridges::default();
-    let mut gro = tun_rs::GROTable::default();
+    let mut gro = None;
     loop {
         // The stack's own timers (ACK delay, retransmits) need finer ticks than
         // the peers' timers while connections are open.
@@ -375,7 +381,9 @@ pub async fn run(
                     }
                 }
             }
-            _ = timer.tick() => {
+            // A tunnel whose peers never spoke and that carries no forwarded
+            // connection has no timer work: skip the wake-ups.
+            _ = timer.tick(), if engine.needs_timers() || !bridges.is_empty() => {
                 let mut sink = UdpSink { tx: &mut tx, host: host.device.is_some().then_some(&mut host.out) };
                 engine.handle_timers(Instant::now(), &mut sink);
             }

@@ -3,8 +3,9 @@
 //! - `route/decide`: the routing decision (rules 2-6) in a tunnel of 1,000 peers;
 //! - `forward/*`: one phone -> gateway packet through `TunnelEngine::handle_datagram`
 //!   (demux, decrypt, parse, policy, encrypt), against `boringtun_only`: the same
-//!   decrypt + encrypt with two bare `Tunn`s, the floor the engine adds its work to.
-//!
+//!   decrypt + encrypt with two bare `Tunn`s, the floor the engine adds its work to;
+//! - `forward_batch64/*`: 64 such datagrams in a row, as one socket wake-up hands
+//!   them to the engine (compare per byte with `forward/*`);
 //! - `table/100k`: longest-prefix match in a table of 100,000 prefixes, against a
 //!   `HashMap` exact lookup of the same addresses (the floor for any lookup);
 //! - `crypto/*`: boringtun encapsulate and decapsulate alone.
@@ -164,6 +165,32 @@ fn bench_forward(c: &mut Criterion) {
             )
         });
         assert!(engine.stats().forwarded_peer > 0, "the bench must forward");
+        g.finish();
+
+        // A batch as one wake-up hands it over: 64 datagrams, one after another.
+        let mut g = c.benchmark_group(format!("forward_batch64/{size}B"));
+        g.throughput(Throughput::Bytes(64 * size as u64));
+        let before = engine.stats().forwarded_peer;
+        g.bench_function("engine_forward", |bench| {
+            bench.iter_batched(
+                || {
+                    (0..64)
+                        .map(|_| phone.encrypt(&packet).expect("session"))
+                        .collect::<Vec<_>>()
+                },
+                |batch| {
+                    let now = Instant::now();
+                    for datagram in &batch {
+                        engine.handle_datagram(from, datagram, now, &mut sink);
+                    }
+                },
+                BatchSize::SmallInput,
+            )
+        });
+        assert!(
+            engine.stats().forwarded_peer > before,
+            "the bench must forward"
+        );
         g.finish();
     }
 }

@@ -151,6 +151,7 @@ impl Runtime {
                 host.add_tenant(tenant.server_ip(), tenant.subnet, tx.clone())?;
                 link = HostLink {
                     packets: Some(rx),
+                    recycle: Some(host.recycler()),
                     device: Some(host.device()),
                     out: Default::default(),
                 };

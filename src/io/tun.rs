@@ -57,7 +57,13 @@ pub struct HostDevice {
     index: u32,
     routes: Arc<RwLock<PrefixTable<mpsc::Sender<Vec<u8>>>>>,
     netlink: rtnetlink::Handle,
+    /// Where tunnels hand packet buffers back to the reader for reuse.
+    recycle: mpsc::Sender<Vec<u8>>,
 }
+
+/// Packet buffers in circulation between the reader and the tunnels; beyond
+/// this, returned buffers are freed.
+const RECYCLED_BUFFERS: usize = 1024;
 
 impl HostDevice {
     /// Creates the device and starts its reader. Needs `CAP_NET_ADMIN`.
@@ -85,7 +91,8 @@ impl HostDevice {
         tokio::spawn(connection);
         let device = Arc::new(device);
         let routes = Arc::new(RwLock::new(PrefixTable::new()));
-        tokio::spawn(read_loop(Arc::clone(&device), Arc::clone(&routes)));
+        let (recycle, spare) = mpsc::channel(RECYCLED_BUFFERS);
+        tokio::spawn(read_loop(Arc::clone(&device), Arc::clone(&routes), spare));
         tracing::info!(name, index, mtu, offload = vnet_hdr, "TUN device up");
         Ok(Self {
             device,
@@ -93,7 +100,14 @@ impl HostDevice {
             index,
             routes,
             netlink,
+            recycle,
         })
+    }
+
+    /// Where a tunnel returns the packet buffers it got, so the reader does not
+    /// allocate one per packet.
+    pub fn recycler(&self) -> mpsc::Sender<Vec<u8>> {
+        self.recycle.clone()
     }
 
     /// The device, for the tunnel tasks to write host-bound packets.
@@ -172,6 +186,7 @@ impl HostDevice {
 async fn read_loop(
     device: Arc<AsyncDevice>,
     routes: Arc<RwLock<PrefixTable<mpsc::Sender<Vec<u8>>>>>,
+    mut spare: mpsc::Receiver<Vec<u8>>,
 ) {
     let mut original = vec![0u8; tun_rs::VIRTIO_NET_HDR_LEN + 65_535];
     let mut bufs = vec![vec![0u8; 65_535]; tun_rs::IDEAL_BATCH_SIZE];
@@ -198,8 +213,11 @@ async fn read_loop(
                 continue;
             };
             if let Some(tunnel) = routes.lookup(header.dst) {
+                let mut packet = spare.try_recv().unwrap_or_default();
+                packet.clear();
+                packet.extend_from_slice(&buf[..header.len]);
                 // Full queue: drop, as a congested link would.
-                let _ = tunnel.try_send(buf[..header.len].to_vec());
+                let _ = tunnel.try_send(packet);
             }
         }
     }

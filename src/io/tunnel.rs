@@ -72,10 +72,19 @@ pub struct TunnelSnapshot {
 pub struct HostLink {
     /// Packets from the host whose destination is in this tunnel.
     pub packets: Option<mpsc::Receiver<Vec<u8>>>,
+    /// Where their buffers go back to the device's reader.
+    pub recycle: Option<mpsc::Sender<Vec<u8>>>,
     /// The device, for packets to the tunnel's server address.
     pub device: Option<Arc<tun_rs::AsyncDevice>>,
     /// Packets for the device, written once per wake-up.
     pub out: HostOut,
+}
+
+/// Hands a packet buffer back to the device's reader (freed if it has plenty).
+fn recycle(to: &Option<mpsc::Sender<Vec<u8>>>, packet: Vec<u8>) {
+    if let Some(to) = to {
+        let _ = to.try_send(packet);
+    }
 }
 
 async fn recv_host(packets: &mut Option<mpsc::Receiver<Vec<u8>>>) -> Option<Vec<u8>> {
@@ -401,10 +410,14 @@ pub async fn run(
                 let now = Instant::now();
                 let mut sink = UdpSink { tx: &mut tx, host: host.device.is_some().then_some(&mut host.out) };
                 engine.handle_host_packet(&packet, now, &mut sink);
+                recycle(&host.recycle, packet);
                 // Whatever else is queued, in the same wake-up (bounded like the socket).
                 for _ in 1..RECV_BATCH {
                     match host.packets.as_mut().map(|rx| rx.try_recv()) {
-                        Some(Ok(packet)) => engine.handle_host_packet(&packet, now, &mut sink),
+                        Some(Ok(packet)) => {
+                            engine.handle_host_packet(&packet, now, &mut sink);
+                            recycle(&host.recycle, packet);
+                        }
                         _ => break,
                     }
                 }

@@ -357,5 +357,15 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("tunnels.supernet"), "{e}");
+        let e = Settings::parse(
+            "[tunnels]\nhandshakes_per_second = 0\n",
+            Path::new("e.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("e.toml: key `tunnels.handshakes_per_second`"),
+            "{e}"
+        );
     }
 }

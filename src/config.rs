@@ -160,6 +160,10 @@ pub struct TunnelSettings {
     /// Handshake initiations per second and tunnel answered with a handshake;
     /// above it, initiators get cookie replies (WireGuard's load defence).
     pub handshakes_per_second: u32,
+    /// Handshakes per second the whole process computes across all tunnels;
+    /// beyond it initiations are dropped before any Diffie-Hellman work, so a
+    /// storm cannot starve established flows of CPU.
+    pub handshake_budget_per_second: u32,
 }
 
 impl Default for ApiSettings {
@@ -181,6 +185,10 @@ impl Default for StateSettings {
     }
 }
 
+/// Handshakes per second for the whole process: about a third of one core at
+/// ~150 µs of Diffie-Hellman work each.
+pub const DEFAULT_HANDSHAKE_BUDGET: u32 = 2_000;
+
 impl Default for TunnelSettings {
     fn default() -> Self {
         Self {
@@ -193,6 +201,7 @@ impl Default for TunnelSettings {
             keepalive_secs: 0,
             liveness_timeout_secs: 60,
             handshakes_per_second: crate::core::engine::DEFAULT_HANDSHAKES_PER_SECOND,
+            handshake_budget_per_second: DEFAULT_HANDSHAKE_BUDGET,
         }
     }
 }
@@ -283,6 +292,12 @@ impl Settings {
         if t.liveness_timeout_secs == 0 {
             return Err(invalid(
                 "tunnels.liveness_timeout_secs",
+                "must be at least 1".into(),
+            ));
+        }
+        if t.handshake_budget_per_second == 0 {
+            return Err(invalid(
+                "tunnels.handshake_budget_per_second",
                 "must be at least 1".into(),
             ));
         }

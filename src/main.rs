@@ -139,6 +139,9 @@ struct RunArgs {
     /// Handshake initiations per second and tunnel answered before cookie replies.
     #[arg(long, env = "WGPLANE_HANDSHAKES_PER_SECOND")]
     handshakes_per_second: Option<u32>,
+    /// Handshakes per second the whole process computes, across all tunnels.
+    #[arg(long, env = "WGPLANE_HANDSHAKE_BUDGET_PER_SECOND")]
+    handshake_budget_per_second: Option<u32>,
     /// TUN mode: route the host into the tunnels through a kernel device.
     #[arg(long, env = "WGPLANE_TUN", num_args = 0..=1, default_missing_value = "true")]
     tun: Option<bool>,
@@ -254,6 +257,9 @@ fn settings(args: &RunArgs) -> Result<Settings> {
     }
     if let Some(v) = args.handshakes_per_second {
         s.tunnels.handshakes_per_second = v;
+    }
+    if let Some(v) = args.handshake_budget_per_second {
+        s.tunnels.handshake_budget_per_second = v;
     }
     if let Some(v) = args.tun {
         s.tun.enabled = v;
@@ -400,6 +406,7 @@ async fn run(settings: Settings) -> Result<()> {
         keepalive: (t.keepalive_secs > 0).then_some(t.keepalive_secs),
         liveness_timeout: Duration::from_secs(u64::from(t.liveness_timeout_secs)),
         handshakes_per_second: t.handshakes_per_second,
+        handshake_budget_per_second: t.handshake_budget_per_second,
     });
     let engine_events = runtime.subscribe();
     let mut restored = 0usize;

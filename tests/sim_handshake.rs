@@ -164,3 +164,40 @@ fn only_peers_that_speak_get_protocol_state() {
     assert!(sim.tunnels[a].engine.remove_peer(&key).is_some());
     assert_eq!(sim.tunnels[a].engine.active_peer_count(), 1);
 }
+
+#[test]
+fn the_process_wide_budget_caps_handshake_work_across_tunnels() {
+    use std::sync::Arc;
+    use wgplane::core::budget::HandshakeBudget;
+    use wgplane::core::engine::TunnelEngine;
+
+    // Two tunnels share a budget of 2 handshakes a second.
+    let mut sim = Sim::new();
+    let a = sim.tunnel(51820, "10.100.0.1");
+    let b = sim.tunnel(51821, "10.101.0.1");
+    let budget = Arc::new(HandshakeBudget::new(2));
+    for (t, server) in [(a, "10.100.0.1"), (b, "10.101.0.1")] {
+        let secret = sim.tunnels[t].secret.clone();
+        sim.tunnels[t].engine = TunnelEngine::new(secret, vec![sim::ip(server)])
+            .with_handshake_budget(Arc::clone(&budget));
+    }
+    let ra = sim.peer("ra", a, PeerKind::Router, &["10.100.1.1/32"]);
+    let rb = sim.peer("rb", b, PeerKind::Router, &["10.101.1.1/32"]);
+    let rc = sim.peer("rc", b, PeerKind::Router, &["10.101.1.2/32"]);
+    for p in [ra, rb, rc] {
+        sim.connect(p);
+    }
+    let handshakes = |sim: &Sim| {
+        sim.tunnels[a].engine.stats().handshakes + sim.tunnels[b].engine.stats().handshakes
+    };
+    assert_eq!(handshakes(&sim), 2);
+    assert_eq!(
+        sim.tunnels[b].engine.stats().dropped(DropReason::UnderLoad),
+        1,
+        "the third waits for budget, before any Diffie-Hellman"
+    );
+    // Half a second later one more token: the retry gets through.
+    sim.advance(std::time::Duration::from_millis(500));
+    sim.connect(rc);
+    assert_eq!(handshakes(&sim), 3);
+}

@@ -18,11 +18,12 @@ use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::x25519::{PublicKey, StaticSecret};
 use ipnet::IpNet;
 
+use super::budget::HandshakeBudget;
 use super::netstack::{ConnId, LocalStack, StackError};
 use super::packet;
 use super::peer::{
-    admit_initiation, identify_initiator, message_type, Decap, Encap, Initiator, Message, Peer,
-    PeerConfig, PeerStats,
+    admit_initiation, initiator_key, message_type, Decap, Encap, Message, Peer, PeerConfig,
+    PeerStats, Refusal,
 };
 use super::policy::{decide, DropReason, Egress, Origin, PeerId, RoutingState, Rule, Verdict};
 use super::table::PrefixTable;
@@ -238,6 +239,8 @@ pub struct TunnelEngine {
     public: PublicKey,
     rate_limiter: Arc<RateLimiter>,
     last_limiter_reset: Option<Instant>,
+    /// The process-wide handshake budget, shared by every tunnel; none: unbounded.
+    budget: Option<Arc<HandshakeBudget>>,
     liveness_timeout: Duration,
     peers: Peers,
     /// The peer last authenticated at each endpoint: a hint that lets a repeated
@@ -262,6 +265,7 @@ impl TunnelEngine {
             secret: Arc::new(secret),
             public,
             last_limiter_reset: None,
+            budget: None,
             liveness_timeout: super::peer::DEFAULT_LIVENESS_TIMEOUT,
             peers: Peers::default(),
             endpoints: HashMap::new(),
@@ -301,6 +305,14 @@ impl TunnelEngine {
     #[must_use]
     pub fn with_liveness_timeout(mut self, timeout: Duration) -> Self {
         self.liveness_timeout = timeout;
+        self
+    }
+
+    /// Shares the process-wide handshake budget: initiations beyond it are dropped
+    /// (`under_load`) before any Diffie-Hellman work.
+    #[must_use]
+    pub fn with_handshake_budget(mut self, budget: Arc<HandshakeBudget>) -> Self {
+        self.budget = Some(budget);
         self
     }
 
@@ -560,6 +572,7 @@ impl TunnelEngine {
             secret,
             public,
             rate_limiter,
+            budget,
             peers,
             endpoints,
             routing,
@@ -574,46 +587,46 @@ impl TunnelEngine {
         // An initiation from an endpoint a peer was last seen at goes to that
         // peer's `Tunn` directly; only if it carries another key is the sender
         // found by decrypting its key (one Diffie-Hellman more).
-        let hint = match message {
-            Message::Initiation => endpoints.get(&from).copied(),
-            _ => None,
-        };
-        if hint.is_some() {
-            // The same load accounting and cookie defence as the unhinted path.
+        if message == Message::Initiation {
+            // The tunnel's load defence (cookie replies), then the process-wide
+            // budget, both before any Diffie-Hellman work.
             match admit_initiation(rate_limiter, from.ip(), datagram, tx) {
                 Ok(()) => {}
-                Err(Initiator::Cookie(cookie)) => {
+                Err(Refusal::Cookie(cookie)) => {
                     stats.cookie_replies += 1;
                     stats.tx_datagrams += 1;
                     return sink.send(from, cookie);
                 }
-                Err(Initiator::Drop(reason)) => return stats.drop(reason),
-                Err(Initiator::Key(_)) => return stats.drop(DropReason::HandshakeFailed),
+                Err(Refusal::Drop(reason)) => return stats.drop(reason),
+            }
+            if budget.as_ref().is_some_and(|b| !b.take(now)) {
+                return stats.drop(DropReason::UnderLoad);
             }
         }
-        let identify = |tx: &mut [u8], peers: &Peers| -> Result<PeerId, Outcome> {
-            match identify_initiator(secret, public, rate_limiter, from.ip(), datagram, tx) {
-                Initiator::Key(key) => peers
-                    .by_key
-                    .get(&key)
-                    .copied()
-                    .ok_or(Outcome::Drop(DropReason::UnknownPeer)),
-                Initiator::Cookie(cookie) => Err(Outcome::Cookie(cookie.len())),
-                Initiator::Drop(reason) => Err(Outcome::Drop(reason)),
-            }
+        let hint = match message {
+            Message::Initiation => endpoints.get(&from).copied(),
+            _ => None,
+        };
+        let identify = |peers: &Peers| -> Result<PeerId, DropReason> {
+            let key = initiator_key(secret, public, datagram)?;
+            peers
+                .by_key
+                .get(&key)
+                .copied()
+                .ok_or(DropReason::UnknownPeer)
         };
         let found = match (message.peer_index(), hint) {
             (None, Some(id)) => Ok(id),
-            (None, None) => identify(tx, peers),
+            (None, None) => identify(peers),
             (Some(index), _) => peers
                 .by_index
                 .get(&index)
                 .copied()
-                .ok_or(Outcome::Drop(DropReason::UnknownIndex)),
+                .ok_or(DropReason::UnknownIndex),
         };
         let mut id = match found {
             Ok(id) => id,
-            Err(outcome) => return outcome.apply(from, tx, stats, sink),
+            Err(reason) => return stats.drop(reason),
         };
         if message == Message::Initiation {
             peers.activate(id);
@@ -623,9 +636,9 @@ impl TunnelEngine {
         };
         let mut decap = peer.decapsulate(from.ip(), datagram, rx);
         if matches!(decap, Decap::WrongPeer) && hint.is_some() {
-            id = match identify(tx, peers) {
+            id = match identify(peers) {
                 Ok(id) => id,
-                Err(outcome) => return outcome.apply(from, tx, stats, sink),
+                Err(reason) => return stats.drop(reason),
             };
             peers.activate(id);
             let Some(found) = peers.get_mut(id) else {
@@ -824,27 +837,6 @@ fn trim_events(events: &mut VecDeque<Event>, stats: &mut TunnelStats) {
     while events.len() > MAX_EVENTS {
         events.pop_front();
         stats.events_lost += 1;
-    }
-}
-
-/// Why a datagram's sender could not be found, or the answer instead of a peer.
-enum Outcome {
-    /// A cookie reply of this many bytes waits in the tx buffer.
-    Cookie(usize),
-    /// Dropped, counted under this reason.
-    Drop(DropReason),
-}
-
-impl Outcome {
-    fn apply(self, from: SocketAddr, tx: &[u8], stats: &mut TunnelStats, sink: &mut impl Sink) {
-        match self {
-            Outcome::Cookie(len) => {
-                stats.cookie_replies += 1;
-                stats.tx_datagrams += 1;
-                sink.send(from, &tx[..len]);
-            }
-            Outcome::Drop(reason) => stats.drop(reason),
-        }
     }
 }
 

@@ -5,6 +5,7 @@
 //! simulated peers and what the fuzz targets attack.
 
 pub mod alloc;
+pub mod budget;
 pub mod engine;
 pub mod harness;
 pub mod netstack;

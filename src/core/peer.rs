@@ -315,53 +315,45 @@ impl Message {
     }
 }
 
-/// Who sent a handshake initiation to a tunnel.
-pub enum Initiator<'a> {
-    /// The initiator's static public key, to look the peer up with.
-    Key([u8; 32]),
+/// Why a handshake initiation gets no Diffie-Hellman work.
+pub enum Refusal<'a> {
     /// The tunnel is under load: send this cookie reply back, and stop.
     Cookie(&'a [u8]),
     /// Not a valid initiation for this tunnel.
     Drop(DropReason),
 }
 
-/// Verifies MAC1 (and MAC2 under load) of an initiation and decrypts the initiator's
-/// static key with the tunnel's key. `out` receives a cookie reply if one is due.
-pub fn identify_initiator<'a>(
+/// Decrypts an initiation's static key with the tunnel's key (one Diffie-Hellman),
+/// to find the peer it claims to be. Run [`admit_initiation`] first.
+pub fn initiator_key(
     secret: &StaticSecret,
     public: &PublicKey,
-    rate_limiter: &RateLimiter,
-    from: IpAddr,
     datagram: &[u8],
-    out: &'a mut [u8],
-) -> Initiator<'a> {
+) -> Result<[u8; 32], DropReason> {
     use boringtun::noise::handshake::parse_handshake_anon;
     use boringtun::noise::Packet;
-    match rate_limiter.verify_packet(Some(from), datagram, out) {
-        Ok(Packet::HandshakeInit(init)) => match parse_handshake_anon(secret, public, &init) {
-            Ok(half) => Initiator::Key(half.peer_static_public),
-            Err(_) => Initiator::Drop(DropReason::HandshakeFailed),
-        },
-        Ok(_) => Initiator::Drop(DropReason::InvalidDatagram),
-        Err(TunnResult::WriteToNetwork(cookie)) => Initiator::Cookie(cookie),
-        Err(TunnResult::Err(e)) => Initiator::Drop(drop_reason(&e)),
-        Err(_) => Initiator::Drop(DropReason::HandshakeFailed),
+    match Tunn::parse_incoming_packet(datagram) {
+        Ok(Packet::HandshakeInit(init)) => parse_handshake_anon(secret, public, &init)
+            .map(|half| half.peer_static_public)
+            .map_err(|_| DropReason::HandshakeFailed),
+        Ok(_) => Err(DropReason::InvalidDatagram),
+        Err(e) => Err(drop_reason(&e)),
     }
 }
 
-/// The tunnel's load check for an initiation whose sender is already known (an
-/// endpoint hint): MAC1, and under load MAC2 or a cookie reply in `out`.
+/// The tunnel's load check for an initiation, before any Diffie-Hellman: MAC1,
+/// and under load MAC2 or a cookie reply in `out`.
 pub fn admit_initiation<'a>(
     rate_limiter: &RateLimiter,
     from: IpAddr,
     datagram: &[u8],
     out: &'a mut [u8],
-) -> Result<(), Initiator<'a>> {
+) -> Result<(), Refusal<'a>> {
     match rate_limiter.verify_packet(Some(from), datagram, out) {
         Ok(_) => Ok(()),
-        Err(TunnResult::WriteToNetwork(cookie)) => Err(Initiator::Cookie(cookie)),
-        Err(TunnResult::Err(e)) => Err(Initiator::Drop(drop_reason(&e))),
-        Err(_) => Err(Initiator::Drop(DropReason::HandshakeFailed)),
+        Err(TunnResult::WriteToNetwork(cookie)) => Err(Refusal::Cookie(cookie)),
+        Err(TunnResult::Err(e)) => Err(Refusal::Drop(drop_reason(&e))),
+        Err(_) => Err(Refusal::Drop(DropReason::HandshakeFailed)),
     }
 }
 

@@ -15,6 +15,7 @@ use super::forward::{self, Forward};
 use super::tun::HostDevice;
 use super::tunnel::{self, Command, HostLink, TaggedEvent, TunnelSnapshot};
 use crate::control::{Id, Tenant};
+use crate::core::budget::HandshakeBudget;
 use crate::core::engine::{EgressConfig, EngineError, Explanation, TunnelEngine};
 
 /// Events from every tunnel.
@@ -88,6 +89,8 @@ pub struct RuntimeSettings {
     pub liveness_timeout: std::time::Duration,
     /// Handshake initiations per second and tunnel answered before cookie replies.
     pub handshakes_per_second: u32,
+    /// Handshakes per second the whole process computes, across all tunnels.
+    pub handshake_budget_per_second: u32,
     /// TUN mode: the host device. Without it, each tunnel's server address is
     /// served by the userspace stack.
     pub host: Option<Arc<HostDevice>>,
@@ -96,6 +99,8 @@ pub struct RuntimeSettings {
 /// The running tunnels.
 pub struct Runtime {
     settings: RuntimeSettings,
+    /// Shared by every tunnel's engine.
+    budget: Arc<HandshakeBudget>,
     tunnels: HashMap<Id, Handle>,
     events: broadcast::Sender<TunnelEvent>,
 }
@@ -105,6 +110,7 @@ impl Runtime {
     pub fn new(settings: RuntimeSettings) -> Self {
         let (events, _) = broadcast::channel(1024);
         Self {
+            budget: Arc::new(HandshakeBudget::new(settings.handshake_budget_per_second)),
             settings,
             tunnels: HashMap::new(),
             events,
@@ -142,7 +148,8 @@ impl Runtime {
         }
         let mut engine = TunnelEngine::new(tenant.secret.secret().clone(), own)
             .with_liveness_timeout(self.settings.liveness_timeout)
-            .with_handshake_limit(self.settings.handshakes_per_second);
+            .with_handshake_limit(self.settings.handshakes_per_second)
+            .with_handshake_budget(Arc::clone(&self.budget));
         let mut link = HostLink::default();
         let mut host_packets = None;
         match &self.settings.host {

@@ -1,9 +1,15 @@
 //! The data plane of one tenant tunnel, sans IO.
 //!
-//! A [`TunnelEngine`] owns the tunnel's static key, its peers (one boringtun `Tunn`
-//! each), its routing state and its counters. Inputs are `handle_*` calls that carry
-//! `now`; datagrams to send and packets for the host leave through a caller-provided
-//! [`Sink`]; connection events are drained with [`TunnelEngine::poll_event`].
+//! A [`TunnelEngine`] owns the tunnel's static key, its peers (each with a boringtun
+//! `Tunn` once it has spoken), its routing state and its counters. Inputs are
+//! `handle_*` calls that carry `now`; datagrams to send and packets for the host
+//! leave through a caller-provided [`Sink`]; connection events are drained with
+//! [`TunnelEngine::poll_event`].
+//!
+//! Cost follows activity: datagrams are found by receiver index in O(1), a repeated
+//! initiation by its endpoint, a new one by decrypting its key; handshakes pass the
+//! tunnel's cookie check and the process-wide [`HandshakeBudget`] before any
+//! Diffie-Hellman; timers visit only peers with protocol state.
 //!
 //! One engine serves exactly one tunnel, so no lookup can ever reach another tenant:
 //! isolation holds by construction. The engine opens no socket, spawns nothing and
@@ -584,9 +590,6 @@ impl TunnelEngine {
             ..
         } = self;
 
-        // An initiation from an endpoint a peer was last seen at goes to that
-        // peer's `Tunn` directly; only if it carries another key is the sender
-        // found by decrypting its key (one Diffie-Hellman more).
         if message == Message::Initiation {
             // The tunnel's load defence (cookie replies), then the process-wide
             // budget, both before any Diffie-Hellman work.
@@ -603,6 +606,9 @@ impl TunnelEngine {
                 return stats.drop(DropReason::UnderLoad);
             }
         }
+        // An initiation from an endpoint a peer was last seen at goes to that
+        // peer's `Tunn` directly; only if it carries another key is the sender
+        // found by decrypting its key (one Diffie-Hellman more).
         let hint = match message {
             Message::Initiation => endpoints.get(&from).copied(),
             _ => None,

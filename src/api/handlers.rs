@@ -20,10 +20,11 @@ use crate::control::model::{
     ClientRequest, EgressRequest, ForwardRequest, RouterRequest, TenantRequest,
 };
 use crate::control::registry::Put;
-use crate::control::{render, Id, Tenant};
+use crate::control::{render, Client, Id, Router, Tenant};
 use crate::core::engine::ExplainVerdict;
 use crate::core::policy::Rule;
 use crate::store::Change;
+use boringtun::x25519::PublicKey;
 
 type Shared = State<Arc<AppState>>;
 type ApiResult = Result<Response, ApiError>;
@@ -47,6 +48,14 @@ async fn statuses(control: &Control, id: &Id) -> Statuses {
             .map(|p| (p.public_key, p))
             .collect(),
         Err(_) => Statuses::new(),
+    }
+}
+
+/// One peer's status, as a one-entry [`Statuses`] for the views.
+async fn peer_status(control: &Control, id: &Id, key: &PublicKey) -> Statuses {
+    match control.runtime.peer_status(id, *key.as_bytes()).await {
+        Ok(Some(status)) => Statuses::from([(status.public_key, status)]),
+        _ => Statuses::new(),
     }
 }
 
@@ -80,13 +89,36 @@ async fn ensure_tenant(
     Ok(put)
 }
 
+/// What a change to a tenant puts back if it cannot be stored.
+enum Before {
+    /// The whole tenant (none: it did not exist; its tunnel is stopped).
+    Tenant(Option<Tenant>),
+    /// One router of an existing tenant (none: it did not exist). Saving one peer
+    /// instead of the tenant keeps a peer change O(log n) in the tenant's size.
+    Router { id: Id, before: Option<Router> },
+    /// One client of an existing tenant, likewise.
+    Client { id: Id, before: Option<Client> },
+}
+
+impl From<Option<Tenant>> for Before {
+    fn from(before: Option<Tenant>) -> Self {
+        Self::Tenant(before)
+    }
+}
+
 /// Undoes a change to tenant `id`: the registry goes back to `before`, and a tunnel
 /// started for a tenant that did not exist before is stopped.
-async fn undo(control: &mut Control, id: &Id, before: Option<Tenant>) {
-    if before.is_none() {
-        control.runtime.stop(id).await;
+async fn undo(control: &mut Control, id: &Id, before: impl Into<Before>) {
+    match before.into() {
+        Before::Tenant(before) => {
+            if before.is_none() {
+                control.runtime.stop(id).await;
+            }
+            control.registry.reinstate(id, before);
+        }
+        Before::Router { id: r, before } => control.registry.reinstate_router(id, &r, before),
+        Before::Client { id: c, before } => control.registry.reinstate_client(id, &c, before),
     }
-    control.registry.reinstate(id, before);
 }
 
 /// Makes the registry's change durable in one transaction (`$changes`, computed
@@ -251,7 +283,7 @@ fn find_router<'a>(
 
 async fn router_answer(control: &Control, t: &Id, r: &Id, status: StatusCode) -> ApiResult {
     let (tenant, router) = find_router(control, t, r)?;
-    let st = statuses(control, t).await;
+    let st = peer_status(control, t, &router.public_key).await;
     let view = RouterView::new(tenant, router, &st, Instant::now(), SystemTime::now());
     Ok((status, Json(view)).into_response())
 }
@@ -271,7 +303,19 @@ pub async fn put_router(
 ) -> ApiResult {
     let (t, r) = (tenant_id(&t)?, Id::parse(&r, "router_id")?);
     let mut control = state.control.lock().await;
-    let before = control.registry.tenant(&t).ok().cloned();
+    let before = match control.registry.tenant(&t) {
+        Ok(tenant) => Before::Router {
+            id: r.clone(),
+            before: tenant.routers.get(&r).cloned(),
+        },
+        Err(_) => Before::Tenant(None),
+    };
+    let old_key = match &before {
+        Before::Router {
+            before: Some(old), ..
+        } => Some(old.public_key),
+        _ => None,
+    };
     let created_tenant = ensure_tenant(&mut control, &t, &TenantRequest::default()).await?;
     let put = match control.registry.put_router(&t, &r, &req) {
         Ok(put) => put,
@@ -287,7 +331,13 @@ pub async fn put_router(
         }
         changes
     });
-    sync(&mut control, &t).await?;
+    let (tenant, router) = find_router(&control, &t, &r)?;
+    if created_tenant == Put::Created || old_key.is_some_and(|k| k != router.public_key) {
+        // A new tunnel, or a key that replaces another: the whole peer set.
+        sync(&mut control, &t).await?;
+    } else {
+        control.runtime.upsert_router(tenant, router).await?;
+    }
     apply_forwards(&mut control, &t, &r).await?;
     router_answer(&control, &t, &r, status_of(put)).await
 }
@@ -547,7 +597,12 @@ pub async fn put_client(
 ) -> ApiResult {
     let (t, c) = (tenant_id(&t)?, Id::parse(&c, "client_id")?);
     let mut control = state.control.lock().await;
-    let before = control.registry.tenant(&t).ok().cloned();
+    let previous = control.registry.tenant(&t)?.clients.get(&c).cloned();
+    let old_key = previous.as_ref().map(|old| old.public_key);
+    let before = Before::Client {
+        id: c.clone(),
+        before: previous,
+    };
     let put = control.registry.put_client(&t, &c, &req)?;
     persist!(control, &t, before, |reg| {
         reg.tenant(&t)
@@ -556,9 +611,14 @@ pub async fn put_client(
             .map(|client| vec![Change::Client(&t, client)])
             .unwrap_or_default()
     });
-    sync(&mut control, &t).await?;
     let (tenant, client) = find_client(&control, &t, &c)?;
-    let st = statuses(&control, &t).await;
+    if old_key.is_some_and(|k| k != client.public_key) {
+        sync(&mut control, &t).await?;
+    } else {
+        control.runtime.upsert_client(tenant, client).await?;
+    }
+    let (tenant, client) = find_client(&control, &t, &c)?;
+    let st = peer_status(&control, &t, &client.public_key).await;
     let mut view = ClientView::new(client, &st, Instant::now(), SystemTime::now());
     view.config = Some(render::client_config(tenant, client, &state.public_host));
     Ok((status_of(put), Json(view)).into_response())

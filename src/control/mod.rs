@@ -7,6 +7,7 @@
 
 pub mod error;
 pub mod model;
+pub mod occupancy;
 pub mod registry;
 pub mod render;
 

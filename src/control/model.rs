@@ -81,6 +81,24 @@ pub struct Router {
     pub forwards: BTreeMap<u16, std::net::SocketAddr>,
 }
 
+impl Router {
+    /// The router as the data plane needs it: its /32 and prefixes behind it.
+    pub fn peer_config(&self, keepalive: Option<u16>) -> (PeerConfig, u32) {
+        let mut allowed = vec![IpNet::V4(Ipv4Net::from(self.vpn_ip))];
+        allowed.extend(self.extra_prefixes.iter().copied());
+        (
+            PeerConfig {
+                public_key: self.public_key,
+                allowed,
+                keepalive,
+                kind: PeerKind::Router,
+                endpoint: None,
+            },
+            self.index,
+        )
+    }
+}
+
 /// An end-user device of a tenant's egress pool.
 #[derive(Debug, Clone)]
 pub struct Client {
@@ -91,6 +109,22 @@ pub struct Client {
     pub vpn_ip: Ipv4Addr,
     pub dns: Vec<IpAddr>,
     pub index: u32,
+}
+
+impl Client {
+    /// The client as the data plane needs it: its /32.
+    pub fn peer_config(&self, keepalive: Option<u16>) -> (PeerConfig, u32) {
+        (
+            PeerConfig {
+                public_key: self.public_key,
+                allowed: vec![IpNet::V4(Ipv4Net::from(self.vpn_ip))],
+                keepalive,
+                kind: PeerKind::Client,
+                endpoint: None,
+            },
+            self.index,
+        )
+    }
 }
 
 /// KTN egress: a client pool and its gateways, primary first.
@@ -111,59 +145,10 @@ impl Tenant {
         crate::core::alloc::server_address_v6(self.subnet)
     }
 
-    /// Every address a peer of this tenant uses.
-    pub fn used_addresses(&self) -> std::collections::HashSet<IpAddr> {
-        self.routers
-            .values()
-            .map(|r| IpAddr::V4(r.vpn_ip))
-            .chain(self.clients.values().map(|c| IpAddr::V4(c.vpn_ip)))
-            .chain([IpAddr::V4(self.server_ip())])
-            .collect()
-    }
-
-    /// Who in this tunnel uses `key`, if anyone (other than `except`).
-    pub fn key_owner(&self, key: &PublicKey, except: Option<&Id>) -> Option<String> {
-        let r = self
-            .routers
-            .values()
-            .find(|r| r.public_key == *key && Some(&r.id) != except)
-            .map(|r| format!("router {}", r.id));
-        r.or_else(|| {
-            self.clients
-                .values()
-                .find(|c| c.public_key == *key && Some(&c.id) != except)
-                .map(|c| format!("client {}", c.id))
-        })
-    }
-
     /// The peer set of this tunnel, as the data plane needs it.
     pub fn peer_configs(&self, keepalive: Option<u16>) -> Vec<(PeerConfig, u32)> {
-        let routers = self.routers.values().map(|r| {
-            let mut allowed = vec![IpNet::V4(Ipv4Net::from(r.vpn_ip))];
-            allowed.extend(r.extra_prefixes.iter().copied());
-            (
-                PeerConfig {
-                    public_key: r.public_key,
-                    allowed,
-                    keepalive,
-                    kind: PeerKind::Router,
-                    endpoint: None,
-                },
-                r.index,
-            )
-        });
-        let clients = self.clients.values().map(|c| {
-            (
-                PeerConfig {
-                    public_key: c.public_key,
-                    allowed: vec![IpNet::V4(Ipv4Net::from(c.vpn_ip))],
-                    keepalive,
-                    kind: PeerKind::Client,
-                    endpoint: None,
-                },
-                c.index,
-            )
-        });
+        let routers = self.routers.values().map(|r| r.peer_config(keepalive));
+        let clients = self.clients.values().map(|c| c.peer_config(keepalive));
         routers.chain(clients).collect()
     }
 }

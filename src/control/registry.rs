@@ -3,7 +3,7 @@
 //! Mutations validate and allocate, then apply all-or-nothing: a refused request
 //! leaves the registry exactly as it was. Wall-clock time comes in as an argument.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::SystemTime;
 
@@ -15,6 +15,7 @@ use super::model::{
     Client, ClientRequest, EgressPolicy, EgressRequest, Id, Router, RouterRequest, Tenant,
     TenantRequest,
 };
+use super::occupancy::Occupancy;
 use crate::core::alloc::{self, IndexAllocator};
 use crate::keys::{self, SecretKey};
 
@@ -41,6 +42,9 @@ pub struct Registry {
     policy: AllocPolicy,
     tenants: BTreeMap<Id, Tenant>,
     indices: IndexAllocator,
+    /// Per tenant, its peers' addresses and keys; rebuilt from the tenant when
+    /// missing, dropped whenever a tenant is replaced wholesale.
+    occupancy: HashMap<Id, Occupancy>,
 }
 
 impl Registry {
@@ -50,6 +54,7 @@ impl Registry {
             policy,
             tenants: BTreeMap::new(),
             indices: IndexAllocator::new(index_seed),
+            occupancy: HashMap::new(),
         }
     }
 
@@ -74,6 +79,7 @@ impl Registry {
                     )));
                 }
             }
+            r.occupancy.insert(t.id.clone(), Occupancy::of(&t));
             r.tenants.insert(t.id.clone(), t);
         }
         Ok(r)
@@ -81,6 +87,7 @@ impl Registry {
 
     /// Puts a tenant back as it was before a change that could not be stored.
     pub fn reinstate(&mut self, id: &Id, before: Option<Tenant>) {
+        self.occupancy.remove(id);
         match before {
             Some(t) => {
                 self.tenants.insert(id.clone(), t);
@@ -88,6 +95,43 @@ impl Registry {
             None => {
                 self.tenants.remove(id);
             }
+        }
+    }
+
+    /// Puts one router back as it was before a change that could not be stored
+    /// (none: it did not exist, and its receiver index is freed again).
+    pub fn reinstate_router(&mut self, tenant: &Id, id: &Id, before: Option<Router>) {
+        self.occupancy.remove(tenant);
+        let Some(t) = self.tenants.get_mut(tenant) else {
+            return;
+        };
+        let created = match before {
+            Some(r) => {
+                t.routers.insert(id.clone(), r);
+                None
+            }
+            None => t.routers.remove(id),
+        };
+        if let Some(r) = created {
+            self.indices.free(r.index);
+        }
+    }
+
+    /// Like [`Self::reinstate_router`], for a client.
+    pub fn reinstate_client(&mut self, tenant: &Id, id: &Id, before: Option<Client>) {
+        self.occupancy.remove(tenant);
+        let Some(t) = self.tenants.get_mut(tenant) else {
+            return;
+        };
+        let created = match before {
+            Some(c) => {
+                t.clients.insert(id.clone(), c);
+                None
+            }
+            None => t.clients.remove(id),
+        };
+        if let Some(c) = created {
+            self.indices.free(c.index);
         }
     }
 
@@ -264,6 +308,7 @@ impl Registry {
             .tenants
             .remove(id)
             .ok_or_else(|| ControlError::NoTenant(id.to_string()))?;
+        self.occupancy.remove(id);
         for i in t.routers.values().map(|r| r.index) {
             self.indices.free(i);
         }
@@ -282,27 +327,37 @@ impl Registry {
         id: &Id,
         req: &RouterRequest,
     ) -> Result<Put, ControlError> {
-        let tenant = self.tenant(tenant_id)?;
+        let tenant = self
+            .tenants
+            .get(tenant_id)
+            .ok_or_else(|| ControlError::NoTenant(tenant_id.to_string()))?;
+        let occupancy = self
+            .occupancy
+            .entry(tenant_id.clone())
+            .or_insert_with(|| Occupancy::of(tenant));
         let existing = tenant.routers.get(id);
         let (public_key, private_key) = resolve_key(
             req.public_key.as_deref(),
             existing.map(|r| (r.public_key, &r.private_key)),
         )?;
-        if let Some(owner) = tenant.key_owner(&public_key, Some(id)) {
+        if let Some(owner) = occupancy.key_owner(&public_key, Some(id)) {
             return Err(ControlError::DuplicateKey { owner });
         }
-        let mut used = tenant.used_addresses();
-        if let Some(r) = existing {
-            used.remove(&IpAddr::V4(r.vpn_ip));
-        }
+        let server = tenant.server_ip();
+        let own = existing.map(|r| r.vpn_ip);
         let vpn_ip = match (req.vpn_ip.as_deref(), existing) {
             (Some(text), _) => {
                 let ip = parse_v4(text, "vpn_ip")?;
-                check_address(tenant.subnet, ip, &used, "vpn_ip")?;
+                let taken = ip == server || (occupancy.holds(ip) && Some(ip) != own);
+                check_address(tenant.subnet, ip, taken, "vpn_ip")?;
                 ip
             }
             (None, Some(r)) => r.vpn_ip,
-            (None, None) => alloc::next_router_address(tenant.subnet, &used)?,
+            (None, None) => occupancy.next_free(
+                tenant.subnet,
+                alloc::router_range_start(tenant.subnet),
+                server,
+            )?,
         };
         let extra_prefixes = match (&req.allowed_ips, existing) {
             (Some(list), _) => {
@@ -347,11 +402,17 @@ impl Registry {
             forwards,
         };
         let tenant = self.tenant_mut(tenant_id)?;
-        let put = match tenant.routers.insert(id.clone(), router) {
+        let previous = tenant.routers.insert(id.clone(), router);
+        if let Some(occupancy) = self.occupancy.get_mut(tenant_id) {
+            if let Some(old) = &previous {
+                occupancy.remove(old.vpn_ip, &old.public_key);
+            }
+            occupancy.add_router(id, vpn_ip, &public_key);
+        }
+        Ok(match previous {
             Some(_) => Put::Updated,
             None => Put::Created,
-        };
-        Ok(put)
+        })
     }
 
     /// An extra prefix may not cover the tenant's subnet, its pool, or another
@@ -406,6 +467,9 @@ impl Registry {
             .remove(id)
             .ok_or_else(|| ControlError::NoRouter(id.to_string()))?;
         self.indices.free(r.index);
+        if let Some(occupancy) = self.occupancy.get_mut(tenant_id) {
+            occupancy.remove(r.vpn_ip, &r.public_key);
+        }
         Ok(r)
     }
 
@@ -557,30 +621,37 @@ impl Registry {
         id: &Id,
         req: &ClientRequest,
     ) -> Result<Put, ControlError> {
-        let tenant = self.tenant(tenant_id)?;
+        let tenant = self
+            .tenants
+            .get(tenant_id)
+            .ok_or_else(|| ControlError::NoTenant(tenant_id.to_string()))?;
         let Some(egress) = &tenant.egress else {
             return Err(ControlError::NoEgress);
         };
+        let occupancy = self
+            .occupancy
+            .entry(tenant_id.clone())
+            .or_insert_with(|| Occupancy::of(tenant));
         let existing = tenant.clients.get(id);
         let (public_key, private_key) = resolve_key(
             req.public_key.as_deref(),
             existing.map(|c| (c.public_key, &c.private_key)),
         )?;
-        if let Some(owner) = tenant.key_owner(&public_key, Some(id)) {
+        if let Some(owner) = occupancy.key_owner(&public_key, Some(id)) {
             return Err(ControlError::DuplicateKey { owner });
         }
-        let mut used = tenant.used_addresses();
-        if let Some(c) = existing {
-            used.remove(&IpAddr::V4(c.vpn_ip));
-        }
+        let server = tenant.server_ip();
+        let own = existing.map(|c| c.vpn_ip);
         let vpn_ip = match (req.vpn_ip.as_deref(), existing) {
             (Some(text), _) => {
                 let ip = parse_v4(text, "vpn_ip")?;
-                check_address(egress.pool, ip, &used, "vpn_ip")?;
+                let taken = ip == server || (occupancy.holds(ip) && Some(ip) != own);
+                check_address(egress.pool, ip, taken, "vpn_ip")?;
                 ip
             }
             (None, Some(c)) => c.vpn_ip,
-            (None, None) => alloc::next_pool_address(egress.pool, &used)?,
+            // .1 of the pool stays free for the gateway side.
+            (None, None) => occupancy.next_free(egress.pool, 2, server)?,
         };
         let dns = match (&req.dns, existing) {
             (Some(list), _) => list
@@ -613,7 +684,14 @@ impl Registry {
             index,
         };
         let tenant = self.tenant_mut(tenant_id)?;
-        Ok(match tenant.clients.insert(id.clone(), client) {
+        let previous = tenant.clients.insert(id.clone(), client);
+        if let Some(occupancy) = self.occupancy.get_mut(tenant_id) {
+            if let Some(old) = &previous {
+                occupancy.remove(old.vpn_ip, &old.public_key);
+            }
+            occupancy.add_client(id, vpn_ip, &public_key);
+        }
+        Ok(match previous {
             Some(_) => Put::Updated,
             None => Put::Created,
         })
@@ -627,6 +705,9 @@ impl Registry {
             .remove(id)
             .ok_or_else(|| ControlError::NoClient(id.to_string()))?;
         self.indices.free(c.index);
+        if let Some(occupancy) = self.occupancy.get_mut(tenant_id) {
+            occupancy.remove(c.vpn_ip, &c.public_key);
+        }
         Ok(c)
     }
 }
@@ -659,7 +740,7 @@ fn resolve_key(
 fn check_address(
     range: Ipv4Net,
     ip: Ipv4Addr,
-    used: &std::collections::HashSet<IpAddr>,
+    taken: bool,
     field: &'static str,
 ) -> Result<(), ControlError> {
     let addr = IpNet::V4(Ipv4Net::from(ip));
@@ -677,7 +758,7 @@ fn check_address(
             reason: "network, broadcast or server address",
         });
     }
-    if used.contains(&IpAddr::V4(ip)) {
+    if taken {
         return Err(ControlError::AddressUnavailable {
             field,
             addr,
@@ -764,6 +845,63 @@ mod tests {
             ("wg0", "wg1")
         );
         assert_eq!(a.server_ip(), Ipv4Addr::new(10, 100, 0, 1));
+    }
+
+    #[test]
+    fn undoing_one_router_frees_its_address_and_key() {
+        let mut r = registry();
+        r.put_tenant(&id("a"), &Default::default(), now()).unwrap();
+        r.put_router(&id("a"), &id("r1"), &Default::default())
+            .unwrap();
+        let r1 = r.tenant(&id("a")).unwrap().routers[&id("r1")].clone();
+        // r2 is created, then its store write "fails" and it is undone.
+        r.put_router(&id("a"), &id("r2"), &Default::default())
+            .unwrap();
+        let r2 = r.tenant(&id("a")).unwrap().routers[&id("r2")].clone();
+        assert_eq!(r2.vpn_ip, Ipv4Addr::new(10, 100, 1, 2));
+        r.reinstate_router(&id("a"), &id("r2"), None);
+        assert!(!r.tenant(&id("a")).unwrap().routers.contains_key(&id("r2")));
+        // Its address and key are free again; r1's are not.
+        let reuse = RouterRequest {
+            public_key: Some(keys::encode(r2.public_key.as_bytes())),
+            ..Default::default()
+        };
+        r.put_router(&id("a"), &id("r3"), &reuse).unwrap();
+        let r3 = &r.tenant(&id("a")).unwrap().routers[&id("r3")];
+        assert_eq!(r3.vpn_ip, r2.vpn_ip);
+        let dup = RouterRequest {
+            public_key: Some(keys::encode(r1.public_key.as_bytes())),
+            ..Default::default()
+        };
+        assert!(matches!(
+            r.put_router(&id("a"), &id("r4"), &dup),
+            Err(ControlError::DuplicateKey { .. })
+        ));
+        // An update undone puts the old router back, address and key included.
+        let moved = RouterRequest {
+            vpn_ip: Some("10.100.1.9".into()),
+            ..Default::default()
+        };
+        r.put_router(&id("a"), &id("r1"), &moved).unwrap();
+        r.reinstate_router(&id("a"), &id("r1"), Some(r1.clone()));
+        let back = RouterRequest {
+            vpn_ip: Some("10.100.1.9".into()),
+            ..Default::default()
+        };
+        r.put_router(&id("a"), &id("r5"), &back).unwrap();
+        let taken = RouterRequest {
+            vpn_ip: Some("10.100.1.1".into()),
+            ..Default::default()
+        };
+        assert!(r.put_router(&id("a"), &id("r6"), &taken).is_err());
+        // Deleting frees the address for the next allocation.
+        r.delete_router(&id("a"), &id("r1")).unwrap();
+        r.put_router(&id("a"), &id("r7"), &Default::default())
+            .unwrap();
+        assert_eq!(
+            r.tenant(&id("a")).unwrap().routers[&id("r7")].vpn_ip,
+            Ipv4Addr::new(10, 100, 1, 1)
+        );
     }
 
     #[test]

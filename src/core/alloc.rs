@@ -162,14 +162,24 @@ pub fn next_pool_address(pool: Ipv4Net, used: &HashSet<IpAddr>) -> Result<Ipv4Ad
 }
 
 fn next_host(net: Ipv4Net, start: u32, used: &HashSet<IpAddr>) -> Result<Ipv4Addr, AllocError> {
+    next_host_where(net, start, |a| used.contains(&IpAddr::V4(a))).map(|(a, _)| a)
+}
+
+/// The first address of `net` at or after host number `start` that does not end
+/// in .0 or .255 and is not `taken`, with its host number.
+pub fn next_host_where(
+    net: Ipv4Net,
+    start: u32,
+    taken: impl Fn(Ipv4Addr) -> bool,
+) -> Result<(Ipv4Addr, u32), AllocError> {
     let size = 1u64 << (32 - net.prefix_len());
     // The last address is the broadcast address of the subnet.
     let end = size.saturating_sub(1);
     (u64::from(start)..end)
-        .map(|i| nth(net, i as u32))
-        .find(|a| {
+        .map(|i| (nth(net, i as u32), i as u32))
+        .find(|(a, _)| {
             let last = a.octets()[3];
-            last != 0 && last != 255 && !used.contains(&IpAddr::V4(*a))
+            last != 0 && last != 255 && !taken(*a)
         })
         .ok_or(AllocError::AddressesExhausted {
             range: IpNet::V4(net),

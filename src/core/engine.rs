@@ -372,16 +372,13 @@ impl TunnelEngine {
 
     /// Status of every peer.
     pub fn peer_statuses(&self, now: Instant) -> Vec<PeerStatus> {
-        self.peers
-            .iter()
-            .map(|p| PeerStatus {
-                public_key: *p.public_key().as_bytes(),
-                endpoint: p.endpoint,
-                last_handshake: p.last_handshake,
-                live: p.is_live(now),
-                stats: p.stats,
-            })
-            .collect()
+        self.peers.iter().map(|p| status_of(p, now)).collect()
+    }
+
+    /// One peer's status, by key.
+    pub fn peer_status(&self, key: &[u8; 32], now: Instant) -> Option<PeerStatus> {
+        let id = self.peers.by_key.get(key)?;
+        self.peers.get(*id).map(|p| status_of(p, now))
     }
 
     /// What would happen to a packet from `src` to `dst`, as if sent by the peer that
@@ -843,6 +840,16 @@ fn trim_events(events: &mut VecDeque<Event>, stats: &mut TunnelStats) {
     while events.len() > MAX_EVENTS {
         events.pop_front();
         stats.events_lost += 1;
+    }
+}
+
+fn status_of(p: &Peer, now: Instant) -> PeerStatus {
+    PeerStatus {
+        public_key: *p.public_key().as_bytes(),
+        endpoint: p.endpoint,
+        last_handshake: p.last_handshake,
+        live: p.is_live(now),
+        stats: p.stats,
     }
 }
 

@@ -14,9 +14,11 @@ use tokio::task::JoinHandle;
 use super::forward::{self, Forward};
 use super::tun::HostDevice;
 use super::tunnel::{self, Command, HostLink, TaggedEvent, TunnelSnapshot};
+use crate::control::model::{Client, Router};
 use crate::control::{Id, Tenant};
 use crate::core::budget::HandshakeBudget;
-use crate::core::engine::{EgressConfig, EngineError, Explanation, TunnelEngine};
+use crate::core::engine::{EgressConfig, EngineError, Explanation, PeerStatus, TunnelEngine};
+use crate::core::peer::PeerConfig;
 
 /// Events from every tunnel.
 pub type TunnelEvent = TaggedEvent;
@@ -276,19 +278,7 @@ impl Runtime {
     /// Pushes the tenant's current peers and egress policy to its task.
     pub async fn sync(&mut self, tenant: &Tenant) -> Result<(), RuntimeError> {
         let peers = tenant.peer_configs(self.settings.keepalive);
-        let egress = tenant
-            .egress
-            .iter()
-            .map(|e| EgressConfig {
-                pool: ipnet::IpNet::V4(e.pool),
-                gateways: e
-                    .gateways
-                    .iter()
-                    .filter_map(|g| tenant.routers.get(g))
-                    .map(|r| *r.public_key.as_bytes())
-                    .collect(),
-            })
-            .collect();
+        let egress = egress_configs(tenant);
         self.sync_pools(tenant).await?;
         let (reply, rx) = oneshot::channel();
         self.ask(
@@ -345,6 +335,58 @@ impl Runtime {
     }
 
     /// Peer statuses and counters of one tunnel.
+    /// Adds or updates one peer of a running tunnel whose key did not change
+    /// (a new router or client, or new addresses for one): O(log n) in the
+    /// tunnel's peers, where [`Self::sync`] re-sends all of them.
+    pub async fn upsert_router(
+        &self,
+        tenant: &Tenant,
+        router: &Router,
+    ) -> Result<(), RuntimeError> {
+        self.upsert_peer(tenant, router.peer_config(self.settings.keepalive))
+            .await
+    }
+
+    /// Like [`Self::upsert_router`], for a client.
+    pub async fn upsert_client(
+        &self,
+        tenant: &Tenant,
+        client: &Client,
+    ) -> Result<(), RuntimeError> {
+        self.upsert_peer(tenant, client.peer_config(self.settings.keepalive))
+            .await
+    }
+
+    async fn upsert_peer(
+        &self,
+        tenant: &Tenant,
+        peer: (PeerConfig, u32),
+    ) -> Result<(), RuntimeError> {
+        let (reply, rx) = oneshot::channel();
+        let egress = egress_configs(tenant);
+        self.ask(
+            &tenant.id,
+            Command::Upsert {
+                peer,
+                egress,
+                reply,
+            },
+            rx,
+        )
+        .await?
+        .map_err(RuntimeError::from)
+    }
+
+    /// One peer's status, if the tunnel has it.
+    pub async fn peer_status(
+        &self,
+        id: &Id,
+        key: [u8; 32],
+    ) -> Result<Option<PeerStatus>, RuntimeError> {
+        let (reply, rx) = oneshot::channel();
+        self.ask(id, Command::PeerStatus { key, reply }, rx).await
+    }
+
     pub async fn snapshot(&self, id: &Id) -> Result<TunnelSnapshot, RuntimeError> {
         let (reply, rx) = oneshot::channel();
         self.ask(id, Command::Snapshot { reply }, rx).await
@@ -361,4 +403,21 @@ impl Runtime {
         handle.commands.send(command).await.map_err(|_| gone())?;
         rx.await.map_err(|_| gone())
     }
+}
+
+/// The tenant's egress policies as the engine takes them (gateways by key).
+fn egress_configs(tenant: &Tenant) -> Vec<EgressConfig> {
+    tenant
+        .egress
+        .iter()
+        .map(|e| EgressConfig {
+            pool: ipnet::IpNet::V4(e.pool),
+            gateways: e
+                .gateways
+                .iter()
+                .filter_map(|g| tenant.routers.get(g))
+                .map(|r| *r.public_key.as_bytes())
+                .collect(),
+        })
+        .collect()
 }

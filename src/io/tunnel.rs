@@ -39,6 +39,18 @@ pub enum Command {
         host_prefixes: Vec<ipnet::IpNet>,
         reply: oneshot::Sender<Result<Vec<u32>, crate::core::engine::EngineError>>,
     },
+    /// Add or update one peer (its key stays), with the egress policies that
+    /// may name it: O(log n), unlike a full `Sync`.
+    Upsert {
+        peer: (PeerConfig, u32),
+        egress: Vec<EgressConfig>,
+        reply: oneshot::Sender<Result<(), crate::core::engine::EngineError>>,
+    },
+    /// One peer's status.
+    PeerStatus {
+        key: [u8; 32],
+        reply: oneshot::Sender<Option<PeerStatus>>,
+    },
     /// Explain what would happen to a packet.
     Explain {
         src: IpAddr,
@@ -368,6 +380,14 @@ pub async fn run(
                         engine.set_egress(egress);
                         engine.set_host_prefixes(&host_prefixes);
                         let _ = reply.send(result);
+                    }
+                    Command::Upsert { peer: (config, index), egress, reply } => {
+                        let result = engine.upsert_peer(config, index);
+                        engine.set_egress(egress);
+                        let _ = reply.send(result);
+                    }
+                    Command::PeerStatus { key, reply } => {
+                        let _ = reply.send(engine.peer_status(&key, Instant::now()));
                     }
                     Command::Explain { src, dst, reply } => {
                         let _ = reply.send(engine.explain(src, dst, Instant::now()));

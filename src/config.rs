@@ -372,15 +372,11 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("tunnels.supernet"), "{e}");
-        let e = Settings::parse(
-            "[tunnels]\nhandshakes_per_second = 0\n",
-            Path::new("e.toml"),
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(
-            e.contains("e.toml: key `tunnels.handshakes_per_second`"),
-            "{e}"
-        );
+        for key in ["handshakes_per_second", "handshake_budget_per_second"] {
+            let e = Settings::parse(&format!("[tunnels]\n{key} = 0\n"), Path::new("e.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(&format!("e.toml: key `tunnels.{key}`")), "{e}");
+        }
     }
 }

@@ -33,8 +33,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::netns::{
-    prerequisites_met, start_wireguard_go, unique_name, wait_for, wg_keypair, write_private, Netns,
-    NsApi, Proc,
+    prerequisites_met, start_wireguard_go, unique_name, wait_for, wait_wgplane_ready, wg_keypair,
+    Netns, NsApi, Proc,
 };
 use serde_json::{json, Value};
 
@@ -463,45 +463,15 @@ impl Lab {
             &[("NO_COLOR", "1")],
             &self.dir().join("wgplane.log"),
         );
-        self.wgplane = Some(proc);
-
-        // Ready when the token exists and /healthz says 200.
-        let token_file = state.join("api-token");
         let header_file = self.dir().join("auth-header");
-        let ready = wait_for(Duration::from_secs(15), || {
-            if !self.wgplane.as_mut()?.is_running() {
-                return Some(false);
-            }
-            let token = fs::read_to_string(&token_file).ok()?;
-            let token = token.trim();
-            if token.is_empty() {
-                return None;
-            }
-            let url = format!("http://{api}/healthz");
-            let code = self.hub.capture(&[
-                "curl",
-                "-s",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                "--max-time",
-                "2",
-                &url,
-            ]);
-            (code.trim() == "200").then(|| {
-                write_private(&header_file, &format!("Authorization: Bearer {token}\n"));
-                true
-            })
-        });
-        match ready {
-            Some(true) => {}
-            Some(false) => panic!("wgplane exited during start-up"),
-            None => panic!(
-                "wgplane did not create {} and answer 200 on /healthz within 15 s",
-                token_file.display()
-            ),
-        }
+        let proc = self.wgplane.insert(proc);
+        wait_wgplane_ready(
+            &self.hub,
+            proc,
+            &api,
+            &state.join("api-token"),
+            &header_file,
+        );
     }
 
     /// `/proc/<pid>/status` of wgplane: every uid and gid 65534, no supplementary

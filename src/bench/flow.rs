@@ -311,6 +311,11 @@ fn send(
                 .flatten()
         })
         .collect();
+    let destinations: Vec<SocketAddr> = phones
+        .iter()
+        .map(|(p, _)| p.socket.peer_addr())
+        .collect::<Result<_, _>>()
+        .unwrap_or_default();
     let mut burst = vec![0u8; BURST * (size + 64)];
     let mut one = vec![0u8; size + 64];
     let started = Instant::now();
@@ -345,9 +350,9 @@ fn send(
                     }
                 }
                 let transmit = quinn_udp::Transmit {
-                    destination: phone
-                        .socket
-                        .peer_addr()
+                    destination: destinations
+                        .get(turn)
+                        .copied()
                         .unwrap_or(SocketAddr::from(([0; 4], 0))),
                     ecn: None,
                     contents: &burst[..len],

@@ -102,9 +102,7 @@ impl Occupancy {
         let (ip, host) =
             alloc::next_host_where(net, from, |a| a == reserved || addresses.contains(&a))?;
         // Everything below `host` is taken; `ip` itself is about to be.
-        if start <= host {
-            self.dense_below.insert(net, host);
-        }
+        self.dense_below.insert(net, host);
         Ok(ip)
     }
 }

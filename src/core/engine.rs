@@ -926,13 +926,13 @@ fn route(
     });
     match verdict {
         Verdict::Forward { peer, rule } => {
-            let Some(endpoint) = peers.get(peer).map(|p| p.endpoint) else {
+            let Some((endpoint, listed)) = peers.get(peer).map(|p| (p.endpoint, p.listed)) else {
                 return stats.drop(DropReason::NoRoute);
             };
             let Some(to) = endpoint else {
                 return stats.drop(DropReason::NoEndpoint);
             };
-            if peers.get(peer).is_some_and(|p| !p.listed) {
+            if !listed {
                 peers.activate(peer);
             }
             let Some(next) = peers.get_mut(peer) else {

@@ -167,7 +167,7 @@ impl Bridges {
 mod tests {
     //! The bridge against a smoltcp "router" running an echo server, wired
     //! back to back in memory with simulated time.
-    use std::net::Ipv4Addr;
+    use std::net::{Ipv4Addr, SocketAddrV4};
     use std::time::{Duration, Instant};
 
     use smoltcp::iface::{Config, Interface, SocketSet};
@@ -229,26 +229,39 @@ mod tests {
         }
     }
 
+    /// How a bridged connection's opening ends.
+    type Opened = oneshot::Receiver<Result<(), ForwardError>>;
+
+    /// Opens a stack connection to `remote` and bridges it to fresh host pipes:
+    /// (host -> stack sender, stack -> host receiver, the open outcome).
+    fn bridge(
+        stack: &mut LocalStack,
+        bridges: &mut Bridges,
+        remote: SocketAddrV4,
+        now: Instant,
+    ) -> (mpsc::Sender<Vec<u8>>, mpsc::Receiver<Vec<u8>>, Opened) {
+        let (to_stack, from_host) = mpsc::channel(PIPE_DEPTH);
+        let (to_host, from_stack) = mpsc::channel(PIPE_DEPTH);
+        let (opened, opened_rx) = oneshot::channel();
+        let id = stack.connect(remote, now).unwrap();
+        let pipes = HostPipes {
+            from_host,
+            to_host,
+            opened,
+        };
+        bridges.add(id, remote, pipes);
+        (to_stack, from_stack, opened_rx)
+    }
+
     #[test]
     fn a_megabyte_echoes_intact_with_back_pressure() {
         let start = Instant::now();
         let mut stack = LocalStack::new(Ipv4Addr::new(10, 100, 0, 1), 16, start);
         let mut router = Router::new();
         let mut bridges = Bridges::default();
-        let (to_stack, from_host) = mpsc::channel(PIPE_DEPTH);
-        let (to_host, mut from_stack) = mpsc::channel(PIPE_DEPTH);
-        let (opened, mut opened_rx) = oneshot::channel();
         let remote = "10.100.1.1:8728".parse().unwrap();
-        let id = stack.connect(remote, start).unwrap();
-        bridges.add(
-            id,
-            remote,
-            HostPipes {
-                from_host,
-                to_host,
-                opened,
-            },
-        );
+        let (to_stack, mut from_stack, mut opened_rx) =
+            bridge(&mut stack, &mut bridges, remote, start);
 
         let data: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
         let mut offset = 0;
@@ -299,20 +312,9 @@ mod tests {
         let start = Instant::now();
         let mut stack = LocalStack::new(Ipv4Addr::new(10, 100, 0, 1), 16, start);
         let mut bridges = Bridges::default();
-        let (_to_stack, from_host) = mpsc::channel(PIPE_DEPTH);
-        let (to_host, _from_stack) = mpsc::channel(PIPE_DEPTH);
-        let (opened, mut opened_rx) = oneshot::channel();
         let remote = "10.100.1.9:8728".parse().unwrap();
-        let id = stack.connect(remote, start).unwrap();
-        bridges.add(
-            id,
-            remote,
-            HostPipes {
-                from_host,
-                to_host,
-                opened,
-            },
-        );
+        let (_to_stack, _from_stack, mut opened_rx) =
+            bridge(&mut stack, &mut bridges, remote, start);
         let mut now = start;
         for _ in 0..30 {
             now += Duration::from_secs(1);

@@ -474,3 +474,49 @@ pub fn start_wireguard_go(ns: &Netns, label: &str, ifname: &str, dir: &Path) -> 
         None => panic!("{label} never answered `wg show {ifname}`: {}", proc.log()),
     }
 }
+
+/// Waits until the wgplane started as `proc` in `ns` has written its token and
+/// answers 200 on `/healthz` at `api`; then writes the `Authorization` header
+/// for curl to `header_file`. Panics if it exits or takes more than 15 s.
+pub fn wait_wgplane_ready(
+    ns: &Netns,
+    proc: &mut Proc,
+    api: &str,
+    token_file: &Path,
+    header_file: &Path,
+) {
+    let ready = wait_for(Duration::from_secs(15), || {
+        if !proc.is_running() {
+            return Some(false);
+        }
+        let token = fs::read_to_string(token_file).ok()?;
+        let token = token.trim();
+        if token.is_empty() {
+            return None;
+        }
+        let url = format!("http://{api}/healthz");
+        let code = ns.capture(&[
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "2",
+            &url,
+        ]);
+        (code.trim() == "200").then(|| {
+            write_private(header_file, &format!("Authorization: Bearer {token}\n"));
+            true
+        })
+    });
+    match ready {
+        Some(true) => {}
+        Some(false) => panic!("wgplane exited during start-up"),
+        None => panic!(
+            "wgplane did not create {} and answer 200 on /healthz within 15 s",
+            token_file.display()
+        ),
+    }
+}

@@ -161,8 +161,8 @@ pub struct TunnelSettings {
     /// above it, initiators get cookie replies (WireGuard's load defence).
     pub handshakes_per_second: u32,
     /// Handshakes per second the whole process computes across all tunnels;
-    /// beyond it initiations are dropped before any Diffie-Hellman work, so a
-    /// storm cannot starve established flows of CPU.
+    /// when it runs dry every tunnel demands cookies for a second, so a storm
+    /// cannot starve established flows of CPU.
     pub handshake_budget_per_second: u32,
 }
 

@@ -61,7 +61,11 @@ fn handshake_storm_is_answered_then_met_with_cookies_above_the_limit() {
         state,
         support::free_tcp_port(),
         support::free_udp_ports(4),
-        &[("WGPLANE_HANDSHAKES_PER_SECOND", "50")],
+        // The process-wide budget out of the way: this is about one tunnel's.
+        &[
+            ("WGPLANE_HANDSHAKES_PER_SECOND", "50"),
+            ("WGPLANE_HANDSHAKE_BUDGET_PER_SECOND", "100000"),
+        ],
     )
     .unwrap_or_else(|log| panic!("wgplane did not come up:\n{log}"));
     let common = ["--mode", "handshakes", "--tunnels", "2", "--peers", "5"];
@@ -101,4 +105,46 @@ fn handshake_storm_is_answered_then_met_with_cookies_above_the_limit() {
 
     let tenants = app.expect("GET", "/v1/tenants", None, 200);
     assert_eq!(tenants.as_array().unwrap().len(), 0, "{tenants}");
+}
+
+#[test]
+fn above_the_process_budget_cookies_take_over_on_every_tunnel() {
+    // Each tunnel would answer 1,000 a second; the process computes 40.
+    let state = tempfile::tempdir().expect("tempdir");
+    let app = Appliance::start_with(
+        state,
+        support::free_tcp_port(),
+        support::free_udp_ports(4),
+        &[("WGPLANE_HANDSHAKE_BUDGET_PER_SECOND", "40")],
+    )
+    .unwrap_or_else(|log| panic!("wgplane did not come up:\n{log}"));
+    let storm = bench_json(
+        &app,
+        &[
+            "--mode",
+            "handshakes",
+            "--tunnels",
+            "4",
+            "--peers",
+            "5",
+            "--rate",
+            "1000",
+            "--seconds",
+            "2",
+        ],
+    );
+    let sent = storm["sent_initiations"].as_u64().unwrap();
+    let responses = storm["responses"].as_u64().unwrap();
+    let cookies = storm["cookie_replies"].as_u64().unwrap();
+    assert!(sent >= 1_500, "{storm}");
+    // A full bucket (40), then 40 a second, over at most 3 s of storm.
+    assert!(
+        (1..=160).contains(&responses),
+        "handshakes held to the budget: {storm}"
+    );
+    assert_eq!(
+        responses + cookies,
+        sent,
+        "every other initiation met a cookie, none went unanswered: {storm}"
+    );
 }

@@ -165,22 +165,28 @@ fn only_peers_that_speak_get_protocol_state() {
     assert_eq!(sim.tunnels[a].engine.active_peer_count(), 1);
 }
 
-#[test]
-fn the_process_wide_budget_caps_handshake_work_across_tunnels() {
+/// A sim with two tunnels whose engines share one handshake budget.
+fn two_tunnels_sharing_a_budget(per_second: u32) -> (Sim, usize, usize) {
     use std::sync::Arc;
     use wgplane::core::budget::HandshakeBudget;
     use wgplane::core::engine::TunnelEngine;
 
-    // Two tunnels share a budget of 2 handshakes a second.
     let mut sim = Sim::new();
     let a = sim.tunnel(51820, "10.100.0.1");
     let b = sim.tunnel(51821, "10.101.0.1");
-    let budget = Arc::new(HandshakeBudget::new(2));
+    let budget = Arc::new(HandshakeBudget::new(per_second));
     for (t, server) in [(a, "10.100.0.1"), (b, "10.101.0.1")] {
         let secret = sim.tunnels[t].secret.clone();
         sim.tunnels[t].engine = TunnelEngine::new(secret, vec![sim::ip(server)])
             .with_handshake_budget(Arc::clone(&budget));
     }
+    (sim, a, b)
+}
+
+#[test]
+fn the_process_wide_budget_caps_handshake_work_across_tunnels() {
+    // Two tunnels share a budget of 200 handshakes a second: a bucket of 2.
+    let (mut sim, a, b) = two_tunnels_sharing_a_budget(200);
     let ra = sim.peer("ra", a, PeerKind::Router, &["10.100.1.1/32"]);
     let rb = sim.peer("rb", b, PeerKind::Router, &["10.101.1.1/32"]);
     let rc = sim.peer("rc", b, PeerKind::Router, &["10.101.1.2/32"]);
@@ -192,12 +198,57 @@ fn the_process_wide_budget_caps_handshake_work_across_tunnels() {
     };
     assert_eq!(handshakes(&sim), 2);
     assert_eq!(
-        sim.tunnels[b].engine.stats().dropped(DropReason::UnderLoad),
+        sim.tunnels[b].engine.stats().cookie_replies,
         1,
-        "the third waits for budget, before any Diffie-Hellman"
+        "the third meets a cookie, before any Diffie-Hellman"
     );
-    // Half a second later one more token: the retry gets through.
-    sim.advance(std::time::Duration::from_millis(500));
+    // 5 ms later one more token: the retry, now with the cookie, gets
+    // through.
+    sim.advance(std::time::Duration::from_millis(5));
     sim.connect(rc);
     assert_eq!(handshakes(&sim), 3);
+    assert_eq!(sim.tunnels[b].engine.stats().cookie_replies, 1);
+}
+
+#[test]
+fn under_a_storm_only_senders_with_a_cookie_spend_the_budget() {
+    use std::time::Duration;
+
+    // Two tunnels share a budget of 200 handshakes a second (a bucket of 2);
+    // each tunnel alone would answer 1,000 a second.
+    let (mut sim, a, b) = two_tunnels_sharing_a_budget(200);
+    let first = sim.peer("first", a, PeerKind::Router, &["10.100.1.1/32"]);
+    let second = sim.peer("second", a, PeerKind::Router, &["10.100.1.2/32"]);
+    let patient = sim.peer("patient", b, PeerKind::Router, &["10.101.1.1/32"]);
+    let storm: Vec<_> = (0..20)
+        .map(|i| {
+            let allowed = [format!("10.101.2.{}/32", i + 1)];
+            let allowed: Vec<&str> = allowed.iter().map(String::as_str).collect();
+            sim.peer("storm", b, PeerKind::Router, &allowed)
+        })
+        .collect();
+    let handshakes = |sim: &Sim| {
+        sim.tunnels[a].engine.stats().handshakes + sim.tunnels[b].engine.stats().handshakes
+    };
+
+    // The budget is spent on tunnel A; the patient peer gets a cookie.
+    sim.connect(first);
+    sim.connect(second);
+    sim.connect(patient);
+    assert_eq!(handshakes(&sim), 2);
+    assert_eq!(sim.tunnels[b].engine.stats().cookie_replies, 1);
+
+    // 5 ms later a token is back, but the process is still under load: a
+    // storm of first-time initiations is met with cookies only.
+    sim.advance(Duration::from_millis(5));
+    for &p in &storm {
+        sim.connect(p);
+    }
+    assert_eq!(handshakes(&sim), 2, "no Diffie-Hellman for the storm");
+    assert_eq!(sim.tunnels[b].engine.stats().cookie_replies, 21);
+
+    // The token goes to the peer that proved its address.
+    sim.connect(patient);
+    assert_eq!(handshakes(&sim), 3);
+    assert_eq!(sim.tunnels[b].engine.stats().handshakes, 1);
 }

@@ -42,10 +42,16 @@ pub struct StormReport {
     /// Cookie replies received: initiations the appliance refused under load.
     pub cookie_replies: u64,
     pub handshakes_per_s: f64,
+    /// Initiations answered (response or cookie reply) per second.
+    pub answered_per_s: f64,
     /// Handshakes the appliance counted (its metrics).
     pub appliance_handshakes: u64,
     pub appliance_cpu_seconds: Option<f64>,
     pub appliance_cpu_us_per_handshake: Option<f64>,
+    /// Appliance CPU per initiation sent, whatever the answer.
+    pub appliance_cpu_us_per_initiation: Option<f64>,
+    /// Appliance CPU over the run's duration: 1.0 is one core busy.
+    pub appliance_cores: Option<f64>,
 }
 
 impl StormReport {
@@ -57,8 +63,10 @@ impl StormReport {
              sent initiations       {}\n\
              responses / cookies    {} / {}\n\
              handshakes             {:.0} /s ({} counted by the appliance)\n\
-             appliance CPU          {}\n\
-             appliance CPU / hs     {}\n",
+             answered               {:.0} /s\n\
+             appliance CPU          {} ({})\n\
+             appliance CPU / hs     {}\n\
+             appliance CPU / init   {}\n",
             self.tunnels,
             self.peers_per_tunnel,
             self.seconds,
@@ -68,8 +76,11 @@ impl StormReport {
             self.cookie_replies,
             self.handshakes_per_s,
             self.appliance_handshakes,
+            self.answered_per_s,
             opt(self.appliance_cpu_seconds, "s"),
+            opt(self.appliance_cores, "cores"),
             opt(self.appliance_cpu_us_per_handshake, "µs"),
+            opt(self.appliance_cpu_us_per_initiation, "µs"),
         )
     }
 }
@@ -279,6 +290,7 @@ async fn storm(
     let _ = stop.send(true);
     while listeners.join_next().await.is_some() {}
     let responses = answers.responses.load(Ordering::Relaxed);
+    let cookie_replies = answers.cookies.load(Ordering::Relaxed);
     // From the first initiation to the last answer.
     let answering = Duration::from_nanos(answers.last.load(Ordering::Relaxed));
     let seconds = answering.as_secs_f64().max(f64::EPSILON);
@@ -289,8 +301,9 @@ async fn storm(
         offered_per_s: sent as f64 / sending.as_secs_f64().max(f64::EPSILON),
         sent_initiations: sent,
         responses,
-        cookie_replies: answers.cookies.load(Ordering::Relaxed),
+        cookie_replies,
         handshakes_per_s: responses as f64 / seconds,
+        answered_per_s: (responses + cookie_replies) as f64 / seconds,
         appliance_handshakes: 0,
         appliance_cpu_seconds: cpu,
         // Cookie replies cost a MAC, not Diffie-Hellman: they are left out of the
@@ -298,5 +311,7 @@ async fn storm(
         appliance_cpu_us_per_handshake: cpu
             .filter(|_| responses > 0)
             .map(|c| c * 1e6 / responses as f64),
+        appliance_cpu_us_per_initiation: cpu.filter(|_| sent > 0).map(|c| c * 1e6 / sent as f64),
+        appliance_cores: cpu.map(|c| c / seconds),
     })
 }

@@ -1,20 +1,22 @@
 //! The process-wide budget for handshake work.
 //!
-//! Each tunnel's rate limiter answers with cookie replies above its own load,
-//! but a storm spread over many tunnels can still eat every core with
-//! Diffie-Hellman work (about 150 µs per handshake) and starve established
-//! flows. This token bucket, shared by all tunnels, caps the handshakes the
-//! process computes per second; initiations beyond it are dropped and counted
-//! (`under_load`) before any expensive work, and their senders retry, as they do
-//! when a kernel WireGuard's handshake queue overflows.
+//! A storm spread over many tunnels, each below its own cookie threshold, can
+//! still eat every core with Diffie-Hellman work (about 150 µs per handshake)
+//! and starve established flows. This token bucket, shared by all tunnels, caps
+//! the handshakes the process computes per second. When it runs dry, every
+//! tunnel counts as under load for a second and answers initiations without a
+//! valid cookie with cookie replies (see [`super::admission`]).
 //!
 //! Time is passed in; nothing here reads a clock.
 
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-/// A token bucket of handshakes: `per_second` tokens a second, at most one
-/// second's worth saved up (a restart's reconnect wave gets a full second).
+/// A token bucket of handshakes: `per_second` tokens a second, at most 10 ms
+/// worth saved up. A small bucket paces the work: a burst of Diffie-Hellman
+/// never holds a core for long (a full second's worth took 0.4 s of one core at
+/// the default and stalled the flows that share it; at 10 ms it is 20
+/// handshakes, about 4 ms).
 #[derive(Debug)]
 pub struct HandshakeBudget {
     per_second: u32,
@@ -25,19 +27,52 @@ pub struct HandshakeBudget {
 struct Bucket {
     tokens: f64,
     last: Option<Instant>,
+    /// When a handshake last found the bucket empty.
+    ran_dry: Option<Instant>,
+}
+
+/// The work a full bucket holds, in time at the configured rate.
+const BURST_SECONDS: f64 = 0.01;
+
+/// How long the process counts as under load after the budget ran dry.
+const LOAD_MEMORY: Duration = Duration::from_secs(1);
+
+impl Bucket {
+    /// Pays out the tokens earned since the last call, up to `capacity`.
+    /// Tunnels pass their own `now`, read at their last wake-up: a caller may be
+    /// behind another. Time only moves forward here, so no stretch of it is paid
+    /// out twice.
+    fn refill(&mut self, now: Instant, rate: f64, capacity: f64) {
+        match self.last {
+            Some(last) if now > last => {
+                let elapsed = now.duration_since(last).as_secs_f64();
+                self.tokens = (self.tokens + elapsed * rate).min(capacity);
+                self.last = Some(now);
+            }
+            Some(_) => {}
+            None => self.last = Some(now),
+        }
+    }
 }
 
 impl HandshakeBudget {
     /// A full bucket of `per_second` handshakes a second (at least one).
     pub fn new(per_second: u32) -> Self {
         let per_second = per_second.max(1);
+        let capacity = (f64::from(per_second) * BURST_SECONDS).max(1.0);
         Self {
             per_second,
             bucket: Mutex::new(Bucket {
-                tokens: f64::from(per_second),
+                tokens: capacity,
                 last: None,
+                ran_dry: None,
             }),
         }
+    }
+
+    /// Tokens a full bucket holds (at least one).
+    fn capacity(&self) -> f64 {
+        (f64::from(self.per_second) * BURST_SECONDS).max(1.0)
     }
 
     /// The configured rate.
@@ -52,25 +87,29 @@ impl HandshakeBudget {
             // way that matters more than refusing work: refuse.
             return false;
         };
-        let rate = f64::from(self.per_second);
-        // Tunnels pass their own `now`, read at their last wake-up: a caller may
-        // be behind another. Time only moves forward here, so no stretch of it is
-        // paid out twice.
-        match b.last {
-            Some(last) if now > last => {
-                let elapsed = now.duration_since(last).as_secs_f64();
-                b.tokens = (b.tokens + elapsed * rate).min(rate);
-                b.last = Some(now);
-            }
-            Some(_) => {}
-            None => b.last = Some(now),
-        }
+        b.refill(now, f64::from(self.per_second), self.capacity());
         if b.tokens >= 1.0 {
             b.tokens -= 1.0;
             true
         } else {
+            b.ran_dry = Some(now);
             false
         }
+    }
+
+    /// True if a handshake at `now` would find the bucket empty, or the bucket
+    /// was found empty less than a second ago.
+    pub fn under_load(&self, now: Instant) -> bool {
+        let Ok(mut b) = self.bucket.lock() else {
+            return true;
+        };
+        b.refill(now, f64::from(self.per_second), self.capacity());
+        if b.tokens < 1.0 {
+            b.ran_dry = Some(now);
+            return true;
+        }
+        b.ran_dry
+            .is_some_and(|t| now.saturating_duration_since(t) < LOAD_MEMORY)
     }
 }
 
@@ -80,26 +119,43 @@ mod tests {
     use std::time::Duration;
 
     #[test]
-    fn a_second_of_burst_then_the_rate() {
-        let budget = HandshakeBudget::new(100);
+    fn a_short_burst_then_the_rate() {
+        // 5,000 a second: a bucket of 50 (10 ms of work).
+        let budget = HandshakeBudget::new(5_000);
         let t0 = Instant::now();
         let burst = (0..1_000).filter(|_| budget.take(t0)).count();
-        assert_eq!(burst, 100);
-        // 10 ms later: one more token.
-        let t1 = t0 + Duration::from_millis(10);
-        assert!(budget.take(t1));
-        assert!(!budget.take(t1));
-        // Over five seconds at most a second's worth accumulates.
+        assert_eq!(burst, 50);
+        // 2 ms later: ten more tokens.
+        let t1 = t0 + Duration::from_millis(2);
+        assert_eq!((0..1_000).filter(|_| budget.take(t1)).count(), 10);
+        // Over five seconds no more than the bucket accumulates.
         let t2 = t1 + Duration::from_secs(5);
         let saved = (0..1_000).filter(|_| budget.take(t2)).count();
-        assert_eq!(saved, 100);
+        assert_eq!(saved, 50);
         // A caller whose `now` is behind another's is granted nothing extra,
         // and does not make the others' time count twice.
         assert!(!budget.take(t0));
         assert!(!budget.take(t2));
-        let t3 = t2 + Duration::from_millis(10);
+        let t3 = t2 + Duration::from_micros(200);
         assert!(budget.take(t3));
         assert!(!budget.take(t3));
+    }
+
+    #[test]
+    fn under_load_while_empty_and_for_a_second_after() {
+        let budget = HandshakeBudget::new(1_000);
+        let t0 = Instant::now();
+        assert!(!budget.under_load(t0));
+        assert_eq!((0..20).filter(|_| budget.take(t0)).count(), 10);
+        assert!(budget.under_load(t0), "empty");
+        assert!(!budget.take(t0));
+        // Refilled after half a second, but it ran dry recently.
+        let t1 = t0 + Duration::from_millis(500);
+        assert!(budget.under_load(t1));
+        assert!(budget.take(t1), "refilled tokens are still paid out");
+        // A second after it last ran dry, and with tokens: calm again.
+        let t2 = t0 + Duration::from_millis(1_000);
+        assert!(!budget.under_load(t2));
     }
 
     #[test]

@@ -20,16 +20,15 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::x25519::{PublicKey, StaticSecret};
 use ipnet::IpNet;
 
+use super::admission::{Admission, Refusal};
 use super::budget::HandshakeBudget;
 use super::netstack::{ConnId, LocalStack, StackError};
 use super::packet;
 use super::peer::{
-    admit_initiation, initiator_key, message_type, Decap, Encap, Message, Peer, PeerConfig,
-    PeerStats, Refusal,
+    initiator_key, message_type, Decap, Encap, Message, Peer, PeerConfig, PeerStats,
 };
 use super::policy::{decide, DropReason, Egress, Origin, PeerId, RoutingState, Rule, Verdict};
 use super::table::PrefixTable;
@@ -37,18 +36,7 @@ use super::table::PrefixTable;
 /// Largest datagram or inner packet handled, plus room for WireGuard's overhead.
 const BUF_LEN: usize = 65_536 + 256;
 
-/// Handshake initiations per second a tunnel answers before it demands cookies
-/// (each costs several Diffie-Hellman operations; a cookie reply costs a MAC).
-pub const DEFAULT_HANDSHAKES_PER_SECOND: u32 = 1_000;
-
-/// The rate limiter sees every initiation twice: once when the engine finds the
-/// initiator's key, once in its peer's `Tunn`.
-fn rate_limiter(public: &PublicKey, initiations_per_second: u32) -> Arc<RateLimiter> {
-    Arc::new(RateLimiter::new(
-        public,
-        2 * u64::from(initiations_per_second.max(1)),
-    ))
-}
+pub use super::admission::DEFAULT_HANDSHAKES_PER_SECOND;
 
 /// Events kept for the control plane before the oldest are discarded. The driver
 /// drains them after every batch, so this only bounds memory if nobody listens.
@@ -243,10 +231,8 @@ impl Peers {
 pub struct TunnelEngine {
     secret: Arc<StaticSecret>,
     public: PublicKey,
-    rate_limiter: Arc<RateLimiter>,
-    last_limiter_reset: Option<Instant>,
-    /// The process-wide handshake budget, shared by every tunnel; none: unbounded.
-    budget: Option<Arc<HandshakeBudget>>,
+    /// Which initiations get Diffie-Hellman work: cookies under load.
+    admission: Admission,
     liveness_timeout: Duration,
     peers: Peers,
     /// The peer last authenticated at each endpoint: a hint that lets a repeated
@@ -267,11 +253,9 @@ impl TunnelEngine {
     pub fn new(secret: StaticSecret, local: Vec<IpAddr>) -> Self {
         let public = PublicKey::from(&secret);
         Self {
-            rate_limiter: rate_limiter(&public, DEFAULT_HANDSHAKES_PER_SECOND),
+            admission: Admission::new(&public, DEFAULT_HANDSHAKES_PER_SECOND),
             secret: Arc::new(secret),
             public,
-            last_limiter_reset: None,
-            budget: None,
             liveness_timeout: super::peer::DEFAULT_LIVENESS_TIMEOUT,
             peers: Peers::default(),
             endpoints: HashMap::new(),
@@ -314,19 +298,20 @@ impl TunnelEngine {
         self
     }
 
-    /// Shares the process-wide handshake budget: initiations beyond it are dropped
-    /// (`under_load`) before any Diffie-Hellman work.
+    /// Shares the process-wide handshake budget: when it runs dry, initiations
+    /// get cookie replies or are dropped (`under_load`) before any
+    /// Diffie-Hellman work (see [`super::admission`]).
     #[must_use]
     pub fn with_handshake_budget(mut self, budget: Arc<HandshakeBudget>) -> Self {
-        self.budget = Some(budget);
+        self.admission.set_budget(budget);
         self
     }
 
     /// Sets how many handshake initiations per second the tunnel answers before
-    /// it answers with cookie replies instead. Applies to peers added afterwards.
+    /// it answers with cookie replies instead.
     #[must_use]
     pub fn with_handshake_limit(mut self, initiations_per_second: u32) -> Self {
-        self.rate_limiter = rate_limiter(&self.public, initiations_per_second);
+        self.admission.set_per_second(initiations_per_second);
         self
     }
 
@@ -336,17 +321,6 @@ impl TunnelEngine {
     /// may skip [`Self::handle_timers`] until this turns true again.
     pub fn needs_timers(&self) -> bool {
         !self.peers.active.is_empty()
-    }
-
-    /// The handshake load count covers one second at a time.
-    fn reset_limiter_if_due(&mut self, now: Instant) {
-        let due = self
-            .last_limiter_reset
-            .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1));
-        if due {
-            self.rate_limiter.reset_count();
-            self.last_limiter_reset = Some(now);
-        }
     }
 
     /// Peers with protocol state (that spoke or were spoken to since start):
@@ -469,7 +443,7 @@ impl TunnelEngine {
                     Arc::clone(&self.secret),
                     config.clone(),
                     index,
-                    Arc::clone(&self.rate_limiter),
+                    self.admission.macs(),
                     self.liveness_timeout,
                 );
                 self.peers.insert(peer)
@@ -566,16 +540,10 @@ impl TunnelEngine {
             self.stats.drop(DropReason::InvalidDatagram);
             return;
         };
-        if message == Message::Initiation {
-            // Also when timers are idle: strangers' initiations must not leave
-            // the tunnel "under load" for good.
-            self.reset_limiter_if_due(now);
-        }
         let Self {
             secret,
             public,
-            rate_limiter,
-            budget,
+            admission,
             peers,
             endpoints,
             routing,
@@ -588,9 +556,9 @@ impl TunnelEngine {
         } = self;
 
         if message == Message::Initiation {
-            // The tunnel's load defence (cookie replies), then the process-wide
-            // budget, both before any Diffie-Hellman work.
-            match admit_initiation(rate_limiter, from.ip(), datagram, tx) {
+            // Cookie replies under load, and the process-wide budget, before
+            // any Diffie-Hellman work.
+            match admission.admit(from.ip(), datagram, now, tx) {
                 Ok(()) => {}
                 Err(Refusal::Cookie(cookie)) => {
                     stats.cookie_replies += 1;
@@ -598,9 +566,6 @@ impl TunnelEngine {
                     return sink.send(from, cookie);
                 }
                 Err(Refusal::Drop(reason)) => return stats.drop(reason),
-            }
-            if budget.as_ref().is_some_and(|b| !b.take(now)) {
-                return stats.drop(DropReason::UnderLoad);
             }
         }
         // An initiation from an endpoint a peer was last seen at goes to that
@@ -761,7 +726,6 @@ impl TunnelEngine {
 
     /// Runs every peer's protocol timers. Call at least every 250 ms.
     pub fn handle_timers(&mut self, now: Instant, sink: &mut impl Sink) {
-        self.reset_limiter_if_due(now);
         let Self {
             peers,
             stats,

@@ -4,6 +4,7 @@
 //! byte slices and leave through a [`engine::Sink`]. This is what the tests drive with
 //! simulated peers and what the fuzz targets attack.
 
+pub mod admission;
 pub mod alloc;
 pub mod budget;
 pub mod engine;

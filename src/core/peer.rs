@@ -259,7 +259,7 @@ impl Peer {
     }
 }
 
-fn drop_reason(e: &WireGuardError) -> DropReason {
+pub(crate) fn drop_reason(e: &WireGuardError) -> DropReason {
     match e {
         WireGuardError::InvalidMac => DropReason::BadMac,
         WireGuardError::UnderLoad => DropReason::UnderLoad,
@@ -315,16 +315,8 @@ impl Message {
     }
 }
 
-/// Why a handshake initiation gets no Diffie-Hellman work.
-pub enum Refusal<'a> {
-    /// The tunnel is under load: send this cookie reply back, and stop.
-    Cookie(&'a [u8]),
-    /// Not a valid initiation for this tunnel.
-    Drop(DropReason),
-}
-
 /// Decrypts an initiation's static key with the tunnel's key (one Diffie-Hellman),
-/// to find the peer it claims to be. Run [`admit_initiation`] first.
+/// to find the peer it claims to be. Run [`super::admission::Admission::admit`] first.
 pub fn initiator_key(
     secret: &StaticSecret,
     public: &PublicKey,
@@ -338,22 +330,6 @@ pub fn initiator_key(
             .map_err(|_| DropReason::HandshakeFailed),
         Ok(_) => Err(DropReason::InvalidDatagram),
         Err(e) => Err(drop_reason(&e)),
-    }
-}
-
-/// The tunnel's load check for an initiation, before any Diffie-Hellman: MAC1,
-/// and under load MAC2 or a cookie reply in `out`.
-pub fn admit_initiation<'a>(
-    rate_limiter: &RateLimiter,
-    from: IpAddr,
-    datagram: &[u8],
-    out: &'a mut [u8],
-) -> Result<(), Refusal<'a>> {
-    match rate_limiter.verify_packet(Some(from), datagram, out) {
-        Ok(_) => Ok(()),
-        Err(TunnResult::WriteToNetwork(cookie)) => Err(Refusal::Cookie(cookie)),
-        Err(TunnResult::Err(e)) => Err(Refusal::Drop(drop_reason(&e))),
-        Err(_) => Err(Refusal::Drop(DropReason::HandshakeFailed)),
     }
 }
 

@@ -1,0 +1,287 @@
+//! Which handshake initiations a tunnel spends Diffie-Hellman work on.
+//!
+//! WireGuard's answer to a handshake flood is the cookie: a tunnel under load
+//! answers an initiation that carries no valid `mac2` with a cookie reply (one
+//! MAC and one XChaCha20-Poly1305 seal, no Diffie-Hellman), and only senders that
+//! proved their address by echoing the cookie get a handshake. A tunnel is under
+//! load here when either
+//! - its own initiations in the current second exceed its limit
+//!   (`tunnels.handshakes_per_second`), or
+//! - the process-wide [`HandshakeBudget`] ran dry during the last second: a storm
+//!   spread thin over many tunnels then meets cookies on all of them, so spoofed
+//!   sources cannot spend the budget that address-proven peers need.
+//!
+//! An initiation that proved its address but finds the budget spent is dropped
+//! (`under_load`) and retried by its sender, as when a kernel WireGuard's
+//! handshake queue is full. Every initiation's `mac1` is checked first.
+//!
+//! Left out: the Noise handshake itself (boringtun's `Tunn`, in [`super::peer`]).
+//! boringtun's `RateLimiter` does the MAC and cookie cryptography; the load
+//! decision is made here, on the time passed in.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use boringtun::noise::errors::WireGuardError;
+use boringtun::noise::rate_limiter::RateLimiter;
+use boringtun::noise::TunnResult;
+use boringtun::x25519::PublicKey;
+
+use super::budget::HandshakeBudget;
+use super::policy::DropReason;
+
+/// Handshake initiations per second a tunnel answers before it demands cookies.
+pub const DEFAULT_HANDSHAKES_PER_SECOND: u32 = 1_000;
+
+/// Why an initiation gets no Diffie-Hellman work.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Refusal<'a> {
+    /// Under load and no valid cookie: send this cookie reply back, and stop.
+    Cookie(&'a [u8]),
+    /// Not a valid initiation for this tunnel, or no budget left for it.
+    Drop(DropReason),
+}
+
+/// One tunnel's admission control for handshake initiations.
+pub struct Admission {
+    /// Checks `mac1` only (never under load). Also given to the peers' `Tunn`s,
+    /// which check every handshake message again.
+    macs: Arc<RateLimiter>,
+    /// Always under load: checks `mac2` and makes the cookie replies. The one
+    /// cookie secret of the tunnel.
+    cookies: RateLimiter,
+    per_second: u32,
+    window: Option<Instant>,
+    seen: u32,
+    budget: Option<Arc<HandshakeBudget>>,
+}
+
+impl Admission {
+    /// Admission for the tunnel with this public key, `per_second` initiations a
+    /// second before cookies (at least one).
+    pub fn new(public: &PublicKey, per_second: u32) -> Self {
+        Self {
+            macs: Arc::new(RateLimiter::new(public, u64::MAX)),
+            cookies: RateLimiter::new(public, 0),
+            per_second: per_second.max(1),
+            window: None,
+            seen: 0,
+            budget: None,
+        }
+    }
+
+    /// Shares the process-wide handshake budget.
+    pub fn set_budget(&mut self, budget: Arc<HandshakeBudget>) {
+        self.budget = Some(budget);
+    }
+
+    /// Sets the tunnel's own limit; takes effect at once.
+    pub fn set_per_second(&mut self, per_second: u32) {
+        self.per_second = per_second.max(1);
+    }
+
+    /// The `mac1` checker for the peers' `Tunn`s.
+    pub fn macs(&self) -> Arc<RateLimiter> {
+        Arc::clone(&self.macs)
+    }
+
+    /// Decides on an initiation from `from` at `now`. `Ok` means: do the
+    /// handshake (a budget token is taken). A cookie reply is written into `out`.
+    pub fn admit<'a>(
+        &mut self,
+        from: IpAddr,
+        datagram: &[u8],
+        now: Instant,
+        out: &'a mut [u8],
+    ) -> Result<(), Refusal<'a>> {
+        let busy = self.count(now) || self.budget.as_ref().is_some_and(|b| b.under_load(now));
+        let checker = if busy { &self.cookies } else { &*self.macs };
+        // Borrowck: a cookie written into `out` is returned, so the second check
+        // below only runs when the first one wrote nothing.
+        match verify(checker, from, datagram, out) {
+            Verdict::Pass => {}
+            Verdict::Cookie => return Err(cookie(out)),
+            Verdict::Drop(reason) => return Err(Refusal::Drop(reason)),
+        }
+        match &self.budget {
+            Some(budget) if !budget.take(now) => {
+                // The budget ran dry just now: from here on, cookies first.
+                if !busy {
+                    match verify(&self.cookies, from, datagram, out) {
+                        Verdict::Cookie => return Err(cookie(out)),
+                        Verdict::Drop(reason) => return Err(Refusal::Drop(reason)),
+                        Verdict::Pass => {}
+                    }
+                }
+                Err(Refusal::Drop(DropReason::UnderLoad))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Counts one initiation in the current one-second window; true if the
+    /// tunnel is over its limit.
+    fn count(&mut self, now: Instant) -> bool {
+        let fresh = self
+            .window
+            .is_none_or(|start| now.saturating_duration_since(start) >= Duration::from_secs(1));
+        if fresh {
+            self.window = Some(now);
+            self.seen = 0;
+        }
+        self.seen = self.seen.saturating_add(1);
+        self.seen > self.per_second
+    }
+}
+
+enum Verdict {
+    Pass,
+    /// A cookie reply of `COOKIE_REPLY_SZ` bytes is at the start of `out`.
+    Cookie,
+    Drop(DropReason),
+}
+
+/// Size of a WireGuard cookie reply message.
+const COOKIE_REPLY_LEN: usize = 64;
+
+fn verify(checker: &RateLimiter, from: IpAddr, datagram: &[u8], out: &mut [u8]) -> Verdict {
+    match checker.verify_packet(Some(from), datagram, out) {
+        Ok(_) => Verdict::Pass,
+        Err(TunnResult::WriteToNetwork(reply)) if reply.len() == COOKIE_REPLY_LEN => {
+            Verdict::Cookie
+        }
+        Err(TunnResult::Err(e)) => Verdict::Drop(super::peer::drop_reason(&e)),
+        Err(_) => Verdict::Drop(DropReason::HandshakeFailed),
+    }
+}
+
+fn cookie(out: &[u8]) -> Refusal<'_> {
+    match out.get(..COOKIE_REPLY_LEN) {
+        Some(reply) => Refusal::Cookie(reply),
+        None => Refusal::Drop(super::peer::drop_reason(
+            &WireGuardError::DestinationBufferTooSmall,
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use boringtun::noise::Tunn;
+    use boringtun::x25519::StaticSecret;
+    use std::net::Ipv4Addr;
+
+    const FROM: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 51, 100, 7));
+
+    struct Client {
+        tunn: Tunn,
+        buf: Vec<u8>,
+    }
+
+    impl Client {
+        fn new(server: &PublicKey) -> Self {
+            let secret = StaticSecret::random_from_rng(rand_core::OsRng);
+            Self {
+                tunn: Tunn::new(secret, *server, None, None, 1, None),
+                buf: vec![0; 256],
+            }
+        }
+
+        fn initiation(&mut self) -> Vec<u8> {
+            match self.tunn.format_handshake_initiation(&mut self.buf, true) {
+                TunnResult::WriteToNetwork(d) => d.to_vec(),
+                _ => panic!("no initiation"),
+            }
+        }
+
+        /// Sends an initiation that must meet a cookie reply, and keeps the
+        /// cookie for the next ones.
+        fn earn_cookie(&mut self, admission: &mut Admission, now: Instant) {
+            let initiation = self.initiation();
+            let mut reply = [0u8; 256];
+            let Err(Refusal::Cookie(reply)) = admission.admit(FROM, &initiation, now, &mut reply)
+            else {
+                panic!("expected a cookie");
+            };
+            let mut out = vec![0; 256];
+            assert!(matches!(
+                self.tunn.decapsulate(Some(FROM), reply, &mut out),
+                TunnResult::Done
+            ));
+        }
+    }
+
+    fn server() -> (PublicKey, Instant) {
+        let secret = StaticSecret::random_from_rng(rand_core::OsRng);
+        (PublicKey::from(&secret), Instant::now())
+    }
+
+    fn outcome(admission: &mut Admission, datagram: &[u8], now: Instant) -> Result<(), String> {
+        let mut out = [0u8; 256];
+        admission
+            .admit(FROM, datagram, now, &mut out)
+            .map_err(|r| match r {
+                Refusal::Cookie(c) => format!("cookie {}", c.len()),
+                Refusal::Drop(reason) => format!("drop {}", reason.as_str()),
+            })
+    }
+
+    #[test]
+    fn over_its_limit_a_tunnel_answers_with_cookies_until_the_next_second() {
+        let (public, t0) = server();
+        let mut admission = Admission::new(&public, 3);
+        let mut client = Client::new(&public);
+        for _ in 0..3 {
+            assert_eq!(outcome(&mut admission, &client.initiation(), t0), Ok(()));
+        }
+        let fourth = client.initiation();
+        assert_eq!(
+            outcome(&mut admission, &fourth, t0),
+            Err("cookie 64".into())
+        );
+        let t1 = t0 + Duration::from_secs(1);
+        assert_eq!(outcome(&mut admission, &client.initiation(), t1), Ok(()));
+    }
+
+    #[test]
+    fn a_cookie_holder_passes_under_load() {
+        let (public, t0) = server();
+        let mut admission = Admission::new(&public, 1);
+        let mut client = Client::new(&public);
+        assert_eq!(outcome(&mut admission, &client.initiation(), t0), Ok(()));
+        client.earn_cookie(&mut admission, t0);
+        assert_eq!(outcome(&mut admission, &client.initiation(), t0), Ok(()));
+    }
+
+    #[test]
+    fn a_bad_mac1_is_dropped_even_when_calm() {
+        let (public, t0) = server();
+        let mut admission = Admission::new(&public, 10);
+        let mut client = Client::new(&public);
+        let mut forged = client.initiation();
+        let n = forged.len();
+        forged[n - 20] ^= 1;
+        assert_eq!(
+            outcome(&mut admission, &forged, t0),
+            Err("drop bad_mac".into())
+        );
+    }
+
+    #[test]
+    fn a_spent_budget_means_cookies_then_drops_for_cookie_holders() {
+        let (public, t0) = server();
+        let mut admission = Admission::new(&public, 1_000);
+        admission.set_budget(Arc::new(HandshakeBudget::new(1)));
+        let mut client = Client::new(&public);
+        assert_eq!(outcome(&mut admission, &client.initiation(), t0), Ok(()));
+        client.earn_cookie(&mut admission, t0);
+        assert_eq!(
+            outcome(&mut admission, &client.initiation(), t0),
+            Err("drop under_load".into()),
+            "proved its address, but there is no budget"
+        );
+        let t1 = t0 + Duration::from_secs(1);
+        assert_eq!(outcome(&mut admission, &client.initiation(), t1), Ok(()));
+    }
+}

@@ -187,6 +187,8 @@ fn main() -> Result<()> {
                 rate: args.rate,
                 offload: args.offload,
             };
+            // Progress (the measured window opening) goes to stderr.
+            init_logging();
             let report = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?
@@ -199,14 +201,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Run(args) => {
-            tracing_subscriber::fmt()
-                .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_default_env()
-                        .unwrap_or_else(|_| "info".into()),
-                )
-                .with_writer(std::io::stderr)
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-                .init();
+            init_logging();
             let settings = settings(&args)?;
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -491,4 +486,15 @@ async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+}
+
+/// Logs to stderr, `info` and up unless `RUST_LOG` says otherwise.
+fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
 }

@@ -249,6 +249,11 @@ async fn storm(
     }
     let answers = Arc::new(Answers::default());
     let (stop, stopped) = watch::channel(false);
+    tracing::info!(
+        initiations = prepared.len(),
+        rate,
+        "storm: measured window opens"
+    );
     let begin = Instant::now();
     let mut listeners = tokio::task::JoinSet::new();
     for socket in &sockets {

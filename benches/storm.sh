@@ -1,0 +1,157 @@
+#!/usr/bin/env bash
+# A handshake storm next to an established flow, with the appliance on one core.
+#
+# For each storm rate: starts wgplane pinned to one CPU, measures a phone ->
+# gateway flow alone, then the same flow inside a storm of handshake initiations
+# over 10 tunnels x 20 routers (load generator pinned to another CPU). Reports
+# whether every initiation was answered (handshakes within the process budget,
+# cookie replies above it), the appliance's CPU for the storm, and the flow's
+# loss and latency alone and under the storm.
+#
+# Usage: benches/storm.sh [--rates 20000,60000] [--seconds 15] [--flow-rate 20000]
+#                         [--json FILE]
+# Loopback only; no privileges needed. Needs 2 CPUs.
+set -euo pipefail
+
+RATES="20000,60000"
+STORM_SECONDS=15
+FLOW_RATE=20000
+FLOW_SECONDS=8
+JSON_OUT=""
+
+usage() {
+    sed -n '11,13p' "$0" | sed 's/^# \{0,1\}//'
+}
+
+die() {
+    echo "storm.sh: $*" >&2
+    exit 1
+}
+
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --rates) RATES="${2:?--rates needs a value}"; shift 2 ;;
+        --seconds) STORM_SECONDS="${2:?--seconds needs a value}"; shift 2 ;;
+        --flow-rate) FLOW_RATE="${2:?--flow-rate needs a value}"; shift 2 ;;
+        --json) JSON_OUT="${2:?--json needs a file}"; shift 2 ;;
+        -h | --help) usage; exit 0 ;;
+        *) usage >&2; die "unknown argument: $1" ;;
+    esac
+done
+[[ "$RATES" =~ ^[1-9][0-9]*(,[1-9][0-9]*)*$ ]] || die "--rates must be positive integers, comma-separated"
+[[ "$STORM_SECONDS" =~ ^[1-9][0-9]*$ ]] || die "--seconds must be a positive integer"
+[[ "$FLOW_RATE" =~ ^[1-9][0-9]*$ ]] || die "--flow-rate must be a positive integer"
+((STORM_SECONDS >= FLOW_SECONDS + 4)) || die "--seconds must be at least $((FLOW_SECONDS + 4)): the flow runs inside the storm"
+CPUS="$(nproc)"
+((CPUS >= 2)) || die "needs 2 CPUs (appliance on one, load generator on another)"
+APP_CPU=$((CPUS - 1))
+GEN_CPU=0
+if [[ -n "$JSON_OUT" ]]; then
+    JSON_OUT="$(realpath -m -- "$JSON_OUT")"
+fi
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+WGPLANE="$REPO/target/release/wgplane"
+(cd "$REPO" && cargo build --release --quiet) || die "cargo build --release failed"
+
+WORK="$(mktemp -d /tmp/wgplane-storm.XXXXXX)"
+PIDS=()
+cleanup() {
+    local pid
+    for pid in "${PIDS[@]}"; do
+        kill "$pid" 2>/dev/null || true
+    done
+    for pid in "${PIDS[@]}"; do
+        wait "$pid" 2>/dev/null || true
+    done
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+free_port() { # a free port of protocol $1 (tcp/udp) on loopback
+    python3 -c "import socket,sys; s=socket.socket(socket.AF_INET, socket.SOCK_STREAM if sys.argv[1]=='tcp' else socket.SOCK_DGRAM); s.bind(('127.0.0.1',0)); print(s.getsockname()[1])" "$1"
+}
+
+# start_appliance DIR: wgplane on APP_CPU with its state in DIR; sets APP_PID, API.
+start_appliance() {
+    local dir=$1 port
+    port="$(free_port tcp)"
+    API="http://127.0.0.1:$port"
+    mkdir -p "$dir"
+    taskset -c "$APP_CPU" "$WGPLANE" run --state-dir "$dir/state" --bind 127.0.0.1 \
+        --api-listen "127.0.0.1:$port" --first-port "$(free_port udp)" \
+        >"$dir/wgplane.log" 2>&1 &
+    APP_PID=$!
+    PIDS+=("$APP_PID")
+    local end=$((SECONDS + 20))
+    until [[ -s "$dir/state/api-token" ]] && curl -fsS "$API/healthz" >/dev/null 2>&1; do
+        kill -0 "$APP_PID" 2>/dev/null || die "wgplane exited: $(tail -5 "$dir/wgplane.log")"
+        ((SECONDS < end)) || die "wgplane did not come up within 20 s"
+        sleep 0.2
+    done
+}
+
+bench() { # bench DIR ARGS...: the load generator against the appliance, JSON on stdout
+    local dir=$1
+    shift
+    "$WGPLANE" bench --api "$API" --token-file "$dir/state/api-token" --pid "$APP_PID" --json "$@"
+}
+
+RESULTS="$WORK/results.jsonl"
+: >"$RESULTS"
+IFS=',' read -r -a RATE_LIST <<<"$RATES"
+for rate in "${RATE_LIST[@]}"; do
+    dir="$WORK/rate-$rate"
+    start_appliance "$dir"
+    echo "storm.sh: $rate initiations/s: flow alone" >&2
+    bench "$dir" --size 1420 --rate "$FLOW_RATE" --seconds "$FLOW_SECONDS" >"$dir/alone.json"
+
+    echo "storm.sh: $rate initiations/s: preparing the storm" >&2
+    taskset -c "$GEN_CPU" "$WGPLANE" bench --api "$API" --token-file "$dir/state/api-token" \
+        --pid "$APP_PID" --json --mode handshakes --tunnels 10 --peers 20 \
+        --rate "$rate" --seconds "$STORM_SECONDS" >"$dir/storm.json" 2>"$dir/storm.log" &
+    storm=$!
+    PIDS+=("$storm")
+    until grep -q "measured window opens" "$dir/storm.log"; do
+        kill -0 "$storm" 2>/dev/null || die "the storm ended early: $(tail -5 "$dir/storm.log")"
+        sleep 0.2
+    done
+    sleep 1
+    echo "storm.sh: $rate initiations/s: flow inside the storm" >&2
+    bench "$dir" --size 1420 --rate "$FLOW_RATE" --seconds "$FLOW_SECONDS" >"$dir/under.json"
+    wait "$storm" || die "the storm failed: $(tail -5 "$dir/storm.log")"
+    kill "$APP_PID"
+    wait "$APP_PID" 2>/dev/null || true
+    python3 - "$rate" "$dir" >>"$RESULTS" <<'PY'
+import json, sys
+rate, d = int(sys.argv[1]), sys.argv[2]
+load = lambda n: json.load(open(f"{d}/{n}.json"))
+alone, under, storm = load("alone"), load("under"), load("storm")
+flow = lambda f: {"loss_percent": f["loss_percent"], "forwarded": f["forwarded_packets"],
+                  "sent": f["sent_packets"], **{k: f["latency"][k] for k in ("p50_us", "p99_us", "p999_us", "max_us")}}
+print(json.dumps({"storm_rate": rate, "storm": storm, "flow_alone": flow(alone), "flow_under_storm": flow(under)}))
+PY
+done
+
+python3 - "$RESULTS" "$JSON_OUT" "$FLOW_RATE" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+print(f"\nAppliance on one CPU; flow: 1420-byte packets at {sys.argv[3]}/s.\n")
+print("| storm offered/s | answered/s | handshakes | cookie replies | unanswered | appliance cores | CPU-µs per initiation |")
+print("|---:|---:|---:|---:|---:|---:|---:|")
+for r in rows:
+    s = r["storm"]
+    print(f"| {s['offered_per_s']:.0f} | {s['answered_per_s']:.0f} | {s['responses']} | {s['cookie_replies']} "
+          f"| {s['sent_initiations'] - s['responses'] - s['cookie_replies']} | {s['appliance_cores']:.2f} "
+          f"| {s['appliance_cpu_us_per_initiation']:.1f} |")
+print("\n| storm offered/s | flow | loss % | forwarded/sent | p50 µs | p99 µs | p99.9 µs | max µs |")
+print("|---:|---|---:|---:|---:|---:|---:|---:|")
+for r in rows:
+    for name, f in (("alone", r["flow_alone"]), ("under storm", r["flow_under_storm"])):
+        print(f"| {r['storm_rate']} | {name} | {f['loss_percent']:.2f} | {f['forwarded']}/{f['sent']} "
+              f"| {f['p50_us']} | {f['p99_us']} | {f['p999_us']} | {f['max_us']} |")
+if sys.argv[2]:
+    json.dump(rows, open(sys.argv[2], "w"), indent=2)
+    print(f"\nJSON: {sys.argv[2]}")
+PY

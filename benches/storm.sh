@@ -3,10 +3,12 @@
 #
 # For each storm rate: starts wgplane pinned to one CPU, measures a phone ->
 # gateway flow alone, then the same flow inside a storm of handshake initiations
-# over 10 tunnels x 20 routers (load generator pinned to another CPU). Reports
+# over 10 tunnels x 20 routers (load generator pinned to another CPU), plus 20
+# routers that retry with their cookie as real WireGuard peers do. Reports
 # whether every initiation was answered (handshakes within the process budget,
-# cookie replies above it), the appliance's CPU for the storm, and the flow's
-# loss and latency alone and under the storm.
+# cookie replies above it), whether the cookie-holding routers got their
+# handshakes, the appliance's CPU for the storm, and the flow's loss and latency
+# alone and under the storm.
 #
 # Usage: benches/storm.sh [--rates 20000,60000] [--seconds 15] [--flow-rate 20000]
 #                         [--json FILE]
@@ -92,10 +94,12 @@ start_appliance() {
     done
 }
 
-bench() { # bench DIR ARGS...: the load generator against the appliance, JSON on stdout
-    local dir=$1
-    shift
-    "$WGPLANE" bench --api "$API" --token-file "$dir/state/api-token" --pid "$APP_PID" --json "$@"
+flow() { # flow DIR NAME: the flow's load generator against the appliance, JSON in DIR/NAME.json
+    local dir=$1 name=$2
+    "$WGPLANE" bench --api "$API" --token-file "$dir/state/api-token" --pid "$APP_PID" --json \
+        --size 1420 --rate "$FLOW_RATE" --seconds "$FLOW_SECONDS" \
+        >"$dir/$name.json" 2>"$dir/$name.log" ||
+        die "the flow ($name) failed: $(tail -20 "$dir/$name.log")"
 }
 
 RESULTS="$WORK/results.jsonl"
@@ -105,12 +109,12 @@ for rate in "${RATE_LIST[@]}"; do
     dir="$WORK/rate-$rate"
     start_appliance "$dir"
     echo "storm.sh: $rate initiations/s: flow alone" >&2
-    bench "$dir" --size 1420 --rate "$FLOW_RATE" --seconds "$FLOW_SECONDS" >"$dir/alone.json"
+    flow "$dir" alone
 
     echo "storm.sh: $rate initiations/s: preparing the storm" >&2
     taskset -c "$GEN_CPU" "$WGPLANE" bench --api "$API" --token-file "$dir/state/api-token" \
         --pid "$APP_PID" --json --mode handshakes --tunnels 10 --peers 20 \
-        --rate "$rate" --seconds "$STORM_SECONDS" >"$dir/storm.json" 2>"$dir/storm.log" &
+        --rate "$rate" --seconds "$STORM_SECONDS" --patient 20 >"$dir/storm.json" 2>"$dir/storm.log" &
     storm=$!
     PIDS+=("$storm")
     until grep -q "measured window opens" "$dir/storm.log"; do
@@ -119,7 +123,7 @@ for rate in "${RATE_LIST[@]}"; do
     done
     sleep 1
     echo "storm.sh: $rate initiations/s: flow inside the storm" >&2
-    bench "$dir" --size 1420 --rate "$FLOW_RATE" --seconds "$FLOW_SECONDS" >"$dir/under.json"
+    flow "$dir" under
     wait "$storm" || die "the storm failed: $(tail -5 "$dir/storm.log")"
     kill "$APP_PID"
     wait "$APP_PID" 2>/dev/null || true
@@ -138,13 +142,15 @@ python3 - "$RESULTS" "$JSON_OUT" "$FLOW_RATE" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 print(f"\nAppliance on one CPU; flow: 1420-byte packets at {sys.argv[3]}/s.\n")
-print("| storm offered/s | answered/s | handshakes | cookie replies | unanswered | appliance cores | CPU-µs per initiation |")
-print("|---:|---:|---:|---:|---:|---:|---:|")
+print("| storm offered/s | answered/s | handshakes | cookie replies | unanswered | appliance cores | CPU-µs per initiation | cookie-echoing routers served | their time to handshake (p50 / max) |")
+print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 for r in rows:
     s = r["storm"]
     print(f"| {s['offered_per_s']:.0f} | {s['answered_per_s']:.0f} | {s['responses']} | {s['cookie_replies']} "
           f"| {s['sent_initiations'] - s['responses'] - s['cookie_replies']} | {s['appliance_cores']:.2f} "
-          f"| {s['appliance_cpu_us_per_initiation']:.1f} |")
+          f"| {s['appliance_cpu_us_per_initiation']:.1f} "
+          f"| {s['patient']['completed']} of {s['patient']['routers']} "
+          f"| {s['patient']['seconds_p50'] or float('nan'):.2f} s / {s['patient']['seconds_max'] or float('nan'):.2f} s |")
 print("\n| storm offered/s | flow | loss % | forwarded/sent | p50 µs | p99 µs | p99.9 µs | max µs |")
 print("|---:|---|---:|---:|---:|---:|---:|---:|")
 for r in rows:

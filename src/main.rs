@@ -76,6 +76,10 @@ struct BenchArgs {
     /// implementations; without it, one datagram per syscall.
     #[arg(long)]
     offload: bool,
+    /// Handshakes: routers that, inside the storm, retry with the cookie from a
+    /// cookie reply as real WireGuard peers do.
+    #[arg(long, default_value_t = 0)]
+    patient: usize,
     /// PID of the appliance, to measure its CPU time.
     #[arg(long)]
     pid: Option<u32>,
@@ -186,6 +190,7 @@ fn main() -> Result<()> {
                 pid: args.pid,
                 rate: args.rate,
                 offload: args.offload,
+                patient: args.patient,
             };
             // Progress (the measured window opening) goes to stderr.
             init_logging();

@@ -70,6 +70,9 @@ pub struct BenchSpec {
     /// Peers send with UDP GSO and receive with UDP GRO, as modern WireGuard
     /// implementations do; off: one datagram per syscall.
     pub offload: bool,
+    /// Handshakes: routers, besides the storm's, that retry with the cookie
+    /// from a cookie reply as real WireGuard peers do.
+    pub patient: usize,
 }
 
 /// The result, printed as a table and as JSON.

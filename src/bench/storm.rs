@@ -8,6 +8,11 @@
 //! increase and none is refused as a replay. Each router sends from its own
 //! socket, as real routers have their own endpoints. The responses are counted,
 //! not completed: the appliance's work for a handshake is done when it answers.
+//!
+//! These storm routers never echo a cookie. `--patient N` adds routers that
+//! behave like real WireGuard peers inside the storm: they keep the cookie from a
+//! cookie reply and retry with it (after 1 s, where WireGuard waits 5), and the
+//! report says how many got their handshake and how long it took.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,6 +32,16 @@ pub const DEFAULT_RATE: u64 = 25_000;
 
 /// Most initiations prepared for one run (about 150 bytes each).
 const MAX_PREPARED: u64 = 2_000_000;
+
+/// A patient router's wait for an answer before it retries (WireGuard's
+/// REKEY_TIMEOUT is 5 s; shorter so that a run sees several tries), plus up to
+/// WireGuard's 333 ms of jitter.
+const PATIENT_RETRY: Duration = Duration::from_secs(1);
+const PATIENT_JITTER_MS: u32 = 333;
+
+/// Patient routers start this long into the storm, when it has the appliance
+/// under load.
+const PATIENT_START: Duration = Duration::from_secs(1);
 
 /// What a handshake run measured.
 #[derive(Debug, Clone, Serialize)]
@@ -52,6 +67,21 @@ pub struct StormReport {
     pub appliance_cpu_us_per_initiation: Option<f64>,
     /// Appliance CPU over the run's duration: 1.0 is one core busy.
     pub appliance_cores: Option<f64>,
+    /// The routers that retried with their cookie (`--patient`).
+    pub patient: PatientReport,
+}
+
+/// What the patient routers (real WireGuard behaviour) saw inside the storm.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PatientReport {
+    pub routers: usize,
+    /// Routers that got a handshake response before the storm ended.
+    pub completed: usize,
+    /// Cookie replies they received on the way.
+    pub cookie_replies: u64,
+    /// From a router's first initiation to its handshake response.
+    pub seconds_p50: Option<f64>,
+    pub seconds_max: Option<f64>,
 }
 
 impl StormReport {
@@ -66,7 +96,8 @@ impl StormReport {
              answered               {:.0} /s\n\
              appliance CPU          {} ({})\n\
              appliance CPU / hs     {}\n\
-             appliance CPU / init   {}\n",
+             appliance CPU / init   {}\n\
+             patient routers        {} of {} got a handshake ({} cookie replies), p50 {} max {}\n",
             self.tunnels,
             self.peers_per_tunnel,
             self.seconds,
@@ -81,6 +112,11 @@ impl StormReport {
             opt(self.appliance_cores, "cores"),
             opt(self.appliance_cpu_us_per_handshake, "µs"),
             opt(self.appliance_cpu_us_per_initiation, "µs"),
+            self.patient.completed,
+            self.patient.routers,
+            self.patient.cookie_replies,
+            opt(self.patient.seconds_p50, "s"),
+            opt(self.patient.seconds_max, "s"),
         )
     }
 }
@@ -96,9 +132,12 @@ pub(crate) async fn run(
     let peers = spec.peers.max(1);
     let mut routers = Vec::new();
     let mut names = Vec::new();
+    let mut tenants = Vec::new();
+    let count_routers = tunnels * peers;
     for t in 0..tunnels {
         let name = format!("bench-{pid}-hs{t}");
         let TunnelInfo { public, port } = api.tenant(&name, created).await?;
+        tenants.push((public, port));
         for r in 0..peers {
             let secret = api.router(&name, &format!("r{r}")).await?;
             let index = (t * peers + r) as u32;
@@ -108,6 +147,16 @@ pub(crate) async fn run(
             ));
         }
         names.push(name);
+    }
+    let mut patient = Vec::with_capacity(spec.patient);
+    for p in 0..spec.patient {
+        let (name, (public, port)) = (&names[p % tunnels], tenants[p % tunnels]);
+        let secret = api.router(name, &format!("p{p}")).await?;
+        let index = (count_routers + p) as u32;
+        patient.push((
+            Tunn::new(secret, public, None, None, index, None),
+            SocketAddr::new(spec.host, port),
+        ));
     }
     let rate = if spec.rate == 0 {
         DEFAULT_RATE
@@ -121,7 +170,7 @@ pub(crate) async fn run(
     let prepared = tokio::task::spawn_blocking(move || prepare(routers, total, threads))
         .await
         .map_err(|e| BenchError::Api(e.to_string()))?;
-    let mut report = storm(spec, &prepared, count, rate).await?;
+    let mut report = storm(spec, &prepared, count, rate, patient).await?;
     report.tunnels = tunnels;
     report.peers_per_tunnel = peers;
     for name in &names {
@@ -242,6 +291,7 @@ async fn storm(
     prepared: &[Prepared],
     routers: usize,
     rate: u64,
+    patient: Vec<(Tunn, SocketAddr)>,
 ) -> Result<StormReport, BenchError> {
     let mut sockets = Vec::with_capacity(routers);
     for _ in 0..routers {
@@ -265,6 +315,11 @@ async fn storm(
         ));
     }
     let meter = CpuMeter::start(spec.pid);
+    let deadline = begin + spec.duration;
+    let mut patients = tokio::task::JoinSet::new();
+    for (tunn, to) in patient {
+        patients.spawn(retry_with_cookies(tunn, to, spec.host, begin, deadline));
+    }
     let mut sent = 0u64;
     let mut sending = Duration::ZERO;
     // Initiations go out in chunks of 64, chunk `n` due at n * 64 / rate s.
@@ -294,6 +349,21 @@ async fn storm(
     let cpu = meter.seconds();
     let _ = stop.send(true);
     while listeners.join_next().await.is_some() {}
+    let mut patient = PatientReport::default();
+    let mut took = Vec::new();
+    while let Some(outcome) = patients.join_next().await {
+        patient.routers += 1;
+        let Ok(outcome) = outcome else { continue };
+        let (done, cookies) = outcome?;
+        patient.cookie_replies += cookies;
+        if let Some(t) = done {
+            patient.completed += 1;
+            took.push(t.as_secs_f64());
+        }
+    }
+    took.sort_by(f64::total_cmp);
+    patient.seconds_p50 = took.get(took.len() / 2).copied();
+    patient.seconds_max = took.last().copied();
     let responses = answers.responses.load(Ordering::Relaxed);
     let cookie_replies = answers.cookies.load(Ordering::Relaxed);
     // From the first initiation to the last answer.
@@ -318,5 +388,48 @@ async fn storm(
             .map(|c| c * 1e6 / responses as f64),
         appliance_cpu_us_per_initiation: cpu.filter(|_| sent > 0).map(|c| c * 1e6 / sent as f64),
         appliance_cores: cpu.map(|c| c / seconds),
+        patient,
     })
+}
+
+/// A router that behaves like a WireGuard peer: from [`PATIENT_START`] into the
+/// storm until `deadline`, it initiates, keeps the cookie from a cookie reply
+/// and retries every [`PATIENT_RETRY`] (plus jitter) until a handshake response
+/// comes back.
+/// Returns how long that took (none: no handshake) and the cookie replies seen.
+async fn retry_with_cookies(
+    mut tunn: Tunn,
+    to: SocketAddr,
+    host: std::net::IpAddr,
+    begin: Instant,
+    deadline: Instant,
+) -> Result<(Option<Duration>, u64), BenchError> {
+    tokio::time::sleep_until((begin + PATIENT_START).into()).await;
+    let socket = tokio::net::UdpSocket::bind((host, 0)).await?;
+    let started = Instant::now();
+    let mut cookies = 0;
+    let (mut out, mut answer, mut scratch) = ([0u8; 256], [0u8; 256], [0u8; 256]);
+    while Instant::now() < deadline {
+        if let TunnResult::WriteToNetwork(initiation) =
+            tunn.format_handshake_initiation(&mut out, true)
+        {
+            socket.send_to(initiation, to).await?;
+        }
+        let jitter = Duration::from_millis(u64::from(
+            rand_core::RngCore::next_u32(&mut rand_core::OsRng) % PATIENT_JITTER_MS,
+        ));
+        let retry = Instant::now() + PATIENT_RETRY + jitter;
+        while let Ok(got) = tokio::time::timeout_at(retry.into(), socket.recv(&mut answer)).await {
+            let n = got?;
+            let kind = answer[0];
+            let result = tunn.decapsulate(Some(to.ip()), &answer[..n], &mut scratch);
+            match (kind, result) {
+                (_, TunnResult::Err(_)) => {}
+                (2, _) => return Ok((Some(started.elapsed()), cookies)),
+                (3, _) => cookies += 1,
+                _ => {}
+            }
+        }
+    }
+    Ok((None, cookies))
 }

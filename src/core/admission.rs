@@ -95,23 +95,31 @@ impl Admission {
         now: Instant,
         out: &'a mut [u8],
     ) -> Result<(), Refusal<'a>> {
-        let busy = self.count(now) || self.budget.as_ref().is_some_and(|b| b.under_load(now));
-        let checker = if busy { &self.cookies } else { &*self.macs };
-        // Borrowck: a cookie written into `out` is returned, so the second check
-        // below only runs when the first one wrote nothing.
-        match verify(checker, from, datagram, out) {
+        // `verify` reports what it wrote rather than returning a borrow of `out`,
+        // so `out` stays usable for the next check.
+        match verify(&self.macs, from, datagram, out) {
             Verdict::Pass => {}
             Verdict::Cookie => return Err(cookie(out)),
             Verdict::Drop(reason) => return Err(Refusal::Drop(reason)),
+        }
+        // Only initiations with a valid mac1 (which needs the tunnel's public
+        // key) count towards its load.
+        let busy = self.count(now) || self.budget.as_ref().is_some_and(|b| b.under_load(now));
+        if busy {
+            match verify(&self.cookies, from, datagram, out) {
+                Verdict::Pass => {}
+                Verdict::Cookie => return Err(cookie(out)),
+                Verdict::Drop(reason) => return Err(Refusal::Drop(reason)),
+            }
         }
         match &self.budget {
             Some(budget) if !budget.take(now) => {
                 // The budget ran dry just now: from here on, cookies first.
                 if !busy {
                     match verify(&self.cookies, from, datagram, out) {
+                        Verdict::Pass => {}
                         Verdict::Cookie => return Err(cookie(out)),
                         Verdict::Drop(reason) => return Err(Refusal::Drop(reason)),
-                        Verdict::Pass => {}
                     }
                 }
                 Err(Refusal::Drop(DropReason::UnderLoad))
@@ -137,7 +145,7 @@ impl Admission {
 
 enum Verdict {
     Pass,
-    /// A cookie reply of `COOKIE_REPLY_SZ` bytes is at the start of `out`.
+    /// A cookie reply of `COOKIE_REPLY_LEN` bytes is at the start of `out`.
     Cookie,
     Drop(DropReason),
 }
@@ -242,6 +250,25 @@ mod tests {
         );
         let t1 = t0 + Duration::from_secs(1);
         assert_eq!(outcome(&mut admission, &client.initiation(), t1), Ok(()));
+    }
+
+    #[test]
+    fn initiations_with_a_bad_mac1_do_not_count_towards_the_load() {
+        let (public, t0) = server();
+        let mut admission = Admission::new(&public, 2);
+        let mut client = Client::new(&public);
+        let mut forged = client.initiation();
+        let n = forged.len();
+        forged[n - 20] ^= 1;
+        for _ in 0..10 {
+            assert!(outcome(&mut admission, &forged, t0).is_err());
+        }
+        assert_eq!(outcome(&mut admission, &client.initiation(), t0), Ok(()));
+        assert_eq!(outcome(&mut admission, &client.initiation(), t0), Ok(()));
+        assert_eq!(
+            outcome(&mut admission, &client.initiation(), t0),
+            Err("cookie 64".into())
+        );
     }
 
     #[test]

@@ -346,6 +346,7 @@ pub async fn run(
             return;
         }
     };
+    quiet_control_messages(&socket);
     let mut tx = TxBatch {
         data: Vec::new(),
         runs: Vec::new(),
@@ -467,4 +468,72 @@ pub async fn run(
         }
     }
     tracing::debug!(tenant = %tenant, "tunnel task stopped");
+}
+
+/// Turns off the per-datagram control messages quinn-udp asks for and the
+/// tunnel never reads: the destination address (`IP_PKTINFO`) and the TOS/ECN
+/// byte (`IP_RECVTOS`), with their IPv6 twins. Each costs the kernel a `put_cmsg`
+/// per received datagram. UDP GRO's segment size stays on. Best effort: a
+/// failure leaves them on, which is only slower.
+fn quiet_control_messages(socket: &impl std::os::fd::AsRawFd) {
+    let fd = socket.as_raw_fd();
+    let off: libc::c_int = 0;
+    let options = [
+        (libc::IPPROTO_IP, libc::IP_PKTINFO),
+        (libc::IPPROTO_IP, libc::IP_RECVTOS),
+        (libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO),
+        (libc::IPPROTO_IPV6, libc::IPV6_RECVTCLASS),
+    ];
+    for (level, name) in options {
+        // SAFETY: `fd` is an open socket owned by `socket` for the duration of
+        // the call; the option value is a live `c_int` of the size passed. An
+        // option that does not apply to this socket's family fails harmlessly.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                name,
+                std::ptr::addr_of!(off).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::quiet_control_messages;
+    use std::os::fd::AsRawFd;
+
+    fn option(socket: &std::net::UdpSocket, level: libc::c_int, name: libc::c_int) -> libc::c_int {
+        let mut value: libc::c_int = -1;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: a live socket, and a `c_int` with its size for the kernel to fill.
+        let rc = unsafe {
+            libc::getsockopt(
+                socket.as_raw_fd(),
+                level,
+                name,
+                std::ptr::addr_of_mut!(value).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(rc, 0, "getsockopt({level}, {name})");
+        value
+    }
+
+    #[test]
+    fn the_options_quinn_udp_turns_on_are_off_again() {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind loopback");
+        let state = quinn_udp::UdpSocketState::new((&socket).into()).expect("quinn-udp state");
+        assert_eq!(option(&socket, libc::IPPROTO_IP, libc::IP_PKTINFO), 1);
+        quiet_control_messages(&socket);
+        assert_eq!(option(&socket, libc::IPPROTO_IP, libc::IP_PKTINFO), 0);
+        assert_eq!(option(&socket, libc::IPPROTO_IP, libc::IP_RECVTOS), 0);
+        // GRO (the segment size of coalesced datagrams) stays as it was.
+        assert_eq!(
+            state.gro_segments() > 1,
+            option(&socket, libc::SOL_UDP, libc::UDP_GRO) == 1
+        );
+    }
 }

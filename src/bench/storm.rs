@@ -87,7 +87,7 @@ pub struct PatientReport {
 impl StormReport {
     /// The report as a small table.
     pub fn table(&self) -> String {
-        format!(
+        let mut table = format!(
             "tunnels x peers        {} x {}\n\
              duration               {:.1} s, {:.0} initiations/s offered\n\
              sent initiations       {}\n\
@@ -96,8 +96,7 @@ impl StormReport {
              answered               {:.0} /s\n\
              appliance CPU          {} ({})\n\
              appliance CPU / hs     {}\n\
-             appliance CPU / init   {}\n\
-             patient routers        {} of {} got a handshake ({} cookie replies), p50 {} max {}\n",
+             appliance CPU / init   {}\n",
             self.tunnels,
             self.peers_per_tunnel,
             self.seconds,
@@ -112,12 +111,21 @@ impl StormReport {
             opt(self.appliance_cores, "cores"),
             opt(self.appliance_cpu_us_per_handshake, "µs"),
             opt(self.appliance_cpu_us_per_initiation, "µs"),
-            self.patient.completed,
-            self.patient.routers,
-            self.patient.cookie_replies,
-            opt(self.patient.seconds_p50, "s"),
-            opt(self.patient.seconds_max, "s"),
-        )
+        );
+        let p = &self.patient;
+        if p.routers > 0 {
+            let seconds = |v: Option<f64>| v.map_or("-".to_owned(), |s| format!("{s:.2} s"));
+            table.push_str(&format!(
+                "patient routers        {} of {} got a handshake ({} cookie replies), \
+                 p50 {} max {}\n",
+                p.completed,
+                p.routers,
+                p.cookie_replies,
+                seconds(p.seconds_p50),
+                seconds(p.seconds_max),
+            ));
+        }
+        table
     }
 }
 

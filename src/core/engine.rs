@@ -7,9 +7,10 @@
 //! [`TunnelEngine::poll_event`].
 //!
 //! Cost follows activity: datagrams are found by receiver index in O(1), a repeated
-//! initiation by its endpoint, a new one by decrypting its key; handshakes pass the
-//! tunnel's cookie check and the process-wide [`HandshakeBudget`] before any
-//! Diffie-Hellman; timers visit only peers with protocol state.
+//! initiation by its endpoint, a new one by decrypting its key; initiations pass
+//! admission (cookie replies under load, the process-wide [`HandshakeBudget`];
+//! see [`super::admission`]) before any Diffie-Hellman; timers visit only peers
+//! with protocol state.
 //!
 //! One engine serves exactly one tunnel, so no lookup can ever reach another tenant:
 //! isolation holds by construction. The engine opens no socket, spawns nothing and

@@ -13,7 +13,9 @@
 # CPU-microseconds per packet received by the server).
 #
 # Usage: benches/hubs.sh [--runs N (3)] [--seconds S (10)] [--udp-rate PPS (50000)]
-#                        [--hubs wgplane,wireguard-go,boringtun] [--json FILE]
+#                        [--hubs wgplane,wireguard-go,boringtun] [--json FILE] [--profile]
+# --profile: one more wgplane run, not counted, under `perf record`: where the
+# hub's CPU goes, by kernel and user-space stage.
 # Needs root. Traffic never leaves the namespaces this script creates.
 # Env: BORINGTUN_VERSION (0.7.1) to install, HUBS_KEEP=1 keeps logs and iperf3 JSON.
 set -euo pipefail
@@ -23,10 +25,11 @@ SECONDS_PER_TEST=10
 HUBS="wgplane,wireguard-go,boringtun"
 UDP_RATE=50000
 JSON_OUT=""
+PROFILE=""
 BORINGTUN_VERSION="${BORINGTUN_VERSION:-0.7.1}"
 
 usage() {
-    sed -n '15,18p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '15,20p' "$0" | sed 's/^# \{0,1\}//'
 }
 
 die() {
@@ -41,6 +44,7 @@ while [[ $# -gt 0 ]]; do
         --hubs) HUBS="${2:?--hubs needs a value}"; shift 2 ;;
         --udp-rate) UDP_RATE="${2:?--udp-rate needs a value}"; shift 2 ;;
         --json) JSON_OUT="${2:?--json needs a file}"; shift 2 ;;
+        --profile) PROFILE=1; shift ;;
         -h | --help) usage; exit 0 ;;
         *) usage >&2; die "unknown argument: $1" ;;
     esac
@@ -161,6 +165,7 @@ ensure_packages() {
         [ip]=iproute2 [ss]=iproute2 [iptables]=iptables [sysctl]=procps
         [curl]=curl [ping]=iputils-ping [python3]=python3 [timeout]=coreutils
     )
+    [[ -z "$PROFILE" ]] || pkg_of[perf]=linux-perf
     local -a missing=()
     local cmd
     for cmd in "${!pkg_of[@]}"; do
@@ -582,6 +587,61 @@ WORK="$(mktemp -d /tmp/wgplane-hubs.XXXXXX)"
 [[ -z "${HUBS_KEEP:-}" ]] || log "HUBS_KEEP set: logs and iperf3 JSON stay in $WORK"
 ensure_packages
 ensure_binaries
+# profile_wgplane: a wgplane lab outside the measured runs, with `perf record`
+# on the hub during each test; prints where its CPU went.
+profile_wgplane() {
+    build_lab wgplane profile
+    local kind secs=$((SECONDS_PER_TEST > 4 ? SECONDS_PER_TEST - 2 : 2))
+    for kind in tcp udp; do
+        local args=()
+        [[ "$kind" == tcp ]] || args=(-u -l 64 -b "$UDP_BPS")
+        log "wgplane profile: $kind under perf record for ${secs}s"
+        timeout $((SECONDS_PER_TEST + 30)) ip netns exec "$PHONE_NS" \
+            iperf3 -c 198.18.0.2 -p "$IPERF_PORT" -t "$SECONDS_PER_TEST" "${args[@]}" \
+            >"$DIR/iperf3-profile-$kind.log" 2>&1 &
+        local client=$!
+        PIDS+=("$client")
+        sleep 1
+        perf record -q -F 2000 -g -p "$HUB_PID" -o "$DIR/perf-$kind.data" -- sleep "$secs" \
+            >/dev/null 2>&1 || hub_failure "perf record failed"
+        wait "$client" || hub_failure "iperf3 $kind (profile) failed"
+        forget_pid "$client"
+        perf report -i "$DIR/perf-$kind.data" --children --sort symbol --stdio -g none \
+            2>/dev/null >"$DIR/perf-$kind.txt" || hub_failure "perf report failed"
+    done
+    teardown_lab
+    python3 - "$DIR/perf-tcp.txt" "$DIR/perf-udp.txt" <<'PY'
+import re, sys
+# Lines: "  children%  self%  [k|.] symbol"
+def load(path):
+    rows = []
+    for line in open(path):
+        m = re.match(r"\s*([\d.]+)%\s+([\d.]+)%\s+\[.\]\s+(\S+)", line)
+        if m:
+            rows.append((float(m.group(1)), float(m.group(2)), m.group(3)))
+    return rows
+def children(rows, name):
+    return max((c for c, _, s in rows if s == name), default=0.0)
+def self_sum(rows, pred):
+    return sum(x for _, x, s in rows if pred(s))
+stages = [
+    ("ChaCha20-Poly1305 (self)", lambda r: self_sum(r, lambda s: "chacha20_poly1305" in s)),
+    ("sendmsg, all of it", lambda r: children(r, "__libc_sendmsg")),
+    ("  of which softirq on our sends (on veth: the receiver's stack)", lambda r: children(r, "__local_bh_enable_ip")),
+    ("recvmmsg", lambda r: children(r, "__recvmmsg")),
+    ("epoll_wait (sleeping and waking)", lambda r: children(r, "epoll_wait")),
+    ("context switches (self)", lambda r: self_sum(r, lambda s: s.startswith("finish_task_switch"))),
+    ("wgplane's own code (self)", lambda r: self_sum(r, lambda s: s.startswith("wgplane::"))),
+]
+tcp, udp = load(sys.argv[1]), load(sys.argv[2])
+print("\n### Where wgplane's hub CPU goes (perf, share of samples; nested rows overlap)\n")
+print("| stage | TCP | UDP 64 B |")
+print("|---|---:|---:|")
+for name, f in stages:
+    print(f"| {name} | {f(tcp):.1f} % | {f(udp):.1f} % |")
+PY
+}
+
 RESULTS="$WORK/results.jsonl"
 : >"$RESULTS"
 VERSIONS="wgplane $(cd "$REPO" && git describe --always --dirty 2>/dev/null || echo '?')"
@@ -605,3 +665,4 @@ for ((run = 1; run <= RUNS; run++)); do
 done
 
 report
+[[ -z "$PROFILE" ]] || profile_wgplane

@@ -252,3 +252,43 @@ fn under_a_storm_only_senders_with_a_cookie_spend_the_budget() {
     assert_eq!(handshakes(&sim), 3);
     assert_eq!(sim.tunnels[b].engine.stats().handshakes, 1);
 }
+
+#[test]
+fn under_load_one_cookie_holder_cannot_take_everyone_s_budget() {
+    use std::sync::Arc;
+    use wgplane::core::budget::HandshakeBudget;
+    use wgplane::core::engine::TunnelEngine;
+
+    // One initiation a second before cookies; a process budget of 1,000 a second
+    // (a bucket of 10).
+    let mut sim = Sim::new();
+    let t = sim.tunnel(51820, "10.100.0.1");
+    let secret = sim.tunnels[t].secret.clone();
+    sim.tunnels[t].engine = TunnelEngine::new(secret, vec![sim::ip("10.100.0.1")])
+        .with_handshake_limit(1)
+        .with_handshake_budget(Arc::new(HandshakeBudget::new(1_000)));
+    let greedy = sim.peer("greedy", t, PeerKind::Router, &["10.100.1.1/32"]);
+    let fair = sim.peer("fair", t, PeerKind::Router, &["10.100.1.2/32"]);
+    sim.peers[greedy].addr = "198.51.100.66:40000".parse().unwrap();
+    sim.peers[fair].addr = "198.51.100.77:40000".parse().unwrap();
+
+    // The first initiation of the second is answered; then both need cookies.
+    sim.connect(greedy);
+    sim.connect(greedy);
+    sim.connect(fair);
+    let stats = sim.tunnels[t].engine.stats();
+    assert_eq!((stats.handshakes, stats.cookie_replies), (1, 2));
+
+    // The greedy host proved its address and floods: it gets its burst of 5,
+    // the rest is dropped before any Diffie-Hellman.
+    for _ in 0..20 {
+        sim.connect(greedy);
+    }
+    let stats = sim.tunnels[t].engine.stats();
+    assert_eq!(stats.handshakes, 6);
+    assert_eq!(stats.dropped(DropReason::UnderLoad), 15);
+
+    // The budget it could not take is still there for the other host.
+    sim.connect(fair);
+    assert_eq!(sim.tunnels[t].engine.stats().handshakes, 7);
+}

@@ -11,9 +11,10 @@
 //!   spread thin over many tunnels then meets cookies on all of them, so spoofed
 //!   sources cannot spend the budget that address-proven peers need.
 //!
-//! An initiation that proved its address but finds the budget spent is dropped
-//! (`under_load`) and retried by its sender, as when a kernel WireGuard's
-//! handshake queue is full. Every initiation's `mac1` is checked first.
+//! An initiation that proved its address but finds the budget spent, or its
+//! source's share of it spent ([`super::sources`]), is dropped (`under_load`) and
+//! retried by its sender, as when a kernel WireGuard's handshake queue is full
+//! or its rate limiter refuses. Every initiation's `mac1` is checked first.
 //!
 //! Left out: the Noise handshake itself (boringtun's `Tunn`, in [`super::peer`]).
 //! boringtun's `RateLimiter` does the MAC and cookie cryptography; the load
@@ -110,6 +111,12 @@ impl Admission {
                 Verdict::Pass => {}
                 Verdict::Cookie => return Err(cookie(out)),
                 Verdict::Drop(reason) => return Err(Refusal::Drop(reason)),
+            }
+            // A proven address, but no more than its fair share.
+            if let Some(budget) = &self.budget {
+                if !budget.source_allows(from, now) {
+                    return Err(Refusal::Drop(DropReason::UnderLoad));
+                }
             }
         }
         match &self.budget {
@@ -279,6 +286,22 @@ mod tests {
         assert_eq!(outcome(&mut admission, &client.initiation(), t0), Ok(()));
         client.earn_cookie(&mut admission, t0);
         assert_eq!(outcome(&mut admission, &client.initiation(), t0), Ok(()));
+    }
+
+    #[test]
+    fn under_load_one_cookie_holder_gets_only_its_share() {
+        let (public, t0) = server();
+        let mut admission = Admission::new(&public, 1);
+        admission.set_budget(Arc::new(HandshakeBudget::new(100_000)));
+        let mut client = Client::new(&public);
+        assert_eq!(outcome(&mut admission, &client.initiation(), t0), Ok(()));
+        client.earn_cookie(&mut admission, t0);
+        let results: Vec<_> = (0..20)
+            .map(|_| outcome(&mut admission, &client.initiation(), t0))
+            .collect();
+        let passed = results.iter().filter(|r| r.is_ok()).count();
+        assert_eq!(passed, crate::core::sources::PER_SOURCE_BURST as usize);
+        assert!(results.contains(&Err("drop under_load".into())));
     }
 
     #[test]

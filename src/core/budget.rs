@@ -5,12 +5,16 @@
 //! and starve established flows. This token bucket, shared by all tunnels, caps
 //! the handshakes the process computes per second. When it runs dry, every
 //! tunnel counts as under load for a second and answers initiations without a
-//! valid cookie with cookie replies (see [`super::admission`]).
+//! valid cookie with cookie replies (see [`super::admission`]), and each source
+//! of cookie-proven initiations gets its own fair share ([`SourceLimiter`]).
 //!
 //! Time is passed in; nothing here reads a clock.
 
+use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use super::sources::SourceLimiter;
 
 /// A token bucket of handshakes: `per_second` tokens a second, at most 10 ms
 /// worth saved up. A small bucket paces the work: a burst of Diffie-Hellman
@@ -21,6 +25,7 @@ use std::time::{Duration, Instant};
 pub struct HandshakeBudget {
     per_second: u32,
     bucket: Mutex<Bucket>,
+    sources: Mutex<SourceLimiter>,
 }
 
 #[derive(Debug)]
@@ -67,6 +72,7 @@ impl HandshakeBudget {
                 last: None,
                 ran_dry: None,
             }),
+            sources: Mutex::new(SourceLimiter::default()),
         }
     }
 
@@ -95,6 +101,14 @@ impl HandshakeBudget {
             b.ran_dry = Some(now);
             false
         }
+    }
+
+    /// Under load: takes one handshake from `source`'s own share; false if it
+    /// has spent it.
+    pub fn source_allows(&self, source: IpAddr, now: Instant) -> bool {
+        self.sources
+            .lock()
+            .is_ok_and(|mut sources| sources.allow(source, now))
     }
 
     /// True if a handshake at `now` would find the bucket empty, or the bucket

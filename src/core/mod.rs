@@ -13,4 +13,5 @@ pub mod netstack;
 pub mod packet;
 pub mod peer;
 pub mod policy;
+pub mod sources;
 pub mod table;

@@ -17,7 +17,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::netns::{
-    prerequisites_met, run_checked, unique_name, wait_for, write_private, Netns, Proc, WG_ENV,
+    prerequisites_met, run_checked, unique_name, wait_for, wait_wgplane_ready, write_private,
+    Netns, Proc, WG_ENV,
 };
 use serde_json::Value;
 
@@ -86,7 +87,6 @@ struct Lab {
     phone: Netns,
     inet: Netns,
     dir: tempfile::TempDir,
-    token: String,
 }
 
 impl Lab {
@@ -98,7 +98,7 @@ impl Lab {
 
     fn api(&self, method: &str, path: &str, body: &str) -> Value {
         let url = format!("http://{API}{path}");
-        let auth = format!("Authorization: Bearer {}", self.token);
+        let auth = format!("@{}", self.header_file().display());
         let out = self.hub.output(&[
             "curl",
             "-sS",
@@ -113,6 +113,11 @@ impl Lab {
             &url,
         ]);
         serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    }
+
+    /// The `Authorization` header for curl, written by `wait_wgplane_ready`.
+    fn header_file(&self) -> std::path::PathBuf {
+        self.dir.path().join("auth-header")
     }
 
     fn keypair(&self, name: &str) -> (String, String) {
@@ -222,7 +227,6 @@ fn tun_mode_reaches_routers_and_never_leaks() {
         phone,
         inet,
         dir,
-        token: String::new(),
     };
     let wgplane = lab.hub.spawn(
         "wgplane",
@@ -239,28 +243,13 @@ fn tun_mode_reaches_routers_and_never_leaks() {
         &lab.dir.path().join("wgplane.log"),
     );
     lab.procs.push(wgplane);
-    let token_file = state.join("api-token");
-    let token = wait_for(Duration::from_secs(15), || {
-        std::fs::read_to_string(&token_file).ok()
-    })
-    .expect("wgplane wrote its token");
-    lab.token = token.trim().to_owned();
-    let healthy = wait_for(Duration::from_secs(10), || {
-        let out = lab.hub.output(&[
-            "curl",
-            "-s",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            &format!("http://{API}/healthz"),
-        ]);
-        (String::from_utf8_lossy(&out.stdout) == "200").then_some(())
-    });
-    assert!(
-        healthy.is_some(),
-        "wgplane is not healthy: {}",
-        lab.procs[0].log()
+    let header_file = lab.header_file();
+    wait_wgplane_ready(
+        &lab.hub,
+        &mut lab.procs[0],
+        API,
+        &state.join("api-token"),
+        &header_file,
     );
 
     // Provisioning: two tenants; kitonga has a router, a gateway that stays down,

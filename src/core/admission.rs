@@ -96,42 +96,52 @@ impl Admission {
         now: Instant,
         out: &'a mut [u8],
     ) -> Result<(), Refusal<'a>> {
-        // `verify` reports what it wrote rather than returning a borrow of `out`,
-        // so `out` stays usable for the next check.
-        match verify(&self.macs, from, datagram, out) {
-            Verdict::Pass => {}
-            Verdict::Cookie => return Err(cookie(out)),
-            Verdict::Drop(reason) => return Err(Refusal::Drop(reason)),
+        // The decision writes a cookie into `out` but returns no borrow of it, so
+        // every check can use `out`; the one borrow is taken here.
+        match self.decide(from, datagram, now, out) {
+            Verdict::Pass => Ok(()),
+            Verdict::Cookie => Err(cookie(out)),
+            Verdict::Drop(reason) => Err(Refusal::Drop(reason)),
+        }
+    }
+
+    fn decide(&mut self, from: IpAddr, datagram: &[u8], now: Instant, out: &mut [u8]) -> Verdict {
+        let mac1 = verify(&self.macs, from, datagram, out);
+        if mac1 != Verdict::Pass {
+            return mac1;
         }
         // Only initiations with a valid mac1 (which needs the tunnel's public
         // key) count towards its load.
         let busy = self.count(now) || self.budget.as_ref().is_some_and(|b| b.under_load(now));
         if busy {
-            match verify(&self.cookies, from, datagram, out) {
-                Verdict::Pass => {}
-                Verdict::Cookie => return Err(cookie(out)),
-                Verdict::Drop(reason) => return Err(Refusal::Drop(reason)),
+            let mac2 = verify(&self.cookies, from, datagram, out);
+            if mac2 != Verdict::Pass {
+                return mac2;
             }
             // A proven address, but no more than its fair share.
-            if let Some(budget) = &self.budget {
-                if !budget.source_allows(from, now) {
-                    return Err(Refusal::Drop(DropReason::UnderLoad));
-                }
+            if self
+                .budget
+                .as_ref()
+                .is_some_and(|b| !b.source_allows(from, now))
+            {
+                return Verdict::Drop(DropReason::UnderLoad);
             }
         }
         match &self.budget {
             Some(budget) if !budget.take(now) => {
                 // The budget ran dry just now: from here on, cookies first.
-                if !busy {
-                    match verify(&self.cookies, from, datagram, out) {
-                        Verdict::Pass => {}
-                        Verdict::Cookie => return Err(cookie(out)),
-                        Verdict::Drop(reason) => return Err(Refusal::Drop(reason)),
-                    }
+                let mac2 = if busy {
+                    Verdict::Pass
+                } else {
+                    verify(&self.cookies, from, datagram, out)
+                };
+                if mac2 == Verdict::Pass {
+                    Verdict::Drop(DropReason::UnderLoad)
+                } else {
+                    mac2
                 }
-                Err(Refusal::Drop(DropReason::UnderLoad))
             }
-            _ => Ok(()),
+            _ => Verdict::Pass,
         }
     }
 
@@ -150,6 +160,7 @@ impl Admission {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Verdict {
     Pass,
     /// A cookie reply of `COOKIE_REPLY_LEN` bytes is at the start of `out`.

@@ -626,9 +626,6 @@ impl TunnelEngine {
                     (message, kind),
                     (Message::Initiation, 2) | (Message::Response { .. }, 4)
                 );
-                if kind == 3 {
-                    stats.cookie_replies += 1;
-                }
                 stats.tx_datagrams += 1;
                 peer.stats.tx_bytes += reply.len() as u64;
                 sink.send(from, reply);

@@ -67,7 +67,8 @@ pub struct PeerStats {
 
 /// The outcome of feeding one datagram to a peer.
 pub enum Decap<'a> {
-    /// Send these bytes back to the peer (handshake response, cookie, keepalive).
+    /// Send these bytes back to the peer (handshake response, keepalive). Cookie
+    /// replies come from admission, before the peer is reached.
     Reply(&'a [u8]),
     /// An authenticated inner packet.
     Packet(&'a [u8]),

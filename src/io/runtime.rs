@@ -334,7 +334,6 @@ impl Runtime {
         self.ask(id, Command::Explain { src, dst, reply }, rx).await
     }
 
-    /// Peer statuses and counters of one tunnel.
     /// Adds or updates one peer of a running tunnel whose key did not change
     /// (a new router or client, or new addresses for one): O(log n) in the
     /// tunnel's peers, where [`Self::sync`] re-sends all of them.
@@ -387,6 +386,7 @@ impl Runtime {
         self.ask(id, Command::PeerStatus { key, reply }, rx).await
     }
 
+    /// Peer statuses and counters of one tunnel.
     pub async fn snapshot(&self, id: &Id) -> Result<TunnelSnapshot, RuntimeError> {
         let (reply, rx) = oneshot::channel();
         self.ask(id, Command::Snapshot { reply }, rx).await

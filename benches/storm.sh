@@ -3,7 +3,7 @@
 #
 # For each storm rate: starts wgplane pinned to one CPU, measures a phone ->
 # gateway flow alone, then the same flow inside a storm of handshake initiations
-# over 10 tunnels x 20 routers (load generator pinned to another CPU), plus 20
+# over 10 tunnels x 20 routers (load generators pinned to another CPU), plus 20
 # routers that retry with their cookie as real WireGuard peers do. Reports
 # whether every initiation was answered (handshakes within the process budget,
 # cookie replies above it), whether the cookie-holding routers got their
@@ -94,9 +94,12 @@ start_appliance() {
     done
 }
 
+# The flow's generator runs on the load generator's CPU at normal priority, the
+# storm's at nice 10: the flow's latency then shows the appliance, not the storm
+# generator taking the flow generator's CPU.
 flow() { # flow DIR NAME: the flow's load generator against the appliance, JSON in DIR/NAME.json
     local dir=$1 name=$2
-    "$WGPLANE" bench --api "$API" --token-file "$dir/state/api-token" --pid "$APP_PID" --json \
+    taskset -c "$GEN_CPU" "$WGPLANE" bench --api "$API" --token-file "$dir/state/api-token" --pid "$APP_PID" --json \
         --size 1420 --rate "$FLOW_RATE" --seconds "$FLOW_SECONDS" \
         >"$dir/$name.json" 2>"$dir/$name.log" ||
         die "the flow ($name) failed: $(tail -20 "$dir/$name.log")"
@@ -112,7 +115,7 @@ for rate in "${RATE_LIST[@]}"; do
     flow "$dir" alone
 
     echo "storm.sh: $rate initiations/s: preparing the storm" >&2
-    taskset -c "$GEN_CPU" "$WGPLANE" bench --api "$API" --token-file "$dir/state/api-token" \
+    taskset -c "$GEN_CPU" nice -n 10 "$WGPLANE" bench --api "$API" --token-file "$dir/state/api-token" \
         --pid "$APP_PID" --json --mode handshakes --tunnels 10 --peers 20 \
         --rate "$rate" --seconds "$STORM_SECONDS" --patient 20 >"$dir/storm.json" 2>"$dir/storm.log" &
     storm=$!

@@ -154,7 +154,10 @@ pub(crate) async fn run(
 /// Counters shared by the sending and receiving threads.
 #[derive(Default)]
 struct Counters {
+    /// Tells the senders to stop.
     stop: AtomicBool,
+    /// Tells the gateway to stop, once what was in flight has arrived.
+    drained: AtomicBool,
     sent: AtomicU64,
     received: AtomicU64,
     received_bytes: AtomicU64,
@@ -182,6 +185,7 @@ fn blast(
     let latency = Mutex::new(None);
     let size = spec.size.max(28);
     let begin = Instant::now();
+    let mut seconds = 0.0;
     let meter = CpuMeter::start(spec.pid);
     std::thread::scope(|scope| {
         let gateway = &mut gateway;
@@ -199,9 +203,10 @@ fn blast(
         }
         std::thread::sleep(spec.duration);
         counters.stop.store(true, Ordering::Relaxed);
+        seconds = begin.elapsed().as_secs_f64();
+        drain(&counters);
     });
     let cpu = meter.seconds();
-    let seconds = begin.elapsed().as_secs_f64();
     let sent = counters.sent.load(Ordering::Relaxed);
     let received = counters.received.load(Ordering::Relaxed);
     let bytes = counters.received_bytes.load(Ordering::Relaxed);
@@ -239,6 +244,21 @@ fn blast(
     })
 }
 
+/// Packets still in flight when the senders stop are not lost: lets the gateway
+/// take them (until nothing arrived for 50 ms, at most 1 s), then stops it.
+fn drain(counters: &Counters) {
+    let mut last = counters.received.load(Ordering::Relaxed);
+    for _ in 0..20 {
+        std::thread::sleep(Duration::from_millis(50));
+        let now = counters.received.load(Ordering::Relaxed);
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    counters.drained.store(true, Ordering::Relaxed);
+}
+
 /// The gateway: decrypts, counts and times what arrives until told to stop.
 fn receive(
     gateway: &mut Peer,
@@ -254,7 +274,7 @@ fn receive(
         .flatten();
     let mut datagram = vec![0u8; 65_536];
     let mut buf = vec![0u8; 65_536];
-    while !counters.stop.load(Ordering::Relaxed) {
+    while !counters.drained.load(Ordering::Relaxed) {
         let (len, stride) = match &gro {
             Some(state) => {
                 let mut meta = [quinn_udp::RecvMeta::default()];

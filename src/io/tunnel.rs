@@ -27,6 +27,15 @@ const TIMER_PERIOD: Duration = Duration::from_millis(250);
 /// one socket buffer's worth).
 const RECV_BATCH: usize = 64;
 
+/// Longest a tunnel keeps reading a busy socket before it lets the other tunnels
+/// on its worker thread run. Without it, a socket that stays readable (a flood, a
+/// handshake storm) keeps its task running until tokio's budget of 128 polls runs
+/// out: thousands of datagrams while a flow on another tunnel waits. Yielding is
+/// not free (tokio polls its driver and may wake an idle worker, which can take
+/// the task to another core), so a turn is long enough to keep that under 1 % of
+/// a busy tunnel's time.
+const TURN: Duration = Duration::from_millis(1);
+
 /// Largest UDP payload.
 const MAX_DATAGRAM: usize = 65_535;
 
@@ -254,16 +263,18 @@ thread_local! {
 /// socket's readiness is cleared right there instead of paying for one more
 /// `recvmmsg` that would only say `EAGAIN`. Nothing is lost by that: a datagram
 /// that arrives afterwards raises a new readiness event.
+///
+/// Returns whether datagrams may still be waiting (every batch came back full).
 fn receive(
     socket: &UdpSocket,
     udp: &quinn_udp::UdpSocketState,
     engine: &mut TunnelEngine,
     now: Instant,
     sink: &mut UdpSink<'_>,
-) {
+) -> bool {
     RX.with(|rx| {
         let Ok(mut bufs) = rx.try_borrow_mut() else {
-            return;
+            return false;
         };
         let mut meta = [quinn_udp::RecvMeta::default(); RX_SLOTS];
         for _ in 0..RECV_BATCH / RX_SLOTS {
@@ -291,12 +302,13 @@ fn receive(
             });
             match outcome {
                 Ok(()) => {}
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return false,
                 // ICMP errors from earlier sends surface here on Linux; skip them.
                 Err(_) => {}
             }
         }
-    });
+        true
+    })
 }
 
 /// Writes what the engine sent to the host during this wake-up. The GRO table
@@ -357,7 +369,10 @@ pub async fn run(
     let mut send_failures = 0u64;
     let mut bridges = Bridges::default();
     let mut gro = None;
+    // When the current run of back-to-back reads of a busy socket began.
+    let mut turn: Option<Instant> = None;
     loop {
+        let mut backlog = false;
         // The stack's own timers (ACK delay, retransmits) need finer ticks than
         // the peers' timers while connections are open.
         let stack_deadline = if bridges.is_empty() {
@@ -424,7 +439,7 @@ pub async fn run(
                 }
                 let now = Instant::now();
                 let mut sink = UdpSink { tx: &mut tx, host: host.device.is_some().then_some(&mut host.out) };
-                receive(&socket, &udp, &mut engine, now, &mut sink);
+                backlog = receive(&socket, &udp, &mut engine, now, &mut sink);
             }
             packet = recv_host(&mut host.packets) => {
                 let Some(packet) = packet else { break };
@@ -466,6 +481,14 @@ pub async fn run(
                 at: std::time::SystemTime::now(),
             });
         }
+        if !backlog {
+            turn = None;
+        } else if turn.get_or_insert_with(Instant::now).elapsed() >= TURN {
+            // The socket has kept this task busy for a whole turn: let the other
+            // tunnels on this worker run before reading on.
+            turn = None;
+            tokio::task::yield_now().await;
+        }
     }
     tracing::debug!(tenant = %tenant, "tunnel task stopped");
 }
@@ -502,8 +525,58 @@ fn quiet_control_messages(socket: &impl std::os::fd::AsRawFd) {
 
 #[cfg(test)]
 mod tests {
-    use super::quiet_control_messages;
+    use super::{quiet_control_messages, receive, TxBatch, UdpSink, RECV_BATCH};
+    use crate::core::engine::TunnelEngine;
+    use boringtun::x25519::StaticSecret;
     use std::os::fd::AsRawFd;
+    use std::time::Instant;
+
+    /// A socket holding more than one turn's worth says so, and the rest is read
+    /// on the next turns: nothing is left behind, nothing read twice.
+    #[tokio::test]
+    async fn a_full_turn_reports_a_backlog_and_the_next_turn_reads_the_rest() {
+        let socket = tokio::net::UdpSocket::bind("127.0.0.1:0")
+            .await
+            .expect("bind loopback");
+        let state = quinn_udp::UdpSocketState::new((&socket).into()).expect("quinn-udp state");
+        quiet_control_messages(&socket);
+        let sender = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind loopback");
+        let queued = RECV_BATCH + 36;
+        for _ in 0..queued {
+            // Not WireGuard: each is read, counted and dropped as malformed.
+            sender
+                .send_to(&[0xee; 40], socket.local_addr().expect("address"))
+                .expect("send on loopback");
+        }
+        socket.readable().await.expect("readable");
+        let mut engine = TunnelEngine::new(
+            StaticSecret::from([7u8; 32]),
+            vec!["10.100.0.1".parse().expect("address")],
+        );
+        let mut tx = TxBatch {
+            data: Vec::new(),
+            runs: Vec::new(),
+            max_segments: 1,
+        };
+        let mut sink = UdpSink {
+            tx: &mut tx,
+            host: None,
+        };
+        let mut turns = 0;
+        loop {
+            let before = engine.stats().rx_datagrams;
+            let backlog = receive(&socket, &state, &mut engine, Instant::now(), &mut sink);
+            let read = engine.stats().rx_datagrams - before;
+            assert!(read <= RECV_BATCH as u64, "one turn read {read}");
+            turns += 1;
+            if !backlog {
+                break;
+            }
+            assert!(turns < queued, "a backlog that never ends");
+        }
+        assert!(turns >= 2, "{queued} datagrams read in one turn");
+        assert_eq!(engine.stats().rx_datagrams, queued as u64);
+    }
 
     fn option(socket: &std::net::UdpSocket, level: libc::c_int, name: libc::c_int) -> libc::c_int {
         let mut value: libc::c_int = -1;

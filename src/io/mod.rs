@@ -11,6 +11,7 @@ pub mod bridge;
 pub mod events;
 pub mod forward;
 pub mod limits;
+mod sendbatch;
 pub mod tun;
 
 pub use runtime::{Runtime, RuntimeError, RuntimeSettings, TunnelEvent};

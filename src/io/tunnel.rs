@@ -13,6 +13,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::{broadcast, mpsc, oneshot, Notify};
 
 use super::bridge::{Bridges, ForwardError, HostPipes};
+use super::sendbatch::SendBatch;
 
 use crate::core::engine::{
     EgressConfig, Event, Explanation, PeerStatus, Sink, TunnelEngine, TunnelStats,
@@ -125,76 +126,8 @@ pub struct TaggedEvent {
 }
 
 struct UdpSink<'a> {
-    tx: &'a mut TxBatch,
+    tx: &'a mut SendBatch,
     host: Option<&'a mut HostOut>,
-}
-
-/// Datagrams to send, gathered during one wake-up and sent with as few syscalls
-/// as the kernel allows: consecutive datagrams of one size to one destination (a
-/// burst towards a gateway) leave as one GSO send, the others one by one.
-struct TxBatch {
-    data: Vec<u8>,
-    runs: Vec<Run>,
-    max_segments: usize,
-}
-
-/// Datagrams `data[start..start + len]` to `to`, cut every `segment` bytes.
-struct Run {
-    to: SocketAddr,
-    start: usize,
-    len: usize,
-    segment: usize,
-}
-
-/// Largest GSO send (the kernel's limit is 64 KiB of payload).
-const MAX_GSO_BYTES: usize = 60_000;
-
-impl TxBatch {
-    fn push(&mut self, to: SocketAddr, datagram: &[u8]) {
-        if let Some(run) = self.runs.last_mut() {
-            let whole = run.len % run.segment == 0;
-            if run.to == to
-                && whole
-                && datagram.len() <= run.segment
-                && run.len / run.segment < self.max_segments
-                && run.len + datagram.len() <= MAX_GSO_BYTES
-            {
-                self.data.extend_from_slice(datagram);
-                run.len += datagram.len();
-                return;
-            }
-        }
-        self.runs.push(Run {
-            to,
-            start: self.data.len(),
-            len: datagram.len(),
-            segment: datagram.len().max(1),
-        });
-        self.data.extend_from_slice(datagram);
-    }
-
-    /// Sends everything; returns how many sends failed (full buffer, no route).
-    fn flush(&mut self, socket: &UdpSocket, state: &quinn_udp::UdpSocketState) -> u64 {
-        let mut failures = 0;
-        for run in &self.runs {
-            let transmit = quinn_udp::Transmit {
-                destination: run.to,
-                ecn: None,
-                contents: &self.data[run.start..run.start + run.len],
-                segment_size: (run.len > run.segment).then_some(run.segment),
-                src_ip: None,
-            };
-            let sent = socket.try_io(tokio::io::Interest::WRITABLE, || {
-                state.try_send(socket.into(), &transmit)
-            });
-            if sent.is_err() {
-                failures += 1;
-            }
-        }
-        self.data.clear();
-        self.runs.clear();
-        failures
-    }
 }
 
 /// Packets for the host device, collected during one wake-up and written in one
@@ -359,11 +292,8 @@ pub async fn run(
         }
     };
     quiet_control_messages(&socket);
-    let mut tx = TxBatch {
-        data: Vec::new(),
-        runs: Vec::new(),
-        max_segments: udp.max_gso_segments().max(1),
-    };
+    let v6 = socket.local_addr().is_ok_and(|a| a.is_ipv6());
+    let mut tx = SendBatch::new(udp.max_gso_segments(), v6);
     let mut timer = tokio::time::interval(TIMER_PERIOD);
     timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut send_failures = 0u64;
@@ -525,7 +455,7 @@ fn quiet_control_messages(socket: &impl std::os::fd::AsRawFd) {
 
 #[cfg(test)]
 mod tests {
-    use super::{quiet_control_messages, receive, TxBatch, UdpSink, RECV_BATCH};
+    use super::{quiet_control_messages, receive, SendBatch, UdpSink, RECV_BATCH};
     use crate::core::engine::TunnelEngine;
     use boringtun::x25519::StaticSecret;
     use std::os::fd::AsRawFd;
@@ -553,11 +483,7 @@ mod tests {
             StaticSecret::from([7u8; 32]),
             vec!["10.100.0.1".parse().expect("address")],
         );
-        let mut tx = TxBatch {
-            data: Vec::new(),
-            runs: Vec::new(),
-            max_segments: 1,
-        };
+        let mut tx = SendBatch::new(1, false);
         let mut sink = UdpSink {
             tx: &mut tx,
             host: None,

@@ -1,0 +1,266 @@
+//! A tunnel's outgoing datagrams for one wake-up, sent with as few syscalls as the
+//! kernel allows.
+//!
+//! Consecutive datagrams of one size to one destination (a burst towards a
+//! gateway) leave as one UDP GSO send. Runs of single datagrams to different
+//! destinations (return traffic to many phones, cookie replies in a handshake
+//! storm) leave together in one `sendmmsg`. The order of the datagrams is kept, so
+//! every destination sees its datagrams in the order the engine sent them.
+//!
+//! Not here: deciding what to send (the engine) and receiving.
+
+use std::io;
+use std::net::{SocketAddr, SocketAddrV6};
+use std::os::fd::{AsRawFd, RawFd};
+
+use tokio::net::UdpSocket;
+
+/// Largest GSO send (the kernel's limit is 64 KiB of payload).
+const MAX_GSO_BYTES: usize = 60_000;
+
+/// Datagrams per `sendmmsg` call (the kernel takes up to 1024; the headers live
+/// on the stack).
+const MMSG: usize = 64;
+
+/// Datagrams to send, gathered during one wake-up.
+pub(crate) struct SendBatch {
+    data: Vec<u8>,
+    runs: Vec<Run>,
+    max_segments: usize,
+    /// The socket is IPv6: IPv4 destinations go as IPv4-mapped addresses.
+    v6: bool,
+}
+
+/// Datagrams `data[start..start + len]` to `to`, cut every `segment` bytes.
+struct Run {
+    to: SocketAddr,
+    start: usize,
+    len: usize,
+    segment: usize,
+}
+
+impl Run {
+    fn datagrams(&self) -> u64 {
+        self.len.div_ceil(self.segment) as u64
+    }
+
+    fn segmented(&self) -> bool {
+        self.len > self.segment
+    }
+}
+
+impl SendBatch {
+    /// An empty batch for a socket that takes GSO sends of up to `max_segments`
+    /// datagrams (1: no GSO) and is bound to an IPv6 address if `v6`.
+    pub(crate) fn new(max_segments: usize, v6: bool) -> Self {
+        SendBatch {
+            data: Vec::new(),
+            runs: Vec::new(),
+            max_segments: max_segments.max(1),
+            v6,
+        }
+    }
+
+    /// Queues one datagram.
+    pub(crate) fn push(&mut self, to: SocketAddr, datagram: &[u8]) {
+        if let Some(run) = self.runs.last_mut() {
+            let whole = run.len % run.segment == 0;
+            if run.to == to
+                && whole
+                && datagram.len() <= run.segment
+                && run.len / run.segment < self.max_segments
+                && run.len + datagram.len() <= MAX_GSO_BYTES
+            {
+                self.data.extend_from_slice(datagram);
+                run.len += datagram.len();
+                return;
+            }
+        }
+        self.runs.push(Run {
+            to,
+            start: self.data.len(),
+            len: datagram.len(),
+            segment: datagram.len().max(1),
+        });
+        self.data.extend_from_slice(datagram);
+    }
+
+    /// Sends everything in order; returns how many datagrams the socket refused
+    /// (full buffer, no route). They are dropped, as a link drops.
+    pub(crate) fn flush(&mut self, socket: &UdpSocket, state: &quinn_udp::UdpSocketState) -> u64 {
+        let mut failures = 0;
+        let mut i = 0;
+        while i < self.runs.len() {
+            let run = &self.runs[i];
+            if run.segmented() {
+                let transmit = quinn_udp::Transmit {
+                    destination: run.to,
+                    ecn: None,
+                    contents: &self.data[run.start..run.start + run.len],
+                    segment_size: Some(run.segment),
+                    src_ip: None,
+                };
+                let sent = socket.try_io(tokio::io::Interest::WRITABLE, || {
+                    state.try_send(socket.into(), &transmit)
+                });
+                if sent.is_err() {
+                    failures += run.datagrams();
+                }
+                i += 1;
+                continue;
+            }
+            // Single datagrams up to the next GSO run: one `sendmmsg` per MMSG.
+            let end = self.runs[i..]
+                .iter()
+                .position(Run::segmented)
+                .map_or(self.runs.len(), |p| i + p);
+            while i < end {
+                let chunk = &self.runs[i..end.min(i + MMSG)];
+                let sent = socket.try_io(tokio::io::Interest::WRITABLE, || {
+                    send_many(socket.as_raw_fd(), &self.data, chunk, self.v6)
+                });
+                match sent {
+                    Ok(n) if n > 0 => i += n,
+                    // The first datagram was refused: drop it, go on with the rest.
+                    _ => {
+                        failures += 1;
+                        i += 1;
+                    }
+                }
+            }
+        }
+        self.data.clear();
+        self.runs.clear();
+        failures
+    }
+}
+
+/// One `sendmmsg` of single datagrams (at most [`MMSG`]); returns how many the
+/// kernel took from the front. nix's `sendmmsg` is not used: it allocates, and its
+/// count of sent messages comes from an iterator that reads receive addresses.
+fn send_many(fd: RawFd, data: &[u8], runs: &[Run], v6: bool) -> io::Result<usize> {
+    let n = runs.len().min(MMSG);
+    let addresses: [socket2::SockAddr; MMSG] = std::array::from_fn(|k| {
+        let to = runs
+            .get(k)
+            .map_or(SocketAddr::from(([0, 0, 0, 0], 0)), |r| r.to);
+        socket2::SockAddr::from(match to {
+            SocketAddr::V4(v4) if v6 => {
+                SocketAddr::V6(SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0))
+            }
+            other => other,
+        })
+    });
+    let mut iovecs: [libc::iovec; MMSG] = std::array::from_fn(|k| match runs.get(k) {
+        Some(run) => libc::iovec {
+            iov_base: data[run.start..run.start + run.len]
+                .as_ptr()
+                .cast_mut()
+                .cast(),
+            iov_len: run.len,
+        },
+        None => libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        },
+    });
+    // SAFETY: an all-zero `mmsghdr` is a valid empty header (null pointers,
+    // zero lengths).
+    let mut headers: [libc::mmsghdr; MMSG] = unsafe { std::mem::zeroed() };
+    for ((header, address), iovec) in headers.iter_mut().zip(&addresses).zip(&mut iovecs).take(n) {
+        header.msg_hdr.msg_name = address.as_ptr().cast_mut().cast();
+        header.msg_hdr.msg_namelen = address.len();
+        header.msg_hdr.msg_iov = iovec;
+        header.msg_hdr.msg_iovlen = 1;
+    }
+    // SAFETY: the first `n` headers point at live addresses and iovecs on this
+    // stack frame, and the iovecs at `data`, which the kernel only reads; all
+    // outlive the call.
+    let sent = unsafe { libc::sendmmsg(fd, headers.as_mut_ptr(), n as libc::c_uint, 0) };
+    if sent < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(sent as usize)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{SendBatch, MMSG};
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
+    fn receiver(addr: &str) -> std::net::UdpSocket {
+        let socket = std::net::UdpSocket::bind(addr).expect("bind loopback");
+        socket
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .expect("timeout");
+        socket
+    }
+
+    /// Everything `socket` has, as (length, first byte) in arrival order.
+    fn drain(socket: &std::net::UdpSocket, expect: usize) -> Vec<(usize, u8)> {
+        let mut buf = [0u8; 2048];
+        (0..expect)
+            .map(|_| {
+                let n = socket.recv(&mut buf).expect("datagram within 2 s");
+                (n, buf[0])
+            })
+            .collect()
+    }
+
+    async fn check(bind: &str, peers: &str, v6: bool) {
+        let socket = tokio::net::UdpSocket::bind(bind)
+            .await
+            .expect("bind loopback");
+        let state = quinn_udp::UdpSocketState::new((&socket).into()).expect("quinn-udp state");
+        let a = receiver(peers);
+        let b = receiver(peers);
+        let (to_a, to_b): (SocketAddr, SocketAddr) = (
+            a.local_addr().expect("address"),
+            b.local_addr().expect("address"),
+        );
+        let mut batch = SendBatch::new(state.max_gso_segments(), v6);
+        // A GSO run to a, singles alternating between a and b (more than one
+        // sendmmsg's worth), then another run to a: a must see 0..=N in order.
+        let mut sent_a = Vec::new();
+        let mut sent_b = Vec::new();
+        let mut seq = 0u8;
+        let mut send = |batch: &mut SendBatch, to: SocketAddr, len: usize| {
+            batch.push(to, &vec![seq; len]);
+            if to == to_a {
+                sent_a.push((len, seq));
+            } else {
+                sent_b.push((len, seq));
+            }
+            seq = seq.wrapping_add(1);
+        };
+        for _ in 0..3 {
+            send(&mut batch, to_a, 1200);
+        }
+        for k in 0..MMSG + 10 {
+            send(&mut batch, if k % 2 == 0 { to_a } else { to_b }, 100 + k);
+        }
+        for _ in 0..2 {
+            send(&mut batch, to_a, 900);
+        }
+        socket.writable().await.expect("writable");
+        assert_eq!(batch.flush(&socket, &state), 0);
+        assert_eq!(drain(&a, sent_a.len()), sent_a);
+        assert_eq!(drain(&b, sent_b.len()), sent_b);
+        assert!(batch.runs.is_empty() && batch.data.is_empty());
+    }
+
+    #[tokio::test]
+    async fn runs_and_singles_arrive_complete_and_in_order() {
+        check("127.0.0.1:0", "127.0.0.1:0", false).await;
+    }
+
+    #[tokio::test]
+    async fn ipv4_destinations_from_a_dual_stack_socket() {
+        // An IPv6 socket sends to IPv4 peers as IPv4-mapped addresses.
+        if std::net::UdpSocket::bind("[::]:0").is_err() {
+            return; // no IPv6 on this machine
+        }
+        check("[::]:0", "127.0.0.1:0", true).await;
+    }
+}

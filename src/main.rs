@@ -97,6 +97,8 @@ struct BenchArgs {
 enum BenchMode {
     /// Phone -> gateway packets through the egress rule.
     Flow,
+    /// Gateway -> phone packets (the answers), to every phone in turn.
+    Download,
     /// Handshake initiations across many tunnels.
     Handshakes,
 }
@@ -182,6 +184,7 @@ fn main() -> Result<()> {
                 duration: Duration::from_secs(args.seconds),
                 mode: match args.mode {
                     BenchMode::Flow => wgplane::bench::Mode::Flow,
+                    BenchMode::Download => wgplane::bench::Mode::Download,
                     BenchMode::Handshakes => wgplane::bench::Mode::Handshakes,
                 },
                 senders: args.senders,

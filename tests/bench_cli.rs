@@ -34,6 +34,38 @@ fn bench_reports_a_paced_run_and_cleans_up() {
     assert_eq!(tenants.as_array().unwrap().len(), 0, "{tenants}");
 }
 
+#[test]
+fn download_reaches_every_phone_through_the_appliance() {
+    let app = Appliance::start();
+    let r = bench_json(
+        &app,
+        &[
+            "--mode",
+            "download",
+            "--peers",
+            "5",
+            "--seconds",
+            "1",
+            "--rate",
+            "2000",
+            "--size",
+            "300",
+        ],
+    );
+    assert_eq!(r["direction"], "gateway_to_phones", "{r}");
+    assert_eq!(r["phones"], 5, "{r}");
+    let sent = r["sent_packets"].as_u64().unwrap();
+    let forwarded = r["forwarded_packets"].as_u64().unwrap();
+    let received = r["received_packets"].as_u64().unwrap();
+    assert!((1500..=2600).contains(&sent), "paced at about 2000/s: {r}");
+    // Peer-to-peer forwards counted by the appliance, not the egress rule.
+    assert!(forwarded >= sent * 90 / 100, "{r}");
+    assert!(received >= forwarded * 90 / 100, "the phones got them: {r}");
+    assert!(r["latency"]["p50_us"].as_u64().unwrap() > 0, "{r}");
+    let tenants = app.expect("GET", "/v1/tenants", None, 200);
+    assert_eq!(tenants.as_array().unwrap().len(), 0, "{tenants}");
+}
+
 /// Runs `wgplane bench` with these arguments against `app` and returns its JSON.
 fn bench_json(app: &Appliance, args: &[&str]) -> serde_json::Value {
     let out = Command::new(support::binary())

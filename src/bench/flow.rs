@@ -1,5 +1,8 @@
-//! Flow mode: phones send packets to an internet address; the appliance's egress
-//! rule takes them to the tenant's gateway, where they are counted and timed.
+//! Flow modes through a KTN tenant. Upload ([`Direction::Up`]): phones send
+//! packets to an internet address; the appliance's egress rule takes them to the
+//! tenant's gateway, where they are counted and timed. Download
+//! ([`Direction::Down`]): the gateway sends the internet's answers to every phone
+//! in turn; the appliance routes each to its phone, where it is counted and timed.
 //!
 //! Each packet carries its send time (nanoseconds since the run began) in its
 //! payload, so the gateway measures one-way latency through the appliance on the
@@ -42,9 +45,21 @@ pub struct Latency {
     pub max_us: u64,
 }
 
+/// Which way the packets go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Direction {
+    /// Phones -> gateway (egress rule).
+    #[serde(rename = "phones_to_gateway")]
+    Up,
+    /// Gateway -> phones (the answers, one phone after another).
+    #[serde(rename = "gateway_to_phones")]
+    Down,
+}
+
 /// What a flow run measured.
 #[derive(Debug, Clone, Serialize)]
 pub struct FlowReport {
+    pub direction: Direction,
     pub packet_bytes: usize,
     pub seconds: f64,
     pub phones: usize,
@@ -72,7 +87,8 @@ impl FlowReport {
             )
         });
         format!(
-            "packet size            {} B ({} phone(s), peer offload {})\n\
+            "direction              {}\n\
+             packet size            {} B ({} phone(s), peer offload {})\n\
              duration               {:.1} s\n\
              sent / forwarded / received {} / {} / {} packets ({:.2} % lost)\n\
              throughput             {:.3} Gbit/s, {:.0} packets/s\n\
@@ -80,6 +96,10 @@ impl FlowReport {
              appliance CPU          {}\n\
              appliance CPU per GiB  {}\n\
              appliance CPU / packet {}\n",
+            match self.direction {
+                Direction::Up => "phones -> gateway",
+                Direction::Down => "gateway -> phones",
+            },
             self.packet_bytes,
             self.phones,
             if self.offload { "on" } else { "off" },
@@ -101,6 +121,7 @@ impl FlowReport {
 /// Provisions a KTN tenant (gateway, egress pool, phones) and runs the flow.
 pub(crate) async fn run(
     spec: &BenchSpec,
+    direction: Direction,
     api: &Api,
     created: &mut Vec<String>,
 ) -> Result<FlowReport, BenchError> {
@@ -135,13 +156,26 @@ pub(crate) async fn run(
     let blast_spec = spec.clone();
     let server = tunnel.public;
     let mut report = tokio::task::spawn_blocking(move || {
-        blast(&blast_spec, server, endpoint, gw_secret, phones)
+        blast(&blast_spec, direction, server, endpoint, gw_secret, phones)
     })
     .await
     .map_err(|e| BenchError::Api(e.to_string()))??;
     // The appliance's own count: the per-packet and per-GiB figures use it, so
     // losses after the appliance (the receiver's socket) do not inflate them.
-    report.forwarded_packets = api.counter("wgplane_egress_packets_total", &tenant).await? as u64;
+    report.forwarded_packets = match direction {
+        Direction::Up => {
+            api.counter("wgplane_egress_packets_total", &tenant, "")
+                .await?
+        }
+        Direction::Down => {
+            api.counter(
+                "wgplane_packets_forwarded_total",
+                &tenant,
+                "path=\"peer_to_peer\"",
+            )
+            .await?
+        }
+    } as u64;
     if let Some(cpu) = report.appliance_cpu_seconds {
         let gib = (report.forwarded_packets * spec.size as u64) as f64 / f64::from(1u32 << 30);
         report.appliance_cpu_seconds_per_gib = (gib > 0.0).then(|| cpu / gib);
@@ -165,6 +199,7 @@ struct Counters {
 
 fn blast(
     spec: &BenchSpec,
+    direction: Direction,
     server: PublicKey,
     endpoint: SocketAddr,
     gw_secret: StaticSecret,
@@ -173,29 +208,64 @@ fn blast(
     let mut gateway = Peer::new(gw_secret, server, 1, endpoint)?;
     gateway.handshake("gateway")?;
     let phone_count = phones.len();
-    let threads = spec.senders.clamp(1, phone_count.max(1));
-    let mut groups: Vec<Vec<(Peer, IpAddr)>> = (0..threads).map(|_| Vec::new()).collect();
+    let size = spec.size.max(28);
+    let mut peers = Vec::with_capacity(phone_count);
     for (i, (secret, ip)) in phones.into_iter().enumerate() {
         let mut phone = Peer::new(secret, server, 100 + i as u32, endpoint)?;
         phone.handshake("phone")?;
-        groups[i % threads].push((phone, ip));
+        peers.push((phone, ip));
+    }
+    // Who sends what, and who receives.
+    let (senders, receivers): (Vec<Sender>, Vec<Peer>) = match direction {
+        Direction::Up => (
+            peers
+                .into_iter()
+                .map(|(phone, ip)| Sender {
+                    packets: vec![ip_packet(ip, IpAddr::from(INTERNET), size - 20)],
+                    peer: phone,
+                })
+                .collect(),
+            vec![gateway],
+        ),
+        Direction::Down => {
+            let packets = peers
+                .iter()
+                .map(|(_, ip)| ip_packet(IpAddr::from(INTERNET), *ip, size - 20))
+                .collect();
+            let sender = Sender {
+                peer: gateway,
+                packets,
+            };
+            (vec![sender], peers.into_iter().map(|(p, _)| p).collect())
+        }
+    };
+    let threads = spec.senders.clamp(1, senders.len().max(1));
+    let mut groups: Vec<Vec<Sender>> = (0..threads).map(|_| Vec::new()).collect();
+    for (i, sender) in senders.into_iter().enumerate() {
+        groups[i % threads].push(sender);
     }
 
     let counters = Counters::default();
-    let latency = Mutex::new(None);
-    let size = spec.size.max(28);
+    let latency: Mutex<Option<Histogram<u64>>> = Mutex::new(None);
     let begin = Instant::now();
     let mut seconds = 0.0;
     let meter = CpuMeter::start(spec.pid);
     std::thread::scope(|scope| {
-        let gateway = &mut gateway;
-        let (counters_r, latency_r) = (&counters, &latency);
-        scope.spawn(move || {
-            let hist = receive(gateway, counters_r, begin, spec.offload);
-            if let Ok(mut slot) = latency_r.lock() {
-                *slot = Some(hist);
-            }
-        });
+        for mut receiver in receivers {
+            let (counters_r, latency_r) = (&counters, &latency);
+            scope.spawn(move || {
+                let hist = receive(&mut receiver, counters_r, begin, spec.offload);
+                if let Ok(mut slot) = latency_r.lock() {
+                    match slot.as_mut() {
+                        // Same bounds: adding cannot fail.
+                        Some(all) => {
+                            let _ = all.add(&hist);
+                        }
+                        None => *slot = Some(hist),
+                    }
+                }
+            });
+        }
         let per_thread = spec.rate / threads as u64;
         for group in groups {
             let counters_s = &counters;
@@ -223,6 +293,7 @@ fn blast(
             max_us: h.max(),
         });
     Ok(FlowReport {
+        direction,
         packet_bytes: size,
         seconds,
         phones: phone_count,
@@ -259,18 +330,14 @@ fn drain(counters: &Counters) {
     counters.drained.store(true, Ordering::Relaxed);
 }
 
-/// The gateway: decrypts, counts and times what arrives until told to stop.
-fn receive(
-    gateway: &mut Peer,
-    counters: &Counters,
-    begin: Instant,
-    offload: bool,
-) -> Histogram<u64> {
+/// A receiver (the gateway, or one phone): decrypts, counts and times what
+/// arrives until told to stop.
+fn receive(peer: &mut Peer, counters: &Counters, begin: Instant, offload: bool) -> Histogram<u64> {
     // 1 µs to 60 s at 3 significant digits; cannot fail with these bounds.
     let mut hist =
         Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("constant, valid bounds");
     let gro = offload
-        .then(|| quinn_udp::UdpSocketState::new((&gateway.socket).into()).ok())
+        .then(|| quinn_udp::UdpSocketState::new((&peer.socket).into()).ok())
         .flatten();
     let mut datagram = vec![0u8; 65_536];
     let mut buf = vec![0u8; 65_536];
@@ -279,19 +346,18 @@ fn receive(
             Some(state) => {
                 let mut meta = [quinn_udp::RecvMeta::default()];
                 let mut slices = [std::io::IoSliceMut::new(&mut datagram)];
-                match state.recv((&gateway.socket).into(), &mut slices, &mut meta) {
+                match state.recv((&peer.socket).into(), &mut slices, &mut meta) {
                     Ok(1) => (meta[0].len, meta[0].stride.max(1)),
                     _ => continue,
                 }
             }
-            None => match gateway.socket.recv(&mut datagram) {
+            None => match peer.socket.recv(&mut datagram) {
                 Ok(n) => (n, n.max(1)),
                 Err(_) => continue,
             },
         };
         for one in datagram[..len].chunks(stride) {
-            if let TunnResult::WriteToTunnelV4(p, _) = gateway.tunn.decapsulate(None, one, &mut buf)
-            {
+            if let TunnResult::WriteToTunnelV4(p, _) = peer.tunn.decapsulate(None, one, &mut buf) {
                 counters.received.fetch_add(1, Ordering::Relaxed);
                 counters
                     .received_bytes
@@ -309,31 +375,37 @@ fn receive(
     hist
 }
 
-/// One sending thread: its phones take turns sending bursts, paced at `rate`
-/// packets per second (0: flat out).
+/// A sending peer and the packets it sends, in turn: a phone's one packet to the
+/// internet, or the gateway's answers to each phone.
+struct Sender {
+    peer: Peer,
+    packets: Vec<Vec<u8>>,
+}
+
+/// One sending thread: its peers take turns sending bursts, paced at `rate`
+/// packets per second (0: flat out). A burst cycles through the peer's packets.
 fn send(
-    mut phones: Vec<(Peer, IpAddr)>,
+    mut senders: Vec<Sender>,
     counters: &Counters,
     begin: Instant,
     size: usize,
     rate: u64,
     offload: bool,
 ) {
-    let mut packets: Vec<Vec<u8>> = phones
+    if senders.is_empty() {
+        return;
+    }
+    let states: Vec<Option<quinn_udp::UdpSocketState>> = senders
         .iter()
-        .map(|(_, ip)| ip_packet(*ip, IpAddr::from(INTERNET), size - 20))
-        .collect();
-    let states: Vec<Option<quinn_udp::UdpSocketState>> = phones
-        .iter()
-        .map(|(p, _)| {
+        .map(|s| {
             offload
-                .then(|| quinn_udp::UdpSocketState::new((&p.socket).into()).ok())
+                .then(|| quinn_udp::UdpSocketState::new((&s.peer.socket).into()).ok())
                 .flatten()
         })
         .collect();
-    let destinations: Vec<SocketAddr> = phones
+    let destinations: Vec<SocketAddr> = senders
         .iter()
-        .map(|(p, _)| p.socket.peer_addr())
+        .map(|s| s.peer.socket.peer_addr())
         .collect::<Result<_, _>>()
         .unwrap_or_default();
     let mut burst = vec![0u8; BURST * (size + 64)];
@@ -342,6 +414,7 @@ fn send(
     // Packets offered so far: the next burst is due at offered / rate seconds.
     let mut offered = 0u64;
     let mut turn = 0;
+    let mut next = 0;
     while !counters.stop.load(Ordering::Relaxed) {
         if rate > 0 {
             let due = Duration::from_secs_f64(offered as f64 / rate as f64);
@@ -349,9 +422,8 @@ fn send(
                 std::thread::sleep(wait);
             }
         }
-        turn = (turn + 1) % phones.len();
-        let (phone, _) = &mut phones[turn];
-        let packet = &mut packets[turn];
+        turn = (turn + 1) % senders.len();
+        let Sender { peer, packets } = &mut senders[turn];
         match &states[turn] {
             Some(state) => {
                 let mut len = 0;
@@ -361,9 +433,11 @@ fn send(
                 let segments = BURST.min(state.max_gso_segments()).min(fits).max(1);
                 offered += segments as u64;
                 for _ in 0..segments {
+                    next = (next + 1) % packets.len();
+                    let packet = &mut packets[next];
                     stamp(packet, begin);
                     if let TunnResult::WriteToNetwork(d) =
-                        phone.tunn.encapsulate(packet, &mut burst[len..])
+                        peer.tunn.encapsulate(packet, &mut burst[len..])
                     {
                         segment = d.len();
                         len += segment;
@@ -379,7 +453,7 @@ fn send(
                     segment_size: (len > segment).then_some(segment),
                     src_ip: None,
                 };
-                if segment > 0 && state.try_send((&phone.socket).into(), &transmit).is_ok() {
+                if segment > 0 && state.try_send((&peer.socket).into(), &transmit).is_ok() {
                     counters
                         .sent
                         .fetch_add((len / segment) as u64, Ordering::Relaxed);
@@ -388,11 +462,12 @@ fn send(
             None => {
                 offered += BURST as u64;
                 for _ in 0..BURST {
+                    next = (next + 1) % packets.len();
+                    let packet = &mut packets[next];
                     stamp(packet, begin);
-                    if let TunnResult::WriteToNetwork(d) = phone.tunn.encapsulate(packet, &mut one)
-                    {
+                    if let TunnResult::WriteToNetwork(d) = peer.tunn.encapsulate(packet, &mut one) {
                         // A full socket buffer drops, like a real link.
-                        if phone.socket.send(d).is_ok() {
+                        if peer.socket.send(d).is_ok() {
                             counters.sent.fetch_add(1, Ordering::Relaxed);
                         }
                     }

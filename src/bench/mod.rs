@@ -3,11 +3,13 @@
 //! It provisions throw-away tenants through the admin API, drives them with
 //! in-process boringtun peers over the appliance's real UDP ports, and reads the
 //! appliance's CPU time before and after, so every cost figure comes from the
-//! same run as the load. Two modes:
+//! same run as the load. Three modes:
 //!
-//! - [`flow`]: phones blast phone -> internet packets through a KTN tenant's
-//!   egress rule to its gateway; throughput, packets/s, one-way latency
+//! - [`flow`], upload: phones blast phone -> internet packets through a KTN
+//!   tenant's egress rule to its gateway; throughput, packets/s, one-way latency
 //!   percentiles, appliance CPU-seconds per GiB and CPU-µs per packet.
+//! - [`flow`], download: the gateway sends the internet's answers to every phone
+//!   in turn, which the appliance routes to each phone; the same figures.
 //! - [`storm`]: many routers across many tunnels send handshake initiations;
 //!   handshakes/s answered, cookie replies (the appliance's load defence) and
 //!   appliance CPU-µs per handshake.
@@ -37,6 +39,8 @@ pub use cpu::process_cpu;
 pub enum Mode {
     /// Phone -> gateway packets through the egress rule.
     Flow,
+    /// Gateway -> phone packets: the answers, to every phone in turn.
+    Download,
     /// Handshake initiations across many tunnels.
     Handshakes,
 }
@@ -108,7 +112,10 @@ pub async fn run(spec: &BenchSpec) -> Result<BenchReport, BenchError> {
     };
     let mut tenants = Vec::new();
     let result = match spec.mode {
-        Mode::Flow => flow::run(spec, &api, &mut tenants)
+        Mode::Flow => flow::run(spec, flow::Direction::Up, &api, &mut tenants)
+            .await
+            .map(BenchReport::Flow),
+        Mode::Download => flow::run(spec, flow::Direction::Down, &api, &mut tenants)
             .await
             .map(BenchReport::Flow),
         Mode::Handshakes => storm::run(spec, &api, &mut tenants)
@@ -218,8 +225,9 @@ impl Api {
         Ok(secret)
     }
 
-    /// The sum of a counter's samples for one tenant, from `/metrics`.
-    async fn counter(&self, name: &str, tenant: &str) -> Result<f64, BenchError> {
+    /// The sum of a counter's samples for one tenant whose line also contains
+    /// `also` (a label; empty: any), from `/metrics`.
+    async fn counter(&self, name: &str, tenant: &str, also: &str) -> Result<f64, BenchError> {
         let text = self
             .client
             .get(format!("{}/metrics", self.base))
@@ -232,7 +240,7 @@ impl Api {
         let label = format!("tenant=\"{tenant}\"");
         Ok(text
             .lines()
-            .filter(|l| l.starts_with(name) && l.contains(&label))
+            .filter(|l| l.starts_with(name) && l.contains(&label) && l.contains(also))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum())
     }

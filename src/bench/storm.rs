@@ -182,7 +182,8 @@ pub(crate) async fn run(
     report.tunnels = tunnels;
     report.peers_per_tunnel = peers;
     for name in &names {
-        report.appliance_handshakes += api.counter("wgplane_handshakes_total", name).await? as u64;
+        report.appliance_handshakes +=
+            api.counter("wgplane_handshakes_total", name, "").await? as u64;
     }
     Ok(report)
 }

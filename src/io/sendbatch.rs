@@ -7,6 +7,10 @@
 //! storm) leave together in one `sendmmsg`. The order of the datagrams is kept, so
 //! every destination sees its datagrams in the order the engine sent them.
 //!
+//! Some NICs and drivers refuse segmentation offload, which Linux only reports
+//! when a GSO send fails. quinn-udp then turns GSO off for the socket; the run
+//! that failed goes again as single datagrams, and later runs stay single.
+//!
 //! Not here: deciding what to send (the engine) and receiving.
 
 use std::io;
@@ -32,6 +36,7 @@ pub(crate) struct SendBatch {
 }
 
 /// Datagrams `data[start..start + len]` to `to`, cut every `segment` bytes.
+#[derive(Clone, Copy)]
 struct Run {
     to: SocketAddr,
     start: usize,
@@ -103,9 +108,17 @@ impl SendBatch {
                 let sent = socket.try_io(tokio::io::Interest::WRITABLE, || {
                     state.try_send(socket.into(), &transmit)
                 });
-                if sent.is_err() {
-                    failures += run.datagrams();
-                }
+                failures += match sent {
+                    Ok(()) => 0,
+                    Err(e)
+                        if e.kind() != io::ErrorKind::WouldBlock
+                            && state.max_gso_segments() <= 1 =>
+                    {
+                        // Segmentation offload refused: the same datagrams, one by one.
+                        self.send_cut(socket, run)
+                    }
+                    Err(_) => run.datagrams(),
+                };
                 i += 1;
                 continue;
             }
@@ -114,25 +127,63 @@ impl SendBatch {
                 .iter()
                 .position(Run::segmented)
                 .map_or(self.runs.len(), |p| i + p);
-            while i < end {
-                let chunk = &self.runs[i..end.min(i + MMSG)];
-                let sent = socket.try_io(tokio::io::Interest::WRITABLE, || {
-                    send_many(socket.as_raw_fd(), &self.data, chunk, self.v6)
-                });
-                match sent {
-                    Ok(n) if n > 0 => i += n,
-                    // The first datagram was refused: drop it, go on with the rest.
-                    _ => {
-                        failures += 1;
-                        i += 1;
-                    }
-                }
-            }
+            failures += send_singles(socket, &self.data, &self.runs[i..end], self.v6);
+            i = end;
         }
         self.data.clear();
         self.runs.clear();
+        // quinn-udp may have turned GSO off during this flush.
+        self.max_segments = state.max_gso_segments().max(1);
         failures
     }
+
+    /// Sends a GSO run's datagrams as single datagrams; returns the failures.
+    fn send_cut(&self, socket: &UdpSocket, run: &Run) -> u64 {
+        let mut failures = 0;
+        let mut start = run.start;
+        let end = run.start + run.len;
+        while start < end {
+            let mut count = 0;
+            let singles: [Run; MMSG] = std::array::from_fn(|_| {
+                let len = run.segment.min(end - start);
+                let single = Run {
+                    to: run.to,
+                    start,
+                    len,
+                    segment: len,
+                };
+                if len > 0 {
+                    count += 1;
+                }
+                start += len;
+                single
+            });
+            failures += send_singles(socket, &self.data, &singles[..count], self.v6);
+        }
+        failures
+    }
+}
+
+/// Sends single datagrams in order, [`MMSG`] per `sendmmsg`; returns how many
+/// the socket refused (each is dropped, the rest go on).
+fn send_singles(socket: &UdpSocket, data: &[u8], runs: &[Run], v6: bool) -> u64 {
+    let mut failures = 0;
+    let mut i = 0;
+    while i < runs.len() {
+        let chunk = &runs[i..runs.len().min(i + MMSG)];
+        let sent = socket.try_io(tokio::io::Interest::WRITABLE, || {
+            send_many(socket.as_raw_fd(), data, chunk, v6)
+        });
+        match sent {
+            Ok(n) if n > 0 => i += n,
+            // The first datagram was refused: drop it, go on with the rest.
+            _ => {
+                failures += 1;
+                i += 1;
+            }
+        }
+    }
+    failures
 }
 
 /// One `sendmmsg` of single datagrams (at most [`MMSG`]); returns how many the
@@ -194,6 +245,9 @@ mod tests {
         socket
             .set_read_timeout(Some(Duration::from_secs(2)))
             .expect("timeout");
+        socket2::SockRef::from(&socket)
+            .set_recv_buffer_size(1 << 20)
+            .expect("receive buffer");
         socket
     }
 
@@ -253,6 +307,34 @@ mod tests {
     #[tokio::test]
     async fn runs_and_singles_arrive_complete_and_in_order() {
         check("127.0.0.1:0", "127.0.0.1:0", false).await;
+    }
+
+    /// A GSO send the kernel refuses (here: more segments than it takes in one
+    /// send) is not lost: it goes again as single datagrams, and GSO stays off.
+    #[tokio::test]
+    async fn a_refused_gso_send_goes_again_datagram_by_datagram() {
+        let socket = tokio::net::UdpSocket::bind("127.0.0.1:0")
+            .await
+            .expect("bind loopback");
+        let state = quinn_udp::UdpSocketState::new((&socket).into()).expect("quinn-udp state");
+        if state.max_gso_segments() <= 1 {
+            return; // no GSO here: nothing to refuse
+        }
+        let a = receiver("127.0.0.1:0");
+        let to_a = a.local_addr().expect("address");
+        // 130 segments: above the kernel's UDP_MAX_SEGMENTS (64; 128 in newer
+        // kernels). Small ones, so that all fit the receiver's buffer.
+        let mut batch = SendBatch::new(130, false);
+        let sent: Vec<(usize, u8)> = (0..130).map(|k| (10, k as u8)).collect();
+        for (len, seq) in &sent {
+            batch.push(to_a, &vec![*seq; *len]);
+        }
+        assert_eq!(batch.runs.len(), 1, "one GSO run");
+        socket.writable().await.expect("writable");
+        assert_eq!(batch.flush(&socket, &state), 0);
+        assert_eq!(drain(&a, sent.len()), sent);
+        assert_eq!(state.max_gso_segments(), 1, "quinn-udp turned GSO off");
+        assert_eq!(batch.max_segments, 1, "and so does the batch");
     }
 
     #[tokio::test]

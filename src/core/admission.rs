@@ -106,15 +106,16 @@ impl Admission {
     }
 
     fn decide(&mut self, from: IpAddr, datagram: &[u8], now: Instant, out: &mut [u8]) -> Verdict {
-        let mac1 = verify(&self.macs, from, datagram, out);
-        if mac1 != Verdict::Pass {
-            return mac1;
-        }
         // Only initiations with a valid mac1 (which needs the tunnel's public
-        // key) count towards its load.
-        let busy = self.count(now) || self.budget.as_ref().is_some_and(|b| b.under_load(now));
+        // key) count towards its load; this one would be over the limit if the
+        // window already holds as many as the limit.
+        let busy = self.over_limit(now) || self.budget.as_ref().is_some_and(|b| b.under_load(now));
         if busy {
+            // One pass over the MACs: mac1, then mac2 (a cookie reply if it fails).
             let mac2 = verify(&self.cookies, from, datagram, out);
+            if !matches!(mac2, Verdict::Drop(_)) {
+                self.count();
+            }
             if mac2 != Verdict::Pass {
                 return mac2;
             }
@@ -126,6 +127,12 @@ impl Admission {
             {
                 return Verdict::Drop(DropReason::UnderLoad);
             }
+        } else {
+            let mac1 = verify(&self.macs, from, datagram, out);
+            if mac1 != Verdict::Pass {
+                return mac1;
+            }
+            self.count();
         }
         match &self.budget {
             Some(budget) if !budget.take(now) => {
@@ -145,9 +152,9 @@ impl Admission {
         }
     }
 
-    /// Counts one initiation in the current one-second window; true if the
-    /// tunnel is over its limit.
-    fn count(&mut self, now: Instant) -> bool {
+    /// Whether one more initiation in the current one-second window (which
+    /// starts afresh after a second) is over the tunnel's limit.
+    fn over_limit(&mut self, now: Instant) -> bool {
         let fresh = self
             .window
             .is_none_or(|start| now.saturating_duration_since(start) >= Duration::from_secs(1));
@@ -155,8 +162,12 @@ impl Admission {
             self.window = Some(now);
             self.seen = 0;
         }
+        self.seen >= self.per_second
+    }
+
+    /// Counts one initiation with a valid mac1 in the current window.
+    fn count(&mut self) {
         self.seen = self.seen.saturating_add(1);
-        self.seen > self.per_second
     }
 }
 
@@ -326,6 +337,27 @@ mod tests {
         assert_eq!(
             outcome(&mut admission, &forged, t0),
             Err("drop bad_mac".into())
+        );
+    }
+
+    #[test]
+    fn under_load_a_bad_mac1_gets_no_cookie() {
+        // Under load mac1 and mac2 are checked in one pass; mac1 still comes
+        // first, so junk never earns a reply.
+        let (public, t0) = server();
+        let mut admission = Admission::new(&public, 1);
+        let mut client = Client::new(&public);
+        assert_eq!(outcome(&mut admission, &client.initiation(), t0), Ok(()));
+        let mut forged = client.initiation();
+        let n = forged.len();
+        forged[n - 20] ^= 1;
+        assert_eq!(
+            outcome(&mut admission, &forged, t0),
+            Err("drop bad_mac".into())
+        );
+        assert_eq!(
+            outcome(&mut admission, &client.initiation(), t0),
+            Err("cookie 64".into())
         );
     }
 

@@ -232,6 +232,14 @@ mod tests {
             }
         }
 
+        /// An initiation with one bit of its mac1 flipped.
+        fn forged_initiation(&mut self) -> Vec<u8> {
+            let mut forged = self.initiation();
+            let n = forged.len();
+            forged[n - 20] ^= 1;
+            forged
+        }
+
         /// Sends an initiation that must meet a cookie reply, and keeps the
         /// cookie for the next ones.
         fn earn_cookie(&mut self, admission: &mut Admission, now: Instant) {
@@ -286,9 +294,7 @@ mod tests {
         let (public, t0) = server();
         let mut admission = Admission::new(&public, 2);
         let mut client = Client::new(&public);
-        let mut forged = client.initiation();
-        let n = forged.len();
-        forged[n - 20] ^= 1;
+        let forged = client.forged_initiation();
         for _ in 0..10 {
             assert!(outcome(&mut admission, &forged, t0).is_err());
         }
@@ -331,9 +337,7 @@ mod tests {
         let (public, t0) = server();
         let mut admission = Admission::new(&public, 10);
         let mut client = Client::new(&public);
-        let mut forged = client.initiation();
-        let n = forged.len();
-        forged[n - 20] ^= 1;
+        let forged = client.forged_initiation();
         assert_eq!(
             outcome(&mut admission, &forged, t0),
             Err("drop bad_mac".into())
@@ -348,9 +352,7 @@ mod tests {
         let mut admission = Admission::new(&public, 1);
         let mut client = Client::new(&public);
         assert_eq!(outcome(&mut admission, &client.initiation(), t0), Ok(()));
-        let mut forged = client.initiation();
-        let n = forged.len();
-        forged[n - 20] ^= 1;
+        let forged = client.forged_initiation();
         assert_eq!(
             outcome(&mut admission, &forged, t0),
             Err("drop bad_mac".into())

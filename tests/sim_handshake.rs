@@ -292,3 +292,48 @@ fn under_load_one_cookie_holder_cannot_take_everyone_s_budget() {
     sim.connect(fair);
     assert_eq!(sim.tunnels[t].engine.stats().handshakes, 7);
 }
+
+#[test]
+fn a_storm_on_its_own_tunnel_leaves_established_peers_talking_and_rekeying() {
+    use wgplane::core::engine::TunnelEngine;
+
+    // A tunnel that answers 3 initiations a second before it demands cookies.
+    let mut sim = Sim::new();
+    let a = sim.tunnel(51820, "10.100.0.1");
+    let secret = sim.tunnels[a].secret.clone();
+    sim.tunnels[a].engine =
+        TunnelEngine::new(secret, vec![sim::ip("10.100.0.1")]).with_handshake_limit(3);
+    let r1 = sim.peer("r1", a, PeerKind::Router, &["10.100.1.1/32"]);
+    let r2 = sim.peer("r2", a, PeerKind::Router, &["10.100.1.2/32"]);
+    sim.connect(r1);
+    sim.connect(r2);
+    assert_eq!(sim.tunnels[a].engine.stats().handshakes, 2);
+
+    // A storm of initiations that know the tunnel's key (valid mac1) from
+    // strangers: one more is let through (and fails: no such peer), then
+    // cookies only.
+    for _ in 0..20 {
+        let stranger = boringtun::x25519::StaticSecret::random_from_rng(rand_core::OsRng);
+        let p = sim.unregistered_peer("storm", a, stranger);
+        sim.connect(p);
+    }
+    let stats = sim.tunnels[a].engine.stats().clone();
+    assert_eq!(stats.handshakes, 2, "no handshake for the storm");
+    assert_eq!(stats.cookie_replies, 19);
+
+    // The established peers' data goes on.
+    sim.send_ip(r1, "10.100.1.1", "10.100.1.2");
+    sim.send_ip(r2, "10.100.1.2", "10.100.1.1");
+    assert_eq!(sim.take_inbox(r2).len(), 1);
+    assert_eq!(sim.take_inbox(r1).len(), 1);
+
+    // r1 rekeys in the storm: its first initiation meets a cookie reply, the
+    // retry carries the cookie (mac2) and gets its handshake.
+    sim.connect(r1);
+    assert_eq!(sim.tunnels[a].engine.stats().cookie_replies, 20);
+    assert_eq!(sim.tunnels[a].engine.stats().handshakes, 2);
+    sim.connect(r1);
+    assert_eq!(sim.tunnels[a].engine.stats().handshakes, 3);
+    sim.send_ip(r1, "10.100.1.1", "10.100.1.2");
+    assert_eq!(sim.take_inbox(r2).len(), 1, "data on the new session");
+}

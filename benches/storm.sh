@@ -4,7 +4,9 @@
 # For each storm rate: starts wgplane pinned to one CPU, measures a phone ->
 # gateway flow alone, then the same flow inside a storm of handshake initiations
 # over 10 tunnels x 20 routers (load generators pinned to another CPU), plus 20
-# routers that retry with their cookie as real WireGuard peers do. Reports
+# routers that retry with their cookie as real WireGuard peers do, then inside a
+# storm on the flow's own tunnel from 200 strangers (who know its public key, as
+# every phone does) with the same 20 patient routers. Reports
 # whether every initiation was answered (handshakes within the process budget,
 # cookie replies above it), whether the cookie-holding routers got their
 # handshakes, the appliance's CPU for the storm, and the flow's loss and latency
@@ -97,12 +99,30 @@ start_appliance() {
 # The flow's generator runs on the load generator's CPU at normal priority, the
 # storm's at nice 10: the flow's latency then shows the appliance, not the storm
 # generator taking the flow generator's CPU.
-flow() { # flow DIR NAME: the flow's load generator against the appliance, JSON in DIR/NAME.json
+flow() { # flow DIR NAME [ARGS...]: the flow's load generator against the appliance, JSON in DIR/NAME.json
     local dir=$1 name=$2
+    shift 2
     taskset -c "$GEN_CPU" "$WGPLANE" bench --api "$API" --token-file "$dir/state/api-token" --pid "$APP_PID" --json \
-        --size 1420 --rate "$FLOW_RATE" --seconds "$FLOW_SECONDS" \
+        --size 1420 --rate "$FLOW_RATE" --seconds "$FLOW_SECONDS" "$@" \
         >"$dir/$name.json" 2>"$dir/$name.log" ||
         die "the flow ($name) failed: $(tail -20 "$dir/$name.log")"
+}
+
+# storm DIR NAME ARGS...: starts a storm (nice 10, generator CPU) and returns once
+# its measured window is open; sets STORM_PID.
+storm() {
+    local dir=$1 name=$2
+    shift 2
+    taskset -c "$GEN_CPU" nice -n 10 "$WGPLANE" bench --api "$API" --token-file "$dir/state/api-token" \
+        --pid "$APP_PID" --json --mode handshakes --rate "$rate" --seconds "$STORM_SECONDS" \
+        --patient 20 "$@" >"$dir/$name.json" 2>"$dir/$name.log" &
+    STORM_PID=$!
+    PIDS+=("$STORM_PID")
+    until grep -q "measured window opens" "$dir/$name.log"; do
+        kill -0 "$STORM_PID" 2>/dev/null || die "the storm ended early: $(tail -5 "$dir/$name.log")"
+        sleep 0.2
+    done
+    sleep 1
 }
 
 RESULTS="$WORK/results.jsonl"
@@ -114,30 +134,28 @@ for rate in "${RATE_LIST[@]}"; do
     echo "storm.sh: $rate initiations/s: flow alone" >&2
     flow "$dir" alone
 
-    echo "storm.sh: $rate initiations/s: preparing the storm" >&2
-    taskset -c "$GEN_CPU" nice -n 10 "$WGPLANE" bench --api "$API" --token-file "$dir/state/api-token" \
-        --pid "$APP_PID" --json --mode handshakes --tunnels 10 --peers 20 \
-        --rate "$rate" --seconds "$STORM_SECONDS" --patient 20 >"$dir/storm.json" 2>"$dir/storm.log" &
-    storm=$!
-    PIDS+=("$storm")
-    until grep -q "measured window opens" "$dir/storm.log"; do
-        kill -0 "$storm" 2>/dev/null || die "the storm ended early: $(tail -5 "$dir/storm.log")"
-        sleep 0.2
-    done
-    sleep 1
+    echo "storm.sh: $rate initiations/s: preparing the storm on other tunnels" >&2
+    storm "$dir" storm --tunnels 10 --peers 20
     echo "storm.sh: $rate initiations/s: flow inside the storm" >&2
     flow "$dir" under
-    wait "$storm" || die "the storm failed: $(tail -5 "$dir/storm.log")"
+    wait "$STORM_PID" || die "the storm failed: $(tail -5 "$dir/storm.log")"
+
+    echo "storm.sh: $rate initiations/s: preparing the storm on the flow's own tunnel" >&2
+    storm "$dir" storm-own --tenant ktn --peers 200
+    echo "storm.sh: $rate initiations/s: flow inside the storm on its own tunnel" >&2
+    flow "$dir" under-own --tenant ktn
+    wait "$STORM_PID" || die "the storm failed: $(tail -5 "$dir/storm-own.log")"
     kill "$APP_PID"
     wait "$APP_PID" 2>/dev/null || true
     python3 - "$rate" "$dir" >>"$RESULTS" <<'PY'
 import json, sys
 rate, d = int(sys.argv[1]), sys.argv[2]
 load = lambda n: json.load(open(f"{d}/{n}.json"))
-alone, under, storm = load("alone"), load("under"), load("storm")
 flow = lambda f: {"loss_percent": f["loss_percent"], "forwarded": f["forwarded_packets"],
                   "sent": f["sent_packets"], **{k: f["latency"][k] for k in ("p50_us", "p99_us", "p999_us", "max_us")}}
-print(json.dumps({"storm_rate": rate, "storm": storm, "flow_alone": flow(alone), "flow_under_storm": flow(under)}))
+print(json.dumps({"storm_rate": rate, "storm": load("storm"), "storm_own_tunnel": load("storm-own"),
+                  "flow_alone": flow(load("alone")), "flow_under_storm": flow(load("under")),
+                  "flow_under_storm_on_own_tunnel": flow(load("under-own"))}))
 PY
 done
 
@@ -145,11 +163,10 @@ python3 - "$RESULTS" "$JSON_OUT" "$FLOW_RATE" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 print(f"\nAppliance on one CPU; flow: 1420-byte packets at {sys.argv[3]}/s.\n")
-print("| storm offered/s | answered/s | handshakes | cookie replies | unanswered | appliance cores | CPU-µs per initiation | cookie-echoing routers served | their time to handshake (p50 / max) |")
-print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-for r in rows:
-    s = r["storm"]
-    print(f"| {s['offered_per_s']:.0f} | {s['answered_per_s']:.0f} | {s['responses']} | {s['cookie_replies']} "
+print("| storm on | storm offered/s | answered/s | handshakes | cookie replies | unanswered | appliance cores | CPU-µs per initiation | cookie-echoing routers served | their time to handshake (p50 / max) |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+for r, target, s in [(r, t, r[k]) for r in rows for t, k in (("10 other tunnels", "storm"), ("the flow's tunnel", "storm_own_tunnel"))]:
+    print(f"| {target} | {s['offered_per_s']:.0f} | {s['answered_per_s']:.0f} | {s['responses']} | {s['cookie_replies']} "
           f"| {s['sent_initiations'] - s['responses'] - s['cookie_replies']} | {s['appliance_cores']:.2f} "
           f"| {s['appliance_cpu_us_per_initiation']:.1f} "
           f"| {s['patient']['completed']} of {s['patient']['routers']} "
@@ -157,7 +174,8 @@ for r in rows:
 print("\n| storm offered/s | flow | loss % | forwarded/sent | p50 µs | p99 µs | p99.9 µs | max µs |")
 print("|---:|---|---:|---:|---:|---:|---:|---:|")
 for r in rows:
-    for name, f in (("alone", r["flow_alone"]), ("under storm", r["flow_under_storm"])):
+    for name, f in (("alone", r["flow_alone"]), ("storm on 10 other tunnels", r["flow_under_storm"]),
+                    ("storm on its own tunnel", r["flow_under_storm_on_own_tunnel"])):
         print(f"| {r['storm_rate']} | {name} | {f['loss_percent']:.2f} | {f['forwarded']}/{f['sent']} "
               f"| {f['p50_us']} | {f['p99_us']} | {f['p999_us']} | {f['max_us']} |")
 if sys.argv[2]:

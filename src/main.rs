@@ -80,6 +80,11 @@ struct BenchArgs {
     /// cookie reply as real WireGuard peers do.
     #[arg(long, default_value_t = 0)]
     patient: usize,
+    /// Use this tenant (created if missing, left in place) instead of
+    /// throw-away ones: flow adds its gateway and phones to it; handshakes storm
+    /// its tunnel alone, from --peers strangers (keys it does not know).
+    #[arg(long)]
+    tenant: Option<String>,
     /// PID of the appliance, to measure its CPU time.
     #[arg(long)]
     pid: Option<u32>,
@@ -194,6 +199,7 @@ fn main() -> Result<()> {
                 rate: args.rate,
                 offload: args.offload,
                 patient: args.patient,
+                tenant: args.tenant.clone(),
             };
             // Progress (the measured window opening) goes to stderr.
             init_logging();

@@ -125,8 +125,9 @@ pub(crate) async fn run(
     api: &Api,
     created: &mut Vec<String>,
 ) -> Result<FlowReport, BenchError> {
-    let tenant = format!("bench-{}", std::process::id());
-    let tunnel = api.tenant(&tenant, created).await?;
+    let (tenant, tunnel) = api
+        .tenant_for(spec, format!("bench-{}", std::process::id()), created)
+        .await?;
     let endpoint = SocketAddr::new(spec.host, tunnel.port);
     let gw_secret = api.router(&tenant, "gateway").await?;
     api.call(

@@ -77,6 +77,10 @@ pub struct BenchSpec {
     /// Handshakes: routers, besides the storm's, that retry with the cookie
     /// from a cookie reply as real WireGuard peers do.
     pub patient: usize,
+    /// Use this tenant (created if missing, left in place at the end) instead
+    /// of throw-away ones: flow adds its gateway and phones to it; handshakes
+    /// storm its tunnel alone, from `peers` strangers (keys it does not know).
+    pub tenant: Option<String>,
 }
 
 /// The result, printed as a table and as JSON.
@@ -210,6 +214,23 @@ impl Api {
             .and_then(|p| u16::try_from(p).ok())
             .ok_or_else(|| bad("listen_port"))?;
         Ok(TunnelInfo { public, port })
+    }
+
+    /// The tenant `name`: `spec.tenant` if given (left in place), else a
+    /// throw-away one recorded in `created` for deletion.
+    async fn tenant_for(
+        &self,
+        spec: &BenchSpec,
+        name: String,
+        created: &mut Vec<String>,
+    ) -> Result<(String, TunnelInfo), BenchError> {
+        match &spec.tenant {
+            Some(given) => Ok((given.clone(), self.tenant(given, &mut Vec::new()).await?)),
+            None => {
+                let info = self.tenant(&name, created).await?;
+                Ok((name, info))
+            }
+        }
     }
 
     /// Adds a router with a fresh key; returns its secret.

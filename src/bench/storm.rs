@@ -13,6 +13,10 @@
 //! behave like real WireGuard peers inside the storm: they keep the cookie from a
 //! cookie reply and retry with it (after 1 s, where WireGuard waits 5), and the
 //! report says how many got their handshake and how long it took.
+//!
+//! With `--tenant`, the storm hits that one tenant's tunnel (say a KTN tunnel
+//! whose public key every phone knows) from strangers: keys the appliance does
+//! not know, so no initiation of theirs ends in a handshake.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,6 +26,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 use boringtun::noise::{Tunn, TunnResult};
+use boringtun::x25519::StaticSecret;
 use serde::Serialize;
 
 use super::cpu::CpuMeter;
@@ -136,18 +141,28 @@ pub(crate) async fn run(
     created: &mut Vec<String>,
 ) -> Result<StormReport, BenchError> {
     let pid = std::process::id();
-    let tunnels = spec.tunnels.max(1);
+    // A given tenant is stormed alone, by strangers.
+    let tunnels = if spec.tenant.is_some() {
+        1
+    } else {
+        spec.tunnels.max(1)
+    };
     let peers = spec.peers.max(1);
     let mut routers = Vec::new();
     let mut names = Vec::new();
     let mut tenants = Vec::new();
     let count_routers = tunnels * peers;
     for t in 0..tunnels {
-        let name = format!("bench-{pid}-hs{t}");
-        let TunnelInfo { public, port } = api.tenant(&name, created).await?;
+        let (name, TunnelInfo { public, port }) = api
+            .tenant_for(spec, format!("bench-{pid}-hs{t}"), created)
+            .await?;
         tenants.push((public, port));
         for r in 0..peers {
-            let secret = api.router(&name, &format!("r{r}")).await?;
+            let secret = if spec.tenant.is_some() {
+                StaticSecret::random_from_rng(rand_core::OsRng)
+            } else {
+                api.router(&name, &format!("r{r}")).await?
+            };
             let index = (t * peers + r) as u32;
             routers.push((
                 Tunn::new(secret, public, None, None, index, None),

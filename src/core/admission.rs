@@ -6,7 +6,8 @@
 //! proved their address by echoing the cookie get a handshake. A tunnel is under
 //! load here when either
 //! - its own initiations in the current second exceed its limit
-//!   (`tunnels.handshakes_per_second`), or
+//!   (`tunnels.handshakes_per_second`), and for a second after the last time
+//!   they did (as kernel WireGuard stays under load for a second), or
 //! - the process-wide [`HandshakeBudget`] ran dry during the last second: a storm
 //!   spread thin over many tunnels then meets cookies on all of them, so spoofed
 //!   sources cannot spend the budget that address-proven peers need.
@@ -55,6 +56,8 @@ pub struct Admission {
     per_second: u32,
     window: Option<Instant>,
     seen: u32,
+    /// Under load until then: a second after the tunnel was last over its limit.
+    loaded_until: Option<Instant>,
     budget: Option<Arc<HandshakeBudget>>,
 }
 
@@ -68,6 +71,7 @@ impl Admission {
             per_second: per_second.max(1),
             window: None,
             seen: 0,
+            loaded_until: None,
             budget: None,
         }
     }
@@ -153,7 +157,9 @@ impl Admission {
     }
 
     /// Whether one more initiation in the current one-second window (which
-    /// starts afresh after a second) is over the tunnel's limit.
+    /// starts afresh after a second) is over the tunnel's limit, or the tunnel
+    /// was over it less than a second ago: a storm keeps meeting cookies when a
+    /// new window opens, rather than getting a fresh allowance every second.
     fn over_limit(&mut self, now: Instant) -> bool {
         let fresh = self
             .window
@@ -162,7 +168,10 @@ impl Admission {
             self.window = Some(now);
             self.seen = 0;
         }
-        self.seen >= self.per_second
+        if self.seen >= self.per_second {
+            self.loaded_until = now.checked_add(Duration::from_secs(1));
+        }
+        self.loaded_until.is_some_and(|until| now < until)
     }
 
     /// Counts one initiation with a valid mac1 in the current window.
@@ -287,6 +296,33 @@ mod tests {
         );
         let t1 = t0 + Duration::from_secs(1);
         assert_eq!(outcome(&mut admission, &client.initiation(), t1), Ok(()));
+    }
+
+    #[test]
+    fn a_tunnel_stays_under_load_a_second_after_it_was_last_over_its_limit() {
+        let (public, t0) = server();
+        let mut admission = Admission::new(&public, 3);
+        let mut client = Client::new(&public);
+        for _ in 0..3 {
+            assert_eq!(outcome(&mut admission, &client.initiation(), t0), Ok(()));
+        }
+        let ms = Duration::from_millis;
+        // Over the limit late in the window: under load until t0 + 1.9 s.
+        let late = t0 + ms(900);
+        assert_eq!(
+            outcome(&mut admission, &client.initiation(), late),
+            Err("cookie 64".into())
+        );
+        // A new window, but still within that second: cookies.
+        assert_eq!(
+            outcome(&mut admission, &client.initiation(), t0 + ms(1000)),
+            Err("cookie 64".into())
+        );
+        // A second after it was last over its limit: answered again.
+        assert_eq!(
+            outcome(&mut admission, &client.initiation(), t0 + ms(1900)),
+            Ok(())
+        );
     }
 
     #[test]

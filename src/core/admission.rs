@@ -118,7 +118,7 @@ impl Admission {
             // One pass over the MACs: mac1, then mac2 (a cookie reply if it fails).
             let mac2 = verify(&self.cookies, from, datagram, out);
             if !matches!(mac2, Verdict::Drop(_)) {
-                self.count();
+                self.count(now);
             }
             if mac2 != Verdict::Pass {
                 return mac2;
@@ -136,7 +136,7 @@ impl Admission {
             if mac1 != Verdict::Pass {
                 return mac1;
             }
-            self.count();
+            self.count(now);
         }
         match &self.budget {
             Some(budget) if !budget.take(now) => {
@@ -174,9 +174,13 @@ impl Admission {
         self.loaded_until.is_some_and(|until| now < until)
     }
 
-    /// Counts one initiation with a valid mac1 in the current window.
-    fn count(&mut self) {
+    /// Counts one initiation with a valid mac1 in the tunnel's window and in
+    /// the process-wide budget's.
+    fn count(&mut self, now: Instant) {
         self.seen = self.seen.saturating_add(1);
+        if let Some(budget) = &self.budget {
+            budget.offered(now);
+        }
     }
 }
 
@@ -321,6 +325,45 @@ mod tests {
         // A second after it was last over its limit: answered again.
         assert_eq!(
             outcome(&mut admission, &client.initiation(), t0 + ms(1900)),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn a_storm_spread_thin_stays_on_cookies_when_the_budget_could_pay_again() {
+        // Two tunnels, each far below its own limit, share a budget of 10 a
+        // second (a bucket of one token).
+        let (public, t0) = server();
+        let budget = Arc::new(HandshakeBudget::new(10));
+        let mut tunnels: Vec<Admission> = (0..2)
+            .map(|_| {
+                let mut a = Admission::new(&public, 1_000);
+                a.set_budget(Arc::clone(&budget));
+                a
+            })
+            .collect();
+        let mut client = Client::new(&public);
+        let ms = Duration::from_millis;
+        // 30 initiations over 0.9 s: the one token pays for one handshake, the
+        // rest meet cookies and never take a token.
+        let passed = (0..30)
+            .filter(|&i| {
+                let at = t0 + ms(30 * i);
+                outcome(&mut tunnels[i as usize % 2], &client.initiation(), at).is_ok()
+            })
+            .count();
+        assert_eq!(passed, 1);
+        // 1.5 s in, the bucket has long refilled, but 30 offered in a second is
+        // three times the rate: still cookies, on both tunnels.
+        for tunnel in &mut tunnels {
+            assert_eq!(
+                outcome(tunnel, &client.initiation(), t0 + ms(1500)),
+                Err("cookie 64".into())
+            );
+        }
+        // A quiet second later the process is calm again.
+        assert_eq!(
+            outcome(&mut tunnels[0], &client.initiation(), t0 + ms(3000)),
             Ok(())
         );
     }

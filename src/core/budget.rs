@@ -3,10 +3,13 @@
 //! A storm spread over many tunnels, each below its own cookie threshold, can
 //! still eat every core with Diffie-Hellman work (about 150 µs per handshake)
 //! and starve established flows. This token bucket, shared by all tunnels, caps
-//! the handshakes the process computes per second. When it runs dry, every
-//! tunnel counts as under load for a second and answers initiations without a
-//! valid cookie with cookie replies (see [`super::admission`]), and each source
-//! of cookie-proven initiations gets its own fair share ([`SourceLimiter`]).
+//! the handshakes the process computes per second. When it runs dry, or when
+//! more initiations are offered in a second than it pays for, every tunnel
+//! counts as under load for a second and answers initiations without a valid
+//! cookie with cookie replies (see [`super::admission`]), and each source of
+//! cookie-proven initiations gets its own fair share ([`SourceLimiter`]). The
+//! offered count keeps a storm that only ever meets cookies (and so never takes
+//! a token) from finding the process calm again after a second.
 //!
 //! Time is passed in; nothing here reads a clock.
 
@@ -32,8 +35,13 @@ pub struct HandshakeBudget {
 struct Bucket {
     tokens: f64,
     last: Option<Instant>,
-    /// When a handshake last found the bucket empty.
+    /// When a handshake last found the bucket empty, or the initiations offered
+    /// in a second last exceeded the rate.
     ran_dry: Option<Instant>,
+    /// Start of the current one-second window of offered initiations.
+    window: Option<Instant>,
+    /// Initiations with a valid mac1 offered in that window, across tunnels.
+    offered: u32,
 }
 
 /// The work a full bucket holds, in time at the configured rate.
@@ -71,6 +79,8 @@ impl HandshakeBudget {
                 tokens: capacity,
                 last: None,
                 ran_dry: None,
+                window: None,
+                offered: 0,
             }),
             sources: Mutex::new(SourceLimiter::default()),
         }
@@ -103,6 +113,26 @@ impl HandshakeBudget {
         }
     }
 
+    /// Counts an initiation with a valid mac1 at `now`, whether it is answered
+    /// with a handshake or a cookie. More in a second than the rate puts the
+    /// process under load, as a dry bucket does.
+    pub fn offered(&self, now: Instant) {
+        let Ok(mut b) = self.bucket.lock() else {
+            return;
+        };
+        let fresh = b
+            .window
+            .is_none_or(|start| now.saturating_duration_since(start) >= Duration::from_secs(1));
+        if fresh {
+            b.window = Some(now);
+            b.offered = 0;
+        }
+        b.offered = b.offered.saturating_add(1);
+        if b.offered > self.per_second {
+            b.ran_dry = Some(now);
+        }
+    }
+
     /// Under load: takes one handshake from `source`'s own share; false if it
     /// has spent it.
     pub fn source_allows(&self, source: IpAddr, now: Instant) -> bool {
@@ -112,7 +142,8 @@ impl HandshakeBudget {
     }
 
     /// True if a handshake at `now` would find the bucket empty, or the bucket
-    /// was found empty less than a second ago.
+    /// was found empty (or the offered initiations over the rate) less than a
+    /// second ago.
     pub fn under_load(&self, now: Instant) -> bool {
         let Ok(mut b) = self.bucket.lock() else {
             return true;

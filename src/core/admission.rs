@@ -30,7 +30,7 @@ use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::TunnResult;
 use boringtun::x25519::PublicKey;
 
-use super::budget::HandshakeBudget;
+use super::budget::{HandshakeBudget, PerSecond};
 use super::policy::DropReason;
 
 /// Handshake initiations per second a tunnel answers before it demands cookies.
@@ -54,8 +54,8 @@ pub struct Admission {
     /// cookie secret of the tunnel.
     cookies: RateLimiter,
     per_second: u32,
-    window: Option<Instant>,
-    seen: u32,
+    /// Initiations with a valid mac1, per second.
+    seen: PerSecond,
     /// Under load until then: a second after the tunnel was last over its limit.
     loaded_until: Option<Instant>,
     budget: Option<Arc<HandshakeBudget>>,
@@ -69,8 +69,7 @@ impl Admission {
             macs: Arc::new(RateLimiter::new(public, u64::MAX)),
             cookies: RateLimiter::new(public, 0),
             per_second: per_second.max(1),
-            window: None,
-            seen: 0,
+            seen: PerSecond::default(),
             loaded_until: None,
             budget: None,
         }
@@ -161,14 +160,7 @@ impl Admission {
     /// was over it less than a second ago: a storm keeps meeting cookies when a
     /// new window opens, rather than getting a fresh allowance every second.
     fn over_limit(&mut self, now: Instant) -> bool {
-        let fresh = self
-            .window
-            .is_none_or(|start| now.saturating_duration_since(start) >= Duration::from_secs(1));
-        if fresh {
-            self.window = Some(now);
-            self.seen = 0;
-        }
-        if self.seen >= self.per_second {
+        if self.seen.at(now) >= self.per_second {
             self.loaded_until = now.checked_add(Duration::from_secs(1));
         }
         self.loaded_until.is_some_and(|until| now < until)
@@ -177,7 +169,7 @@ impl Admission {
     /// Counts one initiation with a valid mac1 in the tunnel's window and in
     /// the process-wide budget's.
     fn count(&mut self, now: Instant) {
-        self.seen = self.seen.saturating_add(1);
+        self.seen.add(now);
         if let Some(budget) = &self.budget {
             budget.offered(now);
         }

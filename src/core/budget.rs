@@ -38,10 +38,36 @@ struct Bucket {
     /// When a handshake last found the bucket empty, or the initiations offered
     /// in a second last exceeded the rate.
     ran_dry: Option<Instant>,
-    /// Start of the current one-second window of offered initiations.
-    window: Option<Instant>,
-    /// Initiations with a valid mac1 offered in that window, across tunnels.
-    offered: u32,
+    /// Initiations with a valid mac1 offered, across tunnels.
+    offered: PerSecond,
+}
+
+/// A count of events in one-second windows: a window opens with the first event
+/// after the last one closed.
+#[derive(Debug, Default)]
+pub(super) struct PerSecond {
+    start: Option<Instant>,
+    count: u32,
+}
+
+impl PerSecond {
+    /// The count in the window `now` falls in (0 if a new one opens).
+    pub(super) fn at(&mut self, now: Instant) -> u32 {
+        let fresh = self
+            .start
+            .is_none_or(|start| now.saturating_duration_since(start) >= Duration::from_secs(1));
+        if fresh {
+            self.start = Some(now);
+            self.count = 0;
+        }
+        self.count
+    }
+
+    /// Counts one event at `now`; returns the window's count.
+    pub(super) fn add(&mut self, now: Instant) -> u32 {
+        self.count = self.at(now).saturating_add(1);
+        self.count
+    }
 }
 
 /// The work a full bucket holds, in time at the configured rate.
@@ -79,8 +105,7 @@ impl HandshakeBudget {
                 tokens: capacity,
                 last: None,
                 ran_dry: None,
-                window: None,
-                offered: 0,
+                offered: PerSecond::default(),
             }),
             sources: Mutex::new(SourceLimiter::default()),
         }
@@ -120,15 +145,7 @@ impl HandshakeBudget {
         let Ok(mut b) = self.bucket.lock() else {
             return;
         };
-        let fresh = b
-            .window
-            .is_none_or(|start| now.saturating_duration_since(start) >= Duration::from_secs(1));
-        if fresh {
-            b.window = Some(now);
-            b.offered = 0;
-        }
-        b.offered = b.offered.saturating_add(1);
-        if b.offered > self.per_second {
+        if b.offered.add(now) > self.per_second {
             b.ran_dry = Some(now);
         }
     }

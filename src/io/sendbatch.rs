@@ -115,7 +115,7 @@ impl SendBatch {
                             && state.max_gso_segments() <= 1 =>
                     {
                         // Segmentation offload refused: the same datagrams, one by one.
-                        self.send_cut(socket, run)
+                        self.send_cut(socket, state, run)
                     }
                     Err(_) => run.datagrams(),
                 };
@@ -127,7 +127,7 @@ impl SendBatch {
                 .iter()
                 .position(Run::segmented)
                 .map_or(self.runs.len(), |p| i + p);
-            failures += send_singles(socket, &self.data, &self.runs[i..end], self.v6);
+            failures += send_singles(socket, state, &self.data, &self.runs[i..end], self.v6);
             i = end;
         }
         self.data.clear();
@@ -138,7 +138,7 @@ impl SendBatch {
     }
 
     /// Sends a GSO run's datagrams as single datagrams; returns the failures.
-    fn send_cut(&self, socket: &UdpSocket, run: &Run) -> u64 {
+    fn send_cut(&self, socket: &UdpSocket, state: &quinn_udp::UdpSocketState, run: &Run) -> u64 {
         let mut failures = 0;
         let mut start = run.start;
         let end = run.start + run.len;
@@ -158,21 +158,38 @@ impl SendBatch {
                 start += len;
                 single
             });
-            failures += send_singles(socket, &self.data, &singles[..count], self.v6);
+            failures += send_singles(socket, state, &self.data, &singles[..count], self.v6);
         }
         failures
     }
 }
 
-/// Sends single datagrams in order, [`MMSG`] per `sendmmsg`; returns how many
-/// the socket refused (each is dropped, the rest go on).
-fn send_singles(socket: &UdpSocket, data: &[u8], runs: &[Run], v6: bool) -> u64 {
+/// Sends single datagrams in order, [`MMSG`] per `sendmmsg` (a lone one with
+/// plain `sendmsg`); returns how many the socket refused (each is dropped, the
+/// rest go on).
+fn send_singles(
+    socket: &UdpSocket,
+    state: &quinn_udp::UdpSocketState,
+    data: &[u8],
+    runs: &[Run],
+    v6: bool,
+) -> u64 {
     let mut failures = 0;
     let mut i = 0;
     while i < runs.len() {
         let chunk = &runs[i..runs.len().min(i + MMSG)];
-        let sent = socket.try_io(tokio::io::Interest::WRITABLE, || {
-            send_many(socket.as_raw_fd(), data, chunk, v6)
+        let sent = socket.try_io(tokio::io::Interest::WRITABLE, || match chunk {
+            [one] => {
+                let transmit = quinn_udp::Transmit {
+                    destination: one.to,
+                    ecn: None,
+                    contents: &data[one.start..one.start + one.len],
+                    segment_size: None,
+                    src_ip: None,
+                };
+                state.try_send(socket.into(), &transmit).map(|()| 1)
+            }
+            _ => send_many(socket.as_raw_fd(), data, chunk, v6),
         });
         match sent {
             Ok(n) if n > 0 => i += n,
@@ -191,15 +208,14 @@ fn send_singles(socket: &UdpSocket, data: &[u8], runs: &[Run], v6: bool) -> u64 
 /// count of sent messages comes from an iterator that reads receive addresses.
 fn send_many(fd: RawFd, data: &[u8], runs: &[Run], v6: bool) -> io::Result<usize> {
     let n = runs.len().min(MMSG);
-    let addresses: [socket2::SockAddr; MMSG] = std::array::from_fn(|k| {
-        let to = runs
-            .get(k)
-            .map_or(SocketAddr::from(([0, 0, 0, 0], 0)), |r| r.to);
-        socket2::SockAddr::from(match to {
-            SocketAddr::V4(v4) if v6 => {
-                SocketAddr::V6(SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0))
-            }
-            other => other,
+    let addresses: [Option<socket2::SockAddr>; MMSG] = std::array::from_fn(|k| {
+        runs.get(k).map(|r| {
+            socket2::SockAddr::from(match r.to {
+                SocketAddr::V4(v4) if v6 => {
+                    SocketAddr::V6(SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0))
+                }
+                other => other,
+            })
         })
     });
     let mut iovecs: [libc::iovec; MMSG] = std::array::from_fn(|k| match runs.get(k) {
@@ -219,6 +235,7 @@ fn send_many(fd: RawFd, data: &[u8], runs: &[Run], v6: bool) -> io::Result<usize
     // zero lengths).
     let mut headers: [libc::mmsghdr; MMSG] = unsafe { std::mem::zeroed() };
     for ((header, address), iovec) in headers.iter_mut().zip(&addresses).zip(&mut iovecs).take(n) {
+        let Some(address) = address else { break };
         header.msg_hdr.msg_name = address.as_ptr().cast_mut().cast();
         header.msg_hdr.msg_namelen = address.len();
         header.msg_hdr.msg_iov = iovec;
@@ -275,7 +292,8 @@ mod tests {
         );
         let mut batch = SendBatch::new(state.max_gso_segments(), v6);
         // A GSO run to a, singles alternating between a and b (more than one
-        // sendmmsg's worth), then another run to a: a must see 0..=N in order.
+        // sendmmsg's worth), another run to a, a single to b: each must see its
+        // datagrams in order.
         let mut sent_a = Vec::new();
         let mut sent_b = Vec::new();
         let mut seq = 0u8;
@@ -297,6 +315,8 @@ mod tests {
         for _ in 0..2 {
             send(&mut batch, to_a, 900);
         }
+        // And a lone single at the end (plain sendmsg).
+        send(&mut batch, to_b, 50);
         socket.writable().await.expect("writable");
         assert_eq!(batch.flush(&socket, &state), 0);
         assert_eq!(drain(&a, sent_a.len()), sent_a);

@@ -108,13 +108,13 @@ flow() { # flow DIR NAME [ARGS...]: the flow's load generator against the applia
         die "the flow ($name) failed: $(tail -20 "$dir/$name.log")"
 }
 
-# storm DIR NAME ARGS...: starts a storm (nice 10, generator CPU) and returns once
-# its measured window is open; sets STORM_PID.
+# storm DIR NAME RATE ARGS...: starts a storm of RATE initiations/s (nice 10,
+# generator CPU) and returns once its measured window is open; sets STORM_PID.
 storm() {
-    local dir=$1 name=$2
-    shift 2
+    local dir=$1 name=$2 storm_rate=$3
+    shift 3
     taskset -c "$GEN_CPU" nice -n 10 "$WGPLANE" bench --api "$API" --token-file "$dir/state/api-token" \
-        --pid "$APP_PID" --json --mode handshakes --rate "$rate" --seconds "$STORM_SECONDS" \
+        --pid "$APP_PID" --json --mode handshakes --rate "$storm_rate" --seconds "$STORM_SECONDS" \
         --patient 20 "$@" >"$dir/$name.json" 2>"$dir/$name.log" &
     STORM_PID=$!
     PIDS+=("$STORM_PID")
@@ -135,13 +135,13 @@ for rate in "${RATE_LIST[@]}"; do
     flow "$dir" alone
 
     echo "storm.sh: $rate initiations/s: preparing the storm on other tunnels" >&2
-    storm "$dir" storm --tunnels 10 --peers 20
+    storm "$dir" storm "$rate" --tunnels 10 --peers 20
     echo "storm.sh: $rate initiations/s: flow inside the storm" >&2
     flow "$dir" under
     wait "$STORM_PID" || die "the storm failed: $(tail -5 "$dir/storm.log")"
 
     echo "storm.sh: $rate initiations/s: preparing the storm on the flow's own tunnel" >&2
-    storm "$dir" storm-own --tenant ktn --peers 200
+    storm "$dir" storm-own "$rate" --tenant ktn --peers 200
     echo "storm.sh: $rate initiations/s: flow inside the storm on its own tunnel" >&2
     flow "$dir" under-own --tenant ktn
     wait "$STORM_PID" || die "the storm failed: $(tail -5 "$dir/storm-own.log")"

@@ -158,11 +158,13 @@ pub struct TunnelSettings {
     /// `peer_disconnected` is sent.
     pub liveness_timeout_secs: u16,
     /// Handshake initiations per second and tunnel answered with a handshake;
-    /// above it, initiators get cookie replies (WireGuard's load defence).
+    /// above it, and for a second after, initiators get cookie replies
+    /// (WireGuard's load defence).
     pub handshakes_per_second: u32,
     /// Handshakes per second the whole process computes across all tunnels;
-    /// when it runs dry every tunnel demands cookies for a second, so a storm
-    /// cannot starve established flows of CPU.
+    /// when it runs dry, or more initiations than this arrive in a second, every
+    /// tunnel demands cookies for a second, so a storm cannot starve established
+    /// flows of CPU.
     pub handshake_budget_per_second: u32,
 }
 

@@ -69,8 +69,8 @@ struct BenchArgs {
     /// Phones (flow) or routers per tunnel (handshakes).
     #[arg(long, default_value_t = 1)]
     peers: usize,
-    /// Tunnels (handshakes).
-    #[arg(long, default_value_t = 10)]
+    /// Tunnels (handshakes; with --tenant, that one tunnel).
+    #[arg(long, default_value_t = 10, conflicts_with = "tenant")]
     tunnels: usize,
     /// Peers send with UDP GSO and receive with UDP GRO, like modern WireGuard
     /// implementations; without it, one datagram per syscall.

@@ -66,6 +66,57 @@ fn download_reaches_every_phone_through_the_appliance() {
     assert_eq!(tenants.as_array().unwrap().len(), 0, "{tenants}");
 }
 
+#[test]
+fn a_given_tenant_is_stormed_by_strangers_carries_the_flow_and_stays() {
+    let app = Appliance::start();
+    // A storm on tenant "ktn" from keys it does not know: no handshake for any
+    // of them; the patient router, a registered one, gets its handshake.
+    let storm = bench_json(
+        &app,
+        &[
+            "--mode",
+            "handshakes",
+            "--tenant",
+            "ktn",
+            "--peers",
+            "5",
+            "--rate",
+            "200",
+            "--seconds",
+            "2",
+            "--patient",
+            "1",
+        ],
+    );
+    assert_eq!(storm["tunnels"], 1, "{storm}");
+    assert_eq!(storm["responses"], 0, "strangers get no handshake: {storm}");
+    assert_eq!(storm["patient"]["completed"], 1, "{storm}");
+    // The flow adds its gateway and phone to the same tenant.
+    let flow = bench_json(
+        &app,
+        &[
+            "--tenant",
+            "ktn",
+            "--seconds",
+            "1",
+            "--rate",
+            "1000",
+            "--size",
+            "200",
+        ],
+    );
+    assert!(flow["received_packets"].as_u64().unwrap() > 0, "{flow}");
+    // Neither deleted it.
+    let tenants = app.expect("GET", "/v1/tenants", None, 200);
+    let names: Vec<_> = tenants
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["tenant_id"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(names, ["ktn"], "{tenants}");
+}
+
 /// Runs `wgplane bench` with these arguments against `app` and returns its JSON.
 fn bench_json(app: &Appliance, args: &[&str]) -> serde_json::Value {
     let out = Command::new(support::binary())

@@ -140,3 +140,26 @@ fn the_example_config_starts() {
         assert_eq!(mode & 0o777, 0o600);
     }
 }
+
+#[test]
+fn bench_refuses_tunnels_with_a_given_tenant() {
+    // --tenant storms that one tenant's tunnel: a tunnel count makes no sense.
+    let out = Command::new(support::binary())
+        .args([
+            "bench",
+            "--mode",
+            "handshakes",
+            "--tenant",
+            "ktn",
+            "--tunnels",
+            "3",
+        ])
+        .output()
+        .expect("run wgplane bench");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("--tunnels") && err.contains("--tenant"),
+        "{err}"
+    );
+}

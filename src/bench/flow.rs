@@ -224,6 +224,7 @@ fn blast(
                 .map(|(phone, ip)| Sender {
                     packets: vec![ip_packet(ip, IpAddr::from(INTERNET), size - 20)],
                     peer: phone,
+                    next: 0,
                 })
                 .collect(),
             vec![gateway],
@@ -236,6 +237,7 @@ fn blast(
             let sender = Sender {
                 peer: gateway,
                 packets,
+                next: 0,
             };
             (vec![sender], peers.into_iter().map(|(p, _)| p).collect())
         }
@@ -381,6 +383,21 @@ fn receive(peer: &mut Peer, counters: &Counters, begin: Instant, offload: bool) 
 struct Sender {
     peer: Peer,
     packets: Vec<Vec<u8>>,
+    /// The packet it sends next.
+    next: usize,
+}
+
+/// A sender's next packet in turn (`next` moves on), stamped with the send time.
+fn next_packet<'a>(packets: &'a mut [Vec<u8>], next: &mut usize, begin: Instant) -> &'a [u8] {
+    let at = *next % packets.len().max(1);
+    *next = at + 1;
+    match packets.get_mut(at) {
+        Some(packet) => {
+            stamp(packet, begin);
+            packet
+        }
+        None => &[],
+    }
 }
 
 /// One sending thread: its peers take turns sending bursts, paced at `rate`
@@ -415,7 +432,6 @@ fn send(
     // Packets offered so far: the next burst is due at offered / rate seconds.
     let mut offered = 0u64;
     let mut turn = 0;
-    let mut next = 0;
     while !counters.stop.load(Ordering::Relaxed) {
         if rate > 0 {
             let due = Duration::from_secs_f64(offered as f64 / rate as f64);
@@ -424,7 +440,11 @@ fn send(
             }
         }
         turn = (turn + 1) % senders.len();
-        let Sender { peer, packets } = &mut senders[turn];
+        let Sender {
+            peer,
+            packets,
+            next,
+        } = &mut senders[turn];
         match &states[turn] {
             Some(state) => {
                 let mut len = 0;
@@ -434,9 +454,7 @@ fn send(
                 let segments = BURST.min(state.max_gso_segments()).min(fits).max(1);
                 offered += segments as u64;
                 for _ in 0..segments {
-                    next = (next + 1) % packets.len();
-                    let packet = &mut packets[next];
-                    stamp(packet, begin);
+                    let packet = next_packet(packets, next, begin);
                     if let TunnResult::WriteToNetwork(d) =
                         peer.tunn.encapsulate(packet, &mut burst[len..])
                     {
@@ -463,9 +481,7 @@ fn send(
             None => {
                 offered += BURST as u64;
                 for _ in 0..BURST {
-                    next = (next + 1) % packets.len();
-                    let packet = &mut packets[next];
-                    stamp(packet, begin);
+                    let packet = next_packet(packets, next, begin);
                     if let TunnResult::WriteToNetwork(d) = peer.tunn.encapsulate(packet, &mut one) {
                         // A full socket buffer drops, like a real link.
                         if peer.socket.send(d).is_ok() {

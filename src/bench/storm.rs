@@ -149,14 +149,13 @@ pub(crate) async fn run(
     };
     let peers = spec.peers.max(1);
     let mut routers = Vec::new();
-    let mut names = Vec::new();
+    // Each tunnel's tenant name, public key and port.
     let mut tenants = Vec::new();
     let count_routers = tunnels * peers;
     for t in 0..tunnels {
         let (name, TunnelInfo { public, port }) = api
             .tenant_for(spec, format!("bench-{pid}-hs{t}"), created)
             .await?;
-        tenants.push((public, port));
         for r in 0..peers {
             let secret = if spec.tenant.is_some() {
                 StaticSecret::random_from_rng(rand_core::OsRng)
@@ -169,11 +168,12 @@ pub(crate) async fn run(
                 SocketAddr::new(spec.host, port),
             ));
         }
-        names.push(name);
+        tenants.push((name, public, port));
     }
     let mut patient = Vec::with_capacity(spec.patient);
     for p in 0..spec.patient {
-        let (name, (public, port)) = (&names[p % tunnels], tenants[p % tunnels]);
+        let (name, public, port) = &tenants[p % tunnels];
+        let (public, port) = (*public, *port);
         let secret = api.router(name, &format!("p{p}")).await?;
         let index = (count_routers + p) as u32;
         patient.push((
@@ -196,7 +196,7 @@ pub(crate) async fn run(
     let mut report = storm(spec, &prepared, count, rate, patient).await?;
     report.tunnels = tunnels;
     report.peers_per_tunnel = peers;
-    for name in &names {
+    for (name, ..) in &tenants {
         report.appliance_handshakes +=
             api.counter("wgplane_handshakes_total", name, "").await? as u64;
     }

@@ -8,9 +8,10 @@
 //! - its own initiations in the current second exceed its limit
 //!   (`tunnels.handshakes_per_second`), and for a second after the last time
 //!   they did (as kernel WireGuard stays under load for a second), or
-//! - the process-wide [`HandshakeBudget`] ran dry during the last second: a storm
-//!   spread thin over many tunnels then meets cookies on all of them, so spoofed
-//!   sources cannot spend the budget that address-proven peers need.
+//! - the process-wide [`HandshakeBudget`] ran dry, or more initiations with a
+//!   valid mac1 arrived across tunnels than it pays for, during the last second:
+//!   a storm spread thin over many tunnels then meets cookies on all of them, so
+//!   spoofed sources cannot spend the budget that address-proven peers need.
 //!
 //! An initiation that proved its address but finds the budget spent, or its
 //! source's share of it spent ([`super::sources`]), is dropped (`under_load`) and
@@ -23,14 +24,15 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::TunnResult;
 use boringtun::x25519::PublicKey;
 
-use super::budget::{HandshakeBudget, PerSecond};
+use super::budget::HandshakeBudget;
+use super::load::{LoadMemory, PerSecond};
 use super::policy::DropReason;
 
 /// Handshake initiations per second a tunnel answers before it demands cookies.
@@ -56,8 +58,8 @@ pub struct Admission {
     per_second: u32,
     /// Initiations with a valid mac1, per second.
     seen: PerSecond,
-    /// Under load until then: a second after the tunnel was last over its limit.
-    loaded_until: Option<Instant>,
+    /// Marked whenever the tunnel is over its limit.
+    load: LoadMemory,
     budget: Option<Arc<HandshakeBudget>>,
 }
 
@@ -70,7 +72,7 @@ impl Admission {
             cookies: RateLimiter::new(public, 0),
             per_second: per_second.max(1),
             seen: PerSecond::default(),
-            loaded_until: None,
+            load: LoadMemory::default(),
             budget: None,
         }
     }
@@ -161,9 +163,9 @@ impl Admission {
     /// new window opens, rather than getting a fresh allowance every second.
     fn over_limit(&mut self, now: Instant) -> bool {
         if self.seen.at(now) >= self.per_second {
-            self.loaded_until = now.checked_add(Duration::from_secs(1));
+            self.load.mark(now);
         }
-        self.loaded_until.is_some_and(|until| now < until)
+        self.load.active(now)
     }
 
     /// Counts one initiation with a valid mac1 in the tunnel's window and in
@@ -213,6 +215,7 @@ mod tests {
     use boringtun::noise::Tunn;
     use boringtun::x25519::StaticSecret;
     use std::net::Ipv4Addr;
+    use std::time::Duration;
 
     const FROM: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 51, 100, 7));
 

@@ -15,8 +15,9 @@
 
 use std::net::IpAddr;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
+use super::load::{LoadMemory, PerSecond};
 use super::sources::SourceLimiter;
 
 /// A token bucket of handshakes: `per_second` tokens a second, at most 10 ms
@@ -35,57 +36,32 @@ pub struct HandshakeBudget {
 struct Bucket {
     tokens: f64,
     last: Option<Instant>,
-    /// When a handshake last found the bucket empty, or the initiations offered
-    /// in a second last exceeded the rate.
-    ran_dry: Option<Instant>,
+    /// Marked when a handshake finds the bucket empty, or the initiations
+    /// offered in a second exceed the rate.
+    load: LoadMemory,
     /// Initiations with a valid mac1 offered, across tunnels.
     offered: PerSecond,
-}
-
-/// A count of events in one-second windows: a window opens with the first event
-/// after the last one closed.
-#[derive(Debug, Default)]
-pub(super) struct PerSecond {
-    start: Option<Instant>,
-    count: u32,
-}
-
-impl PerSecond {
-    /// The count in the window `now` falls in (0 if a new one opens).
-    pub(super) fn at(&mut self, now: Instant) -> u32 {
-        let fresh = self
-            .start
-            .is_none_or(|start| now.saturating_duration_since(start) >= Duration::from_secs(1));
-        if fresh {
-            self.start = Some(now);
-            self.count = 0;
-        }
-        self.count
-    }
-
-    /// Counts one event at `now`; returns the window's count.
-    pub(super) fn add(&mut self, now: Instant) -> u32 {
-        self.count = self.at(now).saturating_add(1);
-        self.count
-    }
 }
 
 /// The work a full bucket holds, in time at the configured rate.
 const BURST_SECONDS: f64 = 0.01;
 
-/// How long the process counts as under load after the budget ran dry.
-const LOAD_MEMORY: Duration = Duration::from_secs(1);
+/// Tokens a full bucket holds at `per_second` (at least one).
+fn capacity(per_second: u32) -> f64 {
+    (f64::from(per_second) * BURST_SECONDS).max(1.0)
+}
 
 impl Bucket {
-    /// Pays out the tokens earned since the last call, up to `capacity`.
-    /// Tunnels pass their own `now`, read at their last wake-up: a caller may be
-    /// behind another. Time only moves forward here, so no stretch of it is paid
-    /// out twice.
-    fn refill(&mut self, now: Instant, rate: f64, capacity: f64) {
+    /// Pays out the tokens earned at `per_second` since the last call, up to a
+    /// full bucket. Tunnels pass their own `now`, read at their last wake-up: a
+    /// caller may be behind another. Time only moves forward here, so no stretch
+    /// of it is paid out twice.
+    fn refill(&mut self, now: Instant, per_second: u32) {
         match self.last {
             Some(last) if now > last => {
                 let elapsed = now.duration_since(last).as_secs_f64();
-                self.tokens = (self.tokens + elapsed * rate).min(capacity);
+                self.tokens =
+                    (self.tokens + elapsed * f64::from(per_second)).min(capacity(per_second));
                 self.last = Some(now);
             }
             Some(_) => {}
@@ -98,22 +74,16 @@ impl HandshakeBudget {
     /// A full bucket of `per_second` handshakes a second (at least one).
     pub fn new(per_second: u32) -> Self {
         let per_second = per_second.max(1);
-        let capacity = (f64::from(per_second) * BURST_SECONDS).max(1.0);
         Self {
             per_second,
             bucket: Mutex::new(Bucket {
-                tokens: capacity,
+                tokens: capacity(per_second),
                 last: None,
-                ran_dry: None,
+                load: LoadMemory::default(),
                 offered: PerSecond::default(),
             }),
             sources: Mutex::new(SourceLimiter::default()),
         }
-    }
-
-    /// Tokens a full bucket holds (at least one).
-    fn capacity(&self) -> f64 {
-        (f64::from(self.per_second) * BURST_SECONDS).max(1.0)
     }
 
     /// The configured rate.
@@ -128,12 +98,12 @@ impl HandshakeBudget {
             // way that matters more than refusing work: refuse.
             return false;
         };
-        b.refill(now, f64::from(self.per_second), self.capacity());
+        b.refill(now, self.per_second);
         if b.tokens >= 1.0 {
             b.tokens -= 1.0;
             true
         } else {
-            b.ran_dry = Some(now);
+            b.load.mark(now);
             false
         }
     }
@@ -146,7 +116,7 @@ impl HandshakeBudget {
             return;
         };
         if b.offered.add(now) > self.per_second {
-            b.ran_dry = Some(now);
+            b.load.mark(now);
         }
     }
 
@@ -165,13 +135,12 @@ impl HandshakeBudget {
         let Ok(mut b) = self.bucket.lock() else {
             return true;
         };
-        b.refill(now, f64::from(self.per_second), self.capacity());
+        b.refill(now, self.per_second);
         if b.tokens < 1.0 {
-            b.ran_dry = Some(now);
+            b.load.mark(now);
             return true;
         }
-        b.ran_dry
-            .is_some_and(|t| now.saturating_duration_since(t) < LOAD_MEMORY)
+        b.load.active(now)
     }
 }
 

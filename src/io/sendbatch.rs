@@ -96,7 +96,7 @@ impl SendBatch {
         let mut failures = 0;
         let mut i = 0;
         while i < self.runs.len() {
-            let run = &self.runs[i];
+            let run = self.runs[i];
             if run.segmented() {
                 let transmit = quinn_udp::Transmit {
                     destination: run.to,
@@ -108,17 +108,34 @@ impl SendBatch {
                 let sent = socket.try_io(tokio::io::Interest::WRITABLE, || {
                     state.try_send(socket.into(), &transmit)
                 });
-                failures += match sent {
-                    Ok(()) => 0,
+                match sent {
+                    Ok(()) => {}
                     Err(e)
                         if e.kind() != io::ErrorKind::WouldBlock
                             && state.max_gso_segments() <= 1 =>
                     {
-                        // Segmentation offload refused: the same datagrams, one by one.
-                        self.send_cut(socket, state, run)
+                        // Segmentation offload refused: the run becomes single
+                        // datagrams in its place, sent next as any others are.
+                        let Run {
+                            to,
+                            start,
+                            len,
+                            segment,
+                        } = run;
+                        let singles = (start..start + len).step_by(segment).map(|at| {
+                            let len = segment.min(start + len - at);
+                            Run {
+                                to,
+                                start: at,
+                                len,
+                                segment: len,
+                            }
+                        });
+                        self.runs.splice(i..=i, singles);
+                        continue;
                     }
-                    Err(_) => run.datagrams(),
-                };
+                    Err(_) => failures += run.datagrams(),
+                }
                 i += 1;
                 continue;
             }
@@ -134,32 +151,6 @@ impl SendBatch {
         self.runs.clear();
         // quinn-udp may have turned GSO off during this flush.
         self.max_segments = state.max_gso_segments().max(1);
-        failures
-    }
-
-    /// Sends a GSO run's datagrams as single datagrams; returns the failures.
-    fn send_cut(&self, socket: &UdpSocket, state: &quinn_udp::UdpSocketState, run: &Run) -> u64 {
-        let mut failures = 0;
-        let mut start = run.start;
-        let end = run.start + run.len;
-        while start < end {
-            let mut count = 0;
-            let singles: [Run; MMSG] = std::array::from_fn(|_| {
-                let len = run.segment.min(end - start);
-                let single = Run {
-                    to: run.to,
-                    start,
-                    len,
-                    segment: len,
-                };
-                if len > 0 {
-                    count += 1;
-                }
-                start += len;
-                single
-            });
-            failures += send_singles(socket, state, &self.data, &singles[..count], self.v6);
-        }
         failures
     }
 }

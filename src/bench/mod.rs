@@ -267,6 +267,10 @@ impl Api {
     }
 }
 
+/// How long a bench peer keeps trying to complete a handshake (WireGuard peers try
+/// for 90 s).
+const HANDSHAKE_PATIENCE: Duration = Duration::from_secs(15);
+
 /// One simulated peer: a boringtun tunnel and its own UDP socket, connected to
 /// the appliance's port.
 pub(crate) struct Peer {
@@ -290,11 +294,15 @@ impl Peer {
         })
     }
 
-    /// Completes a handshake (a few tries, for a lost datagram).
+    /// Completes a handshake, retrying for up to [`HANDSHAKE_PATIENCE`]: a lost
+    /// datagram, or an appliance under a handshake storm that answers with a
+    /// cookie and lets each source address through only so often (the bench's
+    /// peers all share one address with the storm's routers).
     pub fn handshake(&mut self, name: &'static str) -> Result<(), BenchError> {
         let mut buf = vec![0u8; 2048];
         let mut datagram = vec![0u8; 2048];
-        for _ in 0..10 {
+        let deadline = std::time::Instant::now() + HANDSHAKE_PATIENCE;
+        while std::time::Instant::now() < deadline {
             if let TunnResult::WriteToNetwork(d) =
                 self.tunn.format_handshake_initiation(&mut buf, true)
             {

@@ -8,6 +8,7 @@ pub mod runtime;
 pub mod tunnel;
 
 pub mod bridge;
+mod defer;
 pub mod events;
 pub mod forward;
 pub mod limits;

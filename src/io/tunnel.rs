@@ -13,6 +13,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::{broadcast, mpsc, oneshot, Notify};
 
 use super::bridge::{Bridges, ForwardError, HostPipes};
+use super::defer::Deferred;
 use super::sendbatch::SendBatch;
 
 use crate::core::engine::{
@@ -190,25 +191,51 @@ thread_local! {
 }
 
 /// Reads what is waiting on the socket (a bounded number of batched syscalls, so a
-/// flood cannot starve commands and timers) and hands every datagram to the engine.
+/// flood cannot starve commands and timers) and hands every datagram to the engine,
+/// except handshake initiations: those go to `held`. When some were held, the
+/// data's datagrams are sent at once, so that the caller can let other tunnels run
+/// before it handles the initiations (see [`super::defer`]).
 ///
 /// A batch that comes back short means the queue was empty at that moment: the
 /// socket's readiness is cleared right there instead of paying for one more
 /// `recvmmsg` that would only say `EAGAIN`. Nothing is lost by that: a datagram
 /// that arrives afterwards raises a new readiness event.
 ///
-/// Returns whether datagrams may still be waiting (every batch came back full).
+/// Returns whether datagrams may still be waiting (every batch came back full);
+/// datagrams the socket refused to send are added to `send_failures`.
 fn receive(
     socket: &UdpSocket,
     udp: &quinn_udp::UdpSocketState,
     engine: &mut TunnelEngine,
     now: Instant,
     sink: &mut UdpSink<'_>,
+    held: &mut Deferred,
+    send_failures: &mut u64,
 ) -> bool {
-    RX.with(|rx| {
+    let backlog = RX.with(|rx| {
         let Ok(mut bufs) = rx.try_borrow_mut() else {
             return false;
         };
+        read(socket, udp, &mut bufs, held, engine, now, sink)
+    });
+    if !held.is_empty() {
+        *send_failures += sink.tx.flush(socket, udp);
+    }
+    backlog
+}
+
+/// The reading half of [`receive`]: initiations go to `held`, the rest to the
+/// engine.
+fn read(
+    socket: &UdpSocket,
+    udp: &quinn_udp::UdpSocketState,
+    bufs: &mut [Vec<u8>],
+    held: &mut Deferred,
+    engine: &mut TunnelEngine,
+    now: Instant,
+    sink: &mut UdpSink<'_>,
+) -> bool {
+    {
         let mut meta = [quinn_udp::RecvMeta::default(); RX_SLOTS];
         for _ in 0..RECV_BATCH / RX_SLOTS {
             let outcome = socket.try_io(tokio::io::Interest::READABLE, || {
@@ -225,7 +252,9 @@ fn receive(
                 for (m, buf) in meta.iter().zip(bufs.iter()).take(count) {
                     let stride = m.stride.max(1);
                     for datagram in buf[..m.len].chunks(stride) {
-                        engine.handle_datagram(m.addr, datagram, now, sink);
+                        if !held.hold(m.addr, datagram) {
+                            engine.handle_datagram(m.addr, datagram, now, sink);
+                        }
                     }
                 }
                 if count < RX_SLOTS {
@@ -241,7 +270,7 @@ fn receive(
             }
         }
         true
-    })
+    }
 }
 
 /// Writes what the engine sent to the host during this wake-up. The GRO table
@@ -301,6 +330,7 @@ pub async fn run(
     let mut gro = None;
     // When the current run of back-to-back reads of a busy socket began.
     let mut turn: Option<Instant> = None;
+    let mut held = Deferred::new(RECV_BATCH);
     loop {
         let mut backlog = false;
         // The stack's own timers (ACK delay, retransmits) need finer ticks than
@@ -369,7 +399,16 @@ pub async fn run(
                 }
                 let now = Instant::now();
                 let mut sink = UdpSink { tx: &mut tx, host: host.device.is_some().then_some(&mut host.out) };
-                backlog = receive(&socket, &udp, &mut engine, now, &mut sink);
+                backlog = receive(&socket, &udp, &mut engine, now, &mut sink, &mut held, &mut send_failures);
+                if !held.is_empty() {
+                    // The data has left; the handshakes wait until the tunnels
+                    // that are ready now have had their turn.
+                    tokio::task::yield_now().await;
+                    let now = Instant::now();
+                    held.release(|from, initiation| {
+                        engine.handle_datagram(from, initiation, now, &mut sink);
+                    });
+                }
             }
             packet = recv_host(&mut host.packets) => {
                 let Some(packet) = packet else { break };
@@ -455,21 +494,27 @@ fn quiet_control_messages(socket: &impl std::os::fd::AsRawFd) {
 
 #[cfg(test)]
 mod tests {
-    use super::{quiet_control_messages, receive, SendBatch, UdpSink, RECV_BATCH};
+    use super::{quiet_control_messages, receive, Deferred, SendBatch, UdpSink, RECV_BATCH};
     use crate::core::engine::TunnelEngine;
     use boringtun::x25519::StaticSecret;
     use std::os::fd::AsRawFd;
     use std::time::Instant;
 
-    /// A socket holding more than one turn's worth says so, and the rest is read
-    /// on the next turns: nothing is left behind, nothing read twice.
-    #[tokio::test]
-    async fn a_full_turn_reports_a_backlog_and_the_next_turn_reads_the_rest() {
+    /// A loopback socket set up as a tunnel's is.
+    async fn tunnel_socket() -> (tokio::net::UdpSocket, quinn_udp::UdpSocketState) {
         let socket = tokio::net::UdpSocket::bind("127.0.0.1:0")
             .await
             .expect("bind loopback");
         let state = quinn_udp::UdpSocketState::new((&socket).into()).expect("quinn-udp state");
         quiet_control_messages(&socket);
+        (socket, state)
+    }
+
+    /// A socket holding more than one turn's worth says so, and the rest is read
+    /// on the next turns: nothing is left behind, nothing read twice.
+    #[tokio::test]
+    async fn a_full_turn_reports_a_backlog_and_the_next_turn_reads_the_rest() {
+        let (socket, state) = tunnel_socket().await;
         let sender = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind loopback");
         let queued = RECV_BATCH + 36;
         for _ in 0..queued {
@@ -491,7 +536,15 @@ mod tests {
         let mut turns = 0;
         loop {
             let before = engine.stats().rx_datagrams;
-            let backlog = receive(&socket, &state, &mut engine, Instant::now(), &mut sink);
+            let backlog = receive(
+                &socket,
+                &state,
+                &mut engine,
+                Instant::now(),
+                &mut sink,
+                &mut Deferred::new(RECV_BATCH),
+                &mut 0,
+            );
             let read = engine.stats().rx_datagrams - before;
             assert!(read <= RECV_BATCH as u64, "one turn read {read}");
             turns += 1;
@@ -502,6 +555,112 @@ mod tests {
         }
         assert!(turns >= 2, "{queued} datagrams read in one turn");
         assert_eq!(engine.stats().rx_datagrams, queued as u64);
+    }
+
+    /// Data read in the same wake-up as a handshake initiation leaves before the
+    /// initiation is handled: the gateway has the phone's packet while the
+    /// router's handshake response still waits in the send batch.
+    #[tokio::test]
+    async fn data_leaves_before_the_initiations_of_its_wake_up_are_handled() {
+        use crate::core::engine::EgressConfig;
+        use crate::core::harness::MemoryClient;
+        use crate::core::packet::build::ip_packet;
+        use boringtun::noise::TunnResult;
+        use boringtun::x25519::PublicKey;
+        use ipnet::IpNet;
+        use std::io::ErrorKind;
+        use std::net::{IpAddr, UdpSocket};
+
+        let (socket, state) = tunnel_socket().await;
+        let tunnel = socket.local_addr().expect("address");
+        let bind = || {
+            let s = UdpSocket::bind("127.0.0.1:0").expect("bind loopback");
+            s.set_nonblocking(true).expect("non-blocking");
+            s
+        };
+        let (gateway_socket, phone_socket, router_socket) = (bind(), bind(), bind());
+        let at = |s: &UdpSocket| s.local_addr().expect("address");
+
+        let server = StaticSecret::from([7u8; 32]);
+        let server_public = PublicKey::from(&server);
+        let mut engine = TunnelEngine::new(server, vec![IpAddr::from([10, 100, 0, 1])]);
+        let now = Instant::now();
+        let mut gateway = MemoryClient::new(&server_public, 100, at(&gateway_socket));
+        let mut phone = MemoryClient::new(&server_public, 200, at(&phone_socket));
+        let mut router = MemoryClient::new(&server_public, 300, at(&router_socket));
+        let host = |a: [u8; 4]| [IpNet::from(IpAddr::from(a))];
+        gateway.register(&mut engine, &host([10, 100, 0, 40]), 1);
+        phone.register(&mut engine, &host([10, 200, 0, 2]), 2);
+        router.register(&mut engine, &host([10, 100, 1, 2]), 3);
+        engine.set_egress(vec![EgressConfig {
+            pool: "10.200.0.0/24".parse().expect("prefix"),
+            gateways: vec![*gateway.public_key.as_bytes()],
+        }]);
+        assert!(gateway.handshake(&mut engine, now));
+        assert!(phone.handshake(&mut engine, now));
+
+        // Queued: the router's initiation, then the phone's packet to the internet.
+        let mut buf = vec![0u8; 2048];
+        let initiation = match router.tunn.format_handshake_initiation(&mut buf, true) {
+            TunnResult::WriteToNetwork(d) => d.to_vec(),
+            _ => panic!("no initiation"),
+        };
+        router_socket.send_to(&initiation, tunnel).expect("send");
+        let packet = ip_packet(
+            IpAddr::from([10, 200, 0, 2]),
+            IpAddr::from([198, 18, 0, 2]),
+            100,
+        );
+        let data = phone.encrypt(&packet).expect("phone session");
+        phone_socket.send_to(&data, tunnel).expect("send");
+        socket.readable().await.expect("readable");
+
+        let mut tx = SendBatch::new(1, false);
+        let mut sink = UdpSink {
+            tx: &mut tx,
+            host: None,
+        };
+        let mut failures = 0;
+        let mut held = Deferred::new(RECV_BATCH);
+        let before = engine.stats().rx_datagrams;
+        receive(
+            &socket,
+            &state,
+            &mut engine,
+            now,
+            &mut sink,
+            &mut held,
+            &mut failures,
+        );
+        assert_eq!(engine.stats().rx_datagrams - before, 1, "the data");
+        assert!(
+            gateway_socket.recv_from(&mut buf).is_ok(),
+            "the phone's packet waited for the handshake"
+        );
+        assert_eq!(
+            router_socket
+                .recv_from(&mut buf)
+                .map_err(|e| e.kind())
+                .err(),
+            Some(ErrorKind::WouldBlock),
+            "the initiation was handled with the data"
+        );
+
+        held.release(|from, initiation| engine.handle_datagram(from, initiation, now, &mut sink));
+        assert_eq!(
+            engine.stats().rx_datagrams - before,
+            2,
+            "then the initiation"
+        );
+        failures += tx.flush(&socket, &state);
+        assert_eq!(failures, 0);
+        let (len, _) = router_socket.recv_from(&mut buf).expect("the response");
+        let response = buf[..len].to_vec();
+        assert!(matches!(
+            router.tunn.decapsulate(None, &response, &mut buf),
+            TunnResult::WriteToNetwork(_)
+        ));
+        assert!(router.tunn.time_since_last_handshake().is_some());
     }
 
     fn option(socket: &std::net::UdpSocket, level: libc::c_int, name: libc::c_int) -> libc::c_int {

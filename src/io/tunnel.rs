@@ -235,42 +235,37 @@ fn read(
     now: Instant,
     sink: &mut UdpSink<'_>,
 ) -> bool {
-    {
-        let mut meta = [quinn_udp::RecvMeta::default(); RX_SLOTS];
-        for _ in 0..RECV_BATCH / RX_SLOTS {
-            let outcome = socket.try_io(tokio::io::Interest::READABLE, || {
-                let count = {
-                    let mut free = bufs.iter_mut();
-                    let mut slices: [std::io::IoSliceMut<'_>; RX_SLOTS] =
-                        std::array::from_fn(|_| {
-                            std::io::IoSliceMut::new(
-                                free.next().map_or(&mut [][..], |b| &mut b[..]),
-                            )
-                        });
-                    udp.recv(socket.into(), &mut slices, &mut meta)?
-                };
-                for (m, buf) in meta.iter().zip(bufs.iter()).take(count) {
-                    let stride = m.stride.max(1);
-                    for datagram in buf[..m.len].chunks(stride) {
-                        if !held.hold(m.addr, datagram) {
-                            engine.handle_datagram(m.addr, datagram, now, sink);
-                        }
+    let mut meta = [quinn_udp::RecvMeta::default(); RX_SLOTS];
+    for _ in 0..RECV_BATCH / RX_SLOTS {
+        let outcome = socket.try_io(tokio::io::Interest::READABLE, || {
+            let count = {
+                let mut free = bufs.iter_mut();
+                let mut slices: [std::io::IoSliceMut<'_>; RX_SLOTS] = std::array::from_fn(|_| {
+                    std::io::IoSliceMut::new(free.next().map_or(&mut [][..], |b| &mut b[..]))
+                });
+                udp.recv(socket.into(), &mut slices, &mut meta)?
+            };
+            for (m, buf) in meta.iter().zip(bufs.iter()).take(count) {
+                let stride = m.stride.max(1);
+                for datagram in buf[..m.len].chunks(stride) {
+                    if !held.hold(m.addr, datagram) {
+                        engine.handle_datagram(m.addr, datagram, now, sink);
                     }
                 }
-                if count < RX_SLOTS {
-                    return Err(ErrorKind::WouldBlock.into());
-                }
-                Ok(())
-            });
-            match outcome {
-                Ok(()) => {}
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return false,
-                // ICMP errors from earlier sends surface here on Linux; skip them.
-                Err(_) => {}
             }
+            if count < RX_SLOTS {
+                return Err(ErrorKind::WouldBlock.into());
+            }
+            Ok(())
+        });
+        match outcome {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return false,
+            // ICMP errors from earlier sends surface here on Linux; skip them.
+            Err(_) => {}
         }
-        true
     }
+    true
 }
 
 /// Writes what the engine sent to the host during this wake-up. The GRO table

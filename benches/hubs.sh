@@ -15,7 +15,8 @@
 # Usage: benches/hubs.sh [--runs N (3)] [--seconds S (10)] [--udp-rate PPS (50000)]
 #                        [--hubs wgplane,wireguard-go,boringtun] [--json FILE] [--profile]
 # --profile: one more wgplane run, not counted, under `perf record`: where the
-# hub's CPU goes, by kernel and user-space stage.
+# hub's CPU goes, by kernel and user-space stage; and `perf stat`: syscalls and
+# context switches per datagram.
 # Needs root. Traffic never leaves the namespaces this script creates.
 # Env: BORINGTUN_VERSION (0.7.1) to install, HUBS_KEEP=1 keeps logs and iperf3 JSON.
 set -euo pipefail
@@ -589,29 +590,48 @@ ensure_packages
 ensure_binaries
 # profile_wgplane: a wgplane lab outside the measured runs, with `perf record`
 # on the hub during each test; prints where its CPU went.
+# wgplane's datagrams so far (received + sent), from its /metrics.
+hub_datagrams() {
+    nsx "$HUB_NS" curl -sS --max-time 5 -H "@$DIR/auth-header" "http://127.0.0.1:$API_PORT/metrics" |
+        awk '/^wgplane_datagrams_total\{/ && /direction="(received|sent)"/ {s += $NF} END {printf "%d\n", s}'
+}
+
+# Counted next to the profile: the syscalls of the data path and context switches.
+STAT_EVENTS="syscalls:sys_enter_recvmmsg,syscalls:sys_enter_sendmsg,syscalls:sys_enter_sendmmsg"
+STAT_EVENTS+=",syscalls:sys_enter_epoll_wait,syscalls:sys_enter_futex,context-switches"
+
 profile_wgplane() {
     build_lab wgplane profile
     local kind secs=$((SECONDS_PER_TEST > 4 ? SECONDS_PER_TEST - 2 : 2))
     for kind in tcp udp; do
         local args=()
         [[ "$kind" == tcp ]] || args=(-u -l 64 -b "$UDP_BPS")
-        log "wgplane profile: $kind under perf record for ${secs}s"
-        timeout $((SECONDS_PER_TEST + 30)) ip netns exec "$PHONE_NS" \
-            iperf3 -c 198.18.0.2 -p "$IPERF_PORT" -t "$SECONDS_PER_TEST" "${args[@]}" \
+        log "wgplane profile: $kind under perf record for ${secs}s, then perf stat for ${secs}s"
+        timeout $((2 * SECONDS_PER_TEST + 30)) ip netns exec "$PHONE_NS" \
+            iperf3 -c 198.18.0.2 -p "$IPERF_PORT" -t $((2 * SECONDS_PER_TEST)) "${args[@]}" \
             >"$DIR/iperf3-profile-$kind.log" 2>&1 &
         local client=$!
         PIDS+=("$client")
         sleep 1
         perf record -q -F 2000 -g -p "$HUB_PID" -o "$DIR/perf-$kind.data" -- sleep "$secs" \
-            >/dev/null 2>&1 || hub_failure "perf record failed"
+            >/dev/null 2>"$DIR/perf-$kind.err" ||
+            hub_failure "perf record failed: $(tail -3 "$DIR/perf-$kind.err")"
+        # Then the counts, on the same traffic (perf stat next to perf record
+        # makes the latter fail now and then). Syscall counts need the
+        # tracepoints; without them the table is left out.
+        local d0
+        d0="$(hub_datagrams)"
+        perf stat -x, -e "$STAT_EVENTS" -p "$HUB_PID" -o "$DIR/stat-$kind.txt" -- sleep "$secs" \
+            >/dev/null 2>&1 || rm -f "$DIR/stat-$kind.txt"
+        echo "$(($(hub_datagrams) - d0))" >"$DIR/datagrams-$kind.txt"
         wait "$client" || hub_failure "iperf3 $kind (profile) failed"
         forget_pid "$client"
         perf report -i "$DIR/perf-$kind.data" --children --sort symbol --stdio -g none \
             2>/dev/null >"$DIR/perf-$kind.txt" || hub_failure "perf report failed"
     done
     teardown_lab
-    python3 - "$DIR/perf-tcp.txt" "$DIR/perf-udp.txt" <<'PY'
-import re, sys
+    python3 - "$DIR/perf-tcp.txt" "$DIR/perf-udp.txt" "$DIR" <<'PY'
+import os, re, sys
 # Lines: "  children%  self%  [k|.] symbol"
 def load(path):
     rows = []
@@ -639,6 +659,27 @@ print("| stage | TCP | UDP 64 B |")
 print("|---|---:|---:|")
 for name, f in stages:
     print(f"| {name} | {f(tcp):.1f} % | {f(udp):.1f} % |")
+
+def counts(kind):
+    path = os.path.join(sys.argv[3], f"stat-{kind}.txt")
+    if not os.path.exists(path):
+        return None
+    out = {}
+    for line in open(path):
+        f = line.strip().split(",")
+        if len(f) > 2 and not line.startswith("#") and f[0].isdigit():
+            out[f[2].removeprefix("syscalls:sys_enter_")] = int(f[0])
+    datagrams = int(open(os.path.join(sys.argv[3], f"datagrams-{kind}.txt")).read())
+    return out, datagrams
+tcp_c, udp_c = counts("tcp"), counts("udp")
+if tcp_c and udp_c and tcp_c[1] > 0 and udp_c[1] > 0:
+    print("\n### Per datagram the hub received or sent (perf stat, right after the profile)\n")
+    print(f"| event | TCP ({tcp_c[1]} datagrams) | UDP 64 B ({udp_c[1]} datagrams) |")
+    print("|---|---:|---:|")
+    for event in ("recvmmsg", "sendmsg", "sendmmsg", "epoll_wait", "futex", "context-switches"):
+        print(f"| {event} | {tcp_c[0].get(event, 0) / tcp_c[1]:.3f} | {udp_c[0].get(event, 0) / udp_c[1]:.3f} |")
+else:
+    print("\n(no syscall counts: perf stat could not use the syscall tracepoints)")
 PY
 }
 

@@ -14,9 +14,16 @@
 #
 # Usage: benches/hubs.sh [--runs N (3)] [--seconds S (10)] [--udp-rate PPS (50000)]
 #                        [--hubs wgplane,wireguard-go,boringtun] [--json FILE] [--profile]
+#                        [--peers bookworm|trixie]
 # --profile: one more wgplane run, not counted, under `perf record`: where the
 # hub's CPU goes, by kernel and user-space stage; and `perf stat`: syscalls and
 # context switches per datagram.
+# --peers: the phone's and the gateway's wireguard-go. bookworm (default): the
+# installed Debian package, 0.0.20220316, one syscall per datagram. trixie:
+# Debian trixie's 0.0.20231211, which sends UDP GSO trains and receives with
+# UDP GRO, fetched with a private apt configuration and unpacked under
+# target/hubs-tools (the system's packages stay as they are). The wireguard-go
+# hub is always the installed package.
 # Needs root. Traffic never leaves the namespaces this script creates.
 # Env: BORINGTUN_VERSION (0.7.1) to install, HUBS_KEEP=1 keeps logs and iperf3 JSON.
 set -euo pipefail
@@ -27,10 +34,11 @@ HUBS="wgplane,wireguard-go,boringtun"
 UDP_RATE=50000
 JSON_OUT=""
 PROFILE=""
+PEERS="bookworm"
 BORINGTUN_VERSION="${BORINGTUN_VERSION:-0.7.1}"
 
 usage() {
-    sed -n '15,20p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '15,28p' "$0" | sed 's/^# \{0,1\}//'
 }
 
 die() {
@@ -46,6 +54,7 @@ while [[ $# -gt 0 ]]; do
         --udp-rate) UDP_RATE="${2:?--udp-rate needs a value}"; shift 2 ;;
         --json) JSON_OUT="${2:?--json needs a file}"; shift 2 ;;
         --profile) PROFILE=1; shift ;;
+        --peers) PEERS="${2:?--peers needs a value}"; shift 2 ;;
         -h | --help) usage; exit 0 ;;
         *) usage >&2; die "unknown argument: $1" ;;
     esac
@@ -54,6 +63,7 @@ done
 [[ "$RUNS" =~ ^[1-9][0-9]*$ ]] || die "--runs must be a positive integer"
 [[ "$SECONDS_PER_TEST" =~ ^[1-9][0-9]*$ ]] || die "--seconds must be a positive integer"
 [[ "$UDP_RATE" =~ ^[1-9][0-9]*$ ]] || die "--udp-rate must be a positive integer"
+[[ "$PEERS" == bookworm || "$PEERS" == trixie ]] || die "--peers must be bookworm or trixie"
 IFS=',' read -r -a HUB_LIST <<<"$HUBS"
 [[ ${#HUB_LIST[@]} -gt 0 ]] || die "--hubs is empty"
 for h in "${HUB_LIST[@]}"; do
@@ -71,6 +81,8 @@ fi
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 TOOLS_ROOT="$REPO/target/hubs-tools"
 BORINGTUN="$TOOLS_ROOT/bin/boringtun-cli"
+TRIXIE_WG="$TOOLS_ROOT/trixie/usr/bin/wireguard-go"
+PEER_WG="wireguard-go" # the phone's and the gateway's; see --peers
 WGPLANE="$REPO/target/release/wgplane"
 TAG="$$"
 API_PORT=7443
@@ -212,6 +224,28 @@ ensure_binaries() {
         die "cargo build --release of wgplane failed"
     fi
     [[ -x "$WGPLANE" ]] || die "$WGPLANE was not built"
+}
+
+# The trixie peers: Debian trixie's wireguard-go, unpacked into TOOLS_ROOT with
+# apt's own tools and a private configuration (its lists and cache in WORK).
+ensure_trixie_peers() {
+    if [[ ! -x "$TRIXIE_WG" ]]; then
+        log "fetching wireguard-go from Debian trixie into $TOOLS_ROOT/trixie"
+        local apt="$WORK/apt"
+        mkdir -p "$apt/lists/partial" "$apt/cache/archives/partial" "$apt/deb"
+        echo "deb http://deb.debian.org/debian trixie main" >"$apt/sources.list"
+        local -a opts=(-o "Dir::Etc::sourcelist=$apt/sources.list" -o Dir::Etc::sourceparts=/dev/null
+            -o "Dir::State::Lists=$apt/lists" -o "Dir::Cache=$apt/cache"
+            -o APT::Sandbox::User=root) # the private directories are root's
+        timeout 600 apt-get "${opts[@]}" update -qq || die "apt-get update (trixie) failed"
+        (cd "$apt/deb" && timeout 600 apt-get "${opts[@]}" download -qq wireguard-go) ||
+            die "apt-get download wireguard-go (trixie) failed"
+        mkdir -p "$TOOLS_ROOT/trixie"
+        dpkg-deb -x "$apt"/deb/wireguard-go_*.deb "$TOOLS_ROOT/trixie" || die "dpkg-deb -x failed"
+        dpkg-deb -f "$apt"/deb/wireguard-go_*.deb Version >"$TOOLS_ROOT/trixie/VERSION"
+    fi
+    "$TRIXIE_WG" --version >/dev/null 2>&1 || die "$TRIXIE_WG does not run"
+    PEER_WG="$TRIXIE_WG"
 }
 
 # ------------------------------------------------------------------- lab ---
@@ -413,7 +447,7 @@ build_lab() {
 
     # The gateway: tunnel to the hub carrying its subnet and the pool, the pool
     # masqueraded towards the internet.
-    start_wg_userspace "$GW_NS" "$GW_IF" "$DIR/gw-wireguard-go.log" wireguard-go "$GW_IF"
+    start_wg_userspace "$GW_NS" "$GW_IF" "$DIR/gw-wireguard-go.log" "$PEER_WG" "$GW_IF"
     nsx "$GW_NS" wg set "$GW_IF" private-key "$DIR/gw.key" \
         peer "$HUB_PUB" endpoint "203.0.113.1:$HUB_PORT" \
         allowed-ips 10.100.0.0/16,10.200.0.0/24 persistent-keepalive 25
@@ -424,7 +458,7 @@ build_lab() {
     nsx "$GW_NS" iptables -t nat -A POSTROUTING -s 10.200.0.0/24 -o to-inet -j MASQUERADE
 
     # The phone: everything for 198.18.0.2 into its tunnel.
-    start_wg_userspace "$PHONE_NS" "$PHONE_IF" "$DIR/phone-wireguard-go.log" wireguard-go "$PHONE_IF"
+    start_wg_userspace "$PHONE_NS" "$PHONE_IF" "$DIR/phone-wireguard-go.log" "$PEER_WG" "$PHONE_IF"
     nsx "$PHONE_NS" wg set "$PHONE_IF" private-key "$DIR/phone.key" \
         peer "$HUB_PUB" endpoint "198.51.100.1:$HUB_PORT" \
         allowed-ips 0.0.0.0/0 persistent-keepalive 25
@@ -588,8 +622,7 @@ WORK="$(mktemp -d /tmp/wgplane-hubs.XXXXXX)"
 [[ -z "${HUBS_KEEP:-}" ]] || log "HUBS_KEEP set: logs and iperf3 JSON stay in $WORK"
 ensure_packages
 ensure_binaries
-# profile_wgplane: a wgplane lab outside the measured runs, with `perf record`
-# on the hub during each test; prints where its CPU went.
+[[ "$PEERS" == bookworm ]] || ensure_trixie_peers
 # wgplane's datagrams so far (received + sent), from its /metrics.
 hub_datagrams() {
     nsx "$HUB_NS" curl -sS --max-time 5 -H "@$DIR/auth-header" "http://127.0.0.1:$API_PORT/metrics" |
@@ -600,6 +633,8 @@ hub_datagrams() {
 STAT_EVENTS="syscalls:sys_enter_recvmmsg,syscalls:sys_enter_sendmsg,syscalls:sys_enter_sendmmsg"
 STAT_EVENTS+=",syscalls:sys_enter_epoll_wait,syscalls:sys_enter_futex,context-switches"
 
+# profile_wgplane: a wgplane lab outside the measured runs, with `perf record`
+# on the hub during each test, then `perf stat`; prints where its CPU went.
 profile_wgplane() {
     build_lab wgplane profile
     local kind secs=$((SECONDS_PER_TEST > 4 ? SECONDS_PER_TEST - 2 : 2))
@@ -689,6 +724,11 @@ VERSIONS="wgplane $(cd "$REPO" && git describe --always --dirty 2>/dev/null || e
 VERSIONS+="; wireguard-go $(dpkg-query -W -f '${Version}' wireguard-go 2>/dev/null || echo '?')"
 if needs_boringtun; then
     VERSIONS+="; $("$BORINGTUN" --version 2>/dev/null || echo 'boringtun ?')"
+fi
+if [[ "$PEERS" == trixie ]]; then
+    VERSIONS+="; peers: wireguard-go $(cat "$TOOLS_ROOT/trixie/VERSION" 2>/dev/null || echo '?') (Debian trixie)"
+else
+    VERSIONS+="; peers: the hub's wireguard-go package"
 fi
 VERSIONS+="; iperf3 $(iperf3 --version | awk 'NR==1 {print $2}'); $(nproc) CPUs"
 UDP_BPS=$((UDP_RATE * 64 * 8))

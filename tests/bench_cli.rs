@@ -11,27 +11,14 @@ use support::Appliance;
 fn bench_reports_a_paced_run_and_cleans_up() {
     let app = Appliance::start();
     let r = bench_json(&app, &["--seconds", "1", "--rate", "2000", "--size", "200"]);
-    let sent = r["sent_packets"].as_u64().unwrap();
-    let forwarded = r["forwarded_packets"].as_u64().unwrap();
-    let received = r["received_packets"].as_u64().unwrap();
-    assert!((1500..=2600).contains(&sent), "paced at about 2000/s: {r}");
-    assert!(
-        forwarded >= sent * 90 / 100,
-        "the appliance forwarded what it got: {r}"
-    );
-    assert!(
-        received >= forwarded * 90 / 100,
-        "and the gateway received it: {r}"
-    );
+    assert_paced_and_delivered(&r);
     assert_eq!(r["packet_bytes"], 200);
     assert!(r["appliance_cpu_seconds"].as_f64().is_some(), "{r}");
     assert!(
         r["appliance_cpu_us_per_packet"].as_f64().unwrap() > 0.0,
         "{r}"
     );
-    // The throw-away tenant is gone.
-    let tenants = app.expect("GET", "/v1/tenants", None, 200);
-    assert_eq!(tenants.as_array().unwrap().len(), 0, "{tenants}");
+    assert_no_tenants_left(&app);
 }
 
 #[test]
@@ -54,16 +41,10 @@ fn download_reaches_every_phone_through_the_appliance() {
     );
     assert_eq!(r["direction"], "gateway_to_phones", "{r}");
     assert_eq!(r["phones"], 5, "{r}");
-    let sent = r["sent_packets"].as_u64().unwrap();
-    let forwarded = r["forwarded_packets"].as_u64().unwrap();
-    let received = r["received_packets"].as_u64().unwrap();
-    assert!((1500..=2600).contains(&sent), "paced at about 2000/s: {r}");
-    // Peer-to-peer forwards counted by the appliance, not the egress rule.
-    assert!(forwarded >= sent * 90 / 100, "{r}");
-    assert!(received >= forwarded * 90 / 100, "the phones got them: {r}");
+    // Forwarded: the appliance's peer-to-peer count here, not the egress rule's.
+    assert_paced_and_delivered(&r);
     assert!(r["latency"]["p50_us"].as_u64().unwrap() > 0, "{r}");
-    let tenants = app.expect("GET", "/v1/tenants", None, 200);
-    assert_eq!(tenants.as_array().unwrap().len(), 0, "{tenants}");
+    assert_no_tenants_left(&app);
 }
 
 #[test]
@@ -116,6 +97,29 @@ fn a_given_tenant_is_stormed_by_strangers_carries_the_flow_and_stays() {
         .map(|t| t["tenant_id"].as_str().unwrap_or_default().to_owned())
         .collect();
     assert_eq!(names, ["ktn"], "{tenants}");
+}
+
+/// A flow report paced at 2,000 packets/s for a second: about that many sent, at
+/// least 90 % of them forwarded by the appliance, and 90 % of those received.
+fn assert_paced_and_delivered(r: &serde_json::Value) {
+    let sent = r["sent_packets"].as_u64().unwrap();
+    let forwarded = r["forwarded_packets"].as_u64().unwrap();
+    let received = r["received_packets"].as_u64().unwrap();
+    assert!((1500..=2600).contains(&sent), "paced at about 2000/s: {r}");
+    assert!(
+        forwarded >= sent * 90 / 100,
+        "the appliance forwarded what it got: {r}"
+    );
+    assert!(
+        received >= forwarded * 90 / 100,
+        "and the receivers got it: {r}"
+    );
+}
+
+/// The bench's throw-away tenants are gone.
+fn assert_no_tenants_left(app: &Appliance) {
+    let tenants = app.expect("GET", "/v1/tenants", None, 200);
+    assert_eq!(tenants.as_array().unwrap().len(), 0, "{tenants}");
 }
 
 /// Runs `wgplane bench` with these arguments against `app` and returns its JSON.
@@ -187,8 +191,7 @@ fn handshake_storm_is_answered_then_met_with_cookies_above_the_limit() {
         "every initiation answered once: {storm}"
     );
 
-    let tenants = app.expect("GET", "/v1/tenants", None, 200);
-    assert_eq!(tenants.as_array().unwrap().len(), 0, "{tenants}");
+    assert_no_tenants_left(&app);
 }
 
 #[test]

@@ -13,7 +13,7 @@
 # alone and under the storm.
 #
 # Usage: benches/storm.sh [--rates 20000,60000] [--seconds 15] [--flow-rate 20000]
-#                         [--json FILE]
+#                         [--flow-seconds 8] [--json FILE]
 # Loopback only; no privileges needed. Needs 2 CPUs.
 set -euo pipefail
 
@@ -24,7 +24,7 @@ FLOW_SECONDS=8
 JSON_OUT=""
 
 usage() {
-    sed -n '11,13p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '15,17p' "$0" | sed 's/^# \{0,1\}//'
 }
 
 die() {
@@ -37,6 +37,7 @@ while [[ $# -gt 0 ]]; do
         --rates) RATES="${2:?--rates needs a value}"; shift 2 ;;
         --seconds) STORM_SECONDS="${2:?--seconds needs a value}"; shift 2 ;;
         --flow-rate) FLOW_RATE="${2:?--flow-rate needs a value}"; shift 2 ;;
+        --flow-seconds) FLOW_SECONDS="${2:?--flow-seconds needs a value}"; shift 2 ;;
         --json) JSON_OUT="${2:?--json needs a file}"; shift 2 ;;
         -h | --help) usage; exit 0 ;;
         *) usage >&2; die "unknown argument: $1" ;;
@@ -45,6 +46,7 @@ done
 [[ "$RATES" =~ ^[1-9][0-9]*(,[1-9][0-9]*)*$ ]] || die "--rates must be positive integers, comma-separated"
 [[ "$STORM_SECONDS" =~ ^[1-9][0-9]*$ ]] || die "--seconds must be a positive integer"
 [[ "$FLOW_RATE" =~ ^[1-9][0-9]*$ ]] || die "--flow-rate must be a positive integer"
+[[ "$FLOW_SECONDS" =~ ^[1-9][0-9]*$ ]] || die "--flow-seconds must be a positive integer"
 ((STORM_SECONDS >= FLOW_SECONDS + 4)) || die "--seconds must be at least $((FLOW_SECONDS + 4)): the flow runs inside the storm"
 CPUS="$(nproc)"
 ((CPUS >= 2)) || die "needs 2 CPUs (appliance on one, load generator on another)"

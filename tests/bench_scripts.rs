@@ -1,0 +1,189 @@
+//! The benchmark scripts of `benches/` run end to end, as the README tells users
+//! to run them: `hubs.sh` builds its namespace lab and puts the three hubs side
+//! by side, `storm.sh` storms an appliance pinned to one core next to a flow.
+//!
+//! Runs are short and the figures are not judged (a test never times anything):
+//! what is checked is that every part of each script ran and reported, and that
+//! the traffic went where the lab says it goes. The two scripts share the
+//! machine's cores, so they run one after the other.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+
+use common::netns;
+use serde_json::Value;
+
+/// One script at a time: both load the machine's two cores.
+static SCRIPTS: Mutex<()> = Mutex::new(());
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Runs `benches/<script>` with `args`, panics with its output when it fails,
+/// and returns the JSON it wrote to the `--json` file.
+fn run_script(script: &str, args: &[&str], json: &Path) -> Value {
+    let out = Command::new("bash")
+        .arg(repo().join("benches").join(script))
+        .args(args)
+        .arg("--json")
+        .arg(json)
+        .current_dir(repo())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {script}: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{script} failed ({}):\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(json)
+        .unwrap_or_else(|e| panic!("{script} wrote no JSON ({e}):\n{stdout}"));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{script}: bad JSON ({e}): {text}"))
+}
+
+fn number(v: &Value, key: &str) -> f64 {
+    v[key]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no number `{key}` in {v}"))
+}
+
+#[test]
+fn hubs_script_measures_the_three_hubs_in_one_run() {
+    let tools = [
+        "ip",
+        "iptables",
+        "iperf3",
+        "wireguard-go",
+        "wg",
+        "curl",
+        "python3",
+        "timeout",
+    ];
+    if !netns::prerequisites_met("hubs_script_measures_the_three_hubs_in_one_run", &tools) {
+        return;
+    }
+    let _one = SCRIPTS.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let json = dir.path().join("hubs.json");
+    let report = run_script(
+        "hubs.sh",
+        &["--runs", "1", "--seconds", "2", "--udp-rate", "5000"],
+        &json,
+    );
+
+    let hubs = ["wgplane", "wireguard-go", "boringtun"];
+    assert_eq!(report["hubs"], serde_json::json!(hubs), "{report}");
+    let rows = report["raw"].as_array().expect("raw rows");
+    for hub in hubs {
+        let row = |kind: &str| {
+            rows.iter()
+                .find(|r| r["hub"] == hub && r["kind"] == kind)
+                .unwrap_or_else(|| panic!("no {kind} row for {hub}: {report}"))
+        };
+        // TCP through phone -> hub -> gateway (masquerade) -> internet: bytes
+        // arrived, and the hub process was charged for carrying them.
+        let tcp = row("tcp");
+        assert!(number(tcp, "bytes") > 0.0, "{tcp}");
+        assert!(number(tcp, "mbit_s") > 0.0, "{tcp}");
+        assert!(number(tcp, "hub_cpu_s_per_gib") > 0.0, "{tcp}");
+        assert!(
+            number(tcp, "machine_cpu_s_per_gib") >= number(tcp, "hub_cpu_s_per_gib"),
+            "the machine includes the hub: {tcp}"
+        );
+        // 64-byte UDP: packets reached the internet host through this hub.
+        let udp = row("udp");
+        assert!(number(udp, "received") > 0.0, "{udp}");
+        assert!(number(udp, "received") <= number(udp, "sent"), "{udp}");
+        assert!(number(udp, "hub_cpu_us_per_pkt") > 0.0, "{udp}");
+    }
+    // Every other hub's median is set against wgplane's.
+    for key in ["tcp.hub_cpu_s_per_gib", "udp.hub_cpu_us_per_pkt"] {
+        let summary = &report["summary"][key];
+        for hub in ["wireguard-go", "boringtun"] {
+            assert!(
+                summary[hub]["ratio_to_wgplane"].as_f64().is_some(),
+                "{key}: {summary}"
+            );
+        }
+    }
+}
+
+#[test]
+fn storm_script_reports_the_flow_alone_and_under_both_storms() {
+    if std::thread::available_parallelism().map_or(0, |n| n.get()) < 2 {
+        // storm.sh pins the appliance and the load generators to different CPUs.
+        if netns::under_ci() {
+            panic!("storm.sh needs 2 CPUs and CI has fewer");
+        }
+        eprintln!(
+            "SKIP storm_script_reports_the_flow_alone_and_under_both_storms: fewer than 2 CPUs"
+        );
+        return;
+    }
+    for tool in ["taskset", "curl", "python3"] {
+        if netns::find_in_path(tool).is_none() {
+            assert!(!netns::under_ci(), "`{tool}` is missing under CI");
+            eprintln!(
+                "SKIP storm_script_reports_the_flow_alone_and_under_both_storms: no `{tool}`"
+            );
+            return;
+        }
+    }
+    let _one = SCRIPTS.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let json = dir.path().join("storm.json");
+    let report = run_script(
+        "storm.sh",
+        &[
+            "--rates",
+            "2000",
+            "--seconds",
+            "6",
+            "--flow-rate",
+            "2000",
+            "--flow-seconds",
+            "2",
+        ],
+        &json,
+    );
+
+    let rows = report.as_array().expect("one row per rate");
+    assert_eq!(rows.len(), 1, "{report}");
+    let row = &rows[0];
+    assert_eq!(row["storm_rate"], 2000, "{row}");
+    for flow in [
+        "flow_alone",
+        "flow_under_storm",
+        "flow_under_storm_on_own_tunnel",
+    ] {
+        let f = &row[flow];
+        let sent = number(f, "sent");
+        assert!(sent > 0.0, "{flow}: {f}");
+        assert!(
+            number(f, "forwarded") >= sent * 0.9,
+            "{flow}: the appliance forwarded the flow: {f}"
+        );
+        assert!(number(f, "p50_us") > 0.0, "{flow}: {f}");
+    }
+    for storm in ["storm", "storm_own_tunnel"] {
+        let s = &row[storm];
+        assert!(number(s, "sent_initiations") > 0.0, "{storm}: {s}");
+        assert!(number(s, "appliance_cores") > 0.0, "{storm}: {s}");
+        // The routers that echo cookies, as WireGuard peers do, got through.
+        assert_eq!(s["patient"]["routers"], 20, "{storm}: {s}");
+        assert_eq!(s["patient"]["completed"], 20, "{storm}: {s}");
+    }
+    // The storm on other tunnels comes from registered routers: each initiation
+    // is answered, with a handshake or a cookie reply.
+    let s = &row["storm"];
+    assert_eq!(
+        number(s, "responses") + number(s, "cookie_replies"),
+        number(s, "sent_initiations"),
+        "{s}"
+    );
+}

@@ -270,11 +270,16 @@ impl Settings {
                 ));
             }
         }
-        if self.events.webhook_queue == 0 || self.events.webhook_timeout_secs == 0 {
-            return Err(invalid(
-                "events.webhook_queue",
-                "queue and timeout must be at least 1".into(),
-            ));
+        for (key, value) in [
+            ("events.webhook_queue", self.events.webhook_queue as u64),
+            (
+                "events.webhook_timeout_secs",
+                self.events.webhook_timeout_secs.into(),
+            ),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be at least 1".into()));
+            }
         }
         if self.tun.name.is_empty()
             || self.tun.name.len() > 15
@@ -379,6 +384,12 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(e.contains(&format!("e.toml: key `tunnels.{key}`")), "{e}");
+        }
+        for key in ["webhook_queue", "webhook_timeout_secs"] {
+            let e = Settings::parse(&format!("[events]\n{key} = 0\n"), Path::new("f.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(&format!("f.toml: key `events.{key}`")), "{e}");
         }
     }
 }

@@ -217,6 +217,11 @@ fn main() -> Result<()> {
         Command::Run(args) => {
             init_logging();
             let settings = settings(&args)?;
+            // Everything the appliance creates (state directory, database and its
+            // journal, token, master key) is its own alone: directories 0700,
+            // files 0600.
+            // SAFETY: umask only sets the process's file-mode mask; it cannot fail.
+            unsafe { libc::umask(0o077) };
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?
@@ -354,21 +359,41 @@ fn apply_config_forwards(
     Ok(())
 }
 
-/// Creates `path` with mode 0600 holding `text` and a newline.
+/// Creates `path` with mode 0600 holding `text` and a newline, atomically: the
+/// text is written and synced under a temporary name, then linked to `path`
+/// (which fails if `path` exists: nothing is ever overwritten), and the
+/// directory is synced. A kill at any moment leaves either no file or the whole
+/// one, never an empty or partial key.
 fn write_private(path: &Path, text: &str) -> Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    }
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let mut file = options
-        .open(path)
-        .with_context(|| format!("cannot create {}", path.display()))?;
-    writeln!(file, "{text}")?;
-    file.sync_all()?;
-    Ok(())
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let temp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    // A leftover of an earlier process with the same PID.
+    let _ = std::fs::remove_file(&temp);
+    let written = (|| -> Result<()> {
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let mut file = options
+            .open(&temp)
+            .with_context(|| format!("cannot create {}", temp.display()))?;
+        writeln!(file, "{text}")?;
+        file.sync_all()?;
+        std::fs::hard_link(&temp, path)
+            .with_context(|| format!("cannot create {}", path.display()))?;
+        std::fs::File::open(dir)?.sync_all()?;
+        Ok(())
+    })();
+    let _ = std::fs::remove_file(&temp);
+    written
 }
 
 async fn run(settings: Settings) -> Result<()> {

@@ -191,6 +191,31 @@ fn bad_input_gets_4xx_naming_the_field() {
             "invalid_field",
             Some("src"),
         ),
+        (
+            "GET",
+            "/v1/tenants/t1/route?src=1.1.1.1&src=2.2.2.2&dst=1.1.1.1",
+            None,
+            400,
+            "invalid_field",
+            Some("src"),
+        ),
+        // Not UTF-8 once percent-decoded: still JSON, still naming the parameter.
+        (
+            "GET",
+            "/v1/tenants/%FF",
+            None,
+            400,
+            "invalid_field",
+            Some("tenant_id"),
+        ),
+        (
+            "DELETE",
+            "/v1/tenants/t1/clients/%C3%28",
+            None,
+            400,
+            "invalid_field",
+            Some("client_id"),
+        ),
         ("GET", "/v1/nothing", None, 404, "not_found", None),
     ];
     for (method, path, body, status, code, field) in cases {

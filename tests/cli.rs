@@ -109,6 +109,7 @@ fn bad_config_stops_start_up_naming_file_and_key() {
 fn the_example_config_starts() {
     // config/wgplane.toml is loaded by the unit tests; here the binary accepts it too.
     let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("state");
     let port = support::free_tcp_port();
     let mut child = Command::new(support::binary())
         .args([
@@ -118,26 +119,40 @@ fn the_example_config_starts() {
         ])
         .args(["--api-listen", &format!("127.0.0.1:{port}")])
         .arg("--state-dir")
-        .arg(dir.path())
+        .arg(&state)
         .stderr(Stdio::null())
         .spawn()
         .expect("run");
-    let token = dir.path().join("api-token");
+    let token = state.join("api-token");
+    let db = state.join("state.db");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !token.exists() && std::time::Instant::now() < deadline {
+    while !(token.exists() && db.exists()) && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     let _ = child.kill();
     let _ = child.wait();
-    assert!(token.exists());
+    assert!(token.exists() && db.exists());
+    // What it created is its own alone: the directory 0700, every file in it
+    // (token, master key, database and journal) 0600, no temporary file left.
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(&token)
-            .expect("meta")
-            .permissions()
-            .mode();
-        assert_eq!(mode & 0o777, 0o600);
+        let mode =
+            |p: &std::path::Path| std::fs::metadata(p).expect("meta").permissions().mode() & 0o777;
+        assert_eq!(mode(&state), 0o700);
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(&state).expect("read state dir") {
+            let path = entry.expect("entry").path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            assert!(!name.ends_with(".tmp"), "{name} left behind");
+            assert_eq!(mode(&path), 0o600, "{name}");
+            names.push(name);
+        }
+        names.sort();
+        assert!(
+            names.starts_with(&["api-token".to_string(), "master-key".to_string()]),
+            "{names:?}"
+        );
     }
 }
 

@@ -43,12 +43,12 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
 
 /// The top-level field an error is about: from the path, or from serde's
 /// "missing field `x`" / "unknown field `x`" messages.
-fn field_of(path: &str, message: &str) -> Option<String> {
+pub(super) fn field_of(path: &str, message: &str) -> Option<String> {
     let top = path.split(['.', '[']).next().unwrap_or("");
     if !top.is_empty() && top != "?" {
         return Some(top.to_owned());
     }
-    for prefix in ["missing field `", "unknown field `"] {
+    for prefix in ["missing field `", "unknown field `", "duplicate field `"] {
         if let Some(rest) = message.strip_prefix(prefix) {
             return rest.split('`').next().map(str::to_owned);
         }

@@ -5,12 +5,13 @@ use std::net::{IpAddr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
 use super::body::JsonBody;
+use super::params::{Path, Query};
 use super::views::{
     ClientView, EgressView, ErrorBody, ForwardView, PeerRef, RouteView, RouterView, Statuses,
     TenantView,

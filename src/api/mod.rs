@@ -6,10 +6,12 @@
 
 mod auth;
 mod body;
+mod detach;
 mod error;
 mod events;
 mod handlers;
 mod metrics;
+mod params;
 mod views;
 
 use std::sync::Arc;
@@ -104,6 +106,7 @@ fn routes(state: Arc<AppState>) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(get_client_qr))
         .routes(routes!(explain_route))
         .routes(routes!(events::stream))
+        .layer(axum::middleware::from_fn(detach::run_to_completion))
         .layer(axum::middleware::from_fn_with_state(
             Arc::clone(&state),
             auth::require_token,

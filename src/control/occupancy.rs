@@ -11,7 +11,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::net::Ipv4Addr;
 
 use boringtun::x25519::PublicKey;
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net};
 
 use super::model::{Id, Tenant};
 use crate::core::alloc::{self, AllocError};
@@ -37,7 +37,7 @@ impl Occupancy {
     pub fn of(tenant: &Tenant) -> Self {
         let mut o = Self::default();
         for r in tenant.routers.values() {
-            o.add_router(&r.id, r.vpn_ip, &r.public_key);
+            o.add_router(&r.id, r.vpn_ip, &r.extra_prefixes, &r.public_key);
         }
         for c in tenant.clients.values() {
             o.add_client(&c.id, c.vpn_ip, &c.public_key);
@@ -45,8 +45,10 @@ impl Occupancy {
         o
     }
 
-    pub fn add_router(&mut self, id: &Id, ip: Ipv4Addr, key: &PublicKey) {
-        self.addresses.insert(ip);
+    /// A router holds its address and every single IPv4 address (`/32`) among
+    /// its extra prefixes: neither may be handed to another peer.
+    pub fn add_router(&mut self, id: &Id, ip: Ipv4Addr, extra: &[IpNet], key: &PublicKey) {
+        self.addresses.extend(held(ip, extra));
         self.keys
             .insert(*key.as_bytes(), Holder::Router(id.clone()));
     }
@@ -57,14 +59,17 @@ impl Occupancy {
             .insert(*key.as_bytes(), Holder::Client(id.clone()));
     }
 
-    /// Releases a peer's address and key.
-    pub fn remove(&mut self, ip: Ipv4Addr, key: &PublicKey) {
-        self.addresses.remove(&ip);
+    /// Releases a peer's addresses (its own and, for a router, its extra
+    /// prefixes') and its key.
+    pub fn remove(&mut self, ip: Ipv4Addr, extra: &[IpNet], key: &PublicKey) {
         self.keys.remove(key.as_bytes());
-        for (net, dense) in &mut self.dense_below {
-            if net.contains(&ip) {
-                let host = u32::from(ip) - u32::from(net.network());
-                *dense = (*dense).min(host);
+        for ip in held(ip, extra) {
+            self.addresses.remove(&ip);
+            for (net, dense) in &mut self.dense_below {
+                if net.contains(&ip) {
+                    let host = u32::from(ip) - u32::from(net.network());
+                    *dense = (*dense).min(host);
+                }
             }
         }
     }
@@ -107,6 +112,15 @@ impl Occupancy {
     }
 }
 
+/// The addresses a peer holds: `ip` and the single IPv4 addresses in `extra`.
+fn held(ip: Ipv4Addr, extra: &[IpNet]) -> impl Iterator<Item = Ipv4Addr> + '_ {
+    let singles = extra.iter().filter_map(|net| match net {
+        IpNet::V4(n) if n.prefix_len() == 32 => Some(n.addr()),
+        _ => None,
+    });
+    std::iter::once(ip).chain(singles)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -138,12 +152,12 @@ mod tests {
                     prop_assert_eq!(got.as_ref().ok(), naive.as_ref().ok());
                     if let Ok(ip) = got {
                         let k = key(n as u8);
-                        occ.add_router(&id, ip, &k);
+                        occ.add_router(&id, ip, &[], &k);
                         held.push((ip, k));
                     }
                 } else {
                     let (ip, k) = held.remove(pick as usize % held.len());
-                    occ.remove(ip, &k);
+                    occ.remove(ip, &[], &k);
                 }
             }
         }
@@ -156,7 +170,7 @@ mod tests {
             Id::parse("c1", "client").unwrap(),
         );
         let mut occ = Occupancy::default();
-        occ.add_router(&r, Ipv4Addr::new(10, 0, 1, 1), &key(1));
+        occ.add_router(&r, Ipv4Addr::new(10, 0, 1, 1), &[], &key(1));
         occ.add_client(&c, Ipv4Addr::new(10, 200, 0, 2), &key(2));
         assert_eq!(occ.key_owner(&key(1), None).as_deref(), Some("router r1"));
         assert_eq!(occ.key_owner(&key(1), Some(&r)), None);
@@ -165,8 +179,36 @@ mod tests {
             Some("client c1")
         );
         assert!(occ.holds(Ipv4Addr::new(10, 0, 1, 1)));
-        occ.remove(Ipv4Addr::new(10, 0, 1, 1), &key(1));
+        occ.remove(Ipv4Addr::new(10, 0, 1, 1), &[], &key(1));
         assert!(!occ.holds(Ipv4Addr::new(10, 0, 1, 1)));
         assert_eq!(occ.key_owner(&key(1), None), None);
+    }
+
+    #[test]
+    fn a_routers_single_extra_addresses_are_held_and_released_with_it() {
+        let net: Ipv4Net = "10.100.0.0/16".parse().unwrap();
+        let server = Ipv4Addr::new(10, 100, 0, 1);
+        let r = Id::parse("r1", "router").unwrap();
+        let extra: Vec<IpNet> = vec![
+            "10.100.1.2/32".parse().unwrap(),
+            "192.168.88.0/24".parse().unwrap(),
+            "fd00::1/128".parse().unwrap(),
+        ];
+        let mut occ = Occupancy::default();
+        occ.add_router(&r, Ipv4Addr::new(10, 100, 1, 1), &extra, &key(1));
+        assert!(occ.holds(Ipv4Addr::new(10, 100, 1, 2)));
+        assert!(!occ.holds(Ipv4Addr::new(192, 168, 88, 0)));
+        // The next router skips the address r1 routes.
+        let start = alloc::router_range_start(net);
+        assert_eq!(
+            occ.next_free(net, start, server),
+            Ok(Ipv4Addr::new(10, 100, 1, 3))
+        );
+        occ.remove(Ipv4Addr::new(10, 100, 1, 1), &extra, &key(1));
+        assert!(!occ.holds(Ipv4Addr::new(10, 100, 1, 2)));
+        assert_eq!(
+            occ.next_free(net, start, server),
+            Ok(Ipv4Addr::new(10, 100, 1, 1))
+        );
     }
 }

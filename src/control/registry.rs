@@ -19,6 +19,19 @@ use super::occupancy::Occupancy;
 use crate::core::alloc::{self, IndexAllocator};
 use crate::keys::{self, SecretKey};
 
+/// DNS servers a client config may name. Far more than any resolver uses, and
+/// few enough that the config always fits a QR code.
+const MAX_DNS: usize = 8;
+
+/// Ranges a tenant subnet or client pool may not touch: "this network", loopback,
+/// link-local, and multicast with the reserved block above it.
+const SPECIAL_NETS: [Ipv4Net; 4] = [
+    Ipv4Net::new_assert(Ipv4Addr::new(0, 0, 0, 0), 8),
+    Ipv4Net::new_assert(Ipv4Addr::new(127, 0, 0, 0), 8),
+    Ipv4Net::new_assert(Ipv4Addr::new(169, 254, 0, 0), 16),
+    Ipv4Net::new_assert(Ipv4Addr::new(224, 0, 0, 0), 3),
+];
+
 /// How tenants get ports and subnets.
 #[derive(Debug, Clone)]
 pub struct AllocPolicy {
@@ -86,15 +99,19 @@ impl Registry {
     }
 
     /// Puts a tenant back as it was before a change that could not be stored.
+    /// Receiver indices follow: those of the peers it had are held again, those
+    /// of peers it did not have are freed.
     pub fn reinstate(&mut self, id: &Id, before: Option<Tenant>) {
         self.occupancy.remove(id);
-        match before {
-            Some(t) => {
-                self.tenants.insert(id.clone(), t);
-            }
-            None => {
-                self.tenants.remove(id);
-            }
+        let now = match before {
+            Some(t) => self.tenants.insert(id.clone(), t),
+            None => self.tenants.remove(id),
+        };
+        for i in now.iter().flat_map(peer_indices) {
+            self.indices.free(i);
+        }
+        for i in self.tenants.get(id).into_iter().flat_map(peer_indices) {
+            self.indices.reserve(i);
         }
     }
 
@@ -107,6 +124,8 @@ impl Registry {
         };
         let created = match before {
             Some(r) => {
+                // A deletion undone: its index is held again.
+                self.indices.reserve(r.index);
                 t.routers.insert(id.clone(), r);
                 None
             }
@@ -125,6 +144,8 @@ impl Registry {
         };
         let created = match before {
             Some(c) => {
+                // A deletion undone: its index is held again.
+                self.indices.reserve(c.index);
                 t.clients.insert(id.clone(), c);
                 None
             }
@@ -163,15 +184,40 @@ impl Registry {
             .collect()
     }
 
+    /// Every tenant's IPv4 host prefixes: the host routes them, so no tunnel may
+    /// hold them (else the host would carry one tenant's packets into another's).
+    fn host_nets(&self) -> Vec<Ipv4Net> {
+        self.tenants
+            .values()
+            .flat_map(|t| t.host_prefixes.iter())
+            .filter_map(|p| match p {
+                IpNet::V4(n) => Some(*n),
+                IpNet::V6(_) => None,
+            })
+            .collect()
+    }
+
+    /// A subnet or pool: an ordinary unicast range that no other tenant's subnet
+    /// or pool and no tenant's host prefix overlaps.
     fn check_free(
         &self,
         net: Ipv4Net,
         field: &'static str,
         except: Option<&Id>,
     ) -> Result<(), ControlError> {
+        if let Some(special) = SPECIAL_NETS
+            .iter()
+            .find(|s| alloc::overlaps(IpNet::V4(net), IpNet::V4(**s)))
+        {
+            return Err(ControlError::field(
+                field,
+                format!("{net} overlaps {special}, which is not ordinary unicast"),
+            ));
+        }
         match self
             .taken_nets(except)
             .into_iter()
+            .chain(self.host_nets())
             .find(|o| alloc::overlaps(IpNet::V4(net), IpNet::V4(*o)))
         {
             Some(other) => Err(ControlError::Overlap { field, net, other }),
@@ -233,7 +279,12 @@ impl Registry {
                 s
             }
             None => {
-                let taken: Vec<IpNet> = self.taken_nets(None).into_iter().map(IpNet::V4).collect();
+                let taken: Vec<IpNet> = self
+                    .taken_nets(None)
+                    .into_iter()
+                    .chain(self.host_nets())
+                    .map(IpNet::V4)
+                    .collect();
                 alloc::next_subnet(
                     self.policy.supernet,
                     self.policy.subnet_prefix_len,
@@ -309,10 +360,7 @@ impl Registry {
             .remove(id)
             .ok_or_else(|| ControlError::NoTenant(id.to_string()))?;
         self.occupancy.remove(id);
-        for i in t.routers.values().map(|r| r.index) {
-            self.indices.free(i);
-        }
-        for i in t.clients.values().map(|c| c.index) {
+        for i in peer_indices(&t) {
             self.indices.free(i);
         }
         Ok(t)
@@ -401,14 +449,14 @@ impl Registry {
             index,
             forwards,
         };
+        if let Some(occupancy) = self.occupancy.get_mut(tenant_id) {
+            if let Some(old) = existing {
+                occupancy.remove(old.vpn_ip, &old.extra_prefixes, &old.public_key);
+            }
+            occupancy.add_router(id, vpn_ip, &router.extra_prefixes, &public_key);
+        }
         let tenant = self.tenant_mut(tenant_id)?;
         let previous = tenant.routers.insert(id.clone(), router);
-        if let Some(occupancy) = self.occupancy.get_mut(tenant_id) {
-            if let Some(old) = &previous {
-                occupancy.remove(old.vpn_ip, &old.public_key);
-            }
-            occupancy.add_router(id, vpn_ip, &public_key);
-        }
         Ok(match previous {
             Some(_) => Put::Updated,
             None => Put::Created,
@@ -427,10 +475,24 @@ impl Registry {
         if alloc::overlaps(net, IpNet::V4(tenant.subnet)) && net.prefix_len() < 32 {
             return Err(unavailable("overlaps the tenant subnet"));
         }
+        if let IpNet::V4(single) = net {
+            if [tenant.subnet.network(), tenant.subnet.broadcast()].contains(&single.addr()) {
+                return Err(unavailable(
+                    "is the tenant subnet's network or broadcast address",
+                ));
+            }
+        }
         if let Some(e) = &tenant.egress {
             if alloc::overlaps(net, IpNet::V4(e.pool)) {
                 return Err(unavailable("overlaps the egress pool"));
             }
+        }
+        if tenant
+            .host_prefixes
+            .iter()
+            .any(|p| alloc::overlaps(*p, net))
+        {
+            return Err(unavailable("overlaps one of the tenant's host prefixes"));
         }
         let clash = tenant.routers.values().filter(|r| &r.id != id).any(|r| {
             r.extra_prefixes.iter().any(|p| alloc::overlaps(*p, net))
@@ -468,7 +530,7 @@ impl Registry {
             .ok_or_else(|| ControlError::NoRouter(id.to_string()))?;
         self.indices.free(r.index);
         if let Some(occupancy) = self.occupancy.get_mut(tenant_id) {
-            occupancy.remove(r.vpn_ip, &r.public_key);
+            occupancy.remove(r.vpn_ip, &r.extra_prefixes, &r.public_key);
         }
         Ok(r)
     }
@@ -571,9 +633,13 @@ impl Registry {
             }
             gateways.push(id);
         }
-        if let Some(c) = tenant.clients.values().find(|c| !pool.contains(&c.vpn_ip)) {
+        if let Some(c) = tenant
+            .clients
+            .values()
+            .find(|c| !alloc::is_assignable(pool, c.vpn_ip))
+        {
             return Err(ControlError::InUse(format!(
-                "client {} uses {} outside the new pool",
+                "client {} uses {}, which is not a host address of the new pool",
                 c.id, c.vpn_ip
             )));
         }
@@ -654,14 +720,24 @@ impl Registry {
             (None, None) => occupancy.next_free(egress.pool, 2, server)?,
         };
         let dns = match (&req.dns, existing) {
-            (Some(list), _) => list
-                .iter()
-                .map(|d| {
-                    d.parse::<IpAddr>().map_err(|_| {
+            (Some(list), _) => {
+                let mut out: Vec<IpAddr> = Vec::with_capacity(list.len().min(MAX_DNS));
+                for d in list {
+                    let ip = d.parse::<IpAddr>().map_err(|_| {
                         ControlError::field("dns", format!("{d:?} is not an IP address"))
-                    })
-                })
-                .collect::<Result<Vec<_>, _>>()?,
+                    })?;
+                    if !out.contains(&ip) {
+                        out.push(ip);
+                    }
+                }
+                if out.len() > MAX_DNS {
+                    return Err(ControlError::field(
+                        "dns",
+                        format!("at most {MAX_DNS} servers (the config must fit a QR code)"),
+                    ));
+                }
+                out
+            }
             (None, Some(c)) => c.dns.clone(),
             (None, None) => Vec::new(),
         };
@@ -687,7 +763,7 @@ impl Registry {
         let previous = tenant.clients.insert(id.clone(), client);
         if let Some(occupancy) = self.occupancy.get_mut(tenant_id) {
             if let Some(old) = &previous {
-                occupancy.remove(old.vpn_ip, &old.public_key);
+                occupancy.remove(old.vpn_ip, &[], &old.public_key);
             }
             occupancy.add_client(id, vpn_ip, &public_key);
         }
@@ -706,7 +782,7 @@ impl Registry {
             .ok_or_else(|| ControlError::NoClient(id.to_string()))?;
         self.indices.free(c.index);
         if let Some(occupancy) = self.occupancy.get_mut(tenant_id) {
-            occupancy.remove(c.vpn_ip, &c.public_key);
+            occupancy.remove(c.vpn_ip, &[], &c.public_key);
         }
         Ok(c)
     }
@@ -794,6 +870,14 @@ fn validate_name(name: &str) -> Result<String, ControlError> {
         ));
     }
     Ok(name.to_owned())
+}
+
+/// The receiver indices of a tenant's routers and clients.
+fn peer_indices(t: &Tenant) -> impl Iterator<Item = u32> + '_ {
+    t.routers
+        .values()
+        .map(|r| r.index)
+        .chain(t.clients.values().map(|c| c.index))
 }
 
 #[cfg(test)]
@@ -905,6 +989,44 @@ mod tests {
     }
 
     #[test]
+    fn a_single_address_a_router_routes_is_never_another_routers() {
+        let mut r = registry();
+        r.put_tenant(&id("a"), &Default::default(), now()).unwrap();
+        let extra = |list: &[&str]| RouterRequest {
+            allowed_ips: Some(list.iter().map(|s| s.to_string()).collect()),
+            ..Default::default()
+        };
+        r.put_router(&id("a"), &id("r1"), &extra(&["10.100.1.2/32"]))
+            .unwrap();
+        // Allocation skips it, and it cannot be asked for.
+        r.put_router(&id("a"), &id("r2"), &Default::default())
+            .unwrap();
+        let r2 = r.tenant(&id("a")).unwrap().routers[&id("r2")].vpn_ip;
+        assert_eq!(r2, Ipv4Addr::new(10, 100, 1, 3));
+        let ask = RouterRequest {
+            vpn_ip: Some("10.100.1.2".into()),
+            ..Default::default()
+        };
+        assert!(matches!(
+            r.put_router(&id("a"), &id("r3"), &ask),
+            Err(ControlError::AddressUnavailable { .. })
+        ));
+        // Once r1 no longer routes it, it is free again.
+        r.put_router(&id("a"), &id("r1"), &extra(&[])).unwrap();
+        r.put_router(&id("a"), &id("r3"), &ask).unwrap();
+        // The subnet's network and broadcast addresses are nobody's.
+        for single in ["10.100.0.0/32", "10.100.255.255"] {
+            assert!(
+                matches!(
+                    r.put_router(&id("a"), &id("r4"), &extra(&[single])),
+                    Err(ControlError::AddressUnavailable { .. })
+                ),
+                "{single}"
+            );
+        }
+    }
+
+    #[test]
     fn routers_allocate_and_conflict() {
         let mut r = registry();
         r.put_tenant(&id("a"), &Default::default(), now()).unwrap();
@@ -953,6 +1075,151 @@ mod tests {
             Some("public_key")
         );
         assert!(!r.tenant(&id("a")).unwrap().routers.contains_key(&id("r2")));
+    }
+
+    #[test]
+    fn what_the_host_routes_no_tunnel_may_hold_later() {
+        let mut r = registry();
+        let host = TenantRequest {
+            host_prefixes: Some(vec![
+                "10.201.0.0/16".into(),
+                "10.102.0.0/16".into(),
+                "fd00:1::/64".into(),
+            ]),
+            ..Default::default()
+        };
+        r.put_tenant(&id("a"), &host, now()).unwrap();
+        r.put_router(&id("a"), &id("gw"), &Default::default())
+            .unwrap();
+        // Another tenant's pool or subnet inside a's host prefix is refused...
+        r.put_tenant(&id("b"), &Default::default(), now()).unwrap();
+        r.put_router(&id("b"), &id("gw"), &Default::default())
+            .unwrap();
+        let pool = |p: &str| EgressRequest {
+            pool: p.into(),
+            gateways: vec!["gw".into()],
+        };
+        let e = r.put_egress(&id("b"), &pool("10.201.0.0/24")).unwrap_err();
+        assert_eq!(e.field_name(), Some("pool"), "{e}");
+        let e = r.put_egress(&id("a"), &pool("10.201.5.0/24")).unwrap_err();
+        assert_eq!(e.field_name(), Some("pool"), "{e}");
+        let subnet = TenantRequest {
+            subnet: Some("10.201.128.0/17".into()),
+            ..Default::default()
+        };
+        let e = r.put_tenant(&id("c"), &subnet, now()).unwrap_err();
+        assert_eq!(e.field_name(), Some("subnet"), "{e}");
+        // ... automatic allocation steps over it (10.100 and 10.101 are a's and b's) ...
+        r.put_tenant(&id("d"), &Default::default(), now()).unwrap();
+        assert_eq!(
+            r.tenant(&id("d")).unwrap().subnet.to_string(),
+            "10.103.0.0/16"
+        );
+        // ... and so does a router's extra prefix in the same tenant.
+        let extra = RouterRequest {
+            allowed_ips: Some(vec!["10.201.7.0/24".into()]),
+            ..Default::default()
+        };
+        let e = r.put_router(&id("a"), &id("r1"), &extra).unwrap_err();
+        assert_eq!(e.field_name(), Some("allowed_ips"), "{e}");
+    }
+
+    #[test]
+    fn subnets_and_pools_are_ordinary_unicast() {
+        let mut r = registry();
+        for net in [
+            "0.0.0.0/0",
+            "127.0.0.0/24",
+            "169.254.0.0/16",
+            "224.0.0.0/24",
+            "240.0.0.0/8",
+        ] {
+            let req = TenantRequest {
+                subnet: Some(net.into()),
+                ..Default::default()
+            };
+            let e = r.put_tenant(&id("a"), &req, now()).unwrap_err();
+            assert_eq!(e.field_name(), Some("subnet"), "{net}: {e}");
+        }
+        r.put_tenant(&id("a"), &Default::default(), now()).unwrap();
+        r.put_router(&id("a"), &id("gw"), &Default::default())
+            .unwrap();
+        let req = EgressRequest {
+            pool: "127.0.0.0/24".into(),
+            gateways: vec!["gw".into()],
+        };
+        let e = r.put_egress(&id("a"), &req).unwrap_err();
+        assert_eq!(e.field_name(), Some("pool"), "{e}");
+    }
+
+    #[test]
+    fn a_smaller_pool_may_not_turn_a_client_into_its_network_address() {
+        let mut r = registry();
+        r.put_tenant(&id("a"), &Default::default(), now()).unwrap();
+        r.put_router(&id("a"), &id("gw"), &Default::default())
+            .unwrap();
+        let pool = |p: &str| EgressRequest {
+            pool: p.into(),
+            gateways: vec!["gw".into()],
+        };
+        r.put_egress(&id("a"), &pool("10.200.0.0/23")).unwrap();
+        let at = ClientRequest {
+            vpn_ip: Some("10.200.1.0".into()),
+            ..Default::default()
+        };
+        r.put_client(&id("a"), &id("p1"), &at).unwrap();
+        assert!(matches!(
+            r.put_egress(&id("a"), &pool("10.200.1.0/24")),
+            Err(ControlError::InUse(_))
+        ));
+    }
+
+    #[test]
+    fn undone_deletions_hold_their_receiver_indices_again() {
+        let mut r = registry();
+        r.put_tenant(&id("a"), &Default::default(), now()).unwrap();
+        r.put_router(&id("a"), &id("r1"), &Default::default())
+            .unwrap();
+        let index = r.tenant(&id("a")).unwrap().routers[&id("r1")].index;
+        let t = r.delete_tenant(&id("a")).unwrap();
+        assert_eq!(r.indices.in_use(), 0);
+        r.reinstate(&id("a"), Some(t));
+        assert_eq!(r.indices.in_use(), 1);
+        assert!(!r.indices.reserve(index), "held again");
+
+        let gone = r.delete_router(&id("a"), &id("r1")).unwrap();
+        assert_eq!(r.indices.in_use(), 0);
+        r.reinstate_router(&id("a"), &id("r1"), Some(gone));
+        assert!(!r.indices.reserve(index), "held again");
+
+        // A tenant whose creation is undone takes nothing with it but itself.
+        r.put_tenant(&id("b"), &Default::default(), now()).unwrap();
+        r.reinstate(&id("b"), None);
+        assert_eq!(r.indices.in_use(), 1);
+        assert!(r.tenant(&id("b")).is_err());
+    }
+
+    #[test]
+    fn a_clients_dns_list_is_short_and_without_repeats() {
+        let mut r = registry();
+        r.put_tenant(&id("a"), &Default::default(), now()).unwrap();
+        r.put_router(&id("a"), &id("gw"), &Default::default())
+            .unwrap();
+        let pool = EgressRequest {
+            pool: "10.200.0.0/24".into(),
+            gateways: vec!["gw".into()],
+        };
+        r.put_egress(&id("a"), &pool).unwrap();
+        let dns = |list: Vec<String>| ClientRequest {
+            dns: Some(list),
+            ..Default::default()
+        };
+        let many: Vec<String> = (0..60).map(|i| format!("2001:db8::{i:x}")).collect();
+        let e = r.put_client(&id("a"), &id("p1"), &dns(many)).unwrap_err();
+        assert_eq!(e.field_name(), Some("dns"), "{e}");
+        let twice = vec!["1.1.1.1".to_string(); 20];
+        r.put_client(&id("a"), &id("p1"), &dns(twice)).unwrap();
+        assert_eq!(r.tenant(&id("a")).unwrap().clients[&id("p1")].dns.len(), 1);
     }
 
     #[test]

@@ -562,11 +562,16 @@ mod tests {
         let path = dir.path().join("state.db");
         let master = MasterKey::generate();
         let r = provisioned();
-        {
+        // Read while the store is open: the journal (WAL) still holds the
+        // writes then; closing merges it into the database and deletes it.
+        let (written, journal) = {
             let mut store = Store::open(&path, master.clone()).unwrap();
             assert!(store.is_empty().unwrap());
             save_all(&mut store, &r);
-        }
+            let journal = std::fs::read(dir.path().join("state.db-wal")).unwrap();
+            assert!(!journal.is_empty(), "the writes are in the journal");
+            (std::fs::read(&path).unwrap(), journal)
+        };
         let store = Store::open(&path, master).unwrap();
         let loaded = store.load().unwrap();
         assert_eq!(loaded.len(), 1);
@@ -591,13 +596,12 @@ mod tests {
 
         // No private key is in the file in plain text (raw or base64).
         drop(store);
-        let bytes = std::fs::read(&path).unwrap();
-        let wal = std::fs::read(dir.path().join("state.db-wal")).unwrap_or_default();
+        let merged = std::fs::read(&path).unwrap();
         for secret in [
             b.secret.secret().to_bytes(),
             gb.private_key.as_ref().unwrap().secret().to_bytes(),
         ] {
-            for blob in [&bytes, &wal] {
+            for blob in [&written, &journal, &merged] {
                 assert!(!blob.windows(32).any(|w| w == secret));
                 let b64 = keys::encode(&secret);
                 assert!(!blob.windows(b64.len()).any(|w| w == b64.as_bytes()));

@@ -463,4 +463,27 @@ fn tun_mode_reaches_routers_and_never_leaks() {
         dropped >= 40.0,
         "the phone's packets were dropped as egress_down ({dropped})"
     );
+
+    // 6. What the host sends into the device for no tenant is dropped and counted.
+    lab.hub
+        .run_words("ip route add 198.18.77.0/24 dev wgplane0");
+    let _ = lab
+        .hub
+        .output(&["ping", "-c", "3", "-W", "1", "198.18.77.1"]);
+    let metrics = lab
+        .hub
+        .capture(&["curl", "-s", &format!("http://{API}/metrics")]);
+    let no_tunnel = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("wgplane_host_packets_dropped_total")
+                && l.contains("reason=\"no_tunnel\"")
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(
+        no_tunnel >= 3.0,
+        "host packets for no tenant were counted ({no_tunnel})"
+    );
 }

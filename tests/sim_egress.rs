@@ -119,3 +119,46 @@ fn no_live_gateway_means_drop_and_count_never_leak() {
         );
     }
 }
+
+#[test]
+fn a_gateway_whose_handshakes_never_complete_is_not_a_live_gateway() {
+    let mut k = ktn();
+    // The primary's return path breaks: it keeps sending initiations (every 5 s,
+    // as WireGuard retries), our responses never reach it. Answering them must not
+    // make it look live: the handshake completes only with its first packet on
+    // the new session.
+    k.sim.peers[k.gateway].up = false;
+    let completed = k.sim.tunnels[0].engine.stats().handshakes;
+    let from = k.sim.peers[k.gateway].addr;
+    let mut buf = vec![0u8; 256];
+    for _ in 0..13 {
+        k.sim.advance(Duration::from_secs(5));
+        let init = match k.sim.peers[k.gateway]
+            .tunn
+            .format_handshake_initiation(&mut buf, true)
+        {
+            boringtun::noise::TunnResult::WriteToNetwork(d) => d.to_vec(),
+            _ => panic!("no initiation"),
+        };
+        k.sim.inject(from, 0, &init);
+    }
+    let stats = k.sim.tunnels[0].engine.stats();
+    assert_eq!(stats.handshakes, completed, "answered, never completed");
+    assert!(
+        stats.handshake_responses >= 13,
+        "{}",
+        stats.handshake_responses
+    );
+    // The backup is alive; the phones' traffic fails over to it.
+    k.sim.send_ip(k.backup, "10.100.0.41", "10.100.0.1");
+    k.sim.send_ip(k.phone1, "10.200.0.2", "198.18.0.1");
+    assert_eq!(k.sim.take_inbox(k.backup).len(), 1);
+    // Once the primary's return path is back, its next handshake completes with
+    // its first packet and it is the gateway again.
+    k.sim.peers[k.gateway].up = true;
+    k.sim.connect(k.gateway);
+    k.sim.send_ip(k.gateway, "10.100.0.40", "10.100.0.1");
+    assert_eq!(k.sim.tunnels[0].engine.stats().handshakes, completed + 1);
+    k.sim.send_ip(k.phone1, "10.200.0.2", "198.18.0.1");
+    assert_eq!(k.sim.take_inbox(k.gateway).len(), 1);
+}

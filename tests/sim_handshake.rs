@@ -337,3 +337,30 @@ fn a_storm_on_its_own_tunnel_leaves_established_peers_talking_and_rekeying() {
     sim.send_ip(r1, "10.100.1.1", "10.100.1.2");
     assert_eq!(sim.take_inbox(r2).len(), 1, "data on the new session");
 }
+
+#[test]
+fn a_peer_heard_again_after_going_quiet_is_connected_again() {
+    let mut sim = Sim::new();
+    let t = sim.tunnel(51820, "10.100.0.1");
+    let r = sim.peer("router", t, PeerKind::Router, &["10.100.1.1/32"]);
+    sim.connect(r);
+    let key = sim.public_key(r);
+    let endpoint = Some(sim.peers[r].addr);
+    let connected = Event::Connected {
+        peer: key,
+        endpoint,
+    };
+    assert_eq!(sim.tunnels[t].engine.poll_event(), Some(connected.clone()));
+    // A minute of silence: reported disconnected.
+    sim.advance(std::time::Duration::from_secs(61));
+    sim.tick();
+    assert_eq!(
+        sim.tunnels[t].engine.poll_event(),
+        Some(Event::Disconnected { peer: key })
+    );
+    // It speaks again on the same session (no new handshake): connected again.
+    sim.send_ip(r, "10.100.1.1", "10.100.0.1");
+    assert_eq!(sim.tunnels[t].engine.poll_event(), Some(connected));
+    assert_eq!(sim.tunnels[t].engine.poll_event(), None);
+    assert_eq!(sim.tunnels[t].engine.stats().handshakes, 1);
+}

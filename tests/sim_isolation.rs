@@ -48,6 +48,17 @@ fn routers_of_a_tenant_reach_each_other_and_the_subnets_behind_them() {
     // The server address is local.
     sim.send_ip(r1, "10.100.1.1", "10.100.0.1");
     assert_eq!(sim.tunnels[t].local.len(), 1);
+    // But not from the router's LAN: the host device (this tunnel has no stack)
+    // has no route back to it, and would answer it elsewhere.
+    sim.send_ip(r1, "192.168.88.10", "10.100.0.1");
+    assert_eq!(sim.tunnels[t].local.len(), 1);
+    assert_eq!(
+        sim.tunnels[t]
+            .engine
+            .stats()
+            .dropped(DropReason::HostSource),
+        1
+    );
 }
 
 #[test]

@@ -58,6 +58,7 @@ pub async fn scrape(State(state): State<Arc<AppState>>) -> Response {
     for t in control.registry.tenants() {
         tunnels.push((t, control.runtime.snapshot(&t.id).await.ok()));
     }
+    let host_drops = control.runtime.host_drops();
     let recorder = PrometheusBuilder::new().build_recorder();
     metrics::with_local_recorder(&recorder, || {
         describe();
@@ -70,6 +71,9 @@ pub async fn scrape(State(state): State<Arc<AppState>>) -> Response {
             counter!("wgplane_api_requests_total",
                 "route" => route.clone(), "method" => method.clone(), "status" => status.to_string())
             .absolute(entry.value().load(Ordering::Relaxed));
+        }
+        for (reason, value) in host_drops.into_iter().flatten() {
+            counter!("wgplane_host_packets_dropped_total", "reason" => reason).absolute(value);
         }
         let e = &state.event_stats;
         for (outcome, value) in [
@@ -116,7 +120,14 @@ fn describe() {
         "wgplane_egress_packets_total",
         "Client packets sent to a gateway by the egress policy."
     );
-    describe_counter!("wgplane_handshakes_total", "Completed handshakes.");
+    describe_counter!(
+        "wgplane_handshakes_total",
+        "Completed handshakes (as responder: once the initiator's first packet on the new session arrived)."
+    );
+    describe_counter!(
+        "wgplane_handshake_responses_total",
+        "Initiations answered with a handshake response."
+    );
     describe_counter!(
         "wgplane_cookie_replies_total",
         "Cookie replies sent under load."
@@ -142,6 +153,10 @@ fn describe() {
         "Admin API requests by route, method and status."
     );
     describe_counter!("wgplane_events_total", "Peer events by outcome.");
+    describe_counter!(
+        "wgplane_host_packets_dropped_total",
+        "TUN mode: packets from the host device that reached no tunnel, by reason."
+    );
 }
 
 fn tunnel_series(
@@ -244,6 +259,7 @@ fn tunnel_series(
     }
     counter!("wgplane_egress_packets_total", &base()).absolute(s.egress_hits);
     counter!("wgplane_handshakes_total", &base()).absolute(s.handshakes);
+    counter!("wgplane_handshake_responses_total", &base()).absolute(s.handshake_responses);
     counter!("wgplane_cookie_replies_total", &base()).absolute(s.cookie_replies);
     for (direction, value) in [
         ("received", s.rx_datagrams),

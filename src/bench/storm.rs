@@ -64,7 +64,8 @@ pub struct StormReport {
     pub handshakes_per_s: f64,
     /// Initiations answered (response or cookie reply) per second.
     pub answered_per_s: f64,
-    /// Handshakes the appliance counted (its metrics).
+    /// Initiations the appliance answered with a handshake response (its
+    /// metrics; the storm's routers never complete a handshake).
     pub appliance_handshakes: u64,
     pub appliance_cpu_seconds: Option<f64>,
     pub appliance_cpu_us_per_handshake: Option<f64>,
@@ -197,8 +198,9 @@ pub(crate) async fn run(
     report.tunnels = tunnels;
     report.peers_per_tunnel = peers;
     for (name, ..) in &tenants {
-        report.appliance_handshakes +=
-            api.counter("wgplane_handshakes_total", name, "").await? as u64;
+        report.appliance_handshakes += api
+            .counter("wgplane_handshake_responses_total", name, "")
+            .await? as u64;
     }
     Ok(report)
 }

@@ -95,8 +95,12 @@ pub struct TunnelStats {
     pub egress_hits: u64,
     /// Packets waiting in a peer's queue for its handshake.
     pub queued: u64,
-    /// Completed handshakes.
+    /// Completed handshakes: as initiator, a response received; as responder,
+    /// the initiator's first packet on the session we answered for.
     pub handshakes: u64,
+    /// Initiations answered with a handshake response (whether or not the
+    /// initiator then completed the handshake).
+    pub handshake_responses: u64,
     /// Cookie replies sent under load.
     pub cookie_replies: u64,
     /// Events discarded because nobody drained them.
@@ -396,6 +400,11 @@ impl TunnelEngine {
                     peer: key(peer),
                     rule,
                 },
+                Verdict::Local
+                    if self.local.is_none() && self.routing.host_sources.lookup(src).is_none() =>
+                {
+                    ExplainVerdict::Drop(DropReason::HostSource)
+                }
                 Verdict::Local => ExplainVerdict::Local,
                 Verdict::Host => ExplainVerdict::Host,
                 Verdict::Drop { reason, .. } => ExplainVerdict::Drop(reason),
@@ -405,8 +414,10 @@ impl TunnelEngine {
 
     // ---- mutators (control plane) ----
 
-    /// Adds a peer, or updates the prefixes, keepalive and kind of an existing one
-    /// without touching its session. `index` is used only when the peer is new.
+    /// Adds a peer, or updates the prefixes, endpoint and kind of an existing one
+    /// without touching its session (its keepalive is fixed once its protocol
+    /// state exists: boringtun has no setter). `index` is used only when the peer
+    /// is new.
     pub fn upsert_peer(&mut self, config: PeerConfig, index: u32) -> Result<(), EngineError> {
         let key = *config.public_key.as_bytes();
         let existing = self.peers.by_key.get(&key).copied();
@@ -502,6 +513,16 @@ impl TunnelEngine {
         self.routing.host = PrefixTable::new();
         for p in prefixes {
             self.routing.host.insert(*p, ());
+        }
+    }
+
+    /// TUN mode: the sources the host routes back into this tunnel (the
+    /// tenant's subnet). Packets for the host device, to a host prefix or to the
+    /// server address, are accepted only from these.
+    pub fn set_host_sources(&mut self, sources: &[IpNet]) {
+        self.routing.host_sources = PrefixTable::new();
+        for p in sources {
+            self.routing.host_sources.insert(*p, ());
         }
     }
 
@@ -620,27 +641,39 @@ impl TunnelEngine {
         match decap {
             Decap::Reply(reply) => {
                 let kind = message_type(reply);
-                // A handshake response (type 2) answers an initiation; a keepalive
-                // (type 4) answers a response: either way a session now exists.
-                let established = matches!(
-                    (message, kind),
-                    (Message::Initiation, 2) | (Message::Response { .. }, 4)
-                );
                 stats.tx_datagrams += 1;
                 peer.stats.tx_bytes += reply.len() as u64;
                 sink.send(from, reply);
-                if established {
-                    authenticated(peer, id, endpoints, from, datagram.len(), now, events);
-                    handshake_done(peer, now, stats, events);
-                    while let Some(queued) = peer.poll_queued(tx) {
-                        stats.tx_datagrams += 1;
-                        peer.stats.tx_bytes += queued.len() as u64;
-                        sink.send(from, queued);
+                match (message, kind) {
+                    // Our response (type 2) to an initiation: the initiator is who
+                    // it claims to be, but the session is not usable (nor the peer
+                    // live) until its first packet on it arrives.
+                    (Message::Initiation, 2) => {
+                        stats.handshake_responses += 1;
+                        peer.answered = reply
+                            .get(4..8)
+                            .and_then(|b| b.try_into().ok())
+                            .map(u32::from_le_bytes);
+                        peer.stats.rx_bytes += datagram.len() as u64;
+                        set_endpoint(peer, id, endpoints, from, events);
                     }
+                    // Our keepalive (type 4) after a response to our initiation:
+                    // the session is ours to use now.
+                    (Message::Response { .. }, 4) => {
+                        authenticated(peer, id, endpoints, from, datagram.len(), now, events);
+                        handshake_done(peer, now, stats, events);
+                        send_queued(peer, from, tx, stats, sink);
+                    }
+                    _ => {}
                 }
             }
             Decap::Packet(inner) => {
                 authenticated(peer, id, endpoints, from, datagram.len(), now, events);
+                // Queued packets go out before anything this one causes; they
+                // live in `tx`, which `inner` (in `rx`) does not touch.
+                if confirmed(peer, message, now, stats, events) {
+                    send_queued(peer, from, tx, stats, sink);
+                }
                 peer.stats.rx_packets += 1;
                 let len = inner.len();
                 route(
@@ -658,6 +691,9 @@ impl TunnelEngine {
             Decap::Nothing => {
                 if matches!(message, Message::Data { .. }) {
                     authenticated(peer, id, endpoints, from, datagram.len(), now, events);
+                    if confirmed(peer, message, now, stats, events) {
+                        send_queued(peer, from, tx, stats, sink);
+                    }
                 }
             }
             Decap::Drop(reason) => stats.drop(reason),
@@ -815,8 +851,11 @@ fn status_of(p: &Peer, now: Instant) -> PeerStatus {
     }
 }
 
-/// Bookkeeping for an authenticated datagram: counters, liveness and roaming.
+/// Bookkeeping for an authenticated datagram of a session: counters, liveness
+/// and roaming. A peer that went quiet and was reported disconnected, then
+/// speaks again on a session still current, is connected again.
 #[inline]
+#[allow(clippy::too_many_arguments)]
 fn authenticated(
     peer: &mut Peer,
     id: PeerId,
@@ -828,6 +867,60 @@ fn authenticated(
 ) {
     peer.stats.rx_bytes += len as u64;
     peer.last_rx = Some(now);
+    set_endpoint(peer, id, endpoints, from, events);
+    if !peer.connected && peer.is_live(now) {
+        peer.connected = true;
+        events.push_back(Event::Connected {
+            peer: *peer.public_key().as_bytes(),
+            endpoint: peer.endpoint,
+        });
+    }
+}
+
+/// A transport message on the session we answered for completes the handshake
+/// (kernel WireGuard counts it there too). True when it did.
+#[inline]
+fn confirmed(
+    peer: &mut Peer,
+    message: Message,
+    now: Instant,
+    stats: &mut TunnelStats,
+    events: &mut VecDeque<Event>,
+) -> bool {
+    match (message, peer.answered) {
+        (Message::Data { receiver }, Some(ours)) if receiver == ours => {
+            peer.answered = None;
+            handshake_done(peer, now, stats, events);
+            true
+        }
+        _ => false,
+    }
+}
+
+/// Sends what boringtun queued for the peer while it had no session.
+fn send_queued(
+    peer: &mut Peer,
+    to: SocketAddr,
+    tx: &mut [u8],
+    stats: &mut TunnelStats,
+    sink: &mut impl Sink,
+) {
+    while let Some(queued) = peer.poll_queued(tx) {
+        stats.tx_datagrams += 1;
+        peer.stats.tx_bytes += queued.len() as u64;
+        sink.send(to, queued);
+    }
+}
+
+/// The peer's endpoint is `from` now (roaming), with the index that finds it.
+#[inline]
+fn set_endpoint(
+    peer: &mut Peer,
+    id: PeerId,
+    endpoints: &mut HashMap<SocketAddr, PeerId>,
+    from: SocketAddr,
+    events: &mut VecDeque<Event>,
+) {
     if peer.endpoint != Some(from) {
         let previous = peer.endpoint.replace(from);
         if let Some(old) = previous {
@@ -914,7 +1007,18 @@ fn route(
                     }
                     sink.send(to, datagram);
                 }
-                Encap::Queued => stats.queued += 1,
+                Encap::Waiting { queued, initiation } => {
+                    if queued {
+                        stats.queued += 1;
+                    } else {
+                        stats.drop(DropReason::QueueFull);
+                    }
+                    if let Some(init) = initiation {
+                        next.stats.tx_bytes += init.len() as u64;
+                        stats.tx_datagrams += 1;
+                        sink.send(to, init);
+                    }
+                }
                 Encap::Drop(reason) => stats.drop(reason),
             }
         }
@@ -930,6 +1034,9 @@ fn route(
                 Some(stack) => {
                     stack.receive(packet);
                     true
+                }
+                None if routing.host_sources.lookup(header.src).is_none() => {
+                    return stats.drop(DropReason::HostSource);
                 }
                 None => sink.local(packet),
             };

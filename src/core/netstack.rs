@@ -8,7 +8,8 @@
 //! socket or clock is touched here.
 //!
 //! Left out: listening sockets (nothing inside a tunnel may open a connection to the
-//! appliance except ping), UDP, IPv6 (tenants have no IPv6 server address yet).
+//! appliance except ping) and UDP. IPv6 is answered only when the runtime adds
+//! an address ([`LocalStack::with_ipv6`]); management connections are IPv4.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -59,10 +60,21 @@ pub enum StackError {
     /// No such connection.
     #[error("no such connection")]
     NoConnection,
-    /// smoltcp refused to connect (no free port, bad address).
+    /// smoltcp refused to connect (bad address).
     #[error("cannot connect: {0}")]
     Connect(String),
+    /// The stack already carries as many connections as it may.
+    #[error("too many open connections (at most {MAX_CONNECTIONS})")]
+    TooMany,
 }
+
+/// Connections one tunnel's stack carries at once (each has two 128 KiB
+/// buffers): far more than management of a tenant's routers needs, and a bound
+/// on what forwards can make it allocate.
+pub const MAX_CONNECTIONS: usize = 256;
+
+/// The local ports connections come from.
+const LOCAL_PORTS: std::ops::RangeInclusive<u16> = 49152..=u16::MAX;
 
 /// An in-memory IP device: queues in, queues out.
 #[derive(Default)]
@@ -218,6 +230,10 @@ impl LocalStack {
 
     /// Opens a TCP connection to `remote` from the stack's address.
     pub fn connect(&mut self, remote: SocketAddrV4, now: Instant) -> Result<ConnId, StackError> {
+        if self.conns.len() >= MAX_CONNECTIONS {
+            return Err(StackError::TooMany);
+        }
+        let port = self.next_local_port().ok_or(StackError::TooMany)?;
         let mut socket = tcp::Socket::new(
             tcp::SocketBuffer::new(vec![0; TCP_BUFFER]),
             tcp::SocketBuffer::new(vec![0; TCP_BUFFER]),
@@ -229,7 +245,6 @@ impl LocalStack {
         // Tunnels lose packets when a socket buffer overflows; without congestion
         // control a full window would be sent as one burst again and again.
         socket.set_congestion_control(tcp::CongestionControl::Cubic);
-        let port = self.next_local_port();
         let remote = IpEndpoint::new(IpAddress::Ipv4(*remote.ip()), remote.port());
         let local = IpEndpoint::new(IpAddress::Ipv4(self.address), port);
         socket
@@ -243,24 +258,26 @@ impl LocalStack {
         Ok(id)
     }
 
-    fn next_local_port(&mut self) -> u16 {
-        let in_use: Vec<u16> = self
+    /// The next local port no connection uses, going round the range once at most.
+    fn next_local_port(&mut self) -> Option<u16> {
+        let in_use: std::collections::BTreeSet<u16> = self
             .conns
             .values()
             .filter_map(|h| self.sockets.get::<tcp::Socket>(*h).local_endpoint())
             .map(|e| e.port)
             .collect();
-        loop {
+        for _ in LOCAL_PORTS {
             let port = self.next_port;
-            self.next_port = if self.next_port == u16::MAX {
-                49152
+            self.next_port = if self.next_port == *LOCAL_PORTS.end() {
+                *LOCAL_PORTS.start()
             } else {
                 self.next_port + 1
             };
             if !in_use.contains(&port) {
-                return port;
+                return Some(port);
             }
         }
+        None
     }
 
     fn socket(&mut self, id: ConnId) -> Result<&mut tcp::Socket<'static>, StackError> {
@@ -444,6 +461,25 @@ mod tests {
         assert_eq!(stack.state(id), ConnState::Closed);
         assert_eq!(stack.reap(), vec![id]);
         assert_eq!(stack.connections(), 0);
+    }
+
+    #[test]
+    fn connections_are_bounded_and_their_ports_distinct() {
+        let now = Instant::now();
+        let mut stack = LocalStack::new(Ipv4Addr::new(10, 100, 0, 1), 16, now);
+        let mut ports = std::collections::BTreeSet::new();
+        for _ in 0..MAX_CONNECTIONS {
+            let id = stack
+                .connect("10.100.1.1:8728".parse().unwrap(), now)
+                .unwrap();
+            let handle = stack.conns[&id];
+            let local = stack.sockets.get::<tcp::Socket>(handle).local_endpoint();
+            assert!(ports.insert(local.expect("bound").port));
+        }
+        assert_eq!(
+            stack.connect("10.100.1.1:8728".parse().unwrap(), now),
+            Err(StackError::TooMany)
+        );
     }
 
     #[test]

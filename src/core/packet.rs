@@ -141,5 +141,32 @@ mod tests {
                 proptest::prop_assert!(h.len <= bytes.len());
             }
         }
+
+        /// Headers that look right (version 4 with a 20-byte header, or 6) and
+        /// claim any length up to the buffer's and beyond: a claim that fits is
+        /// taken, one that does not is `Truncated`, never a panic.
+        #[test]
+        fn a_claimed_length_is_honoured_or_refused(
+            v6 in proptest::prelude::any::<bool>(),
+            claimed in 0usize..200,
+            mut bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 40..160),
+        ) {
+            if v6 {
+                bytes[0] = 0x60;
+                let payload = claimed.saturating_sub(40) as u16;
+                bytes[4..6].copy_from_slice(&payload.to_be_bytes());
+            } else {
+                bytes[0] = 0x45;
+                bytes[2..4].copy_from_slice(&(claimed as u16).to_be_bytes());
+            }
+            let total = if v6 { 40 + claimed.saturating_sub(40) } else { claimed };
+            match parse(&bytes) {
+                Ok(h) => {
+                    proptest::prop_assert_eq!(h.len, total);
+                    proptest::prop_assert!(h.len <= bytes.len());
+                }
+                Err(_) => proptest::prop_assert!(total > bytes.len() || (!v6 && claimed < 20)),
+            }
+        }
     }
 }

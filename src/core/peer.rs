@@ -82,13 +82,25 @@ pub enum Decap<'a> {
 
 /// The outcome of encrypting one packet for a peer.
 pub enum Encap<'a> {
-    /// Send these bytes to the peer.
+    /// Send these bytes to the peer: the packet, encrypted.
     Send(&'a [u8]),
-    /// Queued inside the peer until its handshake completes.
-    Queued,
+    /// No session yet: the packet waits inside the peer for its handshake
+    /// (`queued`), or is dropped because too many already wait. `initiation`:
+    /// the handshake initiation to send to the peer, if one is due.
+    Waiting {
+        queued: bool,
+        initiation: Option<&'a [u8]>,
+    },
     /// Failed; count it.
     Drop(DropReason),
 }
+
+/// Packets a peer holds while it waits for a handshake: boringtun's own limit
+/// (it silently discards beyond it), so every drop here is counted instead.
+pub const QUEUE_PACKETS: u16 = 256;
+/// Bytes a peer holds while it waits for a handshake: full-size packets fill
+/// the packet limit, 64 KB ones (a fragmented datagram's) stop here.
+pub const QUEUE_BYTES: u32 = 512 * 1024;
 
 /// One peer of a tunnel.
 ///
@@ -107,8 +119,14 @@ pub struct Peer {
     pub(crate) endpoint: Option<SocketAddr>,
     pub(crate) last_handshake: Option<Instant>,
     pub(crate) last_rx: Option<Instant>,
+    /// Our index in the last handshake response we sent: that session is usable
+    /// only once the initiator's first packet on it arrives (then the handshake
+    /// is complete, as kernel WireGuard counts it).
+    pub(crate) answered: Option<u32>,
     /// True between a completed handshake and the session's expiry (for events).
     pub(crate) connected: bool,
+    /// Packets and bytes queued in boringtun since its queue was last emptied.
+    queued: (u16, u32),
     /// Silence after which the peer is not live any more.
     pub(crate) liveness_timeout: Duration,
     pub(crate) stats: PeerStats,
@@ -133,7 +151,9 @@ impl Peer {
             index,
             last_handshake: None,
             last_rx: None,
+            answered: None,
             connected: false,
+            queued: (0, 0),
             liveness_timeout,
             stats: PeerStats::default(),
         }
@@ -215,22 +235,61 @@ impl Peer {
         }
     }
 
-    /// Next packet boringtun queued while waiting for a handshake, already encrypted.
+    /// Next packet boringtun queued while waiting for a handshake, already
+    /// encrypted. Call until `None`: the queue is then empty.
     pub fn poll_queued<'a>(&mut self, out: &'a mut [u8]) -> Option<&'a [u8]> {
         match self.tunn.as_mut()?.decapsulate(None, &[], out) {
             TunnResult::WriteToNetwork(b) => Some(b),
-            _ => None,
+            _ => {
+                self.queued = (0, 0);
+                None
+            }
         }
     }
 
     /// Encrypts `packet` for the peer, or queues it and starts a handshake.
+    /// Beyond [`QUEUE_PACKETS`] or [`QUEUE_BYTES`] waiting, the packet is dropped
+    /// (`QueueFull`) and only the handshake is started, if none is under way.
     /// `out` must hold at least `packet.len() + 32` bytes and 148.
     #[inline]
     pub fn encapsulate<'a>(&mut self, packet: &[u8], out: &'a mut [u8]) -> Encap<'a> {
         debug_assert!(out.len() >= packet.len() + 32 && out.len() >= 148);
+        let size = u32::try_from(packet.len()).unwrap_or(u32::MAX);
+        let (packets, bytes) = self.queued;
+        let full = packets >= QUEUE_PACKETS || bytes.saturating_add(size) > QUEUE_BYTES;
+        let has_session = self
+            .tunn
+            .as_ref()
+            .is_some_and(|t| t.time_since_last_handshake().is_some());
+        if full && !has_session {
+            // Still wake the peer: the queue empties once its handshake completes.
+            let initiation = match self.tunn().format_handshake_initiation(out, false) {
+                TunnResult::WriteToNetwork(b) => Some(&*b),
+                _ => None,
+            };
+            return Encap::Waiting {
+                queued: false,
+                initiation,
+            };
+        }
         match self.tunn().encapsulate(packet, out) {
+            // Without a session boringtun queues the packet and hands back the
+            // initiation (type 1) of the handshake it starts.
+            TunnResult::WriteToNetwork(b) if message_type(b) == 1 => {
+                self.queued = (packets.saturating_add(1), bytes.saturating_add(size));
+                Encap::Waiting {
+                    queued: true,
+                    initiation: Some(b),
+                }
+            }
             TunnResult::WriteToNetwork(b) => Encap::Send(b),
-            TunnResult::Done => Encap::Queued,
+            TunnResult::Done => {
+                self.queued = (packets.saturating_add(1), bytes.saturating_add(size));
+                Encap::Waiting {
+                    queued: true,
+                    initiation: None,
+                }
+            }
             TunnResult::Err(_) => Encap::Drop(DropReason::EncryptFailed),
             TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => {
                 Encap::Drop(DropReason::EncryptFailed)
@@ -254,7 +313,11 @@ impl Peer {
         };
         match tunn.update_timers(out) {
             TunnResult::WriteToNetwork(b) => (Some(b), false),
-            TunnResult::Err(WireGuardError::ConnectionExpired) => (None, true),
+            TunnResult::Err(WireGuardError::ConnectionExpired) => {
+                // boringtun has emptied its queue with the session.
+                self.queued = (0, 0);
+                (None, true)
+            }
             _ => (None, false),
         }
     }
@@ -337,4 +400,70 @@ pub fn initiator_key(
 /// WireGuard message type of an outgoing datagram (1 init, 2 response, 3 cookie, 4 data).
 pub fn message_type(datagram: &[u8]) -> u8 {
     datagram.first().copied().unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use boringtun::noise::rate_limiter::RateLimiter;
+
+    fn offline_peer() -> Peer {
+        let ours = StaticSecret::random_from_rng(rand_core::OsRng);
+        let theirs = StaticSecret::random_from_rng(rand_core::OsRng);
+        let config = PeerConfig {
+            public_key: PublicKey::from(&theirs),
+            allowed: Vec::new(),
+            keepalive: None,
+            kind: PeerKind::Router,
+            endpoint: Some("198.51.100.9:51820".parse().unwrap()),
+        };
+        let macs = Arc::new(RateLimiter::new(&PublicKey::from(&ours), u64::MAX));
+        Peer::new(Arc::new(ours), config, 7, macs, Duration::from_secs(60))
+    }
+
+    /// What `encapsulate` made of a packet: queued?, initiation sent?, dropped as?
+    fn outcome(e: Encap<'_>) -> (bool, bool, Option<DropReason>) {
+        match e {
+            Encap::Send(_) => panic!("no session, nothing to send"),
+            Encap::Waiting { queued, initiation } => (queued, initiation.is_some(), None),
+            Encap::Drop(r) => (false, false, Some(r)),
+        }
+    }
+
+    #[test]
+    fn without_a_session_packets_wait_up_to_the_limit_then_count_as_full() {
+        let mut peer = offline_peer();
+        let mut out = vec![0u8; 70_000];
+        let packet = [0x45u8; 100];
+        // The first packet starts the handshake; the next ones only wait.
+        assert_eq!(
+            outcome(peer.encapsulate(&packet, &mut out)),
+            (true, true, None)
+        );
+        for _ in 1..QUEUE_PACKETS {
+            assert_eq!(
+                outcome(peer.encapsulate(&packet, &mut out)),
+                (true, false, None)
+            );
+        }
+        // Full: dropped (the engine counts it), the handshake already under way.
+        assert_eq!(
+            outcome(peer.encapsulate(&packet, &mut out)),
+            (false, false, None)
+        );
+    }
+
+    #[test]
+    fn large_packets_fill_the_byte_limit_first() {
+        let mut peer = offline_peer();
+        let mut out = vec![0u8; 70_000];
+        let packet = vec![0x45u8; 60_000];
+        let fit = (QUEUE_BYTES / 60_000) as usize;
+        for _ in 0..fit {
+            assert!(outcome(peer.encapsulate(&packet, &mut out)).0);
+        }
+        assert!(!outcome(peer.encapsulate(&packet, &mut out)).0);
+        // A small one still fits under the byte limit.
+        assert!(outcome(peer.encapsulate(&[0x45u8; 100], &mut out)).0);
+    }
 }

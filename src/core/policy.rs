@@ -35,6 +35,9 @@ pub struct RoutingState {
     pub egress: Vec<Egress>,
     /// Host-side prefixes peers may reach through the host device (TUN mode).
     pub host: PrefixTable<()>,
+    /// Sources the host routes back into this tunnel (TUN mode: the tenant's
+    /// subnet): only packets from these go to the host device.
+    pub host_sources: PrefixTable<()>,
 }
 
 /// Why a packet was dropped. Used as an index into counters, so keep `ALL` in sync.
@@ -72,11 +75,17 @@ pub enum DropReason {
     NoEndpoint,
     /// Encryption for the next hop failed.
     EncryptFailed,
+    /// The next hop has no session yet and already holds as many packets as
+    /// it may while its handshake is under way.
+    QueueFull,
+    /// For the host device (TUN mode), from an address the host has no route
+    /// back into the tunnel for (a router's LAN, not the tenant's subnet).
+    HostSource,
 }
 
 impl DropReason {
     /// Every reason, in counter order.
-    pub const ALL: [DropReason; 16] = [
+    pub const ALL: [DropReason; 18] = [
         Self::InvalidDatagram,
         Self::BadMac,
         Self::UnderLoad,
@@ -93,6 +102,8 @@ impl DropReason {
         Self::LoopBack,
         Self::NoEndpoint,
         Self::EncryptFailed,
+        Self::QueueFull,
+        Self::HostSource,
     ];
 
     /// Stable snake_case name, used in metrics and the API.
@@ -114,6 +125,8 @@ impl DropReason {
             Self::LoopBack => "loop_back",
             Self::NoEndpoint => "no_endpoint",
             Self::EncryptFailed => "encrypt_failed",
+            Self::QueueFull => "queue_full",
+            Self::HostSource => "host_source",
         }
     }
 
@@ -221,7 +234,8 @@ pub fn decide(
     }
     if state.host.lookup(dst).is_some() {
         return match origin {
-            Origin::Peer(_) => Verdict::Host,
+            Origin::Peer(_) if state.host_sources.lookup(src).is_some() => Verdict::Host,
+            Origin::Peer(_) => Verdict::drop(DropReason::HostSource),
             Origin::Host => Verdict::drop(DropReason::LoopBack),
         };
     }
@@ -385,8 +399,14 @@ mod tests {
     fn host_prefixes_go_to_the_host_but_never_for_clients() {
         let mut s = ktn();
         s.host.insert("198.18.5.0/24".parse().unwrap(), ());
+        s.host_sources.insert("10.100.0.0/16".parse().unwrap(), ());
         let d = |p, src: &str| decide(&s, Origin::Peer(p), ip(src), ip("198.18.5.9"), |_| true);
         assert_eq!(d(ROUTER_A, "10.100.1.1"), Verdict::Host);
+        // From the router's LAN: the host would have no route back.
+        assert_eq!(
+            d(ROUTER_A, "192.168.88.7"),
+            Verdict::drop(DropReason::HostSource)
+        );
         assert!(matches!(
             d(PHONE_1, "10.200.0.2"),
             Verdict::Forward { peer: GATEWAY, .. }

@@ -90,9 +90,11 @@ impl SourceLimiter {
     }
 }
 
-/// IPv4 addresses as themselves, IPv6 addresses by their /64.
+/// IPv4 addresses as themselves, IPv6 addresses by their /64. An IPv4 address
+/// seen on a dual-stack socket (`::ffff:a.b.c.d`) is that IPv4 address: by its
+/// /64 every IPv4 sender would share one bucket.
 fn key(source: IpAddr) -> u128 {
-    match source {
+    match source.to_canonical() {
         IpAddr::V4(v4) => u128::from(u32::from(v4)) | (1 << 127),
         IpAddr::V6(v6) => u128::from(v6) & !((1u128 << 64) - 1),
     }
@@ -102,6 +104,17 @@ fn key(source: IpAddr) -> u128 {
 mod tests {
     use super::*;
     use std::net::{Ipv4Addr, Ipv6Addr};
+
+    #[test]
+    fn ipv4_on_a_dual_stack_socket_is_keyed_as_ipv4() {
+        let a = Ipv4Addr::new(198, 51, 100, 7);
+        let b = Ipv4Addr::new(198, 51, 100, 8);
+        assert_eq!(key(IpAddr::V6(a.to_ipv6_mapped())), key(IpAddr::V4(a)));
+        assert_ne!(
+            key(IpAddr::V6(a.to_ipv6_mapped())),
+            key(IpAddr::V6(b.to_ipv6_mapped()))
+        );
+    }
 
     const A: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 51, 100, 7));
     const B: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 51, 100, 8));

@@ -28,6 +28,9 @@ pub enum ForwardError {
     /// The tunnel has no userspace stack (TUN mode) or is gone.
     #[error("the tunnel cannot open connections")]
     NoStack,
+    /// The tunnel's stack carries as many connections as it may.
+    #[error("the tunnel has too many open connections")]
+    Busy,
 }
 
 /// The tunnel task's ends of one forwarded connection.

@@ -13,8 +13,9 @@
 //! Reordering them is safe: data in a batch never belongs to a session that an
 //! initiation in the same batch starts, because the initiator sends data only
 //! after it has our response, which the initiation has not produced yet.
-//! Responses and cookie replies answer this side's own initiations and are cheap;
-//! they are not held.
+//! Responses and cookie replies answer this side's own initiations, which are
+//! rare (a response costs a Diffie-Hellman, a cookie reply almost nothing); they
+//! are not held.
 //!
 //! Left out: reading. The storm's datagrams are read (and the reading paid for)
 //! in the tunnel's turn, before it yields.

@@ -129,6 +129,11 @@ impl Runtime {
         self.tunnels.get(id).map(|h| h.local_addr)
     }
 
+    /// TUN mode: the host device's drops by reason (none without a device).
+    pub fn host_drops(&self) -> Option<[(&'static str, u64); 4]> {
+        self.settings.host.as_ref().map(|h| h.drops().counts())
+    }
+
     /// True when every tunnel's task is running.
     pub fn healthy(&self) -> bool {
         self.tunnels.values().all(|h| !h.task.is_finished())
@@ -289,6 +294,12 @@ impl Runtime {
                 // Host prefixes only mean something with a host device.
                 host_prefixes: if self.settings.host.is_some() {
                     tenant.host_prefixes.clone()
+                } else {
+                    Vec::new()
+                },
+                // What the device routes back into the tunnel: the subnet.
+                host_sources: if self.settings.host.is_some() {
+                    vec![ipnet::IpNet::V4(tenant.subnet)]
                 } else {
                     Vec::new()
                 },

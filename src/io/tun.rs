@@ -18,7 +18,9 @@
 //! syscall. Left out: multi-queue (one reader keeps every flow in order).
 
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use ipnet::{IpNet, Ipv4Net};
 use tokio::sync::mpsc;
@@ -50,9 +52,38 @@ pub enum TunError {
     },
 }
 
+/// Packets from the host device that reached no tunnel, by reason. Plain
+/// atomics bumped by the reader; read at scrape time.
+#[derive(Debug, Default)]
+pub struct HostDrops {
+    /// Reads the offload code could not split (the whole read is lost).
+    pub unreadable: AtomicU64,
+    /// Not a well-formed IPv4/IPv6 packet.
+    pub malformed: AtomicU64,
+    /// No tenant's subnet or pool holds the destination.
+    pub no_tunnel: AtomicU64,
+    /// The tunnel's queue was full (it is behind; the kernel's queue is the
+    /// place to wait).
+    pub queue_full: AtomicU64,
+}
+
+impl HostDrops {
+    /// Each reason's name (as in metrics) and count.
+    pub fn counts(&self) -> [(&'static str, u64); 4] {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        [
+            ("unreadable", get(&self.unreadable)),
+            ("malformed", get(&self.malformed)),
+            ("no_tunnel", get(&self.no_tunnel)),
+            ("queue_full", get(&self.queue_full)),
+        ]
+    }
+}
+
 /// The host device and the table that sends its packets to tunnels.
 pub struct HostDevice {
     device: Arc<AsyncDevice>,
+    drops: Arc<HostDrops>,
     name: String,
     index: u32,
     routes: Arc<RwLock<PrefixTable<mpsc::Sender<Vec<u8>>>>>,
@@ -92,16 +123,28 @@ impl HostDevice {
         let device = Arc::new(device);
         let routes = Arc::new(RwLock::new(PrefixTable::new()));
         let (recycle, spare) = mpsc::channel(RECYCLED_BUFFERS);
-        tokio::spawn(read_loop(Arc::clone(&device), Arc::clone(&routes), spare));
+        let drops = Arc::new(HostDrops::default());
+        tokio::spawn(read_loop(
+            Arc::clone(&device),
+            Arc::clone(&routes),
+            spare,
+            Arc::clone(&drops),
+        ));
         tracing::info!(name, index, mtu, offload = vnet_hdr, "TUN device up");
         Ok(Self {
             device,
+            drops,
             name: name.to_owned(),
             index,
             routes,
             netlink,
             recycle,
         })
+    }
+
+    /// What the reader dropped, by reason.
+    pub fn drops(&self) -> &HostDrops {
+        &self.drops
     }
 
     /// Where a tunnel returns the packet buffers it got, so the reader does not
@@ -187,6 +230,7 @@ async fn read_loop(
     device: Arc<AsyncDevice>,
     routes: Arc<RwLock<PrefixTable<mpsc::Sender<Vec<u8>>>>>,
     mut spare: mpsc::Receiver<Vec<u8>>,
+    drops: Arc<HostDrops>,
 ) {
     let mut original = vec![0u8; tun_rs::VIRTIO_NET_HDR_LEN + 65_535];
     let mut bufs = vec![vec![0u8; 65_535]; tun_rs::IDEAL_BATCH_SIZE];
@@ -197,9 +241,12 @@ async fn read_loop(
             .await
         {
             Ok(n) => n,
-            // A packet the offload code cannot split: skip it, keep reading.
+            // A packet the offload code cannot split: skip it, keep reading
+            // (after a pause, should the device keep failing).
             Err(e) if device.is_running().unwrap_or(false) => {
                 tracing::debug!(error = %e, "TUN read skipped");
+                drops.unreadable.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(1)).await;
                 continue;
             }
             Err(e) => {
@@ -210,14 +257,19 @@ async fn read_loop(
         let Ok(routes) = routes.read() else { return };
         for (buf, &size) in bufs.iter().zip(&sizes).take(count) {
             let Ok(header) = packet::parse(&buf[..size]) else {
+                drops.malformed.fetch_add(1, Ordering::Relaxed);
                 continue;
             };
-            if let Some(tunnel) = routes.lookup(header.dst) {
-                let mut packet = spare.try_recv().unwrap_or_default();
-                packet.clear();
-                packet.extend_from_slice(&buf[..header.len]);
-                // Full queue: drop, as a congested link would.
-                let _ = tunnel.try_send(packet);
+            let Some(tunnel) = routes.lookup(header.dst) else {
+                drops.no_tunnel.fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
+            let mut packet = spare.try_recv().unwrap_or_default();
+            packet.clear();
+            packet.extend_from_slice(&buf[..header.len]);
+            // Full queue: drop, as a congested link would.
+            if tunnel.try_send(packet).is_err() {
+                drops.queue_full.fetch_add(1, Ordering::Relaxed);
             }
         }
     }

@@ -15,6 +15,7 @@ use tokio::sync::{broadcast, mpsc, oneshot, Notify};
 use super::bridge::{Bridges, ForwardError, HostPipes};
 use super::defer::Deferred;
 use super::sendbatch::SendBatch;
+use crate::core::netstack::StackError;
 
 use crate::core::engine::{
     EgressConfig, Event, Explanation, PeerStatus, Sink, TunnelEngine, TunnelStats,
@@ -24,9 +25,11 @@ use crate::core::peer::PeerConfig;
 /// How often peer timers run: boringtun expects about every 250 ms.
 const TIMER_PERIOD: Duration = Duration::from_millis(250);
 
-/// Datagrams handled per wake-up before the task yields to commands and timers, so
-/// a flood on one socket cannot starve the control plane (64 x 1.5 KB = 96 KB, about
-/// one socket buffer's worth).
+/// Receive slots read per wake-up before the task yields to commands and timers,
+/// so a flood on one socket cannot starve the control plane. Without UDP GRO a
+/// slot is one datagram (64 x 1.5 KB = 96 KB, about one socket buffer's worth);
+/// with GRO a slot may hold a train of up to 64 KB, so one wake-up can carry up
+/// to about 2,900 full-size datagrams.
 const RECV_BATCH: usize = 64;
 
 /// Longest a tunnel keeps reading a busy socket before it lets the other tunnels
@@ -48,6 +51,8 @@ pub enum Command {
         peers: Vec<(PeerConfig, u32)>,
         egress: Vec<EgressConfig>,
         host_prefixes: Vec<ipnet::IpNet>,
+        /// TUN mode: the sources the host routes back (the tenant's subnet).
+        host_sources: Vec<ipnet::IpNet>,
         reply: oneshot::Sender<Result<Vec<u32>, crate::core::engine::EngineError>>,
     },
     /// Add or update one peer (its key stays), with the egress policies that
@@ -138,25 +143,31 @@ struct UdpSink<'a> {
 pub struct HostOut {
     pending: Vec<Vec<u8>>,
     spare: Vec<Vec<u8>>,
-    dropped: u64,
 }
 
-/// Packets collected before the batch is written; more are dropped (one wake-up
-/// handles at most a few batches of datagrams, so this is never reached in
-/// practice).
-const HOST_BATCH: usize = 1024;
+/// Packets collected before the batch is written: what one wake-up can read
+/// (`RECV_BATCH` slots, each a GRO train of at most 64 datagrams), so that
+/// nothing read is refused. Should it be reached, the engine counts the rest as
+/// `local_unavailable`.
+const HOST_BATCH: usize = RECV_BATCH * 64;
+
+/// Buffers kept for reuse between wake-ups: a bulk upload to the host reuses
+/// them instead of allocating per packet (up to about 1.5 MB per tunnel that
+/// has sent the host such a burst).
+const HOST_SPARE: usize = 1024;
 
 impl HostOut {
-    fn push(&mut self, packet: &[u8]) {
+    /// Queues `packet` for the host; false when the batch is full.
+    fn push(&mut self, packet: &[u8]) -> bool {
         if self.pending.len() >= HOST_BATCH {
-            self.dropped += 1;
-            return;
+            return false;
         }
         let mut buf = self.spare.pop().unwrap_or_default();
         buf.clear();
         buf.resize(tun_rs::VIRTIO_NET_HDR_LEN, 0);
         buf.extend_from_slice(packet);
         self.pending.push(buf);
+        true
     }
 }
 
@@ -169,13 +180,7 @@ impl Sink for UdpSink<'_> {
     fn local(&mut self, packet: &[u8]) -> bool {
         // TUN mode: the host kernel answers for the server address. (In userspace
         // mode the engine's own stack takes these packets and this is not called.)
-        match self.host.as_mut() {
-            Some(out) => {
-                out.push(packet);
-                true
-            }
-            None => false,
-        }
+        self.host.as_mut().is_some_and(|out| out.push(packet))
     }
 }
 
@@ -246,6 +251,11 @@ fn read(
                 udp.recv(socket.into(), &mut slices, &mut meta)?
             };
             for (m, buf) in meta.iter().zip(bufs.iter()).take(count) {
+                if m.len == 0 {
+                    // An empty datagram: counted and dropped like any non-WireGuard one.
+                    engine.handle_datagram(m.addr, &[], now, sink);
+                    continue;
+                }
                 let stride = m.stride.max(1);
                 for datagram in buf[..m.len].chunks(stride) {
                     if !held.hold(m.addr, datagram) {
@@ -285,16 +295,12 @@ async fn flush_host(
         .await
         .is_err()
     {
-        *send_failures += 1;
+        // How many went before the error is unknown: count the batch.
+        *send_failures += host.out.pending.len() as u64;
     }
-    let HostOut {
-        pending,
-        spare,
-        dropped,
-    } = &mut host.out;
-    *send_failures += std::mem::take(dropped);
+    let HostOut { pending, spare } = &mut host.out;
     spare.append(pending);
-    spare.truncate(tun_rs::IDEAL_BATCH_SIZE);
+    spare.truncate(HOST_SPARE);
 }
 
 /// Runs a tunnel until its command channel closes. `work` is signalled by the
@@ -346,10 +352,11 @@ pub async fn run(
             command = commands.recv() => {
                 let Some(command) = command else { break };
                 match command {
-                    Command::Sync { peers, egress, host_prefixes, reply } => {
+                    Command::Sync { peers, egress, host_prefixes, host_sources, reply } => {
                         let result = engine.sync_peers(peers);
                         engine.set_egress(egress);
                         engine.set_host_prefixes(&host_prefixes);
+                        engine.set_host_sources(&host_sources);
                         let _ = reply.send(result);
                     }
                     Command::Upsert { peer: (config, index), egress, reply } => {
@@ -367,8 +374,12 @@ pub async fn run(
                         let mut sink = UdpSink { tx: &mut tx, host: host.device.is_some().then_some(&mut host.out) };
                         match engine.tcp_connect(remote, Instant::now(), &mut sink) {
                             Ok(id) => bridges.add(id, remote, pipes),
-                            Err(_) => {
-                                let _ = pipes.opened.send(Err(ForwardError::NoStack));
+                            Err(e) => {
+                                let why = match e {
+                                    StackError::TooMany => ForwardError::Busy,
+                                    _ => ForwardError::NoStack,
+                                };
+                                let _ = pipes.opened.send(Err(why));
                             }
                         }
                     }
@@ -457,19 +468,28 @@ pub async fn run(
     tracing::debug!(tenant = %tenant, "tunnel task stopped");
 }
 
-/// Turns off the per-datagram control messages quinn-udp asks for and the
-/// tunnel never reads: the destination address (`IP_PKTINFO`) and the TOS/ECN
-/// byte (`IP_RECVTOS`), with their IPv6 twins. Each costs the kernel a `put_cmsg`
-/// per received datagram. UDP GRO's segment size stays on. Best effort: a
-/// failure leaves them on, which is only slower.
+/// Undoes what quinn-udp sets up for QUIC and a WireGuard tunnel must not have:
+/// - the per-datagram control messages the tunnel never reads: the destination
+///   address (`IP_PKTINFO`) and the TOS/ECN byte (`IP_RECVTOS`), with their IPv6
+///   twins. Each costs the kernel a `put_cmsg` per received datagram.
+/// - path-MTU probing (`IP_PMTUDISC_PROBE`: never fragment). A re-encrypted
+///   full-size packet is 60 bytes larger than the peer's inner MTU; where the
+///   path's MTU is smaller (1450 on VXLAN, 1460 on some clouds) it must leave in
+///   fragments, as kernel WireGuard's do, not vanish with `EMSGSIZE`.
+///
+/// UDP GRO's segment size stays on. Best effort: a failure leaves an option as
+/// it was.
 fn quiet_control_messages(socket: &impl std::os::fd::AsRawFd) {
     let fd = socket.as_raw_fd();
+    // 0 is "off" for the first four, and IP(V6)_PMTUDISC_DONT for the last two.
     let off: libc::c_int = 0;
     let options = [
         (libc::IPPROTO_IP, libc::IP_PKTINFO),
         (libc::IPPROTO_IP, libc::IP_RECVTOS),
         (libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO),
         (libc::IPPROTO_IPV6, libc::IPV6_RECVTCLASS),
+        (libc::IPPROTO_IP, libc::IP_MTU_DISCOVER),
+        (libc::IPPROTO_IPV6, libc::IPV6_MTU_DISCOVER),
     ];
     for (level, name) in options {
         // SAFETY: `fd` is an open socket owned by `socket` for the duration of
@@ -680,9 +700,18 @@ mod tests {
         let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind loopback");
         let state = quinn_udp::UdpSocketState::new((&socket).into()).expect("quinn-udp state");
         assert_eq!(option(&socket, libc::IPPROTO_IP, libc::IP_PKTINFO), 1);
+        assert_eq!(
+            option(&socket, libc::IPPROTO_IP, libc::IP_MTU_DISCOVER),
+            libc::IP_PMTUDISC_PROBE
+        );
         quiet_control_messages(&socket);
         assert_eq!(option(&socket, libc::IPPROTO_IP, libc::IP_PKTINFO), 0);
         assert_eq!(option(&socket, libc::IPPROTO_IP, libc::IP_RECVTOS), 0);
+        // Outer datagrams may be fragmented again (quinn-udp forbids it for QUIC).
+        assert_eq!(
+            option(&socket, libc::IPPROTO_IP, libc::IP_MTU_DISCOVER),
+            libc::IP_PMTUDISC_DONT
+        );
         // GRO (the segment size of coalesced datagrams) stays as it was.
         assert_eq!(
             state.gro_segments() > 1,

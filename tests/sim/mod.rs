@@ -107,7 +107,10 @@ impl Sim {
     /// A tunnel listening on 198.51.100.1:`port` whose own address is `server`.
     pub fn tunnel(&mut self, port: u16, server: &str) -> TunnelIx {
         let secret = StaticSecret::random_from_rng(rand_core::OsRng);
-        let engine = TunnelEngine::new(secret.clone(), vec![ip(server)]);
+        let mut engine = TunnelEngine::new(secret.clone(), vec![ip(server)]);
+        // Without a local stack the sink stands for the host device (TUN mode),
+        // which routes the tenant's /16 back into the tunnel.
+        engine.set_host_sources(&[net(&format!("{server}/16")).trunc()]);
         self.tunnels.push(SimTunnel {
             addr: SocketAddr::new(ip("198.51.100.1"), port),
             engine,

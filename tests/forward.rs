@@ -7,7 +7,7 @@
 mod support;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use support::stack_router::StackRouter;
@@ -186,6 +186,27 @@ fn unreachable_router_resets_the_client_and_forwards_survive_restart() {
     assert_eq!(
         status, 409,
         "the listen address is taken by the first forward"
+    );
+    // Moving the first forward to a taken address is refused too, and it keeps
+    // listening where it was, as its listing says.
+    let taken = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let moved = format!(r#"{{"listen":"{}"}}"#, taken.local_addr().unwrap());
+    let (status, _) = app.call(
+        "PUT",
+        "/v1/tenants/acme/routers/offline/forwards/22",
+        Some(&moved),
+    );
+    assert_eq!(status, 409);
+    let list = app.expect(
+        "GET",
+        "/v1/tenants/acme/routers/offline/forwards",
+        None,
+        200,
+    );
+    assert_eq!(list[0]["listen"], listen.to_string(), "{list}");
+    assert!(
+        TcpStream::connect(listen).is_ok(),
+        "still listening where it was"
     );
 
     // kill -9 and restart: the forward listens on the same address again.

@@ -122,6 +122,17 @@ async fn undo(control: &mut Control, id: &Id, before: impl Into<Before>) {
     }
 }
 
+/// A failure of the running tunnels after the change was stored, said as such:
+/// the change is not undone, and the tunnel takes it when it starts again.
+fn stored_but(e: impl Into<ApiError>) -> ApiError {
+    let mut e = e.into();
+    e.message = format!(
+        "the change is stored, but the running tunnel did not take it: {}",
+        e.message
+    );
+    e
+}
+
 /// Makes the registry's change durable in one transaction (`$changes`, computed
 /// from the registry as `$reg`); on failure undoes it and returns the error.
 macro_rules! persist {
@@ -214,7 +225,7 @@ pub async fn get_tenant(State(state): Shared, Path(t): Path<String>) -> ApiResul
     Ok(Json(tenant_view(&state, &control, tenant)).into_response())
 }
 
-#[utoipa::path(put, path = "/tenants/{tenant_id}", tag = "tenants", params(("tenant_id" = String, Path, description = "Tenant id: 1-64 of [A-Za-z0-9._-]")), request_body(content = Option<TenantRequest>, description = "Optional: listen_port and subnet; omitted values are allocated"), responses((status = 201, description = "Created", body = TenantView), (status = 200, description = "Existed", body = TenantView), (status = 400, description = "Bad input", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 409, description = "Conflict", body = ErrorBody), (status = 503, description = "Change could not be stored; undone", body = ErrorBody)))]
+#[utoipa::path(put, path = "/tenants/{tenant_id}", tag = "tenants", params(("tenant_id" = String, Path, description = "Tenant id: 1-64 of [A-Za-z0-9._-]")), request_body(content = Option<TenantRequest>, description = "Optional: listen_port and subnet; omitted values are allocated"), responses((status = 201, description = "Created", body = TenantView), (status = 200, description = "Existed", body = TenantView), (status = 400, description = "Bad input", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 409, description = "Conflict", body = ErrorBody), (status = 503, description = "Change not stored and undone (storage_failed), or stored but not taken by the running tunnel (tunnel_down; the message says so)", body = ErrorBody)))]
 pub async fn put_tenant(
     State(state): Shared,
     Path(t): Path<String>,
@@ -226,12 +237,12 @@ pub async fn put_tenant(
     let put = ensure_tenant(&mut control, &id, &req).await?;
     // Always stored: an update may have changed the host prefixes.
     persist!(control, &id, before, |r| tenant_row(r, &id, Put::Created));
-    sync(&mut control, &id).await?;
+    sync(&mut control, &id).await.map_err(stored_but)?;
     let tenant = control.registry.tenant(&id)?;
     Ok((status_of(put), Json(tenant_view(&state, &control, tenant))).into_response())
 }
 
-#[utoipa::path(delete, path = "/tenants/{tenant_id}", tag = "tenants", params(("tenant_id" = String, Path, description = "Tenant id: 1-64 of [A-Za-z0-9._-]")), responses((status = 204, description = "Deleted; its port is closed"), (status = 400, description = "Bad input", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 404, description = "Unknown object", body = ErrorBody), (status = 503, description = "Change could not be stored; undone", body = ErrorBody)))]
+#[utoipa::path(delete, path = "/tenants/{tenant_id}", tag = "tenants", params(("tenant_id" = String, Path, description = "Tenant id: 1-64 of [A-Za-z0-9._-]")), responses((status = 204, description = "Deleted; its port is closed"), (status = 400, description = "Bad input", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 404, description = "Unknown object", body = ErrorBody), (status = 503, description = "Change not stored and undone (storage_failed), or stored but not taken by the running tunnel (tunnel_down; the message says so)", body = ErrorBody)))]
 pub async fn delete_tenant(State(state): Shared, Path(t): Path<String>) -> ApiResult {
     let id = tenant_id(&t)?;
     let mut control = state.control.lock().await;
@@ -296,7 +307,7 @@ pub async fn get_router(State(state): Shared, Path((t, r)): Path<(String, String
     router_answer(&control, &t, &r, StatusCode::OK).await
 }
 
-#[utoipa::path(put, path = "/tenants/{tenant_id}/routers/{router_id}", tag = "routers", params(("tenant_id" = String, Path, description = "Tenant id: 1-64 of [A-Za-z0-9._-]"), ("router_id" = String, Path, description = "Router id")), request_body = RouterRequest, responses((status = 201, description = "Created", body = RouterView), (status = 200, description = "Existed", body = RouterView), (status = 400, description = "Bad input", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 409, description = "Conflict", body = ErrorBody), (status = 503, description = "Change could not be stored; undone", body = ErrorBody)))]
+#[utoipa::path(put, path = "/tenants/{tenant_id}/routers/{router_id}", tag = "routers", params(("tenant_id" = String, Path, description = "Tenant id: 1-64 of [A-Za-z0-9._-]"), ("router_id" = String, Path, description = "Router id")), request_body = RouterRequest, responses((status = 201, description = "Created", body = RouterView), (status = 200, description = "Existed", body = RouterView), (status = 400, description = "Bad input", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 409, description = "Conflict", body = ErrorBody), (status = 503, description = "Change not stored and undone (storage_failed), or stored but not taken by the running tunnel (tunnel_down; the message says so)", body = ErrorBody)))]
 pub async fn put_router(
     State(state): Shared,
     Path((t, r)): Path<(String, String)>,
@@ -335,11 +346,17 @@ pub async fn put_router(
     let (tenant, router) = find_router(&control, &t, &r)?;
     if created_tenant == Put::Created || old_key.is_some_and(|k| k != router.public_key) {
         // A new tunnel, or a key that replaces another: the whole peer set.
-        sync(&mut control, &t).await?;
+        sync(&mut control, &t).await.map_err(stored_but)?;
     } else {
-        control.runtime.upsert_router(tenant, router).await?;
+        control
+            .runtime
+            .upsert_router(tenant, router)
+            .await
+            .map_err(stored_but)?;
     }
-    apply_forwards(&mut control, &t, &r).await?;
+    apply_forwards(&mut control, &t, &r)
+        .await
+        .map_err(stored_but)?;
     router_answer(&control, &t, &r, status_of(put)).await
 }
 
@@ -441,11 +458,38 @@ pub async fn put_forward(
             return Err(e.into());
         }
     };
+    // What the runtime ran before, to go back to if the change cannot be stored.
+    let previous = before
+        .as_ref()
+        .and_then(|tenant| tenant.routers.get(&r))
+        .and_then(|router| router.forwards.get(&port).copied());
     // Store the port actually bound, so that a restart listens on the same one.
-    control.registry.put_forward(&t, &r, port, bound)?;
-    persist!(control, &t, before, |_reg| vec![Change::Forward(
-        &t, &r, port, bound
-    )]);
+    let stored = match control.registry.put_forward(&t, &r, port, bound) {
+        Ok(_) => {
+            let Control { store, .. } = &mut *control;
+            let list = vec![Change::Forward(&t, &r, port, bound)];
+            match store.get_mut() {
+                Ok(store) => {
+                    tokio::task::block_in_place(|| store.apply(&list)).map_err(ApiError::from)
+                }
+                Err(_) => Err(crate::store::StoreError::Poisoned.into()),
+            }
+        }
+        Err(e) => Err(e.into()),
+    };
+    if let Err(e) = stored {
+        // Back to what was: the registry, and the listener (the old one, or none).
+        match previous {
+            Some(old) => {
+                let _ = control.runtime.set_forward(&t, &r, port, old, target).await;
+            }
+            None => {
+                control.runtime.remove_forward(&t, &r, port);
+            }
+        }
+        undo(&mut control, &t, before).await;
+        return Err(e);
+    }
     let (_, router) = find_router(&control, &t, &r)?;
     Ok((status_of(put), Json(ForwardView::new(router, port, bound))).into_response())
 }
@@ -470,7 +514,7 @@ pub async fn delete_forward(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-#[utoipa::path(delete, path = "/tenants/{tenant_id}/routers/{router_id}", tag = "routers", params(("tenant_id" = String, Path, description = "Tenant id: 1-64 of [A-Za-z0-9._-]"), ("router_id" = String, Path, description = "Router id")), responses((status = 204, description = "Deleted"), (status = 400, description = "Bad input", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 404, description = "Unknown object", body = ErrorBody), (status = 409, description = "Conflict", body = ErrorBody), (status = 503, description = "Change could not be stored; undone", body = ErrorBody)))]
+#[utoipa::path(delete, path = "/tenants/{tenant_id}/routers/{router_id}", tag = "routers", params(("tenant_id" = String, Path, description = "Tenant id: 1-64 of [A-Za-z0-9._-]"), ("router_id" = String, Path, description = "Router id")), responses((status = 204, description = "Deleted"), (status = 400, description = "Bad input", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 404, description = "Unknown object", body = ErrorBody), (status = 409, description = "Conflict", body = ErrorBody), (status = 503, description = "Change not stored and undone (storage_failed), or stored but not taken by the running tunnel (tunnel_down; the message says so)", body = ErrorBody)))]
 pub async fn delete_router(
     State(state): Shared,
     Path((t, r)): Path<(String, String)>,
@@ -485,7 +529,7 @@ pub async fn delete_router(
     for port in removed.forwards.keys() {
         control.runtime.remove_forward(&t, &r, *port);
     }
-    sync(&mut control, &t).await?;
+    sync(&mut control, &t).await.map_err(stored_but)?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -511,7 +555,7 @@ fn no_egress() -> ApiError {
     }
 }
 
-#[utoipa::path(put, path = "/tenants/{tenant_id}/egress", tag = "egress", params(("tenant_id" = String, Path, description = "Tenant id: 1-64 of [A-Za-z0-9._-]")), request_body = EgressRequest, responses((status = 201, description = "Created", body = EgressView), (status = 200, description = "Existed", body = EgressView), (status = 400, description = "Bad input", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 404, description = "Unknown object", body = ErrorBody), (status = 409, description = "Conflict", body = ErrorBody), (status = 503, description = "Change could not be stored; undone", body = ErrorBody)))]
+#[utoipa::path(put, path = "/tenants/{tenant_id}/egress", tag = "egress", params(("tenant_id" = String, Path, description = "Tenant id: 1-64 of [A-Za-z0-9._-]")), request_body = EgressRequest, responses((status = 201, description = "Created", body = EgressView), (status = 200, description = "Existed", body = EgressView), (status = 400, description = "Bad input", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 404, description = "Unknown object", body = ErrorBody), (status = 409, description = "Conflict", body = ErrorBody), (status = 503, description = "Change not stored and undone (storage_failed), or stored but not taken by the running tunnel (tunnel_down; the message says so)", body = ErrorBody)))]
 pub async fn put_egress(
     State(state): Shared,
     Path(t): Path<String>,
@@ -525,13 +569,13 @@ pub async fn put_egress(
         let policy = reg.tenant(&id).ok().and_then(|x| x.egress.as_ref());
         vec![Change::Egress(&id, policy)]
     });
-    sync(&mut control, &id).await?;
+    sync(&mut control, &id).await.map_err(stored_but)?;
     let tenant = control.registry.tenant(&id)?;
     let view = tenant.egress.as_ref().map(EgressView::new);
     Ok((status_of(put), Json(view)).into_response())
 }
 
-#[utoipa::path(delete, path = "/tenants/{tenant_id}/egress", tag = "egress", params(("tenant_id" = String, Path, description = "Tenant id: 1-64 of [A-Za-z0-9._-]")), responses((status = 204, description = "Deleted"), (status = 400, description = "Bad input", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 404, description = "Unknown object", body = ErrorBody), (status = 409, description = "Conflict", body = ErrorBody), (status = 503, description = "Change could not be stored; undone", body = ErrorBody)))]
+#[utoipa::path(delete, path = "/tenants/{tenant_id}/egress", tag = "egress", params(("tenant_id" = String, Path, description = "Tenant id: 1-64 of [A-Za-z0-9._-]")), responses((status = 204, description = "Deleted"), (status = 400, description = "Bad input", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 404, description = "Unknown object", body = ErrorBody), (status = 409, description = "Conflict", body = ErrorBody), (status = 503, description = "Change not stored and undone (storage_failed), or stored but not taken by the running tunnel (tunnel_down; the message says so)", body = ErrorBody)))]
 pub async fn delete_egress(State(state): Shared, Path(t): Path<String>) -> ApiResult {
     let id = tenant_id(&t)?;
     let mut control = state.control.lock().await;
@@ -541,7 +585,7 @@ pub async fn delete_egress(State(state): Shared, Path(t): Path<String>) -> ApiRe
         other => other?,
     }
     persist!(control, &id, before, |_reg| vec![Change::Egress(&id, None)]);
-    sync(&mut control, &id).await?;
+    sync(&mut control, &id).await.map_err(stored_but)?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -590,7 +634,7 @@ pub async fn get_client(State(state): Shared, Path((t, c)): Path<(String, String
     .into_response())
 }
 
-#[utoipa::path(put, path = "/tenants/{tenant_id}/clients/{client_id}", tag = "clients", params(("tenant_id" = String, Path, description = "Tenant id: 1-64 of [A-Za-z0-9._-]"), ("client_id" = String, Path, description = "Client id")), request_body = ClientRequest, responses((status = 201, description = "Created; includes config", body = ClientView), (status = 200, description = "Existed; includes config", body = ClientView), (status = 400, description = "Bad input", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 404, description = "Unknown object", body = ErrorBody), (status = 409, description = "Conflict", body = ErrorBody), (status = 503, description = "Change could not be stored; undone", body = ErrorBody)))]
+#[utoipa::path(put, path = "/tenants/{tenant_id}/clients/{client_id}", tag = "clients", params(("tenant_id" = String, Path, description = "Tenant id: 1-64 of [A-Za-z0-9._-]"), ("client_id" = String, Path, description = "Client id")), request_body = ClientRequest, responses((status = 201, description = "Created; includes config", body = ClientView), (status = 200, description = "Existed; includes config", body = ClientView), (status = 400, description = "Bad input", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 404, description = "Unknown object", body = ErrorBody), (status = 409, description = "Conflict", body = ErrorBody), (status = 503, description = "Change not stored and undone (storage_failed), or stored but not taken by the running tunnel (tunnel_down; the message says so)", body = ErrorBody)))]
 pub async fn put_client(
     State(state): Shared,
     Path((t, c)): Path<(String, String)>,
@@ -614,9 +658,13 @@ pub async fn put_client(
     });
     let (tenant, client) = find_client(&control, &t, &c)?;
     if old_key.is_some_and(|k| k != client.public_key) {
-        sync(&mut control, &t).await?;
+        sync(&mut control, &t).await.map_err(stored_but)?;
     } else {
-        control.runtime.upsert_client(tenant, client).await?;
+        control
+            .runtime
+            .upsert_client(tenant, client)
+            .await
+            .map_err(stored_but)?;
     }
     let (tenant, client) = find_client(&control, &t, &c)?;
     let st = peer_status(&control, &t, &client.public_key).await;
@@ -655,7 +703,7 @@ pub async fn get_client_qr(
     Ok(([(header::CONTENT_TYPE, "image/png")], png).into_response())
 }
 
-#[utoipa::path(delete, path = "/tenants/{tenant_id}/clients/{client_id}", tag = "clients", params(("tenant_id" = String, Path, description = "Tenant id: 1-64 of [A-Za-z0-9._-]"), ("client_id" = String, Path, description = "Client id")), responses((status = 204, description = "Deleted"), (status = 400, description = "Bad input", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 404, description = "Unknown object", body = ErrorBody), (status = 503, description = "Change could not be stored; undone", body = ErrorBody)))]
+#[utoipa::path(delete, path = "/tenants/{tenant_id}/clients/{client_id}", tag = "clients", params(("tenant_id" = String, Path, description = "Tenant id: 1-64 of [A-Za-z0-9._-]"), ("client_id" = String, Path, description = "Client id")), responses((status = 204, description = "Deleted"), (status = 400, description = "Bad input", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 404, description = "Unknown object", body = ErrorBody), (status = 503, description = "Change not stored and undone (storage_failed), or stored but not taken by the running tunnel (tunnel_down; the message says so)", body = ErrorBody)))]
 pub async fn delete_client(
     State(state): Shared,
     Path((t, c)): Path<(String, String)>,
@@ -667,7 +715,7 @@ pub async fn delete_client(
     persist!(control, &t, before, |_reg| vec![Change::DeleteClient(
         &t, &c
     )]);
-    sync(&mut control, &t).await?;
+    sync(&mut control, &t).await.map_err(stored_but)?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 

@@ -245,22 +245,54 @@ impl Runtime {
                 return Ok(f.listen);
             }
         }
-        // Close the old listener first: the new one may want the same port.
-        handle.forwards.remove(&key);
-        let forward = forward::start(
+        // The old listener stays open unless the new one wants its very address;
+        // then it is closed first, and opened again should the new one fail.
+        let reopen = match handle.forwards.get(&key) {
+            Some(f) if f.listen == listen => {
+                let old = (f.listen, f.target);
+                handle.forwards.remove(&key);
+                Some(old)
+            }
+            _ => None,
+        };
+        match forward::start(
             listen,
             target,
             handle.commands.clone(),
             Arc::clone(&handle.work),
         )
         .await
-        .map_err(|source| RuntimeError::Listen {
-            addr: listen,
-            source,
-        })?;
-        let bound = forward.listen;
-        handle.forwards.insert(key, forward);
-        Ok(bound)
+        {
+            Ok(forward) => {
+                let bound = forward.listen;
+                // Replacing the entry closes the old listener, if any.
+                handle.forwards.insert(key, forward);
+                Ok(bound)
+            }
+            Err(source) => {
+                if let Some((old_listen, old_target)) = reopen {
+                    match forward::start(
+                        old_listen,
+                        old_target,
+                        handle.commands.clone(),
+                        Arc::clone(&handle.work),
+                    )
+                    .await
+                    {
+                        Ok(old) => {
+                            handle.forwards.insert(key, old);
+                        }
+                        Err(e) => {
+                            tracing::warn!(listen = %old_listen, error = %e, "forward could not be reopened");
+                        }
+                    }
+                }
+                Err(RuntimeError::Listen {
+                    addr: listen,
+                    source,
+                })
+            }
+        }
     }
 
     /// Closes a forward; true if it existed.

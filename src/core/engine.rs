@@ -502,10 +502,18 @@ impl TunnelEngine {
             .copied()
             .collect();
         let freed = gone.iter().filter_map(|k| self.remove_peer(k)).collect();
+        // Every peer that can be added is: one the engine refuses (its prefix
+        // is another's) must not take the tenant's other peers down with it.
+        let mut refused = None;
         for (config, index) in peers {
-            self.upsert_peer(config, index)?;
+            if let Err(e) = self.upsert_peer(config, index) {
+                refused.get_or_insert(e);
+            }
         }
-        Ok(freed)
+        match refused {
+            Some(e) => Err(e),
+            None => Ok(freed),
+        }
     }
 
     /// Replaces the host prefixes (TUN mode).
@@ -1063,5 +1071,38 @@ fn route(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use boringtun::x25519::PublicKey;
+
+    fn peer(allowed: &str) -> PeerConfig {
+        let secret = StaticSecret::random_from_rng(rand_core::OsRng);
+        PeerConfig {
+            public_key: PublicKey::from(&secret),
+            allowed: vec![allowed.parse().unwrap()],
+            keepalive: None,
+            kind: super::super::peer::PeerKind::Router,
+            endpoint: None,
+        }
+    }
+
+    #[test]
+    fn a_refused_peer_does_not_keep_the_others_out() {
+        let secret = StaticSecret::random_from_rng(rand_core::OsRng);
+        let mut engine = TunnelEngine::new(secret, vec![IpAddr::from([10, 100, 0, 1])]);
+        let peers = vec![
+            (peer("10.100.1.1/32"), 1),
+            (peer("10.100.1.1/32"), 2), // the same address: refused
+            (peer("10.100.1.3/32"), 3),
+        ];
+        assert!(matches!(
+            engine.sync_peers(peers),
+            Err(EngineError::PrefixTaken { .. })
+        ));
+        assert_eq!(engine.peer_count(), 2);
     }
 }

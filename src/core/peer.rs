@@ -257,11 +257,13 @@ impl Peer {
         let size = u32::try_from(packet.len()).unwrap_or(u32::MAX);
         let (packets, bytes) = self.queued;
         let full = packets >= QUEUE_PACKETS || bytes.saturating_add(size) > QUEUE_BYTES;
-        let has_session = self
-            .tunn
-            .as_ref()
-            .is_some_and(|t| t.time_since_last_handshake().is_some());
-        if full && !has_session {
+        // Asked only when full (it reads the clock): with a session nothing waits.
+        if full
+            && !self
+                .tunn
+                .as_ref()
+                .is_some_and(|t| t.time_since_last_handshake().is_some())
+        {
             // Still wake the peer: the queue empties once its handshake completes.
             let initiation = match self.tunn().format_handshake_initiation(out, false) {
                 TunnResult::WriteToNetwork(b) => Some(&*b),

@@ -114,7 +114,7 @@ struct RunArgs {
     /// Config file (TOML); see config/wgplane.toml.
     #[arg(long, env = "WGPLANE_CONFIG")]
     config: Option<PathBuf>,
-    /// State directory (api.token and state).
+    /// State directory (state.db, api-token, master-key).
     #[arg(long, env = "WGPLANE_STATE_DIR")]
     state_dir: Option<PathBuf>,
     /// Admin API listen address.

@@ -273,13 +273,26 @@ fn conflicts() {
     assert_eq!((status, error_of(&v).0), (409, "in_use"));
     let (status, v) = app.call("DELETE", "/v1/tenants/t1/egress", None);
     assert_eq!((status, error_of(&v).0), (409, "in_use"));
-    // Another tenant cannot claim the pool, nor a port in use.
+    // Egress of a tenant that does not exist.
     let (status, v) = app.call(
         "PUT",
-        "/v1/tenants/t2/egress",
-        Some(r#"{"pool":"10.200.0.0/24","gateways":["x"]}"#),
+        "/v1/tenants/nobody/egress",
+        Some(r#"{"pool":"10.201.0.0/24","gateways":["x"]}"#),
     );
-    assert_eq!(status, 404, "{v}");
+    assert_eq!((status, error_of(&v).0), (404, "tenant_not_found"), "{v}");
+    // Another tenant cannot claim the pool, nor a port in use.
+    app.expect("PUT", "/v1/tenants/t3/routers/gw3", None, 201);
+    let (status, v) = app.call(
+        "PUT",
+        "/v1/tenants/t3/egress",
+        Some(r#"{"pool":"10.200.0.128/25","gateways":["gw3"]}"#),
+    );
+    assert_eq!(
+        (status, error_of(&v)),
+        (409, ("overlap", Some("pool"))),
+        "{v}"
+    );
+    app.expect("DELETE", "/v1/tenants/t3", None, 204);
     let port = app.first_port;
     let (status, v) = app.call(
         "PUT",

@@ -56,7 +56,10 @@ fn number(v: &Value, key: &str) -> f64 {
 fn hubs_script_measures_the_three_hubs_in_one_run() {
     let tools = [
         "ip",
+        "ss",
         "iptables",
+        "sysctl",
+        "ping",
         "iperf3",
         "wireguard-go",
         "wg",

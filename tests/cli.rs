@@ -69,18 +69,18 @@ fn bad_config_stops_start_up_naming_file_and_key() {
     let file = dir.path().join("bad.toml");
     std::fs::write(&file, "[tunnels]\nsubnet_prefix_len = 40\n").expect("write");
     let port = support::free_tcp_port();
-    let out = Command::new(support::binary())
-        .args([
-            "run",
-            "--api-listen",
-            &format!("127.0.0.1:{port}"),
-            "--config",
-        ])
-        .arg(&file)
-        .arg("--state-dir")
-        .arg(dir.path())
-        .output()
-        .expect("run");
+    let out = exits(
+        Command::new(support::binary())
+            .args([
+                "run",
+                "--api-listen",
+                &format!("127.0.0.1:{port}"),
+                "--config",
+            ])
+            .arg(&file)
+            .arg("--state-dir")
+            .arg(dir.path()),
+    );
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -93,11 +93,13 @@ fn bad_config_stops_start_up_naming_file_and_key() {
     );
 
     std::fs::write(&file, "[api]\nlisten = 5\n").expect("write");
-    let out = Command::new(support::binary())
-        .args(["run", "--config"])
-        .arg(&file)
-        .output()
-        .expect("run");
+    let out = exits(
+        Command::new(support::binary())
+            .args(["run", "--config"])
+            .arg(&file)
+            .arg("--state-dir")
+            .arg(dir.path()),
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success() && err.contains("bad.toml") && err.contains("listen"),
@@ -177,4 +179,25 @@ fn bench_refuses_tunnels_with_a_given_tenant() {
         err.contains("--tunnels") && err.contains("--tenant"),
         "{err}"
     );
+}
+
+/// Runs `cmd` and returns its output once it exits; should it still run after
+/// 30 s (a start-up that should have failed), it is killed by PID and the test
+/// fails instead of hanging.
+fn exits(cmd: &mut Command) -> std::process::Output {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while child.try_wait().expect("wait").is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("still running after 30 s: {cmd:?}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("output")
 }

@@ -89,12 +89,7 @@ fn connected_roamed_disconnected_on_sse_and_webhook() {
         7,
     );
     assert!(peer.handshake());
-    let handshake_done = Instant::now();
     let (name, data) = next_event(&events, Duration::from_secs(5));
-    assert!(
-        handshake_done.elapsed() < Duration::from_secs(1),
-        "peer_connected within 1 s"
-    );
     assert_eq!(name, "peer_connected");
     assert_eq!(data["event"], "peer_connected");
     assert_eq!(data["tenant_id"], "acme");

@@ -131,7 +131,7 @@ fn forward_carries_10_mb_and_50_connections() {
         None,
         204,
     );
-    std::thread::sleep(Duration::from_millis(100));
+    // Closed by the time the deletion is answered.
     assert!(TcpStream::connect(listen).is_err(), "listener closed");
 }
 
@@ -152,14 +152,13 @@ fn unreachable_router_resets_the_client_and_forwards_survive_restart() {
     stream
         .set_read_timeout(Some(Duration::from_secs(20)))
         .unwrap();
-    let started = Instant::now();
+    // A reset, not the read timeout (that would be `WouldBlock`).
     let mut buf = [0u8; 16];
     match stream.read(&mut buf) {
         Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
         Ok(n) => panic!("expected a reset, read {n} bytes"),
     }
-    assert!(started.elapsed() < Duration::from_secs(15));
-    let logged = (0..50).any(|_| {
+    let logged = (0..500).any(|_| {
         std::thread::sleep(Duration::from_millis(20));
         app.log().contains("forwarded connection failed")
     });

@@ -100,8 +100,21 @@ fn phone_reaches_internet_through_gateway_and_not_without_it() {
     assert_eq!(tenant["routers"], 1, "restored: {tenant}");
     assert_eq!(tenant["clients"], 1, "restored: {tenant}");
 
-    // Gateway down: the egress policy has nowhere else to send the phone's packets.
+    // Gateway down: once wgplane no longer counts it live, the egress policy has
+    // nowhere else to send the phone's packets: they are dropped and counted.
     lab.gw_wg.as_mut().expect("gateway running").stop();
+    let route = "/v1/tenants/kitonga/route?src=10.200.0.2&dst=198.18.0.2";
+    let down = wait_for(Duration::from_secs(60), || {
+        let (code, body) = lab.api("GET", route, None);
+        let v: Value = serde_json::from_str(&body).ok()?;
+        (code == 200 && v["reason"] == "egress_down").then_some(())
+    });
+    assert!(
+        down.is_some(),
+        "the gateway never stopped counting as live: {}",
+        lab.api("GET", route, None).1
+    );
+    let drops_before = lab.egress_down_drops();
     let seen_before = lab.http_clients().len();
     let out = lab.phone.output(&["curl", "-sS", "--max-time", "5", &url]);
     assert!(
@@ -114,6 +127,10 @@ fn phone_reaches_internet_through_gateway_and_not_without_it() {
         clients.len(),
         seen_before,
         "with the gateway down, requests still reached the internet server: {clients:?}"
+    );
+    assert!(
+        lab.egress_down_drops() > drops_before,
+        "the phone's packets were not counted as egress_down"
     );
     assert!(
         lab.wgplane.as_mut().expect("wgplane started").is_running(),
@@ -249,7 +266,9 @@ impl Lab {
                 "--public-host",
                 "198.51.100.1",
             ],
-            &[("NO_COLOR", "1")],
+            // A gateway that stops sending (keepalive every 25 s) is not live
+            // after 30 s instead of the default 60: the gateway-down check waits less.
+            &[("NO_COLOR", "1"), ("WGPLANE_LIVENESS_TIMEOUT_SECS", "30")],
             &self.dir().join("wgplane.log"),
         );
         let header_file = self.dir().join("auth-header");
@@ -413,6 +432,20 @@ impl Lab {
     /// One API call from inside the hub namespace: `(status, body)`.
     fn api(&self, method: &str, path: &str, body: Option<Value>) -> (u16, String) {
         self.hub_api().call(method, path, body)
+    }
+
+    /// The tenant's `egress_down` drop counter, from `/metrics`.
+    fn egress_down_drops(&self) -> f64 {
+        let (_, text) = self.api("GET", "/metrics", None);
+        text.lines()
+            .find(|l| {
+                l.starts_with("wgplane_packets_dropped_total")
+                    && l.contains("tenant=\"kitonga\"")
+                    && l.contains("reason=\"egress_down\"")
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
     }
 
     fn hub_api(&self) -> NsApi<'_> {

@@ -394,6 +394,16 @@ fn tun_mode_reaches_routers_and_never_leaks() {
         );
     }
 
+    // 3a. Forwards ride the userspace stack, which TUN mode does without: refused
+    //     (the host reaches the router by route, as step 1 showed), not a listener
+    //     whose connections would all be reset.
+    let refused = lab.api(
+        "PUT",
+        "/v1/tenants/kitonga/routers/ra/forwards/22",
+        r#"{"listen":"127.0.0.1:0"}"#,
+    );
+    assert_eq!(refused["error"]["code"], "tun_mode", "{refused}");
+
     // 3b. Host prefixes: the router reaches the backend's network on the host only
     //     once the tenant lists it.
     lab.ra

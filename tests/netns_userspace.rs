@@ -340,10 +340,11 @@ fn unprivileged_userspace_hub_answers_ping_and_forwards_tcp() {
     let outcome = closed["outcome"].as_str().unwrap_or_default();
     let secs = closed["seconds"].as_f64().unwrap_or(f64::MAX);
     eprintln!("{TEST}: forward to a closed port: {outcome} after {secs:.2} s");
+    // (The client gives up after 20 s and then reports `timeout`.)
     assert!(
-        matches!(outcome, "reset" | "eof" | "refused") && secs < 15.0,
+        matches!(outcome, "reset" | "eof" | "refused"),
         "a connection through the forward to closed port {CLOSED_PORT} should end with a \
-         reset or EOF within 15 s: {closed}"
+         reset or EOF: {closed}"
     );
 
     // Nothing broke on the way: the echo forward still works, and wgplane runs.

@@ -111,6 +111,7 @@ impl From<RuntimeError> for ApiError {
             }
             RuntimeError::Engine(_) => (StatusCode::CONFLICT, "conflict", None),
             RuntimeError::TaskGone(_) => (StatusCode::SERVICE_UNAVAILABLE, "tunnel_down", None),
+            RuntimeError::NoStack => (StatusCode::CONFLICT, "tun_mode", None),
         };
         Self {
             status,

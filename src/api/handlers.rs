@@ -484,7 +484,7 @@ pub async fn put_forward(
                 let _ = control.runtime.set_forward(&t, &r, port, old, target).await;
             }
             None => {
-                control.runtime.remove_forward(&t, &r, port);
+                control.runtime.remove_forward(&t, &r, port).await;
             }
         }
         undo(&mut control, &t, before).await;
@@ -510,7 +510,7 @@ pub async fn delete_forward(
     persist!(control, &t, before, |_reg| vec![Change::DeleteForward(
         &t, &r, port
     )]);
-    control.runtime.remove_forward(&t, &r, port);
+    control.runtime.remove_forward(&t, &r, port).await;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -527,7 +527,7 @@ pub async fn delete_router(
         &t, &r
     )]);
     for port in removed.forwards.keys() {
-        control.runtime.remove_forward(&t, &r, *port);
+        control.runtime.remove_forward(&t, &r, *port).await;
     }
     sync(&mut control, &t).await.map_err(stored_but)?;
     Ok(StatusCode::NO_CONTENT.into_response())

@@ -72,17 +72,33 @@ mod tests {
     use super::*;
     use std::time::Instant;
 
+    /// This thread's own CPU time.
+    fn thread_cpu() -> Duration {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `ts` is a valid out-pointer for the duration of the call.
+        unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+        Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+    }
+
     #[test]
     fn reads_its_own_cpu_time() {
         let pid = std::process::id();
         let meter = CpuMeter::start(Some(pid));
+        // Burn a quarter second of this thread's CPU, however busy the machine
+        // (the wall-clock deadline only stops a runaway).
+        let begin = thread_cpu();
+        let deadline = Instant::now() + Duration::from_secs(60);
         let mut x = 0u64;
-        let start = Instant::now();
-        while start.elapsed() < Duration::from_millis(300) {
+        while thread_cpu() - begin < Duration::from_millis(250) && Instant::now() < deadline {
             x = x.wrapping_add(std::hint::black_box(1));
         }
+        let spun = (thread_cpu() - begin).as_secs_f64();
         let used = meter.seconds().expect("own CPU time");
-        assert!(used > 0.2, "{used} s ({x})");
+        // The process's clock counts this thread's time, and more.
+        assert!(used >= spun, "{used} s < {spun} s ({x})");
         assert!(process_cpu(u32::MAX).is_none());
         assert!(CpuMeter::start(None).seconds().is_none());
         // The precise clock and the tick counter tell the same story.

@@ -12,7 +12,8 @@ use super::error::ControlError;
 use crate::core::peer::{PeerConfig, PeerKind};
 use crate::keys::SecretKey;
 
-/// A caller-chosen id: 1-64 characters of `[A-Za-z0-9._-]`.
+/// A caller-chosen id: 1-64 characters of `[A-Za-z0-9._-]`, not `.` or `..`
+/// (which URLs, and clients that normalise them, treat as path steps).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Id(String);
 
@@ -21,6 +22,8 @@ impl Id {
     pub fn parse(text: &str, field: &'static str) -> Result<Self, ControlError> {
         let ok = !text.is_empty()
             && text.len() <= 64
+            && text != "."
+            && text != ".."
             && text
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
@@ -29,7 +32,7 @@ impl Id {
         } else {
             Err(ControlError::field(
                 field,
-                "must be 1-64 characters of A-Z a-z 0-9 . _ -",
+                "must be 1-64 characters of A-Z a-z 0-9 . _ -, not . or ..",
             ))
         }
     }
@@ -198,4 +201,20 @@ pub struct ClientRequest {
     pub public_key: Option<String>,
     pub vpn_ip: Option<String>,
     pub dns: Option<Vec<String>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_plain_names() {
+        for ok in ["a", "kitonga", "branch-a.1_2", "...", ".x", &"x".repeat(64)] {
+            assert!(Id::parse(ok, "id").is_ok(), "{ok}");
+        }
+        for bad in ["", ".", "..", "a/b", "a b", "ä", &"x".repeat(65)] {
+            let e = Id::parse(bad, "router_id").unwrap_err();
+            assert_eq!(e.field_name(), Some("router_id"), "{bad}");
+        }
+    }
 }

@@ -352,6 +352,51 @@ mod tests {
         assert_eq!((x, y, z), (INDEX_SPACE - 2, INDEX_SPACE - 1, 1));
         a.free(y);
         assert_eq!(a.in_use(), 2);
+        // A freed index is not handed out again at once (a datagram still in
+        // flight for the old peer must not reach a new one)...
+        let next = a.allocate().unwrap();
+        assert_eq!(next, 2);
+        // ... only once the counter has gone round.
+        let mut b = IndexAllocator::new(INDEX_SPACE - 3);
+        let first = b.allocate().unwrap();
+        b.free(first);
+        let mut seen = Vec::new();
+        for _ in 0..5 {
+            seen.push(b.allocate().unwrap());
+        }
+        assert_eq!(
+            seen,
+            [INDEX_SPACE - 2, INDEX_SPACE - 1, 1, 2, 3],
+            "not {first} before the wrap"
+        );
+    }
+
+    proptest! {
+        /// Near the wrap point: no index is handed out twice while held, and a
+        /// freed one comes back only after every other candidate was offered.
+        #[test]
+        fn freed_indices_wait_for_the_counter_to_come_round(
+            back in 1u32..300,
+            frees in proptest::collection::vec(0usize..50, 0..20),
+        ) {
+            let mut a = IndexAllocator::new(INDEX_SPACE - back);
+            let mut held: Vec<u32> = (0..50).map(|_| a.allocate().unwrap()).collect();
+            let mut freed = Vec::new();
+            for i in frees {
+                if i < held.len() {
+                    let f = held.swap_remove(i);
+                    a.free(f);
+                    freed.push(f);
+                }
+            }
+            // The next 100 never include a freed index (the counter is past them
+            // and the space is 2^24), nor a held one.
+            for _ in 0..100 {
+                let n = a.allocate().unwrap();
+                prop_assert!(!freed.contains(&n) && !held.contains(&n));
+                held.push(n);
+            }
+        }
     }
 
     proptest! {

@@ -259,10 +259,10 @@ impl Peer {
         let full = packets >= QUEUE_PACKETS || bytes.saturating_add(size) > QUEUE_BYTES;
         // Asked only when full (it reads the clock): with a session nothing waits.
         if full
-            && !self
+            && self
                 .tunn
                 .as_ref()
-                .is_some_and(|t| t.time_since_last_handshake().is_some())
+                .is_none_or(|t| t.time_since_last_handshake().is_none())
         {
             // Still wake the peer: the queue empties once its handshake completes.
             let initiation = match self.tunn().format_handshake_initiation(out, false) {

@@ -16,18 +16,33 @@ use super::tunnel::Command;
 /// Bytes read from the host per chunk.
 const READ_CHUNK: usize = 32 * 1024;
 
-/// A running forward; stops (and closes its port) when dropped.
+/// A running forward; stops (and closes its port) when dropped, at once with
+/// [`Forward::close`].
 pub struct Forward {
-    task: JoinHandle<()>,
+    task: Option<JoinHandle<()>>,
     /// The bound listen address.
     pub listen: SocketAddr,
     /// Where connections go.
     pub target: SocketAddrV4,
 }
 
+impl Forward {
+    /// Stops the forward and returns once its listening port is closed
+    /// (dropping only asks the task to stop).
+    pub async fn close(mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+            // Cancelled: the task, and the listener it owned, are gone.
+            let _ = task.await;
+        }
+    }
+}
+
 impl Drop for Forward {
     fn drop(&mut self) {
-        self.task.abort();
+        if let Some(task) = &self.task {
+            task.abort();
+        }
     }
 }
 
@@ -60,7 +75,7 @@ pub async fn start(
     });
     tracing::info!(%listen, %target, "forward up");
     Ok(Forward {
-        task,
+        task: Some(task),
         listen,
         target,
     })

@@ -47,6 +47,9 @@ pub enum RuntimeError {
     /// The engine refused the peer set.
     #[error(transparent)]
     Engine(#[from] EngineError),
+    /// Forwards are carried by the userspace stack, which TUN mode does without.
+    #[error("forwards need the userspace stack; in TUN mode the host reaches routers by route")]
+    NoStack,
 }
 
 struct Handle {
@@ -235,6 +238,9 @@ impl Runtime {
         listen: SocketAddr,
         target: SocketAddrV4,
     ) -> Result<SocketAddr, RuntimeError> {
+        if self.settings.host.is_some() {
+            return Err(RuntimeError::NoStack);
+        }
         let handle = self
             .tunnels
             .get_mut(tenant)
@@ -250,7 +256,9 @@ impl Runtime {
         let reopen = match handle.forwards.get(&key) {
             Some(f) if f.listen == listen => {
                 let old = (f.listen, f.target);
-                handle.forwards.remove(&key);
+                if let Some(f) = handle.forwards.remove(&key) {
+                    f.close().await;
+                }
                 Some(old)
             }
             _ => None,
@@ -296,11 +304,18 @@ impl Runtime {
     }
 
     /// Closes a forward; true if it existed.
-    pub fn remove_forward(&mut self, tenant: &Id, router: &Id, port: u16) -> bool {
-        self.tunnels
+    pub async fn remove_forward(&mut self, tenant: &Id, router: &Id, port: u16) -> bool {
+        let forward = self
+            .tunnels
             .get_mut(tenant)
-            .and_then(|h| h.forwards.remove(&(router.clone(), port)))
-            .is_some()
+            .and_then(|h| h.forwards.remove(&(router.clone(), port)));
+        match forward {
+            Some(f) => {
+                f.close().await;
+                true
+            }
+            None => false,
+        }
     }
 
     /// The bound address of a forward.

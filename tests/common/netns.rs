@@ -213,6 +213,11 @@ impl Netns {
         let file = File::create(log).unwrap_or_else(|e| panic!("create {}: {e}", log.display()));
         let err = file.try_clone().expect("clone log file handle");
         let mut cmd = self.command(argv);
+        // The developer's WGPLANE_* settings (webhooks, TUN mode, bind address)
+        // must not reach an appliance under test.
+        for (key, _) in std::env::vars().filter(|(k, _)| k.starts_with("WGPLANE_")) {
+            cmd.env_remove(key);
+        }
         cmd.envs(envs.iter().copied())
             .stdin(Stdio::null())
             .stdout(file)

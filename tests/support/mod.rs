@@ -90,8 +90,11 @@ impl Appliance {
             ])
             .arg("--state-dir")
             .arg(state.path())
+            // Nothing from the developer's environment (a webhook URL, TUN mode,
+            // another bind address) reaches the appliance under test.
+            .env_clear()
+            .envs(std::env::vars().filter(|(k, _)| !k.starts_with("WGPLANE_")))
             .env("RUST_LOG", "info")
-            .env_remove("WGPLANE_MASTER_KEY")
             .envs(envs.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)

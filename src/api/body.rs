@@ -21,24 +21,30 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
                 ApiError::bad_body(e.body_text())
             }
         })?;
-        let text: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
-            b"{}"
-        } else {
-            &bytes
-        };
-        let mut de = serde_json::Deserializer::from_slice(text);
-        let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-            let message = e.inner().to_string();
-            let path = e.path().to_string();
-            match field_of(&path, &message) {
-                Some(field) => ApiError::bad_field(field, message),
-                None => ApiError::bad_body(message),
-            }
-        })?;
-        // Trailing garbage after the JSON value.
-        de.end().map_err(|e| ApiError::bad_body(e.to_string()))?;
-        Ok(JsonBody(value))
+        decode_json(&bytes).map(JsonBody)
     }
+}
+
+/// Decodes a request body the way every handler gets it: blank reads as `{}`,
+/// an error names the field at fault, trailing bytes after the value are refused.
+pub fn decode_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let text: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
+        b"{}"
+    } else {
+        bytes
+    };
+    let mut de = serde_json::Deserializer::from_slice(text);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let message = e.inner().to_string();
+        let path = e.path().to_string();
+        match field_of(&path, &message) {
+            Some(field) => ApiError::bad_field(field, message),
+            None => ApiError::bad_body(message),
+        }
+    })?;
+    // Trailing garbage after the JSON value.
+    de.end().map_err(|e| ApiError::bad_body(e.to_string()))?;
+    Ok(value)
 }
 
 /// The top-level field an error is about: from the path, or from serde's

@@ -25,7 +25,10 @@ use crate::control::Registry;
 use crate::io::Runtime;
 use crate::store::Store;
 
+pub use body::decode_json;
 pub use error::ApiError;
+pub use handlers::RouteQuery;
+pub use params::decode_query;
 
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 64 * 1024;

@@ -48,13 +48,17 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for Query<T> {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
-        let query = parts.uri.query().unwrap_or_default();
-        serde_urlencoded::from_str(query).map(Query).map_err(|e| {
-            let message = e.to_string();
-            match field_of("", &message) {
-                Some(field) => ApiError::bad_field(field, message),
-                None => ApiError::bad_body(message),
-            }
-        })
+        decode_query(parts.uri.query().unwrap_or_default()).map(Query)
     }
+}
+
+/// Decodes a query string the way handlers get it; an error names the parameter.
+pub fn decode_query<T: DeserializeOwned>(query: &str) -> Result<T, ApiError> {
+    serde_urlencoded::from_str(query).map_err(|e| {
+        let message = e.to_string();
+        match field_of("", &message) {
+            Some(field) => ApiError::bad_field(field, message),
+            None => ApiError::bad_body(message),
+        }
+    })
 }

@@ -56,15 +56,21 @@ pub fn router_interface(tenant: &Tenant) -> String {
     format!("wgplane-{}", tenant.id)
 }
 
-/// A RouterOS string literal: quoted, with `\`, `"`, `$` and `?` escaped.
+/// A RouterOS string literal: quoted, with `\`, `"`, `$` and `?` escaped, and
+/// control characters written as `\XX` (hex), so that no text, whatever its
+/// origin, can end the line and start a command of its own.
 pub fn ros_quote(text: &str) -> String {
     let mut out = String::with_capacity(text.len() + 2);
     out.push('"');
     for c in text.chars() {
         if matches!(c, '\\' | '"' | '$' | '?') {
             out.push('\\');
+            out.push(c);
+        } else if c.is_ascii_control() {
+            let _ = write!(out, "\\{:02X}", c as u32);
+        } else {
+            out.push(c);
         }
-        out.push(c);
     }
     out.push('"');
     out
@@ -191,4 +197,20 @@ pub enum RenderError {
     /// PNG encoding failed.
     #[error("PNG encoding failed")]
     Png,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ros_quote;
+
+    #[test]
+    fn quoted_text_stays_one_string_on_one_line() {
+        assert_eq!(ros_quote("Branch-A"), r#""Branch-A""#);
+        assert_eq!(ros_quote(r#"a"b\c$d?e"#), r#""a\"b\\c\$d\?e""#);
+        // A newline would end the command; it is written as an escape instead.
+        let q = ros_quote("x\n/system reset-configuration\r\t");
+        assert_eq!(q, r#""x\0A/system reset-configuration\0D\09""#);
+        assert!(!q.chars().any(|c| c.is_control()));
+        assert_eq!(ros_quote("Ünïcode"), "\"Ünïcode\"");
+    }
 }

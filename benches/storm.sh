@@ -57,6 +57,8 @@ if [[ -n "$JSON_OUT" ]]; then
 fi
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# A failing run's error message, not a backtrace, in the logs quoted on failure.
+export RUST_BACKTRACE=0 RUST_LIB_BACKTRACE=0
 WGPLANE="$REPO/target/release/wgplane"
 (cd "$REPO" && cargo build --release --quiet) || die "cargo build --release failed"
 

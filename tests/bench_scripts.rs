@@ -143,8 +143,11 @@ fn storm_script_reports_the_flow_alone_and_under_both_storms() {
     let report = run_script(
         "storm.sh",
         &[
+            // Below the process's handshake budget (2,000/s): the script's
+            // orchestration is under test here, not the appliance under load
+            // (tests/bench_cli.rs and tests/sim_handshake.rs cover that).
             "--rates",
-            "2000",
+            "500",
             "--seconds",
             "6",
             "--flow-rate",
@@ -158,7 +161,7 @@ fn storm_script_reports_the_flow_alone_and_under_both_storms() {
     let rows = report.as_array().expect("one row per rate");
     assert_eq!(rows.len(), 1, "{report}");
     let row = &rows[0];
-    assert_eq!(row["storm_rate"], 2000, "{row}");
+    assert_eq!(row["storm_rate"], 500, "{row}");
     for flow in [
         "flow_alone",
         "flow_under_storm",

@@ -188,6 +188,15 @@ impl Peers {
     fn get_mut(&mut self, id: PeerId) -> Option<&mut Peer> {
         self.slots.get_mut(id as usize)?.as_mut()
     }
+    /// Room for `n` more peers at once: a tunnel's start-up then allocates each
+    /// table once instead of growing it step by step (whose freed steps stay in
+    /// the process's memory, about 200 B per peer at 100 peers per tunnel).
+    fn reserve(&mut self, n: usize) {
+        let more = n.saturating_sub(self.free.len());
+        self.slots.reserve(more);
+        self.by_key.reserve(n);
+        self.by_index.reserve(n);
+    }
     fn insert(&mut self, peer: Peer) -> PeerId {
         let key = *peer.public_key().as_bytes();
         let index = peer.index;
@@ -502,6 +511,11 @@ impl TunnelEngine {
             .copied()
             .collect();
         let freed = gone.iter().filter_map(|k| self.remove_peer(k)).collect();
+        let new = peers
+            .iter()
+            .filter(|(c, _)| !self.peers.by_key.contains_key(c.public_key.as_bytes()))
+            .count();
+        self.peers.reserve(new);
         // Every peer that can be added is: one the engine refuses (its prefix
         // is another's) must not take the tenant's other peers down with it.
         let mut refused = None;
@@ -661,7 +675,7 @@ impl TunnelEngine {
                         peer.answered = reply
                             .get(4..8)
                             .and_then(|b| b.try_into().ok())
-                            .map(u32::from_le_bytes);
+                            .map_or(0, u32::from_le_bytes);
                         peer.stats.rx_bytes += datagram.len() as u64;
                         set_endpoint(peer, id, endpoints, from, events);
                     }
@@ -895,9 +909,9 @@ fn confirmed(
     stats: &mut TunnelStats,
     events: &mut VecDeque<Event>,
 ) -> bool {
-    match (message, peer.answered) {
-        (Message::Data { receiver }, Some(ours)) if receiver == ours => {
-            peer.answered = None;
+    match message {
+        Message::Data { receiver } if peer.answered != 0 && receiver == peer.answered => {
+            peer.answered = 0;
             handshake_done(peer, now, stats, events);
             true
         }

@@ -119,14 +119,16 @@ pub struct Peer {
     pub(crate) endpoint: Option<SocketAddr>,
     pub(crate) last_handshake: Option<Instant>,
     pub(crate) last_rx: Option<Instant>,
-    /// Our index in the last handshake response we sent: that session is usable
-    /// only once the initiator's first packet on it arrives (then the handshake
-    /// is complete, as kernel WireGuard counts it).
-    pub(crate) answered: Option<u32>,
+    /// Our index in the last handshake response we sent, 0 for none (no peer
+    /// has index 0): that session is usable only once the initiator's first
+    /// packet on it arrives (then the handshake is complete, as kernel WireGuard
+    /// counts it).
+    pub(crate) answered: u32,
     /// True between a completed handshake and the session's expiry (for events).
     pub(crate) connected: bool,
     /// Packets and bytes queued in boringtun since its queue was last emptied.
-    queued: (u16, u32),
+    queued_packets: u16,
+    queued_bytes: u32,
     /// Silence after which the peer is not live any more.
     pub(crate) liveness_timeout: Duration,
     pub(crate) stats: PeerStats,
@@ -151,9 +153,10 @@ impl Peer {
             index,
             last_handshake: None,
             last_rx: None,
-            answered: None,
+            answered: 0,
             connected: false,
-            queued: (0, 0),
+            queued_packets: 0,
+            queued_bytes: 0,
             liveness_timeout,
             stats: PeerStats::default(),
         }
@@ -241,7 +244,7 @@ impl Peer {
         match self.tunn.as_mut()?.decapsulate(None, &[], out) {
             TunnResult::WriteToNetwork(b) => Some(b),
             _ => {
-                self.queued = (0, 0);
+                (self.queued_packets, self.queued_bytes) = (0, 0);
                 None
             }
         }
@@ -255,7 +258,7 @@ impl Peer {
     pub fn encapsulate<'a>(&mut self, packet: &[u8], out: &'a mut [u8]) -> Encap<'a> {
         debug_assert!(out.len() >= packet.len() + 32 && out.len() >= 148);
         let size = u32::try_from(packet.len()).unwrap_or(u32::MAX);
-        let (packets, bytes) = self.queued;
+        let (packets, bytes) = (self.queued_packets, self.queued_bytes);
         let full = packets >= QUEUE_PACKETS || bytes.saturating_add(size) > QUEUE_BYTES;
         // Asked only when full (it reads the clock): with a session nothing waits.
         if full
@@ -278,7 +281,8 @@ impl Peer {
             // Without a session boringtun queues the packet and hands back the
             // initiation (type 1) of the handshake it starts.
             TunnResult::WriteToNetwork(b) if message_type(b) == 1 => {
-                self.queued = (packets.saturating_add(1), bytes.saturating_add(size));
+                self.queued_packets = packets.saturating_add(1);
+                self.queued_bytes = bytes.saturating_add(size);
                 Encap::Waiting {
                     queued: true,
                     initiation: Some(b),
@@ -286,7 +290,8 @@ impl Peer {
             }
             TunnResult::WriteToNetwork(b) => Encap::Send(b),
             TunnResult::Done => {
-                self.queued = (packets.saturating_add(1), bytes.saturating_add(size));
+                self.queued_packets = packets.saturating_add(1);
+                self.queued_bytes = bytes.saturating_add(size);
                 Encap::Waiting {
                     queued: true,
                     initiation: None,
@@ -317,7 +322,7 @@ impl Peer {
             TunnResult::WriteToNetwork(b) => (Some(b), false),
             TunnResult::Err(WireGuardError::ConnectionExpired) => {
                 // boringtun has emptied its queue with the session.
-                self.queued = (0, 0);
+                (self.queued_packets, self.queued_bytes) = (0, 0);
                 (None, true)
             }
             _ => (None, false),

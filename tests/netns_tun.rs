@@ -96,6 +96,8 @@ impl Lab {
         path.to_str().expect("utf-8 path").to_owned()
     }
 
+    /// One API call; its JSON answer. Panics on a 5xx, and on a 4xx unless the
+    /// answer is the error under test (`"error"` in the body is then returned).
     fn api(&self, method: &str, path: &str, body: &str) -> Value {
         let url = format!("http://{API}{path}");
         let auth = format!("@{}", self.header_file().display());
@@ -110,9 +112,20 @@ impl Lab {
             &auth,
             "-d",
             body,
+            "-w",
+            "\n%{http_code}",
             &url,
         ]);
-        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (json, code) = text.rsplit_once('\n').unwrap_or(("", text.as_str()));
+        let code: u16 = code.trim().parse().unwrap_or(0);
+        let value: Value = serde_json::from_str(json).unwrap_or(Value::Null);
+        assert!(
+            (200..300).contains(&code)
+                || ((400..500).contains(&code) && value.get("error").is_some()),
+            "{method} {path} answered {code}: {json}"
+        );
+        value
     }
 
     /// The `Authorization` header for curl, written by `wait_wgplane_ready`.

@@ -133,6 +133,18 @@ fn stored_but(e: impl Into<ApiError>) -> ApiError {
     e
 }
 
+/// Writes `list` to the store in one transaction.
+fn commit(
+    store: &mut std::sync::Mutex<crate::store::Store>,
+    list: &[Change<'_>],
+) -> Result<(), crate::store::StoreError> {
+    match store.get_mut() {
+        // SQLite commits with fsync: keep the other tasks of this worker moving.
+        Ok(store) => tokio::task::block_in_place(|| store.apply(list)),
+        Err(_) => Err(crate::store::StoreError::Poisoned),
+    }
+}
+
 /// Makes the registry's change durable in one transaction (`$changes`, computed
 /// from the registry as `$reg`); on failure undoes it and returns the error.
 macro_rules! persist {
@@ -145,11 +157,7 @@ macro_rules! persist {
             } = &mut *$control;
             let $reg: &crate::control::Registry = $reg;
             let list: Vec<Change<'_>> = $changes;
-            // SQLite commits with fsync: keep the other tasks of this worker moving.
-            match store.get_mut() {
-                Ok(store) => tokio::task::block_in_place(|| store.apply(&list)),
-                Err(_) => Err(crate::store::StoreError::Poisoned),
-            }
+            commit(store, &list)
         };
         if let Err(e) = result {
             undo(&mut $control, $id, $before).await;
@@ -465,16 +473,8 @@ pub async fn put_forward(
         .and_then(|router| router.forwards.get(&port).copied());
     // Store the port actually bound, so that a restart listens on the same one.
     let stored = match control.registry.put_forward(&t, &r, port, bound) {
-        Ok(_) => {
-            let Control { store, .. } = &mut *control;
-            let list = vec![Change::Forward(&t, &r, port, bound)];
-            match store.get_mut() {
-                Ok(store) => {
-                    tokio::task::block_in_place(|| store.apply(&list)).map_err(ApiError::from)
-                }
-                Err(_) => Err(crate::store::StoreError::Poisoned.into()),
-            }
-        }
+        Ok(_) => commit(&mut control.store, &[Change::Forward(&t, &r, port, bound)])
+            .map_err(ApiError::from),
         Err(e) => Err(e.into()),
     };
     if let Err(e) = stored {

@@ -275,6 +275,9 @@ impl TunnelEngine {
             endpoints: HashMap::new(),
             routing: RoutingState {
                 local,
+                // Until a userspace stack is given, the sink (the host device)
+                // serves the tunnel's own address.
+                local_is_host: true,
                 ..Default::default()
             },
             egress: Vec::new(),
@@ -301,6 +304,7 @@ impl TunnelEngine {
             stack = stack.with_ipv6(*v6);
         }
         self.local = Some(stack);
+        self.routing.local_is_host = false;
         self
     }
 
@@ -409,11 +413,6 @@ impl TunnelEngine {
                     peer: key(peer),
                     rule,
                 },
-                Verdict::Local
-                    if self.local.is_none() && self.routing.host_sources.lookup(src).is_none() =>
-                {
-                    ExplainVerdict::Drop(DropReason::HostSource)
-                }
                 Verdict::Local => ExplainVerdict::Local,
                 Verdict::Host => ExplainVerdict::Host,
                 Verdict::Drop { reason, .. } => ExplainVerdict::Drop(reason),
@@ -877,7 +876,6 @@ fn status_of(p: &Peer, now: Instant) -> PeerStatus {
 /// and roaming. A peer that went quiet and was reported disconnected, then
 /// speaks again on a session still current, is connected again.
 #[inline]
-#[allow(clippy::too_many_arguments)]
 fn authenticated(
     peer: &mut Peer,
     id: PeerId,
@@ -1056,9 +1054,6 @@ fn route(
                 Some(stack) => {
                     stack.receive(packet);
                     true
-                }
-                None if routing.host_sources.lookup(header.src).is_none() => {
-                    return stats.drop(DropReason::HostSource);
                 }
                 None => sink.local(packet),
             };

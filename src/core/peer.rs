@@ -415,8 +415,14 @@ mod tests {
     use boringtun::noise::rate_limiter::RateLimiter;
 
     fn offline_peer() -> Peer {
+        offline_peer_and_its_key().0
+    }
+
+    /// A peer that has never spoken, and the secret key of the other side.
+    fn offline_peer_and_its_key() -> (Peer, StaticSecret, PublicKey) {
         let ours = StaticSecret::random_from_rng(rand_core::OsRng);
         let theirs = StaticSecret::random_from_rng(rand_core::OsRng);
+        let our_public = PublicKey::from(&ours);
         let config = PeerConfig {
             public_key: PublicKey::from(&theirs),
             allowed: Vec::new(),
@@ -424,8 +430,9 @@ mod tests {
             kind: PeerKind::Router,
             endpoint: Some("198.51.100.9:51820".parse().unwrap()),
         };
-        let macs = Arc::new(RateLimiter::new(&PublicKey::from(&ours), u64::MAX));
-        Peer::new(Arc::new(ours), config, 7, macs, Duration::from_secs(60))
+        let macs = Arc::new(RateLimiter::new(&our_public, u64::MAX));
+        let peer = Peer::new(Arc::new(ours), config, 7, macs, Duration::from_secs(60));
+        (peer, theirs, our_public)
     }
 
     /// What `encapsulate` made of a packet: queued?, initiation sent?, dropped as?
@@ -472,5 +479,47 @@ mod tests {
         assert!(!outcome(peer.encapsulate(&packet, &mut out)).0);
         // A small one still fits under the byte limit.
         assert!(outcome(peer.encapsulate(&[0x45u8; 100], &mut out)).0);
+    }
+
+    #[test]
+    fn once_the_handshake_completes_the_waiting_packets_leave_and_the_count_restarts() {
+        let (mut peer, theirs, our_public) = offline_peer_and_its_key();
+        let mut remote = Tunn::new(theirs, our_public, None, None, 99, None);
+        let mut out = vec![0u8; 70_000];
+        let mut buf = vec![0u8; 70_000];
+        let packet = [0x45u8; 100];
+        let initiation = match peer.encapsulate(&packet, &mut out) {
+            Encap::Waiting {
+                queued: true,
+                initiation: Some(i),
+            } => i.to_vec(),
+            _ => panic!("the first packet waits and starts the handshake"),
+        };
+        for _ in 1..QUEUE_PACKETS + 10 {
+            let _ = peer.encapsulate(&packet, &mut out);
+        }
+        // The other side answers; our side completes the handshake.
+        let response = match remote.decapsulate(None, &initiation, &mut buf) {
+            TunnResult::WriteToNetwork(r) => r.to_vec(),
+            _ => panic!("no response"),
+        };
+        let from: IpAddr = "198.51.100.9".parse().unwrap();
+        assert!(matches!(
+            peer.decapsulate(from, &response, &mut out),
+            Decap::Reply(_)
+        ));
+        // Exactly the packets that were kept wait, and go now.
+        let mut sent = 0;
+        while peer.poll_queued(&mut out).is_some() {
+            sent += 1;
+        }
+        assert_eq!(sent, usize::from(QUEUE_PACKETS));
+        // With the queue empty and a session, packets are sent at once.
+        assert!(matches!(
+            peer.encapsulate(&packet, &mut out),
+            Encap::Send(_)
+        ));
+        // Should the session go, the count starts from nothing again.
+        assert_eq!((peer.queued_packets, peer.queued_bytes), (0, 0));
     }
 }

@@ -38,6 +38,9 @@ pub struct RoutingState {
     /// Sources the host routes back into this tunnel (TUN mode: the tenant's
     /// subnet): only packets from these go to the host device.
     pub host_sources: PrefixTable<()>,
+    /// The tunnel's own address is served by the host device (TUN mode), not
+    /// by a userspace stack: then rule 4 takes only `host_sources` too.
+    pub local_is_host: bool,
 }
 
 /// Why a packet was dropped. Used as an index into counters, so keep `ALL` in sync.
@@ -229,13 +232,18 @@ pub fn decide(
     }
 
     // Rule 4: the tunnel's own address, and the host prefixes behind it (TUN mode).
+    // What goes to the host device comes only from where the host routes back.
+    let to_host_from_elsewhere = || from.is_some() && state.host_sources.lookup(src).is_none();
     if state.local.contains(&dst) {
+        if state.local_is_host && to_host_from_elsewhere() {
+            return Verdict::drop(DropReason::HostSource);
+        }
         return Verdict::Local;
     }
     if state.host.lookup(dst).is_some() {
         return match origin {
-            Origin::Peer(_) if state.host_sources.lookup(src).is_some() => Verdict::Host,
-            Origin::Peer(_) => Verdict::drop(DropReason::HostSource),
+            Origin::Peer(_) if to_host_from_elsewhere() => Verdict::drop(DropReason::HostSource),
+            Origin::Peer(_) => Verdict::Host,
             Origin::Host => Verdict::drop(DropReason::LoopBack),
         };
     }
@@ -407,6 +415,7 @@ mod tests {
             d(ROUTER_A, "192.168.88.7"),
             Verdict::drop(DropReason::HostSource)
         );
+
         assert!(matches!(
             d(PHONE_1, "10.200.0.2"),
             Verdict::Forward { peer: GATEWAY, .. }
@@ -415,6 +424,31 @@ mod tests {
             true
         });
         assert_eq!(back, Verdict::drop(DropReason::LoopBack));
+    }
+
+    #[test]
+    fn the_server_address_served_by_the_host_takes_only_what_the_host_routes_back() {
+        let mut s = ktn();
+        s.host_sources.insert("10.100.0.0/16".parse().unwrap(), ());
+        let to_server = |s: &RoutingState, src: &str| {
+            decide(s, Origin::Peer(ROUTER_A), ip(src), ip("10.100.0.1"), |_| {
+                true
+            })
+        };
+        // A userspace stack routes its answers back itself: from anywhere.
+        assert_eq!(to_server(&s, "192.168.88.7"), Verdict::Local);
+        // The host device: only from the subnet it routes into the tunnel.
+        s.local_is_host = true;
+        assert_eq!(to_server(&s, "10.100.1.1"), Verdict::Local);
+        assert_eq!(
+            to_server(&s, "192.168.88.7"),
+            Verdict::drop(DropReason::HostSource)
+        );
+        // The host's own packets to the address are not the peers' business.
+        let v = decide(&s, Origin::Host, ip("172.16.0.1"), ip("10.100.0.1"), |_| {
+            true
+        });
+        assert_eq!(v, Verdict::Local);
     }
 
     #[test]

@@ -66,6 +66,23 @@ struct Handle {
     pools: Vec<ipnet::Ipv4Net>,
 }
 
+impl Handle {
+    /// A listener on `listen` whose connections this tunnel carries to `target`.
+    async fn open_forward(
+        &self,
+        listen: SocketAddr,
+        target: SocketAddrV4,
+    ) -> std::io::Result<forward::Forward> {
+        forward::start(
+            listen,
+            target,
+            self.commands.clone(),
+            Arc::clone(&self.work),
+        )
+        .await
+    }
+}
+
 /// Socket buffers requested for tunnel sockets: bursts of a few thousand datagrams
 /// must not be dropped by the kernel while the task is busy. The kernel caps the
 /// request at `net.core.rmem_max` / `wmem_max`.
@@ -263,14 +280,7 @@ impl Runtime {
             }
             _ => None,
         };
-        match forward::start(
-            listen,
-            target,
-            handle.commands.clone(),
-            Arc::clone(&handle.work),
-        )
-        .await
-        {
+        match handle.open_forward(listen, target).await {
             Ok(forward) => {
                 let bound = forward.listen;
                 // Replacing the entry closes the old listener, if any.
@@ -279,14 +289,7 @@ impl Runtime {
             }
             Err(source) => {
                 if let Some((old_listen, old_target)) = reopen {
-                    match forward::start(
-                        old_listen,
-                        old_target,
-                        handle.commands.clone(),
-                        Arc::clone(&handle.work),
-                    )
-                    .await
-                    {
+                    match handle.open_forward(old_listen, old_target).await {
                         Ok(old) => {
                             handle.forwards.insert(key, old);
                         }

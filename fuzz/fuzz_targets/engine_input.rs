@@ -22,7 +22,8 @@ fuzz_target!(|chunks: Vec<(u8, Vec<u8>)>| {
             0 => ktn.engine.handle_datagram(stranger, bytes, now, &mut out),
             1 => {
                 if let Some(d) = ktn.phone.encrypt(bytes) {
-                    ktn.engine.handle_datagram(ktn.phone.addr, &d, now, &mut out);
+                    ktn.engine
+                        .handle_datagram(ktn.phone.addr, &d, now, &mut out);
                     for (to, _) in &out.sent {
                         assert_eq!(*to, ktn.gateway.addr, "phone traffic leaked");
                     }
@@ -31,12 +32,16 @@ fuzz_target!(|chunks: Vec<(u8, Vec<u8>)>| {
             }
             _ => {
                 if let Some(d) = ktn.gateway.encrypt(bytes) {
-                    ktn.engine.handle_datagram(ktn.gateway.addr, &d, now, &mut out);
+                    ktn.engine
+                        .handle_datagram(ktn.gateway.addr, &d, now, &mut out);
                 }
             }
         }
         if selector % 3 == 0 {
-            assert!(out.sent.iter().all(|(_, d)| d.first() == Some(&3)), "only cookies go to strangers");
+            assert!(
+                out.sent.iter().all(|(_, d)| d.first() == Some(&3)),
+                "only cookies go to strangers"
+            );
         }
     }
     let mut out = Collect::default();

@@ -9,6 +9,7 @@ use ipnet::{IpNet, Ipv4Net};
 use serde::Deserialize;
 
 use super::error::ControlError;
+use crate::core::engine::EgressConfig;
 use crate::core::peer::{PeerConfig, PeerKind};
 use crate::keys::SecretKey;
 
@@ -153,6 +154,24 @@ impl Tenant {
         let routers = self.routers.values().map(|r| r.peer_config(keepalive));
         let clients = self.clients.values().map(|c| c.peer_config(keepalive));
         routers.chain(clients).collect()
+    }
+
+    /// The egress policy as the data plane takes it: gateways by key, primary
+    /// first. A gateway id without a router is left out (the registry never
+    /// stores one; a hand-edited store may).
+    pub fn egress_configs(&self) -> Vec<EgressConfig> {
+        self.egress
+            .iter()
+            .map(|e| EgressConfig {
+                pool: IpNet::V4(e.pool),
+                gateways: e
+                    .gateways
+                    .iter()
+                    .filter_map(|g| self.routers.get(g))
+                    .map(|r| *r.public_key.as_bytes())
+                    .collect(),
+            })
+            .collect()
     }
 }
 

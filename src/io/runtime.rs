@@ -17,7 +17,7 @@ use super::tunnel::{self, Command, HostLink, TaggedEvent, TunnelSnapshot};
 use crate::control::model::{Client, Router};
 use crate::control::{Id, Tenant};
 use crate::core::budget::HandshakeBudget;
-use crate::core::engine::{EgressConfig, EngineError, Explanation, PeerStatus, TunnelEngine};
+use crate::core::engine::{EngineError, Explanation, PeerStatus, TunnelEngine};
 use crate::core::peer::PeerConfig;
 
 /// Events from every tunnel.
@@ -333,7 +333,7 @@ impl Runtime {
     /// Pushes the tenant's current peers and egress policy to its task.
     pub async fn sync(&mut self, tenant: &Tenant) -> Result<(), RuntimeError> {
         let peers = tenant.peer_configs(self.settings.keepalive);
-        let egress = egress_configs(tenant);
+        let egress = tenant.egress_configs();
         self.sync_pools(tenant).await?;
         let (reply, rx) = oneshot::channel();
         self.ask(
@@ -423,7 +423,7 @@ impl Runtime {
         peer: (PeerConfig, u32),
     ) -> Result<(), RuntimeError> {
         let (reply, rx) = oneshot::channel();
-        let egress = egress_configs(tenant);
+        let egress = tenant.egress_configs();
         self.ask(
             &tenant.id,
             Command::Upsert {
@@ -464,21 +464,4 @@ impl Runtime {
         handle.commands.send(command).await.map_err(|_| gone())?;
         rx.await.map_err(|_| gone())
     }
-}
-
-/// The tenant's egress policies as the engine takes them (gateways by key).
-fn egress_configs(tenant: &Tenant) -> Vec<EgressConfig> {
-    tenant
-        .egress
-        .iter()
-        .map(|e| EgressConfig {
-            pool: ipnet::IpNet::V4(e.pool),
-            gateways: e
-                .gateways
-                .iter()
-                .filter_map(|g| tenant.routers.get(g))
-                .map(|r| *r.public_key.as_bytes())
-                .collect(),
-        })
-        .collect()
 }

@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 use ipnet::Ipv4Net;
 use serde::Deserialize;
 
+use crate::control::Id;
+
 /// The example config, also the documentation of every key. Tests load it.
 pub const EXAMPLE: &str = include_str!("../config/wgplane.toml");
 
@@ -323,6 +325,31 @@ impl Settings {
                 "must be a host name or address without spaces".into(),
             ));
         }
+        let mut seen = std::collections::HashSet::new();
+        for (n, f) in self.forwards.iter().enumerate() {
+            let entry = n + 1;
+            if let Err(e) = Id::parse(&f.tenant, "tenant") {
+                return Err(invalid("forwards.tenant", format!("entry {entry}: {e}")));
+            }
+            if let Err(e) = Id::parse(&f.router, "router") {
+                return Err(invalid("forwards.router", format!("entry {entry}: {e}")));
+            }
+            if f.port == 0 {
+                return Err(invalid(
+                    "forwards.port",
+                    format!("entry {entry}: must not be 0"),
+                ));
+            }
+            if !seen.insert((&f.tenant, &f.router, f.port)) {
+                return Err(invalid(
+                    "forwards.port",
+                    format!(
+                        "entry {entry}: port {} of router {} in tenant {} is listed twice",
+                        f.port, f.router, f.tenant
+                    ),
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -390,6 +417,29 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(e.contains(&format!("f.toml: key `events.{key}`")), "{e}");
+        }
+    }
+
+    #[test]
+    fn forwards_are_checked_entry_by_entry() {
+        let entry = |tenant: &str, router: &str, port: u16| {
+            format!("[[forwards]]\ntenant = \"{tenant}\"\nrouter = \"{router}\"\nport = {port}\nlisten = \"127.0.0.1:0\"\n")
+        };
+        let good = entry("kitonga", "r1", 8728);
+        Settings::parse(&good, Path::new("g.toml")).unwrap();
+        for (text, key) in [
+            (
+                good.clone() + &entry("bad id!", "r1", 22),
+                "key `forwards.tenant`: entry 2",
+            ),
+            (entry("kitonga", "..", 22), "key `forwards.router`: entry 1"),
+            (entry("kitonga", "r1", 0), "key `forwards.port`: entry 1"),
+            (good.clone() + &good, "key `forwards.port`: entry 2"),
+        ] {
+            let e = Settings::parse(&text, Path::new("g.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(key), "{e}");
         }
     }
 }

@@ -1,6 +1,6 @@
 //! The `wgplane` command: run the appliance, or generate keys like `wg`.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -18,6 +18,7 @@ use wgplane::control::Id;
 use wgplane::io::tun::HostDevice;
 use wgplane::io::{events, Runtime, RuntimeSettings};
 use wgplane::keys::{self, SecretKey};
+use wgplane::store::files::{write_private, StateLock};
 use wgplane::store::{Change, MasterKey, Store};
 
 #[derive(Parser)]
@@ -342,11 +343,13 @@ fn apply_config_forwards(
     store: &mut Store,
 ) -> Result<()> {
     for f in &settings.forwards {
+        // The ids were checked with the config file; a tenant or router that the
+        // API has removed since is only warned about, so that the appliance
+        // still starts.
         let (Ok(t), Ok(r)) = (
             Id::parse(&f.tenant, "tenant"),
             Id::parse(&f.router, "router"),
         ) else {
-            tracing::warn!(tenant = %f.tenant, router = %f.router, "config forward skipped: bad id");
             continue;
         };
         match registry.put_forward(&t, &r, f.port, f.listen) {
@@ -359,46 +362,10 @@ fn apply_config_forwards(
     Ok(())
 }
 
-/// Creates `path` with mode 0600 holding `text` and a newline, atomically: the
-/// text is written and synced under a temporary name, then linked to `path`
-/// (which fails if `path` exists: nothing is ever overwritten), and the
-/// directory is synced. A kill at any moment leaves either no file or the whole
-/// one, never an empty or partial key.
-fn write_private(path: &Path, text: &str) -> Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let temp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-    // A leftover of an earlier process with the same PID.
-    let _ = std::fs::remove_file(&temp);
-    let written = (|| -> Result<()> {
-        let mut options = std::fs::OpenOptions::new();
-        options.write(true).create_new(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-        let mut file = options
-            .open(&temp)
-            .with_context(|| format!("cannot create {}", temp.display()))?;
-        writeln!(file, "{text}")?;
-        file.sync_all()?;
-        std::fs::hard_link(&temp, path)
-            .with_context(|| format!("cannot create {}", path.display()))?;
-        std::fs::File::open(dir)?.sync_all()?;
-        Ok(())
-    })();
-    let _ = std::fs::remove_file(&temp);
-    written
-}
-
 async fn run(settings: Settings) -> Result<()> {
-    std::fs::create_dir_all(&settings.state.dir)
-        .with_context(|| format!("cannot create state dir {}", settings.state.dir.display()))?;
+    // Held until the process ends: a second appliance on this directory would
+    // keep its own registry over the same database.
+    let _lock = StateLock::acquire(&settings.state.dir)?;
     let token = load_or_create_token(&settings.token_file())?;
     if settings.tunnels.public_host == "vpn.example.com" {
         tracing::warn!("tunnels.public_host is the placeholder vpn.example.com: set it to the address peers dial");
@@ -421,7 +388,8 @@ async fn run(settings: Settings) -> Result<()> {
         },
         rand_core::RngCore::next_u32(&mut rand_core::OsRng),
         tenants,
-    )?;
+    )
+    .with_context(|| format!("cannot take back the state in {}", database.display()))?;
     let host = if settings.tun.enabled {
         let device = HostDevice::open(&settings.tun.name, settings.tun.mtu).context(
             "TUN mode needs /dev/net/tun and CAP_NET_ADMIN (or set tun.enabled = false)",

@@ -307,3 +307,52 @@ fn conflicts() {
     app.expect("DELETE", "/v1/tenants/t1/egress", None, 204);
     app.expect("DELETE", "/v1/tenants/t1/routers/gw", None, 204);
 }
+
+/// Refusals that come before a handler would read the body (no such route, no
+/// token, a bad id in the path) wait for the whole body: an answer sent while
+/// the client is still sending is lost when the connection is then reset.
+#[test]
+fn refusals_wait_for_the_body_they_refuse() {
+    use std::io::{Read, Write};
+    use std::time::Duration;
+    let app = Appliance::start();
+    let body = vec![b'x'; 60_000];
+    for (path, token, status) in [
+        ("/v1/no-such-route", Some(app.token.as_str()), "404"),
+        ("/v1/tenants/acme", None, "401"),
+        ("/v1/tenants/bad%20id", Some(app.token.as_str()), "400"),
+    ] {
+        let mut conn = std::net::TcpStream::connect(app.api).expect("connect");
+        let auth = token
+            .map(|t| format!("authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
+        let head = format!(
+            "PUT {path} HTTP/1.1\r\nhost: x\r\n{auth}content-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+            body.len()
+        );
+        conn.write_all(head.as_bytes()).expect("head");
+        conn.write_all(&body[..1000]).expect("first bytes");
+        // Nothing comes back while the body is incomplete.
+        conn.set_read_timeout(Some(Duration::from_millis(300)))
+            .expect("timeout");
+        let mut byte = [0u8; 1];
+        match conn.read(&mut byte) {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            other => panic!("{path}: answered before the body was read: {other:?}"),
+        }
+        conn.write_all(&body[1000..]).expect("rest of the body");
+        conn.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let mut answer = String::new();
+        conn.read_to_string(&mut answer).expect("answer");
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status}")),
+            "{path}: {answer}"
+        );
+        assert!(answer.contains("\"error\""), "{path}: {answer}");
+    }
+}

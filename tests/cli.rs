@@ -135,7 +135,7 @@ fn the_example_config_starts() {
     let _ = child.wait();
     assert!(token.exists() && db.exists());
     // What it created is its own alone: the directory 0700, every file in it
-    // (token, master key, database and journal) 0600, no temporary file left.
+    // (token, lock, master key, database and journal) 0600, no temporary file left.
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
@@ -152,7 +152,7 @@ fn the_example_config_starts() {
         }
         names.sort();
         assert!(
-            names.starts_with(&["api-token".to_string(), "master-key".to_string()]),
+            names.starts_with(&["api-token".into(), "lock".into(), "master-key".into()]),
             "{names:?}"
         );
     }

@@ -144,3 +144,68 @@ fn a_wrong_master_key_stops_start_up() {
     };
     assert!(err.contains("master key does not match"), "{err}");
 }
+
+/// Two appliances on one state directory would each keep their own registry
+/// over the same database: the second one is refused while the first runs.
+#[test]
+fn a_second_appliance_on_the_same_state_is_refused() {
+    let app = Appliance::start();
+    app.expect("PUT", "/v1/tenants/acme", None, 201);
+    let api = support::free_tcp_port();
+    let first = support::free_udp_ports(4);
+    let log = app.state_dir().join("second.log");
+    let mut second = std::process::Command::new(support::binary())
+        .args(["run", "--bind", "127.0.0.1", "--public-host", "127.0.0.1"])
+        .args(["--api-listen", &format!("127.0.0.1:{api}")])
+        .args(["--first-port", &first.to_string()])
+        .arg("--state-dir")
+        .arg(app.state_dir())
+        .env_clear()
+        .envs(std::env::vars().filter(|(k, _)| !k.starts_with("WGPLANE_")))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("start a second wgplane");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = second.try_wait().expect("wait") {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = second.kill();
+            let _ = second.wait();
+            panic!("the second appliance kept running");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let err = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(!status.success(), "the second appliance ran: {err}");
+    assert!(err.contains("another wgplane is running"), "{err}");
+    // The first one is untouched.
+    app.expect("GET", "/v1/tenants/acme", None, 200);
+}
+
+/// A state edited by hand so that it breaks a rule the API enforces stops
+/// start-up with a message that names the tenant and the peer.
+#[test]
+fn an_inconsistent_state_stops_start_up_and_names_the_peer() {
+    let app = Appliance::start();
+    app.expect("PUT", "/v1/tenants/acme", None, 201);
+    app.expect("PUT", "/v1/tenants/acme/routers/r1", Some("{}"), 201);
+    let (state, api_port, first_port) = app.kill9();
+    let db = rusqlite::Connection::open(state.path().join("state.db")).expect("open state");
+    db.execute(
+        "UPDATE routers SET vpn_ip = '10.101.1.1' WHERE id = 'r1'",
+        [],
+    )
+    .expect("edit");
+    drop(db);
+    let err = match Appliance::start_with(state, api_port, first_port, &[]) {
+        Ok(_) => panic!("started on an inconsistent state"),
+        Err(log) => log,
+    };
+    assert!(
+        err.contains("the stored state is inconsistent: tenant acme: router r1 has 10.101.1.1"),
+        "{err}"
+    );
+}

@@ -7,14 +7,15 @@
 #![no_main]
 
 use std::net::IpAddr;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use rusqlite::{params, Connection};
+use wgplane::api::views::{ClientView, RouterView, Statuses, TenantView};
 use wgplane::control::model::{ClientRequest, EgressRequest, Id, RouterRequest};
 use wgplane::control::registry::AllocPolicy;
-use wgplane::control::Registry;
+use wgplane::control::{render, Registry};
 use wgplane::core::engine::TunnelEngine;
 use wgplane::keys::SecretKey;
 use wgplane::store::{MasterKey, Store};
@@ -275,6 +276,23 @@ fn start_engines(registry: &Registry) {
     }
 }
 
+/// What the API shows of the restored state: views, configs, scripts.
+fn show(registry: &Registry) {
+    let statuses = Statuses::new();
+    let (now, wall) = (Instant::now(), SystemTime::now());
+    for t in registry.tenants() {
+        let _ = serde_json::to_string(&TenantView::new(t, "vpn.example.com", true));
+        for r in t.routers.values() {
+            let _ = serde_json::to_string(&RouterView::new(t, r, &statuses, now, wall));
+            let _ = render::router_script(t, r, "vpn.example.com");
+        }
+        for c in t.clients.values() {
+            let _ = serde_json::to_string(&ClientView::new(c, &statuses, now, wall));
+            let _ = render::client_config(t, c, "vpn.example.com");
+        }
+    }
+}
+
 fn apply(registry: &mut Registry, op: &Op) {
     match op {
         Op::Router {
@@ -357,6 +375,7 @@ fuzz_target!(|input: Input| {
         return;
     };
     start_engines(&registry);
+    show(&registry);
     for op in input.ops.iter().take(8) {
         apply(&mut registry, op);
     }

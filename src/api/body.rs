@@ -1,9 +1,46 @@
-//! A JSON body extractor whose errors name the offending field.
+//! Request bodies: read whole before any answer, and a JSON extractor whose
+//! errors name the offending field.
 
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::{FromRequest, Request};
 use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use futures_util::StreamExt;
 use serde::de::DeserializeOwned;
+
+/// How much of a too-large body is still read, and thrown away, so that its
+/// client gets the 413. Beyond this the connection is closed unanswered.
+const DRAIN_LIMIT: usize = 1024 * 1024;
+
+/// Reads each request's whole body (up to `MAX_BODY`) before routing. Refusals
+/// that come before a handler reads the body (no such route, no token, a bad id
+/// in the path) would otherwise be sent while the client is still sending: the
+/// connection is then closed with unread bytes, the kernel resets it, and the
+/// client loses the answer. Memory stays bounded: past `MAX_BODY` the rest is
+/// read and dropped.
+pub async fn read_first(request: Request, next: Next) -> Response {
+    let (parts, body) = request.into_parts();
+    let mut chunks = body.into_data_stream();
+    let mut kept: Vec<u8> = Vec::new();
+    let mut total = 0usize;
+    while let Some(chunk) = chunks.next().await {
+        let Ok(chunk) = chunk else {
+            return ApiError::bad_body("the request body could not be read").into_response();
+        };
+        total = total.saturating_add(chunk.len());
+        if total > DRAIN_LIMIT {
+            break;
+        }
+        if total <= super::MAX_BODY {
+            kept.extend_from_slice(&chunk);
+        }
+    }
+    if total > super::MAX_BODY {
+        return ApiError::too_large().into_response();
+    }
+    next.run(Request::from_parts(parts, Body::from(kept))).await
+}
 
 use super::ApiError;
 

@@ -86,6 +86,7 @@ impl From<ControlError> for ApiError {
             | ControlError::NoClient(_)
             | ControlError::NoForward(_) => StatusCode::NOT_FOUND,
             ControlError::NoEgress => StatusCode::CONFLICT,
+            ControlError::Inconsistent(_) => StatusCode::INTERNAL_SERVER_ERROR,
             _ => StatusCode::CONFLICT,
         };
         Self {

@@ -12,7 +12,7 @@ mod events;
 mod handlers;
 mod metrics;
 mod params;
-mod views;
+pub mod views;
 
 use std::sync::Arc;
 
@@ -126,6 +126,7 @@ fn routes(state: Arc<AppState>) -> (Router, utoipa::openapi::OpenApi) {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::from_fn(body::read_first))
         .with_state(state);
     (router, api)
 }

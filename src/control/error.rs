@@ -54,6 +54,10 @@ pub enum ControlError {
     /// The object is referenced by another one (409).
     #[error("{0}")]
     InUse(String),
+    /// The state loaded from the store breaks a rule the API enforces (start-up
+    /// only: a hand-edited or damaged state).
+    #[error("the stored state is inconsistent: {0}")]
+    Inconsistent(String),
     /// Allocation found nothing (409).
     #[error(transparent)]
     Exhausted(#[from] AllocError),
@@ -96,6 +100,7 @@ impl ControlError {
             ControlError::Overlap { .. } => "overlap",
             ControlError::Immutable { .. } => "immutable_field",
             ControlError::InUse(_) => "in_use",
+            ControlError::Inconsistent(_) => "inconsistent_state",
             ControlError::Exhausted(_) => "exhausted",
         }
     }

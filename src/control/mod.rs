@@ -10,6 +10,7 @@ pub mod model;
 pub mod occupancy;
 pub mod registry;
 pub mod render;
+pub mod restore;
 
 pub use error::ControlError;
 pub use model::{Client, EgressPolicy, Id, Router, Tenant};

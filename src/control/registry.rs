@@ -16,6 +16,7 @@ use super::model::{
     TenantRequest,
 };
 use super::occupancy::Occupancy;
+use super::restore;
 use crate::core::alloc::{self, IndexAllocator};
 use crate::keys::{self, SecretKey};
 
@@ -79,16 +80,23 @@ impl Registry {
     ) -> Result<Self, ControlError> {
         let mut r = Self::new(policy, index_seed);
         for t in tenants {
+            let inconsistent =
+                |why: String| ControlError::Inconsistent(format!("tenant {}: {why}", t.id));
+            restore::check(&t, &r.tenants.values().collect::<Vec<_>>()).map_err(inconsistent)?;
             let indices = t
                 .routers
                 .values()
                 .map(|x| (x.index, x.id.as_str()))
                 .chain(t.clients.values().map(|x| (x.index, x.id.as_str())));
             for (index, owner) in indices {
+                if !IndexAllocator::is_valid(index) {
+                    return Err(inconsistent(format!(
+                        "receiver index {index} of {owner} is out of range"
+                    )));
+                }
                 if !r.indices.reserve(index) {
-                    return Err(ControlError::InUse(format!(
-                        "receiver index {index} of {owner} in tenant {} is used twice",
-                        t.id
+                    return Err(inconsistent(format!(
+                        "receiver index {index} of {owner} is used twice"
                     )));
                 }
             }
@@ -900,6 +908,107 @@ mod tests {
     }
     fn now() -> SystemTime {
         SystemTime::UNIX_EPOCH
+    }
+
+    /// A state the API built: tenant a with a router, a gateway, a pool and a
+    /// client; tenant b with a router.
+    fn built_state() -> Vec<Tenant> {
+        let mut r = registry();
+        r.put_tenant(&id("a"), &Default::default(), now()).unwrap();
+        r.put_tenant(&id("b"), &Default::default(), now()).unwrap();
+        for (t, p) in [("a", "r1"), ("a", "gw"), ("b", "r1")] {
+            r.put_router(&id(t), &id(p), &Default::default()).unwrap();
+        }
+        let egress = EgressRequest {
+            pool: "10.200.0.0/24".into(),
+            gateways: vec!["gw".into()],
+        };
+        r.put_egress(&id("a"), &egress).unwrap();
+        r.put_client(&id("a"), &id("phone"), &Default::default())
+            .unwrap();
+        r.tenants().cloned().collect()
+    }
+
+    fn restored(tenants: Vec<Tenant>) -> Result<Registry, ControlError> {
+        Registry::restore(registry().policy, 9, tenants)
+    }
+
+    #[test]
+    fn a_restored_state_is_checked_against_the_apis_rules() {
+        assert!(restored(built_state()).is_ok());
+        type Breakage = fn(&mut [Tenant]);
+        let cases: [(&str, Breakage, &str); 9] = [
+            (
+                "subnet overlap",
+                |t| t[1].subnet = "10.100.128.0/17".parse().unwrap(),
+                "overlaps 10.100.0.0/16 of tenant a",
+            ),
+            (
+                "pool overlap",
+                |t| t[1].subnet = "10.200.0.0/16".parse().unwrap(),
+                "overlaps 10.200.0.0/24 of tenant a",
+            ),
+            (
+                "host prefix",
+                |t| t[1].host_prefixes = vec!["10.200.0.0/25".parse().unwrap()],
+                "host prefix 10.200.0.0/25 overlaps",
+            ),
+            (
+                "router outside",
+                |t| t[0].routers.get_mut(&id("r1")).unwrap().vpn_ip = Ipv4Addr::new(10, 101, 1, 9),
+                "router r1 has 10.101.1.9",
+            ),
+            (
+                "same address",
+                |t| {
+                    t[0].routers.get_mut(&id("r1")).unwrap().vpn_ip = t[0].routers[&id("gw")].vpn_ip
+                },
+                "both have",
+            ),
+            (
+                "same key",
+                |t| {
+                    t[0].clients.get_mut(&id("phone")).unwrap().public_key =
+                        t[0].routers[&id("gw")].public_key
+                },
+                "the same public key",
+            ),
+            (
+                "missing gateway",
+                |t| t[0].egress.as_mut().unwrap().gateways = vec![id("nobody")],
+                "gateway nobody is not a router",
+            ),
+            (
+                "client without pool",
+                |t| {
+                    t[0].egress = None;
+                },
+                "client phone exists without an egress policy",
+            ),
+            (
+                "index out of range",
+                |t| t[1].routers.get_mut(&id("r1")).unwrap().index = 0,
+                "receiver index 0 of r1 is out of range",
+            ),
+        ];
+        for (what, break_it, expected) in cases {
+            let mut state = built_state();
+            break_it(&mut state);
+            match restored(state) {
+                Err(ControlError::Inconsistent(why)) => {
+                    assert!(why.contains(expected), "{what}: {why}")
+                }
+                Err(e) => panic!("{what}: {e}"),
+                Ok(_) => panic!("{what}: restored"),
+            }
+        }
+        let mut state = built_state();
+        let twice = state[0].routers[&id("r1")].index;
+        state[1].routers.get_mut(&id("r1")).unwrap().index = twice;
+        let Err(ControlError::Inconsistent(why)) = restored(state) else {
+            panic!("index twice: restored");
+        };
+        assert!(why.contains("is used twice"), "{why}");
     }
 
     #[test]

@@ -237,9 +237,15 @@ impl IndexAllocator {
         }
     }
 
-    /// Marks an index restored from the store as used; false if it already was.
+    /// True for an index this allocator could hand out.
+    pub fn is_valid(index: u32) -> bool {
+        index != 0 && index < INDEX_SPACE
+    }
+
+    /// Marks an index restored from the store as used; false if it is not a
+    /// valid index or already was used.
     pub fn reserve(&mut self, index: u32) -> bool {
-        index != 0 && index < INDEX_SPACE && self.used.insert(index)
+        Self::is_valid(index) && self.used.insert(index)
     }
 
     /// Returns an index for reuse.

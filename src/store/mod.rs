@@ -8,6 +8,7 @@
 //!
 //! The store is written on the control path only, never per packet.
 
+pub mod files;
 pub mod schema;
 pub mod seal;
 
@@ -86,10 +87,21 @@ impl Store {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(Duration::from_secs(5))?;
+        // The key is checked before any migration, so that a wrong key leaves an
+        // older state as it was (version 0 has no key check yet).
+        let version = user_version(&conn)?;
+        if version > schema::VERSION {
+            return Err(StoreError::TooNew {
+                found: version,
+                known: schema::VERSION,
+            });
+        }
+        if version >= 1 {
+            check_master_key(&conn, &master)?;
+        }
         migrate(&mut conn)?;
-        let store = Self { conn, master };
-        store.check_master_key()?;
-        Ok(store)
+        check_master_key(&conn, &master)?;
+        Ok(Self { conn, master })
     }
 
     /// True when the database holds no tenant yet.
@@ -98,30 +110,6 @@ impl Store {
             .conn
             .query_row("SELECT COUNT(*) FROM tenants", [], |r| r.get(0))?;
         Ok(n == 0)
-    }
-
-    fn check_master_key(&self) -> Result<(), StoreError> {
-        let sealed: Option<Vec<u8>> = self
-            .conn
-            .query_row("SELECT value FROM meta WHERE key = ?1", [KEY_CHECK], |r| {
-                r.get(0)
-            })
-            .optional()?;
-        match sealed {
-            Some(s) => match self.master.open(&s, KEY_CHECK) {
-                Ok(plain) if plain == KEY_CHECK_PLAIN => Ok(()),
-                Ok(_) => Err(StoreError::WrongMasterKey(SealError::WrongKey)),
-                Err(e) => Err(StoreError::WrongMasterKey(e)),
-            },
-            None => {
-                let sealed = self.master.seal(KEY_CHECK_PLAIN, KEY_CHECK);
-                self.conn.execute(
-                    "INSERT INTO meta (key, value) VALUES (?1, ?2)",
-                    params![KEY_CHECK, sealed],
-                )?;
-                Ok(())
-            }
-        }
     }
 
     /// Applies changes in one transaction, durable when this returns.
@@ -158,7 +146,7 @@ impl Store {
             let secret = SecretKey::from_bytes(
                 self.master
                     .open_key(&sealed, &row_name)
-                    .map_err(StoreError::WrongMasterKey)?,
+                    .map_err(|e| corrupt(&row_name, &format!("private_key ({e})")))?,
             );
             let tenant = Tenant {
                 interface_name,
@@ -166,7 +154,8 @@ impl Store {
                 secret,
                 subnet: subnet.parse().map_err(|_| corrupt(&row_name, "subnet"))?,
                 listen_port,
-                created_at: SystemTime::UNIX_EPOCH + Duration::from_millis(created.max(0) as u64),
+                created_at: created_at(created)
+                    .ok_or_else(|| corrupt(&row_name, "created_at_ms"))?,
                 routers: BTreeMap::new(),
                 clients: BTreeMap::new(),
                 egress: None,
@@ -305,14 +294,42 @@ impl Store {
                 self.master
                     .open_key(&s, context)
                     .map(SecretKey::from_bytes)
-                    .map_err(StoreError::WrongMasterKey)
+                    .map_err(|e| corrupt(context, &format!("private_key ({e})")))
             })
             .transpose()
     }
 }
 
+/// Proves that `master` opens this state, or records its check in a new one.
+fn check_master_key(conn: &Connection, master: &MasterKey) -> Result<(), StoreError> {
+    let sealed: Option<Vec<u8>> = conn
+        .query_row("SELECT value FROM meta WHERE key = ?1", [KEY_CHECK], |r| {
+            r.get(0)
+        })
+        .optional()?;
+    match sealed {
+        Some(s) => match master.open(&s, KEY_CHECK) {
+            Ok(plain) if plain == KEY_CHECK_PLAIN => Ok(()),
+            Ok(_) => Err(StoreError::WrongMasterKey(SealError::WrongKey)),
+            Err(e) => Err(StoreError::WrongMasterKey(e)),
+        },
+        None => {
+            let sealed = master.seal(KEY_CHECK_PLAIN, KEY_CHECK);
+            conn.execute(
+                "INSERT INTO meta (key, value) VALUES (?1, ?2)",
+                params![KEY_CHECK, sealed],
+            )?;
+            Ok(())
+        }
+    }
+}
+
+fn user_version(conn: &Connection) -> Result<i64, StoreError> {
+    Ok(conn.pragma_query_value(None, "user_version", |r| r.get(0))?)
+}
+
 fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
-    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    let version = user_version(conn)?;
     if version > schema::VERSION {
         return Err(StoreError::TooNew {
             found: version,
@@ -462,6 +479,17 @@ fn apply_one(
     Ok(())
 }
 
+/// The last instant RFC 3339 can write: 9999-12-31T23:59:59.999Z.
+const LAST_CREATED_MS: i64 = 253_402_300_799_999;
+
+/// A creation time as stored (milliseconds since 1970), if it is one this
+/// appliance could have written and the API can show.
+fn created_at(ms: i64) -> Option<SystemTime> {
+    (0..=LAST_CREATED_MS)
+        .contains(&ms)
+        .then(|| SystemTime::UNIX_EPOCH + Duration::from_millis(ms as u64))
+}
+
 fn corrupt(row: &str, field: &str) -> StoreError {
     StoreError::Corrupt {
         row: row.to_owned(),
@@ -609,41 +637,93 @@ mod tests {
         }
     }
 
+    /// What a release with only schema 1 wrote: one tenant.
+    fn version_1_state(path: &Path, master: &MasterKey) {
+        let conn = Connection::open(path).unwrap();
+        conn.execute_batch(schema::MIGRATIONS[0]).unwrap();
+        conn.pragma_update(None, "user_version", 1).unwrap();
+        let sealed = master.seal(KEY_CHECK_PLAIN, KEY_CHECK);
+        conn.execute(
+            "INSERT INTO meta (key, value) VALUES (?1, ?2)",
+            params![KEY_CHECK, sealed],
+        )
+        .unwrap();
+        let t = SecretKey::generate();
+        conn.execute(
+            "INSERT INTO tenants VALUES ('acme', 'wg0', ?1, ?2, '10.100.0.0/16', 51820, 0)",
+            params![
+                master.seal(&t.secret().to_bytes(), "tenant/acme"),
+                keys::encode(t.public().as_bytes())
+            ],
+        )
+        .unwrap();
+    }
+
+    fn version_of(path: &Path) -> i64 {
+        user_version(&Connection::open(path).unwrap()).unwrap()
+    }
+
     #[test]
     fn a_version_1_state_is_migrated_with_its_data() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.db");
         let master = MasterKey::generate();
-        {
-            // What a release with only schema 1 wrote.
-            let conn = Connection::open(&path).unwrap();
-            conn.execute_batch(schema::MIGRATIONS[0]).unwrap();
-            conn.pragma_update(None, "user_version", 1).unwrap();
-            let sealed = master.seal(KEY_CHECK_PLAIN, KEY_CHECK);
-            conn.execute(
-                "INSERT INTO meta (key, value) VALUES (?1, ?2)",
-                params![KEY_CHECK, sealed],
-            )
-            .unwrap();
-            let t = SecretKey::generate();
-            conn.execute(
-                "INSERT INTO tenants VALUES ('acme', 'wg0', ?1, ?2, '10.100.0.0/16', 51820, 0)",
-                params![
-                    master.seal(&t.secret().to_bytes(), "tenant/acme"),
-                    keys::encode(t.public().as_bytes())
-                ],
-            )
-            .unwrap();
-        }
+        version_1_state(&path, &master);
         let store = Store::open(&path, master).unwrap();
-        let version: i64 = store
-            .conn
-            .pragma_query_value(None, "user_version", |r| r.get(0))
-            .unwrap();
-        assert_eq!(version, schema::VERSION);
+        assert_eq!(version_of(&path), schema::VERSION);
         let tenants = store.load().unwrap();
         assert_eq!(tenants.len(), 1);
         assert_eq!(tenants[0].listen_port, 51820);
+    }
+
+    /// A wrong key must not upgrade the state: the release that wrote it could
+    /// no longer open it.
+    #[test]
+    fn a_wrong_key_leaves_an_older_state_unmigrated() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        version_1_state(&path, &MasterKey::generate());
+        let err = Store::open(&path, MasterKey::generate()).err().unwrap();
+        assert!(matches!(err, StoreError::WrongMasterKey(_)), "{err}");
+        assert_eq!(version_of(&path), 1);
+    }
+
+    /// Once the key check has passed, a key that does not open is one damaged
+    /// row, named as such, not a wrong master key.
+    #[test]
+    fn a_damaged_key_or_time_names_its_row() {
+        for (sql, row, field) in [
+            (
+                "UPDATE tenants SET private_key = X'00112233'",
+                "tenant/acme",
+                "private_key",
+            ),
+            (
+                "UPDATE tenants SET created_at_ms = 253402300800000",
+                "tenant/acme",
+                "created_at_ms",
+            ),
+            (
+                "UPDATE tenants SET created_at_ms = -1",
+                "tenant/acme",
+                "created_at_ms",
+            ),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("state.db");
+            let master = MasterKey::from_bytes([3; 32]);
+            version_1_state(&path, &master);
+            drop(Store::open(&path, MasterKey::from_bytes([3; 32])).unwrap());
+            Connection::open(&path).unwrap().execute(sql, []).unwrap();
+            let store = Store::open(&path, master).unwrap();
+            match store.load() {
+                Err(StoreError::Corrupt { row: r, reason }) => {
+                    assert_eq!(r, row, "{sql}");
+                    assert!(reason.contains(field), "{sql}: {reason}");
+                }
+                other => panic!("{sql}: {:?}", other.map(|t| t.len())),
+            }
+        }
     }
 
     #[test]

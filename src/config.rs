@@ -123,6 +123,10 @@ pub struct ApiSettings {
     pub listen: SocketAddr,
     /// File holding the bearer token; default `<state.dir>/api-token`.
     pub token_file: Option<PathBuf>,
+    /// `/metrics` takes the token too (it names tenants and peers): for an API
+    /// reachable beyond the host. Prometheus sends it with `authorization:
+    /// credentials_file`.
+    pub metrics_need_token: bool,
 }
 
 /// `[state]`
@@ -175,6 +179,7 @@ impl Default for ApiSettings {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             token_file: None,
+            metrics_need_token: false,
         }
     }
 }

@@ -444,6 +444,7 @@ async fn run(settings: Settings) -> Result<()> {
             store: std::sync::Mutex::new(store),
         }),
         token,
+        metrics_need_token: settings.api.metrics_need_token,
         public_host: t.public_host.clone(),
         events: broadcast::channel(1024).0,
         event_stats: Arc::default(),

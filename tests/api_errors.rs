@@ -356,3 +356,32 @@ fn refusals_wait_for_the_body_they_refuse() {
         assert!(answer.contains("\"error\""), "{path}: {answer}");
     }
 }
+
+/// `/metrics` is open by default; `api.metrics_need_token` puts it behind the
+/// same token as `/v1`.
+#[test]
+fn metrics_can_require_the_token() {
+    let open = Appliance::start();
+    assert_eq!(open.call_with("GET", "/metrics", None, None).0, 200);
+
+    let state = tempfile::tempdir().expect("tempdir");
+    let config = state.path().join("wgplane.toml");
+    std::fs::write(&config, "[api]\nmetrics_need_token = true\n").expect("config");
+    let config = config.to_string_lossy().into_owned();
+    let app = Appliance::start_with(
+        state,
+        support::free_tcp_port(),
+        support::free_udp_ports(4),
+        &[("WGPLANE_CONFIG", &config)],
+    )
+    .unwrap_or_else(|log| panic!("wgplane did not come up:\n{log}"));
+    for token in [None, Some("wrong")] {
+        let (status, v) = app.call_with("GET", "/metrics", None, token);
+        assert_eq!(status, 401, "{token:?}");
+        assert_eq!(error_of(&v).0, "unauthorized");
+    }
+    let (status, text) = app.call_with("GET", "/metrics", None, Some(app.token.as_str()));
+    assert_eq!(status, 200);
+    assert!(text.to_string().contains("wgplane_"), "{text}");
+    assert_eq!(app.call_with("GET", "/healthz", None, None).0, 200);
+}

@@ -1,4 +1,5 @@
-//! Bearer-token check for `/v1`, compared in constant time.
+//! Bearer-token check for `/v1` (and `/metrics` when the config asks for it),
+//! compared in constant time.
 
 use std::sync::Arc;
 
@@ -16,15 +17,35 @@ pub async fn require_token(
     request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
+    if holds_token(&request, &state.token) {
+        Ok(next.run(request).await)
+    } else {
+        Err(ApiError::unauthorized())
+    }
+}
+
+/// `/metrics` names tenants, peers' public keys and addresses: with
+/// `api.metrics_need_token` it takes the same token as `/v1`.
+pub async fn guard_metrics(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    if state.metrics_need_token
+        && request.uri().path() == "/metrics"
+        && !holds_token(&request, &state.token)
+    {
+        return Err(ApiError::unauthorized());
+    }
+    Ok(next.run(request).await)
+}
+
+fn holds_token(request: &Request, token: &str) -> bool {
     let presented = request
         .headers()
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
-    if bool::from(presented.as_bytes().ct_eq(state.token.as_bytes())) {
-        Ok(next.run(request).await)
-    } else {
-        Err(ApiError::unauthorized())
-    }
+    bool::from(presented.as_bytes().ct_eq(token.as_bytes()))
 }

@@ -47,6 +47,8 @@ pub struct Control {
 pub struct AppState {
     pub control: Mutex<Control>,
     pub token: String,
+    /// `/metrics` needs the token too (`api.metrics_need_token`).
+    pub metrics_need_token: bool,
     pub public_host: String,
     /// Named peer events, for SSE subscribers.
     pub events: tokio::sync::broadcast::Sender<crate::io::events::PeerEvent>,
@@ -71,7 +73,8 @@ impl crate::io::events::Resolve for Arc<AppState> {
     }
 }
 
-/// The full router: `/v1` behind the token, `/healthz` and `/metrics` open. The
+/// The full router: `/v1` behind the token, `/healthz` open, `/metrics` open unless
+/// the config puts it behind the token. The
 /// OpenAPI document is collected from the same handler annotations that register
 /// the routes, so the two cannot drift apart.
 pub fn router(state: Arc<AppState>) -> Router {
@@ -125,6 +128,10 @@ fn routes(state: Arc<AppState>) -> (Router, utoipa::openapi::OpenApi) {
     let router = router
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&state),
+            auth::guard_metrics,
+        ))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(axum::middleware::from_fn(body::read_first))
         .with_state(state);

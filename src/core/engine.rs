@@ -841,6 +841,11 @@ impl TunnelEngine {
         self.flush_local(now, sink);
     }
 
+    /// Connections the local stack carries, closing ones included.
+    pub fn local_connections(&self) -> usize {
+        self.local.as_ref().map_or(0, LocalStack::connections)
+    }
+
     /// When the local stack next needs [`TunnelEngine::handle_local`].
     pub fn poll_local_at(&mut self, now: Instant) -> Option<Instant> {
         self.local.as_mut().and_then(|s| s.poll_at(now))

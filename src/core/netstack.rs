@@ -196,7 +196,8 @@ impl LocalStack {
         self.device.rx.push_back(packet.to_vec());
     }
 
-    /// Runs the stack: processes input, timers and socket output.
+    /// Runs the stack: processes input, timers and socket output, then forgets
+    /// the connections that are fully closed (see [`LocalStack::reap`]).
     pub fn poll(&mut self, now: Instant) {
         let at = self.at(now);
         self.iface.poll(at, &mut self.device, &mut self.sockets);
@@ -212,6 +213,7 @@ impl LocalStack {
                 break;
             }
         }
+        self.reap();
     }
 
     /// When the stack next needs a poll, if it has timers running.
@@ -230,6 +232,8 @@ impl LocalStack {
 
     /// Opens a TCP connection to `remote` from the stack's address.
     pub fn connect(&mut self, remote: SocketAddrV4, now: Instant) -> Result<ConnId, StackError> {
+        // Closed connections nobody asked about any more must not count.
+        self.reap();
         if self.conns.len() >= MAX_CONNECTIONS {
             return Err(StackError::TooMany);
         }
@@ -355,26 +359,24 @@ impl LocalStack {
         }
     }
 
-    /// Forgets connections that are fully closed; returns their ids.
-    pub fn reap(&mut self) -> Vec<ConnId> {
-        let closed: Vec<ConnId> = self
-            .conns
-            .iter()
-            .filter(|(_, h)| {
-                let s = self.sockets.get::<tcp::Socket>(**h);
-                s.state() == tcp::State::Closed && !s.can_recv()
-            })
-            .map(|(id, _)| *id)
-            .collect();
-        for id in &closed {
-            if let Some(h) = self.conns.remove(id) {
-                self.sockets.remove(h);
+    /// Forgets connections that are fully closed (and whose received bytes were
+    /// read); returns how many. Their ids then answer [`ConnState::Closed`].
+    pub fn reap(&mut self) -> usize {
+        let Self { conns, sockets, .. } = self;
+        let before = conns.len();
+        conns.retain(|_, h| {
+            let s = sockets.get::<tcp::Socket>(*h);
+            let closed = s.state() == tcp::State::Closed && !s.can_recv();
+            if closed {
+                sockets.remove(*h);
             }
-        }
-        closed
+            !closed
+        });
+        before - conns.len()
     }
 
-    /// Open connections.
+    /// Connections the stack carries, closing ones included until they are
+    /// fully closed.
     pub fn connections(&self) -> usize {
         self.conns.len()
     }
@@ -459,8 +461,54 @@ mod tests {
             while stack.poll_transmit().is_some() {}
         }
         assert_eq!(stack.state(id), ConnState::Closed);
-        assert_eq!(stack.reap(), vec![id]);
+        assert_eq!(stack.connections(), 0, "reaped by the poll");
+    }
+
+    /// Connections that ended while nobody read them (the forward that opened
+    /// them is gone) leave room for new ones: the limit counts live ones only.
+    #[test]
+    fn closed_connections_do_not_count_against_the_limit() {
+        let start = Instant::now();
+        let mut stack = LocalStack::new(Ipv4Addr::new(10, 100, 0, 1), 16, start);
+        for _ in 0..MAX_CONNECTIONS {
+            stack
+                .connect("10.100.1.1:8728".parse().unwrap(), start)
+                .unwrap();
+        }
+        while stack.poll_transmit().is_some() {}
+        // Nobody answers: every connection times out. Only the stack's own
+        // timer runs it, as the tunnel task does while connections are open.
+        let mut now = start;
+        for _ in 0..10_000 {
+            let Some(at) = stack.poll_at(now) else { break };
+            now = at.max(now);
+            stack.poll(now);
+            while stack.poll_transmit().is_some() {}
+        }
+        assert!(now - start < 2 * TCP_TIMEOUT);
         assert_eq!(stack.connections(), 0);
+        stack
+            .connect("10.100.1.1:8728".parse().unwrap(), now)
+            .expect("room again");
+    }
+
+    #[test]
+    fn connect_forgets_closed_connections_first() {
+        let now = Instant::now();
+        let mut stack = LocalStack::new(Ipv4Addr::new(10, 100, 0, 1), 16, now);
+        let ids: Vec<ConnId> = (0..MAX_CONNECTIONS)
+            .map(|_| {
+                stack
+                    .connect("10.100.1.1:8728".parse().unwrap(), now)
+                    .unwrap()
+            })
+            .collect();
+        // Closed without a poll since (an abort inside smoltcp, as a timeout).
+        let handle = stack.conns[&ids[0]];
+        stack.sockets.get_mut::<tcp::Socket>(handle).abort();
+        stack
+            .connect("10.100.1.1:8728".parse().unwrap(), now)
+            .expect("the closed one is not counted");
     }
 
     #[test]

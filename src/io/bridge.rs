@@ -138,6 +138,12 @@ impl Bridges {
 
             // Stack -> host, while the host side has room.
             if let Some(tx) = &b.to_host {
+                // The host writer ended (its client went away): nobody will
+                // read what the router sends, so the connection is reset.
+                if tx.is_closed() {
+                    done.push(id);
+                    continue;
+                }
                 while let Ok(permit) = tx.try_reserve() {
                     match stack.recv(id, &mut self.buf) {
                         Ok(n) if n > 0 => permit.send(self.buf[..n].to_vec()),
@@ -308,6 +314,47 @@ mod tests {
         assert_eq!(opened_rx.try_recv(), Ok(Ok(())));
         assert_eq!(echoed.len(), data.len());
         assert!(echoed == data, "echo is intact");
+    }
+
+    /// The host writer is gone while the router keeps sending: the stack
+    /// connection is reset and forgotten instead of staying forever.
+    #[test]
+    fn a_connection_whose_host_writer_ended_is_reset() {
+        let start = Instant::now();
+        let mut stack = LocalStack::new(Ipv4Addr::new(10, 100, 0, 1), 16, start);
+        let mut router = Router::new();
+        let mut bridges = Bridges::default();
+        let remote = "10.100.1.1:8728".parse().unwrap();
+        let (to_stack, from_stack, mut opened_rx) = bridge(&mut stack, &mut bridges, remote, start);
+        let mut from_stack = Some(from_stack);
+        let mut now = start;
+        for i in 0..200 {
+            now += Duration::from_millis(10);
+            // The host reader stays; it sends a line now and then (echoed).
+            let _ = to_stack.try_send(b"/system/resource/print\n".to_vec());
+            if i == 50 {
+                from_stack = None; // the writer ends (write error)
+            }
+            bridges.pump(&mut stack);
+            stack.poll(now);
+            let mut out = Vec::new();
+            while let Some(p) = stack.poll_transmit() {
+                out.push(p);
+            }
+            let at =
+                smoltcp::time::Instant::from_micros(now.duration_since(start).as_micros() as i64);
+            for p in router.exchange(out, at) {
+                stack.receive(&p);
+            }
+            stack.poll(now);
+            if let Some(rx) = &mut from_stack {
+                while rx.try_recv().is_ok() {}
+            }
+        }
+        assert_eq!(opened_rx.try_recv(), Ok(Ok(())));
+        assert!(bridges.is_empty(), "the bridge is gone");
+        assert_eq!(stack.connections(), 0, "the connection was reset");
+        assert!(to_stack.is_closed(), "the host reader is told");
     }
 
     #[test]

@@ -134,6 +134,7 @@ pub struct LocalStack {
     next_conn: ConnId,
     next_port: u16,
     dropped: u64,
+    polls: u64,
 }
 
 impl LocalStack {
@@ -169,6 +170,7 @@ impl LocalStack {
             next_conn: 1,
             next_port: 49152,
             dropped: 0,
+            polls: 0,
         }
     }
 
@@ -196,9 +198,20 @@ impl LocalStack {
         self.device.rx.push_back(packet.to_vec());
     }
 
+    /// True when packets wait for the next poll.
+    pub fn has_input(&self) -> bool {
+        !self.device.rx.is_empty()
+    }
+
+    /// Polls run so far: what the packet path costs the stack.
+    pub fn polls(&self) -> u64 {
+        self.polls
+    }
+
     /// Runs the stack: processes input, timers and socket output, then forgets
     /// the connections that are fully closed (see [`LocalStack::reap`]).
     pub fn poll(&mut self, now: Instant) {
+        self.polls += 1;
         let at = self.at(now);
         self.iface.poll(at, &mut self.device, &mut self.sockets);
         // One egress pass sends at most one segment per socket: repeat while the

@@ -340,7 +340,7 @@ pub async fn run(
         let stack_deadline = if engine.local_connections() == 0 {
             None
         } else {
-            engine.poll_local_at(Instant::now())
+            engine.local_deadline()
         };
         let mut stack_due = false;
         let stack_timer = async {

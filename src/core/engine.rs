@@ -1067,17 +1067,13 @@ fn route(
             }
         }
         Verdict::Local => {
-            let delivered = match local {
-                Some(stack) => {
-                    stack.receive(packet);
-                    true
-                }
-                None => sink.local(packet),
+            let refused = match local {
+                Some(stack) => (!stack.receive(packet)).then_some(DropReason::LocalQueueFull),
+                None => (!sink.local(packet)).then_some(DropReason::LocalUnavailable),
             };
-            if delivered {
-                stats.forwarded_local += 1;
-            } else {
-                stats.drop(DropReason::LocalUnavailable);
+            match refused {
+                None => stats.forwarded_local += 1,
+                Some(reason) => stats.drop(reason),
             }
         }
         Verdict::Drop { reason, primary } => {
@@ -1163,6 +1159,40 @@ mod tests {
         assert_eq!(engine.stats().forwarded_local, 1);
         assert_eq!(polls(&mut engine), before + 1);
         assert!(out.sent.iter().any(|(to, _)| *to == r1.addr), "answered");
+    }
+
+    /// A packet the stack's full input queue refuses is a drop of its own,
+    /// not a local delivery.
+    #[test]
+    fn a_full_stack_queue_is_counted_as_a_drop() {
+        use crate::core::harness::{Collect, MemoryClient};
+        use crate::core::packet::build::ip_packet;
+
+        let now = Instant::now();
+        let secret = StaticSecret::random_from_rng(rand_core::OsRng);
+        let public = PublicKey::from(&secret);
+        let server = std::net::Ipv4Addr::new(10, 100, 0, 1);
+        let mut engine =
+            TunnelEngine::new(secret, vec![IpAddr::V4(server)]).with_local_stack(server, 16, now);
+        let mut r1 = MemoryClient::new(&public, 1, SocketAddr::from(([192, 0, 2, 1], 1)));
+        r1.register(
+            &mut engine,
+            &[IpNet::from(IpAddr::from([10, 100, 1, 1]))],
+            1,
+        );
+        assert!(r1.handshake(&mut engine, now));
+        let packet = ip_packet([10, 100, 1, 1].into(), IpAddr::V4(server), 8);
+        if let Some(stack) = engine.local_stack() {
+            while stack.receive(&packet) {}
+        }
+        let datagram = r1.encrypt(&packet).unwrap();
+        engine.handle_datagram(r1.addr, &datagram, now, &mut Collect::default());
+        assert_eq!(engine.stats().dropped(DropReason::LocalQueueFull), 1);
+        assert_eq!(engine.stats().forwarded_local, 0);
+        // The stack ran and took the queue in: the next packet is delivered.
+        let datagram = r1.encrypt(&packet).unwrap();
+        engine.handle_datagram(r1.addr, &datagram, now, &mut Collect::default());
+        assert_eq!(engine.stats().forwarded_local, 1);
     }
 
     #[test]

@@ -31,8 +31,16 @@ const RX_QUEUE: usize = 256;
 /// absorbs (about 200 KiB); 128 KiB still carries several MB/s at 20 ms RTT.
 const TCP_BUFFER: usize = 128 * 1024;
 
-/// A connection that gets no answer for this long is given up.
+/// A connection that gets no answer for this long is given up: while
+/// connecting, while data waits to be acknowledged, and while idle (see
+/// [`TCP_KEEP_ALIVE`]).
 const TCP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// An idle connection probes the router this often. Shorter than
+/// [`TCP_TIMEOUT`] (three probes fit in it): smoltcp counts the timeout from the
+/// router's last segment, so without probes an idle connection to a live router
+/// would be given up too, and with them a router that vanished is noticed.
+const TCP_KEEP_ALIVE: Duration = Duration::from_secs(3);
 
 /// Upper bound of egress passes per poll (see [`LocalStack::poll`]).
 const MAX_EGRESS_PASSES: usize = 1024;
@@ -252,6 +260,9 @@ impl LocalStack {
         );
         socket.set_timeout(Some(smoltcp::time::Duration::from_millis(
             TCP_TIMEOUT.as_millis() as u64,
+        )));
+        socket.set_keep_alive(Some(smoltcp::time::Duration::from_millis(
+            TCP_KEEP_ALIVE.as_millis() as u64,
         )));
         socket.set_nagle_enabled(false);
         // Tunnels lose packets when a socket buffer overflows; without congestion

@@ -357,6 +357,46 @@ mod tests {
         assert!(to_stack.is_closed(), "the host reader is told");
     }
 
+    /// An idle connection stays open while the router answers the stack's
+    /// keep-alive probes, and is given up once the router is gone.
+    #[test]
+    fn idle_connections_live_while_the_router_answers() {
+        let start = Instant::now();
+        let mut stack = LocalStack::new(Ipv4Addr::new(10, 100, 0, 1), 16, start);
+        let mut router = Router::new();
+        let mut bridges = Bridges::default();
+        let remote = "10.100.1.1:8728".parse().unwrap();
+        let (to_stack, mut from_stack, _opened) = bridge(&mut stack, &mut bridges, remote, start);
+        to_stack.try_send(b"hello".to_vec()).unwrap();
+        let mut now = start;
+        let mut run = |stack: &mut LocalStack, router_up: bool, seconds: u64| {
+            for _ in 0..seconds * 10 {
+                now += Duration::from_millis(100);
+                bridges.pump(stack);
+                stack.poll(now);
+                let mut out = Vec::new();
+                while let Some(p) = stack.poll_transmit() {
+                    out.push(p);
+                }
+                if router_up {
+                    let at = smoltcp::time::Instant::from_micros(
+                        now.duration_since(start).as_micros() as i64,
+                    );
+                    for p in router.exchange(out, at) {
+                        assert!(stack.receive(&p));
+                    }
+                }
+                stack.poll(now);
+            }
+        };
+        run(&mut stack, true, 60);
+        assert_eq!(from_stack.try_recv().as_deref(), Ok(&b"hello"[..]));
+        assert_eq!(stack.state(1), ConnState::Open, "idle for a minute");
+        run(&mut stack, false, 15);
+        assert_eq!(stack.state(1), ConnState::Closed, "the router is gone");
+        assert!(bridges.is_empty());
+    }
+
     #[test]
     fn an_unreachable_router_is_reported() {
         let start = Instant::now();

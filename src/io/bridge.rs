@@ -301,7 +301,7 @@ mod tests {
             let at =
                 smoltcp::time::Instant::from_micros(now.duration_since(start).as_micros() as i64);
             for p in router.exchange(out, at) {
-                stack.receive(&p);
+                assert!(stack.receive(&p));
             }
             stack.poll(now);
             while let Ok(chunk) = from_stack.try_recv() {
@@ -344,7 +344,7 @@ mod tests {
             let at =
                 smoltcp::time::Instant::from_micros(now.duration_since(start).as_micros() as i64);
             for p in router.exchange(out, at) {
-                stack.receive(&p);
+                assert!(stack.receive(&p));
             }
             stack.poll(now);
             if let Some(rx) = &mut from_stack {

@@ -762,6 +762,7 @@ impl TunnelEngine {
                 now,
                 sink,
             );
+            stack.recycle(packet);
         }
         *local_at = stack.poll_at(now);
     }

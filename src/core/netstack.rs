@@ -84,24 +84,55 @@ pub const MAX_CONNECTIONS: usize = 256;
 /// The local ports connections come from.
 const LOCAL_PORTS: std::ops::RangeInclusive<u16> = 49152..=u16::MAX;
 
-/// An in-memory IP device: queues in, queues out.
+/// Packet buffers kept for reuse in each direction, so that the packets the
+/// stack takes and sends cost no allocation once it has run a while; beyond
+/// these, and buffers grown past [`SPARE_CAPACITY`], are freed.
+const SPARE_BUFFERS: usize = 16;
+
+/// Largest buffer kept for reuse: a full-size packet of the tunnel fits.
+const SPARE_CAPACITY: usize = 2 * MTU;
+
+/// Keeps `buffer` in `spare` for reuse, if there is room and it is not oversized.
+fn keep(spare: &mut Vec<Vec<u8>>, buffer: Vec<u8>) {
+    if spare.len() < SPARE_BUFFERS && buffer.capacity() <= SPARE_CAPACITY {
+        spare.push(buffer);
+    }
+}
+
+/// An in-memory IP device: queues in, queues out, and their spare buffers.
 #[derive(Default)]
 pub(crate) struct Queues {
     pub(crate) rx: VecDeque<Vec<u8>>,
     pub(crate) tx: VecDeque<Vec<u8>>,
+    /// Buffers of packets the stack has read, for the next ones handed in.
+    rx_spare: Vec<Vec<u8>>,
+    /// Buffers of sent packets given back ([`LocalStack::recycle`]).
+    tx_spare: Vec<Vec<u8>>,
 }
 
 impl Device for Queues {
-    type RxToken<'a> = RxToken;
+    type RxToken<'a> = RxToken<'a>;
     type TxToken<'a> = TxToken<'a>;
 
-    fn receive(&mut self, _: smoltcp::time::Instant) -> Option<(RxToken, TxToken<'_>)> {
+    fn receive(&mut self, _: smoltcp::time::Instant) -> Option<(RxToken<'_>, TxToken<'_>)> {
         let packet = self.rx.pop_front()?;
-        Some((RxToken(packet), TxToken(&mut self.tx)))
+        Some((
+            RxToken {
+                packet,
+                spare: &mut self.rx_spare,
+            },
+            TxToken {
+                queue: &mut self.tx,
+                spare: &mut self.tx_spare,
+            },
+        ))
     }
 
     fn transmit(&mut self, _: smoltcp::time::Instant) -> Option<TxToken<'_>> {
-        Some(TxToken(&mut self.tx))
+        Some(TxToken {
+            queue: &mut self.tx,
+            spare: &mut self.tx_spare,
+        })
     }
 
     fn capabilities(&self) -> DeviceCapabilities {
@@ -112,21 +143,31 @@ impl Device for Queues {
     }
 }
 
-pub(crate) struct RxToken(Vec<u8>);
+pub(crate) struct RxToken<'a> {
+    packet: Vec<u8>,
+    spare: &'a mut Vec<Vec<u8>>,
+}
 
-impl phy::RxToken for RxToken {
+impl phy::RxToken for RxToken<'_> {
     fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
-        f(&self.0)
+        let r = f(&self.packet);
+        keep(self.spare, self.packet);
+        r
     }
 }
 
-pub(crate) struct TxToken<'a>(&'a mut VecDeque<Vec<u8>>);
+pub(crate) struct TxToken<'a> {
+    queue: &'a mut VecDeque<Vec<u8>>,
+    spare: &'a mut Vec<Vec<u8>>,
+}
 
 impl phy::TxToken for TxToken<'_> {
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
-        let mut packet = vec![0; len];
+        let mut packet = self.spare.pop().unwrap_or_default();
+        packet.clear();
+        packet.resize(len, 0);
         let r = f(&mut packet);
-        self.0.push_back(packet);
+        self.queue.push_back(packet);
         r
     }
 }
@@ -197,7 +238,10 @@ impl LocalStack {
         if self.device.rx.len() >= RX_QUEUE {
             return false;
         }
-        self.device.rx.push_back(packet.to_vec());
+        let mut buffer = self.device.rx_spare.pop().unwrap_or_default();
+        buffer.clear();
+        buffer.extend_from_slice(packet);
+        self.device.rx.push_back(buffer);
         true
     }
 
@@ -240,10 +284,16 @@ impl LocalStack {
             .map(|d| now + Duration::from_micros(d.total_micros()))
     }
 
-    /// The next packet the stack wants to send.
+    /// The next packet the stack wants to send. Give it back with
+    /// [`LocalStack::recycle`] once it is sent.
     #[must_use]
     pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
         self.device.tx.pop_front()
+    }
+
+    /// Takes a sent packet's buffer back for the stack's next packets.
+    pub fn recycle(&mut self, packet: Vec<u8>) {
+        keep(&mut self.device.tx_spare, packet);
     }
 
     /// Opens a TCP connection to `remote` from the stack's address.

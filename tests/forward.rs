@@ -117,7 +117,15 @@ fn forward_carries_10_mb_and_50_connections() {
         .count();
     assert_eq!(ok, 50);
 
-    // Listed, then deleted: the port closes.
+    // A connection left open while the forward is deleted.
+    let mut held = TcpStream::connect(listen).expect("connect to the forward");
+    held.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    held.write_all(b"held").expect("write");
+    let mut buf = [0u8; 4];
+    held.read_exact(&mut buf).expect("echoed");
+
+    // Listed, then deleted: the port closes, and so does the open connection.
     let list = app.expect(
         "GET",
         "/v1/tenants/kitonga/routers/branch-a/forwards",
@@ -133,6 +141,11 @@ fn forward_carries_10_mb_and_50_connections() {
     );
     // Closed by the time the deletion is answered.
     assert!(TcpStream::connect(listen).is_err(), "listener closed");
+    match held.read(&mut buf) {
+        Ok(0) => {}
+        Err(e) => assert_ne!(e.kind(), std::io::ErrorKind::WouldBlock, "still open"),
+        Ok(n) => panic!("read {n} bytes from a deleted forward"),
+    }
 }
 
 #[test]

@@ -1,42 +1,48 @@
 //! The per-packet path allocates nothing: a counting global allocator watches a
 //! steady-state KTN flow through the engine, phone -> gateway by the egress rule
-//! and the gateway's answers back to the phone, decrypt + route + encrypt each.
+//! and the gateway's answers back to the phone, decrypt + route + encrypt each;
+//! and a router's pings to the server address, answered by the userspace stack.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
-use wgplane::core::engine::Sink;
-use wgplane::core::harness::Ktn;
+use wgplane::core::engine::{Sink, TunnelEngine};
+use wgplane::core::harness::{Ktn, MemoryClient};
 use wgplane::core::packet::build::ip_packet;
 
 struct Counting;
 
-static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
-
 thread_local! {
     /// Only the measuring thread's allocations count (the test harness has others).
     static WATCHED: Cell<bool> = const { Cell::new(false) };
+    /// The watched allocations of this thread.
+    static ALLOCATIONS: Cell<usize> = const { Cell::new(0) };
+}
+
+fn count() {
+    if WATCHED.with(Cell::get) {
+        ALLOCATIONS.with(|a| a.set(a.get() + 1));
+    }
+}
+
+fn allocations() -> usize {
+    ALLOCATIONS.with(Cell::get)
 }
 
 // SAFETY: every call is passed to the system allocator unchanged; the counter
 // and the thread-local flag neither allocate nor touch the memory.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if WATCHED.with(Cell::get) {
-            ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        }
+        count();
         unsafe { System.alloc(layout) }
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         unsafe { System.dealloc(ptr, layout) }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        if WATCHED.with(Cell::get) {
-            ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        }
+        count();
         unsafe { System.realloc(ptr, layout, new_size) }
     }
 }
@@ -103,15 +109,78 @@ fn forwarding_allocates_nothing() {
         (500, 500),
         "all forwarded"
     );
-    assert_eq!(
-        ALLOCATIONS.load(Ordering::Relaxed),
-        0,
-        "allocations on the per-packet path"
-    );
+    assert_eq!(allocations(), 0, "allocations on the per-packet path");
 
     // The counter itself works: one watched allocation is seen.
     WATCHED.with(|w| w.set(true));
     let probe = std::hint::black_box(vec![0u8; 64]);
     WATCHED.with(|w| w.set(false));
-    assert_eq!(ALLOCATIONS.load(Ordering::Relaxed), 1, "{}", probe.len());
+    assert_eq!(allocations(), 1, "{}", probe.len());
+}
+
+/// An ICMP echo request from `src` to `dst`.
+fn ping(src: IpAddr, dst: IpAddr, seq: u16) -> Vec<u8> {
+    use smoltcp::phy::ChecksumCapabilities;
+    use smoltcp::wire::{Icmpv4Packet, Icmpv4Repr, IpProtocol, Ipv4Packet, Ipv4Repr};
+    let (IpAddr::V4(src), IpAddr::V4(dst)) = (src, dst) else {
+        panic!("IPv4 only");
+    };
+    let icmp = Icmpv4Repr::EchoRequest {
+        ident: 1,
+        seq_no: seq,
+        data: b"netwatch",
+    };
+    let repr = Ipv4Repr {
+        src_addr: src,
+        dst_addr: dst,
+        next_header: IpProtocol::Icmp,
+        payload_len: icmp.buffer_len(),
+        hop_limit: 64,
+    };
+    let mut buf = vec![0u8; repr.buffer_len() + icmp.buffer_len()];
+    let caps = ChecksumCapabilities::default();
+    repr.emit(&mut Ipv4Packet::new_unchecked(&mut buf[..]), &caps);
+    icmp.emit(
+        &mut Icmpv4Packet::new_unchecked(&mut buf[repr.buffer_len()..]),
+        &caps,
+    );
+    buf
+}
+
+#[test]
+fn pings_to_the_server_address_allocate_nothing() {
+    let now = Instant::now();
+    let secret = boringtun::x25519::StaticSecret::random_from_rng(rand_core::OsRng);
+    let public = boringtun::x25519::PublicKey::from(&secret);
+    let server = IpAddr::from([10, 100, 0, 1]);
+    let mut engine =
+        TunnelEngine::new(secret, vec![server]).with_local_stack([10, 100, 0, 1].into(), 16, now);
+    let router_ip = IpAddr::from([10, 100, 1, 1]);
+    let mut router = MemoryClient::new(&public, 7, SocketAddr::from(([192, 0, 2, 7], 7)));
+    router.register(&mut engine, &[router_ip.into()], 1);
+    assert!(router.handshake(&mut engine, now));
+    let pings: Vec<Vec<u8>> = (0..500)
+        .map(|seq| {
+            router
+                .encrypt(&ping(router_ip, server, seq))
+                .expect("session")
+        })
+        .collect();
+    let mut sink = Tally {
+        to_gateway: 0,
+        to_phone: 0,
+        gateway: router.addr,
+    };
+    for p in pings.iter().take(20) {
+        engine.handle_datagram(router.addr, p, now, &mut sink);
+    }
+
+    WATCHED.with(|w| w.set(true));
+    for p in pings.iter().skip(20) {
+        engine.handle_datagram(router.addr, p, now, &mut sink);
+    }
+    WATCHED.with(|w| w.set(false));
+
+    assert_eq!(sink.to_gateway, 500, "every ping answered");
+    assert_eq!(allocations(), 0, "allocations on the local stack's path");
 }

@@ -149,6 +149,15 @@ fn metrics_match_the_traffic() {
         1.0
     );
     assert_eq!(sample(&text, "wgplane_tunnel_up", &[t]), 1.0);
+    assert_eq!(sample(&text, "wgplane_tunnel_events_lost_total", &[t]), 0.0);
+    assert_eq!(
+        sample(
+            &text,
+            "wgplane_packets_dropped_total",
+            &[t, r#"reason="local_queue_full""#]
+        ),
+        0.0
+    );
     assert!(
         sample(
             &text,

@@ -509,4 +509,21 @@ fn tun_mode_reaches_routers_and_never_leaks() {
         no_tunnel >= 3.0,
         "host packets for no tenant were counted ({no_tunnel})"
     );
+
+    // 7. The device goes away: its reader ends, and health says so.
+    let health = || {
+        lab.hub.capture(&[
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &format!("http://{API}/healthz"),
+        ])
+    };
+    assert_eq!(health(), "200");
+    lab.hub.run_words("ip link del wgplane0");
+    let down = wait_for(Duration::from_secs(5), || (health() == "503").then_some(()));
+    assert!(down.is_some(), "healthy without the host device's reader");
 }

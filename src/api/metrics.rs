@@ -133,6 +133,10 @@ fn describe() {
         "Cookie replies sent under load."
     );
     describe_counter!(
+        "wgplane_tunnel_events_lost_total",
+        "Peer events a tunnel discarded because they were not drained in time."
+    );
+    describe_counter!(
         "wgplane_datagrams_total",
         "Datagrams received and sent on tunnel sockets."
     );
@@ -261,6 +265,7 @@ fn tunnel_series(
     counter!("wgplane_handshakes_total", &base()).absolute(s.handshakes);
     counter!("wgplane_handshake_responses_total", &base()).absolute(s.handshake_responses);
     counter!("wgplane_cookie_replies_total", &base()).absolute(s.cookie_replies);
+    counter!("wgplane_tunnel_events_lost_total", &base()).absolute(s.events_lost);
     for (direction, value) in [
         ("received", s.rx_datagrams),
         ("sent", s.tx_datagrams),

@@ -260,6 +260,8 @@ pub struct TunnelEngine {
     rx: Box<[u8]>,
     tx: Box<[u8]>,
     local: Option<LocalStack>,
+    /// When the local stack next needs a poll for its timers, as of its last one.
+    local_at: Option<Instant>,
 }
 
 impl TunnelEngine {
@@ -286,6 +288,7 @@ impl TunnelEngine {
             rx: vec![0; BUF_LEN].into_boxed_slice(),
             tx: vec![0; BUF_LEN].into_boxed_slice(),
             local: None,
+            local_at: None,
         }
     }
 
@@ -721,7 +724,12 @@ impl TunnelEngine {
             Decap::WrongPeer => stats.drop(DropReason::HandshakeFailed),
         }
         trim_events(events, stats);
-        self.flush_local(now, sink);
+        // The stack runs only when this datagram gave it something, or when its
+        // timers are due: peer-to-peer transit never pays for a poll.
+        let delivered = local.as_ref().is_some_and(LocalStack::has_input);
+        if delivered || self.local_at.is_some_and(|at| now >= at) {
+            self.flush_local(now, sink);
+        }
     }
 
     /// Runs the local stack and routes what it sends, as packets from the host.
@@ -732,6 +740,7 @@ impl TunnelEngine {
             stats,
             tx,
             local,
+            local_at,
             ..
         } = self;
         let Some(stack) = local else { return };
@@ -753,7 +762,9 @@ impl TunnelEngine {
                 now,
                 sink,
             );
+            stack.recycle(packet);
         }
+        *local_at = stack.poll_at(now);
     }
 
     /// Handles a packet from the host side (TUN device or local stack), routed by
@@ -841,9 +852,16 @@ impl TunnelEngine {
         self.flush_local(now, sink);
     }
 
-    /// When the local stack next needs [`TunnelEngine::handle_local`].
-    pub fn poll_local_at(&mut self, now: Instant) -> Option<Instant> {
-        self.local.as_mut().and_then(|s| s.poll_at(now))
+    /// Connections the local stack carries, closing ones included.
+    pub fn local_connections(&self) -> usize {
+        self.local.as_ref().map_or(0, LocalStack::connections)
+    }
+
+    /// When the local stack next needs [`TunnelEngine::handle_local`] for its
+    /// timers (as of its last poll; the engine polls it whenever it hands it a
+    /// packet).
+    pub fn local_deadline(&self) -> Option<Instant> {
+        self.local_at
     }
 
     // ---- outputs ----
@@ -1050,17 +1068,13 @@ fn route(
             }
         }
         Verdict::Local => {
-            let delivered = match local {
-                Some(stack) => {
-                    stack.receive(packet);
-                    true
-                }
-                None => sink.local(packet),
+            let refused = match local {
+                Some(stack) => (!stack.receive(packet)).then_some(DropReason::LocalQueueFull),
+                None => (!sink.local(packet)).then_some(DropReason::LocalUnavailable),
             };
-            if delivered {
-                stats.forwarded_local += 1;
-            } else {
-                stats.drop(DropReason::LocalUnavailable);
+            match refused {
+                None => stats.forwarded_local += 1,
+                Some(reason) => stats.drop(reason),
             }
         }
         Verdict::Drop { reason, primary } => {
@@ -1097,6 +1111,89 @@ mod tests {
             kind: super::super::peer::PeerKind::Router,
             endpoint: None,
         }
+    }
+
+    /// Transit between peers leaves the local stack alone; a packet for the
+    /// stack runs it at once, and its answer leaves in the same call.
+    #[test]
+    fn only_packets_for_the_stack_run_it() {
+        use crate::core::harness::{Collect, MemoryClient};
+        use crate::core::packet::build::ip_packet;
+
+        let now = Instant::now();
+        let secret = StaticSecret::random_from_rng(rand_core::OsRng);
+        let public = PublicKey::from(&secret);
+        let server = std::net::Ipv4Addr::new(10, 100, 0, 1);
+        let mut engine =
+            TunnelEngine::new(secret, vec![IpAddr::V4(server)]).with_local_stack(server, 16, now);
+        let mut r1 = MemoryClient::new(&public, 1, SocketAddr::from(([192, 0, 2, 1], 1)));
+        let mut r2 = MemoryClient::new(&public, 2, SocketAddr::from(([192, 0, 2, 2], 2)));
+        r1.register(
+            &mut engine,
+            &[IpNet::from(IpAddr::from([10, 100, 1, 1]))],
+            1,
+        );
+        r2.register(
+            &mut engine,
+            &[IpNet::from(IpAddr::from([10, 100, 1, 2]))],
+            2,
+        );
+        assert!(r1.handshake(&mut engine, now));
+        assert!(r2.handshake(&mut engine, now));
+        let polls = |e: &mut TunnelEngine| e.local_stack().map_or(0, |s| s.polls());
+        let before = polls(&mut engine);
+
+        let transit = ip_packet([10, 100, 1, 1].into(), [10, 100, 1, 2].into(), 100);
+        let mut out = Collect::default();
+        for _ in 0..100 {
+            let datagram = r1.encrypt(&transit).unwrap();
+            engine.handle_datagram(r1.addr, &datagram, now, &mut out);
+        }
+        assert_eq!(engine.stats().forwarded_peer, 100);
+        assert_eq!(polls(&mut engine), before, "transit polled the stack");
+
+        // Protocol 253 to the stack: it answers (ICMP protocol unreachable).
+        let local = ip_packet([10, 100, 1, 1].into(), IpAddr::V4(server), 8);
+        let datagram = r1.encrypt(&local).unwrap();
+        let mut out = Collect::default();
+        engine.handle_datagram(r1.addr, &datagram, now, &mut out);
+        assert_eq!(engine.stats().forwarded_local, 1);
+        assert_eq!(polls(&mut engine), before + 1);
+        assert!(out.sent.iter().any(|(to, _)| *to == r1.addr), "answered");
+    }
+
+    /// A packet the stack's full input queue refuses is a drop of its own,
+    /// not a local delivery.
+    #[test]
+    fn a_full_stack_queue_is_counted_as_a_drop() {
+        use crate::core::harness::{Collect, MemoryClient};
+        use crate::core::packet::build::ip_packet;
+
+        let now = Instant::now();
+        let secret = StaticSecret::random_from_rng(rand_core::OsRng);
+        let public = PublicKey::from(&secret);
+        let server = std::net::Ipv4Addr::new(10, 100, 0, 1);
+        let mut engine =
+            TunnelEngine::new(secret, vec![IpAddr::V4(server)]).with_local_stack(server, 16, now);
+        let mut r1 = MemoryClient::new(&public, 1, SocketAddr::from(([192, 0, 2, 1], 1)));
+        r1.register(
+            &mut engine,
+            &[IpNet::from(IpAddr::from([10, 100, 1, 1]))],
+            1,
+        );
+        assert!(r1.handshake(&mut engine, now));
+        let packet = ip_packet([10, 100, 1, 1].into(), IpAddr::V4(server), 8);
+        if let Some(stack) = engine.local_stack() {
+            while stack.receive(&packet) {}
+        }
+        let datagram = r1.encrypt(&packet).unwrap();
+        engine.handle_datagram(r1.addr, &datagram, now, &mut Collect::default());
+        assert_eq!(engine.stats().dropped(DropReason::LocalQueueFull), 1);
+        assert_eq!(engine.stats().forwarded_local, 0);
+        // The stack ran and took the queue in: the next packet is delivered.
+        let datagram = r1.encrypt(&packet).unwrap();
+        engine.handle_datagram(r1.addr, &datagram, now, &mut Collect::default());
+        assert_eq!(engine.stats().forwarded_local, 1);
     }
 
     #[test]

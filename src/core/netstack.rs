@@ -31,8 +31,16 @@ const RX_QUEUE: usize = 256;
 /// absorbs (about 200 KiB); 128 KiB still carries several MB/s at 20 ms RTT.
 const TCP_BUFFER: usize = 128 * 1024;
 
-/// A connection that gets no answer for this long is given up.
+/// A connection that gets no answer for this long is given up: while
+/// connecting, while data waits to be acknowledged, and while idle (see
+/// [`TCP_KEEP_ALIVE`]).
 const TCP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// An idle connection probes the router this often. Shorter than
+/// [`TCP_TIMEOUT`] (three probes fit in it): smoltcp counts the timeout from the
+/// router's last segment, so without probes an idle connection to a live router
+/// would be given up too, and with them a router that vanished is noticed.
+const TCP_KEEP_ALIVE: Duration = Duration::from_secs(3);
 
 /// Upper bound of egress passes per poll (see [`LocalStack::poll`]).
 const MAX_EGRESS_PASSES: usize = 1024;
@@ -76,24 +84,55 @@ pub const MAX_CONNECTIONS: usize = 256;
 /// The local ports connections come from.
 const LOCAL_PORTS: std::ops::RangeInclusive<u16> = 49152..=u16::MAX;
 
-/// An in-memory IP device: queues in, queues out.
+/// Packet buffers kept for reuse in each direction, so that the packets the
+/// stack takes and sends cost no allocation once it has run a while; beyond
+/// these, and buffers grown past [`SPARE_CAPACITY`], are freed.
+const SPARE_BUFFERS: usize = 16;
+
+/// Largest buffer kept for reuse: a full-size packet of the tunnel fits.
+const SPARE_CAPACITY: usize = 2 * MTU;
+
+/// Keeps `buffer` in `spare` for reuse, if there is room and it is not oversized.
+fn keep(spare: &mut Vec<Vec<u8>>, buffer: Vec<u8>) {
+    if spare.len() < SPARE_BUFFERS && buffer.capacity() <= SPARE_CAPACITY {
+        spare.push(buffer);
+    }
+}
+
+/// An in-memory IP device: queues in, queues out, and their spare buffers.
 #[derive(Default)]
 pub(crate) struct Queues {
     pub(crate) rx: VecDeque<Vec<u8>>,
     pub(crate) tx: VecDeque<Vec<u8>>,
+    /// Buffers of packets the stack has read, for the next ones handed in.
+    rx_spare: Vec<Vec<u8>>,
+    /// Buffers of sent packets given back ([`LocalStack::recycle`]).
+    tx_spare: Vec<Vec<u8>>,
 }
 
 impl Device for Queues {
-    type RxToken<'a> = RxToken;
+    type RxToken<'a> = RxToken<'a>;
     type TxToken<'a> = TxToken<'a>;
 
-    fn receive(&mut self, _: smoltcp::time::Instant) -> Option<(RxToken, TxToken<'_>)> {
+    fn receive(&mut self, _: smoltcp::time::Instant) -> Option<(RxToken<'_>, TxToken<'_>)> {
         let packet = self.rx.pop_front()?;
-        Some((RxToken(packet), TxToken(&mut self.tx)))
+        Some((
+            RxToken {
+                packet,
+                spare: &mut self.rx_spare,
+            },
+            TxToken {
+                queue: &mut self.tx,
+                spare: &mut self.tx_spare,
+            },
+        ))
     }
 
     fn transmit(&mut self, _: smoltcp::time::Instant) -> Option<TxToken<'_>> {
-        Some(TxToken(&mut self.tx))
+        Some(TxToken {
+            queue: &mut self.tx,
+            spare: &mut self.tx_spare,
+        })
     }
 
     fn capabilities(&self) -> DeviceCapabilities {
@@ -104,21 +143,31 @@ impl Device for Queues {
     }
 }
 
-pub(crate) struct RxToken(Vec<u8>);
+pub(crate) struct RxToken<'a> {
+    packet: Vec<u8>,
+    spare: &'a mut Vec<Vec<u8>>,
+}
 
-impl phy::RxToken for RxToken {
+impl phy::RxToken for RxToken<'_> {
     fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
-        f(&self.0)
+        let r = f(&self.packet);
+        keep(self.spare, self.packet);
+        r
     }
 }
 
-pub(crate) struct TxToken<'a>(&'a mut VecDeque<Vec<u8>>);
+pub(crate) struct TxToken<'a> {
+    queue: &'a mut VecDeque<Vec<u8>>,
+    spare: &'a mut Vec<Vec<u8>>,
+}
 
 impl phy::TxToken for TxToken<'_> {
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
-        let mut packet = vec![0; len];
+        let mut packet = self.spare.pop().unwrap_or_default();
+        packet.clear();
+        packet.resize(len, 0);
         let r = f(&mut packet);
-        self.0.push_back(packet);
+        self.queue.push_back(packet);
         r
     }
 }
@@ -133,7 +182,7 @@ pub struct LocalStack {
     conns: BTreeMap<ConnId, SocketHandle>,
     next_conn: ConnId,
     next_port: u16,
-    dropped: u64,
+    polls: u64,
 }
 
 impl LocalStack {
@@ -168,7 +217,7 @@ impl LocalStack {
             conns: BTreeMap::new(),
             next_conn: 1,
             next_port: 49152,
-            dropped: 0,
+            polls: 0,
         }
     }
 
@@ -182,22 +231,34 @@ impl LocalStack {
         self.address
     }
 
-    /// Packets dropped because the input queue was full.
-    pub fn dropped(&self) -> u64 {
-        self.dropped
-    }
-
-    /// Hands a packet addressed to the stack over; it is processed at the next poll.
-    pub fn receive(&mut self, packet: &[u8]) {
+    /// Hands a packet addressed to the stack over; it is processed at the next
+    /// poll. False when the input queue is full and the packet was refused.
+    #[must_use]
+    pub fn receive(&mut self, packet: &[u8]) -> bool {
         if self.device.rx.len() >= RX_QUEUE {
-            self.dropped += 1;
-            return;
+            return false;
         }
-        self.device.rx.push_back(packet.to_vec());
+        let mut buffer = self.device.rx_spare.pop().unwrap_or_default();
+        buffer.clear();
+        buffer.extend_from_slice(packet);
+        self.device.rx.push_back(buffer);
+        true
     }
 
-    /// Runs the stack: processes input, timers and socket output.
+    /// True when packets wait for the next poll.
+    pub fn has_input(&self) -> bool {
+        !self.device.rx.is_empty()
+    }
+
+    /// Polls run so far: what the packet path costs the stack.
+    pub fn polls(&self) -> u64 {
+        self.polls
+    }
+
+    /// Runs the stack: processes input, timers and socket output, then forgets
+    /// the connections that are fully closed (see [`LocalStack::reap`]).
     pub fn poll(&mut self, now: Instant) {
+        self.polls += 1;
         let at = self.at(now);
         self.iface.poll(at, &mut self.device, &mut self.sockets);
         // One egress pass sends at most one segment per socket: repeat while the
@@ -212,6 +273,7 @@ impl LocalStack {
                 break;
             }
         }
+        self.reap();
     }
 
     /// When the stack next needs a poll, if it has timers running.
@@ -222,14 +284,22 @@ impl LocalStack {
             .map(|d| now + Duration::from_micros(d.total_micros()))
     }
 
-    /// The next packet the stack wants to send.
+    /// The next packet the stack wants to send. Give it back with
+    /// [`LocalStack::recycle`] once it is sent.
     #[must_use]
     pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
         self.device.tx.pop_front()
     }
 
+    /// Takes a sent packet's buffer back for the stack's next packets.
+    pub fn recycle(&mut self, packet: Vec<u8>) {
+        keep(&mut self.device.tx_spare, packet);
+    }
+
     /// Opens a TCP connection to `remote` from the stack's address.
     pub fn connect(&mut self, remote: SocketAddrV4, now: Instant) -> Result<ConnId, StackError> {
+        // Closed connections nobody asked about any more must not count.
+        self.reap();
         if self.conns.len() >= MAX_CONNECTIONS {
             return Err(StackError::TooMany);
         }
@@ -240,6 +310,9 @@ impl LocalStack {
         );
         socket.set_timeout(Some(smoltcp::time::Duration::from_millis(
             TCP_TIMEOUT.as_millis() as u64,
+        )));
+        socket.set_keep_alive(Some(smoltcp::time::Duration::from_millis(
+            TCP_KEEP_ALIVE.as_millis() as u64,
         )));
         socket.set_nagle_enabled(false);
         // Tunnels lose packets when a socket buffer overflows; without congestion
@@ -355,26 +428,24 @@ impl LocalStack {
         }
     }
 
-    /// Forgets connections that are fully closed; returns their ids.
-    pub fn reap(&mut self) -> Vec<ConnId> {
-        let closed: Vec<ConnId> = self
-            .conns
-            .iter()
-            .filter(|(_, h)| {
-                let s = self.sockets.get::<tcp::Socket>(**h);
-                s.state() == tcp::State::Closed && !s.can_recv()
-            })
-            .map(|(id, _)| *id)
-            .collect();
-        for id in &closed {
-            if let Some(h) = self.conns.remove(id) {
-                self.sockets.remove(h);
+    /// Forgets connections that are fully closed (and whose received bytes were
+    /// read); returns how many. Their ids then answer [`ConnState::Closed`].
+    pub fn reap(&mut self) -> usize {
+        let Self { conns, sockets, .. } = self;
+        let before = conns.len();
+        conns.retain(|_, h| {
+            let s = sockets.get::<tcp::Socket>(*h);
+            let closed = s.state() == tcp::State::Closed && !s.can_recv();
+            if closed {
+                sockets.remove(*h);
             }
-        }
-        closed
+            !closed
+        });
+        before - conns.len()
     }
 
-    /// Open connections.
+    /// Connections the stack carries, closing ones included until they are
+    /// fully closed.
     pub fn connections(&self) -> usize {
         self.conns.len()
     }
@@ -418,7 +489,7 @@ mod tests {
             .into_iter()
             .enumerate()
         {
-            stack.receive(&echo_request(src, server, i as u16));
+            assert!(stack.receive(&echo_request(src, server, i as u16)));
             stack.poll(now);
             let reply = stack.poll_transmit().expect("an echo reply");
             let h = packet::parse(&reply).unwrap();
@@ -429,11 +500,11 @@ mod tests {
             assert_eq!(icmp.echo_seq_no(), i as u16);
         }
         // A ping to another address is not the stack's business.
-        stack.receive(&echo_request(
+        assert!(stack.receive(&echo_request(
             Ipv4Addr::new(10, 100, 1, 1),
             Ipv4Addr::new(10, 100, 0, 9),
             9,
-        ));
+        )));
         stack.poll(now);
         assert!(stack.poll_transmit().is_none());
     }
@@ -459,8 +530,54 @@ mod tests {
             while stack.poll_transmit().is_some() {}
         }
         assert_eq!(stack.state(id), ConnState::Closed);
-        assert_eq!(stack.reap(), vec![id]);
+        assert_eq!(stack.connections(), 0, "reaped by the poll");
+    }
+
+    /// Connections that ended while nobody read them (the forward that opened
+    /// them is gone) leave room for new ones: the limit counts live ones only.
+    #[test]
+    fn closed_connections_do_not_count_against_the_limit() {
+        let start = Instant::now();
+        let mut stack = LocalStack::new(Ipv4Addr::new(10, 100, 0, 1), 16, start);
+        for _ in 0..MAX_CONNECTIONS {
+            stack
+                .connect("10.100.1.1:8728".parse().unwrap(), start)
+                .unwrap();
+        }
+        while stack.poll_transmit().is_some() {}
+        // Nobody answers: every connection times out. Only the stack's own
+        // timer runs it, as the tunnel task does while connections are open.
+        let mut now = start;
+        for _ in 0..10_000 {
+            let Some(at) = stack.poll_at(now) else { break };
+            now = at.max(now);
+            stack.poll(now);
+            while stack.poll_transmit().is_some() {}
+        }
+        assert!(now - start < 2 * TCP_TIMEOUT);
         assert_eq!(stack.connections(), 0);
+        stack
+            .connect("10.100.1.1:8728".parse().unwrap(), now)
+            .expect("room again");
+    }
+
+    #[test]
+    fn connect_forgets_closed_connections_first() {
+        let now = Instant::now();
+        let mut stack = LocalStack::new(Ipv4Addr::new(10, 100, 0, 1), 16, now);
+        let ids: Vec<ConnId> = (0..MAX_CONNECTIONS)
+            .map(|_| {
+                stack
+                    .connect("10.100.1.1:8728".parse().unwrap(), now)
+                    .unwrap()
+            })
+            .collect();
+        // Closed without a poll since (an abort inside smoltcp, as a timeout).
+        let handle = stack.conns[&ids[0]];
+        stack.sockets.get_mut::<tcp::Socket>(handle).abort();
+        stack
+            .connect("10.100.1.1:8728".parse().unwrap(), now)
+            .expect("the closed one is not counted");
     }
 
     #[test]
@@ -486,10 +603,10 @@ mod tests {
     fn input_queue_is_bounded() {
         let now = Instant::now();
         let mut stack = LocalStack::new(Ipv4Addr::new(10, 100, 0, 1), 16, now);
-        for _ in 0..RX_QUEUE + 10 {
-            stack.receive(&[0x45; 20]);
-        }
-        assert_eq!(stack.dropped(), 10);
+        let taken = (0..RX_QUEUE + 10)
+            .filter(|_| stack.receive(&[0x45; 20]))
+            .count();
+        assert_eq!(taken, RX_QUEUE);
         stack.poll(now);
     }
 }

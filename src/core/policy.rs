@@ -70,6 +70,8 @@ pub enum DropReason {
     EgressDown,
     /// The destination is the tunnel's own address, but no local stack or host device serves it.
     LocalUnavailable,
+    /// For the tunnel's userspace stack, whose input queue is full (a flood).
+    LocalQueueFull,
     /// No peer of this tunnel owns the destination.
     NoRoute,
     /// The route leads back to the peer the packet came from.
@@ -88,7 +90,7 @@ pub enum DropReason {
 
 impl DropReason {
     /// Every reason, in counter order.
-    pub const ALL: [DropReason; 18] = [
+    pub const ALL: [DropReason; 19] = [
         Self::InvalidDatagram,
         Self::BadMac,
         Self::UnderLoad,
@@ -101,6 +103,7 @@ impl DropReason {
         Self::SpoofedSource,
         Self::EgressDown,
         Self::LocalUnavailable,
+        Self::LocalQueueFull,
         Self::NoRoute,
         Self::LoopBack,
         Self::NoEndpoint,
@@ -124,6 +127,7 @@ impl DropReason {
             Self::SpoofedSource => "spoofed_source",
             Self::EgressDown => "egress_down",
             Self::LocalUnavailable => "local_unavailable",
+            Self::LocalQueueFull => "local_queue_full",
             Self::NoRoute => "no_route",
             Self::LoopBack => "loop_back",
             Self::NoEndpoint => "no_endpoint",

@@ -138,6 +138,12 @@ impl Bridges {
 
             // Stack -> host, while the host side has room.
             if let Some(tx) = &b.to_host {
+                // The host writer ended (its client went away): nobody will
+                // read what the router sends, so the connection is reset.
+                if tx.is_closed() {
+                    done.push(id);
+                    continue;
+                }
                 while let Ok(permit) = tx.try_reserve() {
                     match stack.recv(id, &mut self.buf) {
                         Ok(n) if n > 0 => permit.send(self.buf[..n].to_vec()),
@@ -295,7 +301,7 @@ mod tests {
             let at =
                 smoltcp::time::Instant::from_micros(now.duration_since(start).as_micros() as i64);
             for p in router.exchange(out, at) {
-                stack.receive(&p);
+                assert!(stack.receive(&p));
             }
             stack.poll(now);
             while let Ok(chunk) = from_stack.try_recv() {
@@ -308,6 +314,87 @@ mod tests {
         assert_eq!(opened_rx.try_recv(), Ok(Ok(())));
         assert_eq!(echoed.len(), data.len());
         assert!(echoed == data, "echo is intact");
+    }
+
+    /// The host writer is gone while the router keeps sending: the stack
+    /// connection is reset and forgotten instead of staying forever.
+    #[test]
+    fn a_connection_whose_host_writer_ended_is_reset() {
+        let start = Instant::now();
+        let mut stack = LocalStack::new(Ipv4Addr::new(10, 100, 0, 1), 16, start);
+        let mut router = Router::new();
+        let mut bridges = Bridges::default();
+        let remote = "10.100.1.1:8728".parse().unwrap();
+        let (to_stack, from_stack, mut opened_rx) = bridge(&mut stack, &mut bridges, remote, start);
+        let mut from_stack = Some(from_stack);
+        let mut now = start;
+        for i in 0..200 {
+            now += Duration::from_millis(10);
+            // The host reader stays; it sends a line now and then (echoed).
+            let _ = to_stack.try_send(b"/system/resource/print\n".to_vec());
+            if i == 50 {
+                from_stack = None; // the writer ends (write error)
+            }
+            bridges.pump(&mut stack);
+            stack.poll(now);
+            let mut out = Vec::new();
+            while let Some(p) = stack.poll_transmit() {
+                out.push(p);
+            }
+            let at =
+                smoltcp::time::Instant::from_micros(now.duration_since(start).as_micros() as i64);
+            for p in router.exchange(out, at) {
+                assert!(stack.receive(&p));
+            }
+            stack.poll(now);
+            if let Some(rx) = &mut from_stack {
+                while rx.try_recv().is_ok() {}
+            }
+        }
+        assert_eq!(opened_rx.try_recv(), Ok(Ok(())));
+        assert!(bridges.is_empty(), "the bridge is gone");
+        assert_eq!(stack.connections(), 0, "the connection was reset");
+        assert!(to_stack.is_closed(), "the host reader is told");
+    }
+
+    /// An idle connection stays open while the router answers the stack's
+    /// keep-alive probes, and is given up once the router is gone.
+    #[test]
+    fn idle_connections_live_while_the_router_answers() {
+        let start = Instant::now();
+        let mut stack = LocalStack::new(Ipv4Addr::new(10, 100, 0, 1), 16, start);
+        let mut router = Router::new();
+        let mut bridges = Bridges::default();
+        let remote = "10.100.1.1:8728".parse().unwrap();
+        let (to_stack, mut from_stack, _opened) = bridge(&mut stack, &mut bridges, remote, start);
+        to_stack.try_send(b"hello".to_vec()).unwrap();
+        let mut now = start;
+        let mut run = |stack: &mut LocalStack, router_up: bool, seconds: u64| {
+            for _ in 0..seconds * 10 {
+                now += Duration::from_millis(100);
+                bridges.pump(stack);
+                stack.poll(now);
+                let mut out = Vec::new();
+                while let Some(p) = stack.poll_transmit() {
+                    out.push(p);
+                }
+                if router_up {
+                    let at = smoltcp::time::Instant::from_micros(
+                        now.duration_since(start).as_micros() as i64,
+                    );
+                    for p in router.exchange(out, at) {
+                        assert!(stack.receive(&p));
+                    }
+                }
+                stack.poll(now);
+            }
+        };
+        run(&mut stack, true, 60);
+        assert_eq!(from_stack.try_recv().as_deref(), Ok(&b"hello"[..]));
+        assert_eq!(stack.state(1), ConnState::Open, "idle for a minute");
+        run(&mut stack, false, 15);
+        assert_eq!(stack.state(1), ConnState::Closed, "the router is gone");
+        assert!(bridges.is_empty());
     }
 
     #[test]

@@ -154,9 +154,11 @@ impl Runtime {
         self.settings.host.as_ref().map(|h| h.drops().counts())
     }
 
-    /// True when every tunnel's task is running.
+    /// True when every tunnel's task is running, and in TUN mode the host
+    /// device's reader too.
     pub fn healthy(&self) -> bool {
         self.tunnels.values().all(|h| !h.task.is_finished())
+            && self.settings.host.as_ref().is_none_or(|h| h.reading())
     }
 
     /// Binds the tunnel's socket and starts its task with the tenant's peers.

@@ -90,6 +90,8 @@ pub struct HostDevice {
     netlink: rtnetlink::Handle,
     /// Where tunnels hand packet buffers back to the reader for reuse.
     recycle: mpsc::Sender<Vec<u8>>,
+    /// The reader: when it ends, no host packet reaches any tunnel.
+    reader: tokio::task::JoinHandle<()>,
 }
 
 /// Packet buffers in circulation between the reader and the tunnels; beyond
@@ -124,7 +126,7 @@ impl HostDevice {
         let routes = Arc::new(RwLock::new(PrefixTable::new()));
         let (recycle, spare) = mpsc::channel(RECYCLED_BUFFERS);
         let drops = Arc::new(HostDrops::default());
-        tokio::spawn(read_loop(
+        let reader = tokio::spawn(read_loop(
             Arc::clone(&device),
             Arc::clone(&routes),
             spare,
@@ -139,7 +141,13 @@ impl HostDevice {
             routes,
             netlink,
             recycle,
+            reader,
         })
+    }
+
+    /// True while the reader runs (it ends when the device fails).
+    pub fn reading(&self) -> bool {
+        !self.reader.is_finished()
     }
 
     /// What the reader dropped, by reason.

@@ -334,13 +334,15 @@ pub async fn run(
     let mut held = Deferred::new(RECV_BATCH);
     loop {
         let mut backlog = false;
-        // The stack's own timers (ACK delay, retransmits) need finer ticks than
-        // the peers' timers while connections are open.
-        let stack_deadline = if bridges.is_empty() {
+        // The stack's own timers (ACK delay, retransmits, keep-alive, TIME-WAIT)
+        // need finer ticks than the peers' timers while it has connections,
+        // forwarded or closing: only its polls forget the closed ones.
+        let stack_deadline = if engine.local_connections() == 0 {
             None
         } else {
-            engine.poll_local_at(Instant::now())
+            engine.local_deadline()
         };
+        let mut stack_due = false;
         let stack_timer = async {
             match stack_deadline {
                 Some(at) => tokio::time::sleep_until(at.into()).await,
@@ -434,9 +436,9 @@ pub async fn run(
                 }
             }
             _ = work.notified() => {}
-            _ = stack_timer => {}
+            _ = stack_timer => stack_due = true,
         }
-        if !bridges.is_empty() {
+        if !bridges.is_empty() || stack_due {
             if let Some(stack) = engine.local_stack() {
                 bridges.pump(stack);
             }

@@ -94,6 +94,13 @@ pub struct HostDevice {
     reader: tokio::task::JoinHandle<()>,
 }
 
+/// The reader holds the device open: it ends with the device's owner.
+impl Drop for HostDevice {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
 /// Packet buffers in circulation between the reader and the tunnels; beyond
 /// this, returned buffers are freed.
 const RECYCLED_BUFFERS: usize = 1024;

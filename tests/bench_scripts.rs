@@ -6,6 +6,9 @@
 //! what is checked is that every part of each script ran and reported, and that
 //! the traffic went where the lab says it goes. The two scripts share the
 //! machine's cores, so they run one after the other.
+//!
+//! `storm.sh` runs each storm twice, alone (the storm's CPU figures) and with
+//! the flow inside it (the flow's figures, no storm CPU).
 
 mod common;
 
@@ -183,6 +186,17 @@ fn storm_script_reports_the_flow_alone_and_under_both_storms() {
         // The routers that echo cookies, as WireGuard peers do, got through.
         assert_eq!(s["patient"]["routers"], 20, "{storm}: {s}");
         assert_eq!(s["patient"]["completed"], 20, "{storm}: {s}");
+    }
+    // The passes that carried the flow report the storm's answers, not its CPU
+    // (which includes the flow's forwarding).
+    for storm in ["storm_with_flow", "storm_own_tunnel_with_flow"] {
+        let s = &row[storm];
+        assert!(number(s, "sent_initiations") > 0.0, "{storm}: {s}");
+        assert!(s.get("appliance_cores").is_none(), "{storm}: {s}");
+        assert!(
+            s.get("appliance_cpu_us_per_initiation").is_none(),
+            "{storm}: {s}"
+        );
     }
     // The storm on other tunnels comes from registered routers: each initiation
     // is answered, with a handshake or a cookie reply.

@@ -97,6 +97,13 @@ HUB_IF="${HUB_IF:0:15}"
 GW_IF="${GW_IF:0:15}"
 export WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1
 
+# The caller's WGPLANE_* settings (config file, webhooks, TUN, master key...)
+# must not reach the appliance under test: a config or webhook could make it
+# contact addresses outside this run. It runs on flags and defaults alone.
+while IFS= read -r var; do
+    if [[ "$var" == WGPLANE_* ]]; then unset "$var"; fi
+done < <(compgen -e)
+
 log() {
     echo "[hubs $(date +%H:%M:%S)] $*" >&2
 }

@@ -56,6 +56,13 @@ if [[ -n "$JSON_OUT" ]]; then
     JSON_OUT="$(realpath -m -- "$JSON_OUT")"
 fi
 
+# The caller's WGPLANE_* settings (config file, webhooks, TUN, master key...)
+# must not reach the appliance under test: a config or webhook could make it
+# contact addresses outside this run. It runs on flags and defaults alone.
+while IFS= read -r var; do
+    if [[ "$var" == WGPLANE_* ]]; then unset "$var"; fi
+done < <(compgen -e)
+
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # A failing run's error message, not a backtrace, in the logs quoted on failure.
 export RUST_BACKTRACE=0 RUST_LIB_BACKTRACE=0

@@ -121,6 +121,9 @@ fn assert_no_tenants_left(app: &Appliance) {
     assert_eq!(tenants.as_array().unwrap().len(), 0, "{tenants}");
 }
 
+/// A proxy address nothing answers at (the discard port on loopback).
+const DEAD_PROXY: &str = "http://127.0.0.1:9";
+
 /// Runs `wgplane bench` with these arguments against `app` and returns its JSON.
 fn bench_json(app: &Appliance, args: &[&str]) -> serde_json::Value {
     let out = Command::new(support::binary())
@@ -129,6 +132,14 @@ fn bench_json(app: &Appliance, args: &[&str]) -> serde_json::Value {
         .arg(app.state_dir().join("api-token"))
         .args(args)
         .args(["--json", "--pid", &app.pid().to_string()])
+        // A proxy in the environment must not see the API (nor its token): this
+        // one, on loopback, has nothing listening, so going through it fails.
+        .env("HTTP_PROXY", DEAD_PROXY)
+        .env("http_proxy", DEAD_PROXY)
+        .env("ALL_PROXY", DEAD_PROXY)
+        .env("all_proxy", DEAD_PROXY)
+        .env_remove("NO_PROXY")
+        .env_remove("no_proxy")
         .output()
         .expect("run wgplane bench");
     assert!(

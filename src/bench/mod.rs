@@ -107,10 +107,21 @@ pub enum BenchError {
     Handshake(&'static str),
 }
 
+/// Longest wait for one admin API request.
+const API_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Runs the bench against a running appliance.
 pub async fn run(spec: &BenchSpec) -> Result<BenchReport, BenchError> {
+    // The API is the appliance's own address: never through a proxy from
+    // HTTP_PROXY / ALL_PROXY (which would get the token), and never waiting
+    // forever on a stuck appliance.
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(API_TIMEOUT)
+        .build()
+        .map_err(|e| BenchError::Api(format!("HTTP client: {e}")))?;
     let api = Api {
-        client: reqwest::Client::new(),
+        client,
         base: spec.api.trim_end_matches('/').to_owned(),
         token: spec.token.clone(),
     };

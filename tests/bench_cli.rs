@@ -266,3 +266,35 @@ fn above_the_process_budget_cookies_take_over_on_every_tunnel() {
         "every other initiation met a cookie, none went unanswered: {storm}"
     );
 }
+
+#[test]
+fn forwarded_counts_are_this_runs_even_on_a_reused_tenant_behind_a_metrics_token() {
+    // /metrics wants the token here; the bench sends it.
+    let config_dir = tempfile::tempdir().expect("tempdir");
+    let config = config_dir.path().join("wgplane.toml");
+    std::fs::write(&config, "[api]\nmetrics_need_token = true\n").expect("config");
+    let state = tempfile::tempdir().expect("tempdir");
+    let app = Appliance::start_with(
+        state,
+        support::free_tcp_port(),
+        support::free_udp_ports(4),
+        &[("WGPLANE_CONFIG", config.to_str().expect("UTF-8 path"))],
+    )
+    .unwrap_or_else(|log| panic!("wgplane did not come up:\n{log}"));
+    let args = [
+        "--tenant",
+        "ktn",
+        "--seconds",
+        "1",
+        "--rate",
+        "1000",
+        "--size",
+        "200",
+    ];
+    // Two runs on the same tenant: the second's forwarded count is its own, not
+    // the tenant's total (which would exceed what the second run sent).
+    for _ in 0..2 {
+        let r = bench_json(&app, &args);
+        assert_sent_and_delivered(&r);
+    }
+}

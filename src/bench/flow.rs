@@ -154,6 +154,9 @@ pub(crate) async fn run(
         phones.push((secret, ip));
     }
 
+    // The appliance's forwarded count, read before and after: a given tenant
+    // may have carried traffic before this run.
+    let before = forwarded(api, &tenant, direction).await?;
     let blast_spec = spec.clone();
     let server = tunnel.public;
     let mut report = tokio::task::spawn_blocking(move || {
@@ -163,20 +166,7 @@ pub(crate) async fn run(
     .map_err(|e| BenchError::Api(e.to_string()))??;
     // The appliance's own count: the per-packet and per-GiB figures use it, so
     // losses after the appliance (the receiver's socket) do not inflate them.
-    report.forwarded_packets = match direction {
-        Direction::Up => {
-            api.counter("wgplane_egress_packets_total", &tenant, "")
-                .await?
-        }
-        Direction::Down => {
-            api.counter(
-                "wgplane_packets_forwarded_total",
-                &tenant,
-                "path=\"peer_to_peer\"",
-            )
-            .await?
-        }
-    } as u64;
+    report.forwarded_packets = super::grown(before, forwarded(api, &tenant, direction).await?);
     if let Some(cpu) = report.appliance_cpu_seconds {
         let gib = (report.forwarded_packets * spec.size as u64) as f64 / f64::from(1u32 << 30);
         report.appliance_cpu_seconds_per_gib = (gib > 0.0).then(|| cpu / gib);
@@ -184,6 +174,25 @@ pub(crate) async fn run(
             (report.forwarded_packets > 0).then(|| cpu * 1e6 / report.forwarded_packets as f64);
     }
     Ok(report)
+}
+
+/// The appliance's count of the packets it forwarded for `tenant` in this
+/// direction, since it started: by the egress rule (up) or peer to peer (down).
+async fn forwarded(api: &Api, tenant: &str, direction: Direction) -> Result<f64, BenchError> {
+    match direction {
+        Direction::Up => {
+            api.counter("wgplane_egress_packets_total", tenant, "")
+                .await
+        }
+        Direction::Down => {
+            api.counter(
+                "wgplane_packets_forwarded_total",
+                tenant,
+                "path=\"peer_to_peer\"",
+            )
+            .await
+        }
+    }
 }
 
 /// Counters shared by the sending and receiving threads.

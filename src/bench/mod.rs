@@ -258,24 +258,50 @@ impl Api {
     }
 
     /// The sum of a counter's samples for one tenant whose line also contains
-    /// `also` (a label; empty: any), from `/metrics`.
+    /// `also` (a label; empty: any), from `/metrics` (with the token, which
+    /// the appliance may require there: `api.metrics_need_token`). A total
+    /// since the appliance started: callers read it before and after their run
+    /// and use the difference, since a given tenant may have carried traffic
+    /// before.
     async fn counter(&self, name: &str, tenant: &str, also: &str) -> Result<f64, BenchError> {
-        let text = self
+        let resp = self
             .client
             .get(format!("{}/metrics", self.base))
+            .bearer_auth(&self.token)
             .send()
             .await
-            .map_err(|e| BenchError::Api(e.to_string()))?
+            .map_err(|e| BenchError::Api(format!("GET /metrics: {e}")))?;
+        let status = resp.status();
+        let text = resp
             .text()
             .await
-            .map_err(|e| BenchError::Api(e.to_string()))?;
-        let label = format!("tenant=\"{tenant}\"");
-        Ok(text
-            .lines()
-            .filter(|l| l.starts_with(name) && l.contains(&label) && l.contains(also))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum())
+            .map_err(|e| BenchError::Api(format!("GET /metrics: {e}")))?;
+        if !status.is_success() {
+            return Err(BenchError::Api(format!("GET /metrics: {status} {text}")));
+        }
+        Ok(sum_counter(&text, name, tenant, also))
     }
+}
+
+/// The sum of counter `name`'s samples for `tenant` whose line also contains
+/// `also`, in a Prometheus text exposition.
+fn sum_counter(text: &str, name: &str, tenant: &str, also: &str) -> f64 {
+    let label = format!("tenant=\"{tenant}\"");
+    text.lines()
+        .filter(|l| {
+            // The name exactly: `name{...}` or `name value`, not a longer name.
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .filter(|l| l.contains(&label) && l.contains(also))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// What a counter grew by between two reads (none if it went back: the
+/// appliance restarted in between).
+fn grown(before: f64, after: f64) -> u64 {
+    (after - before).max(0.0) as u64
 }
 
 /// How long a bench peer keeps trying to complete a handshake (WireGuard peers try
@@ -331,5 +357,48 @@ impl Peer {
             }
         }
         Err(BenchError::Handshake(name))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_are_summed_by_exact_name_and_tenant() {
+        let text = "\
+# TYPE wgplane_egress_packets_total counter
+wgplane_egress_packets_total{tenant=\"ktn\",gateway=\"a\"} 10
+wgplane_egress_packets_total{tenant=\"ktn\",gateway=\"b\"} 5
+wgplane_egress_packets_total{tenant=\"other\"} 100
+wgplane_egress_packets_total_extra{tenant=\"ktn\"} 1000
+wgplane_packets_forwarded_total{tenant=\"ktn\",path=\"peer_to_peer\"} 7
+wgplane_packets_forwarded_total{tenant=\"ktn\",path=\"egress\"} 3
+";
+        assert_eq!(
+            sum_counter(text, "wgplane_egress_packets_total", "ktn", ""),
+            15.0
+        );
+        assert_eq!(
+            sum_counter(
+                text,
+                "wgplane_packets_forwarded_total",
+                "ktn",
+                "path=\"peer_to_peer\""
+            ),
+            7.0
+        );
+        assert_eq!(
+            sum_counter(text, "wgplane_egress_packets_total", "none", ""),
+            0.0
+        );
+    }
+
+    #[test]
+    fn growth_is_the_difference_and_never_negative() {
+        assert_eq!(grown(100.0, 250.0), 150);
+        assert_eq!(grown(0.0, 0.0), 0);
+        // The appliance restarted in between: its totals went back.
+        assert_eq!(grown(500.0, 20.0), 0);
     }
 }

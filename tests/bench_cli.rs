@@ -298,3 +298,49 @@ fn forwarded_counts_are_this_runs_even_on_a_reused_tenant_behind_a_metrics_token
         assert_sent_and_delivered(&r);
     }
 }
+
+/// Runs `wgplane bench` with these arguments against `app`, expects it to fail,
+/// and returns its stderr.
+fn bench_fails(app: &Appliance, args: &[&str]) -> String {
+    let out = Command::new("timeout")
+        .args(["--kill-after=10", "300"])
+        .arg(support::binary())
+        .args(["bench", "--api", &format!("http://{}", app.api)])
+        .arg("--token-file")
+        .arg(app.state_dir().join("api-token"))
+        .args(args)
+        .output()
+        .expect("run wgplane bench");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success(),
+        "bench should have failed: {}\n{stderr}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    stderr
+}
+
+#[test]
+fn a_storm_nobody_answers_is_an_error_not_a_figure() {
+    let app = Appliance::start();
+    // The tunnel ports are on 127.0.0.1; nothing listens on 127.0.0.2.
+    let stderr = bench_fails(
+        &app,
+        &[
+            "--mode",
+            "handshakes",
+            "--host",
+            "127.0.0.2",
+            "--tunnels",
+            "1",
+            "--peers",
+            "2",
+            "--rate",
+            "100",
+            "--seconds",
+            "1",
+        ],
+    );
+    assert!(stderr.contains("answered none of"), "{stderr}");
+    assert_no_tenants_left(&app);
+}

@@ -102,6 +102,9 @@ pub enum BenchError {
     /// A socket could not be used.
     #[error("socket: {0}")]
     Io(#[from] std::io::Error),
+    /// A storm measured nothing that figures could be made of.
+    #[error("handshake storm: {0}")]
+    Storm(String),
     /// A handshake did not complete.
     #[error("handshake with the appliance did not complete ({0})")]
     Handshake(&'static str),

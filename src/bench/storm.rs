@@ -402,9 +402,27 @@ async fn storm(
     patient.seconds_max = took.last().copied();
     let responses = answers.responses.load(Ordering::Relaxed);
     let cookie_replies = answers.cookies.load(Ordering::Relaxed);
-    // From the first initiation to the last answer.
-    let answering = Duration::from_nanos(answers.last.load(Ordering::Relaxed));
-    let seconds = answering.as_secs_f64().max(f64::EPSILON);
+    if sent == 0 {
+        return Err(BenchError::Storm("no initiation could be sent".into()));
+    }
+    // From the first initiation to the last answer. Strangers (`--tenant`) get
+    // no answer below the appliance's load limit: there, none is a result and
+    // the window is the sending's; a storm of registered routers that got none
+    // measured nothing (the appliance is not answering this host), and rates
+    // over a zero-length window would be nonsense.
+    let seconds = if responses + cookie_replies > 0 {
+        Duration::from_nanos(answers.last.load(Ordering::Relaxed)).as_secs_f64()
+    } else if spec.tenant.is_some() {
+        sending.as_secs_f64()
+    } else {
+        return Err(BenchError::Storm(format!(
+            "the appliance answered none of {sent} initiations (is {} its tunnels' address?)",
+            spec.host
+        )));
+    };
+    if seconds <= 0.0 {
+        return Err(BenchError::Storm("the storm's window has no length".into()));
+    }
     Ok(StormReport {
         tunnels: 0,
         peers_per_tunnel: 0,

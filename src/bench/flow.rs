@@ -31,6 +31,13 @@ const BURST: usize = 64;
 /// Largest GSO send, below the kernel's 64 KiB limit.
 const MAX_GSO_BYTES: usize = 60_000;
 
+/// Smallest inner packet: an IPv4 header and the 8-byte send time.
+pub const MIN_PACKET_BYTES: usize = 28;
+
+/// Largest inner packet: encrypted (32 bytes more) it still fits one UDP
+/// datagram, with room to spare.
+pub const MAX_PACKET_BYTES: usize = 65_000;
+
 /// Where the phones send: an address of the simulated internet that nothing
 /// answers for; it only names a destination for the egress rule.
 const INTERNET: [u8; 4] = [198, 18, 0, 1];
@@ -125,6 +132,12 @@ pub(crate) async fn run(
     api: &Api,
     created: &mut Vec<String>,
 ) -> Result<FlowReport, BenchError> {
+    if !(MIN_PACKET_BYTES..=MAX_PACKET_BYTES).contains(&spec.size) {
+        return Err(BenchError::Spec(format!(
+            "packet size {} is outside {MIN_PACKET_BYTES}..={MAX_PACKET_BYTES} bytes",
+            spec.size
+        )));
+    }
     let (tenant, tunnel) = api
         .tenant_for(spec, format!("bench-{}", std::process::id()), created)
         .await?;
@@ -168,7 +181,9 @@ pub(crate) async fn run(
     // losses after the appliance (the receiver's socket) do not inflate them.
     report.forwarded_packets = super::grown(before, forwarded(api, &tenant, direction).await?);
     if let Some(cpu) = report.appliance_cpu_seconds {
-        let gib = (report.forwarded_packets * spec.size as u64) as f64 / f64::from(1u32 << 30);
+        // The size the packets were sent at.
+        let gib =
+            (report.forwarded_packets * report.packet_bytes as u64) as f64 / f64::from(1u32 << 30);
         report.appliance_cpu_seconds_per_gib = (gib > 0.0).then(|| cpu / gib);
         report.appliance_cpu_us_per_packet =
             (report.forwarded_packets > 0).then(|| cpu * 1e6 / report.forwarded_packets as f64);
@@ -218,7 +233,8 @@ fn blast(
     let mut gateway = Peer::new(gw_secret, server, 1, endpoint)?;
     gateway.handshake("gateway")?;
     let phone_count = phones.len();
-    let size = spec.size.max(28);
+    // Checked in `run`; the floor keeps the send-time stamp in the packet.
+    let size = spec.size.max(MIN_PACKET_BYTES);
     let mut peers = Vec::with_capacity(phone_count);
     for (i, (secret, ip)) in phones.into_iter().enumerate() {
         let mut phone = Peer::new(secret, server, 100 + i as u32, endpoint)?;
@@ -251,7 +267,12 @@ fn blast(
             (vec![sender], peers.into_iter().map(|(p, _)| p).collect())
         }
     };
-    let threads = spec.senders.clamp(1, senders.len().max(1));
+    let mut threads = spec.senders.clamp(1, senders.len().max(1));
+    if spec.rate > 0 {
+        // Each thread paces its own share, and a share of 0 would mean flat out:
+        // no more threads than packets per second.
+        threads = threads.min(usize::try_from(spec.rate).unwrap_or(usize::MAX));
+    }
     let mut groups: Vec<Vec<Sender>> = (0..threads).map(|_| Vec::new()).collect();
     for (i, sender) in senders.into_iter().enumerate() {
         groups[i % threads].push(sender);
@@ -278,10 +299,10 @@ fn blast(
                 }
             });
         }
-        let per_thread = spec.rate / threads as u64;
-        for group in groups {
+        for (i, group) in groups.into_iter().enumerate() {
+            let rate = thread_rate(spec.rate, threads, i);
             let counters_s = &counters;
-            scope.spawn(move || send(group, counters_s, begin, size, per_thread, spec.offload));
+            scope.spawn(move || send(group, counters_s, begin, size, rate, spec.offload));
         }
         std::thread::sleep(spec.duration);
         counters.stop.store(true, Ordering::Relaxed);
@@ -325,6 +346,14 @@ fn blast(
         appliance_cpu_seconds_per_gib: None,
         appliance_cpu_us_per_packet: None,
     })
+}
+
+/// Sending thread `i`'s share of `rate` packets per second over `threads`
+/// threads: the remainder goes one each to the first threads, so the shares add
+/// up to `rate` (0 stays 0: flat out).
+fn thread_rate(rate: u64, threads: usize, i: usize) -> u64 {
+    let threads = threads.max(1) as u64;
+    rate / threads + u64::from((i as u64) < rate % threads)
 }
 
 /// Packets still in flight when the senders stop are not lost: lets the gateway
@@ -509,5 +538,25 @@ fn stamp(packet: &mut [u8], begin: Instant) {
     let now = begin.elapsed().as_nanos() as u64;
     if let Some(slot) = packet.get_mut(20..28) {
         slot.copy_from_slice(&now.to_le_bytes());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thread_shares_add_up_to_the_rate() {
+        for (rate, threads) in [(0, 3), (7, 3), (2, 2), (100_000, 7), (5, 1)] {
+            let shares: Vec<u64> = (0..threads)
+                .map(|i| thread_rate(rate, threads, i))
+                .collect();
+            assert_eq!(shares.iter().sum::<u64>(), rate, "{rate} over {threads}");
+            if rate >= threads as u64 {
+                assert!(shares.iter().all(|&s| s > 0), "{shares:?}");
+            }
+        }
+        assert_eq!(thread_rate(7, 3, 0), 3);
+        assert_eq!(thread_rate(7, 3, 2), 2);
     }
 }

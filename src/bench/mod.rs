@@ -102,6 +102,9 @@ pub enum BenchError {
     /// A socket could not be used.
     #[error("socket: {0}")]
     Io(#[from] std::io::Error),
+    /// The spec asks for something the bench cannot do.
+    #[error("{0}")]
+    Spec(String),
     /// A storm measured nothing that figures could be made of.
     #[error("handshake storm: {0}")]
     Storm(String),

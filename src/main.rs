@@ -55,31 +55,36 @@ struct BenchArgs {
     /// Address the appliance's tunnel ports are reached at.
     #[arg(long, default_value = "127.0.0.1")]
     host: IpAddr,
-    /// Inner packet size in bytes.
-    #[arg(long, default_value_t = 1420)]
+    /// Inner packet size in bytes (28-65000).
+    #[arg(long, default_value_t = 1420,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(28..=65_000))]
     size: usize,
-    /// Seconds to send.
-    #[arg(long, default_value_t = 5)]
+    /// Seconds to send (1-3600).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=3600))]
     seconds: u64,
     /// What to load the appliance with.
     #[arg(long, value_enum, default_value_t = BenchMode::Flow)]
     mode: BenchMode,
-    /// Sending threads.
-    #[arg(long, default_value_t = 1)]
+    /// Sending threads (1-64).
+    #[arg(long, default_value_t = 1,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=64))]
     senders: usize,
-    /// Phones (flow) or routers per tunnel (handshakes).
-    #[arg(long, default_value_t = 1)]
+    /// Phones (flow: 1-250) or routers per tunnel (handshakes: 1-10000).
+    #[arg(long, default_value_t = 1,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=10_000))]
     peers: usize,
-    /// Tunnels (handshakes; with --tenant, that one tunnel).
-    #[arg(long, default_value_t = 10, conflicts_with = "tenant")]
+    /// Tunnels (handshakes, 1-1000; with --tenant, that one tunnel).
+    #[arg(long, default_value_t = 10, conflicts_with = "tenant",
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000))]
     tunnels: usize,
     /// Peers send with UDP GSO and receive with UDP GRO, like modern WireGuard
     /// implementations; without it, one datagram per syscall.
     #[arg(long)]
     offload: bool,
     /// Handshakes: routers that, inside the storm, retry with the cookie from a
-    /// cookie reply as real WireGuard peers do.
-    #[arg(long, default_value_t = 0)]
+    /// cookie reply as real WireGuard peers do (0-1000).
+    #[arg(long, default_value_t = 0,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(0..=1_000))]
     patient: usize,
     /// Use this tenant (created if missing, left in place) instead of
     /// throw-away ones: flow adds its gateway and phones to it; handshakes storm
@@ -90,8 +95,8 @@ struct BenchArgs {
     #[arg(long)]
     pid: Option<u32>,
     /// Packets (flow) or initiations (handshakes) per second offered in total
-    /// (0: flow as fast as possible, handshakes 25,000/s).
-    #[arg(long, default_value_t = 0)]
+    /// (0: flow as fast as possible, handshakes 25,000/s; at most 10,000,000).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=10_000_000))]
     rate: u64,
     /// Print JSON instead of a table.
     #[arg(long)]
@@ -180,6 +185,14 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Bench(args) => {
+            if let Some(pid) = args.pid {
+                // Checked now, not found missing after the run: the CPU figures
+                // would silently be absent.
+                anyhow::ensure!(
+                    wgplane::bench::process_cpu(pid).is_some(),
+                    "--pid {pid}: no such process whose CPU time can be read"
+                );
+            }
             let token = std::fs::read_to_string(&args.token_file)
                 .with_context(|| format!("cannot read {}", args.token_file.display()))?;
             let spec = wgplane::bench::BenchSpec {

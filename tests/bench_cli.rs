@@ -344,3 +344,30 @@ fn a_storm_nobody_answers_is_an_error_not_a_figure() {
     assert!(stderr.contains("answered none of"), "{stderr}");
     assert_no_tenants_left(&app);
 }
+
+#[test]
+fn out_of_range_arguments_and_a_missing_pid_are_refused_before_anything_runs() {
+    for (args, expect) in [
+        (&["--seconds", "0"][..], "--seconds"),
+        (&["--seconds", "18446744073709551615"][..], "--seconds"),
+        (&["--size", "27"][..], "--size"),
+        (&["--size", "65001"][..], "--size"),
+        (&["--senders", "0"][..], "--senders"),
+        (&["--peers", "0"][..], "--peers"),
+        (&["--tunnels", "0"][..], "--tunnels"),
+        // Above Linux's largest PID (2^22): no such process.
+        (&["--pid", "4194305"][..], "no such process"),
+    ] {
+        // An API nothing answers at: the refusal comes before any request.
+        let out = Command::new(support::binary())
+            .args(["bench", "--api", "http://127.0.0.1:9", "--token-file"])
+            .arg(std::env::current_exe().expect("test binary"))
+            .args(args)
+            .output()
+            .expect("run wgplane bench");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}: {stderr}");
+        assert!(stderr.contains(expect), "{args:?}: {stderr}");
+        assert!(!stderr.contains("admin API"), "{args:?}: {stderr}");
+    }
+}

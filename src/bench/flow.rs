@@ -38,6 +38,9 @@ pub const MIN_PACKET_BYTES: usize = 28;
 /// datagram, with room to spare.
 pub const MAX_PACKET_BYTES: usize = 65_000;
 
+/// Most phones in a flow.
+pub const MAX_PHONES: usize = 250;
+
 /// Where the phones send: an address of the simulated internet that nothing
 /// answers for; it only names a destination for the egress rule.
 const INTERNET: [u8; 4] = [198, 18, 0, 1];
@@ -138,6 +141,12 @@ pub(crate) async fn run(
             spec.size
         )));
     }
+    if !(1..=MAX_PHONES).contains(&spec.peers) {
+        return Err(BenchError::Spec(format!(
+            "{} phones: a flow takes 1..={MAX_PHONES}",
+            spec.peers
+        )));
+    }
     let (tenant, tunnel) = api
         .tenant_for(spec, format!("bench-{}", std::process::id()), created)
         .await?;
@@ -150,7 +159,7 @@ pub(crate) async fn run(
     )
     .await?;
     let mut phones = Vec::new();
-    for i in 0..spec.peers.clamp(1, 250) {
+    for i in 0..spec.peers {
         let secret = StaticSecret::random_from_rng(rand_core::OsRng);
         let public = keys::encode(PublicKey::from(&secret).as_bytes());
         let c = api

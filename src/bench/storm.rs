@@ -35,6 +35,9 @@ use super::{opt, Api, BenchError, BenchSpec, TunnelInfo};
 /// Initiations per second offered when `--rate` is 0.
 pub const DEFAULT_RATE: u64 = 25_000;
 
+/// Most routers in one storm (each has its own socket).
+pub const MAX_ROUTERS: usize = 20_000;
+
 /// Most initiations prepared for one run (about 150 bytes each).
 const MAX_PREPARED: u64 = 2_000_000;
 
@@ -149,6 +152,13 @@ pub(crate) async fn run(
         spec.tunnels.max(1)
     };
     let peers = spec.peers.max(1);
+    // One socket each, all open at once.
+    if tunnels * peers + spec.patient > MAX_ROUTERS {
+        return Err(BenchError::Spec(format!(
+            "{tunnels} tunnels x {peers} routers + {} patient: a storm takes at most {MAX_ROUTERS} routers",
+            spec.patient
+        )));
+    }
     let mut routers = Vec::new();
     // Each tunnel's tenant name, public key and port.
     let mut tenants = Vec::new();

@@ -524,7 +524,7 @@ measure() {
     h1="$(proc_ticks "$HUB_PID")"
     m1="$(machine_ticks)"
     python3 - "$kind" "$CUR_HUB" "$run" "$out" "$((h1 - h0))" "$((m1 - m0))" "$CLK_TCK" \
-        >>"$RESULTS" <<'PY' || hub_failure "could not read the iperf3 $kind result"
+        >>"$RESULTS" <<'PY' || hub_failure "the iperf3 $kind result is unusable (why: above)"
 import json, sys
 kind, hub, run, path, hub_ticks, machine_ticks, tck = sys.argv[1:]
 d = json.load(open(path))
@@ -537,6 +537,8 @@ r = {"hub": hub, "run": int(run), "kind": kind,
      "hub_cpu_s": hub_s, "machine_cpu_s": machine_s}
 if kind == "tcp":
     s = end["sum_received"]
+    if not s["bytes"]:
+        sys.exit(f"{hub} run {run}: TCP: the server received nothing; this run has no figures")
     gib = s["bytes"] / 2**30
     r.update(bytes=s["bytes"], seconds=s["seconds"],
              mbit_s=s["bits_per_second"] / 1e6,
@@ -551,6 +553,10 @@ else:
     lost = s["lost_packets"]
     received = s["packets"] - lost
     secs = s["seconds"]
+    # Nothing through the hub is a broken run, not a rate of 0 packets/s.
+    if received <= 0 or not secs:
+        sys.exit(f"{hub} run {run}: UDP: the server received no packet of {sent} sent; "
+                 "this run has no figures")
     r.update(sent=sent, lost=lost, received=received, seconds=secs,
              received_pps=received / secs if secs else None,
              hub_cpu_us_per_pkt=hub_s * 1e6 / received if received else None,
@@ -592,8 +598,8 @@ print(f"\n## WireGuard hubs: {runs} run(s), {secs} s per test\n")
 print("  \n".join(versions.split("; ")))
 for kind, key, title in metrics:
     print(f"\n### {title}\n")
-    print("| hub | min | median | max | vs wgplane (median) |")
-    print("|---|---:|---:|---:|---|")
+    print("| hub | runs | min | median | max | vs wgplane (median) |")
+    print("|---|---:|---:|---:|---:|---|")
     stats = {}
     for hub in hubs:
         vals = [r[key] for r in rows if r["hub"] == hub and r["kind"] == kind and r.get(key) is not None]
@@ -603,7 +609,7 @@ for kind, key, title in metrics:
     for hub in hubs:
         s = stats.get(hub)
         if not s:
-            print(f"| {hub} | n/a | n/a | n/a | |")
+            print(f"| {hub} | 0 | n/a | n/a | n/a | |")
             continue
         if hub == "wgplane":
             ratio = "1.0×"
@@ -612,7 +618,7 @@ for kind, key, title in metrics:
             ratio = f"{hub}: {s['median'] / base:.2f}× wgplane"
         else:
             ratio = "n/a"
-        print(f"| {hub} | {fmt(s['min'])} | {fmt(s['median'])} | {fmt(s['max'])} | {ratio} |")
+        print(f"| {hub} | {s['n']} | {fmt(s['min'])} | {fmt(s['median'])} | {fmt(s['max'])} | {ratio} |")
     summary[f"{kind}.{key}"] = stats
 if json_out:
     with open(json_out, "w") as f:

@@ -14,7 +14,8 @@
 #
 # Usage: benches/storm.sh [--rates 20000,60000] [--seconds 15] [--flow-rate 20000]
 #                         [--flow-seconds 8] [--json FILE]
-# Loopback only; no privileges needed. Needs 2 CPUs.
+# Loopback only; no privileges needed. Needs 2 CPUs, cargo, curl, python3,
+# taskset and timeout.
 set -euo pipefail
 
 RATES="20000,60000"
@@ -24,7 +25,7 @@ FLOW_SECONDS=8
 JSON_OUT=""
 
 usage() {
-    sed -n '/^# Usage:/,/^# Loopback only/p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '/^# Usage:/,/^set -euo/{/^#/p}' "$0" | sed 's/^# \{0,1\}//'
 }
 
 die() {
@@ -48,6 +49,10 @@ done
 [[ "$FLOW_RATE" =~ ^[1-9][0-9]*$ ]] || die "--flow-rate must be a positive integer"
 [[ "$FLOW_SECONDS" =~ ^[1-9][0-9]*$ ]] || die "--flow-seconds must be a positive integer"
 ((STORM_SECONDS >= FLOW_SECONDS + 4)) || die "--seconds must be at least $((FLOW_SECONDS + 4)): the flow runs inside the storm"
+for tool in cargo curl nice python3 taskset timeout; do
+    command -v "$tool" >/dev/null 2>&1 ||
+        die "needs \`$tool\` (cargo: Rust's build tool, e.g. from rustup; taskset: util-linux; timeout, nice: coreutils)"
+done
 CPUS="$(nproc)"
 ((CPUS >= 2)) || die "needs 2 CPUs (appliance on one, load generator on another)"
 APP_CPU=$((CPUS - 1))
@@ -70,14 +75,55 @@ WGPLANE="$REPO/target/release/wgplane"
 (cd "$REPO" && cargo build --release --quiet) || die "cargo build --release failed"
 
 WORK="$(mktemp -d /tmp/wgplane-storm.XXXXXX)"
-PIDS=()
+PIDS=() # processes we started and have not reaped (all our direct children)
+
+proc_alive() {
+    # Still our child (a reaped PID may be reused by anyone) and not a zombie.
+    local st
+    st="$(cat "/proc/$1/stat" 2>/dev/null)" || return 1
+    st="${st##*) }"
+    read -r -a st <<<"$st"
+    [[ "${st[0]}" != Z && "${st[1]}" == "$$" ]]
+}
+
+forget_pid() { # a reaped child: never signal its (reusable) PID again
+    local -a keep=()
+    local p
+    for p in "${PIDS[@]}"; do
+        [[ "$p" == "$1" ]] || keep+=("$p")
+    done
+    PIDS=("${keep[@]}")
+}
+
+# stop_pid PID: SIGTERM, up to 5 s to end, then SIGKILL; reaps and forgets it.
+stop_pid() {
+    local pid=$1 i
+    if proc_alive "$pid"; then
+        kill -TERM "$pid" 2>/dev/null || true
+        for ((i = 0; i < 50; i++)); do
+            proc_alive "$pid" || break
+            sleep 0.1
+        done
+        if proc_alive "$pid"; then
+            kill -KILL "$pid" 2>/dev/null || true
+        fi
+    fi
+    wait "$pid" 2>/dev/null || true
+    forget_pid "$pid"
+}
+
+# wait_pid PID: waits for our child PID, forgets it, returns its status.
+wait_pid() {
+    local rc=0
+    wait "$1" || rc=$?
+    forget_pid "$1"
+    return "$rc"
+}
+
 cleanup() {
     local pid
     for pid in "${PIDS[@]}"; do
-        kill "$pid" 2>/dev/null || true
-    done
-    for pid in "${PIDS[@]}"; do
-        wait "$pid" 2>/dev/null || true
+        stop_pid "$pid"
     done
     rm -rf "$WORK"
 }
@@ -100,8 +146,8 @@ start_appliance() {
     APP_PID=$!
     PIDS+=("$APP_PID")
     local end=$((SECONDS + 20))
-    until [[ -s "$dir/state/api-token" ]] && curl -fsS "$API/healthz" >/dev/null 2>&1; do
-        kill -0 "$APP_PID" 2>/dev/null || die "wgplane exited: $(tail -5 "$dir/wgplane.log")"
+    until [[ -s "$dir/state/api-token" ]] && curl -fsS --max-time 2 "$API/healthz" >/dev/null 2>&1; do
+        proc_alive "$APP_PID" || die "wgplane exited: $(tail -5 "$dir/wgplane.log")"
         ((SECONDS < end)) || die "wgplane did not come up within 20 s"
         sleep 0.2
     done
@@ -110,13 +156,15 @@ start_appliance() {
 # The flow's generator runs on the load generator's CPU at normal priority, the
 # storm's at nice 10: the flow's latency then shows the appliance, not the storm
 # generator taking the flow generator's CPU.
+# Every `wgplane bench` runs under timeout(1), a hang guard well beyond its
+# set-up (handshakes, preparing initiations), its run and its drain.
 flow() { # flow DIR NAME [ARGS...]: the flow's load generator against the appliance, JSON in DIR/NAME.json
     local dir=$1 name=$2
     shift 2
-    taskset -c "$GEN_CPU" "$WGPLANE" bench --api "$API" --token-file "$dir/state/api-token" --pid "$APP_PID" --json \
+    timeout --kill-after=10 $((FLOW_SECONDS + 120)) taskset -c "$GEN_CPU" "$WGPLANE" bench --api "$API" --token-file "$dir/state/api-token" --pid "$APP_PID" --json \
         --size 1420 --rate "$FLOW_RATE" --seconds "$FLOW_SECONDS" "$@" \
         >"$dir/$name.json" 2>"$dir/$name.log" ||
-        die "the flow ($name) failed: $(tail -20 "$dir/$name.log")"
+        die "the flow ($name) failed or timed out: $(tail -20 "$dir/$name.log")"
 }
 
 # storm DIR NAME RATE ARGS...: starts a storm of RATE initiations/s (nice 10,
@@ -124,13 +172,13 @@ flow() { # flow DIR NAME [ARGS...]: the flow's load generator against the applia
 storm() {
     local dir=$1 name=$2 storm_rate=$3
     shift 3
-    taskset -c "$GEN_CPU" nice -n 10 "$WGPLANE" bench --api "$API" --token-file "$dir/state/api-token" \
+    timeout --kill-after=10 $((STORM_SECONDS + 600)) taskset -c "$GEN_CPU" nice -n 10 "$WGPLANE" bench --api "$API" --token-file "$dir/state/api-token" \
         --pid "$APP_PID" --json --mode handshakes --rate "$storm_rate" --seconds "$STORM_SECONDS" \
         --patient 20 "$@" >"$dir/$name.json" 2>"$dir/$name.log" &
     STORM_PID=$!
     PIDS+=("$STORM_PID")
     until grep -q "measured window opens" "$dir/$name.log"; do
-        kill -0 "$STORM_PID" 2>/dev/null || die "the storm ended early: $(tail -5 "$dir/$name.log")"
+        proc_alive "$STORM_PID" || die "the storm ended early: $(tail -5 "$dir/$name.log")"
         sleep 0.2
     done
     sleep 1
@@ -149,23 +197,22 @@ for rate in "${RATE_LIST[@]}"; do
     # under the storm from a second pass, whose storm CPU is not reported.
     echo "storm.sh: $rate initiations/s: storm on other tunnels, alone" >&2
     storm "$dir" storm "$rate" --tunnels 10 --peers 20
-    wait "$STORM_PID" || die "the storm failed: $(tail -5 "$dir/storm.log")"
+    wait_pid "$STORM_PID" || die "the storm failed or timed out: $(tail -5 "$dir/storm.log")"
     echo "storm.sh: $rate initiations/s: preparing the storm on other tunnels" >&2
     storm "$dir" storm-flow "$rate" --tunnels 10 --peers 20
     echo "storm.sh: $rate initiations/s: flow inside the storm" >&2
     flow "$dir" under
-    wait "$STORM_PID" || die "the storm failed: $(tail -5 "$dir/storm-flow.log")"
+    wait_pid "$STORM_PID" || die "the storm failed or timed out: $(tail -5 "$dir/storm-flow.log")"
 
     echo "storm.sh: $rate initiations/s: storm on the flow's own tunnel, alone" >&2
     storm "$dir" storm-own "$rate" --tenant ktn --peers 200
-    wait "$STORM_PID" || die "the storm failed: $(tail -5 "$dir/storm-own.log")"
+    wait_pid "$STORM_PID" || die "the storm failed or timed out: $(tail -5 "$dir/storm-own.log")"
     echo "storm.sh: $rate initiations/s: preparing the storm on the flow's own tunnel" >&2
     storm "$dir" storm-own-flow "$rate" --tenant ktn --peers 200
     echo "storm.sh: $rate initiations/s: flow inside the storm on its own tunnel" >&2
     flow "$dir" under-own --tenant ktn
-    wait "$STORM_PID" || die "the storm failed: $(tail -5 "$dir/storm-own-flow.log")"
-    kill "$APP_PID"
-    wait "$APP_PID" 2>/dev/null || true
+    wait_pid "$STORM_PID" || die "the storm failed or timed out: $(tail -5 "$dir/storm-own-flow.log")"
+    stop_pid "$APP_PID"
     python3 - "$rate" "$dir" >>"$RESULTS" <<'PY'
 import json, sys
 rate, d = int(sys.argv[1]), sys.argv[2]

@@ -217,10 +217,14 @@ fn main() -> Result<()> {
             };
             // Progress (the measured window opening) goes to stderr.
             init_logging();
-            let report = tokio::runtime::Builder::new_multi_thread()
+            let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
-                .build()?
-                .block_on(wgplane::bench::run(&spec))?;
+                .build()?;
+            let result = runtime.block_on(wgplane::bench::run(&spec));
+            // After Ctrl-C a sending thread may still be running its measured
+            // window out: the process does not wait for it.
+            runtime.shutdown_background();
+            let report = result?;
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {

@@ -371,3 +371,92 @@ fn out_of_range_arguments_and_a_missing_pid_are_refused_before_anything_runs() {
         assert!(!stderr.contains("admin API"), "{args:?}: {stderr}");
     }
 }
+
+#[test]
+fn a_given_tenants_own_egress_policy_and_gateway_are_never_replaced() {
+    let app = Appliance::start();
+    let router = |tenant: &str, id: &str| {
+        let (_, public) = support::keypair();
+        let body = format!(r#"{{"public_key":"{public}"}}"#);
+        app.expect(
+            "PUT",
+            &format!("/v1/tenants/{tenant}/routers/{id}"),
+            Some(&body),
+            201,
+        );
+    };
+    let flow = ["--seconds", "1", "--rate", "100", "--size", "200"];
+    // A tenant with an egress policy of its own.
+    router("own", "mt");
+    app.expect(
+        "PUT",
+        "/v1/tenants/own/egress",
+        Some(r#"{"pool":"10.200.0.0/24","gateways":["mt"]}"#),
+        201,
+    );
+    let stderr = bench_fails(&app, &[&["--tenant", "own"][..], &flow].concat());
+    assert!(stderr.contains("egress policy"), "{stderr}");
+    let egress = app.expect("GET", "/v1/tenants/own/egress", None, 200);
+    assert_eq!(egress["pool"], "10.200.0.0/24", "{egress}");
+    assert_eq!(egress["gateways"], serde_json::json!(["mt"]), "{egress}");
+    // A tenant with a router named like the bench's gateway, no policy.
+    router("other", "gateway");
+    let before = app.expect("GET", "/v1/tenants/other/routers/gateway", None, 200);
+    let stderr = bench_fails(&app, &[&["--tenant", "other"][..], &flow].concat());
+    assert!(stderr.contains("router named"), "{stderr}");
+    let after = app.expect("GET", "/v1/tenants/other/routers/gateway", None, 200);
+    assert_eq!(before["public_key"], after["public_key"], "{after}");
+    app.expect("GET", "/v1/tenants/other/egress", None, 404);
+}
+
+#[test]
+fn ctrl_c_ends_the_run_and_deletes_the_throw_away_tenant() {
+    use std::time::{Duration, Instant};
+    let app = Appliance::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let stderr_path = dir.path().join("stderr");
+    let mut child = Command::new(support::binary())
+        .args(["bench", "--api", &format!("http://{}", app.api)])
+        .arg("--token-file")
+        .arg(app.state_dir().join("api-token"))
+        .args(["--seconds", "3600", "--rate", "100", "--size", "200"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&stderr_path).expect("stderr file"))
+        .spawn()
+        .expect("run wgplane bench");
+    let stderr = || std::fs::read_to_string(&stderr_path).unwrap_or_default();
+    // Hang guards only: the bench needs a moment to set up and to clean up.
+    let guard = Duration::from_secs(120);
+    let start = Instant::now();
+    loop {
+        let tenants = app.expect("GET", "/v1/tenants", None, 200);
+        if !tenants.as_array().unwrap().is_empty() {
+            break;
+        }
+        if start.elapsed() > guard {
+            let _ = child.kill();
+            panic!("the bench created no tenant:\n{}", stderr());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Ctrl-C, to the bench's own PID.
+    let sent = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .expect("kill -INT");
+    assert!(sent.success());
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if start.elapsed() > guard {
+            let _ = child.kill();
+            panic!("the bench did not end after Ctrl-C:\n{}", stderr());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(!status.success(), "{}", stderr());
+    assert!(stderr().contains("interrupted"), "{}", stderr());
+    assert_no_tenants_left(&app);
+}

@@ -38,6 +38,10 @@ pub const MIN_PACKET_BYTES: usize = 28;
 /// datagram, with room to spare.
 pub const MAX_PACKET_BYTES: usize = 65_000;
 
+/// The egress pool and gateway router the flow sets up in its tenant.
+const EGRESS_POOL: &str = "198.18.128.0/24";
+const GATEWAY: &str = "gateway";
+
 /// Most phones in a flow.
 pub const MAX_PHONES: usize = 250;
 
@@ -151,11 +155,38 @@ pub(crate) async fn run(
         .tenant_for(spec, format!("bench-{}", std::process::id()), created)
         .await?;
     let endpoint = SocketAddr::new(spec.host, tunnel.port);
-    let gw_secret = api.router(&tenant, "gateway").await?;
+    let policy = json!({"pool": EGRESS_POOL, "gateways": [GATEWAY]});
+    if spec.tenant.is_some() {
+        // A given tenant's own egress policy and gateway are never replaced:
+        // only a policy identical to the bench's (from an earlier bench run) is
+        // taken as it is, with its gateway.
+        let existing = api
+            .get_if_any(&format!("/v1/tenants/{tenant}/egress"))
+            .await?;
+        match existing {
+            Some(existing) if existing != policy => {
+                return Err(BenchError::TenantInUse {
+                    tenant,
+                    what: format!("an egress policy ({existing})"),
+                });
+            }
+            Some(_) => {}
+            None => {
+                let router = format!("/v1/tenants/{tenant}/routers/{GATEWAY}");
+                if api.get_if_any(&router).await?.is_some() {
+                    return Err(BenchError::TenantInUse {
+                        tenant,
+                        what: format!("a router named {GATEWAY:?}"),
+                    });
+                }
+            }
+        }
+    }
+    let gw_secret = api.router(&tenant, GATEWAY).await?;
     api.call(
         reqwest::Method::PUT,
         &format!("/v1/tenants/{tenant}/egress"),
-        Some(json!({"pool": "198.18.128.0/24", "gateways": ["gateway"]})),
+        Some(policy),
     )
     .await?;
     let mut phones = Vec::new();

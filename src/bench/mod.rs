@@ -102,6 +102,28 @@ pub enum BenchError {
     /// A socket could not be used.
     #[error("socket: {0}")]
     Io(#[from] std::io::Error),
+    /// Interrupted (Ctrl-C); the throw-away tenants were deleted.
+    #[error("interrupted; the bench's tenants were deleted")]
+    Interrupted,
+    /// The run failed and its throw-away tenants could not all be deleted.
+    #[error("{run}; and these tenants of the bench could not be deleted: {left}")]
+    Cleanup {
+        /// Why the run failed.
+        run: String,
+        /// The tenants left behind.
+        left: String,
+    },
+    /// A given tenant (`--tenant`) has an egress policy or a gateway router of
+    /// its own that the flow would replace.
+    #[error(
+        "tenant {tenant} has {what} of its own; the flow would replace it: use another --tenant"
+    )]
+    TenantInUse {
+        /// The tenant.
+        tenant: String,
+        /// What it has, as the API shows it.
+        what: String,
+    },
     /// The spec asks for something the bench cannot do.
     #[error("{0}")]
     Spec(String),
@@ -132,28 +154,49 @@ pub async fn run(spec: &BenchSpec) -> Result<BenchReport, BenchError> {
         token: spec.token.clone(),
     };
     let mut tenants = Vec::new();
-    let result = match spec.mode {
-        Mode::Flow => flow::run(spec, flow::Direction::Up, &api, &mut tenants)
-            .await
-            .map(BenchReport::Flow),
-        Mode::Download => flow::run(spec, flow::Direction::Down, &api, &mut tenants)
-            .await
-            .map(BenchReport::Flow),
-        Mode::Handshakes => storm::run(spec, &api, &mut tenants)
-            .await
-            .map(BenchReport::Handshakes),
+    let work = async {
+        match spec.mode {
+            Mode::Flow => flow::run(spec, flow::Direction::Up, &api, &mut tenants)
+                .await
+                .map(BenchReport::Flow),
+            Mode::Download => flow::run(spec, flow::Direction::Down, &api, &mut tenants)
+                .await
+                .map(BenchReport::Flow),
+            Mode::Handshakes => storm::run(spec, &api, &mut tenants)
+                .await
+                .map(BenchReport::Handshakes),
+        }
     };
-    // Always clean up the throw-away tenants.
+    // Ctrl-C (SIGINT) ends the run, not the process: the clean-up below still
+    // runs. A sending thread may go on until its run's end; the caller need
+    // not wait for it.
+    let result = tokio::select! {
+        result = work => result,
+        _ = tokio::signal::ctrl_c() => Err(BenchError::Interrupted),
+    };
+    // Always clean up the throw-away tenants, and say which could not be.
+    let mut left = Vec::new();
     for tenant in tenants {
-        let _ = api
+        if let Err(e) = api
             .call(
                 reqwest::Method::DELETE,
                 &format!("/v1/tenants/{tenant}"),
                 None,
             )
-            .await;
+            .await
+        {
+            tracing::error!(%tenant, error = %e, "could not delete the bench's tenant");
+            left.push(tenant);
+        }
     }
-    result
+    match result {
+        Err(e) if !left.is_empty() => Err(BenchError::Cleanup {
+            run: e.to_string(),
+            left: left.join(", "),
+        }),
+        // The report stands; the failed deletes were logged above.
+        other => other,
+    }
 }
 
 /// The report as a small table.
@@ -183,6 +226,26 @@ pub(crate) struct TunnelInfo {
 }
 
 impl Api {
+    /// GET `path`; none when the API answers 404.
+    async fn get_if_any(&self, path: &str) -> Result<Option<Value>, BenchError> {
+        let resp = self
+            .client
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .map_err(|e| BenchError::Api(format!("GET {path}: {e}")))?;
+        let status = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        if status == reqwest::StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        if !status.is_success() {
+            return Err(BenchError::Api(format!("GET {path}: {status} {text}")));
+        }
+        Ok(Some(serde_json::from_str(&text).unwrap_or(Value::Null)))
+    }
+
     async fn call(
         &self,
         method: reqwest::Method,

@@ -154,8 +154,8 @@ fn options() -> Options {
             other => fail(&format!("unknown argument {other:?}\n{USAGE}")),
         }
     }
-    if o.tenants == 0 || o.adds == 0 {
-        fail("--tenants and --adds must be at least 1");
+    if o.tenants == 0 || o.peers == 0 || o.adds == 0 {
+        fail("--tenants, --peers-per-tenant and --adds must be at least 1");
     }
     o
 }

@@ -24,7 +24,9 @@
 # UDP GRO, fetched with a private apt configuration and unpacked under
 # target/hubs-tools (the system's packages stay as they are). The wireguard-go
 # hub is always the installed package.
-# Needs root. Traffic never leaves the namespaces this script creates.
+# Needs root. Setup may download packages (apt; `cargo install` from crates.io;
+# with --peers trixie, Debian's archive); the measured traffic stays inside the
+# namespaces this script creates.
 # Env: BORINGTUN_VERSION (0.7.1) to install, HUBS_KEEP=1 keeps logs and iperf3 JSON.
 set -euo pipefail
 
@@ -38,7 +40,7 @@ PEERS="bookworm"
 BORINGTUN_VERSION="${BORINGTUN_VERSION:-0.7.1}"
 
 usage() {
-    sed -n '15,28p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '/^# Usage:/,/^set -euo/{/^#/p}' "$0" | sed 's/^# \{0,1\}//'
 }
 
 die() {

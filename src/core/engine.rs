@@ -7,10 +7,10 @@
 //! [`TunnelEngine::poll_event`].
 //!
 //! Cost follows activity: datagrams are found by receiver index in O(1), a repeated
-//! initiation by its endpoint, a new one by decrypting its key; initiations pass
-//! admission (cookie replies under load, the process-wide [`HandshakeBudget`];
-//! see [`super::admission`]) before any Diffie-Hellman; timers visit only peers
-//! with protocol state.
+//! initiation by its endpoint, a new one by decrypting its key; initiations and
+//! responses pass admission (cookie replies under load, the process-wide
+//! [`HandshakeBudget`]; see [`super::admission`]) before any Diffie-Hellman;
+//! timers visit only peers with protocol state.
 //!
 //! One engine serves exactly one tunnel, so no lookup can ever reach another tenant:
 //! isolation holds by construction. The engine opens no socket, spawns nothing and
@@ -601,9 +601,11 @@ impl TunnelEngine {
             ..
         } = self;
 
-        if message == Message::Initiation {
+        if matches!(message, Message::Initiation | Message::Response { .. }) {
             // Cookie replies under load, and the process-wide budget, before
-            // any Diffie-Hellman work.
+            // any Diffie-Hellman work: a response costs boringtun two before
+            // its AEAD check, so responses pass here too (as in kernel
+            // WireGuard), not only initiations.
             match admission.admit(from.ip(), datagram, now, tx) {
                 Ok(()) => {}
                 Err(Refusal::Cookie(cookie)) => {
@@ -1194,6 +1196,97 @@ mod tests {
         let datagram = r1.encrypt(&packet).unwrap();
         engine.handle_datagram(r1.addr, &datagram, now, &mut Collect::default());
         assert_eq!(engine.stats().forwarded_local, 1);
+    }
+
+    /// A tunnel whose peer `g` has a configured endpoint, with an initiation
+    /// of the engine's to `g` under way: the engine, `g`, and that initiation.
+    fn initiating_to_a_peer(
+        now: Instant,
+    ) -> (TunnelEngine, crate::core::harness::MemoryClient, Vec<u8>) {
+        use crate::core::harness::{Collect, MemoryClient};
+        use crate::core::packet::build::ip_packet;
+
+        let secret = StaticSecret::random_from_rng(rand_core::OsRng);
+        let public = PublicKey::from(&secret);
+        let mut engine = TunnelEngine::new(secret, vec![IpAddr::from([10, 100, 0, 1])]);
+        let g = MemoryClient::new(&public, 7, SocketAddr::from(([192, 0, 2, 7], 7)));
+        let mut config = peer("10.100.1.7/32");
+        config.public_key = g.public_key;
+        config.endpoint = Some(g.addr);
+        engine.upsert_peer(config, 7).unwrap();
+        let packet = ip_packet([10, 100, 0, 1].into(), [10, 100, 1, 7].into(), 8);
+        let mut out = Collect::default();
+        engine.handle_host_packet(&packet, now, &mut out);
+        let (to, initiation) = out.sent.pop().unwrap();
+        assert_eq!((to, message_type(&initiation)), (g.addr, 1));
+        (engine, g, initiation)
+    }
+
+    /// The response of `g` to `initiation`.
+    fn response_of(g: &mut crate::core::harness::MemoryClient, initiation: &[u8]) -> Vec<u8> {
+        let mut buf = vec![0; 256];
+        match g.tunn.decapsulate(None, initiation, &mut buf) {
+            boringtun::noise::TunnResult::WriteToNetwork(r) => r.to_vec(),
+            _ => panic!("no response"),
+        }
+    }
+
+    #[test]
+    fn calm_a_response_completes_our_handshake() {
+        use crate::core::harness::Collect;
+        let now = Instant::now();
+        let (mut engine, mut g, initiation) = initiating_to_a_peer(now);
+        let response = response_of(&mut g, &initiation);
+        let mut out = Collect::default();
+        engine.handle_datagram(g.addr, &response, now, &mut out);
+        assert_eq!(engine.stats().handshakes, 1);
+        assert_eq!(engine.stats().cookie_replies, 0);
+        // The waiting packet, then nothing else.
+        assert!(out
+            .sent
+            .iter()
+            .all(|(to, d)| *to == g.addr && message_type(d) == 4));
+    }
+
+    /// Under load a response without a valid mac2 gets a cookie reply and no
+    /// Diffie-Hellman (boringtun never sees it: our handshake stays open); once
+    /// the load is over the same response completes the handshake.
+    #[test]
+    fn under_load_a_response_gets_a_cookie_reply_before_any_diffie_hellman() {
+        use crate::core::harness::{Collect, MemoryClient};
+        let now = Instant::now();
+        let (engine, mut g, initiation) = initiating_to_a_peer(now);
+        let mut engine = engine.with_handshake_limit(1);
+        let public = *engine.public_key();
+        // Another peer's initiations put the tunnel over its limit of one.
+        let mut c = MemoryClient::new(&public, 8, SocketAddr::from(([192, 0, 2, 8], 8)));
+        c.register(
+            &mut engine,
+            &[IpNet::from(IpAddr::from([10, 100, 1, 8]))],
+            8,
+        );
+        assert!(c.handshake(&mut engine, now));
+        c.handshake(&mut engine, now);
+        assert_eq!(engine.stats().cookie_replies, 1);
+        let (handshakes, cookies) = (engine.stats().handshakes, engine.stats().cookie_replies);
+
+        let response = response_of(&mut g, &initiation);
+        let mut out = Collect::default();
+        engine.handle_datagram(g.addr, &response, now, &mut out);
+        assert_eq!(engine.stats().cookie_replies, cookies + 1);
+        assert_eq!(engine.stats().handshakes, handshakes);
+        let (to, reply) = out.sent.pop().unwrap();
+        assert_eq!((to, message_type(&reply)), (g.addr, 3));
+        let mut buf = vec![0; 256];
+        assert!(matches!(
+            g.tunn.decapsulate(None, &reply, &mut buf),
+            boringtun::noise::TunnResult::Done
+        ));
+
+        // A second later the tunnel is calm and the response goes through.
+        let later = now + Duration::from_secs(2);
+        engine.handle_datagram(g.addr, &response, later, &mut Collect::default());
+        assert_eq!(engine.stats().handshakes, handshakes + 1);
     }
 
     #[test]

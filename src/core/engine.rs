@@ -10,7 +10,8 @@
 //! initiation by its endpoint, a new one by decrypting its key; initiations and
 //! responses pass admission (cookie replies under load, the process-wide
 //! [`HandshakeBudget`]; see [`super::admission`]) before any Diffie-Hellman;
-//! timers visit only peers with protocol state.
+//! timers visit only active peers (a handshake or session within its lifetime,
+//! packets waiting, a keepalive to keep up).
 //!
 //! One engine serves exactly one tunnel, so no lookup can ever reach another tenant:
 //! isolation holds by construction. The engine opens no socket, spawns nothing and
@@ -175,7 +176,9 @@ struct Peers {
     free: Vec<PeerId>,
     by_key: HashMap<[u8; 32], PeerId>,
     by_index: HashMap<u32, PeerId>,
-    /// Peers with protocol state, the only ones whose timers have work.
+    /// Peers with timer work: a handshake completed or protocol work started
+    /// within a session's lifetime, packets waiting, or a keepalive to keep up
+    /// (see [`Peer::idle`]). The only ones [`TunnelEngine::handle_timers`] visits.
     active: Vec<PeerId>,
 }
 
@@ -225,12 +228,23 @@ impl Peers {
         Some(peer)
     }
     /// Gives peer `id` protocol state (if it has none yet) and lists it among
-    /// the active peers. Called before a handshake or a first packet to it.
+    /// the active peers. Called before a handshake or a packet we send to it.
     #[inline]
     fn activate(&mut self, id: PeerId) {
         if let Some(peer) = self.slots.get_mut(id as usize).and_then(Option::as_mut) {
             if !peer.listed {
                 peer.start_protocol();
+                peer.listed = true;
+                self.active.push(id);
+            }
+        }
+    }
+    /// Lists peer `id` among the active peers, once a datagram from it
+    /// authenticated (its protocol state exists then).
+    #[inline]
+    fn list(&mut self, id: PeerId) {
+        if let Some(peer) = self.slots.get_mut(id as usize).and_then(Option::as_mut) {
+            if !peer.listed {
                 peer.listed = true;
                 self.active.push(id);
             }
@@ -344,8 +358,9 @@ impl TunnelEngine {
         !self.peers.active.is_empty()
     }
 
-    /// Peers with protocol state (that spoke or were spoken to since start):
-    /// the ones that cost boringtun memory and timer work.
+    /// Peers with timer work: a handshake or a session within its lifetime,
+    /// packets waiting, or a keepalive to keep up. A peer that stays quiet for a
+    /// session's lifetime leaves them (and comes back when it speaks again).
     pub fn active_peer_count(&self) -> usize {
         self.peers.active.len()
     }
@@ -644,9 +659,9 @@ impl TunnelEngine {
             Ok(id) => id,
             Err(reason) => return stats.drop(reason),
         };
-        if message == Message::Initiation {
-            peers.activate(id);
-        }
+        // A peer joins the active list only once this datagram authenticated:
+        // an initiation that fails leaves it as it was.
+        let mut list = false;
         let Some(mut peer) = peers.get_mut(id) else {
             return stats.drop(DropReason::UnknownIndex);
         };
@@ -656,7 +671,6 @@ impl TunnelEngine {
                 Ok(id) => id,
                 Err(reason) => return stats.drop(reason),
             };
-            peers.activate(id);
             let Some(found) = peers.get_mut(id) else {
                 return stats.drop(DropReason::UnknownPeer);
             };
@@ -675,6 +689,8 @@ impl TunnelEngine {
                     // it claims to be, but the session is not usable (nor the peer
                     // live) until its first packet on it arrives.
                     (Message::Initiation, 2) => {
+                        list = true;
+                        peer.last_work = Some(now);
                         stats.handshake_responses += 1;
                         peer.answered = reply
                             .get(4..8)
@@ -686,6 +702,7 @@ impl TunnelEngine {
                     // Our keepalive (type 4) after a response to our initiation:
                     // the session is ours to use now.
                     (Message::Response { .. }, 4) => {
+                        list = true;
                         authenticated(peer, id, endpoints, from, datagram.len(), now, events);
                         handshake_done(peer, now, stats, events);
                         send_queued(peer, from, tx, stats, sink);
@@ -694,6 +711,7 @@ impl TunnelEngine {
                 }
             }
             Decap::Packet(inner) => {
+                list = true;
                 authenticated(peer, id, endpoints, from, datagram.len(), now, events);
                 // Queued packets go out before anything this one causes; they
                 // live in `tx`, which `inner` (in `rx`) does not touch.
@@ -716,6 +734,7 @@ impl TunnelEngine {
             }
             Decap::Nothing => {
                 if matches!(message, Message::Data { .. }) {
+                    list = true;
                     authenticated(peer, id, endpoints, from, datagram.len(), now, events);
                     if confirmed(peer, message, now, stats, events) {
                         send_queued(peer, from, tx, stats, sink);
@@ -724,6 +743,9 @@ impl TunnelEngine {
             }
             Decap::Drop(reason) => stats.drop(reason),
             Decap::WrongPeer => stats.drop(DropReason::HandshakeFailed),
+        }
+        if list {
+            peers.list(id);
         }
         trim_events(events, stats);
         // The stack runs only when this datagram gave it something, or when its
@@ -801,27 +823,39 @@ impl TunnelEngine {
             tx,
             ..
         } = self;
-        // Only peers with protocol state have timer work: at scale most
-        // provisioned peers never spoke, so this follows the active ones.
-        for i in 0..peers.active.len() {
+        // Only active peers have timer work: at scale most provisioned peers
+        // are quiet, so this follows the ones that are not. A peer with none
+        // left leaves the list (it rejoins when it speaks or is spoken to).
+        let mut i = 0;
+        while i < peers.active.len() {
             let Some(peer) = peers.get_mut(peers.active[i]) else {
+                peers.active.swap_remove(i);
                 continue;
             };
             // Without an endpoint there is nowhere to send to.
-            if peer.endpoint.is_none() {
-                continue;
+            if peer.endpoint.is_some() {
+                let (out, expired) = peer.update_timers(tx);
+                if let (Some(datagram), Some(to)) = (out, peer.endpoint) {
+                    if message_type(datagram) == 1 {
+                        peer.last_work = Some(now);
+                    }
+                    stats.tx_datagrams += 1;
+                    peer.stats.tx_bytes += datagram.len() as u64;
+                    sink.send(to, datagram);
+                }
+                if peer.connected && (expired || !peer.is_live(now)) {
+                    peer.connected = false;
+                    events.push_back(Event::Disconnected {
+                        peer: *peer.public_key().as_bytes(),
+                    });
+                }
             }
-            let (out, expired) = peer.update_timers(tx);
-            if let (Some(datagram), Some(to)) = (out, peer.endpoint) {
-                stats.tx_datagrams += 1;
-                peer.stats.tx_bytes += datagram.len() as u64;
-                sink.send(to, datagram);
-            }
-            if peer.connected && (expired || !peer.is_live(now)) {
-                peer.connected = false;
-                events.push_back(Event::Disconnected {
-                    peer: *peer.public_key().as_bytes(),
-                });
+            if peer.idle(now) {
+                peer.listed = false;
+                peer.answered = 0;
+                peers.active.swap_remove(i);
+            } else {
+                i += 1;
             }
         }
         trim_events(events, stats);
@@ -1048,6 +1082,7 @@ fn route(
                     sink.send(to, datagram);
                 }
                 Encap::Waiting { queued, initiation } => {
+                    next.last_work = Some(now);
                     if queued {
                         stats.queued += 1;
                     } else {
@@ -1089,6 +1124,7 @@ fn route(
             }
             if let Some(gateway) = primary.and_then(|g| peers.get_mut(g)) {
                 if let Some(to) = gateway.endpoint {
+                    gateway.last_work = Some(now);
                     if let Some(init) = gateway.initiate(tx) {
                         stats.tx_datagrams += 1;
                         sink.send(to, init);
@@ -1287,6 +1323,105 @@ mod tests {
         let later = now + Duration::from_secs(2);
         engine.handle_datagram(g.addr, &response, later, &mut Collect::default());
         assert_eq!(engine.stats().handshakes, handshakes + 1);
+    }
+
+    /// An engine at 10.100.0.1 with one registered client at 10.100.1.1.
+    fn one_client() -> (TunnelEngine, crate::core::harness::MemoryClient) {
+        let secret = StaticSecret::random_from_rng(rand_core::OsRng);
+        let public = PublicKey::from(&secret);
+        let mut engine = TunnelEngine::new(secret, vec![IpAddr::from([10, 100, 0, 1])]);
+        let r1 = crate::core::harness::MemoryClient::new(
+            &public,
+            1,
+            SocketAddr::from(([192, 0, 2, 1], 1)),
+        );
+        r1.register(
+            &mut engine,
+            &[IpNet::from(IpAddr::from([10, 100, 1, 1]))],
+            1,
+        );
+        (engine, r1)
+    }
+
+    #[test]
+    fn a_quiet_peer_leaves_the_active_list_and_comes_back_when_it_speaks() {
+        use crate::core::harness::Collect;
+        use crate::core::packet::build::ip_packet;
+        use crate::core::peer::SESSION_LIFETIME;
+
+        let now = Instant::now();
+        let (mut engine, mut r1) = one_client();
+        assert!(r1.handshake(&mut engine, now));
+        assert_eq!(engine.active_peer_count(), 1);
+        engine.handle_timers(now + Duration::from_secs(60), &mut Collect::default());
+        assert_eq!(
+            engine.active_peer_count(),
+            1,
+            "its session is still current"
+        );
+        engine.handle_timers(now + SESSION_LIFETIME, &mut Collect::default());
+        assert_eq!(engine.active_peer_count(), 0);
+        assert!(!engine.needs_timers());
+        let events: Vec<_> = std::iter::from_fn(|| engine.poll_event()).collect();
+        assert!(events.contains(&Event::Disconnected {
+            peer: *r1.public_key.as_bytes()
+        }));
+
+        // It speaks again: listed, and its packets arrive.
+        let later = now + Duration::from_secs(300);
+        assert!(r1.handshake(&mut engine, later));
+        assert_eq!(engine.active_peer_count(), 1);
+        let packet = ip_packet([10, 100, 1, 1].into(), [10, 100, 0, 1].into(), 8);
+        let datagram = r1.encrypt(&packet).unwrap();
+        engine.handle_datagram(r1.addr, &datagram, later, &mut Collect::default());
+        let status = engine.peer_status(r1.public_key.as_bytes(), later).unwrap();
+        assert_eq!(status.stats.rx_packets, 1);
+        engine.handle_timers(later + Duration::from_secs(1), &mut Collect::default());
+        assert_eq!(engine.active_peer_count(), 1);
+    }
+
+    /// `initiation` with its encrypted timestamp changed and a valid mac1 for
+    /// `server`: it passes admission and names its peer, but does not
+    /// authenticate.
+    fn forged(initiation: &[u8], server: &PublicKey) -> Vec<u8> {
+        use blake2::digest::{consts::U16, FixedOutput, KeyInit, Update};
+        use blake2::{Blake2s256, Blake2sMac, Digest};
+        let mut forged = initiation.to_vec();
+        forged[100] ^= 1;
+        let key: [u8; 32] = Blake2s256::new()
+            .chain_update(b"mac1----")
+            .chain_update(server.as_bytes())
+            .finalize()
+            .into();
+        let mut mac = <Blake2sMac<U16> as KeyInit>::new_from_slice(&key).unwrap();
+        Update::update(&mut mac, &forged[..116]);
+        forged[116..132].copy_from_slice(&mac.finalize_fixed());
+        forged
+    }
+
+    #[test]
+    fn an_initiation_that_fails_authentication_lists_no_peer() {
+        use crate::core::harness::Collect;
+
+        let now = Instant::now();
+        let (mut engine, mut r1) = one_client();
+        let mut buf = vec![0; 256];
+        let initiation = match r1.tunn.format_handshake_initiation(&mut buf, true) {
+            boringtun::noise::TunnResult::WriteToNetwork(d) => d.to_vec(),
+            _ => panic!("no initiation"),
+        };
+        let forged = forged(&initiation, engine.public_key());
+        let mut out = Collect::default();
+        engine.handle_datagram(r1.addr, &forged, now, &mut out);
+        assert!(out.sent.is_empty());
+        assert_eq!(engine.stats().dropped(DropReason::DecryptFailed), 1);
+        assert_eq!(engine.active_peer_count(), 0);
+        assert!(!engine.needs_timers());
+        let id = engine.peers.by_key[r1.public_key.as_bytes()];
+        assert!(!engine.peers.get(id).unwrap().is_active(), "no Tunn kept");
+        // The genuine one still works.
+        assert!(r1.handshake(&mut engine, now));
+        assert_eq!(engine.active_peer_count(), 1);
     }
 
     #[test]

@@ -111,7 +111,9 @@ pub struct Peer {
     tunn: Option<Box<Tunn>>,
     tunnel_secret: Arc<StaticSecret>,
     rate_limiter: Arc<RateLimiter>,
-    /// Listed among the engine's active peers (those with a `Tunn`).
+    /// Listed among the engine's active peers (those with timer work, see
+    /// [`Peer::idle`]). A peer taken off the list keeps its `Tunn` (and so the
+    /// last initiation timestamp it accepted: replays stay refused).
     pub(crate) listed: bool,
     pub(crate) config: PeerConfig,
     pub(crate) index: u32,
@@ -119,6 +121,9 @@ pub struct Peer {
     pub(crate) endpoint: Option<SocketAddr>,
     pub(crate) last_handshake: Option<Instant>,
     pub(crate) last_rx: Option<Instant>,
+    /// When we last started protocol work for the peer: sent an initiation or a
+    /// response, or queued a packet for its handshake.
+    pub(crate) last_work: Option<Instant>,
     /// Our index in the last handshake response we sent, 0 for none (no peer
     /// has index 0): that session is usable only once the initiator's first
     /// packet on it arrives (then the handshake is complete, as kernel WireGuard
@@ -153,6 +158,7 @@ impl Peer {
             index,
             last_handshake: None,
             last_rx: None,
+            last_work: None,
             answered: 0,
             connected: false,
             queued_packets: 0,
@@ -212,6 +218,20 @@ impl Peer {
         }
     }
 
+    /// True when the peer has no timer work left at `now`: no handshake
+    /// completed and no protocol work started within [`SESSION_LIFETIME`] (so
+    /// no session is usable and no handshake is under way), no packet waiting,
+    /// and no keepalive to send.
+    pub fn idle(&self, now: Instant) -> bool {
+        let recent = |t: Option<Instant>| {
+            t.is_some_and(|t| now.saturating_duration_since(t) < SESSION_LIFETIME)
+        };
+        let keepalive = self.config.keepalive.is_some() && self.endpoint.is_some();
+        let busy =
+            self.queued_packets != 0 || recent(self.last_handshake) || recent(self.last_work);
+        !keepalive && !busy
+    }
+
     /// Feeds an authenticated-or-not datagram from `from` to boringtun.
     /// `out` must hold at least `datagram.len()` bytes and 148.
     pub fn decapsulate<'a>(
@@ -222,12 +242,13 @@ impl Peer {
     ) -> Decap<'a> {
         // Only an initiation can start protocol state; anything else for a peer
         // without it refers to a session that does not exist.
+        let fresh = self.tunn.is_none();
         let tunn = match self.tunn {
             Some(ref mut tunn) => tunn,
             None if message_type(datagram) == 1 => self.tunn(),
             None => return Decap::Drop(DropReason::DecryptFailed),
         };
-        match tunn.decapsulate(Some(from), datagram, out) {
+        let decap = match tunn.decapsulate(Some(from), datagram, out) {
             TunnResult::Done => Decap::Nothing,
             TunnResult::WriteToNetwork(b) => Decap::Reply(b),
             TunnResult::WriteToTunnelV4(b, _) | TunnResult::WriteToTunnelV6(b, _) => {
@@ -235,7 +256,13 @@ impl Peer {
             }
             TunnResult::Err(WireGuardError::WrongKey) => Decap::WrongPeer,
             TunnResult::Err(e) => Decap::Drop(drop_reason(&e)),
+        };
+        // Made for an initiation that did not authenticate: gone again, so
+        // knowing a peer's public key does not buy its 11 KB.
+        if fresh && !matches!(decap, Decap::Reply(_)) {
+            self.tunn = None;
         }
+        decap
     }
 
     /// Next packet boringtun queued while waiting for a handshake, already

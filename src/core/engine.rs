@@ -167,6 +167,10 @@ pub enum EngineError {
     /// The peer index is already used by another peer.
     #[error("receiver index {index} is already in use")]
     IndexTaken { index: u32 },
+    /// The peer index is 0 or does not fit in 24 bits (boringtun shifts it
+    /// left by 8).
+    #[error("receiver index {index} is outside 1 to 2^24 - 1")]
+    BadIndex { index: u32 },
 }
 
 /// Slot storage for peers with O(1) lookups by key and by receiver index.
@@ -443,7 +447,7 @@ impl TunnelEngine {
     /// Adds a peer, or updates the prefixes, endpoint and kind of an existing one
     /// without touching its session (its keepalive is fixed once its protocol
     /// state exists: boringtun has no setter). `index` is used only when the peer
-    /// is new.
+    /// is new, and must then be in 1 to 2^24 - 1.
     pub fn upsert_peer(&mut self, config: PeerConfig, index: u32) -> Result<(), EngineError> {
         let key = *config.public_key.as_bytes();
         let existing = self.peers.by_key.get(&key).copied();
@@ -460,8 +464,13 @@ impl TunnelEngine {
                 let Some(peer) = self.peers.get_mut(id) else {
                     return Ok(());
                 };
-                if config.endpoint.is_some() {
-                    peer.endpoint = config.endpoint;
+                if let Some(endpoint) = config.endpoint {
+                    // The old endpoint no longer finds this peer.
+                    if let Some(old) = peer.endpoint.replace(endpoint) {
+                        if old != endpoint && self.endpoints.get(&old) == Some(&id) {
+                            self.endpoints.remove(&old);
+                        }
+                    }
                 }
                 peer.config.kind = config.kind;
                 if peer.config.allowed == config.allowed {
@@ -474,6 +483,9 @@ impl TunnelEngine {
                 id
             }
             None => {
+                if index == 0 || index >= super::alloc::INDEX_SPACE {
+                    return Err(EngineError::BadIndex { index });
+                }
                 if self.peers.by_index.contains_key(&index) {
                     return Err(EngineError::IndexTaken { index });
                 }
@@ -1422,6 +1434,40 @@ mod tests {
         // The genuine one still works.
         assert!(r1.handshake(&mut engine, now));
         assert_eq!(engine.active_peer_count(), 1);
+    }
+
+    #[test]
+    fn a_new_peer_needs_a_24_bit_nonzero_index() {
+        let secret = StaticSecret::random_from_rng(rand_core::OsRng);
+        let mut engine = TunnelEngine::new(secret, vec![IpAddr::from([10, 100, 0, 1])]);
+        for index in [0, 1 << 24, u32::MAX] {
+            assert_eq!(
+                engine.upsert_peer(peer("10.100.1.1/32"), index),
+                Err(EngineError::BadIndex { index })
+            );
+        }
+        assert_eq!(engine.peer_count(), 0);
+        assert_eq!(
+            engine.upsert_peer(peer("10.100.1.1/32"), (1 << 24) - 1),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn a_new_configured_endpoint_replaces_the_old_one_in_the_endpoint_index() {
+        let now = Instant::now();
+        let (mut engine, mut r1) = one_client();
+        assert!(r1.handshake(&mut engine, now));
+        let id = engine.peers.by_key[r1.public_key.as_bytes()];
+        assert_eq!(engine.endpoints.get(&r1.addr), Some(&id));
+        let moved = SocketAddr::from(([192, 0, 2, 99], 99));
+        let mut config = peer("10.100.1.1/32");
+        config.public_key = r1.public_key;
+        config.endpoint = Some(moved);
+        engine.upsert_peer(config, 1).unwrap();
+        assert_eq!(engine.endpoints.get(&r1.addr), None);
+        let status = engine.peer_status(r1.public_key.as_bytes(), now).unwrap();
+        assert_eq!(status.endpoint, Some(moved));
     }
 
     #[test]

@@ -477,7 +477,9 @@ impl TunnelEngine {
                     return Ok(());
                 }
                 for old in std::mem::take(&mut peer.config.allowed) {
-                    self.routing.routes.remove(old);
+                    if self.routing.routes.get_exact(old) == Some(&id) {
+                        self.routing.routes.remove(old);
+                    }
                 }
                 peer.config.allowed.clone_from(&config.allowed);
                 id
@@ -545,6 +547,25 @@ impl TunnelEngine {
             .filter(|(c, _)| !self.peers.by_key.contains_key(c.public_key.as_bytes()))
             .count();
         self.peers.reserve(new);
+        // First every kept peer gives up the prefixes it no longer has, so that
+        // a prefix moving from one kept peer to another is free whichever of
+        // them is listed first.
+        for (config, _) in &peers {
+            let Some(&id) = self.peers.by_key.get(config.public_key.as_bytes()) else {
+                continue;
+            };
+            let Some(peer) = self.peers.get_mut(id) else {
+                continue;
+            };
+            let routes = &mut self.routing.routes;
+            peer.config.allowed.retain(|prefix| {
+                let kept = config.allowed.contains(prefix);
+                if !kept && routes.get_exact(*prefix) == Some(&id) {
+                    routes.remove(*prefix);
+                }
+                kept
+            });
+        }
         // Every peer that can be added is: one the engine refuses (its prefix
         // is another's) must not take the tenant's other peers down with it.
         let mut refused = None;
@@ -1468,6 +1489,35 @@ mod tests {
         assert_eq!(engine.endpoints.get(&r1.addr), None);
         let status = engine.peer_status(r1.public_key.as_bytes(), now).unwrap();
         assert_eq!(status.endpoint, Some(moved));
+    }
+
+    #[test]
+    fn a_prefix_moves_between_kept_peers_whatever_their_order() {
+        let secret = StaticSecret::random_from_rng(rand_core::OsRng);
+        let mut engine = TunnelEngine::new(secret, vec![IpAddr::from([10, 100, 0, 1])]);
+        let x = peer("10.100.1.1/32");
+        let mut y = peer("10.100.1.2/32");
+        let moving: IpNet = "10.100.9.0/24".parse().unwrap();
+        y.allowed.push(moving);
+        engine
+            .sync_peers(vec![(x.clone(), 1), (y.clone(), 2)])
+            .unwrap();
+        // The /24 moves from Y to X, X listed first.
+        let mut x2 = x.clone();
+        x2.allowed.push(moving);
+        let mut y2 = y.clone();
+        y2.allowed.retain(|p| *p != moving);
+        assert_eq!(engine.sync_peers(vec![(x2, 1), (y2, 2)]), Ok(Vec::new()));
+        let owner =
+            |e: &TunnelEngine, ip: [u8; 4]| e.routing.routes.lookup(IpAddr::from(ip)).copied();
+        let x_id = engine.peers.by_key[x.public_key.as_bytes()];
+        let y_id = engine.peers.by_key[y.public_key.as_bytes()];
+        assert_eq!(owner(&engine, [10, 100, 9, 5]), Some(x_id));
+        assert_eq!(owner(&engine, [10, 100, 1, 2]), Some(y_id));
+        // And back, Y listed first this time.
+        assert_eq!(engine.sync_peers(vec![(y, 2), (x, 1)]), Ok(Vec::new()));
+        assert_eq!(owner(&engine, [10, 100, 9, 5]), Some(y_id));
+        assert_eq!(owner(&engine, [10, 100, 1, 1]), Some(x_id));
     }
 
     #[test]

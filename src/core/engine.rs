@@ -184,6 +184,11 @@ struct Peers {
     /// within a session's lifetime, packets waiting, or a keepalive to keep up
     /// (see [`Peer::idle`]). The only ones [`TunnelEngine::handle_timers`] visits.
     active: Vec<PeerId>,
+    /// Removed peers may still be on `active` (see [`Peers::prune_active`]).
+    stale: bool,
+    /// Passes over `active` that removals cost.
+    #[cfg(test)]
+    prunes: usize,
 }
 
 impl Peers {
@@ -205,6 +210,8 @@ impl Peers {
         self.by_index.reserve(n);
     }
     fn insert(&mut self, peer: Peer) -> PeerId {
+        // A reused slot must not inherit a removed peer's place on the list.
+        self.prune_active();
         let key = *peer.public_key().as_bytes();
         let index = peer.index;
         let id = match self.free.pop() {
@@ -221,15 +228,28 @@ impl Peers {
         self.by_index.insert(index, id);
         id
     }
+    /// Removes peer `id`. Its place on the active list goes at the next
+    /// [`Peers::prune_active`] (before any insert at the latest), so that k
+    /// removals cost one pass over the list, not k.
     fn remove(&mut self, id: PeerId) -> Option<Peer> {
         let peer = self.slots.get_mut(id as usize)?.take()?;
         self.by_key.remove(peer.public_key().as_bytes());
         self.by_index.remove(&peer.index);
-        if peer.listed {
-            self.active.retain(|&a| a != id);
-        }
+        self.stale |= peer.listed;
         self.free.push(id);
         Some(peer)
+    }
+    /// Takes removed peers off the active list: one pass, if any is on it.
+    fn prune_active(&mut self) {
+        if std::mem::take(&mut self.stale) {
+            let slots = &self.slots;
+            self.active
+                .retain(|&a| slots.get(a as usize).is_some_and(Option::is_some));
+            #[cfg(test)]
+            {
+                self.prunes += 1;
+            }
+        }
     }
     /// Gives peer `id` protocol state (if it has none yet) and lists it among
     /// the active peers. Called before a handshake or a packet we send to it.
@@ -510,6 +530,15 @@ impl TunnelEngine {
 
     /// Removes a peer and its routes; returns its receiver index for reuse.
     pub fn remove_peer(&mut self, key: &[u8; 32]) -> Option<u32> {
+        let index = self.unlink_peer(key)?;
+        self.peers.prune_active();
+        self.resolve_egress();
+        Some(index)
+    }
+
+    /// [`Self::remove_peer`] but for the active list and the egress policies,
+    /// which the caller brings up to date.
+    fn unlink_peer(&mut self, key: &[u8; 32]) -> Option<u32> {
         let id = self.peers.by_key.get(key).copied()?;
         let peer = self.peers.remove(id)?;
         if let Some(endpoint) = peer.endpoint {
@@ -522,7 +551,6 @@ impl TunnelEngine {
                 self.routing.routes.remove(*prefix);
             }
         }
-        self.resolve_egress();
         Some(peer.index)
     }
 
@@ -541,7 +569,9 @@ impl TunnelEngine {
             .filter(|k| !keep.contains(*k))
             .copied()
             .collect();
-        let freed = gone.iter().filter_map(|k| self.remove_peer(k)).collect();
+        let freed = gone.iter().filter_map(|k| self.unlink_peer(k)).collect();
+        self.peers.prune_active();
+        self.resolve_egress();
         let new = peers
             .iter()
             .filter(|(c, _)| !self.peers.by_key.contains_key(c.public_key.as_bytes()))
@@ -1518,6 +1548,46 @@ mod tests {
         assert_eq!(engine.sync_peers(vec![(y, 2), (x, 1)]), Ok(Vec::new()));
         assert_eq!(owner(&engine, [10, 100, 9, 5]), Some(y_id));
         assert_eq!(owner(&engine, [10, 100, 1, 1]), Some(x_id));
+    }
+
+    /// Removing k listed peers in one sync costs one pass over the active
+    /// list, and leaves exactly the kept ones on it.
+    #[test]
+    fn a_sync_that_removes_many_active_peers_prunes_the_list_once() {
+        let secret = StaticSecret::random_from_rng(rand_core::OsRng);
+        let mut engine = TunnelEngine::new(secret, vec![IpAddr::from([10, 100, 0, 1])]);
+        let configs: Vec<_> = (0..1_000u32)
+            .map(|i| {
+                let ip = IpAddr::from([10, 101, (i >> 8) as u8, i as u8]);
+                let mut config = peer("10.100.1.1/32");
+                config.allowed = vec![IpNet::from(ip)];
+                (config, i + 1)
+            })
+            .collect();
+        engine.sync_peers(configs.clone()).unwrap();
+        // Every peer on the active list (no protocol state needed to remove one).
+        for id in 0..1_000 {
+            engine.peers.list(id);
+        }
+        let kept: Vec<_> = configs.iter().step_by(10).cloned().collect();
+        let before = engine.peers.prunes;
+        assert_eq!(engine.sync_peers(kept.clone()).map(|f| f.len()), Ok(900));
+        assert_eq!(engine.peers.prunes, before + 1);
+        assert_eq!(engine.active_peer_count(), 100);
+        let mut listed: Vec<_> = engine.peers.active.clone();
+        listed.sort_unstable();
+        let mut expected: Vec<_> = kept
+            .iter()
+            .map(|(c, _)| engine.peers.by_key[c.public_key.as_bytes()])
+            .collect();
+        expected.sort_unstable();
+        assert_eq!(listed, expected);
+        // A new peer in a freed slot is not listed.
+        engine.upsert_peer(peer("10.102.0.1/32"), 5_000).unwrap();
+        assert_eq!(engine.active_peer_count(), 100);
+        let key = *kept[0].0.public_key.as_bytes();
+        assert!(engine.remove_peer(&key).is_some());
+        assert_eq!(engine.active_peer_count(), 99);
     }
 
     #[test]

@@ -760,7 +760,13 @@ impl TunnelEngine {
                             .and_then(|b| b.try_into().ok())
                             .map_or(0, u32::from_le_bytes);
                         peer.stats.rx_bytes += datagram.len() as u64;
-                        set_endpoint(peer, id, endpoints, from, events);
+                        // A replayed initiation is answered too once the peer's
+                        // protocol state was dropped (see `Peer::stop_protocol`),
+                        // so a known endpoint moves only with the first packet
+                        // on the session.
+                        if peer.endpoint.is_none() {
+                            set_endpoint(peer, id, endpoints, from, events);
+                        }
                     }
                     // Our keepalive (type 4) after a response to our initiation:
                     // the session is ours to use now.
@@ -915,7 +921,7 @@ impl TunnelEngine {
             }
             if peer.idle(now) {
                 peer.listed = false;
-                peer.answered = 0;
+                peer.stop_protocol();
                 peers.active.swap_remove(i);
             } else {
                 i += 1;
@@ -1425,6 +1431,11 @@ mod tests {
         engine.handle_timers(now + SESSION_LIFETIME, &mut Collect::default());
         assert_eq!(engine.active_peer_count(), 0);
         assert!(!engine.needs_timers());
+        let id = engine.peers.by_key[r1.public_key.as_bytes()];
+        assert!(
+            !engine.peers.get(id).unwrap().is_active(),
+            "its Tunn is gone"
+        );
         let events: Vec<_> = std::iter::from_fn(|| engine.poll_event()).collect();
         assert!(events.contains(&Event::Disconnected {
             peer: *r1.public_key.as_bytes()
@@ -1441,6 +1452,42 @@ mod tests {
         assert_eq!(status.stats.rx_packets, 1);
         engine.handle_timers(later + Duration::from_secs(1), &mut Collect::default());
         assert_eq!(engine.active_peer_count(), 1);
+    }
+
+    /// A quiet peer's protocol state is gone, so a replay of its last
+    /// initiation is answered; the replay does not move its endpoint.
+    #[test]
+    fn a_replayed_initiation_does_not_move_a_quiet_peers_endpoint() {
+        use crate::core::harness::Collect;
+        use crate::core::peer::SESSION_LIFETIME;
+
+        let now = Instant::now();
+        let (mut engine, mut r1) = one_client();
+        let mut buf = vec![0; 256];
+        let initiation = match r1.tunn.format_handshake_initiation(&mut buf, true) {
+            boringtun::noise::TunnResult::WriteToNetwork(d) => d.to_vec(),
+            _ => panic!("no initiation"),
+        };
+        let mut out = Collect::default();
+        engine.handle_datagram(r1.addr, &initiation, now, &mut out);
+        let (_, response) = out.sent.pop().unwrap();
+        let keepalive = match r1.tunn.decapsulate(None, &response, &mut buf) {
+            boringtun::noise::TunnResult::WriteToNetwork(k) => k.to_vec(),
+            _ => panic!("no keepalive"),
+        };
+        engine.handle_datagram(r1.addr, &keepalive, now, &mut Collect::default());
+        assert_eq!(engine.stats().handshakes, 1);
+        engine.handle_timers(now + SESSION_LIFETIME, &mut Collect::default());
+        assert_eq!(engine.active_peer_count(), 0);
+
+        let elsewhere = SocketAddr::from(([203, 0, 113, 9], 9));
+        let later = now + Duration::from_secs(200);
+        let mut out = Collect::default();
+        engine.handle_datagram(elsewhere, &initiation, later, &mut out);
+        assert_eq!(engine.stats().handshake_responses, 2);
+        let status = engine.peer_status(r1.public_key.as_bytes(), later).unwrap();
+        assert_eq!(status.endpoint, Some(r1.addr));
+        assert_eq!(engine.endpoints.get(&elsewhere), None);
     }
 
     /// `initiation` with its encrypted timestamp changed and a valid mac1 for

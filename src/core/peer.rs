@@ -112,8 +112,8 @@ pub struct Peer {
     tunnel_secret: Arc<StaticSecret>,
     rate_limiter: Arc<RateLimiter>,
     /// Listed among the engine's active peers (those with timer work, see
-    /// [`Peer::idle`]). A peer taken off the list keeps its `Tunn` (and so the
-    /// last initiation timestamp it accepted: replays stay refused).
+    /// [`Peer::idle`]). A peer taken off the list loses its `Tunn`
+    /// ([`Peer::stop_protocol`]).
     pub(crate) listed: bool,
     pub(crate) config: PeerConfig,
     pub(crate) index: u32,
@@ -182,6 +182,18 @@ impl Peer {
     /// Makes the peer's protocol state now (it is about to be used).
     pub fn start_protocol(&mut self) {
         self.tunn();
+    }
+
+    /// Drops the peer's protocol state once it is idle: the next handshake or
+    /// packet makes it afresh. It cannot stay without its timers: `Tunn` stamps
+    /// its events with the time of its last `update_timers`, so a session made
+    /// after a long pause would look that old and expire at the next run.
+    /// The last initiation timestamp it accepted goes with it, so a replayed
+    /// initiation is answered again (it cannot complete a handshake).
+    pub fn stop_protocol(&mut self) {
+        self.tunn = None;
+        self.answered = 0;
+        (self.queued_packets, self.queued_bytes) = (0, 0);
     }
 
     /// The peer's `Tunn`, made now if this is its first use.

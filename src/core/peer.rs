@@ -105,8 +105,9 @@ pub const QUEUE_BYTES: u32 = 512 * 1024;
 /// One peer of a tunnel.
 ///
 /// boringtun's `Tunn` (11 KB, and a Diffie-Hellman to create) is made on the
-/// peer's first handshake or first outbound packet: a provisioned router that
-/// never dials in costs a few hundred bytes and no start-up time.
+/// peer's first handshake or first outbound packet, and dropped once the peer
+/// is idle ([`Peer::idle`]): a provisioned router that never dials in, or one
+/// quiet for a session's lifetime, costs a few hundred bytes and no timer work.
 pub struct Peer {
     tunn: Option<Box<Tunn>>,
     tunnel_secret: Arc<StaticSecret>,
@@ -173,7 +174,8 @@ impl Peer {
         &self.config.public_key
     }
 
-    /// True once the peer has protocol state (it spoke, or was spoken to).
+    /// True while the peer has protocol state (it spoke, or was spoken to, and
+    /// has not been idle since).
     #[inline]
     pub fn is_active(&self) -> bool {
         self.tunn.is_some()

@@ -18,6 +18,13 @@
 //! retried by its sender, as when a kernel WireGuard's handshake queue is full
 //! or its rate limiter refuses. Every initiation's `mac1` is checked first.
 //!
+//! Handshake responses pass the same way and count as initiations do: boringtun
+//! does two Diffie-Hellman operations on a response before its AEAD check, so
+//! while a handshake of ours is in progress, forged responses with a valid mac1
+//! would cost as much as initiations (kernel WireGuard admits both alike). A
+//! response's cookie reply goes to the responder, whose answer to our next
+//! initiation then carries a valid mac2.
+//!
 //! Left out: the Noise handshake itself (boringtun's `Tunn`, in [`super::peer`]).
 //! boringtun's `RateLimiter` does the MAC and cookie cryptography; the load
 //! decision is made here, on the time passed in.
@@ -92,7 +99,7 @@ impl Admission {
         Arc::clone(&self.macs)
     }
 
-    /// Decides on an initiation from `from` at `now`. `Ok` means: do the
+    /// Decides on an initiation or a response from `from` at `now`. `Ok` means: do the
     /// handshake (a budget token is taken). A cookie reply is written into `out`.
     pub fn admit<'a>(
         &mut self,

@@ -7,10 +7,11 @@
 //! [`TunnelEngine::poll_event`].
 //!
 //! Cost follows activity: datagrams are found by receiver index in O(1), a repeated
-//! initiation by its endpoint, a new one by decrypting its key; initiations pass
-//! admission (cookie replies under load, the process-wide [`HandshakeBudget`];
-//! see [`super::admission`]) before any Diffie-Hellman; timers visit only peers
-//! with protocol state.
+//! initiation by its endpoint, a new one by decrypting its key; initiations and
+//! responses pass admission (cookie replies under load, the process-wide
+//! [`HandshakeBudget`]; see [`super::admission`]) before any Diffie-Hellman;
+//! timers visit only active peers (a handshake or session within its lifetime,
+//! packets waiting, a keepalive to keep up).
 //!
 //! One engine serves exactly one tunnel, so no lookup can ever reach another tenant:
 //! isolation holds by construction. The engine opens no socket, spawns nothing and
@@ -166,6 +167,10 @@ pub enum EngineError {
     /// The peer index is already used by another peer.
     #[error("receiver index {index} is already in use")]
     IndexTaken { index: u32 },
+    /// The peer index is 0 or does not fit in 24 bits (boringtun shifts it
+    /// left by 8).
+    #[error("receiver index {index} is outside 1 to 2^24 - 1")]
+    BadIndex { index: u32 },
 }
 
 /// Slot storage for peers with O(1) lookups by key and by receiver index.
@@ -175,8 +180,15 @@ struct Peers {
     free: Vec<PeerId>,
     by_key: HashMap<[u8; 32], PeerId>,
     by_index: HashMap<u32, PeerId>,
-    /// Peers with protocol state, the only ones whose timers have work.
+    /// Peers with timer work: a handshake completed or protocol work started
+    /// within a session's lifetime, packets waiting, or a keepalive to keep up
+    /// (see [`Peer::idle`]). The only ones [`TunnelEngine::handle_timers`] visits.
     active: Vec<PeerId>,
+    /// Removed peers may still be on `active` (see [`Peers::prune_active`]).
+    stale: bool,
+    /// Passes over `active` that removals cost.
+    #[cfg(test)]
+    prunes: usize,
 }
 
 impl Peers {
@@ -198,6 +210,8 @@ impl Peers {
         self.by_index.reserve(n);
     }
     fn insert(&mut self, peer: Peer) -> PeerId {
+        // A reused slot must not inherit a removed peer's place on the list.
+        self.prune_active();
         let key = *peer.public_key().as_bytes();
         let index = peer.index;
         let id = match self.free.pop() {
@@ -214,23 +228,47 @@ impl Peers {
         self.by_index.insert(index, id);
         id
     }
+    /// Removes peer `id`. Its place on the active list goes at the next
+    /// [`Peers::prune_active`] (before any insert at the latest), so that k
+    /// removals cost one pass over the list, not k.
     fn remove(&mut self, id: PeerId) -> Option<Peer> {
         let peer = self.slots.get_mut(id as usize)?.take()?;
         self.by_key.remove(peer.public_key().as_bytes());
         self.by_index.remove(&peer.index);
-        if peer.listed {
-            self.active.retain(|&a| a != id);
-        }
+        self.stale |= peer.listed;
         self.free.push(id);
         Some(peer)
     }
+    /// Takes removed peers off the active list: one pass, if any is on it.
+    fn prune_active(&mut self) {
+        if std::mem::take(&mut self.stale) {
+            let slots = &self.slots;
+            self.active
+                .retain(|&a| slots.get(a as usize).is_some_and(Option::is_some));
+            #[cfg(test)]
+            {
+                self.prunes += 1;
+            }
+        }
+    }
     /// Gives peer `id` protocol state (if it has none yet) and lists it among
-    /// the active peers. Called before a handshake or a first packet to it.
+    /// the active peers. Called before a handshake or a packet we send to it.
     #[inline]
     fn activate(&mut self, id: PeerId) {
         if let Some(peer) = self.slots.get_mut(id as usize).and_then(Option::as_mut) {
             if !peer.listed {
                 peer.start_protocol();
+                peer.listed = true;
+                self.active.push(id);
+            }
+        }
+    }
+    /// Lists peer `id` among the active peers, once a datagram from it
+    /// authenticated (its protocol state exists then).
+    #[inline]
+    fn list(&mut self, id: PeerId) {
+        if let Some(peer) = self.slots.get_mut(id as usize).and_then(Option::as_mut) {
+            if !peer.listed {
                 peer.listed = true;
                 self.active.push(id);
             }
@@ -344,8 +382,9 @@ impl TunnelEngine {
         !self.peers.active.is_empty()
     }
 
-    /// Peers with protocol state (that spoke or were spoken to since start):
-    /// the ones that cost boringtun memory and timer work.
+    /// Peers with timer work: a handshake or a session within its lifetime,
+    /// packets waiting, or a keepalive to keep up. A peer that stays quiet for a
+    /// session's lifetime leaves them (and comes back when it speaks again).
     pub fn active_peer_count(&self) -> usize {
         self.peers.active.len()
     }
@@ -428,7 +467,7 @@ impl TunnelEngine {
     /// Adds a peer, or updates the prefixes, endpoint and kind of an existing one
     /// without touching its session (its keepalive is fixed once its protocol
     /// state exists: boringtun has no setter). `index` is used only when the peer
-    /// is new.
+    /// is new, and must then be in 1 to 2^24 - 1.
     pub fn upsert_peer(&mut self, config: PeerConfig, index: u32) -> Result<(), EngineError> {
         let key = *config.public_key.as_bytes();
         let existing = self.peers.by_key.get(&key).copied();
@@ -445,20 +484,30 @@ impl TunnelEngine {
                 let Some(peer) = self.peers.get_mut(id) else {
                     return Ok(());
                 };
-                if config.endpoint.is_some() {
-                    peer.endpoint = config.endpoint;
+                if let Some(endpoint) = config.endpoint {
+                    // The old endpoint no longer finds this peer.
+                    if let Some(old) = peer.endpoint.replace(endpoint) {
+                        if old != endpoint && self.endpoints.get(&old) == Some(&id) {
+                            self.endpoints.remove(&old);
+                        }
+                    }
                 }
                 peer.config.kind = config.kind;
                 if peer.config.allowed == config.allowed {
                     return Ok(());
                 }
                 for old in std::mem::take(&mut peer.config.allowed) {
-                    self.routing.routes.remove(old);
+                    if self.routing.routes.get_exact(old) == Some(&id) {
+                        self.routing.routes.remove(old);
+                    }
                 }
                 peer.config.allowed.clone_from(&config.allowed);
                 id
             }
             None => {
+                if index == 0 || index >= super::alloc::INDEX_SPACE {
+                    return Err(EngineError::BadIndex { index });
+                }
                 if self.peers.by_index.contains_key(&index) {
                     return Err(EngineError::IndexTaken { index });
                 }
@@ -481,6 +530,15 @@ impl TunnelEngine {
 
     /// Removes a peer and its routes; returns its receiver index for reuse.
     pub fn remove_peer(&mut self, key: &[u8; 32]) -> Option<u32> {
+        let index = self.unlink_peer(key)?;
+        self.peers.prune_active();
+        self.resolve_egress();
+        Some(index)
+    }
+
+    /// [`Self::remove_peer`] but for the active list and the egress policies,
+    /// which the caller brings up to date.
+    fn unlink_peer(&mut self, key: &[u8; 32]) -> Option<u32> {
         let id = self.peers.by_key.get(key).copied()?;
         let peer = self.peers.remove(id)?;
         if let Some(endpoint) = peer.endpoint {
@@ -493,7 +551,6 @@ impl TunnelEngine {
                 self.routing.routes.remove(*prefix);
             }
         }
-        self.resolve_egress();
         Some(peer.index)
     }
 
@@ -512,12 +569,33 @@ impl TunnelEngine {
             .filter(|k| !keep.contains(*k))
             .copied()
             .collect();
-        let freed = gone.iter().filter_map(|k| self.remove_peer(k)).collect();
+        let freed = gone.iter().filter_map(|k| self.unlink_peer(k)).collect();
+        self.peers.prune_active();
+        self.resolve_egress();
         let new = peers
             .iter()
             .filter(|(c, _)| !self.peers.by_key.contains_key(c.public_key.as_bytes()))
             .count();
         self.peers.reserve(new);
+        // First every kept peer gives up the prefixes it no longer has, so that
+        // a prefix moving from one kept peer to another is free whichever of
+        // them is listed first.
+        for (config, _) in &peers {
+            let Some(&id) = self.peers.by_key.get(config.public_key.as_bytes()) else {
+                continue;
+            };
+            let Some(peer) = self.peers.get_mut(id) else {
+                continue;
+            };
+            let routes = &mut self.routing.routes;
+            peer.config.allowed.retain(|prefix| {
+                let kept = config.allowed.contains(prefix);
+                if !kept && routes.get_exact(*prefix) == Some(&id) {
+                    routes.remove(*prefix);
+                }
+                kept
+            });
+        }
         // Every peer that can be added is: one the engine refuses (its prefix
         // is another's) must not take the tenant's other peers down with it.
         let mut refused = None;
@@ -601,9 +679,11 @@ impl TunnelEngine {
             ..
         } = self;
 
-        if message == Message::Initiation {
+        if matches!(message, Message::Initiation | Message::Response { .. }) {
             // Cookie replies under load, and the process-wide budget, before
-            // any Diffie-Hellman work.
+            // any Diffie-Hellman work: a response costs boringtun two before
+            // its AEAD check, so responses pass here too (as in kernel
+            // WireGuard), not only initiations.
             match admission.admit(from.ip(), datagram, now, tx) {
                 Ok(()) => {}
                 Err(Refusal::Cookie(cookie)) => {
@@ -642,9 +722,9 @@ impl TunnelEngine {
             Ok(id) => id,
             Err(reason) => return stats.drop(reason),
         };
-        if message == Message::Initiation {
-            peers.activate(id);
-        }
+        // A peer joins the active list only once this datagram authenticated:
+        // an initiation that fails leaves it as it was.
+        let mut list = false;
         let Some(mut peer) = peers.get_mut(id) else {
             return stats.drop(DropReason::UnknownIndex);
         };
@@ -654,7 +734,6 @@ impl TunnelEngine {
                 Ok(id) => id,
                 Err(reason) => return stats.drop(reason),
             };
-            peers.activate(id);
             let Some(found) = peers.get_mut(id) else {
                 return stats.drop(DropReason::UnknownPeer);
             };
@@ -673,17 +752,26 @@ impl TunnelEngine {
                     // it claims to be, but the session is not usable (nor the peer
                     // live) until its first packet on it arrives.
                     (Message::Initiation, 2) => {
+                        list = true;
+                        peer.last_work = Some(now);
                         stats.handshake_responses += 1;
                         peer.answered = reply
                             .get(4..8)
                             .and_then(|b| b.try_into().ok())
                             .map_or(0, u32::from_le_bytes);
                         peer.stats.rx_bytes += datagram.len() as u64;
-                        set_endpoint(peer, id, endpoints, from, events);
+                        // A replayed initiation is answered too once the peer's
+                        // protocol state was dropped (see `Peer::stop_protocol`),
+                        // so a known endpoint moves only with the first packet
+                        // on the session.
+                        if peer.endpoint.is_none() {
+                            set_endpoint(peer, id, endpoints, from, events);
+                        }
                     }
                     // Our keepalive (type 4) after a response to our initiation:
                     // the session is ours to use now.
                     (Message::Response { .. }, 4) => {
+                        list = true;
                         authenticated(peer, id, endpoints, from, datagram.len(), now, events);
                         handshake_done(peer, now, stats, events);
                         send_queued(peer, from, tx, stats, sink);
@@ -692,6 +780,7 @@ impl TunnelEngine {
                 }
             }
             Decap::Packet(inner) => {
+                list = true;
                 authenticated(peer, id, endpoints, from, datagram.len(), now, events);
                 // Queued packets go out before anything this one causes; they
                 // live in `tx`, which `inner` (in `rx`) does not touch.
@@ -714,6 +803,7 @@ impl TunnelEngine {
             }
             Decap::Nothing => {
                 if matches!(message, Message::Data { .. }) {
+                    list = true;
                     authenticated(peer, id, endpoints, from, datagram.len(), now, events);
                     if confirmed(peer, message, now, stats, events) {
                         send_queued(peer, from, tx, stats, sink);
@@ -722,6 +812,9 @@ impl TunnelEngine {
             }
             Decap::Drop(reason) => stats.drop(reason),
             Decap::WrongPeer => stats.drop(DropReason::HandshakeFailed),
+        }
+        if list {
+            peers.list(id);
         }
         trim_events(events, stats);
         // The stack runs only when this datagram gave it something, or when its
@@ -799,27 +892,39 @@ impl TunnelEngine {
             tx,
             ..
         } = self;
-        // Only peers with protocol state have timer work: at scale most
-        // provisioned peers never spoke, so this follows the active ones.
-        for i in 0..peers.active.len() {
+        // Only active peers have timer work: at scale most provisioned peers
+        // are quiet, so this follows the ones that are not. A peer with none
+        // left leaves the list (it rejoins when it speaks or is spoken to).
+        let mut i = 0;
+        while i < peers.active.len() {
             let Some(peer) = peers.get_mut(peers.active[i]) else {
+                peers.active.swap_remove(i);
                 continue;
             };
             // Without an endpoint there is nowhere to send to.
-            if peer.endpoint.is_none() {
-                continue;
+            if peer.endpoint.is_some() {
+                let (out, expired) = peer.update_timers(tx);
+                if let (Some(datagram), Some(to)) = (out, peer.endpoint) {
+                    if message_type(datagram) == 1 {
+                        peer.last_work = Some(now);
+                    }
+                    stats.tx_datagrams += 1;
+                    peer.stats.tx_bytes += datagram.len() as u64;
+                    sink.send(to, datagram);
+                }
+                if peer.connected && (expired || !peer.is_live(now)) {
+                    peer.connected = false;
+                    events.push_back(Event::Disconnected {
+                        peer: *peer.public_key().as_bytes(),
+                    });
+                }
             }
-            let (out, expired) = peer.update_timers(tx);
-            if let (Some(datagram), Some(to)) = (out, peer.endpoint) {
-                stats.tx_datagrams += 1;
-                peer.stats.tx_bytes += datagram.len() as u64;
-                sink.send(to, datagram);
-            }
-            if peer.connected && (expired || !peer.is_live(now)) {
-                peer.connected = false;
-                events.push_back(Event::Disconnected {
-                    peer: *peer.public_key().as_bytes(),
-                });
+            if peer.idle(now) {
+                peer.listed = false;
+                peer.stop_protocol();
+                peers.active.swap_remove(i);
+            } else {
+                i += 1;
             }
         }
         trim_events(events, stats);
@@ -1046,6 +1151,7 @@ fn route(
                     sink.send(to, datagram);
                 }
                 Encap::Waiting { queued, initiation } => {
+                    next.last_work = Some(now);
                     if queued {
                         stats.queued += 1;
                     } else {
@@ -1087,6 +1193,7 @@ fn route(
             }
             if let Some(gateway) = primary.and_then(|g| peers.get_mut(g)) {
                 if let Some(to) = gateway.endpoint {
+                    gateway.last_work = Some(now);
                     if let Some(init) = gateway.initiate(tx) {
                         stats.tx_datagrams += 1;
                         sink.send(to, init);
@@ -1194,6 +1301,340 @@ mod tests {
         let datagram = r1.encrypt(&packet).unwrap();
         engine.handle_datagram(r1.addr, &datagram, now, &mut Collect::default());
         assert_eq!(engine.stats().forwarded_local, 1);
+    }
+
+    /// A tunnel whose peer `g` has a configured endpoint, with an initiation
+    /// of the engine's to `g` under way: the engine, `g`, and that initiation.
+    fn initiating_to_a_peer(
+        now: Instant,
+    ) -> (TunnelEngine, crate::core::harness::MemoryClient, Vec<u8>) {
+        use crate::core::harness::{Collect, MemoryClient};
+        use crate::core::packet::build::ip_packet;
+
+        let secret = StaticSecret::random_from_rng(rand_core::OsRng);
+        let public = PublicKey::from(&secret);
+        let mut engine = TunnelEngine::new(secret, vec![IpAddr::from([10, 100, 0, 1])]);
+        let g = MemoryClient::new(&public, 7, SocketAddr::from(([192, 0, 2, 7], 7)));
+        let mut config = peer("10.100.1.7/32");
+        config.public_key = g.public_key;
+        config.endpoint = Some(g.addr);
+        engine.upsert_peer(config, 7).unwrap();
+        let packet = ip_packet([10, 100, 0, 1].into(), [10, 100, 1, 7].into(), 8);
+        let mut out = Collect::default();
+        engine.handle_host_packet(&packet, now, &mut out);
+        let (to, initiation) = out.sent.pop().unwrap();
+        assert_eq!((to, message_type(&initiation)), (g.addr, 1));
+        (engine, g, initiation)
+    }
+
+    /// The response of `g` to `initiation`.
+    fn response_of(g: &mut crate::core::harness::MemoryClient, initiation: &[u8]) -> Vec<u8> {
+        let mut buf = vec![0; 256];
+        match g.tunn.decapsulate(None, initiation, &mut buf) {
+            boringtun::noise::TunnResult::WriteToNetwork(r) => r.to_vec(),
+            _ => panic!("no response"),
+        }
+    }
+
+    #[test]
+    fn calm_a_response_completes_our_handshake() {
+        use crate::core::harness::Collect;
+        let now = Instant::now();
+        let (mut engine, mut g, initiation) = initiating_to_a_peer(now);
+        let response = response_of(&mut g, &initiation);
+        let mut out = Collect::default();
+        engine.handle_datagram(g.addr, &response, now, &mut out);
+        assert_eq!(engine.stats().handshakes, 1);
+        assert_eq!(engine.stats().cookie_replies, 0);
+        // The waiting packet, then nothing else.
+        assert!(out
+            .sent
+            .iter()
+            .all(|(to, d)| *to == g.addr && message_type(d) == 4));
+    }
+
+    /// Under load a response without a valid mac2 gets a cookie reply and no
+    /// Diffie-Hellman (boringtun never sees it: our handshake stays open); once
+    /// the load is over the same response completes the handshake.
+    #[test]
+    fn under_load_a_response_gets_a_cookie_reply_before_any_diffie_hellman() {
+        use crate::core::harness::{Collect, MemoryClient};
+        let now = Instant::now();
+        let (engine, mut g, initiation) = initiating_to_a_peer(now);
+        let mut engine = engine.with_handshake_limit(1);
+        let public = *engine.public_key();
+        // Another peer's initiations put the tunnel over its limit of one.
+        let mut c = MemoryClient::new(&public, 8, SocketAddr::from(([192, 0, 2, 8], 8)));
+        c.register(
+            &mut engine,
+            &[IpNet::from(IpAddr::from([10, 100, 1, 8]))],
+            8,
+        );
+        assert!(c.handshake(&mut engine, now));
+        c.handshake(&mut engine, now);
+        assert_eq!(engine.stats().cookie_replies, 1);
+        let (handshakes, cookies) = (engine.stats().handshakes, engine.stats().cookie_replies);
+
+        let response = response_of(&mut g, &initiation);
+        let mut out = Collect::default();
+        engine.handle_datagram(g.addr, &response, now, &mut out);
+        assert_eq!(engine.stats().cookie_replies, cookies + 1);
+        assert_eq!(engine.stats().handshakes, handshakes);
+        let (to, reply) = out.sent.pop().unwrap();
+        assert_eq!((to, message_type(&reply)), (g.addr, 3));
+        let mut buf = vec![0; 256];
+        assert!(matches!(
+            g.tunn.decapsulate(None, &reply, &mut buf),
+            boringtun::noise::TunnResult::Done
+        ));
+
+        // A second later the tunnel is calm and the response goes through.
+        let later = now + Duration::from_secs(2);
+        engine.handle_datagram(g.addr, &response, later, &mut Collect::default());
+        assert_eq!(engine.stats().handshakes, handshakes + 1);
+    }
+
+    /// An engine at 10.100.0.1 with one registered client at 10.100.1.1.
+    fn one_client() -> (TunnelEngine, crate::core::harness::MemoryClient) {
+        let secret = StaticSecret::random_from_rng(rand_core::OsRng);
+        let public = PublicKey::from(&secret);
+        let mut engine = TunnelEngine::new(secret, vec![IpAddr::from([10, 100, 0, 1])]);
+        let r1 = crate::core::harness::MemoryClient::new(
+            &public,
+            1,
+            SocketAddr::from(([192, 0, 2, 1], 1)),
+        );
+        r1.register(
+            &mut engine,
+            &[IpNet::from(IpAddr::from([10, 100, 1, 1]))],
+            1,
+        );
+        (engine, r1)
+    }
+
+    #[test]
+    fn a_quiet_peer_leaves_the_active_list_and_comes_back_when_it_speaks() {
+        use crate::core::harness::Collect;
+        use crate::core::packet::build::ip_packet;
+        use crate::core::peer::SESSION_LIFETIME;
+
+        let now = Instant::now();
+        let (mut engine, mut r1) = one_client();
+        assert!(r1.handshake(&mut engine, now));
+        assert_eq!(engine.active_peer_count(), 1);
+        engine.handle_timers(now + Duration::from_secs(60), &mut Collect::default());
+        assert_eq!(
+            engine.active_peer_count(),
+            1,
+            "its session is still current"
+        );
+        engine.handle_timers(now + SESSION_LIFETIME, &mut Collect::default());
+        assert_eq!(engine.active_peer_count(), 0);
+        assert!(!engine.needs_timers());
+        let id = engine.peers.by_key[r1.public_key.as_bytes()];
+        assert!(
+            !engine.peers.get(id).unwrap().is_active(),
+            "its Tunn is gone"
+        );
+        let events: Vec<_> = std::iter::from_fn(|| engine.poll_event()).collect();
+        assert!(events.contains(&Event::Disconnected {
+            peer: *r1.public_key.as_bytes()
+        }));
+
+        // It speaks again: listed, and its packets arrive.
+        let later = now + Duration::from_secs(300);
+        assert!(r1.handshake(&mut engine, later));
+        assert_eq!(engine.active_peer_count(), 1);
+        let packet = ip_packet([10, 100, 1, 1].into(), [10, 100, 0, 1].into(), 8);
+        let datagram = r1.encrypt(&packet).unwrap();
+        engine.handle_datagram(r1.addr, &datagram, later, &mut Collect::default());
+        let status = engine.peer_status(r1.public_key.as_bytes(), later).unwrap();
+        assert_eq!(status.stats.rx_packets, 1);
+        engine.handle_timers(later + Duration::from_secs(1), &mut Collect::default());
+        assert_eq!(engine.active_peer_count(), 1);
+    }
+
+    /// A quiet peer's protocol state is gone, so a replay of its last
+    /// initiation is answered; the replay does not move its endpoint.
+    #[test]
+    fn a_replayed_initiation_does_not_move_a_quiet_peers_endpoint() {
+        use crate::core::harness::Collect;
+        use crate::core::peer::SESSION_LIFETIME;
+
+        let now = Instant::now();
+        let (mut engine, mut r1) = one_client();
+        let mut buf = vec![0; 256];
+        let initiation = match r1.tunn.format_handshake_initiation(&mut buf, true) {
+            boringtun::noise::TunnResult::WriteToNetwork(d) => d.to_vec(),
+            _ => panic!("no initiation"),
+        };
+        let mut out = Collect::default();
+        engine.handle_datagram(r1.addr, &initiation, now, &mut out);
+        let (_, response) = out.sent.pop().unwrap();
+        let keepalive = match r1.tunn.decapsulate(None, &response, &mut buf) {
+            boringtun::noise::TunnResult::WriteToNetwork(k) => k.to_vec(),
+            _ => panic!("no keepalive"),
+        };
+        engine.handle_datagram(r1.addr, &keepalive, now, &mut Collect::default());
+        assert_eq!(engine.stats().handshakes, 1);
+        engine.handle_timers(now + SESSION_LIFETIME, &mut Collect::default());
+        assert_eq!(engine.active_peer_count(), 0);
+
+        let elsewhere = SocketAddr::from(([203, 0, 113, 9], 9));
+        let later = now + Duration::from_secs(200);
+        let mut out = Collect::default();
+        engine.handle_datagram(elsewhere, &initiation, later, &mut out);
+        assert_eq!(engine.stats().handshake_responses, 2);
+        let status = engine.peer_status(r1.public_key.as_bytes(), later).unwrap();
+        assert_eq!(status.endpoint, Some(r1.addr));
+        assert_eq!(engine.endpoints.get(&elsewhere), None);
+    }
+
+    /// `initiation` with its encrypted timestamp changed and a valid mac1 for
+    /// `server`: it passes admission and names its peer, but does not
+    /// authenticate.
+    fn forged(initiation: &[u8], server: &PublicKey) -> Vec<u8> {
+        use blake2::digest::{consts::U16, FixedOutput, KeyInit, Update};
+        use blake2::{Blake2s256, Blake2sMac, Digest};
+        let mut forged = initiation.to_vec();
+        forged[100] ^= 1;
+        let key: [u8; 32] = Blake2s256::new()
+            .chain_update(b"mac1----")
+            .chain_update(server.as_bytes())
+            .finalize()
+            .into();
+        let mut mac = <Blake2sMac<U16> as KeyInit>::new_from_slice(&key).unwrap();
+        Update::update(&mut mac, &forged[..116]);
+        forged[116..132].copy_from_slice(&mac.finalize_fixed());
+        forged
+    }
+
+    #[test]
+    fn an_initiation_that_fails_authentication_lists_no_peer() {
+        use crate::core::harness::Collect;
+
+        let now = Instant::now();
+        let (mut engine, mut r1) = one_client();
+        let mut buf = vec![0; 256];
+        let initiation = match r1.tunn.format_handshake_initiation(&mut buf, true) {
+            boringtun::noise::TunnResult::WriteToNetwork(d) => d.to_vec(),
+            _ => panic!("no initiation"),
+        };
+        let forged = forged(&initiation, engine.public_key());
+        let mut out = Collect::default();
+        engine.handle_datagram(r1.addr, &forged, now, &mut out);
+        assert!(out.sent.is_empty());
+        assert_eq!(engine.stats().dropped(DropReason::DecryptFailed), 1);
+        assert_eq!(engine.active_peer_count(), 0);
+        assert!(!engine.needs_timers());
+        let id = engine.peers.by_key[r1.public_key.as_bytes()];
+        assert!(!engine.peers.get(id).unwrap().is_active(), "no Tunn kept");
+        // The genuine one still works.
+        assert!(r1.handshake(&mut engine, now));
+        assert_eq!(engine.active_peer_count(), 1);
+    }
+
+    #[test]
+    fn a_new_peer_needs_a_24_bit_nonzero_index() {
+        let secret = StaticSecret::random_from_rng(rand_core::OsRng);
+        let mut engine = TunnelEngine::new(secret, vec![IpAddr::from([10, 100, 0, 1])]);
+        for index in [0, 1 << 24, u32::MAX] {
+            assert_eq!(
+                engine.upsert_peer(peer("10.100.1.1/32"), index),
+                Err(EngineError::BadIndex { index })
+            );
+        }
+        assert_eq!(engine.peer_count(), 0);
+        assert_eq!(
+            engine.upsert_peer(peer("10.100.1.1/32"), (1 << 24) - 1),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn a_new_configured_endpoint_replaces_the_old_one_in_the_endpoint_index() {
+        let now = Instant::now();
+        let (mut engine, mut r1) = one_client();
+        assert!(r1.handshake(&mut engine, now));
+        let id = engine.peers.by_key[r1.public_key.as_bytes()];
+        assert_eq!(engine.endpoints.get(&r1.addr), Some(&id));
+        let moved = SocketAddr::from(([192, 0, 2, 99], 99));
+        let mut config = peer("10.100.1.1/32");
+        config.public_key = r1.public_key;
+        config.endpoint = Some(moved);
+        engine.upsert_peer(config, 1).unwrap();
+        assert_eq!(engine.endpoints.get(&r1.addr), None);
+        let status = engine.peer_status(r1.public_key.as_bytes(), now).unwrap();
+        assert_eq!(status.endpoint, Some(moved));
+    }
+
+    #[test]
+    fn a_prefix_moves_between_kept_peers_whatever_their_order() {
+        let secret = StaticSecret::random_from_rng(rand_core::OsRng);
+        let mut engine = TunnelEngine::new(secret, vec![IpAddr::from([10, 100, 0, 1])]);
+        let x = peer("10.100.1.1/32");
+        let mut y = peer("10.100.1.2/32");
+        let moving: IpNet = "10.100.9.0/24".parse().unwrap();
+        y.allowed.push(moving);
+        engine
+            .sync_peers(vec![(x.clone(), 1), (y.clone(), 2)])
+            .unwrap();
+        // The /24 moves from Y to X, X listed first.
+        let mut x2 = x.clone();
+        x2.allowed.push(moving);
+        let mut y2 = y.clone();
+        y2.allowed.retain(|p| *p != moving);
+        assert_eq!(engine.sync_peers(vec![(x2, 1), (y2, 2)]), Ok(Vec::new()));
+        let owner =
+            |e: &TunnelEngine, ip: [u8; 4]| e.routing.routes.lookup(IpAddr::from(ip)).copied();
+        let x_id = engine.peers.by_key[x.public_key.as_bytes()];
+        let y_id = engine.peers.by_key[y.public_key.as_bytes()];
+        assert_eq!(owner(&engine, [10, 100, 9, 5]), Some(x_id));
+        assert_eq!(owner(&engine, [10, 100, 1, 2]), Some(y_id));
+        // And back, Y listed first this time.
+        assert_eq!(engine.sync_peers(vec![(y, 2), (x, 1)]), Ok(Vec::new()));
+        assert_eq!(owner(&engine, [10, 100, 9, 5]), Some(y_id));
+        assert_eq!(owner(&engine, [10, 100, 1, 1]), Some(x_id));
+    }
+
+    /// Removing k listed peers in one sync costs one pass over the active
+    /// list, and leaves exactly the kept ones on it.
+    #[test]
+    fn a_sync_that_removes_many_active_peers_prunes_the_list_once() {
+        let secret = StaticSecret::random_from_rng(rand_core::OsRng);
+        let mut engine = TunnelEngine::new(secret, vec![IpAddr::from([10, 100, 0, 1])]);
+        let configs: Vec<_> = (0..1_000u32)
+            .map(|i| {
+                let ip = IpAddr::from([10, 101, (i >> 8) as u8, i as u8]);
+                let mut config = peer("10.100.1.1/32");
+                config.allowed = vec![IpNet::from(ip)];
+                (config, i + 1)
+            })
+            .collect();
+        engine.sync_peers(configs.clone()).unwrap();
+        // Every peer on the active list (no protocol state needed to remove one).
+        for id in 0..1_000 {
+            engine.peers.list(id);
+        }
+        let kept: Vec<_> = configs.iter().step_by(10).cloned().collect();
+        let before = engine.peers.prunes;
+        assert_eq!(engine.sync_peers(kept.clone()).map(|f| f.len()), Ok(900));
+        assert_eq!(engine.peers.prunes, before + 1);
+        assert_eq!(engine.active_peer_count(), 100);
+        let mut listed: Vec<_> = engine.peers.active.clone();
+        listed.sort_unstable();
+        let mut expected: Vec<_> = kept
+            .iter()
+            .map(|(c, _)| engine.peers.by_key[c.public_key.as_bytes()])
+            .collect();
+        expected.sort_unstable();
+        assert_eq!(listed, expected);
+        // A new peer in a freed slot is not listed.
+        engine.upsert_peer(peer("10.102.0.1/32"), 5_000).unwrap();
+        assert_eq!(engine.active_peer_count(), 100);
+        let key = *kept[0].0.public_key.as_bytes();
+        assert!(engine.remove_peer(&key).is_some());
+        assert_eq!(engine.active_peer_count(), 99);
     }
 
     #[test]

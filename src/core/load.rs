@@ -46,9 +46,10 @@ pub struct LoadMemory {
 }
 
 impl LoadMemory {
-    /// Load seen at `now`.
+    /// Load seen at `now`. An earlier `now` than the last one marked (tunnels
+    /// sharing this memory read their clocks at different times) changes nothing.
     pub fn mark(&mut self, now: Instant) {
-        self.last = Some(now);
+        self.last = Some(self.last.map_or(now, |last| last.max(now)));
     }
 
     /// True if load was seen less than a second before `now`.
@@ -80,5 +81,16 @@ mod tests {
         load.mark(t0);
         assert!(load.active(t0 + Duration::from_millis(999)));
         assert!(!load.active(t0 + SECOND));
+    }
+
+    #[test]
+    fn an_earlier_mark_does_not_shorten_the_load() {
+        let mut load = LoadMemory::default();
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        load.mark(t0 + ms(500));
+        load.mark(t0);
+        assert!(load.active(t0 + ms(1400)));
+        assert!(!load.active(t0 + ms(1500)));
     }
 }

@@ -105,13 +105,16 @@ pub const QUEUE_BYTES: u32 = 512 * 1024;
 /// One peer of a tunnel.
 ///
 /// boringtun's `Tunn` (11 KB, and a Diffie-Hellman to create) is made on the
-/// peer's first handshake or first outbound packet: a provisioned router that
-/// never dials in costs a few hundred bytes and no start-up time.
+/// peer's first handshake or first outbound packet, and dropped once the peer
+/// is idle ([`Peer::idle`]): a provisioned router that never dials in, or one
+/// quiet for a session's lifetime, costs a few hundred bytes and no timer work.
 pub struct Peer {
     tunn: Option<Box<Tunn>>,
     tunnel_secret: Arc<StaticSecret>,
     rate_limiter: Arc<RateLimiter>,
-    /// Listed among the engine's active peers (those with a `Tunn`).
+    /// Listed among the engine's active peers (those with timer work, see
+    /// [`Peer::idle`]). A peer taken off the list loses its `Tunn`
+    /// ([`Peer::stop_protocol`]).
     pub(crate) listed: bool,
     pub(crate) config: PeerConfig,
     pub(crate) index: u32,
@@ -119,6 +122,9 @@ pub struct Peer {
     pub(crate) endpoint: Option<SocketAddr>,
     pub(crate) last_handshake: Option<Instant>,
     pub(crate) last_rx: Option<Instant>,
+    /// When we last started protocol work for the peer: sent an initiation or a
+    /// response, or queued a packet for its handshake.
+    pub(crate) last_work: Option<Instant>,
     /// Our index in the last handshake response we sent, 0 for none (no peer
     /// has index 0): that session is usable only once the initiator's first
     /// packet on it arrives (then the handshake is complete, as kernel WireGuard
@@ -153,6 +159,7 @@ impl Peer {
             index,
             last_handshake: None,
             last_rx: None,
+            last_work: None,
             answered: 0,
             connected: false,
             queued_packets: 0,
@@ -167,7 +174,8 @@ impl Peer {
         &self.config.public_key
     }
 
-    /// True once the peer has protocol state (it spoke, or was spoken to).
+    /// True while the peer has protocol state (it spoke, or was spoken to, and
+    /// has not been idle since).
     #[inline]
     pub fn is_active(&self) -> bool {
         self.tunn.is_some()
@@ -176,6 +184,18 @@ impl Peer {
     /// Makes the peer's protocol state now (it is about to be used).
     pub fn start_protocol(&mut self) {
         self.tunn();
+    }
+
+    /// Drops the peer's protocol state once it is idle: the next handshake or
+    /// packet makes it afresh. It cannot stay without its timers: `Tunn` stamps
+    /// its events with the time of its last `update_timers`, so a session made
+    /// after a long pause would look that old and expire at the next run.
+    /// The last initiation timestamp it accepted goes with it, so a replayed
+    /// initiation is answered again (it cannot complete a handshake).
+    pub fn stop_protocol(&mut self) {
+        self.tunn = None;
+        self.answered = 0;
+        (self.queued_packets, self.queued_bytes) = (0, 0);
     }
 
     /// The peer's `Tunn`, made now if this is its first use.
@@ -212,6 +232,20 @@ impl Peer {
         }
     }
 
+    /// True when the peer has no timer work left at `now`: no handshake
+    /// completed and no protocol work started within [`SESSION_LIFETIME`] (so
+    /// no session is usable and no handshake is under way), no packet waiting,
+    /// and no keepalive to send.
+    pub fn idle(&self, now: Instant) -> bool {
+        let recent = |t: Option<Instant>| {
+            t.is_some_and(|t| now.saturating_duration_since(t) < SESSION_LIFETIME)
+        };
+        let keepalive = self.config.keepalive.is_some() && self.endpoint.is_some();
+        let busy =
+            self.queued_packets != 0 || recent(self.last_handshake) || recent(self.last_work);
+        !keepalive && !busy
+    }
+
     /// Feeds an authenticated-or-not datagram from `from` to boringtun.
     /// `out` must hold at least `datagram.len()` bytes and 148.
     pub fn decapsulate<'a>(
@@ -222,12 +256,13 @@ impl Peer {
     ) -> Decap<'a> {
         // Only an initiation can start protocol state; anything else for a peer
         // without it refers to a session that does not exist.
+        let fresh = self.tunn.is_none();
         let tunn = match self.tunn {
             Some(ref mut tunn) => tunn,
             None if message_type(datagram) == 1 => self.tunn(),
             None => return Decap::Drop(DropReason::DecryptFailed),
         };
-        match tunn.decapsulate(Some(from), datagram, out) {
+        let decap = match tunn.decapsulate(Some(from), datagram, out) {
             TunnResult::Done => Decap::Nothing,
             TunnResult::WriteToNetwork(b) => Decap::Reply(b),
             TunnResult::WriteToTunnelV4(b, _) | TunnResult::WriteToTunnelV6(b, _) => {
@@ -235,7 +270,13 @@ impl Peer {
             }
             TunnResult::Err(WireGuardError::WrongKey) => Decap::WrongPeer,
             TunnResult::Err(e) => Decap::Drop(drop_reason(&e)),
+        };
+        // Made for an initiation that did not authenticate: gone again, so
+        // knowing a peer's public key does not buy its 11 KB.
+        if fresh && !matches!(decap, Decap::Reply(_)) {
+            self.tunn = None;
         }
+        decap
     }
 
     /// Next packet boringtun queued while waiting for a handshake, already

@@ -7,13 +7,14 @@
 //! 20 handshakes a second, bursts of 5. Sources are IPv4 addresses and IPv6 /64
 //! prefixes (one host can hold a whole /64).
 //!
-//! Memory is bounded: sources idle for a second are forgotten at most once a
-//! second, and a full table refuses new sources until then. Only address-proven
+//! Memory is bounded: sources idle for a second are forgotten, and a full table
+//! makes room for a new source by forgetting the one used least recently (it
+//! starts afresh with a full burst should it come back). Only address-proven
 //! sources are ever entered, so spoofed floods cannot fill it.
 //!
 //! Time is passed in; nothing here reads a clock.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
@@ -30,7 +31,8 @@ const IDLE: Duration = Duration::from_secs(1);
 #[derive(Debug, Default)]
 pub struct SourceLimiter {
     buckets: HashMap<u128, Bucket>,
-    last_sweep: Option<Instant>,
+    /// Every tracked source by its bucket's `last`, least recently used first.
+    by_use: BTreeSet<(Instant, u128)>,
 }
 
 #[derive(Debug)]
@@ -41,22 +43,28 @@ struct Bucket {
 
 impl SourceLimiter {
     /// Takes one handshake from `source`'s share at `now`; false if it has none
-    /// left (or the table is full of other sources).
+    /// left. O(log n) in the sources tracked.
     pub fn allow(&mut self, source: IpAddr, now: Instant) -> bool {
         self.sweep(now);
         let key = key(source);
-        let full = self.buckets.len() >= MAX_SOURCES;
-        let bucket = match self.buckets.get_mut(&key) {
-            Some(bucket) => bucket,
-            None if full => return false,
-            None => self.buckets.entry(key).or_insert(Bucket {
+        if !self.buckets.contains_key(&key) && self.buckets.len() >= MAX_SOURCES {
+            if let Some((_, oldest)) = self.by_use.pop_first() {
+                self.buckets.remove(&oldest);
+            }
+        }
+        let by_use = &mut self.by_use;
+        let bucket = self.buckets.entry(key).or_insert_with(|| {
+            by_use.insert((now, key));
+            Bucket {
                 tokens: PER_SOURCE_BURST,
                 last: now,
-            }),
-        };
+            }
+        });
         if now > bucket.last {
             let earned = now.duration_since(bucket.last).as_secs_f64() * PER_SOURCE_PER_SECOND;
             bucket.tokens = (bucket.tokens + earned).min(PER_SOURCE_BURST);
+            by_use.remove(&(bucket.last, key));
+            by_use.insert((now, key));
             bucket.last = now;
         }
         if bucket.tokens >= 1.0 {
@@ -77,15 +85,14 @@ impl SourceLimiter {
         self.buckets.is_empty()
     }
 
-    /// Forgets idle sources, at most once a second.
+    /// Forgets idle sources, least recently used first: O(1) when none is idle.
     fn sweep(&mut self, now: Instant) {
-        let due = self
-            .last_sweep
-            .is_none_or(|t| now.saturating_duration_since(t) >= IDLE);
-        if due {
-            self.buckets
-                .retain(|_, b| now.saturating_duration_since(b.last) < IDLE);
-            self.last_sweep = Some(now);
+        while let Some(&(last, key)) = self.by_use.first() {
+            if now.saturating_duration_since(last) < IDLE {
+                break;
+            }
+            self.by_use.pop_first();
+            self.buckets.remove(&key);
         }
     }
 }
@@ -154,13 +161,21 @@ mod tests {
             assert!(limiter.allow(IpAddr::V4(Ipv4Addr::from(i)), t0));
         }
         assert_eq!(limiter.len(), MAX_SOURCES);
-        // Full: a new source is refused, a known one still has its share.
+        // Source 0 is used again, so source 1 is the least recently used.
+        let t1 = t0 + Duration::from_millis(1);
+        let (zero, one) = (Ipv4Addr::from(0), Ipv4Addr::from(1));
+        assert!(limiter.allow(IpAddr::V4(zero), t1));
+        // Full: a new source takes the place of the least recently used one.
         let newcomer = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 1));
-        assert!(!limiter.allow(newcomer, t0));
-        assert!(limiter.allow(IpAddr::V4(Ipv4Addr::from(0)), t0));
-        // A second later the idle ones are gone.
-        let t1 = t0 + IDLE;
         assert!(limiter.allow(newcomer, t1));
-        assert_eq!(limiter.len(), 1);
+        assert_eq!(limiter.len(), MAX_SOURCES);
+        assert!(!limiter.buckets.contains_key(&key(IpAddr::V4(one))));
+        assert!(limiter.buckets.contains_key(&key(IpAddr::V4(zero))));
+        assert_eq!(limiter.by_use.len(), MAX_SOURCES);
+        // A second after their last use the idle ones are gone.
+        assert!(limiter.allow(newcomer, t0 + IDLE));
+        assert_eq!(limiter.len(), 2);
+        assert!(limiter.allow(newcomer, t1 + IDLE));
+        assert_eq!((limiter.len(), limiter.by_use.len()), (1, 1));
     }
 }

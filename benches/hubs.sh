@@ -117,38 +117,9 @@ NAMESPACES=() # namespaces we created
 WORK=""       # temporary directory
 LAST_PID=""
 
-proc_alive() {
-    # Still our child (a reaped PID may be reused by anyone) and not a zombie.
-    local st
-    st="$(cat "/proc/$1/stat" 2>/dev/null)" || return 1
-    st="${st##*) }"
-    read -r -a st <<<"$st"
-    [[ "${st[0]}" != Z && "${st[1]}" == "$$" ]]
-}
-
-stop_pid() {
-    local pid=$1 i
-    if proc_alive "$pid"; then
-        kill -TERM "$pid" 2>/dev/null || true
-        for ((i = 0; i < 30; i++)); do
-            proc_alive "$pid" || break
-            sleep 0.1
-        done
-        if proc_alive "$pid"; then
-            kill -KILL "$pid" 2>/dev/null || true
-        fi
-    fi
-    wait "$pid" 2>/dev/null || true
-}
-
-forget_pid() { # a reaped child: never signal its (reusable) PID again
-    local -a keep=()
-    local p
-    for p in "${PIDS[@]}"; do
-        [[ "$p" == "$1" ]] || keep+=("$p")
-    done
-    PIDS=("${keep[@]}")
-}
+# proc_alive, forget_pid, stop_pid (by PID, never by name).
+# shellcheck source=benches/procs.sh
+source "$REPO/benches/procs.sh"
 
 # Stops every process we started and deletes every namespace we created.
 teardown_lab() {

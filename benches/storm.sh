@@ -77,40 +77,9 @@ WGPLANE="$REPO/target/release/wgplane"
 WORK="$(mktemp -d /tmp/wgplane-storm.XXXXXX)"
 PIDS=() # processes we started and have not reaped (all our direct children)
 
-proc_alive() {
-    # Still our child (a reaped PID may be reused by anyone) and not a zombie.
-    local st
-    st="$(cat "/proc/$1/stat" 2>/dev/null)" || return 1
-    st="${st##*) }"
-    read -r -a st <<<"$st"
-    [[ "${st[0]}" != Z && "${st[1]}" == "$$" ]]
-}
-
-forget_pid() { # a reaped child: never signal its (reusable) PID again
-    local -a keep=()
-    local p
-    for p in "${PIDS[@]}"; do
-        [[ "$p" == "$1" ]] || keep+=("$p")
-    done
-    PIDS=("${keep[@]}")
-}
-
-# stop_pid PID: SIGTERM, up to 5 s to end, then SIGKILL; reaps and forgets it.
-stop_pid() {
-    local pid=$1 i
-    if proc_alive "$pid"; then
-        kill -TERM "$pid" 2>/dev/null || true
-        for ((i = 0; i < 50; i++)); do
-            proc_alive "$pid" || break
-            sleep 0.1
-        done
-        if proc_alive "$pid"; then
-            kill -KILL "$pid" 2>/dev/null || true
-        fi
-    fi
-    wait "$pid" 2>/dev/null || true
-    forget_pid "$pid"
-}
+# proc_alive, forget_pid, stop_pid (by PID, never by name).
+# shellcheck source=benches/procs.sh
+source "$REPO/benches/procs.sh"
 
 # wait_pid PID: waits for our child PID, forgets it, returns its status.
 wait_pid() {

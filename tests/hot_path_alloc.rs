@@ -120,31 +120,10 @@ fn forwarding_allocates_nothing() {
 
 /// An ICMP echo request from `src` to `dst`.
 fn ping(src: IpAddr, dst: IpAddr, seq: u16) -> Vec<u8> {
-    use smoltcp::phy::ChecksumCapabilities;
-    use smoltcp::wire::{Icmpv4Packet, Icmpv4Repr, IpProtocol, Ipv4Packet, Ipv4Repr};
     let (IpAddr::V4(src), IpAddr::V4(dst)) = (src, dst) else {
         panic!("IPv4 only");
     };
-    let icmp = Icmpv4Repr::EchoRequest {
-        ident: 1,
-        seq_no: seq,
-        data: b"netwatch",
-    };
-    let repr = Ipv4Repr {
-        src_addr: src,
-        dst_addr: dst,
-        next_header: IpProtocol::Icmp,
-        payload_len: icmp.buffer_len(),
-        hop_limit: 64,
-    };
-    let mut buf = vec![0u8; repr.buffer_len() + icmp.buffer_len()];
-    let caps = ChecksumCapabilities::default();
-    repr.emit(&mut Ipv4Packet::new_unchecked(&mut buf[..]), &caps);
-    icmp.emit(
-        &mut Icmpv4Packet::new_unchecked(&mut buf[repr.buffer_len()..]),
-        &caps,
-    );
-    buf
+    wgplane::core::packet::build::icmp_echo_request(src, dst, seq)
 }
 
 #[test]

@@ -17,8 +17,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::netns::{
-    prerequisites_met, run_checked, unique_name, wait_for, wait_wgplane_ready, write_private,
-    Netns, Proc, WG_ENV,
+    health_status, prerequisites_met, run_checked, unique_name, wait_for, wait_wgplane_ready,
+    write_private, Netns, Proc, WG_ENV,
 };
 use serde_json::Value;
 
@@ -511,17 +511,7 @@ fn tun_mode_reaches_routers_and_never_leaks() {
     );
 
     // 7. The device goes away: its reader ends, and health says so.
-    let health = || {
-        lab.hub.capture(&[
-            "curl",
-            "-s",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            &format!("http://{API}/healthz"),
-        ])
-    };
+    let health = || health_status(&lab.hub, API);
     assert_eq!(health(), "200");
     lab.hub.run_words("ip link del wgplane0");
     let down = wait_for(Duration::from_secs(5), || (health() == "503").then_some(()));

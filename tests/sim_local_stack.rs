@@ -6,30 +6,11 @@ mod sim;
 
 use sim::{addrs, ip, Sim};
 use smoltcp::phy::ChecksumCapabilities;
-use smoltcp::wire::{Icmpv4Message, Icmpv4Packet, Icmpv4Repr, IpProtocol, Ipv4Packet, Ipv4Repr};
+use smoltcp::wire::{Icmpv4Message, Icmpv4Packet, IpProtocol, Ipv4Packet};
 use wgplane::core::peer::PeerKind;
 
 fn ping(src: &str, dst: &str, seq: u16) -> Vec<u8> {
-    let icmp = Icmpv4Repr::EchoRequest {
-        ident: 1,
-        seq_no: seq,
-        data: b"netwatch",
-    };
-    let repr = Ipv4Repr {
-        src_addr: src.parse().unwrap(),
-        dst_addr: dst.parse().unwrap(),
-        next_header: IpProtocol::Icmp,
-        payload_len: icmp.buffer_len(),
-        hop_limit: 64,
-    };
-    let mut buf = vec![0u8; repr.buffer_len() + icmp.buffer_len()];
-    let caps = ChecksumCapabilities::default();
-    repr.emit(&mut Ipv4Packet::new_unchecked(&mut buf[..]), &caps);
-    icmp.emit(
-        &mut Icmpv4Packet::new_unchecked(&mut buf[repr.buffer_len()..]),
-        &caps,
-    );
-    buf
+    wgplane::core::packet::build::icmp_echo_request(src.parse().unwrap(), dst.parse().unwrap(), seq)
 }
 
 fn is_echo_reply(packet: &[u8], seq: u16) -> bool {

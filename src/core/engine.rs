@@ -1220,33 +1220,49 @@ mod tests {
         }
     }
 
-    /// Transit between peers leaves the local stack alone; a packet for the
-    /// stack runs it at once, and its answer leaves in the same call.
-    #[test]
-    fn only_packets_for_the_stack_run_it() {
-        use crate::core::harness::{Collect, MemoryClient};
-        use crate::core::packet::build::ip_packet;
-
-        let now = Instant::now();
+    /// An engine with its local stack at 10.100.0.1, and router `n` (10.100.1.n)
+    /// handshaken with it.
+    fn engine_with_stack_and_routers(
+        now: Instant,
+        routers: &[u8],
+    ) -> (TunnelEngine, Vec<crate::core::harness::MemoryClient>) {
+        use crate::core::harness::MemoryClient;
         let secret = StaticSecret::random_from_rng(rand_core::OsRng);
         let public = PublicKey::from(&secret);
         let server = std::net::Ipv4Addr::new(10, 100, 0, 1);
         let mut engine =
             TunnelEngine::new(secret, vec![IpAddr::V4(server)]).with_local_stack(server, 16, now);
-        let mut r1 = MemoryClient::new(&public, 1, SocketAddr::from(([192, 0, 2, 1], 1)));
-        let mut r2 = MemoryClient::new(&public, 2, SocketAddr::from(([192, 0, 2, 2], 2)));
-        r1.register(
-            &mut engine,
-            &[IpNet::from(IpAddr::from([10, 100, 1, 1]))],
-            1,
-        );
-        r2.register(
-            &mut engine,
-            &[IpNet::from(IpAddr::from([10, 100, 1, 2]))],
-            2,
-        );
-        assert!(r1.handshake(&mut engine, now));
-        assert!(r2.handshake(&mut engine, now));
+        let clients = routers
+            .iter()
+            .map(|&n| {
+                let mut r = MemoryClient::new(
+                    &public,
+                    u32::from(n),
+                    SocketAddr::from(([192, 0, 2, n], u16::from(n))),
+                );
+                r.register(
+                    &mut engine,
+                    &[IpNet::from(IpAddr::from([10, 100, 1, n]))],
+                    u32::from(n),
+                );
+                assert!(r.handshake(&mut engine, now));
+                r
+            })
+            .collect();
+        (engine, clients)
+    }
+
+    /// Transit between peers leaves the local stack alone; a packet for the
+    /// stack runs it at once, and its answer leaves in the same call.
+    #[test]
+    fn only_packets_for_the_stack_run_it() {
+        use crate::core::harness::Collect;
+        use crate::core::packet::build::ip_packet;
+
+        let now = Instant::now();
+        let server = IpAddr::from([10, 100, 0, 1]);
+        let (mut engine, mut routers) = engine_with_stack_and_routers(now, &[1, 2]);
+        let r1 = &mut routers[0];
         let polls = |e: &mut TunnelEngine| e.local_stack().map_or(0, |s| s.polls());
         let before = polls(&mut engine);
 
@@ -1260,7 +1276,7 @@ mod tests {
         assert_eq!(polls(&mut engine), before, "transit polled the stack");
 
         // Protocol 253 to the stack: it answers (ICMP protocol unreachable).
-        let local = ip_packet([10, 100, 1, 1].into(), IpAddr::V4(server), 8);
+        let local = ip_packet([10, 100, 1, 1].into(), server, 8);
         let datagram = r1.encrypt(&local).unwrap();
         let mut out = Collect::default();
         engine.handle_datagram(r1.addr, &datagram, now, &mut out);
@@ -1273,23 +1289,14 @@ mod tests {
     /// not a local delivery.
     #[test]
     fn a_full_stack_queue_is_counted_as_a_drop() {
-        use crate::core::harness::{Collect, MemoryClient};
+        use crate::core::harness::Collect;
         use crate::core::packet::build::ip_packet;
 
         let now = Instant::now();
-        let secret = StaticSecret::random_from_rng(rand_core::OsRng);
-        let public = PublicKey::from(&secret);
-        let server = std::net::Ipv4Addr::new(10, 100, 0, 1);
-        let mut engine =
-            TunnelEngine::new(secret, vec![IpAddr::V4(server)]).with_local_stack(server, 16, now);
-        let mut r1 = MemoryClient::new(&public, 1, SocketAddr::from(([192, 0, 2, 1], 1)));
-        r1.register(
-            &mut engine,
-            &[IpNet::from(IpAddr::from([10, 100, 1, 1]))],
-            1,
-        );
-        assert!(r1.handshake(&mut engine, now));
-        let packet = ip_packet([10, 100, 1, 1].into(), IpAddr::V4(server), 8);
+        let server = IpAddr::from([10, 100, 0, 1]);
+        let (mut engine, mut routers) = engine_with_stack_and_routers(now, &[1]);
+        let r1 = &mut routers[0];
+        let packet = ip_packet([10, 100, 1, 1].into(), server, 8);
         if let Some(stack) = engine.local_stack() {
             while stack.receive(&packet) {}
         }

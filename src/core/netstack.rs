@@ -455,30 +455,7 @@ impl LocalStack {
 mod tests {
     use super::*;
     use crate::core::packet;
-    use smoltcp::wire::{Icmpv4Packet, Icmpv4Repr, Ipv4Packet, Ipv4Repr};
-
-    fn echo_request(src: Ipv4Addr, dst: Ipv4Addr, seq: u16) -> Vec<u8> {
-        let icmp = Icmpv4Repr::EchoRequest {
-            ident: 7,
-            seq_no: seq,
-            data: b"health",
-        };
-        let ip = Ipv4Repr {
-            src_addr: src,
-            dst_addr: dst,
-            next_header: smoltcp::wire::IpProtocol::Icmp,
-            payload_len: icmp.buffer_len(),
-            hop_limit: 64,
-        };
-        let mut buf = vec![0u8; ip.buffer_len() + icmp.buffer_len()];
-        let caps = smoltcp::phy::ChecksumCapabilities::default();
-        ip.emit(&mut Ipv4Packet::new_unchecked(&mut buf[..]), &caps);
-        icmp.emit(
-            &mut Icmpv4Packet::new_unchecked(&mut buf[ip.buffer_len()..]),
-            &caps,
-        );
-        buf
-    }
+    use smoltcp::wire::{Icmpv4Packet, Ipv4Packet};
 
     #[test]
     fn answers_ping_from_the_subnet_and_beyond() {
@@ -489,7 +466,7 @@ mod tests {
             .into_iter()
             .enumerate()
         {
-            assert!(stack.receive(&echo_request(src, server, i as u16)));
+            assert!(stack.receive(&packet::build::icmp_echo_request(src, server, i as u16)));
             stack.poll(now);
             let reply = stack.poll_transmit().expect("an echo reply");
             let h = packet::parse(&reply).unwrap();
@@ -500,7 +477,7 @@ mod tests {
             assert_eq!(icmp.echo_seq_no(), i as u16);
         }
         // A ping to another address is not the stack's business.
-        assert!(stack.receive(&echo_request(
+        assert!(stack.receive(&packet::build::icmp_echo_request(
             Ipv4Addr::new(10, 100, 1, 1),
             Ipv4Addr::new(10, 100, 0, 9),
             9,

@@ -61,7 +61,35 @@ pub fn parse(packet: &[u8]) -> Result<IpHeader, PacketError> {
 
 /// Builds minimal IP packets for tests, benches and fuzz seeds.
 pub mod build {
-    use std::net::IpAddr;
+    use std::net::{IpAddr, Ipv4Addr};
+
+    use smoltcp::phy::ChecksumCapabilities;
+    use smoltcp::wire::{Icmpv4Packet, Icmpv4Repr, IpProtocol, Ipv4Packet, Ipv4Repr};
+
+    /// An ICMP echo request (ping) from `src` to `dst`, identifier 1, sequence
+    /// number `seq`, checksums set.
+    pub fn icmp_echo_request(src: Ipv4Addr, dst: Ipv4Addr, seq: u16) -> Vec<u8> {
+        let icmp = Icmpv4Repr::EchoRequest {
+            ident: 1,
+            seq_no: seq,
+            data: b"netwatch",
+        };
+        let ip = Ipv4Repr {
+            src_addr: src,
+            dst_addr: dst,
+            next_header: IpProtocol::Icmp,
+            payload_len: icmp.buffer_len(),
+            hop_limit: 64,
+        };
+        let mut buf = vec![0u8; ip.buffer_len() + icmp.buffer_len()];
+        let caps = ChecksumCapabilities::default();
+        ip.emit(&mut Ipv4Packet::new_unchecked(&mut buf[..]), &caps);
+        icmp.emit(
+            &mut Icmpv4Packet::new_unchecked(&mut buf[ip.buffer_len()..]),
+            &caps,
+        );
+        buf
+    }
 
     /// An IPv4 or IPv6 UDP-less packet with `payload_len` zero bytes of protocol 253
     /// (reserved for experimentation) from `src` to `dst`.

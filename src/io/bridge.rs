@@ -238,6 +238,32 @@ mod tests {
         }
     }
 
+    /// One turn of the tunnel task: host pipes into the stack, the stack runs,
+    /// what it sends reaches the router (when it is up) and its answers come
+    /// back in.
+    fn step(
+        stack: &mut LocalStack,
+        bridges: &mut Bridges,
+        router: Option<&mut Router>,
+        start: Instant,
+        now: Instant,
+    ) {
+        bridges.pump(stack);
+        stack.poll(now);
+        let mut out = Vec::new();
+        while let Some(p) = stack.poll_transmit() {
+            out.push(p);
+        }
+        if let Some(router) = router {
+            let at =
+                smoltcp::time::Instant::from_micros(now.duration_since(start).as_micros() as i64);
+            for p in router.exchange(out, at) {
+                assert!(stack.receive(&p));
+            }
+        }
+        stack.poll(now);
+    }
+
     /// How a bridged connection's opening ends.
     type Opened = oneshot::Receiver<Result<(), ForwardError>>;
 
@@ -292,18 +318,7 @@ mod tests {
                     to_stack = None; // host EOF
                 }
             }
-            bridges.pump(&mut stack);
-            stack.poll(now);
-            let mut out = Vec::new();
-            while let Some(p) = stack.poll_transmit() {
-                out.push(p);
-            }
-            let at =
-                smoltcp::time::Instant::from_micros(now.duration_since(start).as_micros() as i64);
-            for p in router.exchange(out, at) {
-                assert!(stack.receive(&p));
-            }
-            stack.poll(now);
+            step(&mut stack, &mut bridges, Some(&mut router), start, now);
             while let Ok(chunk) = from_stack.try_recv() {
                 echoed.extend_from_slice(&chunk);
             }
@@ -335,18 +350,7 @@ mod tests {
             if i == 50 {
                 from_stack = None; // the writer ends (write error)
             }
-            bridges.pump(&mut stack);
-            stack.poll(now);
-            let mut out = Vec::new();
-            while let Some(p) = stack.poll_transmit() {
-                out.push(p);
-            }
-            let at =
-                smoltcp::time::Instant::from_micros(now.duration_since(start).as_micros() as i64);
-            for p in router.exchange(out, at) {
-                assert!(stack.receive(&p));
-            }
-            stack.poll(now);
+            step(&mut stack, &mut bridges, Some(&mut router), start, now);
             if let Some(rx) = &mut from_stack {
                 while rx.try_recv().is_ok() {}
             }
@@ -372,21 +376,8 @@ mod tests {
         let mut run = |stack: &mut LocalStack, router_up: bool, seconds: u64| {
             for _ in 0..seconds * 10 {
                 now += Duration::from_millis(100);
-                bridges.pump(stack);
-                stack.poll(now);
-                let mut out = Vec::new();
-                while let Some(p) = stack.poll_transmit() {
-                    out.push(p);
-                }
-                if router_up {
-                    let at = smoltcp::time::Instant::from_micros(
-                        now.duration_since(start).as_micros() as i64,
-                    );
-                    for p in router.exchange(out, at) {
-                        assert!(stack.receive(&p));
-                    }
-                }
-                stack.poll(now);
+                let up = router_up.then_some(&mut router);
+                step(stack, &mut bridges, up, start, now);
             }
         };
         run(&mut stack, true, 60);

@@ -480,6 +480,24 @@ pub fn start_wireguard_go(ns: &Netns, label: &str, ifname: &str, dir: &Path) -> 
     }
 }
 
+/// The HTTP status of `GET /healthz` on the appliance at `api`, from inside `ns`
+/// ("000" when nothing answers within 2 s).
+pub fn health_status(ns: &Netns, api: &str) -> String {
+    let url = format!("http://{api}/healthz");
+    let code = ns.capture(&[
+        "curl",
+        "-s",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "--max-time",
+        "2",
+        &url,
+    ]);
+    code.trim().to_owned()
+}
+
 /// Waits until the wgplane started as `proc` in `ns` has written its token and
 /// answers 200 on `/healthz` at `api`; then writes the `Authorization` header
 /// for curl to `header_file`. Panics if it exits or takes more than 15 s.
@@ -499,19 +517,7 @@ pub fn wait_wgplane_ready(
         if token.is_empty() {
             return None;
         }
-        let url = format!("http://{api}/healthz");
-        let code = ns.capture(&[
-            "curl",
-            "-s",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "--max-time",
-            "2",
-            &url,
-        ]);
-        (code.trim() == "200").then(|| {
+        (health_status(ns, api) == "200").then(|| {
             write_private(header_file, &format!("Authorization: Bearer {token}\n"));
             true
         })

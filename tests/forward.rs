@@ -1,8 +1,8 @@
 //! Management forwarding over the userspace stack, black box: the backend reaches a
 //! router's TCP port inside its tunnel through a host listener, with no kernel
 //! route and no privileges. 10 MB echo intact both ways, 50 concurrent
-//! connections, a clear failure for an unreachable router, and the forward comes
-//! back after a restart.
+//! connections, at most 64 at once per forward, a clear failure for an
+//! unreachable router, and the forward comes back after a restart.
 
 mod support;
 
@@ -240,4 +240,63 @@ fn unreachable_router_resets_the_client_and_forwards_survive_restart() {
         TcpStream::connect(listen).is_ok(),
         "listening again after restart"
     );
+}
+
+/// One forward carries at most 64 connections at once: all 64 work end to end, a
+/// 65th is closed at once (not left hanging), and a slot that frees up is taken
+/// by the next client.
+#[test]
+fn a_forward_carries_64_connections_at_once_and_closes_the_next() {
+    const LIMIT: usize = 64;
+    let app = Appliance::start();
+    let tenant = app.expect("PUT", "/v1/tenants/kitonga", None, 201);
+    let key = tenant["server_public_key"].as_str().unwrap().to_owned();
+    let (secret, public) = keypair();
+    let body = format!(r#"{{"public_key":"{public}"}}"#);
+    app.expect("PUT", "/v1/tenants/kitonga/routers/r1", Some(&body), 201);
+    let fwd = app.expect(
+        "PUT",
+        "/v1/tenants/kitonga/routers/r1/forwards/8728",
+        None,
+        201,
+    );
+    let listen: SocketAddr = fwd["listen"].as_str().unwrap().parse().unwrap();
+    let endpoint: SocketAddr = ([127, 0, 0, 1], app.first_port).into();
+    let mut peer = UdpPeer::new(secret, &key, endpoint, 3);
+    assert!(peer.handshake());
+    let _router = StackRouter::start(peer, "10.100.1.1".parse().unwrap(), 8728, LIMIT + 8);
+
+    // A connection that echoes a few bytes: it reaches the router and back.
+    let open = || -> std::io::Result<TcpStream> {
+        let mut s = TcpStream::connect(listen)?;
+        s.set_read_timeout(Some(Duration::from_secs(20)))?;
+        s.write_all(b"ping")?;
+        let mut buf = [0u8; 4];
+        s.read_exact(&mut buf)?;
+        assert_eq!(&buf, b"ping");
+        Ok(s)
+    };
+    let mut held: Vec<TcpStream> = (0..LIMIT)
+        .map(|i| open().unwrap_or_else(|e| panic!("connection {i}: {e}")))
+        .collect();
+    assert!(open().is_err(), "the 65th connection is closed");
+    // Every held connection still works.
+    for (i, s) in held.iter_mut().enumerate() {
+        s.write_all(b"more").unwrap();
+        let mut buf = [0u8; 4];
+        s.read_exact(&mut buf)
+            .unwrap_or_else(|e| panic!("held connection {i}: {e}"));
+    }
+    // One leaves; its slot goes to the next client once the forward has seen it go.
+    drop(held.pop());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let replacement = loop {
+        match open() {
+            Ok(s) => break s,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            Err(e) => panic!("the freed slot was never taken: {e}"),
+        }
+    };
+    held.push(replacement);
+    assert!(open().is_err(), "full again");
 }

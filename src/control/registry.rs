@@ -130,16 +130,17 @@ impl Registry {
         let Some(t) = self.tenants.get_mut(tenant) else {
             return;
         };
-        let created = match before {
+        // A deletion or change undone: the old index is held again, and the one
+        // the change took (a new router's, or a new key's) is freed.
+        let kept = before.as_ref().map(|r| r.index);
+        let replaced = match before {
             Some(r) => {
-                // A deletion undone: its index is held again.
                 self.indices.reserve(r.index);
-                t.routers.insert(id.clone(), r);
-                None
+                t.routers.insert(id.clone(), r)
             }
             None => t.routers.remove(id),
         };
-        if let Some(r) = created {
+        if let Some(r) = replaced.filter(|r| Some(r.index) != kept) {
             self.indices.free(r.index);
         }
     }
@@ -150,16 +151,16 @@ impl Registry {
         let Some(t) = self.tenants.get_mut(tenant) else {
             return;
         };
-        let created = match before {
+        // As in `reinstate_router`.
+        let kept = before.as_ref().map(|c| c.index);
+        let replaced = match before {
             Some(c) => {
-                // A deletion undone: its index is held again.
                 self.indices.reserve(c.index);
-                t.clients.insert(id.clone(), c);
-                None
+                t.clients.insert(id.clone(), c)
             }
             None => t.clients.remove(id),
         };
-        if let Some(c) = created {
+        if let Some(c) = replaced.filter(|c| Some(c.index) != kept) {
             self.indices.free(c.index);
         }
     }
@@ -443,9 +444,12 @@ impl Registry {
             (None, None) => id.to_string(),
         };
         let forwards = existing.map(|r| r.forwards.clone()).unwrap_or_default();
+        // A new key is a new peer: a fresh receiver index, so that datagrams still
+        // in flight for the old key's sessions find no peer (unknown index)
+        // instead of failing to decrypt at the new one.
         let index = match existing {
-            Some(r) => r.index,
-            None => self.indices.allocate()?,
+            Some(r) if r.public_key == public_key => r.index,
+            _ => self.indices.allocate()?,
         };
         let router = Router {
             id: id.clone(),
@@ -466,7 +470,12 @@ impl Registry {
         let tenant = self.tenant_mut(tenant_id)?;
         let previous = tenant.routers.insert(id.clone(), router);
         Ok(match previous {
-            Some(_) => Put::Updated,
+            Some(old) => {
+                if old.index != index {
+                    self.indices.free(old.index);
+                }
+                Put::Updated
+            }
             None => Put::Created,
         })
     }
@@ -754,9 +763,10 @@ impl Registry {
             (None, Some(c)) => c.name.clone(),
             (None, None) => id.to_string(),
         };
+        // A new key is a new peer: a fresh receiver index (see `put_router`).
         let index = match existing {
-            Some(c) => c.index,
-            None => self.indices.allocate()?,
+            Some(c) if c.public_key == public_key => c.index,
+            _ => self.indices.allocate()?,
         };
         let client = Client {
             id: id.clone(),
@@ -776,7 +786,12 @@ impl Registry {
             occupancy.add_client(id, vpn_ip, &public_key);
         }
         Ok(match previous {
-            Some(_) => Put::Updated,
+            Some(old) => {
+                if old.index != index {
+                    self.indices.free(old.index);
+                }
+                Put::Updated
+            }
             None => Put::Created,
         })
     }
@@ -1306,6 +1321,78 @@ mod tests {
         r.reinstate(&id("b"), None);
         assert_eq!(r.indices.in_use(), 1);
         assert!(r.tenant(&id("b")).is_err());
+    }
+
+    #[test]
+    fn a_new_key_takes_a_new_receiver_index_and_an_undo_gives_the_old_one_back() {
+        let mut r = registry();
+        r.put_tenant(&id("a"), &Default::default(), now()).unwrap();
+        r.put_router(&id("a"), &id("r1"), &Default::default())
+            .unwrap();
+        let before = r.tenant(&id("a")).unwrap().routers[&id("r1")].clone();
+        let fresh = || keys::encode(SecretKey::generate().public().as_bytes());
+        let rekey = RouterRequest {
+            public_key: Some(fresh()),
+            ..Default::default()
+        };
+        r.put_router(&id("a"), &id("r1"), &rekey).unwrap();
+        let after = r.tenant(&id("a")).unwrap().routers[&id("r1")].clone();
+        assert_ne!(after.index, before.index);
+        assert_eq!(r.indices.in_use(), 1, "the old index is freed");
+        assert!(r.indices.reserve(before.index), "free");
+        r.indices.free(before.index);
+        // The store refused the change: the old router and its index come back,
+        // the new index is free again.
+        r.reinstate_router(&id("a"), &id("r1"), Some(before.clone()));
+        let back = &r.tenant(&id("a")).unwrap().routers[&id("r1")];
+        assert_eq!(
+            (back.public_key, back.index),
+            (before.public_key, before.index)
+        );
+        assert_eq!(r.indices.in_use(), 1);
+        assert!(!r.indices.reserve(before.index), "held again");
+        assert!(r.indices.reserve(after.index), "free again");
+        r.indices.free(after.index);
+
+        // Clients alike.
+        r.put_egress(
+            &id("a"),
+            &EgressRequest {
+                pool: "10.200.0.0/24".into(),
+                gateways: vec!["r1".into()],
+            },
+        )
+        .unwrap();
+        r.put_client(&id("a"), &id("p1"), &Default::default())
+            .unwrap();
+        let before = r.tenant(&id("a")).unwrap().clients[&id("p1")].clone();
+        let rekey = ClientRequest {
+            public_key: Some(fresh()),
+            ..Default::default()
+        };
+        r.put_client(&id("a"), &id("p1"), &rekey).unwrap();
+        let after = r.tenant(&id("a")).unwrap().clients[&id("p1")].clone();
+        assert_ne!(after.index, before.index);
+        assert_eq!(r.indices.in_use(), 2);
+        r.reinstate_client(&id("a"), &id("p1"), Some(before.clone()));
+        let back = &r.tenant(&id("a")).unwrap().clients[&id("p1")];
+        assert_eq!(
+            (back.public_key, back.index),
+            (before.public_key, before.index)
+        );
+        assert_eq!(r.indices.in_use(), 2);
+        assert!(r.indices.reserve(after.index), "free again");
+        // The same key again keeps the index.
+        r.indices.free(after.index);
+        let same = ClientRequest {
+            public_key: Some(keys::encode(before.public_key.as_bytes())),
+            ..Default::default()
+        };
+        r.put_client(&id("a"), &id("p1"), &same).unwrap();
+        assert_eq!(
+            r.tenant(&id("a")).unwrap().clients[&id("p1")].index,
+            before.index
+        );
     }
 
     #[test]

@@ -380,3 +380,23 @@ impl UdpPeer {
         None
     }
 }
+
+/// The value of the one sample of `name` whose labels include every `label`.
+pub fn sample(text: &str, name: &str, labels: &[&str]) -> f64 {
+    let hits: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+        .filter(|l| labels.iter().all(|x| l.contains(x)))
+        .collect();
+    assert_eq!(
+        hits.len(),
+        1,
+        "one sample of {name} with {labels:?}, found {hits:?}"
+    );
+    hits[0]
+        .rsplit(' ')
+        .next()
+        .and_then(|v| v.parse().ok())
+        .expect("numeric sample")
+}

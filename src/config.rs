@@ -172,6 +172,9 @@ pub struct TunnelSettings {
     /// tunnel demands cookies for a second, so a storm cannot starve established
     /// flows of CPU.
     pub handshake_budget_per_second: u32,
+    /// Run the appliance's threads under `SCHED_BATCH` (see `io::sched`):
+    /// fewer, larger wake-ups under load.
+    pub batch_scheduling: bool,
 }
 
 impl Default for ApiSettings {
@@ -211,6 +214,7 @@ impl Default for TunnelSettings {
             liveness_timeout_secs: 60,
             handshakes_per_second: crate::core::engine::DEFAULT_HANDSHAKES_PER_SECOND,
             handshake_budget_per_second: DEFAULT_HANDSHAKE_BUDGET,
+            batch_scheduling: true,
         }
     }
 }

@@ -159,6 +159,10 @@ struct RunArgs {
     /// Handshakes per second the whole process computes, across all tunnels.
     #[arg(long, env = "WGPLANE_HANDSHAKE_BUDGET_PER_SECOND")]
     handshake_budget_per_second: Option<u32>,
+    /// Run the appliance's threads under SCHED_BATCH: no preemption on wake-up,
+    /// so a busy tunnel reads longer batches (false: the default policy).
+    #[arg(long, env = "WGPLANE_BATCH_SCHEDULING", num_args = 0..=1, default_missing_value = "true")]
+    batch_scheduling: Option<bool>,
     /// TUN mode: route the host into the tunnels through a kernel device.
     #[arg(long, env = "WGPLANE_TUN", num_args = 0..=1, default_missing_value = "true")]
     tun: Option<bool>,
@@ -240,6 +244,12 @@ fn main() -> Result<()> {
             // files 0600.
             // SAFETY: umask only sets the process's file-mode mask; it cannot fail.
             unsafe { libc::umask(0o077) };
+            // Before the runtime exists: its threads inherit the policy.
+            if settings.tunnels.batch_scheduling {
+                if let Err(e) = wgplane::io::sched::batch_scheduling() {
+                    tracing::warn!(error = %e, "SCHED_BATCH refused; the default scheduling policy stays");
+                }
+            }
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?
@@ -292,6 +302,9 @@ fn settings(args: &RunArgs) -> Result<Settings> {
     }
     if let Some(v) = args.handshake_budget_per_second {
         s.tunnels.handshake_budget_per_second = v;
+    }
+    if let Some(v) = args.batch_scheduling {
+        s.tunnels.batch_scheduling = v;
     }
     if let Some(v) = args.tun {
         s.tun.enabled = v;

@@ -1,8 +1,9 @@
 //! The IO shell: tokio tasks that own sockets and the clock and feed the core.
 //!
 //! `tunnel` runs one task per tenant tunnel (its UDP socket, its engine, its timer);
-//! `runtime` starts, stops and talks to those tasks for the control plane. Nothing
-//! here makes a routing decision.
+//! `runtime` starts, stops and talks to those tasks for the control plane;
+//! `limits` and `sched` set the process up for them. Nothing here makes a
+//! routing decision.
 
 pub mod runtime;
 pub mod tunnel;
@@ -12,6 +13,7 @@ mod defer;
 pub mod events;
 pub mod forward;
 pub mod limits;
+pub mod sched;
 mod sendbatch;
 pub mod tun;
 

@@ -16,5 +16,6 @@ pub mod limits;
 pub mod sched;
 mod sendbatch;
 pub mod tun;
+pub mod udp;
 
 pub use runtime::{Runtime, RuntimeError, RuntimeSettings, TunnelEvent};

@@ -7,7 +7,6 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 
-use tokio::net::UdpSocket;
 use tokio::sync::{broadcast, mpsc, oneshot, Notify};
 use tokio::task::JoinHandle;
 
@@ -83,23 +82,6 @@ impl Handle {
     }
 }
 
-/// Socket buffers requested for tunnel sockets: bursts of a few thousand datagrams
-/// must not be dropped by the kernel while the task is busy. The kernel caps the
-/// request at `net.core.rmem_max` / `wmem_max`.
-const UDP_BUFFER: usize = 8 * 1024 * 1024;
-
-/// Binds a tunnel's UDP socket with large buffers, non-blocking, for tokio.
-fn bind_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
-    // Best effort: a smaller buffer still works, it only drops earlier.
-    let _ = socket.set_recv_buffer_size(UDP_BUFFER);
-    let _ = socket.set_send_buffer_size(UDP_BUFFER);
-    socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
-    UdpSocket::from_std(socket.into())
-}
-
 /// How tunnels are run.
 #[derive(Clone)]
 pub struct RuntimeSettings {
@@ -167,8 +149,10 @@ impl Runtime {
             return self.sync(tenant).await;
         }
         let addr = SocketAddr::new(self.settings.bind, tenant.listen_port);
-        let socket = bind_udp(addr).map_err(|source| RuntimeError::Bind { addr, source })?;
-        let local_addr = socket.local_addr().unwrap_or(addr);
+        let socket = super::udp::bind(addr)
+            .and_then(super::udp::register)
+            .map_err(|source| RuntimeError::Bind { addr, source })?;
+        let local_addr = socket.get_ref().local_addr().unwrap_or(addr);
         // In TUN mode the host kernel answers for the server address; the IPv6
         // one exists only in userspace mode.
         let mut own = vec![IpAddr::V4(tenant.server_ip())];

@@ -11,13 +11,15 @@
 //! when a GSO send fails. quinn-udp then turns GSO off for the socket; the run
 //! that failed goes again as single datagrams, and later runs stay single.
 //!
+//! A send never waits for the socket: one the kernel refuses (a full buffer) is
+//! dropped and counted, as a link drops, so the socket is not watched for write
+//! readiness at all (see `udp`).
+//!
 //! Not here: deciding what to send (the engine) and receiving.
 
 use std::io;
-use std::net::{SocketAddr, SocketAddrV6};
+use std::net::{SocketAddr, SocketAddrV6, UdpSocket};
 use std::os::fd::{AsRawFd, RawFd};
-
-use tokio::net::UdpSocket;
 
 /// Largest GSO send (the kernel's limit is 64 KiB of payload).
 const MAX_GSO_BYTES: usize = 60_000;
@@ -105,9 +107,7 @@ impl SendBatch {
                     segment_size: Some(run.segment),
                     src_ip: None,
                 };
-                let sent = socket.try_io(tokio::io::Interest::WRITABLE, || {
-                    state.try_send(socket.into(), &transmit)
-                });
+                let sent = state.try_send(socket.into(), &transmit);
                 match sent {
                     Ok(()) => {}
                     Err(e)
@@ -169,7 +169,7 @@ fn send_singles(
     let mut i = 0;
     while i < runs.len() {
         let chunk = &runs[i..runs.len().min(i + MMSG)];
-        let sent = socket.try_io(tokio::io::Interest::WRITABLE, || match chunk {
+        let sent = match chunk {
             [one] => {
                 let transmit = quinn_udp::Transmit {
                     destination: one.to,
@@ -181,7 +181,7 @@ fn send_singles(
                 state.try_send(socket.into(), &transmit).map(|()| 1)
             }
             _ => send_many(socket.as_raw_fd(), data, chunk, v6),
-        });
+        };
         match sent {
             Ok(n) if n > 0 => i += n,
             // The first datagram was refused: drop it, go on with the rest.
@@ -272,9 +272,7 @@ mod tests {
     }
 
     async fn check(bind: &str, peers: &str, v6: bool) {
-        let socket = tokio::net::UdpSocket::bind(bind)
-            .await
-            .expect("bind loopback");
+        let socket = std::net::UdpSocket::bind(bind).expect("bind loopback");
         let state = quinn_udp::UdpSocketState::new((&socket).into()).expect("quinn-udp state");
         let a = receiver(peers);
         let b = receiver(peers);
@@ -309,7 +307,6 @@ mod tests {
         }
         // And a lone single at the end (plain sendmsg).
         send(&mut batch, to_b, 50);
-        socket.writable().await.expect("writable");
         assert_eq!(batch.flush(&socket, &state), 0);
         assert_eq!(drain(&a, sent_a.len()), sent_a);
         assert_eq!(drain(&b, sent_b.len()), sent_b);
@@ -325,9 +322,7 @@ mod tests {
     /// send) is not lost: it goes again as single datagrams, and GSO stays off.
     #[tokio::test]
     async fn a_refused_gso_send_goes_again_datagram_by_datagram() {
-        let socket = tokio::net::UdpSocket::bind("127.0.0.1:0")
-            .await
-            .expect("bind loopback");
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind loopback");
         let state = quinn_udp::UdpSocketState::new((&socket).into()).expect("quinn-udp state");
         if state.max_gso_segments() <= 1 {
             // No GSO on this machine: nothing to refuse. Said, not silent.
@@ -347,7 +342,6 @@ mod tests {
             batch.push(to_a, &vec![*seq; *len]);
         }
         assert_eq!(batch.runs.len(), 1, "one GSO run");
-        socket.writable().await.expect("writable");
         assert_eq!(batch.flush(&socket, &state), 0);
         assert_eq!(drain(&a, sent.len()), sent);
         assert_eq!(state.max_gso_segments(), 1, "quinn-udp turned GSO off");

@@ -9,12 +9,12 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::net::UdpSocket;
 use tokio::sync::{broadcast, mpsc, oneshot, Notify};
 
 use super::bridge::{Bridges, ForwardError, HostPipes};
 use super::defer::Deferred;
 use super::sendbatch::SendBatch;
+use super::udp::TunnelSocket;
 use crate::core::netstack::StackError;
 
 use crate::core::engine::{
@@ -209,7 +209,7 @@ thread_local! {
 /// Returns whether datagrams may still be waiting (every batch came back full);
 /// datagrams the socket refused to send are added to `send_failures`.
 fn receive(
-    socket: &UdpSocket,
+    socket: &TunnelSocket,
     udp: &quinn_udp::UdpSocketState,
     engine: &mut TunnelEngine,
     now: Instant,
@@ -224,7 +224,7 @@ fn receive(
         read(socket, udp, &mut bufs, held, engine, now, sink)
     });
     if !held.is_empty() {
-        *send_failures += sink.tx.flush(socket, udp);
+        *send_failures += sink.tx.flush(socket.get_ref(), udp);
     }
     backlog
 }
@@ -232,7 +232,7 @@ fn receive(
 /// The reading half of [`receive`]: initiations go to `held`, the rest to the
 /// engine.
 fn read(
-    socket: &UdpSocket,
+    socket: &TunnelSocket,
     udp: &quinn_udp::UdpSocketState,
     bufs: &mut [Vec<u8>],
     held: &mut Deferred,
@@ -242,13 +242,13 @@ fn read(
 ) -> bool {
     let mut meta = [quinn_udp::RecvMeta::default(); RX_SLOTS];
     for _ in 0..RECV_BATCH / RX_SLOTS {
-        let outcome = socket.try_io(tokio::io::Interest::READABLE, || {
+        let outcome = socket.try_io(tokio::io::Interest::READABLE, |inner| {
             let count = {
                 let mut free = bufs.iter_mut();
                 let mut slices: [std::io::IoSliceMut<'_>; RX_SLOTS] = std::array::from_fn(|_| {
                     std::io::IoSliceMut::new(free.next().map_or(&mut [][..], |b| &mut b[..]))
                 });
-                udp.recv(socket.into(), &mut slices, &mut meta)?
+                udp.recv(inner.into(), &mut slices, &mut meta)?
             };
             for (m, buf) in meta.iter().zip(bufs.iter()).take(count) {
                 if m.len == 0 {
@@ -307,14 +307,14 @@ async fn flush_host(
 /// host ends of forwarded connections when they have moved bytes.
 pub async fn run(
     mut engine: TunnelEngine,
-    socket: UdpSocket,
+    socket: TunnelSocket,
     mut commands: mpsc::Receiver<Command>,
     events: broadcast::Sender<TaggedEvent>,
     tenant: Arc<str>,
     work: Arc<Notify>,
     mut host: HostLink,
 ) {
-    let udp = match quinn_udp::UdpSocketState::new((&socket).into()) {
+    let udp = match quinn_udp::UdpSocketState::new(socket.get_ref().into()) {
         Ok(state) => state,
         Err(e) => {
             tracing::error!(tenant = %tenant, error = %e, "tunnel socket unusable");
@@ -322,7 +322,7 @@ pub async fn run(
         }
     };
     quiet_control_messages(&socket);
-    let v6 = socket.local_addr().is_ok_and(|a| a.is_ipv6());
+    let v6 = socket.get_ref().local_addr().is_ok_and(|a| a.is_ipv6());
     let mut tx = SendBatch::new(udp.max_gso_segments(), v6);
     let mut timer = tokio::time::interval(TIMER_PERIOD);
     timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -400,8 +400,10 @@ pub async fn run(
                 let mut sink = UdpSink { tx: &mut tx, host: host.device.is_some().then_some(&mut host.out) };
                 engine.handle_timers(Instant::now(), &mut sink);
             }
+            // The readiness stays set: `receive` reads through `try_io`, which
+            // clears it when the socket runs dry.
             readable = socket.readable() => {
-                if let Err(e) = readable {
+                if let Err(e) = readable.map(|mut guard| guard.retain_ready()) {
                     tracing::error!(tenant = %tenant, error = %e, "tunnel socket failed");
                     break;
                 }
@@ -448,7 +450,7 @@ pub async fn run(
             };
             engine.handle_local(Instant::now(), &mut sink);
         }
-        send_failures += tx.flush(&socket, &udp);
+        send_failures += tx.flush(socket.get_ref(), &udp);
         flush_host(&mut host, &mut gro, &mut send_failures).await;
         while let Some(event) = engine.poll_event() {
             // No subscriber is fine: events are for whoever listens.
@@ -511,18 +513,21 @@ fn quiet_control_messages(socket: &impl std::os::fd::AsRawFd) {
 
 #[cfg(test)]
 mod tests {
-    use super::{quiet_control_messages, receive, Deferred, SendBatch, UdpSink, RECV_BATCH};
+    use super::{
+        quiet_control_messages, receive, Deferred, SendBatch, TunnelSocket, UdpSink, RECV_BATCH,
+    };
     use crate::core::engine::TunnelEngine;
     use boringtun::x25519::StaticSecret;
     use std::os::fd::AsRawFd;
     use std::time::Instant;
 
     /// A loopback socket set up as a tunnel's is.
-    async fn tunnel_socket() -> (tokio::net::UdpSocket, quinn_udp::UdpSocketState) {
-        let socket = tokio::net::UdpSocket::bind("127.0.0.1:0")
-            .await
+    async fn tunnel_socket() -> (TunnelSocket, quinn_udp::UdpSocketState) {
+        let socket = crate::io::udp::bind("127.0.0.1:0".parse().expect("address"))
+            .and_then(crate::io::udp::register)
             .expect("bind loopback");
-        let state = quinn_udp::UdpSocketState::new((&socket).into()).expect("quinn-udp state");
+        let state =
+            quinn_udp::UdpSocketState::new(socket.get_ref().into()).expect("quinn-udp state");
         quiet_control_messages(&socket);
         (socket, state)
     }
@@ -537,10 +542,10 @@ mod tests {
         for _ in 0..queued {
             // Not WireGuard: each is read, counted and dropped as malformed.
             sender
-                .send_to(&[0xee; 40], socket.local_addr().expect("address"))
+                .send_to(&[0xee; 40], socket.get_ref().local_addr().expect("address"))
                 .expect("send on loopback");
         }
-        socket.readable().await.expect("readable");
+        socket.readable().await.expect("readable").retain_ready();
         let mut engine = TunnelEngine::new(
             StaticSecret::from([7u8; 32]),
             vec!["10.100.0.1".parse().expect("address")],
@@ -589,7 +594,7 @@ mod tests {
         use std::net::{IpAddr, UdpSocket};
 
         let (socket, state) = tunnel_socket().await;
-        let tunnel = socket.local_addr().expect("address");
+        let tunnel = socket.get_ref().local_addr().expect("address");
         let bind = || {
             let s = UdpSocket::bind("127.0.0.1:0").expect("bind loopback");
             s.set_nonblocking(true).expect("non-blocking");
@@ -630,7 +635,7 @@ mod tests {
         );
         let data = phone.encrypt(&packet).expect("phone session");
         phone_socket.send_to(&data, tunnel).expect("send");
-        socket.readable().await.expect("readable");
+        socket.readable().await.expect("readable").retain_ready();
 
         let mut tx = SendBatch::new(1, false);
         let mut sink = UdpSink {
@@ -669,7 +674,7 @@ mod tests {
             2,
             "then the initiation"
         );
-        failures += tx.flush(&socket, &state);
+        failures += tx.flush(socket.get_ref(), &state);
         assert_eq!(failures, 0);
         let (len, _) = router_socket.recv_from(&mut buf).expect("the response");
         let response = buf[..len].to_vec();

@@ -321,7 +321,7 @@ pub async fn run(
             return;
         }
     };
-    quiet_control_messages(&socket);
+    super::udp::quiet_control_messages(&socket);
     let v6 = socket.get_ref().local_addr().is_ok_and(|a| a.is_ipv6());
     let mut tx = SendBatch::new(udp.max_gso_segments(), v6);
     let mut timer = tokio::time::interval(TIMER_PERIOD);
@@ -472,53 +472,11 @@ pub async fn run(
     tracing::debug!(tenant = %tenant, "tunnel task stopped");
 }
 
-/// Undoes what quinn-udp sets up for QUIC and a WireGuard tunnel must not have:
-/// - the per-datagram control messages the tunnel never reads: the destination
-///   address (`IP_PKTINFO`) and the TOS/ECN byte (`IP_RECVTOS`), with their IPv6
-///   twins. Each costs the kernel a `put_cmsg` per received datagram.
-/// - path-MTU probing (`IP_PMTUDISC_PROBE`: never fragment). A re-encrypted
-///   full-size packet is 60 bytes larger than the peer's inner MTU; where the
-///   path's MTU is smaller (1450 on VXLAN, 1460 on some clouds) it must leave in
-///   fragments, as kernel WireGuard's do, not vanish with `EMSGSIZE`.
-///
-/// UDP GRO's segment size stays on. Best effort: a failure leaves an option as
-/// it was.
-fn quiet_control_messages(socket: &impl std::os::fd::AsRawFd) {
-    let fd = socket.as_raw_fd();
-    // 0 is "off" for the first four, and IP(V6)_PMTUDISC_DONT for the last two.
-    let off: libc::c_int = 0;
-    let options = [
-        (libc::IPPROTO_IP, libc::IP_PKTINFO),
-        (libc::IPPROTO_IP, libc::IP_RECVTOS),
-        (libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO),
-        (libc::IPPROTO_IPV6, libc::IPV6_RECVTCLASS),
-        (libc::IPPROTO_IP, libc::IP_MTU_DISCOVER),
-        (libc::IPPROTO_IPV6, libc::IPV6_MTU_DISCOVER),
-    ];
-    for (level, name) in options {
-        // SAFETY: `fd` is an open socket owned by `socket` for the duration of
-        // the call; the option value is a live `c_int` of the size passed. An
-        // option that does not apply to this socket's family fails harmlessly.
-        unsafe {
-            libc::setsockopt(
-                fd,
-                level,
-                name,
-                std::ptr::addr_of!(off).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            );
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use super::{
-        quiet_control_messages, receive, Deferred, SendBatch, TunnelSocket, UdpSink, RECV_BATCH,
-    };
+    use super::{receive, Deferred, SendBatch, TunnelSocket, UdpSink, RECV_BATCH};
     use crate::core::engine::TunnelEngine;
     use boringtun::x25519::StaticSecret;
-    use std::os::fd::AsRawFd;
     use std::time::Instant;
 
     /// A loopback socket set up as a tunnel's is.
@@ -528,7 +486,7 @@ mod tests {
             .expect("bind loopback");
         let state =
             quinn_udp::UdpSocketState::new(socket.get_ref().into()).expect("quinn-udp state");
-        quiet_control_messages(&socket);
+        crate::io::udp::quiet_control_messages(socket.get_ref());
         (socket, state)
     }
 
@@ -683,46 +641,5 @@ mod tests {
             TunnResult::WriteToNetwork(_)
         ));
         assert!(router.tunn.time_since_last_handshake().is_some());
-    }
-
-    fn option(socket: &std::net::UdpSocket, level: libc::c_int, name: libc::c_int) -> libc::c_int {
-        let mut value: libc::c_int = -1;
-        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: a live socket, and a `c_int` with its size for the kernel to fill.
-        let rc = unsafe {
-            libc::getsockopt(
-                socket.as_raw_fd(),
-                level,
-                name,
-                std::ptr::addr_of_mut!(value).cast(),
-                &mut len,
-            )
-        };
-        assert_eq!(rc, 0, "getsockopt({level}, {name})");
-        value
-    }
-
-    #[test]
-    fn the_options_quinn_udp_turns_on_are_off_again() {
-        let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind loopback");
-        let state = quinn_udp::UdpSocketState::new((&socket).into()).expect("quinn-udp state");
-        assert_eq!(option(&socket, libc::IPPROTO_IP, libc::IP_PKTINFO), 1);
-        assert_eq!(
-            option(&socket, libc::IPPROTO_IP, libc::IP_MTU_DISCOVER),
-            libc::IP_PMTUDISC_PROBE
-        );
-        quiet_control_messages(&socket);
-        assert_eq!(option(&socket, libc::IPPROTO_IP, libc::IP_PKTINFO), 0);
-        assert_eq!(option(&socket, libc::IPPROTO_IP, libc::IP_RECVTOS), 0);
-        // Outer datagrams may be fragmented again (quinn-udp forbids it for QUIC).
-        assert_eq!(
-            option(&socket, libc::IPPROTO_IP, libc::IP_MTU_DISCOVER),
-            libc::IP_PMTUDISC_DONT
-        );
-        // GRO (the segment size of coalesced datagrams) stays as it was.
-        assert_eq!(
-            state.gro_segments() > 1,
-            option(&socket, libc::SOL_UDP, libc::UDP_GRO) == 1
-        );
     }
 }

@@ -1,5 +1,5 @@
 //! A tunnel's UDP socket: bound with large buffers, registered with tokio for
-//! reading only.
+//! reading only, without the control messages quinn-udp turns on for QUIC.
 //!
 //! Sends never wait for the socket: a datagram the kernel refuses is dropped and
 //! counted, as a link drops. So a tunnel has no use for write readiness, and
@@ -45,9 +45,55 @@ pub fn register(socket: std::net::UdpSocket) -> io::Result<TunnelSocket> {
         .map_err(|e| e.into_parts().1)
 }
 
+/// Undoes what quinn-udp sets up for QUIC and a WireGuard tunnel must not have:
+/// - the per-datagram control messages the tunnel never reads: the destination
+///   address (`IP_PKTINFO`) and the TOS/ECN byte (`IP_RECVTOS`), with their IPv6
+///   twins, and the receive time (`SO_TIMESTAMPNS`). Each costs the kernel a
+///   `put_cmsg` per received datagram; the timestamp also makes the kernel read
+///   the clock for every packet the host receives, on any socket, for as long as
+///   one socket asks for it.
+/// - path-MTU probing (`IP_PMTUDISC_PROBE`: never fragment). A re-encrypted
+///   full-size packet is 60 bytes larger than the peer's inner MTU; where the
+///   path's MTU is smaller (1450 on VXLAN, 1460 on some clouds) it must leave in
+///   fragments, as kernel WireGuard's do, not vanish with `EMSGSIZE`.
+///
+/// UDP GRO's segment size stays on. Best effort: a failure leaves an option as
+/// it was.
+pub fn quiet_control_messages(socket: &impl std::os::fd::AsRawFd) {
+    let fd = socket.as_raw_fd();
+    // 0 is "off" for the first five, and IP(V6)_PMTUDISC_DONT for the last two.
+    let off: libc::c_int = 0;
+    let options = [
+        (libc::IPPROTO_IP, libc::IP_PKTINFO),
+        (libc::IPPROTO_IP, libc::IP_RECVTOS),
+        (libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO),
+        (libc::IPPROTO_IPV6, libc::IPV6_RECVTCLASS),
+        (libc::SOL_SOCKET, libc::SO_TIMESTAMPNS),
+        (libc::IPPROTO_IP, libc::IP_MTU_DISCOVER),
+        (libc::IPPROTO_IPV6, libc::IPV6_MTU_DISCOVER),
+    ];
+    for (level, name) in options {
+        // SAFETY: `fd` is an open socket owned by `socket` for the duration of
+        // the call; the option value is a live `c_int` of the size passed. An
+        // option that does not apply to this socket's family fails harmlessly.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                name,
+                std::ptr::addr_of!(off).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use std::os::fd::AsRawFd;
     use std::time::Duration;
+
+    use super::quiet_control_messages;
 
     /// The socket reports readable when a datagram comes; a send never needs to
     /// wait for it.
@@ -77,5 +123,48 @@ mod tests {
         .await
         .expect("readable within 2 s");
         assert_eq!(got.unwrap(), 2);
+    }
+
+    fn option(socket: &std::net::UdpSocket, level: libc::c_int, name: libc::c_int) -> libc::c_int {
+        let mut value: libc::c_int = -1;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: a live socket, and a `c_int` with its size for the kernel to fill.
+        let rc = unsafe {
+            libc::getsockopt(
+                socket.as_raw_fd(),
+                level,
+                name,
+                std::ptr::addr_of_mut!(value).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(rc, 0, "getsockopt({level}, {name})");
+        value
+    }
+
+    #[test]
+    fn the_options_quinn_udp_turns_on_are_off_again() {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind loopback");
+        let state = quinn_udp::UdpSocketState::new((&socket).into()).expect("quinn-udp state");
+        assert_eq!(option(&socket, libc::IPPROTO_IP, libc::IP_PKTINFO), 1);
+        assert_eq!(option(&socket, libc::SOL_SOCKET, libc::SO_TIMESTAMPNS), 1);
+        assert_eq!(
+            option(&socket, libc::IPPROTO_IP, libc::IP_MTU_DISCOVER),
+            libc::IP_PMTUDISC_PROBE
+        );
+        quiet_control_messages(&socket);
+        assert_eq!(option(&socket, libc::IPPROTO_IP, libc::IP_PKTINFO), 0);
+        assert_eq!(option(&socket, libc::IPPROTO_IP, libc::IP_RECVTOS), 0);
+        assert_eq!(option(&socket, libc::SOL_SOCKET, libc::SO_TIMESTAMPNS), 0);
+        // Outer datagrams may be fragmented again (quinn-udp forbids it for QUIC).
+        assert_eq!(
+            option(&socket, libc::IPPROTO_IP, libc::IP_MTU_DISCOVER),
+            libc::IP_PMTUDISC_DONT
+        );
+        // GRO (the segment size of coalesced datagrams) stays as it was.
+        assert_eq!(
+            state.gro_segments() > 1,
+            option(&socket, libc::SOL_UDP, libc::UDP_GRO) == 1
+        );
     }
 }

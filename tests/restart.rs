@@ -1,14 +1,16 @@
 //! Durable state: after `kill -9` and a restart on the same state dir, every tunnel,
 //! peer and policy is back with the same keys, and peers pass traffic again without
-//! being provisioned again. Private keys are never stored in plain text, and a wrong
-//! master key stops start-up.
+//! being provisioned again. Private keys are never stored in plain text, a wrong
+//! master key stops start-up, and a change whose client hangs up is still finished
+//! and stored.
 
 mod support;
 
-use std::net::{IpAddr, SocketAddr};
-use std::time::Duration;
+use std::io::Write;
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
 
-use support::{keypair, Appliance, UdpPeer};
+use support::{keypair, sample, Appliance, UdpPeer};
 use wgplane::core::packet::{build::ip_packet, parse};
 
 fn ip(s: &str) -> IpAddr {
@@ -208,4 +210,91 @@ fn an_inconsistent_state_stops_start_up_and_names_the_peer() {
         err.contains("the stored state is inconsistent: tenant acme: router r1 has 10.101.1.1"),
         "{err}"
     );
+}
+
+/// Clients that hang up while their change is being made never leave it half
+/// made: hyper drops a request's handler when its connection closes, and a
+/// handler dropped between the registry, the store and the tunnel would leave a
+/// tenant in memory but not stored, or stored without a running tunnel. Each
+/// client here hangs up a little later than the one before (0-39 ms after its
+/// request), so some are gone before their change starts, some in the middle of
+/// it (`src/api/detach.rs` makes those finish) and some after the answer. Every
+/// tenant that is listed has its tunnel up and comes back the same after
+/// `kill -9`; every id can be put again afterwards.
+#[test]
+fn changes_whose_clients_hang_up_are_never_half_made() {
+    const N: usize = 40;
+    let app = Appliance::start();
+    let clients: Vec<_> = (0..N)
+        .map(|i| {
+            let (api, token) = (app.api, app.token.clone());
+            std::thread::spawn(move || {
+                let mut s = TcpStream::connect(api).expect("connect to the API");
+                write!(
+                    s,
+                    "PUT /v1/tenants/gone-{i} HTTP/1.1\r\nHost: wgplane\r\n\
+                     Authorization: Bearer {token}\r\nContent-Type: application/json\r\n\
+                     Content-Length: 2\r\n\r\n{{}}"
+                )
+                .expect("send the request");
+                std::thread::sleep(Duration::from_millis(i as u64));
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().expect("client");
+    }
+    let tenants = |app: &Appliance| -> Vec<(String, String)> {
+        let list = app.expect("GET", "/v1/tenants", None, 200);
+        let mut out: Vec<(String, String)> = list
+            .as_array()
+            .expect("a list")
+            .iter()
+            .map(|t| {
+                let id = t["tenant_id"].as_str().unwrap_or_default().to_owned();
+                let key = t["server_public_key"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned();
+                (id, key)
+            })
+            .collect();
+        out.sort();
+        out
+    };
+    let tunnels_up = |app: &Appliance, ids: &[(String, String)]| {
+        let text = app.scrape();
+        for (id, _) in ids {
+            let label = format!(r#"tenant="{id}""#);
+            assert_eq!(sample(&text, "wgplane_tunnel_up", &[&label]), 1.0, "{id}");
+        }
+    };
+    // Changes that were cut loose finish on their own: wait until the list
+    // stops growing.
+    let mut before = tenants(&app);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        std::thread::sleep(Duration::from_millis(500));
+        let now = tenants(&app);
+        if now == before || Instant::now() > deadline {
+            break;
+        }
+        before = now;
+    }
+    eprintln!("{} of {N} changes were made", before.len());
+    tunnels_up(&app, &before);
+    let (state, api_port, first_port) = app.kill9();
+    let app = Appliance::start_with(state, api_port, first_port, &[]).expect("restart");
+    assert_eq!(tenants(&app), before, "stored, keys and all");
+    tunnels_up(&app, &before);
+    // Nothing half made stands in the way of putting every id again.
+    for i in 0..N {
+        let id = format!("gone-{i}");
+        let made = before.iter().any(|(t, _)| *t == id);
+        let path = format!("/v1/tenants/{id}");
+        app.expect("PUT", &path, None, if made { 200 } else { 201 });
+    }
+    let all = tenants(&app);
+    assert_eq!(all.len(), N);
+    tunnels_up(&app, &all);
 }

@@ -377,6 +377,9 @@ fn grown(before: f64, after: f64) -> u64 {
 /// for 90 s).
 const HANDSHAKE_PATIENCE: Duration = Duration::from_secs(15);
 
+/// Socket buffers of a simulated peer, as wireguard-go sets them.
+const PEER_SOCKET_BUFFER: usize = 7 << 20;
+
 /// One simulated peer: a boringtun tunnel and its own UDP socket, connected to
 /// the appliance's port.
 pub(crate) struct Peer {
@@ -392,6 +395,12 @@ impl Peer {
         to: SocketAddr,
     ) -> Result<Self, BenchError> {
         let socket = UdpSocket::bind((to.ip(), 0))?;
+        // What wireguard-go asks for (7 MiB each way; the kernel caps it at
+        // net.core.rmem_max / wmem_max). With the default 208 KiB a receiver
+        // that loses its CPU for a millisecond drops a flat-out flow's bursts.
+        let sock = socket2::SockRef::from(&socket);
+        let _ = sock.set_recv_buffer_size(PEER_SOCKET_BUFFER);
+        let _ = sock.set_send_buffer_size(PEER_SOCKET_BUFFER);
         socket.connect(to)?;
         socket.set_read_timeout(Some(Duration::from_millis(200)))?;
         Ok(Self {

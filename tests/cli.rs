@@ -201,3 +201,46 @@ fn exits(cmd: &mut Command) -> std::process::Output {
     }
     child.wait_with_output().expect("output")
 }
+
+/// The scheduling policy (`SCHED_BATCH` = 3, default = 0) of every thread of
+/// process `pid`, from field 41 of `/proc/<pid>/task/<tid>/stat`.
+fn thread_policies(pid: u32) -> Vec<u32> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("the process's threads");
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("stat")).ok())
+        .map(|stat| {
+            // Fields after the command name, which is in parentheses.
+            let rest = &stat[stat.rfind(')').expect("comm") + 2..];
+            rest.split(' ')
+                .nth(38)
+                .expect("policy field")
+                .parse()
+                .expect("a number")
+        })
+        .collect()
+}
+
+#[test]
+fn every_thread_runs_sched_batch_unless_turned_off() {
+    let on = support::Appliance::start();
+    let policies = thread_policies(on.pid());
+    assert!(policies.len() > 1, "{policies:?}");
+    assert!(
+        policies.iter().all(|&p| p == 3),
+        "SCHED_BATCH: {policies:?}"
+    );
+    let state = tempfile::tempdir().expect("tempdir");
+    let off = support::Appliance::start_with(
+        state,
+        support::free_tcp_port(),
+        support::free_udp_ports(4),
+        &[("WGPLANE_BATCH_SCHEDULING", "false")],
+    )
+    .expect("starts");
+    let policies = thread_policies(off.pid());
+    assert!(
+        policies.iter().all(|&p| p == 0),
+        "default policy: {policies:?}"
+    );
+}

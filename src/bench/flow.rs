@@ -411,23 +411,15 @@ fn drain(counters: &Counters) {
     counters.drained.store(true, Ordering::Relaxed);
 }
 
-/// quinn-udp's state for a simulated peer that sends GSO trains and receives
-/// with GRO, without the control messages it turns on for QUIC (a WireGuard
-/// implementation asks for none, and the receive timestamps would make the
-/// kernel read the clock for every packet on the host, the appliance's too).
-fn offload_state(socket: &std::net::UdpSocket) -> Option<quinn_udp::UdpSocketState> {
-    let state = quinn_udp::UdpSocketState::new(socket.into()).ok()?;
-    crate::io::udp::quiet_control_messages(socket);
-    Some(state)
-}
-
 /// A receiver (the gateway, or one phone): decrypts, counts and times what
 /// arrives until told to stop.
 fn receive(peer: &mut Peer, counters: &Counters, begin: Instant, offload: bool) -> Histogram<u64> {
     // 1 µs to 60 s at 3 significant digits; cannot fail with these bounds.
     let mut hist =
         Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("constant, valid bounds");
-    let gro = offload.then(|| offload_state(&peer.socket)).flatten();
+    let gro = offload
+        .then(|| crate::io::udp::batching_state(&peer.socket).ok())
+        .flatten();
     let mut datagram = vec![0u8; 65_536];
     let mut buf = vec![0u8; 65_536];
     while !counters.drained.load(Ordering::Relaxed) {
@@ -501,7 +493,11 @@ fn send(
     }
     let states: Vec<Option<quinn_udp::UdpSocketState>> = senders
         .iter()
-        .map(|s| offload.then(|| offload_state(&s.peer.socket)).flatten())
+        .map(|s| {
+            offload
+                .then(|| crate::io::udp::batching_state(&s.peer.socket).ok())
+                .flatten()
+        })
         .collect();
     let destinations: Vec<SocketAddr> = senders
         .iter()

@@ -226,17 +226,30 @@ pub(crate) struct TunnelInfo {
 }
 
 impl Api {
+    /// Sends one request with the token; returns the status and the body.
+    async fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<(reqwest::StatusCode, String), BenchError> {
+        let fail = |e: reqwest::Error| BenchError::Api(format!("{method} {path}: {e}"));
+        let mut req = self
+            .client
+            .request(method.clone(), format!("{}{path}", self.base))
+            .bearer_auth(&self.token);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.map_err(fail)?;
+        let status = resp.status();
+        let text = resp.text().await.map_err(fail)?;
+        Ok((status, text))
+    }
+
     /// GET `path`; none when the API answers 404.
     async fn get_if_any(&self, path: &str) -> Result<Option<Value>, BenchError> {
-        let resp = self
-            .client
-            .get(format!("{}{path}", self.base))
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .map_err(|e| BenchError::Api(format!("GET {path}: {e}")))?;
-        let status = resp.status();
-        let text = resp.text().await.unwrap_or_default();
+        let (status, text) = self.request(reqwest::Method::GET, path, None).await?;
         if status == reqwest::StatusCode::NOT_FOUND {
             return Ok(None);
         }
@@ -246,25 +259,14 @@ impl Api {
         Ok(Some(serde_json::from_str(&text).unwrap_or(Value::Null)))
     }
 
+    /// A request that must succeed; its JSON answer (null if it has none).
     async fn call(
         &self,
         method: reqwest::Method,
         path: &str,
         body: Option<Value>,
     ) -> Result<Value, BenchError> {
-        let mut req = self
-            .client
-            .request(method.clone(), format!("{}{path}", self.base))
-            .bearer_auth(&self.token);
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let resp = req
-            .send()
-            .await
-            .map_err(|e| BenchError::Api(e.to_string()))?;
-        let status = resp.status();
-        let text = resp.text().await.unwrap_or_default();
+        let (status, text) = self.request(method.clone(), path, body).await?;
         if !status.is_success() {
             return Err(BenchError::Api(format!("{method} {path}: {status} {text}")));
         }
@@ -333,18 +335,7 @@ impl Api {
     /// and use the difference, since a given tenant may have carried traffic
     /// before.
     async fn counter(&self, name: &str, tenant: &str, also: &str) -> Result<f64, BenchError> {
-        let resp = self
-            .client
-            .get(format!("{}/metrics", self.base))
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .map_err(|e| BenchError::Api(format!("GET /metrics: {e}")))?;
-        let status = resp.status();
-        let text = resp
-            .text()
-            .await
-            .map_err(|e| BenchError::Api(format!("GET /metrics: {e}")))?;
+        let (status, text) = self.request(reqwest::Method::GET, "/metrics", None).await?;
         if !status.is_success() {
             return Err(BenchError::Api(format!("GET /metrics: {status} {text}")));
         }

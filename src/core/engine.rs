@@ -1471,10 +1471,7 @@ mod tests {
         let now = Instant::now();
         let (mut engine, mut r1) = one_client();
         let mut buf = vec![0; 256];
-        let initiation = match r1.tunn.format_handshake_initiation(&mut buf, true) {
-            boringtun::noise::TunnResult::WriteToNetwork(d) => d.to_vec(),
-            _ => panic!("no initiation"),
-        };
+        let initiation = r1.initiation().expect("an initiation");
         let mut out = Collect::default();
         engine.handle_datagram(r1.addr, &initiation, now, &mut out);
         let (_, response) = out.sent.pop().unwrap();
@@ -1522,11 +1519,7 @@ mod tests {
 
         let now = Instant::now();
         let (mut engine, mut r1) = one_client();
-        let mut buf = vec![0; 256];
-        let initiation = match r1.tunn.format_handshake_initiation(&mut buf, true) {
-            boringtun::noise::TunnResult::WriteToNetwork(d) => d.to_vec(),
-            _ => panic!("no initiation"),
-        };
+        let initiation = r1.initiation().expect("an initiation");
         let forged = forged(&initiation, engine.public_key());
         let mut out = Collect::default();
         engine.handle_datagram(r1.addr, &forged, now, &mut out);

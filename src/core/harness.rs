@@ -72,11 +72,18 @@ impl MemoryClient {
             .expect("harness peers have distinct prefixes and indices");
     }
 
+    /// A fresh handshake initiation from this client.
+    pub fn initiation(&mut self) -> Option<Vec<u8>> {
+        match self.tunn.format_handshake_initiation(&mut self.buf, true) {
+            TunnResult::WriteToNetwork(d) => Some(d.to_vec()),
+            _ => None,
+        }
+    }
+
     /// Completes a handshake with `engine`; true when the session is up.
     pub fn handshake(&mut self, engine: &mut TunnelEngine, now: Instant) -> bool {
-        let init = match self.tunn.format_handshake_initiation(&mut self.buf, true) {
-            TunnResult::WriteToNetwork(d) => d.to_vec(),
-            _ => return false,
+        let Some(init) = self.initiation() else {
+            return false;
         };
         let mut out = Collect::default();
         engine.handle_datagram(self.addr, &init, now, &mut out);

@@ -314,14 +314,13 @@ pub async fn run(
     work: Arc<Notify>,
     mut host: HostLink,
 ) {
-    let udp = match quinn_udp::UdpSocketState::new(socket.get_ref().into()) {
+    let udp = match super::udp::batching_state(socket.get_ref()) {
         Ok(state) => state,
         Err(e) => {
             tracing::error!(tenant = %tenant, error = %e, "tunnel socket unusable");
             return;
         }
     };
-    super::udp::quiet_control_messages(&socket);
     let v6 = socket.get_ref().local_addr().is_ok_and(|a| a.is_ipv6());
     let mut tx = SendBatch::new(udp.max_gso_segments(), v6);
     let mut timer = tokio::time::interval(TIMER_PERIOD);
@@ -484,9 +483,7 @@ mod tests {
         let socket = crate::io::udp::bind("127.0.0.1:0".parse().expect("address"))
             .and_then(crate::io::udp::register)
             .expect("bind loopback");
-        let state =
-            quinn_udp::UdpSocketState::new(socket.get_ref().into()).expect("quinn-udp state");
-        crate::io::udp::quiet_control_messages(socket.get_ref());
+        let state = crate::io::udp::batching_state(socket.get_ref()).expect("quinn-udp state");
         (socket, state)
     }
 

@@ -45,6 +45,15 @@ pub fn register(socket: std::net::UdpSocket) -> io::Result<TunnelSocket> {
         .map_err(|e| e.into_parts().1)
 }
 
+/// quinn-udp's state for `socket` (GSO and GRO probed), with what it sets up
+/// for QUIC undone again ([`quiet_control_messages`]). Every WireGuard socket
+/// that batches through quinn-udp is set up here.
+pub fn batching_state(socket: &std::net::UdpSocket) -> io::Result<quinn_udp::UdpSocketState> {
+    let state = quinn_udp::UdpSocketState::new(socket.into())?;
+    quiet_control_messages(socket);
+    Ok(state)
+}
+
 /// Undoes what quinn-udp sets up for QUIC and a WireGuard tunnel must not have:
 /// - the per-datagram control messages the tunnel never reads: the destination
 ///   address (`IP_PKTINFO`) and the TOS/ECN byte (`IP_RECVTOS`), with their IPv6
@@ -59,7 +68,7 @@ pub fn register(socket: std::net::UdpSocket) -> io::Result<TunnelSocket> {
 ///
 /// UDP GRO's segment size stays on. Best effort: a failure leaves an option as
 /// it was.
-pub fn quiet_control_messages(socket: &impl std::os::fd::AsRawFd) {
+fn quiet_control_messages(socket: &impl std::os::fd::AsRawFd) {
     let fd = socket.as_raw_fd();
     // 0 is "off" for the first five, and IP(V6)_PMTUDISC_DONT for the last two.
     let off: libc::c_int = 0;

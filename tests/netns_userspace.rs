@@ -650,11 +650,6 @@ impl Lab {
         self.client(&["closed", host, port])
     }
 
-    /// One API call from inside the hub namespace: `(status, body)`.
-    fn api(&self, method: &str, path: &str, body: Option<Value>) -> (u16, String) {
-        self.hub_api().call(method, path, body)
-    }
-
     fn hub_api(&self) -> NsApi<'_> {
         NsApi {
             ns: &self.hub,
@@ -718,32 +713,14 @@ impl Lab {
             );
         }
         if self.dir().join("auth-header").exists() {
-            for path in [
+            let paths = [
                 "/v1/tenants/kitonga",
                 "/v1/tenants/kitonga/routers",
                 "/v1/tenants/kitonga/routers/branch-a/forwards",
-            ] {
-                let (code, body) = self.api("GET", path, None);
-                section(&format!("GET {path} -> {code}"), body);
+            ];
+            for (title, text) in self.hub_api().diagnostics(&paths) {
+                section(&title, text);
             }
-            let metrics = self.hub.capture(&[
-                "curl",
-                "-sS",
-                "--max-time",
-                "5",
-                &format!("http://127.0.0.1:{API_PORT}/metrics"),
-            ]);
-            let interesting: Vec<&str> = metrics
-                .lines()
-                .filter(|l| {
-                    !l.starts_with('#')
-                        && (l.starts_with("wgplane_") || l.starts_with("wireguard_"))
-                })
-                .collect();
-            section(
-                "GET /metrics (wgplane_*, wireguard_*)",
-                interesting.join("\n"),
-            );
         }
         eprintln!("===== {TEST} diagnostics =====\n{d}===== end of diagnostics =====");
     }

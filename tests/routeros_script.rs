@@ -45,6 +45,7 @@ fn tenant() -> Tenant {
             extra_prefixes: vec![],
             index: 1,
             forwards: Default::default(),
+            endpoint: None,
         },
     );
     t.routers.insert(
@@ -58,6 +59,7 @@ fn tenant() -> Tenant {
             extra_prefixes: vec!["192.168.88.0/24".parse().unwrap()],
             index: 2,
             forwards: Default::default(),
+            endpoint: None,
         },
     );
     t

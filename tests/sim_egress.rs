@@ -162,3 +162,53 @@ fn a_gateway_whose_handshakes_never_complete_is_not_a_live_gateway() {
     k.sim.send_ip(k.phone1, "10.200.0.2", "198.18.0.1");
     assert_eq!(k.sim.take_inbox(k.gateway).len(), 1);
 }
+
+#[test]
+fn a_restarted_appliance_wakes_the_gateway_where_it_was_last_heard_from() {
+    // After a restart the gateway still holds its old session and only sends
+    // keepalives on it (which start no handshake on its side), so it stays
+    // silent for up to three minutes. The appliance must reach out instead.
+    let mut sim = Sim::new();
+    let t = sim.tunnel(51820, "10.100.0.1");
+    let gateway = sim.peer("mikrotik-1", t, PeerKind::Router, &["10.100.0.40/32"]);
+    let phone = sim.peer("phone-1", t, PeerKind::Client, &["10.200.0.2/32"]);
+    sim.set_egress(t, "10.200.0.0/24", &[gateway]);
+    sim.connect(phone);
+    let egress_down = |sim: &Sim| {
+        sim.tunnels[0]
+            .engine
+            .stats()
+            .dropped(DropReason::EgressDown)
+    };
+
+    // Not known where the gateway is: the packet is dropped, nothing is sent.
+    let before = sim.sent_by_engines.len();
+    sim.send_ip(phone, "10.200.0.2", "198.18.0.1");
+    assert_eq!(egress_down(&sim), 1);
+    assert_eq!(
+        sim.sent_by_engines.len(),
+        before,
+        "nowhere to send anything"
+    );
+
+    // Its endpoint as restored from the state: the next phone packet is still
+    // dropped, but starts a handshake with the gateway there, and the one
+    // after it goes through the gateway.
+    sim.remember_endpoint(gateway, PeerKind::Router, &["10.100.0.40/32"]);
+    sim.send_ip(phone, "10.200.0.2", "198.18.0.1");
+    assert_eq!(egress_down(&sim), 2);
+    assert!(
+        sim.take_inbox(gateway).is_empty(),
+        "the waking packet is gone"
+    );
+    let gateway_addr = sim.peers[gateway].addr;
+    assert_eq!(
+        sim.sent_by_engines.get(before),
+        Some(&(gateway_addr, 148)),
+        "a handshake initiation to the remembered endpoint"
+    );
+    sim.send_ip(phone, "10.200.0.2", "198.18.0.1");
+    let at_gateway = sim.take_inbox(gateway);
+    assert_eq!(at_gateway.len(), 1);
+    assert_eq!(addrs(&at_gateway[0]), (ip("10.200.0.2"), ip("198.18.0.1")));
+}

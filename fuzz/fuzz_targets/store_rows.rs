@@ -68,6 +68,8 @@ struct PeerRow {
     vpn_ip: Text,
     extra: Text,
     index: u32,
+    /// Routers only: where it was last heard from (NULL when `None`).
+    endpoint: Option<Text>,
 }
 
 #[derive(Arbitrary, Debug)]
@@ -225,6 +227,14 @@ fn write_rows(conn: &Connection, master: &MasterKey, input: &Input) {
                     p.index
                 ],
             );
+            if let (Some(endpoint), "routers") = (&p.endpoint, table) {
+                let endpoint =
+                    endpoint.get(&["203.0.113.2:51820", "[2001:db8::2]:51820", "10.0.0.1", ""]);
+                let _ = conn.execute(
+                    "UPDATE routers SET endpoint = ?3 WHERE tenant_id = ?1 AND id = ?2",
+                    params![tid, pid, endpoint],
+                );
+            }
         }
     }
     for f in input.forwards.iter().take(4) {

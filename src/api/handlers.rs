@@ -134,7 +134,7 @@ fn stored_but(e: impl Into<ApiError>) -> ApiError {
 }
 
 /// Writes `list` to the store in one transaction.
-fn commit(
+pub(super) fn commit(
     store: &mut std::sync::Mutex<crate::store::Store>,
     list: &[Change<'_>],
 ) -> Result<(), crate::store::StoreError> {

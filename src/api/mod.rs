@@ -58,7 +58,7 @@ pub struct AppState {
     pub api_requests: metrics::ApiCounters,
 }
 
-impl crate::io::events::Resolve for Arc<AppState> {
+impl crate::io::events::Directory for Arc<AppState> {
     async fn resolve(&self, tenant: &str, key: &[u8; 32]) -> Option<(&'static str, String)> {
         let id = crate::control::Id::parse(tenant, "tenant_id").ok()?;
         let control = self.control.lock().await;
@@ -70,6 +70,35 @@ impl crate::io::events::Resolve for Arc<AppState> {
             .values()
             .find(|c| c.public_key.as_bytes() == key)
             .map(|c| ("client", c.id.to_string()))
+    }
+
+    async fn router_heard_at(&self, tenant: &str, key: &[u8; 32], endpoint: std::net::SocketAddr) {
+        let Ok(tenant) = crate::control::Id::parse(tenant, "tenant_id") else {
+            return;
+        };
+        let mut guard = self.control.lock().await;
+        let control = &mut *guard;
+        let Some(mut router) = control
+            .registry
+            .router_with_key(&tenant, key)
+            .filter(|r| r.endpoint != Some(endpoint))
+            .cloned()
+        else {
+            return;
+        };
+        router.endpoint = Some(endpoint);
+        let change = [crate::store::Change::Router(&tenant, &router)];
+        match handlers::commit(&mut control.store, &change) {
+            Ok(()) => {
+                let _ = control
+                    .registry
+                    .set_router_endpoint(&tenant, &router.id, endpoint);
+            }
+            // Not kept: after a restart the router is reached once it speaks.
+            Err(e) => {
+                tracing::warn!(%tenant, id = %router.id, error = %e, "router endpoint not stored")
+            }
+        }
     }
 }
 

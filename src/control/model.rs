@@ -83,6 +83,9 @@ pub struct Router {
     pub index: u32,
     /// Management forwards to this router: router port -> host listen address.
     pub forwards: BTreeMap<u16, std::net::SocketAddr>,
+    /// Where the data plane last authenticated the router (kept across
+    /// restarts, so that the appliance can reach it before it speaks again).
+    pub endpoint: Option<std::net::SocketAddr>,
 }
 
 impl Router {
@@ -96,7 +99,7 @@ impl Router {
                 allowed,
                 keepalive,
                 kind: PeerKind::Router,
-                endpoint: None,
+                endpoint: self.endpoint,
             },
             self.index,
         )

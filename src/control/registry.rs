@@ -447,9 +447,10 @@ impl Registry {
         // A new key is a new peer: a fresh receiver index, so that datagrams still
         // in flight for the old key's sessions find no peer (unknown index)
         // instead of failing to decrypt at the new one.
-        let index = match existing {
-            Some(r) if r.public_key == public_key => r.index,
-            _ => self.indices.allocate()?,
+        // Where it was last heard from belongs to the key, too.
+        let (index, endpoint) = match existing {
+            Some(r) if r.public_key == public_key => (r.index, r.endpoint),
+            _ => (self.indices.allocate()?, None),
         };
         let router = Router {
             id: id.clone(),
@@ -460,6 +461,7 @@ impl Registry {
             extra_prefixes,
             index,
             forwards,
+            endpoint,
         };
         if let Some(occupancy) = self.occupancy.get_mut(tenant_id) {
             if let Some(old) = existing {
@@ -526,6 +528,31 @@ impl Registry {
         {
             return Err(unavailable("is or covers the server address"));
         }
+        Ok(())
+    }
+
+    /// The router of the tenant with this public key, if any.
+    pub fn router_with_key(&self, tenant_id: &Id, key: &[u8; 32]) -> Option<&Router> {
+        self.tenants
+            .get(tenant_id)?
+            .routers
+            .values()
+            .find(|r| r.public_key.as_bytes() == key)
+    }
+
+    /// Records where the data plane last authenticated a router.
+    pub fn set_router_endpoint(
+        &mut self,
+        tenant_id: &Id,
+        id: &Id,
+        endpoint: std::net::SocketAddr,
+    ) -> Result<(), ControlError> {
+        let router = self
+            .tenant_mut(tenant_id)?
+            .routers
+            .get_mut(id)
+            .ok_or_else(|| ControlError::NoRouter(id.to_string()))?;
+        router.endpoint = Some(endpoint);
         Ok(())
     }
 
@@ -1321,6 +1348,51 @@ mod tests {
         r.reinstate(&id("b"), None);
         assert_eq!(r.indices.in_use(), 1);
         assert!(r.tenant(&id("b")).is_err());
+    }
+
+    #[test]
+    fn a_router_keeps_where_it_was_heard_from_until_its_key_changes() {
+        let mut r = registry();
+        r.put_tenant(&id("a"), &Default::default(), now()).unwrap();
+        r.put_router(&id("a"), &id("r1"), &Default::default())
+            .unwrap();
+        let heard_at = "203.0.113.2:34280".parse().unwrap();
+        r.set_router_endpoint(&id("a"), &id("r1"), heard_at)
+            .unwrap();
+        let key = *r.tenant(&id("a")).unwrap().routers[&id("r1")]
+            .public_key
+            .as_bytes();
+        assert_eq!(
+            r.router_with_key(&id("a"), &key).map(|r| r.endpoint),
+            Some(Some(heard_at))
+        );
+        let (config, _) = r.tenant(&id("a")).unwrap().routers[&id("r1")].peer_config(None);
+        assert_eq!(config.endpoint, Some(heard_at), "the data plane gets it");
+
+        // Renamed, same key: same device, same place.
+        let rename = RouterRequest {
+            name: Some("branch".into()),
+            ..Default::default()
+        };
+        r.put_router(&id("a"), &id("r1"), &rename).unwrap();
+        assert_eq!(
+            r.tenant(&id("a")).unwrap().routers[&id("r1")].endpoint,
+            Some(heard_at)
+        );
+        // A new key is a new device: nobody knows where it is yet.
+        let rekey = RouterRequest {
+            public_key: Some(keys::encode(SecretKey::generate().public().as_bytes())),
+            ..Default::default()
+        };
+        r.put_router(&id("a"), &id("r1"), &rekey).unwrap();
+        assert_eq!(
+            r.tenant(&id("a")).unwrap().routers[&id("r1")].endpoint,
+            None
+        );
+        assert!(r.router_with_key(&id("a"), &key).is_none());
+        assert!(r
+            .set_router_endpoint(&id("a"), &id("gone"), heard_at)
+            .is_err());
     }
 
     #[test]

@@ -464,10 +464,12 @@ impl TunnelEngine {
 
     // ---- mutators (control plane) ----
 
-    /// Adds a peer, or updates the prefixes, endpoint and kind of an existing one
-    /// without touching its session (its keepalive is fixed once its protocol
-    /// state exists: boringtun has no setter). `index` is used only when the peer
-    /// is new, and must then be in 1 to 2^24 - 1.
+    /// Adds a peer, or updates the prefixes and kind of an existing one without
+    /// touching its session (its keepalive is fixed once its protocol state
+    /// exists: boringtun has no setter). A configured endpoint is where to reach
+    /// a peer that has not spoken yet: it never replaces one the peer was
+    /// authenticated from. `index` is used only when the peer is new, and must
+    /// then be in 1 to 2^24 - 1.
     pub fn upsert_peer(&mut self, config: PeerConfig, index: u32) -> Result<(), EngineError> {
         let key = *config.public_key.as_bytes();
         let existing = self.peers.by_key.get(&key).copied();
@@ -484,13 +486,9 @@ impl TunnelEngine {
                 let Some(peer) = self.peers.get_mut(id) else {
                     return Ok(());
                 };
-                if let Some(endpoint) = config.endpoint {
-                    // The old endpoint no longer finds this peer.
-                    if let Some(old) = peer.endpoint.replace(endpoint) {
-                        if old != endpoint && self.endpoints.get(&old) == Some(&id) {
-                            self.endpoints.remove(&old);
-                        }
-                    }
+                if let (None, Some(endpoint)) = (peer.endpoint, config.endpoint) {
+                    peer.endpoint = Some(endpoint);
+                    self.endpoints.entry(endpoint).or_insert(id);
                 }
                 peer.config.kind = config.kind;
                 if peer.config.allowed == config.allowed {
@@ -518,7 +516,11 @@ impl TunnelEngine {
                     self.admission.macs(),
                     self.liveness_timeout,
                 );
-                self.peers.insert(peer)
+                let id = self.peers.insert(peer);
+                if let Some(endpoint) = config.endpoint {
+                    self.endpoints.entry(endpoint).or_insert(id);
+                }
+                id
             }
         };
         for prefix in config.allowed {
@@ -1552,20 +1554,29 @@ mod tests {
     }
 
     #[test]
-    fn a_new_configured_endpoint_replaces_the_old_one_in_the_endpoint_index() {
+    fn a_configured_endpoint_reaches_a_silent_peer_and_never_replaces_a_heard_one() {
         let now = Instant::now();
         let (mut engine, mut r1) = one_client();
-        assert!(r1.handshake(&mut engine, now));
-        let id = engine.peers.by_key[r1.public_key.as_bytes()];
-        assert_eq!(engine.endpoints.get(&r1.addr), Some(&id));
-        let moved = SocketAddr::from(([192, 0, 2, 99], 99));
+        // Restored from the state: where the router was last heard from.
+        let remembered = SocketAddr::from(([192, 0, 2, 99], 99));
         let mut config = peer("10.100.1.1/32");
         config.public_key = r1.public_key;
-        config.endpoint = Some(moved);
-        engine.upsert_peer(config, 1).unwrap();
-        assert_eq!(engine.endpoints.get(&r1.addr), None);
+        config.endpoint = Some(remembered);
+        engine.upsert_peer(config.clone(), 1).unwrap();
+        let id = engine.peers.by_key[r1.public_key.as_bytes()];
         let status = engine.peer_status(r1.public_key.as_bytes(), now).unwrap();
-        assert_eq!(status.endpoint, Some(moved));
+        assert_eq!(status.endpoint, Some(remembered));
+        assert_eq!(engine.endpoints.get(&remembered), Some(&id));
+
+        // The router speaks from elsewhere: that is where it is now, and the
+        // same configuration applied again does not move it back.
+        assert!(r1.handshake(&mut engine, now));
+        assert_eq!(engine.endpoints.get(&r1.addr), Some(&id));
+        assert_eq!(engine.endpoints.get(&remembered), None);
+        engine.upsert_peer(config, 1).unwrap();
+        let status = engine.peer_status(r1.public_key.as_bytes(), now).unwrap();
+        assert_eq!(status.endpoint, Some(r1.addr));
+        assert_eq!(engine.endpoints.get(&remembered), None);
     }
 
     #[test]

@@ -3,9 +3,12 @@
 //!
 //! The hub never blocks a tunnel: engines hand events to a broadcast channel; the
 //! hub resolves names under the control lock (events are rare) and hands them on.
+//! It also has the control plane keep where each router was last authenticated,
+//! so that a restarted appliance can reach its routers and gateways first.
 //! Webhook delivery has its own bounded queue and retries; when the queue is full
 //! the event is dropped for webhooks and counted, never waited for.
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,13 +34,23 @@ pub struct PeerEvent {
     pub at: String,
 }
 
-/// Names a peer: (kind, id) of the object in `tenant` with this public key.
-pub trait Resolve {
+/// What the hub needs of the control plane.
+pub trait Directory {
+    /// Names a peer: (kind, id) of the object in `tenant` with this public key.
     fn resolve(
         &self,
         tenant: &str,
         key: &[u8; 32],
     ) -> impl std::future::Future<Output = Option<(&'static str, String)>> + Send;
+
+    /// The router of `tenant` with this public key was authenticated at
+    /// `endpoint`: keep that across restarts (stored only when it changed).
+    fn router_heard_at(
+        &self,
+        tenant: &str,
+        key: &[u8; 32],
+        endpoint: SocketAddr,
+    ) -> impl std::future::Future<Output = ()> + Send;
 }
 
 /// Counters of the event path.
@@ -84,7 +97,7 @@ fn peer_key(e: &Event) -> &[u8; 32] {
 /// Runs the hub until the engines' channel closes.
 pub async fn run_hub(
     mut engines: broadcast::Receiver<TunnelEvent>,
-    resolver: impl Resolve,
+    directory: impl Directory,
     subscribers: broadcast::Sender<PeerEvent>,
     webhooks: Option<mpsc::Sender<PeerEvent>>,
     stats: Arc<EventStats>,
@@ -100,9 +113,21 @@ pub async fn run_hub(
             Err(broadcast::error::RecvError::Closed) => break,
         };
         // A peer deleted meanwhile has no name any more: its event is moot.
-        let Some((kind, id)) = resolver.resolve(&e.tenant, peer_key(&e.event)).await else {
+        let key = peer_key(&e.event);
+        let Some((kind, id)) = directory.resolve(&e.tenant, key).await else {
             continue;
         };
+        // Routers are where the appliance may have to reach out first (a
+        // gateway to wake, a router the backend talks to): their endpoint is
+        // kept. Clients always dial in, from wherever their network puts them.
+        let heard = match e.event {
+            Event::Connected { endpoint, .. } => endpoint,
+            Event::Roamed { endpoint, .. } => Some(endpoint),
+            Event::Disconnected { .. } => None,
+        };
+        if let (Some(endpoint), "router") = (heard, kind) {
+            directory.router_heard_at(&e.tenant, key, endpoint).await;
+        }
         let event = describe(&e, kind, id);
         tracing::info!(event = event.event, tenant = %event.tenant_id, id = %event.id, "peer event");
         stats.published.fetch_add(1, Ordering::Relaxed);

@@ -167,7 +167,7 @@ impl Store {
         }
 
         let mut stmt = self.conn.prepare(
-            "SELECT tenant_id, id, name, public_key, private_key, vpn_ip, extra_prefixes, receiver_index FROM routers",
+            "SELECT tenant_id, id, name, public_key, private_key, vpn_ip, extra_prefixes, receiver_index, endpoint FROM routers",
         )?;
         let rows = stmt.query_map([], |r| {
             Ok((
@@ -179,10 +179,11 @@ impl Store {
                 r.get::<_, String>(5)?,
                 r.get::<_, String>(6)?,
                 r.get::<_, u32>(7)?,
+                r.get::<_, Option<String>>(8)?,
             ))
         })?;
         for row in rows {
-            let (tid, id, name, public, sealed, vpn_ip, extra, index) = row?;
+            let (tid, id, name, public, sealed, vpn_ip, extra, index, endpoint) = row?;
             let row_name = format!("router/{tid}/{id}");
             let router = Router {
                 id: parse_id(&id, &row_name)?,
@@ -194,6 +195,10 @@ impl Store {
                     .map_err(|_| corrupt(&row_name, "extra_prefixes"))?,
                 index,
                 forwards: BTreeMap::new(),
+                endpoint: endpoint
+                    .map(|e| e.parse())
+                    .transpose()
+                    .map_err(|_| corrupt(&row_name, "endpoint"))?,
             };
             tenant_of(&mut tenants, &tid, &row_name)?
                 .routers
@@ -393,10 +398,11 @@ fn apply_one(
             // (by cascade) the router's forwards.
             tx.execute(
                 "INSERT INTO routers
-                   (tenant_id, id, name, public_key, private_key, vpn_ip, extra_prefixes, receiver_index)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                   (tenant_id, id, name, public_key, private_key, vpn_ip, extra_prefixes, receiver_index, endpoint)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
                  ON CONFLICT(tenant_id, id) DO UPDATE SET name = ?3, public_key = ?4,
-                   private_key = ?5, vpn_ip = ?6, extra_prefixes = ?7, receiver_index = ?8",
+                   private_key = ?5, vpn_ip = ?6, extra_prefixes = ?7, receiver_index = ?8,
+                   endpoint = ?9",
                 params![
                     tid.as_str(),
                     r.id.as_str(),
@@ -405,7 +411,8 @@ fn apply_one(
                     sealed,
                     r.vpn_ip.to_string(),
                     serde_json::to_string(&r.extra_prefixes).unwrap_or_else(|_| "[]".into()),
-                    r.index
+                    r.index,
+                    r.endpoint.map(|e| e.to_string())
                 ],
             )?;
         }
@@ -589,7 +596,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.db");
         let master = MasterKey::generate();
-        let r = provisioned();
+        let mut r = provisioned();
+        let heard_at = "203.0.113.2:34280".parse().unwrap();
+        r.set_router_endpoint(&id("kitonga"), &id("gw"), heard_at)
+            .unwrap();
         // Read while the store is open: the journal (WAL) still holds the
         // writes then; closing merges it into the database and deletes it.
         let (written, journal) = {
@@ -620,6 +630,7 @@ mod tests {
         );
         assert_eq!(a.egress, b.egress);
         assert_eq!(ga.forwards, gb.forwards);
+        assert_eq!(ga.endpoint, Some(heard_at));
         assert_eq!(a.clients[&id("p1")].dns, b.clients[&id("p1")].dns);
 
         // No private key is in the file in plain text (raw or base64).
@@ -657,6 +668,12 @@ mod tests {
             ],
         )
         .unwrap();
+        let r = SecretKey::generate();
+        conn.execute(
+            "INSERT INTO routers VALUES ('acme', 'gw', 'gw', ?1, NULL, '10.100.0.40', '[]', 7)",
+            params![keys::encode(r.public().as_bytes())],
+        )
+        .unwrap();
     }
 
     fn version_of(path: &Path) -> i64 {
@@ -674,6 +691,8 @@ mod tests {
         let tenants = store.load().unwrap();
         assert_eq!(tenants.len(), 1);
         assert_eq!(tenants[0].listen_port, 51820);
+        let gw = &tenants[0].routers[&id("gw")];
+        assert_eq!((gw.index, gw.endpoint), (7, None), "not heard from yet");
     }
 
     /// A wrong key must not upgrade the state: the release that wrote it could

@@ -59,6 +59,9 @@ pub const MIGRATIONS: &[&str] = &[
     );",
     // 3: host prefixes a tenant's routers may reach in TUN mode.
     "ALTER TABLE tenants ADD COLUMN host_prefixes TEXT NOT NULL DEFAULT '[]';",
+    // 4: where each router was last heard from, so that a restarted appliance
+    // can reach its routers (and wake its gateways) before they speak again.
+    "ALTER TABLE routers ADD COLUMN endpoint TEXT;",
 ];
 
 /// The version this binary writes.

@@ -435,6 +435,39 @@ impl NsApi<'_> {
     }
 }
 
+impl NsApi<'_> {
+    /// For a failing test's diagnostics, as `(title, text)` sections: each of
+    /// `paths` as the API answers a GET, then the `wgplane_*` and `wireguard_*`
+    /// samples of `/metrics`.
+    pub fn diagnostics(&self, paths: &[&str]) -> Vec<(String, String)> {
+        let mut sections: Vec<(String, String)> = paths
+            .iter()
+            .map(|path| {
+                let (code, body) = self.call("GET", path, None);
+                (format!("GET {path} -> {code}"), body)
+            })
+            .collect();
+        let metrics = self.ns.capture(&[
+            "curl",
+            "-sS",
+            "--max-time",
+            "5",
+            &format!("http://127.0.0.1:{}/metrics", self.port),
+        ]);
+        let interesting: Vec<&str> = metrics
+            .lines()
+            .filter(|l| {
+                !l.starts_with('#') && (l.starts_with("wgplane_") || l.starts_with("wireguard_"))
+            })
+            .collect();
+        sections.push((
+            "GET /metrics (wgplane_*, wireguard_*)".to_string(),
+            interesting.join("\n"),
+        ));
+        sections
+    }
+}
+
 /// A WireGuard keypair from `wg`: (private key file in `dir`, public key).
 pub fn wg_keypair(dir: &Path, name: &str) -> (PathBuf, String) {
     let private = run_checked(Command::new("wg").arg("genkey"));

@@ -176,6 +176,24 @@ impl Sim {
         self.unregistered_peer(name, tunnel, secret)
     }
 
+    /// Tells the engine where registered peer `p` is without it having spoken,
+    /// as a restart restores a router's last endpoint from the state. `kind`
+    /// and `allowed` as registered.
+    pub fn remember_endpoint(&mut self, p: PeerIx, kind: PeerKind, allowed: &[&str]) {
+        let peer = &self.peers[p];
+        let config = PeerConfig {
+            public_key: PublicKey::from(&peer.secret),
+            allowed: allowed.iter().map(|a| net(a)).collect(),
+            keepalive: None,
+            kind,
+            endpoint: Some(peer.addr),
+        };
+        self.tunnels[peer.tunnel]
+            .engine
+            .upsert_peer(config, 0)
+            .unwrap();
+    }
+
     /// A boringtun peer that dials `tunnel` with `secret`, registered or not.
     pub fn unregistered_peer(
         &mut self,

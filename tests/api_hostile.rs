@@ -47,14 +47,7 @@ fn hostile_bodies() -> Vec<String> {
 fn hostile_input_gets_4xx_and_changes_nothing() {
     let app = Appliance::start();
     let (_, gw) = support::keypair();
-    let body = format!(r#"{{"name":"gw","public_key":"{gw}","vpn_ip":"10.100.0.40"}}"#);
-    app.expect("PUT", "/v1/tenants/t1/routers/gw", Some(&body), 201);
-    app.expect(
-        "PUT",
-        "/v1/tenants/t1/egress",
-        Some(r#"{"pool":"10.200.0.0/24","gateways":["gw"]}"#),
-        201,
-    );
+    app.put_gateway("t1", &gw);
     app.expect("PUT", "/v1/tenants/t1/clients/c1", None, 201);
     let before = dump(&app);
 

@@ -10,14 +10,7 @@ use support::Appliance;
 fn provisioned() -> (Appliance, String) {
     let app = Appliance::start();
     let (_, gw) = support::keypair();
-    let body = format!(r#"{{"public_key":"{gw}","vpn_ip":"10.100.0.40"}}"#);
-    app.expect("PUT", "/v1/tenants/kitonga/routers/gw", Some(&body), 201);
-    app.expect(
-        "PUT",
-        "/v1/tenants/kitonga/egress",
-        Some(r#"{"pool":"10.200.0.0/24","gateways":["gw"]}"#),
-        201,
-    );
+    app.put_gateway("kitonga", &gw);
     let c = app.expect(
         "PUT",
         "/v1/tenants/kitonga/clients/phone-1",

@@ -129,6 +129,75 @@ fn kill_9_and_restart_restores_everything() {
     assert_eq!(c["vpn_ip"], "10.200.0.4");
 }
 
+/// After a restart the gateway still holds its old session and, with nothing
+/// to send but keepalives, starts no handshake for minutes. The appliance kept
+/// where it last heard from the gateway and wakes it there with the first phone
+/// packet that finds it down; the packets after that go through.
+#[test]
+fn a_restarted_appliance_wakes_its_gateway_where_it_last_heard_from_it() {
+    let app = Appliance::start();
+    let tenant = app.expect("PUT", "/v1/tenants/kitonga", None, 201);
+    let server_key = tenant["server_public_key"].as_str().unwrap().to_owned();
+    let (gw_secret, gw_public) = keypair();
+    app.put_gateway("kitonga", &gw_public);
+    let (p_secret, p_public) = keypair();
+    let body = format!(r#"{{"public_key":"{p_public}"}}"#);
+    app.expect("PUT", "/v1/tenants/kitonga/clients/phone", Some(&body), 201);
+
+    let server: SocketAddr = ([127, 0, 0, 1], app.first_port).into();
+    let mut gateway = UdpPeer::new(gw_secret, &server_key, server, 0x10);
+    let heard_at = gateway.socket.local_addr().unwrap();
+    assert!(gateway.handshake());
+    // Written by the event hub once the gateway is connected.
+    let db = rusqlite::Connection::open(app.state_dir().join("state.db")).expect("open state");
+    let stored = || -> Option<String> {
+        db.query_row("SELECT endpoint FROM routers WHERE id = 'gw'", [], |r| {
+            r.get(0)
+        })
+        .ok()
+        .flatten()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stored().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(stored(), Some(heard_at.to_string()));
+    drop(db);
+
+    let (state, api_port, first_port) = app.kill9();
+    let app = Appliance::start_with(state, api_port, first_port, &[]).expect("restart");
+    let view = app.expect("GET", "/v1/tenants/kitonga/routers/gw", None, 200);
+    assert_eq!(view["endpoint"], heard_at.to_string(), "{view}");
+    assert_eq!(view["status"], "pending", "{view}");
+
+    // The gateway keeps its old session and says nothing. A phone dials in; its
+    // first packet is dropped, and wakes the gateway.
+    let mut phone = UdpPeer::new(p_secret, &server_key, server, 0x20);
+    assert!(phone.handshake());
+    let packet = ip_packet(ip("10.200.0.2"), ip("198.18.0.1"), 64);
+    phone.send(&packet);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut through = None;
+    while through.is_none() && Instant::now() < deadline {
+        // Answers the appliance's initiation; the phone keeps sending.
+        through = gateway.recv(Duration::from_millis(200));
+        if through.is_none() {
+            phone.send(&packet);
+        }
+    }
+    let got = through.unwrap_or_else(|| panic!("the gateway was never woken\n{}", app.log()));
+    assert_eq!(parse(&got).unwrap().src, ip("10.200.0.2"));
+    let metrics = app.scrape();
+    assert!(
+        support::sample(
+            &metrics,
+            "wgplane_packets_dropped_total",
+            &["reason=\"egress_down\""]
+        ) >= 1.0,
+        "the waking packet was dropped, not leaked"
+    );
+}
+
 #[test]
 fn a_wrong_master_key_stops_start_up() {
     let app = Appliance::start();

@@ -72,31 +72,47 @@ impl crate::io::events::Directory for Arc<AppState> {
             .map(|c| ("client", c.id.to_string()))
     }
 
-    async fn router_heard_at(&self, tenant: &str, key: &[u8; 32], endpoint: std::net::SocketAddr) {
-        let Ok(tenant) = crate::control::Id::parse(tenant, "tenant_id") else {
-            return;
-        };
+    async fn routers_heard_at(&self, heard: Vec<crate::io::events::Heard>) {
+        use crate::control::{Id, Router};
         let mut guard = self.control.lock().await;
         let control = &mut *guard;
-        let Some(mut router) = control
-            .registry
-            .router_with_key(&tenant, key)
-            .filter(|r| r.endpoint != Some(endpoint))
-            .cloned()
-        else {
+        // The last endpoint of each router, where it differs from the registry's.
+        let mut last: std::collections::BTreeMap<(Id, Id), Router> = Default::default();
+        for h in heard {
+            let Ok(tenant) = Id::parse(&h.tenant, "tenant_id") else {
+                continue;
+            };
+            let Some(router) = control.registry.router_with_key(&tenant, &h.key) else {
+                continue;
+            };
+            let id = router.id.clone();
+            last.entry((tenant, id))
+                .or_insert_with(|| router.clone())
+                .endpoint = Some(h.endpoint);
+        }
+        let registry = &control.registry;
+        last.retain(|(tenant, id), r| {
+            let now = registry.tenant(tenant).ok().and_then(|t| t.routers.get(id));
+            now.is_some_and(|now| now.endpoint != r.endpoint)
+        });
+        if last.is_empty() {
             return;
-        };
-        router.endpoint = Some(endpoint);
-        let change = [crate::store::Change::Router(&tenant, &router)];
-        match handlers::commit(&mut control.store, &change) {
+        }
+        let changes: Vec<_> = last
+            .iter()
+            .map(|((tenant, _), r)| crate::store::Change::Router(tenant, r))
+            .collect();
+        match handlers::commit(&mut control.store, &changes) {
             Ok(()) => {
-                let _ = control
-                    .registry
-                    .set_router_endpoint(&tenant, &router.id, endpoint);
+                for ((tenant, id), r) in &last {
+                    if let Some(endpoint) = r.endpoint {
+                        let _ = control.registry.set_router_endpoint(tenant, id, endpoint);
+                    }
+                }
             }
-            // Not kept: after a restart the router is reached once it speaks.
+            // Not kept: after a restart such a router is reached once it speaks.
             Err(e) => {
-                tracing::warn!(%tenant, id = %router.id, error = %e, "router endpoint not stored")
+                tracing::warn!(routers = last.len(), error = %e, "router endpoints not stored")
             }
         }
     }

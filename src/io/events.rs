@@ -43,15 +43,24 @@ pub trait Directory {
         key: &[u8; 32],
     ) -> impl std::future::Future<Output = Option<(&'static str, String)>> + Send;
 
-    /// The router of `tenant` with this public key was authenticated at
-    /// `endpoint`: keep that across restarts (stored only when it changed).
-    fn router_heard_at(
-        &self,
-        tenant: &str,
-        key: &[u8; 32],
-        endpoint: SocketAddr,
-    ) -> impl std::future::Future<Output = ()> + Send;
+    /// Routers were authenticated at these endpoints, oldest first: keep the
+    /// last of each across restarts (stored in one transaction, and only where
+    /// it changed).
+    fn routers_heard_at(&self, heard: Vec<Heard>) -> impl std::future::Future<Output = ()> + Send;
 }
+
+/// A router of `tenant`, by public key, was authenticated at `endpoint`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Heard {
+    pub tenant: Arc<str>,
+    pub key: [u8; 32],
+    pub endpoint: SocketAddr,
+}
+
+/// Most router endpoints handed to the directory at once. The hub hands them
+/// over as soon as no event is waiting, so a reconnect wave after a restart
+/// costs a few transactions, not one per router.
+const HEARD_BATCH: usize = 1024;
 
 /// Counters of the event path.
 #[derive(Debug, Default)]
@@ -102,8 +111,26 @@ pub async fn run_hub(
     webhooks: Option<mpsc::Sender<PeerEvent>>,
     stats: Arc<EventStats>,
 ) {
+    let mut heard = Vec::new();
     loop {
-        let e = match engines.recv().await {
+        let next = if heard.is_empty() {
+            engines.recv().await
+        } else {
+            match engines.try_recv() {
+                Ok(e) => Ok(e),
+                Err(broadcast::error::TryRecvError::Empty) => {
+                    directory.routers_heard_at(std::mem::take(&mut heard)).await;
+                    continue;
+                }
+                Err(broadcast::error::TryRecvError::Lagged(n)) => {
+                    Err(broadcast::error::RecvError::Lagged(n))
+                }
+                Err(broadcast::error::TryRecvError::Closed) => {
+                    Err(broadcast::error::RecvError::Closed)
+                }
+            }
+        };
+        let e = match next {
             Ok(e) => e,
             Err(broadcast::error::RecvError::Lagged(n)) => {
                 stats.lagged.fetch_add(n, Ordering::Relaxed);
@@ -120,13 +147,17 @@ pub async fn run_hub(
         // Routers are where the appliance may have to reach out first (a
         // gateway to wake, a router the backend talks to): their endpoint is
         // kept. Clients always dial in, from wherever their network puts them.
-        let heard = match e.event {
+        let heard_at = match e.event {
             Event::Connected { endpoint, .. } => endpoint,
             Event::Roamed { endpoint, .. } => Some(endpoint),
             Event::Disconnected { .. } => None,
         };
-        if let (Some(endpoint), "router") = (heard, kind) {
-            directory.router_heard_at(&e.tenant, key, endpoint).await;
+        if let (Some(endpoint), "router") = (heard_at, kind) {
+            heard.push(Heard {
+                tenant: Arc::clone(&e.tenant),
+                key: *key,
+                endpoint,
+            });
         }
         let event = describe(&e, kind, id);
         tracing::info!(event = event.event, tenant = %event.tenant_id, id = %event.id, "peer event");
@@ -137,6 +168,12 @@ pub async fn run_hub(
                 stats.webhook_dropped.fetch_add(1, Ordering::Relaxed);
             }
         }
+        if heard.len() >= HEARD_BATCH {
+            directory.routers_heard_at(std::mem::take(&mut heard)).await;
+        }
+    }
+    if !heard.is_empty() {
+        directory.routers_heard_at(heard).await;
     }
 }
 
@@ -184,5 +221,75 @@ pub async fn run_webhooks(
             };
             counter.fetch_add(1, Ordering::Relaxed);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// Peers whose key starts with 1 are clients, the others routers; every
+    /// batch of endpoints handed over is kept.
+    #[derive(Clone, Default)]
+    struct Recorder(Arc<Mutex<Vec<Vec<Heard>>>>);
+
+    impl Directory for Recorder {
+        async fn resolve(&self, _tenant: &str, key: &[u8; 32]) -> Option<(&'static str, String)> {
+            let kind = if key[0] == 1 { "client" } else { "router" };
+            Some((kind, format!("p{}", key[1])))
+        }
+
+        async fn routers_heard_at(&self, heard: Vec<Heard>) {
+            self.0.lock().unwrap().push(heard);
+        }
+    }
+
+    fn connected(kind: u8, n: u16) -> TunnelEvent {
+        let mut peer = [0u8; 32];
+        peer[0] = kind;
+        peer[1..3].copy_from_slice(&n.to_be_bytes());
+        TunnelEvent {
+            tenant: Arc::from("acme"),
+            event: Event::Connected {
+                peer,
+                endpoint: Some(SocketAddr::from(([203, 0, 113, 2], n))),
+            },
+            at: std::time::SystemTime::UNIX_EPOCH,
+        }
+    }
+
+    /// Runs the hub over `events`, queued before it starts, to the end.
+    async fn batches(events: Vec<TunnelEvent>) -> Vec<Vec<Heard>> {
+        let (tx, rx) = broadcast::channel(4096);
+        for e in events {
+            tx.send(e).unwrap();
+        }
+        drop(tx);
+        let directory = Recorder::default();
+        let (subscribers, _) = broadcast::channel(8);
+        run_hub(rx, directory.clone(), subscribers, None, Arc::default()).await;
+        let batches = directory.0.lock().unwrap().clone();
+        batches
+    }
+
+    #[tokio::test]
+    async fn a_reconnect_wave_costs_a_few_batches_of_router_endpoints() {
+        // Routers and clients connect, one router disconnects: only the
+        // routers' endpoints are kept, in order, in one batch.
+        let mut wave: Vec<_> = (0..10).map(|n| connected(0, n)).collect();
+        wave.insert(3, connected(1, 99));
+        let mut gone = connected(0, 5);
+        gone.event = Event::Disconnected { peer: [0; 32] };
+        wave.push(gone);
+        let got = batches(wave).await;
+        assert_eq!(got.len(), 1, "{got:?}");
+        let ports: Vec<u16> = got[0].iter().map(|h| h.endpoint.port()).collect();
+        assert_eq!(ports, (0..10).collect::<Vec<_>>());
+
+        // A larger wave is handed over in batches of at most HEARD_BATCH.
+        let got = batches((0..1500).map(|n| connected(0, n)).collect()).await;
+        let sizes: Vec<usize> = got.iter().map(Vec::len).collect();
+        assert_eq!(sizes, [HEARD_BATCH, 1500 - HEARD_BATCH]);
     }
 }

@@ -242,6 +242,20 @@ impl Appliance {
         assert_eq!(got, status, "{method} {path} -> {value}\n{}", self.log());
         value
     }
+
+    /// Router `gw` of `tenant` with `public_key` at 10.100.0.40, made the
+    /// gateway of the egress pool 10.200.0.0/24.
+    pub fn put_gateway(&self, tenant: &str, public_key: &str) {
+        let body = format!(r#"{{"public_key":"{public_key}","vpn_ip":"10.100.0.40"}}"#);
+        let router = format!("/v1/tenants/{tenant}/routers/gw");
+        self.expect("PUT", &router, Some(&body), 201);
+        self.expect(
+            "PUT",
+            &format!("/v1/tenants/{tenant}/egress"),
+            Some(r#"{"pool":"10.200.0.0/24","gateways":["gw"]}"#),
+            201,
+        );
+    }
 }
 
 impl Drop for Appliance {

@@ -486,14 +486,24 @@ impl TunnelEngine {
                 let Some(peer) = self.peers.get_mut(id) else {
                     return Ok(());
                 };
+                let mut reach_out = false;
                 if let (None, Some(endpoint)) = (peer.endpoint, config.endpoint) {
                     peer.endpoint = Some(endpoint);
                     self.endpoints.entry(endpoint).or_insert(id);
+                    // Kept up by our keepalive: reach out now (see below).
+                    reach_out = peer.config.keepalive.is_some();
                 }
                 peer.config.kind = config.kind;
-                if peer.config.allowed == config.allowed {
+                let unchanged = peer.config.allowed == config.allowed;
+                if reach_out {
+                    self.peers.activate(id);
+                }
+                if unchanged {
                     return Ok(());
                 }
+                let Some(peer) = self.peers.get_mut(id) else {
+                    return Ok(());
+                };
                 for old in std::mem::take(&mut peer.config.allowed) {
                     if self.routing.routes.get_exact(old) == Some(&id) {
                         self.routing.routes.remove(old);
@@ -519,6 +529,11 @@ impl TunnelEngine {
                 let id = self.peers.insert(peer);
                 if let Some(endpoint) = config.endpoint {
                     self.endpoints.entry(endpoint).or_insert(id);
+                    // Kept up by our keepalive: reach out now, as after a
+                    // restart, rather than when the peer next speaks.
+                    if config.keepalive.is_some() {
+                        self.peers.activate(id);
+                    }
                 }
                 id
             }
@@ -1551,6 +1566,33 @@ mod tests {
             engine.upsert_peer(peer("10.100.1.1/32"), (1 << 24) - 1),
             Ok(())
         );
+    }
+
+    /// With our keepalive on, a peer restored with its endpoint is reached at
+    /// once (its first keepalive starts a handshake), not when it next speaks;
+    /// without keepalive it stays off the active list until there is traffic.
+    #[test]
+    fn a_restored_peer_we_keep_alive_is_reached_without_waiting_for_it() {
+        use crate::core::harness::Collect;
+        let secret = StaticSecret::random_from_rng(rand_core::OsRng);
+        let mut engine = TunnelEngine::new(secret, vec![IpAddr::from([10, 100, 0, 1])]);
+        let at = SocketAddr::from(([192, 0, 2, 7], 7));
+        let mut kept = peer("10.100.1.1/32");
+        kept.keepalive = Some(1);
+        kept.endpoint = Some(at);
+        let mut quiet = peer("10.100.1.2/32");
+        quiet.endpoint = Some(SocketAddr::from(([192, 0, 2, 8], 8)));
+        engine.upsert_peer(kept, 1).unwrap();
+        engine.upsert_peer(quiet, 2).unwrap();
+        assert_eq!(engine.peers.active.len(), 1, "only the kept-alive peer");
+
+        // boringtun's keepalive runs on the real clock.
+        std::thread::sleep(Duration::from_millis(1100));
+        let mut out = Collect::default();
+        engine.handle_timers(Instant::now(), &mut out);
+        assert_eq!(out.sent.len(), 1, "{:?}", out.sent);
+        assert_eq!(out.sent[0].0, at);
+        assert_eq!(message_type(&out.sent[0].1), 1, "a handshake initiation");
     }
 
     #[test]

@@ -109,13 +109,14 @@ fn no_live_gateway_means_drop_and_count_never_leak() {
         "no peer received anything"
     );
     assert!(k.sim.tunnels[0].local.is_empty());
-    // The only datagrams sent are handshake initiations to the primary gateway.
-    let gateway_addr = k.sim.peers[k.gateway].addr;
-    for (to, len) in &k.sim.sent_by_engines[before..] {
-        assert_eq!(
-            (*to, *len),
-            (gateway_addr, 148),
-            "only a handshake to the gateway"
+    // The only datagrams sent are handshake initiations to the gateways.
+    let gateways = [k.sim.peers[k.gateway].addr, k.sim.peers[k.backup].addr];
+    let sent = &k.sim.sent_by_engines[before..];
+    assert!(!sent.is_empty(), "the gateways are woken");
+    for (to, len) in sent {
+        assert!(
+            gateways.contains(to) && *len == 148,
+            "only handshakes to the gateways: {sent:?}"
         );
     }
 }
@@ -211,4 +212,31 @@ fn a_restarted_appliance_wakes_the_gateway_where_it_was_last_heard_from() {
     let at_gateway = sim.take_inbox(gateway);
     assert_eq!(at_gateway.len(), 1);
     assert_eq!(addrs(&at_gateway[0]), (ip("10.200.0.2"), ip("198.18.0.1")));
+}
+
+#[test]
+fn after_a_restart_with_the_primary_gone_the_backup_is_woken_too() {
+    // Both gateways remembered, neither live (the appliance restarted); the
+    // primary is gone for good. Waking only the primary would leave the phones
+    // cut off until the backup's old session expires, minutes later.
+    let mut sim = Sim::new();
+    let t = sim.tunnel(51820, "10.100.0.1");
+    let primary = sim.peer("mikrotik-1", t, PeerKind::Router, &["10.100.0.40/32"]);
+    let backup = sim.peer("mikrotik-2", t, PeerKind::Router, &["10.100.0.41/32"]);
+    let phone = sim.peer("phone-1", t, PeerKind::Client, &["10.200.0.2/32"]);
+    sim.set_egress(t, "10.200.0.0/24", &[primary, backup]);
+    sim.remember_endpoint(primary, PeerKind::Router, &["10.100.0.40/32"]);
+    sim.remember_endpoint(backup, PeerKind::Router, &["10.100.0.41/32"]);
+    sim.peers[primary].up = false;
+    sim.connect(phone);
+
+    sim.send_ip(phone, "10.200.0.2", "198.18.0.1");
+    assert!(
+        sim.take_inbox(backup).is_empty(),
+        "the waking packet is gone"
+    );
+    sim.send_ip(phone, "10.200.0.2", "198.18.0.1");
+    let at_backup = sim.take_inbox(backup);
+    assert_eq!(at_backup.len(), 1);
+    assert_eq!(addrs(&at_backup[0]), (ip("10.200.0.2"), ip("198.18.0.1")));
 }

@@ -1200,21 +1200,28 @@ fn route(
                 Some(reason) => stats.drop(reason),
             }
         }
-        Verdict::Drop { reason, primary } => {
+        Verdict::Drop { reason, wake } => {
             stats.drop(reason);
-            // Wake the primary gateway: the packet is gone, but the next ones will
-            // find a session. It never goes anywhere else.
-            if let Some(g) = primary.filter(|&g| peers.get(g).is_some_and(|p| p.endpoint.is_some()))
-            {
+            // Wake the gateways, each where it was last heard from: the packet is
+            // gone, but the next ones find a session with whichever answers
+            // first, in failover order. Nothing but a handshake initiation goes
+            // to them, and boringtun starts one only if none is under way.
+            let gateways = wake.and_then(|i| routing.egress.get(i));
+            for &g in gateways.map(|e| e.gateways.as_slice()).unwrap_or_default() {
+                if peers.get(g).and_then(|p| p.endpoint).is_none() {
+                    continue;
+                }
                 peers.activate(g);
-            }
-            if let Some(gateway) = primary.and_then(|g| peers.get_mut(g)) {
-                if let Some(to) = gateway.endpoint {
-                    gateway.last_work = Some(now);
-                    if let Some(init) = gateway.initiate(tx) {
-                        stats.tx_datagrams += 1;
-                        sink.send(to, init);
-                    }
+                let Some(gateway) = peers.get_mut(g) else {
+                    continue;
+                };
+                let Some(to) = gateway.endpoint else {
+                    continue;
+                };
+                gateway.last_work = Some(now);
+                if let Some(init) = gateway.initiate(tx) {
+                    stats.tx_datagrams += 1;
+                    sink.send(to, init);
                 }
             }
         }

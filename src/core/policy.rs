@@ -161,19 +161,17 @@ pub enum Verdict {
     Local,
     /// The destination is one of the tunnel's host prefixes: to the host device.
     Host,
-    /// Drop and count. For `EgressDown`, `primary` is the gateway to wake up.
+    /// Drop and count. For `EgressDown`, `wake` is the egress policy (an index
+    /// into [`RoutingState::egress`]) whose gateways to wake up.
     Drop {
         reason: DropReason,
-        primary: Option<PeerId>,
+        wake: Option<usize>,
     },
 }
 
 impl Verdict {
     fn drop(reason: DropReason) -> Self {
-        Verdict::Drop {
-            reason,
-            primary: None,
-        }
+        Verdict::Drop { reason, wake: None }
     }
 }
 
@@ -219,7 +217,12 @@ pub fn decide(
         // Rule 3: egress policy. Client traffic leaves through a live gateway, whatever
         // its destination. Packets sent by a gateway itself (hairpin between clients)
         // are routed normally, or they would bounce back to it forever.
-        if let Some(e) = state.egress.iter().find(|e| e.pool.contains(&src)) {
+        if let Some((i, e)) = state
+            .egress
+            .iter()
+            .enumerate()
+            .find(|(_, e)| e.pool.contains(&src))
+        {
             if !e.gateways.contains(&p) {
                 return match e.gateways.iter().copied().find(|&g| is_live(g)) {
                     Some(g) => Verdict::Forward {
@@ -228,7 +231,7 @@ pub fn decide(
                     },
                     None => Verdict::Drop {
                         reason: DropReason::EgressDown,
-                        primary: e.gateways.first().copied(),
+                        wake: Some(i),
                     },
                 };
             }
@@ -337,7 +340,7 @@ mod tests {
             from(PHONE_1, "10.200.0.2", "198.18.0.1", &[]),
             Verdict::Drop {
                 reason: DropReason::EgressDown,
-                primary: Some(GATEWAY)
+                wake: Some(0)
             }
         );
     }

@@ -73,48 +73,69 @@ impl crate::io::events::Directory for Arc<AppState> {
     }
 
     async fn routers_heard_at(&self, heard: Vec<crate::io::events::Heard>) {
-        use crate::control::{Id, Router};
+        keep_router_endpoints(&mut *self.control.lock().await, heard);
+    }
+
+    async fn reconcile_router_endpoints(&self) {
         let mut guard = self.control.lock().await;
-        let control = &mut *guard;
-        // The last endpoint of each router, where it differs from the registry's.
-        let mut last: std::collections::BTreeMap<(Id, Id), Router> = Default::default();
-        for h in heard {
-            let Ok(tenant) = Id::parse(&h.tenant, "tenant_id") else {
+        let mut heard = Vec::new();
+        for tenant in guard.registry.tenants() {
+            let Ok(snapshot) = guard.runtime.snapshot(&tenant.id).await else {
                 continue;
             };
-            let Some(router) = control.registry.router_with_key(&tenant, &h.key) else {
-                continue;
-            };
-            let id = router.id.clone();
-            last.entry((tenant, id))
-                .or_insert_with(|| router.clone())
-                .endpoint = Some(h.endpoint);
+            let name: Arc<str> = Arc::from(tenant.id.as_str());
+            heard.extend(snapshot.peers.iter().filter_map(|p| {
+                Some(crate::io::events::Heard {
+                    tenant: Arc::clone(&name),
+                    key: p.public_key,
+                    endpoint: p.endpoint?,
+                })
+            }));
         }
-        let registry = &control.registry;
-        last.retain(|(tenant, id), r| {
-            let now = registry.tenant(tenant).ok().and_then(|t| t.routers.get(id));
-            now.is_some_and(|now| now.endpoint != r.endpoint)
-        });
-        if last.is_empty() {
-            return;
-        }
-        let changes: Vec<_> = last
-            .iter()
-            .map(|((tenant, _), r)| crate::store::Change::Router(tenant, r))
-            .collect();
-        match handlers::commit(&mut control.store, &changes) {
-            Ok(()) => {
-                for ((tenant, id), r) in &last {
-                    if let Some(endpoint) = r.endpoint {
-                        let _ = control.registry.set_router_endpoint(tenant, id, endpoint);
-                    }
+        keep_router_endpoints(&mut guard, heard);
+    }
+}
+
+/// Stores and records the last endpoint of each router in `heard` (oldest
+/// first), in one transaction, where it differs from the registry's; peers
+/// that are not routers (any more) are skipped.
+fn keep_router_endpoints(control: &mut Control, heard: Vec<crate::io::events::Heard>) {
+    use crate::control::{Id, Router};
+    let mut last: std::collections::BTreeMap<(Id, Id), Router> = Default::default();
+    for h in heard {
+        let Ok(tenant) = Id::parse(&h.tenant, "tenant_id") else {
+            continue;
+        };
+        let Some(router) = control.registry.router_with_key(&tenant, &h.key) else {
+            continue;
+        };
+        let id = router.id.clone();
+        last.entry((tenant, id))
+            .or_insert_with(|| router.clone())
+            .endpoint = Some(h.endpoint);
+    }
+    let registry = &control.registry;
+    last.retain(|(tenant, id), r| {
+        let now = registry.tenant(tenant).ok().and_then(|t| t.routers.get(id));
+        now.is_some_and(|now| now.endpoint != r.endpoint)
+    });
+    if last.is_empty() {
+        return;
+    }
+    let changes: Vec<_> = last
+        .iter()
+        .map(|((tenant, _), r)| crate::store::Change::Router(tenant, r))
+        .collect();
+    match handlers::commit(&mut control.store, &changes) {
+        Ok(()) => {
+            for ((tenant, id), r) in &last {
+                if let Some(endpoint) = r.endpoint {
+                    let _ = control.registry.set_router_endpoint(tenant, id, endpoint);
                 }
             }
-            // Not kept: after a restart such a router is reached once it speaks.
-            Err(e) => {
-                tracing::warn!(routers = last.len(), error = %e, "router endpoints not stored")
-            }
         }
+        // Not kept: after a restart such a router is reached once it speaks.
+        Err(e) => tracing::warn!(routers = last.len(), error = %e, "router endpoints not stored"),
     }
 }
 
@@ -203,4 +224,131 @@ fn describe(api: &mut utoipa::openapi::OpenApi) {
         "bearer",
         Vec::<String>::new(),
     )]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::model::{RouterRequest, TenantRequest};
+    use crate::control::registry::AllocPolicy;
+    use crate::control::Id;
+    use crate::io::events::Directory;
+    use boringtun::noise::{Tunn, TunnResult};
+    use boringtun::x25519::{PublicKey, StaticSecret};
+
+    /// When the event hub has lost events, every router's endpoint is taken
+    /// from the running tunnel, stored, and recorded in the registry.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn lost_events_are_made_up_from_the_running_tunnels() {
+        let port = std::net::UdpSocket::bind("127.0.0.1:0")
+            .and_then(|s| s.local_addr())
+            .unwrap()
+            .port();
+        let mut registry = Registry::new(
+            AllocPolicy {
+                first_port: port,
+                supernet: "10.0.0.0/8".parse().unwrap(),
+                subnet_prefix_len: 16,
+                subnet_start: "10.100.0.0".parse().unwrap(),
+            },
+            5,
+        );
+        let acme = Id::parse("acme", "id").unwrap();
+        let gw = Id::parse("gw", "id").unwrap();
+        registry
+            .put_tenant(
+                &acme,
+                &TenantRequest::default(),
+                std::time::SystemTime::now(),
+            )
+            .unwrap();
+        let secret = StaticSecret::random_from_rng(rand_core::OsRng);
+        let req = RouterRequest {
+            public_key: Some(crate::keys::encode(PublicKey::from(&secret).as_bytes())),
+            ..Default::default()
+        };
+        registry.put_router(&acme, &gw, &req).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(
+            &dir.path().join("state.db"),
+            crate::store::MasterKey::generate(),
+        )
+        .unwrap();
+        let tenant = registry.tenant(&acme).unwrap().clone();
+        let router = &tenant.routers[&gw];
+        store
+            .apply(&[
+                crate::store::Change::Tenant(&tenant),
+                crate::store::Change::Router(&acme, router),
+            ])
+            .unwrap();
+        let mut runtime = Runtime::new(crate::io::RuntimeSettings {
+            bind: [127, 0, 0, 1].into(),
+            keepalive: None,
+            liveness_timeout: std::time::Duration::from_secs(60),
+            handshakes_per_second: 1_000,
+            handshake_budget_per_second: 2_000,
+            host: None,
+        });
+        runtime.start(&tenant).await.unwrap();
+
+        // The router handshakes; no event hub runs.
+        let server = std::net::SocketAddr::from(([127, 0, 0, 1], tenant.listen_port));
+        let server_key = tenant.public_key;
+        let heard_at = tokio::task::spawn_blocking(move || {
+            let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            socket
+                .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+                .unwrap();
+            let mut tunn = Tunn::new(secret, server_key, None, None, 1, None);
+            let mut buf = vec![0u8; 2048];
+            if let TunnResult::WriteToNetwork(init) =
+                tunn.format_handshake_initiation(&mut buf, true)
+            {
+                socket.send_to(init, server).unwrap();
+            }
+            let mut datagram = vec![0u8; 2048];
+            let (n, _) = socket.recv_from(&mut datagram).unwrap();
+            // The response completes the handshake; boringtun answers with a
+            // keepalive, which confirms the session on the appliance's side.
+            if let TunnResult::WriteToNetwork(keepalive) =
+                tunn.decapsulate(None, &datagram[..n], &mut buf)
+            {
+                socket.send_to(keepalive, server).unwrap();
+            }
+            socket.local_addr().unwrap()
+        })
+        .await
+        .unwrap();
+
+        let state = Arc::new(AppState {
+            control: Mutex::new(Control {
+                registry,
+                runtime,
+                store: std::sync::Mutex::new(store),
+            }),
+            token: String::new(),
+            metrics_need_token: false,
+            public_host: "127.0.0.1".into(),
+            events: tokio::sync::broadcast::channel(8).0,
+            event_stats: Arc::default(),
+            api_requests: Default::default(),
+        });
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            state.reconcile_router_endpoints().await;
+            let control = state.control.lock().await;
+            let endpoint = control.registry.tenant(&acme).unwrap().routers[&gw].endpoint;
+            if endpoint == Some(heard_at) {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{endpoint:?}");
+            drop(control);
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let mut control = state.control.lock().await;
+        let loaded = control.store.get_mut().unwrap().load().unwrap();
+        assert_eq!(loaded[0].routers[&gw].endpoint, Some(heard_at), "stored");
+        control.runtime.stop(&acme).await;
+    }
 }

@@ -47,6 +47,10 @@ pub trait Directory {
     /// last of each across restarts (stored in one transaction, and only where
     /// it changed).
     fn routers_heard_at(&self, heard: Vec<Heard>) -> impl std::future::Future<Output = ()> + Send;
+
+    /// Events were lost: keep every router's endpoint as the running tunnels
+    /// know it now, as `routers_heard_at` does.
+    fn reconcile_router_endpoints(&self) -> impl std::future::Future<Output = ()> + Send;
 }
 
 /// A router of `tenant`, by public key, was authenticated at `endpoint`.
@@ -135,6 +139,10 @@ pub async fn run_hub(
             Err(broadcast::error::RecvError::Lagged(n)) => {
                 stats.lagged.fetch_add(n, Ordering::Relaxed);
                 tracing::warn!(lost = n, "event hub fell behind");
+                // What was lost may have moved a router: the tunnels know
+                // where each one is now, which also covers what is pending.
+                heard.clear();
+                directory.reconcile_router_endpoints().await;
                 continue;
             }
             Err(broadcast::error::RecvError::Closed) => break,
@@ -230,9 +238,9 @@ mod tests {
     use std::sync::Mutex;
 
     /// Peers whose key starts with 1 are clients, the others routers; every
-    /// batch of endpoints handed over is kept.
+    /// batch of endpoints handed over is kept, and reconciliations counted.
     #[derive(Clone, Default)]
-    struct Recorder(Arc<Mutex<Vec<Vec<Heard>>>>);
+    struct Recorder(Arc<Mutex<Vec<Vec<Heard>>>>, Arc<AtomicU64>);
 
     impl Directory for Recorder {
         async fn resolve(&self, _tenant: &str, key: &[u8; 32]) -> Option<(&'static str, String)> {
@@ -242,6 +250,10 @@ mod tests {
 
         async fn routers_heard_at(&self, heard: Vec<Heard>) {
             self.0.lock().unwrap().push(heard);
+        }
+
+        async fn reconcile_router_endpoints(&self) {
+            self.1.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -259,9 +271,10 @@ mod tests {
         }
     }
 
-    /// Runs the hub over `events`, queued before it starts, to the end.
-    async fn batches(events: Vec<TunnelEvent>) -> Vec<Vec<Heard>> {
-        let (tx, rx) = broadcast::channel(4096);
+    /// Runs the hub over `events`, queued before it starts in a channel of
+    /// `capacity`, to the end: the batches handed over, and reconciliations.
+    async fn run(events: Vec<TunnelEvent>, capacity: usize) -> (Vec<Vec<Heard>>, u64) {
+        let (tx, rx) = broadcast::channel(capacity);
         for e in events {
             tx.send(e).unwrap();
         }
@@ -270,7 +283,7 @@ mod tests {
         let (subscribers, _) = broadcast::channel(8);
         run_hub(rx, directory.clone(), subscribers, None, Arc::default()).await;
         let batches = directory.0.lock().unwrap().clone();
-        batches
+        (batches, directory.1.load(Ordering::Relaxed))
     }
 
     #[tokio::test]
@@ -282,14 +295,25 @@ mod tests {
         let mut gone = connected(0, 5);
         gone.event = Event::Disconnected { peer: [0; 32] };
         wave.push(gone);
-        let got = batches(wave).await;
-        assert_eq!(got.len(), 1, "{got:?}");
+        let (got, reconciled) = run(wave, 4096).await;
+        assert_eq!((got.len(), reconciled), (1, 0), "{got:?}");
         let ports: Vec<u16> = got[0].iter().map(|h| h.endpoint.port()).collect();
         assert_eq!(ports, (0..10).collect::<Vec<_>>());
 
         // A larger wave is handed over in batches of at most HEARD_BATCH.
-        let got = batches((0..1500).map(|n| connected(0, n)).collect()).await;
+        let (got, _) = run((0..1500).map(|n| connected(0, n)).collect(), 4096).await;
         let sizes: Vec<usize> = got.iter().map(Vec::len).collect();
         assert_eq!(sizes, [HEARD_BATCH, 1500 - HEARD_BATCH]);
+    }
+
+    #[tokio::test]
+    async fn lost_events_make_the_hub_take_endpoints_from_the_tunnels() {
+        // 10 events into a channel of 4: the hub lags, loses 6, and has every
+        // router's endpoint taken from the running tunnels once; the 4 it
+        // still gets are handed over as usual.
+        let (got, reconciled) = run((0..10).map(|n| connected(0, n)).collect(), 4).await;
+        assert_eq!(reconciled, 1);
+        let ports: Vec<u16> = got.concat().iter().map(|h| h.endpoint.port()).collect();
+        assert_eq!(ports, [6, 7, 8, 9]);
     }
 }

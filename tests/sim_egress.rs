@@ -164,17 +164,32 @@ fn a_gateway_whose_handshakes_never_complete_is_not_a_live_gateway() {
     assert_eq!(k.sim.take_inbox(k.gateway).len(), 1);
 }
 
+/// The seed's KTN tunnel as a restart leaves it: gateways (10.100.0.40, .41,
+/// ... primary first) registered but not heard from, and one phone that has
+/// handshaked again.
+fn restarted(gateways: usize) -> (Sim, Vec<usize>, usize) {
+    const NAMES: [&str; 2] = ["mikrotik-1", "mikrotik-2"];
+    let mut sim = Sim::new();
+    let t = sim.tunnel(51820, "10.100.0.1");
+    let gateways: Vec<usize> = (0..gateways)
+        .map(|i| {
+            let vpn_ip = format!("10.100.0.{}/32", 40 + i);
+            sim.peer(NAMES[i], t, PeerKind::Router, &[vpn_ip.as_str()])
+        })
+        .collect();
+    let phone = sim.peer("phone-1", t, PeerKind::Client, &["10.200.0.2/32"]);
+    sim.set_egress(t, "10.200.0.0/24", &gateways);
+    sim.connect(phone);
+    (sim, gateways, phone)
+}
+
 #[test]
 fn a_restarted_appliance_wakes_the_gateway_where_it_was_last_heard_from() {
     // After a restart the gateway still holds its old session and only sends
     // keepalives on it (which start no handshake on its side), so it stays
     // silent for up to three minutes. The appliance must reach out instead.
-    let mut sim = Sim::new();
-    let t = sim.tunnel(51820, "10.100.0.1");
-    let gateway = sim.peer("mikrotik-1", t, PeerKind::Router, &["10.100.0.40/32"]);
-    let phone = sim.peer("phone-1", t, PeerKind::Client, &["10.200.0.2/32"]);
-    sim.set_egress(t, "10.200.0.0/24", &[gateway]);
-    sim.connect(phone);
+    let (mut sim, gateways, phone) = restarted(1);
+    let gateway = gateways[0];
     let egress_down = |sim: &Sim| {
         sim.tunnels[0]
             .engine
@@ -195,7 +210,7 @@ fn a_restarted_appliance_wakes_the_gateway_where_it_was_last_heard_from() {
     // Its endpoint as restored from the state: the next phone packet is still
     // dropped, but starts a handshake with the gateway there, and the one
     // after it goes through the gateway.
-    sim.remember_endpoint(gateway, PeerKind::Router, &["10.100.0.40/32"]);
+    sim.remember_endpoint(gateway);
     sim.send_ip(phone, "10.200.0.2", "198.18.0.1");
     assert_eq!(egress_down(&sim), 2);
     assert!(
@@ -219,16 +234,11 @@ fn after_a_restart_with_the_primary_gone_the_backup_is_woken_too() {
     // Both gateways remembered, neither live (the appliance restarted); the
     // primary is gone for good. Waking only the primary would leave the phones
     // cut off until the backup's old session expires, minutes later.
-    let mut sim = Sim::new();
-    let t = sim.tunnel(51820, "10.100.0.1");
-    let primary = sim.peer("mikrotik-1", t, PeerKind::Router, &["10.100.0.40/32"]);
-    let backup = sim.peer("mikrotik-2", t, PeerKind::Router, &["10.100.0.41/32"]);
-    let phone = sim.peer("phone-1", t, PeerKind::Client, &["10.200.0.2/32"]);
-    sim.set_egress(t, "10.200.0.0/24", &[primary, backup]);
-    sim.remember_endpoint(primary, PeerKind::Router, &["10.100.0.40/32"]);
-    sim.remember_endpoint(backup, PeerKind::Router, &["10.100.0.41/32"]);
+    let (mut sim, gateways, phone) = restarted(2);
+    let (primary, backup) = (gateways[0], gateways[1]);
+    sim.remember_endpoint(primary);
+    sim.remember_endpoint(backup);
     sim.peers[primary].up = false;
-    sim.connect(phone);
 
     sim.send_ip(phone, "10.200.0.2", "198.18.0.1");
     assert!(

@@ -62,10 +62,10 @@ impl crate::io::events::Directory for Arc<AppState> {
     async fn resolve(&self, tenant: &str, key: &[u8; 32]) -> Option<(&'static str, String)> {
         let id = crate::control::Id::parse(tenant, "tenant_id").ok()?;
         let control = self.control.lock().await;
-        let t = control.registry.tenant(&id).ok()?;
-        if let Some(r) = t.routers.values().find(|r| r.public_key.as_bytes() == key) {
+        if let Some(r) = control.registry.router_with_key(&id, key) {
             return Some(("router", r.id.to_string()));
         }
+        let t = control.registry.tenant(&id).ok()?;
         t.clients
             .values()
             .find(|c| c.public_key.as_bytes() == key)

@@ -483,27 +483,14 @@ impl TunnelEngine {
         }
         let id = match existing {
             Some(id) => {
+                self.reach_at(id, config.endpoint);
                 let Some(peer) = self.peers.get_mut(id) else {
                     return Ok(());
                 };
-                let mut reach_out = false;
-                if let (None, Some(endpoint)) = (peer.endpoint, config.endpoint) {
-                    peer.endpoint = Some(endpoint);
-                    self.endpoints.entry(endpoint).or_insert(id);
-                    // Kept up by our keepalive: reach out now (see below).
-                    reach_out = peer.config.keepalive.is_some();
-                }
                 peer.config.kind = config.kind;
-                let unchanged = peer.config.allowed == config.allowed;
-                if reach_out {
-                    self.peers.activate(id);
-                }
-                if unchanged {
+                if peer.config.allowed == config.allowed {
                     return Ok(());
                 }
-                let Some(peer) = self.peers.get_mut(id) else {
-                    return Ok(());
-                };
                 for old in std::mem::take(&mut peer.config.allowed) {
                     if self.routing.routes.get_exact(old) == Some(&id) {
                         self.routing.routes.remove(old);
@@ -527,14 +514,7 @@ impl TunnelEngine {
                     self.liveness_timeout,
                 );
                 let id = self.peers.insert(peer);
-                if let Some(endpoint) = config.endpoint {
-                    self.endpoints.entry(endpoint).or_insert(id);
-                    // Kept up by our keepalive: reach out now, as after a
-                    // restart, rather than when the peer next speaks.
-                    if config.keepalive.is_some() {
-                        self.peers.activate(id);
-                    }
-                }
+                self.reach_at(id, config.endpoint);
                 id
             }
         };
@@ -543,6 +523,27 @@ impl TunnelEngine {
         }
         self.resolve_egress();
         Ok(())
+    }
+
+    /// A configured endpoint for peer `id`: where to reach it while it has not
+    /// spoken (a peer heard from elsewhere keeps that). A peer kept up by our
+    /// keepalive is reached out to now, as after a restart, not when it next
+    /// speaks.
+    fn reach_at(&mut self, id: PeerId, endpoint: Option<SocketAddr>) {
+        let Some(endpoint) = endpoint else {
+            return;
+        };
+        let Some(peer) = self.peers.get_mut(id) else {
+            return;
+        };
+        if peer.endpoint.is_some_and(|heard| heard != endpoint) {
+            return;
+        }
+        peer.endpoint = Some(endpoint);
+        self.endpoints.entry(endpoint).or_insert(id);
+        if peer.config.keepalive.is_some() {
+            self.peers.activate(id);
+        }
     }
 
     /// Removes a peer and its routes; returns its receiver index for reuse.
@@ -1208,14 +1209,11 @@ fn route(
             // to them, and boringtun starts one only if none is under way.
             let gateways = wake.and_then(|i| routing.egress.get(i));
             for &g in gateways.map(|e| e.gateways.as_slice()).unwrap_or_default() {
-                if peers.get(g).and_then(|p| p.endpoint).is_none() {
-                    continue;
-                }
-                peers.activate(g);
-                let Some(gateway) = peers.get_mut(g) else {
+                let Some(to) = peers.get(g).and_then(|p| p.endpoint) else {
                     continue;
                 };
-                let Some(to) = gateway.endpoint else {
+                peers.activate(g);
+                let Some(gateway) = peers.get_mut(g) else {
                     continue;
                 };
                 gateway.last_work = Some(now);

@@ -54,7 +54,7 @@ pub trait Directory {
 }
 
 /// A router of `tenant`, by public key, was authenticated at `endpoint`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Heard {
     pub tenant: Arc<str>,
     pub key: [u8; 32],

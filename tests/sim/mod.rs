@@ -40,6 +40,8 @@ pub struct SimPeer {
     pub inbox: Vec<Vec<u8>>,
     /// When false the peer is "down": datagrams to it vanish and it sends nothing.
     pub up: bool,
+    /// How its tunnel's engine knows it, when registered.
+    pub config: Option<PeerConfig>,
 }
 
 pub struct Sim {
@@ -171,23 +173,19 @@ impl Sim {
             endpoint: None,
         };
         let t = &mut self.tunnels[tunnel];
-        t.engine.upsert_peer(config, t.next_index).unwrap();
+        t.engine.upsert_peer(config.clone(), t.next_index).unwrap();
         t.next_index += 1;
-        self.unregistered_peer(name, tunnel, secret)
+        let p = self.unregistered_peer(name, tunnel, secret);
+        self.peers[p].config = Some(config);
+        p
     }
 
     /// Tells the engine where registered peer `p` is without it having spoken,
-    /// as a restart restores a router's last endpoint from the state. `kind`
-    /// and `allowed` as registered.
-    pub fn remember_endpoint(&mut self, p: PeerIx, kind: PeerKind, allowed: &[&str]) {
+    /// as a restart restores a router's last endpoint from the state.
+    pub fn remember_endpoint(&mut self, p: PeerIx) {
         let peer = &self.peers[p];
-        let config = PeerConfig {
-            public_key: PublicKey::from(&peer.secret),
-            allowed: allowed.iter().map(|a| net(a)).collect(),
-            keepalive: None,
-            kind,
-            endpoint: Some(peer.addr),
-        };
+        let mut config = peer.config.clone().expect("a registered peer");
+        config.endpoint = Some(peer.addr);
         self.tunnels[peer.tunnel]
             .engine
             .upsert_peer(config, 0)
@@ -213,6 +211,7 @@ impl Sim {
             tunnel,
             inbox: Vec::new(),
             up: true,
+            config: None,
         });
         self.peers.len() - 1
     }

@@ -72,11 +72,14 @@ impl crate::io::events::Directory for Arc<AppState> {
             .map(|c| ("client", c.id.to_string()))
     }
 
-    async fn routers_heard_at(&self, heard: Vec<crate::io::events::Heard>) {
-        keep_router_endpoints(&mut *self.control.lock().await, heard);
+    async fn routers_heard_at(
+        &self,
+        heard: Vec<crate::io::events::Heard>,
+    ) -> Result<(), crate::io::events::NotStored> {
+        keep_router_endpoints(&mut *self.control.lock().await, heard)
     }
 
-    async fn reconcile_router_endpoints(&self) {
+    async fn reconcile_router_endpoints(&self) -> Result<(), crate::io::events::NotStored> {
         let mut guard = self.control.lock().await;
         let mut heard = Vec::new();
         for tenant in guard.registry.tenants() {
@@ -92,14 +95,18 @@ impl crate::io::events::Directory for Arc<AppState> {
                 })
             }));
         }
-        keep_router_endpoints(&mut guard, heard);
+        keep_router_endpoints(&mut guard, heard)
     }
 }
 
 /// Stores and records the last endpoint of each router in `heard` (oldest
 /// first), in one transaction, where it differs from the registry's; peers
-/// that are not routers (any more) are skipped.
-fn keep_router_endpoints(control: &mut Control, heard: Vec<crate::io::events::Heard>) {
+/// that are not routers (any more) are skipped. Err when the store refused
+/// them (logged here); the registry then keeps what it had.
+fn keep_router_endpoints(
+    control: &mut Control,
+    heard: Vec<crate::io::events::Heard>,
+) -> Result<(), crate::io::events::NotStored> {
     use crate::control::{Id, Router};
     let mut last: std::collections::BTreeMap<(Id, Id), Router> = Default::default();
     for h in heard {
@@ -120,7 +127,7 @@ fn keep_router_endpoints(control: &mut Control, heard: Vec<crate::io::events::He
         now.is_some_and(|now| now.endpoint != r.endpoint)
     });
     if last.is_empty() {
-        return;
+        return Ok(());
     }
     let changes: Vec<_> = last
         .iter()
@@ -133,9 +140,17 @@ fn keep_router_endpoints(control: &mut Control, heard: Vec<crate::io::events::He
                     let _ = control.registry.set_router_endpoint(tenant, id, endpoint);
                 }
             }
+            Ok(())
         }
-        // Not kept: after a restart such a router is reached once it speaks.
-        Err(e) => tracing::warn!(routers = last.len(), error = %e, "router endpoints not stored"),
+        Err(e) => {
+            tracing::warn!(
+                routers = last.len(),
+                error = %e,
+                retry_secs = crate::io::events::STORE_RETRY.as_secs(),
+                "router endpoints not stored"
+            );
+            Err(crate::io::events::NotStored)
+        }
     }
 }
 
@@ -336,7 +351,7 @@ mod tests {
         });
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
         loop {
-            state.reconcile_router_endpoints().await;
+            state.reconcile_router_endpoints().await.expect("stored");
             let control = state.control.lock().await;
             let endpoint = control.registry.tenant(&acme).unwrap().routers[&gw].endpoint;
             if endpoint == Some(heard_at) {

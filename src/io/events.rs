@@ -34,6 +34,12 @@ pub struct PeerEvent {
     pub at: String,
 }
 
+/// The store refused to keep router endpoints (the implementation logs why);
+/// the hub takes them from the tunnels again after [`STORE_RETRY`].
+#[derive(Debug, thiserror::Error)]
+#[error("router endpoints could not be stored")]
+pub struct NotStored;
+
 /// What the hub needs of the control plane.
 pub trait Directory {
     /// Names a peer: (kind, id) of the object in `tenant` with this public key.
@@ -46,11 +52,17 @@ pub trait Directory {
     /// Routers were authenticated at these endpoints, oldest first: keep the
     /// last of each across restarts (stored in one transaction, and only where
     /// it changed).
-    fn routers_heard_at(&self, heard: Vec<Heard>) -> impl std::future::Future<Output = ()> + Send;
+    fn routers_heard_at(
+        &self,
+        heard: Vec<Heard>,
+    ) -> impl std::future::Future<Output = Result<(), NotStored>> + Send;
 
-    /// Events were lost: keep every router's endpoint as the running tunnels
-    /// know it now, as `routers_heard_at` does.
-    fn reconcile_router_endpoints(&self) -> impl std::future::Future<Output = ()> + Send;
+    /// Events were lost, or endpoints could not be stored: keep every
+    /// router's endpoint as the running tunnels know it now, as
+    /// `routers_heard_at` does.
+    fn reconcile_router_endpoints(
+        &self,
+    ) -> impl std::future::Future<Output = Result<(), NotStored>> + Send;
 }
 
 /// A router of `tenant`, by public key, was authenticated at `endpoint`.
@@ -65,6 +77,12 @@ pub struct Heard {
 /// over as soon as no event is waiting, so a reconnect wave after a restart
 /// costs a few transactions, not one per router.
 const HEARD_BATCH: usize = 1024;
+
+/// How long the hub waits before it tries again to store endpoints the store
+/// refused (a full or failing disk): long enough not to hammer a broken disk
+/// with a walk over every router, short enough that a restart soon after the
+/// disk is mended still finds its routers.
+pub const STORE_RETRY: Duration = Duration::from_secs(10);
 
 /// Counters of the event path.
 #[derive(Debug, Default)]
@@ -107,6 +125,36 @@ fn peer_key(e: &Event) -> &[u8; 32] {
     }
 }
 
+/// Router endpoints on their way to the store.
+#[derive(Default)]
+struct Keeping {
+    /// Heard since the last hand-over, oldest first.
+    heard: Vec<Heard>,
+    /// Set while the store has refused endpoints: when to take every router's
+    /// endpoint from the tunnels again.
+    retry_at: Option<tokio::time::Instant>,
+}
+
+impl Keeping {
+    /// Hands what was heard to the directory; a refusal schedules a retry.
+    async fn hand_over(&mut self, directory: &impl Directory) {
+        let heard = std::mem::take(&mut self.heard);
+        if directory.routers_heard_at(heard).await.is_err() && self.retry_at.is_none() {
+            self.retry_at = Some(tokio::time::Instant::now() + STORE_RETRY);
+        }
+    }
+
+    /// Has every router's endpoint taken from the tunnels, which covers
+    /// whatever was heard, lost or refused before.
+    async fn reconcile(&mut self, directory: &impl Directory) {
+        self.heard.clear();
+        self.retry_at = match directory.reconcile_router_endpoints().await {
+            Ok(()) => None,
+            Err(NotStored) => Some(tokio::time::Instant::now() + STORE_RETRY),
+        };
+    }
+}
+
 /// Runs the hub until the engines' channel closes.
 pub async fn run_hub(
     mut engines: broadcast::Receiver<TunnelEvent>,
@@ -115,15 +163,13 @@ pub async fn run_hub(
     webhooks: Option<mpsc::Sender<PeerEvent>>,
     stats: Arc<EventStats>,
 ) {
-    let mut heard = Vec::new();
+    let mut keeping = Keeping::default();
     loop {
-        let next = if heard.is_empty() {
-            engines.recv().await
-        } else {
+        let next = if !keeping.heard.is_empty() {
             match engines.try_recv() {
                 Ok(e) => Ok(e),
                 Err(broadcast::error::TryRecvError::Empty) => {
-                    directory.routers_heard_at(std::mem::take(&mut heard)).await;
+                    keeping.hand_over(&directory).await;
                     continue;
                 }
                 Err(broadcast::error::TryRecvError::Lagged(n)) => {
@@ -133,6 +179,16 @@ pub async fn run_hub(
                     Err(broadcast::error::RecvError::Closed)
                 }
             }
+        } else if let Some(at) = keeping.retry_at {
+            tokio::select! {
+                next = engines.recv() => next,
+                () = tokio::time::sleep_until(at) => {
+                    keeping.reconcile(&directory).await;
+                    continue;
+                }
+            }
+        } else {
+            engines.recv().await
         };
         let e = match next {
             Ok(e) => e,
@@ -141,8 +197,7 @@ pub async fn run_hub(
                 tracing::warn!(lost = n, "event hub fell behind");
                 // What was lost may have moved a router: the tunnels know
                 // where each one is now, which also covers what is pending.
-                heard.clear();
-                directory.reconcile_router_endpoints().await;
+                keeping.reconcile(&directory).await;
                 continue;
             }
             Err(broadcast::error::RecvError::Closed) => break,
@@ -161,7 +216,7 @@ pub async fn run_hub(
             Event::Disconnected { .. } => None,
         };
         if let (Some(endpoint), "router") = (heard_at, kind) {
-            heard.push(Heard {
+            keeping.heard.push(Heard {
                 tenant: Arc::clone(&e.tenant),
                 key: *key,
                 endpoint,
@@ -176,12 +231,12 @@ pub async fn run_hub(
                 stats.webhook_dropped.fetch_add(1, Ordering::Relaxed);
             }
         }
-        if heard.len() >= HEARD_BATCH {
-            directory.routers_heard_at(std::mem::take(&mut heard)).await;
+        if keeping.heard.len() >= HEARD_BATCH {
+            keeping.hand_over(&directory).await;
         }
     }
-    if !heard.is_empty() {
-        directory.routers_heard_at(heard).await;
+    if !keeping.heard.is_empty() {
+        keeping.hand_over(&directory).await;
     }
 }
 
@@ -238,9 +293,30 @@ mod tests {
     use std::sync::Mutex;
 
     /// Peers whose key starts with 1 are clients, the others routers; every
-    /// batch of endpoints handed over is kept, and reconciliations counted.
+    /// batch of endpoints handed over is kept, and reconciliations counted
+    /// (with the time each began). The first `refusals` writes (hand-overs and
+    /// reconciliations alike) fail, as on a full disk.
     #[derive(Clone, Default)]
-    struct Recorder(Arc<Mutex<Vec<Vec<Heard>>>>, Arc<AtomicU64>);
+    struct Recorder {
+        batches: Arc<Mutex<Vec<Vec<Heard>>>>,
+        reconciled: Arc<AtomicU64>,
+        reconciled_at: Arc<Mutex<Vec<tokio::time::Instant>>>,
+        refusals: Arc<AtomicU64>,
+    }
+
+    impl Recorder {
+        fn write(&self) -> Result<(), NotStored> {
+            let refuse = self
+                .refusals
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                .is_ok();
+            if refuse {
+                Err(NotStored)
+            } else {
+                Ok(())
+            }
+        }
+    }
 
     impl Directory for Recorder {
         async fn resolve(&self, _tenant: &str, key: &[u8; 32]) -> Option<(&'static str, String)> {
@@ -248,12 +324,16 @@ mod tests {
             Some((kind, format!("p{}", key[1])))
         }
 
-        async fn routers_heard_at(&self, heard: Vec<Heard>) {
-            self.0.lock().unwrap().push(heard);
+        async fn routers_heard_at(&self, heard: Vec<Heard>) -> Result<(), NotStored> {
+            self.batches.lock().unwrap().push(heard);
+            self.write()
         }
 
-        async fn reconcile_router_endpoints(&self) {
-            self.1.fetch_add(1, Ordering::Relaxed);
+        async fn reconcile_router_endpoints(&self) -> Result<(), NotStored> {
+            self.reconciled.fetch_add(1, Ordering::Relaxed);
+            let now = tokio::time::Instant::now();
+            self.reconciled_at.lock().unwrap().push(now);
+            self.write()
         }
     }
 
@@ -282,8 +362,8 @@ mod tests {
         let directory = Recorder::default();
         let (subscribers, _) = broadcast::channel(8);
         run_hub(rx, directory.clone(), subscribers, None, Arc::default()).await;
-        let batches = directory.0.lock().unwrap().clone();
-        (batches, directory.1.load(Ordering::Relaxed))
+        let batches = directory.batches.lock().unwrap().clone();
+        (batches, directory.reconciled.load(Ordering::Relaxed))
     }
 
     #[tokio::test]
@@ -315,5 +395,41 @@ mod tests {
         assert_eq!(reconciled, 1);
         let ports: Vec<u16> = got.concat().iter().map(|h| h.endpoint.port()).collect();
         assert_eq!(ports, [6, 7, 8, 9]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn endpoints_the_store_refuses_are_taken_from_the_tunnels_until_it_takes_them() {
+        // The disk is full for the hand-over and the first retry; the second
+        // retry stores them, and then the hub waits for events again.
+        let (tx, rx) = broadcast::channel(16);
+        let directory = Recorder::default();
+        directory.refusals.store(2, Ordering::Relaxed);
+        let (subscribers, _) = broadcast::channel(8);
+        let hub = tokio::spawn(run_hub(
+            rx,
+            directory.clone(),
+            subscribers,
+            None,
+            Arc::default(),
+        ));
+        let start = tokio::time::Instant::now();
+        tx.send(connected(0, 7)).unwrap();
+        tokio::time::sleep(STORE_RETRY * 5).await;
+        let at: Vec<_> = directory.reconciled_at.lock().unwrap().clone();
+        let after: Vec<_> = at.iter().map(|t| t.duration_since(start)).collect();
+        assert_eq!(
+            after,
+            [STORE_RETRY, STORE_RETRY * 2],
+            "retries at {after:?}"
+        );
+        assert_eq!(directory.batches.lock().unwrap().len(), 1);
+
+        // Stored: the next router is handed over as usual, with no retry.
+        tx.send(connected(0, 8)).unwrap();
+        tokio::time::sleep(STORE_RETRY * 3).await;
+        assert_eq!(directory.batches.lock().unwrap().len(), 2);
+        assert_eq!(directory.reconciled.load(Ordering::Relaxed), 2);
+        drop(tx);
+        hub.await.unwrap();
     }
 }

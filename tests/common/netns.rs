@@ -28,17 +28,9 @@ pub fn under_ci() -> bool {
 /// missing, except under CI, where a missing prerequisite panics: CI installs
 /// them, so their absence is a broken CI, not a reason to skip.
 pub fn prerequisites_met(test: &str, tools: &[&str]) -> bool {
-    let mut missing = Vec::new();
-    if !is_root() {
-        missing.push("not running as root".to_string());
-    }
+    let mut missing = missing_root_and_tools(tools);
     if !Path::new("/dev/net/tun").exists() {
         missing.push("/dev/net/tun is missing".to_string());
-    }
-    for tool in tools {
-        if find_in_path(tool).is_none() {
-            missing.push(format!("`{tool}` not found on PATH"));
-        }
     }
     if missing.is_empty() {
         // The tools are there; can we actually make a namespace (not in every container)?
@@ -54,6 +46,31 @@ pub fn prerequisites_met(test: &str, tools: &[&str]) -> bool {
             Err(e) => missing.push(format!("cannot run `ip`: {e}")),
         }
     }
+    run_or_skip(test, missing)
+}
+
+/// Like `prerequisites_met`, for tests that need root and `tools` but no
+/// namespace or TUN device (mounting a file system, say).
+pub fn root_prerequisites_met(test: &str, tools: &[&str]) -> bool {
+    run_or_skip(test, missing_root_and_tools(tools))
+}
+
+fn missing_root_and_tools(tools: &[&str]) -> Vec<String> {
+    let mut missing = Vec::new();
+    if !is_root() {
+        missing.push("not running as root".to_string());
+    }
+    for tool in tools {
+        if find_in_path(tool).is_none() {
+            missing.push(format!("`{tool}` not found on PATH"));
+        }
+    }
+    missing
+}
+
+/// True when nothing is `missing`; otherwise a skip, said on stderr, or under
+/// CI a panic.
+fn run_or_skip(test: &str, missing: Vec<String>) -> bool {
     if missing.is_empty() {
         return true;
     }

@@ -20,6 +20,9 @@ pub struct Appliance {
     pub token: String,
     pub first_port: u16,
     pub state: tempfile::TempDir,
+    /// Where the appliance's stderr goes (`wgplane.log` in the state dir
+    /// unless the test put it elsewhere).
+    log_file: PathBuf,
     http: reqwest::blocking::Client,
 }
 
@@ -68,11 +71,24 @@ impl Appliance {
         first_port: u16,
         envs: &[(&str, &str)],
     ) -> Result<Self, String> {
+        let log_file = state.path().join("wgplane.log");
+        Self::start_logging_to(state, &log_file, api_port, first_port, envs)
+    }
+
+    /// Like `start_with`, with the log appended to `log_file` (outside a state
+    /// dir that the test fills up, say).
+    pub fn start_logging_to(
+        state: tempfile::TempDir,
+        log_file: &Path,
+        api_port: u16,
+        first_port: u16,
+        envs: &[(&str, &str)],
+    ) -> Result<Self, String> {
         let api: SocketAddr = ([127, 0, 0, 1], api_port).into();
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(state.path().join("wgplane.log"))
+            .open(log_file)
             .expect("log file");
         let child = Command::new(binary())
             .args([
@@ -107,6 +123,7 @@ impl Appliance {
             token: String::new(),
             first_port,
             state,
+            log_file: log_file.to_owned(),
             http: reqwest::blocking::Client::builder()
                 .timeout(Duration::from_secs(10))
                 .build()
@@ -153,7 +170,7 @@ impl Appliance {
     }
 
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.state.path().join("wgplane.log")).unwrap_or_default()
+        std::fs::read_to_string(&self.log_file).unwrap_or_default()
     }
 
     pub fn state_dir(&self) -> &Path {

@@ -441,32 +441,23 @@ async fn run(settings: Settings) -> Result<()> {
         handshake_budget_per_second: t.handshake_budget_per_second,
     });
     let engine_events = runtime.subscribe();
-    let mut restored = 0usize;
-    for tenant in registry.tenants() {
-        match runtime.start(tenant).await {
-            Ok(()) => restored += 1,
-            Err(e) => {
-                tracing::error!(tenant = %tenant.id, error = %e, "tunnel could not be restored")
-            }
-        }
-    }
-    tracing::info!(tunnels = restored, database = %database.display(), "state restored");
     let mut store = store;
     let mut registry = registry;
     apply_config_forwards(&settings, &mut registry, &mut store)?;
+    let mut restored = 0usize;
     for tenant in registry.tenants() {
-        for router in tenant.routers.values() {
-            for (port, listen) in &router.forwards {
-                let target = std::net::SocketAddrV4::new(router.vpn_ip, *port);
-                if let Err(e) = runtime
-                    .set_forward(&tenant.id, &router.id, *port, *listen, target)
-                    .await
-                {
-                    tracing::error!(tenant = %tenant.id, router = %router.id, port, error = %e, "forward could not be opened");
-                }
-            }
+        match runtime.bring_up(tenant).await {
+            Ok(()) => restored += 1,
+            // Down, not gone: the supervisor tries again, and /healthz says so.
+            Err(e) => tracing::error!(
+                tenant = %tenant.id,
+                error = %e,
+                retry_secs = api::supervisor::RETRY.as_secs(),
+                "tunnel could not be restored"
+            ),
         }
     }
+    tracing::info!(tunnels = restored, database = %database.display(), "state restored");
     let state = Arc::new(AppState {
         control: Mutex::new(Control {
             registry,
@@ -490,6 +481,7 @@ async fn run(settings: Settings) -> Result<()> {
         ));
         queue
     });
+    tokio::spawn(api::supervisor::run(Arc::clone(&state)));
     tokio::spawn(events::run_hub(
         engine_events,
         Arc::clone(&state),

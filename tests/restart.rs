@@ -198,6 +198,72 @@ fn a_restarted_appliance_wakes_its_gateway_where_it_last_heard_from_it() {
     );
 }
 
+/// A tunnel whose port another process holds when the appliance starts is
+/// down, not gone: `/healthz` says so, the other tunnels serve, changes to it
+/// are stored, and it comes up with its peers once the port is free.
+#[test]
+fn a_tunnel_whose_port_is_taken_at_start_comes_up_once_it_is_free() {
+    let app = Appliance::start();
+    app.expect("PUT", "/v1/tenants/first", None, 201);
+    let second = app.expect("PUT", "/v1/tenants/second", None, 201);
+    let server_key = second["server_public_key"].as_str().unwrap().to_owned();
+    let port = second["listen_port"].as_u64().unwrap() as u16;
+    let (r_secret, r_public) = keypair();
+    let body = format!(r#"{{"public_key":"{r_public}"}}"#);
+    app.expect("PUT", "/v1/tenants/second/routers/r1", Some(&body), 201);
+
+    let (state, api_port, first_port) = app.kill9();
+    let squatter = std::net::UdpSocket::bind(("127.0.0.1", port)).expect("take the port");
+    let app = Appliance::start_unhealthy(state, api_port, first_port).expect("restart");
+    let (status, body) = app.call_with("GET", "/healthz", None, None);
+    assert_eq!(
+        (status, body.as_str()),
+        (503, Some("1 of 2 tunnels down\n"))
+    );
+    let view = app.expect("GET", "/v1/tenants/second", None, 200);
+    assert_eq!(view["status"], "down", "{view}");
+    assert_eq!(
+        app.expect("GET", "/v1/tenants/first", None, 200)["status"],
+        "active"
+    );
+    let metrics = app.scrape();
+    let up = |tenant: &str| {
+        let label = format!("tenant=\"{tenant}\"");
+        sample(&metrics, "wgplane_tunnel_up", &[&label])
+    };
+    assert_eq!((up("first"), up("second")), (1.0, 0.0));
+
+    // A change to it is stored and said to wait for the tunnel.
+    let (r2_secret, r2_public) = keypair();
+    let body = format!(r#"{{"public_key":"{r2_public}"}}"#);
+    let (status, error) = app.call("PUT", "/v1/tenants/second/routers/r2", Some(&body));
+    assert_eq!(
+        (status, error["error"]["code"].as_str()),
+        (503, Some("tunnel_down")),
+        "{error}"
+    );
+    app.expect("GET", "/v1/tenants/second/routers/r2", None, 200);
+
+    // The port is free again: the supervisor brings the tunnel up, with the
+    // peer it had and the one added while it was down.
+    drop(squatter);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while app.call_with("GET", "/healthz", None, None).0 != 200 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (status, _) = app.call_with("GET", "/healthz", None, None);
+    assert_eq!(status, 200, "the tunnel never came back\n{}", app.log());
+    assert_eq!(
+        app.expect("GET", "/v1/tenants/second", None, 200)["status"],
+        "active"
+    );
+    let server: SocketAddr = ([127, 0, 0, 1], port).into();
+    let mut r1 = UdpPeer::new(r_secret, &server_key, server, 0x10);
+    let mut r2 = UdpPeer::new(r2_secret, &server_key, server, 0x20);
+    assert!(r1.handshake() && r2.handshake(), "{}", app.log());
+    assert!(app.log().contains("tunnel is back up"), "{}", app.log());
+}
+
 #[test]
 fn a_wrong_master_key_stops_start_up() {
     let app = Appliance::start();

@@ -54,6 +54,19 @@ impl ApiError {
             field: None,
         }
     }
+    /// 503: the tenant's tunnel is down (`e` says why); the supervisor tries
+    /// it again.
+    pub fn tunnel_down(e: &RuntimeError) -> Self {
+        Self {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            code: "tunnel_down",
+            message: format!(
+                "{e}; the tunnel is down and tried again every {} s",
+                super::supervisor::RETRY.as_secs()
+            ),
+            field: None,
+        }
+    }
     /// 413.
     pub fn too_large() -> Self {
         Self {

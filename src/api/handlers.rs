@@ -61,11 +61,7 @@ async fn peer_status(control: &Control, id: &Id, key: &PublicKey) -> Statuses {
 }
 
 fn tenant_view(state: &AppState, control: &Control, t: &Tenant) -> TenantView {
-    TenantView::new(
-        t,
-        &state.public_host,
-        control.runtime.local_addr(&t.id).is_some(),
-    )
+    TenantView::new(t, &state.public_host, control.runtime.is_running(&t.id))
 }
 
 /// Creates the tenant in the registry and binds its port, if it does not exist yet.
@@ -178,24 +174,43 @@ fn tenant_row<'a>(
     }
 }
 
+/// Hands the tenant's stored state to its tunnel, starting the tunnel first if
+/// it is down (its port was taken at start-up, say).
 async fn sync(control: &mut Control, id: &Id) -> Result<(), ApiError> {
     let Control {
         registry, runtime, ..
     } = control;
     let tenant = registry.tenant(id)?;
-    runtime.sync(tenant).await?;
-    Ok(())
+    runtime.bring_up(tenant).await.map_err(|e| match e {
+        // Its port is still taken (or its task ended again): down, not refused.
+        crate::io::RuntimeError::Bind { .. } | crate::io::RuntimeError::TaskGone(_) => {
+            ApiError::tunnel_down(&e)
+        }
+        e => e.into(),
+    })
 }
 
 // ---- health ----
 
-#[utoipa::path(get, path = "/healthz", tag = "operations", security(()), responses((status = 200, description = "Every tunnel is up", content_type = "text/plain", body = String), (status = 503, description = "A tunnel is down", content_type = "text/plain", body = String)))]
+#[utoipa::path(get, path = "/healthz", tag = "operations", security(()), responses((status = 200, description = "Every tunnel is up", content_type = "text/plain", body = String), (status = 503, description = "A stored tunnel is down (its port taken, say; tried again every 5 s), or the TUN device's reader ended", content_type = "text/plain", body = String)))]
 pub async fn healthz(State(state): Shared) -> Response {
     let control = state.control.lock().await;
-    if control.runtime.healthy() {
-        (StatusCode::OK, "ok\n").into_response()
+    let (mut tunnels, mut down) = (0usize, 0usize);
+    for t in control.registry.tenants() {
+        tunnels += 1;
+        down += usize::from(!control.runtime.is_running(&t.id));
+    }
+    if down > 0 {
+        let body = format!("{down} of {tunnels} tunnels down\n");
+        (StatusCode::SERVICE_UNAVAILABLE, body).into_response()
+    } else if !control.runtime.host_reading() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the host device's reader is down\n",
+        )
+            .into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "a tunnel is down\n").into_response()
+        (StatusCode::OK, "ok\n").into_response()
     }
 }
 
@@ -352,8 +367,12 @@ pub async fn put_router(
         changes
     });
     let (tenant, router) = find_router(&control, &t, &r)?;
-    if created_tenant == Put::Created || old_key.is_some_and(|k| k != router.public_key) {
-        // A new tunnel, or a key that replaces another: the whole peer set.
+    if created_tenant == Put::Created
+        || old_key.is_some_and(|k| k != router.public_key)
+        || !control.runtime.is_running(&t)
+    {
+        // A new tunnel, a key that replaces another, or a tunnel that is down
+        // (started now if its port is free): the whole peer set.
         sync(&mut control, &t).await.map_err(stored_but)?;
     } else {
         control
@@ -657,7 +676,7 @@ pub async fn put_client(
             .unwrap_or_default()
     });
     let (tenant, client) = find_client(&control, &t, &c)?;
-    if old_key.is_some_and(|k| k != client.public_key) {
+    if old_key.is_some_and(|k| k != client.public_key) || !control.runtime.is_running(&t) {
         sync(&mut control, &t).await.map_err(stored_but)?;
     } else {
         control

@@ -12,6 +12,7 @@ mod events;
 mod handlers;
 mod metrics;
 mod params;
+pub mod supervisor;
 pub mod views;
 
 use std::sync::Arc;

@@ -2,6 +2,9 @@
 //!
 //! The runtime binds each tunnel's socket before the tunnel is reported as created,
 //! so a port that cannot be bound is an error at the API, not a silent dead tunnel.
+//! A stored tunnel that cannot come up (its port taken at start, its task ended)
+//! is down, not gone: [`Runtime::bring_up`] starts it again, with its peers and
+//! forwards, whenever the control plane asks (see `api::supervisor`).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr, SocketAddrV4};
@@ -131,23 +134,53 @@ impl Runtime {
         self.tunnels.get(id).map(|h| h.local_addr)
     }
 
+    /// True when the tenant's tunnel task runs (false: never started, stopped,
+    /// or ended).
+    pub fn is_running(&self, id: &Id) -> bool {
+        self.tunnels.get(id).is_some_and(|h| !h.task.is_finished())
+    }
+
+    /// Makes the tenant's tunnel run with everything it carries: syncs a
+    /// running one; starts one that is not running, with its peers and its
+    /// routers' forwards. A forward that cannot be opened is logged, not an
+    /// error: the tunnel runs without it.
+    pub async fn bring_up(&mut self, tenant: &Tenant) -> Result<(), RuntimeError> {
+        if self.is_running(&tenant.id) {
+            return self.sync(tenant).await;
+        }
+        self.start(tenant).await?;
+        for router in tenant.routers.values() {
+            for (port, listen) in &router.forwards {
+                let target = SocketAddrV4::new(router.vpn_ip, *port);
+                if let Err(e) = self
+                    .set_forward(&tenant.id, &router.id, *port, *listen, target)
+                    .await
+                {
+                    tracing::error!(tenant = %tenant.id, router = %router.id, port, error = %e, "forward could not be opened");
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// TUN mode: the host device's drops by reason (none without a device).
     pub fn host_drops(&self) -> Option<[(&'static str, u64); 4]> {
         self.settings.host.as_ref().map(|h| h.drops().counts())
     }
 
-    /// True when every tunnel's task is running, and in TUN mode the host
-    /// device's reader too.
-    pub fn healthy(&self) -> bool {
-        self.tunnels.values().all(|h| !h.task.is_finished())
-            && self.settings.host.as_ref().is_none_or(|h| h.reading())
+    /// False when the TUN device's reader has ended (true without a device).
+    pub fn host_reading(&self) -> bool {
+        self.settings.host.as_ref().is_none_or(|h| h.reading())
     }
 
     /// Binds the tunnel's socket and starts its task with the tenant's peers.
     pub async fn start(&mut self, tenant: &Tenant) -> Result<(), RuntimeError> {
-        if self.tunnels.contains_key(&tenant.id) {
+        if self.is_running(&tenant.id) {
             return self.sync(tenant).await;
         }
+        // An ended task leaves its handle (and in TUN mode its routes): clear
+        // them before binding again.
+        self.stop(&tenant.id).await;
         let addr = SocketAddr::new(self.settings.bind, tenant.listen_port);
         let socket = super::udp::bind(addr)
             .and_then(super::udp::register)

@@ -84,6 +84,28 @@ impl Appliance {
         first_port: u16,
         envs: &[(&str, &str)],
     ) -> Result<Self, String> {
+        Self::launch(state, log_file, api_port, first_port, envs, true)
+    }
+
+    /// Like `start_with`, but ready once the API answers at all: `/healthz`
+    /// may say that a tunnel is down.
+    pub fn start_unhealthy(
+        state: tempfile::TempDir,
+        api_port: u16,
+        first_port: u16,
+    ) -> Result<Self, String> {
+        let log_file = state.path().join("wgplane.log");
+        Self::launch(state, &log_file, api_port, first_port, &[], false)
+    }
+
+    fn launch(
+        state: tempfile::TempDir,
+        log_file: &Path,
+        api_port: u16,
+        first_port: u16,
+        envs: &[(&str, &str)],
+        healthy: bool,
+    ) -> Result<Self, String> {
         let api: SocketAddr = ([127, 0, 0, 1], api_port).into();
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -136,7 +158,7 @@ impl Appliance {
                     .http
                     .get(format!("http://{api}/healthz"))
                     .send()
-                    .is_ok_and(|r| r.status().is_success());
+                    .is_ok_and(|r| r.status().is_success() || !healthy);
                 if ok && !t.trim().is_empty() {
                     app.token = t.trim().to_owned();
                     return Ok(app);

@@ -1,0 +1,64 @@
+//! Brings stored tunnels that are down back up: a tunnel whose port was taken
+//! when the appliance started, or whose task ended. Every [`RETRY`] it walks
+//! the registry under the control lock and starts what is not running, with
+//! its peers and forwards. A change through the API does the same at once.
+//!
+//! It logs a tunnel's failure once (and again only when the reason changes)
+//! and its recovery; `/healthz` and `wgplane_tunnel_up` show what is down
+//! meanwhile. It does not restart the process or the TUN device's reader.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::AppState;
+use crate::control::Id;
+
+/// How often tunnels that are down are tried again: a port freed by a
+/// lingering old process is taken within seconds, and a tunnel that cannot
+/// come up costs one failed `bind` per period.
+pub const RETRY: Duration = Duration::from_secs(5);
+
+/// Runs until the process ends.
+pub async fn run(state: Arc<AppState>) {
+    // Tunnels that failed, with the last reason logged.
+    let mut failing: HashMap<Id, String> = HashMap::new();
+    let mut tick = tokio::time::interval(RETRY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        revive_all(&state, &mut failing).await;
+    }
+}
+
+/// One pass: starts every tenant's tunnel that is not running.
+async fn revive_all(state: &AppState, failing: &mut HashMap<Id, String>) {
+    let mut guard = state.control.lock().await;
+    let control = &mut *guard;
+    let down: Vec<Id> = control
+        .registry
+        .tenants()
+        .filter(|t| !control.runtime.is_running(&t.id))
+        .map(|t| t.id.clone())
+        .collect();
+    // Deleted or running again (through the API) since the last pass.
+    failing.retain(|id, _| down.contains(id));
+    for id in down {
+        let Ok(tenant) = control.registry.tenant(&id) else {
+            continue;
+        };
+        match control.runtime.bring_up(tenant).await {
+            Ok(()) => {
+                failing.remove(&id);
+                tracing::info!(tenant = %id, "tunnel is back up");
+            }
+            Err(e) => {
+                let reason = e.to_string();
+                if failing.get(&id) != Some(&reason) {
+                    tracing::warn!(tenant = %id, error = %reason, retry_secs = RETRY.as_secs(), "tunnel still down");
+                    failing.insert(id, reason);
+                }
+            }
+        }
+    }
+}

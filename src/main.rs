@@ -458,6 +458,7 @@ async fn run(settings: Settings) -> Result<()> {
         }
     }
     tracing::info!(tunnels = restored, database = %database.display(), "state restored");
+    let (stop, stopping) = tokio::sync::watch::channel(false);
     let state = Arc::new(AppState {
         control: Mutex::new(Control {
             registry,
@@ -470,6 +471,7 @@ async fn run(settings: Settings) -> Result<()> {
         events: broadcast::channel(1024).0,
         event_stats: Arc::default(),
         api_requests: Default::default(),
+        stopping,
     });
     let webhooks = (!settings.events.webhooks.is_empty()).then(|| {
         let (queue, rx) = mpsc::channel(settings.events.webhook_queue);
@@ -493,12 +495,35 @@ async fn run(settings: Settings) -> Result<()> {
         .await
         .with_context(|| format!("cannot bind the admin API on {}", settings.api.listen))?;
     tracing::info!(listen = %settings.api.listen, token_file = %settings.token_file().display(), "admin API up");
-    axum::serve(listener, api::router(Arc::clone(&state)))
-        .with_graceful_shutdown(shutdown_signal())
-        .await?;
-    tracing::info!("shutting down");
+    let mut signalled = state.stopping.clone();
+    let serve =
+        axum::serve(listener, api::router(Arc::clone(&state))).with_graceful_shutdown(async move {
+            shutdown_signal().await;
+            tracing::info!("shutting down");
+            let _ = stop.send(true);
+        });
+    // Requests still open after the grace period do not hold the exit up.
+    let overdue = async move {
+        let _ = signalled.wait_for(|s| *s).await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    };
+    tokio::select! {
+        served = serve => served?,
+        () = overdue => tracing::warn!(grace_secs = SHUTDOWN_GRACE.as_secs(), "requests still open after the grace period"),
+    }
+    // Every change holds the control lock until it is stored and applied:
+    // with the lock, none is half-way.
+    let control = tokio::time::timeout(SHUTDOWN_GRACE, state.control.lock()).await;
+    if control.is_err() {
+        tracing::warn!("a change was still running at exit: its client got no answer, and it may or may not be stored");
+    }
+    tracing::info!("stopped");
     Ok(())
 }
+
+/// How long a shutdown waits for open requests, and then for a change under
+/// way, before the process exits anyway.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();

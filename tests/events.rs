@@ -137,3 +137,24 @@ fn connected_roamed_disconnected_on_sse_and_webhook() {
         "the refused delivery was retried"
     );
 }
+
+/// A shutdown (SIGTERM, as `docker stop` and systemd send) ends the event
+/// streams, so that a subscribed backend cannot hold the process up.
+#[test]
+fn sigterm_ends_the_event_streams_and_the_process() {
+    let mut app = Appliance::start();
+    let events = app.subscribe_events();
+    let status = app.terminate(Duration::from_secs(4));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "wgplane did not stop on SIGTERM ({status:?})\n{}",
+        app.log()
+    );
+    // The stream ended: the reader thread saw the end and hung up.
+    let ended = events.recv_timeout(Duration::from_secs(2));
+    assert!(
+        matches!(ended, Err(std::sync::mpsc::RecvTimeoutError::Disconnected)),
+        "{ended:?}"
+    );
+    assert!(app.log().contains("stopped"), "{}", app.log());
+}

@@ -13,7 +13,8 @@ use tokio_stream::{Stream, StreamExt};
 use super::AppState;
 
 /// Streams every peer event from now on. A subscriber that falls behind gets a
-/// `lagged` comment with the number of events it missed, then continues.
+/// `lagged` comment with the number of events it missed, then continues. The
+/// stream ends when the appliance shuts down.
 #[utoipa::path(get, path = "/events", tag = "events", responses((status = 200, description = "Server-Sent Events: peer_connected, peer_disconnected, peer_roamed; data is a PeerEvent", content_type = "text/event-stream", body = crate::io::events::PeerEvent), (status = 401, description = "Missing or wrong token", body = super::views::ErrorBody)))]
 pub async fn stream(
     State(state): State<Arc<AppState>>,
@@ -29,5 +30,13 @@ pub async fn stream(
             }
         })
     });
+    let mut stopping = state.stopping.clone();
+    let stop = async move {
+        // No sender: nobody can stop the appliance, so the stream runs on.
+        if stopping.wait_for(|s| *s).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    let events = futures_util::StreamExt::take_until(events, stop);
     Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
 }

@@ -57,6 +57,9 @@ pub struct AppState {
     pub event_stats: Arc<crate::io::events::EventStats>,
     /// API requests by route and status.
     pub api_requests: metrics::ApiCounters,
+    /// Turns true when the appliance shuts down: event streams end, so that
+    /// their connections close instead of holding the shutdown up.
+    pub stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 impl crate::io::events::Directory for Arc<AppState> {
@@ -349,6 +352,7 @@ mod tests {
             events: tokio::sync::broadcast::channel(8).0,
             event_stats: Arc::default(),
             api_requests: Default::default(),
+            stopping: tokio::sync::watch::channel(false).1,
         });
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
         loop {

@@ -17,7 +17,10 @@
 //!   ever connected, against the empty appliance and the N x 0 one;
 //! - **adding a peer**: `--adds` sequential `PUT /v1/tenants/{t}/routers/{id}` with
 //!   fresh public keys spread over the tenants, at N x M and at a small state
-//!   (10 x 10), with p50/p90/p99/max and their ratio.
+//!   (10 x 10), with p50/p90/p99/max and their ratio; and the same adds again
+//!   while another thread scrapes `GET /metrics` back to back;
+//! - **a scrape**: wall time, the appliance's CPU and the size of `GET /metrics`
+//!   at N x M peers and at the small state.
 //!
 //! The state directories are written directly through the library's `Registry` and
 //! `Store` (the same files `wgplane run --state-dir` opens: `state.db`, `master-key`,
@@ -518,12 +521,13 @@ impl Appliance {
         http: &reqwest::blocking::Client,
         tenants: usize,
         count: usize,
+        name: &str,
     ) -> Vec<f64> {
         let mut ms = Vec::with_capacity(count);
         for i in 0..count {
             let tenant = tenant_id(i * tenants / count);
             let body = json!({ "public_key": fresh_public_key() });
-            let url = format!("{}/tenants/{tenant}/routers/scale-add-{i}", self.api);
+            let url = format!("{}/tenants/{tenant}/routers/{name}-{i}", self.api);
             let t0 = Instant::now();
             let response = http
                 .put(&url)
@@ -538,6 +542,30 @@ impl Appliance {
         }
         ms.sort_by(f64::total_cmp);
         ms
+    }
+
+    /// `count` scrapes of `GET /metrics`: wall times in ms (sorted), the size
+    /// of the last answer in bytes, and the appliance's CPU per scrape.
+    fn scrape(&self, http: &reqwest::blocking::Client, count: usize) -> Scrapes {
+        let url = self.api.replace("/v1", "/metrics");
+        let mut ms = Vec::with_capacity(count);
+        let mut bytes = 0;
+        let cpu0 = self.cpu_time();
+        for _ in 0..count {
+            let t0 = Instant::now();
+            let response = http
+                .get(&url)
+                .send()
+                .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+            let status = response.status();
+            let text = response.bytes().unwrap_or_default();
+            ms.push(t0.elapsed().as_secs_f64() * 1e3);
+            assert_eq!(status.as_u16(), 200, "GET {url} answered {status}");
+            bytes = text.len();
+        }
+        let cpu_ms = (self.cpu_time() - cpu0).as_secs_f64() * 1e3 / count.max(1) as f64;
+        ms.sort_by(f64::total_cmp);
+        Scrapes { ms, bytes, cpu_ms }
     }
 
     /// SIGTERM, up to 5 s to exit, then SIGKILL; always by pid.
@@ -582,6 +610,21 @@ struct Run {
     adds: Option<Vec<f64>>,
     /// `commit_floor` measured right before the adds.
     commits: Option<Vec<f64>>,
+    /// `GET /metrics` after the adds.
+    scrapes: Scrapes,
+    /// The adds again, with `GET /metrics` running back to back meanwhile.
+    adds_scraping: Option<Vec<f64>>,
+}
+
+/// Scrapes of `GET /metrics`.
+#[derive(Default)]
+struct Scrapes {
+    /// Wall time of each, sorted, in ms.
+    ms: Vec<f64>,
+    /// Size of the answer.
+    bytes: usize,
+    /// The appliance's CPU time per scrape, in ms.
+    cpu_ms: f64,
 }
 
 impl Run {
@@ -610,7 +653,25 @@ fn measure(
     let rss_settled = app.status_bytes("VmRSS");
     let hwm = app.status_bytes("VmHWM");
     let commits = (adds > 0).then(|| commit_floor(adds));
-    let adds = (adds > 0).then(|| app.add_routers(http, state.tenants.max(1), adds));
+    let tenants = state.tenants.max(1);
+    let adds_count = adds;
+    let adds = (adds > 0).then(|| app.add_routers(http, tenants, adds_count, "scale-add"));
+    let scrapes = app.scrape(http, SCRAPES);
+    // The same adds again while `GET /metrics` runs back to back: a scrape
+    // must not hold changes up.
+    let adds_scraping = (adds_count > 0).then(|| {
+        let done = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                while !done.load(Ordering::Relaxed) {
+                    app.scrape(http, 1);
+                }
+            });
+            let v = app.add_routers(http, tenants, adds_count, "scraping-add");
+            done.store(true, Ordering::Relaxed);
+            v
+        })
+    });
     app.stop();
     Run {
         label,
@@ -624,8 +685,13 @@ fn measure(
         idle_cpu,
         adds,
         commits,
+        scrapes,
+        adds_scraping,
     }
 }
+
+/// Scrapes of `GET /metrics` per appliance.
+const SCRAPES: usize = 5;
 
 /// The in-process breakdown: heap of one tunnel's engine, empty and with its peers.
 struct EngineHeap {
@@ -961,6 +1027,25 @@ fn main() {
         p(adds_full, 0.5) / p(adds_small, 0.5).max(1e-9),
         p(adds_full, 0.99) / p(adds_small, 0.99).max(1e-9)
     );
+    let during = full.adds_scraping.as_deref().unwrap_or(&[]);
+    println!(
+        "| add a router at {} peers while `GET /metrics` runs back to back, p50 / p99 | {:.2} / {:.2} ms | < 5 ms | {} |",
+        n * m,
+        p(during, 0.5),
+        p(during, 0.99),
+        verdict(p(during, 0.99) < 5.0)
+    );
+    for r in [full, small_run] {
+        let v = &r.scrapes.ms;
+        println!(
+            "| `GET /metrics` at {} peers: wall p50 / max, appliance CPU per scrape, size | {:.0} / {:.0} ms, {:.0} ms, {:.1} MiB | | |",
+            r.total_peers(),
+            p(v, 0.5),
+            v.last().copied().unwrap_or(0.0),
+            r.scrapes.cpu_ms,
+            mib(r.scrapes.bytes as u64)
+        );
+    }
     println!(
         "| idle CPU over {} s: empty / tunnels only / full | {:.0} / {:.0} / {:.0} ms | full ~ tunnels only (timers follow active peers) | |",
         o.idle.as_secs(),

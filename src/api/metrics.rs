@@ -20,7 +20,7 @@ use metrics::{counter, describe_counter, describe_gauge, gauge};
 use metrics_exporter_prometheus::PrometheusBuilder;
 
 use super::AppState;
-use crate::control::Tenant;
+use crate::control::{Id, Tenant};
 use crate::core::policy::DropReason;
 use crate::io::tunnel::TunnelSnapshot;
 
@@ -51,48 +51,126 @@ pub async fn count_requests(
 }
 
 /// Renders every series.
+///
+/// Only what the series need is taken under the control lock, one tunnel at a
+/// time (its snapshot and its peers' labels); building the series and rendering the
+/// text, a few µs per series (about 2 s of CPU at 100,000 peers), run on a
+/// blocking thread, so that neither API changes nor the tunnels' worker
+/// threads wait for a scrape.
 #[utoipa::path(get, path = "/metrics", tag = "operations", security(()), responses((status = 200, description = "Prometheus text exposition", content_type = "text/plain", body = String)))]
 pub async fn scrape(State(state): State<Arc<AppState>>) -> Response {
-    let control = state.control.lock().await;
-    let mut tunnels: Vec<(&Tenant, Option<TunnelSnapshot>)> = Vec::new();
-    for t in control.registry.tenants() {
-        tunnels.push((t, control.runtime.snapshot(&t.id).await.ok()));
+    let (ids, host_drops) = {
+        let control = state.control.lock().await;
+        let ids: Vec<Id> = control.registry.tenants().map(|t| t.id.clone()).collect();
+        (ids, control.runtime.host_drops())
+    };
+    // One tunnel per lock: a change waits for one tunnel's snapshot at most.
+    let mut tunnels = Vec::with_capacity(ids.len());
+    for id in ids {
+        let control = state.control.lock().await;
+        let Ok(t) = control.registry.tenant(&id) else {
+            continue; // deleted meanwhile
+        };
+        let snapshot = control.runtime.snapshot(&id).await.ok();
+        tunnels.push(TunnelLabels::of(t, snapshot));
     }
-    let host_drops = control.runtime.host_drops();
-    let recorder = PrometheusBuilder::new().build_recorder();
-    metrics::with_local_recorder(&recorder, || {
-        describe();
-        let (now, wall) = (Instant::now(), SystemTime::now());
-        for (tenant, snapshot) in &tunnels {
-            tunnel_series(tenant, snapshot.as_ref(), now, wall);
+    let rendered = tokio::task::spawn_blocking(move || {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        metrics::with_local_recorder(&recorder, || {
+            describe();
+            let (now, wall) = (Instant::now(), SystemTime::now());
+            for tunnel in &tunnels {
+                tunnel_series(tunnel, now, wall);
+            }
+            for entry in state.api_requests.0.iter() {
+                let (route, method, status) = entry.key();
+                counter!("wgplane_api_requests_total",
+                    "route" => route.clone(), "method" => method.clone(), "status" => status.to_string())
+                .absolute(entry.value().load(Ordering::Relaxed));
+            }
+            for (reason, value) in host_drops.into_iter().flatten() {
+                counter!("wgplane_host_packets_dropped_total", "reason" => reason).absolute(value);
+            }
+            let e = &state.event_stats;
+            for (outcome, value) in [
+                ("published", &e.published),
+                ("webhook_delivered", &e.webhook_delivered),
+                ("webhook_failed", &e.webhook_failed),
+                ("webhook_dropped", &e.webhook_dropped),
+                ("lagged", &e.lagged),
+            ] {
+                counter!("wgplane_events_total", "outcome" => outcome)
+                    .absolute(value.load(Ordering::Relaxed));
+            }
+        });
+        recorder.handle().render()
+    })
+    .await;
+    match rendered {
+        Ok(text) => (
+            [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+            text,
+        )
+            .into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "metrics could not be rendered");
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR.into_response()
         }
-        for entry in state.api_requests.0.iter() {
-            let (route, method, status) = entry.key();
-            counter!("wgplane_api_requests_total",
-                "route" => route.clone(), "method" => method.clone(), "status" => status.to_string())
-            .absolute(entry.value().load(Ordering::Relaxed));
+    }
+}
+
+/// What one tunnel's series need, taken from the registry under the lock.
+struct TunnelLabels {
+    interface: String,
+    tenant: String,
+    peers: Vec<PeerLabels>,
+    /// Egress gateways: id and public key (none when the router is gone).
+    gateways: Vec<(String, Option<[u8; 32]>)>,
+    /// None: the tunnel is down.
+    snapshot: Option<TunnelSnapshot>,
+}
+
+struct PeerLabels {
+    kind: &'static str,
+    public_key: [u8; 32],
+    name: String,
+    /// Its addresses, comma-separated, as WireGuard exporters show them.
+    allowed_ips: String,
+}
+
+impl TunnelLabels {
+    fn of(tenant: &Tenant, snapshot: Option<TunnelSnapshot>) -> Self {
+        let routers = tenant.routers.values().map(|r| {
+            let mut allowed = format!("{}/32", r.vpn_ip);
+            for prefix in &r.extra_prefixes {
+                allowed.push(',');
+                allowed.push_str(&prefix.to_string());
+            }
+            PeerLabels {
+                kind: "router",
+                public_key: *r.public_key.as_bytes(),
+                name: r.name.clone(),
+                allowed_ips: allowed,
+            }
+        });
+        let clients = tenant.clients.values().map(|c| PeerLabels {
+            kind: "client",
+            public_key: *c.public_key.as_bytes(),
+            name: c.name.clone(),
+            allowed_ips: format!("{}/32", c.vpn_ip),
+        });
+        let gateways = tenant.egress.iter().flat_map(|e| &e.gateways).map(|g| {
+            let key = tenant.routers.get(g).map(|r| *r.public_key.as_bytes());
+            (g.to_string(), key)
+        });
+        Self {
+            interface: tenant.interface_name.clone(),
+            tenant: tenant.id.to_string(),
+            peers: routers.chain(clients).collect(),
+            gateways: gateways.collect(),
+            snapshot,
         }
-        for (reason, value) in host_drops.into_iter().flatten() {
-            counter!("wgplane_host_packets_dropped_total", "reason" => reason).absolute(value);
-        }
-        let e = &state.event_stats;
-        for (outcome, value) in [
-            ("published", &e.published),
-            ("webhook_delivered", &e.webhook_delivered),
-            ("webhook_failed", &e.webhook_failed),
-            ("webhook_dropped", &e.webhook_dropped),
-            ("lagged", &e.lagged),
-        ] {
-            counter!("wgplane_events_total", "outcome" => outcome)
-                .absolute(value.load(Ordering::Relaxed));
-        }
-    });
-    drop(control);
-    (
-        [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
-        recorder.handle().render(),
-    )
-        .into_response()
+    }
 }
 
 fn describe() {
@@ -163,45 +241,24 @@ fn describe() {
     );
 }
 
-fn tunnel_series(
-    tenant: &Tenant,
-    snapshot: Option<&TunnelSnapshot>,
-    now: Instant,
-    wall: SystemTime,
-) {
-    let interface = tenant.interface_name.clone();
-    let tid = tenant.id.to_string();
+fn tunnel_series(tunnel: &TunnelLabels, now: Instant, wall: SystemTime) {
+    let interface = &tunnel.interface;
+    let tid = &tunnel.tenant;
     gauge!("wgplane_tunnel_up", "interface" => interface.clone(), "tenant" => tid.clone())
-        .set(if snapshot.is_some() { 1.0 } else { 0.0 });
-    let Some(snap) = snapshot else { return };
+        .set(if tunnel.snapshot.is_some() { 1.0 } else { 0.0 });
+    let Some(snap) = &tunnel.snapshot else { return };
     let by_key: HashMap<&[u8; 32], _> = snap.peers.iter().map(|p| (&p.public_key, p)).collect();
 
     // Per peer, as WireGuard exporters name them.
     let mut peer_status: HashMap<(&'static str, &'static str), u64> = HashMap::new();
-    let peers = tenant
-        .routers
-        .values()
-        .map(|r| {
-            let mut allowed = vec![format!("{}/32", r.vpn_ip)];
-            allowed.extend(r.extra_prefixes.iter().map(ToString::to_string));
-            ("router", &r.public_key, &r.name, allowed)
-        })
-        .chain(tenant.clients.values().map(|c| {
-            (
-                "client",
-                &c.public_key,
-                &c.name,
-                vec![format!("{}/32", c.vpn_ip)],
-            )
-        }));
-    for (kind, key, name, allowed) in peers {
-        let status = by_key.get(key.as_bytes());
+    for peer in &tunnel.peers {
+        let status = by_key.get(&peer.public_key);
         let labels = [
             ("interface", interface.clone()),
             ("tenant", tid.clone()),
-            ("public_key", crate::keys::encode(key.as_bytes())),
-            ("allowed_ips", allowed.join(",")),
-            ("friendly_name", name.clone()),
+            ("public_key", crate::keys::encode(&peer.public_key)),
+            ("allowed_ips", peer.allowed_ips.clone()),
+            ("friendly_name", peer.name.clone()),
         ];
         let (rx, tx, handshake) = status.map_or((0, 0, None), |s| {
             (s.stats.rx_bytes, s.stats.tx_bytes, s.last_handshake)
@@ -218,7 +275,7 @@ fn tunnel_series(
             Some(age) if age.as_secs() < 180 => "connected",
             Some(_) => "stale",
         };
-        *peer_status.entry((kind, state)).or_default() += 1;
+        *peer_status.entry((peer.kind, state)).or_default() += 1;
     }
     for kind in ["router", "client"] {
         for state in ["pending", "connected", "stale"] {
@@ -230,17 +287,14 @@ fn tunnel_series(
     }
 
     // Gateway liveness, per egress gateway.
-    if let Some(egress) = &tenant.egress {
-        for g in &egress.gateways {
-            let live = tenant
-                .routers
-                .get(g)
-                .and_then(|r| by_key.get(r.public_key.as_bytes()))
-                .is_some_and(|s| s.live);
-            gauge!("wgplane_gateway_up", "interface" => interface.clone(), "tenant" => tid.clone(),
-                "gateway" => g.to_string())
-            .set(if live { 1.0 } else { 0.0 });
-        }
+    for (gateway, key) in &tunnel.gateways {
+        let live = key
+            .as_ref()
+            .and_then(|k| by_key.get(k))
+            .is_some_and(|s| s.live);
+        gauge!("wgplane_gateway_up", "interface" => interface.clone(), "tenant" => tid.clone(),
+            "gateway" => gateway.clone())
+        .set(if live { 1.0 } else { 0.0 });
     }
 
     // Tunnel counters.

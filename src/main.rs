@@ -467,6 +467,7 @@ async fn run(settings: Settings) -> Result<()> {
         }),
         token,
         metrics_need_token: settings.api.metrics_need_token,
+        metrics_per_peer: settings.api.metrics_per_peer,
         public_host: t.public_host.clone(),
         events: broadcast::channel(1024).0,
         event_stats: Arc::default(),

@@ -364,17 +364,7 @@ fn metrics_can_require_the_token() {
     let open = Appliance::start();
     assert_eq!(open.call_with("GET", "/metrics", None, None).0, 200);
 
-    let state = tempfile::tempdir().expect("tempdir");
-    let config = state.path().join("wgplane.toml");
-    std::fs::write(&config, "[api]\nmetrics_need_token = true\n").expect("config");
-    let config = config.to_string_lossy().into_owned();
-    let app = Appliance::start_with(
-        state,
-        support::free_tcp_port(),
-        support::free_udp_ports(4),
-        &[("WGPLANE_CONFIG", &config)],
-    )
-    .unwrap_or_else(|log| panic!("wgplane did not come up:\n{log}"));
+    let app = Appliance::start_with_config("[api]\nmetrics_need_token = true\n");
     for token in [None, Some("wrong")] {
         let (status, v) = app.call_with("GET", "/metrics", None, token);
         assert_eq!(status, 401, "{token:?}");

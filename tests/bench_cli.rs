@@ -270,17 +270,7 @@ fn above_the_process_budget_cookies_take_over_on_every_tunnel() {
 #[test]
 fn forwarded_counts_are_this_runs_even_on_a_reused_tenant_behind_a_metrics_token() {
     // /metrics wants the token here; the bench sends it.
-    let config_dir = tempfile::tempdir().expect("tempdir");
-    let config = config_dir.path().join("wgplane.toml");
-    std::fs::write(&config, "[api]\nmetrics_need_token = true\n").expect("config");
-    let state = tempfile::tempdir().expect("tempdir");
-    let app = Appliance::start_with(
-        state,
-        support::free_tcp_port(),
-        support::free_udp_ports(4),
-        &[("WGPLANE_CONFIG", config.to_str().expect("UTF-8 path"))],
-    )
-    .unwrap_or_else(|log| panic!("wgplane did not come up:\n{log}"));
+    let app = Appliance::start_with_config("[api]\nmetrics_need_token = true\n");
     let args = [
         "--tenant",
         "ktn",

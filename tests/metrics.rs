@@ -154,3 +154,40 @@ fn metrics_match_the_traffic() {
     app.expect("DELETE", "/v1/tenants/kitonga/clients/phone-1", None, 204);
     assert!(!app.scrape().contains(r#"friendly_name="phone""#));
 }
+
+/// `api.metrics_per_peer = false` (for very many peers, where each scrape would
+/// render hundreds of thousands of series) leaves out the `wireguard_*` series;
+/// the counts of peers by status remain.
+#[test]
+fn per_peer_series_can_be_turned_off() {
+    let app = Appliance::start_with_config("[api]\nmetrics_per_peer = false\n");
+    let tenant = app.expect("PUT", "/v1/tenants/kitonga", None, 201);
+    let key = tenant["server_public_key"].as_str().unwrap().to_owned();
+    let (secret, public) = keypair();
+    let body = format!(r#"{{"name":"r1","public_key":"{public}"}}"#);
+    app.expect("PUT", "/v1/tenants/kitonga/routers/r1", Some(&body), 201);
+    app.expect("PUT", "/v1/tenants/kitonga/routers/r2", Some("{}"), 201);
+    let endpoint: SocketAddr = ([127, 0, 0, 1], app.first_port).into();
+    let mut router = UdpPeer::new(secret, &key, endpoint, 1);
+    assert!(router.handshake());
+    // The appliance counts the handshake once the router's first packet on the
+    // new session arrives.
+    router.send(&ip_packet(ip("10.100.1.1"), ip("10.100.0.1"), 8));
+    let t = r#"tenant="kitonga""#;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut text = app.scrape();
+    while sample(&text, "wgplane_handshakes_total", &[t]) < 1.0
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(50));
+        text = app.scrape();
+    }
+    assert!(!text.contains("wireguard_"), "{text}");
+    assert!(!text.contains(&public), "{text}");
+    let routers = |status: &str| {
+        let status = format!(r#"status="{status}""#);
+        sample(&text, "wgplane_peers", &[t, r#"kind="router""#, &status])
+    };
+    assert_eq!((routers("connected"), routers("pending")), (1.0, 1.0));
+    assert_eq!(sample(&text, "wgplane_handshakes_total", &[t]), 1.0);
+}

@@ -72,7 +72,7 @@ pub async fn scrape(State(state): State<Arc<AppState>>) -> Response {
             continue; // deleted meanwhile
         };
         let snapshot = control.runtime.snapshot(&id).await.ok();
-        tunnels.push(TunnelLabels::of(t, snapshot));
+        tunnels.push(TunnelLabels::of(t, snapshot, state.metrics_per_peer));
     }
     let rendered = tokio::task::spawn_blocking(move || {
         let recorder = PrometheusBuilder::new().build_recorder();
@@ -80,7 +80,7 @@ pub async fn scrape(State(state): State<Arc<AppState>>) -> Response {
             describe();
             let (now, wall) = (Instant::now(), SystemTime::now());
             for tunnel in &tunnels {
-                tunnel_series(tunnel, now, wall);
+                tunnel_series(tunnel, state.metrics_per_peer, now, wall);
             }
             for entry in state.api_requests.0.iter() {
                 let (route, method, status) = entry.key();
@@ -139,25 +139,42 @@ struct PeerLabels {
 }
 
 impl TunnelLabels {
-    fn of(tenant: &Tenant, snapshot: Option<TunnelSnapshot>) -> Self {
+    /// The labels of `tenant`'s series; peers' names and addresses only for
+    /// the per-peer series (`per_peer`).
+    fn of(tenant: &Tenant, snapshot: Option<TunnelSnapshot>, per_peer: bool) -> Self {
         let routers = tenant.routers.values().map(|r| {
-            let mut allowed = format!("{}/32", r.vpn_ip);
-            for prefix in &r.extra_prefixes {
-                allowed.push(',');
-                allowed.push_str(&prefix.to_string());
+            let mut allowed = String::new();
+            if per_peer {
+                allowed = format!("{}/32", r.vpn_ip);
+                for prefix in &r.extra_prefixes {
+                    allowed.push(',');
+                    allowed.push_str(&prefix.to_string());
+                }
             }
             PeerLabels {
                 kind: "router",
                 public_key: *r.public_key.as_bytes(),
-                name: r.name.clone(),
+                name: if per_peer {
+                    r.name.clone()
+                } else {
+                    String::new()
+                },
                 allowed_ips: allowed,
             }
         });
         let clients = tenant.clients.values().map(|c| PeerLabels {
             kind: "client",
             public_key: *c.public_key.as_bytes(),
-            name: c.name.clone(),
-            allowed_ips: format!("{}/32", c.vpn_ip),
+            name: if per_peer {
+                c.name.clone()
+            } else {
+                String::new()
+            },
+            allowed_ips: if per_peer {
+                format!("{}/32", c.vpn_ip)
+            } else {
+                String::new()
+            },
         });
         let gateways = tenant.egress.iter().flat_map(|e| &e.gateways).map(|g| {
             let key = tenant.routers.get(g).map(|r| *r.public_key.as_bytes());
@@ -241,7 +258,8 @@ fn describe() {
     );
 }
 
-fn tunnel_series(tunnel: &TunnelLabels, now: Instant, wall: SystemTime) {
+/// One tunnel's series; the `wireguard_*` ones per peer only with `per_peer`.
+fn tunnel_series(tunnel: &TunnelLabels, per_peer: bool, now: Instant, wall: SystemTime) {
     let interface = &tunnel.interface;
     let tid = &tunnel.tenant;
     gauge!("wgplane_tunnel_up", "interface" => interface.clone(), "tenant" => tid.clone())
@@ -253,6 +271,16 @@ fn tunnel_series(tunnel: &TunnelLabels, now: Instant, wall: SystemTime) {
     let mut peer_status: HashMap<(&'static str, &'static str), u64> = HashMap::new();
     for peer in &tunnel.peers {
         let status = by_key.get(&peer.public_key);
+        let handshake = status.and_then(|s| s.last_handshake);
+        let state = match handshake.map(|h| now.saturating_duration_since(h)) {
+            None => "pending",
+            Some(age) if age.as_secs() < 180 => "connected",
+            Some(_) => "stale",
+        };
+        *peer_status.entry((peer.kind, state)).or_default() += 1;
+        if !per_peer {
+            continue;
+        }
         let labels = [
             ("interface", interface.clone()),
             ("tenant", tid.clone()),
@@ -260,9 +288,7 @@ fn tunnel_series(tunnel: &TunnelLabels, now: Instant, wall: SystemTime) {
             ("allowed_ips", peer.allowed_ips.clone()),
             ("friendly_name", peer.name.clone()),
         ];
-        let (rx, tx, handshake) = status.map_or((0, 0, None), |s| {
-            (s.stats.rx_bytes, s.stats.tx_bytes, s.last_handshake)
-        });
+        let (rx, tx) = status.map_or((0, 0), |s| (s.stats.rx_bytes, s.stats.tx_bytes));
         counter!("wireguard_sent_bytes_total", &labels).absolute(tx);
         counter!("wireguard_received_bytes_total", &labels).absolute(rx);
         let unix = handshake
@@ -270,12 +296,6 @@ fn tunnel_series(tunnel: &TunnelLabels, now: Instant, wall: SystemTime) {
             .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
             .map_or(0.0, |d| d.as_secs_f64().floor());
         gauge!("wireguard_latest_handshake_seconds", &labels).set(unix);
-        let state = match handshake.map(|h| now.saturating_duration_since(h)) {
-            None => "pending",
-            Some(age) if age.as_secs() < 180 => "connected",
-            Some(_) => "stale",
-        };
-        *peer_status.entry((peer.kind, state)).or_default() += 1;
     }
     for kind in ["router", "client"] {
         for state in ["pending", "connected", "stale"] {

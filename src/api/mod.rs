@@ -50,6 +50,8 @@ pub struct AppState {
     pub token: String,
     /// `/metrics` needs the token too (`api.metrics_need_token`).
     pub metrics_need_token: bool,
+    /// `/metrics` has the per-peer `wireguard_*` series (`api.metrics_per_peer`).
+    pub metrics_per_peer: bool,
     pub public_host: String,
     /// Named peer events, for SSE subscribers.
     pub events: tokio::sync::broadcast::Sender<crate::io::events::PeerEvent>,
@@ -348,6 +350,7 @@ mod tests {
             }),
             token: String::new(),
             metrics_need_token: false,
+            metrics_per_peer: true,
             public_host: "127.0.0.1".into(),
             events: tokio::sync::broadcast::channel(8).0,
             event_stats: Arc::default(),

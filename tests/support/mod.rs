@@ -63,6 +63,21 @@ impl Appliance {
             .unwrap_or_else(|log| panic!("wgplane did not come up:\n{log}"))
     }
 
+    /// Starts the binary on a fresh state dir with `toml` as its config file.
+    pub fn start_with_config(toml: &str) -> Self {
+        let state = tempfile::tempdir().expect("tempdir");
+        let config = state.path().join("wgplane.toml");
+        std::fs::write(&config, toml).expect("config");
+        let config = config.to_str().expect("UTF-8 path").to_owned();
+        Self::start_with(
+            state,
+            free_tcp_port(),
+            free_udp_ports(4),
+            &[("WGPLANE_CONFIG", &config)],
+        )
+        .unwrap_or_else(|log| panic!("wgplane did not come up:\n{log}"))
+    }
+
     /// Starts the binary on an existing state dir and given ports, with extra
     /// environment variables. Err carries the log when it exits or does not answer.
     pub fn start_with(

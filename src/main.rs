@@ -42,6 +42,22 @@ enum Command {
     /// Measure a running appliance: forward phone -> gateway packets through a
     /// throw-away tenant and report throughput and the appliance's CPU per GiB.
     Bench(BenchArgs),
+    /// Copy the state database to a file, consistently, also while the
+    /// appliance runs. Restore: the copy as `state.db` in a state directory,
+    /// with the same master key.
+    Backup(BackupArgs),
+}
+
+#[derive(Args)]
+struct BackupArgs {
+    /// Config file (TOML), for `state.dir`.
+    #[arg(long, env = "WGPLANE_CONFIG")]
+    config: Option<PathBuf>,
+    /// State directory (wins over the config file).
+    #[arg(long, env = "WGPLANE_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// Where the copy goes (replaced once the new copy is complete).
+    to: PathBuf,
 }
 
 #[derive(Args)]
@@ -234,6 +250,31 @@ fn main() -> Result<()> {
             } else {
                 print!("{}", wgplane::bench::table(&report));
             }
+            Ok(())
+        }
+        Command::Backup(args) => {
+            let mut settings = match &args.config {
+                Some(file) => Settings::load(file)?,
+                None => Settings::default(),
+            };
+            if let Some(dir) = &args.state_dir {
+                settings.state.dir.clone_from(dir);
+            }
+            // The copy holds sealed keys: it is the operator's alone, like the state.
+            // SAFETY: umask only sets the process's file-mode mask; it cannot fail.
+            unsafe { libc::umask(0o077) };
+            let database = settings.database();
+            let s = wgplane::store::backup::backup(&database, &args.to)?;
+            println!(
+                "{}: {} tenants, {} routers, {} clients (schema {}); restoring it needs the master key ({} or ${}), which is not in it",
+                args.to.display(),
+                s.tenants,
+                s.routers,
+                s.clients,
+                s.schema_version,
+                settings.master_key_file().display(),
+                settings.state.master_key_env
+            );
             Ok(())
         }
         Command::Run(args) => {

@@ -181,6 +181,50 @@ fn bench_refuses_tunnels_with_a_given_tenant() {
     );
 }
 
+/// `wgplane backup` of a directory that holds no state, or a database of
+/// something else, fails with the path in the message and writes nothing.
+#[test]
+fn backup_refuses_what_is_no_state_and_writes_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let copy = dir.path().join("copy.db");
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).expect("mkdir");
+    let backup = |state_dir: &std::path::Path| {
+        exits(
+            Command::new(support::binary())
+                .arg("backup")
+                .arg("--state-dir")
+                .arg(state_dir)
+                .arg(&copy)
+                .env_remove("WGPLANE_CONFIG")
+                .env_remove("WGPLANE_STATE_DIR"),
+        )
+    };
+    let out = backup(&empty);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains(&*empty.join("state.db").to_string_lossy()),
+        "{err}"
+    );
+
+    let other = dir.path().join("other");
+    std::fs::create_dir(&other).expect("mkdir");
+    rusqlite::Connection::open(other.join("state.db"))
+        .and_then(|c| c.execute_batch("CREATE TABLE t (x);"))
+        .expect("another database");
+    let out = backup(&other);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("not a wgplane state database"), "{err}");
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(left.len(), 2, "{left:?}");
+}
+
 /// Runs `cmd` and returns its output once it exits; should it still run after
 /// 30 s (a start-up that should have failed), it is killed by PID and the test
 /// fails instead of hanging.

@@ -136,13 +136,11 @@ fn kill_9_and_restart_restores_everything() {
 #[test]
 fn a_restarted_appliance_wakes_its_gateway_where_it_last_heard_from_it() {
     let app = Appliance::start();
-    let tenant = app.expect("PUT", "/v1/tenants/kitonga", None, 201);
-    let server_key = tenant["server_public_key"].as_str().unwrap().to_owned();
-    let (gw_secret, gw_public) = keypair();
-    app.put_gateway("kitonga", &gw_public);
-    let (p_secret, p_public) = keypair();
-    let body = format!(r#"{{"public_key":"{p_public}"}}"#);
-    app.expect("PUT", "/v1/tenants/kitonga/clients/phone", Some(&body), 201);
+    let support::Ktn {
+        server_key,
+        gateway: gw_secret,
+        phone: p_secret,
+    } = app.put_ktn("kitonga");
 
     let server: SocketAddr = ([127, 0, 0, 1], app.first_port).into();
     let mut gateway = UdpPeer::new(gw_secret, &server_key, server, 0x10);
@@ -262,6 +260,68 @@ fn a_tunnel_whose_port_is_taken_at_start_comes_up_once_it_is_free() {
     let mut r2 = UdpPeer::new(r2_secret, &server_key, server, 0x20);
     assert!(r1.handshake() && r2.handshake(), "{}", app.log());
     assert!(app.log().contains("tunnel is back up"), "{}", app.log());
+}
+
+/// `wgplane backup` copies the state while the appliance runs; the copy, with
+/// the master key, brings back every change acknowledged before it, keys
+/// included, and nothing after.
+#[test]
+fn a_backup_taken_while_running_restores_what_was_acknowledged_before_it() {
+    let app = Appliance::start();
+    let ktn = app.put_ktn("kitonga");
+    app.expect("PUT", "/v1/tenants/kitonga/routers/gen", Some("{}"), 201);
+
+    let out_dir = tempfile::tempdir().expect("tempdir");
+    let copy = out_dir.path().join("wgplane-backup.db");
+    let backup = std::process::Command::new(support::binary())
+        .arg("backup")
+        .arg("--state-dir")
+        .arg(app.state_dir())
+        .arg(&copy)
+        .env_remove("WGPLANE_CONFIG")
+        .output()
+        .expect("run wgplane backup");
+    let said = String::from_utf8_lossy(&backup.stdout);
+    assert!(
+        backup.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&backup.stderr)
+    );
+    assert!(said.contains("1 tenants, 2 routers, 1 clients"), "{said}");
+    assert!(said.contains("master key"), "{said}");
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&copy).unwrap().permissions());
+    assert_eq!(mode & 0o077, 0, "the copy is readable by others: {mode:o}");
+    // After the backup: not in it.
+    app.expect("PUT", "/v1/tenants/kitonga/routers/later", Some("{}"), 201);
+
+    let master_key = std::fs::read(app.state_dir().join("master-key")).expect("master key");
+    let (_, api_port, first_port) = app.kill9();
+    let restored = tempfile::tempdir().expect("tempdir");
+    std::fs::copy(&copy, restored.path().join("state.db")).expect("restore the copy");
+    std::fs::write(restored.path().join("master-key"), master_key).expect("master key");
+    let app =
+        Appliance::start_with(restored, api_port, first_port, &[]).expect("start on the copy");
+    let list = app.expect("GET", "/v1/tenants/kitonga/routers", None, 200);
+    let mut ids: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["router_id"].as_str().unwrap())
+        .collect();
+    ids.sort_unstable();
+    assert_eq!(ids, ["gen", "gw"]);
+
+    // The tunnel key and the policy came back: the phone's packets reach the gateway.
+    let server: SocketAddr = ([127, 0, 0, 1], first_port).into();
+    let mut gateway = UdpPeer::new(ktn.gateway, &ktn.server_key, server, 0x10);
+    let mut phone = UdpPeer::new(ktn.phone, &ktn.server_key, server, 0x20);
+    assert!(gateway.handshake() && phone.handshake(), "{}", app.log());
+    phone.send(&ip_packet(ip("10.200.0.2"), ip("198.18.0.1"), 64));
+    let got = gateway
+        .recv(Duration::from_secs(3))
+        .expect("through the gateway");
+    assert_eq!(parse(&got).unwrap().src, ip("10.200.0.2"));
 }
 
 #[test]

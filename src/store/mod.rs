@@ -8,6 +8,7 @@
 //!
 //! The store is written on the control path only, never per packet.
 
+pub mod backup;
 pub mod files;
 pub mod schema;
 pub mod seal;
@@ -526,7 +527,7 @@ fn tenant_of<'a>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::control::model::{ClientRequest, EgressRequest, RouterRequest, TenantRequest};
     use crate::control::registry::{AllocPolicy, Registry};
@@ -547,7 +548,8 @@ mod tests {
         Id::parse(s, "id").unwrap()
     }
 
-    fn provisioned() -> Registry {
+    /// A tenant with a gateway (with a forward), an egress policy and a client.
+    pub(crate) fn provisioned() -> Registry {
         let mut r = registry();
         let t = id("kitonga");
         r.put_tenant(&t, &TenantRequest::default(), SystemTime::now())
@@ -573,7 +575,8 @@ mod tests {
         r
     }
 
-    fn save_all(store: &mut Store, r: &Registry) {
+    /// Stores every object of `r` in one transaction.
+    pub(crate) fn save_all(store: &mut Store, r: &Registry) {
         let mut changes = Vec::new();
         for t in r.tenants() {
             changes.push(Change::Tenant(t));

@@ -312,6 +312,24 @@ impl Appliance {
         value
     }
 
+    /// Tenant `tenant` (new) set up for KTN: gateway router `gw` at
+    /// 10.100.0.40 and client `phone` (10.200.0.2), each with a key of the test.
+    pub fn put_ktn(&self, tenant: &str) -> Ktn {
+        let view = self.expect("PUT", &format!("/v1/tenants/{tenant}"), None, 201);
+        let server_key = view["server_public_key"].as_str().expect("key").to_owned();
+        let (gateway, gw_public) = keypair();
+        self.put_gateway(tenant, &gw_public);
+        let (phone, p_public) = keypair();
+        let body = format!(r#"{{"public_key":"{p_public}"}}"#);
+        let path = format!("/v1/tenants/{tenant}/clients/phone");
+        self.expect("PUT", &path, Some(&body), 201);
+        Ktn {
+            server_key,
+            gateway,
+            phone,
+        }
+    }
+
     /// Router `gw` of `tenant` with `public_key` at 10.100.0.40, made the
     /// gateway of the egress pool 10.200.0.0/24.
     pub fn put_gateway(&self, tenant: &str, public_key: &str) {
@@ -332,6 +350,14 @@ impl Drop for Appliance {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// What `Appliance::put_ktn` set up.
+pub struct Ktn {
+    /// The tunnel's public key (base64).
+    pub server_key: String,
+    pub gateway: StaticSecret,
+    pub phone: StaticSecret,
 }
 
 /// A WireGuard peer in the test process: a boringtun `Tunn` on its own UDP socket.

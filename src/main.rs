@@ -46,6 +46,23 @@ enum Command {
     /// appliance runs. Restore: the copy as `state.db` in a state directory,
     /// with the same master key.
     Backup(BackupArgs),
+    /// Seal every private key in the state under a new master key (the
+    /// appliance must be stopped). Start it afterwards with the new key.
+    Rekey(RekeyArgs),
+}
+
+#[derive(Args)]
+struct RekeyArgs {
+    /// Config file (TOML), for `state.dir` and where the current master key is.
+    #[arg(long, env = "WGPLANE_CONFIG")]
+    config: Option<PathBuf>,
+    /// State directory (wins over the config file).
+    #[arg(long, env = "WGPLANE_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// File with the new master key (base64 of 32 bytes); a new random key is
+    /// written there (mode 0600) if the file does not exist.
+    #[arg(long)]
+    new_key_file: PathBuf,
 }
 
 #[derive(Args)]
@@ -253,13 +270,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Backup(args) => {
-            let mut settings = match &args.config {
-                Some(file) => Settings::load(file)?,
-                None => Settings::default(),
-            };
-            if let Some(dir) = &args.state_dir {
-                settings.state.dir.clone_from(dir);
-            }
+            let settings = state_settings(args.config.as_deref(), args.state_dir.as_deref())?;
             // The copy holds sealed keys: it is the operator's alone, like the state.
             // SAFETY: umask only sets the process's file-mode mask; it cannot fail.
             unsafe { libc::umask(0o077) };
@@ -276,6 +287,12 @@ fn main() -> Result<()> {
                 settings.state.master_key_env
             );
             Ok(())
+        }
+        Command::Rekey(args) => {
+            // SAFETY: umask only sets the process's file-mode mask; it cannot fail.
+            unsafe { libc::umask(0o077) };
+            let settings = state_settings(args.config.as_deref(), args.state_dir.as_deref())?;
+            rekey(&settings, &args.new_key_file)
         }
         Command::Run(args) => {
             init_logging();
@@ -297,6 +314,60 @@ fn main() -> Result<()> {
                 .block_on(run(settings))
         }
     }
+}
+
+/// The settings of a command that only works on the state directory: the
+/// config file (or the defaults), and the directory given on its own.
+fn state_settings(config: Option<&Path>, state_dir: Option<&Path>) -> Result<Settings> {
+    let mut settings = match config {
+        Some(file) => Settings::load(file)?,
+        None => Settings::default(),
+    };
+    if let Some(dir) = state_dir {
+        settings.state.dir = dir.to_owned();
+    }
+    Ok(settings)
+}
+
+/// `wgplane rekey`: the state's private keys sealed under the key in
+/// `new_key_file` (made there when missing), with the appliance stopped.
+fn rekey(settings: &Settings, new_key_file: &Path) -> Result<()> {
+    let database = settings.database();
+    anyhow::ensure!(
+        database.exists(),
+        "no state database at {}",
+        database.display()
+    );
+    // Refused while an appliance runs on the directory: it holds the keys
+    // under the current master key.
+    let _lock = StateLock::acquire(&settings.state.dir)?;
+    let current = load_master_key(settings)?;
+    let new = match std::fs::read_to_string(new_key_file) {
+        Ok(text) => MasterKey::from_bytes(keys::decode(&text).with_context(|| {
+            format!(
+                "{} does not hold a base64 32-byte master key",
+                new_key_file.display()
+            )
+        })?),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key = MasterKey::generate();
+            write_private(new_key_file, &keys::encode(&key.to_bytes()))?;
+            println!("new master key written to {}", new_key_file.display());
+            key
+        }
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", new_key_file.display())),
+    };
+    let mut store = Store::open(&database, current)
+        .with_context(|| format!("cannot open {}", database.display()))?;
+    let count = store.rekey(new)?;
+    println!(
+        "{count} private keys sealed under the new master key; from now on only it opens {}: \
+         put it in {} or ${} before the next start, and keep the old key for backups made before",
+        database.display(),
+        settings.master_key_file().display(),
+        settings.state.master_key_env
+    );
+    Ok(())
 }
 
 /// File (or defaults), then variables and flags; validated before anything binds.

@@ -324,6 +324,65 @@ fn a_backup_taken_while_running_restores_what_was_acknowledged_before_it() {
     assert_eq!(parse(&got).unwrap().src, ip("10.200.0.2"));
 }
 
+/// `wgplane rekey` seals the state under a new master key: refused while the
+/// appliance runs; afterwards the new key opens the state with every key as
+/// it was, and the old one no longer does.
+#[test]
+fn rekey_moves_the_state_to_a_new_master_key() {
+    let app = Appliance::start();
+    let tenant = app.expect("PUT", "/v1/tenants/kitonga", None, 201);
+    app.expect("PUT", "/v1/tenants/kitonga/routers/gen", Some("{}"), 201);
+    let script = app.expect("GET", "/v1/tenants/kitonga/routers/gen/script", None, 200);
+    let old_key = std::fs::read_to_string(app.state_dir().join("master-key")).expect("key");
+    let keys_dir = tempfile::tempdir().expect("tempdir");
+    let new_key_file = keys_dir.path().join("new-master-key");
+    let rekey = |state: &std::path::Path| {
+        std::process::Command::new(support::binary())
+            .arg("rekey")
+            .arg("--state-dir")
+            .arg(state)
+            .arg("--new-key-file")
+            .arg(&new_key_file)
+            .env_remove("WGPLANE_CONFIG")
+            .env_remove("WGPLANE_MASTER_KEY")
+            .output()
+            .expect("run wgplane rekey")
+    };
+    let refused = rekey(app.state_dir());
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(said.contains("another wgplane is running"), "{said}");
+
+    let (state, api_port, first_port) = app.kill9();
+    let done = rekey(state.path());
+    let said = String::from_utf8_lossy(&done.stdout);
+    let err = String::from_utf8_lossy(&done.stderr);
+    assert!(done.status.success(), "{said}{err}");
+    // The tunnel's key and the router's generated one.
+    assert!(said.contains("2 private keys sealed"), "{said}");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&new_key_file)
+            .expect("new key written")
+            .permissions(),
+    );
+    assert_eq!(mode & 0o077, 0, "{mode:o}");
+    let new_key = std::fs::read_to_string(&new_key_file).expect("new key");
+
+    let key = [("WGPLANE_MASTER_KEY", new_key.trim())];
+    let app = Appliance::start_with(state, api_port, first_port, &key).expect("the new key");
+    let again = app.expect("GET", "/v1/tenants/kitonga", None, 200);
+    assert_eq!(again["server_public_key"], tenant["server_public_key"]);
+    let same = app.expect("GET", "/v1/tenants/kitonga/routers/gen/script", None, 200);
+    assert_eq!(same, script, "the router's generated key changed");
+
+    let (state, api_port, first_port) = app.kill9();
+    let key = [("WGPLANE_MASTER_KEY", old_key.trim())];
+    match Appliance::start_with(state, api_port, first_port, &key) {
+        Ok(_) => panic!("the old master key still opens the state"),
+        Err(log) => assert!(log.contains("master key does not match"), "{log}"),
+    }
+}
+
 #[test]
 fn a_wrong_master_key_stops_start_up() {
     let app = Appliance::start();

@@ -290,6 +290,46 @@ impl Store {
         Ok(tenants.into_values().collect())
     }
 
+    /// Seals every private key, and the key check, under `new` instead of
+    /// the current master key, in one transaction: from its commit on only
+    /// `new` opens the state. Returns how many private keys were sealed again.
+    pub fn rekey(&mut self, new: MasterKey) -> Result<usize, StoreError> {
+        // Each sealed column with the context its values are bound to.
+        const SEALED: [(&str, &str); 3] = [
+            ("tenants", "'tenant/' || id"),
+            ("routers", "'router/' || tenant_id || '/' || id"),
+            ("clients", "'client/' || tenant_id || '/' || id"),
+        ];
+        let tx = self.conn.transaction()?;
+        let mut count = 0;
+        for (table, context) in SEALED {
+            let rows: Vec<(i64, String, Vec<u8>)> = tx
+                .prepare(&format!(
+                    "SELECT rowid, {context}, private_key FROM {table} WHERE private_key IS NOT NULL"
+                ))?
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                .collect::<Result<_, _>>()?;
+            let mut update = tx.prepare(&format!(
+                "UPDATE {table} SET private_key = ?1 WHERE rowid = ?2"
+            ))?;
+            for (rowid, context, sealed) in rows {
+                let plain = self
+                    .master
+                    .open_key(&sealed, &context)
+                    .map_err(|e| corrupt(&context, &format!("private_key ({e})")))?;
+                update.execute(params![new.seal(&plain, &context), rowid])?;
+                count += 1;
+            }
+        }
+        tx.execute(
+            "UPDATE meta SET value = ?1 WHERE key = ?2",
+            params![new.seal(KEY_CHECK_PLAIN, KEY_CHECK), KEY_CHECK],
+        )?;
+        tx.commit()?;
+        self.master = new;
+        Ok(count)
+    }
+
     fn open_optional(
         &self,
         sealed: Option<Vec<u8>>,
@@ -592,6 +632,39 @@ pub(crate) mod tests {
             }
         }
         store.apply(&changes).unwrap();
+    }
+
+    /// Every private key of `tenants`, in order.
+    fn private_keys(tenants: &[Tenant]) -> Vec<[u8; 32]> {
+        let mut keys = Vec::new();
+        for t in tenants {
+            keys.push(t.secret.secret().to_bytes());
+            let routers = t.routers.values().filter_map(|r| r.private_key.as_ref());
+            let clients = t.clients.values().filter_map(|c| c.private_key.as_ref());
+            keys.extend(routers.chain(clients).map(|k| k.secret().to_bytes()));
+        }
+        keys
+    }
+
+    #[test]
+    fn a_new_master_key_opens_the_same_keys_and_the_old_one_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let (old, new) = (MasterKey::generate(), MasterKey::generate());
+        let mut store = Store::open(&path, old.clone()).unwrap();
+        save_all(&mut store, &provisioned());
+        let before = private_keys(&store.load().unwrap());
+        // The tunnel key, and the keys generated for the gateway and the phone.
+        assert_eq!(before.len(), 3);
+        assert_eq!(store.rekey(new.clone()).unwrap(), 3);
+        assert_eq!(private_keys(&store.load().unwrap()), before);
+        drop(store);
+        assert!(matches!(
+            Store::open(&path, old),
+            Err(StoreError::WrongMasterKey(_))
+        ));
+        let after = Store::open(&path, new).unwrap().load().unwrap();
+        assert_eq!(private_keys(&after), before);
     }
 
     #[test]

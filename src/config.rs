@@ -53,6 +53,28 @@ pub struct Settings {
     pub forwards: Vec<ForwardSetting>,
     /// TUN mode.
     pub tun: TunSettings,
+    /// Logging.
+    pub log: LogSettings,
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogSettings {
+    /// How each log line is written to stderr.
+    pub format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// For people: time, level, target, message, fields.
+    #[default]
+    Text,
+    /// One JSON object per line (`timestamp`, `level`, `target`, `fields`),
+    /// for log collectors.
+    Json,
 }
 
 /// `[tun]`

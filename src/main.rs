@@ -12,7 +12,7 @@ use ipnet::Ipv4Net;
 use tokio::sync::{broadcast, mpsc, Mutex};
 
 use wgplane::api::{self, AppState, Control};
-use wgplane::config::Settings;
+use wgplane::config::{LogFormat, Settings};
 use wgplane::control::registry::{AllocPolicy, Registry};
 use wgplane::control::Id;
 use wgplane::io::tun::HostDevice;
@@ -196,6 +196,9 @@ struct RunArgs {
     /// so a busy tunnel reads longer batches (false: the default policy).
     #[arg(long, env = "WGPLANE_BATCH_SCHEDULING", num_args = 0..=1, default_missing_value = "true")]
     batch_scheduling: Option<bool>,
+    /// Log lines as text or as JSON objects.
+    #[arg(long, env = "WGPLANE_LOG_FORMAT", value_enum)]
+    log_format: Option<LogFormat>,
     /// TUN mode: route the host into the tunnels through a kernel device.
     #[arg(long, env = "WGPLANE_TUN", num_args = 0..=1, default_missing_value = "true")]
     tun: Option<bool>,
@@ -253,7 +256,7 @@ fn main() -> Result<()> {
                 tenant: args.tenant.clone(),
             };
             // Progress (the measured window opening) goes to stderr.
-            init_logging();
+            init_logging(LogFormat::Text);
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
@@ -295,8 +298,8 @@ fn main() -> Result<()> {
             rekey(&settings, &args.new_key_file)
         }
         Command::Run(args) => {
-            init_logging();
             let settings = settings(&args)?;
+            init_logging(settings.log.format);
             // Everything the appliance creates (state directory, database and its
             // journal, token, master key) is its own alone: directories 0700,
             // files 0600.
@@ -414,6 +417,9 @@ fn settings(args: &RunArgs) -> Result<Settings> {
     }
     if let Some(v) = args.handshake_budget_per_second {
         s.tunnels.handshake_budget_per_second = v;
+    }
+    if let Some(v) = args.log_format {
+        s.log.format = v;
     }
     if let Some(v) = args.batch_scheduling {
         s.tunnels.batch_scheduling = v;
@@ -657,12 +663,16 @@ async fn shutdown_signal() {
 }
 
 /// Logs to stderr, `info` and up unless `RUST_LOG` says otherwise.
-fn init_logging() {
-    tracing_subscriber::fmt()
+fn init_logging(format: LogFormat) {
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => builder.json().with_ansi(false).init(),
+    }
 }

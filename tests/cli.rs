@@ -288,3 +288,39 @@ fn every_thread_runs_sched_batch_unless_turned_off() {
         "default policy: {policies:?}"
     );
 }
+
+/// `WGPLANE_LOG_FORMAT=json`: every log line is one JSON object, with the
+/// message and fields apart, and no private key in any of them.
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let state = tempfile::tempdir().expect("tempdir");
+    let app = support::Appliance::start_with(
+        state,
+        support::free_tcp_port(),
+        support::free_udp_ports(4),
+        &[("WGPLANE_LOG_FORMAT", "json")],
+    )
+    .unwrap_or_else(|log| panic!("wgplane did not come up:\n{log}"));
+    app.expect("PUT", "/v1/tenants/acme", None, 201);
+    app.expect("PUT", "/v1/tenants/acme/routers/r1", Some("{}"), 201);
+    let script = app.expect("GET", "/v1/tenants/acme/routers/r1/script", None, 200);
+    let private = script
+        .as_str()
+        .and_then(|s| s.split("private-key=\"").nth(1))
+        .and_then(|s| s.split('"').next())
+        .expect("the script carries the generated key")
+        .to_owned();
+    let log = app.log();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let up = lines
+        .iter()
+        .find(|l| l["fields"]["message"] == "tunnel up")
+        .unwrap_or_else(|| panic!("no tunnel-up line:\n{log}"));
+    assert_eq!(up["level"], "INFO");
+    assert_eq!(up["fields"]["tenant"], "acme");
+    assert!(!log.contains(&private), "a private key in the log");
+}

@@ -1,7 +1,8 @@
 //! The state database as start-up reads it, after someone edited it by hand or a
 //! disk returned garbage: arbitrary rows go into a real SQLite store, then the
 //! appliance's start-up path runs on it (load, registry restore, one engine per
-//! tunnel with its peers and egress policy) and a few API changes follow.
+//! tunnel with its peers and egress policy) and a few API changes follow; a
+//! state that loads is also sealed under a new master key and loaded again.
 //! Every step may refuse; none may panic, and what it accepts must be coherent
 //! enough for the data plane to take.
 #![no_main]
@@ -349,6 +350,12 @@ fn apply(registry: &mut Registry, op: &Op) {
     }
 }
 
+/// Every private key of `tenants`, in order.
+fn private_keys(tenants: &[wgplane::control::Tenant]) -> Vec<[u8; 32]> {
+    let keys = tenants.iter().flat_map(wgplane::control::Tenant::private_keys);
+    keys.map(|k| k.secret().to_bytes()).collect()
+}
+
 fuzz_target!(|input: Input| {
     // Memory-backed where there is one: the store syncs every commit to disk.
     let shm = std::path::Path::new("/dev/shm");
@@ -369,12 +376,21 @@ fuzz_target!(|input: Input| {
     write_rows(&conn, &master, &input);
     drop(conn);
 
-    let Ok(store) = Store::open(&path, MasterKey::from_bytes(MASTER)) else {
+    let Ok(mut store) = Store::open(&path, MasterKey::from_bytes(MASTER)) else {
         return;
     };
     let Ok(tenants) = store.load() else {
         return;
     };
+    // Every key that opened under the master key opens, the same, under a
+    // new one (`wgplane rekey`).
+    let before = private_keys(&tenants);
+    let resealed = store
+        .rekey(MasterKey::from_bytes([8; 32]))
+        .expect("every key of a state that loads is sealed again");
+    assert_eq!(resealed, before.len());
+    let again = store.load().expect("the state loads under the new key");
+    assert_eq!(private_keys(&again), before);
     let policy = AllocPolicy {
         first_port: 51820,
         supernet: "10.100.0.0/14".parse().expect("constant"),

@@ -142,6 +142,14 @@ pub struct EgressPolicy {
 }
 
 impl Tenant {
+    /// Every private key the tenant holds: the tunnel's, then those generated
+    /// here for its routers and clients.
+    pub fn private_keys(&self) -> impl Iterator<Item = &SecretKey> {
+        let routers = self.routers.values().filter_map(|r| r.private_key.as_ref());
+        let clients = self.clients.values().filter_map(|c| c.private_key.as_ref());
+        std::iter::once(&self.secret).chain(routers).chain(clients)
+    }
+
     /// The tunnel's own address (first host of the subnet).
     pub fn server_ip(&self) -> Ipv4Addr {
         crate::core::alloc::server_address(self.subnet)

@@ -636,14 +636,8 @@ pub(crate) mod tests {
 
     /// Every private key of `tenants`, in order.
     fn private_keys(tenants: &[Tenant]) -> Vec<[u8; 32]> {
-        let mut keys = Vec::new();
-        for t in tenants {
-            keys.push(t.secret.secret().to_bytes());
-            let routers = t.routers.values().filter_map(|r| r.private_key.as_ref());
-            let clients = t.clients.values().filter_map(|c| c.private_key.as_ref());
-            keys.extend(routers.chain(clients).map(|k| k.secret().to_bytes()));
-        }
-        keys
+        let keys = tenants.iter().flat_map(Tenant::private_keys);
+        keys.map(|k| k.secret().to_bytes()).collect()
     }
 
     #[test]

@@ -49,6 +49,19 @@ enum Command {
     /// Seal every private key in the state under a new master key (the
     /// appliance must be stopped). Start it afterwards with the new key.
     Rekey(RekeyArgs),
+    /// Ask a running appliance's `/healthz`: exit status 0 when every tunnel
+    /// is up, 1 otherwise (a container health check without curl).
+    Health(HealthArgs),
+}
+
+#[derive(Args)]
+struct HealthArgs {
+    /// Admin API of the appliance.
+    #[arg(long, env = "WGPLANE_API_URL", default_value = "http://127.0.0.1:8080")]
+    api: String,
+    /// Seconds to wait for the answer.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=300))]
+    timeout: u64,
 }
 
 #[derive(Args)]
@@ -296,6 +309,25 @@ fn main() -> Result<()> {
             unsafe { libc::umask(0o077) };
             let settings = state_settings(args.config.as_deref(), args.state_dir.as_deref())?;
             rekey(&settings, &args.new_key_file)
+        }
+        Command::Health(args) => {
+            let url = format!("{}/healthz", args.api.trim_end_matches('/'));
+            let answer = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(async {
+                    let client = reqwest::Client::builder()
+                        .timeout(Duration::from_secs(args.timeout))
+                        .build()?;
+                    let response = client.get(&url).send().await?;
+                    let status = response.status();
+                    Ok::<_, reqwest::Error>((status, response.text().await.unwrap_or_default()))
+                })
+                .with_context(|| format!("no answer from {url}"))?;
+            let (status, body) = answer;
+            print!("{body}");
+            anyhow::ensure!(status.is_success(), "{url} answered {status}");
+            Ok(())
         }
         Command::Run(args) => {
             let settings = settings(&args)?;

@@ -324,3 +324,27 @@ fn json_logs_are_one_object_per_line() {
     assert_eq!(up["fields"]["tenant"], "acme");
     assert!(!log.contains(&private), "a private key in the log");
 }
+
+/// `wgplane health` (a container health check without curl): exit status 0
+/// with `ok` while the appliance answers 200, 1 when nothing answers.
+#[test]
+fn health_says_whether_the_appliance_is_up() {
+    let app = support::Appliance::start();
+    let health = |api: &str| {
+        exits(
+            Command::new(support::binary())
+                .args(["health", "--timeout", "5", "--api", api])
+                .env_remove("WGPLANE_API_URL"),
+        )
+    };
+    let up = health(&format!("http://{}", app.api));
+    assert!(up.status.success(), "{up:?}");
+    assert_eq!(String::from_utf8_lossy(&up.stdout), "ok\n");
+    let nobody = format!("http://127.0.0.1:{}", support::free_tcp_port());
+    let down = health(&nobody);
+    assert!(!down.status.success());
+    assert!(
+        String::from_utf8_lossy(&down.stderr).contains("no answer"),
+        "{down:?}"
+    );
+}

@@ -80,7 +80,7 @@ pub async fn scrape(State(state): State<Arc<AppState>>) -> Response {
             describe();
             let (now, wall) = (Instant::now(), SystemTime::now());
             for tunnel in &tunnels {
-                tunnel_series(tunnel, state.metrics_per_peer, now, wall);
+                tunnel_series(tunnel, now, wall);
             }
             for entry in state.api_requests.0.iter() {
                 let (route, method, status) = entry.key();
@@ -133,48 +133,31 @@ struct TunnelLabels {
 struct PeerLabels {
     kind: &'static str,
     public_key: [u8; 32],
-    name: String,
-    /// Its addresses, comma-separated, as WireGuard exporters show them.
-    allowed_ips: String,
+    /// For the per-peer series (none when they are off): its name, and its
+    /// addresses comma-separated, as WireGuard exporters show them.
+    series: Option<(String, String)>,
 }
 
 impl TunnelLabels {
     /// The labels of `tenant`'s series; peers' names and addresses only for
     /// the per-peer series (`per_peer`).
     fn of(tenant: &Tenant, snapshot: Option<TunnelSnapshot>, per_peer: bool) -> Self {
-        let routers = tenant.routers.values().map(|r| {
-            let mut allowed = String::new();
-            if per_peer {
-                allowed = format!("{}/32", r.vpn_ip);
+        let routers = tenant.routers.values().map(|r| PeerLabels {
+            kind: "router",
+            public_key: *r.public_key.as_bytes(),
+            series: per_peer.then(|| {
+                let mut allowed = format!("{}/32", r.vpn_ip);
                 for prefix in &r.extra_prefixes {
                     allowed.push(',');
                     allowed.push_str(&prefix.to_string());
                 }
-            }
-            PeerLabels {
-                kind: "router",
-                public_key: *r.public_key.as_bytes(),
-                name: if per_peer {
-                    r.name.clone()
-                } else {
-                    String::new()
-                },
-                allowed_ips: allowed,
-            }
+                (r.name.clone(), allowed)
+            }),
         });
         let clients = tenant.clients.values().map(|c| PeerLabels {
             kind: "client",
             public_key: *c.public_key.as_bytes(),
-            name: if per_peer {
-                c.name.clone()
-            } else {
-                String::new()
-            },
-            allowed_ips: if per_peer {
-                format!("{}/32", c.vpn_ip)
-            } else {
-                String::new()
-            },
+            series: per_peer.then(|| (c.name.clone(), format!("{}/32", c.vpn_ip))),
         });
         let gateways = tenant.egress.iter().flat_map(|e| &e.gateways).map(|g| {
             let key = tenant.routers.get(g).map(|r| *r.public_key.as_bytes());
@@ -258,8 +241,8 @@ fn describe() {
     );
 }
 
-/// One tunnel's series; the `wireguard_*` ones per peer only with `per_peer`.
-fn tunnel_series(tunnel: &TunnelLabels, per_peer: bool, now: Instant, wall: SystemTime) {
+/// One tunnel's series; the `wireguard_*` ones for peers that have their labels.
+fn tunnel_series(tunnel: &TunnelLabels, now: Instant, wall: SystemTime) {
     let interface = &tunnel.interface;
     let tid = &tunnel.tenant;
     gauge!("wgplane_tunnel_up", "interface" => interface.clone(), "tenant" => tid.clone())
@@ -278,15 +261,15 @@ fn tunnel_series(tunnel: &TunnelLabels, per_peer: bool, now: Instant, wall: Syst
             Some(_) => "stale",
         };
         *peer_status.entry((peer.kind, state)).or_default() += 1;
-        if !per_peer {
+        let Some((name, allowed_ips)) = &peer.series else {
             continue;
-        }
+        };
         let labels = [
             ("interface", interface.clone()),
             ("tenant", tid.clone()),
             ("public_key", crate::keys::encode(&peer.public_key)),
-            ("allowed_ips", peer.allowed_ips.clone()),
-            ("friendly_name", peer.name.clone()),
+            ("allowed_ips", allowed_ips.clone()),
+            ("friendly_name", name.clone()),
         ];
         let (rx, tx) = status.map_or((0, 0), |s| (s.stats.rx_bytes, s.stats.tx_bytes));
         counter!("wireguard_sent_bytes_total", &labels).absolute(tx);

@@ -378,12 +378,7 @@ fn rekey(settings: &Settings, new_key_file: &Path) -> Result<()> {
     let _lock = StateLock::acquire(&settings.state.dir)?;
     let current = load_master_key(settings)?;
     let new = match std::fs::read_to_string(new_key_file) {
-        Ok(text) => MasterKey::from_bytes(keys::decode(&text).with_context(|| {
-            format!(
-                "{} does not hold a base64 32-byte master key",
-                new_key_file.display()
-            )
-        })?),
+        Ok(text) => decode_master_key(&text, &new_key_file.display().to_string())?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let key = MasterKey::generate();
             write_private(new_key_file, &keys::encode(&key.to_bytes()))?;
@@ -485,21 +480,23 @@ fn load_or_create_token(path: &Path) -> Result<String> {
     Ok(token)
 }
 
+/// A master key as its file or variable holds it; `origin` names which.
+fn decode_master_key(text: &str, origin: &str) -> Result<MasterKey> {
+    let bytes = keys::decode(text)
+        .with_context(|| format!("{origin} does not hold a base64 32-byte master key"))?;
+    Ok(MasterKey::from_bytes(bytes))
+}
+
 /// The master key: from the variable named in the config, else from the key file;
 /// generated into the file only when there is no state yet to open.
 fn load_master_key(settings: &Settings) -> Result<MasterKey> {
-    let decode = |text: &str, origin: &str| -> Result<MasterKey> {
-        let bytes = keys::decode(text)
-            .with_context(|| format!("{origin} does not hold a base64 32-byte master key"))?;
-        Ok(MasterKey::from_bytes(bytes))
-    };
     let var = &settings.state.master_key_env;
     if let Ok(text) = std::env::var(var) {
-        return decode(&text, &format!("environment variable {var}"));
+        return decode_master_key(&text, &format!("environment variable {var}"));
     }
     let file = settings.master_key_file();
     match std::fs::read_to_string(&file) {
-        Ok(text) => return decode(&text, &file.display().to_string()),
+        Ok(text) => return decode_master_key(&text, &file.display().to_string()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e).with_context(|| format!("cannot read {}", file.display())),
     }

@@ -67,15 +67,12 @@ pub struct AppState {
 impl crate::io::events::Directory for Arc<AppState> {
     async fn resolve(&self, tenant: &str, key: &[u8; 32]) -> Option<(&'static str, String)> {
         let id = crate::control::Id::parse(tenant, "tenant_id").ok()?;
+        use crate::control::registry::PeerWithKey;
         let control = self.control.lock().await;
-        if let Some(r) = control.registry.router_with_key(&id, key) {
-            return Some(("router", r.id.to_string()));
+        match control.registry.peer_with_key(&id, key)? {
+            PeerWithKey::Router(r) => Some(("router", r.id.to_string())),
+            PeerWithKey::Client(c) => Some(("client", c.id.to_string())),
         }
-        let t = control.registry.tenant(&id).ok()?;
-        t.clients
-            .values()
-            .find(|c| c.public_key.as_bytes() == key)
-            .map(|c| ("client", c.id.to_string()))
     }
 
     async fn routers_heard_at(

@@ -83,6 +83,14 @@ impl Occupancy {
         }
     }
 
+    /// The peer holding `key`: a router (true) or a client (false), and its id.
+    pub fn holder(&self, key: &[u8; 32]) -> Option<(bool, &Id)> {
+        match self.keys.get(key)? {
+            Holder::Router(id) => Some((true, id)),
+            Holder::Client(id) => Some((false, id)),
+        }
+    }
+
     /// True when a peer holds `ip`.
     pub fn holds(&self, ip: Ipv4Addr) -> bool {
         self.addresses.contains(&ip)

@@ -51,6 +51,13 @@ pub enum Put {
     Updated,
 }
 
+/// A tenant's peer found by its public key.
+#[derive(Debug, Clone, Copy)]
+pub enum PeerWithKey<'a> {
+    Router(&'a Router),
+    Client(&'a Client),
+}
+
 /// All tenants, with the allocation policy and the process-wide receiver indices.
 pub struct Registry {
     policy: AllocPolicy,
@@ -533,11 +540,38 @@ impl Registry {
 
     /// The router of the tenant with this public key, if any.
     pub fn router_with_key(&self, tenant_id: &Id, key: &[u8; 32]) -> Option<&Router> {
-        self.tenants
-            .get(tenant_id)?
-            .routers
-            .values()
-            .find(|r| r.public_key.as_bytes() == key)
+        match self.peer_with_key(tenant_id, key)? {
+            PeerWithKey::Router(r) => Some(r),
+            PeerWithKey::Client(_) => None,
+        }
+    }
+
+    /// The router or client of the tenant with this public key, if any. The
+    /// tenant's key index answers in O(1) (the event hub asks for every
+    /// handshake of a reconnect wave); while it is being rebuilt after an undone
+    /// change, the peers are scanned.
+    pub fn peer_with_key(&self, tenant_id: &Id, key: &[u8; 32]) -> Option<PeerWithKey<'_>> {
+        let tenant = self.tenants.get(tenant_id)?;
+        let Some(occupancy) = self.occupancy.get(tenant_id) else {
+            let router = tenant
+                .routers
+                .values()
+                .find(|r| r.public_key.as_bytes() == key);
+            let client = || {
+                tenant
+                    .clients
+                    .values()
+                    .find(|c| c.public_key.as_bytes() == key)
+            };
+            return match router {
+                Some(r) => Some(PeerWithKey::Router(r)),
+                None => client().map(PeerWithKey::Client),
+            };
+        };
+        match occupancy.holder(key)? {
+            (true, id) => tenant.routers.get(id).map(PeerWithKey::Router),
+            (false, id) => tenant.clients.get(id).map(PeerWithKey::Client),
+        }
     }
 
     /// Records where the data plane last authenticated a router.
@@ -934,6 +968,14 @@ fn peer_indices(t: &Tenant) -> impl Iterator<Item = u32> + '_ {
 mod tests {
     use super::*;
 
+    /// An egress policy: `pool` leaves through the one router `gateway`.
+    fn egress(pool: &str, gateway: &str) -> EgressRequest {
+        EgressRequest {
+            pool: pool.into(),
+            gateways: vec![gateway.into()],
+        }
+    }
+
     fn registry() -> Registry {
         Registry::new(
             AllocPolicy {
@@ -961,10 +1003,7 @@ mod tests {
         for (t, p) in [("a", "r1"), ("a", "gw"), ("b", "r1")] {
             r.put_router(&id(t), &id(p), &Default::default()).unwrap();
         }
-        let egress = EgressRequest {
-            pool: "10.200.0.0/24".into(),
-            gateways: vec!["gw".into()],
-        };
+        let egress = egress("10.200.0.0/24", "gw");
         r.put_egress(&id("a"), &egress).unwrap();
         r.put_client(&id("a"), &id("phone"), &Default::default())
             .unwrap();
@@ -1246,10 +1285,7 @@ mod tests {
         r.put_tenant(&id("b"), &Default::default(), now()).unwrap();
         r.put_router(&id("b"), &id("gw"), &Default::default())
             .unwrap();
-        let pool = |p: &str| EgressRequest {
-            pool: p.into(),
-            gateways: vec!["gw".into()],
-        };
+        let pool = |p: &str| egress(p, "gw");
         let e = r.put_egress(&id("b"), &pool("10.201.0.0/24")).unwrap_err();
         assert_eq!(e.field_name(), Some("pool"), "{e}");
         let e = r.put_egress(&id("a"), &pool("10.201.5.0/24")).unwrap_err();
@@ -1295,10 +1331,7 @@ mod tests {
         r.put_tenant(&id("a"), &Default::default(), now()).unwrap();
         r.put_router(&id("a"), &id("gw"), &Default::default())
             .unwrap();
-        let req = EgressRequest {
-            pool: "127.0.0.0/24".into(),
-            gateways: vec!["gw".into()],
-        };
+        let req = egress("127.0.0.0/24", "gw");
         let e = r.put_egress(&id("a"), &req).unwrap_err();
         assert_eq!(e.field_name(), Some("pool"), "{e}");
     }
@@ -1309,10 +1342,7 @@ mod tests {
         r.put_tenant(&id("a"), &Default::default(), now()).unwrap();
         r.put_router(&id("a"), &id("gw"), &Default::default())
             .unwrap();
-        let pool = |p: &str| EgressRequest {
-            pool: p.into(),
-            gateways: vec!["gw".into()],
-        };
+        let pool = |p: &str| egress(p, "gw");
         r.put_egress(&id("a"), &pool("10.200.0.0/23")).unwrap();
         let at = ClientRequest {
             vpn_ip: Some("10.200.1.0".into()),
@@ -1348,6 +1378,55 @@ mod tests {
         r.reinstate(&id("b"), None);
         assert_eq!(r.indices.in_use(), 1);
         assert!(r.tenant(&id("b")).is_err());
+    }
+
+    #[test]
+    fn peers_are_found_by_key_through_the_index_and_without_it() {
+        fn found(r: &Registry, key: &PublicKey) -> Option<(bool, String)> {
+            match r.peer_with_key(&id("a"), key.as_bytes())? {
+                PeerWithKey::Router(x) => Some((true, x.id.to_string())),
+                PeerWithKey::Client(x) => Some((false, x.id.to_string())),
+            }
+        }
+        let mut r = registry();
+        r.put_tenant(&id("a"), &Default::default(), now()).unwrap();
+        r.put_router(&id("a"), &id("r1"), &Default::default())
+            .unwrap();
+        r.put_egress(&id("a"), &egress("10.200.0.0/24", "r1"))
+            .unwrap();
+        r.put_client(&id("a"), &id("p1"), &Default::default())
+            .unwrap();
+        let t = r.tenant(&id("a")).unwrap();
+        let (router, client) = (t.routers[&id("r1")].clone(), t.clients[&id("p1")].clone());
+        let stranger = SecretKey::generate().public();
+        let expect = |r: &Registry| {
+            assert_eq!(found(r, &router.public_key), Some((true, "r1".into())));
+            assert_eq!(found(r, &client.public_key), Some((false, "p1".into())));
+            assert_eq!(found(r, &stranger), None);
+            assert!(r
+                .router_with_key(&id("a"), client.public_key.as_bytes())
+                .is_none());
+            assert!(r
+                .peer_with_key(&id("b"), router.public_key.as_bytes())
+                .is_none());
+        };
+        assert!(r.occupancy.contains_key(&id("a")), "through the index");
+        expect(&r);
+        // An undone change drops the index until the next change rebuilds it.
+        r.reinstate_client(&id("a"), &id("p1"), Some(client.clone()));
+        assert!(!r.occupancy.contains_key(&id("a")), "by a scan");
+        expect(&r);
+        // A new key: the old one belongs to nobody, through the index too.
+        let rekey = ClientRequest {
+            public_key: Some(keys::encode(stranger.as_bytes())),
+            ..Default::default()
+        };
+        r.put_client(&id("a"), &id("p1"), &rekey).unwrap();
+        assert_eq!(found(&r, &client.public_key), None);
+        assert_eq!(found(&r, &stranger), Some((false, "p1".into())));
+        r.delete_router(&id("a"), &id("r1")).unwrap_err();
+        r.delete_client(&id("a"), &id("p1")).unwrap();
+        assert_eq!(found(&r, &stranger), None);
     }
 
     #[test]
@@ -1427,14 +1506,8 @@ mod tests {
         r.indices.free(after.index);
 
         // Clients alike.
-        r.put_egress(
-            &id("a"),
-            &EgressRequest {
-                pool: "10.200.0.0/24".into(),
-                gateways: vec!["r1".into()],
-            },
-        )
-        .unwrap();
+        r.put_egress(&id("a"), &egress("10.200.0.0/24", "r1"))
+            .unwrap();
         r.put_client(&id("a"), &id("p1"), &Default::default())
             .unwrap();
         let before = r.tenant(&id("a")).unwrap().clients[&id("p1")].clone();
@@ -1473,11 +1546,8 @@ mod tests {
         r.put_tenant(&id("a"), &Default::default(), now()).unwrap();
         r.put_router(&id("a"), &id("gw"), &Default::default())
             .unwrap();
-        let pool = EgressRequest {
-            pool: "10.200.0.0/24".into(),
-            gateways: vec!["gw".into()],
-        };
-        r.put_egress(&id("a"), &pool).unwrap();
+        r.put_egress(&id("a"), &egress("10.200.0.0/24", "gw"))
+            .unwrap();
         let dns = |list: Vec<String>| ClientRequest {
             dns: Some(list),
             ..Default::default()
@@ -1503,10 +1573,7 @@ mod tests {
             r.put_client(&id("a"), &id("p1"), &Default::default()),
             Err(ControlError::NoEgress)
         );
-        let req = EgressRequest {
-            pool: "10.200.0.0/24".into(),
-            gateways: vec!["gw".into()],
-        };
+        let req = egress("10.200.0.0/24", "gw");
         assert_eq!(r.put_egress(&id("a"), &req), Ok(Put::Created));
         r.put_client(&id("a"), &id("p1"), &Default::default())
             .unwrap();

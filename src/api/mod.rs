@@ -245,19 +245,28 @@ fn describe(api: &mut utoipa::openapi::OpenApi) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod testing {
+    //! One tenant (`acme`) with one router (`gw`) whose key the test holds,
+    //! stored, with its tunnel running on loopback, behind an [`AppState`].
+
     use super::*;
     use crate::control::model::{RouterRequest, TenantRequest};
     use crate::control::registry::AllocPolicy;
     use crate::control::Id;
-    use crate::io::events::Directory;
     use boringtun::noise::{Tunn, TunnResult};
     use boringtun::x25519::{PublicKey, StaticSecret};
 
-    /// When the event hub has lost events, every router's endpoint is taken
-    /// from the running tunnel, stored, and recorded in the registry.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn lost_events_are_made_up_from_the_running_tunnels() {
+    pub struct Fixture {
+        pub state: Arc<AppState>,
+        pub acme: Id,
+        pub gw: Id,
+        router_secret: StaticSecret,
+        server: std::net::SocketAddr,
+        server_key: PublicKey,
+        _dir: tempfile::TempDir,
+    }
+
+    pub async fn fixture() -> Fixture {
         let port = std::net::UdpSocket::bind("127.0.0.1:0")
             .and_then(|s| s.local_addr())
             .unwrap()
@@ -280,9 +289,11 @@ mod tests {
                 std::time::SystemTime::now(),
             )
             .unwrap();
-        let secret = StaticSecret::random_from_rng(rand_core::OsRng);
+        let router_secret = StaticSecret::random_from_rng(rand_core::OsRng);
         let req = RouterRequest {
-            public_key: Some(crate::keys::encode(PublicKey::from(&secret).as_bytes())),
+            public_key: Some(crate::keys::encode(
+                PublicKey::from(&router_secret).as_bytes(),
+            )),
             ..Default::default()
         };
         registry.put_router(&acme, &gw, &req).unwrap();
@@ -308,37 +319,7 @@ mod tests {
             handshake_budget_per_second: 2_000,
             host: None,
         });
-        runtime.start(&tenant).await.unwrap();
-
-        // The router handshakes; no event hub runs.
-        let server = std::net::SocketAddr::from(([127, 0, 0, 1], tenant.listen_port));
-        let server_key = tenant.public_key;
-        let heard_at = tokio::task::spawn_blocking(move || {
-            let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-            socket
-                .set_read_timeout(Some(std::time::Duration::from_secs(5)))
-                .unwrap();
-            let mut tunn = Tunn::new(secret, server_key, None, None, 1, None);
-            let mut buf = vec![0u8; 2048];
-            if let TunnResult::WriteToNetwork(init) =
-                tunn.format_handshake_initiation(&mut buf, true)
-            {
-                socket.send_to(init, server).unwrap();
-            }
-            let mut datagram = vec![0u8; 2048];
-            let (n, _) = socket.recv_from(&mut datagram).unwrap();
-            // The response completes the handshake; boringtun answers with a
-            // keepalive, which confirms the session on the appliance's side.
-            if let TunnResult::WriteToNetwork(keepalive) =
-                tunn.decapsulate(None, &datagram[..n], &mut buf)
-            {
-                socket.send_to(keepalive, server).unwrap();
-            }
-            socket.local_addr().unwrap()
-        })
-        .await
-        .unwrap();
-
+        runtime.bring_up(&tenant).await.unwrap();
         let state = Arc::new(AppState {
             control: Mutex::new(Control {
                 registry,
@@ -354,11 +335,72 @@ mod tests {
             api_requests: Default::default(),
             stopping: tokio::sync::watch::channel(false).1,
         });
+        Fixture {
+            state,
+            acme,
+            gw,
+            router_secret,
+            server: std::net::SocketAddr::from(([127, 0, 0, 1], tenant.listen_port)),
+            server_key: tenant.public_key,
+            _dir: dir,
+        }
+    }
+
+    impl Fixture {
+        /// The router handshakes with the tunnel from a fresh socket, whose
+        /// address it returns; panics when the tunnel does not answer within 5 s.
+        pub async fn router_handshakes(&self) -> std::net::SocketAddr {
+            let (secret, server_key, server) =
+                (self.router_secret.clone(), self.server_key, self.server);
+            tokio::task::spawn_blocking(move || {
+                let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+                socket
+                    .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+                    .unwrap();
+                let mut tunn = Tunn::new(secret, server_key, None, None, 1, None);
+                let mut buf = vec![0u8; 2048];
+                if let TunnResult::WriteToNetwork(init) =
+                    tunn.format_handshake_initiation(&mut buf, true)
+                {
+                    socket.send_to(init, server).unwrap();
+                }
+                let mut datagram = vec![0u8; 2048];
+                let (n, _) = socket
+                    .recv_from(&mut datagram)
+                    .expect("a handshake response");
+                // The response completes the handshake; boringtun answers with a
+                // keepalive, which confirms the session on the appliance's side.
+                if let TunnResult::WriteToNetwork(keepalive) =
+                    tunn.decapsulate(None, &datagram[..n], &mut buf)
+                {
+                    socket.send_to(keepalive, server).unwrap();
+                }
+                socket.local_addr().unwrap()
+            })
+            .await
+            .unwrap()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::io::events::Directory;
+
+    /// When the event hub has lost events, every router's endpoint is taken
+    /// from the running tunnel, stored, and recorded in the registry.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn lost_events_are_made_up_from_the_running_tunnels() {
+        let f = super::testing::fixture().await;
+        // The router handshakes; no event hub runs.
+        let heard_at = f.router_handshakes().await;
+        let state = &f.state;
+        let (acme, gw) = (&f.acme, &f.gw);
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
         loop {
             state.reconcile_router_endpoints().await.expect("stored");
             let control = state.control.lock().await;
-            let endpoint = control.registry.tenant(&acme).unwrap().routers[&gw].endpoint;
+            let endpoint = control.registry.tenant(acme).unwrap().routers[gw].endpoint;
             if endpoint == Some(heard_at) {
                 break;
             }
@@ -368,7 +410,7 @@ mod tests {
         }
         let mut control = state.control.lock().await;
         let loaded = control.store.get_mut().unwrap().load().unwrap();
-        assert_eq!(loaded[0].routers[&gw].endpoint, Some(heard_at), "stored");
-        control.runtime.stop(&acme).await;
+        assert_eq!(loaded[0].routers[gw].endpoint, Some(heard_at), "stored");
+        control.runtime.stop(acme).await;
     }
 }

@@ -140,6 +140,14 @@ impl Runtime {
         self.tunnels.get(id).is_some_and(|h| !h.task.is_finished())
     }
 
+    /// Ends the tenant's tunnel task as a bug (a panic) would: its handle stays.
+    #[cfg(test)]
+    pub(crate) fn end_task(&self, id: &Id) {
+        if let Some(h) = self.tunnels.get(id) {
+            h.task.abort();
+        }
+    }
+
     /// Makes the tenant's tunnel run with everything it carries: syncs a
     /// running one; starts one that is not running, with its peers and its
     /// routers' forwards. A forward that cannot be opened is logged, not an

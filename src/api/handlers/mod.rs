@@ -1,0 +1,231 @@
+//! Route handlers. Each one: parse ids, lock, change the registry, store the
+//! change (undone if the store refuses it), apply it to the running tunnel,
+//! answer. One file per resource (`tenants`, `routers` with their forwards,
+//! `clients` with the egress policy, `diagnostics`); this file holds what they
+//! share, and `/healthz`. Validation is the registry's, the wire format `views`'.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+
+use super::views::{Statuses, TenantView};
+use super::{ApiError, AppState, Control};
+use crate::control::model::TenantRequest;
+use crate::control::registry::Put;
+use crate::control::{Client, Id, Router, Tenant};
+use crate::store::Change;
+use boringtun::x25519::PublicKey;
+
+pub(super) type Shared = State<Arc<AppState>>;
+pub(super) type ApiResult = Result<Response, ApiError>;
+
+fn tenant_id(text: &str) -> Result<Id, ApiError> {
+    Ok(Id::parse(text, "tenant_id")?)
+}
+
+fn status_of(put: Put) -> StatusCode {
+    match put {
+        Put::Created => StatusCode::CREATED,
+        Put::Updated => StatusCode::OK,
+    }
+}
+
+async fn statuses(control: &Control, id: &Id) -> Statuses {
+    match control.runtime.snapshot(id).await {
+        Ok(snapshot) => snapshot
+            .peers
+            .into_iter()
+            .map(|p| (p.public_key, p))
+            .collect(),
+        Err(_) => Statuses::new(),
+    }
+}
+
+/// One peer's status, as a one-entry [`Statuses`] for the views.
+async fn peer_status(control: &Control, id: &Id, key: &PublicKey) -> Statuses {
+    match control.runtime.peer_status(id, *key.as_bytes()).await {
+        Ok(Some(status)) => Statuses::from([(status.public_key, status)]),
+        _ => Statuses::new(),
+    }
+}
+
+fn tenant_view(state: &AppState, control: &Control, t: &Tenant) -> TenantView {
+    TenantView::new(t, &state.public_host, control.runtime.is_running(&t.id))
+}
+
+/// Creates the tenant in the registry and binds its port, if it does not exist yet.
+/// Nothing is stored: the caller persists the tenant together with its own change.
+async fn ensure_tenant(
+    control: &mut Control,
+    id: &Id,
+    req: &TenantRequest,
+) -> Result<Put, ApiError> {
+    let put = control.registry.put_tenant(id, req, SystemTime::now())?;
+    if put == Put::Created {
+        let started = match control.registry.tenant(id) {
+            Ok(t) => control.runtime.start(t).await,
+            Err(e) => return Err(e.into()),
+        };
+        if let Err(e) = started {
+            // A tenant whose port cannot be bound does not exist.
+            let _ = control.registry.delete_tenant(id);
+            return Err(e.into());
+        }
+    }
+    Ok(put)
+}
+
+/// What a change to a tenant puts back if it cannot be stored.
+enum Before {
+    /// The whole tenant (none: it did not exist; its tunnel is stopped).
+    Tenant(Option<Tenant>),
+    /// One router of an existing tenant (none: it did not exist). Saving one peer
+    /// instead of the tenant keeps a peer change O(log n) in the tenant's size.
+    Router { id: Id, before: Option<Router> },
+    /// One client of an existing tenant, likewise.
+    Client { id: Id, before: Option<Client> },
+}
+
+impl From<Option<Tenant>> for Before {
+    fn from(before: Option<Tenant>) -> Self {
+        Self::Tenant(before)
+    }
+}
+
+/// Undoes a change to tenant `id`: the registry goes back to `before`, and a tunnel
+/// started for a tenant that did not exist before is stopped.
+async fn undo(control: &mut Control, id: &Id, before: impl Into<Before>) {
+    match before.into() {
+        Before::Tenant(before) => {
+            if before.is_none() {
+                control.runtime.stop(id).await;
+            }
+            control.registry.reinstate(id, before);
+        }
+        Before::Router { id: r, before } => control.registry.reinstate_router(id, &r, before),
+        Before::Client { id: c, before } => control.registry.reinstate_client(id, &c, before),
+    }
+}
+
+/// A failure of the running tunnels after the change was stored, said as such:
+/// the change is not undone, and the tunnel takes it when it starts again.
+fn stored_but(e: impl Into<ApiError>) -> ApiError {
+    let mut e = e.into();
+    e.message = format!(
+        "the change is stored, but the running tunnel did not take it: {}",
+        e.message
+    );
+    e
+}
+
+/// Writes `list` to the store in one transaction.
+pub(super) fn commit(
+    store: &mut std::sync::Mutex<crate::store::Store>,
+    list: &[Change<'_>],
+) -> Result<(), crate::store::StoreError> {
+    match store.get_mut() {
+        // SQLite commits with fsync: keep the other tasks of this worker moving.
+        Ok(store) => tokio::task::block_in_place(|| store.apply(list)),
+        Err(_) => Err(crate::store::StoreError::Poisoned),
+    }
+}
+
+/// Makes the registry's change durable in one transaction (`$changes`, computed
+/// from the registry as `$reg`); on failure undoes it and returns the error.
+macro_rules! persist {
+    ($control:ident, $id:expr, $before:expr, |$reg:ident| $changes:expr) => {{
+        let result = {
+            let Control {
+                registry: $reg,
+                store,
+                ..
+            } = &mut *$control;
+            let $reg: &crate::control::Registry = $reg;
+            let list: Vec<Change<'_>> = $changes;
+            commit(store, &list)
+        };
+        if let Err(e) = result {
+            undo(&mut $control, $id, $before).await;
+            return Err(e.into());
+        }
+    }};
+}
+
+/// The changes that store tenant `id`'s own row, when it was just created.
+fn tenant_row<'a>(
+    registry: &'a crate::control::Registry,
+    id: &Id,
+    created: Put,
+) -> Vec<Change<'a>> {
+    match (created, registry.tenant(id)) {
+        (Put::Created, Ok(t)) => vec![Change::Tenant(t)],
+        _ => Vec::new(),
+    }
+}
+
+/// Hands the tenant's stored state to its tunnel, starting the tunnel first if
+/// it is down (its port was taken at start-up, say).
+async fn sync(control: &mut Control, id: &Id) -> Result<(), ApiError> {
+    let Control {
+        registry, runtime, ..
+    } = control;
+    let tenant = registry.tenant(id)?;
+    runtime.bring_up(tenant).await.map_err(|e| match e {
+        // Its port is still taken (or its task ended again): down, not refused.
+        crate::io::RuntimeError::Bind { .. } | crate::io::RuntimeError::TaskGone(_) => {
+            ApiError::tunnel_down(&e)
+        }
+        e => e.into(),
+    })
+}
+
+// ---- health ----
+
+#[utoipa::path(get, path = "/healthz", tag = "operations", security(()), responses((status = 200, description = "Every tunnel is up", content_type = "text/plain", body = String), (status = 503, description = "A stored tunnel is down (its port taken, say; tried again every 5 s), or the TUN device's reader ended", content_type = "text/plain", body = String)))]
+pub async fn healthz(State(state): Shared) -> Response {
+    let control = state.control.lock().await;
+    let (mut tunnels, mut down) = (0usize, 0usize);
+    for t in control.registry.tenants() {
+        tunnels += 1;
+        down += usize::from(!control.runtime.is_running(&t.id));
+    }
+    if down > 0 {
+        let body = format!("{down} of {tunnels} tunnels down\n");
+        (StatusCode::SERVICE_UNAVAILABLE, body).into_response()
+    } else if !control.runtime.host_reading() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the host device's reader is down\n",
+        )
+            .into_response()
+    } else {
+        (StatusCode::OK, "ok\n").into_response()
+    }
+}
+
+pub async fn not_found() -> ApiError {
+    ApiError::no_route()
+}
+
+pub async fn method_not_allowed() -> ApiError {
+    ApiError {
+        status: StatusCode::METHOD_NOT_ALLOWED,
+        code: "method_not_allowed",
+        message: "method not allowed on this path".into(),
+        field: None,
+    }
+}
+
+// After `persist!`: a macro is seen only by the modules declared below it.
+mod clients;
+mod diagnostics;
+mod routers;
+mod tenants;
+
+pub use clients::*;
+pub use diagnostics::*;
+pub use routers::*;
+pub use tenants::*;

@@ -1,0 +1,75 @@
+//! `/v1/tenants`: a tenant's tunnel, created, listed, changed and deleted.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::Json;
+
+use crate::api::body::JsonBody;
+use crate::api::params::Path;
+use crate::api::views::{ErrorBody, TenantView};
+use crate::api::Control;
+use crate::control::model::TenantRequest;
+use crate::control::registry::Put;
+use crate::store::Change;
+
+use super::{
+    commit, ensure_tenant, status_of, stored_but, sync, tenant_id, tenant_row, tenant_view, undo,
+    ApiResult, Shared,
+};
+
+#[utoipa::path(get, path = "/tenants", tag = "tenants", responses((status = 200, body = [TenantView]), (status = 400, description = "Bad input", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody)))]
+pub async fn list_tenants(State(state): Shared) -> ApiResult {
+    let control = state.control.lock().await;
+    let list: Vec<TenantView> = control
+        .registry
+        .tenants()
+        .map(|t| tenant_view(&state, &control, t))
+        .collect();
+    Ok(Json(list).into_response())
+}
+
+#[utoipa::path(get, path = "/tenants/{tenant_id}", tag = "tenants", params(("tenant_id" = String, Path, description = "Tenant id: 1-64 of [A-Za-z0-9._-]")), responses((status = 200, body = TenantView), (status = 400, description = "Bad input", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 404, description = "Unknown object", body = ErrorBody)))]
+pub async fn get_tenant(State(state): Shared, Path(t): Path<String>) -> ApiResult {
+    let id = tenant_id(&t)?;
+    let control = state.control.lock().await;
+    let tenant = control.registry.tenant(&id)?;
+    Ok(Json(tenant_view(&state, &control, tenant)).into_response())
+}
+
+#[utoipa::path(put, path = "/tenants/{tenant_id}", tag = "tenants", params(("tenant_id" = String, Path, description = "Tenant id: 1-64 of [A-Za-z0-9._-]")), request_body(content = Option<TenantRequest>, description = "Optional: listen_port and subnet; omitted values are allocated"), responses((status = 201, description = "Created", body = TenantView), (status = 200, description = "Existed", body = TenantView), (status = 400, description = "Bad input", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 409, description = "Conflict", body = ErrorBody), (status = 503, description = "Change not stored and undone (storage_failed), or stored but not taken by the running tunnel (tunnel_down; the message says so)", body = ErrorBody)))]
+pub async fn put_tenant(
+    State(state): Shared,
+    Path(t): Path<String>,
+    JsonBody(req): JsonBody<TenantRequest>,
+) -> ApiResult {
+    let id = tenant_id(&t)?;
+    let mut control = state.control.lock().await;
+    let before = control.registry.tenant(&id).ok().cloned();
+    let put = ensure_tenant(&mut control, &id, &req).await?;
+    // Always stored: an update may have changed the host prefixes.
+    persist!(control, &id, before, |r| tenant_row(r, &id, Put::Created));
+    sync(&mut control, &id).await.map_err(stored_but)?;
+    let tenant = control.registry.tenant(&id)?;
+    Ok((status_of(put), Json(tenant_view(&state, &control, tenant))).into_response())
+}
+
+#[utoipa::path(delete, path = "/tenants/{tenant_id}", tag = "tenants", params(("tenant_id" = String, Path, description = "Tenant id: 1-64 of [A-Za-z0-9._-]")), responses((status = 204, description = "Deleted; its port is closed"), (status = 400, description = "Bad input", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 404, description = "Unknown object", body = ErrorBody), (status = 503, description = "Change not stored and undone (storage_failed), or stored but not taken by the running tunnel (tunnel_down; the message says so)", body = ErrorBody)))]
+pub async fn delete_tenant(State(state): Shared, Path(t): Path<String>) -> ApiResult {
+    let id = tenant_id(&t)?;
+    let mut control = state.control.lock().await;
+    let before = control.registry.delete_tenant(&id)?;
+    let result = {
+        let Control { store, .. } = &mut *control;
+        match store.get_mut() {
+            Ok(store) => tokio::task::block_in_place(|| store.apply(&[Change::DeleteTenant(&id)])),
+            Err(_) => Err(crate::store::StoreError::Poisoned),
+        }
+    };
+    if let Err(e) = result {
+        control.registry.reinstate(&id, Some(before));
+        return Err(e.into());
+    }
+    control.runtime.stop(&id).await;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}

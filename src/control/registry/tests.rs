@@ -1,0 +1,664 @@
+//! The registry's rules, one scenario per test.
+
+use std::time::SystemTime;
+
+use super::*;
+use crate::control::model::{ClientRequest, EgressRequest, RouterRequest, TenantRequest};
+
+/// An egress policy: `pool` leaves through the one router `gateway`.
+fn egress(pool: &str, gateway: &str) -> EgressRequest {
+    EgressRequest {
+        pool: pool.into(),
+        gateways: vec![gateway.into()],
+    }
+}
+
+fn registry() -> Registry {
+    Registry::new(
+        AllocPolicy {
+            first_port: 51820,
+            supernet: "10.0.0.0/8".parse().unwrap(),
+            subnet_prefix_len: 16,
+            subnet_start: Ipv4Addr::new(10, 100, 0, 0),
+        },
+        7,
+    )
+}
+fn id(s: &str) -> Id {
+    Id::parse(s, "id").unwrap()
+}
+fn now() -> SystemTime {
+    SystemTime::UNIX_EPOCH
+}
+
+/// A state the API built: tenant a with a router, a gateway, a pool and a
+/// client; tenant b with a router.
+fn built_state() -> Vec<Tenant> {
+    let mut r = registry();
+    r.put_tenant(&id("a"), &Default::default(), now()).unwrap();
+    r.put_tenant(&id("b"), &Default::default(), now()).unwrap();
+    for (t, p) in [("a", "r1"), ("a", "gw"), ("b", "r1")] {
+        r.put_router(&id(t), &id(p), &Default::default()).unwrap();
+    }
+    let egress = egress("10.200.0.0/24", "gw");
+    r.put_egress(&id("a"), &egress).unwrap();
+    r.put_client(&id("a"), &id("phone"), &Default::default())
+        .unwrap();
+    r.tenants().cloned().collect()
+}
+
+fn restored(tenants: Vec<Tenant>) -> Result<Registry, ControlError> {
+    Registry::restore(registry().policy, 9, tenants)
+}
+
+#[test]
+fn a_restored_state_is_checked_against_the_apis_rules() {
+    assert!(restored(built_state()).is_ok());
+    type Breakage = fn(&mut [Tenant]);
+    let cases: [(&str, Breakage, &str); 9] = [
+        (
+            "subnet overlap",
+            |t| t[1].subnet = "10.100.128.0/17".parse().unwrap(),
+            "overlaps 10.100.0.0/16 of tenant a",
+        ),
+        (
+            "pool overlap",
+            |t| t[1].subnet = "10.200.0.0/16".parse().unwrap(),
+            "overlaps 10.200.0.0/24 of tenant a",
+        ),
+        (
+            "host prefix",
+            |t| t[1].host_prefixes = vec!["10.200.0.0/25".parse().unwrap()],
+            "host prefix 10.200.0.0/25 overlaps",
+        ),
+        (
+            "router outside",
+            |t| t[0].routers.get_mut(&id("r1")).unwrap().vpn_ip = Ipv4Addr::new(10, 101, 1, 9),
+            "router r1 has 10.101.1.9",
+        ),
+        (
+            "same address",
+            |t| t[0].routers.get_mut(&id("r1")).unwrap().vpn_ip = t[0].routers[&id("gw")].vpn_ip,
+            "both have",
+        ),
+        (
+            "same key",
+            |t| {
+                t[0].clients.get_mut(&id("phone")).unwrap().public_key =
+                    t[0].routers[&id("gw")].public_key
+            },
+            "the same public key",
+        ),
+        (
+            "missing gateway",
+            |t| t[0].egress.as_mut().unwrap().gateways = vec![id("nobody")],
+            "gateway nobody is not a router",
+        ),
+        (
+            "client without pool",
+            |t| {
+                t[0].egress = None;
+            },
+            "client phone exists without an egress policy",
+        ),
+        (
+            "index out of range",
+            |t| t[1].routers.get_mut(&id("r1")).unwrap().index = 0,
+            "receiver index 0 of r1 is out of range",
+        ),
+    ];
+    for (what, break_it, expected) in cases {
+        let mut state = built_state();
+        break_it(&mut state);
+        match restored(state) {
+            Err(ControlError::Inconsistent(why)) => {
+                assert!(why.contains(expected), "{what}: {why}")
+            }
+            Err(e) => panic!("{what}: {e}"),
+            Ok(_) => panic!("{what}: restored"),
+        }
+    }
+    let mut state = built_state();
+    let twice = state[0].routers[&id("r1")].index;
+    state[1].routers.get_mut(&id("r1")).unwrap().index = twice;
+    let Err(ControlError::Inconsistent(why)) = restored(state) else {
+        panic!("index twice: restored");
+    };
+    assert!(why.contains("is used twice"), "{why}");
+}
+
+#[test]
+fn seed_allocation() {
+    let mut r = registry();
+    assert_eq!(
+        r.put_tenant(&id("a"), &Default::default(), now()),
+        Ok(Put::Created)
+    );
+    assert_eq!(
+        r.put_tenant(&id("a"), &Default::default(), now()),
+        Ok(Put::Updated)
+    );
+    r.put_tenant(&id("b"), &Default::default(), now()).unwrap();
+    let a = r.tenant(&id("a")).unwrap();
+    let b = r.tenant(&id("b")).unwrap();
+    assert_eq!(
+        (a.subnet.to_string(), a.listen_port),
+        ("10.100.0.0/16".into(), 51820)
+    );
+    assert_eq!(
+        (b.subnet.to_string(), b.listen_port),
+        ("10.101.0.0/16".into(), 51821)
+    );
+    assert_eq!(
+        (a.interface_name.as_str(), b.interface_name.as_str()),
+        ("wg0", "wg1")
+    );
+    assert_eq!(a.server_ip(), Ipv4Addr::new(10, 100, 0, 1));
+}
+
+#[test]
+fn undoing_one_router_frees_its_address_and_key() {
+    let mut r = registry();
+    r.put_tenant(&id("a"), &Default::default(), now()).unwrap();
+    r.put_router(&id("a"), &id("r1"), &Default::default())
+        .unwrap();
+    let r1 = r.tenant(&id("a")).unwrap().routers[&id("r1")].clone();
+    // r2 is created, then its store write "fails" and it is undone.
+    r.put_router(&id("a"), &id("r2"), &Default::default())
+        .unwrap();
+    let r2 = r.tenant(&id("a")).unwrap().routers[&id("r2")].clone();
+    assert_eq!(r2.vpn_ip, Ipv4Addr::new(10, 100, 1, 2));
+    r.reinstate_router(&id("a"), &id("r2"), None);
+    assert!(!r.tenant(&id("a")).unwrap().routers.contains_key(&id("r2")));
+    // Its address and key are free again; r1's are not.
+    let reuse = RouterRequest {
+        public_key: Some(keys::encode(r2.public_key.as_bytes())),
+        ..Default::default()
+    };
+    r.put_router(&id("a"), &id("r3"), &reuse).unwrap();
+    let r3 = &r.tenant(&id("a")).unwrap().routers[&id("r3")];
+    assert_eq!(r3.vpn_ip, r2.vpn_ip);
+    let dup = RouterRequest {
+        public_key: Some(keys::encode(r1.public_key.as_bytes())),
+        ..Default::default()
+    };
+    assert!(matches!(
+        r.put_router(&id("a"), &id("r4"), &dup),
+        Err(ControlError::DuplicateKey { .. })
+    ));
+    // An update undone puts the old router back, address and key included.
+    let moved = RouterRequest {
+        vpn_ip: Some("10.100.1.9".into()),
+        ..Default::default()
+    };
+    r.put_router(&id("a"), &id("r1"), &moved).unwrap();
+    r.reinstate_router(&id("a"), &id("r1"), Some(r1.clone()));
+    let back = RouterRequest {
+        vpn_ip: Some("10.100.1.9".into()),
+        ..Default::default()
+    };
+    r.put_router(&id("a"), &id("r5"), &back).unwrap();
+    let taken = RouterRequest {
+        vpn_ip: Some("10.100.1.1".into()),
+        ..Default::default()
+    };
+    assert!(r.put_router(&id("a"), &id("r6"), &taken).is_err());
+    // Deleting frees the address for the next allocation.
+    r.delete_router(&id("a"), &id("r1")).unwrap();
+    r.put_router(&id("a"), &id("r7"), &Default::default())
+        .unwrap();
+    assert_eq!(
+        r.tenant(&id("a")).unwrap().routers[&id("r7")].vpn_ip,
+        Ipv4Addr::new(10, 100, 1, 1)
+    );
+}
+
+#[test]
+fn a_single_address_a_router_routes_is_never_another_routers() {
+    let mut r = registry();
+    r.put_tenant(&id("a"), &Default::default(), now()).unwrap();
+    let extra = |list: &[&str]| RouterRequest {
+        allowed_ips: Some(list.iter().map(|s| s.to_string()).collect()),
+        ..Default::default()
+    };
+    r.put_router(&id("a"), &id("r1"), &extra(&["10.100.1.2/32"]))
+        .unwrap();
+    // Allocation skips it, and it cannot be asked for.
+    r.put_router(&id("a"), &id("r2"), &Default::default())
+        .unwrap();
+    let r2 = r.tenant(&id("a")).unwrap().routers[&id("r2")].vpn_ip;
+    assert_eq!(r2, Ipv4Addr::new(10, 100, 1, 3));
+    let ask = RouterRequest {
+        vpn_ip: Some("10.100.1.2".into()),
+        ..Default::default()
+    };
+    assert!(matches!(
+        r.put_router(&id("a"), &id("r3"), &ask),
+        Err(ControlError::AddressUnavailable { .. })
+    ));
+    // Once r1 no longer routes it, it is free again.
+    r.put_router(&id("a"), &id("r1"), &extra(&[])).unwrap();
+    r.put_router(&id("a"), &id("r3"), &ask).unwrap();
+    // The subnet's network and broadcast addresses are nobody's.
+    for single in ["10.100.0.0/32", "10.100.255.255"] {
+        assert!(
+            matches!(
+                r.put_router(&id("a"), &id("r4"), &extra(&[single])),
+                Err(ControlError::AddressUnavailable { .. })
+            ),
+            "{single}"
+        );
+    }
+}
+
+#[test]
+fn routers_allocate_and_conflict() {
+    let mut r = registry();
+    r.put_tenant(&id("a"), &Default::default(), now()).unwrap();
+    r.put_router(&id("a"), &id("r1"), &Default::default())
+        .unwrap();
+    let r1 = r.tenant(&id("a")).unwrap().routers[&id("r1")].clone();
+    assert_eq!(r1.vpn_ip, Ipv4Addr::new(10, 100, 1, 1));
+    assert!(r1.private_key.is_some());
+    // Repeating the PUT keeps the generated key and the address.
+    assert_eq!(
+        r.put_router(&id("a"), &id("r1"), &Default::default()),
+        Ok(Put::Updated)
+    );
+    let again = &r.tenant(&id("a")).unwrap().routers[&id("r1")];
+    assert_eq!(again.public_key, r1.public_key);
+    assert_eq!(again.index, r1.index);
+
+    let dup = RouterRequest {
+        public_key: Some(keys::encode(r1.public_key.as_bytes())),
+        ..Default::default()
+    };
+    assert!(matches!(
+        r.put_router(&id("a"), &id("r2"), &dup),
+        Err(ControlError::DuplicateKey { .. })
+    ));
+    for (ip, field) in [
+        ("10.100.1.1", "vpn_ip"),
+        ("10.101.0.5", "vpn_ip"),
+        ("10.100.0.1", "vpn_ip"),
+    ] {
+        let req = RouterRequest {
+            vpn_ip: Some(ip.into()),
+            ..Default::default()
+        };
+        let e = r.put_router(&id("a"), &id("r2"), &req).unwrap_err();
+        assert_eq!(e.field_name(), Some(field), "{ip}: {e}");
+    }
+    let bad = RouterRequest {
+        public_key: Some("nope".into()),
+        ..Default::default()
+    };
+    assert_eq!(
+        r.put_router(&id("a"), &id("r2"), &bad)
+            .unwrap_err()
+            .field_name(),
+        Some("public_key")
+    );
+    assert!(!r.tenant(&id("a")).unwrap().routers.contains_key(&id("r2")));
+}
+
+#[test]
+fn what_the_host_routes_no_tunnel_may_hold_later() {
+    let mut r = registry();
+    let host = TenantRequest {
+        host_prefixes: Some(vec![
+            "10.201.0.0/16".into(),
+            "10.102.0.0/16".into(),
+            "fd00:1::/64".into(),
+        ]),
+        ..Default::default()
+    };
+    r.put_tenant(&id("a"), &host, now()).unwrap();
+    r.put_router(&id("a"), &id("gw"), &Default::default())
+        .unwrap();
+    // Another tenant's pool or subnet inside a's host prefix is refused...
+    r.put_tenant(&id("b"), &Default::default(), now()).unwrap();
+    r.put_router(&id("b"), &id("gw"), &Default::default())
+        .unwrap();
+    let pool = |p: &str| egress(p, "gw");
+    let e = r.put_egress(&id("b"), &pool("10.201.0.0/24")).unwrap_err();
+    assert_eq!(e.field_name(), Some("pool"), "{e}");
+    let e = r.put_egress(&id("a"), &pool("10.201.5.0/24")).unwrap_err();
+    assert_eq!(e.field_name(), Some("pool"), "{e}");
+    let subnet = TenantRequest {
+        subnet: Some("10.201.128.0/17".into()),
+        ..Default::default()
+    };
+    let e = r.put_tenant(&id("c"), &subnet, now()).unwrap_err();
+    assert_eq!(e.field_name(), Some("subnet"), "{e}");
+    // ... automatic allocation steps over it (10.100 and 10.101 are a's and b's) ...
+    r.put_tenant(&id("d"), &Default::default(), now()).unwrap();
+    assert_eq!(
+        r.tenant(&id("d")).unwrap().subnet.to_string(),
+        "10.103.0.0/16"
+    );
+    // ... and so does a router's extra prefix in the same tenant.
+    let extra = RouterRequest {
+        allowed_ips: Some(vec!["10.201.7.0/24".into()]),
+        ..Default::default()
+    };
+    let e = r.put_router(&id("a"), &id("r1"), &extra).unwrap_err();
+    assert_eq!(e.field_name(), Some("allowed_ips"), "{e}");
+}
+
+#[test]
+fn subnets_and_pools_are_ordinary_unicast() {
+    let mut r = registry();
+    for net in [
+        "0.0.0.0/0",
+        "127.0.0.0/24",
+        "169.254.0.0/16",
+        "224.0.0.0/24",
+        "240.0.0.0/8",
+    ] {
+        let req = TenantRequest {
+            subnet: Some(net.into()),
+            ..Default::default()
+        };
+        let e = r.put_tenant(&id("a"), &req, now()).unwrap_err();
+        assert_eq!(e.field_name(), Some("subnet"), "{net}: {e}");
+    }
+    r.put_tenant(&id("a"), &Default::default(), now()).unwrap();
+    r.put_router(&id("a"), &id("gw"), &Default::default())
+        .unwrap();
+    let req = egress("127.0.0.0/24", "gw");
+    let e = r.put_egress(&id("a"), &req).unwrap_err();
+    assert_eq!(e.field_name(), Some("pool"), "{e}");
+}
+
+#[test]
+fn a_smaller_pool_may_not_turn_a_client_into_its_network_address() {
+    let mut r = registry();
+    r.put_tenant(&id("a"), &Default::default(), now()).unwrap();
+    r.put_router(&id("a"), &id("gw"), &Default::default())
+        .unwrap();
+    let pool = |p: &str| egress(p, "gw");
+    r.put_egress(&id("a"), &pool("10.200.0.0/23")).unwrap();
+    let at = ClientRequest {
+        vpn_ip: Some("10.200.1.0".into()),
+        ..Default::default()
+    };
+    r.put_client(&id("a"), &id("p1"), &at).unwrap();
+    assert!(matches!(
+        r.put_egress(&id("a"), &pool("10.200.1.0/24")),
+        Err(ControlError::InUse(_))
+    ));
+}
+
+#[test]
+fn undone_deletions_hold_their_receiver_indices_again() {
+    let mut r = registry();
+    r.put_tenant(&id("a"), &Default::default(), now()).unwrap();
+    r.put_router(&id("a"), &id("r1"), &Default::default())
+        .unwrap();
+    let index = r.tenant(&id("a")).unwrap().routers[&id("r1")].index;
+    let t = r.delete_tenant(&id("a")).unwrap();
+    assert_eq!(r.indices.in_use(), 0);
+    r.reinstate(&id("a"), Some(t));
+    assert_eq!(r.indices.in_use(), 1);
+    assert!(!r.indices.reserve(index), "held again");
+
+    let gone = r.delete_router(&id("a"), &id("r1")).unwrap();
+    assert_eq!(r.indices.in_use(), 0);
+    r.reinstate_router(&id("a"), &id("r1"), Some(gone));
+    assert!(!r.indices.reserve(index), "held again");
+
+    // A tenant whose creation is undone takes nothing with it but itself.
+    r.put_tenant(&id("b"), &Default::default(), now()).unwrap();
+    r.reinstate(&id("b"), None);
+    assert_eq!(r.indices.in_use(), 1);
+    assert!(r.tenant(&id("b")).is_err());
+}
+
+#[test]
+fn peers_are_found_by_key_through_the_index_and_without_it() {
+    fn found(r: &Registry, key: &PublicKey) -> Option<(bool, String)> {
+        match r.peer_with_key(&id("a"), key.as_bytes())? {
+            PeerWithKey::Router(x) => Some((true, x.id.to_string())),
+            PeerWithKey::Client(x) => Some((false, x.id.to_string())),
+        }
+    }
+    let mut r = registry();
+    r.put_tenant(&id("a"), &Default::default(), now()).unwrap();
+    r.put_router(&id("a"), &id("r1"), &Default::default())
+        .unwrap();
+    r.put_egress(&id("a"), &egress("10.200.0.0/24", "r1"))
+        .unwrap();
+    r.put_client(&id("a"), &id("p1"), &Default::default())
+        .unwrap();
+    let t = r.tenant(&id("a")).unwrap();
+    let (router, client) = (t.routers[&id("r1")].clone(), t.clients[&id("p1")].clone());
+    let stranger = SecretKey::generate().public();
+    let expect = |r: &Registry| {
+        assert_eq!(found(r, &router.public_key), Some((true, "r1".into())));
+        assert_eq!(found(r, &client.public_key), Some((false, "p1".into())));
+        assert_eq!(found(r, &stranger), None);
+        assert!(r
+            .router_with_key(&id("a"), client.public_key.as_bytes())
+            .is_none());
+        assert!(r
+            .peer_with_key(&id("b"), router.public_key.as_bytes())
+            .is_none());
+    };
+    assert!(r.occupancy.contains_key(&id("a")), "through the index");
+    expect(&r);
+    // An undone change drops the index until the next change rebuilds it.
+    r.reinstate_client(&id("a"), &id("p1"), Some(client.clone()));
+    assert!(!r.occupancy.contains_key(&id("a")), "by a scan");
+    expect(&r);
+    // A new key: the old one belongs to nobody, through the index too.
+    let rekey = ClientRequest {
+        public_key: Some(keys::encode(stranger.as_bytes())),
+        ..Default::default()
+    };
+    r.put_client(&id("a"), &id("p1"), &rekey).unwrap();
+    assert_eq!(found(&r, &client.public_key), None);
+    assert_eq!(found(&r, &stranger), Some((false, "p1".into())));
+    r.delete_router(&id("a"), &id("r1")).unwrap_err();
+    r.delete_client(&id("a"), &id("p1")).unwrap();
+    assert_eq!(found(&r, &stranger), None);
+}
+
+#[test]
+fn a_router_keeps_where_it_was_heard_from_until_its_key_changes() {
+    let mut r = registry();
+    r.put_tenant(&id("a"), &Default::default(), now()).unwrap();
+    r.put_router(&id("a"), &id("r1"), &Default::default())
+        .unwrap();
+    let heard_at = "203.0.113.2:34280".parse().unwrap();
+    r.set_router_endpoint(&id("a"), &id("r1"), heard_at)
+        .unwrap();
+    let key = *r.tenant(&id("a")).unwrap().routers[&id("r1")]
+        .public_key
+        .as_bytes();
+    assert_eq!(
+        r.router_with_key(&id("a"), &key).map(|r| r.endpoint),
+        Some(Some(heard_at))
+    );
+    let (config, _) = r.tenant(&id("a")).unwrap().routers[&id("r1")].peer_config(None);
+    assert_eq!(config.endpoint, Some(heard_at), "the data plane gets it");
+
+    // Renamed, same key: same device, same place.
+    let rename = RouterRequest {
+        name: Some("branch".into()),
+        ..Default::default()
+    };
+    r.put_router(&id("a"), &id("r1"), &rename).unwrap();
+    assert_eq!(
+        r.tenant(&id("a")).unwrap().routers[&id("r1")].endpoint,
+        Some(heard_at)
+    );
+    // A new key is a new device: nobody knows where it is yet.
+    let rekey = RouterRequest {
+        public_key: Some(keys::encode(SecretKey::generate().public().as_bytes())),
+        ..Default::default()
+    };
+    r.put_router(&id("a"), &id("r1"), &rekey).unwrap();
+    assert_eq!(
+        r.tenant(&id("a")).unwrap().routers[&id("r1")].endpoint,
+        None
+    );
+    assert!(r.router_with_key(&id("a"), &key).is_none());
+    assert!(r
+        .set_router_endpoint(&id("a"), &id("gone"), heard_at)
+        .is_err());
+}
+
+#[test]
+fn a_new_key_takes_a_new_receiver_index_and_an_undo_gives_the_old_one_back() {
+    let mut r = registry();
+    r.put_tenant(&id("a"), &Default::default(), now()).unwrap();
+    r.put_router(&id("a"), &id("r1"), &Default::default())
+        .unwrap();
+    let before = r.tenant(&id("a")).unwrap().routers[&id("r1")].clone();
+    let fresh = || keys::encode(SecretKey::generate().public().as_bytes());
+    let rekey = RouterRequest {
+        public_key: Some(fresh()),
+        ..Default::default()
+    };
+    r.put_router(&id("a"), &id("r1"), &rekey).unwrap();
+    let after = r.tenant(&id("a")).unwrap().routers[&id("r1")].clone();
+    assert_ne!(after.index, before.index);
+    assert_eq!(r.indices.in_use(), 1, "the old index is freed");
+    assert!(r.indices.reserve(before.index), "free");
+    r.indices.free(before.index);
+    // The store refused the change: the old router and its index come back,
+    // the new index is free again.
+    r.reinstate_router(&id("a"), &id("r1"), Some(before.clone()));
+    let back = &r.tenant(&id("a")).unwrap().routers[&id("r1")];
+    assert_eq!(
+        (back.public_key, back.index),
+        (before.public_key, before.index)
+    );
+    assert_eq!(r.indices.in_use(), 1);
+    assert!(!r.indices.reserve(before.index), "held again");
+    assert!(r.indices.reserve(after.index), "free again");
+    r.indices.free(after.index);
+
+    // Clients alike.
+    r.put_egress(&id("a"), &egress("10.200.0.0/24", "r1"))
+        .unwrap();
+    r.put_client(&id("a"), &id("p1"), &Default::default())
+        .unwrap();
+    let before = r.tenant(&id("a")).unwrap().clients[&id("p1")].clone();
+    let rekey = ClientRequest {
+        public_key: Some(fresh()),
+        ..Default::default()
+    };
+    r.put_client(&id("a"), &id("p1"), &rekey).unwrap();
+    let after = r.tenant(&id("a")).unwrap().clients[&id("p1")].clone();
+    assert_ne!(after.index, before.index);
+    assert_eq!(r.indices.in_use(), 2);
+    r.reinstate_client(&id("a"), &id("p1"), Some(before.clone()));
+    let back = &r.tenant(&id("a")).unwrap().clients[&id("p1")];
+    assert_eq!(
+        (back.public_key, back.index),
+        (before.public_key, before.index)
+    );
+    assert_eq!(r.indices.in_use(), 2);
+    assert!(r.indices.reserve(after.index), "free again");
+    // The same key again keeps the index.
+    r.indices.free(after.index);
+    let same = ClientRequest {
+        public_key: Some(keys::encode(before.public_key.as_bytes())),
+        ..Default::default()
+    };
+    r.put_client(&id("a"), &id("p1"), &same).unwrap();
+    assert_eq!(
+        r.tenant(&id("a")).unwrap().clients[&id("p1")].index,
+        before.index
+    );
+}
+
+#[test]
+fn a_clients_dns_list_is_short_and_without_repeats() {
+    let mut r = registry();
+    r.put_tenant(&id("a"), &Default::default(), now()).unwrap();
+    r.put_router(&id("a"), &id("gw"), &Default::default())
+        .unwrap();
+    r.put_egress(&id("a"), &egress("10.200.0.0/24", "gw"))
+        .unwrap();
+    let dns = |list: Vec<String>| ClientRequest {
+        dns: Some(list),
+        ..Default::default()
+    };
+    let many: Vec<String> = (0..60).map(|i| format!("2001:db8::{i:x}")).collect();
+    let e = r.put_client(&id("a"), &id("p1"), &dns(many)).unwrap_err();
+    assert_eq!(e.field_name(), Some("dns"), "{e}");
+    let twice = vec!["1.1.1.1".to_string(); 20];
+    r.put_client(&id("a"), &id("p1"), &dns(twice)).unwrap();
+    assert_eq!(r.tenant(&id("a")).unwrap().clients[&id("p1")].dns.len(), 1);
+}
+
+#[test]
+fn egress_and_clients() {
+    let mut r = registry();
+    r.put_tenant(&id("a"), &Default::default(), now()).unwrap();
+    let gw = RouterRequest {
+        vpn_ip: Some("10.100.0.40".into()),
+        ..Default::default()
+    };
+    r.put_router(&id("a"), &id("gw"), &gw).unwrap();
+    assert_eq!(
+        r.put_client(&id("a"), &id("p1"), &Default::default()),
+        Err(ControlError::NoEgress)
+    );
+    let req = egress("10.200.0.0/24", "gw");
+    assert_eq!(r.put_egress(&id("a"), &req), Ok(Put::Created));
+    r.put_client(&id("a"), &id("p1"), &Default::default())
+        .unwrap();
+    assert_eq!(
+        r.tenant(&id("a")).unwrap().clients[&id("p1")].vpn_ip,
+        Ipv4Addr::new(10, 200, 0, 2)
+    );
+    assert!(matches!(
+        r.delete_egress(&id("a")),
+        Err(ControlError::InUse(_))
+    ));
+    assert!(matches!(
+        r.delete_router(&id("a"), &id("gw")),
+        Err(ControlError::InUse(_))
+    ));
+    // Another tenant can neither take the pool nor get a subnet overlapping it.
+    r.put_tenant(&id("b"), &Default::default(), now()).unwrap();
+    assert!(matches!(
+        r.put_egress(&id("b"), &req),
+        Err(ControlError::Overlap { field: "pool", .. })
+    ));
+    let overlapping = TenantRequest {
+        subnet: Some("10.200.0.0/16".into()),
+        ..Default::default()
+    };
+    assert!(matches!(
+        r.put_tenant(&id("c"), &overlapping, now()),
+        Err(ControlError::Overlap {
+            field: "subnet",
+            ..
+        })
+    ));
+}
+
+#[test]
+fn subnet_exhaustion_is_a_clear_error() {
+    let mut r = Registry::new(
+        AllocPolicy {
+            first_port: 51820,
+            supernet: "10.100.0.0/15".parse().unwrap(),
+            subnet_prefix_len: 16,
+            subnet_start: Ipv4Addr::new(10, 100, 0, 0),
+        },
+        1,
+    );
+    r.put_tenant(&id("a"), &Default::default(), now()).unwrap();
+    r.put_tenant(&id("b"), &Default::default(), now()).unwrap();
+    let e = r
+        .put_tenant(&id("c"), &Default::default(), now())
+        .unwrap_err();
+    assert_eq!(e.code(), "exhausted");
+    assert!(e.to_string().contains("10.100.0.0/15"), "{e}");
+}

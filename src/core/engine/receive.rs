@@ -1,0 +1,296 @@
+//! A datagram from the tunnel's socket: demultiplexed by receiver index (or,
+//! for an initiation, by endpoint hint or key), admitted, decrypted, then routed;
+//! and the bookkeeping of authenticated sessions (liveness, roaming, events).
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use super::peers::Peers;
+use super::route::route;
+use super::status::TunnelStats;
+use super::{trim_events, Event, Sink, TunnelEngine};
+use crate::core::admission::Refusal;
+use crate::core::netstack::LocalStack;
+use crate::core::peer::{initiator_key, message_type, Decap, Message, Peer};
+use crate::core::policy::{DropReason, Origin, PeerId};
+
+impl TunnelEngine {
+    /// Handles one datagram received on the tunnel's socket from `from`.
+    pub fn handle_datagram(
+        &mut self,
+        from: SocketAddr,
+        datagram: &[u8],
+        now: Instant,
+        sink: &mut impl Sink,
+    ) {
+        self.stats.rx_datagrams += 1;
+        let Some(message) = Message::classify(datagram) else {
+            self.stats.drop(DropReason::InvalidDatagram);
+            return;
+        };
+        let Self {
+            secret,
+            public,
+            admission,
+            peers,
+            endpoints,
+            routing,
+            stats,
+            events,
+            rx,
+            tx,
+            local,
+            ..
+        } = self;
+
+        if matches!(message, Message::Initiation | Message::Response { .. }) {
+            // Cookie replies under load, and the process-wide budget, before
+            // any Diffie-Hellman work: a response costs boringtun two before
+            // its AEAD check, so responses pass here too (as in kernel
+            // WireGuard), not only initiations.
+            match admission.admit(from.ip(), datagram, now, tx) {
+                Ok(()) => {}
+                Err(Refusal::Cookie(cookie)) => {
+                    stats.cookie_replies += 1;
+                    stats.tx_datagrams += 1;
+                    return sink.send(from, cookie);
+                }
+                Err(Refusal::Drop(reason)) => return stats.drop(reason),
+            }
+        }
+        // An initiation from an endpoint a peer was last seen at goes to that
+        // peer's `Tunn` directly; only if it carries another key is the sender
+        // found by decrypting its key (one Diffie-Hellman more).
+        let hint = match message {
+            Message::Initiation => endpoints.get(&from).copied(),
+            _ => None,
+        };
+        let identify = |peers: &Peers| -> Result<PeerId, DropReason> {
+            let key = initiator_key(secret, public, datagram)?;
+            peers
+                .by_key
+                .get(&key)
+                .copied()
+                .ok_or(DropReason::UnknownPeer)
+        };
+        let found = match (message.peer_index(), hint) {
+            (None, Some(id)) => Ok(id),
+            (None, None) => identify(peers),
+            (Some(index), _) => peers
+                .by_index
+                .get(&index)
+                .copied()
+                .ok_or(DropReason::UnknownIndex),
+        };
+        let mut id = match found {
+            Ok(id) => id,
+            Err(reason) => return stats.drop(reason),
+        };
+        // A peer joins the active list only once this datagram authenticated:
+        // an initiation that fails leaves it as it was.
+        let mut list = false;
+        let Some(mut peer) = peers.get_mut(id) else {
+            return stats.drop(DropReason::UnknownIndex);
+        };
+        let mut decap = peer.decapsulate(from.ip(), datagram, rx);
+        if matches!(decap, Decap::WrongPeer) && hint.is_some() {
+            id = match identify(peers) {
+                Ok(id) => id,
+                Err(reason) => return stats.drop(reason),
+            };
+            let Some(found) = peers.get_mut(id) else {
+                return stats.drop(DropReason::UnknownPeer);
+            };
+            peer = found;
+            decap = peer.decapsulate(from.ip(), datagram, rx);
+        }
+
+        match decap {
+            Decap::Reply(reply) => {
+                let kind = message_type(reply);
+                stats.tx_datagrams += 1;
+                peer.stats.tx_bytes += reply.len() as u64;
+                sink.send(from, reply);
+                match (message, kind) {
+                    // Our response (type 2) to an initiation: the initiator is who
+                    // it claims to be, but the session is not usable (nor the peer
+                    // live) until its first packet on it arrives.
+                    (Message::Initiation, 2) => {
+                        list = true;
+                        peer.last_work = Some(now);
+                        stats.handshake_responses += 1;
+                        peer.answered = reply
+                            .get(4..8)
+                            .and_then(|b| b.try_into().ok())
+                            .map_or(0, u32::from_le_bytes);
+                        peer.stats.rx_bytes += datagram.len() as u64;
+                        // A replayed initiation is answered too once the peer's
+                        // protocol state was dropped (see `Peer::stop_protocol`),
+                        // so a known endpoint moves only with the first packet
+                        // on the session.
+                        if peer.endpoint.is_none() {
+                            set_endpoint(peer, id, endpoints, from, events);
+                        }
+                    }
+                    // Our keepalive (type 4) after a response to our initiation:
+                    // the session is ours to use now.
+                    (Message::Response { .. }, 4) => {
+                        list = true;
+                        authenticated(peer, id, endpoints, from, datagram.len(), now, events);
+                        handshake_done(peer, now, stats, events);
+                        send_queued(peer, from, tx, stats, sink);
+                    }
+                    _ => {}
+                }
+            }
+            Decap::Packet(inner) => {
+                list = true;
+                authenticated(peer, id, endpoints, from, datagram.len(), now, events);
+                // Queued packets go out before anything this one causes; they
+                // live in `tx`, which `inner` (in `rx`) does not touch.
+                if confirmed(peer, message, now, stats, events) {
+                    send_queued(peer, from, tx, stats, sink);
+                }
+                peer.stats.rx_packets += 1;
+                let len = inner.len();
+                route(
+                    peers,
+                    routing,
+                    stats,
+                    tx,
+                    local.as_mut(),
+                    Origin::Peer(id),
+                    &rx[..len],
+                    now,
+                    sink,
+                );
+            }
+            Decap::Nothing => {
+                if matches!(message, Message::Data { .. }) {
+                    list = true;
+                    authenticated(peer, id, endpoints, from, datagram.len(), now, events);
+                    if confirmed(peer, message, now, stats, events) {
+                        send_queued(peer, from, tx, stats, sink);
+                    }
+                }
+            }
+            Decap::Drop(reason) => stats.drop(reason),
+            Decap::WrongPeer => stats.drop(DropReason::HandshakeFailed),
+        }
+        if list {
+            peers.list(id);
+        }
+        trim_events(events, stats);
+        // The stack runs only when this datagram gave it something, or when its
+        // timers are due: peer-to-peer transit never pays for a poll.
+        let delivered = local.as_ref().is_some_and(LocalStack::has_input);
+        if delivered || self.local_at.is_some_and(|at| now >= at) {
+            self.flush_local(now, sink);
+        }
+    }
+}
+
+/// Bookkeeping for an authenticated datagram of a session: counters, liveness
+/// and roaming. A peer that went quiet and was reported disconnected, then
+/// speaks again on a session still current, is connected again.
+#[inline]
+pub(super) fn authenticated(
+    peer: &mut Peer,
+    id: PeerId,
+    endpoints: &mut HashMap<SocketAddr, PeerId>,
+    from: SocketAddr,
+    len: usize,
+    now: Instant,
+    events: &mut VecDeque<Event>,
+) {
+    peer.stats.rx_bytes += len as u64;
+    peer.last_rx = Some(now);
+    set_endpoint(peer, id, endpoints, from, events);
+    if !peer.connected && peer.is_live(now) {
+        peer.connected = true;
+        events.push_back(Event::Connected {
+            peer: *peer.public_key().as_bytes(),
+            endpoint: peer.endpoint,
+        });
+    }
+}
+
+/// A transport message on the session we answered for completes the handshake
+/// (kernel WireGuard counts it there too). True when it did.
+#[inline]
+pub(super) fn confirmed(
+    peer: &mut Peer,
+    message: Message,
+    now: Instant,
+    stats: &mut TunnelStats,
+    events: &mut VecDeque<Event>,
+) -> bool {
+    match message {
+        Message::Data { receiver } if peer.answered != 0 && receiver == peer.answered => {
+            peer.answered = 0;
+            handshake_done(peer, now, stats, events);
+            true
+        }
+        _ => false,
+    }
+}
+
+/// Sends what boringtun queued for the peer while it had no session.
+pub(super) fn send_queued(
+    peer: &mut Peer,
+    to: SocketAddr,
+    tx: &mut [u8],
+    stats: &mut TunnelStats,
+    sink: &mut impl Sink,
+) {
+    while let Some(queued) = peer.poll_queued(tx) {
+        stats.tx_datagrams += 1;
+        peer.stats.tx_bytes += queued.len() as u64;
+        sink.send(to, queued);
+    }
+}
+
+/// The peer's endpoint is `from` now (roaming), with the index that finds it.
+#[inline]
+pub(super) fn set_endpoint(
+    peer: &mut Peer,
+    id: PeerId,
+    endpoints: &mut HashMap<SocketAddr, PeerId>,
+    from: SocketAddr,
+    events: &mut VecDeque<Event>,
+) {
+    if peer.endpoint != Some(from) {
+        let previous = peer.endpoint.replace(from);
+        if let Some(old) = previous {
+            if endpoints.get(&old) == Some(&id) {
+                endpoints.remove(&old);
+            }
+        }
+        endpoints.insert(from, id);
+        if previous.is_some() {
+            events.push_back(Event::Roamed {
+                peer: *peer.public_key().as_bytes(),
+                endpoint: from,
+            });
+        }
+    }
+}
+
+pub(super) fn handshake_done(
+    peer: &mut Peer,
+    now: Instant,
+    stats: &mut TunnelStats,
+    events: &mut VecDeque<Event>,
+) {
+    peer.last_handshake = Some(now);
+    peer.stats.handshakes += 1;
+    stats.handshakes += 1;
+    if !peer.connected {
+        peer.connected = true;
+        events.push_back(Event::Connected {
+            peer: *peer.public_key().as_bytes(),
+            endpoint: peer.endpoint,
+        });
+    }
+}

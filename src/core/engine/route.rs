@@ -1,0 +1,181 @@
+//! Routing one inner packet (rules 1 to 6 of `policy`) and encrypting it for the
+//! next hop; packets from the host side and from the local stack enter here.
+
+use std::time::Instant;
+
+use super::peers::Peers;
+use super::status::TunnelStats;
+use super::{Sink, TunnelEngine};
+use crate::core::netstack::LocalStack;
+use crate::core::packet;
+use crate::core::peer::Encap;
+use crate::core::policy::{decide, DropReason, Origin, RoutingState, Rule, Verdict};
+
+impl TunnelEngine {
+    /// Runs the local stack and routes what it sends, as packets from the host.
+    pub(super) fn flush_local(&mut self, now: Instant, sink: &mut impl Sink) {
+        let Self {
+            peers,
+            routing,
+            stats,
+            tx,
+            local,
+            local_at,
+            ..
+        } = self;
+        let Some(stack) = local else { return };
+        stack.poll(now);
+        // Bounded: the stack sends at most what its sockets and input allow; the
+        // cap only guards against a bug turning this into a busy loop.
+        for _ in 0..4096 {
+            let Some(packet) = stack.poll_transmit() else {
+                break;
+            };
+            route(
+                peers,
+                routing,
+                stats,
+                tx,
+                None,
+                Origin::Host,
+                &packet,
+                now,
+                sink,
+            );
+            stack.recycle(packet);
+        }
+        *local_at = stack.poll_at(now);
+    }
+
+    /// Handles a packet from the host side (TUN device or local stack), routed by
+    /// destination only.
+    pub fn handle_host_packet(&mut self, packet: &[u8], now: Instant, sink: &mut impl Sink) {
+        let Self {
+            peers,
+            routing,
+            stats,
+            tx,
+            ..
+        } = self;
+        route(
+            peers,
+            routing,
+            stats,
+            tx,
+            None,
+            Origin::Host,
+            packet,
+            now,
+            sink,
+        );
+    }
+}
+
+/// Routing rules 1 to 6 for one packet, then encryption for the next hop.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+pub(super) fn route(
+    peers: &mut Peers,
+    routing: &RoutingState,
+    stats: &mut TunnelStats,
+    tx: &mut [u8],
+    local: Option<&mut LocalStack>,
+    origin: Origin,
+    packet: &[u8],
+    now: Instant,
+    sink: &mut impl Sink,
+) {
+    // Rule 1: parse.
+    let header = match packet::parse(packet) {
+        Ok(h) => h,
+        Err(_) => return stats.drop(DropReason::Malformed),
+    };
+    let packet = &packet[..header.len];
+    let verdict = decide(routing, origin, header.src, header.dst, |g| {
+        peers.get(g).is_some_and(|p| p.is_live(now))
+    });
+    match verdict {
+        Verdict::Forward { peer, rule } => {
+            let Some((endpoint, listed)) = peers.get(peer).map(|p| (p.endpoint, p.listed)) else {
+                return stats.drop(DropReason::NoRoute);
+            };
+            let Some(to) = endpoint else {
+                return stats.drop(DropReason::NoEndpoint);
+            };
+            if !listed {
+                peers.activate(peer);
+            }
+            let Some(next) = peers.get_mut(peer) else {
+                return stats.drop(DropReason::NoRoute);
+            };
+            match next.encapsulate(packet, tx) {
+                Encap::Send(datagram) => {
+                    next.stats.tx_bytes += datagram.len() as u64;
+                    next.stats.tx_packets += 1;
+                    stats.tx_datagrams += 1;
+                    if matches!(rule, Rule::Egress { .. }) {
+                        stats.egress_hits += 1;
+                    }
+                    match origin {
+                        Origin::Peer(_) => stats.forwarded_peer += 1,
+                        Origin::Host => stats.forwarded_host += 1,
+                    }
+                    sink.send(to, datagram);
+                }
+                Encap::Waiting { queued, initiation } => {
+                    next.last_work = Some(now);
+                    if queued {
+                        stats.queued += 1;
+                    } else {
+                        stats.drop(DropReason::QueueFull);
+                    }
+                    if let Some(init) = initiation {
+                        next.stats.tx_bytes += init.len() as u64;
+                        stats.tx_datagrams += 1;
+                        sink.send(to, init);
+                    }
+                }
+                Encap::Drop(reason) => stats.drop(reason),
+            }
+        }
+        Verdict::Host => {
+            if sink.local(packet) {
+                stats.forwarded_local += 1;
+            } else {
+                stats.drop(DropReason::LocalUnavailable);
+            }
+        }
+        Verdict::Local => {
+            let refused = match local {
+                Some(stack) => (!stack.receive(packet)).then_some(DropReason::LocalQueueFull),
+                None => (!sink.local(packet)).then_some(DropReason::LocalUnavailable),
+            };
+            match refused {
+                None => stats.forwarded_local += 1,
+                Some(reason) => stats.drop(reason),
+            }
+        }
+        Verdict::Drop { reason, wake } => {
+            stats.drop(reason);
+            // Wake the gateways, each where it was last heard from: the packet is
+            // gone, but the next ones find a session with whichever answers
+            // first, in failover order. Nothing but a handshake initiation goes
+            // to them, and boringtun starts one only if none is under way.
+            let gateways = wake.and_then(|i| routing.egress.get(i));
+            for &g in gateways.map(|e| e.gateways.as_slice()).unwrap_or_default() {
+                let Some(to) = peers.get(g).and_then(|p| p.endpoint) else {
+                    continue;
+                };
+                peers.activate(g);
+                let Some(gateway) = peers.get_mut(g) else {
+                    continue;
+                };
+                gateway.last_work = Some(now);
+                if let Some(init) = gateway.initiate(tx) {
+                    stats.tx_datagrams += 1;
+                    sink.send(to, init);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,482 @@
+//! The engine with simulated peers and time.
+
+use super::*;
+use crate::core::peer::PeerConfig;
+use crate::core::policy::DropReason;
+use boringtun::x25519::PublicKey;
+
+fn peer(allowed: &str) -> PeerConfig {
+    let secret = StaticSecret::random_from_rng(rand_core::OsRng);
+    PeerConfig {
+        public_key: PublicKey::from(&secret),
+        allowed: vec![allowed.parse().unwrap()],
+        keepalive: None,
+        kind: super::super::peer::PeerKind::Router,
+        endpoint: None,
+    }
+}
+
+/// An engine with its local stack at 10.100.0.1, and router `n` (10.100.1.n)
+/// handshaken with it.
+fn engine_with_stack_and_routers(
+    now: Instant,
+    routers: &[u8],
+) -> (TunnelEngine, Vec<crate::core::harness::MemoryClient>) {
+    use crate::core::harness::MemoryClient;
+    let secret = StaticSecret::random_from_rng(rand_core::OsRng);
+    let public = PublicKey::from(&secret);
+    let server = std::net::Ipv4Addr::new(10, 100, 0, 1);
+    let mut engine =
+        TunnelEngine::new(secret, vec![IpAddr::V4(server)]).with_local_stack(server, 16, now);
+    let clients = routers
+        .iter()
+        .map(|&n| {
+            let mut r = MemoryClient::new(
+                &public,
+                u32::from(n),
+                SocketAddr::from(([192, 0, 2, n], u16::from(n))),
+            );
+            r.register(
+                &mut engine,
+                &[IpNet::from(IpAddr::from([10, 100, 1, n]))],
+                u32::from(n),
+            );
+            assert!(r.handshake(&mut engine, now));
+            r
+        })
+        .collect();
+    (engine, clients)
+}
+
+/// Transit between peers leaves the local stack alone; a packet for the
+/// stack runs it at once, and its answer leaves in the same call.
+#[test]
+fn only_packets_for_the_stack_run_it() {
+    use crate::core::harness::Collect;
+    use crate::core::packet::build::ip_packet;
+
+    let now = Instant::now();
+    let server = IpAddr::from([10, 100, 0, 1]);
+    let (mut engine, mut routers) = engine_with_stack_and_routers(now, &[1, 2]);
+    let r1 = &mut routers[0];
+    let polls = |e: &mut TunnelEngine| e.local_stack().map_or(0, |s| s.polls());
+    let before = polls(&mut engine);
+
+    let transit = ip_packet([10, 100, 1, 1].into(), [10, 100, 1, 2].into(), 100);
+    let mut out = Collect::default();
+    for _ in 0..100 {
+        let datagram = r1.encrypt(&transit).unwrap();
+        engine.handle_datagram(r1.addr, &datagram, now, &mut out);
+    }
+    assert_eq!(engine.stats().forwarded_peer, 100);
+    assert_eq!(polls(&mut engine), before, "transit polled the stack");
+
+    // Protocol 253 to the stack: it answers (ICMP protocol unreachable).
+    let local = ip_packet([10, 100, 1, 1].into(), server, 8);
+    let datagram = r1.encrypt(&local).unwrap();
+    let mut out = Collect::default();
+    engine.handle_datagram(r1.addr, &datagram, now, &mut out);
+    assert_eq!(engine.stats().forwarded_local, 1);
+    assert_eq!(polls(&mut engine), before + 1);
+    assert!(out.sent.iter().any(|(to, _)| *to == r1.addr), "answered");
+}
+
+/// A packet the stack's full input queue refuses is a drop of its own,
+/// not a local delivery.
+#[test]
+fn a_full_stack_queue_is_counted_as_a_drop() {
+    use crate::core::harness::Collect;
+    use crate::core::packet::build::ip_packet;
+
+    let now = Instant::now();
+    let server = IpAddr::from([10, 100, 0, 1]);
+    let (mut engine, mut routers) = engine_with_stack_and_routers(now, &[1]);
+    let r1 = &mut routers[0];
+    let packet = ip_packet([10, 100, 1, 1].into(), server, 8);
+    if let Some(stack) = engine.local_stack() {
+        while stack.receive(&packet) {}
+    }
+    let datagram = r1.encrypt(&packet).unwrap();
+    engine.handle_datagram(r1.addr, &datagram, now, &mut Collect::default());
+    assert_eq!(engine.stats().dropped(DropReason::LocalQueueFull), 1);
+    assert_eq!(engine.stats().forwarded_local, 0);
+    // The stack ran and took the queue in: the next packet is delivered.
+    let datagram = r1.encrypt(&packet).unwrap();
+    engine.handle_datagram(r1.addr, &datagram, now, &mut Collect::default());
+    assert_eq!(engine.stats().forwarded_local, 1);
+}
+
+/// A tunnel whose peer `g` has a configured endpoint, with an initiation
+/// of the engine's to `g` under way: the engine, `g`, and that initiation.
+fn initiating_to_a_peer(
+    now: Instant,
+) -> (TunnelEngine, crate::core::harness::MemoryClient, Vec<u8>) {
+    use crate::core::harness::{Collect, MemoryClient};
+    use crate::core::packet::build::ip_packet;
+
+    let secret = StaticSecret::random_from_rng(rand_core::OsRng);
+    let public = PublicKey::from(&secret);
+    let mut engine = TunnelEngine::new(secret, vec![IpAddr::from([10, 100, 0, 1])]);
+    let g = MemoryClient::new(&public, 7, SocketAddr::from(([192, 0, 2, 7], 7)));
+    let mut config = peer("10.100.1.7/32");
+    config.public_key = g.public_key;
+    config.endpoint = Some(g.addr);
+    engine.upsert_peer(config, 7).unwrap();
+    let packet = ip_packet([10, 100, 0, 1].into(), [10, 100, 1, 7].into(), 8);
+    let mut out = Collect::default();
+    engine.handle_host_packet(&packet, now, &mut out);
+    let (to, initiation) = out.sent.pop().unwrap();
+    assert_eq!((to, message_type(&initiation)), (g.addr, 1));
+    (engine, g, initiation)
+}
+
+/// The response of `g` to `initiation`.
+fn response_of(g: &mut crate::core::harness::MemoryClient, initiation: &[u8]) -> Vec<u8> {
+    let mut buf = vec![0; 256];
+    match g.tunn.decapsulate(None, initiation, &mut buf) {
+        boringtun::noise::TunnResult::WriteToNetwork(r) => r.to_vec(),
+        _ => panic!("no response"),
+    }
+}
+
+#[test]
+fn calm_a_response_completes_our_handshake() {
+    use crate::core::harness::Collect;
+    let now = Instant::now();
+    let (mut engine, mut g, initiation) = initiating_to_a_peer(now);
+    let response = response_of(&mut g, &initiation);
+    let mut out = Collect::default();
+    engine.handle_datagram(g.addr, &response, now, &mut out);
+    assert_eq!(engine.stats().handshakes, 1);
+    assert_eq!(engine.stats().cookie_replies, 0);
+    // The waiting packet, then nothing else.
+    assert!(out
+        .sent
+        .iter()
+        .all(|(to, d)| *to == g.addr && message_type(d) == 4));
+}
+
+/// Under load a response without a valid mac2 gets a cookie reply and no
+/// Diffie-Hellman (boringtun never sees it: our handshake stays open); once
+/// the load is over the same response completes the handshake.
+#[test]
+fn under_load_a_response_gets_a_cookie_reply_before_any_diffie_hellman() {
+    use crate::core::harness::{Collect, MemoryClient};
+    let now = Instant::now();
+    let (engine, mut g, initiation) = initiating_to_a_peer(now);
+    let mut engine = engine.with_handshake_limit(1);
+    let public = *engine.public_key();
+    // Another peer's initiations put the tunnel over its limit of one.
+    let mut c = MemoryClient::new(&public, 8, SocketAddr::from(([192, 0, 2, 8], 8)));
+    c.register(
+        &mut engine,
+        &[IpNet::from(IpAddr::from([10, 100, 1, 8]))],
+        8,
+    );
+    assert!(c.handshake(&mut engine, now));
+    c.handshake(&mut engine, now);
+    assert_eq!(engine.stats().cookie_replies, 1);
+    let (handshakes, cookies) = (engine.stats().handshakes, engine.stats().cookie_replies);
+
+    let response = response_of(&mut g, &initiation);
+    let mut out = Collect::default();
+    engine.handle_datagram(g.addr, &response, now, &mut out);
+    assert_eq!(engine.stats().cookie_replies, cookies + 1);
+    assert_eq!(engine.stats().handshakes, handshakes);
+    let (to, reply) = out.sent.pop().unwrap();
+    assert_eq!((to, message_type(&reply)), (g.addr, 3));
+    let mut buf = vec![0; 256];
+    assert!(matches!(
+        g.tunn.decapsulate(None, &reply, &mut buf),
+        boringtun::noise::TunnResult::Done
+    ));
+
+    // A second later the tunnel is calm and the response goes through.
+    let later = now + Duration::from_secs(2);
+    engine.handle_datagram(g.addr, &response, later, &mut Collect::default());
+    assert_eq!(engine.stats().handshakes, handshakes + 1);
+}
+
+/// An engine at 10.100.0.1 with one registered client at 10.100.1.1.
+fn one_client() -> (TunnelEngine, crate::core::harness::MemoryClient) {
+    let secret = StaticSecret::random_from_rng(rand_core::OsRng);
+    let public = PublicKey::from(&secret);
+    let mut engine = TunnelEngine::new(secret, vec![IpAddr::from([10, 100, 0, 1])]);
+    let r1 =
+        crate::core::harness::MemoryClient::new(&public, 1, SocketAddr::from(([192, 0, 2, 1], 1)));
+    r1.register(
+        &mut engine,
+        &[IpNet::from(IpAddr::from([10, 100, 1, 1]))],
+        1,
+    );
+    (engine, r1)
+}
+
+#[test]
+fn a_quiet_peer_leaves_the_active_list_and_comes_back_when_it_speaks() {
+    use crate::core::harness::Collect;
+    use crate::core::packet::build::ip_packet;
+    use crate::core::peer::SESSION_LIFETIME;
+
+    let now = Instant::now();
+    let (mut engine, mut r1) = one_client();
+    assert!(r1.handshake(&mut engine, now));
+    assert_eq!(engine.active_peer_count(), 1);
+    engine.handle_timers(now + Duration::from_secs(60), &mut Collect::default());
+    assert_eq!(
+        engine.active_peer_count(),
+        1,
+        "its session is still current"
+    );
+    engine.handle_timers(now + SESSION_LIFETIME, &mut Collect::default());
+    assert_eq!(engine.active_peer_count(), 0);
+    assert!(!engine.needs_timers());
+    let id = engine.peers.by_key[r1.public_key.as_bytes()];
+    assert!(
+        !engine.peers.get(id).unwrap().is_active(),
+        "its Tunn is gone"
+    );
+    let events: Vec<_> = std::iter::from_fn(|| engine.poll_event()).collect();
+    assert!(events.contains(&Event::Disconnected {
+        peer: *r1.public_key.as_bytes()
+    }));
+
+    // It speaks again: listed, and its packets arrive.
+    let later = now + Duration::from_secs(300);
+    assert!(r1.handshake(&mut engine, later));
+    assert_eq!(engine.active_peer_count(), 1);
+    let packet = ip_packet([10, 100, 1, 1].into(), [10, 100, 0, 1].into(), 8);
+    let datagram = r1.encrypt(&packet).unwrap();
+    engine.handle_datagram(r1.addr, &datagram, later, &mut Collect::default());
+    let status = engine.peer_status(r1.public_key.as_bytes(), later).unwrap();
+    assert_eq!(status.stats.rx_packets, 1);
+    engine.handle_timers(later + Duration::from_secs(1), &mut Collect::default());
+    assert_eq!(engine.active_peer_count(), 1);
+}
+
+/// A quiet peer's protocol state is gone, so a replay of its last
+/// initiation is answered; the replay does not move its endpoint.
+#[test]
+fn a_replayed_initiation_does_not_move_a_quiet_peers_endpoint() {
+    use crate::core::harness::Collect;
+    use crate::core::peer::SESSION_LIFETIME;
+
+    let now = Instant::now();
+    let (mut engine, mut r1) = one_client();
+    let mut buf = vec![0; 256];
+    let initiation = r1.initiation().expect("an initiation");
+    let mut out = Collect::default();
+    engine.handle_datagram(r1.addr, &initiation, now, &mut out);
+    let (_, response) = out.sent.pop().unwrap();
+    let keepalive = match r1.tunn.decapsulate(None, &response, &mut buf) {
+        boringtun::noise::TunnResult::WriteToNetwork(k) => k.to_vec(),
+        _ => panic!("no keepalive"),
+    };
+    engine.handle_datagram(r1.addr, &keepalive, now, &mut Collect::default());
+    assert_eq!(engine.stats().handshakes, 1);
+    engine.handle_timers(now + SESSION_LIFETIME, &mut Collect::default());
+    assert_eq!(engine.active_peer_count(), 0);
+
+    let elsewhere = SocketAddr::from(([203, 0, 113, 9], 9));
+    let later = now + Duration::from_secs(200);
+    let mut out = Collect::default();
+    engine.handle_datagram(elsewhere, &initiation, later, &mut out);
+    assert_eq!(engine.stats().handshake_responses, 2);
+    let status = engine.peer_status(r1.public_key.as_bytes(), later).unwrap();
+    assert_eq!(status.endpoint, Some(r1.addr));
+    assert_eq!(engine.endpoints.get(&elsewhere), None);
+}
+
+/// `initiation` with its encrypted timestamp changed and a valid mac1 for
+/// `server`: it passes admission and names its peer, but does not
+/// authenticate.
+fn forged(initiation: &[u8], server: &PublicKey) -> Vec<u8> {
+    use blake2::digest::{consts::U16, FixedOutput, KeyInit, Update};
+    use blake2::{Blake2s256, Blake2sMac, Digest};
+    let mut forged = initiation.to_vec();
+    forged[100] ^= 1;
+    let key: [u8; 32] = Blake2s256::new()
+        .chain_update(b"mac1----")
+        .chain_update(server.as_bytes())
+        .finalize()
+        .into();
+    let mut mac = <Blake2sMac<U16> as KeyInit>::new_from_slice(&key).unwrap();
+    Update::update(&mut mac, &forged[..116]);
+    forged[116..132].copy_from_slice(&mac.finalize_fixed());
+    forged
+}
+
+#[test]
+fn an_initiation_that_fails_authentication_lists_no_peer() {
+    use crate::core::harness::Collect;
+
+    let now = Instant::now();
+    let (mut engine, mut r1) = one_client();
+    let initiation = r1.initiation().expect("an initiation");
+    let forged = forged(&initiation, engine.public_key());
+    let mut out = Collect::default();
+    engine.handle_datagram(r1.addr, &forged, now, &mut out);
+    assert!(out.sent.is_empty());
+    assert_eq!(engine.stats().dropped(DropReason::DecryptFailed), 1);
+    assert_eq!(engine.active_peer_count(), 0);
+    assert!(!engine.needs_timers());
+    let id = engine.peers.by_key[r1.public_key.as_bytes()];
+    assert!(!engine.peers.get(id).unwrap().is_active(), "no Tunn kept");
+    // The genuine one still works.
+    assert!(r1.handshake(&mut engine, now));
+    assert_eq!(engine.active_peer_count(), 1);
+}
+
+#[test]
+fn a_new_peer_needs_a_24_bit_nonzero_index() {
+    let secret = StaticSecret::random_from_rng(rand_core::OsRng);
+    let mut engine = TunnelEngine::new(secret, vec![IpAddr::from([10, 100, 0, 1])]);
+    for index in [0, 1 << 24, u32::MAX] {
+        assert_eq!(
+            engine.upsert_peer(peer("10.100.1.1/32"), index),
+            Err(EngineError::BadIndex { index })
+        );
+    }
+    assert_eq!(engine.peer_count(), 0);
+    assert_eq!(
+        engine.upsert_peer(peer("10.100.1.1/32"), (1 << 24) - 1),
+        Ok(())
+    );
+}
+
+/// With our keepalive on, a peer restored with its endpoint is reached at
+/// once (its first keepalive starts a handshake), not when it next speaks;
+/// without keepalive it stays off the active list until there is traffic.
+#[test]
+fn a_restored_peer_we_keep_alive_is_reached_without_waiting_for_it() {
+    use crate::core::harness::Collect;
+    let secret = StaticSecret::random_from_rng(rand_core::OsRng);
+    let mut engine = TunnelEngine::new(secret, vec![IpAddr::from([10, 100, 0, 1])]);
+    let at = SocketAddr::from(([192, 0, 2, 7], 7));
+    let mut kept = peer("10.100.1.1/32");
+    kept.keepalive = Some(1);
+    kept.endpoint = Some(at);
+    let mut quiet = peer("10.100.1.2/32");
+    quiet.endpoint = Some(SocketAddr::from(([192, 0, 2, 8], 8)));
+    engine.upsert_peer(kept, 1).unwrap();
+    engine.upsert_peer(quiet, 2).unwrap();
+    assert_eq!(engine.peers.active.len(), 1, "only the kept-alive peer");
+
+    // boringtun's keepalive runs on the real clock.
+    std::thread::sleep(Duration::from_millis(1100));
+    let mut out = Collect::default();
+    engine.handle_timers(Instant::now(), &mut out);
+    assert_eq!(out.sent.len(), 1, "{:?}", out.sent);
+    assert_eq!(out.sent[0].0, at);
+    assert_eq!(message_type(&out.sent[0].1), 1, "a handshake initiation");
+}
+
+#[test]
+fn a_configured_endpoint_reaches_a_silent_peer_and_never_replaces_a_heard_one() {
+    let now = Instant::now();
+    let (mut engine, mut r1) = one_client();
+    // Restored from the state: where the router was last heard from.
+    let remembered = SocketAddr::from(([192, 0, 2, 99], 99));
+    let mut config = peer("10.100.1.1/32");
+    config.public_key = r1.public_key;
+    config.endpoint = Some(remembered);
+    engine.upsert_peer(config.clone(), 1).unwrap();
+    let id = engine.peers.by_key[r1.public_key.as_bytes()];
+    let status = engine.peer_status(r1.public_key.as_bytes(), now).unwrap();
+    assert_eq!(status.endpoint, Some(remembered));
+    assert_eq!(engine.endpoints.get(&remembered), Some(&id));
+
+    // The router speaks from elsewhere: that is where it is now, and the
+    // same configuration applied again does not move it back.
+    assert!(r1.handshake(&mut engine, now));
+    assert_eq!(engine.endpoints.get(&r1.addr), Some(&id));
+    assert_eq!(engine.endpoints.get(&remembered), None);
+    engine.upsert_peer(config, 1).unwrap();
+    let status = engine.peer_status(r1.public_key.as_bytes(), now).unwrap();
+    assert_eq!(status.endpoint, Some(r1.addr));
+    assert_eq!(engine.endpoints.get(&remembered), None);
+}
+
+#[test]
+fn a_prefix_moves_between_kept_peers_whatever_their_order() {
+    let secret = StaticSecret::random_from_rng(rand_core::OsRng);
+    let mut engine = TunnelEngine::new(secret, vec![IpAddr::from([10, 100, 0, 1])]);
+    let x = peer("10.100.1.1/32");
+    let mut y = peer("10.100.1.2/32");
+    let moving: IpNet = "10.100.9.0/24".parse().unwrap();
+    y.allowed.push(moving);
+    engine
+        .sync_peers(vec![(x.clone(), 1), (y.clone(), 2)])
+        .unwrap();
+    // The /24 moves from Y to X, X listed first.
+    let mut x2 = x.clone();
+    x2.allowed.push(moving);
+    let mut y2 = y.clone();
+    y2.allowed.retain(|p| *p != moving);
+    assert_eq!(engine.sync_peers(vec![(x2, 1), (y2, 2)]), Ok(Vec::new()));
+    let owner = |e: &TunnelEngine, ip: [u8; 4]| e.routing.routes.lookup(IpAddr::from(ip)).copied();
+    let x_id = engine.peers.by_key[x.public_key.as_bytes()];
+    let y_id = engine.peers.by_key[y.public_key.as_bytes()];
+    assert_eq!(owner(&engine, [10, 100, 9, 5]), Some(x_id));
+    assert_eq!(owner(&engine, [10, 100, 1, 2]), Some(y_id));
+    // And back, Y listed first this time.
+    assert_eq!(engine.sync_peers(vec![(y, 2), (x, 1)]), Ok(Vec::new()));
+    assert_eq!(owner(&engine, [10, 100, 9, 5]), Some(y_id));
+    assert_eq!(owner(&engine, [10, 100, 1, 1]), Some(x_id));
+}
+
+/// Removing k listed peers in one sync costs one pass over the active
+/// list, and leaves exactly the kept ones on it.
+#[test]
+fn a_sync_that_removes_many_active_peers_prunes_the_list_once() {
+    let secret = StaticSecret::random_from_rng(rand_core::OsRng);
+    let mut engine = TunnelEngine::new(secret, vec![IpAddr::from([10, 100, 0, 1])]);
+    let configs: Vec<_> = (0..1_000u32)
+        .map(|i| {
+            let ip = IpAddr::from([10, 101, (i >> 8) as u8, i as u8]);
+            let mut config = peer("10.100.1.1/32");
+            config.allowed = vec![IpNet::from(ip)];
+            (config, i + 1)
+        })
+        .collect();
+    engine.sync_peers(configs.clone()).unwrap();
+    // Every peer on the active list (no protocol state needed to remove one).
+    for id in 0..1_000 {
+        engine.peers.list(id);
+    }
+    let kept: Vec<_> = configs.iter().step_by(10).cloned().collect();
+    let before = engine.peers.prunes;
+    assert_eq!(engine.sync_peers(kept.clone()).map(|f| f.len()), Ok(900));
+    assert_eq!(engine.peers.prunes, before + 1);
+    assert_eq!(engine.active_peer_count(), 100);
+    let mut listed: Vec<_> = engine.peers.active.clone();
+    listed.sort_unstable();
+    let mut expected: Vec<_> = kept
+        .iter()
+        .map(|(c, _)| engine.peers.by_key[c.public_key.as_bytes()])
+        .collect();
+    expected.sort_unstable();
+    assert_eq!(listed, expected);
+    // A new peer in a freed slot is not listed.
+    engine.upsert_peer(peer("10.102.0.1/32"), 5_000).unwrap();
+    assert_eq!(engine.active_peer_count(), 100);
+    let key = *kept[0].0.public_key.as_bytes();
+    assert!(engine.remove_peer(&key).is_some());
+    assert_eq!(engine.active_peer_count(), 99);
+}
+
+#[test]
+fn a_refused_peer_does_not_keep_the_others_out() {
+    let secret = StaticSecret::random_from_rng(rand_core::OsRng);
+    let mut engine = TunnelEngine::new(secret, vec![IpAddr::from([10, 100, 0, 1])]);
+    let peers = vec![
+        (peer("10.100.1.1/32"), 1),
+        (peer("10.100.1.1/32"), 2), // the same address: refused
+        (peer("10.100.1.3/32"), 3),
+    ];
+    assert!(matches!(
+        engine.sync_peers(peers),
+        Err(EngineError::PrefixTaken { .. })
+    ));
+    assert_eq!(engine.peer_count(), 2);
+}

@@ -288,8 +288,7 @@ fn main() -> Result<()> {
         Command::Backup(args) => {
             let settings = state_settings(args.config.as_deref(), args.state_dir.as_deref())?;
             // The copy holds sealed keys: it is the operator's alone, like the state.
-            // SAFETY: umask only sets the process's file-mode mask; it cannot fail.
-            unsafe { libc::umask(0o077) };
+            own_files_only();
             let database = settings.database();
             let s = wgplane::store::backup::backup(&database, &args.to)?;
             println!(
@@ -305,8 +304,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Rekey(args) => {
-            // SAFETY: umask only sets the process's file-mode mask; it cannot fail.
-            unsafe { libc::umask(0o077) };
+            own_files_only();
             let settings = state_settings(args.config.as_deref(), args.state_dir.as_deref())?;
             rekey(&settings, &args.new_key_file)
         }
@@ -335,8 +333,7 @@ fn main() -> Result<()> {
             // Everything the appliance creates (state directory, database and its
             // journal, token, master key) is its own alone: directories 0700,
             // files 0600.
-            // SAFETY: umask only sets the process's file-mode mask; it cannot fail.
-            unsafe { libc::umask(0o077) };
+            own_files_only();
             // Before the runtime exists: its threads inherit the policy.
             if settings.tunnels.batch_scheduling {
                 if let Err(e) = wgplane::io::sched::batch_scheduling() {
@@ -349,6 +346,13 @@ fn main() -> Result<()> {
                 .block_on(run(settings))
         }
     }
+}
+
+/// Files and directories this process creates are its user's alone (0600 and
+/// 0700): the state, its copies and the keys.
+fn own_files_only() {
+    // SAFETY: umask only sets the process's file-mode mask; it cannot fail.
+    unsafe { libc::umask(0o077) };
 }
 
 /// The settings of a command that only works on the state directory: the

@@ -5,7 +5,8 @@
 //! O(peers of the tenant); this index answers in O(log n), and remembers per
 //! allocation range how far the addresses are densely taken, so the search for
 //! the next free one starts there. It holds no data of its own: the registry
-//! rebuilds it from the tenant whenever it is unsure (`of`).
+//! keeps one per tenant through every change, and builds it again from the
+//! tenant (`of`) after an undone one.
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::Ipv4Addr;

@@ -570,19 +570,8 @@ fn tenant_of<'a>(
 pub(crate) mod tests {
     use super::*;
     use crate::control::model::{ClientRequest, EgressRequest, RouterRequest, TenantRequest};
-    use crate::control::registry::{AllocPolicy, Registry};
-
-    fn registry() -> Registry {
-        Registry::new(
-            AllocPolicy {
-                first_port: 51820,
-                supernet: "10.0.0.0/8".parse().unwrap(),
-                subnet_prefix_len: 16,
-                subnet_start: "10.100.0.0".parse().unwrap(),
-            },
-            3,
-        )
-    }
+    use crate::control::registry::tests::registry;
+    use crate::control::registry::Registry;
 
     fn id(s: &str) -> Id {
         Id::parse(s, "id").unwrap()

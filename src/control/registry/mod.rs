@@ -26,7 +26,7 @@ mod clients;
 mod routers;
 mod tenants;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 /// DNS servers a client config may name. Far more than any resolver uses, and
 /// few enough that the config always fits a QR code.
@@ -71,8 +71,8 @@ pub struct Registry {
     policy: AllocPolicy,
     tenants: BTreeMap<Id, Tenant>,
     indices: IndexAllocator,
-    /// Per tenant, its peers' addresses and keys; rebuilt from the tenant when
-    /// missing, dropped whenever a tenant is replaced wholesale.
+    /// Per tenant, its peers' addresses and keys: kept for every tenant, by
+    /// each change and rebuilt after an undone one.
     occupancy: HashMap<Id, Occupancy>,
 }
 
@@ -125,7 +125,6 @@ impl Registry {
     /// Receiver indices follow: those of the peers it had are held again, those
     /// of peers it did not have are freed.
     pub fn reinstate(&mut self, id: &Id, before: Option<Tenant>) {
-        self.occupancy.remove(id);
         let now = match before {
             Some(t) => self.tenants.insert(id.clone(), t),
             None => self.tenants.remove(id),
@@ -136,12 +135,21 @@ impl Registry {
         for i in self.tenants.get(id).into_iter().flat_map(peer_indices) {
             self.indices.reserve(i);
         }
+        self.reindex(id);
+    }
+
+    /// Builds tenant `id`'s index of addresses and keys again from the tenant
+    /// as it now is (after an undone change), or drops it with the tenant.
+    fn reindex(&mut self, id: &Id) {
+        match self.tenants.get(id) {
+            Some(t) => self.occupancy.insert(id.clone(), Occupancy::of(t)),
+            None => self.occupancy.remove(id),
+        };
     }
 
     /// Puts one router back as it was before a change that could not be stored
     /// (none: it did not exist, and its receiver index is freed again).
     pub fn reinstate_router(&mut self, tenant: &Id, id: &Id, before: Option<Router>) {
-        self.occupancy.remove(tenant);
         let Some(t) = self.tenants.get_mut(tenant) else {
             return;
         };
@@ -158,11 +166,11 @@ impl Registry {
         if let Some(r) = replaced.filter(|r| Some(r.index) != kept) {
             self.indices.free(r.index);
         }
+        self.reindex(tenant);
     }
 
     /// Like [`Self::reinstate_router`], for a client.
     pub fn reinstate_client(&mut self, tenant: &Id, id: &Id, before: Option<Client>) {
-        self.occupancy.remove(tenant);
         let Some(t) = self.tenants.get_mut(tenant) else {
             return;
         };
@@ -178,6 +186,7 @@ impl Registry {
         if let Some(c) = replaced.filter(|c| Some(c.index) != kept) {
             self.indices.free(c.index);
         }
+        self.reindex(tenant);
     }
 
     /// Every tenant, by id.

@@ -163,29 +163,12 @@ impl Registry {
         }
     }
 
-    /// The router or client of the tenant with this public key, if any. The
-    /// tenant's key index answers in O(1) (the event hub asks for every
-    /// handshake of a reconnect wave); while it is being rebuilt after an undone
-    /// change, the peers are scanned.
+    /// The router or client of the tenant with this public key, if any, from
+    /// the tenant's key index in O(1) (the event hub asks for every handshake
+    /// of a reconnect wave).
     pub fn peer_with_key(&self, tenant_id: &Id, key: &[u8; 32]) -> Option<PeerWithKey<'_>> {
         let tenant = self.tenants.get(tenant_id)?;
-        let Some(occupancy) = self.occupancy.get(tenant_id) else {
-            let router = tenant
-                .routers
-                .values()
-                .find(|r| r.public_key.as_bytes() == key);
-            let client = || {
-                tenant
-                    .clients
-                    .values()
-                    .find(|c| c.public_key.as_bytes() == key)
-            };
-            return match router {
-                Some(r) => Some(PeerWithKey::Router(r)),
-                None => client().map(PeerWithKey::Client),
-            };
-        };
-        match occupancy.holder(key)? {
+        match self.occupancy.get(tenant_id)?.holder(key)? {
             (true, id) => tenant.routers.get(id).map(PeerWithKey::Router),
             (false, id) => tenant.clients.get(id).map(PeerWithKey::Client),
         }

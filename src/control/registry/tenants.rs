@@ -9,6 +9,7 @@ use ipnet::IpNet;
 use super::{parse_v4_net, peer_indices, Put, Registry};
 use crate::control::error::ControlError;
 use crate::control::model::{Id, Tenant, TenantRequest};
+use crate::control::occupancy::Occupancy;
 use crate::core::alloc;
 use crate::keys::SecretKey;
 
@@ -103,6 +104,7 @@ impl Registry {
             host_prefixes: host_prefixes.unwrap_or_default(),
         };
         self.tenants.insert(id.clone(), tenant);
+        self.occupancy.insert(id.clone(), Occupancy::default());
         Ok(Put::Created)
     }
 

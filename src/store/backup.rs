@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use rusqlite::{Connection, OpenFlags};
 
-use super::schema;
+use super::{files, schema};
 
 /// Why a backup could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +34,9 @@ pub enum BackupError {
     /// The copy failed its integrity check.
     #[error("{path}: the copy is damaged: {report}")]
     Damaged { path: PathBuf, report: String },
+    /// The copy's directory could not be synced.
+    #[error(transparent)]
+    Files(#[from] files::FilesError),
     /// The file system refused.
     #[error("{what} {path}: {source}")]
     Io {
@@ -100,13 +103,7 @@ pub fn backup(database: &Path, to: &Path) -> Result<Summary, BackupError> {
         .and_then(|f| f.sync_all())
         .map_err(io("cannot sync", &partial))?;
     std::fs::rename(&partial, to).map_err(io("cannot rename to", to))?;
-    let dir = match to.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io("cannot sync", dir))?;
+    files::sync_dir(files::parent_of(to))?;
     Ok(summary)
 }
 

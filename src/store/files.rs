@@ -75,14 +75,16 @@ pub fn create_dir(dir: &Path) -> Result<(), FilesError> {
     Ok(())
 }
 
-fn parent_of(path: &Path) -> &Path {
+/// The directory `path` is in (`.` for a bare file name).
+pub(crate) fn parent_of(path: &Path) -> &Path {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     }
 }
 
-fn sync_dir(dir: &Path) -> Result<(), FilesError> {
+/// Makes the entries of `dir` (a new, renamed or removed file) durable.
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), FilesError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io("cannot sync", dir))

@@ -7,13 +7,18 @@
 #  wireguard-go 10.200.0.2 --veth-- HUB --veth-- wireguard-go 10.100.0.40, MASQUERADE --veth-- iperf3 -s
 #  198.51.100.2          198.51.100.1  203.0.113.1   203.0.113.2    198.18.0.1              198.18.0.2
 #
+# The fourth "hub", relay, is the floor of any hub built on UDP sockets:
+# `wgplane relay`, wgplane's socket IO passing datagrams on unchanged, with the
+# phone and the gateway as each other's WireGuard peers through it. A hub's
+# cost above the relay's is its cryptography and routing.
+#
 # inet has no route back to 10.200.0.0/24: answers only come back through the
 # gateway's masquerade. Measured per run and hub: TCP (iperf3, hub CPU-seconds
 # and whole-machine CPU-seconds per GiB received, Mbit/s) and 64-byte UDP (hub
 # CPU-microseconds per packet received by the server).
 #
 # Usage: benches/hubs.sh [--runs N (3)] [--seconds S (10)] [--udp-rate PPS (50000)]
-#                        [--hubs wgplane,wireguard-go,boringtun] [--json FILE] [--profile]
+#                        [--hubs wgplane,wireguard-go,boringtun,relay] [--json FILE] [--profile]
 #                        [--peers bookworm|trixie]
 # --profile: one more wgplane run, not counted, under `perf record`: where the
 # hub's CPU goes, by kernel and user-space stage; and `perf stat`: syscalls and
@@ -32,7 +37,7 @@ set -euo pipefail
 
 RUNS=3
 SECONDS_PER_TEST=10
-HUBS="wgplane,wireguard-go,boringtun"
+HUBS="wgplane,wireguard-go,boringtun,relay"
 UDP_RATE=50000
 JSON_OUT=""
 PROFILE=""
@@ -70,8 +75,8 @@ IFS=',' read -r -a HUB_LIST <<<"$HUBS"
 [[ ${#HUB_LIST[@]} -gt 0 ]] || die "--hubs is empty"
 for h in "${HUB_LIST[@]}"; do
     case "$h" in
-        wgplane | wireguard-go | boringtun) ;;
-        *) die "unknown hub '$h' (wgplane, wireguard-go, boringtun)" ;;
+        wgplane | wireguard-go | boringtun | relay) ;;
+        *) die "unknown hub '$h' (wgplane, wireguard-go, boringtun, relay)" ;;
     esac
 done
 [[ $EUID -eq 0 ]] || die "must run as root (namespaces, TUN devices, iptables)"
@@ -88,6 +93,7 @@ PEER_WG="wireguard-go" # the phone's and the gateway's; see --peers
 WGPLANE="$REPO/target/release/wgplane"
 TAG="$$"
 API_PORT=7443
+GW_PORT=51821 # the gateway's WireGuard port
 IPERF_PORT=5201
 # Interface names carry our PID: the UAPI sockets in /var/run/wireguard are not
 # per namespace. Names are at most 15 bytes.
@@ -352,6 +358,18 @@ start_hub_wgplane() {
         "{\"name\":\"phone\",\"public_key\":\"$PHONE_PUB\",\"vpn_ip\":\"10.200.0.2\"}" >/dev/null
 }
 
+# The floor: wgplane's socket IO relaying the phone's and the gateway's
+# datagrams unchanged (their WireGuard session runs end to end through it).
+start_hub_relay() {
+    HUB_PUB=""
+    HUB_PORT=51820
+    HUB_LOG="$DIR/relay.log"
+    start_bg "$HUB_NS" "$HUB_LOG" "$WGPLANE" relay --listen "0.0.0.0:$HUB_PORT" --to "203.0.113.2:$GW_PORT"
+    HUB_PID=$LAST_PID
+    wait_until 10 bash -c "[[ -n \"\$(ip netns exec '$HUB_NS' ss -Hlun 'sport = :$HUB_PORT')\" ]]" ||
+        hub_failure "wgplane relay did not listen on $HUB_PORT within 10 s"
+}
+
 # wireguard-go or boringtun as hub, routed by the kernel like the old setup.
 start_hub_kernel_routed() {
     local which=$1
@@ -388,7 +406,7 @@ hub_failure() {
         nsx "$PHONE_NS" wg show "$PHONE_IF" 2>&1 || true
         echo "----- gateway: wg show -----"
         nsx "$GW_NS" wg show "$GW_IF" 2>&1 || true
-        if [[ "$CUR_HUB" != wgplane ]]; then
+        if [[ "$CUR_HUB" != wgplane && "$CUR_HUB" != relay ]]; then
             echo "----- hub: wg show -----"
             nsx "$HUB_NS" wg show "$HUB_IF" 2>&1 || true
         fi
@@ -419,18 +437,24 @@ build_lab() {
 
     PHONE_PUB="$(keypair phone)"
     GW_PUB="$(keypair gw)"
-    if [[ "$CUR_HUB" == wgplane ]]; then
-        start_hub_wgplane
-    else
-        start_hub_kernel_routed "$CUR_HUB"
-    fi
+    case "$CUR_HUB" in
+        wgplane) start_hub_wgplane ;;
+        relay) start_hub_relay ;;
+        *) start_hub_kernel_routed "$CUR_HUB" ;;
+    esac
 
     # The gateway: tunnel to the hub carrying its subnet and the pool, the pool
-    # masqueraded towards the internet.
+    # masqueraded towards the internet. Behind the relay its peer is the phone,
+    # whose endpoint (the relay's address) it learns from the phone's handshake.
     start_wg_userspace "$GW_NS" "$GW_IF" "$DIR/gw-wireguard-go.log" "$PEER_WG" "$GW_IF"
-    nsx "$GW_NS" wg set "$GW_IF" private-key "$DIR/gw.key" \
-        peer "$HUB_PUB" endpoint "203.0.113.1:$HUB_PORT" \
-        allowed-ips 10.100.0.0/16,10.200.0.0/24 persistent-keepalive 25
+    if [[ "$CUR_HUB" == relay ]]; then
+        nsx "$GW_NS" wg set "$GW_IF" private-key "$DIR/gw.key" listen-port "$GW_PORT" \
+            peer "$PHONE_PUB" allowed-ips 10.200.0.2/32
+    else
+        nsx "$GW_NS" wg set "$GW_IF" private-key "$DIR/gw.key" listen-port "$GW_PORT" \
+            peer "$HUB_PUB" endpoint "203.0.113.1:$HUB_PORT" \
+            allowed-ips 10.100.0.0/16,10.200.0.0/24 persistent-keepalive 25
+    fi
     nsx "$GW_NS" ip address add 10.100.0.40/16 dev "$GW_IF"
     nsx "$GW_NS" ip link set "$GW_IF" mtu 1420 up
     nsx "$GW_NS" ip route add 10.200.0.0/24 dev "$GW_IF"
@@ -439,8 +463,11 @@ build_lab() {
 
     # The phone: everything for 198.18.0.2 into its tunnel.
     start_wg_userspace "$PHONE_NS" "$PHONE_IF" "$DIR/phone-wireguard-go.log" "$PEER_WG" "$PHONE_IF"
+    # Behind the relay the phone's peer is the gateway itself.
+    local phone_peer=$HUB_PUB
+    [[ "$CUR_HUB" != relay ]] || phone_peer=$GW_PUB
     nsx "$PHONE_NS" wg set "$PHONE_IF" private-key "$DIR/phone.key" \
-        peer "$HUB_PUB" endpoint "198.51.100.1:$HUB_PORT" \
+        peer "$phone_peer" endpoint "198.51.100.1:$HUB_PORT" \
         allowed-ips 0.0.0.0/0 persistent-keepalive 25
     nsx "$PHONE_NS" ip address add 10.200.0.2/32 dev "$PHONE_IF"
     nsx "$PHONE_NS" ip link set "$PHONE_IF" mtu 1420 up

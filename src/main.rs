@@ -42,6 +42,10 @@ enum Command {
     /// Measure a running appliance: forward phone -> gateway packets through a
     /// throw-away tenant and report throughput and the appliance's CPU per GiB.
     Bench(BenchArgs),
+    /// A UDP relay that knows nothing of WireGuard: the appliance's socket IO
+    /// without its cryptography or routing. `benches/hubs.sh --hubs relay` runs
+    /// it as the floor of a userspace hub; not an appliance feature.
+    Relay(RelayArgs),
     /// Copy the state database to a file, consistently, also while the
     /// appliance runs. Restore: the copy as `state.db` in a state directory,
     /// with the same master key.
@@ -88,6 +92,16 @@ struct BackupArgs {
     state_dir: Option<PathBuf>,
     /// Where the copy goes (replaced once the new copy is complete).
     to: PathBuf,
+}
+
+#[derive(Args)]
+struct RelayArgs {
+    /// Address to listen on.
+    #[arg(long)]
+    listen: SocketAddr,
+    /// Where datagrams go; its datagrams go to the last other sender.
+    #[arg(long)]
+    to: SocketAddr,
 }
 
 #[derive(Args)]
@@ -236,6 +250,22 @@ fn main() -> Result<()> {
             let key = SecretKey::parse(&text).context("stdin is not a WireGuard private key")?;
             println!("{}", keys::encode(key.public().as_bytes()));
             Ok(())
+        }
+        Command::Relay(args) => {
+            init_logging(LogFormat::Text);
+            // Scheduled and run as the appliance's tunnels are (see `Run`).
+            if let Err(e) = wgplane::io::sched::batch_scheduling() {
+                tracing::warn!(error = %e, "SCHED_BATCH refused; the default scheduling policy stays");
+            }
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(async {
+                    let relay = wgplane::bench::relay::Relay::bind(args.listen, args.to)
+                        .with_context(|| format!("cannot listen on {}", args.listen))?;
+                    tracing::info!(listen = %args.listen, to = %args.to, "relaying");
+                    relay.run().await.context("relay socket failed")
+                })
         }
         Command::Bench(args) => {
             if let Some(pid) = args.pid {

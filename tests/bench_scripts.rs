@@ -1,6 +1,6 @@
 //! The benchmark scripts of `benches/` run end to end, as the README tells users
-//! to run them: `hubs.sh` builds its namespace lab and puts the three hubs side
-//! by side, `storm.sh` storms an appliance pinned to one core next to a flow.
+//! to run them: `hubs.sh` builds its namespace lab and puts the three hubs and
+//! the relay that is their floor side by side, `storm.sh` storms an appliance pinned to one core next to a flow.
 //!
 //! Runs are short and the figures are not judged (a test never times anything):
 //! what is checked is that every part of each script ran and reported, and that
@@ -59,7 +59,7 @@ fn number(v: &Value, key: &str) -> f64 {
 }
 
 #[test]
-fn hubs_script_measures_the_three_hubs_in_one_run() {
+fn hubs_script_measures_the_hubs_and_their_floor_in_one_run() {
     let tools = [
         "ip",
         "ss",
@@ -73,7 +73,10 @@ fn hubs_script_measures_the_three_hubs_in_one_run() {
         "python3",
         "timeout",
     ];
-    if !netns::prerequisites_met("hubs_script_measures_the_three_hubs_in_one_run", &tools) {
+    if !netns::prerequisites_met(
+        "hubs_script_measures_the_hubs_and_their_floor_in_one_run",
+        &tools,
+    ) {
         return;
     }
     let _one = SCRIPTS.lock().unwrap_or_else(|e| e.into_inner());
@@ -85,7 +88,8 @@ fn hubs_script_measures_the_three_hubs_in_one_run() {
         &json,
     );
 
-    let hubs = ["wgplane", "wireguard-go", "boringtun"];
+    // The relay carries the phone's and the gateway's own WireGuard session.
+    let hubs = ["wgplane", "wireguard-go", "boringtun", "relay"];
     assert_eq!(report["hubs"], serde_json::json!(hubs), "{report}");
     let rows = report["raw"].as_array().expect("raw rows");
     for hub in hubs {
@@ -113,7 +117,7 @@ fn hubs_script_measures_the_three_hubs_in_one_run() {
     // Every other hub's median is set against wgplane's.
     for key in ["tcp.hub_cpu_s_per_gib", "udp.hub_cpu_us_per_pkt"] {
         let summary = &report["summary"][key];
-        for hub in ["wireguard-go", "boringtun"] {
+        for hub in ["wireguard-go", "boringtun", "relay"] {
             assert!(
                 summary[hub]["ratio_to_wgplane"].as_f64().is_some(),
                 "{key}: {summary}"

@@ -14,12 +14,16 @@
 //!   handshakes/s answered, cookie replies (the appliance's load defence) and
 //!   appliance CPU-µs per handshake.
 //!
+//! [`relay`] is not a load: it is the other end of the `benches/hubs.sh` lab's
+//! floor, a UDP relay with the appliance's socket IO and nothing else.
+//!
 //! The tenants are deleted at the end, also after a failure. Only the appliance's
 //! own addresses are ever contacted. Left out: IPv6 underlay, TCP-level load
 //! (the `benches/hubs.sh` lab runs iperf3 through real WireGuard peers).
 
 pub mod cpu;
 pub mod flow;
+pub mod relay;
 pub mod storm;
 
 use std::net::{IpAddr, SocketAddr, UdpSocket};

@@ -14,7 +14,7 @@ pub mod events;
 pub mod forward;
 pub mod limits;
 pub mod sched;
-mod sendbatch;
+pub(crate) mod sendbatch;
 pub mod tun;
 pub mod udp;
 

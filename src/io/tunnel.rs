@@ -14,7 +14,7 @@ use tokio::sync::{broadcast, mpsc, oneshot, Notify};
 use super::bridge::{Bridges, ForwardError, HostPipes};
 use super::defer::Deferred;
 use super::sendbatch::SendBatch;
-use super::udp::TunnelSocket;
+use super::udp::{TunnelSocket, MAX_DATAGRAM, RX_SLOTS};
 use crate::core::netstack::StackError;
 
 use crate::core::engine::{
@@ -40,9 +40,6 @@ const RECV_BATCH: usize = 64;
 /// the task to another core), so a turn is long enough to keep that under 1 % of
 /// a busy tunnel's time.
 const TURN: Duration = Duration::from_millis(1);
-
-/// Largest UDP payload.
-const MAX_DATAGRAM: usize = 65_535;
 
 /// What the control plane asks of a tunnel task.
 pub enum Command {
@@ -184,13 +181,11 @@ impl Sink for UdpSink<'_> {
     }
 }
 
-/// Receive buffers, one set per worker thread: a tunnel task borrows them only
-/// between awaits, so tasks on one thread never overlap, and idle tunnels cost
-/// nothing. 16 x 64 KiB: a recvmmsg batch, each slot large enough for a GRO
-/// train of datagrams.
-const RX_SLOTS: usize = 16;
-
 thread_local! {
+    /// Receive buffers, one set per worker thread: a tunnel task borrows them only
+    /// between awaits, so tasks on one thread never overlap, and idle tunnels cost
+    /// nothing. 16 x 64 KiB: a recvmmsg batch, each slot large enough for a GRO
+    /// train of datagrams.
     static RX: std::cell::RefCell<Vec<Vec<u8>>> =
         std::cell::RefCell::new(vec![vec![0u8; MAX_DATAGRAM + 1]; RX_SLOTS]);
 }
@@ -243,13 +238,7 @@ fn read(
     let mut meta = [quinn_udp::RecvMeta::default(); RX_SLOTS];
     for _ in 0..RECV_BATCH / RX_SLOTS {
         let outcome = socket.try_io(tokio::io::Interest::READABLE, |inner| {
-            let count = {
-                let mut free = bufs.iter_mut();
-                let mut slices: [std::io::IoSliceMut<'_>; RX_SLOTS] = std::array::from_fn(|_| {
-                    std::io::IoSliceMut::new(free.next().map_or(&mut [][..], |b| &mut b[..]))
-                });
-                udp.recv(inner.into(), &mut slices, &mut meta)?
-            };
+            let count = super::udp::recv_batch(inner, udp, bufs, &mut meta)?;
             for (m, buf) in meta.iter().zip(bufs.iter()).take(count) {
                 if m.len == 0 {
                     // An empty datagram: counted and dropped like any non-WireGuard one.

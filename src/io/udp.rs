@@ -45,6 +45,29 @@ pub fn register(socket: std::net::UdpSocket) -> io::Result<TunnelSocket> {
         .map_err(|e| e.into_parts().1)
 }
 
+/// Datagrams (or GRO trains) one [`recv_batch`] reads at most.
+pub const RX_SLOTS: usize = 16;
+
+/// Largest UDP payload: a receive buffer one byte longer holds any datagram or
+/// GRO train whole.
+pub const MAX_DATAGRAM: usize = 65_535;
+
+/// One `recvmmsg` into `bufs` (one slot each, up to [`RX_SLOTS`]); returns how
+/// many slots it filled, described by the same entries of `meta`.
+#[inline]
+pub fn recv_batch(
+    socket: &std::net::UdpSocket,
+    state: &quinn_udp::UdpSocketState,
+    bufs: &mut [Vec<u8>],
+    meta: &mut [quinn_udp::RecvMeta; RX_SLOTS],
+) -> io::Result<usize> {
+    let mut free = bufs.iter_mut();
+    let mut slices: [std::io::IoSliceMut<'_>; RX_SLOTS] = std::array::from_fn(|_| {
+        std::io::IoSliceMut::new(free.next().map_or(&mut [][..], |b| &mut b[..]))
+    });
+    state.recv(socket.into(), &mut slices, meta)
+}
+
 /// quinn-udp's state for `socket` (GSO and GRO probed), with what it sets up
 /// for QUIC undone again ([`quiet_control_messages`]). Every WireGuard socket
 /// that batches through quinn-udp is set up here.

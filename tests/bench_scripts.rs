@@ -123,6 +123,13 @@ fn hubs_script_measures_the_hubs_and_their_floor_in_one_run() {
                 "{key}: {summary}"
             );
         }
+        // ... and every hub's CPU against the floor's.
+        for hub in hubs {
+            assert!(
+                summary[hub]["above_floor"].as_f64().is_some(),
+                "{key}: {summary}"
+            );
+        }
     }
 }
 

@@ -12,8 +12,9 @@
 //! built on UDP sockets avoids.
 //!
 //! Leaves out more than one client at a time (the last one to speak gets the
-//! answers; upstream datagrams before any client spoke are dropped), IPv6 clients of an IPv4 socket and any check of what it relays:
-//! it is a measuring tool, never an appliance feature.
+//! answers; upstream datagrams before any client spoke are dropped), IPv6
+//! clients of an IPv4 socket and any check of what it relays: it is a measuring
+//! tool, never an appliance feature.
 
 use std::io;
 use std::net::SocketAddr;

@@ -238,143 +238,169 @@ struct RunArgs {
 }
 
 fn main() -> Result<()> {
-    let cli = Cli::parse();
-    match cli.command {
-        Command::Genkey => {
-            println!("{}", SecretKey::generate().to_base64());
-            Ok(())
-        }
-        Command::Pubkey => {
-            let mut text = String::new();
-            std::io::stdin().read_to_string(&mut text)?;
-            let key = SecretKey::parse(&text).context("stdin is not a WireGuard private key")?;
-            println!("{}", keys::encode(key.public().as_bytes()));
-            Ok(())
-        }
-        Command::Relay(args) => {
-            init_logging(LogFormat::Text);
-            // Scheduled and run as the appliance's tunnels are (see `Run`).
-            if let Err(e) = wgplane::io::sched::batch_scheduling() {
-                tracing::warn!(error = %e, "SCHED_BATCH refused; the default scheduling policy stays");
-            }
-            tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?
-                .block_on(async {
-                    let relay = wgplane::bench::relay::Relay::bind(args.listen, args.to)
-                        .with_context(|| format!("cannot listen on {}", args.listen))?;
-                    tracing::info!(listen = %args.listen, to = %args.to, "relaying");
-                    relay.run().await.context("relay socket failed")
-                })
-        }
-        Command::Bench(args) => {
-            if let Some(pid) = args.pid {
-                // Checked now, not found missing after the run: the CPU figures
-                // would silently be absent.
-                anyhow::ensure!(
-                    wgplane::bench::process_cpu(pid).is_some(),
-                    "--pid {pid}: no such process whose CPU time can be read"
-                );
-            }
-            let token = std::fs::read_to_string(&args.token_file)
-                .with_context(|| format!("cannot read {}", args.token_file.display()))?;
-            let spec = wgplane::bench::BenchSpec {
-                api: args.api.clone(),
-                token: token.trim().to_owned(),
-                host: args.host,
-                size: args.size,
-                duration: Duration::from_secs(args.seconds),
-                mode: match args.mode {
-                    BenchMode::Flow => wgplane::bench::Mode::Flow,
-                    BenchMode::Download => wgplane::bench::Mode::Download,
-                    BenchMode::Handshakes => wgplane::bench::Mode::Handshakes,
-                },
-                senders: args.senders,
-                peers: args.peers,
-                tunnels: args.tunnels,
-                pid: args.pid,
-                rate: args.rate,
-                offload: args.offload,
-                patient: args.patient,
-                tenant: args.tenant.clone(),
-            };
-            // Progress (the measured window opening) goes to stderr.
-            init_logging(LogFormat::Text);
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
+    match Cli::parse().command {
+        Command::Genkey => genkey(),
+        Command::Pubkey => pubkey(),
+        Command::Relay(args) => relay(args),
+        Command::Bench(args) => bench(args),
+        Command::Backup(args) => backup(args),
+        Command::Rekey(args) => rekey_state(args),
+        Command::Health(args) => health(args),
+        Command::Run(args) => run_appliance(*args),
+    }
+}
+
+/// `wgplane genkey`: a new private key, like `wg genkey`.
+fn genkey() -> Result<()> {
+    println!("{}", SecretKey::generate().to_base64());
+    Ok(())
+}
+
+/// `wgplane pubkey`: the public key of the private key on stdin.
+fn pubkey() -> Result<()> {
+    let mut text = String::new();
+    std::io::stdin().read_to_string(&mut text)?;
+    let key = SecretKey::parse(&text).context("stdin is not a WireGuard private key")?;
+    println!("{}", keys::encode(key.public().as_bytes()));
+    Ok(())
+}
+
+/// `wgplane relay`: the hubs lab's floor, scheduled and run as the tunnels are.
+fn relay(args: RelayArgs) -> Result<()> {
+    init_logging(LogFormat::Text);
+    batch_scheduling();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(async {
+            let relay = wgplane::bench::relay::Relay::bind(args.listen, args.to)
+                .with_context(|| format!("cannot listen on {}", args.listen))?;
+            tracing::info!(listen = %args.listen, to = %args.to, "relaying");
+            relay.run().await.context("relay socket failed")
+        })
+}
+
+/// `wgplane bench`: load against a running appliance, reported as a table or JSON.
+fn bench(args: BenchArgs) -> Result<()> {
+    if let Some(pid) = args.pid {
+        // Checked now, not found missing after the run: the CPU figures
+        // would silently be absent.
+        anyhow::ensure!(
+            wgplane::bench::process_cpu(pid).is_some(),
+            "--pid {pid}: no such process whose CPU time can be read"
+        );
+    }
+    let token = std::fs::read_to_string(&args.token_file)
+        .with_context(|| format!("cannot read {}", args.token_file.display()))?;
+    let spec = wgplane::bench::BenchSpec {
+        api: args.api.clone(),
+        token: token.trim().to_owned(),
+        host: args.host,
+        size: args.size,
+        duration: Duration::from_secs(args.seconds),
+        mode: match args.mode {
+            BenchMode::Flow => wgplane::bench::Mode::Flow,
+            BenchMode::Download => wgplane::bench::Mode::Download,
+            BenchMode::Handshakes => wgplane::bench::Mode::Handshakes,
+        },
+        senders: args.senders,
+        peers: args.peers,
+        tunnels: args.tunnels,
+        pid: args.pid,
+        rate: args.rate,
+        offload: args.offload,
+        patient: args.patient,
+        tenant: args.tenant.clone(),
+    };
+    // Progress (the measured window opening) goes to stderr.
+    init_logging(LogFormat::Text);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let result = runtime.block_on(wgplane::bench::run(&spec));
+    // After Ctrl-C a sending thread may still be running its measured
+    // window out: the process does not wait for it.
+    runtime.shutdown_background();
+    let report = result?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", wgplane::bench::table(&report));
+    }
+    Ok(())
+}
+
+/// `wgplane backup`: a consistent copy of the state database.
+fn backup(args: BackupArgs) -> Result<()> {
+    let settings = state_settings(args.config.as_deref(), args.state_dir.as_deref())?;
+    // The copy holds sealed keys: it is the operator's alone, like the state.
+    own_files_only();
+    let database = settings.database();
+    let s = wgplane::store::backup::backup(&database, &args.to)?;
+    println!(
+            "{}: {} tenants, {} routers, {} clients (schema {}); restoring it needs the master key ({} or ${}), which is not in it",
+            args.to.display(),
+            s.tenants,
+            s.routers,
+            s.clients,
+            s.schema_version,
+            settings.master_key_file().display(),
+            settings.state.master_key_env
+        );
+    Ok(())
+}
+
+/// `wgplane rekey`: every private key sealed under a new master key.
+fn rekey_state(args: RekeyArgs) -> Result<()> {
+    own_files_only();
+    let settings = state_settings(args.config.as_deref(), args.state_dir.as_deref())?;
+    rekey(&settings, &args.new_key_file)
+}
+
+/// `wgplane health`: the appliance's `/healthz`, as an exit status.
+fn health(args: HealthArgs) -> Result<()> {
+    let url = format!("{}/healthz", args.api.trim_end_matches('/'));
+    let answer = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(async {
+            let client = reqwest::Client::builder()
+                .timeout(Duration::from_secs(args.timeout))
                 .build()?;
-            let result = runtime.block_on(wgplane::bench::run(&spec));
-            // After Ctrl-C a sending thread may still be running its measured
-            // window out: the process does not wait for it.
-            runtime.shutdown_background();
-            let report = result?;
-            if args.json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                print!("{}", wgplane::bench::table(&report));
-            }
-            Ok(())
-        }
-        Command::Backup(args) => {
-            let settings = state_settings(args.config.as_deref(), args.state_dir.as_deref())?;
-            // The copy holds sealed keys: it is the operator's alone, like the state.
-            own_files_only();
-            let database = settings.database();
-            let s = wgplane::store::backup::backup(&database, &args.to)?;
-            println!(
-                "{}: {} tenants, {} routers, {} clients (schema {}); restoring it needs the master key ({} or ${}), which is not in it",
-                args.to.display(),
-                s.tenants,
-                s.routers,
-                s.clients,
-                s.schema_version,
-                settings.master_key_file().display(),
-                settings.state.master_key_env
-            );
-            Ok(())
-        }
-        Command::Rekey(args) => {
-            own_files_only();
-            let settings = state_settings(args.config.as_deref(), args.state_dir.as_deref())?;
-            rekey(&settings, &args.new_key_file)
-        }
-        Command::Health(args) => {
-            let url = format!("{}/healthz", args.api.trim_end_matches('/'));
-            let answer = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?
-                .block_on(async {
-                    let client = reqwest::Client::builder()
-                        .timeout(Duration::from_secs(args.timeout))
-                        .build()?;
-                    let response = client.get(&url).send().await?;
-                    let status = response.status();
-                    Ok::<_, reqwest::Error>((status, response.text().await.unwrap_or_default()))
-                })
-                .with_context(|| format!("no answer from {url}"))?;
-            let (status, body) = answer;
-            print!("{body}");
-            anyhow::ensure!(status.is_success(), "{url} answered {status}");
-            Ok(())
-        }
-        Command::Run(args) => {
-            let settings = settings(&args)?;
-            init_logging(settings.log.format);
-            // Everything the appliance creates (state directory, database and its
-            // journal, token, master key) is its own alone: directories 0700,
-            // files 0600.
-            own_files_only();
-            // Before the runtime exists: its threads inherit the policy.
-            if settings.tunnels.batch_scheduling {
-                if let Err(e) = wgplane::io::sched::batch_scheduling() {
-                    tracing::warn!(error = %e, "SCHED_BATCH refused; the default scheduling policy stays");
-                }
-            }
-            tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?
-                .block_on(run(settings))
-        }
+            let response = client.get(&url).send().await?;
+            let status = response.status();
+            Ok::<_, reqwest::Error>((status, response.text().await.unwrap_or_default()))
+        })
+        .with_context(|| format!("no answer from {url}"))?;
+    let (status, body) = answer;
+    print!("{body}");
+    anyhow::ensure!(status.is_success(), "{url} answered {status}");
+    Ok(())
+}
+
+/// `wgplane run`: the appliance, until SIGTERM or Ctrl-C.
+fn run_appliance(args: RunArgs) -> Result<()> {
+    let settings = settings(&args)?;
+    init_logging(settings.log.format);
+    // Everything the appliance creates (state directory, database and its
+    // journal, token, master key) is its own alone: directories 0700,
+    // files 0600.
+    own_files_only();
+    // Before the runtime exists: its threads inherit the policy.
+    if settings.tunnels.batch_scheduling {
+        batch_scheduling();
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run(settings))
+}
+
+/// `SCHED_BATCH` for this thread and every thread it creates (call it before
+/// the runtime exists); refused, the default policy stays.
+fn batch_scheduling() {
+    if let Err(e) = wgplane::io::sched::batch_scheduling() {
+        tracing::warn!(error = %e, "SCHED_BATCH refused; the default scheduling policy stays");
     }
 }
 

@@ -1,5 +1,6 @@
-//! The command line: key tools compatible with `wg`, and config errors that stop
-//! start-up with the file, the key and the reason.
+//! The command line: key tools compatible with `wg`, config errors that stop
+//! start-up with the file, the key and the reason, backups, health checks,
+//! scheduling, log format and the benchmarks' relay.
 
 mod support;
 
@@ -347,4 +348,66 @@ fn health_says_whether_the_appliance_is_up() {
         String::from_utf8_lossy(&down.stderr).contains("no answer"),
         "{down:?}"
     );
+}
+
+/// `wgplane relay` (the hubs lab's floor) passes a client's datagrams to the
+/// upstream address and the upstream's answers back, unchanged and in order.
+#[test]
+fn relay_passes_datagrams_both_ways() {
+    use std::net::UdpSocket;
+    use std::time::Duration;
+
+    let upstream = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    upstream
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+    let port = support::free_udp_ports(1);
+    let mut relay = Command::new(support::binary())
+        .args(["relay", "--listen", &format!("127.0.0.1:{port}"), "--to"])
+        .arg(upstream.local_addr().expect("addr").to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run wgplane relay");
+    let result = std::panic::catch_unwind(|| {
+        let phone = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        phone
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let at = format!("127.0.0.1:{port}");
+        let mut buf = [0u8; 2048];
+        // Until the relay listens: its first datagram through.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            phone.send_to(b"hello", &at).expect("send");
+            if let Ok((n, _)) = upstream.recv_from(&mut buf) {
+                assert_eq!(&buf[..n], b"hello");
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the relay never passed a datagram"
+            );
+        }
+        while upstream.recv_from(&mut buf).is_ok() {} // the retries' copies
+        for i in 0..50u8 {
+            phone.send_to(&[i; 148], &at).expect("send");
+        }
+        for i in 0..50u8 {
+            let (n, from) = upstream.recv_from(&mut buf).expect("relayed");
+            assert_eq!(
+                (&buf[..n], from.port()),
+                (&[i; 148][..], port),
+                "datagram {i}"
+            );
+        }
+        upstream.send_to(b"answer", &at).expect("send");
+        let (n, from) = phone.recv_from(&mut buf).expect("the answer");
+        assert_eq!((&buf[..n], from.port()), (&b"answer"[..], port));
+    });
+    let _ = relay.kill();
+    let _ = relay.wait();
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
 }

@@ -20,9 +20,10 @@
 # Usage: benches/hubs.sh [--runs N (3)] [--seconds S (10)] [--udp-rate PPS (50000)]
 #                        [--hubs wgplane,wireguard-go,boringtun,relay] [--json FILE] [--profile]
 #                        [--peers bookworm|trixie]
-# --profile: one more wgplane run, not counted, under `perf record`: where the
-# hub's CPU goes, by kernel and user-space stage; and `perf stat`: syscalls and
-# context switches per datagram.
+# --profile: one more wgplane run (and relay run, when it is among the hubs),
+# not counted, under `perf record`: where the hub's CPU goes, by kernel and
+# user-space stage; and for wgplane `perf stat`: syscalls and context switches
+# per datagram.
 # --peers: the phone's and the gateway's wireguard-go. bookworm (default): the
 # installed Debian package, 0.0.20220316, one syscall per datagram. trixie:
 # Debian trixie's 0.0.20231211, which sends UDP GSO trains and receives with
@@ -654,15 +655,17 @@ hub_datagrams() {
 STAT_EVENTS="syscalls:sys_enter_recvmmsg,syscalls:sys_enter_sendmsg,syscalls:sys_enter_sendmmsg"
 STAT_EVENTS+=",syscalls:sys_enter_epoll_wait,syscalls:sys_enter_futex,context-switches"
 
-# profile_wgplane: a wgplane lab outside the measured runs, with `perf record`
-# on the hub during each test, then `perf stat`; prints where its CPU went.
-profile_wgplane() {
-    build_lab wgplane profile
+# profile_hub HUB (wgplane or relay): a lab outside the measured runs, with
+# `perf record` on the hub during each test, then `perf stat` (wgplane only: the
+# per-datagram counts need its /metrics); prints where its CPU went.
+profile_hub() {
+    local hub=$1
+    build_lab "$hub" profile
     local kind secs=$((SECONDS_PER_TEST > 4 ? SECONDS_PER_TEST - 2 : 2))
     for kind in tcp udp; do
         local args=()
         [[ "$kind" == tcp ]] || args=(-u -l 64 -b "$UDP_BPS")
-        log "wgplane profile: $kind under perf record for ${secs}s, then perf stat for ${secs}s"
+        log "$hub profile: $kind under perf record for ${secs}s$([[ "$hub" != wgplane ]] || echo ", then perf stat for ${secs}s")"
         timeout $((2 * SECONDS_PER_TEST + 30)) ip netns exec "$PHONE_NS" \
             iperf3 -c 198.18.0.2 -p "$IPERF_PORT" -t $((2 * SECONDS_PER_TEST)) "${args[@]}" \
             >"$DIR/iperf3-profile-$kind.log" 2>&1 &
@@ -675,18 +678,20 @@ profile_wgplane() {
         # Then the counts, on the same traffic (perf stat next to perf record
         # makes the latter fail now and then). Syscall counts need the
         # tracepoints; without them the table is left out.
-        local d0
-        d0="$(hub_datagrams)"
-        perf stat -x, -e "$STAT_EVENTS" -p "$HUB_PID" -o "$DIR/stat-$kind.txt" -- sleep "$secs" \
-            >/dev/null 2>&1 || rm -f "$DIR/stat-$kind.txt"
-        echo "$(($(hub_datagrams) - d0))" >"$DIR/datagrams-$kind.txt"
+        if [[ "$hub" == wgplane ]]; then
+            local d0
+            d0="$(hub_datagrams)"
+            perf stat -x, -e "$STAT_EVENTS" -p "$HUB_PID" -o "$DIR/stat-$kind.txt" -- sleep "$secs" \
+                >/dev/null 2>&1 || rm -f "$DIR/stat-$kind.txt"
+            echo "$(($(hub_datagrams) - d0))" >"$DIR/datagrams-$kind.txt"
+        fi
         wait "$client" || hub_failure "iperf3 $kind (profile) failed"
         forget_pid "$client"
         perf report -i "$DIR/perf-$kind.data" --children --sort symbol --stdio -g none \
             2>/dev/null >"$DIR/perf-$kind.txt" || hub_failure "perf report failed"
     done
     teardown_lab
-    python3 - "$DIR/perf-tcp.txt" "$DIR/perf-udp.txt" "$DIR" <<'PY'
+    python3 - "$DIR/perf-tcp.txt" "$DIR/perf-udp.txt" "$DIR" "$hub" <<'PY'
 import os, re, sys
 # Lines: "  children%  self%  [k|.] symbol"
 def load(path):
@@ -707,10 +712,11 @@ stages = [
     ("recvmmsg", lambda r: children(r, "__recvmmsg")),
     ("epoll_wait (sleeping and waking)", lambda r: children(r, "epoll_wait")),
     ("context switches (self)", lambda r: self_sum(r, lambda s: s.startswith("finish_task_switch"))),
-    ("wgplane's own code (self)", lambda r: self_sum(r, lambda s: s.startswith("wgplane::"))),
+    ("own code, wgplane::* (self)", lambda r: self_sum(r, lambda s: s.startswith("wgplane::"))),
 ]
 tcp, udp = load(sys.argv[1]), load(sys.argv[2])
-print("\n### Where wgplane's hub CPU goes (perf, share of samples; nested rows overlap)\n")
+hub = sys.argv[4]
+print(f"\n### Where {hub}'s CPU goes as the hub (perf, share of samples; nested rows overlap)\n")
 print("| stage | TCP | UDP 64 B |")
 print("|---|---:|---:|")
 for name, f in stages:
@@ -734,7 +740,7 @@ if tcp_c and udp_c and tcp_c[1] > 0 and udp_c[1] > 0:
     print("|---|---:|---:|")
     for event in ("recvmmsg", "sendmsg", "sendmmsg", "epoll_wait", "futex", "context-switches"):
         print(f"| {event} | {tcp_c[0].get(event, 0) / tcp_c[1]:.3f} | {udp_c[0].get(event, 0) / udp_c[1]:.3f} |")
-else:
+elif hub == "wgplane":
     print("\n(no syscall counts: perf stat could not use the syscall tracepoints)")
 PY
 }
@@ -767,4 +773,9 @@ for ((run = 1; run <= RUNS; run++)); do
 done
 
 report
-[[ -z "$PROFILE" ]] || profile_wgplane
+if [[ -n "$PROFILE" ]]; then
+    profile_hub wgplane
+    for hub in "${HUB_LIST[@]}"; do
+        [[ "$hub" != relay ]] || profile_hub relay
+    done
+fi

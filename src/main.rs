@@ -43,8 +43,8 @@ enum Command {
     /// throw-away tenant and report throughput and the appliance's CPU per GiB.
     Bench(BenchArgs),
     /// A UDP relay that knows nothing of WireGuard: the appliance's socket IO
-    /// without its cryptography or routing. `benches/hubs.sh --hubs relay` runs
-    /// it as the floor of a userspace hub; not an appliance feature.
+    /// without its cryptography or routing. `benches/hubs.sh` runs it as the
+    /// floor of a userspace hub; not an appliance feature.
     Relay(RelayArgs),
     /// Copy the state database to a file, consistently, also while the
     /// appliance runs. Restore: the copy as `state.db` in a state directory,

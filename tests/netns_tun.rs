@@ -1,7 +1,8 @@
 //! TUN mode end to end, in network namespaces with wireguard-go routers: the host
-//! (the hub namespace) pings a router and talks TCP to a server bound on the
-//! router's tunnel address; the router pings the server address; a router of
-//! another tenant cannot reach the first tenant through the host; and the seed's
+//! (the hub namespace) pings a router, over IPv4 and IPv6, and talks TCP to a
+//! server bound on the router's tunnel address; the router pings the server
+//! addresses; a router of another tenant cannot reach the first tenant through the
+//! host, which forwards both families; and the seed's
 //! original failure cannot happen: with IP forwarding and masquerade on the hub's
 //! uplink and the KTN gateway down, not one packet of the phone's reaches the
 //! internet host.
@@ -225,11 +226,13 @@ fn tun_mode_reaches_routers_and_never_leaks() {
     hub.veth("uplink", "198.18.0.1/24", &inet, "eth0", "198.18.0.2/24");
     // The seed's setup: the hub forwards and masquerades towards the internet.
     hub.sysctl("net.ipv4.ip_forward", "1");
+    hub.sysctl("net.ipv6.conf.all.forwarding", "1");
     hub.run_words("ip route add default via 198.18.0.2");
     hub.run_words("iptables -t nat -A POSTROUTING -o uplink -j MASQUERADE");
     // The backend's network on the host (a container bridge, say); an address on
     // loopback stands in for it.
     hub.run_words("ip address add 198.18.5.1/24 dev lo");
+    hub.run_words("ip address add fd00:5::1/64 dev lo");
 
     let state = dir.path().join("state");
     let mut lab = Lab {
@@ -285,7 +288,7 @@ fn tun_mode_reaches_routers_and_never_leaks() {
     lab.api(
         "PUT",
         "/v1/tenants/kitonga/routers/ra",
-        &format!(r#"{{"public_key":"{ra_pub}"}}"#),
+        &format!(r#"{{"public_key":"{ra_pub}","allowed_ips":["fd77:7770:a64::101/128"]}}"#),
     );
     lab.api(
         "PUT",
@@ -305,7 +308,7 @@ fn tun_mode_reaches_routers_and_never_leaks() {
     lab.api(
         "PUT",
         "/v1/tenants/acme/routers/rb",
-        &format!(r#"{{"public_key":"{rb_pub}"}}"#),
+        &format!(r#"{{"public_key":"{rb_pub}","allowed_ips":["fd77:7770:a65::101/128"]}}"#),
     );
 
     let dir = lab.dir.path().to_owned();
@@ -318,7 +321,7 @@ fn tun_mode_reaches_routers_and_never_leaks() {
             addr: "10.100.1.1/16",
             server: &k_pub,
             endpoint: "203.0.113.1:51820",
-            allowed: "10.100.0.0/16,198.18.5.0/24",
+            allowed: "10.100.0.0/16,198.18.5.0/24,fd77:7770:a64::/64,fd00:5::/64",
         },
     );
     lab.procs.push(p);
@@ -331,12 +334,19 @@ fn tun_mode_reaches_routers_and_never_leaks() {
             addr: "10.101.1.1/16",
             server: &a_pub,
             endpoint: "198.18.1.1:51821",
-            allowed: "0.0.0.0/0",
+            allowed: "0.0.0.0/0,::/0",
         },
     );
     lab.procs.push(p);
     lab.rb
         .run_words(&format!("ip route add 10.100.0.0/16 dev {rb_if}"));
+    // Each router's IPv6 address in its tenant's network (fd77:7770:<subnet>::/64).
+    lab.ra
+        .run_words(&format!("ip address add fd77:7770:a64::101/64 dev {ra_if}"));
+    lab.rb
+        .run_words(&format!("ip address add fd77:7770:a65::101/64 dev {rb_if}"));
+    lab.rb
+        .run_words(&format!("ip route add fd77:7770:a64::/64 dev {rb_if}"));
     let (phone_if, p) = wireguard(
         &lab.phone,
         &dir,
@@ -390,16 +400,36 @@ fn tun_mode_reaches_routers_and_never_leaks() {
     });
     assert!(intact.is_some(), "TCP echo through the TUN: {out}");
 
-    // 2. The router pings the server address (answered by the host kernel).
+    // 1b. Over IPv6 too: the device carries the tenant's ULA network.
+    assert!(
+        wait_ping(&lab.hub, "fd77:7770:a64::101"),
+        "host -> router ping over IPv6\n{}",
+        lab.procs[0].log()
+    );
+
+    // 2. The router pings the server addresses (answered by the host kernel).
     assert!(
         wait_ping(ra_ns, "10.100.0.1"),
         "router -> server address ping"
+    );
+    assert!(
+        wait_ping(ra_ns, "fd77:7770:a64::1"),
+        "router -> IPv6 server address ping"
     );
 
     // 3. A router of another tenant cannot reach tenant kitonga through the host,
     //    although the hub forwards IP: its tunnel drops what is not its own.
     assert!(wait_ping(rb_ns, "10.101.0.1"), "rb's own tunnel works");
-    for dst in ["10.100.1.1", "10.100.0.1"] {
+    assert!(
+        wait_ping(rb_ns, "fd77:7770:a65::1"),
+        "rb's own tunnel works over IPv6"
+    );
+    for dst in [
+        "10.100.1.1",
+        "10.100.0.1",
+        "fd77:7770:a64::101",
+        "fd77:7770:a64::1",
+    ] {
         let out = rb_ns.output(&["ping", "-c", "2", "-W", "1", dst]);
         assert!(
             !out.status.success(),
@@ -421,21 +451,27 @@ fn tun_mode_reaches_routers_and_never_leaks() {
     //     once the tenant lists it.
     lab.ra
         .run_words(&format!("ip route add 198.18.5.0/24 dev {ra_if}"));
-    let out = lab.ra.output(&["ping", "-c", "2", "-W", "1", "198.18.5.1"]);
-    assert!(
-        !out.status.success(),
-        "reached the backend without a host prefix"
-    );
+    lab.ra
+        .run_words(&format!("ip route add fd00:5::/64 dev {ra_if}"));
+    for backend in ["198.18.5.1", "fd00:5::1"] {
+        let out = lab.ra.output(&["ping", "-c", "2", "-W", "1", backend]);
+        assert!(
+            !out.status.success(),
+            "reached the backend {backend} without a host prefix"
+        );
+    }
     let t = lab.api(
         "PUT",
         "/v1/tenants/kitonga",
-        r#"{"host_prefixes":["198.18.5.0/24"]}"#,
+        r#"{"host_prefixes":["198.18.5.0/24","fd00:5::/64"]}"#,
     );
     assert_eq!(t["host_prefixes"][0], "198.18.5.0/24", "{t}");
-    assert!(
-        wait_ping(&lab.ra, "198.18.5.1"),
-        "router -> backend via host prefix"
-    );
+    for backend in ["198.18.5.1", "fd00:5::1"] {
+        assert!(
+            wait_ping(&lab.ra, backend),
+            "router -> backend {backend} via host prefix"
+        );
+    }
     let out = rb_ns.output(&["ping", "-c", "2", "-W", "1", "198.18.5.1"]);
     assert!(!out.status.success(), "tenant acme has no host prefix");
 

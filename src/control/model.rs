@@ -160,6 +160,11 @@ impl Tenant {
         crate::core::alloc::server_address_v6(self.subnet)
     }
 
+    /// The tunnel's own IPv6 network, the /64 of [`Self::server_ipv6`].
+    pub fn server_net_v6(&self) -> ipnet::Ipv6Net {
+        crate::core::alloc::server_net_v6(self.subnet)
+    }
+
     /// The peer set of this tunnel, as the data plane needs it.
     pub fn peer_configs(&self, keepalive: Option<u16>) -> Vec<(PeerConfig, u32)> {
         let routers = self.routers.values().map(|r| r.peer_config(keepalive));

@@ -136,6 +136,25 @@ pub fn server_address_v6(subnet: Ipv4Net) -> std::net::Ipv6Addr {
     )
 }
 
+/// Where every tenant's IPv6 network lies (`fd77:7770::/32`): routed into tunnels,
+/// so never a host prefix.
+pub fn tenant_range_v6() -> ipnet::Ipv6Net {
+    ipnet::Ipv6Net::new(
+        std::net::Ipv6Addr::new(0xfd77, 0x7770, 0, 0, 0, 0, 0, 0),
+        32,
+    )
+    .unwrap_or_default()
+}
+
+/// The tenant's IPv6 network: the ULA /64 that holds [`server_address_v6`]. The
+/// host device carries it in TUN mode; no two tenants share one, since no two
+/// subnets share their network address.
+pub fn server_net_v6(subnet: Ipv4Net) -> ipnet::Ipv6Net {
+    ipnet::Ipv6Net::new(server_address_v6(subnet), 64)
+        .map(|n| n.trunc())
+        .unwrap_or_default()
+}
+
 /// Where router addresses start: 10.X.1.1 in a subnet large enough to keep the
 /// first /24 for the server and imported peers, else the second host.
 pub fn router_range_start(subnet: Ipv4Net) -> u32 {
@@ -266,6 +285,23 @@ mod tests {
 
     fn n4(s: &str) -> Ipv4Net {
         s.parse().unwrap()
+    }
+
+    /// Each tenant's IPv6 network is the /64 of its server address, and
+    /// non-overlapping subnets never share one.
+    #[test]
+    fn ipv6_network_per_tenant() {
+        let kitonga = n4("10.100.0.0/16");
+        let net = server_net_v6(kitonga);
+        assert_eq!(net, "fd77:7770:a64::/64".parse::<ipnet::Ipv6Net>().unwrap());
+        assert!(net.contains(&server_address_v6(kitonga)));
+        assert_ne!(net, server_net_v6(n4("10.101.0.0/16")));
+        assert_ne!(
+            server_net_v6(n4("10.100.0.0/24")),
+            server_net_v6(n4("10.100.1.0/24"))
+        );
+        assert!(tenant_range_v6().contains(&net));
+        assert!(tenant_range_v6().contains(&server_net_v6(n4("10.255.255.0/24"))));
     }
 
     #[test]

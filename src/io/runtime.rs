@@ -63,6 +63,8 @@ struct Handle {
     forwards: HashMap<(Id, u16), Forward>,
     /// TUN mode: where host packets for this tunnel go, and what is routed here.
     host_packets: Option<mpsc::Sender<Vec<u8>>>,
+    /// TUN mode: the device carries the tenant's IPv6 network too.
+    host_v6: bool,
     server: std::net::Ipv4Addr,
     subnet: ipnet::Ipv4Net,
     pools: Vec<ipnet::Ipv4Net>,
@@ -194,22 +196,15 @@ impl Runtime {
             .and_then(super::udp::register)
             .map_err(|source| RuntimeError::Bind { addr, source })?;
         let local_addr = socket.get_ref().local_addr().unwrap_or(addr);
-        // In TUN mode the host kernel answers for the server address; the IPv6
-        // one exists only in userspace mode.
+        // The server addresses: the userspace stack's, or in TUN mode the host
+        // kernel's, which has the IPv6 one only where the device took it.
         let mut own = vec![IpAddr::V4(tenant.server_ip())];
-        if self.settings.host.is_none() {
-            own.push(IpAddr::V6(tenant.server_ipv6()));
-        }
-        let mut engine = TunnelEngine::new(tenant.secret.secret().clone(), own)
-            .with_liveness_timeout(self.settings.liveness_timeout)
-            .with_handshake_limit(self.settings.handshakes_per_second)
-            .with_handshake_budget(Arc::clone(&self.budget));
         let mut link = HostLink::default();
         let mut host_packets = None;
-        match &self.settings.host {
+        let host_v6 = match &self.settings.host {
             Some(host) => {
                 let (tx, rx) = mpsc::channel(super::tun::HOST_QUEUE);
-                host.add_tenant(tenant.server_ip(), tenant.subnet, tx.clone())?;
+                let v6 = host.add_tenant(tenant.server_ip(), tenant.subnet, tx.clone())?;
                 link = HostLink {
                     packets: Some(rx),
                     recycle: Some(host.recycler()),
@@ -217,14 +212,23 @@ impl Runtime {
                     out: Default::default(),
                 };
                 host_packets = Some(tx);
+                v6
             }
-            None => {
-                engine = engine.with_local_stack(
-                    tenant.server_ip(),
-                    tenant.subnet.prefix_len(),
-                    std::time::Instant::now(),
-                );
-            }
+            None => false,
+        };
+        if self.settings.host.is_none() || host_v6 {
+            own.push(IpAddr::V6(tenant.server_ipv6()));
+        }
+        let mut engine = TunnelEngine::new(tenant.secret.secret().clone(), own)
+            .with_liveness_timeout(self.settings.liveness_timeout)
+            .with_handshake_limit(self.settings.handshakes_per_second)
+            .with_handshake_budget(Arc::clone(&self.budget));
+        if self.settings.host.is_none() {
+            engine = engine.with_local_stack(
+                tenant.server_ip(),
+                tenant.subnet.prefix_len(),
+                std::time::Instant::now(),
+            );
         }
         let (commands, rx) = mpsc::channel(64);
         let work = Arc::new(Notify::new());
@@ -246,6 +250,7 @@ impl Runtime {
                 work,
                 forwards: HashMap::new(),
                 host_packets,
+                host_v6,
                 server: tenant.server_ip(),
                 subnet: tenant.subnet,
                 pools: Vec::new(),
@@ -362,6 +367,15 @@ impl Runtime {
         let peers = tenant.peer_configs(self.settings.keepalive);
         let egress = tenant.egress_configs();
         self.sync_pools(tenant).await?;
+        // What the device routes back into the tunnel: the subnet, and the IPv6
+        // network where the device carries it.
+        let mut host_sources = Vec::new();
+        if self.settings.host.is_some() {
+            host_sources.push(ipnet::IpNet::V4(tenant.subnet));
+            if self.tunnels.get(&tenant.id).is_some_and(|h| h.host_v6) {
+                host_sources.push(ipnet::IpNet::V6(tenant.server_net_v6()));
+            }
+        }
         let (reply, rx) = oneshot::channel();
         self.ask(
             &tenant.id,
@@ -374,12 +388,7 @@ impl Runtime {
                 } else {
                     Vec::new()
                 },
-                // What the device routes back into the tunnel: the subnet.
-                host_sources: if self.settings.host.is_some() {
-                    vec![ipnet::IpNet::V4(tenant.subnet)]
-                } else {
-                    Vec::new()
-                },
+                host_sources,
                 reply,
             },
             rx,

@@ -2,12 +2,14 @@
 //! address, so the host reaches routers through ordinary routes, and the routers
 //! reach the host.
 //!
-//! The device gets each tenant's server address with the tenant's prefix (which
-//! makes the kernel route the subnet into it) and a route for each client pool.
-//! One reader takes packets from the device and hands each to the one tunnel whose
-//! subnet or pool holds its destination; the tunnel's engine routes it to a peer by
-//! longest-prefix match. Packets from peers reach the device only through routing
-//! rule 4 (destination = the tenant's server address). Addresses and routes vanish
+//! The device gets each tenant's server addresses with the tenant's prefixes
+//! (IPv4: the subnet; IPv6: the tenant's ULA /64, `fd77:7770:a64::1/64` for
+//! 10.100.0.0/16), which makes the kernel route both networks into it, and a route
+//! for each client pool. One reader takes packets from the device and hands each
+//! to the one tunnel whose network or pool holds its destination; the tunnel's
+//! engine routes it to a peer by longest-prefix match. Packets from peers reach the
+//! device only through routing rule 4 (destination = the tenant's server address
+//! or a host prefix, source in the tenant's networks). Addresses and routes vanish
 //! with the device when the process exits.
 //!
 //! Offload: when the kernel takes `IFF_VNET_HDR`, the reader gets GSO super-packets
@@ -26,8 +28,8 @@ use ipnet::{IpNet, Ipv4Net};
 use tokio::sync::mpsc;
 use tun_rs::{AsyncDevice, DeviceBuilder};
 
-use crate::core::packet;
 use crate::core::table::PrefixTable;
+use crate::core::{alloc, packet};
 
 /// Packets waiting for one tunnel task; more are dropped (the kernel's queue is
 /// the place to wait, not our memory).
@@ -173,31 +175,54 @@ impl HostDevice {
         Arc::clone(&self.device)
     }
 
-    /// Gives the device a tenant's server address (routing its subnet here) and
-    /// sends packets for the subnet to `tunnel`.
+    /// Gives the device a tenant's server addresses, IPv4 with the tenant's
+    /// prefix and IPv6 with its /64 (which makes the kernel route both networks
+    /// here), and sends packets for them to `tunnel`. IPv6 is best effort: where
+    /// the host has it off (`disable_ipv6`, common in containers) the tunnel
+    /// carries IPv4 alone. Returns whether the device carries the IPv6 network.
     pub fn add_tenant(
         &self,
         server: Ipv4Addr,
         subnet: Ipv4Net,
         tunnel: mpsc::Sender<Vec<u8>>,
-    ) -> Result<(), TunError> {
+    ) -> Result<bool, TunError> {
         self.device
             .add_address_v4(server, subnet.prefix_len())
             .map_err(|source| TunError::Device {
                 name: self.name.clone(),
                 source,
             })?;
+        let net6 = alloc::server_net_v6(subnet);
+        let v6 = match self
+            .device
+            .add_address_v6(alloc::server_address_v6(subnet), net6.prefix_len())
+        {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(name = %self.name, %net6, error = %e,
+                    "IPv6 address refused; this tunnel reaches the host over IPv4 only");
+                false
+            }
+        };
         if let Ok(mut routes) = self.routes.write() {
-            routes.insert(IpNet::V4(subnet), tunnel);
+            routes.insert(IpNet::V4(subnet), tunnel.clone());
+            if v6 {
+                routes.insert(IpNet::V6(net6), tunnel);
+            }
         }
-        Ok(())
+        Ok(v6)
     }
 
-    /// Removes a tenant's address and every route to its tunnel.
+    /// Removes a tenant's addresses and every route to its tunnel.
     pub fn remove_tenant(&self, server: Ipv4Addr, subnet: Ipv4Net) {
         let _ = self.device.remove_address(IpAddr::V4(server));
+        let net6 = alloc::server_net_v6(subnet);
+        let _ = self
+            .device
+            .remove_address_v6(alloc::server_address_v6(subnet), net6.prefix_len());
         if let Ok(mut routes) = self.routes.write() {
             routes.remove(IpNet::V4(subnet));
+            routes.remove(IpNet::V6(net6));
         }
     }
 

@@ -108,8 +108,9 @@ impl Registry {
         Ok(Put::Created)
     }
 
-    /// Host prefixes must not overlap any tenant's subnet or pool, nor a prefix
-    /// behind one of this tenant's routers: each address has one place to go.
+    /// Host prefixes must not overlap any tenant's subnet or pool, the tenants'
+    /// IPv6 networks, nor a prefix behind one of this tenant's routers: each
+    /// address has one place to go.
     fn parse_host_prefixes(&self, id: &Id, list: &[String]) -> Result<Vec<IpNet>, ControlError> {
         let field = "host_prefixes";
         let mut out = Vec::with_capacity(list.len());
@@ -122,6 +123,7 @@ impl Registry {
                 .taken_nets(None)
                 .into_iter()
                 .map(IpNet::V4)
+                .chain([IpNet::V6(alloc::tenant_range_v6())])
                 .chain(self.tenants.get(id).into_iter().flat_map(|t| {
                     t.routers
                         .values()

@@ -347,6 +347,32 @@ fn what_the_host_routes_no_tunnel_may_hold_later() {
     assert_eq!(e.field_name(), Some("allowed_ips"), "{e}");
 }
 
+/// The tenants' IPv6 networks (fd77:7770::/32, one /64 each) are routed into
+/// tunnels: no host prefix may cover one, whether its tenant exists yet or not.
+#[test]
+fn the_tenants_ipv6_range_is_never_a_host_prefix() {
+    let mut r = registry();
+    r.put_tenant(&id("a"), &Default::default(), now()).unwrap();
+    for prefix in [
+        "fd77:7770:a64::/64",
+        "fd77:7770:a65::/64",
+        "fd77::/16",
+        "::/0",
+    ] {
+        let req = TenantRequest {
+            host_prefixes: Some(vec![prefix.into()]),
+            ..Default::default()
+        };
+        let e = r.put_tenant(&id("a"), &req, now()).unwrap_err();
+        assert_eq!(e.field_name(), Some("host_prefixes"), "{prefix}: {e}");
+    }
+    let beside = TenantRequest {
+        host_prefixes: Some(vec!["fd77:7771::/32".into()]),
+        ..Default::default()
+    };
+    r.put_tenant(&id("a"), &beside, now()).unwrap();
+}
+
 #[test]
 fn subnets_and_pools_are_ordinary_unicast() {
     let mut r = registry();

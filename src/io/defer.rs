@@ -6,7 +6,8 @@
 //! cookie reply. Handled in arrival order, a few initiations in a batch hold every
 //! data packet behind them until the whole batch is done. So initiations are set
 //! aside while the batch is read, the data's datagrams leave, the task lets the
-//! other tunnels that are ready run, and only then are the initiations handled:
+//! other tunnels that are ready run, and only then are the initiations handled, a
+//! few at a time with the other tunnels' turns between ([`Deferred::release_some`]):
 //! as kernel WireGuard keeps handshakes on a queue of their own, off the data
 //! path, a handshake storm on one tunnel waits behind the data of the others.
 //!
@@ -33,6 +34,8 @@ const INITIATION_TYPE: [u8; 4] = [1, 0, 0, 0];
 /// never grows.
 pub(crate) struct Deferred {
     held: Vec<(SocketAddr, [u8; INITIATION_LEN])>,
+    /// How many of `held` were handed out already.
+    released: usize,
     limit: usize,
 }
 
@@ -41,6 +44,7 @@ impl Deferred {
     pub(crate) fn new(limit: usize) -> Self {
         Self {
             held: Vec::new(),
+            released: 0,
             limit,
         }
     }
@@ -67,15 +71,33 @@ impl Deferred {
 
     /// Whether nothing is held.
     pub(crate) fn is_empty(&self) -> bool {
-        self.held.is_empty()
+        self.released == self.held.len()
     }
 
     /// Hands every held initiation to `handle`, in arrival order, and forgets them.
-    pub(crate) fn release(&mut self, mut handle: impl FnMut(SocketAddr, &[u8])) {
-        for (from, datagram) in &self.held {
+    #[cfg(test)]
+    pub(crate) fn release(&mut self, handle: impl FnMut(SocketAddr, &[u8])) {
+        self.release_some(usize::MAX, handle);
+    }
+
+    /// Hands the next `max` held initiations (or fewer) to `handle`, in arrival
+    /// order, and forgets them; returns whether some are still held.
+    pub(crate) fn release_some(
+        &mut self,
+        max: usize,
+        mut handle: impl FnMut(SocketAddr, &[u8]),
+    ) -> bool {
+        let end = self.released.saturating_add(max).min(self.held.len());
+        for (from, datagram) in &self.held[self.released..end] {
             handle(*from, datagram);
         }
-        self.held.clear();
+        self.released = end;
+        if self.is_empty() {
+            self.held.clear();
+            self.released = 0;
+            return false;
+        }
+        true
     }
 }
 
@@ -130,6 +152,15 @@ mod tests {
         assert!(deferred.hold(from, &initiation(2)));
         assert!(!deferred.hold(from, &initiation(3)));
         let capacity = deferred.held.capacity();
+        let mut count = 0;
+        assert!(deferred.release_some(1, |_, d| count += usize::from(d[4])));
+        assert_eq!(count, 1, "the oldest first");
+        assert!(!deferred.is_empty());
+        assert!(!deferred.release_some(5, |_, d| count += usize::from(d[4])));
+        assert_eq!(count, 3, "then the rest, once");
+        assert!(deferred.is_empty());
+        assert!(deferred.hold(from, &initiation(1)));
+        assert!(deferred.hold(from, &initiation(2)));
         let mut count = 0;
         deferred.release(|_, _| count += 1);
         assert_eq!(count, 2);

@@ -118,6 +118,35 @@ fn branch_script_snapshot() {
     );
 }
 
+/// A router given an address in the tenant's IPv6 network gets it on its interface
+/// and accepts the network from the tunnel; its other prefixes are its own LANs.
+#[test]
+fn ipv6_address_script_snapshot() {
+    let mut t = tenant();
+    let r = t.routers.get_mut(&id("branch-a")).unwrap();
+    r.extra_prefixes
+        .push("fd77:7770:a64::101/128".parse().unwrap());
+    r.extra_prefixes.push("2001:db8:1::/48".parse().unwrap());
+    let r = &t.routers[&id("branch-a")];
+    let script = router_script(&t, r, "203.0.113.1");
+    let server = wgplane::keys::encode(t.public_key.as_bytes());
+    let own = wgplane::keys::encode(r.public_key.as_bytes());
+    let expected = format!(
+        r#"# wgplane: RouterOS v7 script for router "Branch-A" (branch-a) of tenant kitonga
+/system identity set name="Branch-A"
+# This router keeps its own key: the interface below must hold the private key of {own}
+/interface wireguard add name=wgplane-kitonga listen-port=13231 mtu=1420 comment="wgplane kitonga"
+/interface wireguard peers add interface=wgplane-kitonga public-key="{server}" endpoint-address=203.0.113.1 endpoint-port=51820 allowed-address=10.100.0.0/16,fd77:7770:a64::/64 persistent-keepalive=25s comment="wgplane kitonga"
+/ip address add address=10.100.1.1/32 interface=wgplane-kitonga comment="wgplane kitonga"
+/ip route add dst-address=10.100.0.0/16 gateway=wgplane-kitonga comment="wgplane kitonga"
+/ipv6 address add address=fd77:7770:a64::101/64 interface=wgplane-kitonga advertise=no comment="wgplane kitonga"
+/ip service set api address=10.100.0.1/32
+"#
+    );
+    assert_eq!(script, expected);
+    check_script(&script);
+}
+
 #[test]
 fn script_through_the_api() {
     let app = support::Appliance::start();
@@ -180,6 +209,10 @@ fn grammar() -> BTreeMap<(&'static str, &'static str), &'static [&'static str]> 
         (
             ("/ip route", "add"),
             &["dst-address", "gateway", "distance", "comment"][..],
+        ),
+        (
+            ("/ipv6 address", "add"),
+            &["address", "interface", "advertise", "no-dad", "comment"][..],
         ),
         (("/ip service", "set"), &["address", "port", "disabled"][..]),
         (
@@ -252,6 +285,7 @@ fn check_value(key: &str, value: &str, line: &str) {
             !unquoted.contains(':') || unquoted.parse::<std::net::Ipv6Addr>().is_ok()
         }
         "chain" => matches!(unquoted, "srcnat" | "dstnat"),
+        "advertise" | "no-dad" => matches!(unquoted, "yes" | "no"),
         "action" => matches!(unquoted, "masquerade" | "src-nat" | "accept"),
         _ => !unquoted.is_empty(),
     };

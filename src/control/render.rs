@@ -82,7 +82,9 @@ pub fn ros_quote(text: &str) -> String {
 /// `allowed-address` adds no route, so the routes are explicit; the API service is
 /// limited to the appliance's server address. A gateway of the egress policy also
 /// accepts the client pool from the tunnel, routes it back into the tunnel and
-/// masquerades it on its WAN interface list.
+/// masquerades it on its WAN interface list. A router given an address in the
+/// tenant's IPv6 network (an `allowed_ips` entry `/128` inside it) gets that
+/// address with the network's /64, and accepts the network from the tunnel.
 pub fn router_script(tenant: &Tenant, router: &Router, public_host: &str) -> String {
     let ifname = router_interface(tenant);
     let pool = tenant
@@ -90,8 +92,14 @@ pub fn router_script(tenant: &Tenant, router: &Router, public_host: &str) -> Str
         .as_ref()
         .filter(|e| e.gateways.contains(&router.id))
         .map(|e| e.pool);
+    let net6 = tenant.server_net_v6();
+    let address6 = router.extra_prefixes.iter().find_map(|p| match p {
+        ipnet::IpNet::V6(n) if n.prefix_len() == 128 && net6.contains(&n.addr()) => Some(n.addr()),
+        _ => None,
+    });
     let mut allowed = vec![tenant.subnet.to_string()];
     allowed.extend(pool.map(|p| p.to_string()));
+    allowed.extend(address6.map(|_| net6.to_string()));
     let comment = ros_quote(&format!("wgplane {}", tenant.id));
     let mut out = String::new();
     let _ = writeln!(
@@ -140,6 +148,13 @@ pub fn router_script(tenant: &Tenant, router: &Router, public_host: &str) -> Str
         "/ip route add dst-address={} gateway={ifname} comment={comment}",
         tenant.subnet
     );
+    if let Some(address6) = address6 {
+        let _ = writeln!(
+            out,
+            "/ipv6 address add address={address6}/{} interface={ifname} advertise=no comment={comment}",
+            net6.prefix_len()
+        );
+    }
     let _ = writeln!(out, "/ip service set api address={}/32", tenant.server_ip());
     if let Some(pool) = pool {
         let _ = writeln!(

@@ -545,6 +545,9 @@ fn tun_mode_reaches_routers_and_never_leaks() {
         no_tunnel >= 3.0,
         "host packets for no tenant were counted ({no_tunnel})"
     );
+    // ... and the host's own link chatter (IPv6 router solicitations, MLD) is
+    // told apart from them: exactly the three pings went to no tenant.
+    assert_eq!(no_tunnel, 3.0, "only the pings are no_tunnel\n{metrics}");
 
     // 7. The device goes away: its reader ends, and health says so.
     let health = || health_status(&lab.hub, API);

@@ -174,7 +174,7 @@ impl Runtime {
     }
 
     /// TUN mode: the host device's drops by reason (none without a device).
-    pub fn host_drops(&self) -> Option<[(&'static str, u64); 4]> {
+    pub fn host_drops(&self) -> Option<[(&'static str, u64); 5]> {
         self.settings.host.as_ref().map(|h| h.drops().counts())
     }
 

@@ -64,6 +64,9 @@ pub struct HostDrops {
     pub malformed: AtomicU64,
     /// No tenant's subnet or pool holds the destination.
     pub no_tunnel: AtomicU64,
+    /// A multicast or link-local destination: the host's own chatter on the
+    /// device (IPv6 neighbour discovery and MLD, mDNS), never for a tunnel.
+    pub link_local: AtomicU64,
     /// The tunnel's queue was full (it is behind; the kernel's queue is the
     /// place to wait).
     pub queue_full: AtomicU64,
@@ -71,12 +74,13 @@ pub struct HostDrops {
 
 impl HostDrops {
     /// Each reason's name (as in metrics) and count.
-    pub fn counts(&self) -> [(&'static str, u64); 4] {
+    pub fn counts(&self) -> [(&'static str, u64); 5] {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         [
             ("unreadable", get(&self.unreadable)),
             ("malformed", get(&self.malformed)),
             ("no_tunnel", get(&self.no_tunnel)),
+            ("link_local", get(&self.link_local)),
             ("queue_full", get(&self.queue_full)),
         ]
     }
@@ -300,6 +304,10 @@ async fn read_loop(
                 drops.malformed.fetch_add(1, Ordering::Relaxed);
                 continue;
             };
+            if link_scope(header.dst) {
+                drops.link_local.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
             let Some(tunnel) = routes.lookup(header.dst) else {
                 drops.no_tunnel.fetch_add(1, Ordering::Relaxed);
                 continue;
@@ -311,6 +319,36 @@ async fn read_loop(
             if tunnel.try_send(packet).is_err() {
                 drops.queue_full.fetch_add(1, Ordering::Relaxed);
             }
+        }
+    }
+}
+
+/// Multicast and link-local destinations, which no tunnel ever gets from the host.
+fn link_scope(dst: IpAddr) -> bool {
+    match dst {
+        IpAddr::V4(a) => a.is_multicast() || a.is_link_local() || a.is_broadcast(),
+        IpAddr::V6(a) => a.is_multicast() || a.is_unicast_link_local(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::link_scope;
+
+    #[test]
+    fn the_hosts_link_chatter_is_told_apart() {
+        for chatter in [
+            "ff02::16",
+            "ff02::2",
+            "fe80::1",
+            "224.0.0.251",
+            "169.254.1.1",
+            "255.255.255.255",
+        ] {
+            assert!(link_scope(chatter.parse().unwrap()), "{chatter}");
+        }
+        for unicast in ["fd77:7770:a64::101", "10.100.1.1", "2001:db8::1"] {
+            assert!(!link_scope(unicast.parse().unwrap()), "{unicast}");
         }
     }
 }

@@ -129,6 +129,35 @@ impl Lab {
         value
     }
 
+    /// Starts `wgplane run --tun` in the hub namespace as `procs[0]`, and waits
+    /// until its API answers.
+    fn start_wgplane(&mut self) {
+        let state = self.dir.path().join("state");
+        let wgplane = self.hub.spawn(
+            "wgplane",
+            &[
+                env!("CARGO_BIN_EXE_wgplane"),
+                "run",
+                "--tun",
+                "--state-dir",
+                state.to_str().expect("utf-8"),
+                "--api-listen",
+                API,
+            ],
+            &[("NO_COLOR", "1")],
+            &self.dir.path().join("wgplane.log"),
+        );
+        self.procs.push(wgplane);
+        let header_file = self.header_file();
+        wait_wgplane_ready(
+            &self.hub,
+            &mut self.procs[0],
+            API,
+            &state.join("api-token"),
+            &header_file,
+        );
+    }
+
     /// The `Authorization` header for curl, written by `wait_wgplane_ready`.
     fn header_file(&self) -> std::path::PathBuf {
         self.dir.path().join("auth-header")
@@ -234,7 +263,6 @@ fn tun_mode_reaches_routers_and_never_leaks() {
     hub.run_words("ip address add 198.18.5.1/24 dev lo");
     hub.run_words("ip address add fd00:5::1/64 dev lo");
 
-    let state = dir.path().join("state");
     let mut lab = Lab {
         procs: Vec::new(),
         hub,
@@ -244,29 +272,7 @@ fn tun_mode_reaches_routers_and_never_leaks() {
         inet,
         dir,
     };
-    let wgplane = lab.hub.spawn(
-        "wgplane",
-        &[
-            env!("CARGO_BIN_EXE_wgplane"),
-            "run",
-            "--tun",
-            "--state-dir",
-            state.to_str().expect("utf-8"),
-            "--api-listen",
-            API,
-        ],
-        &[("NO_COLOR", "1")],
-        &lab.dir.path().join("wgplane.log"),
-    );
-    lab.procs.push(wgplane);
-    let header_file = lab.header_file();
-    wait_wgplane_ready(
-        &lab.hub,
-        &mut lab.procs[0],
-        API,
-        &state.join("api-token"),
-        &header_file,
-    );
+    lab.start_wgplane();
 
     // Provisioning: two tenants; kitonga has a router, a gateway that stays down,
     // an egress policy and a phone; acme has one router.
@@ -555,4 +561,70 @@ fn tun_mode_reaches_routers_and_never_leaks() {
     lab.hub.run_words("ip link del wgplane0");
     let down = wait_for(Duration::from_secs(5), || (health() == "503").then_some(()));
     assert!(down.is_some(), "healthy without the host device's reader");
+}
+
+/// Where the host has IPv6 off (as in many containers) the device refuses the
+/// tenants' IPv6 addresses: wgplane says so, and the tunnels carry IPv4 alone.
+#[test]
+fn tun_mode_without_ipv6_keeps_ipv4() {
+    if !prerequisites_met(TEST, TOOLS) {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (hub, ra, rb, phone, inet) = (
+        Netns::new("t6hub"),
+        Netns::new("t6ra"),
+        Netns::new("t6rb"),
+        Netns::new("t6phone"),
+        Netns::new("t6inet"),
+    );
+    hub.sysctl("net.ipv6.conf.all.disable_ipv6", "1");
+    hub.sysctl("net.ipv6.conf.default.disable_ipv6", "1");
+    hub.veth("to-ra", "203.0.113.1/24", &ra, "eth0", "203.0.113.2/24");
+    let mut lab = Lab {
+        procs: Vec::new(),
+        hub,
+        ra,
+        rb,
+        phone,
+        inet,
+        dir,
+    };
+    lab.start_wgplane();
+    let (ra_key, ra_pub) = lab.keypair("ra");
+    let kitonga = lab.api("PUT", "/v1/tenants/kitonga", "{}");
+    let server = kitonga["server_public_key"]
+        .as_str()
+        .expect("key")
+        .to_owned();
+    lab.api(
+        "PUT",
+        "/v1/tenants/kitonga/routers/ra",
+        &format!(r#"{{"public_key":"{ra_pub}"}}"#),
+    );
+    let dir = lab.dir.path().to_owned();
+    let (_, p) = wireguard(
+        &lab.ra,
+        &dir,
+        Wg {
+            tag: "wg6a",
+            key: &ra_key,
+            addr: "10.100.1.1/16",
+            server: &server,
+            endpoint: "203.0.113.1:51820",
+            allowed: "10.100.0.0/16",
+        },
+    );
+    lab.procs.push(p);
+    assert!(
+        wait_ping(&lab.hub, "10.100.1.1"),
+        "host -> router ping over IPv4 without IPv6\n{}",
+        lab.procs[0].log()
+    );
+    assert!(wait_ping(&lab.ra, "10.100.0.1"), "router -> server address");
+    let log = lab.procs[0].log();
+    assert!(
+        log.contains("IPv6 address refused"),
+        "the missing IPv6 is logged:\n{log}"
+    );
 }

@@ -34,7 +34,10 @@ pub fn prerequisites_met(test: &str, tools: &[&str]) -> bool {
     }
     if missing.is_empty() {
         // The tools are there; can we actually make a namespace (not in every container)?
-        let probe = format!("wgp-probe-{}", std::process::id());
+        // One name per call: tests of one binary probe at once, from threads.
+        static PROBES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = PROBES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let probe = format!("wgp-probe-{}-{n}", std::process::id());
         match Command::new("ip").args(["netns", "add", &probe]).output() {
             Ok(out) if out.status.success() => {
                 let _ = Command::new("ip").args(["netns", "del", &probe]).output();

@@ -173,6 +173,10 @@ fn two_tenants_get_their_own_ports_and_subnets() {
     let b = app.expect("PUT", "/v1/tenants/kitonga", None, 201);
     assert_eq!(a["subnet_cidr"], "10.100.0.0/16");
     assert_eq!(b["subnet_cidr"], "10.101.0.0/16");
+    // Each has its own IPv6 network, the IPv4 one embedded.
+    assert_eq!(a["subnet_ipv6_cidr"], "fd77:7770:a64::/64");
+    assert_eq!(b["subnet_ipv6_cidr"], "fd77:7770:a65::/64");
+    assert_eq!(b["server_ipv6"], "fd77:7770:a65::1");
     assert_eq!(b["listen_port"], app.first_port + 1);
     assert_eq!(b["interface_name"], "wg1");
     let list = app.expect("GET", "/v1/tenants", None, 200);

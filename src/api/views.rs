@@ -32,9 +32,13 @@ pub struct TenantView {
     pub interface_name: String,
     pub server_public_key: String,
     pub server_ip: String,
-    /// Answers ping in userspace mode, for routers given IPv6 prefixes.
+    /// The server's IPv6 address: answers routers given addresses in
+    /// `subnet_ipv6_cidr` (userspace stack, or the host in TUN mode).
     pub server_ipv6: String,
     pub subnet_cidr: String,
+    /// The tenant's IPv6 network (a ULA /64 derived from `subnet_cidr`), where a
+    /// router's IPv6 address (an `allowed_ips` entry `/128`) belongs.
+    pub subnet_ipv6_cidr: String,
     pub listen_port: u16,
     pub endpoint: String,
     pub status: &'static str,
@@ -54,6 +58,7 @@ impl TenantView {
             server_ip: t.server_ip().to_string(),
             server_ipv6: t.server_ipv6().to_string(),
             subnet_cidr: t.subnet.to_string(),
+            subnet_ipv6_cidr: t.server_net_v6().to_string(),
             listen_port: t.listen_port,
             endpoint: render::endpoint(public_host, t.listen_port),
             status: if running { "active" } else { "down" },

@@ -138,21 +138,16 @@ pub fn server_address_v6(subnet: Ipv4Net) -> std::net::Ipv6Addr {
 
 /// Where every tenant's IPv6 network lies (`fd77:7770::/32`): routed into tunnels,
 /// so never a host prefix.
-pub fn tenant_range_v6() -> ipnet::Ipv6Net {
-    ipnet::Ipv6Net::new(
-        std::net::Ipv6Addr::new(0xfd77, 0x7770, 0, 0, 0, 0, 0, 0),
-        32,
-    )
-    .unwrap_or_default()
-}
+pub const TENANT_RANGE_V6: ipnet::Ipv6Net = ipnet::Ipv6Net::new_assert(
+    std::net::Ipv6Addr::new(0xfd77, 0x7770, 0, 0, 0, 0, 0, 0),
+    32,
+);
 
 /// The tenant's IPv6 network: the ULA /64 that holds [`server_address_v6`]. The
 /// host device carries it in TUN mode; no two tenants share one, since no two
 /// subnets share their network address.
 pub fn server_net_v6(subnet: Ipv4Net) -> ipnet::Ipv6Net {
-    ipnet::Ipv6Net::new(server_address_v6(subnet), 64)
-        .map(|n| n.trunc())
-        .unwrap_or_default()
+    ipnet::Ipv6Net::new_assert(server_address_v6(subnet), 64).trunc()
 }
 
 /// Where router addresses start: 10.X.1.1 in a subnet large enough to keep the
@@ -300,8 +295,8 @@ mod tests {
             server_net_v6(n4("10.100.0.0/24")),
             server_net_v6(n4("10.100.1.0/24"))
         );
-        assert!(tenant_range_v6().contains(&net));
-        assert!(tenant_range_v6().contains(&server_net_v6(n4("10.255.255.0/24"))));
+        assert!(TENANT_RANGE_V6.contains(&net));
+        assert!(TENANT_RANGE_V6.contains(&server_net_v6(n4("10.255.255.0/24"))));
     }
 
     #[test]

@@ -123,7 +123,7 @@ impl Registry {
                 .taken_nets(None)
                 .into_iter()
                 .map(IpNet::V4)
-                .chain([IpNet::V6(alloc::tenant_range_v6())])
+                .chain([IpNet::V6(alloc::TENANT_RANGE_V6)])
                 .chain(self.tenants.get(id).into_iter().flat_map(|t| {
                     t.routers
                         .values()

@@ -7,7 +7,7 @@
 //! data packet behind them until the whole batch is done. So initiations are set
 //! aside while the batch is read, the data's datagrams leave, the task lets the
 //! other tunnels that are ready run, and only then are the initiations handled, a
-//! few at a time with the other tunnels' turns between ([`Deferred::release_some`]):
+//! few at a time with the other tunnels' turns between ([`Deferred::release_in_turns`]):
 //! as kernel WireGuard keeps handshakes on a queue of their own, off the data
 //! path, a handshake storm on one tunnel waits behind the data of the others.
 //!
@@ -28,6 +28,18 @@ const INITIATION_LEN: usize = 148;
 
 /// Message type 1 (little-endian) and its three reserved zero bytes.
 const INITIATION_TYPE: [u8; 4] = [1, 0, 0, 0];
+
+/// What [`Deferred::release_in_turns`] hands its caller, in this order: `Pause`,
+/// the other tasks' turn, `Resume`, up to a turn's worth of `Initiation`s, and
+/// again until none is held.
+pub(crate) enum Step<'a> {
+    /// The task is about to let the others run: send what the last turn produced.
+    Pause,
+    /// The task runs again (read the clock again).
+    Resume,
+    /// The next held initiation and its sender, oldest first.
+    Initiation(SocketAddr, &'a [u8]),
+}
 
 /// A tunnel's initiations held back during one wake-up. Its storage is allocated
 /// when the first initiation comes (tunnels that never see one pay nothing) and
@@ -80,13 +92,23 @@ impl Deferred {
         self.release_some(usize::MAX, handle);
     }
 
+    /// Hands every held initiation to `step`, `turn` at a time, and lets the
+    /// other tasks run before each turn: so they wait behind a few handshakes at
+    /// most, never behind a whole batch.
+    pub(crate) async fn release_in_turns(&mut self, turn: usize, mut step: impl FnMut(Step<'_>)) {
+        while !self.is_empty() {
+            step(Step::Pause);
+            tokio::task::yield_now().await;
+            step(Step::Resume);
+            self.release_some(turn.max(1), |from, datagram| {
+                step(Step::Initiation(from, datagram));
+            });
+        }
+    }
+
     /// Hands the next `max` held initiations (or fewer) to `handle`, in arrival
     /// order, and forgets them; returns whether some are still held.
-    pub(crate) fn release_some(
-        &mut self,
-        max: usize,
-        mut handle: impl FnMut(SocketAddr, &[u8]),
-    ) -> bool {
+    fn release_some(&mut self, max: usize, mut handle: impl FnMut(SocketAddr, &[u8])) -> bool {
         let end = self.released.saturating_add(max).min(self.held.len());
         for (from, datagram) in &self.held[self.released..end] {
             handle(*from, datagram);
@@ -136,6 +158,47 @@ mod tests {
         let mut seen = Vec::new();
         deferred.release(|at, d| seen.push((at, d[4])));
         assert_eq!(seen, vec![(from, 1), (from, 2)]);
+        assert!(deferred.is_empty());
+    }
+
+    /// Between turns the other tasks run: a task that yields in a loop gets a
+    /// turn after every `turn` initiations, and the initiations keep their order.
+    #[tokio::test(flavor = "current_thread")]
+    async fn other_tasks_run_between_turns() {
+        use super::Step;
+        use std::sync::{Arc, Mutex};
+        let from: SocketAddr = "127.0.0.1:9".parse().expect("address");
+        let mut deferred = Deferred::new(64);
+        for tag in 0..20 {
+            assert!(deferred.hold(from, &initiation(tag)));
+        }
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let other = {
+            let log = Arc::clone(&log);
+            tokio::spawn(async move {
+                for _ in 0..10 {
+                    log.lock().expect("log").push(None);
+                    tokio::task::yield_now().await;
+                }
+            })
+        };
+        deferred
+            .release_in_turns(8, |step| {
+                if let Step::Initiation(_, d) = step {
+                    log.lock().expect("log").push(Some(d[4]));
+                }
+            })
+            .await;
+        other.await.expect("other task");
+        let log = log.lock().expect("log").clone();
+        let handled: Vec<u8> = log.iter().flatten().copied().collect();
+        assert_eq!(handled, (0..20).collect::<Vec<u8>>(), "all, in order");
+        let longest = log
+            .split(Option::is_none)
+            .map(<[Option<u8>]>::len)
+            .max()
+            .unwrap_or(0);
+        assert_eq!(longest, 8, "the other task ran between turns: {log:?}");
         assert!(deferred.is_empty());
     }
 

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{broadcast, mpsc, oneshot, Notify};
 
 use super::bridge::{Bridges, ForwardError, HostPipes};
-use super::defer::Deferred;
+use super::defer::{Deferred, Step};
 use super::sendbatch::SendBatch;
 use super::udp::{TunnelSocket, MAX_DATAGRAM, RX_SLOTS};
 use crate::core::netstack::StackError;
@@ -405,24 +405,17 @@ pub async fn run(
                 let now = Instant::now();
                 let mut sink = UdpSink { tx: &mut tx, host: host.device.is_some().then_some(&mut host.out) };
                 backlog = receive(&socket, &udp, &mut engine, now, &mut sink, &mut held, &mut send_failures);
-                if !held.is_empty() {
-                    // The data has left; the handshakes wait until the tunnels
-                    // that are ready now have had their turn, and give them a
-                    // turn again after every few.
-                    tokio::task::yield_now().await;
-                    loop {
-                        let now = Instant::now();
+                // The data has left; the handshakes wait until the tunnels that
+                // are ready now have had their turn, and again after every few.
+                let mut now = now;
+                held.release_in_turns(HANDSHAKE_TURN, |step| match step {
+                    Step::Pause => send_failures += tx.flush(socket.get_ref(), &udp),
+                    Step::Resume => now = Instant::now(),
+                    Step::Initiation(from, initiation) => {
                         let mut sink = UdpSink { tx: &mut tx, host: host.device.is_some().then_some(&mut host.out) };
-                        let more = held.release_some(HANDSHAKE_TURN, |from, initiation| {
-                            engine.handle_datagram(from, initiation, now, &mut sink);
-                        });
-                        if !more {
-                            break;
-                        }
-                        send_failures += tx.flush(socket.get_ref(), &udp);
-                        tokio::task::yield_now().await;
+                        engine.handle_datagram(from, initiation, now, &mut sink);
                     }
-                }
+                }).await;
             }
             packet = recv_host(&mut host.packets) => {
                 let Some(packet) = packet else { break };

@@ -7,9 +7,12 @@
 //! data packet behind them until the whole batch is done. So initiations are set
 //! aside while the batch is read, the data's datagrams leave, the task lets the
 //! other tunnels that are ready run, and only then are the initiations handled, a
-//! few at a time with the other tunnels' turns between ([`Deferred::release_in_turns`]):
-//! as kernel WireGuard keeps handshakes on a queue of their own, off the data
-//! path, a handshake storm on one tunnel waits behind the data of the others.
+//! turn at a time ([`Deferred::release_in_turns`]). Between two turns the other
+//! tunnels run, and then the tunnel reads its own socket again, so that data which
+//! arrived meanwhile is forwarded before the next turn and its initiations join
+//! the queue. As kernel WireGuard keeps handshakes on a queue of their own, off
+//! the data path, a flow waits behind one turn of handshakes at most, whether the
+//! storm is on another tunnel or on its own.
 //!
 //! Reordering them is safe: data in a batch never belongs to a session that an
 //! initiation in the same batch starts, because the initiator sends data only
@@ -19,7 +22,9 @@
 //! are not held.
 //!
 //! Left out: reading. The storm's datagrams are read (and the reading paid for)
-//! in the tunnel's turn, before it yields.
+//! in the tunnel's turn; the store holds two receive batches, and once it is full
+//! the tunnel stops reading between turns, so a wake-up ends after a bounded
+//! number of turns and the rest waits in the socket.
 
 use std::net::SocketAddr;
 
@@ -30,14 +35,17 @@ const INITIATION_LEN: usize = 148;
 const INITIATION_TYPE: [u8; 4] = [1, 0, 0, 0];
 
 /// What [`Deferred::release_in_turns`] hands its caller, in this order: `Pause`,
-/// the other tasks' turn, `Resume`, up to a turn's worth of `Initiation`s, and
-/// again until none is held.
+/// the other tasks' turn, `Resume`, `Initiation`s until the caller ends the turn,
+/// and again until none is held.
 pub(crate) enum Step<'a> {
     /// The task is about to let the others run: send what the last turn produced.
     Pause,
-    /// The task runs again (read the clock again).
-    Resume,
-    /// The next held initiation and its sender, oldest first.
+    /// The task runs again: read the clock again, and handle what arrived in the
+    /// meantime before the next turn, holding its initiations in the store given
+    /// here (behind the older ones) while [`Deferred::room`] allows.
+    Resume(&'a mut Deferred),
+    /// The next held initiation and its sender, oldest first. The caller answers
+    /// whether the turn goes on.
     Initiation(SocketAddr, &'a [u8]),
 }
 
@@ -86,40 +94,50 @@ impl Deferred {
         self.released == self.held.len()
     }
 
-    /// Hands every held initiation to `handle`, in arrival order, and forgets them.
-    #[cfg(test)]
-    pub(crate) fn release(&mut self, handle: impl FnMut(SocketAddr, &[u8])) {
-        self.release_some(usize::MAX, handle);
+    /// How many more initiations can be held before the store is drained.
+    pub(crate) fn room(&self) -> usize {
+        self.limit - self.held.len()
     }
 
-    /// Hands every held initiation to `step`, `turn` at a time, and lets the
-    /// other tasks run before each turn: so they wait behind a few handshakes at
-    /// most, never behind a whole batch.
-    pub(crate) async fn release_in_turns(&mut self, turn: usize, mut step: impl FnMut(Step<'_>)) {
+    /// Hands every held initiation to `handle`, in arrival order, and forgets them.
+    #[cfg(test)]
+    pub(crate) fn release(&mut self, mut handle: impl FnMut(SocketAddr, &[u8])) {
+        while let Some((from, datagram)) = self.next() {
+            handle(from, &datagram);
+        }
+    }
+
+    /// Hands every held initiation to `step`, a turn at a time, and lets the other
+    /// tasks run before each turn: they wait behind one turn of handshakes at
+    /// most, never behind a whole batch. A turn lasts until `step` answers an
+    /// `Initiation` with false (each turn handles one at least). Before each turn
+    /// the caller may read on ([`Step::Resume`]); that ends once the store is full,
+    /// so this returns after at most `limit` turns.
+    pub(crate) async fn release_in_turns(&mut self, mut step: impl FnMut(Step<'_>) -> bool) {
         while !self.is_empty() {
             step(Step::Pause);
             tokio::task::yield_now().await;
-            step(Step::Resume);
-            self.release_some(turn.max(1), |from, datagram| {
-                step(Step::Initiation(from, datagram));
-            });
+            step(Step::Resume(self));
+            while let Some((from, datagram)) = self.next() {
+                if !step(Step::Initiation(from, &datagram)) {
+                    break;
+                }
+            }
         }
     }
 
-    /// Hands the next `max` held initiations (or fewer) to `handle`, in arrival
-    /// order, and forgets them; returns whether some are still held.
-    fn release_some(&mut self, max: usize, mut handle: impl FnMut(SocketAddr, &[u8])) -> bool {
-        let end = self.released.saturating_add(max).min(self.held.len());
-        for (from, datagram) in &self.held[self.released..end] {
-            handle(*from, datagram);
+    /// The oldest initiation not handed out yet; the storage is reset (keeping its
+    /// capacity) once all have been.
+    fn next(&mut self) -> Option<(SocketAddr, [u8; INITIATION_LEN])> {
+        let next = self.held.get(self.released).copied();
+        if next.is_some() {
+            self.released += 1;
         }
-        self.released = end;
         if self.is_empty() {
             self.held.clear();
             self.released = 0;
-            return false;
         }
-        true
+        next
     }
 }
 
@@ -162,7 +180,7 @@ mod tests {
     }
 
     /// Between turns the other tasks run: a task that yields in a loop gets a
-    /// turn after every `turn` initiations, and the initiations keep their order.
+    /// turn whenever the caller ends one, and the initiations keep their order.
     #[tokio::test(flavor = "current_thread")]
     async fn other_tasks_run_between_turns() {
         use super::Step;
@@ -182,11 +200,19 @@ mod tests {
                 }
             })
         };
+        let mut in_turn = 0;
         deferred
-            .release_in_turns(8, |step| {
-                if let Step::Initiation(_, d) = step {
+            .release_in_turns(|step| match step {
+                Step::Initiation(_, d) => {
                     log.lock().expect("log").push(Some(d[4]));
+                    in_turn += 1;
+                    in_turn < 8
                 }
+                Step::Resume(_) => {
+                    in_turn = 0;
+                    true
+                }
+                Step::Pause => true,
             })
             .await;
         other.await.expect("other task");
@@ -202,10 +228,14 @@ mod tests {
         assert!(deferred.is_empty());
     }
 
-    #[test]
-    fn a_full_store_hands_the_rest_back_to_the_caller() {
+    /// Initiations read between turns queue behind the held ones, only while
+    /// there is room; a turn that ends at once still handles one; and the store
+    /// is reused afterwards.
+    #[tokio::test(flavor = "current_thread")]
+    async fn initiations_read_between_turns_queue_behind_and_the_store_bounds_them() {
+        use super::Step;
         let from: SocketAddr = "127.0.0.1:9".parse().expect("address");
-        let mut deferred = Deferred::new(2);
+        let mut deferred = Deferred::new(4);
         assert_eq!(
             deferred.held.capacity(),
             0,
@@ -213,21 +243,38 @@ mod tests {
         );
         assert!(deferred.hold(from, &initiation(1)));
         assert!(deferred.hold(from, &initiation(2)));
-        assert!(!deferred.hold(from, &initiation(3)));
-        let capacity = deferred.held.capacity();
-        let mut count = 0;
-        assert!(deferred.release_some(1, |_, d| count += usize::from(d[4])));
-        assert_eq!(count, 1, "the oldest first");
-        assert!(!deferred.is_empty());
-        assert!(!deferred.release_some(5, |_, d| count += usize::from(d[4])));
-        assert_eq!(count, 3, "then the rest, once");
+        let mut next = 3;
+        let mut handled = Vec::new();
+        let mut resumed = 0;
+        deferred
+            .release_in_turns(|step| match step {
+                Step::Resume(store) => {
+                    resumed += 1;
+                    // A reader that finds one initiation waiting each time.
+                    if store.room() > 0 {
+                        assert!(store.hold(from, &initiation(next)));
+                        next += 1;
+                    } else {
+                        assert!(!store.hold(from, &initiation(99)), "full");
+                    }
+                    true
+                }
+                Step::Initiation(_, d) => {
+                    handled.push(d[4]);
+                    false
+                }
+                Step::Pause => true,
+            })
+            .await;
+        assert_eq!(handled, vec![1, 2, 3, 4], "oldest first, one per turn");
+        assert_eq!(resumed, 4, "one turn each, and reading stopped when full");
         assert!(deferred.is_empty());
-        assert!(deferred.hold(from, &initiation(1)));
-        assert!(deferred.hold(from, &initiation(2)));
+        let capacity = deferred.held.capacity();
+        assert_eq!(deferred.room(), 4, "drained");
+        assert!(deferred.hold(from, &initiation(5)));
         let mut count = 0;
         deferred.release(|_, _| count += 1);
-        assert_eq!(count, 2);
-        assert!(deferred.hold(from, &initiation(4)));
+        assert_eq!(count, 1);
         assert_eq!(deferred.held.capacity(), capacity, "storage is reused");
     }
 }

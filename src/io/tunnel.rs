@@ -41,12 +41,17 @@ const RECV_BATCH: usize = 64;
 /// a busy tunnel's time.
 const TURN: Duration = Duration::from_millis(1);
 
-/// Held handshake initiations handled between two yields, so that a flow on
-/// another tunnel of the same worker waits behind a few of them, not behind a
-/// whole batch of 64. Under a storm each is a cookie reply (a few µs with its
-/// send; 64 take about 0.4 ms), else a Diffie-Hellman handshake (about 150 µs;
-/// 64 would take 10 ms, 8 take 1.2 ms).
-const HANDSHAKE_TURN: usize = 8;
+/// How long a tunnel handles held handshake initiations before it sends their
+/// answers, lets the other tunnels run and reads its own socket again, so that a
+/// flow on any tunnel waits behind about this much handshake work, not behind a
+/// whole batch: one or two Diffie-Hellman handshakes (about 150 µs each; the 64
+/// of a full batch took 10 ms), or about fifty cookie replies under a storm.
+const HANDSHAKE_TURN: Duration = Duration::from_micros(250);
+
+/// Initiations a tunnel holds at most during one wake-up: two receive batches,
+/// so that it can read on between turns (a batch at a time, while a whole one
+/// fits). 41 KiB, allocated when the first initiation comes.
+const HELD: usize = 2 * RECV_BATCH;
 
 /// What the control plane asks of a tunnel task.
 pub enum Command {
@@ -199,17 +204,15 @@ thread_local! {
 
 /// Reads what is waiting on the socket (a bounded number of batched syscalls, so a
 /// flood cannot starve commands and timers) and hands every datagram to the engine,
-/// except handshake initiations: those go to `held`. When some were held, the
-/// data's datagrams are sent at once, so that the caller can let other tunnels run
-/// before it handles the initiations (see [`super::defer`]).
+/// except handshake initiations: those go to `held`, for the caller to handle
+/// after the data has left (see [`super::defer`]).
 ///
 /// A batch that comes back short means the queue was empty at that moment: the
 /// socket's readiness is cleared right there instead of paying for one more
 /// `recvmmsg` that would only say `EAGAIN`. Nothing is lost by that: a datagram
 /// that arrives afterwards raises a new readiness event.
 ///
-/// Returns whether datagrams may still be waiting (every batch came back full);
-/// datagrams the socket refused to send are added to `send_failures`.
+/// Returns whether datagrams may still be waiting (every batch came back full).
 fn receive(
     socket: &TunnelSocket,
     udp: &quinn_udp::UdpSocketState,
@@ -217,18 +220,67 @@ fn receive(
     now: Instant,
     sink: &mut UdpSink<'_>,
     held: &mut Deferred,
-    send_failures: &mut u64,
 ) -> bool {
-    let backlog = RX.with(|rx| {
+    RX.with(|rx| {
         let Ok(mut bufs) = rx.try_borrow_mut() else {
             return false;
         };
         read(socket, udp, &mut bufs, held, engine, now, sink)
-    });
-    if !held.is_empty() {
-        *send_failures += sink.tx.flush(socket.get_ref(), udp);
+    })
+}
+
+/// What a tunnel does at each step of handling its held initiations
+/// ([`Deferred::release_in_turns`]).
+struct Turns<'a> {
+    socket: &'a TunnelSocket,
+    udp: &'a quinn_udp::UdpSocketState,
+    engine: &'a mut TunnelEngine,
+    tx: &'a mut SendBatch,
+    host: Option<&'a mut HostOut>,
+    send_failures: &'a mut u64,
+    /// How long a turn lasts ([`HANDSHAKE_TURN`]).
+    length: Duration,
+    /// The clock, as read when the turn began.
+    now: Instant,
+    /// Whether a read between turns found the socket busy.
+    backlog: bool,
+}
+
+impl Turns<'_> {
+    fn step(&mut self, step: Step<'_>) -> bool {
+        match step {
+            Step::Pause => *self.send_failures += self.tx.flush(self.socket.get_ref(), self.udp),
+            Step::Resume(held) => {
+                self.now = Instant::now();
+                // Data that came during the last turn goes before the next one.
+                if held.room() >= RECV_BATCH {
+                    let mut sink = UdpSink {
+                        tx: self.tx,
+                        host: self.host.as_deref_mut(),
+                    };
+                    self.backlog |= receive(
+                        self.socket,
+                        self.udp,
+                        self.engine,
+                        self.now,
+                        &mut sink,
+                        held,
+                    );
+                    *self.send_failures += self.tx.flush(self.socket.get_ref(), self.udp);
+                }
+            }
+            Step::Initiation(from, initiation) => {
+                let mut sink = UdpSink {
+                    tx: self.tx,
+                    host: self.host.as_deref_mut(),
+                };
+                self.engine
+                    .handle_datagram(from, initiation, self.now, &mut sink);
+                return self.now.elapsed() < self.length;
+            }
+        }
+        true
     }
-    backlog
 }
 
 /// The reading half of [`receive`]: initiations go to `held`, the rest to the
@@ -326,7 +378,7 @@ pub async fn run(
     let mut gro = None;
     // When the current run of back-to-back reads of a busy socket began.
     let mut turn: Option<Instant> = None;
-    let mut held = Deferred::new(RECV_BATCH);
+    let mut held = Deferred::new(HELD);
     loop {
         let mut backlog = false;
         // The stack's own timers (ACK delay, retransmits, keep-alive, TIME-WAIT)
@@ -404,18 +456,24 @@ pub async fn run(
                 }
                 let now = Instant::now();
                 let mut sink = UdpSink { tx: &mut tx, host: host.device.is_some().then_some(&mut host.out) };
-                backlog = receive(&socket, &udp, &mut engine, now, &mut sink, &mut held, &mut send_failures);
+                backlog = receive(&socket, &udp, &mut engine, now, &mut sink, &mut held);
                 // The data has left; the handshakes wait until the tunnels that
-                // are ready now have had their turn, and again after every few.
-                let mut now = now;
-                held.release_in_turns(HANDSHAKE_TURN, |step| match step {
-                    Step::Pause => send_failures += tx.flush(socket.get_ref(), &udp),
-                    Step::Resume => now = Instant::now(),
-                    Step::Initiation(from, initiation) => {
-                        let mut sink = UdpSink { tx: &mut tx, host: host.device.is_some().then_some(&mut host.out) };
-                        engine.handle_datagram(from, initiation, now, &mut sink);
-                    }
-                }).await;
+                // are ready now have had their turn, and again after each turn.
+                if !held.is_empty() {
+                    let mut turns = Turns {
+                        socket: &socket,
+                        udp: &udp,
+                        engine: &mut engine,
+                        tx: &mut tx,
+                        host: host.device.is_some().then_some(&mut host.out),
+                        send_failures: &mut send_failures,
+                        length: HANDSHAKE_TURN,
+                        now,
+                        backlog,
+                    };
+                    held.release_in_turns(|step| turns.step(step)).await;
+                    backlog = turns.backlog;
+                }
             }
             packet = recv_host(&mut host.packets) => {
                 let Some(packet) = packet else { break };
@@ -471,7 +529,9 @@ pub async fn run(
 
 #[cfg(test)]
 mod tests {
-    use super::{receive, Deferred, SendBatch, TunnelSocket, UdpSink, RECV_BATCH};
+    use super::{
+        receive, Deferred, SendBatch, Step, TunnelSocket, Turns, UdpSink, HELD, RECV_BATCH,
+    };
     use crate::core::engine::TunnelEngine;
     use boringtun::x25519::StaticSecret;
     use std::time::Instant;
@@ -517,8 +577,7 @@ mod tests {
                 &mut engine,
                 Instant::now(),
                 &mut sink,
-                &mut Deferred::new(RECV_BATCH),
-                &mut 0,
+                &mut Deferred::new(HELD),
             );
             let read = engine.stats().rx_datagrams - before;
             assert!(read <= RECV_BATCH as u64, "one turn read {read}");
@@ -532,11 +591,12 @@ mod tests {
         assert_eq!(engine.stats().rx_datagrams, queued as u64);
     }
 
-    /// Data read in the same wake-up as a handshake initiation leaves before the
-    /// initiation is handled: the gateway has the phone's packet while the
-    /// router's handshake response still waits in the send batch.
+    /// Data read in the same wake-up as handshake initiations leaves before they
+    /// are handled, and data that arrives while they are goes before the next
+    /// turn: the gateway has the phone's packets while the routers' handshakes
+    /// wait, one turn at a time.
     #[tokio::test]
-    async fn data_leaves_before_the_initiations_of_its_wake_up_are_handled() {
+    async fn data_goes_before_the_initiations_and_between_their_turns() {
         use crate::core::engine::EgressConfig;
         use crate::core::harness::MemoryClient;
         use crate::core::packet::build::ip_packet;
@@ -545,6 +605,7 @@ mod tests {
         use ipnet::IpNet;
         use std::io::ErrorKind;
         use std::net::{IpAddr, UdpSocket};
+        use std::time::Duration;
 
         let (socket, state) = tunnel_socket().await;
         let tunnel = socket.get_ref().local_addr().expect("address");
@@ -553,7 +614,8 @@ mod tests {
             s.set_nonblocking(true).expect("non-blocking");
             s
         };
-        let (gateway_socket, phone_socket, router_socket) = (bind(), bind(), bind());
+        let (gateway_socket, phone_socket) = (bind(), bind());
+        let routers_sockets = [bind(), bind()];
         let at = |s: &UdpSocket| s.local_addr().expect("address");
 
         let server = StaticSecret::from([7u8; 32]);
@@ -562,11 +624,15 @@ mod tests {
         let now = Instant::now();
         let mut gateway = MemoryClient::new(&server_public, 100, at(&gateway_socket));
         let mut phone = MemoryClient::new(&server_public, 200, at(&phone_socket));
-        let mut router = MemoryClient::new(&server_public, 300, at(&router_socket));
+        let mut routers = [
+            MemoryClient::new(&server_public, 300, at(&routers_sockets[0])),
+            MemoryClient::new(&server_public, 400, at(&routers_sockets[1])),
+        ];
         let host = |a: [u8; 4]| [IpNet::from(IpAddr::from(a))];
         gateway.register(&mut engine, &host([10, 100, 0, 40]), 1);
         phone.register(&mut engine, &host([10, 200, 0, 2]), 2);
-        router.register(&mut engine, &host([10, 100, 1, 2]), 3);
+        routers[0].register(&mut engine, &host([10, 100, 1, 2]), 3);
+        routers[1].register(&mut engine, &host([10, 100, 1, 3]), 4);
         engine.set_egress(vec![EgressConfig {
             pool: "10.200.0.0/24".parse().expect("prefix"),
             gateways: vec![*gateway.public_key.as_bytes()],
@@ -574,67 +640,100 @@ mod tests {
         assert!(gateway.handshake(&mut engine, now));
         assert!(phone.handshake(&mut engine, now));
 
-        // Queued: the router's initiation, then the phone's packet to the internet.
+        // Queued: both routers' initiations, then the phone's packet to the internet.
         let mut buf = vec![0u8; 2048];
-        let initiation = match router.tunn.format_handshake_initiation(&mut buf, true) {
-            TunnResult::WriteToNetwork(d) => d.to_vec(),
-            _ => panic!("no initiation"),
-        };
-        router_socket.send_to(&initiation, tunnel).expect("send");
+        for (router, from) in routers.iter_mut().zip(&routers_sockets) {
+            let initiation = match router.tunn.format_handshake_initiation(&mut buf, true) {
+                TunnResult::WriteToNetwork(d) => d.to_vec(),
+                _ => panic!("no initiation"),
+            };
+            from.send_to(&initiation, tunnel).expect("send");
+        }
         let packet = ip_packet(
             IpAddr::from([10, 200, 0, 2]),
             IpAddr::from([198, 18, 0, 2]),
             100,
         );
-        let data = phone.encrypt(&packet).expect("phone session");
-        phone_socket.send_to(&data, tunnel).expect("send");
+        let phone_sends = |phone: &mut MemoryClient| {
+            let data = phone.encrypt(&packet).expect("phone session");
+            phone_socket.send_to(&data, tunnel).expect("send");
+        };
+        phone_sends(&mut phone);
         socket.readable().await.expect("readable").retain_ready();
 
         let mut tx = SendBatch::new(1, false);
-        let mut sink = UdpSink {
-            tx: &mut tx,
-            host: None,
-        };
-        let mut failures = 0;
-        let mut held = Deferred::new(RECV_BATCH);
+        let mut held = Deferred::new(HELD);
         let before = engine.stats().rx_datagrams;
         receive(
             &socket,
             &state,
             &mut engine,
             now,
-            &mut sink,
+            &mut UdpSink {
+                tx: &mut tx,
+                host: None,
+            },
             &mut held,
-            &mut failures,
         );
         assert_eq!(engine.stats().rx_datagrams - before, 1, "the data");
-        assert!(
-            gateway_socket.recv_from(&mut buf).is_ok(),
-            "the phone's packet waited for the handshake"
-        );
-        assert_eq!(
-            router_socket
-                .recv_from(&mut buf)
-                .map_err(|e| e.kind())
-                .err(),
-            Some(ErrorKind::WouldBlock),
-            "the initiation was handled with the data"
-        );
+        assert!(!held.is_empty(), "the initiations wait");
 
-        held.release(|from, initiation| engine.handle_datagram(from, initiation, now, &mut sink));
-        assert_eq!(
-            engine.stats().rx_datagrams - before,
-            2,
-            "then the initiation"
-        );
+        let waiting = |s: &UdpSocket, buf: &mut [u8]| match s.recv_from(buf) {
+            Ok(_) => true,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => false,
+            Err(e) => panic!("receive: {e}"),
+        };
+        let mut failures = 0;
+        let mut turns = Turns {
+            socket: &socket,
+            udp: &state,
+            engine: &mut engine,
+            tx: &mut tx,
+            host: None,
+            send_failures: &mut failures,
+            // Every initiation ends its turn.
+            length: Duration::ZERO,
+            now,
+            backlog: false,
+        };
+        let mut initiations = 0;
+        held.release_in_turns(|step| {
+            let initiation = matches!(step, Step::Initiation(..));
+            if initiation {
+                initiations += 1;
+                assert!(
+                    waiting(&gateway_socket, &mut buf),
+                    "initiation {initiations}: the phone's packet waited for a handshake"
+                );
+                if initiations == 1 {
+                    assert!(!waiting(&routers_sockets[0], &mut buf), "not answered yet");
+                } else {
+                    assert!(
+                        waiting(&routers_sockets[0], &mut buf),
+                        "the first turn's answer left before the second turn"
+                    );
+                }
+            }
+            let goes_on = turns.step(step);
+            if initiation && initiations == 1 {
+                // Arrives during the first turn.
+                phone_sends(&mut phone);
+            }
+            goes_on
+        })
+        .await;
+        assert_eq!(initiations, 2);
+        assert_eq!(engine.stats().rx_datagrams - before, 4, "all four read");
         failures += tx.flush(socket.get_ref(), &state);
         assert_eq!(failures, 0);
-        let (len, _) = router_socket.recv_from(&mut buf).expect("the response");
+        let (len, _) = routers_sockets[1]
+            .recv_from(&mut buf)
+            .expect("the response");
         let response = buf[..len].to_vec();
         assert!(matches!(
-            router.tunn.decapsulate(None, &response, &mut buf),
+            routers[1].tunn.decapsulate(None, &response, &mut buf),
             TunnResult::WriteToNetwork(_)
         ));
-        assert!(router.tunn.time_since_last_handshake().is_some());
+        assert!(routers[1].tunn.time_since_last_handshake().is_some());
     }
 }

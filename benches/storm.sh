@@ -103,6 +103,34 @@ free_port() { # a free port of protocol $1 (tcp/udp) on loopback
     python3 -c "import socket,sys; s=socket.socket(socket.AF_INET, socket.SOCK_STREAM if sys.argv[1]=='tcp' else socket.SOCK_DGRAM); s.bind(('127.0.0.1',0)); print(s.getsockname()[1])" "$1"
 }
 
+# The first of 64 consecutive free UDP ports on loopback for the appliance's
+# tunnels, below the kernel's ephemeral range: the load generators bind hundreds
+# of sockets to port 0, and one of them must not take a port before the
+# appliance's next tenant does.
+free_tunnel_ports() {
+    python3 -c '
+import socket
+low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+def free(p):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        s.bind(("127.0.0.1", p))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+base = 20000
+while base + 64 <= low:
+    taken = next((p for p in range(base, base + 64) if not free(p)), None)
+    if taken is None:
+        print(base)
+        raise SystemExit(0)
+    base = taken + 1
+raise SystemExit("no 64 free UDP ports below %d" % low)
+'
+}
+
 # start_appliance DIR: wgplane on APP_CPU with its state in DIR; sets APP_PID, API.
 start_appliance() {
     local dir=$1 port
@@ -110,7 +138,7 @@ start_appliance() {
     API="http://127.0.0.1:$port"
     mkdir -p "$dir"
     taskset -c "$APP_CPU" "$WGPLANE" run --state-dir "$dir/state" --bind 127.0.0.1 \
-        --api-listen "127.0.0.1:$port" --first-port "$(free_port udp)" \
+        --api-listen "127.0.0.1:$port" --first-port "$(free_tunnel_ports)" \
         >"$dir/wgplane.log" 2>&1 &
     APP_PID=$!
     PIDS+=("$APP_PID")

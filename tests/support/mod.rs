@@ -34,21 +34,39 @@ pub fn free_tcp_port() -> u16 {
         .expect("no free TCP port on loopback")
 }
 
-/// Start of a run of `n` UDP ports that were free a moment ago.
+/// Start of a run of `n` UDP ports that were free a moment ago. They lie below
+/// the kernel's ephemeral range (from 32768 by default), where no socket bound to
+/// port 0 (a test's own clients, another appliance's) can take one of them before
+/// the appliance binds it; runs handed out in one process never overlap, and
+/// processes start at different places.
 pub fn free_udp_ports(n: u16) -> u16 {
-    for _ in 0..100 {
-        let probe = UdpSocket::bind("127.0.0.1:0").expect("bind UDP");
-        let start = probe.local_addr().expect("addr").port();
-        drop(probe);
-        if start > 65_000 - n {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 15_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768)
+        .min(65_000);
+    let n32 = u32::from(n.max(1));
+    assert!(
+        ephemeral > LOW + 10 * n32,
+        "ephemeral ports start at {ephemeral}"
+    );
+    let span = ephemeral - LOW - n32;
+    let spread = std::process::id().wrapping_mul(7_919);
+    for _ in 0..1_000 {
+        let offset = NEXT.fetch_add(n32, Ordering::Relaxed);
+        let start = LOW + spread.wrapping_add(offset) % span;
+        let Ok(start) = u16::try_from(start) else {
             continue;
-        }
+        };
         let all_free = (start..start + n).all(|p| UdpSocket::bind(("127.0.0.1", p)).is_ok());
         if all_free {
             return start;
         }
     }
-    panic!("no run of {n} free UDP ports");
+    panic!("no run of {n} free UDP ports below {ephemeral}");
 }
 
 pub fn binary() -> PathBuf {

@@ -50,7 +50,7 @@ const HANDSHAKE_TURN: Duration = Duration::from_micros(250);
 
 /// Initiations a tunnel holds at most during one wake-up: two receive batches,
 /// so that it can read on between turns (a batch at a time, while a whole one
-/// fits). 41 KiB, allocated when the first initiation comes.
+/// fits). 23 KiB, allocated when the first initiation comes.
 const HELD: usize = 2 * RECV_BATCH;
 
 /// What the control plane asks of a tunnel task.

@@ -26,20 +26,24 @@ pub struct Appliance {
     http: reqwest::blocking::Client,
 }
 
-/// A port that was free a moment ago.
+/// A TCP port that was free a moment ago, below the ephemeral range (see
+/// [`free_udp_ports`]): no test's outgoing connection can take it first.
 pub fn free_tcp_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("no free TCP port on loopback")
+    free_run(1, |p| TcpListener::bind(("127.0.0.1", p)).is_ok())
 }
 
 /// Start of a run of `n` UDP ports that were free a moment ago. They lie below
 /// the kernel's ephemeral range (from 32768 by default), where no socket bound to
 /// port 0 (a test's own clients, another appliance's) can take one of them before
-/// the appliance binds it; runs handed out in one process never overlap, and
-/// processes start at different places.
+/// the appliance binds it.
 pub fn free_udp_ports(n: u16) -> u16 {
+    free_run(n, |p| UdpSocket::bind(("127.0.0.1", p)).is_ok())
+}
+
+/// Start of a run of `n` ports below the ephemeral range that `free` says are
+/// free. Runs handed out in one process never overlap, and processes start at
+/// different places.
+fn free_run(n: u16, free: impl Fn(u16) -> bool) -> u16 {
     use std::sync::atomic::{AtomicU32, Ordering};
     const LOW: u32 = 15_000;
     static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -61,12 +65,11 @@ pub fn free_udp_ports(n: u16) -> u16 {
         let Ok(start) = u16::try_from(start) else {
             continue;
         };
-        let all_free = (start..start + n).all(|p| UdpSocket::bind(("127.0.0.1", p)).is_ok());
-        if all_free {
+        if (start..start + n.max(1)).all(&free) {
             return start;
         }
     }
-    panic!("no run of {n} free UDP ports below {ephemeral}");
+    panic!("no run of {n} free ports below {ephemeral}");
 }
 
 pub fn binary() -> PathBuf {

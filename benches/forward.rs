@@ -203,6 +203,8 @@ fn bench_table(c: &mut Criterion) {
     let mut table = PrefixTable::new();
     let mut exact = HashMap::new();
     let mut probes = Vec::new();
+    // Addresses behind a /24 (a router's LAN): no host route, so the trie answers.
+    let mut lan_probes = Vec::new();
     for i in 0..100_000u32 {
         let addr = Ipv4Addr::from(0x0a00_0000 + i * 97);
         table.insert(IpNet::from(IpAddr::V4(addr)), i);
@@ -213,6 +215,9 @@ fn bench_table(c: &mut Criterion) {
         }
         if i % 1000 == 0 {
             probes.push(IpAddr::V4(addr));
+            lan_probes.push(IpAddr::V4(Ipv4Addr::from(
+                0xac10_0000u32 + i * 256 / 10 + 7,
+            )));
         }
     }
     let mut g = c.benchmark_group("table/100k");
@@ -227,6 +232,12 @@ fn bench_table(c: &mut Criterion) {
         b.iter(|| {
             n = (n + 1) % probes.len();
             table.lookup(probes[n]).copied()
+        })
+    });
+    g.bench_function("prefix_lpm_lan", |b| {
+        b.iter(|| {
+            n = (n + 1) % lan_probes.len();
+            table.lookup(lan_probes[n]).copied()
         })
     });
     g.finish();

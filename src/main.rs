@@ -146,6 +146,17 @@ struct BenchArgs {
     #[arg(long, default_value_t = 0,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(0..=1_000))]
     patient: usize,
+    /// Handshakes: routers that echo every cookie at once and handshake again as
+    /// soon as one completes, the most Diffie-Hellman work senders that prove
+    /// their addresses can cause (0-10000).
+    #[arg(long, default_value_t = 0,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(0..=10_000))]
+    echoing: usize,
+    /// Handshakes: loopback addresses the routers send from, one per router in
+    /// turn (1-65000; above 1 the appliance must be at 127.0.0.1).
+    #[arg(long, default_value_t = 1,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=65_000))]
+    sources: usize,
     /// Use this tenant (created if missing, left in place) instead of
     /// throw-away ones: flow adds its gateway and phones to it; handshakes storm
     /// its tunnel alone, from --peers strangers (keys it does not know).
@@ -310,6 +321,8 @@ fn bench(args: BenchArgs) -> Result<()> {
         rate: args.rate,
         offload: args.offload,
         patient: args.patient,
+        echoing: args.echoing,
+        sources: args.sources,
         tenant: args.tenant.clone(),
     };
     // Progress (the measured window opening) goes to stderr.

@@ -450,3 +450,69 @@ fn ctrl_c_ends_the_run_and_deletes_the_throw_away_tenant() {
     assert!(stderr().contains("interrupted"), "{}", stderr());
     assert_no_tenants_left(&app);
 }
+
+#[test]
+fn routers_that_echo_cookies_from_addresses_of_their_own_get_handshakes() {
+    let app = Appliance::start();
+    let storm = bench_json(
+        &app,
+        &[
+            "--mode",
+            "handshakes",
+            "--tunnels",
+            "2",
+            "--peers",
+            "2",
+            "--rate",
+            "100",
+            "--seconds",
+            "3",
+            "--echoing",
+            "4",
+            "--sources",
+            "8",
+        ],
+    );
+    assert_eq!(storm["sources"], 8, "{storm}");
+    let echoing = &storm["echoing"];
+    assert_eq!(echoing["routers"], 4, "{storm}");
+    let handshakes = echoing["handshakes"].as_u64().unwrap();
+    assert!(handshakes > 0, "{storm}");
+    assert!(
+        handshakes <= echoing["initiations"].as_u64().unwrap(),
+        "{storm}"
+    );
+    // The appliance answered at least every handshake the routers counted.
+    let responses = storm["responses"].as_u64().unwrap();
+    assert!(
+        storm["appliance_handshakes"].as_u64().unwrap() >= handshakes + responses,
+        "{storm}"
+    );
+}
+
+#[test]
+fn sources_need_the_appliance_on_loopback() {
+    let app = Appliance::start();
+    let out = Command::new(support::binary())
+        .args(["bench", "--api", &format!("http://{}", app.api)])
+        .arg("--token-file")
+        .arg(app.state_dir().join("api-token"))
+        .args([
+            "--mode",
+            "handshakes",
+            "--host",
+            "127.0.0.2",
+            "--sources",
+            "2",
+        ])
+        .args(["--seconds", "1", "--rate", "10", "--tunnels", "1"])
+        .output()
+        .expect("run wgplane bench");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--sources 2") && stderr.contains("127.0.0.1"),
+        "{stderr}"
+    );
+    assert_no_tenants_left(&app);
+}

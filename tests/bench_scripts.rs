@@ -183,6 +183,7 @@ fn storm_script_reports_the_flow_alone_and_under_both_storms() {
         "flow_alone",
         "flow_under_storm",
         "flow_under_storm_on_own_tunnel",
+        "flow_under_proven_storm",
     ] {
         let f = &row[flow];
         // Sent, and forwarded by the appliance (what share depends on the
@@ -196,7 +197,7 @@ fn storm_script_reports_the_flow_alone_and_under_both_storms() {
         );
         assert!(number(f, "p50_us") > 0.0, "{flow}: {f}");
     }
-    for storm in ["storm", "storm_own_tunnel"] {
+    for storm in ["storm", "storm_own_tunnel", "storm_proven"] {
         let s = &row[storm];
         assert!(number(s, "sent_initiations") > 0.0, "{storm}: {s}");
         assert!(number(s, "appliance_cores") > 0.0, "{storm}: {s}");
@@ -207,7 +208,25 @@ fn storm_script_reports_the_flow_alone_and_under_both_storms() {
     }
     // The passes that carried the flow report the storm's answers, not its CPU
     // (which includes the flow's forwarding).
-    for storm in ["storm_with_flow", "storm_own_tunnel_with_flow"] {
+    // The address-proven storm: 200 routers echo cookies, every router from an
+    // address of its own. The storm is below the budget here, so they get
+    // handshakes (how many depends on the machine).
+    for storm in ["storm_proven", "storm_proven_with_flow"] {
+        let s = &row[storm];
+        assert_eq!(s["sources"], 420, "{storm}: {s}");
+        let e = &s["echoing"];
+        assert_eq!(e["routers"], 200, "{storm}: {s}");
+        assert!(number(e, "handshakes") > 0.0, "{storm}: {s}");
+        assert!(
+            number(e, "handshakes") <= number(e, "initiations"),
+            "{storm}: {s}"
+        );
+    }
+    for storm in [
+        "storm_with_flow",
+        "storm_own_tunnel_with_flow",
+        "storm_proven_with_flow",
+    ] {
         let s = &row[storm];
         assert!(number(s, "sent_initiations") > 0.0, "{storm}: {s}");
         assert!(s.get("appliance_cores").is_none(), "{storm}: {s}");

@@ -81,6 +81,13 @@ pub struct BenchSpec {
     /// Handshakes: routers, besides the storm's, that retry with the cookie
     /// from a cookie reply as real WireGuard peers do.
     pub patient: usize,
+    /// Handshakes: registered routers that echo every cookie at once and start a
+    /// new handshake as soon as one completes: address-proven load, the most
+    /// Diffie-Hellman work senders can make the appliance do.
+    pub echoing: usize,
+    /// Handshakes: loopback addresses the routers' sockets are spread over
+    /// (1: all send from `host`); see [`storm`].
+    pub sources: usize,
     /// Use this tenant (created if missing, left in place at the end) instead
     /// of throw-away ones: flow adds its gateway and phones to it; handshakes
     /// storm its tunnel alone, from `peers` strangers (keys it does not know).

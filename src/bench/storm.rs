@@ -14,11 +14,21 @@
 //! cookie reply and retry with it (after 1 s, where WireGuard waits 5), and the
 //! report says how many got their handshake and how long it took.
 //!
+//! `--echoing N` adds routers that do what a botnet of real hosts can: echo
+//! every cookie at once and start a new handshake as soon as one completes. Their
+//! initiations prove their addresses, so they get Diffie-Hellman work up to what
+//! the appliance's budget and its per-source shares allow: the most handshake
+//! work senders can cause. `--sources S` spreads all the routers' sockets over
+//! S loopback addresses (127.77.0.1 up; Linux answers for all of 127.0.0.0/8),
+//! as real routers have addresses of their own; with one, every router sends
+//! from `host` and the appliance's per-source share (20 handshakes a second)
+//! caps what cookie-proven routers get in all.
+//!
 //! With `--tenant`, the storm hits that one tenant's tunnel (say a KTN tunnel
 //! whose public key every phone knows) from strangers: keys the appliance does
 //! not know, so no initiation of theirs ends in a handshake.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -51,6 +61,14 @@ const PATIENT_JITTER_MS: u32 = 333;
 /// under load.
 const PATIENT_START: Duration = Duration::from_secs(1);
 
+/// An echoing router's wait for an answer before it initiates again: the
+/// appliance drops, without an answer, a cookie-proven initiation that finds its
+/// budget or its source's share spent.
+const ECHO_WAIT: Duration = Duration::from_millis(100);
+
+/// The first of the loopback addresses routers send from with `--sources`.
+const FIRST_SOURCE: Ipv4Addr = Ipv4Addr::new(127, 77, 0, 1);
+
 /// What a handshake run measured.
 #[derive(Debug, Clone, Serialize)]
 pub struct StormReport {
@@ -78,6 +96,23 @@ pub struct StormReport {
     pub appliance_cores: Option<f64>,
     /// The routers that retried with their cookie (`--patient`).
     pub patient: PatientReport,
+    /// The routers that echoed cookies at once (`--echoing`).
+    pub echoing: EchoReport,
+    /// Loopback addresses the routers sent from.
+    pub sources: usize,
+}
+
+/// What the echoing routers (address-proven load) got.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct EchoReport {
+    pub routers: usize,
+    /// Initiations they sent, with a valid cookie from the second on.
+    pub initiations: u64,
+    pub cookie_replies: u64,
+    /// Handshake responses: the appliance's Diffie-Hellman work for them.
+    pub handshakes: u64,
+    /// Handshakes per second over the storm's sending window.
+    pub handshakes_per_s: f64,
 }
 
 /// What the patient routers (real WireGuard behaviour) saw inside the storm.
@@ -121,6 +156,20 @@ impl StormReport {
             opt(self.appliance_cpu_us_per_handshake, "µs"),
             opt(self.appliance_cpu_us_per_initiation, "µs"),
         );
+        if self.sources > 1 {
+            table.push_str(&format!(
+                "sources                {} loopback addresses\n",
+                self.sources
+            ));
+        }
+        let e = &self.echoing;
+        if e.routers > 0 {
+            table.push_str(&format!(
+                "echoing routers        {}: {} initiations, {} cookie replies, \
+                 {} handshakes ({:.0} /s)\n",
+                e.routers, e.initiations, e.cookie_replies, e.handshakes, e.handshakes_per_s,
+            ));
+        }
         let p = &self.patient;
         if p.routers > 0 {
             let seconds = |v: Option<f64>| v.map_or("-".to_owned(), |s| format!("{s:.2} s"));
@@ -153,10 +202,16 @@ pub(crate) async fn run(
     };
     let peers = spec.peers.max(1);
     // One socket each, all open at once.
-    if tunnels * peers + spec.patient > MAX_ROUTERS {
+    if tunnels * peers + spec.patient + spec.echoing > MAX_ROUTERS {
         return Err(BenchError::Spec(format!(
-            "{tunnels} tunnels x {peers} routers + {} patient: a storm takes at most {MAX_ROUTERS} routers",
-            spec.patient
+            "{tunnels} tunnels x {peers} routers + {} patient + {} echoing: a storm takes at most {MAX_ROUTERS} routers",
+            spec.patient, spec.echoing
+        )));
+    }
+    if spec.sources > 1 && spec.host != IpAddr::V4(Ipv4Addr::LOCALHOST) {
+        return Err(BenchError::Spec(format!(
+            "--sources {} spreads the routers over loopback addresses: the appliance must be at 127.0.0.1, not {}",
+            spec.sources, spec.host
         )));
     }
     let mut routers = Vec::new();
@@ -192,6 +247,17 @@ pub(crate) async fn run(
             SocketAddr::new(spec.host, port),
         ));
     }
+    let mut echoing = Vec::with_capacity(spec.echoing);
+    for e in 0..spec.echoing {
+        let (name, public, port) = &tenants[e % tunnels];
+        let (public, port) = (*public, *port);
+        let secret = api.router(name, &format!("e{e}")).await?;
+        let index = (count_routers + spec.patient + e) as u32;
+        echoing.push((
+            Tunn::new(secret, public, None, None, index, None),
+            SocketAddr::new(spec.host, port),
+        ));
+    }
     let rate = if spec.rate == 0 {
         DEFAULT_RATE
     } else {
@@ -213,7 +279,7 @@ pub(crate) async fn run(
                 .await?,
         );
     }
-    let mut report = storm(spec, &prepared, count, rate, patient).await?;
+    let mut report = storm(spec, &prepared, count, rate, patient, echoing).await?;
     report.tunnels = tunnels;
     report.peers_per_tunnel = peers;
     for ((name, ..), before) in tenants.iter().zip(before) {
@@ -338,11 +404,16 @@ async fn storm(
     routers: usize,
     rate: u64,
     patient: Vec<(Tunn, SocketAddr)>,
+    echoing: Vec<(Tunn, SocketAddr)>,
 ) -> Result<StormReport, BenchError> {
+    // Storm routers first, then the patient ones, then the echoing ones.
+    let from = |i: usize| source(spec.host, i, spec.sources);
     let mut sockets = Vec::with_capacity(routers);
-    for _ in 0..routers {
-        sockets.push(Arc::new(tokio::net::UdpSocket::bind((spec.host, 0)).await?));
+    for i in 0..routers {
+        sockets.push(Arc::new(tokio::net::UdpSocket::bind((from(i), 0)).await?));
     }
+    let patients_from = routers;
+    let echoing_from = routers + patient.len();
     let answers = Arc::new(Answers::default());
     let (stop, stopped) = watch::channel(false);
     tracing::info!(
@@ -363,8 +434,16 @@ async fn storm(
     let meter = CpuMeter::start(spec.pid);
     let deadline = begin + spec.duration;
     let mut patients = tokio::task::JoinSet::new();
-    for (tunn, to) in patient {
-        patients.spawn(retry_with_cookies(tunn, to, spec.host, begin, deadline));
+    for (i, (tunn, to)) in patient.into_iter().enumerate() {
+        let at = from(patients_from + i);
+        patients.spawn(retry_with_cookies(tunn, to, at, begin, deadline));
+    }
+    let echoes = Arc::new(Echoes::default());
+    let echo_routers = echoing.len();
+    let mut echoers = tokio::task::JoinSet::new();
+    for (i, (tunn, to)) in echoing.into_iter().enumerate() {
+        let at = from(echoing_from + i);
+        echoers.spawn(echo_cookies(tunn, to, at, deadline, Arc::clone(&echoes)));
     }
     let mut sent = 0u64;
     let mut sending = Duration::ZERO;
@@ -395,6 +474,13 @@ async fn storm(
     let cpu = meter.seconds();
     let _ = stop.send(true);
     while listeners.join_next().await.is_some() {}
+    // They stop at the deadline, which has passed.
+    while let Some(outcome) = echoers.join_next().await {
+        if let Ok(outcome) = outcome {
+            outcome?;
+        }
+    }
+    let echoing = echoes.report(echo_routers, sending);
     let mut patient = PatientReport::default();
     let mut took = Vec::new();
     while let Some(outcome) = patients.join_next().await {
@@ -412,6 +498,7 @@ async fn storm(
     patient.seconds_max = took.last().copied();
     let responses = answers.responses.load(Ordering::Relaxed);
     let cookie_replies = answers.cookies.load(Ordering::Relaxed);
+    let answered_handshakes = responses + echoing.handshakes + patient.completed as u64;
     if sent == 0 {
         return Err(BenchError::Storm("no initiation could be sent".into()));
     }
@@ -445,15 +532,99 @@ async fn storm(
         answered_per_s: (responses + cookie_replies) as f64 / seconds,
         appliance_handshakes: 0,
         appliance_cpu_seconds: cpu,
-        // Cookie replies cost a MAC, not Diffie-Hellman: they are left out of the
-        // denominator, which makes this an upper bound.
+        // Every handshake response received, the echoing and patient routers'
+        // included. Cookie replies cost a MAC, not Diffie-Hellman: they are left
+        // out of the denominator, which makes this an upper bound.
         appliance_cpu_us_per_handshake: cpu
-            .filter(|_| responses > 0)
-            .map(|c| c * 1e6 / responses as f64),
+            .filter(|_| answered_handshakes > 0)
+            .map(|c| c * 1e6 / answered_handshakes as f64),
         appliance_cpu_us_per_initiation: cpu.filter(|_| sent > 0).map(|c| c * 1e6 / sent as f64),
         appliance_cores: cpu.map(|c| c / seconds),
         patient,
+        echoing,
+        sources: spec.sources.max(1),
     })
+}
+
+/// The address router `i` sends from: `host` itself with one source, else one
+/// of `sources` loopback addresses from [`FIRST_SOURCE`] on, in turn.
+fn source(host: IpAddr, i: usize, sources: usize) -> IpAddr {
+    if sources <= 1 {
+        return host;
+    }
+    let offset = (i % sources) as u32;
+    IpAddr::V4(Ipv4Addr::from(u32::from(FIRST_SOURCE).wrapping_add(offset)))
+}
+
+/// What the echoing routers counted.
+#[derive(Default)]
+struct Echoes {
+    initiations: AtomicU64,
+    cookies: AtomicU64,
+    handshakes: AtomicU64,
+}
+
+impl Echoes {
+    fn report(&self, routers: usize, window: Duration) -> EchoReport {
+        let handshakes = self.handshakes.load(Ordering::Relaxed);
+        EchoReport {
+            routers,
+            initiations: self.initiations.load(Ordering::Relaxed),
+            cookie_replies: self.cookies.load(Ordering::Relaxed),
+            handshakes,
+            handshakes_per_s: if window.is_zero() {
+                0.0
+            } else {
+                handshakes as f64 / window.as_secs_f64()
+            },
+        }
+    }
+}
+
+/// A router that costs the appliance as much as a real host can: from the
+/// start of the storm until `deadline` it initiates, echoes a cookie reply's
+/// cookie at once, and starts again as soon as a handshake completes or
+/// [`ECHO_WAIT`] passes without an answer.
+async fn echo_cookies(
+    mut tunn: Tunn,
+    to: SocketAddr,
+    from: IpAddr,
+    deadline: Instant,
+    echoes: Arc<Echoes>,
+) -> Result<(), BenchError> {
+    let socket = tokio::net::UdpSocket::bind((from, 0)).await?;
+    let (mut out, mut answer, mut scratch) = ([0u8; 256], [0u8; 256], [0u8; 256]);
+    while Instant::now() < deadline {
+        if let TunnResult::WriteToNetwork(initiation) =
+            tunn.format_handshake_initiation(&mut out, true)
+        {
+            if socket.send_to(initiation, to).await.is_ok() {
+                echoes.initiations.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let wait = (Instant::now() + ECHO_WAIT).min(deadline);
+        while let Ok(got) = tokio::time::timeout_at(wait.into(), socket.recv(&mut answer)).await {
+            let n = got?;
+            // A response is counted, not completed, as the storm's routers do:
+            // completing it would cost this generator two Diffie-Hellman
+            // operations on the cores it shares with the flow's generator. A
+            // cookie reply is opened (no Diffie-Hellman): its cookie goes into
+            // the next initiation's mac2.
+            match (n, answer[0]) {
+                (92, 2) => echoes.handshakes.fetch_add(1, Ordering::Relaxed),
+                (64, 3) => {
+                    let opened = tunn.decapsulate(Some(to.ip()), &answer[..n], &mut scratch);
+                    if let TunnResult::Err(_) = opened {
+                        continue;
+                    }
+                    echoes.cookies.fetch_add(1, Ordering::Relaxed)
+                }
+                _ => continue,
+            };
+            break;
+        }
+    }
+    Ok(())
 }
 
 /// A router that behaves like a WireGuard peer: from [`PATIENT_START`] into the
@@ -464,12 +635,12 @@ async fn storm(
 async fn retry_with_cookies(
     mut tunn: Tunn,
     to: SocketAddr,
-    host: std::net::IpAddr,
+    from: IpAddr,
     begin: Instant,
     deadline: Instant,
 ) -> Result<(Option<Duration>, u64), BenchError> {
     tokio::time::sleep_until((begin + PATIENT_START).into()).await;
-    let socket = tokio::net::UdpSocket::bind((host, 0)).await?;
+    let socket = tokio::net::UdpSocket::bind((from, 0)).await?;
     let started = Instant::now();
     let mut cookies = 0;
     let (mut out, mut answer, mut scratch) = ([0u8; 256], [0u8; 256], [0u8; 256]);
@@ -496,4 +667,27 @@ async fn retry_with_cookies(
         }
     }
     Ok((None, cookies))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, Ipv4Addr};
+
+    use super::source;
+
+    #[test]
+    fn routers_take_the_loopback_sources_in_turn() {
+        let host = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        assert_eq!(source(host, 7, 1), host);
+        let at = |i| source(host, i, 300);
+        assert_eq!(at(0), IpAddr::V4(Ipv4Addr::new(127, 77, 0, 1)));
+        assert_eq!(at(255), IpAddr::V4(Ipv4Addr::new(127, 77, 1, 0)));
+        assert_eq!(at(299), IpAddr::V4(Ipv4Addr::new(127, 77, 1, 44)));
+        assert_eq!(at(300), at(0));
+        // The most sources the CLI takes stay inside 127.0.0.0/8.
+        assert_eq!(
+            source(host, 64_999, 65_000),
+            IpAddr::V4(Ipv4Addr::new(127, 77, 253, 232))
+        );
+    }
 }

@@ -8,7 +8,7 @@
 # tunnel from 200 strangers (who know its public key, as every phone does) with
 # the same 20 patient routers, then the storm on 10 other tunnels again with 200
 # more routers that echo every cookie at once and handshake again as soon as
-# one completes, each from its own loopback address (address-proven load: the
+# one is answered, each from its own loopback address (address-proven load: the
 # most Diffie-Hellman work senders can cause). Each storm runs twice: alone, for the storm's
 # figures (answers, the appliance's CPU per initiation, the patient routers), and
 # with the flow inside it, for the flow's loss and latency under the storm only

@@ -147,7 +147,7 @@ struct BenchArgs {
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(0..=1_000))]
     patient: usize,
     /// Handshakes: routers that echo every cookie at once and handshake again as
-    /// soon as one completes, the most Diffie-Hellman work senders that prove
+    /// soon as one is answered, the most Diffie-Hellman work senders that prove
     /// their addresses can cause (0-10000).
     #[arg(long, default_value_t = 0,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(0..=10_000))]

@@ -82,7 +82,7 @@ pub struct BenchSpec {
     /// from a cookie reply as real WireGuard peers do.
     pub patient: usize,
     /// Handshakes: registered routers that echo every cookie at once and start a
-    /// new handshake as soon as one completes: address-proven load, the most
+    /// new handshake as soon as one is answered: address-proven load, the most
     /// Diffie-Hellman work senders can make the appliance do.
     pub echoing: usize,
     /// Handshakes: loopback addresses the routers' sockets are spread over

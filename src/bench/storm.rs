@@ -15,7 +15,7 @@
 //! report says how many got their handshake and how long it took.
 //!
 //! `--echoing N` adds routers that do what a botnet of real hosts can: echo
-//! every cookie at once and start a new handshake as soon as one completes. Their
+//! every cookie at once and start a new handshake as soon as one is answered. Their
 //! initiations prove their addresses, so they get Diffie-Hellman work up to what
 //! the appliance's budget and its per-source shares allow: the most handshake
 //! work senders can cause. `--sources S` spreads all the routers' sockets over
@@ -583,7 +583,7 @@ impl Echoes {
 
 /// A router that costs the appliance as much as a real host can: from the
 /// start of the storm until `deadline` it initiates, echoes a cookie reply's
-/// cookie at once, and starts again as soon as a handshake completes or
+/// cookie at once, and starts again as soon as its handshake is answered or
 /// [`ECHO_WAIT`] passes without an answer.
 async fn echo_cookies(
     mut tunn: Tunn,

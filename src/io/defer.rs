@@ -155,17 +155,15 @@ impl Deferred {
                     break;
                 }
             }
-            let mut handled = false;
+            // The store is not empty here (reading only adds): a turn always
+            // handles one initiation at least.
             while let Some((from, datagram)) = self.next() {
-                handled = true;
                 if !step(Step::Initiation(from, &datagram)) {
                     break;
                 }
             }
-            if handled {
-                let turn = SEQUENCE.fetch_add(1, Ordering::Relaxed);
-                LAST_TURN.set((turn, self.id));
-            }
+            let turn = SEQUENCE.fetch_add(1, Ordering::Relaxed);
+            LAST_TURN.set((turn, self.id));
         }
     }
 

@@ -21,6 +21,7 @@
 //! own addresses are ever contacted. Left out: IPv6 underlay, TCP-level load
 //! (the `benches/hubs.sh` lab runs iperf3 through real WireGuard peers).
 
+pub mod cookie;
 pub mod cpu;
 pub mod flow;
 pub mod relay;

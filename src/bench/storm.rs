@@ -18,7 +18,13 @@
 //! every cookie at once and start a new handshake as soon as one is answered. Their
 //! initiations prove their addresses, so they get Diffie-Hellman work up to what
 //! the appliance's budget and its per-source shares allow: the most handshake
-//! work senders can cause. `--sources S` spreads all the routers' sockets over
+//! work senders can cause. Their initiations are prepared before the window,
+//! too (enough for the most a source may get, [`ECHO_STOCK_PER_SECOND`]), and
+//! they write each cookie into them themselves ([`super::cookie`]), so that an
+//! answered handshake costs the generator a send, a receive and a MAC: a
+//! generator that made each initiation in the window (two Diffie-Hellman
+//! operations) could not keep up with the appliance's budget on the core it
+//! shares with a flow's generator. `--sources S` spreads all the routers' sockets over
 //! S loopback addresses (127.77.0.1 up; Linux answers for all of 127.0.0.0/8),
 //! as real routers have addresses of their own; with one, every router sends
 //! from `host` and the appliance's per-source share (20 handshakes a second)
@@ -39,8 +45,10 @@ use boringtun::noise::{Tunn, TunnResult};
 use boringtun::x25519::StaticSecret;
 use serde::Serialize;
 
+use super::cookie::{write_mac2, Cookie, CookieOpener, INITIATION_LEN};
 use super::cpu::CpuMeter;
 use super::{opt, Api, BenchError, BenchSpec, TunnelInfo};
+use crate::core::sources::{PER_SOURCE_BURST, PER_SOURCE_PER_SECOND};
 
 /// Initiations per second offered when `--rate` is 0.
 pub const DEFAULT_RATE: u64 = 25_000;
@@ -61,10 +69,23 @@ const PATIENT_JITTER_MS: u32 = 333;
 /// under load.
 const PATIENT_START: Duration = Duration::from_secs(1);
 
-/// An echoing router's wait for an answer before it initiates again: the
-/// appliance drops, without an answer, a cookie-proven initiation that finds its
-/// budget or its source's share spent.
+/// An echoing router's wait for an answer before it initiates again, on
+/// average: the appliance drops, without an answer, a cookie-proven initiation
+/// that finds its budget or its source's share spent. Each wait is drawn from
+/// half of it to one and a half: routers that all waited alike would stay in
+/// step, and their initiations would keep arriving together, in bursts larger
+/// than the budget's bucket (10 ms of handshakes), which then drops most of each
+/// burst: with waits of exactly 100 ms, 200 routers got 530-740 handshakes a
+/// second where the budget pays for 2,000.
 const ECHO_WAIT: Duration = Duration::from_millis(100);
+
+/// Initiations prepared per echoing router and second of the run: under load a
+/// source gets at most 20 handshakes a second ([`PER_SOURCE_PER_SECOND`]), and
+/// an echoing router whose initiation goes unanswered tries again after at
+/// least half an [`ECHO_WAIT`], at most twenty times a second. One whose stock
+/// runs out makes the rest in the window (counted in
+/// [`EchoReport::live_initiations`]).
+const ECHO_STOCK_PER_SECOND: f64 = PER_SOURCE_PER_SECOND + 20.0;
 
 /// The first of the loopback addresses routers send from with `--sources`.
 const FIRST_SOURCE: Ipv4Addr = Ipv4Addr::new(127, 77, 0, 1);
@@ -106,8 +127,11 @@ pub struct StormReport {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct EchoReport {
     pub routers: usize,
-    /// Initiations they sent, with a valid cookie from the second on.
+    /// Initiations they sent, each with the last cookie they got.
     pub initiations: u64,
+    /// Initiations made in the window (two Diffie-Hellman operations each on
+    /// the generator's cores) because a router used up those prepared for it.
+    pub live_initiations: u64,
     pub cookie_replies: u64,
     /// Handshake responses: the appliance's Diffie-Hellman work for them.
     pub handshakes: u64,
@@ -248,15 +272,21 @@ pub(crate) async fn run(
         ));
     }
     let mut echoing = Vec::with_capacity(spec.echoing);
+    let openers: Vec<_> = tenants
+        .iter()
+        .map(|(_, public, _)| Arc::new(CookieOpener::new(public)))
+        .collect();
     for e in 0..spec.echoing {
         let (name, public, port) = &tenants[e % tunnels];
         let (public, port) = (*public, *port);
         let secret = api.router(name, &format!("e{e}")).await?;
         let index = (count_routers + spec.patient + e) as u32;
-        echoing.push((
-            Tunn::new(secret, public, None, None, index, None),
-            SocketAddr::new(spec.host, port),
-        ));
+        echoing.push(Echoer {
+            tunn: Tunn::new(secret, public, None, None, index, None),
+            to: SocketAddr::new(spec.host, port),
+            opener: Arc::clone(&openers[e % tunnels]),
+            stock: Vec::new().into_iter(),
+        });
     }
     let rate = if spec.rate == 0 {
         DEFAULT_RATE
@@ -268,6 +298,11 @@ pub(crate) async fn run(
     let threads = spec.senders.max(2);
     let count = routers.len();
     let prepared = tokio::task::spawn_blocking(move || prepare(routers, total, threads))
+        .await
+        .map_err(|e| BenchError::Api(e.to_string()))?;
+    let stock = (ECHO_STOCK_PER_SECOND * spec.duration.as_secs_f64()).ceil() as usize
+        + PER_SOURCE_BURST as usize;
+    let echoing = tokio::task::spawn_blocking(move || stock_up(echoing, stock, threads))
         .await
         .map_err(|e| BenchError::Api(e.to_string()))?;
     // The appliance's handshake count, before and after: a given tenant may
@@ -356,6 +391,43 @@ fn prepare(routers: Vec<(Tunn, SocketAddr)>, total: u64, threads: usize) -> Vec<
     order
 }
 
+/// Prepares `stock` initiations for each echoing router, on `threads` threads.
+fn stock_up(echoing: Vec<Echoer>, stock: usize, threads: usize) -> Vec<Echoer> {
+    let per_thread = echoing.len().div_ceil(threads.max(1)).max(1);
+    let mut echoing = echoing;
+    std::thread::scope(|scope| {
+        for share in echoing.chunks_mut(per_thread) {
+            scope.spawn(move || {
+                let mut buf = [0u8; 256];
+                for router in share {
+                    let mut mine = Vec::with_capacity(stock);
+                    for _ in 0..stock {
+                        if let TunnResult::WriteToNetwork(d) =
+                            router.tunn.format_handshake_initiation(&mut buf, true)
+                        {
+                            if let Ok(initiation) = <[u8; INITIATION_LEN]>::try_from(&*d) {
+                                mine.push(initiation);
+                            }
+                        }
+                    }
+                    router.stock = mine.into_iter();
+                }
+            });
+        }
+    });
+    echoing
+}
+
+/// An echoing router: its `Tunn` (for initiations beyond its stock), where it
+/// sends, how it opens its tunnel's cookie replies, and its prepared initiations
+/// in order.
+struct Echoer {
+    tunn: Tunn,
+    to: SocketAddr,
+    opener: Arc<CookieOpener>,
+    stock: std::vec::IntoIter<[u8; INITIATION_LEN]>,
+}
+
 /// One initiation, ready to send from its router's socket.
 struct Prepared {
     router: usize,
@@ -404,7 +476,7 @@ async fn storm(
     routers: usize,
     rate: u64,
     patient: Vec<(Tunn, SocketAddr)>,
-    echoing: Vec<(Tunn, SocketAddr)>,
+    echoing: Vec<Echoer>,
 ) -> Result<StormReport, BenchError> {
     // Storm routers first, then the patient ones, then the echoing ones.
     let from = |i: usize| source(spec.host, i, spec.sources);
@@ -441,9 +513,9 @@ async fn storm(
     let echoes = Arc::new(Echoes::default());
     let echo_routers = echoing.len();
     let mut echoers = tokio::task::JoinSet::new();
-    for (i, (tunn, to)) in echoing.into_iter().enumerate() {
+    for (i, router) in echoing.into_iter().enumerate() {
         let at = from(echoing_from + i);
-        echoers.spawn(echo_cookies(tunn, to, at, deadline, Arc::clone(&echoes)));
+        echoers.spawn(echo_cookies(router, at, deadline, Arc::clone(&echoes)));
     }
     let mut sent = 0u64;
     let mut sending = Duration::ZERO;
@@ -560,6 +632,7 @@ fn source(host: IpAddr, i: usize, sources: usize) -> IpAddr {
 #[derive(Default)]
 struct Echoes {
     initiations: AtomicU64,
+    live: AtomicU64,
     cookies: AtomicU64,
     handshakes: AtomicU64,
 }
@@ -570,6 +643,7 @@ impl Echoes {
         EchoReport {
             routers,
             initiations: self.initiations.load(Ordering::Relaxed),
+            live_initiations: self.live.load(Ordering::Relaxed),
             cookie_replies: self.cookies.load(Ordering::Relaxed),
             handshakes,
             handshakes_per_s: if window.is_zero() {
@@ -582,46 +656,71 @@ impl Echoes {
 }
 
 /// A router that costs the appliance as much as a real host can: from the
-/// start of the storm until `deadline` it initiates, echoes a cookie reply's
-/// cookie at once, and starts again as soon as its handshake is answered or
-/// [`ECHO_WAIT`] passes without an answer.
+/// start of the storm until `deadline` it initiates, sends the initiation again
+/// with the cookie of a cookie reply at once, and goes on to its next initiation
+/// as soon as one is answered or about an [`ECHO_WAIT`] passes without an answer.
 async fn echo_cookies(
-    mut tunn: Tunn,
-    to: SocketAddr,
+    mut router: Echoer,
     from: IpAddr,
     deadline: Instant,
     echoes: Arc<Echoes>,
 ) -> Result<(), BenchError> {
     let socket = tokio::net::UdpSocket::bind((from, 0)).await?;
-    let (mut out, mut answer, mut scratch) = ([0u8; 256], [0u8; 256], [0u8; 256]);
+    let (mut out, mut answer) = ([0u8; 256], [0u8; 256]);
+    // The last cookie: the responder's secret changes every two minutes, and a
+    // stale cookie only earns a fresh one.
+    let mut cookie: Option<Cookie> = None;
     while Instant::now() < deadline {
-        if let TunnResult::WriteToNetwork(initiation) =
-            tunn.format_handshake_initiation(&mut out, true)
-        {
-            if socket.send_to(initiation, to).await.is_ok() {
+        let mut initiation = match router.stock.next() {
+            Some(initiation) => initiation,
+            None => match router.tunn.format_handshake_initiation(&mut out, true) {
+                TunnResult::WriteToNetwork(d) => match <[u8; INITIATION_LEN]>::try_from(&*d) {
+                    Ok(initiation) => {
+                        echoes.live.fetch_add(1, Ordering::Relaxed);
+                        initiation
+                    }
+                    Err(_) => break,
+                },
+                _ => break,
+            },
+        };
+        // Until it is answered with a handshake response or not at all: a
+        // cookie reply earns the same initiation another try, with its cookie.
+        while Instant::now() < deadline {
+            if let Some(cookie) = &cookie {
+                write_mac2(&mut initiation, cookie);
+            }
+            if socket.send_to(&initiation, router.to).await.is_ok() {
                 echoes.initiations.fetch_add(1, Ordering::Relaxed);
             }
-        }
-        let wait = (Instant::now() + ECHO_WAIT).min(deadline);
-        while let Ok(got) = tokio::time::timeout_at(wait.into(), socket.recv(&mut answer)).await {
-            let n = got?;
-            // A response is counted, not completed, as the storm's routers do:
-            // completing it would cost this generator two Diffie-Hellman
-            // operations on the cores it shares with the flow's generator. A
-            // cookie reply is opened (no Diffie-Hellman): its cookie goes into
-            // the next initiation's mac2.
-            match (n, answer[0]) {
-                (92, 2) => echoes.handshakes.fetch_add(1, Ordering::Relaxed),
-                (64, 3) => {
-                    let opened = tunn.decapsulate(Some(to.ip()), &answer[..n], &mut scratch);
-                    if let TunnResult::Err(_) = opened {
-                        continue;
-                    }
-                    echoes.cookies.fetch_add(1, Ordering::Relaxed)
+            let jitter = ECHO_WAIT.mul_f64(
+                f64::from(rand_core::RngCore::next_u32(&mut rand_core::OsRng))
+                    / f64::from(u32::MAX),
+            );
+            let wait = (Instant::now() + ECHO_WAIT / 2 + jitter).min(deadline);
+            let mut echo = false;
+            while let Ok(got) = tokio::time::timeout_at(wait.into(), socket.recv(&mut answer)).await
+            {
+                let n = got?;
+                // A response is counted, not completed, as the storm's routers
+                // do: completing it would cost this generator two
+                // Diffie-Hellman operations on the cores it shares with the
+                // flow's generator. A cookie reply to another (older)
+                // initiation does not open and is passed over.
+                if (n, answer[0]) == (92, 2) {
+                    echoes.handshakes.fetch_add(1, Ordering::Relaxed);
+                    break;
                 }
-                _ => continue,
-            };
-            break;
+                if let Some(fresh) = router.opener.open(&answer[..n], &initiation) {
+                    echoes.cookies.fetch_add(1, Ordering::Relaxed);
+                    cookie = Some(fresh);
+                    echo = true;
+                    break;
+                }
+            }
+            if !echo {
+                break;
+            }
         }
     }
     Ok(())

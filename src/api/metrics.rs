@@ -211,6 +211,10 @@ fn describe() {
         "Cookie replies sent under load."
     );
     describe_counter!(
+        "wgplane_handshake_work_total",
+        "Handshake messages admitted to Diffie-Hellman work (initiations and responses), answered or not."
+    );
+    describe_counter!(
         "wgplane_tunnel_events_lost_total",
         "Peer events a tunnel discarded because they were not drained in time."
     );
@@ -322,6 +326,7 @@ fn tunnel_series(tunnel: &TunnelLabels, now: Instant, wall: SystemTime) {
     counter!("wgplane_handshakes_total", &base()).absolute(s.handshakes);
     counter!("wgplane_handshake_responses_total", &base()).absolute(s.handshake_responses);
     counter!("wgplane_cookie_replies_total", &base()).absolute(s.cookie_replies);
+    counter!("wgplane_handshake_work_total", &base()).absolute(s.admitted_handshakes);
     counter!("wgplane_tunnel_events_lost_total", &base()).absolute(s.events_lost);
     for (direction, value) in [
         ("received", s.rx_datagrams),

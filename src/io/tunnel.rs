@@ -44,8 +44,9 @@ const TURN: Duration = Duration::from_millis(1);
 /// How long a tunnel handles held handshake initiations before it sends their
 /// answers, lets the other tunnels run and reads its own socket again, so that a
 /// flow on any tunnel waits behind about this much handshake work, not behind a
-/// whole batch: one or two Diffie-Hellman handshakes (about 150 µs each; the 64
-/// of a full batch took 10 ms), or about fifty cookie replies under a storm.
+/// whole batch (the 64 Diffie-Hellman handshakes of a full batch took 10 ms):
+/// about fifty cookie replies under a storm. One Diffie-Hellman handshake (about
+/// 150 µs) ends a turn by itself, so that a flow waits behind one at most.
 const HANDSHAKE_TURN: Duration = Duration::from_micros(250);
 
 /// Initiations a tunnel holds at most during one wake-up: two receive batches,
@@ -274,9 +275,12 @@ impl Turns<'_> {
                     tx: self.tx,
                     host: self.host.as_deref_mut(),
                 };
+                let admitted = self.engine.stats().admitted_handshakes;
                 self.engine
                     .handle_datagram(from, initiation, self.now, &mut sink);
-                return self.now.elapsed() < self.length;
+                // A Diffie-Hellman handshake fills a turn by itself.
+                return self.engine.stats().admitted_handshakes == admitted
+                    && self.now.elapsed() < self.length;
             }
         }
         true
@@ -594,7 +598,7 @@ mod tests {
     /// Data read in the same wake-up as handshake initiations leaves before they
     /// are handled, and data that arrives while they are goes before the next
     /// turn: the gateway has the phone's packets while the routers' handshakes
-    /// wait, one turn at a time.
+    /// wait, one turn, and one handshake, at a time.
     #[tokio::test]
     async fn data_goes_before_the_initiations_and_between_their_turns() {
         use crate::core::engine::EgressConfig;
@@ -691,8 +695,9 @@ mod tests {
             tx: &mut tx,
             host: None,
             send_failures: &mut failures,
-            // Every initiation ends its turn.
-            length: Duration::ZERO,
+            // Turns long enough for both: a Diffie-Hellman handshake ends its
+            // turn by itself.
+            length: Duration::from_secs(60),
             now,
             backlog: false,
         };

@@ -50,7 +50,7 @@ impl TunnelEngine {
             // its AEAD check, so responses pass here too (as in kernel
             // WireGuard), not only initiations.
             match admission.admit(from.ip(), datagram, now, tx) {
-                Ok(()) => {}
+                Ok(()) => stats.admitted_handshakes += 1,
                 Err(Refusal::Cookie(cookie)) => {
                     stats.cookie_replies += 1;
                     stats.tx_datagrams += 1;

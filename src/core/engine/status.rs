@@ -33,6 +33,8 @@ pub struct TunnelStats {
     pub handshake_responses: u64,
     /// Cookie replies sent under load.
     pub cookie_replies: u64,
+    /// Handshake messages admitted to Diffie-Hellman work, answered or not.
+    pub admitted_handshakes: u64,
     /// Events discarded because nobody drained them.
     pub events_lost: u64,
     /// Drops, indexed by [`DropReason::index`].

@@ -149,6 +149,7 @@ fn calm_a_response_completes_our_handshake() {
     engine.handle_datagram(g.addr, &response, now, &mut out);
     assert_eq!(engine.stats().handshakes, 1);
     assert_eq!(engine.stats().cookie_replies, 0);
+    assert_eq!(engine.stats().admitted_handshakes, 1, "the response");
     // The waiting packet, then nothing else.
     assert!(out
         .sent
@@ -177,12 +178,15 @@ fn under_load_a_response_gets_a_cookie_reply_before_any_diffie_hellman() {
     c.handshake(&mut engine, now);
     assert_eq!(engine.stats().cookie_replies, 1);
     let (handshakes, cookies) = (engine.stats().handshakes, engine.stats().cookie_replies);
+    let admitted = engine.stats().admitted_handshakes;
+    assert_eq!(admitted, 1, "the other peer's first initiation");
 
     let response = response_of(&mut g, &initiation);
     let mut out = Collect::default();
     engine.handle_datagram(g.addr, &response, now, &mut out);
     assert_eq!(engine.stats().cookie_replies, cookies + 1);
     assert_eq!(engine.stats().handshakes, handshakes);
+    assert_eq!(engine.stats().admitted_handshakes, admitted);
     let (to, reply) = out.sent.pop().unwrap();
     assert_eq!((to, message_type(&reply)), (g.addr, 3));
     let mut buf = vec![0; 256];

@@ -156,8 +156,9 @@ start_appliance() {
 # The flow's generator runs on the load generator's CPU at normal priority, the
 # storm's under SCHED_IDLE, on what the flow's generator leaves: the flow's
 # latency then shows the appliance, not the storm generator taking the flow
-# generator's CPU. (At nice 10 the echoing routers, which build a new initiation
-# for every try, raised the flow's p99 from about 0.6 to 2 ms on their own.)
+# generator's CPU. (At nice 10 the echoing routers, when they still built a new
+# initiation for every try, raised the flow's p99 from about 0.6 to 2 ms on their
+# own; they now send initiations prepared before the window.)
 # Every `wgplane bench` runs under timeout(1), a hang guard well beyond its
 # set-up (handshakes, preparing initiations), its run and its drain.
 flow() { # flow DIR NAME [ARGS...]: the flow's load generator against the appliance, JSON in DIR/NAME.json

@@ -116,6 +116,8 @@ fn metrics_match_the_traffic() {
         1.0
     );
     assert_eq!(sample(&text, "wgplane_handshakes_total", &[t]), 2.0);
+    // Their two initiations, each admitted to Diffie-Hellman work.
+    assert_eq!(sample(&text, "wgplane_handshake_work_total", &[t]), 2.0);
     assert_eq!(
         sample(&text, "wgplane_gateway_up", &[t, r#"gateway="mikrotik-1""#]),
         1.0

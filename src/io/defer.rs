@@ -11,8 +11,9 @@
 //! tunnels run, and then the tunnel reads its own socket again, so that data which
 //! arrived meanwhile is forwarded before the next turn and its initiations join
 //! the queue. As kernel WireGuard keeps handshakes on a queue of their own, off
-//! the data path, a flow waits behind one turn of handshakes at most, whether the
-//! storm is on another tunnel or on its own.
+//! the data path, a flow waits behind one turn of handshakes at most (the caller
+//! ends a turn after one Diffie-Hellman handshake, or after about fifty cookie
+//! replies), whether the storm is on another tunnel or on its own.
 //!
 //! That needs turns of different tunnels kept apart, too. A task that yields
 //! runs again only after tokio has polled its IO driver, which is where a flow's

@@ -174,18 +174,11 @@ fn bench_json(app: &Appliance, args: &[&str]) -> serde_json::Value {
 #[test]
 fn handshake_storm_is_answered_then_met_with_cookies_above_the_limit() {
     // 50 initiations per second and tunnel answered; above that, cookies.
-    let state = tempfile::tempdir().expect("tempdir");
-    let app = Appliance::start_with(
-        state,
-        support::free_tcp_port(),
-        support::free_udp_ports(4),
-        // The process-wide budget out of the way: this is about one tunnel's.
-        &[
-            ("WGPLANE_HANDSHAKES_PER_SECOND", "50"),
-            ("WGPLANE_HANDSHAKE_BUDGET_PER_SECOND", "100000"),
-        ],
-    )
-    .unwrap_or_else(|log| panic!("wgplane did not come up:\n{log}"));
+    // The process-wide budget out of the way: this is about one tunnel's.
+    let app = Appliance::start_with_env(&[
+        ("WGPLANE_HANDSHAKES_PER_SECOND", "50"),
+        ("WGPLANE_HANDSHAKE_BUDGET_PER_SECOND", "100000"),
+    ]);
     let common = ["--mode", "handshakes", "--tunnels", "2", "--peers", "5"];
 
     // 40 per second over 2 tunnels: every initiation gets its handshake.
@@ -225,14 +218,7 @@ fn handshake_storm_is_answered_then_met_with_cookies_above_the_limit() {
 #[test]
 fn above_the_process_budget_cookies_take_over_on_every_tunnel() {
     // Each tunnel would answer 1,000 a second; the process computes 200.
-    let state = tempfile::tempdir().expect("tempdir");
-    let app = Appliance::start_with(
-        state,
-        support::free_tcp_port(),
-        support::free_udp_ports(4),
-        &[("WGPLANE_HANDSHAKE_BUDGET_PER_SECOND", "200")],
-    )
-    .unwrap_or_else(|log| panic!("wgplane did not come up:\n{log}"));
+    let app = Appliance::start_with_env(&[("WGPLANE_HANDSHAKE_BUDGET_PER_SECOND", "200")]);
     let storm = bench_json(
         &app,
         &[
@@ -456,13 +442,7 @@ fn ctrl_c_ends_the_run_and_deletes_the_throw_away_tenant() {
 /// initiation a second on, only initiations with a valid mac2 get handshakes.
 #[test]
 fn routers_that_echo_cookies_from_addresses_of_their_own_get_handshakes() {
-    let app = Appliance::start_with(
-        tempfile::tempdir().expect("tempdir"),
-        support::free_tcp_port(),
-        support::free_udp_ports(4),
-        &[("WGPLANE_HANDSHAKES_PER_SECOND", "1")],
-    )
-    .unwrap_or_else(|log| panic!("wgplane did not come up:\n{log}"));
+    let app = Appliance::start_with_env(&[("WGPLANE_HANDSHAKES_PER_SECOND", "1")]);
     let storm = bench_json(
         &app,
         &[

@@ -275,14 +275,7 @@ fn every_thread_runs_sched_batch_unless_turned_off() {
         policies.iter().all(|&p| p == 3),
         "SCHED_BATCH: {policies:?}"
     );
-    let state = tempfile::tempdir().expect("tempdir");
-    let off = support::Appliance::start_with(
-        state,
-        support::free_tcp_port(),
-        support::free_udp_ports(4),
-        &[("WGPLANE_BATCH_SCHEDULING", "false")],
-    )
-    .expect("starts");
+    let off = support::Appliance::start_with_env(&[("WGPLANE_BATCH_SCHEDULING", "false")]);
     let policies = thread_policies(off.pid());
     assert!(
         policies.iter().all(|&p| p == 0),
@@ -294,14 +287,7 @@ fn every_thread_runs_sched_batch_unless_turned_off() {
 /// message and fields apart, and no private key in any of them.
 #[test]
 fn json_logs_are_one_object_per_line() {
-    let state = tempfile::tempdir().expect("tempdir");
-    let app = support::Appliance::start_with(
-        state,
-        support::free_tcp_port(),
-        support::free_udp_ports(4),
-        &[("WGPLANE_LOG_FORMAT", "json")],
-    )
-    .unwrap_or_else(|log| panic!("wgplane did not come up:\n{log}"));
+    let app = support::Appliance::start_with_env(&[("WGPLANE_LOG_FORMAT", "json")]);
     app.expect("PUT", "/v1/tenants/acme", None, 201);
     app.expect("PUT", "/v1/tenants/acme/routers/r1", Some("{}"), 201);
     let script = app.expect("GET", "/v1/tenants/acme/routers/r1/script", None, 200);

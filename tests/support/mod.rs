@@ -84,6 +84,14 @@ impl Appliance {
             .unwrap_or_else(|log| panic!("wgplane did not come up:\n{log}"))
     }
 
+    /// Starts the binary on loopback with a fresh state dir and extra
+    /// environment variables (`WGPLANE_*` settings, say).
+    pub fn start_with_env(envs: &[(&str, &str)]) -> Self {
+        let state = tempfile::tempdir().expect("tempdir");
+        Self::start_with(state, free_tcp_port(), free_udp_ports(4), envs)
+            .unwrap_or_else(|log| panic!("wgplane did not come up:\n{log}"))
+    }
+
     /// Starts the binary on a fresh state dir with `toml` as its config file.
     pub fn start_with_config(toml: &str) -> Self {
         let state = tempfile::tempdir().expect("tempdir");

@@ -362,6 +362,14 @@ impl Settings {
                 "must be a host name or address without spaces".into(),
             ));
         }
+        if self.tun.enabled && !self.forwards.is_empty() {
+            // As the API's `409 tun_mode`: the host reaches routers through the
+            // device, and forwards need the userspace stack that TUN mode replaces.
+            return Err(invalid(
+                "forwards",
+                "TUN mode reaches routers through the host device; forwards need tun.enabled = false".into(),
+            ));
+        }
         let mut seen = std::collections::HashSet::new();
         for (n, f) in self.forwards.iter().enumerate() {
             let entry = n + 1;
@@ -472,6 +480,10 @@ mod tests {
             (entry("kitonga", "..", 22), "key `forwards.router`: entry 1"),
             (entry("kitonga", "r1", 0), "key `forwards.port`: entry 1"),
             (good.clone() + &good, "key `forwards.port`: entry 2"),
+            (
+                "[tun]\nenabled = true\n".to_owned() + &good,
+                "key `forwards`: TUN mode",
+            ),
         ] {
             let e = Settings::parse(&text, Path::new("g.toml"))
                 .unwrap_err()

@@ -375,3 +375,34 @@ fn metrics_can_require_the_token() {
     assert!(text.to_string().contains("wgplane_"), "{text}");
     assert_eq!(app.call_with("GET", "/healthz", None, None).0, 200);
 }
+
+/// A port the appliance would allocate but another program holds is stepped
+/// over (it used to answer 409 to every new tenant until that program let go);
+/// a port the caller asks for is not, and its refusal names the field.
+#[test]
+fn allocated_ports_that_other_programs_hold_are_stepped_over() {
+    let app = Appliance::start();
+    let held = |port: u16| std::net::UdpSocket::bind(("127.0.0.1", port)).expect("hold port");
+    let _first = held(app.first_port);
+    let _second = held(app.first_port + 1);
+    let v = app.expect("PUT", "/v1/tenants/t1", None, 201);
+    assert_eq!(v["listen_port"], app.first_port + 2, "{v}");
+    // A router's PUT creates its tenant the same way.
+    let v = app.expect("PUT", "/v1/tenants/t2/routers/r1", None, 201);
+    assert_eq!(v["vpn_ip"], "10.101.1.1", "{v}");
+    let v = app.expect("GET", "/v1/tenants/t2", None, 200);
+    assert_eq!(v["listen_port"], app.first_port + 3, "{v}");
+
+    let port = app.first_port;
+    let (status, v) = app.call(
+        "PUT",
+        "/v1/tenants/t3",
+        Some(&format!(r#"{{"listen_port":{port}}}"#)),
+    );
+    assert_eq!(
+        (status, error_of(&v)),
+        (409, ("port_unavailable", Some("listen_port"))),
+        "{v}"
+    );
+    app.expect("GET", "/v1/tenants/t3", None, 404);
+}

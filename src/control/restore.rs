@@ -42,6 +42,22 @@ fn check_ranges(t: &Tenant, before: &[&Tenant]) -> Result<(), String> {
             return Err(format!("pool {} overlaps its subnet {}", e.pool, t.subnet));
         }
     }
+    for mine in tunnel_nets(t) {
+        if let Some(host) = v4(&t.host_prefixes).find(|n| overlap(mine, *n)) {
+            return Err(format!("{mine} overlaps its own host prefix {host}"));
+        }
+    }
+    for r in t.routers.values() {
+        for extra in &r.extra_prefixes {
+            let host = t.host_prefixes.iter();
+            if let Some(host) = host.into_iter().find(|h| alloc::overlaps(*extra, **h)) {
+                return Err(format!(
+                    "router {} routes {extra}, which overlaps its own host prefix {host}",
+                    r.id
+                ));
+            }
+        }
+    }
     for other in before {
         for mine in tunnel_nets(t) {
             if let Some(theirs) = tunnel_nets(other).find(|n| overlap(mine, *n)) {

@@ -354,21 +354,42 @@ impl Peer {
     }
 
     /// Runs boringtun's timers: retransmits, rekeys, keepalives.
-    /// Returns bytes to send, and whether the session has expired.
-    pub fn update_timers<'a>(&mut self, out: &'a mut [u8]) -> (Option<&'a [u8]>, bool) {
+    pub fn update_timers<'a>(&mut self, out: &'a mut [u8]) -> Timers<'a> {
         let Some(tunn) = self.tunn.as_mut() else {
-            return (None, false);
+            return Timers::default();
         };
         match tunn.update_timers(out) {
-            TunnResult::WriteToNetwork(b) => (Some(b), false),
-            TunnResult::Err(WireGuardError::ConnectionExpired) => {
-                // boringtun has emptied its queue with the session.
-                (self.queued_packets, self.queued_bytes) = (0, 0);
-                (None, true)
-            }
-            _ => (None, false),
+            TunnResult::WriteToNetwork(b) => Timers {
+                send: Some(b),
+                ..Timers::default()
+            },
+            TunnResult::Err(WireGuardError::ConnectionExpired) => Timers {
+                expired: true,
+                discarded: self.queue_discarded(),
+                ..Timers::default()
+            },
+            _ => Timers::default(),
         }
     }
+
+    /// boringtun has emptied its queue with the session (its handshake gave
+    /// up): how many packets waited in it.
+    fn queue_discarded(&mut self) -> u16 {
+        let discarded = self.queued_packets;
+        (self.queued_packets, self.queued_bytes) = (0, 0);
+        discarded
+    }
+}
+
+/// What a peer's timers did.
+#[derive(Debug, Default)]
+pub struct Timers<'a> {
+    /// A datagram to send (a retransmitted initiation, a keepalive).
+    pub send: Option<&'a [u8]>,
+    /// The session has expired, or its handshake gave up.
+    pub expired: bool,
+    /// Packets that waited for the handshake and went with it.
+    pub discarded: u16,
 }
 
 pub(crate) fn drop_reason(e: &WireGuardError) -> DropReason {
@@ -562,5 +583,19 @@ mod tests {
         ));
         // Should the session go, the count starts from nothing again.
         assert_eq!((peer.queued_packets, peer.queued_bytes), (0, 0));
+    }
+
+    /// When the handshake gives up (boringtun: after 90 s, not simulated here)
+    /// boringtun empties its queue; the peer says how many packets went.
+    #[test]
+    fn a_handshake_that_gives_up_says_how_many_packets_went_with_it() {
+        let (mut peer, _, _) = offline_peer_and_its_key();
+        let mut out = vec![0u8; 70_000];
+        for _ in 0..5 {
+            let _ = peer.encapsulate(&[0x45u8; 100], &mut out);
+        }
+        assert_eq!(peer.queue_discarded(), 5);
+        assert_eq!((peer.queued_packets, peer.queued_bytes), (0, 0));
+        assert_eq!(peer.queue_discarded(), 0);
     }
 }

@@ -86,11 +86,13 @@ pub enum DropReason {
     /// For the host device (TUN mode), from an address the host has no route
     /// back into the tunnel for (a router's LAN, not the tenant's subnet).
     HostSource,
+    /// The packet waited for a handshake that gave up (boringtun: after 90 s).
+    HandshakeTimeout,
 }
 
 impl DropReason {
     /// Every reason, in counter order.
-    pub const ALL: [DropReason; 19] = [
+    pub const ALL: [DropReason; 20] = [
         Self::InvalidDatagram,
         Self::BadMac,
         Self::UnderLoad,
@@ -110,6 +112,7 @@ impl DropReason {
         Self::EncryptFailed,
         Self::QueueFull,
         Self::HostSource,
+        Self::HandshakeTimeout,
     ];
 
     /// Stable snake_case name, used in metrics and the API.
@@ -134,6 +137,7 @@ impl DropReason {
             Self::EncryptFailed => "encrypt_failed",
             Self::QueueFull => "queue_full",
             Self::HostSource => "host_source",
+            Self::HandshakeTimeout => "handshake_timeout",
         }
     }
 

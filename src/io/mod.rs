@@ -15,6 +15,8 @@ pub mod forward;
 pub mod limits;
 pub mod sched;
 pub(crate) mod sendbatch;
+#[cfg(test)]
+mod testnet;
 pub mod tun;
 pub mod udp;
 

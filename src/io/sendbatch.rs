@@ -10,6 +10,11 @@
 //! Some NICs and drivers refuse segmentation offload, which Linux only reports
 //! when a GSO send fails. quinn-udp then turns GSO off for the socket; the run
 //! that failed goes again as single datagrams, and later runs stay single.
+//! A GSO send cannot fragment either: where the path's MTU is smaller than a
+//! segment (an underlay of 1450 bytes under a peer's 1420-byte tunnel), the
+//! kernel refuses the run (`EMSGSIZE`). That run goes again as single datagrams,
+//! which leave as fragments (the sockets do not set DF), and the batch merges no
+//! datagram of that size or larger into a run again.
 //!
 //! A send never waits for the socket: one the kernel refuses (a full buffer) is
 //! dropped and counted, as a link drops, so the socket is not watched for write
@@ -33,6 +38,9 @@ pub(crate) struct SendBatch {
     data: Vec<u8>,
     runs: Vec<Run>,
     max_segments: usize,
+    /// Largest datagram that goes into a GSO run: one a size smaller than the
+    /// smallest segment the path refused (`EMSGSIZE`).
+    max_segment_len: usize,
     /// The socket is IPv6: IPv4 destinations go as IPv4-mapped addresses.
     v6: bool,
 }
@@ -64,6 +72,7 @@ impl SendBatch {
             data: Vec::new(),
             runs: Vec::new(),
             max_segments: max_segments.max(1),
+            max_segment_len: usize::MAX,
             v6,
         }
     }
@@ -75,6 +84,7 @@ impl SendBatch {
             if run.to == to
                 && whole
                 && datagram.len() <= run.segment
+                && run.segment <= self.max_segment_len
                 && run.len / run.segment < self.max_segments
                 && run.len + datagram.len() <= MAX_GSO_BYTES
             {
@@ -110,12 +120,15 @@ impl SendBatch {
                 let sent = state.try_send(socket.into(), &transmit);
                 match sent {
                     Ok(()) => {}
-                    Err(e)
-                        if e.kind() != io::ErrorKind::WouldBlock
-                            && state.max_gso_segments() <= 1 =>
-                    {
-                        // Segmentation offload refused: the run becomes single
-                        // datagrams in its place, sent next as any others are.
+                    // A full buffer takes no single datagram either.
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => failures += run.datagrams(),
+                    Err(e) => {
+                        // Segmentation refused (offload off, or segments larger
+                        // than the path takes): the run becomes single datagrams
+                        // in its place, sent next as any others are.
+                        if e.raw_os_error() == Some(libc::EMSGSIZE) {
+                            self.max_segment_len = self.max_segment_len.min(run.segment - 1);
+                        }
                         let Run {
                             to,
                             start,
@@ -134,7 +147,6 @@ impl SendBatch {
                         self.runs.splice(i..=i, singles);
                         continue;
                     }
-                    Err(_) => failures += run.datagrams(),
                 }
                 i += 1;
                 continue;
@@ -346,6 +358,47 @@ mod tests {
         assert_eq!(drain(&a, sent.len()), sent);
         assert_eq!(state.max_gso_segments(), 1, "quinn-udp turned GSO off");
         assert_eq!(batch.max_segments, 1, "and so does the batch");
+    }
+
+    /// A path whose MTU is below a segment (an underlay of 1300 bytes here, a
+    /// 1400-byte datagram) refuses GSO sends: the run goes again as single
+    /// datagrams, which leave as fragments, and such datagrams are not merged
+    /// into runs again, while smaller ones still are.
+    #[test]
+    fn runs_larger_than_the_path_takes_go_as_fragmented_singles() {
+        let test = "runs_larger_than_the_path_takes_go_as_fragmented_singles";
+        crate::io::testnet::in_private_netns(test, 1300, || {
+            let socket = crate::io::udp::bind("127.0.0.1:0".parse().expect("address"))
+                .expect("tunnel socket");
+            let state = crate::io::udp::batching_state(&socket).expect("quinn-udp state");
+            if state.max_gso_segments() <= 1 {
+                let _ = writeln!(std::io::stderr(), "SKIP {test}: no UDP GSO here");
+                return;
+            }
+            let a = receiver("127.0.0.1:0");
+            let to_a = a.local_addr().expect("address");
+            let mut batch = SendBatch::new(state.max_gso_segments(), false);
+            let mut sent = Vec::new();
+            for round in 0..2u8 {
+                for k in 0..4 {
+                    let seq = round * 10 + k;
+                    batch.push(to_a, &[seq; 1400]);
+                    sent.push((1400, seq));
+                }
+                let runs = batch.runs.len();
+                assert_eq!(batch.flush(&socket, &state), 0, "round {round}");
+                assert_eq!(drain(&a, sent.len()), sent, "round {round}");
+                assert_eq!(runs, if round == 0 { 1 } else { 4 }, "round {round}");
+                sent.clear();
+            }
+            assert!(state.max_gso_segments() > 1, "GSO stays on");
+            for seq in 0..4 {
+                batch.push(to_a, &[seq; 1000]);
+            }
+            assert_eq!(batch.runs.len(), 1, "smaller datagrams still go as a run");
+            assert_eq!(batch.flush(&socket, &state), 0);
+            assert_eq!(drain(&a, 4), (0..4).map(|k| (1000, k)).collect::<Vec<_>>());
+        });
     }
 
     #[tokio::test]

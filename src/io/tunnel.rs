@@ -153,6 +153,9 @@ struct UdpSink<'a> {
 pub struct HostOut {
     pending: Vec<Vec<u8>>,
     spare: Vec<Vec<u8>>,
+    /// The coalescing tables (1.8 MB), made at the first write: tunnels
+    /// without host traffic never pay for them.
+    gro: Option<Box<tun_rs::GROTable>>,
 }
 
 /// Packets collected before the batch is written: what one wake-up can read
@@ -178,6 +181,29 @@ impl HostOut {
         buf.extend_from_slice(packet);
         self.pending.push(buf);
         true
+    }
+
+    /// Writes the collected packets to `device` in one batch; returns how many
+    /// it refused. A TUN device's writes do not wait (the kernel takes a packet
+    /// or drops it), so this also runs between handshake turns, where the task
+    /// must not wait: host traffic does not wait behind a storm, and the batch
+    /// never fills up over several turns.
+    fn flush(&mut self, device: &tun_rs::AsyncDevice) -> u64 {
+        if self.pending.is_empty() {
+            return 0;
+        }
+        let gro = self.gro.get_or_insert_with(Box::default);
+        let offset = tun_rs::VIRTIO_NET_HDR_LEN;
+        // How many went before an error is unknown: count the batch.
+        // The device's own (non-blocking) writes, not the async wrapper's.
+        let sync: &tun_rs::DeviceImpl = device;
+        let failures = match sync.send_multiple(gro, &mut self.pending, offset) {
+            Ok(_) => 0,
+            Err(_) => self.pending.len() as u64,
+        };
+        self.spare.append(&mut self.pending);
+        self.spare.truncate(HOST_SPARE);
+        failures
     }
 }
 
@@ -238,6 +264,8 @@ struct Turns<'a> {
     engine: &'a mut TunnelEngine,
     tx: &'a mut SendBatch,
     host: Option<&'a mut HostOut>,
+    /// The host device, in TUN mode.
+    device: Option<&'a tun_rs::AsyncDevice>,
     send_failures: &'a mut u64,
     /// How long a turn lasts ([`HANDSHAKE_TURN`]).
     length: Duration,
@@ -248,9 +276,17 @@ struct Turns<'a> {
 }
 
 impl Turns<'_> {
+    /// Sends what the engine produced, to peers and to the host device.
+    fn flush(&mut self) {
+        *self.send_failures += self.tx.flush(self.socket.get_ref(), self.udp);
+        if let (Some(out), Some(device)) = (self.host.as_deref_mut(), self.device) {
+            *self.send_failures += out.flush(device);
+        }
+    }
+
     fn step(&mut self, step: Step<'_>) -> bool {
         match step {
-            Step::Pause => *self.send_failures += self.tx.flush(self.socket.get_ref(), self.udp),
+            Step::Pause => self.flush(),
             Step::Resume(held) => {
                 self.now = Instant::now();
                 // Data that came during the last turn goes before the next one.
@@ -267,7 +303,7 @@ impl Turns<'_> {
                         &mut sink,
                         held,
                     );
-                    *self.send_failures += self.tx.flush(self.socket.get_ref(), self.udp);
+                    self.flush();
                 }
             }
             Step::Initiation(from, initiation) => {
@@ -330,31 +366,6 @@ fn read(
     true
 }
 
-/// Writes what the engine sent to the host during this wake-up. The GRO table
-/// (1.8 MB) is made on the first write: tunnels without host traffic never pay.
-async fn flush_host(
-    host: &mut HostLink,
-    gro: &mut Option<Box<tun_rs::GROTable>>,
-    send_failures: &mut u64,
-) {
-    let Some(device) = &host.device else { return };
-    if host.out.pending.is_empty() {
-        return;
-    }
-    let gro = gro.get_or_insert_with(Box::default);
-    if device
-        .send_multiple(gro, &mut host.out.pending, tun_rs::VIRTIO_NET_HDR_LEN)
-        .await
-        .is_err()
-    {
-        // How many went before the error is unknown: count the batch.
-        *send_failures += host.out.pending.len() as u64;
-    }
-    let HostOut { pending, spare } = &mut host.out;
-    spare.append(pending);
-    spare.truncate(HOST_SPARE);
-}
-
 /// Runs a tunnel until its command channel closes. `work` is signalled by the
 /// host ends of forwarded connections when they have moved bytes.
 pub async fn run(
@@ -379,7 +390,6 @@ pub async fn run(
     timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut send_failures = 0u64;
     let mut bridges = Bridges::default();
-    let mut gro = None;
     // When the current run of back-to-back reads of a busy socket began.
     let mut turn: Option<Instant> = None;
     let mut held = Deferred::new(HELD);
@@ -470,6 +480,7 @@ pub async fn run(
                         engine: &mut engine,
                         tx: &mut tx,
                         host: host.device.is_some().then_some(&mut host.out),
+                        device: host.device.as_deref(),
                         send_failures: &mut send_failures,
                         length: HANDSHAKE_TURN,
                         now,
@@ -510,7 +521,9 @@ pub async fn run(
             engine.handle_local(Instant::now(), &mut sink);
         }
         send_failures += tx.flush(socket.get_ref(), &udp);
-        flush_host(&mut host, &mut gro, &mut send_failures).await;
+        if let Some(device) = &host.device {
+            send_failures += host.out.flush(device);
+        }
         while let Some(event) = engine.poll_event() {
             // No subscriber is fine: events are for whoever listens.
             let _ = events.send(TaggedEvent {
@@ -534,11 +547,12 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::{
-        receive, Deferred, SendBatch, Step, TunnelSocket, Turns, UdpSink, HELD, RECV_BATCH,
+        receive, Deferred, HostOut, SendBatch, Step, TunnelSocket, Turns, UdpSink, HELD, RECV_BATCH,
     };
     use crate::core::engine::TunnelEngine;
     use boringtun::x25519::StaticSecret;
     use std::time::Instant;
+    use tokio::sync::mpsc;
 
     /// A loopback socket set up as a tunnel's is.
     async fn tunnel_socket() -> (TunnelSocket, quinn_udp::UdpSocketState) {
@@ -547,6 +561,69 @@ mod tests {
             .expect("bind loopback");
         let state = crate::io::udp::batching_state(socket.get_ref()).expect("quinn-udp state");
         (socket, state)
+    }
+
+    /// The tunnel's key in these tests.
+    fn server_key() -> StaticSecret {
+        StaticSecret::from([7u8; 32])
+    }
+
+    /// A simulated peer on a loopback socket of its own, provisioned in `engine`
+    /// with one address.
+    struct LoopbackPeer {
+        client: crate::core::harness::MemoryClient,
+        socket: std::net::UdpSocket,
+    }
+
+    impl LoopbackPeer {
+        fn new(engine: &mut TunnelEngine, address: [u8; 4], index: u32) -> Self {
+            let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind loopback");
+            socket.set_nonblocking(true).expect("non-blocking");
+            let server = boringtun::x25519::PublicKey::from(&server_key());
+            let at = socket.local_addr().expect("address");
+            let client = crate::core::harness::MemoryClient::new(&server, index * 100, at);
+            let address = ipnet::IpNet::from(std::net::IpAddr::from(address));
+            client.register(engine, &[address], index);
+            LoopbackPeer { client, socket }
+        }
+
+        /// Sends a fresh handshake initiation to `tunnel`.
+        fn initiate(&mut self, tunnel: std::net::SocketAddr) {
+            let initiation = self.client.initiation().expect("initiation");
+            self.socket.send_to(&initiation, tunnel).expect("send");
+        }
+
+        /// Sends `packet` to `tunnel`, in its session.
+        fn send(&mut self, packet: &[u8], tunnel: std::net::SocketAddr) {
+            let data = self.client.encrypt(packet).expect("a session");
+            self.socket.send_to(&data, tunnel).expect("send");
+        }
+
+        /// Whether a datagram waits on the peer's socket (it is consumed).
+        fn has_datagram(&self) -> bool {
+            let mut buf = [0u8; 2048];
+            match self.socket.recv_from(&mut buf) {
+                Ok(_) => true,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => false,
+                Err(e) => panic!("receive: {e}"),
+            }
+        }
+    }
+
+    /// A wake-up's read, as the task's: the data to the engine, the
+    /// initiations held (returned).
+    fn wake_up(
+        socket: &TunnelSocket,
+        state: &quinn_udp::UdpSocketState,
+        engine: &mut TunnelEngine,
+        now: Instant,
+        tx: &mut SendBatch,
+        host: Option<&mut HostOut>,
+    ) -> Deferred {
+        let mut held = Deferred::new(HELD);
+        let mut sink = UdpSink { tx, host };
+        receive(socket, state, engine, now, &mut sink, &mut held);
+        held
     }
 
     /// A socket holding more than one turn's worth says so, and the rest is read
@@ -602,91 +679,46 @@ mod tests {
     #[tokio::test]
     async fn data_goes_before_the_initiations_and_between_their_turns() {
         use crate::core::engine::EgressConfig;
-        use crate::core::harness::MemoryClient;
         use crate::core::packet::build::ip_packet;
         use boringtun::noise::TunnResult;
-        use boringtun::x25519::PublicKey;
-        use ipnet::IpNet;
-        use std::io::ErrorKind;
-        use std::net::{IpAddr, UdpSocket};
+        use std::net::IpAddr;
         use std::time::Duration;
 
         let (socket, state) = tunnel_socket().await;
         let tunnel = socket.get_ref().local_addr().expect("address");
-        let bind = || {
-            let s = UdpSocket::bind("127.0.0.1:0").expect("bind loopback");
-            s.set_nonblocking(true).expect("non-blocking");
-            s
-        };
-        let (gateway_socket, phone_socket) = (bind(), bind());
-        let routers_sockets = [bind(), bind()];
-        let at = |s: &UdpSocket| s.local_addr().expect("address");
-
-        let server = StaticSecret::from([7u8; 32]);
-        let server_public = PublicKey::from(&server);
-        let mut engine = TunnelEngine::new(server, vec![IpAddr::from([10, 100, 0, 1])]);
+        let mut engine = TunnelEngine::new(server_key(), vec![IpAddr::from([10, 100, 0, 1])]);
         let now = Instant::now();
-        let mut gateway = MemoryClient::new(&server_public, 100, at(&gateway_socket));
-        let mut phone = MemoryClient::new(&server_public, 200, at(&phone_socket));
+        let mut gateway = LoopbackPeer::new(&mut engine, [10, 100, 0, 40], 1);
+        let mut phone = LoopbackPeer::new(&mut engine, [10, 200, 0, 2], 2);
         let mut routers = [
-            MemoryClient::new(&server_public, 300, at(&routers_sockets[0])),
-            MemoryClient::new(&server_public, 400, at(&routers_sockets[1])),
+            LoopbackPeer::new(&mut engine, [10, 100, 1, 2], 3),
+            LoopbackPeer::new(&mut engine, [10, 100, 1, 3], 4),
         ];
-        let host = |a: [u8; 4]| [IpNet::from(IpAddr::from(a))];
-        gateway.register(&mut engine, &host([10, 100, 0, 40]), 1);
-        phone.register(&mut engine, &host([10, 200, 0, 2]), 2);
-        routers[0].register(&mut engine, &host([10, 100, 1, 2]), 3);
-        routers[1].register(&mut engine, &host([10, 100, 1, 3]), 4);
         engine.set_egress(vec![EgressConfig {
             pool: "10.200.0.0/24".parse().expect("prefix"),
-            gateways: vec![*gateway.public_key.as_bytes()],
+            gateways: vec![*gateway.client.public_key.as_bytes()],
         }]);
-        assert!(gateway.handshake(&mut engine, now));
-        assert!(phone.handshake(&mut engine, now));
+        assert!(gateway.client.handshake(&mut engine, now));
+        assert!(phone.client.handshake(&mut engine, now));
 
         // Queued: both routers' initiations, then the phone's packet to the internet.
-        let mut buf = vec![0u8; 2048];
-        for (router, from) in routers.iter_mut().zip(&routers_sockets) {
-            let initiation = match router.tunn.format_handshake_initiation(&mut buf, true) {
-                TunnResult::WriteToNetwork(d) => d.to_vec(),
-                _ => panic!("no initiation"),
-            };
-            from.send_to(&initiation, tunnel).expect("send");
+        for router in &mut routers {
+            router.initiate(tunnel);
         }
         let packet = ip_packet(
             IpAddr::from([10, 200, 0, 2]),
             IpAddr::from([198, 18, 0, 2]),
             100,
         );
-        let phone_sends = |phone: &mut MemoryClient| {
-            let data = phone.encrypt(&packet).expect("phone session");
-            phone_socket.send_to(&data, tunnel).expect("send");
-        };
-        phone_sends(&mut phone);
+        phone.send(&packet, tunnel);
         socket.readable().await.expect("readable").retain_ready();
 
         let mut tx = SendBatch::new(1, false);
-        let mut held = Deferred::new(HELD);
         let before = engine.stats().rx_datagrams;
-        receive(
-            &socket,
-            &state,
-            &mut engine,
-            now,
-            &mut UdpSink {
-                tx: &mut tx,
-                host: None,
-            },
-            &mut held,
-        );
+        let mut held = wake_up(&socket, &state, &mut engine, now, &mut tx, None);
         assert_eq!(engine.stats().rx_datagrams - before, 1, "the data");
         assert!(!held.is_empty(), "the initiations wait");
 
-        let waiting = |s: &UdpSocket, buf: &mut [u8]| match s.recv_from(buf) {
-            Ok(_) => true,
-            Err(e) if e.kind() == ErrorKind::WouldBlock => false,
-            Err(e) => panic!("receive: {e}"),
-        };
         let mut failures = 0;
         let mut turns = Turns {
             socket: &socket,
@@ -694,6 +726,7 @@ mod tests {
             engine: &mut engine,
             tx: &mut tx,
             host: None,
+            device: None,
             send_failures: &mut failures,
             // Turns long enough for both: a Diffie-Hellman handshake ends its
             // turn by itself.
@@ -707,14 +740,14 @@ mod tests {
             if initiation {
                 initiations += 1;
                 assert!(
-                    waiting(&gateway_socket, &mut buf),
+                    gateway.has_datagram(),
                     "initiation {initiations}: the phone's packet waited for a handshake"
                 );
                 if initiations == 1 {
-                    assert!(!waiting(&routers_sockets[0], &mut buf), "not answered yet");
+                    assert!(!routers[0].has_datagram(), "not answered yet");
                 } else {
                     assert!(
-                        waiting(&routers_sockets[0], &mut buf),
+                        routers[0].has_datagram(),
                         "the first turn's answer left before the second turn"
                     );
                 }
@@ -722,7 +755,7 @@ mod tests {
             let goes_on = turns.step(step);
             if initiation && initiations == 1 {
                 // Arrives during the first turn.
-                phone_sends(&mut phone);
+                phone.send(&packet, tunnel);
             }
             goes_on
         })
@@ -731,14 +764,119 @@ mod tests {
         assert_eq!(engine.stats().rx_datagrams - before, 4, "all four read");
         failures += tx.flush(socket.get_ref(), &state);
         assert_eq!(failures, 0);
-        let (len, _) = routers_sockets[1]
-            .recv_from(&mut buf)
-            .expect("the response");
+        let mut buf = vec![0u8; 2048];
+        let (len, _) = routers[1].socket.recv_from(&mut buf).expect("the response");
         let response = buf[..len].to_vec();
+        let client = &mut routers[1].client;
         assert!(matches!(
-            routers[1].tunn.decapsulate(None, &response, &mut buf),
+            client.tunn.decapsulate(None, &response, &mut buf),
             TunnResult::WriteToNetwork(_)
         ));
-        assert!(routers[1].tunn.time_since_last_handshake().is_some());
+        assert!(client.tunn.time_since_last_handshake().is_some());
+    }
+
+    /// TUN mode: packets for the host leave between handshake turns too, as
+    /// packets for peers do, instead of waiting until the last turn (and
+    /// filling the host batch over several turns). Runs in a private network
+    /// namespace, with its own TUN device.
+    #[test]
+    fn host_packets_leave_between_handshake_turns() {
+        let test = "host_packets_leave_between_handshake_turns";
+        crate::io::testnet::in_private_netns(test, 65_536, || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime")
+                .block_on(host_packets_between_turns())
+        });
+    }
+
+    async fn host_packets_between_turns() {
+        use crate::core::packet::build::ip_packet;
+        use crate::io::tun::HostDevice;
+        use ipnet::IpNet;
+        use socket2::{Domain, Protocol, Socket, Type};
+        use std::net::{IpAddr, Ipv4Addr, UdpSocket};
+        use std::time::Duration;
+
+        let (socket, state) = tunnel_socket().await;
+        let tunnel = socket.get_ref().local_addr().expect("address");
+        let device = HostDevice::open("wgpturn0", 1420).expect("TUN device");
+        let (to_tunnel, _from_host) = mpsc::channel(8);
+        let server_ip = Ipv4Addr::new(10, 100, 0, 1);
+        let subnet = "10.100.0.0/16".parse().expect("subnet");
+        device
+            .add_tenant(server_ip, subnet, to_tunnel)
+            .expect("tenant addresses");
+        // What the host receives: the test packets' protocol (253), raw.
+        let host = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::from(253))).expect("raw");
+        host.set_nonblocking(true).expect("non-blocking");
+        let host: UdpSocket = host.into();
+        let host_has = |expected: usize| {
+            let mut buf = [0u8; 2048];
+            let mut n = 0;
+            // The device's writes are delivered by the time they return; a
+            // moment for the stack all the same.
+            std::thread::sleep(Duration::from_millis(20));
+            while host.recv(&mut buf).is_ok() {
+                n += 1;
+            }
+            assert_eq!(n, expected, "packets the host got");
+        };
+
+        let mut engine = TunnelEngine::new(server_key(), vec![IpAddr::V4(server_ip)]);
+        engine.set_host_sources(&[IpNet::V4(subnet)]);
+        let now = Instant::now();
+        let mut router = LoopbackPeer::new(&mut engine, [10, 100, 1, 2], 1);
+        let mut strangers = [
+            LoopbackPeer::new(&mut engine, [10, 100, 1, 3], 2),
+            LoopbackPeer::new(&mut engine, [10, 100, 1, 4], 3),
+        ];
+        assert!(router.client.handshake(&mut engine, now));
+
+        // Two initiations, then the router's packet for the host.
+        for stranger in &mut strangers {
+            stranger.initiate(tunnel);
+        }
+        let packet = ip_packet(IpAddr::from([10, 100, 1, 2]), IpAddr::V4(server_ip), 100);
+        router.send(&packet, tunnel);
+        socket.readable().await.expect("readable").retain_ready();
+
+        let mut tx = SendBatch::new(1, false);
+        let mut out = HostOut::default();
+        let mut held = wake_up(&socket, &state, &mut engine, now, &mut tx, Some(&mut out));
+        assert!(!held.is_empty(), "the initiations wait");
+        let dev = device.device();
+        let mut failures = 0;
+        let mut turns = Turns {
+            socket: &socket,
+            udp: &state,
+            engine: &mut engine,
+            tx: &mut tx,
+            host: Some(&mut out),
+            device: Some(&dev),
+            send_failures: &mut failures,
+            length: Duration::from_secs(60),
+            now,
+            backlog: false,
+        };
+        let mut initiations = 0;
+        held.release_in_turns(|step| {
+            if matches!(step, Step::Initiation(..)) {
+                initiations += 1;
+                // The first packet before the first turn, the second (sent
+                // during the first turn) before the second.
+                host_has(1);
+            }
+            let goes_on = turns.step(step);
+            if initiations == 1 && !goes_on {
+                router.send(&packet, tunnel);
+            }
+            goes_on
+        })
+        .await;
+        assert_eq!(initiations, 2);
+        assert_eq!(failures, 0);
+        assert_eq!(engine.stats().forwarded_local, 2);
     }
 }

@@ -4,6 +4,9 @@
 //! `clients` with the egress policy, `diagnostics`); this file holds what they
 //! share, and `/healthz`. Validation is the registry's, the wire format `views`'.
 
+use std::borrow::Cow;
+use std::collections::BTreeSet;
+use std::io;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -16,6 +19,7 @@ use super::{ApiError, AppState, Control};
 use crate::control::model::TenantRequest;
 use crate::control::registry::Put;
 use crate::control::{Client, Id, Router, Tenant};
+use crate::io::RuntimeError;
 use crate::store::Change;
 use boringtun::x25519::PublicKey;
 
@@ -56,26 +60,52 @@ fn tenant_view(state: &AppState, control: &Control, t: &Tenant) -> TenantView {
     TenantView::new(t, &state.public_host, control.runtime.is_running(&t.id))
 }
 
+/// How many ports bound by other programs an allocation steps over before it
+/// gives up and says so.
+const PORTS_TRIED: usize = 64;
+
 /// Creates the tenant in the registry and binds its port, if it does not exist yet.
 /// Nothing is stored: the caller persists the tenant together with its own change.
+///
+/// An allocated port (none in the request) that another program holds is
+/// skipped for the next free one, up to [`PORTS_TRIED`] of them; a port the
+/// caller asked for is theirs to change.
 async fn ensure_tenant(
     control: &mut Control,
     id: &Id,
     req: &TenantRequest,
 ) -> Result<Put, ApiError> {
-    let put = control.registry.put_tenant(id, req, SystemTime::now())?;
-    if put == Put::Created {
+    let allocated = req.listen_port.is_none();
+    let mut req = Cow::Borrowed(req);
+    let mut held_elsewhere = BTreeSet::new();
+    loop {
+        let put = control.registry.put_tenant(id, &req, SystemTime::now())?;
+        if put == Put::Updated {
+            return Ok(put);
+        }
         let started = match control.registry.tenant(id) {
             Ok(t) => control.runtime.start(t).await,
             Err(e) => return Err(e.into()),
         };
-        if let Err(e) = started {
-            // A tenant whose port cannot be bound does not exist.
-            let _ = control.registry.delete_tenant(id);
-            return Err(e.into());
+        let Err(e) = started else {
+            return Ok(put);
+        };
+        // A tenant whose port cannot be bound does not exist.
+        let _ = control.registry.delete_tenant(id);
+        match e {
+            RuntimeError::Bind { addr, source }
+                if allocated && source.kind() == io::ErrorKind::AddrInUse =>
+            {
+                held_elsewhere.insert(addr.port());
+                if held_elsewhere.len() >= PORTS_TRIED {
+                    return Err(RuntimeError::Bind { addr, source }.into());
+                }
+                let port = control.registry.free_port(&held_elsewhere)?;
+                req.to_mut().listen_port = Some(port);
+            }
+            e => return Err(e.into()),
         }
     }
-    Ok(put)
 }
 
 /// What a change to a tenant puts back if it cannot be stored.

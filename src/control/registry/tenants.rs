@@ -50,12 +50,13 @@ impl Registry {
             return Ok(Put::Updated);
         }
 
-        let ports: BTreeSet<u16> = self.tenants.values().map(|t| t.listen_port).collect();
         let listen_port = match req.listen_port {
             Some(0) => return Err(ControlError::field("listen_port", "must not be 0")),
-            Some(p) if ports.contains(&p) => return Err(ControlError::PortInUse(p)),
+            Some(p) if self.tenants.values().any(|t| t.listen_port == p) => {
+                return Err(ControlError::PortInUse(p))
+            }
             Some(p) => p,
-            None => alloc::next_port(self.policy.first_port, &ports)?,
+            None => self.free_port(&BTreeSet::new())?,
         };
         let subnet = match subnet {
             Some(s) => {
@@ -63,14 +64,23 @@ impl Registry {
                     return Err(ControlError::field("subnet", "must be /30 or larger"));
                 }
                 self.check_free(s, "subnet", None)?;
+                let own = host_prefixes.iter().flatten();
+                if let Some(host) = own.copied().find(|h| alloc::overlaps(*h, IpNet::V4(s))) {
+                    return Err(ControlError::field(
+                        "host_prefixes",
+                        format!("{host} overlaps the tenant's own subnet {s}"),
+                    ));
+                }
                 s
             }
             None => {
+                // The request's own host prefixes are as taken as the others'.
                 let taken: Vec<IpNet> = self
                     .taken_nets(None)
                     .into_iter()
                     .chain(self.host_nets())
                     .map(IpNet::V4)
+                    .chain(host_prefixes.iter().flatten().copied())
                     .collect();
                 alloc::next_subnet(
                     self.policy.supernet,
@@ -106,6 +116,14 @@ impl Registry {
         self.tenants.insert(id.clone(), tenant);
         self.occupancy.insert(id.clone(), Occupancy::default());
         Ok(Put::Created)
+    }
+
+    /// The first port from the configured first one that no tenant holds and
+    /// that is not in `skip` (ports found bound by other programs).
+    pub fn free_port(&self, skip: &BTreeSet<u16>) -> Result<u16, ControlError> {
+        let mut used: BTreeSet<u16> = self.tenants.values().map(|t| t.listen_port).collect();
+        used.extend(skip);
+        Ok(alloc::next_port(self.policy.first_port, &used)?)
     }
 
     /// Host prefixes must not overlap any tenant's subnet or pool, the tenants'

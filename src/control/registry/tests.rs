@@ -56,7 +56,7 @@ fn restored(tenants: Vec<Tenant>) -> Result<Registry, ControlError> {
 fn a_restored_state_is_checked_against_the_apis_rules() {
     assert!(restored(built_state()).is_ok());
     type Breakage = fn(&mut [Tenant]);
-    let cases: [(&str, Breakage, &str); 9] = [
+    let cases: [(&str, Breakage, &str); 11] = [
         (
             "subnet overlap",
             |t| t[1].subnet = "10.100.128.0/17".parse().unwrap(),
@@ -71,6 +71,20 @@ fn a_restored_state_is_checked_against_the_apis_rules() {
             "host prefix",
             |t| t[1].host_prefixes = vec!["10.200.0.0/25".parse().unwrap()],
             "host prefix 10.200.0.0/25 overlaps",
+        ),
+        (
+            "own host prefix",
+            |t| t[0].host_prefixes = vec!["10.100.1.0/24".parse().unwrap()],
+            "10.100.0.0/16 overlaps its own host prefix 10.100.1.0/24",
+        ),
+        (
+            "router's prefix in own host prefix",
+            |t| {
+                t[1].host_prefixes = vec!["192.168.0.0/16".parse().unwrap()];
+                let r1 = t[1].routers.get_mut(&id("r1")).unwrap();
+                r1.extra_prefixes = vec!["192.168.88.0/24".parse().unwrap()];
+            },
+            "router r1 routes 192.168.88.0/24, which overlaps its own host prefix",
         ),
         (
             "router outside",
@@ -345,6 +359,32 @@ fn what_the_host_routes_no_tunnel_may_hold_later() {
     };
     let e = r.put_router(&id("a"), &id("r1"), &extra).unwrap_err();
     assert_eq!(e.field_name(), Some("allowed_ips"), "{e}");
+}
+
+/// A new tenant's own host prefixes are as taken as anyone's: an automatic
+/// subnet steps over them and a given one may not overlap them, so that
+/// repeating the same PUT answers the same (it used to create the tenant and
+/// then refuse the repeat).
+#[test]
+fn a_new_tenants_subnet_never_overlaps_its_own_host_prefixes() {
+    let mut r = registry();
+    let host = |prefix: &str| TenantRequest {
+        host_prefixes: Some(vec![prefix.into()]),
+        ..Default::default()
+    };
+    let req = host("10.100.0.0/16");
+    assert_eq!(r.put_tenant(&id("a"), &req, now()).unwrap(), Put::Created);
+    let a = r.tenant(&id("a")).unwrap();
+    assert_eq!(a.subnet.to_string(), "10.101.0.0/16");
+    assert_eq!(r.put_tenant(&id("a"), &req, now()).unwrap(), Put::Updated);
+
+    let req = TenantRequest {
+        subnet: Some("10.50.0.0/16".into()),
+        ..host("10.50.1.0/24")
+    };
+    let e = r.put_tenant(&id("b"), &req, now()).unwrap_err();
+    assert_eq!(e.field_name(), Some("host_prefixes"), "{e}");
+    assert!(r.tenant(&id("b")).is_err(), "nothing created");
 }
 
 /// The tenants' IPv6 networks (fd77:7770::/32, one /64 each) are routed into

@@ -35,7 +35,7 @@ use super::admission::Admission;
 use super::budget::HandshakeBudget;
 use super::netstack::{ConnId, LocalStack, StackError};
 use super::peer::message_type;
-use super::policy::{PeerId, RoutingState};
+use super::policy::{DropReason, PeerId, RoutingState};
 
 mod changes;
 mod peers;
@@ -252,8 +252,10 @@ impl TunnelEngine {
             };
             // Without an endpoint there is nowhere to send to.
             if peer.endpoint.is_some() {
-                let (out, expired) = peer.update_timers(tx);
-                if let (Some(datagram), Some(to)) = (out, peer.endpoint) {
+                let timers = peer.update_timers(tx);
+                stats.drops[DropReason::HandshakeTimeout.index()] += u64::from(timers.discarded);
+                let expired = timers.expired;
+                if let (Some(datagram), Some(to)) = (timers.send, peer.endpoint) {
                     if message_type(datagram) == 1 {
                         peer.last_work = Some(now);
                     }

@@ -244,9 +244,12 @@ pub(super) fn send_queued(
     stats: &mut TunnelStats,
     sink: &mut impl Sink,
 ) {
+    // Counted as forwarded (`queued`) when they were queued; here they are
+    // only datagrams and the peer's packets.
     while let Some(queued) = peer.poll_queued(tx) {
         stats.tx_datagrams += 1;
         peer.stats.tx_bytes += queued.len() as u64;
+        peer.stats.tx_packets += 1;
         sink.send(to, queued);
     }
 }

@@ -172,6 +172,7 @@ pub(super) fn route(
                 };
                 gateway.last_work = Some(now);
                 if let Some(init) = gateway.initiate(tx) {
+                    gateway.stats.tx_bytes += init.len() as u64;
                     stats.tx_datagrams += 1;
                     sink.send(to, init);
                 }

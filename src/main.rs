@@ -602,12 +602,47 @@ fn apply_config_forwards(
         ) else {
             continue;
         };
+        // `:0` asks for any free port: the one bound at an earlier start
+        // (recorded then, see `record_bound_forwards`) is kept.
+        let stored = registry
+            .tenant(&t)
+            .ok()
+            .and_then(|tenant| tenant.routers.get(&r))
+            .and_then(|router| router.forwards.get(&f.port));
+        if stored.is_some_and(|s| f.listen.port() == 0 && s.ip() == f.listen.ip()) {
+            continue;
+        }
         match registry.put_forward(&t, &r, f.port, f.listen) {
             Ok(_) => store.apply(&[Change::Forward(&t, &r, f.port, f.listen)])?,
             Err(e) => {
                 tracing::warn!(tenant = %t, router = %r, port = f.port, error = %e, "config forward skipped")
             }
         }
+    }
+    Ok(())
+}
+
+/// Stores the port each forward listening on `:0` was given, so that it keeps
+/// it across restarts (as the API records it when it opens one).
+fn record_bound_forwards(
+    registry: &mut Registry,
+    runtime: &Runtime,
+    store: &mut Store,
+) -> Result<()> {
+    let mut bound = Vec::new();
+    for tenant in registry.tenants() {
+        for router in tenant.routers.values() {
+            for (port, listen) in &router.forwards {
+                let open = runtime.forward_listen(&tenant.id, &router.id, *port);
+                if let Some(open) = open.filter(|_| listen.port() == 0) {
+                    bound.push((tenant.id.clone(), router.id.clone(), *port, open));
+                }
+            }
+        }
+    }
+    for (t, r, port, listen) in bound {
+        registry.put_forward(&t, &r, port, listen)?;
+        store.apply(&[Change::Forward(&t, &r, port, listen)])?;
     }
     Ok(())
 }
@@ -677,6 +712,7 @@ async fn run(settings: Settings) -> Result<()> {
             ),
         }
     }
+    record_bound_forwards(&mut registry, &runtime, &mut store)?;
     tracing::info!(tunnels = restored, database = %database.display(), "state restored");
     let (stop, stopping) = tokio::sync::watch::channel(false);
     let state = Arc::new(AppState {

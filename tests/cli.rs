@@ -123,6 +123,9 @@ fn the_example_config_starts() {
         .args(["--api-listen", &format!("127.0.0.1:{port}")])
         .arg("--state-dir")
         .arg(&state)
+        // Only the file speaks: nothing from the developer's WGPLANE_* settings.
+        .env_clear()
+        .envs(std::env::vars().filter(|(k, _)| !k.starts_with("WGPLANE_")))
         .stderr(Stdio::null())
         .spawn()
         .expect("run");

@@ -300,3 +300,42 @@ fn a_forward_carries_64_connections_at_once_and_closes_the_next() {
     held.push(replacement);
     assert!(open().is_err(), "full again");
 }
+
+/// A `[[forwards]]` entry of the config that listens on `:0` gets a free port at
+/// its first start and keeps it across restarts, as one opened through the API
+/// does (it used to get a new one at every start, listed as `:0`).
+#[test]
+fn a_config_forward_on_any_port_keeps_the_port_it_got() {
+    let config = |dir: &std::path::Path| {
+        let file = dir.join("forwards.toml");
+        let text = "[[forwards]]\ntenant = \"acme\"\nrouter = \"r1\"\nport = 22\nlisten = \"127.0.0.1:0\"\n";
+        std::fs::write(&file, text).expect("config");
+        file.to_str().expect("UTF-8 path").to_owned()
+    };
+    let app = Appliance::start();
+    app.expect("PUT", "/v1/tenants/acme/routers/r1", None, 201);
+    let listed = |app: &Appliance| -> Vec<String> {
+        let v = app.expect("GET", "/v1/tenants/acme/routers/r1/forwards", None, 200);
+        v.as_array()
+            .expect("forward list")
+            .iter()
+            .map(|f| f["listen"].as_str().expect("listen").to_owned())
+            .collect()
+    };
+    assert!(listed(&app).is_empty());
+    let mut app = app;
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let (state, api_port, first_port) = app.kill9();
+        let file = config(state.path());
+        app = Appliance::start_with(state, api_port, first_port, &[("WGPLANE_CONFIG", &file)])
+            .unwrap_or_else(|log| panic!("wgplane did not come back:\n{log}"));
+        let listen = listed(&app);
+        assert_eq!(listen.len(), 1, "{listen:?}");
+        let addr: SocketAddr = listen[0].parse().expect("an address");
+        assert_ne!(addr.port(), 0, "the bound port is listed");
+        std::net::TcpStream::connect(addr).expect("it listens");
+        seen.push(addr);
+    }
+    assert_eq!(seen[0], seen[1], "the same port after a restart");
+}

@@ -57,9 +57,15 @@ impl Tmpfs {
     }
 }
 
+/// Unmounts, and removes the mount point, which the state's `TempDir` could not
+/// remove while the tmpfs was mounted on it.
 impl Drop for Tmpfs {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).output();
+        let unmounted = Command::new("umount").arg("-l").arg(&self.0).output();
+        if !unmounted.is_ok_and(|out| out.status.success()) && !std::thread::panicking() {
+            panic!("umount {} failed", self.0.display());
+        }
+        let _ = std::fs::remove_dir(&self.0);
     }
 }
 

@@ -57,9 +57,16 @@ fn metrics_match_the_traffic() {
             .expect("forwarded packet");
     }
     phone.send(&ip_packet(ip("10.100.0.40"), ip("198.18.0.1"), 10)); // spoofed
-    std::thread::sleep(Duration::from_millis(300));
-
-    let text = app.scrape();
+                                                                     // Scraped once the appliance has handled that last datagram.
+    let spoofed = [r#"tenant="kitonga""#, r#"reason="spoofed_source""#];
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut text = app.scrape();
+    while sample(&text, "wgplane_packets_dropped_total", &spoofed) < 1.0
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(50));
+        text = app.scrape();
+    }
     let phone_labels = [
         r#"tenant="kitonga""#,
         r#"interface="wg0""#,

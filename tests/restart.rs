@@ -478,7 +478,12 @@ fn an_inconsistent_state_stops_start_up_and_names_the_peer() {
 #[test]
 fn changes_whose_clients_hang_up_are_never_half_made() {
     const N: usize = 40;
-    let app = Appliance::start();
+    // A port for each tenant: the ones after the usual four are no other
+    // test's to take meanwhile.
+    let state = tempfile::tempdir().expect("tempdir");
+    let ports = support::free_udp_ports(N as u16);
+    let app = Appliance::start_with(state, support::free_tcp_port(), ports, &[])
+        .unwrap_or_else(|log| panic!("wgplane did not come up:\n{log}"));
     let clients: Vec<_> = (0..N)
         .map(|i| {
             let (api, token) = (app.api, app.token.clone());

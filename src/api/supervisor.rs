@@ -87,4 +87,49 @@ mod tests {
         f.router_handshakes().await;
         f.state.control.lock().await.runtime.stop(&f.acme).await;
     }
+
+    /// Its forwards come back too, on the same address, and a stopped tunnel's
+    /// forward ports are free as soon as `stop` returns.
+    #[tokio::test]
+    async fn a_tunnel_started_again_opens_its_forwards_on_the_same_address() {
+        let f = crate::api::testing::fixture().await;
+        let listen = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port");
+        {
+            let mut c = f.state.control.lock().await;
+            c.registry
+                .put_forward(&f.acme, &f.gw, 8728, listen)
+                .expect("forward");
+            let vpn_ip = c.registry.tenant(&f.acme).expect("acme").routers[&f.gw].vpn_ip;
+            let target = std::net::SocketAddrV4::new(vpn_ip, 8728);
+            let bound = c
+                .runtime
+                .set_forward(&f.acme, &f.gw, 8728, listen, target)
+                .await;
+            assert_eq!(bound.expect("forward opened"), listen);
+        }
+        f.state.control.lock().await.runtime.end_task(&f.acme);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while f.state.control.lock().await.runtime.is_running(&f.acme) {
+            assert!(tokio::time::Instant::now() < deadline, "the task ends");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let mut failing = HashMap::new();
+        revive_all(&f.state, &mut failing).await;
+        assert!(failing.is_empty(), "{failing:?}");
+        let open = f
+            .state
+            .control
+            .lock()
+            .await
+            .runtime
+            .forward_listen(&f.acme, &f.gw, 8728);
+        assert_eq!(open, Some(listen));
+        tokio::net::TcpStream::connect(listen)
+            .await
+            .expect("the forward listens again");
+        f.state.control.lock().await.runtime.stop(&f.acme).await;
+        std::net::TcpListener::bind(listen).expect("stopped: the port is free at once");
+    }
 }

@@ -180,6 +180,9 @@ pub struct LocalStack {
     epoch: Instant,
     address: Ipv4Addr,
     conns: BTreeMap<ConnId, SocketHandle>,
+    /// Aborted connections whose reset is not sent yet: smoltcp sends it at
+    /// the next poll, and only for a socket still in the set.
+    dying: Vec<SocketHandle>,
     next_conn: ConnId,
     next_port: u16,
     polls: u64,
@@ -215,6 +218,7 @@ impl LocalStack {
             epoch: now,
             address,
             conns: BTreeMap::new(),
+            dying: Vec::new(),
             next_conn: 1,
             next_port: 49152,
             polls: 0,
@@ -273,6 +277,7 @@ impl LocalStack {
                 break;
             }
         }
+        self.bury();
         self.reap();
     }
 
@@ -419,29 +424,46 @@ impl LocalStack {
         }
     }
 
-    /// Resets the connection and forgets it.
+    /// Resets the connection and forgets it: its id answers
+    /// [`ConnState::Closed`] at once, and the reset goes out at the next poll.
     pub fn abort(&mut self, id: ConnId) {
         if let Some(handle) = self.conns.remove(&id) {
             self.sockets.get_mut::<tcp::Socket>(handle).abort();
-            // The RST goes out at the next poll; the socket can go now.
-            self.sockets.remove(handle);
+            self.dying.push(handle);
         }
     }
 
-    /// Forgets connections that are fully closed (and whose received bytes were
+    /// Forgets connections that are closed (and whose received bytes were
     /// read); returns how many. Their ids then answer [`ConnState::Closed`].
+    /// TIME-WAIT counts as closed: it only answers a retransmitted FIN, and
+    /// it would hold a connection's place and buffers for 10 s after every
+    /// short connection.
     pub fn reap(&mut self) -> usize {
         let Self { conns, sockets, .. } = self;
         let before = conns.len();
         conns.retain(|_, h| {
             let s = sockets.get::<tcp::Socket>(*h);
-            let closed = s.state() == tcp::State::Closed && !s.can_recv();
+            let closed =
+                matches!(s.state(), tcp::State::Closed | tcp::State::TimeWait) && !s.can_recv();
             if closed {
                 sockets.remove(*h);
             }
             !closed
         });
         before - conns.len()
+    }
+
+    /// Removes the aborted sockets whose reset has gone (smoltcp forgets the
+    /// peer once it sent it).
+    fn bury(&mut self) {
+        let Self { dying, sockets, .. } = self;
+        dying.retain(|h| {
+            let sent = sockets.get::<tcp::Socket>(*h).remote_endpoint().is_none();
+            if sent {
+                sockets.remove(*h);
+            }
+            !sent
+        });
     }
 
     /// Connections the stack carries, closing ones included until they are

@@ -329,6 +329,10 @@ mod tests {
         assert_eq!(opened_rx.try_recv(), Ok(Ok(())));
         assert_eq!(echoed.len(), data.len());
         assert!(echoed == data, "echo is intact");
+        // The stack closed first, so its socket is in TIME-WAIT: that holds no
+        // place among the tunnel's connections.
+        step(&mut stack, &mut bridges, Some(&mut router), start, now);
+        assert_eq!(stack.connections(), 0, "nothing left after both FINs");
     }
 
     /// The host writer is gone while the router keeps sending: the stack
@@ -359,6 +363,40 @@ mod tests {
         assert!(bridges.is_empty(), "the bridge is gone");
         assert_eq!(stack.connections(), 0, "the connection was reset");
         assert!(to_stack.is_closed(), "the host reader is told");
+    }
+
+    /// A connection given up on a quiet router (its host side went away) is
+    /// reset at the router too, not left open there.
+    #[test]
+    fn a_connection_given_up_is_reset_at_a_quiet_router() {
+        let start = Instant::now();
+        let mut stack = LocalStack::new(Ipv4Addr::new(10, 100, 0, 1), 16, start);
+        let mut router = Router::new();
+        let mut bridges = Bridges::default();
+        let remote = "10.100.1.1:8728".parse().unwrap();
+        let (to_stack, mut from_stack, _opened) = bridge(&mut stack, &mut bridges, remote, start);
+        to_stack.try_send(b"hello".to_vec()).unwrap();
+        let mut now = start;
+        let mut run = |stack: &mut LocalStack, router: &mut Router, bridges: &mut Bridges| {
+            for _ in 0..20 {
+                now += Duration::from_millis(10);
+                step(stack, bridges, Some(router), start, now);
+            }
+        };
+        run(&mut stack, &mut router, &mut bridges);
+        assert_eq!(from_stack.try_recv().as_deref(), Ok(&b"hello"[..]));
+        let at_router = |r: &Router| r.sockets.get::<tcp::Socket>(r.handle).state();
+        assert_eq!(at_router(&router), tcp::State::Established);
+        // Both host ends go (the forward's client vanished); nothing is in flight.
+        drop((to_stack, from_stack));
+        run(&mut stack, &mut router, &mut bridges);
+        assert!(bridges.is_empty());
+        assert_eq!(stack.connections(), 0);
+        assert_ne!(
+            at_router(&router),
+            tcp::State::Established,
+            "the router was told"
+        );
     }
 
     /// An idle connection stays open while the router answers the stack's

@@ -158,7 +158,11 @@ impl Runtime {
         if self.is_running(&tenant.id) {
             return self.sync(tenant).await;
         }
-        self.start(tenant).await?;
+        let started = self.start(tenant).await;
+        // A peer the engine refused does not keep the others' forwards closed.
+        if !self.is_running(&tenant.id) {
+            return started;
+        }
         for router in tenant.routers.values() {
             for (port, listen) in &router.forwards {
                 let target = SocketAddrV4::new(router.vpn_ip, *port);
@@ -170,7 +174,7 @@ impl Runtime {
                 }
             }
         }
-        Ok(())
+        started
     }
 
     /// TUN mode: the host device's drops by reason (none without a device).
@@ -268,6 +272,11 @@ impl Runtime {
                 for pool in &h.pools {
                     host.remove_pool(*pool).await;
                 }
+            }
+            // Closed, not only dropped: their ports are free when this returns,
+            // so that a restart can bind them again at once.
+            for (_, forward) in h.forwards {
+                forward.close().await;
             }
             drop(h.commands);
             // The task ends when it sees the closed channel; abort covers a busy socket.

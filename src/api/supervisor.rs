@@ -67,22 +67,26 @@ async fn revive_all(state: &AppState, failing: &mut HashMap<Id, String>) {
 mod tests {
     use super::*;
 
-    /// A tunnel task that ended (a panic, say) is started again by the next
-    /// pass, with its peers: the router's handshake is answered.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_tunnel_task_that_ended_is_started_again_with_its_peers() {
-        let f = crate::api::testing::fixture().await;
-        f.router_handshakes().await;
+    /// Ends acme's tunnel task, as a panic would, and runs one pass.
+    async fn end_and_revive(f: &crate::api::testing::Fixture) {
         f.state.control.lock().await.runtime.end_task(&f.acme);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         while f.state.control.lock().await.runtime.is_running(&f.acme) {
             assert!(tokio::time::Instant::now() < deadline, "the task ends");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-
         let mut failing = HashMap::new();
         revive_all(&f.state, &mut failing).await;
         assert!(failing.is_empty(), "{failing:?}");
+    }
+
+    /// A tunnel task that ended (a panic, say) is started again by the next
+    /// pass, with its peers: the router's handshake is answered.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_tunnel_task_that_ended_is_started_again_with_its_peers() {
+        let f = crate::api::testing::fixture().await;
+        f.router_handshakes().await;
+        end_and_revive(&f).await;
         assert!(f.state.control.lock().await.runtime.is_running(&f.acme));
         f.router_handshakes().await;
         f.state.control.lock().await.runtime.stop(&f.acme).await;
@@ -109,15 +113,7 @@ mod tests {
                 .await;
             assert_eq!(bound.expect("forward opened"), listen);
         }
-        f.state.control.lock().await.runtime.end_task(&f.acme);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while f.state.control.lock().await.runtime.is_running(&f.acme) {
-            assert!(tokio::time::Instant::now() < deadline, "the task ends");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        let mut failing = HashMap::new();
-        revive_all(&f.state, &mut failing).await;
-        assert!(failing.is_empty(), "{failing:?}");
+        end_and_revive(&f).await;
         let open = f
             .state
             .control

@@ -365,17 +365,30 @@ mod tests {
         assert!(to_stack.is_closed(), "the host reader is told");
     }
 
+    /// A stack, a router, and a bridged connection to it whose host has just
+    /// sent "hello": (start, stack, router, bridges, host -> stack, stack -> host).
+    fn hello() -> (
+        Instant,
+        LocalStack,
+        Router,
+        Bridges,
+        mpsc::Sender<Vec<u8>>,
+        mpsc::Receiver<Vec<u8>>,
+    ) {
+        let start = Instant::now();
+        let mut stack = LocalStack::new(Ipv4Addr::new(10, 100, 0, 1), 16, start);
+        let mut bridges = Bridges::default();
+        let remote = "10.100.1.1:8728".parse().unwrap();
+        let (to_stack, from_stack, _opened) = bridge(&mut stack, &mut bridges, remote, start);
+        to_stack.try_send(b"hello".to_vec()).unwrap();
+        (start, stack, Router::new(), bridges, to_stack, from_stack)
+    }
+
     /// A connection given up on a quiet router (its host side went away) is
     /// reset at the router too, not left open there.
     #[test]
     fn a_connection_given_up_is_reset_at_a_quiet_router() {
-        let start = Instant::now();
-        let mut stack = LocalStack::new(Ipv4Addr::new(10, 100, 0, 1), 16, start);
-        let mut router = Router::new();
-        let mut bridges = Bridges::default();
-        let remote = "10.100.1.1:8728".parse().unwrap();
-        let (to_stack, mut from_stack, _opened) = bridge(&mut stack, &mut bridges, remote, start);
-        to_stack.try_send(b"hello".to_vec()).unwrap();
+        let (start, mut stack, mut router, mut bridges, to_stack, mut from_stack) = hello();
         let mut now = start;
         let mut run = |stack: &mut LocalStack, router: &mut Router, bridges: &mut Bridges| {
             for _ in 0..20 {
@@ -403,13 +416,7 @@ mod tests {
     /// keep-alive probes, and is given up once the router is gone.
     #[test]
     fn idle_connections_live_while_the_router_answers() {
-        let start = Instant::now();
-        let mut stack = LocalStack::new(Ipv4Addr::new(10, 100, 0, 1), 16, start);
-        let mut router = Router::new();
-        let mut bridges = Bridges::default();
-        let remote = "10.100.1.1:8728".parse().unwrap();
-        let (to_stack, mut from_stack, _opened) = bridge(&mut stack, &mut bridges, remote, start);
-        to_stack.try_send(b"hello".to_vec()).unwrap();
+        let (start, mut stack, mut router, mut bridges, to_stack, mut from_stack) = hello();
         let mut now = start;
         let mut run = |stack: &mut LocalStack, router_up: bool, seconds: u64| {
             for _ in 0..seconds * 10 {

@@ -366,29 +366,47 @@ mod tests {
     }
 
     /// A stack, a router, and a bridged connection to it whose host has just
-    /// sent "hello": (start, stack, router, bridges, host -> stack, stack -> host).
-    fn hello() -> (
-        Instant,
-        LocalStack,
-        Router,
-        Bridges,
-        mpsc::Sender<Vec<u8>>,
-        mpsc::Receiver<Vec<u8>>,
-    ) {
+    /// sent "hello".
+    struct Hello {
+        start: Instant,
+        stack: LocalStack,
+        router: Router,
+        bridges: Bridges,
+        /// Host -> stack.
+        to_stack: mpsc::Sender<Vec<u8>>,
+        /// Stack -> host.
+        from_stack: mpsc::Receiver<Vec<u8>>,
+    }
+
+    fn hello() -> Hello {
         let start = Instant::now();
         let mut stack = LocalStack::new(Ipv4Addr::new(10, 100, 0, 1), 16, start);
         let mut bridges = Bridges::default();
         let remote = "10.100.1.1:8728".parse().unwrap();
         let (to_stack, from_stack, _opened) = bridge(&mut stack, &mut bridges, remote, start);
         to_stack.try_send(b"hello".to_vec()).unwrap();
-        (start, stack, Router::new(), bridges, to_stack, from_stack)
+        Hello {
+            start,
+            stack,
+            router: Router::new(),
+            bridges,
+            to_stack,
+            from_stack,
+        }
     }
 
     /// A connection given up on a quiet router (its host side went away) is
     /// reset at the router too, not left open there.
     #[test]
     fn a_connection_given_up_is_reset_at_a_quiet_router() {
-        let (start, mut stack, mut router, mut bridges, to_stack, mut from_stack) = hello();
+        let Hello {
+            start,
+            mut stack,
+            mut router,
+            mut bridges,
+            to_stack,
+            mut from_stack,
+        } = hello();
         let mut now = start;
         let mut run = |stack: &mut LocalStack, router: &mut Router, bridges: &mut Bridges| {
             for _ in 0..20 {
@@ -416,7 +434,14 @@ mod tests {
     /// keep-alive probes, and is given up once the router is gone.
     #[test]
     fn idle_connections_live_while_the_router_answers() {
-        let (start, mut stack, mut router, mut bridges, to_stack, mut from_stack) = hello();
+        let Hello {
+            start,
+            mut stack,
+            mut router,
+            mut bridges,
+            to_stack: _host_writes,
+            mut from_stack,
+        } = hello();
         let mut now = start;
         let mut run = |stack: &mut LocalStack, router_up: bool, seconds: u64| {
             for _ in 0..seconds * 10 {

@@ -494,6 +494,18 @@ fn tun_mode_reaches_routers_and_never_leaks() {
     }
     let out = rb_ns.output(&["ping", "-c", "2", "-W", "1", "198.18.5.1"]);
     assert!(!out.status.success(), "tenant acme has no host prefix");
+    // The router's script has them too: accepted from the tunnel, routed into it.
+    let auth = format!("@{}", lab.header_file().display());
+    let url = format!("http://{API}/v1/tenants/kitonga/routers/ra/script");
+    let out = lab
+        .hub
+        .output(&["curl", "-sS", "--max-time", "5", "-H", &auth, &url]);
+    let script = String::from_utf8_lossy(&out.stdout);
+    assert!(script.contains(",198.18.5.0/24,fd00:5::/64 "), "{script}");
+    assert!(
+        script.contains("/ip route add dst-address=198.18.5.0/24 gateway="),
+        "{script}"
+    );
 
     // 4. Positive control: the hub itself does reach the internet host.
     let sender = lab.script("udp_sender.py", UDP_SENDER);

@@ -65,27 +65,35 @@ fn tenant() -> Tenant {
     t
 }
 
+/// The line that lets the appliance reach the router ahead of any other filter rule.
+const ACCEPT: &str = r#":if ([:len [/ip firewall filter find comment="wgplane kitonga"]] = 0) do={:if ([:len [/ip firewall filter find dynamic=no]] = 0) do={/ip firewall filter add chain=input in-interface=wgplane-kitonga src-address=10.100.0.1/32 action=accept comment="wgplane kitonga"} else={/ip firewall filter add chain=input in-interface=wgplane-kitonga src-address=10.100.0.1/32 action=accept comment="wgplane kitonga" place-before=[:pick [/ip firewall filter find dynamic=no] 0]}}"#;
+
 #[test]
 fn gateway_script_snapshot() {
     let t = tenant();
-    let script = router_script(&t, &t.routers[&id("mikrotik-1")], "vpn.example.com");
+    let script = router_script(&t, &t.routers[&id("mikrotik-1")], "vpn.example.com", &[]);
     let server = wgplane::keys::encode(t.public_key.as_bytes());
     let private = t.routers[&id("mikrotik-1")]
         .private_key
         .as_ref()
         .unwrap()
         .to_base64();
+    let accept = ACCEPT;
     let expected = format!(
         r#"# wgplane: RouterOS v7 script for router "Gateway \"Main\" \$1" (mikrotik-1) of tenant kitonga
+# It can be run again after a change; entries of an earlier run that no longer apply stay (comment "wgplane kitonga").
 /system identity set name="Gateway \"Main\" \$1"
-/interface wireguard add name=wgplane-kitonga listen-port=13231 mtu=1420 private-key="{private}" comment="wgplane kitonga"
-/interface wireguard peers add interface=wgplane-kitonga public-key="{server}" endpoint-address=vpn.example.com endpoint-port=51820 allowed-address=10.100.0.0/16,10.200.0.0/24 persistent-keepalive=25s comment="wgplane kitonga"
-/ip address add address=10.100.0.40/32 interface=wgplane-kitonga comment="wgplane kitonga"
-/ip route add dst-address=10.100.0.0/16 gateway=wgplane-kitonga comment="wgplane kitonga"
+:if ([:len [/interface wireguard find name=wgplane-kitonga]] = 0) do={{/interface wireguard add name=wgplane-kitonga listen-port=13231 comment="wgplane kitonga"}}
+/interface wireguard set [find name=wgplane-kitonga] mtu=1420 private-key="{private}" comment="wgplane kitonga"
+:if ([:len [/interface wireguard peers find comment="wgplane kitonga"]] = 0) do={{/interface wireguard peers add interface=wgplane-kitonga public-key="{server}" endpoint-address=vpn.example.com endpoint-port=51820 allowed-address=10.100.0.0/16,10.200.0.0/24 persistent-keepalive=25s comment="wgplane kitonga"}} else={{/interface wireguard peers set [find comment="wgplane kitonga"] interface=wgplane-kitonga public-key="{server}" endpoint-address=vpn.example.com endpoint-port=51820 allowed-address=10.100.0.0/16,10.200.0.0/24 persistent-keepalive=25s}}
+:if ([:len [/ip address find comment="wgplane kitonga" address=10.100.0.40/32]] = 0) do={{/ip address add address=10.100.0.40/32 interface=wgplane-kitonga comment="wgplane kitonga"}}
+:if ([:len [/ip route find comment="wgplane kitonga" dst-address=10.100.0.0/16]] = 0) do={{/ip route add dst-address=10.100.0.0/16 gateway=wgplane-kitonga comment="wgplane kitonga"}}
 /ip service set api address=10.100.0.1/32
+# The appliance reaches the router's services (management forwards) ahead of any other rule.
+{accept}
 # KTN gateway: the client pool comes through the tunnel and leaves on the WAN.
-/ip route add dst-address=10.200.0.0/24 gateway=wgplane-kitonga comment="wgplane kitonga"
-/ip firewall nat add chain=srcnat src-address=10.200.0.0/24 out-interface-list=WAN action=masquerade comment="wgplane kitonga"
+:if ([:len [/ip route find comment="wgplane kitonga" dst-address=10.200.0.0/24]] = 0) do={{/ip route add dst-address=10.200.0.0/24 gateway=wgplane-kitonga comment="wgplane kitonga"}}
+:if ([:len [/ip firewall nat find comment="wgplane kitonga" chain=srcnat src-address=10.200.0.0/24]] = 0) do={{/ip firewall nat add chain=srcnat src-address=10.200.0.0/24 out-interface-list=WAN action=masquerade comment="wgplane kitonga"}}
 "#
     );
     assert_eq!(script, expected);
@@ -96,18 +104,24 @@ fn gateway_script_snapshot() {
 fn branch_script_snapshot() {
     let t = tenant();
     let r = &t.routers[&id("branch-a")];
-    let script = router_script(&t, r, "203.0.113.1");
+    let script = router_script(&t, r, "203.0.113.1", &[]);
     let server = wgplane::keys::encode(t.public_key.as_bytes());
     let own = wgplane::keys::encode(r.public_key.as_bytes());
+    let accept = ACCEPT;
     let expected = format!(
         r#"# wgplane: RouterOS v7 script for router "Branch-A" (branch-a) of tenant kitonga
+# It can be run again after a change; entries of an earlier run that no longer apply stay (comment "wgplane kitonga").
 /system identity set name="Branch-A"
-# This router keeps its own key: the interface below must hold the private key of {own}
-/interface wireguard add name=wgplane-kitonga listen-port=13231 mtu=1420 comment="wgplane kitonga"
-/interface wireguard peers add interface=wgplane-kitonga public-key="{server}" endpoint-address=203.0.113.1 endpoint-port=51820 allowed-address=10.100.0.0/16 persistent-keepalive=25s comment="wgplane kitonga"
-/ip address add address=10.100.1.1/32 interface=wgplane-kitonga comment="wgplane kitonga"
-/ip route add dst-address=10.100.0.0/16 gateway=wgplane-kitonga comment="wgplane kitonga"
+# This router keeps its own key: the script takes over its WireGuard interface that holds it.
+# Remove the peers and addresses of an earlier hub on it first: their allowed addresses would overlap.
+:if ([:len [/interface wireguard find public-key="{own}"]] = 0) do={{:error "no WireGuard interface holds the private key of {own}"}}
+/interface wireguard set [find public-key="{own}"] name=wgplane-kitonga mtu=1420 comment="wgplane kitonga"
+:if ([:len [/interface wireguard peers find comment="wgplane kitonga"]] = 0) do={{/interface wireguard peers add interface=wgplane-kitonga public-key="{server}" endpoint-address=203.0.113.1 endpoint-port=51820 allowed-address=10.100.0.0/16 persistent-keepalive=25s comment="wgplane kitonga"}} else={{/interface wireguard peers set [find comment="wgplane kitonga"] interface=wgplane-kitonga public-key="{server}" endpoint-address=203.0.113.1 endpoint-port=51820 allowed-address=10.100.0.0/16 persistent-keepalive=25s}}
+:if ([:len [/ip address find comment="wgplane kitonga" address=10.100.1.1/32]] = 0) do={{/ip address add address=10.100.1.1/32 interface=wgplane-kitonga comment="wgplane kitonga"}}
+:if ([:len [/ip route find comment="wgplane kitonga" dst-address=10.100.0.0/16]] = 0) do={{/ip route add dst-address=10.100.0.0/16 gateway=wgplane-kitonga comment="wgplane kitonga"}}
 /ip service set api address=10.100.0.1/32
+# The appliance reaches the router's services (management forwards) ahead of any other rule.
+{accept}
 "#
     );
     assert_eq!(script, expected);
@@ -128,23 +142,54 @@ fn ipv6_address_script_snapshot() {
         .push("fd77:7770:a64::101/128".parse().unwrap());
     r.extra_prefixes.push("2001:db8:1::/48".parse().unwrap());
     let r = &t.routers[&id("branch-a")];
-    let script = router_script(&t, r, "203.0.113.1");
+    let script = router_script(&t, r, "203.0.113.1", &[]);
     let server = wgplane::keys::encode(t.public_key.as_bytes());
     let own = wgplane::keys::encode(r.public_key.as_bytes());
+    let accept = ACCEPT;
     let expected = format!(
         r#"# wgplane: RouterOS v7 script for router "Branch-A" (branch-a) of tenant kitonga
+# It can be run again after a change; entries of an earlier run that no longer apply stay (comment "wgplane kitonga").
 /system identity set name="Branch-A"
-# This router keeps its own key: the interface below must hold the private key of {own}
-/interface wireguard add name=wgplane-kitonga listen-port=13231 mtu=1420 comment="wgplane kitonga"
-/interface wireguard peers add interface=wgplane-kitonga public-key="{server}" endpoint-address=203.0.113.1 endpoint-port=51820 allowed-address=10.100.0.0/16,fd77:7770:a64::/64 persistent-keepalive=25s comment="wgplane kitonga"
-/ip address add address=10.100.1.1/32 interface=wgplane-kitonga comment="wgplane kitonga"
-/ip route add dst-address=10.100.0.0/16 gateway=wgplane-kitonga comment="wgplane kitonga"
-/ipv6 address add address=fd77:7770:a64::101/64 interface=wgplane-kitonga advertise=no comment="wgplane kitonga"
+# This router keeps its own key: the script takes over its WireGuard interface that holds it.
+# Remove the peers and addresses of an earlier hub on it first: their allowed addresses would overlap.
+:if ([:len [/interface wireguard find public-key="{own}"]] = 0) do={{:error "no WireGuard interface holds the private key of {own}"}}
+/interface wireguard set [find public-key="{own}"] name=wgplane-kitonga mtu=1420 comment="wgplane kitonga"
+:if ([:len [/interface wireguard peers find comment="wgplane kitonga"]] = 0) do={{/interface wireguard peers add interface=wgplane-kitonga public-key="{server}" endpoint-address=203.0.113.1 endpoint-port=51820 allowed-address=10.100.0.0/16,fd77:7770:a64::/64 persistent-keepalive=25s comment="wgplane kitonga"}} else={{/interface wireguard peers set [find comment="wgplane kitonga"] interface=wgplane-kitonga public-key="{server}" endpoint-address=203.0.113.1 endpoint-port=51820 allowed-address=10.100.0.0/16,fd77:7770:a64::/64 persistent-keepalive=25s}}
+:if ([:len [/ip address find comment="wgplane kitonga" address=10.100.1.1/32]] = 0) do={{/ip address add address=10.100.1.1/32 interface=wgplane-kitonga comment="wgplane kitonga"}}
+:if ([:len [/ipv6 address find comment="wgplane kitonga" address=fd77:7770:a64::101/64]] = 0) do={{/ipv6 address add address=fd77:7770:a64::101/64 interface=wgplane-kitonga advertise=no comment="wgplane kitonga"}}
+:if ([:len [/ip route find comment="wgplane kitonga" dst-address=10.100.0.0/16]] = 0) do={{/ip route add dst-address=10.100.0.0/16 gateway=wgplane-kitonga comment="wgplane kitonga"}}
 /ip service set api address=10.100.0.1/32
+# The appliance reaches the router's services (management forwards) ahead of any other rule.
+{accept}
 "#
     );
     assert_eq!(script, expected);
     check_script(&script);
+}
+
+/// In TUN mode the tunnel carries the host's networks (the tenant's host
+/// prefixes): the router accepts them from the tunnel and routes them into it.
+#[test]
+fn host_prefixes_are_accepted_and_routed_into_the_tunnel() {
+    let t = tenant();
+    let r = &t.routers[&id("branch-a")];
+    let host: Vec<IpNet> = vec![
+        "172.18.0.0/16".parse().unwrap(),
+        "fd00:1::/64".parse().unwrap(),
+    ];
+    let script = router_script(&t, r, "203.0.113.1", &host);
+    check_script(&script);
+    assert!(
+        script.contains("allowed-address=10.100.0.0/16,172.18.0.0/16,fd00:1::/64 "),
+        "{script}"
+    );
+    for (menu, net) in [
+        ("/ip route", "172.18.0.0/16"),
+        ("/ipv6 route", "fd00:1::/64"),
+    ] {
+        let add = format!("do={{{menu} add dst-address={net} gateway=wgplane-kitonga ");
+        assert!(script.contains(&add), "{add}: {script}");
+    }
 }
 
 #[test]
@@ -173,70 +218,77 @@ fn script_through_the_api() {
 
 // ---- a small RouterOS v7 syntax checker ----
 
-/// Known menus, their commands, and the parameters each accepts.
+/// Known menus, their commands, and the parameters each accepts (`find` takes
+/// the same ones, and the read-only ones in [`FIND_ONLY`]).
 fn grammar() -> BTreeMap<(&'static str, &'static str), &'static [&'static str]> {
+    let wireguard = &[
+        "name",
+        "listen-port",
+        "mtu",
+        "private-key",
+        "comment",
+        "disabled",
+    ][..];
+    let peer = &[
+        "interface",
+        "public-key",
+        "preshared-key",
+        "endpoint-address",
+        "endpoint-port",
+        "allowed-address",
+        "persistent-keepalive",
+        "comment",
+        "disabled",
+    ][..];
+    let address = &["address", "interface", "network", "comment"][..];
+    let route = &["dst-address", "gateway", "distance", "comment"][..];
+    let address6 = &["address", "interface", "advertise", "no-dad", "comment"][..];
+    let filter = &[
+        "chain",
+        "in-interface",
+        "src-address",
+        "protocol",
+        "dst-port",
+        "action",
+        "comment",
+        "place-before",
+    ][..];
+    let nat = &[
+        "chain",
+        "src-address",
+        "dst-address",
+        "out-interface",
+        "out-interface-list",
+        "action",
+        "to-addresses",
+        "comment",
+    ][..];
     BTreeMap::from([
         (("/system identity", "set"), &["name"][..]),
-        (
-            ("/interface wireguard", "add"),
-            &[
-                "name",
-                "listen-port",
-                "mtu",
-                "private-key",
-                "comment",
-                "disabled",
-            ][..],
-        ),
-        (
-            ("/interface wireguard peers", "add"),
-            &[
-                "interface",
-                "public-key",
-                "preshared-key",
-                "endpoint-address",
-                "endpoint-port",
-                "allowed-address",
-                "persistent-keepalive",
-                "comment",
-                "disabled",
-            ][..],
-        ),
-        (
-            ("/ip address", "add"),
-            &["address", "interface", "network", "comment"][..],
-        ),
-        (
-            ("/ip route", "add"),
-            &["dst-address", "gateway", "distance", "comment"][..],
-        ),
-        (
-            ("/ipv6 address", "add"),
-            &["address", "interface", "advertise", "no-dad", "comment"][..],
-        ),
+        (("/interface wireguard", "add"), wireguard),
+        (("/interface wireguard", "set"), wireguard),
+        (("/interface wireguard peers", "add"), peer),
+        (("/interface wireguard peers", "set"), peer),
+        (("/ip address", "add"), address),
+        (("/ip route", "add"), route),
+        (("/ipv6 route", "add"), route),
+        (("/ipv6 address", "add"), address6),
         (("/ip service", "set"), &["address", "port", "disabled"][..]),
-        (
-            ("/ip firewall nat", "add"),
-            &[
-                "chain",
-                "src-address",
-                "dst-address",
-                "out-interface",
-                "out-interface-list",
-                "action",
-                "to-addresses",
-                "comment",
-            ][..],
-        ),
+        (("/ip firewall filter", "add"), filter),
+        (("/ip firewall nat", "add"), nat),
     ])
 }
 
-/// Splits a command line into words, keeping quoted strings (with `\` escapes) whole.
+/// Read-only properties that `find` may match on.
+const FIND_ONLY: &[&str] = &["public-key", "dynamic"];
+
+/// Splits text into words at spaces outside quoted strings (with `\` escapes),
+/// brackets, braces and parentheses, which stay whole.
 fn words(line: &str) -> Vec<String> {
     let mut out = Vec::new();
     let mut cur = String::new();
     let mut chars = line.chars();
-    let mut quoted = false;
+    let (mut quoted, mut depth) = (false, 0i32);
     while let Some(c) = chars.next() {
         match c {
             '\\' if quoted => {
@@ -252,7 +304,16 @@ fn words(line: &str) -> Vec<String> {
                 quoted = !quoted;
                 cur.push(c);
             }
-            ' ' if !quoted => {
+            '[' | '{' | '(' if !quoted => {
+                depth += 1;
+                cur.push(c);
+            }
+            ']' | '}' | ')' if !quoted => {
+                depth -= 1;
+                assert!(depth >= 0, "unbalanced {c}: {line}");
+                cur.push(c);
+            }
+            ' ' if !quoted && depth == 0 => {
                 if !cur.is_empty() {
                     out.push(std::mem::take(&mut cur));
                 }
@@ -262,10 +323,18 @@ fn words(line: &str) -> Vec<String> {
         }
     }
     assert!(!quoted, "unterminated string: {line}");
+    assert_eq!(depth, 0, "unbalanced brackets: {line}");
     if !cur.is_empty() {
         out.push(cur);
     }
     out
+}
+
+/// `text` without its enclosing `open` and `close`.
+fn inside<'a>(text: &'a str, open: &str, close: &str) -> &'a str {
+    text.strip_prefix(open)
+        .and_then(|t| t.strip_suffix(close))
+        .unwrap_or_else(|| panic!("expected {open}…{close}: {text}"))
 }
 
 fn check_value(key: &str, value: &str, line: &str) {
@@ -274,7 +343,7 @@ fn check_value(key: &str, value: &str, line: &str) {
     let ok = match key {
         "address" | "src-address" | "dst-address" => prefix(unquoted),
         "allowed-address" => unquoted.split(',').all(prefix),
-        "endpoint-port" | "listen-port" | "mtu" | "port" => {
+        "endpoint-port" | "listen-port" | "mtu" | "port" | "dst-port" => {
             unquoted.parse::<u16>().is_ok_and(|p| p > 0)
         }
         "persistent-keepalive" => unquoted
@@ -284,52 +353,120 @@ fn check_value(key: &str, value: &str, line: &str) {
         "endpoint-address" => {
             !unquoted.contains(':') || unquoted.parse::<std::net::Ipv6Addr>().is_ok()
         }
-        "chain" => matches!(unquoted, "srcnat" | "dstnat"),
-        "advertise" | "no-dad" => matches!(unquoted, "yes" | "no"),
+        "chain" => matches!(unquoted, "srcnat" | "dstnat" | "input"),
+        "advertise" | "no-dad" | "dynamic" => matches!(unquoted, "yes" | "no"),
         "action" => matches!(unquoted, "masquerade" | "src-nat" | "accept"),
+        "place-before" => {
+            // The first static rule: `[:pick [<menu> find dynamic=no] 0]`.
+            let pick = inside(value, "[:pick ", " 0]");
+            check_find(inside(pick, "[", "]"), line);
+            true
+        }
         _ => !unquoted.is_empty(),
     };
     assert!(ok, "bad value for {key}: {value:?} in: {line}");
 }
 
+/// Splits `words` at the command verb: (menu, verb, the rest).
+fn at_verb<'a>(words: &'a [String], line: &str) -> (String, &'a str, &'a [String]) {
+    assert!(
+        words[0].starts_with('/'),
+        "a command starts with a menu path: {line}"
+    );
+    let verb_at = words
+        .iter()
+        .position(|w| matches!(w.as_str(), "add" | "set" | "find"))
+        .unwrap_or_else(|| panic!("no command verb in: {line}"));
+    (
+        words[..verb_at].join(" "),
+        &words[verb_at],
+        &words[verb_at + 1..],
+    )
+}
+
+/// `key=value` words for `menu`: known keys, valid values.
+fn check_params(menu: &str, allowed: &[&str], params: &[String], find: bool, line: &str) {
+    for word in params {
+        let (key, value) = word
+            .split_once('=')
+            .unwrap_or_else(|| panic!("stray word {word:?} in: {line}"));
+        assert!(
+            allowed.contains(&key) || (find && FIND_ONLY.contains(&key)),
+            "{menu} has no parameter {key}: {line}"
+        );
+        check_value(key, value, line);
+    }
+}
+
+/// `<menu> find key=value…`, with `menu` the one given, or none inside a `set`.
+fn check_find(text: &str, line: &str) {
+    let words = words(text);
+    let (menu, verb, params) = at_verb(&words, line);
+    assert_eq!(verb, "find", "{line}");
+    let allowed = grammar()
+        .into_iter()
+        .filter(|((m, _), _)| *m == menu)
+        .flat_map(|(_, p)| p.iter().copied())
+        .collect::<Vec<_>>();
+    assert!(!allowed.is_empty(), "unknown menu {menu}: {line}");
+    check_params(&menu, &allowed, params, true, line);
+}
+
+/// One command: `:if (…) do={…} else={…}`, `:error "…"`, or `<menu> add|set …`.
+fn check_command(command: &str, line: &str) {
+    if let Some(rest) = command.strip_prefix(":if ") {
+        let parts = words(rest);
+        // The condition: `([:len [<menu> find …]] = 0)`.
+        let condition = words(inside(&parts[0], "(", ")"));
+        assert_eq!(condition[1..], ["=", "0"], "{line}");
+        check_find(inside(&condition[0], "[:len [", "]]"), line);
+        assert!((2..=3).contains(&parts.len()), "{line}");
+        check_command(inside(&parts[1], "do={", "}"), line);
+        if let Some(otherwise) = parts.get(2) {
+            check_command(inside(otherwise, "else={", "}"), line);
+        }
+        return;
+    }
+    if let Some(message) = command.strip_prefix(":error ") {
+        assert!(
+            words(message).len() == 1 && message.starts_with('"'),
+            "{line}"
+        );
+        return;
+    }
+    let words = words(command);
+    let (menu, verb, mut params) = at_verb(&words, line);
+    let allowed = grammar()
+        .get(&(menu.as_str(), verb))
+        .copied()
+        .unwrap_or_else(|| panic!("unknown menu/command {menu} {verb}: {line}"));
+    // A `set` names its item first (`/ip service set api …`, `set [find …]`),
+    // except in menus of one item (`/system identity`).
+    let named = |w: &&String| w.starts_with('[') || !w.contains('=');
+    if let Some(item) = params.first().filter(|w| verb == "set" && named(w)) {
+        if item.starts_with('[') {
+            check_find(&format!("{menu} {}", inside(item, "[", "]")), line);
+        }
+        params = &params[1..];
+    }
+    check_params(&menu, allowed, params, false, line);
+    assert!(
+        !command.contains("endpoint="),
+        "RouterOS v7 has no endpoint=host:port"
+    );
+}
+
 fn check_script(script: &str) {
-    let grammar = grammar();
     let mut commands = 0;
     for line in script.lines() {
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        let words = words(line);
-        assert!(
-            words[0].starts_with('/'),
-            "a command starts with a menu path: {line}"
-        );
-        let verb_at = words
-            .iter()
-            .position(|w| matches!(w.as_str(), "add" | "set" | "remove"))
-            .unwrap_or_else(|| panic!("no command verb in: {line}"));
-        let menu = words[..verb_at].join(" ");
-        let verb = words[verb_at].as_str();
-        let allowed = grammar
-            .get(&(menu.as_str(), verb))
-            .unwrap_or_else(|| panic!("unknown menu/command {menu} {verb}: {line}"));
-        for (i, word) in words[verb_at + 1..].iter().enumerate() {
-            match word.split_once('=') {
-                Some((key, value)) => {
-                    assert!(
-                        allowed.contains(&key),
-                        "{menu} {verb} has no parameter {key}: {line}"
-                    );
-                    check_value(key, value, line);
-                }
-                // `set` takes the item first (`/ip service set api …`).
-                None => assert!(verb == "set" && i == 0, "stray word {word:?} in: {line}"),
-            }
-        }
-        assert!(
-            !line.contains("endpoint="),
-            "RouterOS v7 has no endpoint=host:port"
-        );
+        check_command(line, line);
+        // Run again, the script must not add anything twice.
+        let add = words(line).get(2).is_some_and(|w| w == "add")
+            || words(line).get(3).is_some_and(|w| w == "add");
+        assert!(!add, "an unguarded add: {line}");
         commands += 1;
     }
     assert!(commands >= 6, "a script has its commands");

@@ -80,12 +80,29 @@ pub fn ros_quote(text: &str) -> String {
 ///
 /// RouterOS peers take `endpoint-address` and `endpoint-port` (not `host:port`);
 /// `allowed-address` adds no route, so the routes are explicit; the API service is
-/// limited to the appliance's server address. A gateway of the egress policy also
-/// accepts the client pool from the tunnel, routes it back into the tunnel and
-/// masquerades it on its WAN interface list. A router given an address in the
-/// tenant's IPv6 network (an `allowed_ips` entry `/128` inside it) gets that
-/// address with the network's /64, and accepts the network from the tunnel.
-pub fn router_script(tenant: &Tenant, router: &Router, public_host: &str) -> String {
+/// limited to the appliance's server address, and the input chain accepts the
+/// appliance from the tunnel ahead of any other rule (RouterOS's default firewall
+/// drops what does not come from the LAN, management forwards included). A
+/// gateway of the egress policy also accepts the client pool from the tunnel,
+/// routes it back into the tunnel and masquerades it on its WAN interface list.
+/// A router given an address in the tenant's IPv6 network (an `allowed_ips`
+/// entry `/128` inside it) gets that address with the network's /64, and accepts
+/// the network from the tunnel. `host_routes` are the host's networks the tunnel
+/// carries (TUN mode's host prefixes): accepted from the tunnel and routed into it.
+///
+/// The script can be run again after a change (a router made a gateway, say),
+/// also over the tunnel itself: it never removes what carries the session. The
+/// interface and the appliance's peer are updated in place; everything else
+/// (marked with the comment `wgplane <tenant>`) is added unless it is there. A
+/// router that keeps its own key gets no new interface, whose key RouterOS
+/// would make up: the script takes over the one that holds the router's key,
+/// and stops with an error if there is none.
+pub fn router_script(
+    tenant: &Tenant,
+    router: &Router,
+    public_host: &str,
+    host_routes: &[ipnet::IpNet],
+) -> String {
     let ifname = router_interface(tenant);
     let pool = tenant
         .egress
@@ -100,75 +117,121 @@ pub fn router_script(tenant: &Tenant, router: &Router, public_host: &str) -> Str
     let mut allowed = vec![tenant.subnet.to_string()];
     allowed.extend(pool.map(|p| p.to_string()));
     allowed.extend(address6.map(|_| net6.to_string()));
+    allowed.extend(host_routes.iter().map(ToString::to_string));
     let comment = ros_quote(&format!("wgplane {}", tenant.id));
     let mut out = String::new();
-    let _ = writeln!(
-        out,
+    let mut line = |text: std::fmt::Arguments<'_>| {
+        let _ = out.write_fmt(text);
+        out.push('\n');
+    };
+    // `menu add <what> <rest>` unless an entry with this comment and <what> is there.
+    let ensure = |menu: &str, what: &str, rest: &str| {
+        format!(
+            ":if ([:len [{menu} find comment={comment} {what}]] = 0) do={{{menu} add {what} {rest} comment={comment}}}"
+        )
+    };
+    line(format_args!(
         "# wgplane: RouterOS v7 script for router {} ({}) of tenant {}",
         ros_quote(&router.name),
         router.id,
         tenant.id
-    );
-    let _ = writeln!(out, "/system identity set name={}", ros_quote(&router.name));
+    ));
+    line(format_args!(
+        "# It can be run again after a change; entries of an earlier run that no longer apply stay (comment {comment})."
+    ));
+    line(format_args!(
+        "/system identity set name={}",
+        ros_quote(&router.name)
+    ));
     match &router.private_key {
         Some(key) => {
-            let _ = writeln!(
-                out,
-                "/interface wireguard add name={ifname} listen-port=13231 mtu=1420 private-key={} comment={comment}",
+            line(format_args!(
+                ":if ([:len [/interface wireguard find name={ifname}]] = 0) do={{/interface wireguard add name={ifname} listen-port=13231 comment={comment}}}"
+            ));
+            line(format_args!(
+                "/interface wireguard set [find name={ifname}] mtu=1420 private-key={} comment={comment}",
                 ros_quote(&key.to_base64())
-            );
+            ));
         }
         None => {
-            let _ = writeln!(
-                out,
-                "# This router keeps its own key: the interface below must hold the private key of {}",
-                keys::encode(router.public_key.as_bytes())
-            );
-            let _ = writeln!(
-                out,
-                "/interface wireguard add name={ifname} listen-port=13231 mtu=1420 comment={comment}"
-            );
+            let own = ros_quote(&keys::encode(router.public_key.as_bytes()));
+            line(format_args!(
+                "# This router keeps its own key: the script takes over its WireGuard interface that holds it."
+            ));
+            line(format_args!(
+                "# Remove the peers and addresses of an earlier hub on it first: their allowed addresses would overlap."
+            ));
+            line(format_args!(
+                ":if ([:len [/interface wireguard find public-key={own}]] = 0) do={{:error {}}}",
+                ros_quote(&format!(
+                    "no WireGuard interface holds the private key of {}",
+                    keys::encode(router.public_key.as_bytes())
+                ))
+            ));
+            line(format_args!(
+                "/interface wireguard set [find public-key={own}] name={ifname} mtu=1420 comment={comment}"
+            ));
         }
     }
-    let _ = writeln!(
-        out,
-        "/interface wireguard peers add interface={ifname} public-key={} endpoint-address={} endpoint-port={} allowed-address={} persistent-keepalive=25s comment={comment}",
+    let peer = format!(
+        "public-key={} endpoint-address={} endpoint-port={} allowed-address={} persistent-keepalive=25s",
         ros_quote(&keys::encode(tenant.public_key.as_bytes())),
         public_host.trim_start_matches('[').trim_end_matches(']'),
         tenant.listen_port,
         allowed.join(",")
     );
-    let _ = writeln!(
-        out,
-        "/ip address add address={}/32 interface={ifname} comment={comment}",
-        router.vpn_ip
-    );
-    let _ = writeln!(
-        out,
-        "/ip route add dst-address={} gateway={ifname} comment={comment}",
-        tenant.subnet
-    );
+    line(format_args!(
+        ":if ([:len [/interface wireguard peers find comment={comment}]] = 0) do={{/interface wireguard peers add interface={ifname} {peer} comment={comment}}} else={{/interface wireguard peers set [find comment={comment}] interface={ifname} {peer}}}"
+    ));
+    let interface = format!("interface={ifname}");
+    let gateway = format!("gateway={ifname}");
+    line(format_args!(
+        "{}",
+        ensure(
+            "/ip address",
+            &format!("address={}/32", router.vpn_ip),
+            &interface
+        )
+    ));
+    let mut routes = vec![ipnet::IpNet::V4(tenant.subnet)];
+    routes.extend(host_routes.iter().copied());
     if let Some(address6) = address6 {
-        let _ = writeln!(
-            out,
-            "/ipv6 address add address={address6}/{} interface={ifname} advertise=no comment={comment}",
-            net6.prefix_len()
-        );
+        let what = format!("address={address6}/{}", net6.prefix_len());
+        let rest = format!("{interface} advertise=no");
+        line(format_args!("{}", ensure("/ipv6 address", &what, &rest)));
     }
-    let _ = writeln!(out, "/ip service set api address={}/32", tenant.server_ip());
+    for net in routes {
+        let menu = if net.addr().is_ipv4() {
+            "/ip route"
+        } else {
+            "/ipv6 route"
+        };
+        let what = format!("dst-address={net}");
+        line(format_args!("{}", ensure(menu, &what, &gateway)));
+    }
+    line(format_args!(
+        "/ip service set api address={}/32",
+        tenant.server_ip()
+    ));
+    line(format_args!(
+        "# The appliance reaches the router's services (management forwards) ahead of any other rule."
+    ));
+    let accept = format!(
+        "/ip firewall filter add chain=input in-interface={ifname} src-address={}/32 action=accept comment={comment}",
+        tenant.server_ip()
+    );
+    line(format_args!(
+        ":if ([:len [/ip firewall filter find comment={comment}]] = 0) do={{:if ([:len [/ip firewall filter find dynamic=no]] = 0) do={{{accept}}} else={{{accept} place-before=[:pick [/ip firewall filter find dynamic=no] 0]}}}}"
+    ));
     if let Some(pool) = pool {
-        let _ = writeln!(
-            out,
+        line(format_args!(
             "# KTN gateway: the client pool comes through the tunnel and leaves on the WAN."
-        );
-        let _ = writeln!(
-            out,
-            "/ip route add dst-address={pool} gateway={ifname} comment={comment}"
-        );
-        let _ = writeln!(
-            out,
-            "/ip firewall nat add chain=srcnat src-address={pool} out-interface-list=WAN action=masquerade comment={comment}"
-        );
+        ));
+        let what = format!("dst-address={pool}");
+        line(format_args!("{}", ensure("/ip route", &what, &gateway)));
+        let what = format!("chain=srcnat src-address={pool}");
+        let rest = "out-interface-list=WAN action=masquerade";
+        line(format_args!("{}", ensure("/ip firewall nat", &what, rest)));
     }
     out
 }

@@ -177,6 +177,11 @@ impl Runtime {
         started
     }
 
+    /// True in TUN mode (the host reaches the tunnels through a device).
+    pub fn tun_mode(&self) -> bool {
+        self.settings.host.is_some()
+    }
+
     /// TUN mode: the host device's drops by reason (none without a device).
     pub fn host_drops(&self) -> Option<[(&'static str, u64); 5]> {
         self.settings.host.as_ref().map(|h| h.drops().counts())

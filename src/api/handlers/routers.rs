@@ -131,7 +131,12 @@ pub async fn get_router_script(
     let (t, r) = (tenant_id(&t)?, Id::parse(&r, "router_id")?);
     let control = state.control.lock().await;
     let (tenant, router) = find_router(&control, &t, &r)?;
-    let text = render::router_script(tenant, router, &state.public_host);
+    // In TUN mode the tunnel carries the host prefixes to the host device.
+    let host_routes = match control.runtime.tun_mode() {
+        true => &tenant.host_prefixes[..],
+        false => &[],
+    };
+    let text = render::router_script(tenant, router, &state.public_host, host_routes);
     Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
 }
 

@@ -75,6 +75,9 @@ fn a_given_tenant_is_stormed_by_strangers_carries_the_flow_and_stays() {
     assert!(storm["sent_initiations"].as_u64().unwrap() > 0, "{storm}");
     assert_eq!(storm["responses"], 0, "strangers get no handshake: {storm}");
     assert_patient_consistent(&storm, 1);
+    // Its registered router was the run's own, and is gone again.
+    let routers = app.expect("GET", "/v1/tenants/ktn/routers", None, 200);
+    assert_eq!(routers.as_array().map(Vec::len), Some(0), "{routers}");
     // The flow adds its gateway and phone to the same tenant.
     let flow = bench_json(
         &app,

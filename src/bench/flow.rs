@@ -220,6 +220,18 @@ pub(crate) async fn run(
     // The appliance's own count: the per-packet and per-GiB figures use it, so
     // losses after the appliance (the receiver's socket) do not inflate them.
     report.forwarded_packets = super::grown(before, forwarded(api, &tenant, direction).await?);
+    let (sent, forwarded, received) = (
+        report.sent_packets,
+        report.forwarded_packets,
+        report.received_packets,
+    );
+    if sent == 0 || forwarded == 0 || received == 0 {
+        return Err(BenchError::NothingThrough {
+            sent,
+            forwarded,
+            received,
+        });
+    }
     if let Some(cpu) = report.appliance_cpu_seconds {
         // The size the packets were sent at.
         let gib =

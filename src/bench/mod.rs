@@ -142,6 +142,13 @@ pub enum BenchError {
     /// A storm measured nothing that figures could be made of.
     #[error("handshake storm: {0}")]
     Storm(String),
+    /// A flow got nothing through the appliance: its figures would be zeros.
+    #[error("flow: nothing got through the appliance (sent {sent}, forwarded {forwarded}, received {received})")]
+    NothingThrough {
+        sent: u64,
+        forwarded: u64,
+        received: u64,
+    },
     /// A handshake did not complete.
     #[error("handshake with the appliance did not complete ({0})")]
     Handshake(&'static str),

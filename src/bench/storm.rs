@@ -111,9 +111,11 @@ pub struct StormReport {
     pub appliance_handshakes: u64,
     pub appliance_cpu_seconds: Option<f64>,
     pub appliance_cpu_us_per_handshake: Option<f64>,
-    /// Appliance CPU per initiation sent, whatever the answer.
+    /// Appliance CPU per initiation it got, whatever the answer: the storm's,
+    /// the patient routers' and the echoing routers' (their echoes included).
     pub appliance_cpu_us_per_initiation: Option<f64>,
-    /// Appliance CPU over the run's duration: 1.0 is one core busy.
+    /// Appliance CPU over the run, until every router stopped: 1.0 is one core
+    /// busy.
     pub appliance_cores: Option<f64>,
     /// The routers that retried with their cookie (`--patient`).
     pub patient: PatientReport,
@@ -147,6 +149,8 @@ pub struct PatientReport {
     pub completed: usize,
     /// Cookie replies they received on the way.
     pub cookie_replies: u64,
+    /// Initiations they sent.
+    pub initiations: u64,
     /// From a router's first initiation to its handshake response.
     pub seconds_p50: Option<f64>,
     pub seconds_max: Option<f64>,
@@ -260,11 +264,28 @@ pub(crate) async fn run(
         }
         tenants.push((name, public, port));
     }
+    // Registered routers get ids of this run's own: in a given tenant they
+    // must not take over (re-key) a router of the tenant's, and they go again
+    // after the run.
+    let mut registered = Vec::new();
+    let mut register = async |tenant: &str, id: String| -> Result<StaticSecret, BenchError> {
+        if spec.tenant.is_some() {
+            let path = format!("/v1/tenants/{tenant}/routers/{id}");
+            if api.get_if_any(&path).await?.is_some() {
+                return Err(BenchError::TenantInUse {
+                    tenant: tenant.to_owned(),
+                    what: format!("a router named {id:?}"),
+                });
+            }
+            registered.push(path);
+        }
+        api.router(tenant, &id).await
+    };
     let mut patient = Vec::with_capacity(spec.patient);
     for p in 0..spec.patient {
         let (name, public, port) = &tenants[p % tunnels];
         let (public, port) = (*public, *port);
-        let secret = api.router(name, &format!("p{p}")).await?;
+        let secret = register(name, format!("bench-{pid}-p{p}")).await?;
         let index = (count_routers + p) as u32;
         patient.push((
             Tunn::new(secret, public, None, None, index, None),
@@ -279,7 +300,7 @@ pub(crate) async fn run(
     for e in 0..spec.echoing {
         let (name, public, port) = &tenants[e % tunnels];
         let (public, port) = (*public, *port);
-        let secret = api.router(name, &format!("e{e}")).await?;
+        let secret = register(name, format!("bench-{pid}-e{e}")).await?;
         let index = (count_routers + spec.patient + e) as u32;
         echoing.push(Echoer {
             tunn: Tunn::new(secret, public, None, None, index, None),
@@ -314,7 +335,11 @@ pub(crate) async fn run(
                 .await?,
         );
     }
-    let mut report = storm(spec, &prepared, count, rate, patient, echoing).await?;
+    let report = storm(spec, &prepared, count, rate, patient, echoing).await;
+    for path in registered {
+        api.call(reqwest::Method::DELETE, &path, None).await?;
+    }
+    let mut report = report?;
     report.tunnels = tunnels;
     report.peers_per_tunnel = peers;
     for ((name, ..), before) in tenants.iter().zip(before) {
@@ -543,34 +568,39 @@ async fn storm(
             break;
         }
     }
-    let cpu = meter.seconds();
-    let _ = stop.send(true);
-    while listeners.join_next().await.is_some() {}
-    // They stop at the deadline, which has passed.
+    // The echoing and patient routers run until the deadline (also when the
+    // storm's stock ran out sooner): the CPU read covers all their work.
     while let Some(outcome) = echoers.join_next().await {
         if let Ok(outcome) = outcome {
             outcome?;
         }
     }
-    let echoing = echoes.report(echo_routers, sending);
+    let echoing = echoes.report(echo_routers, spec.duration);
     let mut patient = PatientReport::default();
     let mut took = Vec::new();
     while let Some(outcome) = patients.join_next().await {
         patient.routers += 1;
         let Ok(outcome) = outcome else { continue };
-        let (done, cookies) = outcome?;
+        let (done, cookies, initiations) = outcome?;
         patient.cookie_replies += cookies;
+        patient.initiations += initiations;
         if let Some(t) = done {
             patient.completed += 1;
             took.push(t.as_secs_f64());
         }
     }
+    let cpu = meter.seconds();
+    let cpu_window = begin.elapsed();
+    let _ = stop.send(true);
+    while listeners.join_next().await.is_some() {}
     took.sort_by(f64::total_cmp);
     patient.seconds_p50 = took.get(took.len() / 2).copied();
     patient.seconds_max = took.last().copied();
     let responses = answers.responses.load(Ordering::Relaxed);
     let cookie_replies = answers.cookies.load(Ordering::Relaxed);
     let answered_handshakes = responses + echoing.handshakes + patient.completed as u64;
+    // Every initiation the appliance got, from every kind of router.
+    let all_initiations = sent + echoing.initiations + patient.initiations;
     if sent == 0 {
         return Err(BenchError::Storm("no initiation could be sent".into()));
     }
@@ -610,8 +640,8 @@ async fn storm(
         appliance_cpu_us_per_handshake: cpu
             .filter(|_| answered_handshakes > 0)
             .map(|c| c * 1e6 / answered_handshakes as f64),
-        appliance_cpu_us_per_initiation: cpu.filter(|_| sent > 0).map(|c| c * 1e6 / sent as f64),
-        appliance_cores: cpu.map(|c| c / seconds),
+        appliance_cpu_us_per_initiation: cpu.map(|c| c * 1e6 / all_initiations as f64),
+        appliance_cores: cpu.map(|c| c / cpu_window.as_secs_f64().max(f64::EPSILON)),
         patient,
         echoing,
         sources: spec.sources.max(1),
@@ -737,17 +767,18 @@ async fn retry_with_cookies(
     from: IpAddr,
     begin: Instant,
     deadline: Instant,
-) -> Result<(Option<Duration>, u64), BenchError> {
+) -> Result<(Option<Duration>, u64, u64), BenchError> {
     tokio::time::sleep_until((begin + PATIENT_START).into()).await;
     let socket = tokio::net::UdpSocket::bind((from, 0)).await?;
     let started = Instant::now();
-    let mut cookies = 0;
+    let (mut cookies, mut initiations) = (0, 0);
     let (mut out, mut answer, mut scratch) = ([0u8; 256], [0u8; 256], [0u8; 256]);
     while Instant::now() < deadline {
         if let TunnResult::WriteToNetwork(initiation) =
             tunn.format_handshake_initiation(&mut out, true)
         {
             socket.send_to(initiation, to).await?;
+            initiations += 1;
         }
         let jitter = Duration::from_millis(u64::from(
             rand_core::RngCore::next_u32(&mut rand_core::OsRng) % PATIENT_JITTER_MS,
@@ -759,13 +790,13 @@ async fn retry_with_cookies(
             let result = tunn.decapsulate(Some(to.ip()), &answer[..n], &mut scratch);
             match (kind, result) {
                 (_, TunnResult::Err(_)) => {}
-                (2, _) => return Ok((Some(started.elapsed()), cookies)),
+                (2, _) => return Ok((Some(started.elapsed()), cookies, initiations)),
                 (3, _) => cookies += 1,
                 _ => {}
             }
         }
     }
-    Ok((None, cookies))
+    Ok((None, cookies, initiations))
 }
 
 #[cfg(test)]

@@ -19,6 +19,12 @@ type Received = Arc<Mutex<Vec<Value>>>;
 
 /// A webhook receiver on loopback that refuses its first request.
 fn webhook_receiver() -> (SocketAddr, Received, Arc<Mutex<u32>>) {
+    receiver(true)
+}
+
+/// A webhook receiver on loopback; `refuse_first`: it answers its first
+/// request with a 500.
+fn receiver(refuse_first: bool) -> (SocketAddr, Received, Arc<Mutex<u32>>) {
     let received = Arc::new(Mutex::new(Vec::new()));
     let attempts = Arc::new(Mutex::new(0u32));
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind receiver");
@@ -38,7 +44,7 @@ fn webhook_receiver() -> (SocketAddr, Received, Arc<Mutex<u32>>) {
                     async move {
                         let mut n = a.lock().unwrap();
                         *n += 1;
-                        if *n == 1 {
+                        if *n == 1 && refuse_first {
                             return StatusCode::INTERNAL_SERVER_ERROR;
                         }
                         r.lock().unwrap().push(body);
@@ -157,4 +163,78 @@ fn sigterm_ends_the_event_streams_and_the_process() {
         "{ended:?}"
     );
     assert!(app.log().contains("stopped"), "{}", app.log());
+}
+
+/// A router whose key changes, or that is deleted, and a tenant deleted with
+/// its connected router: each connected peer is told gone, under the name and
+/// key it connected with. And a URL that is down holds up no other URL's
+/// deliveries.
+#[test]
+fn removed_peers_are_disconnected_and_a_dead_webhook_holds_up_no_other() {
+    let (live, received, _) = receiver(false);
+    // Nothing listens there: every attempt is refused, with retries over 10 s.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port");
+    let hooks = format!("http://{dead}/hook,http://{live}/hook");
+    let state = tempfile::tempdir().expect("tempdir");
+    let app = Appliance::start_with(
+        state,
+        free_tcp_port(),
+        free_udp_ports(4),
+        &[("WGPLANE_WEBHOOKS", &hooks)],
+    )
+    .expect("start");
+    let tenant = app.expect("PUT", "/v1/tenants/acme", None, 201);
+    let server = tenant["server_public_key"].as_str().unwrap().to_owned();
+    let endpoint: SocketAddr = ([127, 0, 0, 1], app.first_port).into();
+    let events = app.subscribe_events();
+    // Provisions router `id` with a new key; returns the key's secret and public.
+    let provision = |id: &str| {
+        let (secret, public) = keypair();
+        let body = format!(r#"{{"public_key":"{public}"}}"#);
+        let path = format!("/v1/tenants/acme/routers/{id}");
+        app.call("PUT", &path, Some(&body));
+        (secret, public)
+    };
+    let connect = |id: &str, (secret, public): (_, String), index: u32| {
+        let mut peer = UdpPeer::new(secret, &server, endpoint, index);
+        assert!(peer.handshake());
+        let (name, data) = next_event(&events, Duration::from_secs(5));
+        assert_eq!(
+            (name.as_str(), data["id"].as_str()),
+            ("peer_connected", Some(id))
+        );
+        assert_eq!(data["public_key"], public.as_str());
+        (peer, public)
+    };
+    let expect_gone = |id: &str, public: &str| {
+        let (name, data) = next_event(&events, Duration::from_secs(5));
+        assert_eq!(name, "peer_disconnected", "{data}");
+        assert_eq!(
+            (data["id"].as_str(), data["public_key"].as_str()),
+            (Some(id), Some(public))
+        );
+    };
+
+    let (_old, old_key) = connect("r1", provision("r1"), 1);
+    // The live URL has it at once, whatever the dead one costs.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while received.lock().unwrap().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        received.lock().unwrap().len(),
+        1,
+        "the live URL waited for the dead one"
+    );
+    // A new key: the old one's session is gone.
+    let new = provision("r1");
+    expect_gone("r1", &old_key);
+    let (_new, new_key) = connect("r1", new, 2);
+    app.expect("DELETE", "/v1/tenants/acme/routers/r1", None, 204);
+    expect_gone("r1", &new_key);
+    let (_r2, r2_key) = connect("r2", provision("r2"), 3);
+    app.expect("DELETE", "/v1/tenants/acme", None, 204);
+    expect_gone("r2", &r2_key);
 }

@@ -13,9 +13,10 @@ use tokio_stream::{Stream, StreamExt};
 use super::AppState;
 
 /// Streams every peer event from now on. A subscriber that falls behind gets a
-/// `lagged` comment with the number of events it missed, then continues. The
-/// stream ends when the appliance shuts down.
-#[utoipa::path(get, path = "/events", tag = "events", responses((status = 200, description = "Server-Sent Events: peer_connected, peer_disconnected, peer_roamed; data is a PeerEvent", content_type = "text/event-stream", body = crate::io::events::PeerEvent), (status = 401, description = "Missing or wrong token", body = super::views::ErrorBody)))]
+/// `lagged` event (data `{"missed": N}`), then continues: it should read the
+/// peers' state again (`GET …/routers`, `…/clients`), since events are not
+/// replayed. The stream ends when the appliance shuts down.
+#[utoipa::path(get, path = "/events", tag = "events", responses((status = 200, description = "Server-Sent Events: peer_connected, peer_disconnected, peer_roamed (data: a PeerEvent); lagged (data: {\"missed\": N}) when the subscriber fell behind", content_type = "text/event-stream", body = crate::io::events::PeerEvent), (status = 401, description = "Missing or wrong token", body = super::views::ErrorBody)))]
 pub async fn stream(
     State(state): State<Arc<AppState>>,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
@@ -25,9 +26,10 @@ pub async fn stream(
                 .event(e.event)
                 .json_data(&e)
                 .unwrap_or_else(|_| Event::default().comment("unserializable event")),
-            Err(BroadcastStreamRecvError::Lagged(n)) => {
-                Event::default().comment(format!("lagged {n}"))
-            }
+            // An event, not a comment: EventSource clients drop comments.
+            Err(BroadcastStreamRecvError::Lagged(n)) => Event::default()
+                .event("lagged")
+                .data(format!("{{\"missed\":{n}}}")),
         })
     });
     let mut stopping = state.stopping.clone();

@@ -8,6 +8,7 @@
 //! Webhook delivery has its own bounded queue and retries; when the queue is full
 //! the event is dropped for webhooks and counted, never waited for.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -125,6 +126,36 @@ fn peer_key(e: &Event) -> &[u8; 32] {
     }
 }
 
+/// The names of the peers the platform was told are connected, as they were
+/// then: a peer deleted, or given a new key, is still named in its
+/// `peer_disconnected` as in its `peer_connected`.
+#[derive(Default)]
+struct Names(HashMap<(Arc<str>, [u8; 32]), Name>);
+
+/// A peer's kind (`router`, `client`) and id.
+type Name = (&'static str, String);
+
+impl Names {
+    /// The (kind, id) of `e`'s peer: for a disconnect the name it connected
+    /// under, otherwise the registry's (remembered for the disconnect).
+    async fn name(
+        &mut self,
+        directory: &impl Directory,
+        e: &TunnelEvent,
+    ) -> Option<Name> {
+        let at = (Arc::clone(&e.tenant), *peer_key(&e.event));
+        if let Event::Disconnected { .. } = e.event {
+            if let Some(name) = self.0.remove(&at) {
+                return Some(name);
+            }
+            return directory.resolve(&e.tenant, &at.1).await;
+        }
+        let name = directory.resolve(&e.tenant, &at.1).await?;
+        self.0.insert(at, name.clone());
+        Some(name)
+    }
+}
+
 /// Router endpoints on their way to the store.
 #[derive(Default)]
 struct Keeping {
@@ -164,6 +195,7 @@ pub async fn run_hub(
     stats: Arc<EventStats>,
 ) {
     let mut keeping = Keeping::default();
+    let mut names = Names::default();
     loop {
         let next = if !keeping.heard.is_empty() {
             match engines.try_recv() {
@@ -202,9 +234,9 @@ pub async fn run_hub(
             }
             Err(broadcast::error::RecvError::Closed) => break,
         };
-        // A peer deleted meanwhile has no name any more: its event is moot.
         let key = peer_key(&e.event);
-        let Some((kind, id)) = directory.resolve(&e.tenant, key).await else {
+        let Some((kind, id)) = names.name(&directory, &e).await else {
+            // Never connected, and deleted meanwhile: its event is moot.
             continue;
         };
         // Routers are where the appliance may have to reach out first (a
@@ -247,7 +279,10 @@ const RETRY_DELAYS: [Duration; 3] = [
     Duration::from_secs(8),
 ];
 
-/// Posts every queued event to every URL, with retries, in order.
+/// Posts every queued event to every URL, with retries, in order. Each URL has
+/// a worker and a queue of its own (as deep as `queue`): a URL that is down
+/// holds up only its own deliveries, and an event that finds its queue full is
+/// dropped for that URL and counted.
 pub async fn run_webhooks(
     mut queue: mpsc::Receiver<PeerEvent>,
     urls: Vec<String>,
@@ -261,29 +296,52 @@ pub async fn run_webhooks(
             return;
         }
     };
+    let workers: Vec<_> = urls
+        .into_iter()
+        .map(|url| {
+            let (tx, rx) = mpsc::channel(queue.max_capacity());
+            tokio::spawn(deliver(rx, url, client.clone(), Arc::clone(&stats)));
+            tx
+        })
+        .collect();
     while let Some(event) = queue.recv().await {
-        for url in &urls {
-            let mut delivered = false;
-            for attempt in 0..=RETRY_DELAYS.len() {
-                match client.post(url).json(&event).send().await {
-                    Ok(r) if r.status().is_success() => {
-                        delivered = true;
-                        break;
-                    }
-                    Ok(r) => tracing::warn!(%url, status = %r.status(), attempt, "webhook refused"),
-                    Err(e) => tracing::warn!(%url, error = %e, attempt, "webhook failed"),
-                }
-                if let Some(delay) = RETRY_DELAYS.get(attempt) {
-                    tokio::time::sleep(*delay).await;
-                }
+        for worker in &workers {
+            if worker.try_send(event.clone()).is_err() {
+                stats.webhook_dropped.fetch_add(1, Ordering::Relaxed);
             }
-            let counter = if delivered {
-                &stats.webhook_delivered
-            } else {
-                &stats.webhook_failed
-            };
-            counter.fetch_add(1, Ordering::Relaxed);
         }
+    }
+}
+
+/// Posts the events of `queue` to `url`, one at a time, each retried after
+/// [`RETRY_DELAYS`].
+async fn deliver(
+    mut queue: mpsc::Receiver<PeerEvent>,
+    url: String,
+    client: reqwest::Client,
+    stats: Arc<EventStats>,
+) {
+    while let Some(event) = queue.recv().await {
+        let mut delivered = false;
+        for attempt in 0..=RETRY_DELAYS.len() {
+            match client.post(&url).json(&event).send().await {
+                Ok(r) if r.status().is_success() => {
+                    delivered = true;
+                    break;
+                }
+                Ok(r) => tracing::warn!(%url, status = %r.status(), attempt, "webhook refused"),
+                Err(e) => tracing::warn!(%url, error = %e, attempt, "webhook failed"),
+            }
+            if let Some(delay) = RETRY_DELAYS.get(attempt) {
+                tokio::time::sleep(*delay).await;
+            }
+        }
+        let counter = if delivered {
+            &stats.webhook_delivered
+        } else {
+            &stats.webhook_failed
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
     }
 }
 

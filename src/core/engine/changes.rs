@@ -108,6 +108,11 @@ impl TunnelEngine {
     fn unlink_peer(&mut self, key: &[u8; 32]) -> Option<u32> {
         let id = self.peers.by_key.get(key).copied()?;
         let peer = self.peers.remove(id)?;
+        // Whoever was told it connected is told it is gone.
+        if peer.connected {
+            self.events
+                .push_back(super::Event::Disconnected { peer: *key });
+        }
         if let Some(endpoint) = peer.endpoint {
             if self.endpoints.get(&endpoint) == Some(&id) {
                 self.endpoints.remove(&endpoint);

@@ -271,7 +271,9 @@ pub(super) fn set_endpoint(
             }
         }
         endpoints.insert(from, id);
-        if previous.is_some() {
+        // A roam is news only about a connected peer: one that connects from
+        // a new address says where in its `Connected`.
+        if previous.is_some() && peer.connected {
             events.push_back(Event::Roamed {
                 peer: *peer.public_key().as_bytes(),
                 endpoint: from,

@@ -484,3 +484,41 @@ fn a_refused_peer_does_not_keep_the_others_out() {
     ));
     assert_eq!(engine.peer_count(), 2);
 }
+
+/// A peer that comes back from a new address after it was disconnected is
+/// announced by its `Connected` with that address, not by a `Roamed` first; a
+/// peer removed while connected is announced gone.
+#[test]
+fn a_peer_back_from_elsewhere_connects_there_and_a_removed_one_is_gone() {
+    use crate::core::harness::Collect;
+    use crate::core::packet::build::ip_packet;
+
+    let now = Instant::now();
+    let (mut engine, mut r1) = one_client();
+    let key = *r1.public_key.as_bytes();
+    assert!(r1.handshake(&mut engine, now));
+    let packet = ip_packet([10, 100, 1, 1].into(), [10, 100, 0, 1].into(), 8);
+    let datagram = r1.encrypt(&packet).unwrap();
+    engine.handle_datagram(r1.addr, &datagram, now, &mut Collect::default());
+    engine.handle_timers(now + Duration::from_secs(120), &mut Collect::default());
+    let events: Vec<_> = std::iter::from_fn(|| engine.poll_event()).collect();
+    assert_eq!(events.last(), Some(&Event::Disconnected { peer: key }));
+
+    let later = now + Duration::from_secs(130);
+    r1.addr = "198.51.100.77:4000".parse().unwrap();
+    assert!(r1.handshake(&mut engine, later));
+    let datagram = r1.encrypt(&packet).unwrap();
+    engine.handle_datagram(r1.addr, &datagram, later, &mut Collect::default());
+    let events: Vec<_> = std::iter::from_fn(|| engine.poll_event()).collect();
+    assert_eq!(
+        events,
+        [Event::Connected {
+            peer: key,
+            endpoint: Some(r1.addr)
+        }]
+    );
+
+    engine.remove_peer(&key);
+    let events: Vec<_> = std::iter::from_fn(|| engine.poll_event()).collect();
+    assert_eq!(events, [Event::Disconnected { peer: key }]);
+}

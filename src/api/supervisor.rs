@@ -1,7 +1,9 @@
 //! Brings stored tunnels that are down back up: a tunnel whose port was taken
 //! when the appliance started, or whose task ended. Every [`RETRY`] it walks
 //! the registry under the control lock and starts what is not running, with
-//! its peers and forwards. A change through the API does the same at once.
+//! its peers and forwards, and opens the forwards of running tunnels that
+//! could not be opened before (their port was taken). A change through the
+//! API does the same at once.
 //!
 //! It logs a tunnel's failure once (and again only when the reason changes)
 //! and its recovery; `/healthz` and `wgplane_tunnel_up` show what is down
@@ -23,12 +25,49 @@ pub const RETRY: Duration = Duration::from_secs(5);
 pub async fn run(state: Arc<AppState>) {
     // Tunnels that failed, with the last reason logged.
     let mut failing: HashMap<Id, String> = HashMap::new();
+    // Forwards that could not be opened, likewise.
+    let mut closed = HashMap::new();
     let mut tick = tokio::time::interval(RETRY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         revive_all(&state, &mut failing).await;
+        reopen_forwards(&state, &mut closed).await;
     }
+}
+
+/// A forward: tenant, router, port.
+type ForwardKey = (Id, Id, u16);
+
+/// One pass: opens the forwards of running tunnels that are not open.
+async fn reopen_forwards(state: &AppState, closed: &mut HashMap<ForwardKey, String>) {
+    let mut guard = state.control.lock().await;
+    let control = &mut *guard;
+    let mut still = HashMap::new();
+    for tenant in control.registry.tenants() {
+        if !control.runtime.is_running(&tenant.id) {
+            continue;
+        }
+        for (router, port, e) in control.runtime.open_forwards(tenant).await {
+            let key = (tenant.id.clone(), router, port);
+            let reason = e.to_string();
+            if closed.get(&key) != Some(&reason) {
+                tracing::warn!(tenant = %key.0, router = %key.1, port, error = %reason,
+                    retry_secs = RETRY.as_secs(), "forward still closed");
+            }
+            still.insert(key, reason);
+        }
+    }
+    for (tenant, router, port) in closed.keys().filter(|k| !still.contains_key(*k)) {
+        if control
+            .runtime
+            .forward_listen(tenant, router, *port)
+            .is_some()
+        {
+            tracing::info!(%tenant, %router, port, "forward is open again");
+        }
+    }
+    *closed = still;
 }
 
 /// One pass: starts every tenant's tunnel that is not running.
@@ -89,6 +128,34 @@ mod tests {
         end_and_revive(&f).await;
         assert!(f.state.control.lock().await.runtime.is_running(&f.acme));
         f.router_handshakes().await;
+        f.state.control.lock().await.runtime.stop(&f.acme).await;
+    }
+
+    /// A forward whose port another program held is opened once it is free.
+    #[tokio::test]
+    async fn a_forward_whose_port_was_taken_is_opened_once_it_is_free() {
+        let f = crate::api::testing::fixture().await;
+        let holder = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");
+        let listen = holder.local_addr().expect("address");
+        f.state
+            .control
+            .lock()
+            .await
+            .registry
+            .put_forward(&f.acme, &f.gw, 22, listen)
+            .expect("forward");
+        let mut closed = HashMap::new();
+        reopen_forwards(&f.state, &mut closed).await;
+        assert_eq!(closed.len(), 1, "{closed:?}");
+        let open = async || {
+            let control = f.state.control.lock().await;
+            control.runtime.forward_listen(&f.acme, &f.gw, 22)
+        };
+        assert_eq!(open().await, None);
+        drop(holder);
+        reopen_forwards(&f.state, &mut closed).await;
+        assert!(closed.is_empty(), "{closed:?}");
+        assert_eq!(open().await, Some(listen));
         f.state.control.lock().await.runtime.stop(&f.acme).await;
     }
 

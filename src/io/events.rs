@@ -138,11 +138,7 @@ type Name = (&'static str, String);
 impl Names {
     /// The (kind, id) of `e`'s peer: for a disconnect the name it connected
     /// under, otherwise the registry's (remembered for the disconnect).
-    async fn name(
-        &mut self,
-        directory: &impl Directory,
-        e: &TunnelEvent,
-    ) -> Option<Name> {
+    async fn name(&mut self, directory: &impl Directory, e: &TunnelEvent) -> Option<Name> {
         let at = (Arc::clone(&e.tenant), *peer_key(&e.event));
         if let Event::Disconnected { .. } = e.event {
             if let Some(name) = self.0.remove(&at) {

@@ -163,18 +163,32 @@ impl Runtime {
         if !self.is_running(&tenant.id) {
             return started;
         }
+        for (router, port, e) in self.open_forwards(tenant).await {
+            tracing::error!(tenant = %tenant.id, %router, port, error = %e, "forward could not be opened");
+        }
+        started
+    }
+
+    /// Opens the forwards of `tenant`'s routers that are not open (all of them
+    /// after a start; later, the ones whose port was taken); returns those
+    /// that could not be opened: (router, port, why).
+    pub async fn open_forwards(&mut self, tenant: &Tenant) -> Vec<(Id, u16, RuntimeError)> {
+        let mut failed = Vec::new();
         for router in tenant.routers.values() {
             for (port, listen) in &router.forwards {
+                if self.forward_listen(&tenant.id, &router.id, *port).is_some() {
+                    continue;
+                }
                 let target = SocketAddrV4::new(router.vpn_ip, *port);
                 if let Err(e) = self
                     .set_forward(&tenant.id, &router.id, *port, *listen, target)
                     .await
                 {
-                    tracing::error!(tenant = %tenant.id, router = %router.id, port, error = %e, "forward could not be opened");
+                    failed.push((router.id.clone(), *port, e));
                 }
             }
         }
-        started
+        failed
     }
 
     /// True in TUN mode (the host reaches the tunnels through a device).

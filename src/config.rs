@@ -362,6 +362,19 @@ impl Settings {
                 "must be a host name or address without spaces".into(),
             ));
         }
+        // Peers get it with each tunnel's own port: a port, a scheme or a path
+        // here would make every endpoint wrong. A colon is IPv6's alone.
+        let bare = t.public_host.trim_start_matches('[').trim_end_matches(']');
+        let ipv6 = bare.parse::<std::net::Ipv6Addr>().is_ok();
+        if t.public_host.contains('/') || (t.public_host.contains(':') && !ipv6) {
+            return Err(invalid(
+                "tunnels.public_host",
+                format!(
+                    "{:?} must be a host name or an IP address, without port, scheme or path (each tunnel adds its own port)",
+                    t.public_host
+                ),
+            ));
+        }
         if self.tun.enabled && !self.forwards.is_empty() {
             // As the API's `409 tun_mode`: the host reaches routers through the
             // device, and forwards need the userspace stack that TUN mode replaces.
@@ -462,6 +475,35 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(e.contains(&format!("f.toml: key `events.{key}`")), "{e}");
+        }
+    }
+
+    /// The endpoint host peers get: a name or an address, never a port, a
+    /// scheme or a path (each tunnel adds its own port).
+    #[test]
+    fn the_public_host_is_a_host_alone() {
+        let with = |host: &str| {
+            Settings::parse(
+                &format!("[tunnels]\npublic_host = \"{host}\"\n"),
+                Path::new("h.toml"),
+            )
+        };
+        for good in [
+            "vpn.example.com",
+            "203.0.113.1",
+            "2001:db8::1",
+            "[2001:db8::1]",
+        ] {
+            assert!(with(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "vpn.example.com:51820",
+            "https://vpn.example.com",
+            "203.0.113.1:1",
+            "a/b",
+        ] {
+            let e = with(bad).unwrap_err().to_string();
+            assert!(e.contains("tunnels.public_host"), "{bad}: {e}");
         }
     }
 

@@ -41,9 +41,14 @@ pub fn encode(key: &[u8; 32]) -> String {
 pub struct SecretKey(StaticSecret);
 
 impl SecretKey {
-    /// A fresh random key (clamped by x25519 on use, as `wg genkey` does).
+    /// A fresh random key, clamped as `wg genkey` prints it (x25519 clamps on
+    /// use anyway; the bytes are the same as `wg`'s tools expect).
     pub fn generate() -> Self {
-        Self(StaticSecret::random_from_rng(OsRng))
+        let mut bytes = [0u8; 32];
+        rand_core::RngCore::fill_bytes(&mut OsRng, &mut bytes);
+        bytes[0] &= 248;
+        bytes[31] = (bytes[31] & 127) | 64;
+        Self(StaticSecret::from(bytes))
     }
 
     /// From raw bytes.
@@ -90,6 +95,16 @@ mod tests {
         assert_eq!(format!("{k:?}"), "SecretKey(<redacted>)");
         assert_eq!(decode("AAAA"), Err(KeyError::Length(3)));
         assert_eq!(decode("not base64!"), Err(KeyError::Base64));
+    }
+
+    /// Generated keys come clamped, as `wg genkey` prints them.
+    #[test]
+    fn generated_keys_are_clamped() {
+        for _ in 0..64 {
+            let bytes = decode(&SecretKey::generate().to_base64()).unwrap();
+            assert_eq!(bytes[0] & 7, 0);
+            assert_eq!(bytes[31] & 0xc0, 0x40);
+        }
     }
 
     #[test]

@@ -76,6 +76,9 @@ struct RekeyArgs {
     /// State directory (wins over the config file).
     #[arg(long, env = "WGPLANE_STATE_DIR")]
     state_dir: Option<PathBuf>,
+    /// The current master key's file, as `run` has it (wins over the config file).
+    #[arg(long, env = "WGPLANE_MASTER_KEY_FILE")]
+    master_key_file: Option<PathBuf>,
     /// File with the new master key (base64 of 32 bytes); a new random key is
     /// written there (mode 0600) if the file does not exist.
     #[arg(long)]
@@ -90,6 +93,10 @@ struct BackupArgs {
     /// State directory (wins over the config file).
     #[arg(long, env = "WGPLANE_STATE_DIR")]
     state_dir: Option<PathBuf>,
+    /// The master key's file, as `run` has it (named in the summary; the
+    /// copy is sealed under it).
+    #[arg(long, env = "WGPLANE_MASTER_KEY_FILE")]
+    master_key_file: Option<PathBuf>,
     /// Where the copy goes (replaced once the new copy is complete).
     to: PathBuf,
 }
@@ -345,7 +352,11 @@ fn bench(args: BenchArgs) -> Result<()> {
 
 /// `wgplane backup`: a consistent copy of the state database.
 fn backup(args: BackupArgs) -> Result<()> {
-    let settings = state_settings(args.config.as_deref(), args.state_dir.as_deref())?;
+    let settings = state_settings(
+        args.config.as_deref(),
+        args.state_dir.as_deref(),
+        args.master_key_file.as_deref(),
+    )?;
     // The copy holds sealed keys: it is the operator's alone, like the state.
     own_files_only();
     let database = settings.database();
@@ -366,7 +377,11 @@ fn backup(args: BackupArgs) -> Result<()> {
 /// `wgplane rekey`: every private key sealed under a new master key.
 fn rekey_state(args: RekeyArgs) -> Result<()> {
     own_files_only();
-    let settings = state_settings(args.config.as_deref(), args.state_dir.as_deref())?;
+    let settings = state_settings(
+        args.config.as_deref(),
+        args.state_dir.as_deref(),
+        args.master_key_file.as_deref(),
+    )?;
     rekey(&settings, &args.new_key_file)
 }
 
@@ -377,7 +392,10 @@ fn health(args: HealthArgs) -> Result<()> {
         .enable_all()
         .build()?
         .block_on(async {
+            // The appliance is asked directly, never through a proxy of the
+            // environment's (a container's HTTP_PROXY would make it "unhealthy").
             let client = reqwest::Client::builder()
+                .no_proxy()
                 .timeout(Duration::from_secs(args.timeout))
                 .build()?;
             let response = client.get(&url).send().await?;
@@ -425,14 +443,22 @@ fn own_files_only() {
 }
 
 /// The settings of a command that only works on the state directory: the
-/// config file (or the defaults), and the directory given on its own.
-fn state_settings(config: Option<&Path>, state_dir: Option<&Path>) -> Result<Settings> {
+/// config file (or the defaults), and the directory and master key file given
+/// on their own.
+fn state_settings(
+    config: Option<&Path>,
+    state_dir: Option<&Path>,
+    master_key_file: Option<&Path>,
+) -> Result<Settings> {
     let mut settings = match config {
         Some(file) => Settings::load(file)?,
         None => Settings::default(),
     };
     if let Some(dir) = state_dir {
         settings.state.dir = dir.to_owned();
+    }
+    if let Some(file) = master_key_file {
+        settings.state.master_key_file = Some(file.to_owned());
     }
     Ok(settings)
 }
@@ -648,6 +674,23 @@ fn record_bound_forwards(
 }
 
 async fn run(settings: Settings) -> Result<()> {
+    // The stop signals are caught from the start: as PID 1 (a container) a
+    // process without a handler ignores SIGTERM. Before the API serves, a stop
+    // ends the process at once, as a kill would (the state survives one by
+    // design); after, it shuts down gracefully.
+    let serving = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (stop_asked, mut stop_requested) = tokio::sync::watch::channel(false);
+    tokio::spawn({
+        let serving = Arc::clone(&serving);
+        async move {
+            shutdown_signal().await;
+            if !serving.load(std::sync::atomic::Ordering::SeqCst) {
+                tracing::info!("stopped during start-up");
+                std::process::exit(0);
+            }
+            let _ = stop_asked.send(true);
+        }
+    });
     // Held until the process ends: a second appliance on this directory would
     // keep its own registry over the same database.
     let _lock = StateLock::acquire(&settings.state.dir)?;
@@ -753,9 +796,10 @@ async fn run(settings: Settings) -> Result<()> {
         .with_context(|| format!("cannot bind the admin API on {}", settings.api.listen))?;
     tracing::info!(listen = %settings.api.listen, token_file = %settings.token_file().display(), "admin API up");
     let mut signalled = state.stopping.clone();
+    serving.store(true, std::sync::atomic::Ordering::SeqCst);
     let serve =
         axum::serve(listener, api::router(Arc::clone(&state))).with_graceful_shutdown(async move {
-            shutdown_signal().await;
+            let _ = stop_requested.wait_for(|asked| *asked).await;
             tracing::info!("shutting down");
             let _ = stop.send(true);
         });

@@ -279,6 +279,8 @@ fn a_backup_taken_while_running_restores_what_was_acknowledged_before_it() {
         .arg(app.state_dir())
         .arg(&copy)
         .env_remove("WGPLANE_CONFIG")
+        // Named as `run` would have it: the summary says where the key is.
+        .env("WGPLANE_MASTER_KEY_FILE", "/etc/wgplane/master-key")
         .output()
         .expect("run wgplane backup");
     let said = String::from_utf8_lossy(&backup.stdout);
@@ -288,7 +290,7 @@ fn a_backup_taken_while_running_restores_what_was_acknowledged_before_it() {
         String::from_utf8_lossy(&backup.stderr)
     );
     assert!(said.contains("1 tenants, 2 routers, 1 clients"), "{said}");
-    assert!(said.contains("master key"), "{said}");
+    assert!(said.contains("master key (/etc/wgplane/master-key"), "{said}");
     let mode =
         std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&copy).unwrap().permissions());
     assert_eq!(mode & 0o077, 0, "the copy is readable by others: {mode:o}");

@@ -295,7 +295,7 @@ fn show(registry: &Registry) {
         let _ = serde_json::to_string(&TenantView::new(t, "vpn.example.com", true));
         for r in t.routers.values() {
             let _ = serde_json::to_string(&RouterView::new(t, r, &statuses, now, wall));
-            let _ = render::router_script(t, r, "vpn.example.com");
+            let _ = render::router_script(t, r, "vpn.example.com", &t.host_prefixes);
         }
         for c in t.clients.values() {
             let _ = serde_json::to_string(&ClientView::new(c, &statuses, now, wall));

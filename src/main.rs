@@ -1,6 +1,6 @@
 //! The `wgplane` command: run the appliance, or generate keys like `wg`.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -270,8 +270,7 @@ fn main() -> Result<()> {
 
 /// `wgplane genkey`: a new private key, like `wg genkey`.
 fn genkey() -> Result<()> {
-    println!("{}", SecretKey::generate().to_base64());
-    Ok(())
+    print_line(&SecretKey::generate().to_base64())
 }
 
 /// `wgplane pubkey`: the public key of the private key on stdin.
@@ -279,7 +278,14 @@ fn pubkey() -> Result<()> {
     let mut text = String::new();
     std::io::stdin().read_to_string(&mut text)?;
     let key = SecretKey::parse(&text).context("stdin is not a WireGuard private key")?;
-    println!("{}", keys::encode(key.public().as_bytes()));
+    print_line(&keys::encode(key.public().as_bytes()))
+}
+
+/// `text` and a newline on stdout; an error, not a panic (as `println!` has),
+/// when stdout is closed (`wgplane genkey | head -c0`).
+fn print_line(text: &str) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{text}").and_then(|()| out.flush())?;
     Ok(())
 }
 

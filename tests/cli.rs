@@ -64,6 +64,22 @@ fn genkey_and_pubkey_match_wg_formats() {
     }
 }
 
+/// A closed stdout (`wgplane genkey | head -c0`) is an error, not a panic.
+#[test]
+fn genkey_into_a_closed_pipe_fails_without_a_panic() {
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    let out = Command::new(support::binary())
+        .arg("genkey")
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .output()
+        .expect("genkey");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
 #[test]
 fn bad_config_stops_start_up_naming_file_and_key() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -290,7 +290,10 @@ fn a_backup_taken_while_running_restores_what_was_acknowledged_before_it() {
         String::from_utf8_lossy(&backup.stderr)
     );
     assert!(said.contains("1 tenants, 2 routers, 1 clients"), "{said}");
-    assert!(said.contains("master key (/etc/wgplane/master-key"), "{said}");
+    assert!(
+        said.contains("master key (/etc/wgplane/master-key"),
+        "{said}"
+    );
     let mode =
         std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&copy).unwrap().permissions());
     assert_eq!(mode & 0o077, 0, "the copy is readable by others: {mode:o}");

@@ -131,14 +131,11 @@ impl Admission {
             if mac2 != Verdict::Pass {
                 return mac2;
             }
-            // A proven address, but no more than its fair share.
-            if self
-                .budget
-                .as_ref()
-                .is_some_and(|b| !b.source_allows(from, now))
-            {
-                return Verdict::Drop(DropReason::UnderLoad);
-            }
+            // A proven address, but no more than its fair share of the budget.
+            return match &self.budget {
+                Some(budget) if !budget.take_for(from, now) => Verdict::Drop(DropReason::UnderLoad),
+                _ => Verdict::Pass,
+            };
         } else {
             let mac1 = verify(&self.macs, from, datagram, out);
             if mac1 != Verdict::Pass {
@@ -149,15 +146,9 @@ impl Admission {
         match &self.budget {
             Some(budget) if !budget.take(now) => {
                 // The budget ran dry just now: from here on, cookies first.
-                let mac2 = if busy {
-                    Verdict::Pass
-                } else {
-                    verify(&self.cookies, from, datagram, out)
-                };
-                if mac2 == Verdict::Pass {
-                    Verdict::Drop(DropReason::UnderLoad)
-                } else {
-                    mac2
+                match verify(&self.cookies, from, datagram, out) {
+                    Verdict::Pass => Verdict::Drop(DropReason::UnderLoad),
+                    mac2 => mac2,
                 }
             }
             _ => Verdict::Pass,

@@ -93,19 +93,27 @@ impl HandshakeBudget {
 
     /// Takes one handshake's token at `now`; false if the budget is spent.
     pub fn take(&self, now: Instant) -> bool {
+        self.take_if(now, || true)
+    }
+
+    /// Takes a token at `now` if there is one and `also` agrees (asked with
+    /// the bucket held, and only when there is a token).
+    fn take_if(&self, now: Instant, also: impl FnOnce() -> bool) -> bool {
         let Ok(mut b) = self.bucket.lock() else {
             // A panicked holder cannot have left the bucket inconsistent in a
             // way that matters more than refusing work: refuse.
             return false;
         };
         b.refill(now, self.per_second);
-        if b.tokens >= 1.0 {
-            b.tokens -= 1.0;
-            true
-        } else {
+        if b.tokens < 1.0 {
             b.load.mark(now);
-            false
+            return false;
         }
+        if !also() {
+            return false;
+        }
+        b.tokens -= 1.0;
+        true
     }
 
     /// Counts an initiation with a valid mac1 at `now`, whether it is answered
@@ -120,12 +128,16 @@ impl HandshakeBudget {
         }
     }
 
-    /// Under load: takes one handshake from `source`'s own share; false if it
-    /// has spent it.
-    pub fn source_allows(&self, source: IpAddr, now: Instant) -> bool {
-        self.sources
-            .lock()
-            .is_ok_and(|mut sources| sources.allow(source, now))
+    /// Under load: one handshake for a proven `source`, from the bucket and
+    /// from the source's own share together; false if either refuses, and then
+    /// neither is spent (a source's share is not used up by a dry bucket).
+    pub fn take_for(&self, source: IpAddr, now: Instant) -> bool {
+        // Bucket, then sources: the one order in which both are ever held.
+        self.take_if(now, || {
+            self.sources
+                .lock()
+                .is_ok_and(|mut sources| sources.allow(source, now))
+        })
     }
 
     /// True if a handshake at `now` would find the bucket empty, or the bucket
@@ -187,6 +199,22 @@ mod tests {
         // A second after it last ran dry, and with tokens: calm again.
         let t2 = t0 + Duration::from_millis(1_000);
         assert!(!budget.under_load(t2));
+    }
+
+    /// A proven source's share is spent only with a token of the bucket: tries
+    /// that meet a dry bucket leave its share whole for when there is one.
+    #[test]
+    fn a_dry_bucket_spends_no_sources_share() {
+        let budget = HandshakeBudget::new(1_000);
+        let t0 = Instant::now();
+        while budget.take(t0) {}
+        let source: IpAddr = "198.51.100.7".parse().unwrap();
+        assert_eq!((0..100).filter(|_| budget.take_for(source, t0)).count(), 0);
+        // 50 ms later the bucket has tokens again; the source still has its
+        // burst (5), not the one token it would have earned since.
+        let t1 = t0 + Duration::from_millis(50);
+        let taken = (0..100).filter(|_| budget.take_for(source, t1)).count();
+        assert_eq!(taken, crate::core::sources::PER_SOURCE_BURST as usize);
     }
 
     #[test]

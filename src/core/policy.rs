@@ -88,11 +88,15 @@ pub enum DropReason {
     HostSource,
     /// The packet waited for a handshake that gave up (boringtun: after 90 s).
     HandshakeTimeout,
+    /// A handshake initiation beyond what a tunnel holds for its next turns
+    /// (a storm): dropped unanswered, as kernel WireGuard drops beyond its
+    /// handshake queue, so that no wake-up handles more than a turn of them.
+    HandshakeQueueFull,
 }
 
 impl DropReason {
     /// Every reason, in counter order.
-    pub const ALL: [DropReason; 20] = [
+    pub const ALL: [DropReason; 21] = [
         Self::InvalidDatagram,
         Self::BadMac,
         Self::UnderLoad,
@@ -113,6 +117,7 @@ impl DropReason {
         Self::QueueFull,
         Self::HostSource,
         Self::HandshakeTimeout,
+        Self::HandshakeQueueFull,
     ];
 
     /// Stable snake_case name, used in metrics and the API.
@@ -138,6 +143,7 @@ impl DropReason {
             Self::QueueFull => "queue_full",
             Self::HostSource => "host_source",
             Self::HandshakeTimeout => "handshake_timeout",
+            Self::HandshakeQueueFull => "handshake_queue_full",
         }
     }
 

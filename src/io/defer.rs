@@ -35,7 +35,9 @@
 //! Left out: reading. The storm's datagrams are read (and the reading paid for)
 //! in the tunnel's turn; the store holds two receive batches, and once it is full
 //! the tunnel stops reading between turns, so a wake-up ends after a bounded
-//! number of turns and the rest waits in the socket.
+//! number of turns and the rest waits in the socket. Initiations that find it
+//! full all the same (GRO trains carry up to 64 in one slot) are the caller's
+//! to drop ([`Hold::Full`]).
 
 use std::cell::Cell;
 use std::net::SocketAddr;
@@ -61,6 +63,18 @@ pub(crate) enum Step<'a> {
     /// The next held initiation and its sender, oldest first. The caller answers
     /// whether the turn goes on.
     Initiation(SocketAddr, &'a [u8]),
+}
+
+/// What [`Deferred::hold`] did with a datagram.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Hold {
+    /// An initiation, held for a later turn.
+    Held,
+    /// An initiation, but the store is full: the caller drops it (handled now,
+    /// a storm's GRO trains would put thousands of them in one wake-up).
+    Full,
+    /// Not an initiation: the caller's to handle now.
+    Other,
 }
 
 /// Numbers turns and stores across the process, so that no two are the same.
@@ -94,24 +108,23 @@ impl Deferred {
         }
     }
 
-    /// Holds `datagram` back if it is a handshake initiation and there is room;
-    /// returns whether it did. Anything else is the caller's to handle now.
+    /// Holds `datagram` back if it is a handshake initiation and there is room.
     #[inline]
-    pub(crate) fn hold(&mut self, from: SocketAddr, datagram: &[u8]) -> bool {
-        if self.held.len() >= self.limit {
-            return false;
-        }
+    pub(crate) fn hold(&mut self, from: SocketAddr, datagram: &[u8]) -> Hold {
         let Ok(bytes) = <[u8; INITIATION_LEN]>::try_from(datagram) else {
-            return false;
+            return Hold::Other;
         };
         if bytes[..4] != INITIATION_TYPE {
-            return false;
+            return Hold::Other;
+        }
+        if self.held.len() >= self.limit {
+            return Hold::Full;
         }
         if self.held.capacity() == 0 {
             self.held.reserve_exact(self.limit);
         }
         self.held.push((from, bytes));
-        true
+        Hold::Held
     }
 
     /// Whether nothing is held.
@@ -185,7 +198,7 @@ impl Deferred {
 
 #[cfg(test)]
 mod tests {
-    use super::{Deferred, INITIATION_LEN};
+    use super::{Deferred, Hold, INITIATION_LEN};
     use std::net::SocketAddr;
 
     fn initiation(tag: u8) -> Vec<u8> {
@@ -201,23 +214,31 @@ mod tests {
         // Data, a response, a cookie reply, a short or long type 1: handled now.
         let mut data = vec![0u8; INITIATION_LEN];
         data[0] = 4;
-        assert!(!deferred.hold(from, &data));
-        assert!(!deferred.hold(from, &[2, 0, 0, 0, 9, 9]));
-        assert!(!deferred.hold(from, &[3, 0, 0, 0, 9, 9]));
-        assert!(!deferred.hold(from, &initiation(7)[..INITIATION_LEN - 1]));
+        assert_eq!(deferred.hold(from, &data), Hold::Other);
+        assert_eq!(deferred.hold(from, &[2, 0, 0, 0, 9, 9]), Hold::Other);
+        assert_eq!(deferred.hold(from, &[3, 0, 0, 0, 9, 9]), Hold::Other);
+        assert_eq!(
+            deferred.hold(from, &initiation(7)[..INITIATION_LEN - 1]),
+            Hold::Other
+        );
         let mut long = initiation(7);
         long.push(0);
-        assert!(!deferred.hold(from, &long));
+        assert_eq!(deferred.hold(from, &long), Hold::Other);
         let mut reserved = initiation(7);
         reserved[1] = 1;
-        assert!(!deferred.hold(from, &reserved));
+        assert_eq!(deferred.hold(from, &reserved), Hold::Other);
         assert!(deferred.is_empty());
 
-        assert!(deferred.hold(from, &initiation(1)));
-        assert!(deferred.hold(from, &initiation(2)));
+        assert_eq!(deferred.hold(from, &initiation(1)), Hold::Held);
+        assert_eq!(deferred.hold(from, &initiation(2)), Hold::Held);
+        // Beyond the store's room an initiation is refused as such.
+        assert_eq!(deferred.hold(from, &initiation(3)), Hold::Held);
+        assert_eq!(deferred.hold(from, &initiation(4)), Hold::Held);
+        assert_eq!(deferred.hold(from, &initiation(5)), Hold::Full);
+        assert_eq!(deferred.hold(from, &data), Hold::Other);
         let mut seen = Vec::new();
         deferred.release(|at, d| seen.push((at, d[4])));
-        assert_eq!(seen, vec![(from, 1), (from, 2)]);
+        assert_eq!(seen, vec![(from, 1), (from, 2), (from, 3), (from, 4)]);
         assert!(deferred.is_empty());
     }
 
@@ -230,7 +251,7 @@ mod tests {
         let from: SocketAddr = "127.0.0.1:9".parse().expect("address");
         let mut deferred = Deferred::new(64);
         for tag in 0..20 {
-            assert!(deferred.hold(from, &initiation(tag)));
+            assert_eq!(deferred.hold(from, &initiation(tag)), Hold::Held);
         }
         let log = Arc::new(Mutex::new(Vec::new()));
         let other = {
@@ -283,8 +304,8 @@ mod tests {
             0,
             "nothing until an initiation comes"
         );
-        assert!(deferred.hold(from, &initiation(1)));
-        assert!(deferred.hold(from, &initiation(2)));
+        assert_eq!(deferred.hold(from, &initiation(1)), Hold::Held);
+        assert_eq!(deferred.hold(from, &initiation(2)), Hold::Held);
         let mut next = 3;
         let mut handled = Vec::new();
         let mut resumed = 0;
@@ -294,10 +315,10 @@ mod tests {
                     resumed += 1;
                     // A reader that finds one initiation waiting each time.
                     if store.room() > 0 {
-                        assert!(store.hold(from, &initiation(next)));
+                        assert_eq!(store.hold(from, &initiation(next)), Hold::Held);
                         next += 1;
                     } else {
-                        assert!(!store.hold(from, &initiation(99)), "full");
+                        assert_eq!(store.hold(from, &initiation(99)), Hold::Full, "full");
                     }
                     true
                 }
@@ -313,7 +334,7 @@ mod tests {
         assert!(deferred.is_empty());
         let capacity = deferred.held.capacity();
         assert_eq!(deferred.room(), 4, "drained");
-        assert!(deferred.hold(from, &initiation(5)));
+        assert_eq!(deferred.hold(from, &initiation(5)), Hold::Held);
         let mut count = 0;
         deferred.release(|_, _| count += 1);
         assert_eq!(count, 1);
@@ -348,8 +369,8 @@ mod tests {
             tokio::spawn(async move {
                 let from: SocketAddr = "127.0.0.1:9".parse().expect("address");
                 let mut deferred = Deferred::new(4);
-                assert!(deferred.hold(from, &initiation(1)));
-                assert!(deferred.hold(from, &initiation(2)));
+                assert_eq!(deferred.hold(from, &initiation(1)), Hold::Held);
+                assert_eq!(deferred.hold(from, &initiation(2)), Hold::Held);
                 deferred
                     .release_in_turns(|step| {
                         if let Step::Initiation(..) = step {

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{broadcast, mpsc, oneshot, Notify};
 
 use super::bridge::{Bridges, ForwardError, HostPipes};
-use super::defer::{Deferred, Step};
+use super::defer::{Deferred, Hold, Step};
 use super::sendbatch::SendBatch;
 use super::udp::{TunnelSocket, MAX_DATAGRAM, RX_SLOTS};
 use crate::core::netstack::StackError;
@@ -21,6 +21,7 @@ use crate::core::engine::{
     EgressConfig, Event, Explanation, PeerStatus, Sink, TunnelEngine, TunnelStats,
 };
 use crate::core::peer::PeerConfig;
+use crate::core::policy::DropReason;
 
 /// How often peer timers run: boringtun expects about every 250 ms.
 const TIMER_PERIOD: Duration = Duration::from_millis(250);
@@ -346,8 +347,10 @@ fn read(
                 }
                 let stride = m.stride.max(1);
                 for datagram in buf[..m.len].chunks(stride) {
-                    if !held.hold(m.addr, datagram) {
-                        engine.handle_datagram(m.addr, datagram, now, sink);
+                    match held.hold(m.addr, datagram) {
+                        Hold::Held => {}
+                        Hold::Full => engine.refuse_datagram(DropReason::HandshakeQueueFull),
+                        Hold::Other => engine.handle_datagram(m.addr, datagram, now, sink),
                     }
                 }
             }
@@ -773,6 +776,48 @@ mod tests {
             TunnResult::WriteToNetwork(_)
         ));
         assert!(client.tunn.time_since_last_handshake().is_some());
+    }
+
+    /// Initiations beyond what the tunnel holds for its turns are dropped and
+    /// counted as such, not handled there and then: a storm's GRO trains could
+    /// otherwise put thousands of them into one wake-up, ahead of the data.
+    #[tokio::test]
+    async fn initiations_beyond_the_held_ones_are_dropped_unanswered() {
+        use crate::core::policy::DropReason;
+        use std::net::IpAddr;
+
+        let (socket, state) = tunnel_socket().await;
+        let tunnel = socket.get_ref().local_addr().expect("address");
+        let mut engine = TunnelEngine::new(server_key(), vec![IpAddr::from([10, 100, 0, 1])]);
+        let mut router = LoopbackPeer::new(&mut engine, [10, 100, 1, 2], 1);
+        for _ in 0..5 {
+            router.initiate(tunnel);
+        }
+        socket.readable().await.expect("readable").retain_ready();
+        let mut tx = SendBatch::new(1, false);
+        let mut held = Deferred::new(2);
+        let mut sink = UdpSink {
+            tx: &mut tx,
+            host: None,
+        };
+        receive(
+            &socket,
+            &state,
+            &mut engine,
+            Instant::now(),
+            &mut sink,
+            &mut held,
+        );
+        let stats = engine.stats();
+        assert_eq!(stats.dropped(DropReason::HandshakeQueueFull), 3);
+        assert_eq!(
+            stats.rx_datagrams, 3,
+            "the dropped ones are counted as received"
+        );
+        assert_eq!(stats.admitted_handshakes, 0, "no work for them");
+        assert!(!held.is_empty());
+        tx.flush(socket.get_ref(), &state);
+        assert!(!router.has_datagram(), "no answer to any");
     }
 
     /// TUN mode: packets for the host leave between handshake turns too, as

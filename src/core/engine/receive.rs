@@ -17,6 +17,13 @@ use crate::core::policy::{DropReason, Origin, PeerId};
 
 impl TunnelEngine {
     /// Handles one datagram received on the tunnel's socket from `from`.
+    /// Counts a datagram the driver did not hand over (a handshake initiation
+    /// beyond what it holds for later turns), dropped for `reason`.
+    pub fn refuse_datagram(&mut self, reason: DropReason) {
+        self.stats.rx_datagrams += 1;
+        self.stats.drop(reason);
+    }
+
     pub fn handle_datagram(
         &mut self,
         from: SocketAddr,

@@ -654,31 +654,6 @@ fn apply_config_forwards(
     Ok(())
 }
 
-/// Stores the port each forward listening on `:0` was given, so that it keeps
-/// it across restarts (as the API records it when it opens one).
-fn record_bound_forwards(
-    registry: &mut Registry,
-    runtime: &Runtime,
-    store: &mut Store,
-) -> Result<()> {
-    let mut bound = Vec::new();
-    for tenant in registry.tenants() {
-        for router in tenant.routers.values() {
-            for (port, listen) in &router.forwards {
-                let open = runtime.forward_listen(&tenant.id, &router.id, *port);
-                if let Some(open) = open.filter(|_| listen.port() == 0) {
-                    bound.push((tenant.id.clone(), router.id.clone(), *port, open));
-                }
-            }
-        }
-    }
-    for (t, r, port, listen) in bound {
-        registry.put_forward(&t, &r, port, listen)?;
-        store.apply(&[Change::Forward(&t, &r, port, listen)])?;
-    }
-    Ok(())
-}
-
 async fn run(settings: Settings) -> Result<()> {
     // The stop signals are caught from the start: as PID 1 (a container) a
     // process without a handler ignores SIGTERM. Before the API serves, a stop
@@ -712,6 +687,11 @@ async fn run(settings: Settings) -> Result<()> {
         .load()
         .with_context(|| format!("cannot load {}", database.display()))?;
 
+    for tenant in &tenants {
+        for why in wgplane::control::restore::warnings(tenant) {
+            tracing::warn!(tenant = %tenant.id, problem = %why, "stored tenant: fix it through the API (host_prefixes)");
+        }
+    }
     let t = &settings.tunnels;
     let registry = Registry::restore(
         AllocPolicy {
@@ -761,7 +741,6 @@ async fn run(settings: Settings) -> Result<()> {
             ),
         }
     }
-    record_bound_forwards(&mut registry, &runtime, &mut store)?;
     tracing::info!(tunnels = restored, database = %database.display(), "state restored");
     let (stop, stopping) = tokio::sync::watch::channel(false);
     let state = Arc::new(AppState {
@@ -779,6 +758,7 @@ async fn run(settings: Settings) -> Result<()> {
         api_requests: Default::default(),
         stopping,
     });
+    state.control.lock().await.record_bound_forwards();
     let webhooks = (!settings.events.webhooks.is_empty()).then(|| {
         let (queue, rx) = mpsc::channel(settings.events.webhook_queue);
         tokio::spawn(events::run_webhooks(

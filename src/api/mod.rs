@@ -44,6 +44,38 @@ pub struct Control {
     pub store: std::sync::Mutex<Store>,
 }
 
+impl Control {
+    /// Stores the port each forward listening on `:0` was given when it was
+    /// opened (at start-up, or later by the supervisor), so that it keeps it
+    /// across restarts, as a forward opened through the API does. A store that
+    /// refuses is logged: the forward runs, and is recorded at the next try.
+    pub fn record_bound_forwards(&mut self) {
+        let mut bound = Vec::new();
+        for tenant in self.registry.tenants() {
+            for router in tenant.routers.values() {
+                for (port, _) in router.forwards.iter().filter(|(_, l)| l.port() == 0) {
+                    if let Some(open) = self.runtime.forward_listen(&tenant.id, &router.id, *port) {
+                        bound.push((tenant.id.clone(), router.id.clone(), *port, open));
+                    }
+                }
+            }
+        }
+        for (t, r, port, listen) in bound {
+            let stored = match self.store.get_mut() {
+                Ok(store) => store.apply(&[crate::store::Change::Forward(&t, &r, port, listen)]),
+                Err(_) => continue,
+            };
+            match stored {
+                Ok(()) => {
+                    let _ = self.registry.put_forward(&t, &r, port, listen);
+                }
+                Err(e) => tracing::warn!(tenant = %t, router = %r, port, error = %e,
+                    "the port a forward was given could not be stored; tried again later"),
+            }
+        }
+    }
+}
+
 /// Shared state of every handler.
 pub struct AppState {
     pub control: Mutex<Control>,

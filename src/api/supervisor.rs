@@ -68,6 +68,8 @@ async fn reopen_forwards(state: &AppState, closed: &mut HashMap<ForwardKey, Stri
         }
     }
     *closed = still;
+    // Forwards on `:0` opened here or by `revive_all` keep the port they got.
+    control.record_bound_forwards();
 }
 
 /// One pass: starts every tenant's tunnel that is not running.
@@ -157,6 +159,26 @@ mod tests {
         assert!(closed.is_empty(), "{closed:?}");
         assert_eq!(open().await, Some(listen));
         f.state.control.lock().await.runtime.stop(&f.acme).await;
+    }
+
+    /// A forward on `:0` that the supervisor opens keeps the port it got: the
+    /// registry (and the store) have it, not `:0`.
+    #[tokio::test]
+    async fn a_forward_on_any_port_opened_later_keeps_its_port() {
+        let f = crate::api::testing::fixture().await;
+        let any: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let mut c = f.state.control.lock().await;
+        c.registry
+            .put_forward(&f.acme, &f.gw, 22, any)
+            .expect("forward");
+        drop(c);
+        reopen_forwards(&f.state, &mut HashMap::new()).await;
+        let mut c = f.state.control.lock().await;
+        let open = c.runtime.forward_listen(&f.acme, &f.gw, 22).expect("open");
+        assert_ne!(open.port(), 0);
+        let stored = c.registry.tenant(&f.acme).expect("acme").routers[&f.gw].forwards[&22];
+        assert_eq!(stored, open);
+        c.runtime.stop(&f.acme).await;
     }
 
     /// Its forwards come back too, on the same address, and a stopped tunnel's

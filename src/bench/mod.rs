@@ -173,6 +173,8 @@ pub async fn run(spec: &BenchSpec) -> Result<BenchReport, BenchError> {
         token: spec.token.clone(),
     };
     let mut tenants = Vec::new();
+    // Routers the run registered in a tenant it did not create (their paths).
+    let mut routers = Vec::new();
     let work = async {
         match spec.mode {
             Mode::Flow => flow::run(spec, flow::Direction::Up, &api, &mut tenants)
@@ -181,7 +183,7 @@ pub async fn run(spec: &BenchSpec) -> Result<BenchReport, BenchError> {
             Mode::Download => flow::run(spec, flow::Direction::Down, &api, &mut tenants)
                 .await
                 .map(BenchReport::Flow),
-            Mode::Handshakes => storm::run(spec, &api, &mut tenants)
+            Mode::Handshakes => storm::run(spec, &api, &mut tenants, &mut routers)
                 .await
                 .map(BenchReport::Handshakes),
         }
@@ -193,8 +195,15 @@ pub async fn run(spec: &BenchSpec) -> Result<BenchReport, BenchError> {
         result = work => result,
         _ = tokio::signal::ctrl_c() => Err(BenchError::Interrupted),
     };
-    // Always clean up the throw-away tenants, and say which could not be.
+    // Always clean up the throw-away tenants and routers, and say which could
+    // not be.
     let mut left = Vec::new();
+    for path in routers {
+        if let Err(e) = api.call(reqwest::Method::DELETE, &path, None).await {
+            tracing::error!(%path, error = %e, "could not delete the bench's router");
+            left.push(path);
+        }
+    }
     for tenant in tenants {
         if let Err(e) = api
             .call(

@@ -220,6 +220,7 @@ pub(crate) async fn run(
     spec: &BenchSpec,
     api: &Api,
     created: &mut Vec<String>,
+    registered: &mut Vec<String>,
 ) -> Result<StormReport, BenchError> {
     let pid = std::process::id();
     // A given tenant is stormed alone, by strangers.
@@ -266,8 +267,7 @@ pub(crate) async fn run(
     }
     // Registered routers get ids of this run's own: in a given tenant they
     // must not take over (re-key) a router of the tenant's, and they go again
-    // after the run.
-    let mut registered = Vec::new();
+    // after the run (the caller deletes them, also after a failure or Ctrl-C).
     let mut register = async |tenant: &str, id: String| -> Result<StaticSecret, BenchError> {
         if spec.tenant.is_some() {
             let path = format!("/v1/tenants/{tenant}/routers/{id}");
@@ -277,7 +277,9 @@ pub(crate) async fn run(
                     what: format!("a router named {id:?}"),
                 });
             }
+            let secret = api.router(tenant, &id).await?;
             registered.push(path);
+            return Ok(secret);
         }
         api.router(tenant, &id).await
     };
@@ -335,11 +337,7 @@ pub(crate) async fn run(
                 .await?,
         );
     }
-    let report = storm(spec, &prepared, count, rate, patient, echoing).await;
-    for path in registered {
-        api.call(reqwest::Method::DELETE, &path, None).await?;
-    }
-    let mut report = report?;
+    let mut report = storm(spec, &prepared, count, rate, patient, echoing).await?;
     report.tunnels = tunnels;
     report.peers_per_tunnel = peers;
     for ((name, ..), before) in tenants.iter().zip(before) {

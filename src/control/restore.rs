@@ -42,22 +42,6 @@ fn check_ranges(t: &Tenant, before: &[&Tenant]) -> Result<(), String> {
             return Err(format!("pool {} overlaps its subnet {}", e.pool, t.subnet));
         }
     }
-    for mine in tunnel_nets(t) {
-        if let Some(host) = v4(&t.host_prefixes).find(|n| overlap(mine, *n)) {
-            return Err(format!("{mine} overlaps its own host prefix {host}"));
-        }
-    }
-    for r in t.routers.values() {
-        for extra in &r.extra_prefixes {
-            let host = t.host_prefixes.iter();
-            if let Some(host) = host.into_iter().find(|h| alloc::overlaps(*extra, **h)) {
-                return Err(format!(
-                    "router {} routes {extra}, which overlaps its own host prefix {host}",
-                    r.id
-                ));
-            }
-        }
-    }
     for other in before {
         for mine in tunnel_nets(t) {
             if let Some(theirs) = tunnel_nets(other).find(|n| overlap(mine, *n)) {
@@ -80,6 +64,32 @@ fn check_ranges(t: &Tenant, before: &[&Tenant]) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// What is wrong with `tenant` but was let in by earlier releases, so that a
+/// state they wrote still starts: a host prefix that overlaps the tenant's own
+/// subnet, pool or a router's prefix (in TUN mode packets to it go to the host
+/// device rather than the peer). The caller logs them; the API refuses them now.
+pub fn warnings(t: &Tenant) -> Vec<String> {
+    let overlap = |a: Ipv4Net, b: Ipv4Net| alloc::overlaps(IpNet::V4(a), IpNet::V4(b));
+    let mut out = Vec::new();
+    for mine in tunnel_nets(t) {
+        if let Some(host) = v4(&t.host_prefixes).find(|n| overlap(mine, *n)) {
+            out.push(format!("{mine} overlaps its own host prefix {host}"));
+        }
+    }
+    for r in t.routers.values() {
+        for extra in &r.extra_prefixes {
+            let host = t.host_prefixes.iter();
+            if let Some(host) = host.into_iter().find(|h| alloc::overlaps(*extra, **h)) {
+                out.push(format!(
+                    "router {} routes {extra}, which overlaps its own host prefix {host}",
+                    r.id
+                ));
+            }
+        }
+    }
+    out
 }
 
 fn check_peers(t: &Tenant) -> Result<(), String> {

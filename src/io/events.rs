@@ -137,14 +137,14 @@ type Name = (&'static str, String);
 
 impl Names {
     /// The (kind, id) of `e`'s peer: for a disconnect the name it connected
-    /// under, otherwise the registry's (remembered for the disconnect).
+    /// under, and none for a peer whose connect was not published (a second
+    /// report of the same disconnect, say: every `peer_connected` gets one
+    /// `peer_disconnected`); otherwise the registry's (remembered for the
+    /// disconnect).
     async fn name(&mut self, directory: &impl Directory, e: &TunnelEvent) -> Option<Name> {
         let at = (Arc::clone(&e.tenant), *peer_key(&e.event));
         if let Event::Disconnected { .. } = e.event {
-            if let Some(name) = self.0.remove(&at) {
-                return Some(name);
-            }
-            return directory.resolve(&e.tenant, &at.1).await;
+            return self.0.remove(&at);
         }
         let name = directory.resolve(&e.tenant, &at.1).await?;
         self.0.insert(at, name.clone());

@@ -287,7 +287,7 @@ impl Runtime {
     /// disconnected.
     pub async fn stop(&mut self, id: &Id) {
         let connected = match self.snapshot(id).await {
-            Ok(snapshot) => snapshot.peers.into_iter().filter(|p| p.live).collect(),
+            Ok(snapshot) => snapshot.peers.into_iter().filter(|p| p.connected).collect(),
             Err(_) => Vec::new(),
         };
         if let Some(h) = self.tunnels.remove(id) {

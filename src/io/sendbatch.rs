@@ -12,9 +12,12 @@
 //! that failed goes again as single datagrams, and later runs stay single.
 //! A GSO send cannot fragment either: where the path's MTU is smaller than a
 //! segment (an underlay of 1450 bytes under a peer's 1420-byte tunnel), the
-//! kernel refuses the run (`EMSGSIZE`). That run goes again as single datagrams,
-//! which leave as fragments (the sockets do not set DF), and the batch merges no
-//! datagram of that size or larger into a run again.
+//! kernel refuses the run (`EMSGSIZE` since Linux 6.14 and its stable backports;
+//! `EINVAL` before, on which quinn-udp turns GSO off as above). That run goes
+//! again as single datagrams, which leave as fragments (the sockets do not set
+//! DF), and the batch merges no datagram of that size or larger into a run
+//! again, to any destination of the socket (the limit is the tunnel's, not
+//! per peer: simple, and a path that small is the underlay's, not one peer's).
 //!
 //! A send never waits for the socket: one the kernel refuses (a full buffer) is
 //! dropped and counted, as a link drops, so the socket is not watched for write
@@ -391,7 +394,16 @@ mod tests {
                 assert_eq!(runs, if round == 0 { 1 } else { 4 }, "round {round}");
                 sent.clear();
             }
-            assert!(state.max_gso_segments() > 1, "GSO stays on");
+            // Kernels since 6.14 (and stable backports) refuse with EMSGSIZE and
+            // GSO stays on for smaller datagrams; older ones say EINVAL, on
+            // which quinn-udp turns GSO off for the socket: singles from then on.
+            if state.max_gso_segments() <= 1 {
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "{test}: this kernel refused with EINVAL: GSO is off"
+                );
+                return;
+            }
             for seq in 0..4 {
                 batch.push(to_a, &[seq; 1000]);
             }

@@ -16,7 +16,6 @@ use crate::core::peer::{initiator_key, message_type, Decap, Message, Peer};
 use crate::core::policy::{DropReason, Origin, PeerId};
 
 impl TunnelEngine {
-    /// Handles one datagram received on the tunnel's socket from `from`.
     /// Counts a datagram the driver did not hand over (a handshake initiation
     /// beyond what it holds for later turns), dropped for `reason`.
     pub fn refuse_datagram(&mut self, reason: DropReason) {
@@ -24,6 +23,7 @@ impl TunnelEngine {
         self.stats.drop(reason);
     }
 
+    /// Handles one datagram received on the tunnel's socket from `from`.
     pub fn handle_datagram(
         &mut self,
         from: SocketAddr,

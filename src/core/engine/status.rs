@@ -63,6 +63,9 @@ pub struct PeerStatus {
     pub last_handshake: Option<Instant>,
     /// Whether it has a live session now.
     pub live: bool,
+    /// Whether it was reported connected and not yet disconnected (the
+    /// events' view, which follows `live` at the next timer tick).
+    pub connected: bool,
     /// Counters.
     pub stats: PeerStats,
 }
@@ -155,6 +158,7 @@ pub(super) fn status_of(p: &Peer, now: Instant) -> PeerStatus {
         endpoint: p.endpoint,
         last_handshake: p.last_handshake,
         live: p.is_live(now),
+        connected: p.connected,
         stats: p.stats,
     }
 }

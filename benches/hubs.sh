@@ -561,9 +561,9 @@ else:
     if received <= 0 or not secs:
         sys.exit(f"{hub} run {run}: UDP: the server received no packet of {sent} sent; "
                  "this run has no figures")
-    # Per packet the hub forwarded (its datagrams out to the gateway), not per
-    # packet the server got: what is lost after the hub (the gateway, its
-    # masquerade, the server) is not the hub's to pay for. The hub's own
+    # Per packet the hub forwarded (its datagrams that reached the gateway),
+    # not per packet the server got: what is lost after the hub (the gateway,
+    # its masquerade, the server) is not the hub's to pay for. The hub's own
     # handshakes and keepalives in that count are a handful against ~10^5.
     if forwarded <= 0:
         sys.exit(f"{hub} run {run}: UDP: the hub sent nothing to the gateway; this run has no figures")
@@ -576,9 +576,13 @@ print(json.dumps(r))
 PY
 }
 
-# Packets the hub has sent towards the gateway so far (its veth's counter).
+# Datagrams that have reached the gateway's UDP stack so far: what the hub
+# forwarded to it (the gateway namespace's UDP counters, delivered or refused
+# for a full buffer). Not a veth counter: a GSO train crosses veth as one packet.
 hub_to_gw_packets() {
-    nsx "$HUB_NS" cat /sys/class/net/to-gw/statistics/tx_packets
+    nsx "$GW_NS" awk '/^Udp:/ { if (!seen) { for (i = 2; i <= NF; i++) key[i] = $i; seen = 1 }
+                                else { for (i = 2; i <= NF; i++) value[key[i]] = $i } }
+                      END { printf "%d\n", value["InDatagrams"] + value["InErrors"] }' /proc/net/snmp
 }
 
 # The internet server must only ever have seen the gateway's address.

@@ -86,7 +86,7 @@ pub struct AppState {
     pub metrics_per_peer: bool,
     pub public_host: String,
     /// Named peer events, for SSE subscribers.
-    pub events: tokio::sync::broadcast::Sender<crate::io::events::PeerEvent>,
+    pub events: tokio::sync::broadcast::Sender<crate::io::events::Published>,
     /// Counters of the event path.
     pub event_stats: Arc<crate::io::events::EventStats>,
     /// API requests by route and status.

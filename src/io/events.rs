@@ -6,7 +6,10 @@
 //! It also has the control plane keep where each router was last authenticated,
 //! so that a restarted appliance can reach its routers and gateways first.
 //! Webhook delivery has its own bounded queue and retries; when the queue is full
-//! the event is dropped for webhooks and counted, never waited for.
+//! the event is dropped for webhooks and counted, never waited for. When the hub
+//! itself falls behind the tunnels, the events it lost are not recovered: it
+//! tells subscribers and webhooks how many were lost (`lagged`), so that they
+//! read the peers' state again.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -33,6 +36,48 @@ pub struct PeerEvent {
     pub endpoint: Option<String>,
     /// RFC 3339 UTC.
     pub at: String,
+}
+
+/// The hub, or a subscriber, fell behind and lost `missed` events (SSE data and
+/// webhook body of a `lagged` event): whoever follows the events should read
+/// the peers' state again, since events are not replayed.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Lagged {
+    /// Always `lagged`.
+    pub event: &'static str,
+    pub missed: u64,
+    /// RFC 3339 UTC: when the loss was noticed.
+    pub at: String,
+}
+
+impl Lagged {
+    /// `missed` events lost, noticed now.
+    pub fn now(missed: u64) -> Self {
+        Lagged {
+            event: "lagged",
+            missed,
+            at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+        }
+    }
+}
+
+/// What the hub hands on to SSE subscribers and webhooks; serialized as the
+/// event itself (its `event` field names it).
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum Published {
+    Peer(PeerEvent),
+    Lagged(Lagged),
+}
+
+impl Published {
+    /// The SSE event name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Published::Peer(e) => e.event,
+            Published::Lagged(l) => l.event,
+        }
+    }
 }
 
 /// The store refused to keep router endpoints (the implementation logs why);
@@ -186,10 +231,18 @@ impl Keeping {
 pub async fn run_hub(
     mut engines: broadcast::Receiver<TunnelEvent>,
     directory: impl Directory,
-    subscribers: broadcast::Sender<PeerEvent>,
-    webhooks: Option<mpsc::Sender<PeerEvent>>,
+    subscribers: broadcast::Sender<Published>,
+    webhooks: Option<mpsc::Sender<Published>>,
     stats: Arc<EventStats>,
 ) {
+    let publish = |event: Published| {
+        let _ = subscribers.send(event.clone());
+        if let Some(queue) = &webhooks {
+            if queue.try_send(event).is_err() {
+                stats.webhook_dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    };
     let mut keeping = Keeping::default();
     let mut names = Names::default();
     loop {
@@ -223,6 +276,7 @@ pub async fn run_hub(
             Err(broadcast::error::RecvError::Lagged(n)) => {
                 stats.lagged.fetch_add(n, Ordering::Relaxed);
                 tracing::warn!(lost = n, "event hub fell behind");
+                publish(Published::Lagged(Lagged::now(n)));
                 // What was lost may have moved a router: the tunnels know
                 // where each one is now, which also covers what is pending.
                 keeping.reconcile(&directory).await;
@@ -253,12 +307,7 @@ pub async fn run_hub(
         let event = describe(&e, kind, id);
         tracing::info!(event = event.event, tenant = %event.tenant_id, id = %event.id, "peer event");
         stats.published.fetch_add(1, Ordering::Relaxed);
-        let _ = subscribers.send(event.clone());
-        if let Some(queue) = &webhooks {
-            if queue.try_send(event).is_err() {
-                stats.webhook_dropped.fetch_add(1, Ordering::Relaxed);
-            }
-        }
+        publish(Published::Peer(event));
         if keeping.heard.len() >= HEARD_BATCH {
             keeping.hand_over(&directory).await;
         }
@@ -280,7 +329,7 @@ const RETRY_DELAYS: [Duration; 3] = [
 /// holds up only its own deliveries, and an event that finds its queue full is
 /// dropped for that URL and counted.
 pub async fn run_webhooks(
-    mut queue: mpsc::Receiver<PeerEvent>,
+    mut queue: mpsc::Receiver<Published>,
     urls: Vec<String>,
     timeout: Duration,
     stats: Arc<EventStats>,
@@ -312,7 +361,7 @@ pub async fn run_webhooks(
 /// Posts the events of `queue` to `url`, one at a time, each retried after
 /// [`RETRY_DELAYS`].
 async fn deliver(
-    mut queue: mpsc::Receiver<PeerEvent>,
+    mut queue: mpsc::Receiver<Published>,
     url: String,
     client: reqwest::Client,
     stats: Arc<EventStats>,
@@ -449,6 +498,71 @@ mod tests {
         assert_eq!(reconciled, 1);
         let ports: Vec<u16> = got.concat().iter().map(|h| h.endpoint.port()).collect();
         assert_eq!(ports, [6, 7, 8, 9]);
+    }
+
+    #[tokio::test]
+    async fn subscribers_and_webhooks_are_told_how_many_events_the_hub_lost() {
+        // 10 connects into a channel of 4: the hub loses the first 6. Both
+        // followers hear of the loss first, then get the 4 that remain.
+        let (tx, rx) = broadcast::channel(4);
+        for n in 0..10 {
+            tx.send(connected(0, n)).unwrap();
+        }
+        drop(tx);
+        let (subscribers, mut sse) = broadcast::channel(64);
+        let (webhooks, mut hooks) = mpsc::channel(64);
+        let stats = Arc::new(EventStats::default());
+        run_hub(
+            rx,
+            Recorder::default(),
+            subscribers,
+            Some(webhooks),
+            Arc::clone(&stats),
+        )
+        .await;
+        let mut heard = (Vec::new(), Vec::new());
+        while let Ok(e) = sse.try_recv() {
+            heard.0.push(e);
+        }
+        while let Ok(e) = hooks.try_recv() {
+            heard.1.push(e);
+        }
+        assert_eq!(heard.0, heard.1, "SSE and webhooks hear the same");
+        let summary: Vec<String> = heard
+            .0
+            .iter()
+            .map(|p| match p {
+                Published::Lagged(l) => format!("lagged {}", l.missed),
+                Published::Peer(e) => {
+                    format!("{} {}", e.event, e.endpoint.as_deref().unwrap_or(""))
+                }
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                "lagged 6",
+                "peer_connected 203.0.113.2:6",
+                "peer_connected 203.0.113.2:7",
+                "peer_connected 203.0.113.2:8",
+                "peer_connected 203.0.113.2:9",
+            ]
+        );
+        assert_eq!(stats.lagged.load(Ordering::Relaxed), 6);
+        assert_eq!(stats.published.load(Ordering::Relaxed), 4);
+    }
+
+    #[test]
+    fn a_published_event_is_serialized_as_the_event_itself() {
+        let peer = describe(&connected(0, 7), "router", "gw".into());
+        assert_eq!(
+            serde_json::to_value(Published::Peer(peer.clone())).unwrap(),
+            serde_json::to_value(&peer).unwrap()
+        );
+        let lagged = serde_json::to_value(Published::Lagged(Lagged::now(3))).unwrap();
+        assert_eq!(lagged["event"], "lagged");
+        assert_eq!(lagged["missed"], 3);
+        assert!(lagged["at"].as_str().unwrap().ends_with('Z'), "{lagged}");
     }
 
     #[tokio::test(start_paused = true)]

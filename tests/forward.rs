@@ -221,9 +221,24 @@ fn unreachable_router_resets_the_client_and_forwards_survive_restart() {
         "still listening where it was"
     );
 
-    // kill -9 and restart: the forward listens on the same address again.
+    // kill -9 and restart while another program holds the forward's port: the
+    // router can still be changed (the forward is not part of that change), and
+    // the forward opens once the port is free.
     let (state, api_port, first_port) = app.kill9();
+    let squatter = TcpListener::bind(listen).expect("hold the forward's port");
     let app = Appliance::start_with(state, api_port, first_port, &[]).expect("restart");
+    let renamed = app.expect(
+        "PUT",
+        "/v1/tenants/acme/routers/offline",
+        Some(r#"{"name":"renamed"}"#),
+        200,
+    );
+    assert_eq!(renamed["name"], "renamed", "{renamed}");
+    drop(squatter);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while TcpStream::connect(listen).is_err() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let list = app.expect(
         "GET",
         "/v1/tenants/acme/routers/offline/forwards",

@@ -241,6 +241,19 @@ fn a_tunnel_whose_port_is_taken_at_start_comes_up_once_it_is_free() {
         "{error}"
     );
     app.expect("GET", "/v1/tenants/second/routers/r2", None, 200);
+    // So is a forward: it opens when the tunnel comes up, on the port it gets.
+    let (status, error) = app.call(
+        "PUT",
+        "/v1/tenants/second/routers/r1/forwards/8728",
+        Some(r#"{"listen":"127.0.0.1:0"}"#),
+    );
+    assert_eq!(
+        (status, error["error"]["code"].as_str()),
+        (503, Some("tunnel_down")),
+        "{error}"
+    );
+    let said = error["error"]["message"].as_str().unwrap_or_default();
+    assert!(said.contains("the change is stored"), "{error}");
 
     // The port is free again: the supervisor brings the tunnel up, with the
     // peer it had and the one added while it was down.
@@ -260,6 +273,16 @@ fn a_tunnel_whose_port_is_taken_at_start_comes_up_once_it_is_free() {
     let mut r2 = UdpPeer::new(r2_secret, &server_key, server, 0x20);
     assert!(r1.handshake() && r2.handshake(), "{}", app.log());
     assert!(app.log().contains("tunnel is back up"), "{}", app.log());
+    let forwards = app.expect("GET", "/v1/tenants/second/routers/r1/forwards", None, 200);
+    let listen: SocketAddr = forwards[0]["listen"]
+        .as_str()
+        .and_then(|l| l.parse().ok())
+        .unwrap_or_else(|| panic!("{forwards}"));
+    assert_ne!(listen.port(), 0, "{forwards}");
+    assert!(
+        std::net::TcpStream::connect(listen).is_ok(),
+        "the forward stored while the tunnel was down listens"
+    );
 }
 
 /// `wgplane backup` copies the state while the appliance runs; the copy, with

@@ -16,6 +16,7 @@ use crate::api::{ApiError, Control};
 use crate::control::model::{ForwardRequest, RouterRequest, TenantRequest};
 use crate::control::registry::Put;
 use crate::control::{render, Id, Tenant};
+use crate::io::RuntimeError;
 use crate::store::Change;
 
 use super::{
@@ -117,9 +118,7 @@ pub async fn put_router(
             .await
             .map_err(stored_but)?;
     }
-    apply_forwards(&mut control, &t, &r)
-        .await
-        .map_err(stored_but)?;
+    apply_forwards(&mut control, &t, &r).await;
     router_answer(&control, &t, &r, status_of(put)).await
 }
 
@@ -148,15 +147,21 @@ fn port_param(text: &str) -> Result<u16, ApiError> {
 }
 
 /// Makes the running forwards of router `r` match the registry (targets follow the
-/// router's address).
-async fn apply_forwards(control: &mut Control, t: &Id, r: &Id) -> Result<(), ApiError> {
+/// router's address). A forward that cannot be opened now (another program holds
+/// its port) is logged and left to the supervisor, which tries it again every
+/// 5 s: the router's own change is done all the same. In TUN mode stored
+/// forwards stay closed (the host reaches routers by route).
+async fn apply_forwards(control: &mut Control, t: &Id, r: &Id) {
+    if control.runtime.tun_mode() {
+        return;
+    }
     let Some(router) = control
         .registry
         .tenant(t)
         .ok()
         .and_then(|x| x.routers.get(r))
     else {
-        return Ok(());
+        return;
     };
     let wanted: Vec<(u16, std::net::SocketAddr, SocketAddrV4)> = router
         .forwards
@@ -164,12 +169,15 @@ async fn apply_forwards(control: &mut Control, t: &Id, r: &Id) -> Result<(), Api
         .map(|(port, listen)| (*port, *listen, SocketAddrV4::new(router.vpn_ip, *port)))
         .collect();
     for (port, listen, target) in wanted {
-        control
+        if let Err(e) = control
             .runtime
             .set_forward(t, r, port, listen, target)
-            .await?;
+            .await
+        {
+            tracing::warn!(tenant = %t, router = %r, port, error = %e,
+                "forward not open; the supervisor tries again every 5 s");
+        }
     }
-    Ok(())
 }
 
 #[utoipa::path(get, path = "/tenants/{tenant_id}/routers/{router_id}/forwards", tag = "forwards", params(("tenant_id" = String, Path, description = "Tenant id"), ("router_id" = String, Path, description = "Router id")), responses((status = 200, body = [ForwardView]), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 404, description = "Unknown object", body = ErrorBody)))]
@@ -188,7 +196,7 @@ pub async fn list_forwards(
     Ok(Json(list).into_response())
 }
 
-#[utoipa::path(put, path = "/tenants/{tenant_id}/routers/{router_id}/forwards/{port}", tag = "forwards", params(("tenant_id" = String, Path, description = "Tenant id"), ("router_id" = String, Path, description = "Router id"), ("port" = u16, Path, description = "The router's TCP port inside the tunnel")), request_body(content = Option<ForwardRequest>, description = "listen: host address (default 127.0.0.1:0, any free port)"), responses((status = 201, description = "Created: the listener is open", body = ForwardView), (status = 200, description = "Existed", body = ForwardView), (status = 400, description = "Bad input", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 404, description = "Unknown object", body = ErrorBody), (status = 409, description = "Listen address in use", body = ErrorBody)))]
+#[utoipa::path(put, path = "/tenants/{tenant_id}/routers/{router_id}/forwards/{port}", tag = "forwards", params(("tenant_id" = String, Path, description = "Tenant id"), ("router_id" = String, Path, description = "Router id"), ("port" = u16, Path, description = "The router's TCP port inside the tunnel")), request_body(content = Option<ForwardRequest>, description = "listen: host address (default 127.0.0.1:0, any free port)"), responses((status = 201, description = "Created: the listener is open", body = ForwardView), (status = 200, description = "Existed", body = ForwardView), (status = 400, description = "Bad input", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 404, description = "Unknown object", body = ErrorBody), (status = 409, description = "Listen address in use (listen_unavailable), or TUN mode (tun_mode)", body = ErrorBody), (status = 503, description = "Change not stored and undone (storage_failed), or stored while the tunnel is down and opened when it starts (tunnel_down; the message says so)", body = ErrorBody)))]
 pub async fn put_forward(
     State(state): Shared,
     Path((t, r, port)): Path<(String, String, String)>,
@@ -221,6 +229,17 @@ pub async fn put_forward(
         .await
     {
         Ok(bound) => bound,
+        // A tunnel that is down takes the forward when it starts again, as it
+        // takes every other stored change: stored, and answered as such.
+        Err(e @ RuntimeError::TaskGone(_)) => {
+            if let Err(stored) =
+                commit(&mut control.store, &[Change::Forward(&t, &r, port, listen)])
+            {
+                undo(&mut control, &t, before).await;
+                return Err(stored.into());
+            }
+            return Err(stored_but(e));
+        }
         Err(e) => {
             undo(&mut control, &t, before).await;
             return Err(e.into());

@@ -366,7 +366,12 @@ fn backup(args: BackupArgs) -> Result<()> {
     // The copy holds sealed keys: it is the operator's alone, like the state.
     own_files_only();
     let database = settings.database();
-    let s = wgplane::store::backup::backup(&database, &args.to)?;
+    let own = [
+        settings.master_key_file(),
+        settings.token_file(),
+        settings.state.dir.join("lock"),
+    ];
+    let s = wgplane::store::backup::backup(&database, &args.to, &own)?;
     println!(
             "{}: {} tenants, {} routers, {} clients (schema {}); restoring it needs the master key ({} or ${}), which is not in it",
             args.to.display(),

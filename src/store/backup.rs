@@ -37,6 +37,9 @@ pub enum BackupError {
     /// The copy's directory could not be synced.
     #[error(transparent)]
     Files(#[from] files::FilesError),
+    /// The target is one of the appliance's own files.
+    #[error("{path} is one of the appliance's own files (its database, the database's journal, the master key, the token or the lock): write the copy under another name")]
+    OwnFile { path: PathBuf },
     /// The file system refused.
     #[error("{what} {path}: {source}")]
     Io {
@@ -57,7 +60,18 @@ pub struct Summary {
 
 /// Copies the state database `database` to `to` (replacing it only once the
 /// copy is complete and checked) and says what the copy holds.
-pub fn backup(database: &Path, to: &Path) -> Result<Summary, BackupError> {
+pub fn backup(database: &Path, to: &Path, own: &[PathBuf]) -> Result<Summary, BackupError> {
+    let journal = |suffix: &str| {
+        let mut name = database.as_os_str().to_owned();
+        name.push(suffix);
+        PathBuf::from(name)
+    };
+    let mine = [database.to_owned(), journal("-wal"), journal("-shm")];
+    if mine.iter().chain(own).any(|file| same_file(to, file)) {
+        return Err(BackupError::OwnFile {
+            path: to.to_owned(),
+        });
+    }
     let sqlite = |path: &Path| {
         let path = path.to_owned();
         move |source| BackupError::Sqlite { path, source }
@@ -105,6 +119,22 @@ pub fn backup(database: &Path, to: &Path) -> Result<Summary, BackupError> {
     std::fs::rename(&partial, to).map_err(io("cannot rename to", to))?;
     files::sync_dir(files::parent_of(to))?;
     Ok(summary)
+}
+
+/// `to` names `file`: the same directory entry (whether or not it exists yet),
+/// or another link to the same file.
+fn same_file(to: &Path, file: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    if let (Ok(a), Ok(b)) = (std::fs::metadata(to), std::fs::metadata(file)) {
+        if (a.dev(), a.ino()) == (b.dev(), b.ino()) {
+            return true;
+        }
+    }
+    let entry = |p: &Path| -> Option<PathBuf> {
+        let dir = files::parent_of(p).canonicalize().ok()?;
+        Some(dir.join(p.file_name()?))
+    };
+    matches!((entry(to), entry(file)), (Some(a), Some(b)) if a == b)
 }
 
 /// `<to>.partial`, where the copy is made and checked.
@@ -172,7 +202,7 @@ mod tests {
         crate::store::tests::save_all(&mut store, &crate::store::tests::provisioned());
         // The store stays open: its last commit may still sit in the WAL.
         let copy = dir.path().join("copy.db");
-        let summary = backup(&database, &copy).unwrap();
+        let summary = backup(&database, &copy, &[]).unwrap();
         let counts = (summary.tenants, summary.routers, summary.clients);
         assert_eq!(counts, (1, 1, 1));
         assert_eq!(summary.schema_version, schema::VERSION);
@@ -194,13 +224,47 @@ mod tests {
             .execute_batch("CREATE TABLE t (x); PRAGMA user_version = 99;")
             .unwrap();
         let copy = dir.path().join("copy.db");
-        let e = backup(&other, &copy).unwrap_err();
+        let e = backup(&other, &copy, &[]).unwrap_err();
         assert!(
             matches!(e, BackupError::NotState { version: 99, .. }),
             "{e}"
         );
         assert!(!copy.exists() && !partial_name(&copy).exists());
-        let missing = backup(&dir.path().join("missing.db"), &copy).unwrap_err();
+        let missing = backup(&dir.path().join("missing.db"), &copy, &[]).unwrap_err();
         assert!(matches!(missing, BackupError::Sqlite { .. }), "{missing}");
+    }
+
+    #[test]
+    fn the_appliances_own_files_are_never_the_target() {
+        let dir = tempfile::tempdir().unwrap();
+        let database = dir.path().join("state.db");
+        let master = MasterKey::generate();
+        let mut store = Store::open(&database, master.clone()).unwrap();
+        crate::store::tests::save_all(&mut store, &crate::store::tests::provisioned());
+        let key = dir.path().join("master-key");
+        std::fs::write(&key, "the key").unwrap();
+        let link = dir.path().join("also-the-key");
+        std::fs::hard_link(&key, &link).unwrap();
+        let own = [key.clone(), dir.path().join("lock")];
+        let sub = dir.path().join("sub");
+        std::fs::create_dir(&sub).unwrap();
+        let targets = [
+            database.clone(),
+            dir.path().join("state.db-wal"),
+            sub.join("../state.db-shm"),
+            key.clone(),
+            link,
+            dir.path().join("lock"),
+        ];
+        for to in targets {
+            let e = backup(&database, &to, &own).unwrap_err();
+            assert!(matches!(e, BackupError::OwnFile { .. }), "{to:?}: {e}");
+        }
+        assert_eq!(std::fs::read_to_string(&key).unwrap(), "the key");
+        drop(store);
+        let kept = Store::open(&database, master).unwrap().load().unwrap();
+        assert_eq!(kept.len(), 1, "the database is untouched");
+        // A name of its own beside them is fine.
+        backup(&database, &dir.path().join("backup.db"), &own).unwrap();
     }
 }

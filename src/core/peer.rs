@@ -102,6 +102,12 @@ pub const QUEUE_PACKETS: u16 = 256;
 /// the packet limit, 64 KB ones (a fragmented datagram's) stop here.
 pub const QUEUE_BYTES: u32 = 512 * 1024;
 
+/// Roams of one peer are announced at most this often: a peer that sends
+/// from a new address with every datagram (its own doing, or an on-path
+/// attacker's) moves its endpoint at once, but costs the control plane one
+/// event a second, carrying the address it has then.
+pub const ROAM_ANNOUNCE_INTERVAL: Duration = Duration::from_secs(1);
+
 /// One peer of a tunnel.
 ///
 /// boringtun's `Tunn` (11 KB, and a Diffie-Hellman to create) is made on the
@@ -132,6 +138,10 @@ pub struct Peer {
     pub(crate) answered: u32,
     /// True between a completed handshake and the session's expiry (for events).
     pub(crate) connected: bool,
+    /// When a roam of this peer was last announced (at most one
+    /// [`ROAM_ANNOUNCE_INTERVAL`]), and whether it moved again since.
+    pub(crate) roam_announced: Option<Instant>,
+    pub(crate) roam_unannounced: bool,
     /// Packets and bytes queued in boringtun since its queue was last emptied.
     queued_packets: u16,
     queued_bytes: u32,
@@ -162,6 +172,8 @@ impl Peer {
             last_work: None,
             answered: 0,
             connected: false,
+            roam_announced: None,
+            roam_unannounced: false,
             queued_packets: 0,
             queued_bytes: 0,
             liveness_timeout,

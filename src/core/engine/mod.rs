@@ -263,6 +263,7 @@ impl TunnelEngine {
                     peer.stats.tx_bytes += datagram.len() as u64;
                     sink.send(to, datagram);
                 }
+                receive::announce_roam(peer, now, events);
                 if peer.connected && (expired || !peer.is_live(now)) {
                     peer.connected = false;
                     events.push_back(Event::Disconnected {

@@ -12,7 +12,9 @@ use super::status::TunnelStats;
 use super::{trim_events, Event, Sink, TunnelEngine};
 use crate::core::admission::Refusal;
 use crate::core::netstack::LocalStack;
-use crate::core::peer::{initiator_key, message_type, Decap, Message, Peer};
+use crate::core::peer::{
+    initiator_key, message_type, Decap, Message, Peer, ROAM_ANNOUNCE_INTERVAL,
+};
 use crate::core::policy::{DropReason, Origin, PeerId};
 
 impl TunnelEngine {
@@ -137,7 +139,7 @@ impl TunnelEngine {
                         // so a known endpoint moves only with the first packet
                         // on the session.
                         if peer.endpoint.is_none() {
-                            set_endpoint(peer, id, endpoints, from, events);
+                            set_endpoint(peer, id, endpoints, from, now, events);
                         }
                     }
                     // Our keepalive (type 4) after a response to our initiation:
@@ -213,9 +215,10 @@ pub(super) fn authenticated(
 ) {
     peer.stats.rx_bytes += len as u64;
     peer.last_rx = Some(now);
-    set_endpoint(peer, id, endpoints, from, events);
+    set_endpoint(peer, id, endpoints, from, now, events);
     if !peer.connected && peer.is_live(now) {
         peer.connected = true;
+        peer.roam_unannounced = false;
         events.push_back(Event::Connected {
             peer: *peer.public_key().as_bytes(),
             endpoint: peer.endpoint,
@@ -262,12 +265,16 @@ pub(super) fn send_queued(
 }
 
 /// The peer's endpoint is `from` now (roaming), with the index that finds it.
+/// The roam is announced (`Roamed`) if none was in the last
+/// [`ROAM_ANNOUNCE_INTERVAL`]; otherwise the timers announce where the peer is
+/// once the interval is over ([`announce_roam`]).
 #[inline]
 pub(super) fn set_endpoint(
     peer: &mut Peer,
     id: PeerId,
     endpoints: &mut HashMap<SocketAddr, PeerId>,
     from: SocketAddr,
+    now: Instant,
     events: &mut VecDeque<Event>,
 ) {
     if peer.endpoint != Some(from) {
@@ -281,11 +288,29 @@ pub(super) fn set_endpoint(
         // A roam is news only about a connected peer: one that connects from
         // a new address says where in its `Connected`.
         if previous.is_some() && peer.connected {
-            events.push_back(Event::Roamed {
-                peer: *peer.public_key().as_bytes(),
-                endpoint: from,
-            });
+            peer.roam_unannounced = true;
+            announce_roam(peer, now, events);
         }
+    }
+}
+
+/// Announces an unannounced roam of a connected peer, unless one was
+/// announced less than [`ROAM_ANNOUNCE_INTERVAL`] ago.
+#[inline]
+pub(super) fn announce_roam(peer: &mut Peer, now: Instant, events: &mut VecDeque<Event>) {
+    let due = peer
+        .roam_announced
+        .is_none_or(|at| now.saturating_duration_since(at) >= ROAM_ANNOUNCE_INTERVAL);
+    if !(peer.roam_unannounced && due) {
+        return;
+    }
+    peer.roam_unannounced = false;
+    if let (true, Some(endpoint)) = (peer.connected, peer.endpoint) {
+        peer.roam_announced = Some(now);
+        events.push_back(Event::Roamed {
+            peer: *peer.public_key().as_bytes(),
+            endpoint,
+        });
     }
 }
 
@@ -300,6 +325,7 @@ pub(super) fn handshake_done(
     stats.handshakes += 1;
     if !peer.connected {
         peer.connected = true;
+        peer.roam_unannounced = false;
         events.push_back(Event::Connected {
             peer: *peer.public_key().as_bytes(),
             endpoint: peer.endpoint,

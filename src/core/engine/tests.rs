@@ -522,3 +522,57 @@ fn a_peer_back_from_elsewhere_connects_there_and_a_removed_one_is_gone() {
     let events: Vec<_> = std::iter::from_fn(|| engine.poll_event()).collect();
     assert_eq!(events, [Event::Disconnected { peer: key }]);
 }
+
+/// A connected peer whose datagrams come from a new address each time moves at
+/// once (replies follow it), but is announced roamed at most once a second:
+/// the first move at once, the rest with where it is once the second is over.
+#[test]
+fn a_peer_that_roams_with_every_datagram_is_announced_once_a_second() {
+    use crate::core::harness::Collect;
+    use crate::core::packet::build::ip_packet;
+
+    let now = Instant::now();
+    let (mut engine, mut r1) = one_client();
+    let key = *r1.public_key.as_bytes();
+    assert!(r1.handshake(&mut engine, now));
+    let packet = ip_packet([10, 100, 1, 1].into(), [10, 100, 0, 1].into(), 8);
+    let datagram = r1.encrypt(&packet).unwrap();
+    engine.handle_datagram(r1.addr, &datagram, now, &mut Collect::default());
+    let _connected: Vec<_> = std::iter::from_fn(|| engine.poll_event()).collect();
+
+    let mut last = r1.addr;
+    for n in 0..100u16 {
+        let at = now + Duration::from_millis(5 * u64::from(n));
+        r1.addr = SocketAddr::from(([198, 51, 100, 9], 5000 + n));
+        let datagram = r1.encrypt(&packet).unwrap();
+        engine.handle_datagram(r1.addr, &datagram, at, &mut Collect::default());
+        engine.handle_timers(at, &mut Collect::default());
+        last = r1.addr;
+    }
+    let events: Vec<_> = std::iter::from_fn(|| engine.poll_event()).collect();
+    assert_eq!(
+        events,
+        [Event::Roamed {
+            peer: key,
+            endpoint: "198.51.100.9:5000".parse().unwrap()
+        }]
+    );
+    assert_eq!(
+        engine.peer_status(&key, now).and_then(|s| s.endpoint),
+        Some(last),
+        "the endpoint itself follows every datagram"
+    );
+
+    // The second is over: the timers announce where it is now, once.
+    let later = now + Duration::from_millis(1000);
+    engine.handle_timers(later, &mut Collect::default());
+    engine.handle_timers(later + Duration::from_millis(250), &mut Collect::default());
+    let events: Vec<_> = std::iter::from_fn(|| engine.poll_event()).collect();
+    assert_eq!(
+        events,
+        [Event::Roamed {
+            peer: key,
+            endpoint: last
+        }]
+    );
+}

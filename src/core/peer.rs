@@ -6,6 +6,7 @@
 //! timers; everything wgplane decides (liveness, events) uses the `now` passed in.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -108,6 +109,12 @@ pub const QUEUE_BYTES: u32 = 512 * 1024;
 /// event a second, carrying the address it has then.
 pub const ROAM_ANNOUNCE_INTERVAL: Duration = Duration::from_secs(1);
 
+/// Bytes all the peers of one tunnel hold at once while they wait for
+/// handshakes (64 full queues): a peer that sends to every other peer of its
+/// tunnel that has no session cannot make the tunnel hold more than this.
+/// Beyond it packets for peers without a session are dropped as `QueueFull`.
+pub const TUNNEL_QUEUE_BYTES: u64 = 64 * QUEUE_BYTES as u64;
+
 /// One peer of a tunnel.
 ///
 /// boringtun's `Tunn` (11 KB, and a Diffie-Hellman to create) is made on the
@@ -145,6 +152,8 @@ pub struct Peer {
     /// Packets and bytes queued in boringtun since its queue was last emptied.
     queued_packets: u16,
     queued_bytes: u32,
+    /// What the tunnel's peers hold in all ([`TUNNEL_QUEUE_BYTES`]).
+    tunnel_held: Arc<AtomicU64>,
     /// Silence after which the peer is not live any more.
     pub(crate) liveness_timeout: Duration,
     pub(crate) stats: PeerStats,
@@ -158,6 +167,7 @@ impl Peer {
         index: u32,
         rate_limiter: Arc<RateLimiter>,
         liveness_timeout: Duration,
+        tunnel_held: Arc<AtomicU64>,
     ) -> Self {
         Self {
             tunn: None,
@@ -176,6 +186,7 @@ impl Peer {
             roam_unannounced: false,
             queued_packets: 0,
             queued_bytes: 0,
+            tunnel_held,
             liveness_timeout,
             stats: PeerStats::default(),
         }
@@ -207,7 +218,7 @@ impl Peer {
     pub fn stop_protocol(&mut self) {
         self.tunn = None;
         self.answered = 0;
-        (self.queued_packets, self.queued_bytes) = (0, 0);
+        self.queue_emptied();
     }
 
     /// The peer's `Tunn`, made now if this is its first use.
@@ -297,7 +308,7 @@ impl Peer {
         match self.tunn.as_mut()?.decapsulate(None, &[], out) {
             TunnResult::WriteToNetwork(b) => Some(b),
             _ => {
-                (self.queued_packets, self.queued_bytes) = (0, 0);
+                self.queue_emptied();
                 None
             }
         }
@@ -312,7 +323,13 @@ impl Peer {
         debug_assert!(out.len() >= packet.len() + 32 && out.len() >= 148);
         let size = u32::try_from(packet.len()).unwrap_or(u32::MAX);
         let (packets, bytes) = (self.queued_packets, self.queued_bytes);
-        let full = packets >= QUEUE_PACKETS || bytes.saturating_add(size) > QUEUE_BYTES;
+        let full = packets >= QUEUE_PACKETS
+            || bytes.saturating_add(size) > QUEUE_BYTES
+            || self
+                .tunnel_held
+                .load(Ordering::Relaxed)
+                .saturating_add(u64::from(size))
+                > TUNNEL_QUEUE_BYTES;
         // Asked only when full (it reads the clock): with a session nothing waits.
         if full
             && self
@@ -334,8 +351,7 @@ impl Peer {
             // Without a session boringtun queues the packet and hands back the
             // initiation (type 1) of the handshake it starts.
             TunnResult::WriteToNetwork(b) if message_type(b) == 1 => {
-                self.queued_packets = packets.saturating_add(1);
-                self.queued_bytes = bytes.saturating_add(size);
+                self.queued(size);
                 Encap::Waiting {
                     queued: true,
                     initiation: Some(b),
@@ -343,8 +359,7 @@ impl Peer {
             }
             TunnResult::WriteToNetwork(b) => Encap::Send(b),
             TunnResult::Done => {
-                self.queued_packets = packets.saturating_add(1);
-                self.queued_bytes = bytes.saturating_add(size);
+                self.queued(size);
                 Encap::Waiting {
                     queued: true,
                     initiation: None,
@@ -387,9 +402,35 @@ impl Peer {
     /// boringtun has emptied its queue with the session (its handshake gave
     /// up): how many packets waited in it.
     fn queue_discarded(&mut self) -> u16 {
-        let discarded = self.queued_packets;
+        self.queue_emptied()
+    }
+
+    /// The peer's queue is empty now (sent, discarded or dropped with its
+    /// protocol state): its bytes are the tunnel's again. Returns how many
+    /// packets were in it.
+    fn queue_emptied(&mut self) -> u16 {
+        let packets = self.queued_packets;
+        if self.queued_bytes != 0 {
+            self.tunnel_held
+                .fetch_sub(u64::from(self.queued_bytes), Ordering::Relaxed);
+        }
         (self.queued_packets, self.queued_bytes) = (0, 0);
-        discarded
+        packets
+    }
+
+    /// One more packet of `size` bytes waits in boringtun's queue.
+    fn queued(&mut self, size: u32) {
+        self.queued_packets = self.queued_packets.saturating_add(1);
+        self.queued_bytes = self.queued_bytes.saturating_add(size);
+        self.tunnel_held
+            .fetch_add(u64::from(size), Ordering::Relaxed);
+    }
+}
+
+impl Drop for Peer {
+    /// A peer removed while packets wait gives their bytes back to the tunnel.
+    fn drop(&mut self) {
+        self.queue_emptied();
     }
 }
 
@@ -494,6 +535,11 @@ mod tests {
 
     /// A peer that has never spoken, and the secret key of the other side.
     fn offline_peer_and_its_key() -> (Peer, StaticSecret, PublicKey) {
+        offline_peer_holding_in(Arc::default())
+    }
+
+    /// As [`offline_peer_and_its_key`], counting what it holds in `held`.
+    fn offline_peer_holding_in(held: Arc<AtomicU64>) -> (Peer, StaticSecret, PublicKey) {
         let ours = StaticSecret::random_from_rng(rand_core::OsRng);
         let theirs = StaticSecret::random_from_rng(rand_core::OsRng);
         let our_public = PublicKey::from(&ours);
@@ -505,7 +551,14 @@ mod tests {
             endpoint: Some("198.51.100.9:51820".parse().unwrap()),
         };
         let macs = Arc::new(RateLimiter::new(&our_public, u64::MAX));
-        let peer = Peer::new(Arc::new(ours), config, 7, macs, Duration::from_secs(60));
+        let peer = Peer::new(
+            Arc::new(ours),
+            config,
+            7,
+            macs,
+            Duration::from_secs(60),
+            held,
+        );
         (peer, theirs, our_public)
     }
 
@@ -609,5 +662,42 @@ mod tests {
         assert_eq!(peer.queue_discarded(), 5);
         assert_eq!((peer.queued_packets, peer.queued_bytes), (0, 0));
         assert_eq!(peer.queue_discarded(), 0);
+    }
+
+    /// A peer sending to every other peer of its tunnel that has no session
+    /// fills their queues up to the tunnel's limit, not each one's: then
+    /// packets are dropped. A removed peer gives its bytes back.
+    #[test]
+    fn the_peers_of_a_tunnel_hold_no_more_than_its_limit_together() {
+        let held = Arc::new(AtomicU64::new(0));
+        let mut out = vec![0u8; 70_000];
+        let packet = vec![0x45u8; 60_000];
+        let mut peers: Vec<Peer> = (0..80)
+            .map(|_| offline_peer_holding_in(Arc::clone(&held)).0)
+            .collect();
+        let mut queued = Vec::new();
+        for peer in &mut peers {
+            let mut bytes = 0u64;
+            while outcome(peer.encapsulate(&packet, &mut out)).0 {
+                bytes += 60_000;
+            }
+            queued.push(bytes);
+        }
+        let total: u64 = queued.iter().sum();
+        assert!(
+            total <= TUNNEL_QUEUE_BYTES && total + 60_000 > TUNNEL_QUEUE_BYTES,
+            "{total}"
+        );
+        assert_eq!(held.load(Ordering::Relaxed), total);
+        assert_eq!(queued[0], u64::from(QUEUE_BYTES / 60_000) * 60_000);
+        assert_eq!(queued[79], 0, "the tunnel's limit, not the peer's");
+
+        let kept: u64 = queued[..10].iter().sum();
+        peers.truncate(10);
+        assert_eq!(held.load(Ordering::Relaxed), kept);
+        peers[0].stop_protocol();
+        assert_eq!(held.load(Ordering::Relaxed), kept - queued[0]);
+        drop(peers);
+        assert_eq!(held.load(Ordering::Relaxed), 0);
     }
 }

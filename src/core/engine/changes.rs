@@ -61,6 +61,7 @@ impl TunnelEngine {
                     index,
                     self.admission.macs(),
                     self.liveness_timeout,
+                    Arc::clone(&self.held),
                 );
                 let id = self.peers.insert(peer);
                 self.reach_at(id, config.endpoint);

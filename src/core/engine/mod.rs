@@ -122,6 +122,9 @@ pub struct TunnelEngine {
     routing: RoutingState,
     egress: Vec<EgressConfig>,
     stats: TunnelStats,
+    /// Bytes the peers hold while they wait for handshakes, all together
+    /// (bounded by [`super::peer::TUNNEL_QUEUE_BYTES`]).
+    held: Arc<std::sync::atomic::AtomicU64>,
     events: VecDeque<Event>,
     rx: Box<[u8]>,
     tx: Box<[u8]>,
@@ -150,6 +153,7 @@ impl TunnelEngine {
             },
             egress: Vec::new(),
             stats: TunnelStats::default(),
+            held: Arc::default(),
             events: VecDeque::new(),
             rx: vec![0; BUF_LEN].into_boxed_slice(),
             tx: vec![0; BUF_LEN].into_boxed_slice(),

@@ -115,6 +115,9 @@ pub struct ForwardSetting {
     pub listen: SocketAddr,
 }
 
+/// Deepest webhook queue the config may ask for (per URL).
+pub const MAX_WEBHOOK_QUEUE: usize = 1_000_000;
+
 /// `[events]`
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -320,6 +323,14 @@ impl Settings {
                 return Err(invalid(key, "must be at least 1".into()));
             }
         }
+        // Each URL gets a queue this deep: it bounds what a URL that is down
+        // makes the appliance keep.
+        if self.events.webhook_queue > MAX_WEBHOOK_QUEUE {
+            return Err(invalid(
+                "events.webhook_queue",
+                format!("must be at most {MAX_WEBHOOK_QUEUE}"),
+            ));
+        }
         if self.tun.name.is_empty()
             || self.tun.name.len() > 15
             || self.tun.name.contains(['/', ' '])
@@ -476,6 +487,17 @@ mod tests {
                 .to_string();
             assert!(e.contains(&format!("f.toml: key `events.{key}`")), "{e}");
         }
+        // Deep enough to panic tokio's channel, or to hold without bound.
+        let e = Settings::parse(
+            "[events]\nwebhook_queue = 2305843009213693952\n",
+            Path::new("g.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("events.webhook_queue") && e.contains("at most"),
+            "{e}"
+        );
     }
 
     /// The endpoint host peers get: a name or an address, never a port, a

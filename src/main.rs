@@ -601,8 +601,13 @@ fn decode_master_key(text: &str, origin: &str) -> Result<MasterKey> {
 /// generated into the file only when there is no state yet to open.
 fn load_master_key(settings: &Settings) -> Result<MasterKey> {
     let var = &settings.state.master_key_env;
-    if let Ok(text) = std::env::var(var) {
-        return decode_master_key(&text, &format!("environment variable {var}"));
+    match std::env::var(var) {
+        Ok(text) => return decode_master_key(&text, &format!("environment variable {var}")),
+        // Set, but not text: never taken as unset (a new key would be made).
+        Err(std::env::VarError::NotUnicode(_)) => {
+            anyhow::bail!("environment variable {var} does not hold a base64 32-byte master key")
+        }
+        Err(std::env::VarError::NotPresent) => {}
     }
     let file = settings.master_key_file();
     match std::fs::read_to_string(&file) {
@@ -650,7 +655,14 @@ fn apply_config_forwards(
             continue;
         }
         match registry.put_forward(&t, &r, f.port, f.listen) {
-            Ok(_) => store.apply(&[Change::Forward(&t, &r, f.port, f.listen)])?,
+            // A store that refuses costs this forward's record, not the start:
+            // the forward runs from the registry all the same.
+            Ok(_) => {
+                if let Err(e) = store.apply(&[Change::Forward(&t, &r, f.port, f.listen)]) {
+                    tracing::warn!(tenant = %t, router = %r, port = f.port, error = %e,
+                        "config forward not stored; it runs from the config");
+                }
+            }
             Err(e) => {
                 tracing::warn!(tenant = %t, router = %r, port = f.port, error = %e, "config forward skipped")
             }
@@ -680,6 +692,11 @@ async fn run(settings: Settings) -> Result<()> {
     // Held until the process ends: a second appliance on this directory would
     // keep its own registry over the same database.
     let _lock = StateLock::acquire(&settings.state.dir)?;
+    // A kill inside an earlier start's key or token write may have left a
+    // temporary copy beside a complete file: no second copy of a key stays.
+    for path in [settings.token_file(), settings.master_key_file()] {
+        wgplane::store::files::remove_temporaries_of(&path)?;
+    }
     let token = load_or_create_token(&settings.token_file())?;
     if settings.tunnels.public_host == "vpn.example.com" {
         tracing::warn!("tunnels.public_host is the placeholder vpn.example.com: set it to the address peers dial");

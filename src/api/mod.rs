@@ -62,7 +62,9 @@ impl Control {
         }
         for (t, r, port, listen) in bound {
             let stored = match self.store.get_mut() {
-                Ok(store) => store.apply(&[crate::store::Change::Forward(&t, &r, port, listen)]),
+                Ok(store) => {
+                    blocking(|| store.apply(&[crate::store::Change::Forward(&t, &r, port, listen)]))
+                }
                 Err(_) => continue,
             };
             match stored {
@@ -252,6 +254,17 @@ fn routes(state: Arc<AppState>) -> (Router, utoipa::openapi::OpenApi) {
         .layer(axum::middleware::from_fn(body::read_first))
         .with_state(state);
     (router, api)
+}
+
+/// Runs blocking work (an SQLite commit with its fsync) without stalling the
+/// other tasks of this worker, on a multi-threaded runtime; a current-thread
+/// one (tests) has no other worker to hand them to.
+pub(crate) fn blocking<T>(work: impl FnOnce() -> T) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(work),
+        _ => work(),
+    }
 }
 
 /// Title, version and the bearer scheme that every `/v1` operation needs.

@@ -15,16 +15,7 @@ use crate::keys;
 /// A handshake older than this makes a peer `stale` (WireGuard's REJECT_AFTER_TIME).
 const CONNECTED_WITHIN: Duration = Duration::from_secs(180);
 
-/// RFC 3339 UTC, seconds precision. A time RFC 3339 cannot write (after the
-/// year 9999; the store refuses those) shows as its last instant.
-pub fn rfc3339(t: SystemTime) -> String {
-    use std::fmt::Write;
-    let mut text = String::new();
-    match write!(text, "{}", humantime::format_rfc3339_seconds(t)) {
-        Ok(()) => text,
-        Err(_) => "9999-12-31T23:59:59Z".to_owned(),
-    }
-}
+pub use crate::io::wall::rfc3339;
 
 #[derive(Serialize, utoipa::ToSchema)]
 pub struct TenantView {

@@ -56,7 +56,7 @@ impl Lagged {
         Lagged {
             event: "lagged",
             missed,
-            at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+            at: super::wall::rfc3339(std::time::SystemTime::now()),
         }
     }
 }
@@ -159,7 +159,7 @@ fn describe(e: &TunnelEvent, kind: &'static str, id: String) -> PeerEvent {
         id,
         public_key: crate::keys::encode(key),
         endpoint: endpoint.map(|a| a.to_string()),
-        at: humantime::format_rfc3339_seconds(e.at).to_string(),
+        at: super::wall::rfc3339(e.at),
     }
 }
 

@@ -19,5 +19,6 @@ pub(crate) mod sendbatch;
 mod testnet;
 pub mod tun;
 pub mod udp;
+pub mod wall;
 
 pub use runtime::{Runtime, RuntimeError, RuntimeSettings, TunnelEvent};

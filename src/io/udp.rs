@@ -33,6 +33,12 @@ pub fn bind(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
     let _ = socket.set_recv_buffer_size(UDP_BUFFER);
     let _ = socket.set_send_buffer_size(UDP_BUFFER);
     socket.set_nonblocking(true)?;
+    // `::` takes IPv4 too, whatever `net.ipv6.bindv6only` says.
+    if let SocketAddr::V6(v6) = addr {
+        if v6.ip().is_unspecified() {
+            socket.set_only_v6(false)?;
+        }
+    }
     socket.bind(&addr.into())?;
     Ok(socket.into())
 }
@@ -126,6 +132,28 @@ mod tests {
     use std::time::Duration;
 
     use super::quiet_control_messages;
+
+    /// `--bind ::` serves IPv4 peers too, also on a host whose
+    /// `net.ipv6.bindv6only` is 1 (set here in a private namespace).
+    #[test]
+    fn the_ipv6_wildcard_takes_ipv4_whatever_the_host_default() {
+        let test = "the_ipv6_wildcard_takes_ipv4_whatever_the_host_default";
+        crate::io::testnet::in_private_netns(test, 1500, || {
+            std::fs::write("/proc/sys/net/ipv6/bindv6only", "1").expect("set the default");
+            let socket = super::bind("[::]:0".parse().unwrap()).expect("bind ::");
+            let port = socket.local_addr().unwrap().port();
+            let v4 = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            v4.send_to(b"hello", ("127.0.0.1", port)).unwrap();
+            socket.set_nonblocking(false).unwrap();
+            socket
+                .set_read_timeout(Some(Duration::from_secs(2)))
+                .unwrap();
+            let mut buf = [0u8; 16];
+            let (n, from) = socket.recv_from(&mut buf).expect("the IPv4 datagram");
+            assert_eq!(&buf[..n], b"hello");
+            assert_eq!(from.port(), v4.local_addr().unwrap().port());
+        });
+    }
 
     /// The socket reports readable when a datagram comes; a send never needs to
     /// wait for it.

@@ -122,6 +122,20 @@ pub fn write_private(path: &Path, text: &str) -> Result<(), FilesError> {
     written.and(removed)
 }
 
+/// Removes what [`write_private`] may have left beside `path` when it was
+/// killed (a temporary copy of a key or token), whether or not `path` itself
+/// was written. A directory that does not exist holds nothing to remove.
+pub fn remove_temporaries_of(path: &Path) -> Result<(), FilesError> {
+    let dir = parent_of(path);
+    let Some(name) = path.file_name() else {
+        return Ok(());
+    };
+    if !dir.exists() {
+        return Ok(());
+    }
+    remove_leftovers(dir, &name.to_string_lossy())
+}
+
 /// Removes `.{name}.*.tmp` in `dir`: what `write_private` leaves when killed.
 fn remove_leftovers(dir: &Path, name: &str) -> Result<(), FilesError> {
     let prefix = format!(".{name}.");
@@ -192,5 +206,21 @@ mod tests {
             other => panic!("overwrite: {other:?}"),
         }
         assert_eq!(std::fs::read_to_string(&path).expect("read"), "secret\n");
+    }
+
+    #[test]
+    fn a_temporary_left_beside_a_complete_file_is_removed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = dir.path().join("master-key");
+        write_private(&key, "the key").unwrap();
+        let left = dir.path().join(".master-key.4242.tmp");
+        std::fs::write(&left, "the key").unwrap();
+        let other = dir.path().join(".api-token.4242.tmp");
+        std::fs::write(&other, "a token").unwrap();
+        remove_temporaries_of(&key).unwrap();
+        assert!(!left.exists(), "the second copy of the key is gone");
+        assert!(other.exists(), "only the named file's temporaries go");
+        assert_eq!(std::fs::read_to_string(&key).unwrap(), "the key\n");
+        remove_temporaries_of(&dir.path().join("nowhere/master-key")).unwrap();
     }
 }

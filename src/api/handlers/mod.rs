@@ -158,7 +158,7 @@ pub(super) fn commit(
 ) -> Result<(), crate::store::StoreError> {
     match store.get_mut() {
         // SQLite commits with fsync: keep the other tasks of this worker moving.
-        Ok(store) => tokio::task::block_in_place(|| store.apply(list)),
+        Ok(store) => crate::api::blocking(|| store.apply(list)),
         Err(_) => Err(crate::store::StoreError::Poisoned),
     }
 }

@@ -66,7 +66,7 @@ fn tenant() -> Tenant {
 }
 
 /// The line that lets the appliance reach the router ahead of any other filter rule.
-const ACCEPT: &str = r#":if ([:len [/ip firewall filter find comment="wgplane kitonga"]] = 0) do={:if ([:len [/ip firewall filter find dynamic=no]] = 0) do={/ip firewall filter add chain=input in-interface=wgplane-kitonga src-address=10.100.0.1/32 action=accept comment="wgplane kitonga"} else={/ip firewall filter add chain=input in-interface=wgplane-kitonga src-address=10.100.0.1/32 action=accept comment="wgplane kitonga" place-before=[:pick [/ip firewall filter find dynamic=no] 0]}}"#;
+const ACCEPT: &str = r#":if ([:len [/ip firewall filter find comment="wgplane kitonga" src-address=10.100.0.1/32]] = 0) do={:if ([:len [/ip firewall filter find dynamic=no]] = 0) do={/ip firewall filter add chain=input in-interface=wgplane-kitonga src-address=10.100.0.1/32 action=accept comment="wgplane kitonga"} else={/ip firewall filter add chain=input in-interface=wgplane-kitonga src-address=10.100.0.1/32 action=accept comment="wgplane kitonga" place-before=[:pick [/ip firewall filter find dynamic=no] 0]}}"#;
 
 #[test]
 fn gateway_script_snapshot() {
@@ -168,7 +168,8 @@ fn ipv6_address_script_snapshot() {
 }
 
 /// In TUN mode the tunnel carries the host's networks (the tenant's host
-/// prefixes): the router accepts them from the tunnel and routes them into it.
+/// prefixes): the router accepts them from the tunnel (peer, input chain, API
+/// service) and routes them into it.
 #[test]
 fn host_prefixes_are_accepted_and_routed_into_the_tunnel() {
     let t = tenant();
@@ -189,6 +190,20 @@ fn host_prefixes_are_accepted_and_routed_into_the_tunnel() {
     ] {
         let add = format!("do={{{menu} add dst-address={net} gateway=wgplane-kitonga ");
         assert!(script.contains(&add), "{add}: {script}");
+    }
+    assert!(
+        script.contains("\n/ip service set api address=10.100.0.1/32,172.18.0.0/16,fd00:1::/64\n"),
+        "{script}"
+    );
+    for (menu, net) in [
+        ("/ip firewall filter", "10.100.0.1/32"),
+        ("/ip firewall filter", "172.18.0.0/16"),
+        ("/ipv6 firewall filter", "fd00:1::/64"),
+    ] {
+        let accept = format!(
+            "{menu} add chain=input in-interface=wgplane-kitonga src-address={net} action=accept "
+        );
+        assert!(script.contains(&accept), "{accept}: {script}");
     }
 }
 
@@ -275,6 +290,7 @@ fn grammar() -> BTreeMap<(&'static str, &'static str), &'static [&'static str]> 
         (("/ipv6 address", "add"), address6),
         (("/ip service", "set"), &["address", "port", "disabled"][..]),
         (("/ip firewall filter", "add"), filter),
+        (("/ipv6 firewall filter", "add"), filter),
         (("/ip firewall nat", "add"), nat),
     ])
 }
@@ -341,6 +357,8 @@ fn check_value(key: &str, value: &str, line: &str) {
     let unquoted = value.trim_matches('"');
     let prefix = |v: &str| v.parse::<IpNet>().is_ok();
     let ok = match key {
+        // The API service takes a list of who may use it.
+        "address" if line.starts_with("/ip service") => unquoted.split(',').all(prefix),
         "address" | "src-address" | "dst-address" => prefix(unquoted),
         "allowed-address" => unquoted.split(',').all(prefix),
         "endpoint-port" | "listen-port" | "mtu" | "port" | "dst-port" => {

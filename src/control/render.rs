@@ -80,15 +80,16 @@ pub fn ros_quote(text: &str) -> String {
 ///
 /// RouterOS peers take `endpoint-address` and `endpoint-port` (not `host:port`);
 /// `allowed-address` adds no route, so the routes are explicit; the API service is
-/// limited to the appliance's server address, and the input chain accepts the
-/// appliance from the tunnel ahead of any other rule (RouterOS's default firewall
+/// limited to the appliance's server address (and the host prefixes), and the
+/// input chain accepts them from the tunnel ahead of any other rule (RouterOS's default firewall
 /// drops what does not come from the LAN, management forwards included). A
 /// gateway of the egress policy also accepts the client pool from the tunnel,
 /// routes it back into the tunnel and masquerades it on its WAN interface list.
 /// A router given an address in the tenant's IPv6 network (an `allowed_ips`
 /// entry `/128` inside it) gets that address with the network's /64, and accepts
 /// the network from the tunnel. `host_routes` are the host's networks the tunnel
-/// carries (TUN mode's host prefixes): accepted from the tunnel and routed into it.
+/// carries (TUN mode's host prefixes): allowed on the peer, routed into the
+/// tunnel, let use the API service and accepted by the input chain.
 ///
 /// The script can be run again after a change (a router made a gateway, say),
 /// also over the tunnel itself: it never removes what carries the session. The
@@ -209,20 +210,33 @@ pub fn router_script(
         let what = format!("dst-address={net}");
         line(format_args!("{}", ensure(menu, &what, &gateway)));
     }
+    // Who manages the router through the tunnel: the appliance, and in TUN
+    // mode the host's networks behind it (the backend's, say).
+    let mut managers = vec![ipnet::IpNet::V4(
+        ipnet::Ipv4Net::new(tenant.server_ip(), 32).unwrap_or_default(),
+    )];
+    managers.extend(host_routes.iter().copied());
+    let list: Vec<String> = managers.iter().map(ToString::to_string).collect();
     line(format_args!(
-        "/ip service set api address={}/32",
-        tenant.server_ip()
+        "/ip service set api address={}",
+        list.join(",")
     ));
     line(format_args!(
         "# The appliance reaches the router's services (management forwards) ahead of any other rule."
     ));
-    let accept = format!(
-        "/ip firewall filter add chain=input in-interface={ifname} src-address={}/32 action=accept comment={comment}",
-        tenant.server_ip()
-    );
-    line(format_args!(
-        ":if ([:len [/ip firewall filter find comment={comment}]] = 0) do={{:if ([:len [/ip firewall filter find dynamic=no]] = 0) do={{{accept}}} else={{{accept} place-before=[:pick [/ip firewall filter find dynamic=no] 0]}}}}"
-    ));
+    for source in &managers {
+        let menu = if source.addr().is_ipv4() {
+            "/ip firewall filter"
+        } else {
+            "/ipv6 firewall filter"
+        };
+        let accept = format!(
+            "{menu} add chain=input in-interface={ifname} src-address={source} action=accept comment={comment}"
+        );
+        line(format_args!(
+            ":if ([:len [{menu} find comment={comment} src-address={source}]] = 0) do={{:if ([:len [{menu} find dynamic=no]] = 0) do={{{accept}}} else={{{accept} place-before=[:pick [{menu} find dynamic=no] 0]}}}}"
+        ));
+    }
     if let Some(pool) = pool {
         line(format_args!(
             "# KTN gateway: the client pool comes through the tunnel and leaves on the WAN."

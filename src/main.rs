@@ -60,9 +60,17 @@ enum Command {
 
 #[derive(Args)]
 struct HealthArgs {
-    /// Admin API of the appliance.
-    #[arg(long, env = "WGPLANE_API_URL", default_value = "http://127.0.0.1:8080")]
-    api: String,
+    /// Admin API of the appliance (`http://host:port`, or `host:port`). Without
+    /// it, where `run` would listen: `WGPLANE_API_LISTEN`, else the config
+    /// file's `api.listen`, else 127.0.0.1:8080.
+    #[arg(long, env = "WGPLANE_API_URL")]
+    api: Option<String>,
+    /// Config file (TOML) whose `api.listen` is asked, as `run` reads it.
+    #[arg(long, env = "WGPLANE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Where `run` listens when told by variable (as `run --api-listen`).
+    #[arg(long = "api-listen", env = "WGPLANE_API_LISTEN", hide = true)]
+    api_listen: Option<SocketAddr>,
     /// Seconds to wait for the answer.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=300))]
     timeout: u64,
@@ -398,7 +406,13 @@ fn rekey_state(args: RekeyArgs) -> Result<()> {
 
 /// `wgplane health`: the appliance's `/healthz`, as an exit status.
 fn health(args: HealthArgs) -> Result<()> {
-    let url = format!("{}/healthz", args.api.trim_end_matches('/'));
+    let base = match (&args.api, args.api_listen, &args.config) {
+        (Some(api), _, _) => api.clone(),
+        (None, Some(listen), _) => asked_at(listen),
+        (None, None, Some(file)) => asked_at(Settings::load(file)?.api.listen),
+        (None, None, None) => asked_at(Settings::default().api.listen),
+    };
+    let url = healthz_url(&base);
     let answer = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?
@@ -418,6 +432,28 @@ fn health(args: HealthArgs) -> Result<()> {
     print!("{body}");
     anyhow::ensure!(status.is_success(), "{url} answered {status}");
     Ok(())
+}
+
+/// Where to ask an appliance that listens on `listen`: a wildcard address is
+/// asked on loopback.
+fn asked_at(listen: SocketAddr) -> String {
+    let ip = match listen.ip() {
+        std::net::IpAddr::V4(v4) if v4.is_unspecified() => std::net::Ipv4Addr::LOCALHOST.into(),
+        std::net::IpAddr::V6(v6) if v6.is_unspecified() => std::net::Ipv6Addr::LOCALHOST.into(),
+        ip => ip,
+    };
+    SocketAddr::new(ip, listen.port()).to_string()
+}
+
+/// `…/healthz` of the API at `base`: `http://` unless it names a scheme, and
+/// `/healthz` once, whether or not `base` ends with it.
+fn healthz_url(base: &str) -> String {
+    let base = base.trim_end_matches('/');
+    let base = base.strip_suffix("/healthz").unwrap_or(base);
+    match base.contains("://") {
+        true => format!("{base}/healthz"),
+        false => format!("http://{base}/healthz"),
+    }
 }
 
 /// `wgplane run`: the appliance, until SIGTERM or Ctrl-C.
@@ -853,10 +889,17 @@ async fn shutdown_signal() {
 }
 
 /// Logs to stderr, `info` and up unless `RUST_LOG` says otherwise.
+/// `info`, without boringtun's own lines: they come from its per-peer timers
+/// (a handshake retried, a session expired), name neither tenant nor peer, and
+/// repeat every few seconds per quiet peer. What they say is in the metrics
+/// (`handshake_timeout`, handshakes) and the peer events.
+const DEFAULT_LOG_FILTER: &str = "info,boringtun=off";
+
 fn init_logging(format: LogFormat) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| DEFAULT_LOG_FILTER.into()),
         )
         .with_writer(std::io::stderr);
     match format {

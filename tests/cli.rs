@@ -353,6 +353,34 @@ fn health_says_whether_the_appliance_is_up() {
         String::from_utf8_lossy(&down.stderr).contains("no answer"),
         "{down:?}"
     );
+    // Without --api it asks where `run` listens: the variable `run` reads, or
+    // the config file's api.listen; an address with no scheme, or a URL that
+    // already ends in /healthz, are taken as meant.
+    let quiet = |command: &mut Command| {
+        command
+            .args(["health", "--timeout", "5"])
+            .env_remove("WGPLANE_API_URL")
+            .env_remove("WGPLANE_API_LISTEN")
+            .env_remove("WGPLANE_CONFIG");
+    };
+    let mut by_variable = Command::new(support::binary());
+    quiet(&mut by_variable);
+    by_variable.env("WGPLANE_API_LISTEN", app.api.to_string());
+    let config = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(config.path(), format!("[api]\nlisten = \"{}\"\n", app.api)).unwrap();
+    let mut by_config = Command::new(support::binary());
+    quiet(&mut by_config);
+    by_config.arg("--config").arg(config.path());
+    let mut bare = Command::new(support::binary());
+    quiet(&mut bare);
+    bare.args(["--api", &app.api.to_string()]);
+    let mut full = Command::new(support::binary());
+    quiet(&mut full);
+    full.args(["--api", &format!("http://{}/healthz", app.api)]);
+    for mut command in [by_variable, by_config, bare, full] {
+        let out = exits(&mut command);
+        assert!(out.status.success(), "{command:?}: {out:?}");
+    }
 }
 
 /// `wgplane relay` (the hubs lab's floor) passes a client's datagrams to the

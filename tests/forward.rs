@@ -190,14 +190,19 @@ fn unreachable_router_resets_the_client_and_forwards_survive_restart() {
         (400, Some("listen"))
     );
     let busy = format!(r#"{{"listen":"{listen}"}}"#);
-    let (status, _) = app.call(
+    let (status, v) = app.call(
         "PUT",
         "/v1/tenants/acme/routers/offline/forwards/80",
         Some(&busy),
     );
     assert_eq!(
-        status, 409,
-        "the listen address is taken by the first forward"
+        (
+            status,
+            v["error"]["code"].as_str(),
+            v["error"]["field"].as_str()
+        ),
+        (409, Some("listen_unavailable"), Some("listen")),
+        "the listen address is taken by the first forward: {v}"
     );
     // Moving the first forward to a taken address is refused too, and it keeps
     // listening where it was, as its listing says.

@@ -45,7 +45,31 @@ fn holds_token(request: &Request, token: &str) -> bool {
         .headers()
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(bearer)
         .unwrap_or("");
     bool::from(presented.as_bytes().ct_eq(token.as_bytes()))
+}
+
+/// The credentials of a `Bearer` authorization (the scheme is
+/// case-insensitive, RFC 9110 section 11.1).
+fn bearer(value: &str) -> Option<&str> {
+    let (scheme, credentials) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| credentials.trim_start_matches(' '))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bearer;
+
+    #[test]
+    fn the_scheme_is_case_insensitive_and_nothing_else_passes() {
+        for value in ["Bearer abc", "bearer abc", "BEARER abc", "Bearer  abc"] {
+            assert_eq!(bearer(value), Some("abc"), "{value}");
+        }
+        for value in ["Basic abc", "Bearerabc", "abc", ""] {
+            assert_eq!(bearer(value), None, "{value}");
+        }
+    }
 }

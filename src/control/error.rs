@@ -38,6 +38,9 @@ pub enum ControlError {
     /// The listen port is taken (409).
     #[error("listen port {0} is already in use")]
     PortInUse(u16),
+    /// Another forward listens on this address already (409).
+    #[error("{0}")]
+    ListenTaken(String),
     /// The subnet or pool overlaps another tenant's subnet or pool (409).
     #[error("{net} overlaps {other}")]
     Overlap {
@@ -81,6 +84,7 @@ impl ControlError {
             | ControlError::Immutable { field, .. } => Some(field),
             ControlError::DuplicateKey { .. } => Some("public_key"),
             ControlError::PortInUse(_) => Some("listen_port"),
+            ControlError::ListenTaken(_) => Some("listen"),
             _ => None,
         }
     }
@@ -97,6 +101,7 @@ impl ControlError {
             ControlError::DuplicateKey { .. } => "duplicate_public_key",
             ControlError::AddressUnavailable { .. } => "address_unavailable",
             ControlError::PortInUse(_) => "port_in_use",
+            ControlError::ListenTaken(_) => "listen_unavailable",
             ControlError::Overlap { .. } => "overlap",
             ControlError::Immutable { .. } => "immutable_field",
             ControlError::InUse(_) => "in_use",

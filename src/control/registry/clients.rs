@@ -121,6 +121,7 @@ impl Registry {
             // .1 of the pool stays free for the gateway side.
             first: 2,
             server: tenant.server_ip(),
+            server_key: tenant.public_key,
         };
         let (public_key, private_key, vpn_ip) = key_and_address(
             occupancy,

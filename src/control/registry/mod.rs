@@ -267,11 +267,14 @@ struct AddressRange {
     first: u32,
     /// The tunnel's own address, never a peer's.
     server: Ipv4Addr,
+    /// The tunnel's own public key, never a peer's.
+    server_key: PublicKey,
 }
 
 /// A new or updated peer's key pair and address: as asked, else as it was, else
 /// a fresh key pair and the next free address of `range`. A key another peer of
-/// the tenant holds, or an address that is taken or outside `range`, is refused.
+/// the tenant (or the tunnel itself) holds, or an address that is taken or
+/// outside `range`, is refused.
 fn key_and_address(
     occupancy: &mut Occupancy,
     id: &Id,
@@ -282,6 +285,12 @@ fn key_and_address(
     let (public_key, private_key) = resolve_key(key, existing.map(|(k, p, _)| (k, p)))?;
     if let Some(owner) = occupancy.key_owner(&public_key, Some(id)) {
         return Err(ControlError::DuplicateKey { owner });
+    }
+    // A peer with the tunnel's own key could never shake hands with it.
+    if public_key == range.server_key {
+        return Err(ControlError::DuplicateKey {
+            owner: "the tunnel itself".into(),
+        });
     }
     let own = existing.map(|(_, _, ip)| ip);
     let vpn_ip = match (vpn_ip, own) {

@@ -32,6 +32,7 @@ impl Registry {
             net: tenant.subnet,
             first: alloc::router_range_start(tenant.subnet),
             server: tenant.server_ip(),
+            server_key: tenant.public_key,
         };
         let (public_key, private_key, vpn_ip) = key_and_address(
             occupancy,
@@ -236,7 +237,7 @@ impl Registry {
         for ((t, r, p), l) in taken {
             let same = t == tenant_id && r == router_id && p == port;
             if !same && listen.port() != 0 && l == listen {
-                return Err(ControlError::InUse(format!(
+                return Err(ControlError::ListenTaken(format!(
                     "{listen} already forwards to router {r} port {p} of tenant {t}"
                 )));
             }

@@ -187,6 +187,18 @@ fn undoing_one_router_frees_its_address_and_key() {
         r.put_router(&id("a"), &id("r4"), &dup),
         Err(ControlError::DuplicateKey { .. })
     ));
+    // Nor the tunnel's own key.
+    let server = RouterRequest {
+        public_key: Some(keys::encode(
+            r.tenant(&id("a")).unwrap().public_key.as_bytes(),
+        )),
+        ..Default::default()
+    };
+    assert!(matches!(
+        r.put_router(&id("a"), &id("r4"), &server),
+        Err(ControlError::DuplicateKey { .. })
+    ));
+    assert!(!r.tenant(&id("a")).unwrap().routers.contains_key(&id("r4")));
     // An update undone puts the old router back, address and key included.
     let moved = RouterRequest {
         vpn_ip: Some("10.100.1.9".into()),

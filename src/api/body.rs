@@ -73,9 +73,17 @@ pub fn decode_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     let mut de = serde_json::Deserializer::from_slice(text);
     let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let message = e.inner().to_string();
+        // Broken JSON is the body's fault, wherever the parser stopped.
+        if e.inner().is_syntax() || e.inner().is_eof() {
+            return ApiError::bad_body(message);
+        }
         let path = e.path().to_string();
         match field_of(&path, &message) {
             Some(field) => ApiError::bad_field(field, message),
+            // The body is no object at all: said without the Rust type's name.
+            None if text.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') => {
+                ApiError::bad_body("the body must be a JSON object")
+            }
             None => ApiError::bad_body(message),
         }
     })?;
@@ -101,7 +109,35 @@ pub(super) fn field_of(path: &str, message: &str) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
-    use super::field_of;
+    use super::{decode_json, field_of};
+
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Named {
+        name: Option<String>,
+    }
+
+    #[test]
+    fn broken_or_foreign_bodies_blame_the_body_without_rust_names() {
+        for body in [&b"{\"name\":"[..], b"{\"name\": tru}", b"{,}"] {
+            let e = decode_json::<Named>(body).unwrap_err();
+            assert_eq!(
+                (e.code, e.field.as_deref()),
+                ("invalid_body", None),
+                "{e:?}"
+            );
+        }
+        let e = decode_json::<Named>(b"[]").unwrap_err();
+        assert_eq!(e.code, "invalid_body");
+        assert!(!e.message.contains("Named"), "{}", e.message);
+        assert!(e.message.contains("JSON object"), "{}", e.message);
+        let e = decode_json::<Named>(b"{\"name\": 7}").unwrap_err();
+        assert_eq!(
+            (e.code, e.field.as_deref()),
+            ("invalid_field", Some("name"))
+        );
+    }
 
     #[test]
     fn finds_fields() {

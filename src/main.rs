@@ -814,6 +814,7 @@ async fn run(settings: Settings) -> Result<()> {
         events: broadcast::channel(1024).0,
         event_stats: Arc::default(),
         api_requests: Default::default(),
+        scraping: Default::default(),
         stopping,
     });
     state.control.lock().await.record_bound_forwards();

@@ -93,6 +93,8 @@ pub struct AppState {
     pub event_stats: Arc<crate::io::events::EventStats>,
     /// API requests by route and status.
     pub api_requests: metrics::ApiCounters,
+    /// `/metrics` scrapes, one at a time.
+    pub scraping: metrics::OneScrape,
     /// Turns true when the appliance shuts down: event streams end, so that
     /// their connections close instead of holding the shutdown up.
     pub stopping: tokio::sync::watch::Receiver<bool>,
@@ -312,10 +314,22 @@ pub(crate) mod testing {
     }
 
     pub async fn fixture() -> Fixture {
-        let port = std::net::UdpSocket::bind("127.0.0.1:0")
-            .and_then(|s| s.local_addr())
-            .unwrap()
-            .port();
+        // The port is free when probed; another test may take it before the
+        // tunnel binds it: then the next one.
+        for _ in 0..20 {
+            let port = std::net::UdpSocket::bind("127.0.0.1:0")
+                .and_then(|s| s.local_addr())
+                .unwrap()
+                .port();
+            if let Some(fixture) = fixture_on(port).await {
+                return fixture;
+            }
+        }
+        panic!("no free port for the fixture's tunnel");
+    }
+
+    /// The fixture with its tunnel on `port`; `None` when the port is taken.
+    async fn fixture_on(port: u16) -> Option<Fixture> {
         let mut registry = Registry::new(
             AllocPolicy {
                 first_port: port,
@@ -364,7 +378,11 @@ pub(crate) mod testing {
             handshake_budget_per_second: 2_000,
             host: None,
         });
-        runtime.bring_up(&tenant).await.unwrap();
+        match runtime.bring_up(&tenant).await {
+            Ok(()) => {}
+            Err(crate::io::RuntimeError::Bind { .. }) => return None,
+            Err(e) => panic!("{e}"),
+        }
         let state = Arc::new(AppState {
             control: Mutex::new(Control {
                 registry,
@@ -378,9 +396,10 @@ pub(crate) mod testing {
             events: tokio::sync::broadcast::channel(8).0,
             event_stats: Arc::default(),
             api_requests: Default::default(),
+            scraping: Default::default(),
             stopping: tokio::sync::watch::channel(false).1,
         });
-        Fixture {
+        Some(Fixture {
             state,
             acme,
             gw,
@@ -388,7 +407,7 @@ pub(crate) mod testing {
             server: std::net::SocketAddr::from(([127, 0, 0, 1], tenant.listen_port)),
             server_key: tenant.public_key,
             _dir: dir,
-        }
+        })
     }
 
     impl Fixture {

@@ -126,9 +126,27 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_tunnel_task_that_ended_is_started_again_with_its_peers() {
         let f = crate::api::testing::fixture().await;
+        let mut news = f.state.control.lock().await.runtime.subscribe();
         f.router_handshakes().await;
         end_and_revive(&f).await;
         assert!(f.state.control.lock().await.runtime.is_running(&f.acme));
+        // The ended task could not say its peer went: the runtime says the
+        // tunnel stopped, for the event hub to disconnect whom it announced.
+        let mut said = Vec::new();
+        while let Ok(e) = news.try_recv() {
+            said.push(e.event);
+        }
+        assert!(
+            matches!(
+                said.as_slice(),
+                [
+                    crate::io::tunnel::News::Peer(_),
+                    ..,
+                    crate::io::tunnel::News::Stopped
+                ]
+            ),
+            "{said:?}"
+        );
         f.router_handshakes().await;
         f.state.control.lock().await.runtime.stop(&f.acme).await;
     }

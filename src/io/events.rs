@@ -21,6 +21,7 @@ use serde::Serialize;
 use tokio::sync::{broadcast, mpsc};
 
 use super::runtime::TunnelEvent;
+use super::tunnel::News;
 use crate::core::engine::Event;
 
 /// An event as the platform sees it (SSE data and webhook body).
@@ -145,21 +146,27 @@ pub struct EventStats {
     pub lagged: AtomicU64,
 }
 
-/// Turns an engine event into a platform event.
-fn describe(e: &TunnelEvent, kind: &'static str, id: String) -> PeerEvent {
-    let (event, key, endpoint) = match &e.event {
+/// Turns an engine event of `tenant`'s tunnel, seen `at`, into a platform event.
+fn describe(
+    tenant: &str,
+    at: std::time::SystemTime,
+    e: &Event,
+    kind: &'static str,
+    id: String,
+) -> PeerEvent {
+    let (event, key, endpoint) = match e {
         Event::Connected { peer, endpoint } => ("peer_connected", peer, *endpoint),
         Event::Disconnected { peer } => ("peer_disconnected", peer, None),
         Event::Roamed { peer, endpoint } => ("peer_roamed", peer, Some(*endpoint)),
     };
     PeerEvent {
         event,
-        tenant_id: e.tenant.to_string(),
+        tenant_id: tenant.to_owned(),
         kind,
         id,
         public_key: crate::keys::encode(key),
         endpoint: endpoint.map(|a| a.to_string()),
-        at: super::wall::rfc3339(e.at),
+        at: super::wall::rfc3339(at),
     }
 }
 
@@ -186,14 +193,33 @@ impl Names {
     /// report of the same disconnect, say: every `peer_connected` gets one
     /// `peer_disconnected`); otherwise the registry's (remembered for the
     /// disconnect).
-    async fn name(&mut self, directory: &impl Directory, e: &TunnelEvent) -> Option<Name> {
-        let at = (Arc::clone(&e.tenant), *peer_key(&e.event));
-        if let Event::Disconnected { .. } = e.event {
+    async fn name(
+        &mut self,
+        directory: &impl Directory,
+        tenant: &Arc<str>,
+        e: &Event,
+    ) -> Option<Name> {
+        let at = (Arc::clone(tenant), *peer_key(e));
+        if let Event::Disconnected { .. } = e {
             return self.0.remove(&at);
         }
-        let name = directory.resolve(&e.tenant, &at.1).await?;
+        let name = directory.resolve(tenant, &at.1).await?;
         self.0.insert(at, name.clone());
         Some(name)
+    }
+
+    /// `tenant`'s tunnel stopped: its peers that were announced connected,
+    /// forgotten now (each gets its `peer_disconnected`).
+    fn stopped(&mut self, tenant: &str) -> Vec<([u8; 32], Name)> {
+        let keys: Vec<_> = self
+            .0
+            .keys()
+            .filter(|(t, _)| &**t == tenant)
+            .cloned()
+            .collect();
+        keys.into_iter()
+            .filter_map(|at| self.0.remove(&at).map(|name| (at.1, name)))
+            .collect()
     }
 }
 
@@ -284,15 +310,30 @@ pub async fn run_hub(
             }
             Err(broadcast::error::RecvError::Closed) => break,
         };
-        let key = peer_key(&e.event);
-        let Some((kind, id)) = names.name(&directory, &e).await else {
+        let announce = |event: PeerEvent| {
+            tracing::info!(event = event.event, tenant = %event.tenant_id, id = %event.id, "peer event");
+            stats.published.fetch_add(1, Ordering::Relaxed);
+            publish(Published::Peer(event));
+        };
+        let news = match &e.event {
+            News::Peer(news) => news,
+            News::Stopped => {
+                for (peer, (kind, id)) in names.stopped(&e.tenant) {
+                    let gone = Event::Disconnected { peer };
+                    announce(describe(&e.tenant, e.at, &gone, kind, id));
+                }
+                continue;
+            }
+        };
+        let key = peer_key(news);
+        let Some((kind, id)) = names.name(&directory, &e.tenant, news).await else {
             // Never connected, and deleted meanwhile: its event is moot.
             continue;
         };
         // Routers are where the appliance may have to reach out first (a
         // gateway to wake, a router the backend talks to): their endpoint is
         // kept. Clients always dial in, from wherever their network puts them.
-        let heard_at = match e.event {
+        let heard_at = match *news {
             Event::Connected { endpoint, .. } => endpoint,
             Event::Roamed { endpoint, .. } => Some(endpoint),
             Event::Disconnected { .. } => None,
@@ -304,10 +345,7 @@ pub async fn run_hub(
                 endpoint,
             });
         }
-        let event = describe(&e, kind, id);
-        tracing::info!(event = event.event, tenant = %event.tenant_id, id = %event.id, "peer event");
-        stats.published.fetch_add(1, Ordering::Relaxed);
-        publish(Published::Peer(event));
+        announce(describe(&e.tenant, e.at, news, kind, id));
         if keeping.heard.len() >= HEARD_BATCH {
             keeping.hand_over(&directory).await;
         }
@@ -446,10 +484,10 @@ mod tests {
         peer[1..3].copy_from_slice(&n.to_be_bytes());
         TunnelEvent {
             tenant: Arc::from("acme"),
-            event: Event::Connected {
+            event: News::Peer(Event::Connected {
                 peer,
                 endpoint: Some(SocketAddr::from(([203, 0, 113, 2], n))),
-            },
+            }),
             at: std::time::SystemTime::UNIX_EPOCH,
         }
     }
@@ -476,7 +514,7 @@ mod tests {
         let mut wave: Vec<_> = (0..10).map(|n| connected(0, n)).collect();
         wave.insert(3, connected(1, 99));
         let mut gone = connected(0, 5);
-        gone.event = Event::Disconnected { peer: [0; 32] };
+        gone.event = News::Peer(Event::Disconnected { peer: [0; 32] });
         wave.push(gone);
         let (got, reconciled) = run(wave, 4096).await;
         assert_eq!((got.len(), reconciled), (1, 0), "{got:?}");
@@ -552,9 +590,58 @@ mod tests {
         assert_eq!(stats.published.load(Ordering::Relaxed), 4);
     }
 
+    /// A tunnel that stops, even one whose task ended by a bug and said
+    /// nothing, has each of its peers that was announced connected announced
+    /// disconnected, under its name; other tunnels' peers stay.
+    #[tokio::test]
+    async fn a_stopped_tunnel_disconnects_the_peers_announced_connected() {
+        let (tx, rx) = broadcast::channel(64);
+        let elsewhere = |mut e: TunnelEvent| {
+            e.tenant = Arc::from("other");
+            e
+        };
+        tx.send(connected(0, 1)).unwrap();
+        tx.send(connected(1, 2)).unwrap();
+        tx.send(elsewhere(connected(0, 3))).unwrap();
+        let mut stopped = connected(0, 1);
+        stopped.event = News::Stopped;
+        tx.send(stopped.clone()).unwrap();
+        // A second stop has nobody left to disconnect.
+        tx.send(stopped).unwrap();
+        drop(tx);
+        let (subscribers, mut sse) = broadcast::channel(64);
+        run_hub(rx, Recorder::default(), subscribers, None, Arc::default()).await;
+        let mut heard = Vec::new();
+        while let Ok(Published::Peer(e)) = sse.try_recv() {
+            heard.push(format!("{} {} {} {}", e.event, e.tenant_id, e.kind, e.id));
+        }
+        let (connects, disconnects) = heard.split_at(3);
+        assert_eq!(
+            connects,
+            [
+                "peer_connected acme router p0",
+                "peer_connected acme client p0",
+                "peer_connected other router p0",
+            ]
+        );
+        let mut disconnects = disconnects.to_vec();
+        disconnects.sort();
+        assert_eq!(
+            disconnects,
+            [
+                "peer_disconnected acme client p0",
+                "peer_disconnected acme router p0"
+            ]
+        );
+    }
+
     #[test]
     fn a_published_event_is_serialized_as_the_event_itself() {
-        let peer = describe(&connected(0, 7), "router", "gw".into());
+        let e = connected(0, 7);
+        let News::Peer(news) = &e.event else {
+            unreachable!()
+        };
+        let peer = describe(&e.tenant, e.at, news, "router", "gw".into());
         assert_eq!(
             serde_json::to_value(Published::Peer(peer.clone())).unwrap(),
             serde_json::to_value(&peer).unwrap()

@@ -15,11 +15,11 @@ use tokio::task::JoinHandle;
 
 use super::forward::{self, Forward};
 use super::tun::HostDevice;
-use super::tunnel::{self, Command, HostLink, TaggedEvent, TunnelSnapshot};
+use super::tunnel::{self, Command, HostLink, News, TaggedEvent, TunnelSnapshot};
 use crate::control::model::{Client, Router};
 use crate::control::{Id, Tenant};
 use crate::core::budget::HandshakeBudget;
-use crate::core::engine::{EngineError, Event, Explanation, PeerStatus, TunnelEngine};
+use crate::core::engine::{EngineError, Explanation, PeerStatus, TunnelEngine};
 use crate::core::peer::PeerConfig;
 
 /// Events from every tunnel.
@@ -283,13 +283,11 @@ impl Runtime {
         self.sync(tenant).await
     }
 
-    /// Stops a tunnel and closes its port. Its connected peers are reported
-    /// disconnected.
+    /// Stops a tunnel and closes its port. The event hub is told
+    /// ([`News::Stopped`]), after everything the task said: it reports the
+    /// peers it announced connected as disconnected, also when the task had
+    /// ended by a bug and can say nothing more.
     pub async fn stop(&mut self, id: &Id) {
-        let connected = match self.snapshot(id).await {
-            Ok(snapshot) => snapshot.peers.into_iter().filter(|p| p.connected).collect(),
-            Err(_) => Vec::new(),
-        };
         if let Some(h) = self.tunnels.remove(id) {
             if let Some(host) = &self.settings.host {
                 host.remove_tenant(h.server, h.subnet);
@@ -306,16 +304,11 @@ impl Runtime {
             // The task ends when it sees the closed channel; abort covers a busy socket.
             h.task.abort();
             let _ = h.task.await;
-            let tenant: Arc<str> = Arc::from(id.as_str());
-            for peer in connected {
-                let _ = self.events.send(TunnelEvent {
-                    tenant: Arc::clone(&tenant),
-                    event: Event::Disconnected {
-                        peer: peer.public_key,
-                    },
-                    at: std::time::SystemTime::now(),
-                });
-            }
+            let _ = self.events.send(TunnelEvent {
+                tenant: Arc::from(id.as_str()),
+                event: News::Stopped,
+                at: std::time::SystemTime::now(),
+            });
             tracing::info!(tenant = %id, "tunnel down");
         }
     }

@@ -133,11 +133,22 @@ async fn recv_host(packets: &mut Option<mpsc::Receiver<Vec<u8>>>) -> Option<Vec<
     }
 }
 
-/// An engine event tagged with its tenant.
+/// What a tunnel tells the event hub.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum News {
+    /// An engine event.
+    Peer(Event),
+    /// The tunnel stopped (its tenant deleted or restarted, the appliance
+    /// stopping, or its task ended by a bug): every peer of it that was
+    /// announced connected is disconnected now.
+    Stopped,
+}
+
+/// A tunnel's news tagged with its tenant.
 #[derive(Debug, Clone)]
 pub struct TaggedEvent {
     pub tenant: Arc<str>,
-    pub event: Event,
+    pub event: News,
     /// Wall-clock time the driver saw it.
     pub at: std::time::SystemTime,
 }
@@ -531,7 +542,7 @@ pub async fn run(
             // No subscriber is fine: events are for whoever listens.
             let _ = events.send(TaggedEvent {
                 tenant: Arc::clone(&tenant),
-                event,
+                event: News::Peer(event),
                 at: std::time::SystemTime::now(),
             });
         }

@@ -728,6 +728,15 @@ async fn run(settings: Settings) -> Result<()> {
     // Held until the process ends: a second appliance on this directory would
     // keep its own registry over the same database.
     let _lock = StateLock::acquire(&settings.state.dir)?;
+    // Made 0700 when the appliance creates it; one made before (a volume, a
+    // `mkdir` in an image) keeps its mode, which the operator should know of.
+    if let Ok(meta) = std::fs::metadata(&settings.state.dir) {
+        let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions());
+        if mode & 0o077 != 0 {
+            tracing::warn!(dir = %settings.state.dir.display(), mode = format!("{:o}", mode & 0o777),
+                "the state directory is open to other users (its files are 0600): chmod 700 it");
+        }
+    }
     // A kill inside an earlier start's key or token write may have left a
     // temporary copy beside a complete file: no second copy of a key stays.
     for path in [settings.token_file(), settings.master_key_file()] {
@@ -842,6 +851,7 @@ async fn run(settings: Settings) -> Result<()> {
     tracing::info!(listen = %settings.api.listen, token_file = %settings.token_file().display(), "admin API up");
     let mut signalled = state.stopping.clone();
     serving.store(true, std::sync::atomic::Ordering::SeqCst);
+    let listener = api::listener::Capped::new(listener, api::listener::MAX_CONNECTIONS);
     let serve =
         axum::serve(listener, api::router(Arc::clone(&state))).with_graceful_shutdown(async move {
             let _ = stop_requested.wait_for(|asked| *asked).await;

@@ -24,23 +24,35 @@ pub async fn read_first(request: Request, next: Next) -> Response {
     let mut chunks = body.into_data_stream();
     let mut kept: Vec<u8> = Vec::new();
     let mut total = 0usize;
-    while let Some(chunk) = chunks.next().await {
-        let Ok(chunk) = chunk else {
-            return ApiError::bad_body("the request body could not be read").into_response();
-        };
-        total = total.saturating_add(chunk.len());
-        if total > DRAIN_LIMIT {
-            break;
+    let read = async {
+        while let Some(chunk) = chunks.next().await {
+            let Ok(chunk) = chunk else {
+                return Err(ApiError::bad_body("the request body could not be read"));
+            };
+            total = total.saturating_add(chunk.len());
+            if total > DRAIN_LIMIT {
+                break;
+            }
+            if total <= super::MAX_BODY {
+                kept.extend_from_slice(&chunk);
+            }
         }
-        if total <= super::MAX_BODY {
-            kept.extend_from_slice(&chunk);
-        }
+        Ok(())
+    };
+    // A client that trickles its body holds a connection slot: not for long.
+    match tokio::time::timeout(BODY_TIMEOUT, read).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return e.into_response(),
+        Err(_) => return ApiError::body_too_slow(BODY_TIMEOUT).into_response(),
     }
     if total > super::MAX_BODY {
         return ApiError::too_large().into_response();
     }
     next.run(Request::from_parts(parts, Body::from(kept))).await
 }
+
+/// How long a request body may take to arrive, whole.
+const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 use super::ApiError;
 
@@ -116,6 +128,23 @@ mod tests {
     #[allow(dead_code)]
     struct Named {
         name: Option<String>,
+    }
+
+    /// A body that never finishes is answered 408 once its time is up, and
+    /// the handler never runs.
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_trickles_forever_times_out() {
+        use axum::body::Body;
+        use tower::ServiceExt;
+        let app = axum::Router::new()
+            .route("/", axum::routing::put(|| async { "handled" }))
+            .layer(axum::middleware::from_fn(super::read_first));
+        let forever = futures_util::stream::pending::<Result<Vec<u8>, std::io::Error>>();
+        let request = axum::http::Request::put("/")
+            .body(Body::from_stream(forever))
+            .unwrap();
+        let response = app.oneshot(request).await.unwrap();
+        assert_eq!(response.status(), axum::http::StatusCode::REQUEST_TIMEOUT);
     }
 
     #[test]

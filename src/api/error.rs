@@ -76,6 +76,18 @@ impl ApiError {
             field: None,
         }
     }
+    /// 408: the body did not come in time.
+    pub fn body_too_slow(limit: std::time::Duration) -> Self {
+        Self {
+            status: StatusCode::REQUEST_TIMEOUT,
+            code: "body_timeout",
+            message: format!(
+                "the request body did not arrive within {} s",
+                limit.as_secs()
+            ),
+            field: None,
+        }
+    }
 }
 
 impl From<crate::store::StoreError> for ApiError {

@@ -10,6 +10,7 @@ mod detach;
 mod error;
 mod events;
 mod handlers;
+pub mod listener;
 mod metrics;
 mod params;
 pub mod supervisor;

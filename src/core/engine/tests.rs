@@ -576,3 +576,73 @@ fn a_peer_that_roams_with_every_datagram_is_announced_once_a_second() {
         }]
     );
 }
+
+/// Packets for a peer that has an endpoint but no session wait for its
+/// handshake (counted as queued), up to its limit; the rest are dropped and
+/// counted as `queue_full`, and the handshake starts once.
+#[test]
+fn packets_for_a_peer_without_a_session_wait_then_count_as_queue_full() {
+    use crate::core::harness::Collect;
+    use crate::core::packet::build::ip_packet;
+    use crate::core::peer::QUEUE_PACKETS;
+
+    let now = Instant::now();
+    let (mut engine, mut r1) = one_client();
+    assert!(r1.handshake(&mut engine, now));
+    let mut quiet = peer("10.100.1.2/32");
+    quiet.endpoint = Some("198.51.100.2:51820".parse().unwrap());
+    engine.upsert_peer(quiet, 2).unwrap();
+
+    let packet = ip_packet([10, 100, 1, 1].into(), [10, 100, 1, 2].into(), 100);
+    let sent = usize::from(QUEUE_PACKETS) + 40;
+    let mut out = Collect::default();
+    for _ in 0..sent {
+        let datagram = r1.encrypt(&packet).unwrap();
+        engine.handle_datagram(r1.addr, &datagram, now, &mut out);
+    }
+    let to_quiet: Vec<_> = out
+        .sent
+        .iter()
+        .filter(|(to, _)| *to == "198.51.100.2:51820".parse::<SocketAddr>().unwrap())
+        .collect();
+    assert_eq!(to_quiet.len(), 1, "one initiation, nothing else");
+    assert_eq!(to_quiet[0].1[0], 1, "a handshake initiation");
+    assert_eq!(engine.stats().queued, u64::from(QUEUE_PACKETS));
+    assert_eq!(engine.stats().dropped(DropReason::QueueFull), 40);
+}
+
+/// A router that sends to every sessionless peer of its tunnel fills their
+/// queues only up to the tunnel's limit; beyond it packets are `queue_full`.
+#[test]
+fn the_peers_of_a_tunnel_wait_with_no_more_than_its_limit() {
+    use crate::core::harness::Collect;
+    use crate::core::packet::build::ip_packet;
+    use crate::core::peer::{QUEUE_BYTES, TUNNEL_QUEUE_BYTES};
+
+    let now = Instant::now();
+    let (mut engine, mut r1) = one_client();
+    assert!(r1.handshake(&mut engine, now));
+    let peers: u8 = 80;
+    for n in 0..peers {
+        let mut quiet = peer(&format!("10.100.2.{n}/32"));
+        quiet.endpoint = Some(SocketAddr::from(([198, 51, 100, 2], 1000 + u16::from(n))));
+        engine.upsert_peer(quiet, 100 + u32::from(n)).unwrap();
+    }
+    let len = 60_000;
+    let per_peer = QUEUE_BYTES as usize / len;
+    for n in 0..peers {
+        let packet = ip_packet([10, 100, 1, 1].into(), [10, 100, 2, n].into(), len - 28);
+        for _ in 0..per_peer {
+            let datagram = r1.encrypt(&packet).unwrap();
+            engine.handle_datagram(r1.addr, &datagram, now, &mut Collect::default());
+        }
+    }
+    let queued = engine.stats().queued;
+    let full = engine.stats().dropped(DropReason::QueueFull);
+    assert_eq!(queued + full, u64::from(peers) * per_peer as u64);
+    assert_eq!(
+        queued,
+        TUNNEL_QUEUE_BYTES / len as u64,
+        "{queued} queued, {full} full"
+    );
+}

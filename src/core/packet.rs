@@ -41,6 +41,10 @@ pub fn parse(packet: &[u8]) -> Result<IpHeader, PacketError> {
     match first >> 4 {
         4 => {
             let p = Ipv4Packet::new_checked(packet).map_err(|_| PacketError::Truncated)?;
+            // smoltcp's check takes a header length below the minimum (20).
+            if p.header_len() < 20 {
+                return Err(PacketError::Truncated);
+            }
             Ok(IpHeader {
                 src: IpAddr::V4(p.src_addr()),
                 dst: IpAddr::V4(p.dst_addr()),
@@ -160,6 +164,10 @@ mod tests {
         p[2..4].copy_from_slice(&100u16.to_be_bytes());
         assert_eq!(parse(&p), Err(PacketError::Truncated));
         assert_eq!(parse(&[0x60; 39]), Err(PacketError::Truncated));
+        // A header length below 5 words is no IPv4 header.
+        let mut p = build::ip_packet("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap(), 8);
+        p[0] = 0x44;
+        assert_eq!(parse(&p), Err(PacketError::Truncated));
     }
 
     proptest::proptest! {

@@ -372,7 +372,13 @@ pub async fn run_webhooks(
     timeout: Duration,
     stats: Arc<EventStats>,
 ) {
-    let client = match reqwest::Client::builder().timeout(timeout).build() {
+    // A receiver's redirect is not followed: the URL the operator configured
+    // is the only place events go.
+    let client = match reqwest::Client::builder()
+        .timeout(timeout)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+    {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %e, "webhooks disabled: no HTTP client");
@@ -396,6 +402,21 @@ pub async fn run_webhooks(
     }
 }
 
+/// `url` as logs show it: credentials and query (where a receiver's token may
+/// be) left out.
+fn redacted(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(u) => {
+            let host = u.host_str().unwrap_or("");
+            match u.port() {
+                Some(port) => format!("{}://{host}:{port}{}", u.scheme(), u.path()),
+                None => format!("{}://{host}{}", u.scheme(), u.path()),
+            }
+        }
+        Err(_) => "(unparsable URL)".to_owned(),
+    }
+}
+
 /// Posts the events of `queue` to `url`, one at a time, each retried after
 /// [`RETRY_DELAYS`].
 async fn deliver(
@@ -404,6 +425,7 @@ async fn deliver(
     client: reqwest::Client,
     stats: Arc<EventStats>,
 ) {
+    let shown = redacted(&url);
     while let Some(event) = queue.recv().await {
         let mut delivered = false;
         for attempt in 0..=RETRY_DELAYS.len() {
@@ -412,8 +434,12 @@ async fn deliver(
                     delivered = true;
                     break;
                 }
-                Ok(r) => tracing::warn!(%url, status = %r.status(), attempt, "webhook refused"),
-                Err(e) => tracing::warn!(%url, error = %e, attempt, "webhook failed"),
+                Ok(r) => {
+                    tracing::warn!(url = %shown, status = %r.status(), attempt, "webhook refused")
+                }
+                Err(e) => {
+                    tracing::warn!(url = %shown, error = %e.without_url(), attempt, "webhook failed")
+                }
             }
             if let Some(delay) = RETRY_DELAYS.get(attempt) {
                 tokio::time::sleep(*delay).await;
@@ -633,6 +659,15 @@ mod tests {
                 "peer_disconnected acme router p0"
             ]
         );
+    }
+
+    #[test]
+    fn logged_urls_keep_no_credentials_or_query() {
+        assert_eq!(
+            redacted("https://user:secret@hooks.example.net:8443/wg/events?token=abc"),
+            "https://hooks.example.net:8443/wg/events"
+        );
+        assert_eq!(redacted("http://127.0.0.1/hook"), "http://127.0.0.1/hook");
     }
 
     #[test]

@@ -87,6 +87,9 @@ impl Store {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
+        // Deleted rows (sealed keys of deleted or re-keyed peers) are zeroed,
+        // not left in free pages for a copy of the file to keep.
+        conn.pragma_update(None, "secure_delete", "ON")?;
         conn.busy_timeout(Duration::from_secs(5))?;
         // The key is checked before any migration, so that a wrong key leaves an
         // older state as it was (version 0 has no key check yet).

@@ -41,6 +41,22 @@ const SPECIAL_NETS: [Ipv4Net; 4] = [
     Ipv4Net::new_assert(Ipv4Addr::new(224, 0, 0, 0), 3),
 ];
 
+/// IPv6 ranges that are not ordinary unicast: `::/8` (unspecified, loopback,
+/// mapped), link-local and multicast.
+const SPECIAL_NETS_V6: [ipnet::Ipv6Net; 3] = [
+    ipnet::Ipv6Net::new_assert(std::net::Ipv6Addr::UNSPECIFIED, 8),
+    ipnet::Ipv6Net::new_assert(std::net::Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0), 10),
+    ipnet::Ipv6Net::new_assert(std::net::Ipv6Addr::new(0xff00, 0, 0, 0, 0, 0, 0, 0), 8),
+];
+
+/// Every range, of both families, that is not ordinary unicast.
+fn special_nets() -> impl Iterator<Item = IpNet> {
+    SPECIAL_NETS
+        .into_iter()
+        .map(IpNet::V4)
+        .chain(SPECIAL_NETS_V6.into_iter().map(IpNet::V6))
+}
+
 /// How tenants get ports and subnets.
 #[derive(Debug, Clone)]
 pub struct AllocPolicy {

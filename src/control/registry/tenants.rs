@@ -137,6 +137,14 @@ impl Registry {
                 .parse()
                 .map_err(|_| ControlError::field(field, format!("{text:?} is not a prefix")))?;
             let net = net.trunc();
+            // The host's own loopback, link-local or multicast ranges are no
+            // network a router should reach through the host.
+            if let Some(special) = super::special_nets().find(|s| alloc::overlaps(net, *s)) {
+                return Err(ControlError::field(
+                    field,
+                    format!("{net} overlaps {special}, which is not ordinary unicast"),
+                ));
+            }
             let clash = self
                 .taken_nets(None)
                 .into_iter()

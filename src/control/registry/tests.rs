@@ -764,3 +764,30 @@ fn subnet_exhaustion_is_a_clear_error() {
     assert_eq!(e.code(), "exhausted");
     assert!(e.to_string().contains("10.100.0.0/15"), "{e}");
 }
+
+#[test]
+fn host_prefixes_are_ordinary_unicast() {
+    let mut r = registry();
+    for special in [
+        "127.0.0.0/8",
+        "127.0.0.1/32",
+        "169.254.10.0/24",
+        "224.0.0.0/4",
+        "0.0.0.0/8",
+        "::1/128",
+        "fe80::/64",
+        "ff02::/16",
+    ] {
+        let host = TenantRequest {
+            host_prefixes: Some(vec![special.into()]),
+            ..Default::default()
+        };
+        let e = r.put_tenant(&id("a"), &host, now()).unwrap_err();
+        assert_eq!(e.field_name(), Some("host_prefixes"), "{special}: {e}");
+    }
+    let fine = TenantRequest {
+        host_prefixes: Some(vec!["172.18.0.0/16".into(), "fd00:1::/64".into()]),
+        ..Default::default()
+    };
+    r.put_tenant(&id("a"), &fine, now()).unwrap();
+}

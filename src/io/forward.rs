@@ -67,6 +67,11 @@ pub struct Forward {
 }
 
 impl Forward {
+    /// True while its accept loop runs (it ends only by a bug, a panic).
+    pub fn is_open(&self) -> bool {
+        self.task.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
     /// Stops the forward and returns once its listening port is closed and its
     /// connections are told to end (dropping only asks the task to stop).
     pub async fn close(mut self) {
@@ -317,6 +322,21 @@ mod tests {
             tokio::time::timeout(within, client.read(&mut buf)).await,
             Ok(Ok(0) | Err(_))
         )
+    }
+
+    /// A forward whose accept loop ended (as a panic would end it) says it is
+    /// not open, so that the supervisor opens it again.
+    #[tokio::test]
+    async fn a_forward_whose_loop_ended_is_not_open() {
+        let forward = forward(LIMITS).await;
+        assert!(forward.is_open());
+        let task = forward.task.as_ref().expect("running");
+        task.abort();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while forward.is_open() {
+            assert!(Instant::now() < deadline, "the loop ends");
+            tokio::task::yield_now().await;
+        }
     }
 
     #[tokio::test]

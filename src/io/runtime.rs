@@ -331,7 +331,7 @@ impl Runtime {
             .get_mut(tenant)
             .ok_or_else(|| RuntimeError::TaskGone(tenant.to_string()))?;
         let key = (router.clone(), port);
-        if let Some(f) = handle.forwards.get(&key) {
+        if let Some(f) = handle.forwards.get(&key).filter(|f| f.is_open()) {
             if f.target == target && (f.listen == listen || listen.port() == 0) {
                 return Ok(f.listen);
             }
@@ -389,12 +389,14 @@ impl Runtime {
         }
     }
 
-    /// The bound address of a forward.
+    /// The bound address of an open forward (none for one whose accept loop
+    /// ended: the supervisor opens it again).
     pub fn forward_listen(&self, tenant: &Id, router: &Id, port: u16) -> Option<SocketAddr> {
         self.tunnels
             .get(tenant)?
             .forwards
             .get(&(router.clone(), port))
+            .filter(|f| f.is_open())
             .map(|f| f.listen)
     }
 

@@ -394,15 +394,19 @@ fn ctrl_c_ends_the_run_and_deletes_the_throw_away_tenant() {
     let app = Appliance::start();
     let dir = tempfile::tempdir().expect("tempdir");
     let stderr_path = dir.path().join("stderr");
-    let mut child = Command::new(support::binary())
-        .args(["bench", "--api", &format!("http://{}", app.api)])
-        .arg("--token-file")
-        .arg(app.state_dir().join("api-token"))
-        .args(["--seconds", "3600", "--rate", "100", "--size", "200"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&stderr_path).expect("stderr file"))
-        .spawn()
-        .expect("run wgplane bench");
+    // Killed should the test fail before the bench ends: it would run an hour.
+    let mut bench = support::KillOnDrop(
+        Command::new(support::binary())
+            .args(["bench", "--api", &format!("http://{}", app.api)])
+            .arg("--token-file")
+            .arg(app.state_dir().join("api-token"))
+            .args(["--seconds", "3600", "--rate", "100", "--size", "200"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&stderr_path).expect("stderr file"))
+            .spawn()
+            .expect("run wgplane bench"),
+    );
+    let child = &mut bench.0;
     let stderr = || std::fs::read_to_string(&stderr_path).unwrap_or_default();
     // Hang guards only: the bench needs a moment to set up and to clean up.
     let guard = Duration::from_secs(120);

@@ -250,6 +250,7 @@ impl Netns {
             label: label.to_string(),
             child,
             log: log.to_path_buf(),
+            leaves: None,
         }
     }
 
@@ -306,6 +307,10 @@ pub struct Proc {
     label: String,
     child: Child,
     log: PathBuf,
+    /// A file the process removes when it exits cleanly, but not when killed
+    /// (wireguard-go's UAPI socket in the host's `/var/run/wireguard`):
+    /// removed once the process is gone.
+    leaves: Option<PathBuf>,
 }
 
 impl Proc {
@@ -335,19 +340,26 @@ impl Proc {
     pub fn kill9(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        self.remove_leftover();
+    }
+
+    fn remove_leftover(&mut self) {
+        if let Some(path) = self.leaves.take() {
+            let _ = fs::remove_file(path);
+        }
     }
 
     /// SIGTERM, up to [`TERM_GRACE`] to exit, then SIGKILL. Idempotent.
     pub fn stop(&mut self) {
-        if !self.is_running() {
-            return;
+        if self.is_running() {
+            // Not yet reaped, so the PID still names our child.
+            signal(self.pid(), "TERM");
+            if wait_for(TERM_GRACE, || self.exit_status()).is_none() {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+            }
         }
-        // Not yet reaped, so the PID still names our child.
-        signal(self.pid(), "TERM");
-        if wait_for(TERM_GRACE, || self.exit_status()).is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        self.remove_leftover();
     }
 }
 
@@ -517,6 +529,7 @@ pub fn wg_keypair(dir: &Path, name: &str) -> (PathBuf, String) {
 pub fn start_wireguard_go(ns: &Netns, label: &str, ifname: &str, dir: &Path) -> Proc {
     let log = dir.join(format!("{ifname}.log"));
     let mut proc = ns.spawn(label, &["wireguard-go", "-f", ifname], &WG_ENV, &log);
+    proc.leaves = Some(PathBuf::from(format!("/var/run/wireguard/{ifname}.sock")));
     let up = wait_for(Duration::from_secs(10), || {
         if !proc.is_running() {
             return Some(false);

@@ -538,3 +538,16 @@ pub fn sample(text: &str, name: &str, labels: &[&str]) -> f64 {
         .and_then(|v| v.parse().ok())
         .expect("numeric sample")
 }
+
+/// A child process that is killed (by its PID, SIGKILL) and reaped when this
+/// is dropped, also when a test panics half-way.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+        }
+        let _ = self.0.wait();
+    }
+}

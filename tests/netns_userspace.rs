@@ -346,6 +346,12 @@ fn unprivileged_userspace_hub_answers_ping_and_forwards_tcp() {
         "a connection through the forward to closed port {CLOSED_PORT} should end with a \
          reset or EOF: {closed}"
     );
+    // The router's RST, not the stack's own give-up (a reset too, but only
+    // after 10 s of unanswered SYNs): not a speed claim, which mechanism it was.
+    assert!(
+        secs < 8.0,
+        "the reset came after {secs:.2} s: the stack gave up, the router's RST was lost"
+    );
 
     // Nothing broke on the way: the echo forward still works, and wgplane runs.
     let again = lab.echo_client(64 * 1024, 1);

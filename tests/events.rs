@@ -76,7 +76,9 @@ fn connected_roamed_disconnected_on_sse_and_webhook() {
         free_tcp_port(),
         free_udp_ports(2),
         &[
-            ("WGPLANE_LIVENESS_TIMEOUT_SECS", "2"),
+            // Long enough that a slow machine delivers the connect and the
+            // roam before the peer counts as silent.
+            ("WGPLANE_LIVENESS_TIMEOUT_SECS", "4"),
             ("WGPLANE_WEBHOOKS", &url),
         ],
     )
@@ -121,8 +123,8 @@ fn connected_roamed_disconnected_on_sse_and_webhook() {
     assert_eq!(name, "peer_roamed");
     assert_eq!(data["endpoint"], new_addr.to_string());
 
-    // Silence past the liveness timeout (2 s here).
-    let (name, data) = next_event(&events, Duration::from_secs(6));
+    // Silence past the liveness timeout (4 s here).
+    let (name, data) = next_event(&events, Duration::from_secs(10));
     assert_eq!(name, "peer_disconnected");
     assert_eq!(data["id"], "r1");
 

@@ -1,6 +1,9 @@
 //! Arbitrary datagrams from strangers and arbitrary inner packets from an
-//! authenticated phone and gateway, fed to a KTN tunnel engine. The engine must
-//! never panic, and a packet from the phone may only ever leave towards the gateway.
+//! authenticated phone and gateway, fed to a KTN tunnel engine, with genuine
+//! handshake initiations of the phone (which random bytes never forge past
+//! mac1) sent as they are, damaged by the input, or from a stranger's address.
+//! The engine must never panic, and a packet from the phone may only ever leave
+//! towards the gateway.
 #![no_main]
 
 use std::sync::OnceLock;
@@ -18,8 +21,31 @@ fuzz_target!(|chunks: Vec<(u8, Vec<u8>)>| {
     let stranger = "198.18.0.77:4444".parse().expect("literal");
     for (selector, bytes) in chunks.iter().take(64) {
         let mut out = Collect::default();
-        match selector % 3 {
+        match selector % 5 {
             0 => ktn.engine.handle_datagram(stranger, bytes, now, &mut out),
+            3 | 4 => {
+                // The phone's next initiation; the input's bytes, if any, are
+                // XORed in from the offset its first byte names.
+                if let Some(mut init) = ktn.phone.initiation() {
+                    if let Some((&at, mask)) = bytes.split_first() {
+                        let len = init.len();
+                        for (i, m) in mask.iter().enumerate() {
+                            init[(usize::from(at) + i) % len] ^= m;
+                        }
+                    }
+                    let from = if selector % 5 == 3 {
+                        ktn.phone.addr
+                    } else {
+                        stranger
+                    };
+                    ktn.engine.handle_datagram(from, &init, now, &mut out);
+                    // An answer (a response or a cookie) goes back to the sender.
+                    assert!(
+                        out.sent.iter().all(|(to, _)| *to == from),
+                        "answered elsewhere"
+                    );
+                }
+            }
             1 => {
                 if let Some(d) = ktn.phone.encrypt(bytes) {
                     ktn.engine
@@ -37,7 +63,7 @@ fuzz_target!(|chunks: Vec<(u8, Vec<u8>)>| {
                 }
             }
         }
-        if selector % 3 == 0 {
+        if selector % 5 == 0 {
             assert!(
                 out.sent.iter().all(|(_, d)| d.first() == Some(&3)),
                 "only cookies go to strangers"

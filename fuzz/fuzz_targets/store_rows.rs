@@ -352,7 +352,9 @@ fn apply(registry: &mut Registry, op: &Op) {
 
 /// Every private key of `tenants`, in order.
 fn private_keys(tenants: &[wgplane::control::Tenant]) -> Vec<[u8; 32]> {
-    let keys = tenants.iter().flat_map(wgplane::control::Tenant::private_keys);
+    let keys = tenants
+        .iter()
+        .flat_map(wgplane::control::Tenant::private_keys);
     keys.map(|k| k.secret().to_bytes()).collect()
 }
 

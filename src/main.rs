@@ -206,56 +206,56 @@ struct RunArgs {
     /// Config file (TOML); see config/wgplane.toml.
     #[arg(long, env = "WGPLANE_CONFIG")]
     config: Option<PathBuf>,
-    /// State directory (state.db, api-token, master-key).
+    /// State directory (state.db, api-token, master-key) [default: ./wgplane-state]
     #[arg(long, env = "WGPLANE_STATE_DIR")]
     state_dir: Option<PathBuf>,
-    /// Admin API listen address.
+    /// Admin API listen address [default: 127.0.0.1:8080]
     #[arg(long, env = "WGPLANE_API_LISTEN")]
     api_listen: Option<SocketAddr>,
-    /// API token file.
+    /// API token file [default: <state dir>/api-token]
     #[arg(long, env = "WGPLANE_API_TOKEN_FILE")]
     api_token_file: Option<PathBuf>,
-    /// Master key file.
+    /// Master key file [default: <state dir>/master-key]
     #[arg(long, env = "WGPLANE_MASTER_KEY_FILE")]
     master_key_file: Option<PathBuf>,
-    /// Underlay address the tunnel sockets bind to.
+    /// Underlay address the tunnel sockets bind to (:: for both families) [default: 0.0.0.0]
     #[arg(long, env = "WGPLANE_BIND")]
     bind: Option<IpAddr>,
-    /// First tunnel listen port.
+    /// First tunnel listen port [default: 51820]
     #[arg(long, env = "WGPLANE_FIRST_PORT")]
     first_port: Option<u16>,
-    /// Host name or address peers dial.
+    /// Host name or address peers dial [default: vpn.example.com, a placeholder]
     #[arg(long, env = "WGPLANE_PUBLIC_HOST")]
     public_host: Option<String>,
-    /// Range tenant subnets are carved from.
+    /// Range tenant subnets are carved from [default: 10.0.0.0/8]
     #[arg(long, env = "WGPLANE_SUPERNET")]
     supernet: Option<Ipv4Net>,
-    /// Prefix length of tenant subnets.
+    /// Prefix length of tenant subnets [default: 16]
     #[arg(long, env = "WGPLANE_SUBNET_PREFIX_LEN")]
     subnet_prefix_len: Option<u8>,
-    /// Subnet allocation starts at the subnet holding this address.
+    /// Subnet allocation starts at the subnet holding this address [default: 10.100.0.0]
     #[arg(long, env = "WGPLANE_SUBNET_START")]
     subnet_start: Option<Ipv4Addr>,
-    /// Seconds of silence after which a peer counts as gone.
+    /// Seconds of silence after which a peer counts as gone [default: 60]
     #[arg(long, env = "WGPLANE_LIVENESS_TIMEOUT_SECS")]
     liveness_timeout_secs: Option<u16>,
-    /// Handshake initiations per second and tunnel answered before cookie replies.
+    /// Handshake initiations per second and tunnel answered before cookie replies [default: 1000]
     #[arg(long, env = "WGPLANE_HANDSHAKES_PER_SECOND")]
     handshakes_per_second: Option<u32>,
-    /// Handshakes per second the whole process computes, across all tunnels.
+    /// Handshakes per second the whole process computes, across all tunnels [default: 2000]
     #[arg(long, env = "WGPLANE_HANDSHAKE_BUDGET_PER_SECOND")]
     handshake_budget_per_second: Option<u32>,
     /// Run the appliance's threads under SCHED_BATCH: no preemption on wake-up,
-    /// so a busy tunnel reads longer batches (false: the default policy).
+    /// so a busy tunnel reads longer batches (false: the default policy) [default: true]
     #[arg(long, env = "WGPLANE_BATCH_SCHEDULING", num_args = 0..=1, default_missing_value = "true")]
     batch_scheduling: Option<bool>,
-    /// Log lines as text or as JSON objects.
+    /// Log lines as text or as JSON objects [default: text]
     #[arg(long, env = "WGPLANE_LOG_FORMAT", value_enum)]
     log_format: Option<LogFormat>,
-    /// TUN mode: route the host into the tunnels through a kernel device.
+    /// TUN mode: route the host into the tunnels through a kernel device [default: false]
     #[arg(long, env = "WGPLANE_TUN", num_args = 0..=1, default_missing_value = "true")]
     tun: Option<bool>,
-    /// TUN device name.
+    /// TUN device name [default: wgplane0]
     #[arg(long, env = "WGPLANE_TUN_NAME")]
     tun_name: Option<String>,
     /// Webhook URL for peer events (repeat for several).

@@ -331,6 +331,31 @@ fn json_logs_are_one_object_per_line() {
     assert!(!log.contains(&private), "a private key in the log");
 }
 
+/// `wgplane run --help` lists the embedded defaults, as the README says.
+#[test]
+fn run_help_lists_the_defaults() {
+    let out = exits(Command::new(support::binary()).args(["run", "--help"]));
+    let help = String::from_utf8_lossy(&out.stdout);
+    let defaults = wgplane::config::Settings::default();
+    for value in [
+        defaults.api.listen.to_string(),
+        defaults.tunnels.first_port.to_string(),
+        defaults.tunnels.bind.to_string(),
+        defaults.tunnels.subnet_start.to_string(),
+        defaults.tunnels.supernet.to_string(),
+        defaults.tunnels.liveness_timeout_secs.to_string(),
+        defaults.tunnels.handshakes_per_second.to_string(),
+        defaults.tunnels.handshake_budget_per_second.to_string(),
+        defaults.tun.name.clone(),
+        defaults.state.dir.display().to_string(),
+    ] {
+        assert!(
+            help.contains(&format!("[default: {value}")),
+            "{value} not in:\n{help}"
+        );
+    }
+}
+
 /// `wgplane health` (a container health check without curl): exit status 0
 /// with `ok` while the appliance answers 200, 1 when nothing answers.
 #[test]

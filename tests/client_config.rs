@@ -75,6 +75,32 @@ fn qr_code_decodes_to_the_config() {
     assert_eq!(grids.len(), 1);
     let (_, content) = grids[0].decode().unwrap();
     assert_eq!(content, config);
+
+    // A phone that keeps its own key has no QR code: it would never connect.
+    let (_, public) = support::keypair();
+    let body = format!(r#"{{"public_key":"{public}"}}"#);
+    app.expect(
+        "PUT",
+        "/v1/tenants/kitonga/clients/own-key",
+        Some(&body),
+        201,
+    );
+    let (status, v) = app.call(
+        "GET",
+        "/v1/tenants/kitonga/clients/own-key/config.png",
+        None,
+    );
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (409, Some("no_private_key")),
+        "{v}"
+    );
+    app.expect(
+        "GET",
+        "/v1/tenants/kitonga/clients/own-key/config",
+        None,
+        200,
+    );
 }
 
 /// A tool from the system, or a printed skip (a failure under CI).

@@ -160,11 +160,14 @@ pub async fn put_client(
 }
 
 /// The wg-quick config of client `c` of tenant `t` (ids as given in the path).
-async fn client_config(state: &AppState, t: &str, c: &str) -> Result<String, ApiError> {
+/// The client's wg-quick config, and whether it holds the private key (one
+/// imported with only its public key has the line commented out).
+async fn client_config(state: &AppState, t: &str, c: &str) -> Result<(String, bool), ApiError> {
     let (t, c) = (tenant_id(t)?, Id::parse(c, "client_id")?);
     let control = state.control.lock().await;
     let (tenant, client) = find_client(&control, &t, &c)?;
-    Ok(render::client_config(tenant, client, &state.public_host))
+    let text = render::client_config(tenant, client, &state.public_host);
+    Ok((text, client.private_key.is_some()))
 }
 
 #[utoipa::path(get, path = "/tenants/{tenant_id}/clients/{client_id}/config", tag = "clients", params(("tenant_id" = String, Path, description = "Tenant id: 1-64 of [A-Za-z0-9._-]"), ("client_id" = String, Path, description = "Client id")), responses((status = 200, description = "wg-quick config", content_type = "text/plain", body = String), (status = 400, description = "Bad input", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 404, description = "Unknown object", body = ErrorBody)))]
@@ -172,16 +175,27 @@ pub async fn get_client_config(
     State(state): Shared,
     Path((t, c)): Path<(String, String)>,
 ) -> ApiResult {
-    let text = client_config(&state, &t, &c).await?;
+    let (text, _) = client_config(&state, &t, &c).await?;
     Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
 }
 
-#[utoipa::path(get, path = "/tenants/{tenant_id}/clients/{client_id}/config.png", tag = "clients", params(("tenant_id" = String, Path, description = "Tenant id: 1-64 of [A-Za-z0-9._-]"), ("client_id" = String, Path, description = "Client id")), responses((status = 200, description = "The config as a QR code", content_type = "image/png", body = Vec<u8>), (status = 400, description = "Bad input", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 404, description = "Unknown object", body = ErrorBody)))]
+#[utoipa::path(get, path = "/tenants/{tenant_id}/clients/{client_id}/config.png", tag = "clients", params(("tenant_id" = String, Path, description = "Tenant id: 1-64 of [A-Za-z0-9._-]"), ("client_id" = String, Path, description = "Client id")), responses((status = 200, description = "The config as a QR code", content_type = "image/png", body = Vec<u8>), (status = 400, description = "Bad input", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 404, description = "Unknown object", body = ErrorBody), (status = 409, description = "The client's private key is not held here (no_private_key)", body = ErrorBody)))]
 pub async fn get_client_qr(
     State(state): Shared,
     Path((t, c)): Path<(String, String)>,
 ) -> ApiResult {
-    let text = client_config(&state, &t, &c).await?;
+    let (text, has_key) = client_config(&state, &t, &c).await?;
+    // A phone scanning it would get a tunnel that can never connect.
+    if !has_key {
+        return Err(ApiError {
+            status: StatusCode::CONFLICT,
+            code: "no_private_key",
+            message: "the appliance does not hold this client's private key (it was given only \
+                      its public key): use GET …/config and put the key in on the device"
+                .into(),
+            field: None,
+        });
+    }
     let png = render::qr_png(&text).map_err(|e| ApiError {
         status: StatusCode::INTERNAL_SERVER_ERROR,
         code: "render_failed",

@@ -661,6 +661,48 @@ mod tests {
         );
     }
 
+    /// A receiver that takes a delivery and never answers holds up its URL:
+    /// its queue (as deep as configured, 1 here) fills, and what does not fit
+    /// is dropped and counted, never waited for.
+    #[tokio::test]
+    async fn a_url_that_hangs_fills_its_queue_and_the_rest_is_dropped() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        let (accepted_tx, mut accepted) = mpsc::channel(1);
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                held.push(stream); // read nothing, answer nothing
+                let _ = accepted_tx.try_send(());
+            }
+        });
+        let stats = Arc::new(EventStats::default());
+        let (queue, rx) = mpsc::channel(1);
+        tokio::spawn(run_webhooks(
+            rx,
+            vec![url],
+            Duration::from_secs(600),
+            Arc::clone(&stats),
+        ));
+        let event = || Published::Lagged(Lagged::now(1));
+        queue.send(event()).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), accepted.recv())
+            .await
+            .expect("the first delivery reaches the receiver");
+        // The worker is busy with the first: one more fits its queue.
+        for _ in 0..10 {
+            queue.send(event()).await.unwrap();
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while stats.webhook_dropped.load(Ordering::Relaxed) < 9 {
+            assert!(tokio::time::Instant::now() < deadline, "nothing dropped");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(stats.webhook_dropped.load(Ordering::Relaxed), 9);
+        assert_eq!(stats.webhook_delivered.load(Ordering::Relaxed), 0);
+    }
+
     #[test]
     fn logged_urls_keep_no_credentials_or_query() {
         assert_eq!(

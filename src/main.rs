@@ -105,6 +105,9 @@ struct BackupArgs {
     /// copy is sealed under it).
     #[arg(long, env = "WGPLANE_MASTER_KEY_FILE")]
     master_key_file: Option<PathBuf>,
+    /// The API token's file, as `run` has it (never a target of the copy).
+    #[arg(long, env = "WGPLANE_API_TOKEN_FILE")]
+    api_token_file: Option<PathBuf>,
     /// Where the copy goes (replaced once the new copy is complete).
     to: PathBuf,
 }
@@ -374,9 +377,13 @@ fn backup(args: BackupArgs) -> Result<()> {
     // The copy holds sealed keys: it is the operator's alone, like the state.
     own_files_only();
     let database = settings.database();
+    let token_file = args
+        .api_token_file
+        .clone()
+        .unwrap_or_else(|| settings.token_file());
     let own = [
         settings.master_key_file(),
-        settings.token_file(),
+        token_file,
         settings.state.dir.join("lock"),
     ];
     let s = wgplane::store::backup::backup(&database, &args.to, &own)?;
@@ -851,20 +858,19 @@ async fn run(settings: Settings) -> Result<()> {
     tracing::info!(listen = %settings.api.listen, token_file = %settings.token_file().display(), "admin API up");
     let mut signalled = state.stopping.clone();
     serving.store(true, std::sync::atomic::Ordering::SeqCst);
-    let listener = api::listener::Capped::new(listener, api::listener::MAX_CONNECTIONS);
-    let serve =
-        axum::serve(listener, api::router(Arc::clone(&state))).with_graceful_shutdown(async move {
-            let _ = stop_requested.wait_for(|asked| *asked).await;
-            tracing::info!("shutting down");
-            let _ = stop.send(true);
-        });
+    let listener = api::server::Capped::new(listener, api::server::MAX_CONNECTIONS);
+    let serve = api::server::serve(listener, api::router(Arc::clone(&state)), async move {
+        let _ = stop_requested.wait_for(|asked| *asked).await;
+        tracing::info!("shutting down");
+        let _ = stop.send(true);
+    });
     // Requests still open after the grace period do not hold the exit up.
     let overdue = async move {
         let _ = signalled.wait_for(|s| *s).await;
         tokio::time::sleep(SHUTDOWN_GRACE).await;
     };
     tokio::select! {
-        served = serve => served?,
+        () = serve => {},
         () = overdue => tracing::warn!(grace_secs = SHUTDOWN_GRACE.as_secs(), "requests still open after the grace period"),
     }
     // Every change holds the control lock until it is stored and applied:

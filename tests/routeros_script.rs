@@ -66,7 +66,7 @@ fn tenant() -> Tenant {
 }
 
 /// The line that lets the appliance reach the router ahead of any other filter rule.
-const ACCEPT: &str = r#":if ([:len [/ip firewall filter find comment="wgplane kitonga" src-address=10.100.0.1/32]] = 0) do={:if ([:len [/ip firewall filter find dynamic=no]] = 0) do={/ip firewall filter add chain=input in-interface=wgplane-kitonga src-address=10.100.0.1/32 action=accept comment="wgplane kitonga"} else={/ip firewall filter add chain=input in-interface=wgplane-kitonga src-address=10.100.0.1/32 action=accept comment="wgplane kitonga" place-before=[:pick [/ip firewall filter find dynamic=no] 0]}}"#;
+const ACCEPT: &str = r#":if ([:len [/ip firewall filter find comment="wgplane kitonga" src-address=10.100.0.1]] = 0) do={:if ([:len [/ip firewall filter find dynamic=no]] = 0) do={/ip firewall filter add chain=input in-interface=wgplane-kitonga src-address=10.100.0.1 action=accept comment="wgplane kitonga"} else={/ip firewall filter add chain=input in-interface=wgplane-kitonga src-address=10.100.0.1 action=accept comment="wgplane kitonga" place-before=[:pick [/ip firewall filter find dynamic=no] 0]}}"#;
 
 #[test]
 fn gateway_script_snapshot() {
@@ -196,7 +196,7 @@ fn host_prefixes_are_accepted_and_routed_into_the_tunnel() {
         "{script}"
     );
     for (menu, net) in [
-        ("/ip firewall filter", "10.100.0.1/32"),
+        ("/ip firewall filter", "10.100.0.1"),
         ("/ip firewall filter", "172.18.0.0/16"),
         ("/ipv6 firewall filter", "fd00:1::/64"),
     ] {
@@ -359,7 +359,9 @@ fn check_value(key: &str, value: &str, line: &str) {
     let ok = match key {
         // The API service takes a list of who may use it.
         "address" if line.starts_with("/ip service") => unquoted.split(',').all(prefix),
-        "address" | "src-address" | "dst-address" => prefix(unquoted),
+        // A rule's source: one address as RouterOS shows it, or a prefix.
+        "src-address" => prefix(unquoted) || unquoted.parse::<std::net::IpAddr>().is_ok(),
+        "address" | "dst-address" => prefix(unquoted),
         "allowed-address" => unquoted.split(',').all(prefix),
         "endpoint-port" | "listen-port" | "mtu" | "port" | "dst-port" => {
             unquoted.parse::<u16>().is_ok_and(|p| p > 0)

@@ -40,6 +40,9 @@ impl Default for OneScrape {
     }
 }
 
+/// How long a scrape waits for the one under way before it is answered `503`.
+const SCRAPE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Middleware counting every request to a matched route.
 pub async fn count_requests(
     State(state): State<Arc<AppState>>,
@@ -72,8 +75,19 @@ pub async fn count_requests(
 #[utoipa::path(get, path = "/metrics", tag = "operations", security(()), responses((status = 200, description = "Prometheus text exposition", content_type = "text/plain", body = String)))]
 pub async fn scrape(State(state): State<Arc<AppState>>) -> Response {
     let turn = Arc::clone(&state);
-    // Never closed: the permit is always had.
-    let _turn = turn.scraping.0.acquire().await;
+    // A scrape waits for the one under way, but not for ever: waiters would
+    // pile up behind a slow one, each holding a connection.
+    let _turn = match tokio::time::timeout(SCRAPE_WAIT, turn.scraping.0.acquire()).await {
+        Ok(Ok(permit)) => permit,
+        _ => {
+            return (
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                [(axum::http::header::RETRY_AFTER, "5")],
+                "another scrape is under way\n",
+            )
+                .into_response()
+        }
+    };
     let (ids, host_drops) = {
         let control = state.control.lock().await;
         let ids: Vec<Id> = control.registry.tenants().map(|t| t.id.clone()).collect();

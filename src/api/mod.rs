@@ -10,9 +10,9 @@ mod detach;
 mod error;
 mod events;
 mod handlers;
-pub mod listener;
 mod metrics;
 mod params;
+pub mod server;
 pub mod supervisor;
 pub mod views;
 

@@ -224,8 +224,14 @@ pub fn router_script(
     line(format_args!(
         "# The appliance reaches the router's services (management forwards) ahead of any other rule."
     ));
-    for source in &managers {
-        let menu = if source.addr().is_ipv4() {
+    for net in &managers {
+        // A single address as RouterOS shows it (without /32 or /128), so
+        // that `find` on a rule made by an earlier run matches it.
+        let source = match net.prefix_len() == net.max_prefix_len() {
+            true => net.addr().to_string(),
+            false => net.to_string(),
+        };
+        let menu = if net.addr().is_ipv4() {
             "/ip firewall filter"
         } else {
             "/ipv6 firewall filter"

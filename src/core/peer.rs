@@ -330,7 +330,9 @@ impl Peer {
                 .load(Ordering::Relaxed)
                 .saturating_add(u64::from(size))
                 > TUNNEL_QUEUE_BYTES;
-        // Asked only when full (it reads the clock): with a session nothing waits.
+        // Asked only when a limit is reached (it reads the clock): with a
+        // session nothing waits. Once the tunnel's limit is reached that is
+        // every packet of the tunnel, until the waiting packets go or expire.
         if full
             && self
                 .tunn

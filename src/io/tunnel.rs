@@ -138,9 +138,9 @@ async fn recv_host(packets: &mut Option<mpsc::Receiver<Vec<u8>>>) -> Option<Vec<
 pub enum News {
     /// An engine event.
     Peer(Event),
-    /// The tunnel stopped (its tenant deleted or restarted, the appliance
-    /// stopping, or its task ended by a bug): every peer of it that was
-    /// announced connected is disconnected now.
+    /// The tunnel stopped (its tenant deleted, its task restarted after it
+    /// ended by a bug): every peer of it that was announced connected is
+    /// disconnected now. The appliance's own shutdown sends none.
     Stopped,
 }
 

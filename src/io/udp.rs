@@ -139,7 +139,12 @@ mod tests {
     fn the_ipv6_wildcard_takes_ipv4_whatever_the_host_default() {
         let test = "the_ipv6_wildcard_takes_ipv4_whatever_the_host_default";
         crate::io::testnet::in_private_netns(test, 1500, || {
-            std::fs::write("/proc/sys/net/ipv6/bindv6only", "1").expect("set the default");
+            if let Err(e) = std::fs::write("/proc/sys/net/ipv6/bindv6only", "1") {
+                let ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false");
+                assert!(!ci, "{test}: /proc/sys is read-only under CI ({e})");
+                eprintln!("SKIP {test}: cannot set net.ipv6.bindv6only ({e})");
+                return;
+            }
             let socket = super::bind("[::]:0".parse().unwrap()).expect("bind ::");
             let port = socket.local_addr().unwrap().port();
             let v4 = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();

@@ -87,8 +87,10 @@ impl Store {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
-        // Deleted rows (sealed keys of deleted or re-keyed peers) are zeroed,
-        // not left in free pages for a copy of the file to keep.
+        // Deleted rows (sealed keys of deleted or re-keyed peers) are zeroed in
+        // the database file, not left in its free pages (their old pages stay
+        // in the WAL until the next checkpoint; pages freed before this was
+        // set stay until a VACUUM). The keys are sealed either way.
         conn.pragma_update(None, "secure_delete", "ON")?;
         conn.busy_timeout(Duration::from_secs(5))?;
         // The key is checked before any migration, so that a wrong key leaves an

@@ -41,10 +41,13 @@ const SPECIAL_NETS: [Ipv4Net; 4] = [
     Ipv4Net::new_assert(Ipv4Addr::new(224, 0, 0, 0), 3),
 ];
 
-/// IPv6 ranges that are not ordinary unicast: `::/8` (unspecified, loopback,
-/// mapped), link-local and multicast.
-const SPECIAL_NETS_V6: [ipnet::Ipv6Net; 3] = [
-    ipnet::Ipv6Net::new_assert(std::net::Ipv6Addr::UNSPECIFIED, 8),
+/// IPv6 ranges that are not ordinary unicast: the unspecified and loopback
+/// addresses, IPv4-mapped addresses, link-local and multicast. (NAT64's
+/// `64:ff9b::/96`, inside `::/8`, is ordinary.)
+const SPECIAL_NETS_V6: [ipnet::Ipv6Net; 5] = [
+    ipnet::Ipv6Net::new_assert(std::net::Ipv6Addr::UNSPECIFIED, 128),
+    ipnet::Ipv6Net::new_assert(std::net::Ipv6Addr::LOCALHOST, 128),
+    ipnet::Ipv6Net::new_assert(std::net::Ipv6Addr::new(0, 0, 0, 0, 0, 0xffff, 0, 0), 96),
     ipnet::Ipv6Net::new_assert(std::net::Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0), 10),
     ipnet::Ipv6Net::new_assert(std::net::Ipv6Addr::new(0xff00, 0, 0, 0, 0, 0, 0, 0), 8),
 ];

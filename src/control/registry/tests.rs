@@ -775,6 +775,7 @@ fn host_prefixes_are_ordinary_unicast() {
         "224.0.0.0/4",
         "0.0.0.0/8",
         "::1/128",
+        "::ffff:0:0/96",
         "fe80::/64",
         "ff02::/16",
     ] {
@@ -786,7 +787,11 @@ fn host_prefixes_are_ordinary_unicast() {
         assert_eq!(e.field_name(), Some("host_prefixes"), "{special}: {e}");
     }
     let fine = TenantRequest {
-        host_prefixes: Some(vec!["172.18.0.0/16".into(), "fd00:1::/64".into()]),
+        host_prefixes: Some(vec![
+            "172.18.0.0/16".into(),
+            "fd00:1::/64".into(),
+            "64:ff9b::/96".into(),
+        ]),
         ..Default::default()
     };
     r.put_tenant(&id("a"), &fine, now()).unwrap();

@@ -1,12 +1,17 @@
-//! The admin API's TCP listener, with a cap on open connections.
+//! The admin API's HTTP server: hyper under the axum router, with a cap on
+//! open connections and a timer.
 //!
 //! Every connection holds a descriptor, and the appliance's descriptors are
 //! also its tunnels' sockets and its forwards' listeners: clients that open
 //! connections and never finish a request (the API's port reachable beyond the
 //! backend, say) must not be able to take them all. Past [`MAX_CONNECTIONS`]
 //! the listener stops accepting until one closes; the kernel's backlog holds
-//! the next ones meanwhile. What this leaves out: per-client fairness (one
-//! client can still take every slot, which then costs the API, not the tunnels).
+//! the next ones meanwhile. A connection has [`HEADER_TIMEOUT`] to send each
+//! request's header, also while it idles between requests (axum's own `serve`
+//! runs hyper without a timer, so neither a trickled header nor an idle
+//! keep-alive connection ever ended). What this leaves out: per-client
+//! fairness (a client that sends a request every few seconds on every
+//! connection can still hold them all: the API is for the backend alone).
 
 use std::io;
 use std::pin::Pin;
@@ -16,6 +21,52 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// How long a connection may take to send a request's header, counted from
+/// when the server waits for it (after the previous answer, on a kept-alive
+/// connection).
+pub const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Serves `app` on `listener` until `stop` completes, then waits for the open
+/// connections to finish (event streams end when the appliance stops).
+pub async fn serve(
+    listener: Capped,
+    app: axum::Router,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    serve_with(listener, app, stop, HEADER_TIMEOUT).await;
+}
+
+async fn serve_with(
+    mut listener: Capped,
+    app: axum::Router,
+    stop: impl std::future::Future<Output = ()>,
+    header_timeout: std::time::Duration,
+) {
+    use axum::serve::Listener as _;
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut stop = std::pin::pin!(stop);
+    loop {
+        let (io, _) = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = &mut stop => break,
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let connection = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(header_timeout)
+            .serve_connection(TokioIo::new(io), service);
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "API connection ended");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}
 
 /// Open API connections at most: far above what the backend, a Prometheus
 /// and a few event streams need, far below the descriptor limit
@@ -113,6 +164,46 @@ impl AsyncWrite for Counted {
 mod tests {
     use super::*;
     use axum::serve::Listener as _;
+
+    /// A connection that sends half a header, or idles after its answer, is
+    /// closed once its time to send a header is up.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn slow_or_idle_connections_are_closed() {
+        use std::time::Duration;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = axum::Router::new().route("/", axum::routing::get(|| async { "ok" }));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let limit = Duration::from_millis(300);
+        let server = tokio::spawn(serve_with(
+            Capped::new(listener, 4),
+            app,
+            async {
+                let _ = stopped.await;
+            },
+            limit,
+        ));
+        let mut half = TcpStream::connect(addr).await.unwrap();
+        half.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        let mut idle = TcpStream::connect(addr).await.unwrap();
+        idle.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = [0u8; 512];
+        let n = idle.read(&mut answer).await.unwrap();
+        assert!(answer[..n].starts_with(b"HTTP/1.1 200"));
+        // Closed once the limit is up: well before these 10 s (a guard).
+        for (what, stream) in [("half a header", &mut half), ("idle", &mut idle)] {
+            let mut rest = Vec::new();
+            let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest));
+            assert!(read.await.is_ok(), "the {what} connection is still open");
+        }
+        let _ = stop.send(());
+        server.await.unwrap();
+    }
 
     /// With every slot taken the next connection waits in the backlog, and is
     /// accepted as soon as one closes.

@@ -331,6 +331,54 @@ fn json_logs_are_one_object_per_line() {
     assert!(!log.contains(&private), "a private key in the log");
 }
 
+/// Flags beat `WGPLANE_*` variables, which beat the config file, which beats
+/// the embedded defaults; a bad value given by variable stops start-up and
+/// names it.
+#[test]
+fn flags_beat_variables_beat_the_file_beat_the_defaults() {
+    let state = tempfile::tempdir().expect("tempdir");
+    let config = state.path().join("layers.toml");
+    std::fs::write(
+        &config,
+        "[tunnels]\nsubnet_start = \"10.150.0.0\"\nsubnet_prefix_len = 20\n",
+    )
+    .expect("config");
+    let config = config.to_str().expect("UTF-8").to_owned();
+    let app = support::Appliance::start_with(
+        state,
+        support::free_tcp_port(),
+        support::free_udp_ports(4),
+        &[
+            ("WGPLANE_CONFIG", &config),
+            // Beats the file's subnet_start; loses to the test's --public-host.
+            ("WGPLANE_SUBNET_START", "10.160.0.0"),
+            ("WGPLANE_PUBLIC_HOST", "elsewhere.example.net"),
+        ],
+    )
+    .unwrap_or_else(|log| panic!("did not start: {log}"));
+    let tenant = app.expect("PUT", "/v1/tenants/layers", None, 201);
+    // The variable's start, the file's prefix length (over the default /16).
+    assert_eq!(tenant["subnet_cidr"], "10.160.0.0/20", "{tenant}");
+    let endpoint = tenant["endpoint"].as_str().unwrap_or_default();
+    assert!(
+        endpoint.starts_with("127.0.0.1:"),
+        "the flag wins: {tenant}"
+    );
+    drop(app);
+
+    let state = tempfile::tempdir().expect("tempdir");
+    let refused = support::Appliance::start_with(
+        state,
+        support::free_tcp_port(),
+        support::free_udp_ports(4),
+        &[("WGPLANE_SUBNET_PREFIX_LEN", "40")],
+    );
+    let Err(log) = refused else {
+        panic!("a bad variable was taken")
+    };
+    assert!(log.contains("tunnels.subnet_prefix_len"), "{log}");
+}
+
 /// `wgplane run --help` lists the embedded defaults, as the README says.
 #[test]
 fn run_help_lists_the_defaults() {

@@ -139,6 +139,28 @@ fn metrics_match_the_traffic() {
     );
     assert_eq!(sample(&text, "wgplane_tunnel_up", &[t]), 1.0);
     assert_eq!(sample(&text, "wgplane_tunnel_events_lost_total", &[t]), 0.0);
+    // Two handshakes and their traffic in, answers out; no load, no cookies.
+    let datagrams = |direction: &str| {
+        let label = format!("direction=\"{direction}\"");
+        sample(&text, "wgplane_datagrams_total", &[t, &label])
+    };
+    assert!(datagrams("received") >= 4.0, "{text}");
+    assert!(datagrams("sent") >= 2.0, "{text}");
+    assert_eq!(datagrams("send_failed"), 0.0);
+    assert_eq!(sample(&text, "wgplane_cookie_replies_total", &[t]), 0.0);
+    // Both peers' connects were published to the platform.
+    let published = || {
+        sample(
+            &app.scrape(),
+            "wgplane_events_total",
+            &[r#"outcome="published""#],
+        )
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while published() < 2.0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(published() >= 2.0, "{}", app.scrape());
     assert_eq!(
         sample(
             &text,

@@ -646,3 +646,29 @@ fn the_peers_of_a_tunnel_wait_with_no_more_than_its_limit() {
         "{queued} queued, {full} full"
     );
 }
+
+/// A packet for the tunnel's own address that nothing takes (no userspace
+/// stack, and the host device refuses it: absent, or its batch full) is
+/// dropped and counted as `local_unavailable`, not lost silently.
+#[test]
+fn a_local_packet_nothing_takes_is_counted_as_local_unavailable() {
+    use crate::core::packet::build::ip_packet;
+
+    struct Refusing;
+    impl Sink for Refusing {
+        fn send(&mut self, _: SocketAddr, _: &[u8]) {}
+        fn local(&mut self, _: &[u8]) -> bool {
+            false
+        }
+    }
+    let now = Instant::now();
+    let (mut engine, mut r1) = one_client();
+    // The host answers the tenant's subnet (TUN mode sets this).
+    engine.set_host_sources(&["10.100.0.0/16".parse().unwrap()]);
+    assert!(r1.handshake(&mut engine, now));
+    let packet = ip_packet([10, 100, 1, 1].into(), [10, 100, 0, 1].into(), 8);
+    let datagram = r1.encrypt(&packet).unwrap();
+    engine.handle_datagram(r1.addr, &datagram, now, &mut Refusing);
+    assert_eq!(engine.stats().dropped(DropReason::LocalUnavailable), 1);
+    assert_eq!(engine.stats().forwarded_local, 0);
+}

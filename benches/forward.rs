@@ -17,8 +17,8 @@
 //!
 //! Run: `cargo bench --bench forward`.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::hint::black_box;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use boringtun::noise::{Tunn, TunnResult};

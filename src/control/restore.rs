@@ -37,6 +37,14 @@ fn v4(prefixes: &[IpNet]) -> impl Iterator<Item = Ipv4Net> + '_ {
 
 fn check_ranges(t: &Tenant, before: &[&Tenant]) -> Result<(), String> {
     let overlap = |a: Ipv4Net, b: Ipv4Net| alloc::overlaps(IpNet::V4(a), IpNet::V4(b));
+    // The tenants' IPv6 networks all lie in one range: a host prefix in it
+    // would carry one tenant's packets, through the host, into another's.
+    let range = IpNet::V6(alloc::TENANT_RANGE_V6);
+    if let Some(host) = t.host_prefixes.iter().find(|h| alloc::overlaps(**h, range)) {
+        return Err(format!(
+            "host prefix {host} overlaps the tenants' IPv6 range {range}"
+        ));
+    }
     if let Some(e) = &t.egress {
         if overlap(e.pool, t.subnet) {
             return Err(format!("pool {} overlaps its subnet {}", e.pool, t.subnet));

@@ -404,7 +404,6 @@ impl Runtime {
     pub async fn sync(&mut self, tenant: &Tenant) -> Result<(), RuntimeError> {
         let peers = tenant.peer_configs(self.settings.keepalive);
         let egress = tenant.egress_configs();
-        self.sync_pools(tenant).await?;
         // What the device routes back into the tunnel: the subnet, and the IPv6
         // network where the device carries it.
         let mut host_sources = Vec::new();
@@ -432,8 +431,11 @@ impl Runtime {
             rx,
         )
         .await?
-        .map(|_| ())
-        .map_err(RuntimeError::from)
+        .map_err(RuntimeError::from)?;
+        // The host's routes to the pools after the peers: a route the kernel
+        // refuses costs the host its way to the phones, not the tunnel its
+        // peers.
+        self.sync_pools(tenant).await
     }
 
     /// TUN mode: routes the tenant's client pool into the host device.
@@ -446,15 +448,27 @@ impl Runtime {
         if wanted == handle.pools {
             return Ok(());
         }
-        for pool in handle.pools.iter().filter(|p| !wanted.contains(p)) {
-            host.remove_pool(*pool).await;
+        // `handle.pools` says what is on the device at every step, so that a
+        // failure half-way leaves nothing unaccounted for (a route left behind
+        // at stop, or one removed later that another tenant took meanwhile).
+        let gone: Vec<ipnet::Ipv4Net> = handle
+            .pools
+            .iter()
+            .filter(|p| !wanted.contains(p))
+            .copied()
+            .collect();
+        for pool in gone {
+            host.remove_pool(pool).await;
+            handle.pools.retain(|p| *p != pool);
         }
         if let Some(tx) = &handle.host_packets {
-            for pool in wanted.iter().filter(|p| !handle.pools.contains(p)) {
-                host.add_pool(*pool, tx.clone()).await?;
+            for pool in wanted {
+                if !handle.pools.contains(&pool) {
+                    host.add_pool(pool, tx.clone()).await?;
+                    handle.pools.push(pool);
+                }
             }
         }
-        handle.pools = wanted;
         Ok(())
     }
 

@@ -119,6 +119,24 @@ pub struct HostLink {
     pub out: HostOut,
 }
 
+/// Hands up to `limit` host packets queued for this tunnel to the engine,
+/// without waiting for more.
+fn take_host_packets(
+    packets: &mut Option<mpsc::Receiver<Vec<u8>>>,
+    recycle_to: &Option<mpsc::Sender<Vec<u8>>>,
+    engine: &mut TunnelEngine,
+    now: Instant,
+    sink: &mut UdpSink<'_>,
+    limit: usize,
+) {
+    let Some(rx) = packets.as_mut() else { return };
+    for _ in 0..limit {
+        let Ok(packet) = rx.try_recv() else { break };
+        engine.handle_host_packet(&packet, now, sink);
+        recycle(recycle_to, packet);
+    }
+}
+
 /// Hands a packet buffer back to the device's reader (freed if it has plenty).
 fn recycle(to: &Option<mpsc::Sender<Vec<u8>>>, packet: Vec<u8>) {
     if let Some(to) = to {
@@ -503,6 +521,13 @@ pub async fn run(
                     held.release_in_turns(|step| turns.step(step)).await;
                     backlog = turns.backlog;
                 }
+                // The biased select reaches the host's packets only once the
+                // socket is quiet: while it stays busy (a flood, a bulk
+                // upload), they go in the same wake-up instead of starving.
+                if backlog {
+                    let mut sink = UdpSink { tx: &mut tx, host: host.device.is_some().then_some(&mut host.out) };
+                    take_host_packets(&mut host.packets, &host.recycle, &mut engine, now, &mut sink, RECV_BATCH);
+                }
             }
             packet = recv_host(&mut host.packets) => {
                 let Some(packet) = packet else { break };
@@ -511,15 +536,7 @@ pub async fn run(
                 engine.handle_host_packet(&packet, now, &mut sink);
                 recycle(&host.recycle, packet);
                 // Whatever else is queued, in the same wake-up (bounded like the socket).
-                for _ in 1..RECV_BATCH {
-                    match host.packets.as_mut().map(|rx| rx.try_recv()) {
-                        Some(Ok(packet)) => {
-                            engine.handle_host_packet(&packet, now, &mut sink);
-                            recycle(&host.recycle, packet);
-                        }
-                        _ => break,
-                    }
-                }
+                take_host_packets(&mut host.packets, &host.recycle, &mut engine, now, &mut sink, RECV_BATCH - 1);
             }
             _ = work.notified() => {}
             _ = stack_timer => stack_due = true,
@@ -638,6 +655,56 @@ mod tests {
         let mut sink = UdpSink { tx, host };
         receive(socket, state, engine, now, &mut sink, &mut held);
         held
+    }
+
+    /// Host packets are taken up to the limit, without waiting, and their
+    /// buffers go back to the device's reader.
+    #[tokio::test]
+    async fn host_packets_are_taken_up_to_the_limit() {
+        use crate::core::packet::build::ip_packet;
+        use crate::core::policy::DropReason;
+        let (to_tunnel, from_host) = mpsc::channel(16);
+        let (recycle_to, mut recycled) = mpsc::channel(16);
+        for _ in 0..5 {
+            // To nobody in this tunnel: each is read and counted as no_route.
+            let packet = ip_packet([172, 18, 0, 5].into(), [10, 100, 9, 9].into(), 8);
+            to_tunnel.try_send(packet).expect("room");
+        }
+        let mut engine =
+            TunnelEngine::new(server_key(), vec!["10.100.0.1".parse().expect("address")]);
+        let mut tx = SendBatch::new(1, false);
+        let mut sink = UdpSink {
+            tx: &mut tx,
+            host: None,
+        };
+        let (mut packets, recycle_to) = (Some(from_host), Some(recycle_to));
+        super::take_host_packets(
+            &mut packets,
+            &recycle_to,
+            &mut engine,
+            Instant::now(),
+            &mut sink,
+            3,
+        );
+        assert_eq!(engine.stats().dropped(DropReason::NoRoute), 3);
+        let mut back = 0;
+        while recycled.try_recv().is_ok() {
+            back += 1;
+        }
+        assert_eq!(back, 3, "every buffer taken goes back");
+        super::take_host_packets(
+            &mut packets,
+            &recycle_to,
+            &mut engine,
+            Instant::now(),
+            &mut sink,
+            3,
+        );
+        assert_eq!(
+            engine.stats().dropped(DropReason::NoRoute),
+            5,
+            "the rest, and no wait"
+        );
     }
 
     /// A socket holding more than one turn's worth says so, and the rest is read

@@ -56,7 +56,12 @@ fn restored(tenants: Vec<Tenant>) -> Result<Registry, ControlError> {
 fn a_restored_state_is_checked_against_the_apis_rules() {
     assert!(restored(built_state()).is_ok());
     type Breakage = fn(&mut [Tenant]);
-    let cases: [(&str, Breakage, &str); 9] = [
+    let cases: [(&str, Breakage, &str); 10] = [
+        (
+            "host prefix in the tenants' IPv6 range",
+            |t| t[1].host_prefixes = vec!["fd77:7770:a64::/64".parse().unwrap()],
+            "overlaps the tenants' IPv6 range",
+        ),
         (
             "subnet overlap",
             |t| t[1].subnet = "10.100.128.0/17".parse().unwrap(),

@@ -678,28 +678,18 @@ mod tests {
             host: None,
         };
         let (mut packets, recycle_to) = (Some(from_host), Some(recycle_to));
-        super::take_host_packets(
-            &mut packets,
-            &recycle_to,
-            &mut engine,
-            Instant::now(),
-            &mut sink,
-            3,
-        );
+        let mut take_three = |engine: &mut TunnelEngine| {
+            let now = Instant::now();
+            super::take_host_packets(&mut packets, &recycle_to, engine, now, &mut sink, 3);
+        };
+        take_three(&mut engine);
         assert_eq!(engine.stats().dropped(DropReason::NoRoute), 3);
         let mut back = 0;
         while recycled.try_recv().is_ok() {
             back += 1;
         }
         assert_eq!(back, 3, "every buffer taken goes back");
-        super::take_host_packets(
-            &mut packets,
-            &recycle_to,
-            &mut engine,
-            Instant::now(),
-            &mut sink,
-            3,
-        );
+        take_three(&mut engine);
         assert_eq!(
             engine.stats().dropped(DropReason::NoRoute),
             5,

@@ -144,6 +144,7 @@ impl HostDevice {
             Arc::clone(&routes),
             spare,
             Arc::clone(&drops),
+            mtu,
         ));
         tracing::info!(name, index, mtu, offload = vnet_hdr, "TUN device up");
         Ok(Self {
@@ -269,16 +270,29 @@ impl HostDevice {
     }
 }
 
+/// Most segments one offloaded read can split into: 64 KiB of the smallest
+/// segments the kernel's TCP sends (an MSS of 48 bytes, `tcp_min_snd_mss`). A
+/// router that advertises a small MSS makes the host's TCP build such trains;
+/// with fewer buffers the whole read would be lost.
+const MAX_SEGMENTS: usize = 65_535 / 48 + 1;
+
 /// The single reader: one queue, so the packets of a flow stay in order.
 async fn read_loop(
     device: Arc<AsyncDevice>,
     routes: Arc<RwLock<PrefixTable<mpsc::Sender<Vec<u8>>>>>,
     mut spare: mpsc::Receiver<Vec<u8>>,
     drops: Arc<HostDrops>,
+    mtu: u16,
 ) {
     let mut original = vec![0u8; tun_rs::VIRTIO_NET_HDR_LEN + 65_535];
-    let mut bufs = vec![vec![0u8; 65_535]; tun_rs::IDEAL_BATCH_SIZE];
-    let mut sizes = vec![0usize; tun_rs::IDEAL_BATCH_SIZE];
+    // The first buffer takes any packet a read brings whole; the others one
+    // segment of a split read each, never larger than the device's MTU
+    // (about 2 MB in all at 1420).
+    let segment = usize::from(mtu) + 256;
+    let mut bufs: Vec<Vec<u8>> = (0..MAX_SEGMENTS)
+        .map(|i| vec![0u8; if i == 0 { 65_535 } else { segment }])
+        .collect();
+    let mut sizes = vec![0usize; MAX_SEGMENTS];
     loop {
         let count = match device
             .recv_multiple(&mut original, &mut bufs, &mut sizes, 0)

@@ -72,7 +72,7 @@ pub async fn count_requests(
 /// text, a few µs per series (about 2 s of CPU at 100,000 peers), run on a
 /// blocking thread, so that neither API changes nor the tunnels' worker
 /// threads wait for a scrape.
-#[utoipa::path(get, path = "/metrics", tag = "operations", security(()), responses((status = 200, description = "Prometheus text exposition", content_type = "text/plain", body = String)))]
+#[utoipa::path(get, path = "/metrics", tag = "operations", security(()), responses((status = 200, description = "Prometheus text exposition", content_type = "text/plain", body = String), (status = 503, description = "Another scrape was under way for more than 10 s", content_type = "text/plain", body = String)))]
 pub async fn scrape(State(state): State<Arc<AppState>>) -> Response {
     let turn = Arc::clone(&state);
     // A scrape waits for the one under way, but not for ever: waiters would
@@ -383,5 +383,20 @@ mod tests {
         let response = waiting.await.unwrap();
         assert_eq!(response.status(), axum::http::StatusCode::OK);
         f.state.control.lock().await.runtime.stop(&f.acme).await;
+    }
+
+    /// One that waits longer than SCRAPE_WAIT for the scrape under way is
+    /// answered 503, not queued for ever.
+    #[tokio::test]
+    async fn a_scrape_that_waits_too_long_is_answered_503() {
+        let f = crate::api::testing::fixture().await;
+        f.state.control.lock().await.runtime.stop(&f.acme).await;
+        let _under_way = f.state.scraping.0.acquire().await.unwrap();
+        tokio::time::pause();
+        let response = scrape(State(Arc::clone(&f.state))).await;
+        assert_eq!(
+            response.status(),
+            axum::http::StatusCode::SERVICE_UNAVAILABLE
+        );
     }
 }

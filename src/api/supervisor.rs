@@ -5,6 +5,8 @@
 //! could not be opened before (their port was taken). A change through the
 //! API does the same at once.
 //!
+//! In TUN mode it also routes client pools the kernel refused before.
+//!
 //! It logs a tunnel's failure once (and again only when the reason changes)
 //! and its recovery; `/healthz` and `wgplane_tunnel_up` show what is down
 //! meanwhile. It does not restart the process or the TUN device's reader.
@@ -27,12 +29,49 @@ pub async fn run(state: Arc<AppState>) {
     let mut failing: HashMap<Id, String> = HashMap::new();
     // Forwards that could not be opened, likewise.
     let mut closed = HashMap::new();
+    // TUN mode: tunnels whose pool routes the kernel refused, likewise.
+    let mut unrouted = HashMap::new();
     let mut tick = tokio::time::interval(RETRY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         revive_all(&state, &mut failing).await;
         reopen_forwards(&state, &mut closed).await;
+        reroute_pools(&state, &mut unrouted).await;
+    }
+}
+
+/// One pass (TUN mode): syncs every running tunnel whose client pools the
+/// host does not route as the registry says (the kernel refused a route).
+async fn reroute_pools(state: &AppState, unrouted: &mut HashMap<Id, String>) {
+    let mut guard = state.control.lock().await;
+    let control = &mut *guard;
+    let wrong: Vec<Id> = control
+        .registry
+        .tenants()
+        .filter(|t| control.runtime.is_running(&t.id) && !control.runtime.pools_routed(t))
+        .map(|t| t.id.clone())
+        .collect();
+    unrouted.retain(|id, _| wrong.contains(id));
+    for id in wrong {
+        let Ok(tenant) = control.registry.tenant(&id) else {
+            continue;
+        };
+        match control.runtime.sync(tenant).await {
+            Ok(()) => {
+                if unrouted.remove(&id).is_some() {
+                    tracing::info!(tenant = %id, "client pool routed again");
+                }
+            }
+            Err(e) => {
+                let reason = e.to_string();
+                if unrouted.get(&id) != Some(&reason) {
+                    tracing::warn!(tenant = %id, error = %reason, retry_secs = RETRY.as_secs(),
+                        "client pool not routed to the host");
+                    unrouted.insert(id, reason);
+                }
+            }
+        }
     }
 }
 

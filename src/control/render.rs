@@ -225,11 +225,11 @@ pub fn router_script(
         "# The appliance reaches the router's services (management forwards) ahead of any other rule."
     ));
     for net in &managers {
-        // A single address as RouterOS shows it (without /32 or /128), so
-        // that `find` on a rule made by an earlier run matches it.
-        let source = match net.prefix_len() == net.max_prefix_len() {
-            true => net.addr().to_string(),
-            false => net.to_string(),
+        // A single IPv4 address as RouterOS shows it (without /32), so that
+        // `find` on a rule made by an earlier run matches it.
+        let source = match net {
+            ipnet::IpNet::V4(n) if n.prefix_len() == 32 => n.addr().to_string(),
+            _ => net.to_string(),
         };
         let menu = if net.addr().is_ipv4() {
             "/ip firewall filter"

@@ -414,28 +414,45 @@ impl Runtime {
             }
         }
         let (reply, rx) = oneshot::channel();
-        self.ask(
-            &tenant.id,
-            Command::Sync {
-                peers,
-                egress,
-                // Host prefixes only mean something with a host device.
-                host_prefixes: if self.settings.host.is_some() {
-                    tenant.host_prefixes.clone()
-                } else {
-                    Vec::new()
+        let peers = self
+            .ask(
+                &tenant.id,
+                Command::Sync {
+                    peers,
+                    egress,
+                    // Host prefixes only mean something with a host device.
+                    host_prefixes: if self.settings.host.is_some() {
+                        tenant.host_prefixes.clone()
+                    } else {
+                        Vec::new()
+                    },
+                    host_sources,
+                    reply,
                 },
-                host_sources,
-                reply,
-            },
-            rx,
-        )
-        .await?
-        .map_err(RuntimeError::from)?;
-        // The host's routes to the pools after the peers: a route the kernel
-        // refuses costs the host its way to the phones, not the tunnel its
-        // peers.
-        self.sync_pools(tenant).await
+                rx,
+            )
+            .await
+            .and_then(|taken| taken.map(|_| ()).map_err(RuntimeError::from));
+        // The host's routes to the pools after the peers, and whatever the
+        // peers did: a route the kernel refuses costs the host its way to the
+        // phones, not the tunnel its peers, and a refused peer does not leave
+        // a pool routed that the tenant gave up. The supervisor tries a
+        // missing route again ([`Runtime::pools_routed`]).
+        let pools = self.sync_pools(tenant).await;
+        peers.and(pools)
+    }
+
+    /// TUN mode: true when the host routes exactly the tenant's pools into its
+    /// running tunnel (always true without a device or a running tunnel).
+    pub fn pools_routed(&self, tenant: &Tenant) -> bool {
+        let Some(h) = self.tunnels.get(&tenant.id) else {
+            return true;
+        };
+        if self.settings.host.is_none() || h.host_packets.is_none() {
+            return true;
+        }
+        let wanted: Vec<ipnet::Ipv4Net> = tenant.egress.iter().map(|e| e.pool).collect();
+        h.pools.len() == wanted.len() && wanted.iter().all(|p| h.pools.contains(p))
     }
 
     /// TUN mode: routes the tenant's client pool into the host device.

@@ -270,11 +270,14 @@ impl HostDevice {
     }
 }
 
-/// Most segments one offloaded read can split into: 64 KiB of the smallest
-/// segments the kernel's TCP sends (an MSS of 48 bytes, `tcp_min_snd_mss`). A
-/// router that advertises a small MSS makes the host's TCP build such trains;
-/// with fewer buffers the whole read would be lost.
-const MAX_SEGMENTS: usize = 65_535 / 48 + 1;
+/// Most segments one offloaded read can split into: 64 KiB in segments of 16
+/// bytes. A router that advertises a small MSS makes the host's TCP build
+/// trains of small segments (the kernel's floor, `tcp_min_snd_mss` = 48,
+/// applies before TCP options: 36 bytes with timestamps, less with SACK
+/// blocks); with too few buffers the whole read is lost (counted as
+/// `unreadable`). The buffers are sized for the device's MTU as configured: an
+/// MTU raised by hand later is not followed.
+const MAX_SEGMENTS: usize = 65_535 / 16 + 1;
 
 /// The single reader: one queue, so the packets of a flow stay in order.
 async fn read_loop(
@@ -287,7 +290,7 @@ async fn read_loop(
     let mut original = vec![0u8; tun_rs::VIRTIO_NET_HDR_LEN + 65_535];
     // The first buffer takes any packet a read brings whole; the others one
     // segment of a split read each, never larger than the device's MTU
-    // (about 2 MB in all at 1420).
+    // (about 7 MB in all at 1420).
     let segment = usize::from(mtu) + 256;
     let mut bufs: Vec<Vec<u8>> = (0..MAX_SEGMENTS)
         .map(|i| vec![0u8; if i == 0 { 65_535 } else { segment }])

@@ -133,16 +133,14 @@ pub fn remove_temporaries_of(path: &Path) -> Result<(), FilesError> {
     if !dir.exists() {
         return Ok(());
     }
-    match remove_leftovers(dir, &name.to_string_lossy()) {
-        // A directory one may enter but not list (a root-owned 0711 one for
-        // secrets) cannot have had them written by this user either.
-        Err(FilesError::Io { source, .. })
-            if source.kind() == std::io::ErrorKind::PermissionDenied =>
-        {
-            Ok(())
+    // A directory one may enter but not list (a root-owned 0711 one for
+    // secrets) cannot have had them written by this user either.
+    if let Err(e) = std::fs::read_dir(dir) {
+        if e.kind() == std::io::ErrorKind::PermissionDenied {
+            return Ok(());
         }
-        other => other,
     }
+    remove_leftovers(dir, &name.to_string_lossy())
 }
 
 /// Removes `.{name}.*.tmp` in `dir`: what `write_private` leaves when killed.

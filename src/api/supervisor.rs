@@ -41,6 +41,21 @@ pub async fn run(state: Arc<AppState>) {
     }
 }
 
+/// Logs `tenant`'s failure `what` (`e`), unless the last pass logged the
+/// same reason, and keeps the reason for the next.
+fn logged_once(
+    failing: &mut HashMap<Id, String>,
+    tenant: Id,
+    e: &impl std::fmt::Display,
+    what: &'static str,
+) {
+    let reason = e.to_string();
+    if failing.get(&tenant) != Some(&reason) {
+        tracing::warn!(%tenant, error = %reason, retry_secs = RETRY.as_secs(), "{what}");
+        failing.insert(tenant, reason);
+    }
+}
+
 /// One pass (TUN mode): syncs every running tunnel whose client pools the
 /// host does not route as the registry says (the kernel refused a route).
 async fn reroute_pools(state: &AppState, unrouted: &mut HashMap<Id, String>) {
@@ -63,14 +78,7 @@ async fn reroute_pools(state: &AppState, unrouted: &mut HashMap<Id, String>) {
                     tracing::info!(tenant = %id, "client pool routed again");
                 }
             }
-            Err(e) => {
-                let reason = e.to_string();
-                if unrouted.get(&id) != Some(&reason) {
-                    tracing::warn!(tenant = %id, error = %reason, retry_secs = RETRY.as_secs(),
-                        "client pool not routed to the host");
-                    unrouted.insert(id, reason);
-                }
-            }
+            Err(e) => logged_once(unrouted, id, &e, "client pool not routed to the host"),
         }
     }
 }
@@ -132,13 +140,7 @@ async fn revive_all(state: &AppState, failing: &mut HashMap<Id, String>) {
                 failing.remove(&id);
                 tracing::info!(tenant = %id, "tunnel is back up");
             }
-            Err(e) => {
-                let reason = e.to_string();
-                if failing.get(&id) != Some(&reason) {
-                    tracing::warn!(tenant = %id, error = %reason, retry_secs = RETRY.as_secs(), "tunnel still down");
-                    failing.insert(id, reason);
-                }
-            }
+            Err(e) => logged_once(failing, id, &e, "tunnel still down"),
         }
     }
 }

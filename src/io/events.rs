@@ -703,6 +703,56 @@ mod tests {
         assert_eq!(stats.webhook_delivered.load(Ordering::Relaxed), 0);
     }
 
+    /// A receiver that redirects is not followed: events go only to the URL
+    /// the operator configured (a redirect could point anywhere).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_receivers_redirect_is_not_followed() {
+        use axum::http::{header, StatusCode};
+        let hits = Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
+        let (to_hook, to_elsewhere) = (Arc::clone(&hits), Arc::clone(&hits));
+        let app = axum::Router::new()
+            .route(
+                "/hook",
+                axum::routing::post(move || async move {
+                    to_hook[0].fetch_add(1, Ordering::SeqCst);
+                    (
+                        StatusCode::TEMPORARY_REDIRECT,
+                        [(header::LOCATION, "/elsewhere")],
+                    )
+                }),
+            )
+            .route(
+                "/elsewhere",
+                axum::routing::post(move || async move {
+                    to_elsewhere[1].fetch_add(1, Ordering::SeqCst);
+                    StatusCode::NO_CONTENT
+                }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let (queue, rx) = mpsc::channel(4);
+        tokio::spawn(run_webhooks(
+            rx,
+            vec![url],
+            Duration::from_secs(5),
+            Arc::default(),
+        ));
+        queue.send(Published::Lagged(Lagged::now(1))).await.unwrap();
+        // The retry (after 500 ms) comes after the first attempt has ended,
+        // redirect and all.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while hits[0].load(Ordering::SeqCst) < 2 {
+            assert!(tokio::time::Instant::now() < deadline, "no retry");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            hits[1].load(Ordering::SeqCst),
+            0,
+            "the redirect was followed"
+        );
+    }
+
     #[test]
     fn logged_urls_keep_no_credentials_or_query() {
         assert_eq!(

@@ -392,19 +392,15 @@ impl Peer {
                 send: Some(b),
                 ..Timers::default()
             },
+            // boringtun empties its queue with the session (its handshake
+            // gave up): the packets that waited in it are discarded.
             TunnResult::Err(WireGuardError::ConnectionExpired) => Timers {
                 expired: true,
-                discarded: self.queue_discarded(),
+                discarded: self.queue_emptied(),
                 ..Timers::default()
             },
             _ => Timers::default(),
         }
-    }
-
-    /// boringtun has emptied its queue with the session (its handshake gave
-    /// up): how many packets waited in it.
-    fn queue_discarded(&mut self) -> u16 {
-        self.queue_emptied()
     }
 
     /// The peer's queue is empty now (sent, discarded or dropped with its
@@ -661,9 +657,9 @@ mod tests {
         for _ in 0..5 {
             let _ = peer.encapsulate(&[0x45u8; 100], &mut out);
         }
-        assert_eq!(peer.queue_discarded(), 5);
+        assert_eq!(peer.queue_emptied(), 5);
         assert_eq!((peer.queued_packets, peer.queued_bytes), (0, 0));
-        assert_eq!(peer.queue_discarded(), 0);
+        assert_eq!(peer.queue_emptied(), 0);
     }
 
     /// A peer sending to every other peer of its tunnel that has no session

@@ -485,21 +485,30 @@ fn a_refused_peer_does_not_keep_the_others_out() {
     assert_eq!(engine.peer_count(), 2);
 }
 
+/// [`one_client`] with its session confirmed by a packet to the server
+/// address (it is connected now), and that packet.
+fn connected_client(now: Instant) -> (TunnelEngine, crate::core::harness::MemoryClient, Vec<u8>) {
+    use crate::core::harness::Collect;
+    use crate::core::packet::build::ip_packet;
+
+    let (mut engine, mut r1) = one_client();
+    assert!(r1.handshake(&mut engine, now));
+    let packet = ip_packet([10, 100, 1, 1].into(), [10, 100, 0, 1].into(), 8);
+    let datagram = r1.encrypt(&packet).unwrap();
+    engine.handle_datagram(r1.addr, &datagram, now, &mut Collect::default());
+    (engine, r1, packet)
+}
+
 /// A peer that comes back from a new address after it was disconnected is
 /// announced by its `Connected` with that address, not by a `Roamed` first; a
 /// peer removed while connected is announced gone.
 #[test]
 fn a_peer_back_from_elsewhere_connects_there_and_a_removed_one_is_gone() {
     use crate::core::harness::Collect;
-    use crate::core::packet::build::ip_packet;
 
     let now = Instant::now();
-    let (mut engine, mut r1) = one_client();
+    let (mut engine, mut r1, packet) = connected_client(now);
     let key = *r1.public_key.as_bytes();
-    assert!(r1.handshake(&mut engine, now));
-    let packet = ip_packet([10, 100, 1, 1].into(), [10, 100, 0, 1].into(), 8);
-    let datagram = r1.encrypt(&packet).unwrap();
-    engine.handle_datagram(r1.addr, &datagram, now, &mut Collect::default());
     engine.handle_timers(now + Duration::from_secs(120), &mut Collect::default());
     let events: Vec<_> = std::iter::from_fn(|| engine.poll_event()).collect();
     assert_eq!(events.last(), Some(&Event::Disconnected { peer: key }));
@@ -529,15 +538,10 @@ fn a_peer_back_from_elsewhere_connects_there_and_a_removed_one_is_gone() {
 #[test]
 fn a_peer_that_roams_with_every_datagram_is_announced_once_a_second() {
     use crate::core::harness::Collect;
-    use crate::core::packet::build::ip_packet;
 
     let now = Instant::now();
-    let (mut engine, mut r1) = one_client();
+    let (mut engine, mut r1, packet) = connected_client(now);
     let key = *r1.public_key.as_bytes();
-    assert!(r1.handshake(&mut engine, now));
-    let packet = ip_packet([10, 100, 1, 1].into(), [10, 100, 0, 1].into(), 8);
-    let datagram = r1.encrypt(&packet).unwrap();
-    engine.handle_datagram(r1.addr, &datagram, now, &mut Collect::default());
     let _connected: Vec<_> = std::iter::from_fn(|| engine.poll_event()).collect();
 
     let mut last = r1.addr;

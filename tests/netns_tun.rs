@@ -2,7 +2,8 @@
 //! (the hub namespace) pings a router, over IPv4 and IPv6, and talks TCP to a
 //! server bound on the router's tunnel address; the router pings the server
 //! addresses; a router of another tenant cannot reach the first tenant through the
-//! host, which forwards both families; and the seed's
+//! host, which forwards both families; the device set down and up from
+//! outside gets its addresses and routes back; and the seed's
 //! original failure cannot happen: with IP forwarding and masquerade on the hub's
 //! uplink and the KTN gateway down, not one packet of the phone's reaches the
 //! internet host.
@@ -563,8 +564,51 @@ fn tun_mode_reaches_routers_and_never_leaks() {
         "host packets for no tenant are counted, and only they"
     );
 
-    // 7. The device goes away: its reader ends, and health says so.
+    // 7. The device set down and up from outside: health says so meanwhile, and
+    //    what the kernel dropped with it (the IPv6 addresses, the pool routes)
+    //    comes back within a supervisor pass of its being up.
     let health = || health_status(&lab.hub, API);
+    let up_gauge = || {
+        let metrics = lab
+            .hub
+            .capture(&["curl", "-s", &format!("http://{API}/metrics")]);
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("wgplane_host_device_up "))
+            .map(str::to_owned)
+    };
+    assert_eq!(health(), "200");
+    assert_eq!(up_gauge().as_deref(), Some("1"));
+    lab.hub.run_words("ip link set wgplane0 down");
+    let down = wait_for(Duration::from_secs(8), || (health() == "503").then_some(()));
+    assert!(down.is_some(), "healthy with the device set down");
+    assert_eq!(up_gauge().as_deref(), Some("0"));
+    let v6 = lab
+        .hub
+        .capture(&["ip", "-6", "address", "show", "dev", "wgplane0"]);
+    assert!(
+        !v6.contains("fd77:7770:a64::1/64"),
+        "the kernel kept the IPv6 address: the test proves nothing\n{v6}"
+    );
+    lab.hub.run_words("ip link set wgplane0 up");
+    let back = wait_for(Duration::from_secs(8), || (health() == "200").then_some(()));
+    assert!(back.is_some(), "unhealthy after the device is up again");
+    assert_eq!(up_gauge().as_deref(), Some("1"));
+    let route = lab.hub.capture(&["ip", "route", "show", "10.200.0.0/24"]);
+    assert!(route.contains("dev wgplane0"), "pool route: {route}");
+    assert!(
+        wait_ping(&lab.hub, "fd77:7770:a64::101"),
+        "host -> router over IPv6 after down and up\n{}",
+        lab.procs[0].log()
+    );
+    assert!(
+        wait_ping(&lab.hub, "10.100.1.1"),
+        "host -> router after down and up"
+    );
+    let log = lab.procs[0].log();
+    assert!(log.contains("the TUN device is down"), "{log}");
+
+    // 8. The device goes away: its reader ends, and health says so.
     assert_eq!(health(), "200");
     lab.hub.run_words("ip link del wgplane0");
     let down = wait_for(Duration::from_secs(5), || (health() == "503").then_some(()));

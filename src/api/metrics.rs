@@ -88,10 +88,14 @@ pub async fn scrape(State(state): State<Arc<AppState>>) -> Response {
                 .into_response()
         }
     };
-    let (ids, host_drops) = {
+    let (ids, host_drops, host_up) = {
         let control = state.control.lock().await;
         let ids: Vec<Id> = control.registry.tenants().map(|t| t.id.clone()).collect();
-        (ids, control.runtime.host_drops())
+        let runtime = &control.runtime;
+        let host_up = runtime
+            .tun_mode()
+            .then(|| runtime.host_up() && runtime.host_reading());
+        (ids, runtime.host_drops(), host_up)
     };
     // One tunnel per lock: a change waits for one tunnel's snapshot at most.
     let mut tunnels = Vec::with_capacity(ids.len());
@@ -116,6 +120,9 @@ pub async fn scrape(State(state): State<Arc<AppState>>) -> Response {
                 counter!("wgplane_api_requests_total",
                     "route" => route.clone(), "method" => method.clone(), "status" => status.to_string())
                 .absolute(entry.value().load(Ordering::Relaxed));
+            }
+            if let Some(up) = host_up {
+                gauge!("wgplane_host_device_up").set(if up { 1.0 } else { 0.0 });
             }
             for (reason, value) in host_drops.into_iter().flatten() {
                 counter!("wgplane_host_packets_dropped_total", "reason" => reason).absolute(value);
@@ -268,6 +275,10 @@ fn describe() {
         "Admin API requests by route, method and status."
     );
     describe_counter!("wgplane_events_total", "Peer events by outcome.");
+    describe_gauge!(
+        "wgplane_host_device_up",
+        "TUN mode: 1 while the device is up and read (0: set down from outside, or its reader ended)."
+    );
     describe_counter!(
         "wgplane_host_packets_dropped_total",
         "TUN mode: packets from the host device that reached no tunnel, by reason."

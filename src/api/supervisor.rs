@@ -5,7 +5,10 @@
 //! could not be opened before (their port was taken). A change through the
 //! API does the same at once.
 //!
-//! In TUN mode it also routes client pools the kernel refused before.
+//! In TUN mode it also routes client pools the kernel refused before, and
+//! checks the device: one set down from outside shows in `/healthz` and
+//! `wgplane_host_device_up`, and gets its addresses and pool routes back once
+//! it is up again.
 //!
 //! It logs a tunnel's failure once (and again only when the reason changes)
 //! and its recovery; `/healthz` and `wgplane_tunnel_up` show what is down
@@ -17,6 +20,7 @@ use std::time::Duration;
 
 use super::AppState;
 use crate::control::Id;
+use crate::io::tun::DeviceCheck;
 
 /// How often tunnels that are down are tried again: a port freed by a
 /// lingering old process is taken within seconds, and a tunnel that cannot
@@ -31,6 +35,8 @@ pub async fn run(state: Arc<AppState>) {
     let mut closed = HashMap::new();
     // TUN mode: tunnels whose pool routes the kernel refused, likewise.
     let mut unrouted = HashMap::new();
+    // TUN mode: why the device could not be checked or repaired, last logged.
+    let mut host_failing = None;
     let mut tick = tokio::time::interval(RETRY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -38,6 +44,41 @@ pub async fn run(state: Arc<AppState>) {
         revive_all(&state, &mut failing).await;
         reopen_forwards(&state, &mut closed).await;
         reroute_pools(&state, &mut unrouted).await;
+        repair_host(&state, &mut host_failing).await;
+    }
+}
+
+/// One pass (TUN mode): checks the device and logs what it found, once per
+/// change: down, back up (with what was put back), or unreadable.
+async fn repair_host(state: &AppState, failing: &mut Option<String>) {
+    let mut control = state.control.lock().await;
+    let was_up = control.runtime.host_up();
+    let Some(check) = control.runtime.repair_host().await else {
+        return;
+    };
+    match check {
+        Ok(DeviceCheck::Down) => {
+            if was_up {
+                tracing::warn!("the TUN device is down: the host reaches no tunnel until it is up");
+            }
+        }
+        Ok(DeviceCheck::Up { addresses, routes }) => {
+            *failing = None;
+            if !was_up || addresses + routes > 0 {
+                tracing::info!(
+                    addresses,
+                    routes,
+                    "the TUN device is up; its addresses and pool routes are put back"
+                );
+            }
+        }
+        Err(e) => {
+            let reason = e.to_string();
+            if failing.as_ref() != Some(&reason) {
+                tracing::warn!(error = %reason, retry_secs = RETRY.as_secs(), "TUN device not repaired");
+                *failing = Some(reason);
+            }
+        }
     }
 }
 

@@ -14,7 +14,7 @@ use tokio::sync::{broadcast, mpsc, oneshot, Notify};
 use tokio::task::JoinHandle;
 
 use super::forward::{self, Forward};
-use super::tun::HostDevice;
+use super::tun::{DeviceCheck, HostDevice, TenantOnDevice};
 use super::tunnel::{self, Command, HostLink, News, TaggedEvent, TunnelSnapshot};
 use crate::control::model::{Client, Router};
 use crate::control::{Id, Tenant};
@@ -112,6 +112,8 @@ pub struct Runtime {
     budget: Arc<HandshakeBudget>,
     tunnels: HashMap<Id, Handle>,
     events: broadcast::Sender<TunnelEvent>,
+    /// TUN mode: the device was up at the last [`Runtime::repair_host`].
+    host_up: bool,
 }
 
 impl Runtime {
@@ -123,6 +125,7 @@ impl Runtime {
             settings,
             tunnels: HashMap::new(),
             events,
+            host_up: true,
         }
     }
 
@@ -204,6 +207,35 @@ impl Runtime {
     /// False when the TUN device's reader has ended (true without a device).
     pub fn host_reading(&self) -> bool {
         self.settings.host.as_ref().is_none_or(|h| h.reading())
+    }
+
+    /// False when the TUN device was down at the last [`Runtime::repair_host`]
+    /// (true without a device).
+    pub fn host_up(&self) -> bool {
+        self.host_up
+    }
+
+    /// TUN mode: checks the device and puts back the running tunnels'
+    /// addresses and pool routes that the kernel dropped (the device was set
+    /// down and up from outside). `None` without a device.
+    pub async fn repair_host(&mut self) -> Option<Result<DeviceCheck, RuntimeError>> {
+        let host = self.settings.host.as_ref()?;
+        let on_device: Vec<TenantOnDevice<'_>> = self
+            .tunnels
+            .values()
+            .filter(|h| h.host_packets.is_some())
+            .map(|h| TenantOnDevice {
+                server: h.server,
+                subnet: h.subnet,
+                v6: h.host_v6,
+                pools: &h.pools,
+            })
+            .collect();
+        let check = host.repair(&on_device).await;
+        if let Ok(c) = &check {
+            self.host_up = *c != DeviceCheck::Down;
+        }
+        Some(check.map_err(RuntimeError::from))
     }
 
     /// Binds the tunnel's socket and starts its task with the tenant's peers.

@@ -18,13 +18,24 @@
 //! wake-up with `send_multiple`, which coalesces TCP/UDP flows (GRO) into
 //! super-packets. Without offload support both fall back to one packet per
 //! syscall. Left out: multi-queue (one reader keeps every flow in order).
+//!
+//! Set down from outside (`ip link set wgplane0 down`), the device loses its
+//! IPv6 addresses and every route through it; [`HostDevice::repair`], run by
+//! the supervisor, reports it down meanwhile and puts back the addresses and
+//! pool routes once it is up again. It does not set the device up itself: that
+//! is the operator's call.
 
+use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use futures_util::TryStreamExt;
 use ipnet::{IpNet, Ipv4Net};
+use rtnetlink::packet_route::address::AddressAttribute;
+use rtnetlink::packet_route::link::LinkFlags;
+use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute};
 use tokio::sync::mpsc;
 use tun_rs::{AsyncDevice, DeviceBuilder};
 
@@ -52,6 +63,29 @@ pub enum TunError {
         prefix: Ipv4Net,
         message: String,
     },
+    /// The kernel would not say what the device has (a netlink dump failed).
+    #[error("TUN device {name}: netlink: {message}")]
+    Netlink { name: String, message: String },
+}
+
+/// A tunnel's share of the device, as the runtime set it up: what
+/// [`HostDevice::repair`] puts back.
+#[derive(Debug, Clone, Copy)]
+pub struct TenantOnDevice<'a> {
+    pub server: Ipv4Addr,
+    pub subnet: Ipv4Net,
+    /// The device took the tenant's IPv6 address too.
+    pub v6: bool,
+    pub pools: &'a [Ipv4Net],
+}
+
+/// What [`HostDevice::repair`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceCheck {
+    /// Set down from outside: the host routes nothing into it.
+    Down,
+    /// Up, and how many addresses and routes had to be put back.
+    Up { addresses: usize, routes: usize },
 }
 
 /// Packets from the host device that reached no tunnel, by reason. Plain
@@ -237,11 +271,14 @@ impl HostDevice {
         pool: Ipv4Net,
         tunnel: mpsc::Sender<Vec<u8>>,
     ) -> Result<(), TunError> {
-        let route = rtnetlink::RouteMessageBuilder::<Ipv4Addr>::new()
-            .destination_prefix(pool.network(), pool.prefix_len())
-            .output_interface(self.index)
-            .build();
-        match self.netlink.route().add(route).replace().execute().await {
+        match self
+            .netlink
+            .route()
+            .add(self.pool_route(pool))
+            .replace()
+            .execute()
+            .await
+        {
             Ok(()) => {}
             Err(e) => {
                 return Err(TunError::Route {
@@ -257,16 +294,107 @@ impl HostDevice {
         Ok(())
     }
 
+    /// The kernel's route for a pool through the device.
+    fn pool_route(&self, pool: Ipv4Net) -> rtnetlink::packet_route::route::RouteMessage {
+        rtnetlink::RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(pool.network(), pool.prefix_len())
+            .output_interface(self.index)
+            .build()
+    }
+
+    /// Checks the device against what the tunnels put on it and puts back
+    /// what is missing: after `ip link set … down` and `up` the kernel has
+    /// dropped the IPv6 addresses and the pool routes (IPv4 addresses stay;
+    /// `ip address flush` takes them too). Reports a device that is down and
+    /// changes nothing then.
+    pub async fn repair(&self, tenants: &[TenantOnDevice<'_>]) -> Result<DeviceCheck, TunError> {
+        let netlink = |e: rtnetlink::Error| TunError::Netlink {
+            name: self.name.clone(),
+            message: e.to_string(),
+        };
+        let mut links = self.netlink.link().get().match_index(self.index).execute();
+        let up = match links.try_next().await.map_err(netlink)? {
+            Some(link) => link.header.flags.contains(LinkFlags::Up),
+            None => false,
+        };
+        if !up {
+            return Ok(DeviceCheck::Down);
+        }
+        let mut have = HashSet::new();
+        let mut dump = self
+            .netlink
+            .address()
+            .get()
+            .set_link_index_filter(self.index)
+            .execute();
+        while let Some(message) = dump.try_next().await.map_err(netlink)? {
+            for attribute in message.attributes {
+                if let AddressAttribute::Address(a) | AddressAttribute::Local(a) = attribute {
+                    have.insert(a);
+                }
+            }
+        }
+        let mut routed = HashSet::new();
+        let all = rtnetlink::RouteMessageBuilder::<Ipv4Addr>::new().build();
+        let mut dump = self.netlink.route().get(all).execute();
+        while let Some(message) = dump.try_next().await.map_err(netlink)? {
+            let (mut oif, mut dst) = (None, None);
+            for attribute in &message.attributes {
+                match attribute {
+                    RouteAttribute::Oif(i) => oif = Some(*i),
+                    RouteAttribute::Destination(RouteAddress::Inet(a)) => dst = Some(*a),
+                    _ => {}
+                }
+            }
+            let len = message.header.destination_prefix_length;
+            if let (Some(i), Some(a)) = (oif, dst) {
+                if let (true, Ok(net)) = (i == self.index, Ipv4Net::new(a, len)) {
+                    routed.insert(net);
+                }
+            }
+        }
+        let device = |source| TunError::Device {
+            name: self.name.clone(),
+            source,
+        };
+        let (mut addresses, mut routes) = (0, 0);
+        for t in tenants {
+            if !have.contains(&IpAddr::V4(t.server)) {
+                self.device
+                    .add_address_v4(t.server, t.subnet.prefix_len())
+                    .map_err(device)?;
+                addresses += 1;
+            }
+            let v6 = alloc::server_address_v6(t.subnet);
+            if t.v6 && !have.contains(&IpAddr::V6(v6)) {
+                let len = alloc::server_net_v6(t.subnet).prefix_len();
+                self.device.add_address_v6(v6, len).map_err(device)?;
+                addresses += 1;
+            }
+            for &pool in t.pools.iter().filter(|p| !routed.contains(p)) {
+                let add = self.netlink.route().add(self.pool_route(pool));
+                add.replace().execute().await.map_err(|e| TunError::Route {
+                    name: self.name.clone(),
+                    prefix: pool,
+                    message: e.to_string(),
+                })?;
+                routes += 1;
+            }
+        }
+        Ok(DeviceCheck::Up { addresses, routes })
+    }
+
     /// Removes a pool's route.
     pub async fn remove_pool(&self, pool: Ipv4Net) {
         if let Ok(mut routes) = self.routes.write() {
             routes.remove(IpNet::V4(pool));
         }
-        let route = rtnetlink::RouteMessageBuilder::<Ipv4Addr>::new()
-            .destination_prefix(pool.network(), pool.prefix_len())
-            .output_interface(self.index)
-            .build();
-        let _ = self.netlink.route().del(route).execute().await;
+        let _ = self
+            .netlink
+            .route()
+            .del(self.pool_route(pool))
+            .execute()
+            .await;
     }
 }
 

@@ -214,7 +214,7 @@ async fn sync(control: &mut Control, id: &Id) -> Result<(), ApiError> {
 
 // ---- health ----
 
-#[utoipa::path(get, path = "/healthz", tag = "operations", security(()), responses((status = 200, description = "Every tunnel is up", content_type = "text/plain", body = String), (status = 503, description = "A stored tunnel is down (its port taken, say; tried again every 5 s), or the TUN device's reader ended", content_type = "text/plain", body = String)))]
+#[utoipa::path(get, path = "/healthz", tag = "operations", security(()), responses((status = 200, description = "Every tunnel is up", content_type = "text/plain", body = String), (status = 503, description = "A stored tunnel is down (its port taken, say; tried again every 5 s), or the TUN device's reader ended, or the device is down", content_type = "text/plain", body = String)))]
 pub async fn healthz(State(state): Shared) -> Response {
     let control = state.control.lock().await;
     let (mut tunnels, mut down) = (0usize, 0usize);
@@ -229,6 +229,12 @@ pub async fn healthz(State(state): Shared) -> Response {
         (
             StatusCode::SERVICE_UNAVAILABLE,
             "the host device's reader is down\n",
+        )
+            .into_response()
+    } else if !control.runtime.host_up() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the host device is down (set down outside wgplane)\n",
         )
             .into_response()
     } else {

@@ -2,6 +2,9 @@
 //!
 //! Private keys are wrapped in [`SecretKey`], whose `Debug` never shows the key, so a
 //! stray `{:?}` cannot leak one into a log.
+//!
+//! Left out: keeping keys at rest (sealed by [`crate::store::seal`]) and using them:
+//! the handshakes are boringtun's (see [`crate::core::peer`]).
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;

@@ -12,8 +12,14 @@
 //!
 //! A KTN packet, phone -> internet: datagram on the tenant's port -> peer by receiver
 //! index -> decrypt -> source check -> egress policy picks the tenant's live gateway ->
-//! encrypt for the gateway -> datagram to the gateway's endpoint. No TUN, no kernel
-//! routing. Every lookup is scoped to one tunnel's engine, so nothing crosses tenants.
+//! encrypt for the gateway -> datagram to the gateway's endpoint: no TUN device and no
+//! kernel routing on that path. Every lookup is scoped to one tunnel's engine, so
+//! nothing crosses tenants.
+//!
+//! Left out: the kernel's WireGuard and routing (TUN mode, [`io::tun`], is the opt-in
+//! exception that hands packets to the host), and NAT: phones reach the internet
+//! through their tenant's gateway router, which masquerades them (its script,
+//! [`control::render`], sets that up).
 
 pub mod api;
 pub mod bench;

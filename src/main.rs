@@ -1,4 +1,11 @@
-//! The `wgplane` command: run the appliance, or generate keys like `wg`.
+//! The `wgplane` command: run the appliance; generate keys like `wg`; back up the
+//! state, seal it under a new master key, or ask a running appliance's health; and
+//! the benchmark tools (`bench`, `relay`).
+//!
+//! Left out: the appliance's work, which is the library's ([`wgplane::api`],
+//! [`wgplane::io`], [`wgplane::control`], [`wgplane::store`]); this file reads flags,
+//! settings and key files, wires the parts together and stops them on a signal. `bench`
+//! and `relay` are [`wgplane::bench`]'s.
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};

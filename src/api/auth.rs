@@ -1,5 +1,8 @@
 //! Bearer-token check for `/v1` (and `/metrics` when the config asks for it),
 //! compared in constant time.
+//!
+//! Left out: roles and per-tenant tokens (the one token opens all of `/v1`), and the
+//! token itself, which `main` reads or creates at start-up. `/healthz` needs none.
 
 use std::sync::Arc;
 

@@ -1,5 +1,8 @@
 //! Request bodies: read whole before any answer, and a JSON extractor whose
 //! errors name the offending field.
+//!
+//! Left out: path and query parameters (`params`) and what the decoded values mean,
+//! which the registry checks.
 
 use axum::body::{Body, Bytes};
 use axum::extract::{FromRequest, Request};

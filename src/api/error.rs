@@ -1,4 +1,7 @@
-//! API errors and their JSON shape.
+//! API errors and their JSON shape: status, a stable `code`, a message and
+//! the field at fault. Left out: deciding what is wrong (the control plane's
+//! [`ControlError`] and the runtime's [`RuntimeError`] say that; here they are
+//! only mapped to a status and a code).
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -9,7 +12,8 @@ use crate::control::ControlError;
 use crate::io::RuntimeError;
 
 /// An error answer: status, code, message and the field at fault.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("{code}: {message}")]
 pub struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
@@ -111,7 +115,7 @@ impl From<ControlError> for ApiError {
             | ControlError::NoClient(_)
             | ControlError::NoForward(_) => StatusCode::NOT_FOUND,
             ControlError::NoEgress => StatusCode::CONFLICT,
-            ControlError::Inconsistent(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ControlError::Inconsistent { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             _ => StatusCode::CONFLICT,
         };
         Self {

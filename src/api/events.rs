@@ -1,4 +1,7 @@
 //! `GET /v1/events`: peer events as Server-Sent Events.
+//!
+//! Left out: making and naming the events, and webhooks ([`crate::io::events`]).
+//! Nothing is replayed: a subscriber gets only what comes after it connected.
 
 use std::convert::Infallible;
 use std::sync::Arc;

@@ -5,6 +5,10 @@
 //! `metrics-exporter-prometheus` recorder, so removed peers disappear at once and
 //! label values are escaped by the exporter. Per-peer series use the names existing
 //! WireGuard dashboards know (`wireguard_*`); the rest is `wgplane_*`.
+//!
+//! Left out: the counting of packets and events, which the engines, tunnel tasks and
+//! event hub do in plain fields (read here through their snapshots), and whether a
+//! scrape needs the token (`auth`).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -8,6 +8,10 @@
 //! payload, so the gateway measures one-way latency through the appliance on the
 //! same clock. Latency is only meaningful at a rate the path sustains (`--rate`):
 //! flat out it measures the queues.
+//!
+//! Left out: transport protocols: the packets are bare IPv4 (protocol 253), so no TCP
+//! congestion control paces them (the `benches/hubs.sh` lab runs iperf3 for that).
+//! Handshake load is [`super::storm`]'s.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -3,7 +3,7 @@
 //!
 //! It reads and writes its socket exactly as a tunnel task does (the same socket
 //! set-up, `recvmmsg` with UDP GRO, GSO and `sendmmsg` sends through
-//! [`SendBatch`], the same runtime and scheduling policy) but passes every
+//! `SendBatch`, the same runtime and scheduling policy) but passes every
 //! datagram on unchanged: from the upstream address to the last client that
 //! spoke, from anybody else to the upstream address. The phone and the gateway
 //! then hold one WireGuard session end to end through it. What a hub needs on

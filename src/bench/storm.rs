@@ -19,7 +19,7 @@
 //! initiations prove their addresses, so they get Diffie-Hellman work up to what
 //! the appliance's budget and its per-source shares allow: the most handshake
 //! work senders can cause. Their initiations are prepared before the window,
-//! too (enough for the most a source may get, [`ECHO_STOCK_PER_SECOND`]), and
+//! too (enough for the most a source may get, `ECHO_STOCK_PER_SECOND`), and
 //! they write each cookie into them themselves ([`super::cookie`]), so that an
 //! answered handshake costs the generator a send, a receive and a MAC: a
 //! generator that made each initiation in the window (two Diffie-Hellman

@@ -1,4 +1,8 @@
 //! Errors of the control plane, each mapped to one HTTP status by the API.
+//!
+//! Left out: the statuses and the JSON answer, which the API's `error` module makes
+//! from these, and the errors of the store ([`crate::store::StoreError`]) and of the
+//! running tunnels ([`crate::io::RuntimeError`]).
 
 use ipnet::{IpNet, Ipv4Net};
 
@@ -59,8 +63,11 @@ pub enum ControlError {
     InUse(String),
     /// The state loaded from the store breaks a rule the API enforces (start-up
     /// only: a hand-edited or damaged state).
-    #[error("the stored state is inconsistent: {0}")]
-    Inconsistent(String),
+    #[error("the stored state is inconsistent: tenant {tenant}: {source}")]
+    Inconsistent {
+        tenant: super::Id,
+        source: super::restore::RestoreError,
+    },
     /// Allocation found nothing (409).
     #[error(transparent)]
     Exhausted(#[from] AllocError),
@@ -105,7 +112,7 @@ impl ControlError {
             ControlError::Overlap { .. } => "overlap",
             ControlError::Immutable { .. } => "immutable_field",
             ControlError::InUse(_) => "in_use",
-            ControlError::Inconsistent(_) => "inconsistent_state",
+            ControlError::Inconsistent { .. } => "inconsistent_state",
             ControlError::Exhausted(_) => "exhausted",
         }
     }

@@ -1,4 +1,8 @@
 //! Control-plane objects and the request bodies that create them.
+//!
+//! Left out: the rules a request must meet and allocation
+//! ([`crate::control::registry`]; ids are the one thing checked here), storage
+//! ([`crate::store`]) and the API's JSON answers ([`crate::api::views`]).
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};

@@ -14,11 +14,83 @@ use std::net::Ipv4Addr;
 
 use ipnet::{IpNet, Ipv4Net};
 
-use super::model::Tenant;
+use super::model::{Id, Tenant};
 use crate::core::alloc;
 
+/// A peer of the tenant, named in an error: "router r1", "client phone".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerName {
+    pub kind: &'static str,
+    pub id: Id,
+}
+
+impl std::fmt::Display for PeerName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.kind, self.id)
+    }
+}
+
+/// Why a stored tenant cannot be taken back.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RestoreError {
+    #[error("host prefix {host} overlaps the tenants' IPv6 range {range}")]
+    HostPrefixInTenantRange { host: IpNet, range: IpNet },
+    #[error("pool {pool} overlaps its subnet {subnet}")]
+    PoolInSubnet { pool: Ipv4Net, subnet: Ipv4Net },
+    #[error("{mine} overlaps {theirs} of tenant {tenant}")]
+    Overlap {
+        mine: Ipv4Net,
+        theirs: Ipv4Net,
+        tenant: Id,
+    },
+    #[error("{mine} overlaps host prefix {host} of tenant {tenant}")]
+    OverlapsHostPrefix {
+        mine: Ipv4Net,
+        host: Ipv4Net,
+        tenant: Id,
+    },
+    #[error("host prefix {host} overlaps {theirs} of tenant {tenant}")]
+    HostPrefixOverlaps {
+        host: Ipv4Net,
+        theirs: Ipv4Net,
+        tenant: Id,
+    },
+    #[error("{peer} and {holder} both have {ip}")]
+    SharedAddress {
+        peer: PeerName,
+        holder: PeerName,
+        ip: Ipv4Addr,
+    },
+    #[error("{peer} and {holder} have the same public key")]
+    SharedKey { peer: PeerName, holder: PeerName },
+    #[error("{peer} has {ip}, not a peer address of the subnet {subnet}")]
+    OutsideSubnet {
+        peer: PeerName,
+        ip: Ipv4Addr,
+        subnet: Ipv4Net,
+    },
+    #[error("{peer} has {ip}, not a peer address of the pool {pool}")]
+    OutsidePool {
+        peer: PeerName,
+        ip: Ipv4Addr,
+        pool: Ipv4Net,
+    },
+    #[error("{0} exists without an egress policy")]
+    NoEgress(PeerName),
+    #[error("the egress policy has no gateway")]
+    NoGateway,
+    #[error("gateway {0} is not a router of the tenant")]
+    UnknownGateway(Id),
+    #[error("gateway {0} is listed twice")]
+    GatewayTwice(Id),
+    #[error("receiver index {index} of {owner} is out of range")]
+    IndexOutOfRange { index: u32, owner: Id },
+    #[error("receiver index {index} of {owner} is used twice")]
+    IndexTwice { index: u32, owner: Id },
+}
+
 /// Why `tenant` cannot be taken back beside the tenants `before` it.
-pub fn check(tenant: &Tenant, before: &[&Tenant]) -> Result<(), String> {
+pub fn check(tenant: &Tenant, before: &[&Tenant]) -> Result<(), RestoreError> {
     check_ranges(tenant, before)?;
     check_peers(tenant)
 }
@@ -35,39 +107,42 @@ fn v4(prefixes: &[IpNet]) -> impl Iterator<Item = Ipv4Net> + '_ {
     })
 }
 
-fn check_ranges(t: &Tenant, before: &[&Tenant]) -> Result<(), String> {
+fn check_ranges(t: &Tenant, before: &[&Tenant]) -> Result<(), RestoreError> {
     let overlap = |a: Ipv4Net, b: Ipv4Net| alloc::overlaps(IpNet::V4(a), IpNet::V4(b));
     // The tenants' IPv6 networks all lie in one range: a host prefix in it
     // would carry one tenant's packets, through the host, into another's.
     let range = IpNet::V6(alloc::TENANT_RANGE_V6);
     if let Some(host) = t.host_prefixes.iter().find(|h| alloc::overlaps(**h, range)) {
-        return Err(format!(
-            "host prefix {host} overlaps the tenants' IPv6 range {range}"
-        ));
+        return Err(RestoreError::HostPrefixInTenantRange { host: *host, range });
     }
     if let Some(e) = &t.egress {
         if overlap(e.pool, t.subnet) {
-            return Err(format!("pool {} overlaps its subnet {}", e.pool, t.subnet));
+            let (pool, subnet) = (e.pool, t.subnet);
+            return Err(RestoreError::PoolInSubnet { pool, subnet });
         }
     }
     for other in before {
         for mine in tunnel_nets(t) {
+            let tenant = other.id.clone();
             if let Some(theirs) = tunnel_nets(other).find(|n| overlap(mine, *n)) {
-                return Err(format!("{mine} overlaps {theirs} of tenant {}", other.id));
+                return Err(RestoreError::Overlap {
+                    mine,
+                    theirs,
+                    tenant,
+                });
             }
             if let Some(host) = v4(&other.host_prefixes).find(|n| overlap(mine, *n)) {
-                return Err(format!(
-                    "{mine} overlaps host prefix {host} of tenant {}",
-                    other.id
-                ));
+                return Err(RestoreError::OverlapsHostPrefix { mine, host, tenant });
             }
         }
         for host in v4(&t.host_prefixes) {
             if let Some(theirs) = tunnel_nets(other).find(|n| overlap(host, *n)) {
-                return Err(format!(
-                    "host prefix {host} overlaps {theirs} of tenant {}",
-                    other.id
-                ));
+                let tenant = other.id.clone();
+                return Err(RestoreError::HostPrefixOverlaps {
+                    host,
+                    theirs,
+                    tenant,
+                });
             }
         }
     }
@@ -100,54 +175,52 @@ pub fn warnings(t: &Tenant) -> Vec<String> {
     out
 }
 
-fn check_peers(t: &Tenant) -> Result<(), String> {
-    let mut addresses: HashMap<Ipv4Addr, String> = HashMap::new();
-    let mut keys: HashMap<[u8; 32], String> = HashMap::new();
-    let mut take = |who: String, ip: Ipv4Addr, key: &[u8; 32]| -> Result<(), String> {
-        if let Some(holder) = addresses.insert(ip, who.clone()) {
-            return Err(format!("{who} and {holder} both have {ip}"));
+fn check_peers(t: &Tenant) -> Result<(), RestoreError> {
+    let mut addresses: HashMap<Ipv4Addr, PeerName> = HashMap::new();
+    let mut keys: HashMap<[u8; 32], PeerName> = HashMap::new();
+    let mut take = |peer: PeerName, ip: Ipv4Addr, key: &[u8; 32]| {
+        if let Some(holder) = addresses.insert(ip, peer.clone()) {
+            return Err(RestoreError::SharedAddress { peer, holder, ip });
         }
-        if let Some(holder) = keys.insert(*key, who.clone()) {
-            return Err(format!("{who} and {holder} have the same public key"));
+        if let Some(holder) = keys.insert(*key, peer.clone()) {
+            return Err(RestoreError::SharedKey { peer, holder });
         }
         Ok(())
     };
     for r in t.routers.values() {
-        let who = format!("router {}", r.id);
+        let (kind, id) = ("router", r.id.clone());
+        let peer = PeerName { kind, id };
         if !alloc::is_assignable(t.subnet, r.vpn_ip) {
-            return Err(format!(
-                "{who} has {}, not a peer address of the subnet {}",
-                r.vpn_ip, t.subnet
-            ));
+            let (ip, subnet) = (r.vpn_ip, t.subnet);
+            return Err(RestoreError::OutsideSubnet { peer, ip, subnet });
         }
-        take(who, r.vpn_ip, r.public_key.as_bytes())?;
+        take(peer, r.vpn_ip, r.public_key.as_bytes())?;
     }
     let pool = t.egress.as_ref().map(|e| e.pool);
     for c in t.clients.values() {
-        let who = format!("client {}", c.id);
+        let (kind, id) = ("client", c.id.clone());
+        let peer = PeerName { kind, id };
         match pool {
-            None => return Err(format!("{who} exists without an egress policy")),
+            None => return Err(RestoreError::NoEgress(peer)),
             Some(pool) if !alloc::is_assignable(pool, c.vpn_ip) => {
-                return Err(format!(
-                    "{who} has {}, not a peer address of the pool {pool}",
-                    c.vpn_ip
-                ))
+                let ip = c.vpn_ip;
+                return Err(RestoreError::OutsidePool { peer, ip, pool });
             }
             Some(_) => {}
         }
-        take(who, c.vpn_ip, c.public_key.as_bytes())?;
+        take(peer, c.vpn_ip, c.public_key.as_bytes())?;
     }
     if let Some(e) = &t.egress {
         if e.gateways.is_empty() {
-            return Err("the egress policy has no gateway".into());
+            return Err(RestoreError::NoGateway);
         }
         let mut seen = HashSet::new();
         for g in &e.gateways {
             if !t.routers.contains_key(g) {
-                return Err(format!("gateway {g} is not a router of the tenant"));
+                return Err(RestoreError::UnknownGateway(g.clone()));
             }
             if !seen.insert(g) {
-                return Err(format!("gateway {g} is listed twice"));
+                return Err(RestoreError::GatewayTwice(g.clone()));
             }
         }
     }

@@ -3,6 +3,10 @@
 //!
 //! A [`MemoryClient`] is a bare boringtun `Tunn` with an underlay address; the
 //! handshake with an engine is completed by passing datagrams by hand.
+//!
+//! Left out: sockets (datagrams are passed by hand), timers (nothing here runs the
+//! engine's), and cookie replies: a handshake the engine answers with one returns
+//! false.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;

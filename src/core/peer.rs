@@ -4,6 +4,11 @@
 //! results into the few outcomes the engine cares about and keeps per-peer state as
 //! plain fields. Note that `Tunn` reads the monotonic clock itself for its protocol
 //! timers; everything wgplane decides (liveness, events) uses the `now` passed in.
+//!
+//! Left out: which peer a datagram is for and where its packets go (the engine's
+//! `receive` and `route`), whether a handshake gets Diffie-Hellman work at all
+//! ([`crate::core::admission`]), and the events, which the engine raises from these
+//! fields.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -120,13 +120,19 @@ impl HostDrops {
     }
 }
 
+/// Which tunnel takes a host packet, by destination. The reader takes a
+/// snapshot per batch, so the lock is held only to clone an `Arc`, never while
+/// packets are handled; a change copies the table only when the reader holds a
+/// snapshot at that moment.
+type Routes = RwLock<Arc<PrefixTable<mpsc::Sender<Vec<u8>>>>>;
+
 /// The host device and the table that sends its packets to tunnels.
 pub struct HostDevice {
     device: Arc<AsyncDevice>,
     drops: Arc<HostDrops>,
     name: String,
     index: u32,
-    routes: Arc<RwLock<PrefixTable<mpsc::Sender<Vec<u8>>>>>,
+    routes: Arc<Routes>,
     netlink: rtnetlink::Handle,
     /// Where tunnels hand packet buffers back to the reader for reuse.
     recycle: mpsc::Sender<Vec<u8>>,
@@ -170,7 +176,7 @@ impl HostDevice {
         let (connection, netlink, _) = rtnetlink::new_connection().map_err(err)?;
         tokio::spawn(connection);
         let device = Arc::new(device);
-        let routes = Arc::new(RwLock::new(PrefixTable::new()));
+        let routes = Arc::new(RwLock::new(Arc::new(PrefixTable::new())));
         let (recycle, spare) = mpsc::channel(RECYCLED_BUFFERS);
         let drops = Arc::new(HostDrops::default());
         let reader = tokio::spawn(read_loop(
@@ -244,6 +250,7 @@ impl HostDevice {
             }
         };
         if let Ok(mut routes) = self.routes.write() {
+            let routes = Arc::make_mut(&mut routes);
             routes.insert(IpNet::V4(subnet), tunnel.clone());
             if v6 {
                 routes.insert(IpNet::V6(net6), tunnel);
@@ -260,6 +267,7 @@ impl HostDevice {
             .device
             .remove_address_v6(alloc::server_address_v6(subnet), net6.prefix_len());
         if let Ok(mut routes) = self.routes.write() {
+            let routes = Arc::make_mut(&mut routes);
             routes.remove(IpNet::V4(subnet));
             routes.remove(IpNet::V6(net6));
         }
@@ -289,7 +297,7 @@ impl HostDevice {
             }
         }
         if let Ok(mut routes) = self.routes.write() {
-            routes.insert(IpNet::V4(pool), tunnel);
+            Arc::make_mut(&mut routes).insert(IpNet::V4(pool), tunnel);
         }
         Ok(())
     }
@@ -387,7 +395,7 @@ impl HostDevice {
     /// Removes a pool's route.
     pub async fn remove_pool(&self, pool: Ipv4Net) {
         if let Ok(mut routes) = self.routes.write() {
-            routes.remove(IpNet::V4(pool));
+            Arc::make_mut(&mut routes).remove(IpNet::V4(pool));
         }
         let _ = self
             .netlink
@@ -410,7 +418,7 @@ const MAX_SEGMENTS: usize = 65_535 / 16 + 1;
 /// The single reader: one queue, so the packets of a flow stay in order.
 async fn read_loop(
     device: Arc<AsyncDevice>,
-    routes: Arc<RwLock<PrefixTable<mpsc::Sender<Vec<u8>>>>>,
+    routes: Arc<Routes>,
     mut spare: mpsc::Receiver<Vec<u8>>,
     drops: Arc<HostDrops>,
     mtu: u16,
@@ -424,6 +432,9 @@ async fn read_loop(
         .map(|i| vec![0u8; if i == 0 { 65_535 } else { segment }])
         .collect();
     let mut sizes = vec![0usize; MAX_SEGMENTS];
+    // The buffer of a packet a full queue refused, for the next packet: under
+    // that overload the tunnels return no buffers, and none is allocated.
+    let mut refused: Option<Vec<u8>> = None;
     loop {
         let count = match device
             .recv_multiple(&mut original, &mut bufs, &mut sizes, 0)
@@ -443,7 +454,9 @@ async fn read_loop(
                 return;
             }
         };
-        let Ok(routes) = routes.read() else { return };
+        let Ok(routes) = routes.read().map(|r| Arc::clone(&r)) else {
+            return;
+        };
         for (buf, &size) in bufs.iter().zip(&sizes).take(count) {
             let Ok(header) = packet::parse(&buf[..size]) else {
                 drops.malformed.fetch_add(1, Ordering::Relaxed);
@@ -457,12 +470,16 @@ async fn read_loop(
                 drops.no_tunnel.fetch_add(1, Ordering::Relaxed);
                 continue;
             };
-            let mut packet = spare.try_recv().unwrap_or_default();
+            let mut packet = match refused.take() {
+                Some(buf) => buf,
+                None => spare.try_recv().unwrap_or_default(),
+            };
             packet.clear();
             packet.extend_from_slice(&buf[..header.len]);
             // Full queue: drop, as a congested link would.
-            if tunnel.try_send(packet).is_err() {
+            if let Err(full) = tunnel.try_send(packet) {
                 drops.queue_full.fetch_add(1, Ordering::Relaxed);
+                refused = Some(full.into_inner());
             }
         }
     }

@@ -75,7 +75,7 @@ pub fn recv_batch(
 }
 
 /// quinn-udp's state for `socket` (GSO and GRO probed), with what it sets up
-/// for QUIC undone again ([`quiet_control_messages`]). Every WireGuard socket
+/// for QUIC undone again (`quiet_control_messages`). Every WireGuard socket
 /// that batches through quinn-udp is set up here.
 pub fn batching_state(socket: &std::net::UdpSocket) -> io::Result<quinn_udp::UdpSocketState> {
     let state = quinn_udp::UdpSocketState::new(socket.into())?;

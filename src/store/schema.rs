@@ -4,6 +4,10 @@
 //! one version up inside the same transaction that bumps the version, so a crash
 //! leaves either the old or the new schema. A store newer than this binary is
 //! refused rather than guessed at.
+//!
+//! Left out: running the migrations and the version checks
+//! ([`crate::store::Store::open`]), and the rows' contents (`write`, `load`). There are
+//! no down migrations.
 
 /// Migrations in order; `MIGRATIONS[i]` moves version `i` to `i + 1`.
 pub const MIGRATIONS: &[&str] = &[

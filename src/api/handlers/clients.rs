@@ -1,5 +1,8 @@
 //! `/v1/tenants/{t}/egress` and `/v1/tenants/{t}/clients`: the KTN egress policy
 //! and the clients (phones) behind it, with their configs and QR codes.
+//!
+//! Left out: the rules and address allocation ([`crate::control::registry`]), and the
+//! config text and QR image, which [`crate::control::render`] makes.
 
 use std::time::{Instant, SystemTime};
 

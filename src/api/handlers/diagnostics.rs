@@ -1,4 +1,9 @@
 //! `/v1/tenants/{t}/route`: what the data plane would do with a packet.
+//!
+//! Left out: the decision itself, which the running tunnel's engine makes
+//! ([`crate::core::engine::TunnelEngine::explain`], by the rules of
+//! [`crate::core::policy`]). Nothing is sent or counted, and only addresses are asked:
+//! no ports, no protocol.
 
 use std::net::IpAddr;
 

@@ -1,5 +1,10 @@
 //! `/v1/tenants/{t}/routers`: routers, their RouterOS scripts, and the
 //! management forwards to them.
+//!
+//! Left out: the rules ([`crate::control::registry`]), the script's text
+//! ([`crate::control::render`]) and carrying forwarded connections
+//! ([`crate::io::forward`]); a stored forward that cannot open now (its port taken) is
+//! left to the `supervisor`.
 
 use std::net::SocketAddrV4;
 use std::time::{Instant, SystemTime};

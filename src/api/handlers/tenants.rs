@@ -1,4 +1,8 @@
 //! `/v1/tenants`: a tenant's tunnel, created, listed, changed and deleted.
+//!
+//! Left out: a tenant's routers, clients and egress policy (`routers`, `clients`), and
+//! the steps every handler shares (starting a tunnel on a free port, storing, undoing),
+//! which are in the handlers' `mod.rs`.
 
 use axum::extract::State;
 use axum::http::StatusCode;

@@ -1,5 +1,9 @@
 //! KTN: a tenant's egress policy (the pool and its gateway routers) and the
 //! clients (phones) that get their addresses from that pool.
+//!
+//! Left out: what happens to the phones' packets (the egress rule is
+//! [`crate::core::policy`]'s) and their configs and QR codes
+//! ([`crate::control::render`]).
 
 use std::net::IpAddr;
 

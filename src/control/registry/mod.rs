@@ -18,7 +18,7 @@ use ipnet::{IpNet, Ipv4Net};
 use super::error::ControlError;
 use super::model::{Client, Id, Router, Tenant};
 use super::occupancy::Occupancy;
-use super::restore;
+use super::restore::{self, RestoreError};
 use crate::core::alloc::{self, IndexAllocator};
 use crate::keys::{self, SecretKey};
 
@@ -114,24 +114,23 @@ impl Registry {
     ) -> Result<Self, ControlError> {
         let mut r = Self::new(policy, index_seed);
         for t in tenants {
-            let inconsistent =
-                |why: String| ControlError::Inconsistent(format!("tenant {}: {why}", t.id));
+            let inconsistent = |source| ControlError::Inconsistent {
+                tenant: t.id.clone(),
+                source,
+            };
             restore::check(&t, &r.tenants.values().collect::<Vec<_>>()).map_err(inconsistent)?;
             let indices = t
                 .routers
                 .values()
-                .map(|x| (x.index, x.id.as_str()))
-                .chain(t.clients.values().map(|x| (x.index, x.id.as_str())));
+                .map(|x| (x.index, &x.id))
+                .chain(t.clients.values().map(|x| (x.index, &x.id)));
             for (index, owner) in indices {
+                let owner = owner.clone();
                 if !IndexAllocator::is_valid(index) {
-                    return Err(inconsistent(format!(
-                        "receiver index {index} of {owner} is out of range"
-                    )));
+                    return Err(inconsistent(RestoreError::IndexOutOfRange { index, owner }));
                 }
                 if !r.indices.reserve(index) {
-                    return Err(inconsistent(format!(
-                        "receiver index {index} of {owner} is used twice"
-                    )));
+                    return Err(inconsistent(RestoreError::IndexTwice { index, owner }));
                 }
             }
             r.occupancy.insert(t.id.clone(), Occupancy::of(&t));

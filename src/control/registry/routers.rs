@@ -1,5 +1,10 @@
 //! Routers (a tenant's MikroTiks): addresses, keys, the prefixes behind them,
 //! where they were last heard, and the management forwards to them.
+//!
+//! Left out: the RouterOS script ([`crate::control::render`]) and the forwards'
+//! connections ([`crate::io::forward`]): here a forward is only a port and a listen
+//! address. A router's last endpoint is only recorded here, as the data plane reports
+//! it.
 
 use std::net::IpAddr;
 

@@ -117,7 +117,8 @@ fn a_restored_state_is_checked_against_the_apis_rules() {
         let mut state = built_state();
         break_it(&mut state);
         match restored(state) {
-            Err(ControlError::Inconsistent(why)) => {
+            Err(e @ ControlError::Inconsistent { .. }) => {
+                let why = e.to_string();
                 assert!(why.contains(expected), "{what}: {why}")
             }
             Err(e) => panic!("{what}: {e}"),
@@ -127,10 +128,19 @@ fn a_restored_state_is_checked_against_the_apis_rules() {
     let mut state = built_state();
     let twice = state[0].routers[&id("r1")].index;
     state[1].routers.get_mut(&id("r1")).unwrap().index = twice;
-    let Err(ControlError::Inconsistent(why)) = restored(state) else {
+    let second = state[1].id.clone();
+    let Err(ControlError::Inconsistent { tenant, source }) = restored(state) else {
         panic!("index twice: restored");
     };
-    assert!(why.contains("is used twice"), "{why}");
+    assert_eq!(tenant, second);
+    let owner = id("r1");
+    assert_eq!(
+        source,
+        RestoreError::IndexTwice {
+            index: twice,
+            owner
+        }
+    );
 }
 
 #[test]

@@ -1,6 +1,10 @@
 //! The control plane's changes to a running tunnel: peers added, updated and
 //! removed, host prefixes and sources, egress policies. Sessions survive every
 //! change that keeps the peer's key.
+//!
+//! Left out: deciding the changes and choosing receiver indices, which is the
+//! registry's ([`crate::control::registry`]); the engine only refuses a prefix another
+//! peer holds and an index out of range or in use.
 
 use std::net::SocketAddr;
 use std::sync::Arc;

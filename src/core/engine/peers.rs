@@ -1,5 +1,8 @@
 //! The engine's peer slots: O(1) lookups by key and by receiver index, and the
 //! list of active peers that timer work walks.
+//!
+//! Left out: a peer's own state ([`crate::core::peer`]), which peers exist (`changes`),
+//! and lookup by endpoint, a map the engine keeps beside the slots (see `receive`).
 
 use std::collections::HashMap;
 
@@ -15,7 +18,7 @@ pub(super) struct Peers {
     pub(super) by_index: HashMap<u32, PeerId>,
     /// Peers with timer work: a handshake completed or protocol work started
     /// within a session's lifetime, packets waiting, or a keepalive to keep up
-    /// (see [`Peer::idle`]). The only ones [`TunnelEngine::handle_timers`] visits.
+    /// (see [`Peer::idle`]). The only ones [`super::TunnelEngine::handle_timers`] visits.
     pub(super) active: Vec<PeerId>,
     /// Removed peers may still be on `active` (see [`Peers::prune_active`]).
     pub(super) stale: bool,

@@ -1,6 +1,11 @@
 //! A datagram from the tunnel's socket: demultiplexed by receiver index (or,
 //! for an initiation, by endpoint hint or key), admitted, decrypted, then routed;
 //! and the bookkeeping of authenticated sessions (liveness, roaming, events).
+//!
+//! Left out: the admission rules ([`crate::core::admission`]), the Noise work (`peer`),
+//! the routing rules (`route`), and disconnects and delayed roam announcements, which
+//! come from the timers ([`crate::core::engine::TunnelEngine::handle_timers`]) and, for
+//! removed peers, from `changes`.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;

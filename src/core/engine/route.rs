@@ -1,5 +1,9 @@
 //! Routing one inner packet (rules 1 to 6 of `policy`) and encrypting it for the
 //! next hop; packets from the host side and from the local stack enter here.
+//!
+//! Left out: the rules themselves ([`crate::core::policy::decide`]), and packets from
+//! peers until `receive` has decrypted them. What leaves goes to the caller's `Sink`,
+//! never to a socket.
 
 use std::time::Instant;
 

@@ -1,5 +1,9 @@
 //! What the engine tells the control plane: counters, peer status, and what it
 //! would do with a packet (`explain`).
+//!
+//! Left out: names and wire formats (peers appear by key; the API names them), and
+//! events, which [`crate::core::engine::TunnelEngine::poll_event`] drains. `explain`
+//! sends and counts nothing.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;

@@ -232,9 +232,17 @@ rate, d = int(sys.argv[1]), sys.argv[2]
 load = lambda n: json.load(open(f"{d}/{n}.json"))
 flow = lambda f: {"loss_percent": f["loss_percent"], "forwarded": f["forwarded_packets"],
                   "sent": f["sent_packets"], **{k: f["latency"][k] for k in ("p50_us", "p99_us", "p999_us", "max_us")}}
+# A flow measured "under" a storm must have run inside the storm's sending: a
+# flow whose set-up took longer, or a storm whose prepared initiations ran out
+# early, would report the flow alone under the storm's name.
+for f, s in (("under", "storm-flow"), ("under-proven", "storm-proven-flow"), ("under-own", "storm-own-flow")):
+    fw, sw = load(f), load(s)
+    if not (sw["window_start_unix_ms"] <= fw["window_start_unix_ms"] and fw["window_end_unix_ms"] <= sw["window_end_unix_ms"]):
+        sys.exit(f"storm.sh: the flow {f} ran {fw['window_start_unix_ms']}..{fw['window_end_unix_ms']} ms, "
+                 f"outside the storm's sending {sw['window_start_unix_ms']}..{sw['window_end_unix_ms']} ms: raise --seconds")
 # A storm that carried the flow: its answers, not its CPU (which includes the flow's).
 def without_cpu(s):
-    return {k: v for k, v in s.items() if not k.startswith("appliance_cpu") and k != "appliance_cores"}
+    return {k: v for k, v in s.items() if not k.startswith("appliance_cpu") and k != "appliance_cores" and not k.startswith("window_")}
 print(json.dumps({"storm_rate": rate, "storm": load("storm"), "storm_own_tunnel": load("storm-own"),
                   "storm_proven": load("storm-proven"),
                   "storm_with_flow": without_cpu(load("storm-flow")),

@@ -93,6 +93,9 @@ pub struct FlowReport {
     pub appliance_cpu_seconds: Option<f64>,
     pub appliance_cpu_seconds_per_gib: Option<f64>,
     pub appliance_cpu_us_per_packet: Option<f64>,
+    /// The measured window (sending), in milliseconds since the Unix epoch.
+    pub window_start_unix_ms: u64,
+    pub window_end_unix_ms: u64,
 }
 
 impl FlowReport {
@@ -337,6 +340,7 @@ fn blast(
     let counters = Counters::default();
     let latency: Mutex<Option<Histogram<u64>>> = Mutex::new(None);
     let begin = Instant::now();
+    let wall = std::time::SystemTime::now();
     let mut seconds = 0.0;
     let meter = CpuMeter::start(spec.pid);
     std::thread::scope(|scope| {
@@ -401,6 +405,8 @@ fn blast(
         appliance_cpu_seconds: cpu,
         appliance_cpu_seconds_per_gib: None,
         appliance_cpu_us_per_packet: None,
+        window_start_unix_ms: super::unix_ms(wall),
+        window_end_unix_ms: super::unix_ms(wall + Duration::from_secs_f64(seconds)),
     })
 }
 

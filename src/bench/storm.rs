@@ -114,8 +114,9 @@ pub struct StormReport {
     /// Appliance CPU per initiation it got, whatever the answer: the storm's,
     /// the patient routers' and the echoing routers' (their echoes included).
     pub appliance_cpu_us_per_initiation: Option<f64>,
-    /// Appliance CPU over the run, until every router stopped: 1.0 is one core
-    /// busy.
+    /// Appliance CPU over its busy time (from the first initiation to the last
+    /// answer, or to the end of the echoing and patient routers' run, whichever
+    /// is later): 1.0 is one core busy.
     pub appliance_cores: Option<f64>,
     /// The routers that retried with their cookie (`--patient`).
     pub patient: PatientReport,
@@ -123,6 +124,9 @@ pub struct StormReport {
     pub echoing: EchoReport,
     /// Loopback addresses the routers sent from.
     pub sources: usize,
+    /// The storm's sending, in milliseconds since the Unix epoch.
+    pub window_start_unix_ms: u64,
+    pub window_end_unix_ms: u64,
 }
 
 /// What the echoing routers (address-proven load) got.
@@ -517,6 +521,7 @@ async fn storm(
         "storm: measured window opens"
     );
     let begin = Instant::now();
+    let wall = std::time::SystemTime::now();
     let mut listeners = tokio::task::JoinSet::new();
     for socket in &sockets {
         listeners.spawn(listen(
@@ -588,7 +593,15 @@ async fn storm(
         }
     }
     let cpu = meter.seconds();
-    let cpu_window = begin.elapsed();
+    // The appliance's busy time: until the last answer, or the end of the
+    // echoing and patient routers' run; not the quiet waited for after it.
+    let last_answer = Duration::from_nanos(answers.last.load(Ordering::Relaxed));
+    let routers_ran = if echo_routers + patient.routers > 0 {
+        spec.duration
+    } else {
+        Duration::ZERO
+    };
+    let cpu_window = last_answer.max(routers_ran).max(sending);
     let _ = stop.send(true);
     while listeners.join_next().await.is_some() {}
     took.sort_by(f64::total_cmp);
@@ -643,6 +656,8 @@ async fn storm(
         patient,
         echoing,
         sources: spec.sources.max(1),
+        window_start_unix_ms: super::unix_ms(wall),
+        window_end_unix_ms: super::unix_ms(wall + sending),
     })
 }
 

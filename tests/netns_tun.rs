@@ -605,8 +605,12 @@ fn tun_mode_reaches_routers_and_never_leaks() {
         wait_ping(&lab.hub, "10.100.1.1"),
         "host -> router after down and up"
     );
+    // Put back once: the next passes find everything in place (a check that
+    // misread the kernel's tables would put routes back every 5 s).
+    std::thread::sleep(Duration::from_secs(6));
     let log = lab.procs[0].log();
     assert!(log.contains("the TUN device is down"), "{log}");
+    assert_eq!(log.matches("are put back").count(), 1, "{log}");
 
     // 8. The device goes away: its reader ends, and health says so.
     assert_eq!(health(), "200");

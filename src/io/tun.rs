@@ -36,6 +36,7 @@ use ipnet::{IpNet, Ipv4Net};
 use rtnetlink::packet_route::address::AddressAttribute;
 use rtnetlink::packet_route::link::LinkFlags;
 use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute};
+use rtnetlink::sys::AsyncSocket;
 use tokio::sync::mpsc;
 use tun_rs::{AsyncDevice, DeviceBuilder};
 
@@ -173,7 +174,14 @@ impl HostDevice {
             }
         };
         let index = device.if_index().map_err(err)?;
-        let (connection, netlink, _) = rtnetlink::new_connection().map_err(err)?;
+        let (mut connection, netlink, _) = rtnetlink::new_connection().map_err(err)?;
+        // Strict checking (Linux 4.20+) makes the kernel filter route dumps by
+        // device, so that `repair` never reads a host's whole routing table;
+        // without it the dump is filtered here.
+        let strict = connection.socket_mut().socket_ref();
+        if let Err(e) = strict.set_netlink_get_strict_chk(true) {
+            tracing::debug!(error = %e, "netlink strict checking unavailable");
+        }
         tokio::spawn(connection);
         let device = Arc::new(device);
         let routes = Arc::new(RwLock::new(Arc::new(PrefixTable::new())));
@@ -343,8 +351,12 @@ impl HostDevice {
             }
         }
         let mut routed = HashSet::new();
-        let all = rtnetlink::RouteMessageBuilder::<Ipv4Addr>::new().build();
-        let mut dump = self.netlink.route().get(all).execute();
+        // Static IPv4 routes of the main table through the device (the filter
+        // strict checking lets the kernel apply).
+        let ours = rtnetlink::RouteMessageBuilder::<Ipv4Addr>::new()
+            .output_interface(self.index)
+            .build();
+        let mut dump = self.netlink.route().get(ours).execute();
         while let Some(message) = dump.try_next().await.map_err(netlink)? {
             let (mut oif, mut dst) = (None, None);
             for attribute in &message.attributes {

@@ -482,10 +482,14 @@ fn run_appliance(args: RunArgs) -> Result<()> {
     if settings.tunnels.batch_scheduling {
         batch_scheduling();
     }
-    tokio::runtime::Builder::new_multi_thread()
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .build()?
-        .block_on(run(settings))
+        .build()?;
+    let result = runtime.block_on(run(settings));
+    // Blocking work still under way (a scrape's render, say) does not hold
+    // the exit up beyond the grace period.
+    runtime.shutdown_timeout(SHUTDOWN_GRACE);
+    result
 }
 
 /// `SCHED_BATCH` for this thread and every thread it creates (call it before
@@ -838,6 +842,7 @@ async fn run(settings: Settings) -> Result<()> {
         event_stats: Arc::default(),
         api_requests: Default::default(),
         scraping: Default::default(),
+        last_health: std::sync::Mutex::new((axum::http::StatusCode::OK, "ok\n".into())),
         stopping,
     });
     state.control.lock().await.record_bound_forwards();
@@ -881,10 +886,12 @@ async fn run(settings: Settings) -> Result<()> {
         () = overdue => tracing::warn!(grace_secs = SHUTDOWN_GRACE.as_secs(), "requests still open after the grace period"),
     }
     // Every change holds the control lock until it is stored and applied:
-    // with the lock, none is half-way.
-    let control = tokio::time::timeout(SHUTDOWN_GRACE, state.control.lock()).await;
-    if control.is_err() {
-        tracing::warn!("a change was still running at exit: its client got no answer, and it may or may not be stored");
+    // with the lock, none is half-way. It is never given back, so that a change
+    // still waiting for it (a detached one) cannot start while the runtime is
+    // being torn down, and be cut off after it was stored.
+    match tokio::time::timeout(SHUTDOWN_GRACE, state.control.lock()).await {
+        Ok(held) => std::mem::forget(held),
+        Err(_) => tracing::warn!("a change was still running at exit: its client got no answer, and it may or may not be stored"),
     }
     tracing::info!("stopped");
     Ok(())

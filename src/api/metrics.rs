@@ -36,11 +36,13 @@ pub struct ApiCounters(DashMap<(String, String, u16), AtomicU64>);
 /// costs about 2 s of CPU and 53 MiB at 100,000 peers, and `/metrics` needs no
 /// token by default: concurrent ones could otherwise take the memory and the
 /// control lock's turns that changes need.
-pub struct OneScrape(tokio::sync::Semaphore);
+/// The turn is held until the text is rendered, also when the client has gone
+/// meanwhile (the render on its blocking thread cannot be stopped).
+pub struct OneScrape(Arc<tokio::sync::Semaphore>);
 
 impl Default for OneScrape {
     fn default() -> Self {
-        Self(tokio::sync::Semaphore::new(1))
+        Self(Arc::new(tokio::sync::Semaphore::new(1)))
     }
 }
 
@@ -78,10 +80,10 @@ pub async fn count_requests(
 /// threads wait for a scrape.
 #[utoipa::path(get, path = "/metrics", tag = "operations", security(()), responses((status = 200, description = "Prometheus text exposition", content_type = "text/plain", body = String), (status = 503, description = "Another scrape was under way for more than 10 s", content_type = "text/plain", body = String)))]
 pub async fn scrape(State(state): State<Arc<AppState>>) -> Response {
-    let turn = Arc::clone(&state);
     // A scrape waits for the one under way, but not for ever: waiters would
     // pile up behind a slow one, each holding a connection.
-    let _turn = match tokio::time::timeout(SCRAPE_WAIT, turn.scraping.0.acquire()).await {
+    let semaphore = Arc::clone(&state.scraping.0);
+    let turn = match tokio::time::timeout(SCRAPE_WAIT, semaphore.acquire_owned()).await {
         Ok(Ok(permit)) => permit,
         _ => {
             return (
@@ -112,6 +114,8 @@ pub async fn scrape(State(state): State<Arc<AppState>>) -> Response {
         tunnels.push(TunnelLabels::of(t, snapshot, state.metrics_per_peer));
     }
     let rendered = tokio::task::spawn_blocking(move || {
+        // Released when the render ends, not when the handler is dropped.
+        let _turn = turn;
         let recorder = PrometheusBuilder::new().build_recorder();
         metrics::with_local_recorder(&recorder, || {
             describe();

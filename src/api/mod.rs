@@ -96,6 +96,9 @@ pub struct AppState {
     pub api_requests: metrics::ApiCounters,
     /// `/metrics` scrapes, one at a time.
     pub scraping: metrics::OneScrape,
+    /// `/healthz`'s last answer, given again while the control lock is held
+    /// long.
+    pub last_health: std::sync::Mutex<(axum::http::StatusCode, String)>,
     /// Turns true when the appliance shuts down: event streams end, so that
     /// their connections close instead of holding the shutdown up.
     pub stopping: tokio::sync::watch::Receiver<bool>,
@@ -119,14 +122,22 @@ impl crate::io::events::Directory for Arc<AppState> {
         keep_router_endpoints(&mut *self.control.lock().await, heard)
     }
 
+    /// One tunnel per turn of the lock, as a scrape does: a change waits for
+    /// one tunnel's snapshot at most, not for every tunnel's (the hub runs this
+    /// after it lagged, when tunnels are busy). Endpoints of peers removed
+    /// meanwhile are dropped by `keep_router_endpoints`, which looks each key up.
     async fn reconcile_router_endpoints(&self) -> Result<(), crate::io::events::NotStored> {
-        let mut guard = self.control.lock().await;
+        let ids: Vec<crate::control::Id> = {
+            let control = self.control.lock().await;
+            control.registry.tenants().map(|t| t.id.clone()).collect()
+        };
         let mut heard = Vec::new();
-        for tenant in guard.registry.tenants() {
-            let Ok(snapshot) = guard.runtime.snapshot(&tenant.id).await else {
+        for id in ids {
+            let snapshot = self.control.lock().await.runtime.snapshot(&id).await;
+            let Ok(snapshot) = snapshot else {
                 continue;
             };
-            let name: Arc<str> = Arc::from(tenant.id.as_str());
+            let name: Arc<str> = Arc::from(id.as_str());
             heard.extend(snapshot.peers.iter().filter_map(|p| {
                 Some(crate::io::events::Heard {
                     tenant: Arc::clone(&name),
@@ -135,7 +146,7 @@ impl crate::io::events::Directory for Arc<AppState> {
                 })
             }));
         }
-        keep_router_endpoints(&mut guard, heard)
+        keep_router_endpoints(&mut *self.control.lock().await, heard)
     }
 }
 
@@ -398,6 +409,7 @@ pub(crate) mod testing {
             event_stats: Arc::default(),
             api_requests: Default::default(),
             scraping: Default::default(),
+            last_health: std::sync::Mutex::new((axum::http::StatusCode::OK, "ok\n".into())),
             stopping: tokio::sync::watch::channel(false).1,
         });
         Some(Fixture {
@@ -413,11 +425,12 @@ pub(crate) mod testing {
 
     impl Fixture {
         /// The router handshakes with the tunnel from a fresh socket, whose
-        /// address it returns; panics when the tunnel does not answer within 5 s.
+        /// address it returns once the tunnel counts it connected; panics when
+        /// the tunnel does not answer within 5 s.
         pub async fn router_handshakes(&self) -> std::net::SocketAddr {
             let (secret, server_key, server) =
                 (self.router_secret.clone(), self.server_key, self.server);
-            tokio::task::spawn_blocking(move || {
+            let heard_at = tokio::task::spawn_blocking(move || {
                 let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
                 socket
                     .set_read_timeout(Some(std::time::Duration::from_secs(5)))
@@ -443,7 +456,31 @@ pub(crate) mod testing {
                 socket.local_addr().unwrap()
             })
             .await
-            .unwrap()
+            .unwrap();
+            // The keepalive may still be on its way: wait until the tunnel has
+            // taken it, so that the router counts as connected (and was
+            // announced so) when this returns.
+            let key = *PublicKey::from(&self.router_secret).as_bytes();
+            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+            loop {
+                let status = self
+                    .state
+                    .control
+                    .lock()
+                    .await
+                    .runtime
+                    .peer_status(&self.acme, key)
+                    .await;
+                if matches!(status, Ok(Some(s)) if s.connected) {
+                    break;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the router never counted as connected"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            heard_at
         }
     }
 }

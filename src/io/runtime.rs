@@ -574,6 +574,16 @@ impl Runtime {
         .map_err(RuntimeError::from)
     }
 
+    /// Removes one peer (by key) from a running tunnel, where the tenant no
+    /// longer has it: O(log n) in the tunnel's peers, where [`Self::sync`]
+    /// re-sends all of them.
+    pub async fn remove_peer(&self, tenant: &Tenant, key: [u8; 32]) -> Result<(), RuntimeError> {
+        let (reply, rx) = oneshot::channel();
+        let egress = tenant.egress_configs();
+        self.ask(&tenant.id, Command::Remove { key, egress, reply }, rx)
+            .await
+    }
+
     /// One peer's status, if the tunnel has it.
     pub async fn peer_status(
         &self,

@@ -73,6 +73,13 @@ pub enum Command {
         egress: Vec<EgressConfig>,
         reply: oneshot::Sender<Result<(), crate::core::engine::EngineError>>,
     },
+    /// Remove one peer (a deleted router or client), with the egress policies
+    /// as they now are: O(log n), unlike a full `Sync`.
+    Remove {
+        key: [u8; 32],
+        egress: Vec<EgressConfig>,
+        reply: oneshot::Sender<()>,
+    },
     /// One peer's status.
     PeerStatus {
         key: [u8; 32],
@@ -458,6 +465,11 @@ pub async fn run(
                         let result = engine.upsert_peer(config, index);
                         engine.set_egress(egress);
                         let _ = reply.send(result);
+                    }
+                    Command::Remove { key, egress, reply } => {
+                        engine.remove_peer(&key);
+                        engine.set_egress(egress);
+                        let _ = reply.send(());
                     }
                     Command::PeerStatus { key, reply } => {
                         let _ = reply.send(engine.peer_status(&key, Instant::now()));

@@ -20,8 +20,8 @@ use crate::control::{render, Id, Tenant};
 use crate::store::Change;
 
 use super::{
-    commit, peer_status, status_of, statuses, stored_but, sync, tenant_id, undo, ApiResult, Before,
-    Shared,
+    commit, peer_status, remove_peer, status_of, statuses, stored_but, sync, tenant_id, undo,
+    ApiResult, Before, Shared,
 };
 
 #[utoipa::path(get, path = "/tenants/{tenant_id}/egress", tag = "egress", params(("tenant_id" = String, Path, description = "Tenant id: 1-64 of [A-Za-z0-9._-]")), responses((status = 200, body = EgressView), (status = 400, description = "Bad input", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 404, description = "Unknown object", body = ErrorBody)))]
@@ -113,7 +113,8 @@ pub async fn get_client(State(state): Shared, Path((t, c)): Path<(String, String
     let (t, c) = (tenant_id(&t)?, Id::parse(&c, "client_id")?);
     let control = state.control.lock().await;
     let (_, client) = find_client(&control, &t, &c)?;
-    let st = statuses(&control, &t).await;
+    // This one peer's status: not a snapshot of the tunnel's whole peer set.
+    let st = peer_status(&control, &t, &client.public_key).await;
     Ok(Json(ClientView::new(
         client,
         &st,
@@ -215,11 +216,15 @@ pub async fn delete_client(
 ) -> ApiResult {
     let (t, c) = (tenant_id(&t)?, Id::parse(&c, "client_id")?);
     let mut control = state.control.lock().await;
-    let before = control.registry.tenant(&t).ok().cloned();
-    control.registry.delete_client(&t, &c)?;
+    let removed = control.registry.delete_client(&t, &c)?;
+    let key = *removed.public_key.as_bytes();
+    let before = Before::Client {
+        id: c.clone(),
+        before: Some(removed),
+    };
     persist!(control, &t, before, |_reg| vec![Change::DeleteClient(
         &t, &c
     )]);
-    sync(&mut control, &t).await.map_err(stored_but)?;
+    remove_peer(&mut control, &t, key).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }

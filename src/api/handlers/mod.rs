@@ -196,6 +196,21 @@ fn tenant_row<'a>(
     }
 }
 
+/// Takes a deleted peer out of the tenant's running tunnel, in O(log n); a
+/// tunnel that is down is started with the stored state (which no longer has
+/// the peer) instead.
+async fn remove_peer(control: &mut Control, id: &Id, key: [u8; 32]) -> Result<(), ApiError> {
+    if !control.runtime.is_running(id) {
+        return sync(control, id).await.map_err(stored_but);
+    }
+    let tenant = control.registry.tenant(id)?;
+    control
+        .runtime
+        .remove_peer(tenant, key)
+        .await
+        .map_err(stored_but)
+}
+
 /// Hands the tenant's stored state to its tunnel, starting the tunnel first if
 /// it is down (its port was taken at start-up, say).
 async fn sync(control: &mut Control, id: &Id) -> Result<(), ApiError> {
@@ -216,29 +231,46 @@ async fn sync(control: &mut Control, id: &Id) -> Result<(), ApiError> {
 
 #[utoipa::path(get, path = "/healthz", tag = "operations", security(()), responses((status = 200, description = "Every tunnel is up", content_type = "text/plain", body = String), (status = 503, description = "A stored tunnel is down (its port taken, say; tried again every 5 s), or the TUN device's reader ended, or the device is down", content_type = "text/plain", body = String)))]
 pub async fn healthz(State(state): Shared) -> Response {
-    let control = state.control.lock().await;
+    // A change that holds the control lock long (a disk that stalls an fsync,
+    // say) delays the answer at most this long: then the last one is given,
+    // so that a liveness probe does not restart an appliance whose tunnels run.
+    let (status, body) = match tokio::time::timeout(HEALTH_WAIT, state.control.lock()).await {
+        Ok(control) => {
+            let answer = health_of(&control);
+            if let Ok(mut last) = state.last_health.lock() {
+                *last = answer.clone();
+            }
+            answer
+        }
+        Err(_) => match state.last_health.lock() {
+            Ok(last) => last.clone(),
+            Err(_) => (StatusCode::OK, "ok\n".into()),
+        },
+    };
+    (status, body).into_response()
+}
+
+/// How long `/healthz` waits for the control lock before it repeats its last
+/// answer.
+const HEALTH_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The health answer: 503 while a stored tunnel or the TUN device is down.
+fn health_of(control: &Control) -> (StatusCode, String) {
     let (mut tunnels, mut down) = (0usize, 0usize);
     for t in control.registry.tenants() {
         tunnels += 1;
         down += usize::from(!control.runtime.is_running(&t.id));
     }
+    let unavailable = StatusCode::SERVICE_UNAVAILABLE;
     if down > 0 {
-        let body = format!("{down} of {tunnels} tunnels down\n");
-        (StatusCode::SERVICE_UNAVAILABLE, body).into_response()
+        (unavailable, format!("{down} of {tunnels} tunnels down\n"))
     } else if !control.runtime.host_reading() {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the host device's reader is down\n",
-        )
-            .into_response()
+        (unavailable, "the host device's reader is down\n".into())
     } else if !control.runtime.host_up() {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the host device is down (set down outside wgplane)\n",
-        )
-            .into_response()
+        let why = "the host device is down (set down outside wgplane)\n";
+        (unavailable, why.into())
     } else {
-        (StatusCode::OK, "ok\n").into_response()
+        (StatusCode::OK, "ok\n".into())
     }
 }
 
@@ -265,3 +297,65 @@ pub use clients::*;
 pub use diagnostics::*;
 pub use routers::*;
 pub use tenants::*;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::params::Path;
+    use crate::io::tunnel::News;
+
+    /// A deleted router leaves the running tunnel at once (one peer removed,
+    /// not the peer set sent again), and whoever was told it connected is told
+    /// it is gone.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_deleted_router_leaves_the_running_tunnel() {
+        let f = crate::api::testing::fixture().await;
+        f.router_handshakes().await;
+        let key = {
+            let control = f.state.control.lock().await;
+            control.registry.tenant(&f.acme).unwrap().routers[&f.gw].public_key
+        };
+        let mut events = f.state.control.lock().await.runtime.subscribe();
+        let path = Path((f.acme.to_string(), f.gw.to_string()));
+        let response = delete_router(State(Arc::clone(&f.state)), path).await;
+        assert_eq!(response.unwrap().status(), StatusCode::NO_CONTENT);
+        let control = f.state.control.lock().await;
+        let status = control.runtime.peer_status(&f.acme, *key.as_bytes()).await;
+        assert!(matches!(status, Ok(None)), "{status:?}");
+        drop(control);
+        let gone = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            loop {
+                match events.recv().await {
+                    Ok(tagged) => {
+                        if let News::Peer(crate::core::engine::Event::Disconnected { peer }) =
+                            tagged.event
+                        {
+                            break peer;
+                        }
+                    }
+                    Err(e) => panic!("{e}"),
+                }
+            }
+        })
+        .await;
+        assert_eq!(gone.ok(), Some(*key.as_bytes()));
+        f.state.control.lock().await.runtime.stop(&f.acme).await;
+    }
+
+    /// While a change holds the control lock long, `/healthz` gives its last
+    /// answer after a short wait instead of waiting with it.
+    #[tokio::test]
+    async fn health_repeats_its_last_answer_while_the_lock_is_held() {
+        let f = crate::api::testing::fixture().await;
+        f.state.control.lock().await.runtime.stop(&f.acme).await;
+        let answer = healthz(State(Arc::clone(&f.state))).await;
+        assert_eq!(answer.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let held = f.state.control.lock().await;
+        tokio::time::pause();
+        let again = healthz(State(Arc::clone(&f.state))).await;
+        assert_eq!(again.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let body = axum::body::to_bytes(again.into_body(), 1024).await.unwrap();
+        assert_eq!(&body[..], b"1 of 1 tunnels down\n");
+        drop(held);
+    }
+}

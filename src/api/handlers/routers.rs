@@ -25,8 +25,8 @@ use crate::io::RuntimeError;
 use crate::store::Change;
 
 use super::{
-    commit, ensure_tenant, peer_status, status_of, statuses, stored_but, sync, tenant_id,
-    tenant_row, undo, ApiResult, Before, Shared,
+    commit, ensure_tenant, peer_status, remove_peer, status_of, statuses, stored_but, sync,
+    tenant_id, tenant_row, undo, ApiResult, Before, Shared,
 };
 
 #[utoipa::path(get, path = "/tenants/{tenant_id}/routers", tag = "routers", params(("tenant_id" = String, Path, description = "Tenant id: 1-64 of [A-Za-z0-9._-]")), responses((status = 200, body = [RouterView]), (status = 400, description = "Bad input", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 404, description = "Unknown object", body = ErrorBody)))]
@@ -305,14 +305,18 @@ pub async fn delete_router(
 ) -> ApiResult {
     let (t, r) = (tenant_id(&t)?, Id::parse(&r, "router_id")?);
     let mut control = state.control.lock().await;
-    let before = control.registry.tenant(&t).ok().cloned();
     let removed = control.registry.delete_router(&t, &r)?;
+    let (key, ports) = (*removed.public_key.as_bytes(), removed.forwards.clone());
+    let before = Before::Router {
+        id: r.clone(),
+        before: Some(removed),
+    };
     persist!(control, &t, before, |_reg| vec![Change::DeleteRouter(
         &t, &r
     )]);
-    for port in removed.forwards.keys() {
+    for port in ports.keys() {
         control.runtime.remove_forward(&t, &r, *port).await;
     }
-    sync(&mut control, &t).await.map_err(stored_but)?;
+    remove_peer(&mut control, &t, key).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }

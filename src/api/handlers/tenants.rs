@@ -63,14 +63,7 @@ pub async fn delete_tenant(State(state): Shared, Path(t): Path<String>) -> ApiRe
     let id = tenant_id(&t)?;
     let mut control = state.control.lock().await;
     let before = control.registry.delete_tenant(&id)?;
-    let result = {
-        let Control { store, .. } = &mut *control;
-        match store.get_mut() {
-            Ok(store) => tokio::task::block_in_place(|| store.apply(&[Change::DeleteTenant(&id)])),
-            Err(_) => Err(crate::store::StoreError::Poisoned),
-        }
-    };
-    if let Err(e) = result {
+    if let Err(e) = super::commit(&mut control.store, &[Change::DeleteTenant(&id)]) {
         control.registry.reinstate(&id, Some(before));
         return Err(e.into());
     }

@@ -6,20 +6,50 @@
 //! every request that may change something (any method but `GET` and `HEAD`)
 //! runs in a task of its own; the connection only waits for its answer. Reads stay
 //! inline: dropping them loses nothing.
+//!
+//! Such tasks outlive their connections, so the connection cap does not bound
+//! them: a client that gives up and tries again while the control plane is busy
+//! leaves one behind each time. At most [`MAX_DETACHED`] run; beyond that a
+//! change is refused with `503 busy` before it starts. Left out: which changes
+//! they are (the handlers) and the order they run in (the control lock's).
 
 use axum::extract::Request;
+use axum::http::header::RETRY_AFTER;
 use axum::http::{Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use tokio::sync::Semaphore;
 
 use super::ApiError;
 
+/// Changes under way at most, in tasks of their own.
+pub const MAX_DETACHED: usize = 256;
+
+static DETACHED: Semaphore = Semaphore::const_new(MAX_DETACHED);
+
 /// Runs a changing request in its own task, which finishes whatever the client does.
 pub async fn run_to_completion(request: Request, next: Next) -> Response {
+    detached(&DETACHED, request, next).await
+}
+
+async fn detached(slots: &'static Semaphore, request: Request, next: Next) -> Response {
     if matches!(*request.method(), Method::GET | Method::HEAD) {
         return next.run(request).await;
     }
-    match tokio::spawn(next.run(request)).await {
+    let Ok(slot) = slots.try_acquire() else {
+        let busy = ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            code: "busy",
+            message: format!("{MAX_DETACHED} changes are under way; try again later"),
+            field: None,
+        };
+        return ([(RETRY_AFTER, "5")], busy).into_response();
+    };
+    let task = async move {
+        let _slot = slot;
+        next.run(request).await
+    };
+    match tokio::spawn(task).await {
         Ok(response) => response,
         Err(e) => {
             tracing::error!(error = %e, "API handler failed");
@@ -87,5 +117,38 @@ mod tests {
                 .expect("the handler ended one way or the other");
             assert_eq!(outcome.is_ok(), detached, "detached: {detached}");
         }
+    }
+
+    /// Past the limit a change is refused before it starts; reads still pass,
+    /// and a freed slot takes the next change.
+    #[tokio::test]
+    async fn past_the_limit_a_change_is_refused_with_busy() {
+        static SLOTS: Semaphore = Semaphore::const_new(1);
+        let held = SLOTS.try_acquire().expect("the one slot");
+        let app = Router::new()
+            .route("/x", put(|| async { "changed" }).get(|| async { "read" }))
+            .layer(axum::middleware::from_fn(|r, n| detached(&SLOTS, r, n)));
+        let send = |method: &str| {
+            let request = Request::builder().method(method).uri("/x");
+            app.clone()
+                .oneshot(request.body(Body::empty()).expect("request"))
+        };
+        let refused = send("PUT").await.expect("an answer");
+        assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let body = axum::body::to_bytes(refused.into_body(), 4096)
+            .await
+            .expect("body");
+        let body: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
+        assert_eq!(body["error"]["code"], "busy", "{body}");
+        assert_eq!(
+            send("GET").await.expect("an answer").status(),
+            StatusCode::OK
+        );
+        drop(held);
+        assert_eq!(
+            send("PUT").await.expect("an answer").status(),
+            StatusCode::OK
+        );
+        assert_eq!(SLOTS.available_permits(), 1, "the slot is given back");
     }
 }

@@ -18,7 +18,8 @@
 //! - **adding a peer**: `--adds` sequential `PUT /v1/tenants/{t}/routers/{id}` with
 //!   fresh public keys spread over the tenants, at N x M and at a small state
 //!   (10 x 10), with p50/p90/p99/max and their ratio; and the same adds again
-//!   while another thread scrapes `GET /metrics` back to back;
+//!   while another thread scrapes `GET /metrics` back to back; then the first
+//!   adds deleted again (`DELETE`), at both sizes;
 //! - **a scrape**: wall time, the appliance's CPU and the size of `GET /metrics`
 //!   at N x M peers and at the small state.
 //!
@@ -544,6 +545,38 @@ impl Appliance {
         ms
     }
 
+    /// Deletes the routers `add_routers` made under `name`, in the same order;
+    /// latencies in ms, sorted.
+    fn delete_routers(
+        &self,
+        http: &reqwest::blocking::Client,
+        tenants: usize,
+        count: usize,
+        name: &str,
+    ) -> Vec<f64> {
+        let mut ms = Vec::with_capacity(count);
+        for i in 0..count {
+            let tenant = tenant_id(i * tenants / count);
+            let url = format!("{}/tenants/{tenant}/routers/{name}-{i}", self.api);
+            let t0 = Instant::now();
+            let response = http
+                .delete(&url)
+                .bearer_auth(&self.token)
+                .send()
+                .unwrap_or_else(|e| panic!("DELETE {url}: {e}"));
+            let status = response.status();
+            let text = response.text().unwrap_or_default();
+            ms.push(t0.elapsed().as_secs_f64() * 1e3);
+            assert_eq!(
+                status.as_u16(),
+                204,
+                "DELETE {url} answered {status}: {text}"
+            );
+        }
+        ms.sort_by(f64::total_cmp);
+        ms
+    }
+
     /// `count` scrapes of `GET /metrics`: wall times in ms (sorted), the size
     /// of the last answer in bytes, and the appliance's CPU per scrape.
     fn scrape(&self, http: &reqwest::blocking::Client, count: usize) -> Scrapes {
@@ -614,6 +647,8 @@ struct Run {
     scrapes: Scrapes,
     /// The adds again, with `GET /metrics` running back to back meanwhile.
     adds_scraping: Option<Vec<f64>>,
+    /// The routers of the first adds deleted again.
+    deletes: Option<Vec<f64>>,
 }
 
 /// Scrapes of `GET /metrics`.
@@ -672,6 +707,8 @@ fn measure(
             v
         })
     });
+    let deletes =
+        (adds_count > 0).then(|| app.delete_routers(http, tenants, adds_count, "scale-add"));
     app.stop();
     Run {
         label,
@@ -687,6 +724,7 @@ fn measure(
         commits,
         scrapes,
         adds_scraping,
+        deletes,
     }
 }
 
@@ -1027,6 +1065,17 @@ fn main() {
         p(adds_full, 0.5) / p(adds_small, 0.5).max(1e-9),
         p(adds_full, 0.99) / p(adds_small, 0.99).max(1e-9)
     );
+    let deletes = |r: &Run| r.deletes.as_deref().unwrap_or(&[]).to_vec();
+    let (deletes_full, deletes_small) = (deletes(full), deletes(small_run));
+    println!(
+        "| delete a router at {} / {} peers, p50 / p99 | {:.2} / {:.2} ms, {:.2} / {:.2} ms | ~ the same (O(log n)) | |",
+        n * m,
+        small.0 * small.1,
+        p(&deletes_full, 0.5),
+        p(&deletes_full, 0.99),
+        p(&deletes_small, 0.5),
+        p(&deletes_small, 0.99)
+    );
     let during = full.adds_scraping.as_deref().unwrap_or(&[]);
     println!(
         "| add a router at {} peers while `GET /metrics` runs back to back, p50 / p99 | {:.2} / {:.2} ms | < 5 ms | {} |",
@@ -1078,6 +1127,7 @@ fn main() {
                 "hwm_bytes": r.hwm,
                 "idle_cpu_ms": r.idle_cpu.map(|d| d.as_secs_f64() * 1e3),
                 "adds": r.adds.as_deref().map(latency_json),
+                "deletes": r.deletes.as_deref().map(latency_json),
                 "commit_floor": r.commits.as_deref().map(latency_json),
             })
         };

@@ -846,9 +846,14 @@ async fn run(settings: Settings) -> Result<()> {
         stopping,
     });
     state.control.lock().await.record_bound_forwards();
+    // The background tasks run as long as the process: one that ends (a bug)
+    // stops the appliance with an error, for its supervisor (systemd, the
+    // container's restart policy) to start it again from the store, rather
+    // than leave it running without tunnels revived or events sent.
+    let mut background = tokio::task::JoinSet::new();
     let webhooks = (!settings.events.webhooks.is_empty()).then(|| {
         let (queue, rx) = mpsc::channel(settings.events.webhook_queue);
-        tokio::spawn(events::run_webhooks(
+        background.spawn(events::run_webhooks(
             rx,
             settings.events.webhooks.clone(),
             Duration::from_secs(u64::from(settings.events.webhook_timeout_secs)),
@@ -856,8 +861,8 @@ async fn run(settings: Settings) -> Result<()> {
         ));
         queue
     });
-    tokio::spawn(api::supervisor::run(Arc::clone(&state)));
-    tokio::spawn(events::run_hub(
+    background.spawn(api::supervisor::run(Arc::clone(&state)));
+    background.spawn(events::run_hub(
         engine_events,
         Arc::clone(&state),
         state.events.clone(),
@@ -881,9 +886,18 @@ async fn run(settings: Settings) -> Result<()> {
         let _ = signalled.wait_for(|s| *s).await;
         tokio::time::sleep(SHUTDOWN_GRACE).await;
     };
+    let mut failed = None;
     tokio::select! {
         () = serve => {},
         () = overdue => tracing::warn!(grace_secs = SHUTDOWN_GRACE.as_secs(), "requests still open after the grace period"),
+        Some(ended) = background.join_next() => {
+            let why = match ended {
+                Ok(()) => "ended".to_owned(),
+                Err(e) => e.to_string(),
+            };
+            tracing::error!(task = %why, "a background task (supervisor, event hub or webhooks) stopped; exiting");
+            failed = Some(why);
+        }
     }
     // Every change holds the control lock until it is stored and applied:
     // with the lock, none is half-way. It is never given back, so that a change
@@ -894,7 +908,10 @@ async fn run(settings: Settings) -> Result<()> {
         Err(_) => tracing::warn!("a change was still running at exit: its client got no answer, and it may or may not be stored"),
     }
     tracing::info!("stopped");
-    Ok(())
+    match failed {
+        Some(why) => anyhow::bail!("a background task stopped: {why}"),
+        None => Ok(()),
+    }
 }
 
 /// How long a shutdown waits for open requests, and then for a change under

@@ -61,20 +61,25 @@ impl Control {
                 }
             }
         }
-        for (t, r, port, listen) in bound {
-            let stored = match self.store.get_mut() {
-                Ok(store) => {
-                    blocking(|| store.apply(&[crate::store::Change::Forward(&t, &r, port, listen)]))
+        if bound.is_empty() {
+            return;
+        }
+        // One transaction (one fsync) for all of them.
+        let changes: Vec<_> = bound
+            .iter()
+            .map(|(t, r, port, listen)| crate::store::Change::Forward(t, r, *port, *listen))
+            .collect();
+        let Ok(store) = self.store.get_mut() else {
+            return;
+        };
+        match blocking(|| store.apply(&changes)) {
+            Ok(()) => {
+                for (t, r, port, listen) in &bound {
+                    let _ = self.registry.put_forward(t, r, *port, *listen);
                 }
-                Err(_) => continue,
-            };
-            match stored {
-                Ok(()) => {
-                    let _ = self.registry.put_forward(&t, &r, port, listen);
-                }
-                Err(e) => tracing::warn!(tenant = %t, router = %r, port, error = %e,
-                    "the port a forward was given could not be stored; tried again later"),
             }
+            Err(e) => tracing::warn!(forwards = bound.len(), error = %e,
+                "the ports forwards were given could not be stored; tried again later"),
         }
     }
 }

@@ -123,15 +123,16 @@ fn check_ranges(t: &Tenant, before: &[&Tenant]) -> Result<(), RestoreError> {
     }
     for other in before {
         for mine in tunnel_nets(t) {
-            let tenant = other.id.clone();
+            let tenant = || other.id.clone();
             if let Some(theirs) = tunnel_nets(other).find(|n| overlap(mine, *n)) {
                 return Err(RestoreError::Overlap {
                     mine,
                     theirs,
-                    tenant,
+                    tenant: tenant(),
                 });
             }
             if let Some(host) = v4(&other.host_prefixes).find(|n| overlap(mine, *n)) {
+                let tenant = tenant();
                 return Err(RestoreError::OverlapsHostPrefix { mine, host, tenant });
             }
         }

@@ -842,7 +842,7 @@ async fn run(settings: Settings) -> Result<()> {
         event_stats: Arc::default(),
         api_requests: Default::default(),
         scraping: Default::default(),
-        last_health: std::sync::Mutex::new((axum::http::StatusCode::OK, "ok\n".into())),
+        last_health: Default::default(),
         stopping,
     });
     state.control.lock().await.record_bound_forwards();
@@ -851,24 +851,28 @@ async fn run(settings: Settings) -> Result<()> {
     // container's restart policy) to start it again from the store, rather
     // than leave it running without tunnels revived or events sent.
     let mut background = tokio::task::JoinSet::new();
+    let mut names = std::collections::HashMap::new();
     let webhooks = (!settings.events.webhooks.is_empty()).then(|| {
         let (queue, rx) = mpsc::channel(settings.events.webhook_queue);
-        background.spawn(events::run_webhooks(
+        let task = background.spawn(events::run_webhooks(
             rx,
             settings.events.webhooks.clone(),
             Duration::from_secs(u64::from(settings.events.webhook_timeout_secs)),
             Arc::clone(&state.event_stats),
         ));
+        names.insert(task.id(), "webhooks");
         queue
     });
-    background.spawn(api::supervisor::run(Arc::clone(&state)));
-    background.spawn(events::run_hub(
+    let task = background.spawn(api::supervisor::run(Arc::clone(&state)));
+    names.insert(task.id(), "supervisor");
+    let task = background.spawn(events::run_hub(
         engine_events,
         Arc::clone(&state),
         state.events.clone(),
         webhooks,
         Arc::clone(&state.event_stats),
     ));
+    names.insert(task.id(), "event hub");
     let listener = tokio::net::TcpListener::bind(settings.api.listen)
         .await
         .with_context(|| format!("cannot bind the admin API on {}", settings.api.listen))?;
@@ -890,13 +894,14 @@ async fn run(settings: Settings) -> Result<()> {
     tokio::select! {
         () = serve => {},
         () = overdue => tracing::warn!(grace_secs = SHUTDOWN_GRACE.as_secs(), "requests still open after the grace period"),
-        Some(ended) = background.join_next() => {
-            let why = match ended {
-                Ok(()) => "ended".to_owned(),
-                Err(e) => e.to_string(),
+        Some(ended) = background.join_next_with_id() => {
+            let (id, how) = match ended {
+                Ok((id, ())) => (id, "ended".to_owned()),
+                Err(e) => (e.id(), e.to_string()),
             };
-            tracing::error!(task = %why, "a background task (supervisor, event hub or webhooks) stopped; exiting");
-            failed = Some(why);
+            let task = names.get(&id).copied().unwrap_or("background");
+            tracing::error!(task, how = %how, "a background task stopped; exiting");
+            failed = Some(format!("the {task} task: {how}"));
         }
     }
     // Every change holds the control lock until it is stored and applied:

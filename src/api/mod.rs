@@ -101,9 +101,10 @@ pub struct AppState {
     pub api_requests: metrics::ApiCounters,
     /// `/metrics` scrapes, one at a time.
     pub scraping: metrics::OneScrape,
-    /// `/healthz`'s last answer, given again while the control lock is held
-    /// long.
-    pub last_health: std::sync::Mutex<(axum::http::StatusCode, String)>,
+    /// `/healthz`'s last answer and when it was made, given again while the
+    /// control lock is held long.
+    pub last_health:
+        std::sync::Mutex<Option<(tokio::time::Instant, axum::http::StatusCode, String)>>,
     /// Turns true when the appliance shuts down: event streams end, so that
     /// their connections close instead of holding the shutdown up.
     pub stopping: tokio::sync::watch::Receiver<bool>,
@@ -414,7 +415,7 @@ pub(crate) mod testing {
             event_stats: Arc::default(),
             api_requests: Default::default(),
             scraping: Default::default(),
-            last_health: std::sync::Mutex::new((axum::http::StatusCode::OK, "ok\n".into())),
+            last_health: Default::default(),
             stopping: tokio::sync::watch::channel(false).1,
         });
         Some(Fixture {

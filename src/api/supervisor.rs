@@ -62,14 +62,26 @@ async fn repair_host(state: &AppState, failing: &mut Option<String>) {
                 tracing::warn!("the TUN device is down: the host reaches no tunnel until it is up");
             }
         }
-        Ok(DeviceCheck::Up { addresses, routes }) => {
-            *failing = None;
+        Ok(DeviceCheck::Up {
+            addresses,
+            routes,
+            refused,
+        }) => {
             if !was_up || addresses + routes > 0 {
                 tracing::info!(
                     addresses,
                     routes,
                     "the TUN device is up; its addresses and pool routes are put back"
                 );
+            }
+            let reasons: Vec<String> = refused.iter().map(ToString::to_string).collect();
+            let reason = reasons.join("; ");
+            if reasons.is_empty() {
+                *failing = None;
+            } else if failing.as_ref() != Some(&reason) {
+                tracing::warn!(refused = %reason, retry_secs = RETRY.as_secs(),
+                    "the kernel refused to take back some of the TUN device's addresses or routes");
+                *failing = Some(reason);
             }
         }
         Err(e) => {

@@ -235,7 +235,6 @@ pub fn table(r: &BenchReport) -> String {
     }
 }
 
-/// Formats an optional figure; absent when no `--pid` was given.
 /// Milliseconds since the Unix epoch (0 for a clock before it): the wall-clock
 /// bounds of a measured window, for scripts that run two benches at once and
 /// check that one's window lies inside the other's.
@@ -244,6 +243,7 @@ fn unix_ms(t: std::time::SystemTime) -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
+/// Formats an optional figure; absent when no `--pid` was given.
 fn opt(v: Option<f64>, unit: &str) -> String {
     v.map_or("n/a (no --pid)".to_owned(), |x| format!("{x:.3} {unit}"))
 }

@@ -581,12 +581,16 @@ async fn storm(
     let echoing = echoes.report(echo_routers, spec.duration);
     let mut patient = PatientReport::default();
     let mut took = Vec::new();
+    // When the last patient router stopped: at its handshake, or at the
+    // deadline for one that never got one.
+    let mut patients_ran = Duration::ZERO;
     while let Some(outcome) = patients.join_next().await {
         patient.routers += 1;
         let Ok(outcome) = outcome else { continue };
         let (done, cookies, initiations) = outcome?;
         patient.cookie_replies += cookies;
         patient.initiations += initiations;
+        patients_ran = patients_ran.max(done.unwrap_or(spec.duration));
         if let Some(t) = done {
             patient.completed += 1;
             took.push(t.as_secs_f64());
@@ -596,10 +600,11 @@ async fn storm(
     // The appliance's busy time: until the last answer, or the end of the
     // echoing and patient routers' run; not the quiet waited for after it.
     let last_answer = Duration::from_nanos(answers.last.load(Ordering::Relaxed));
-    let routers_ran = if echo_routers + patient.routers > 0 {
+    // The echoing routers run to the deadline.
+    let routers_ran = if echo_routers > 0 {
         spec.duration
     } else {
-        Duration::ZERO
+        patients_ran
     };
     let cpu_window = last_answer.max(routers_ran).max(sending);
     let _ = stop.send(true);

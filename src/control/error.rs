@@ -63,10 +63,12 @@ pub enum ControlError {
     InUse(String),
     /// The state loaded from the store breaks a rule the API enforces (start-up
     /// only: a hand-edited or damaged state).
-    #[error("the stored state is inconsistent: tenant {tenant}: {source}")]
+    // `reason` is part of the message, not a `source()`: a chain of causes
+    // (anyhow's at start-up) would say it twice.
+    #[error("the stored state is inconsistent: tenant {tenant}: {reason}")]
     Inconsistent {
         tenant: super::Id,
-        source: super::restore::RestoreError,
+        reason: super::restore::RestoreError,
     },
     /// Allocation found nothing (409).
     #[error(transparent)]

@@ -382,7 +382,9 @@ pub async fn run_webhooks(
         Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %e, "webhooks disabled: no HTTP client");
-            return;
+            // Disabled, not ended: the appliance takes a task that ends for a
+            // bug and stops; events are still counted as dropped upstream.
+            return std::future::pending().await;
         }
     };
     let workers: Vec<_> = urls

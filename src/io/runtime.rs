@@ -233,7 +233,7 @@ impl Runtime {
             .collect();
         let check = host.repair(&on_device).await;
         if let Ok(c) = &check {
-            self.host_up = *c != DeviceCheck::Down;
+            self.host_up = !matches!(c, DeviceCheck::Down);
         }
         Some(check.map_err(RuntimeError::from))
     }

@@ -81,12 +81,17 @@ pub struct TenantOnDevice<'a> {
 }
 
 /// What [`HostDevice::repair`] found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum DeviceCheck {
     /// Set down from outside: the host routes nothing into it.
     Down,
-    /// Up, and how many addresses and routes had to be put back.
-    Up { addresses: usize, routes: usize },
+    /// Up: how many addresses and routes were put back, and what the kernel
+    /// refused to take back (tried again at the next check).
+    Up {
+        addresses: usize,
+        routes: usize,
+        refused: Vec<TunError>,
+    },
 }
 
 /// Packets from the host device that reached no tunnel, by reason. Plain
@@ -180,7 +185,8 @@ impl HostDevice {
         // without it the dump is filtered here.
         let strict = connection.socket_mut().socket_ref();
         if let Err(e) = strict.set_netlink_get_strict_chk(true) {
-            tracing::debug!(error = %e, "netlink strict checking unavailable");
+            tracing::warn!(error = %e, "netlink strict checking unavailable (Linux before 4.20): \
+                the device check every 5 s reads the host's whole routing table");
         }
         tokio::spawn(connection);
         let device = Arc::new(device);
@@ -337,12 +343,14 @@ impl HostDevice {
             return Ok(DeviceCheck::Down);
         }
         let mut have = HashSet::new();
-        let mut dump = self
+        let mut request = self
             .netlink
             .address()
             .get()
-            .set_link_index_filter(self.index)
-            .execute();
+            .set_link_index_filter(self.index);
+        // With strict checking the kernel sends only this device's addresses.
+        request.message_mut().header.index = self.index;
+        let mut dump = request.execute();
         while let Some(message) = dump.try_next().await.map_err(netlink)? {
             for attribute in message.attributes {
                 if let AddressAttribute::Address(a) | AddressAttribute::Local(a) = attribute {
@@ -377,31 +385,41 @@ impl HostDevice {
             name: self.name.clone(),
             source,
         };
-        let (mut addresses, mut routes) = (0, 0);
+        // Every tenant gets its turn: one the kernel refuses (IPv6 turned off
+        // on the device meanwhile, say) does not keep the others' back.
+        let (mut addresses, mut routes, mut refused) = (0, 0, Vec::new());
         for t in tenants {
             if !have.contains(&IpAddr::V4(t.server)) {
-                self.device
-                    .add_address_v4(t.server, t.subnet.prefix_len())
-                    .map_err(device)?;
-                addresses += 1;
+                match self.device.add_address_v4(t.server, t.subnet.prefix_len()) {
+                    Ok(()) => addresses += 1,
+                    Err(e) => refused.push(device(e)),
+                }
             }
             let v6 = alloc::server_address_v6(t.subnet);
             if t.v6 && !have.contains(&IpAddr::V6(v6)) {
                 let len = alloc::server_net_v6(t.subnet).prefix_len();
-                self.device.add_address_v6(v6, len).map_err(device)?;
-                addresses += 1;
+                match self.device.add_address_v6(v6, len) {
+                    Ok(()) => addresses += 1,
+                    Err(e) => refused.push(device(e)),
+                }
             }
             for &pool in t.pools.iter().filter(|p| !routed.contains(p)) {
                 let add = self.netlink.route().add(self.pool_route(pool));
-                add.replace().execute().await.map_err(|e| TunError::Route {
-                    name: self.name.clone(),
-                    prefix: pool,
-                    message: e.to_string(),
-                })?;
-                routes += 1;
+                match add.replace().execute().await {
+                    Ok(()) => routes += 1,
+                    Err(e) => refused.push(TunError::Route {
+                        name: self.name.clone(),
+                        prefix: pool,
+                        message: e.to_string(),
+                    }),
+                }
             }
         }
-        Ok(DeviceCheck::Up { addresses, routes })
+        Ok(DeviceCheck::Up {
+            addresses,
+            routes,
+            refused,
+        })
     }
 
     /// Removes a pool's route.

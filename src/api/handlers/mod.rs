@@ -204,11 +204,13 @@ async fn remove_peer(control: &mut Control, id: &Id, key: [u8; 32]) -> Result<()
         return sync(control, id).await.map_err(stored_but);
     }
     let tenant = control.registry.tenant(id)?;
-    control
-        .runtime
-        .remove_peer(tenant, key)
-        .await
-        .map_err(stored_but)
+    let removed = control.runtime.remove_peer(tenant, key).await;
+    removed.map_err(|e| match e {
+        // Its task ended meanwhile: down, and started again with the stored
+        // state (without the peer) by the supervisor.
+        crate::io::RuntimeError::TaskGone(_) => stored_but(ApiError::tunnel_down(&e)),
+        e => stored_but(e),
+    })
 }
 
 /// Hands the tenant's stored state to its tunnel, starting the tunnel first if
@@ -232,27 +234,38 @@ async fn sync(control: &mut Control, id: &Id) -> Result<(), ApiError> {
 #[utoipa::path(get, path = "/healthz", tag = "operations", security(()), responses((status = 200, description = "Every tunnel is up", content_type = "text/plain", body = String), (status = 503, description = "A stored tunnel is down (its port taken, say; tried again every 5 s), or the TUN device's reader ended, or the device is down", content_type = "text/plain", body = String)))]
 pub async fn healthz(State(state): Shared) -> Response {
     // A change that holds the control lock long (a disk that stalls an fsync,
-    // say) delays the answer at most this long: then the last one is given,
-    // so that a liveness probe does not restart an appliance whose tunnels run.
+    // say) delays the answer at most HEALTH_WAIT: then the last answer is
+    // given again while it is fresh, so that a liveness probe does not restart
+    // an appliance whose tunnels run. A control plane held longer than that,
+    // or before any answer, is unhealthy.
     let (status, body) = match tokio::time::timeout(HEALTH_WAIT, state.control.lock()).await {
         Ok(control) => {
-            let answer = health_of(&control);
+            let (status, body) = health_of(&control);
             if let Ok(mut last) = state.last_health.lock() {
-                *last = answer.clone();
+                *last = Some((tokio::time::Instant::now(), status, body.clone()));
             }
-            answer
+            (status, body)
         }
-        Err(_) => match state.last_health.lock() {
-            Ok(last) => last.clone(),
-            Err(_) => (StatusCode::OK, "ok\n".into()),
-        },
+        Err(_) => {
+            let last = state.last_health.lock().ok().and_then(|l| l.clone());
+            match last {
+                Some((at, status, body)) if at.elapsed() < HEALTH_FRESH => (status, body),
+                _ => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the control plane is busy: no answer for over 30 s\n".into(),
+                ),
+            }
+        }
     };
     (status, body).into_response()
 }
 
 /// How long `/healthz` waits for the control lock before it repeats its last
-/// answer.
-const HEALTH_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+/// answer (probes commonly time out after 1 s).
+const HEALTH_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// How long a last answer may be repeated.
+const HEALTH_FRESH: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The health answer: 503 while a stored tunnel or the TUN device is down.
 fn health_of(control: &Control) -> (StatusCode, String) {
@@ -343,19 +356,39 @@ mod tests {
     }
 
     /// While a change holds the control lock long, `/healthz` gives its last
-    /// answer after a short wait instead of waiting with it.
+    /// answer after a short wait instead of waiting with it, while that answer
+    /// is fresh; after that, the busy control plane is the answer.
     #[tokio::test]
     async fn health_repeats_its_last_answer_while_the_lock_is_held() {
         let f = crate::api::testing::fixture().await;
-        f.state.control.lock().await.runtime.stop(&f.acme).await;
-        let answer = healthz(State(Arc::clone(&f.state))).await;
-        assert_eq!(answer.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let health = || async {
+            let answer = healthz(State(Arc::clone(&f.state))).await;
+            let status = answer.status();
+            let body = axum::body::to_bytes(answer.into_body(), 1024)
+                .await
+                .unwrap();
+            (status, String::from_utf8_lossy(&body).into_owned())
+        };
+        assert_eq!(health().await.0, StatusCode::OK);
         let held = f.state.control.lock().await;
         tokio::time::pause();
-        let again = healthz(State(Arc::clone(&f.state))).await;
-        assert_eq!(again.status(), StatusCode::SERVICE_UNAVAILABLE);
-        let body = axum::body::to_bytes(again.into_body(), 1024).await.unwrap();
-        assert_eq!(&body[..], b"1 of 1 tunnels down\n");
+        assert_eq!(health().await.0, StatusCode::OK, "the last answer");
+        tokio::time::advance(HEALTH_FRESH).await;
+        let (status, body) = health().await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(body.contains("busy"), "{body}");
+        drop(held);
+        tokio::time::resume();
+        // An unhealthy answer is repeated likewise.
+        f.state.control.lock().await.runtime.stop(&f.acme).await;
+        let down = (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "1 of 1 tunnels down\n".into(),
+        );
+        assert_eq!(health().await, down);
+        let held = f.state.control.lock().await;
+        tokio::time::pause();
+        assert_eq!(health().await, down, "the last answer");
         drop(held);
     }
 }

@@ -114,9 +114,9 @@ impl Registry {
     ) -> Result<Self, ControlError> {
         let mut r = Self::new(policy, index_seed);
         for t in tenants {
-            let inconsistent = |source| ControlError::Inconsistent {
+            let inconsistent = |reason| ControlError::Inconsistent {
                 tenant: t.id.clone(),
-                source,
+                reason,
             };
             restore::check(&t, &r.tenants.values().collect::<Vec<_>>()).map_err(inconsistent)?;
             let indices = t
@@ -125,11 +125,12 @@ impl Registry {
                 .map(|x| (x.index, &x.id))
                 .chain(t.clients.values().map(|x| (x.index, &x.id)));
             for (index, owner) in indices {
-                let owner = owner.clone();
                 if !IndexAllocator::is_valid(index) {
+                    let owner = owner.clone();
                     return Err(inconsistent(RestoreError::IndexOutOfRange { index, owner }));
                 }
                 if !r.indices.reserve(index) {
+                    let owner = owner.clone();
                     return Err(inconsistent(RestoreError::IndexTwice { index, owner }));
                 }
             }

@@ -129,13 +129,13 @@ fn a_restored_state_is_checked_against_the_apis_rules() {
     let twice = state[0].routers[&id("r1")].index;
     state[1].routers.get_mut(&id("r1")).unwrap().index = twice;
     let second = state[1].id.clone();
-    let Err(ControlError::Inconsistent { tenant, source }) = restored(state) else {
+    let Err(ControlError::Inconsistent { tenant, reason }) = restored(state) else {
         panic!("index twice: restored");
     };
     assert_eq!(tenant, second);
     let owner = id("r1");
     assert_eq!(
-        source,
+        reason,
         RestoreError::IndexTwice {
             index: twice,
             owner

@@ -45,6 +45,7 @@ pub async fn run(state: Arc<AppState>) {
         reopen_forwards(&state, &mut closed).await;
         reroute_pools(&state, &mut unrouted).await;
         repair_host(&state, &mut host_failing).await;
+        super::handlers::note_health(&state, &*state.control.lock().await);
     }
 }
 

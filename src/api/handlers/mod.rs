@@ -239,13 +239,7 @@ pub async fn healthz(State(state): Shared) -> Response {
     // an appliance whose tunnels run. A control plane held longer than that,
     // or before any answer, is unhealthy.
     let (status, body) = match tokio::time::timeout(HEALTH_WAIT, state.control.lock()).await {
-        Ok(control) => {
-            let (status, body) = health_of(&control);
-            if let Ok(mut last) = state.last_health.lock() {
-                *last = Some((tokio::time::Instant::now(), status, body.clone()));
-            }
-            (status, body)
-        }
+        Ok(control) => note_health(&state, &control),
         Err(_) => {
             let last = state.last_health.lock().ok().and_then(|l| l.clone());
             match last {
@@ -258,6 +252,17 @@ pub async fn healthz(State(state): Shared) -> Response {
         }
     };
     (status, body).into_response()
+}
+
+/// The health answer, kept for `/healthz` to repeat. The supervisor notes it
+/// after every pass too, so that the answer repeated is at most a pass old
+/// whenever the control plane is responsive, however seldom probes come.
+pub(crate) fn note_health(state: &AppState, control: &Control) -> (StatusCode, String) {
+    let (status, body) = health_of(control);
+    if let Ok(mut last) = state.last_health.lock() {
+        *last = Some((tokio::time::Instant::now(), status, body.clone()));
+    }
+    (status, body)
 }
 
 /// How long `/healthz` waits for the control lock before it repeats its last

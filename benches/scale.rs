@@ -524,25 +524,10 @@ impl Appliance {
         count: usize,
         name: &str,
     ) -> Vec<f64> {
-        let mut ms = Vec::with_capacity(count);
-        for i in 0..count {
-            let tenant = tenant_id(i * tenants / count);
+        self.time_routers(tenants, count, name, 201, |url| {
             let body = json!({ "public_key": fresh_public_key() });
-            let url = format!("{}/tenants/{tenant}/routers/{name}-{i}", self.api);
-            let t0 = Instant::now();
-            let response = http
-                .put(&url)
-                .bearer_auth(&self.token)
-                .json(&body)
-                .send()
-                .unwrap_or_else(|e| panic!("PUT {url}: {e}"));
-            let status = response.status();
-            let text = response.text().unwrap_or_default();
-            ms.push(t0.elapsed().as_secs_f64() * 1e3);
-            assert_eq!(status.as_u16(), 201, "PUT {url} answered {status}: {text}");
-        }
-        ms.sort_by(f64::total_cmp);
-        ms
+            http.put(url).json(&body)
+        })
     }
 
     /// Deletes the routers `add_routers` made under `name`, in the same order;
@@ -554,24 +539,31 @@ impl Appliance {
         count: usize,
         name: &str,
     ) -> Vec<f64> {
+        self.time_routers(tenants, count, name, 204, |url| http.delete(url))
+    }
+
+    /// `count` sequential requests made by `request` for routers `{name}-{i}`
+    /// spread over `tenants`, each answered `expected`; latencies in ms, sorted.
+    fn time_routers(
+        &self,
+        tenants: usize,
+        count: usize,
+        name: &str,
+        expected: u16,
+        request: impl Fn(&str) -> reqwest::blocking::RequestBuilder,
+    ) -> Vec<f64> {
         let mut ms = Vec::with_capacity(count);
         for i in 0..count {
             let tenant = tenant_id(i * tenants / count);
             let url = format!("{}/tenants/{tenant}/routers/{name}-{i}", self.api);
+            // Built (a fresh key made) before the clock starts.
+            let request = request(&url).bearer_auth(&self.token);
             let t0 = Instant::now();
-            let response = http
-                .delete(&url)
-                .bearer_auth(&self.token)
-                .send()
-                .unwrap_or_else(|e| panic!("DELETE {url}: {e}"));
+            let response = request.send().unwrap_or_else(|e| panic!("{url}: {e}"));
             let status = response.status();
             let text = response.text().unwrap_or_default();
             ms.push(t0.elapsed().as_secs_f64() * 1e3);
-            assert_eq!(
-                status.as_u16(),
-                204,
-                "DELETE {url} answered {status}: {text}"
-            );
+            assert_eq!(status.as_u16(), expected, "{url} answered {status}: {text}");
         }
         ms.sort_by(f64::total_cmp);
         ms

@@ -530,18 +530,6 @@ impl Appliance {
         })
     }
 
-    /// Deletes the routers `add_routers` made under `name`, in the same order;
-    /// latencies in ms, sorted.
-    fn delete_routers(
-        &self,
-        http: &reqwest::blocking::Client,
-        tenants: usize,
-        count: usize,
-        name: &str,
-    ) -> Vec<f64> {
-        self.time_routers(tenants, count, name, 204, |url| http.delete(url))
-    }
-
     /// `count` sequential requests made by `request` for routers `{name}-{i}`
     /// spread over `tenants`, each answered `expected`; latencies in ms, sorted.
     fn time_routers(
@@ -699,8 +687,12 @@ fn measure(
             v
         })
     });
-    let deletes =
-        (adds_count > 0).then(|| app.delete_routers(http, tenants, adds_count, "scale-add"));
+    // The first adds' routers deleted again, in the same order.
+    let deletes = (adds_count > 0).then(|| {
+        app.time_routers(tenants, adds_count, "scale-add", 204, |url| {
+            http.delete(url)
+        })
+    });
     app.stop();
     Run {
         label,

@@ -75,6 +75,28 @@ fn document_matches_the_routes() {
         .collect();
     assert_eq!(documented, expected);
 
+    // Every change may be refused before it starts (`busy`, the cap on changes
+    // under way) besides failing to be stored, and says so; `/healthz` names its
+    // busy answer too.
+    for (method, path) in &documented {
+        if method == "get" && path != "/healthz" {
+            continue;
+        }
+        let unavailable = doc["paths"][path][method]["responses"]["503"]["description"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{method} {path} documents no 503"));
+        assert!(
+            unavailable.contains("busy"),
+            "{method} {path}: {unavailable}"
+        );
+        if method != "get" {
+            assert!(
+                unavailable.contains("storage_failed"),
+                "{method} {path}: {unavailable}"
+            );
+        }
+    }
+
     // Every documented operation reaches a handler: nothing is 405, and a 404 is
     // about a missing object, never the router's own `not_found`.
     for (method, path) in &documented {

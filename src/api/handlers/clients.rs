@@ -21,7 +21,7 @@ use crate::store::Change;
 
 use super::{
     commit, peer_status, remove_peer, status_of, statuses, stored_but, sync, tenant_id, undo,
-    ApiResult, Before, Shared,
+    ApiResult, Before, Shared, CHANGE_UNAVAILABLE,
 };
 
 #[utoipa::path(get, path = "/tenants/{tenant_id}/egress", tag = "egress", params(("tenant_id" = String, Path, description = "Tenant id: 1-64 of [A-Za-z0-9._-]")), responses((status = 200, body = EgressView), (status = 400, description = "Bad input", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 404, description = "Unknown object", body = ErrorBody)))]
@@ -44,7 +44,7 @@ fn no_egress() -> ApiError {
     }
 }
 
-#[utoipa::path(put, path = "/tenants/{tenant_id}/egress", tag = "egress", params(("tenant_id" = String, Path, description = "Tenant id: 1-64 of [A-Za-z0-9._-]")), request_body = EgressRequest, responses((status = 201, description = "Created", body = EgressView), (status = 200, description = "Existed", body = EgressView), (status = 400, description = "Bad input", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 404, description = "Unknown object", body = ErrorBody), (status = 409, description = "Conflict", body = ErrorBody), (status = 503, description = "Change not stored and undone (storage_failed), or stored but not taken by the running tunnel (tunnel_down; the message says so)", body = ErrorBody)))]
+#[utoipa::path(put, path = "/tenants/{tenant_id}/egress", tag = "egress", params(("tenant_id" = String, Path, description = "Tenant id: 1-64 of [A-Za-z0-9._-]")), request_body = EgressRequest, responses((status = 201, description = "Created", body = EgressView), (status = 200, description = "Existed", body = EgressView), (status = 400, description = "Bad input", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 404, description = "Unknown object", body = ErrorBody), (status = 409, description = "Conflict", body = ErrorBody), (status = 503, description = CHANGE_UNAVAILABLE, body = ErrorBody)))]
 pub async fn put_egress(
     State(state): Shared,
     Path(t): Path<String>,
@@ -64,7 +64,7 @@ pub async fn put_egress(
     Ok((status_of(put), Json(view)).into_response())
 }
 
-#[utoipa::path(delete, path = "/tenants/{tenant_id}/egress", tag = "egress", params(("tenant_id" = String, Path, description = "Tenant id: 1-64 of [A-Za-z0-9._-]")), responses((status = 204, description = "Deleted"), (status = 400, description = "Bad input", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 404, description = "Unknown object", body = ErrorBody), (status = 409, description = "Conflict", body = ErrorBody), (status = 503, description = "Change not stored and undone (storage_failed), or stored but not taken by the running tunnel (tunnel_down; the message says so)", body = ErrorBody)))]
+#[utoipa::path(delete, path = "/tenants/{tenant_id}/egress", tag = "egress", params(("tenant_id" = String, Path, description = "Tenant id: 1-64 of [A-Za-z0-9._-]")), responses((status = 204, description = "Deleted"), (status = 400, description = "Bad input", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 404, description = "Unknown object", body = ErrorBody), (status = 409, description = "Conflict", body = ErrorBody), (status = 503, description = CHANGE_UNAVAILABLE, body = ErrorBody)))]
 pub async fn delete_egress(State(state): Shared, Path(t): Path<String>) -> ApiResult {
     let id = tenant_id(&t)?;
     let mut control = state.control.lock().await;
@@ -124,7 +124,7 @@ pub async fn get_client(State(state): Shared, Path((t, c)): Path<(String, String
     .into_response())
 }
 
-#[utoipa::path(put, path = "/tenants/{tenant_id}/clients/{client_id}", tag = "clients", params(("tenant_id" = String, Path, description = "Tenant id: 1-64 of [A-Za-z0-9._-]"), ("client_id" = String, Path, description = "Client id")), request_body = ClientRequest, responses((status = 201, description = "Created; includes config", body = ClientView), (status = 200, description = "Existed; includes config", body = ClientView), (status = 400, description = "Bad input", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 404, description = "Unknown object", body = ErrorBody), (status = 409, description = "Conflict", body = ErrorBody), (status = 503, description = "Change not stored and undone (storage_failed), or stored but not taken by the running tunnel (tunnel_down; the message says so)", body = ErrorBody)))]
+#[utoipa::path(put, path = "/tenants/{tenant_id}/clients/{client_id}", tag = "clients", params(("tenant_id" = String, Path, description = "Tenant id: 1-64 of [A-Za-z0-9._-]"), ("client_id" = String, Path, description = "Client id")), request_body = ClientRequest, responses((status = 201, description = "Created; includes config", body = ClientView), (status = 200, description = "Existed; includes config", body = ClientView), (status = 400, description = "Bad input", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 404, description = "Unknown object", body = ErrorBody), (status = 409, description = "Conflict", body = ErrorBody), (status = 503, description = CHANGE_UNAVAILABLE, body = ErrorBody)))]
 pub async fn put_client(
     State(state): Shared,
     Path((t, c)): Path<(String, String)>,
@@ -209,7 +209,7 @@ pub async fn get_client_qr(
     Ok(([(header::CONTENT_TYPE, "image/png")], png).into_response())
 }
 
-#[utoipa::path(delete, path = "/tenants/{tenant_id}/clients/{client_id}", tag = "clients", params(("tenant_id" = String, Path, description = "Tenant id: 1-64 of [A-Za-z0-9._-]"), ("client_id" = String, Path, description = "Client id")), responses((status = 204, description = "Deleted"), (status = 400, description = "Bad input", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 404, description = "Unknown object", body = ErrorBody), (status = 503, description = "Change not stored and undone (storage_failed), or stored but not taken by the running tunnel (tunnel_down; the message says so)", body = ErrorBody)))]
+#[utoipa::path(delete, path = "/tenants/{tenant_id}/clients/{client_id}", tag = "clients", params(("tenant_id" = String, Path, description = "Tenant id: 1-64 of [A-Za-z0-9._-]"), ("client_id" = String, Path, description = "Client id")), responses((status = 204, description = "Deleted"), (status = 400, description = "Bad input", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 404, description = "Unknown object", body = ErrorBody), (status = 503, description = CHANGE_UNAVAILABLE, body = ErrorBody)))]
 pub async fn delete_client(
     State(state): Shared,
     Path((t, c)): Path<(String, String)>,

@@ -24,6 +24,18 @@ use crate::store::Change;
 use boringtun::x25519::PublicKey;
 
 pub(super) type Shared = State<Arc<AppState>>;
+
+/// The OpenAPI description of a change's `503`: the three codes it may carry.
+/// The cap behind `busy` is [`super::detach::MAX_DETACHED`].
+const CHANGE_UNAVAILABLE: &str =
+    "Change not stored and undone (storage_failed); or stored but not \
+taken by the running tunnel (tunnel_down; the message says so); or refused before it started \
+because 256 changes are under way (busy; Retry-After says when to try again)";
+
+/// [`CHANGE_UNAVAILABLE`] for opening a forward, which is kept while its tunnel is down.
+const FORWARD_UNAVAILABLE: &str = "Change not stored and undone (storage_failed); or stored while \
+the tunnel is down and opened when it starts (tunnel_down; the message says so); or refused \
+before it started because 256 changes are under way (busy; Retry-After says when to try again)";
 pub(super) type ApiResult = Result<Response, ApiError>;
 
 fn tenant_id(text: &str) -> Result<Id, ApiError> {
@@ -231,7 +243,7 @@ async fn sync(control: &mut Control, id: &Id) -> Result<(), ApiError> {
 
 // ---- health ----
 
-#[utoipa::path(get, path = "/healthz", tag = "operations", security(()), responses((status = 200, description = "Every tunnel is up", content_type = "text/plain", body = String), (status = 503, description = "A stored tunnel is down (its port taken, say; tried again every 5 s), or the TUN device's reader ended, or the device is down", content_type = "text/plain", body = String)))]
+#[utoipa::path(get, path = "/healthz", tag = "operations", security(()), responses((status = 200, description = "Every tunnel is up", content_type = "text/plain", body = String), (status = 503, description = "A stored tunnel is down (its port taken, say; tried again every 5 s), or the TUN device's reader ended, or the device is down; or the control plane has been busy for over 30 s", content_type = "text/plain", body = String)))]
 pub async fn healthz(State(state): Shared) -> Response {
     // A change that holds the control lock long (a disk that stalls an fsync,
     // say) delays the answer at most HEALTH_WAIT: then the last answer is

@@ -26,7 +26,8 @@ use crate::store::Change;
 
 use super::{
     commit, ensure_tenant, peer_status, remove_peer, status_of, statuses, stored_but, sync,
-    tenant_id, tenant_row, undo, ApiResult, Before, Shared,
+    tenant_id, tenant_row, undo, ApiResult, Before, Shared, CHANGE_UNAVAILABLE,
+    FORWARD_UNAVAILABLE,
 };
 
 #[utoipa::path(get, path = "/tenants/{tenant_id}/routers", tag = "routers", params(("tenant_id" = String, Path, description = "Tenant id: 1-64 of [A-Za-z0-9._-]")), responses((status = 200, body = [RouterView]), (status = 400, description = "Bad input", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 404, description = "Unknown object", body = ErrorBody)))]
@@ -72,7 +73,7 @@ pub async fn get_router(State(state): Shared, Path((t, r)): Path<(String, String
     router_answer(&control, &t, &r, StatusCode::OK).await
 }
 
-#[utoipa::path(put, path = "/tenants/{tenant_id}/routers/{router_id}", tag = "routers", params(("tenant_id" = String, Path, description = "Tenant id: 1-64 of [A-Za-z0-9._-]"), ("router_id" = String, Path, description = "Router id")), request_body = RouterRequest, responses((status = 201, description = "Created", body = RouterView), (status = 200, description = "Existed", body = RouterView), (status = 400, description = "Bad input", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 409, description = "Conflict", body = ErrorBody), (status = 503, description = "Change not stored and undone (storage_failed), or stored but not taken by the running tunnel (tunnel_down; the message says so)", body = ErrorBody)))]
+#[utoipa::path(put, path = "/tenants/{tenant_id}/routers/{router_id}", tag = "routers", params(("tenant_id" = String, Path, description = "Tenant id: 1-64 of [A-Za-z0-9._-]"), ("router_id" = String, Path, description = "Router id")), request_body = RouterRequest, responses((status = 201, description = "Created", body = RouterView), (status = 200, description = "Existed", body = RouterView), (status = 400, description = "Bad input", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 409, description = "Conflict", body = ErrorBody), (status = 503, description = CHANGE_UNAVAILABLE, body = ErrorBody)))]
 pub async fn put_router(
     State(state): Shared,
     Path((t, r)): Path<(String, String)>,
@@ -201,7 +202,7 @@ pub async fn list_forwards(
     Ok(Json(list).into_response())
 }
 
-#[utoipa::path(put, path = "/tenants/{tenant_id}/routers/{router_id}/forwards/{port}", tag = "forwards", params(("tenant_id" = String, Path, description = "Tenant id"), ("router_id" = String, Path, description = "Router id"), ("port" = u16, Path, description = "The router's TCP port inside the tunnel")), request_body(content = Option<ForwardRequest>, description = "listen: host address (default 127.0.0.1:0, any free port)"), responses((status = 201, description = "Created: the listener is open", body = ForwardView), (status = 200, description = "Existed", body = ForwardView), (status = 400, description = "Bad input", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 404, description = "Unknown object", body = ErrorBody), (status = 409, description = "Listen address in use (listen_unavailable), or TUN mode (tun_mode)", body = ErrorBody), (status = 503, description = "Change not stored and undone (storage_failed), or stored while the tunnel is down and opened when it starts (tunnel_down; the message says so)", body = ErrorBody)))]
+#[utoipa::path(put, path = "/tenants/{tenant_id}/routers/{router_id}/forwards/{port}", tag = "forwards", params(("tenant_id" = String, Path, description = "Tenant id"), ("router_id" = String, Path, description = "Router id"), ("port" = u16, Path, description = "The router's TCP port inside the tunnel")), request_body(content = Option<ForwardRequest>, description = "listen: host address (default 127.0.0.1:0, any free port)"), responses((status = 201, description = "Created: the listener is open", body = ForwardView), (status = 200, description = "Existed", body = ForwardView), (status = 400, description = "Bad input", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 404, description = "Unknown object", body = ErrorBody), (status = 409, description = "Listen address in use (listen_unavailable), or TUN mode (tun_mode)", body = ErrorBody), (status = 503, description = FORWARD_UNAVAILABLE, body = ErrorBody)))]
 pub async fn put_forward(
     State(state): Shared,
     Path((t, r, port)): Path<(String, String, String)>,
@@ -278,7 +279,7 @@ pub async fn put_forward(
     Ok((status_of(put), Json(ForwardView::new(router, port, bound))).into_response())
 }
 
-#[utoipa::path(delete, path = "/tenants/{tenant_id}/routers/{router_id}/forwards/{port}", tag = "forwards", params(("tenant_id" = String, Path, description = "Tenant id"), ("router_id" = String, Path, description = "Router id"), ("port" = u16, Path, description = "The router's port")), responses((status = 204, description = "Deleted; the listener is closed"), (status = 400, description = "Bad input", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 404, description = "Unknown object", body = ErrorBody)))]
+#[utoipa::path(delete, path = "/tenants/{tenant_id}/routers/{router_id}/forwards/{port}", tag = "forwards", params(("tenant_id" = String, Path, description = "Tenant id"), ("router_id" = String, Path, description = "Router id"), ("port" = u16, Path, description = "The router's port")), responses((status = 204, description = "Deleted; the listener is closed"), (status = 400, description = "Bad input", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 404, description = "Unknown object", body = ErrorBody), (status = 503, description = CHANGE_UNAVAILABLE, body = ErrorBody)))]
 pub async fn delete_forward(
     State(state): Shared,
     Path((t, r, port)): Path<(String, String, String)>,
@@ -298,7 +299,7 @@ pub async fn delete_forward(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-#[utoipa::path(delete, path = "/tenants/{tenant_id}/routers/{router_id}", tag = "routers", params(("tenant_id" = String, Path, description = "Tenant id: 1-64 of [A-Za-z0-9._-]"), ("router_id" = String, Path, description = "Router id")), responses((status = 204, description = "Deleted"), (status = 400, description = "Bad input", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 404, description = "Unknown object", body = ErrorBody), (status = 409, description = "Conflict", body = ErrorBody), (status = 503, description = "Change not stored and undone (storage_failed), or stored but not taken by the running tunnel (tunnel_down; the message says so)", body = ErrorBody)))]
+#[utoipa::path(delete, path = "/tenants/{tenant_id}/routers/{router_id}", tag = "routers", params(("tenant_id" = String, Path, description = "Tenant id: 1-64 of [A-Za-z0-9._-]"), ("router_id" = String, Path, description = "Router id")), responses((status = 204, description = "Deleted"), (status = 400, description = "Bad input", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 404, description = "Unknown object", body = ErrorBody), (status = 409, description = "Conflict", body = ErrorBody), (status = 503, description = CHANGE_UNAVAILABLE, body = ErrorBody)))]
 pub async fn delete_router(
     State(state): Shared,
     Path((t, r)): Path<(String, String)>,

@@ -19,7 +19,7 @@ use crate::store::Change;
 
 use super::{
     commit, ensure_tenant, status_of, stored_but, sync, tenant_id, tenant_row, tenant_view, undo,
-    ApiResult, Shared,
+    ApiResult, Shared, CHANGE_UNAVAILABLE,
 };
 
 #[utoipa::path(get, path = "/tenants", tag = "tenants", responses((status = 200, body = [TenantView]), (status = 400, description = "Bad input", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody)))]
@@ -41,7 +41,7 @@ pub async fn get_tenant(State(state): Shared, Path(t): Path<String>) -> ApiResul
     Ok(Json(tenant_view(&state, &control, tenant)).into_response())
 }
 
-#[utoipa::path(put, path = "/tenants/{tenant_id}", tag = "tenants", params(("tenant_id" = String, Path, description = "Tenant id: 1-64 of [A-Za-z0-9._-]")), request_body(content = Option<TenantRequest>, description = "Optional: listen_port and subnet; omitted values are allocated"), responses((status = 201, description = "Created", body = TenantView), (status = 200, description = "Existed", body = TenantView), (status = 400, description = "Bad input", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 409, description = "Conflict", body = ErrorBody), (status = 503, description = "Change not stored and undone (storage_failed), or stored but not taken by the running tunnel (tunnel_down; the message says so)", body = ErrorBody)))]
+#[utoipa::path(put, path = "/tenants/{tenant_id}", tag = "tenants", params(("tenant_id" = String, Path, description = "Tenant id: 1-64 of [A-Za-z0-9._-]")), request_body(content = Option<TenantRequest>, description = "Optional: listen_port and subnet; omitted values are allocated"), responses((status = 201, description = "Created", body = TenantView), (status = 200, description = "Existed", body = TenantView), (status = 400, description = "Bad input", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 409, description = "Conflict", body = ErrorBody), (status = 503, description = CHANGE_UNAVAILABLE, body = ErrorBody)))]
 pub async fn put_tenant(
     State(state): Shared,
     Path(t): Path<String>,
@@ -58,7 +58,7 @@ pub async fn put_tenant(
     Ok((status_of(put), Json(tenant_view(&state, &control, tenant))).into_response())
 }
 
-#[utoipa::path(delete, path = "/tenants/{tenant_id}", tag = "tenants", params(("tenant_id" = String, Path, description = "Tenant id: 1-64 of [A-Za-z0-9._-]")), responses((status = 204, description = "Deleted; its port is closed"), (status = 400, description = "Bad input", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 404, description = "Unknown object", body = ErrorBody), (status = 503, description = "Change not stored and undone (storage_failed), or stored but not taken by the running tunnel (tunnel_down; the message says so)", body = ErrorBody)))]
+#[utoipa::path(delete, path = "/tenants/{tenant_id}", tag = "tenants", params(("tenant_id" = String, Path, description = "Tenant id: 1-64 of [A-Za-z0-9._-]")), responses((status = 204, description = "Deleted; its port is closed"), (status = 400, description = "Bad input", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 404, description = "Unknown object", body = ErrorBody), (status = 503, description = CHANGE_UNAVAILABLE, body = ErrorBody)))]
 pub async fn delete_tenant(State(state): Shared, Path(t): Path<String>) -> ApiResult {
     let id = tenant_id(&t)?;
     let mut control = state.control.lock().await;

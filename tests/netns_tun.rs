@@ -2,7 +2,8 @@
 //! (the hub namespace) pings a router, over IPv4 and IPv6, and talks TCP to a
 //! server bound on the router's tunnel address; the router pings the server
 //! addresses; a router of another tenant cannot reach the first tenant through the
-//! host, which forwards both families; the device set down and up from
+//! host, which forwards both families, nor does the host relay one tenant's
+//! packets to another; the device set down and up from
 //! outside gets its addresses and routes back; and the seed's
 //! original failure cannot happen: with IP forwarding and masquerade on the hub's
 //! uplink and the KTN gateway down, not one packet of the phone's reaches the
@@ -457,6 +458,35 @@ fn tun_mode_reaches_routers_and_never_leaks() {
             "tenant acme reached {dst} of kitonga"
         );
     }
+
+    // 3'. And if something on the host relays one tenant's packets to another
+    //     (a proxy, a tunnel device), the reader drops them: here the host sends
+    //     from acme's server address to kitonga's router.
+    let _ = lab.hub.output(&[
+        "ping",
+        "-c",
+        "3",
+        "-W",
+        "1",
+        "-I",
+        "10.101.0.1",
+        "10.100.1.1",
+    ]);
+    let _ = lab.hub.output(&[
+        "ping",
+        "-c",
+        "2",
+        "-W",
+        "1",
+        "-I",
+        "fd77:7770:a65::1",
+        "fd77:7770:a64::101",
+    ]);
+    let cross = lab.metric(
+        "wgplane_host_packets_dropped_total",
+        &["reason=\"cross_tenant\""],
+    );
+    assert_eq!(cross, 5.0, "host packets from acme's addresses to kitonga");
 
     // 3a. Forwards ride the userspace stack, which TUN mode does without: refused
     //     (the host reaches the router by route, as step 1 showed), not a listener

@@ -108,6 +108,21 @@ pub const QUEUE_PACKETS: u16 = 256;
 /// the packet limit, 64 KB ones (a fragmented datagram's) stop here.
 pub const QUEUE_BYTES: u32 = 512 * 1024;
 
+/// An endpoint as one address per host: an IPv4 sender seen on a dual-stack
+/// socket (`[::ffff:a.b.c.d]:p`) is `a.b.c.d:p`, so that events, the API and the
+/// store name it as IPv4, and a restart on an IPv4 socket can still reach it.
+/// Other IPv6 endpoints keep their flow label and scope (a link-local peer's).
+#[inline]
+pub fn canonical_endpoint(endpoint: SocketAddr) -> SocketAddr {
+    match endpoint {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
+            None => endpoint,
+        },
+        SocketAddr::V4(_) => endpoint,
+    }
+}
+
 /// Roams of one peer are announced at most this often: a peer that sends
 /// from a new address with every datagram (its own doing, or an on-path
 /// attacker's) moves its endpoint at once, but costs the control plane one
@@ -411,6 +426,12 @@ impl Peer {
     /// The peer's queue is empty now (sent, discarded or dropped with its
     /// protocol state): its bytes are the tunnel's again. Returns how many
     /// packets were in it.
+    /// Forgets the packets waiting for this peer's handshake (it is being
+    /// removed): how many there were, for the caller to count.
+    pub(crate) fn discard_queue(&mut self) -> u16 {
+        self.queue_emptied()
+    }
+
     fn queue_emptied(&mut self) -> u16 {
         let packets = self.queued_packets;
         if self.queued_bytes != 0 {

@@ -92,11 +92,17 @@ pub enum DropReason {
     /// (a storm): dropped unanswered, as kernel WireGuard drops beyond its
     /// handshake queue, so that no wake-up handles more than a turn of them.
     HandshakeQueueFull,
+    /// A client's packet to an address no host is reached at through a gateway:
+    /// broadcast, multicast, loopback, link-local, "this network", reserved.
+    Martian,
+    /// The packet waited for the handshake of a peer that was removed (or
+    /// replaced by a new key) meanwhile.
+    PeerRemoved,
 }
 
 impl DropReason {
     /// Every reason, in counter order.
-    pub const ALL: [DropReason; 21] = [
+    pub const ALL: [DropReason; 23] = [
         Self::InvalidDatagram,
         Self::BadMac,
         Self::UnderLoad,
@@ -118,6 +124,8 @@ impl DropReason {
         Self::HostSource,
         Self::HandshakeTimeout,
         Self::HandshakeQueueFull,
+        Self::PeerRemoved,
+        Self::Martian,
     ];
 
     /// Stable snake_case name, used in metrics and the API.
@@ -144,6 +152,8 @@ impl DropReason {
             Self::HostSource => "host_source",
             Self::HandshakeTimeout => "handshake_timeout",
             Self::HandshakeQueueFull => "handshake_queue_full",
+            Self::PeerRemoved => "peer_removed",
+            Self::Martian => "martian",
         }
     }
 
@@ -194,6 +204,25 @@ pub enum Origin {
     Host,
 }
 
+/// Whether `dst` is an address no packet from a client should go to: the
+/// limited broadcast and the reserved 240/4, multicast, loopback, link-local,
+/// "this network" (0/8), and for IPv6 the unspecified address.
+#[inline]
+fn is_martian(dst: IpAddr) -> bool {
+    match dst {
+        IpAddr::V4(v4) => {
+            let first = v4.octets()[0];
+            first == 0 || first >= 224 || v4.is_loopback() || v4.is_link_local()
+        }
+        IpAddr::V6(v6) => {
+            v6.is_multicast()
+                || v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_unicast_link_local()
+        }
+    }
+}
+
 /// Applies routing rules 2 to 6 to a parsed packet (rule 1, parsing, is the caller's).
 ///
 /// `is_live(peer)` tells whether a gateway has a session now.
@@ -234,6 +263,9 @@ pub fn decide(
             .find(|(_, e)| e.pool.contains(&src))
         {
             if !e.gateways.contains(&p) {
+                if is_martian(dst) {
+                    return Verdict::drop(DropReason::Martian);
+                }
                 return match e.gateways.iter().copied().find(|&g| is_live(g)) {
                     Some(g) => Verdict::Forward {
                         peer: g,
@@ -335,6 +367,40 @@ mod tests {
                 "dst {dst}"
             );
         }
+    }
+
+    /// A phone's broadcast, multicast and other martian destinations are
+    /// dropped, not handed to the gateway; its ordinary ones are not.
+    #[test]
+    fn client_martians_are_dropped_not_sent_to_the_gateway() {
+        for dst in [
+            "255.255.255.255",
+            "224.0.0.251",
+            "239.255.255.250",
+            "240.0.0.1",
+            "127.0.0.1",
+            "169.254.169.254",
+            "0.1.2.3",
+        ] {
+            assert_eq!(
+                from(PHONE_1, "10.200.0.2", dst, &[GATEWAY]),
+                Verdict::drop(DropReason::Martian),
+                "dst {dst}"
+            );
+        }
+        for dst in ["223.255.255.254", "1.0.0.1", "10.200.0.255", "100.64.0.1"] {
+            assert!(
+                matches!(
+                    from(PHONE_1, "10.200.0.2", dst, &[GATEWAY]),
+                    Verdict::Forward { peer: GATEWAY, .. }
+                ),
+                "dst {dst}"
+            );
+        }
+        for dst in ["ff02::1", "::1", "::", "fe80::1"] {
+            assert!(is_martian(dst.parse().unwrap()), "{dst}");
+        }
+        assert!(!is_martian("2001:db8::1".parse().unwrap()));
     }
 
     #[test]

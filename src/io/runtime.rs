@@ -200,7 +200,7 @@ impl Runtime {
     }
 
     /// TUN mode: the host device's drops by reason (none without a device).
-    pub fn host_drops(&self) -> Option<[(&'static str, u64); 5]> {
+    pub fn host_drops(&self) -> Option<[(&'static str, u64); 6]> {
         self.settings.host.as_ref().map(|h| h.drops().counts())
     }
 

@@ -107,6 +107,10 @@ pub struct HostDrops {
     /// A multicast or link-local destination: the host's own chatter on the
     /// device (IPv6 neighbour discovery and MLD, mDNS), never for a tunnel.
     pub link_local: AtomicU64,
+    /// The source lies in another tenant's subnet, pool or IPv6 network: the
+    /// host relayed one tenant's packet towards another (a proxy, a tunnel
+    /// device, forwarding), which tenant isolation forbids.
+    pub cross_tenant: AtomicU64,
     /// The tunnel's queue was full (it is behind; the kernel's queue is the
     /// place to wait).
     pub queue_full: AtomicU64,
@@ -114,13 +118,14 @@ pub struct HostDrops {
 
 impl HostDrops {
     /// Each reason's name (as in metrics) and count.
-    pub fn counts(&self) -> [(&'static str, u64); 5] {
+    pub fn counts(&self) -> [(&'static str, u64); 6] {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         [
             ("unreadable", get(&self.unreadable)),
             ("malformed", get(&self.malformed)),
             ("no_tunnel", get(&self.no_tunnel)),
             ("link_local", get(&self.link_local)),
+            ("cross_tenant", get(&self.cross_tenant)),
             ("queue_full", get(&self.queue_full)),
         ]
     }
@@ -500,6 +505,15 @@ async fn read_loop(
                 drops.no_tunnel.fetch_add(1, Ordering::Relaxed);
                 continue;
             };
+            // Isolation on the host side too: what comes from one tenant's
+            // addresses never enters another's tunnel.
+            if routes
+                .lookup(header.src)
+                .is_some_and(|owner| !owner.same_channel(tunnel))
+            {
+                drops.cross_tenant.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
             let mut packet = match refused.take() {
                 Some(buf) => buf,
                 None => spare.try_recv().unwrap_or_default(),

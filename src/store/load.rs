@@ -15,6 +15,7 @@ use ipnet::IpNet;
 
 use super::{corrupt, Store, StoreError};
 use crate::control::model::{Client, EgressPolicy, Id, Router, Tenant};
+use crate::core::peer::canonical_endpoint;
 use crate::keys::{self, SecretKey};
 
 /// A private key as stored: sealed, or absent when the peer's owner holds it.
@@ -106,7 +107,7 @@ impl Store {
                 index,
                 forwards: BTreeMap::new(),
                 endpoint: endpoint
-                    .map(|e| e.parse())
+                    .map(|e| e.parse().map(canonical_endpoint))
                     .transpose()
                     .map_err(|_| corrupt(&row_name, "endpoint"))?,
             };

@@ -121,6 +121,13 @@ impl Registry {
             addr: net,
             reason,
         };
+        // Loopback, link-local, multicast and the like are no router's network:
+        // a peer owning them could send from them and attract them.
+        if super::special_nets().any(|s| alloc::overlaps(net, s)) {
+            return Err(unavailable(
+                "is not ordinary unicast (loopback, link-local, multicast…)",
+            ));
+        }
         if alloc::overlaps(net, IpNet::V4(tenant.subnet)) && net.prefix_len() < 32 {
             return Err(unavailable("overlaps the tenant subnet"));
         }

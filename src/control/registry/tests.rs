@@ -279,6 +279,43 @@ fn a_single_address_a_router_routes_is_never_another_routers() {
     }
 }
 
+/// A router may not route loopback, link-local or multicast ranges (it could
+/// send from them and attract them), of either family; ordinary LANs are fine.
+#[test]
+fn a_router_routes_no_special_range() {
+    let mut r = registry();
+    r.put_tenant(&id("a"), &Default::default(), now()).unwrap();
+    let extra = |net: &str| RouterRequest {
+        allowed_ips: Some(vec![net.to_string()]),
+        ..Default::default()
+    };
+    for special in [
+        "224.0.0.0/4",
+        "224.0.0.5/32",
+        "127.0.0.0/8",
+        "169.254.1.0/24",
+        "0.0.0.0/8",
+        "255.255.255.255/32",
+        "fe80::/10",
+        "ff02::1/128",
+        "::1/128",
+        "::ffff:0:0/96",
+    ] {
+        let e = r
+            .put_router(&id("a"), &id("r1"), &extra(special))
+            .unwrap_err();
+        assert!(
+            matches!(e, ControlError::AddressUnavailable { .. }),
+            "{special}: {e}"
+        );
+        assert_eq!(e.field_name(), Some("allowed_ips"), "{special}");
+    }
+    r.put_router(&id("a"), &id("r1"), &extra("192.168.88.0/24"))
+        .unwrap();
+    r.put_router(&id("a"), &id("r2"), &extra("fd00:88::/64"))
+        .unwrap();
+}
+
 #[test]
 fn routers_allocate_and_conflict() {
     let mut r = registry();

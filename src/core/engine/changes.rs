@@ -12,8 +12,8 @@ use std::sync::Arc;
 use ipnet::IpNet;
 
 use super::{EgressConfig, EngineError, TunnelEngine};
-use crate::core::peer::{Peer, PeerConfig};
-use crate::core::policy::{Egress, PeerId};
+use crate::core::peer::{canonical_endpoint, Peer, PeerConfig};
+use crate::core::policy::{DropReason, Egress, PeerId};
 use crate::core::table::PrefixTable;
 
 impl TunnelEngine {
@@ -84,7 +84,7 @@ impl TunnelEngine {
     /// keepalive is reached out to now, as after a restart, not when it next
     /// speaks.
     fn reach_at(&mut self, id: PeerId, endpoint: Option<SocketAddr>) {
-        let Some(endpoint) = endpoint else {
+        let Some(endpoint) = endpoint.map(canonical_endpoint) else {
             return;
         };
         let Some(peer) = self.peers.get_mut(id) else {
@@ -112,7 +112,9 @@ impl TunnelEngine {
     /// which the caller brings up to date.
     fn unlink_peer(&mut self, key: &[u8; 32]) -> Option<u32> {
         let id = self.peers.by_key.get(key).copied()?;
-        let peer = self.peers.remove(id)?;
+        let mut peer = self.peers.remove(id)?;
+        // What waited for its handshake is lost with it, and counted.
+        self.stats.drops[DropReason::PeerRemoved.index()] += u64::from(peer.discard_queue());
         // Whoever was told it connected is told it is gone.
         if peer.connected {
             self.events

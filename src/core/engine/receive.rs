@@ -18,7 +18,7 @@ use super::{trim_events, Event, Sink, TunnelEngine};
 use crate::core::admission::Refusal;
 use crate::core::netstack::LocalStack;
 use crate::core::peer::{
-    initiator_key, message_type, Decap, Message, Peer, ROAM_ANNOUNCE_INTERVAL,
+    canonical_endpoint, initiator_key, message_type, Decap, Message, Peer, ROAM_ANNOUNCE_INTERVAL,
 };
 use crate::core::policy::{DropReason, Origin, PeerId};
 
@@ -39,6 +39,7 @@ impl TunnelEngine {
         sink: &mut impl Sink,
     ) {
         self.stats.rx_datagrams += 1;
+        let from = canonical_endpoint(from);
         let Some(message) = Message::classify(datagram) else {
             self.stats.drop(DropReason::InvalidDatagram);
             return;

@@ -11,7 +11,9 @@
 //! The phone's default route is its tunnel. wgplane's egress policy sends the
 //! phone's packets to the gateway, which masquerades them towards the HTTP
 //! server; `inet` has no route back to the pool, so an answer proves the path.
-//! Then the gateway goes down and the phone must get nowhere.
+//! Pings with a TTL of 1 and 2 show the hops (the hub, then the gateway), and
+//! the hub's ICMP errors are read by real IP stacks. Then the gateway goes down
+//! and the phone must get nowhere.
 //!
 //! Needs root, `ip netns`, wireguard-go, wg, iptables, curl and python3: without
 //! them it prints `SKIP` and passes, except under `CI`, where it fails. On a
@@ -82,6 +84,30 @@ fn phone_reaches_internet_through_gateway_and_not_without_it() {
     assert!(
         !clients.is_empty() && clients.iter().all(|c| c == "198.18.0.1"),
         "the internet server should see only the gateway's masqueraded address 198.18.0.1, saw {clients:?}"
+    );
+
+    // The hops, as real IP stacks see them (a traceroute by hand): with one hop
+    // of TTL the phone's ping ends at the hub, which says so from the tenant's
+    // server address; with two, at the gateway, the MikroTik that every packet
+    // of the phone's passes. And a router pinging an address no peer owns hears
+    // "host unreachable" from the hub, as kernel WireGuard would answer.
+    for (ttl, hop) in [("1", "10.100.0.1"), ("2", "10.100.0.40")] {
+        let out = lab
+            .phone
+            .output(&["ping", "-n", "-c", "1", "-W", "3", "-t", ttl, "198.18.0.2"]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains(&format!("From {hop}")) && text.contains("Time to live exceeded"),
+            "TTL {ttl}: {text}"
+        );
+    }
+    let out = lab
+        .gw
+        .output(&["ping", "-n", "-c", "1", "-W", "3", "10.100.9.9"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("From 10.100.0.1") && text.contains("Destination Host Unreachable"),
+        "{text}"
     );
 
     // kill -9 and restart on the same state: the same wireguard-go peers, never

@@ -1,6 +1,6 @@
 //! The tunnel's own address in userspace: routers get answers to ping from the
 //! server address; a KTN phone's ping to it goes to the gateway instead; another
-//! tenant's router gets nothing.
+//! tenant's router gets no answer, only its own tunnel's "host unreachable".
 
 mod sim;
 
@@ -126,9 +126,17 @@ fn a_phone_never_reaches_the_stack_and_another_tenant_never_does() {
     assert_eq!(at_gw.len(), 1, "the phone's ping went to the gateway");
     assert_eq!(addrs(&at_gw[0]).1, ip("10.100.0.1"));
 
+    // Tenant B's router gets no answer from A: only its own tunnel's "host
+    // unreachable", from B's server address, as a router answers.
     sim.send(rb, &ping("10.101.1.1", "10.100.0.1", 2));
-    assert!(
-        sim.take_inbox(rb).is_empty(),
-        "tenant B's router gets no answer from A"
+    let at_rb = sim.take_inbox(rb);
+    assert_eq!(at_rb.len(), 1);
+    assert_eq!(
+        addrs(&at_rb[0]),
+        (ip("10.101.0.1"), ip("10.101.1.1")),
+        "from B's own address"
     );
+    let p = Ipv4Packet::new_checked(&at_rb[0][..]).unwrap();
+    let icmp = Icmpv4Packet::new_checked(p.payload()).unwrap();
+    assert_eq!(icmp.msg_type(), Icmpv4Message::DstUnreachable);
 }

@@ -1,10 +1,30 @@
-//! The inner-packet parser on arbitrary bytes: no panic, and a parsed length fits.
+//! The inner-packet parser on arbitrary bytes: no panic, and a parsed length
+//! fits. What the router then does to a parsed packet (its hop lowered, an ICMP
+//! error built about it) never panics either, and an error is a packet the
+//! parser takes, addressed to the packet's source.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use wgplane::core::icmp::{self, Error};
+use wgplane::core::packet;
 
 fuzz_target!(|data: &[u8]| {
-    if let Ok(header) = wgplane::core::packet::parse(data) {
-        assert!(header.len <= data.len());
+    let Ok(header) = packet::parse(data) else {
+        return;
+    };
+    assert!(header.len <= data.len());
+    let mut hop = data[..header.len].to_vec();
+    let _ = icmp::decrement_hop_limit(&mut hop);
+    let mut out = [0u8; icmp::ERROR_MAX];
+    let from = if header.src.is_ipv4() {
+        "10.100.0.1".parse().unwrap()
+    } else {
+        "fd77:7770:a64::1".parse().unwrap()
+    };
+    for error in [Error::TimeExceeded, Error::HostUnreachable] {
+        if let Some(len) = icmp::build(error, &data[..header.len], from, &mut out) {
+            let answer = packet::parse(&out[..len]).expect("an error is a well-formed packet");
+            assert_eq!((answer.src, answer.dst, answer.len), (from, header.src, len));
+        }
     }
 });

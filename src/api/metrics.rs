@@ -376,6 +376,7 @@ fn tunnel_series(tunnel: &TunnelLabels, now: Instant, wall: SystemTime) {
     counter!("wgplane_cookie_replies_total", &base()).absolute(s.cookie_replies);
     counter!("wgplane_handshake_work_total", &base()).absolute(s.admitted_handshakes);
     counter!("wgplane_tunnel_events_lost_total", &base()).absolute(s.events_lost);
+    counter!("wgplane_icmp_errors_total", &base()).absolute(s.icmp_errors);
     for (direction, value) in [
         ("received", s.rx_datagrams),
         ("sent", s.tx_datagrams),

@@ -9,6 +9,7 @@ pub mod alloc;
 pub mod budget;
 pub mod engine;
 pub mod harness;
+pub mod icmp;
 pub mod load;
 pub mod netstack;
 pub mod packet;

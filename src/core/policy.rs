@@ -92,6 +92,9 @@ pub enum DropReason {
     /// (a storm): dropped unanswered, as kernel WireGuard drops beyond its
     /// handshake queue, so that no wake-up handles more than a turn of them.
     HandshakeQueueFull,
+    /// A packet from one peer for another that arrived with no hop left
+    /// (IPv4 TTL or IPv6 hop limit 1 or 0): answered "time exceeded".
+    TtlExpired,
     /// A client's packet to an address no host is reached at through a gateway:
     /// broadcast, multicast, loopback, link-local, "this network", reserved.
     Martian,
@@ -102,7 +105,7 @@ pub enum DropReason {
 
 impl DropReason {
     /// Every reason, in counter order.
-    pub const ALL: [DropReason; 23] = [
+    pub const ALL: [DropReason; 24] = [
         Self::InvalidDatagram,
         Self::BadMac,
         Self::UnderLoad,
@@ -126,6 +129,7 @@ impl DropReason {
         Self::HandshakeQueueFull,
         Self::PeerRemoved,
         Self::Martian,
+        Self::TtlExpired,
     ];
 
     /// Stable snake_case name, used in metrics and the API.
@@ -154,6 +158,7 @@ impl DropReason {
             Self::HandshakeQueueFull => "handshake_queue_full",
             Self::PeerRemoved => "peer_removed",
             Self::Martian => "martian",
+            Self::TtlExpired => "ttl_expired",
         }
     }
 

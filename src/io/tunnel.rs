@@ -138,8 +138,8 @@ fn take_host_packets(
 ) {
     let Some(rx) = packets.as_mut() else { return };
     for _ in 0..limit {
-        let Ok(packet) = rx.try_recv() else { break };
-        engine.handle_host_packet(&packet, now, sink);
+        let Ok(mut packet) = rx.try_recv() else { break };
+        engine.handle_host_packet(&mut packet, now, sink);
         recycle(recycle_to, packet);
     }
 }
@@ -542,10 +542,10 @@ pub async fn run(
                 }
             }
             packet = recv_host(&mut host.packets) => {
-                let Some(packet) = packet else { break };
+                let Some(mut packet) = packet else { break };
                 let now = Instant::now();
                 let mut sink = UdpSink { tx: &mut tx, host: host.device.is_some().then_some(&mut host.out) };
-                engine.handle_host_packet(&packet, now, &mut sink);
+                engine.handle_host_packet(&mut packet, now, &mut sink);
                 recycle(&host.recycle, packet);
                 // Whatever else is queued, in the same wake-up (bounded like the socket).
                 take_host_packets(&mut host.packets, &host.recycle, &mut engine, now, &mut sink, RECV_BATCH - 1);

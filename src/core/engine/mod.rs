@@ -33,6 +33,7 @@ use ipnet::IpNet;
 
 use super::admission::Admission;
 use super::budget::HandshakeBudget;
+use super::icmp::ErrorBudget;
 use super::netstack::{ConnId, LocalStack, StackError};
 use super::peer::message_type;
 use super::policy::{DropReason, PeerId, RoutingState};
@@ -131,6 +132,8 @@ pub struct TunnelEngine {
     local: Option<LocalStack>,
     /// When the local stack next needs a poll for its timers, as of its last one.
     local_at: Option<Instant>,
+    /// ICMP errors the tunnel may still send ([`crate::core::icmp`]).
+    icmp: ErrorBudget,
 }
 
 impl TunnelEngine {
@@ -159,6 +162,7 @@ impl TunnelEngine {
             tx: vec![0; BUF_LEN].into_boxed_slice(),
             local: None,
             local_at: None,
+            icmp: ErrorBudget::default(),
         }
     }
 

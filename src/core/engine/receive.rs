@@ -56,6 +56,7 @@ impl TunnelEngine {
             rx,
             tx,
             local,
+            icmp,
             ..
         } = self;
 
@@ -174,9 +175,10 @@ impl TunnelEngine {
                     routing,
                     stats,
                     tx,
+                    icmp,
                     local.as_mut(),
                     Origin::Peer(id),
-                    &rx[..len],
+                    &mut rx[..len],
                     now,
                     sink,
                 );

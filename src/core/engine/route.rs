@@ -10,6 +10,7 @@ use std::time::Instant;
 use super::peers::Peers;
 use super::status::TunnelStats;
 use super::{Sink, TunnelEngine};
+use crate::core::icmp::{self, Error, ErrorBudget};
 use crate::core::netstack::LocalStack;
 use crate::core::packet;
 use crate::core::peer::Encap;
@@ -25,6 +26,7 @@ impl TunnelEngine {
             tx,
             local,
             local_at,
+            icmp,
             ..
         } = self;
         let Some(stack) = local else { return };
@@ -32,7 +34,7 @@ impl TunnelEngine {
         // Bounded: the stack sends at most what its sockets and input allow; the
         // cap only guards against a bug turning this into a busy loop.
         for _ in 0..4096 {
-            let Some(packet) = stack.poll_transmit() else {
+            let Some(mut packet) = stack.poll_transmit() else {
                 break;
             };
             route(
@@ -40,9 +42,10 @@ impl TunnelEngine {
                 routing,
                 stats,
                 tx,
+                icmp,
                 None,
                 Origin::Host,
-                &packet,
+                &mut packet,
                 now,
                 sink,
             );
@@ -53,12 +56,13 @@ impl TunnelEngine {
 
     /// Handles a packet from the host side (TUN device or local stack), routed by
     /// destination only.
-    pub fn handle_host_packet(&mut self, packet: &[u8], now: Instant, sink: &mut impl Sink) {
+    pub fn handle_host_packet(&mut self, packet: &mut [u8], now: Instant, sink: &mut impl Sink) {
         let Self {
             peers,
             routing,
             stats,
             tx,
+            icmp,
             ..
         } = self;
         route(
@@ -66,6 +70,7 @@ impl TunnelEngine {
             routing,
             stats,
             tx,
+            icmp,
             None,
             Origin::Host,
             packet,
@@ -83,9 +88,10 @@ pub(super) fn route(
     routing: &RoutingState,
     stats: &mut TunnelStats,
     tx: &mut [u8],
+    icmp: &mut ErrorBudget,
     local: Option<&mut LocalStack>,
     origin: Origin,
-    packet: &[u8],
+    packet: &mut [u8],
     now: Instant,
     sink: &mut impl Sink,
 ) {
@@ -94,7 +100,7 @@ pub(super) fn route(
         Ok(h) => h,
         Err(_) => return stats.drop(DropReason::Malformed),
     };
-    let packet = &packet[..header.len];
+    let packet = &mut packet[..header.len];
     let verdict = decide(routing, origin, header.src, header.dst, |g| {
         peers.get(g).is_some_and(|p| p.is_live(now))
     });
@@ -104,8 +110,20 @@ pub(super) fn route(
                 return stats.drop(DropReason::NoRoute);
             };
             let Some(to) = endpoint else {
-                return stats.drop(DropReason::NoEndpoint);
+                stats.drop(DropReason::NoEndpoint);
+                let error = Error::HostUnreachable;
+                return answer(
+                    peers, routing, stats, tx, icmp, origin, error, packet, now, sink,
+                );
             };
+            // A router's hop: what arrives with none left goes no further.
+            if matches!(origin, Origin::Peer(_)) && !icmp::decrement_hop_limit(packet) {
+                stats.drop(DropReason::TtlExpired);
+                let error = Error::TimeExceeded;
+                return answer(
+                    peers, routing, stats, tx, icmp, origin, error, packet, now, sink,
+                );
+            }
             if !listed {
                 peers.activate(peer);
             }
@@ -161,6 +179,12 @@ pub(super) fn route(
         }
         Verdict::Drop { reason, wake } => {
             stats.drop(reason);
+            if reason == DropReason::NoRoute {
+                let error = Error::HostUnreachable;
+                answer(
+                    peers, routing, stats, tx, icmp, origin, error, packet, now, sink,
+                );
+            }
             // Wake the gateways, each where it was last heard from: the packet is
             // gone, but the next ones find a session with whichever answers
             // first, in failover order. Nothing but a handshake initiation goes
@@ -183,4 +207,51 @@ pub(super) fn route(
             }
         }
     }
+}
+
+/// Answers a peer's packet that went no further with the ICMP `error`, from the
+/// tunnel's own address of its family, within the tunnel's error budget. Sent
+/// as the host would send it: routed to the packet's source, which rule 2
+/// proved is the sender's. Nothing answers the host's own packets.
+#[allow(clippy::too_many_arguments)]
+#[cold]
+fn answer(
+    peers: &mut Peers,
+    routing: &RoutingState,
+    stats: &mut TunnelStats,
+    tx: &mut [u8],
+    budget: &mut ErrorBudget,
+    origin: Origin,
+    error: Error,
+    packet: &[u8],
+    now: Instant,
+    sink: &mut impl Sink,
+) {
+    if !matches!(origin, Origin::Peer(_)) {
+        return;
+    }
+    let family_v4 = packet.first().is_some_and(|b| b >> 4 == 4);
+    let Some(&from) = routing.local.iter().find(|a| a.is_ipv4() == family_v4) else {
+        return;
+    };
+    if !budget.take(now) {
+        return;
+    }
+    let mut out = [0u8; icmp::ERROR_MAX];
+    let Some(len) = icmp::build(error, packet, from, &mut out) else {
+        return;
+    };
+    stats.icmp_errors += 1;
+    route(
+        peers,
+        routing,
+        stats,
+        tx,
+        budget,
+        None,
+        Origin::Host,
+        &mut out[..len],
+        now,
+        sink,
+    );
 }

@@ -41,6 +41,8 @@ pub struct TunnelStats {
     pub admitted_handshakes: u64,
     /// Events discarded because nobody drained them.
     pub events_lost: u64,
+    /// ICMP errors sent to peers (time exceeded, host unreachable).
+    pub icmp_errors: u64,
     /// Drops, indexed by [`DropReason::index`].
     pub drops: [u64; DropReason::ALL.len()],
 }

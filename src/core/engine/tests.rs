@@ -122,9 +122,9 @@ fn initiating_to_a_peer(
     config.public_key = g.public_key;
     config.endpoint = Some(g.addr);
     engine.upsert_peer(config, 7).unwrap();
-    let packet = ip_packet([10, 100, 0, 1].into(), [10, 100, 1, 7].into(), 8);
+    let mut packet = ip_packet([10, 100, 0, 1].into(), [10, 100, 1, 7].into(), 8);
     let mut out = Collect::default();
-    engine.handle_host_packet(&packet, now, &mut out);
+    engine.handle_host_packet(&mut packet, now, &mut out);
     let (to, initiation) = out.sent.pop().unwrap();
     assert_eq!((to, message_type(&initiation)), (g.addr, 1));
     (engine, g, initiation)

@@ -174,6 +174,12 @@ impl Lab {
             .unwrap_or(0.0)
     }
 
+    /// Packets from the host device dropped for `reason`.
+    fn host_dropped(&self, reason: &str) -> f64 {
+        let label = format!("reason=\"{reason}\"");
+        self.metric("wgplane_host_packets_dropped_total", &[&label])
+    }
+
     /// The `Authorization` header for curl, written by `wait_wgplane_ready`.
     fn header_file(&self) -> std::path::PathBuf {
         self.dir.path().join("auth-header")
@@ -462,31 +468,37 @@ fn tun_mode_reaches_routers_and_never_leaks() {
     // 3'. And if something on the host relays one tenant's packets to another
     //     (a proxy, a tunnel device), the reader drops them: here the host sends
     //     from acme's server address to kitonga's router.
-    let _ = lab.hub.output(&[
-        "ping",
-        "-c",
-        "3",
-        "-W",
-        "1",
-        "-I",
-        "10.101.0.1",
-        "10.100.1.1",
-    ]);
-    let _ = lab.hub.output(&[
-        "ping",
-        "-c",
-        "2",
-        "-W",
-        "1",
-        "-I",
-        "fd77:7770:a65::1",
-        "fd77:7770:a64::101",
-    ]);
-    let cross = lab.metric(
-        "wgplane_host_packets_dropped_total",
-        &["reason=\"cross_tenant\""],
-    );
+    for (count, from, to) in [
+        ("3", "10.101.0.1", "10.100.1.1"),
+        ("2", "fd77:7770:a65::1", "fd77:7770:a64::101"),
+    ] {
+        let _ = lab
+            .hub
+            .output(&["ping", "-c", count, "-W", "1", "-I", from, to]);
+    }
+    let cross = lab.host_dropped("cross_tenant");
     assert_eq!(cross, 5.0, "host packets from acme's addresses to kitonga");
+    // What the host itself sends to a pool leaves from that pool's tenant's
+    // address (the route's preferred source), not from the device's first
+    // address, kitonga's, which the reader would take for a relay.
+    lab.api(
+        "PUT",
+        "/v1/tenants/acme/egress",
+        r#"{"pool":"10.201.0.0/24","gateways":["rb"]}"#,
+    );
+    let route = lab.hub.capture(&["ip", "route", "show", "10.201.0.0/24"]);
+    assert!(
+        route.contains("src 10.101.0.1"),
+        "acme's pool route: {route}"
+    );
+    let _ = lab
+        .hub
+        .output(&["ping", "-c", "2", "-W", "1", "10.201.0.2"]);
+    assert_eq!(
+        lab.host_dropped("cross_tenant"),
+        5.0,
+        "the host's own packets to acme's pool are acme's"
+    );
 
     // 3a. Forwards ride the userspace stack, which TUN mode does without: refused
     //     (the host reaches the router by route, as step 1 showed), not a listener
@@ -585,10 +597,7 @@ fn tun_mode_reaches_routers_and_never_leaks() {
         .output(&["ping", "-c", "3", "-W", "1", "198.18.77.1"]);
     // The host's own link chatter (IPv6 router solicitations, MLD) is told apart
     // from them: exactly the three pings went to no tenant.
-    let no_tunnel = lab.metric(
-        "wgplane_host_packets_dropped_total",
-        &["reason=\"no_tunnel\""],
-    );
+    let no_tunnel = lab.host_dropped("no_tunnel");
     assert_eq!(
         no_tunnel, 3.0,
         "host packets for no tenant are counted, and only they"
@@ -625,7 +634,10 @@ fn tun_mode_reaches_routers_and_never_leaks() {
     assert!(back.is_some(), "unhealthy after the device is up again");
     assert_eq!(up_gauge().as_deref(), Some("1"));
     let route = lab.hub.capture(&["ip", "route", "show", "10.200.0.0/24"]);
-    assert!(route.contains("dev wgplane0"), "pool route: {route}");
+    assert!(
+        route.contains("dev wgplane0") && route.contains("src 10.100.0.1"),
+        "pool route: {route}"
+    );
     assert!(
         wait_ping(&lab.hub, "fd77:7770:a64::101"),
         "host -> router over IPv6 after down and up\n{}",

@@ -160,6 +160,30 @@ fn an_address_nobody_owns_is_answered_host_unreachable() {
     l.sim.advance(std::time::Duration::from_secs(61));
     l.sim.send_ip(l.phone, "10.200.0.2", "198.18.0.1");
     assert!(l.sim.take_inbox(l.phone).is_empty());
+    let stats = l.sim.tunnels[0].engine.stats();
+    assert_eq!(
+        stats.dropped(DropReason::EgressDown),
+        1,
+        "it was egress_down"
+    );
+    assert_eq!(stats.icmp_errors, 1, "only the router's");
+}
+
+/// A gateway may send from any address towards its pool (rule 2), but an
+/// error goes only to a source the sender owns: not to an address it chose.
+#[test]
+fn no_error_goes_to_a_source_the_sender_does_not_own() {
+    let mut l = lab();
+    // Towards the phone with no hop left, from a router's and the server's address.
+    for src in ["10.100.1.2", "10.100.0.1", "198.18.0.9"] {
+        l.sim.send(l.gw, &with_hops(src, "10.200.0.2", 1));
+    }
+    assert!(l.sim.take_inbox(l.r2).is_empty());
+    assert!(l.sim.take_inbox(l.gw).is_empty());
+    assert!(l.sim.take_inbox(l.phone).is_empty());
+    let stats = l.sim.tunnels[0].engine.stats();
+    assert_eq!(stats.dropped(DropReason::TtlExpired), 3);
+    assert_eq!(stats.icmp_errors, 0);
 }
 
 #[test]

@@ -91,6 +91,13 @@ fn a_router_of_tenant_a_never_reaches_tenant_b() {
         sim.tunnels[a].engine.stats().dropped(DropReason::NoRoute),
         3
     );
+    // What ra hears back is its own tunnel's "host unreachable", from A's
+    // server address, and nothing of B.
+    let at_ra = sim.take_inbox(ra);
+    assert_eq!(at_ra.len(), 3);
+    assert!(at_ra
+        .iter()
+        .all(|p| addrs(p) == (ip("10.100.0.1"), ip("10.100.1.1"))));
 
     // Replaying A's encrypted datagrams at B's port does not help either.
     let mut buf = vec![0u8; 256];

@@ -28,7 +28,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, Instant};
 
 use smoltcp::wire::{
-    Icmpv4Message, Icmpv4Packet, Icmpv6Message, Icmpv6Packet, IpProtocol, Ipv4Packet, Ipv6Packet,
+    Icmpv4Message, Icmpv4Packet, Icmpv6Message, Icmpv6Packet, IpProtocol, Ipv4Packet,
+    Ipv6ExtHeader, Ipv6Packet,
 };
 
 /// Errors a tunnel sends per second at most.
@@ -152,19 +153,11 @@ fn build_v6(error: Error, packet: &[u8], from: Ipv6Addr, out: &mut [u8]) -> Opti
     if to.is_unspecified() || to.is_multicast() || original.dst_addr().is_multicast() {
         return None;
     }
-    let payload = original.payload();
-    match original.next_header() {
-        // Errors are types 0 to 127; informational messages (echo) 128 and up.
-        IpProtocol::Icmpv6 if payload.first().is_none_or(|&t| t < 128) => return None,
-        // A fragment header: only the first fragment (offset 0) is answered.
-        IpProtocol::Ipv6Frag
-            if payload
-                .get(2..4)
-                .is_none_or(|o| u16::from_be_bytes([o[0], o[1]]) & 0xfff8 != 0) =>
-        {
-            return None
-        }
-        _ => {}
+    let (upper, payload) = upper_layer(original.next_header(), original.payload())?;
+    // Errors are types 0 to 127, and a redirect (137) is not answered either
+    // (RFC 4443 2.4 e); echo and the other informational messages are.
+    if upper == IpProtocol::Icmpv6 && payload.first().is_none_or(|&t| t < 128 || t == 137) {
+        return None;
     }
     let quoted = packet.len().min(V6_ERROR_MAX - V6_HEADERS);
     let len = V6_HEADERS + quoted;
@@ -188,6 +181,34 @@ fn build_v6(error: Error, packet: &[u8], from: Ipv6Addr, out: &mut [u8]) -> Opti
     icmp.payload_mut()[..quoted].copy_from_slice(&packet[..quoted]);
     icmp.fill_checksum(&from, &to);
     Some(len)
+}
+
+/// The upper-layer protocol of an IPv6 packet and its payload, past its
+/// extension headers; `None` for a fragment other than the first, or for
+/// extension headers that do not fit or go on too long.
+fn upper_layer(mut next: IpProtocol, mut rest: &[u8]) -> Option<(IpProtocol, &[u8])> {
+    for _ in 0..8 {
+        let size = match next {
+            IpProtocol::HopByHop | IpProtocol::Ipv6Route | IpProtocol::Ipv6Opts => {
+                8 + 8 * usize::from(Ipv6ExtHeader::new_checked(rest).ok()?.header_len())
+            }
+            IpProtocol::Ipv6Frag => {
+                let offset = rest.get(2..4)?;
+                if u16::from_be_bytes([offset[0], offset[1]]) & 0xfff8 != 0 {
+                    return None;
+                }
+                8
+            }
+            // Its length counts 4-byte words, less two.
+            IpProtocol::IpSecAh => {
+                4 * (usize::from(Ipv6ExtHeader::new_checked(rest).ok()?.header_len()) + 2)
+            }
+            upper => return Some((upper, rest)),
+        };
+        next = IpProtocol::from(*rest.first()?);
+        rest = rest.get(size..)?;
+    }
+    None
 }
 
 /// A tunnel's allowance of ICMP errors: a token bucket refilled with time
@@ -371,6 +392,66 @@ mod tests {
             None,
             "family"
         );
+    }
+
+    /// An ICMPv6 error or a later fragment behind extension headers is
+    /// recognised as such; an echo behind them is answered.
+    #[test]
+    fn ipv6_extension_headers_are_walked() {
+        let mut out = [0u8; ERROR_MAX];
+        let from: IpAddr = "fd77::1".parse().unwrap();
+        // IPv6 + hop-by-hop (8 bytes) + destination options (16 bytes) + ICMPv6.
+        let packet = |icmp_type: u8, fragment: Option<u16>| {
+            let mut p = ip_packet("fd77::101".parse().unwrap(), "fd77::2".parse().unwrap(), 32);
+            p[6] = 0; // hop-by-hop first
+            p[40] = if fragment.is_some() { 44 } else { 60 };
+            p[41] = 0;
+            if let Some(offset) = fragment {
+                p[48] = 58;
+                p[50..52].copy_from_slice(&offset.to_be_bytes());
+            } else {
+                p[48] = 58;
+                p[49] = 1; // 16 bytes
+            }
+            let upper = if fragment.is_some() { 56 } else { 64 };
+            p[upper] = icmp_type;
+            p
+        };
+        let echo = packet(128, None);
+        assert!(build(Error::TimeExceeded, &echo, from, &mut out).is_some());
+        for error_type in [1, 3, 137] {
+            let error = packet(error_type, None);
+            assert_eq!(
+                build(Error::TimeExceeded, &error, from, &mut out),
+                None,
+                "type {error_type}"
+            );
+        }
+        let first = packet(128, Some(0));
+        assert!(build(Error::TimeExceeded, &first, from, &mut out).is_some());
+        let later = packet(128, Some(1232));
+        assert_eq!(build(Error::TimeExceeded, &later, from, &mut out), None);
+    }
+
+    /// The one checksum whose update carries round: 0xFEFF becomes 0x0000,
+    /// as Linux's `ip_decrease_ttl` makes it.
+    #[test]
+    fn the_carry_edge_of_the_checksum_update() {
+        let mut p = v4("10.100.1.1", "10.100.1.2", 64);
+        // Find an ident that gives the header the checksum 0xFEFF.
+        let ident = (0..=u16::MAX)
+            .find(|&ident| {
+                let mut ip = Ipv4Packet::new_unchecked(&mut p);
+                ip.set_ident(ident);
+                ip.fill_checksum();
+                ip.checksum() == 0xfeff
+            })
+            .expect("some ident gives 0xFEFF");
+        assert_eq!(Ipv4Packet::new_unchecked(&p).ident(), ident);
+        assert!(decrement_hop_limit(&mut p));
+        let ip = Ipv4Packet::new_unchecked(&p);
+        assert_eq!(ip.checksum(), 0x0000);
+        assert!(ip.verify_checksum());
     }
 
     #[test]

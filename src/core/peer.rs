@@ -423,15 +423,15 @@ impl Peer {
         }
     }
 
-    /// The peer's queue is empty now (sent, discarded or dropped with its
-    /// protocol state): its bytes are the tunnel's again. Returns how many
-    /// packets were in it.
     /// Forgets the packets waiting for this peer's handshake (it is being
     /// removed): how many there were, for the caller to count.
     pub(crate) fn discard_queue(&mut self) -> u16 {
         self.queue_emptied()
     }
 
+    /// The peer's queue is empty now (sent, discarded or dropped with its
+    /// protocol state): its bytes are the tunnel's again. Returns how many
+    /// packets were in it.
     fn queue_emptied(&mut self) -> u16 {
         let packets = self.queued_packets;
         if self.queued_bytes != 0 {

@@ -127,9 +127,9 @@ impl DropReason {
         Self::HostSource,
         Self::HandshakeTimeout,
         Self::HandshakeQueueFull,
-        Self::PeerRemoved,
-        Self::Martian,
         Self::TtlExpired,
+        Self::Martian,
+        Self::PeerRemoved,
     ];
 
     /// Stable snake_case name, used in metrics and the API.
@@ -372,6 +372,18 @@ mod tests {
                 "dst {dst}"
             );
         }
+    }
+
+    /// `ALL` lists every reason at its own index, names distinct: the
+    /// counters and their metric labels line up.
+    #[test]
+    fn every_reason_sits_at_its_index() {
+        for (i, reason) in DropReason::ALL.iter().enumerate() {
+            assert_eq!(reason.index(), i, "{reason:?}");
+        }
+        let names: std::collections::HashSet<_> =
+            DropReason::ALL.iter().map(|r| r.as_str()).collect();
+        assert_eq!(names.len(), DropReason::ALL.len());
     }
 
     /// A phone's broadcast, multicast and other martian destinations are

@@ -513,7 +513,7 @@ impl Runtime {
         if let Some(tx) = &handle.host_packets {
             for pool in wanted {
                 if !handle.pools.contains(&pool) {
-                    host.add_pool(pool, tx.clone()).await?;
+                    host.add_pool(pool, tenant.server_ip(), tx.clone()).await?;
                     handle.pools.push(pool);
                 }
             }

@@ -292,16 +292,18 @@ impl HostDevice {
         }
     }
 
-    /// Routes a client pool into the device, towards `tunnel`.
+    /// Routes a client pool into the device, towards `tunnel`, with the
+    /// tenant's server address `server` as the host's source for it.
     pub async fn add_pool(
         &self,
         pool: Ipv4Net,
+        server: Ipv4Addr,
         tunnel: mpsc::Sender<Vec<u8>>,
     ) -> Result<(), TunError> {
         match self
             .netlink
             .route()
-            .add(self.pool_route(pool))
+            .add(self.pool_route(pool, Some(server)))
             .replace()
             .execute()
             .await
@@ -321,12 +323,22 @@ impl HostDevice {
         Ok(())
     }
 
-    /// The kernel's route for a pool through the device.
-    fn pool_route(&self, pool: Ipv4Net) -> rtnetlink::packet_route::route::RouteMessage {
-        rtnetlink::RouteMessageBuilder::<Ipv4Addr>::new()
+    /// The kernel's route for a pool through the device. With `source`, the
+    /// tenant's server address: what the host sends to a phone leaves from its
+    /// own tenant's address, not from the device's first one (another tenant's,
+    /// which the reader would drop as `cross_tenant`).
+    fn pool_route(
+        &self,
+        pool: Ipv4Net,
+        source: Option<Ipv4Addr>,
+    ) -> rtnetlink::packet_route::route::RouteMessage {
+        let route = rtnetlink::RouteMessageBuilder::<Ipv4Addr>::new()
             .destination_prefix(pool.network(), pool.prefix_len())
-            .output_interface(self.index)
-            .build()
+            .output_interface(self.index);
+        match source {
+            Some(source) => route.pref_source(source).build(),
+            None => route.build(),
+        }
     }
 
     /// Checks the device against what the tunnels put on it and puts back
@@ -409,7 +421,10 @@ impl HostDevice {
                 }
             }
             for &pool in t.pools.iter().filter(|p| !routed.contains(p)) {
-                let add = self.netlink.route().add(self.pool_route(pool));
+                let add = self
+                    .netlink
+                    .route()
+                    .add(self.pool_route(pool, Some(t.server)));
                 match add.replace().execute().await {
                     Ok(()) => routes += 1,
                     Err(e) => refused.push(TunError::Route {
@@ -435,7 +450,7 @@ impl HostDevice {
         let _ = self
             .netlink
             .route()
-            .del(self.pool_route(pool))
+            .del(self.pool_route(pool, None))
             .execute()
             .await;
     }

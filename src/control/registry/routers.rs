@@ -122,10 +122,11 @@ impl Registry {
             reason,
         };
         // Loopback, link-local, multicast and the like are no router's network:
-        // a peer owning them could send from them and attract them.
-        if super::special_nets().any(|s| alloc::overlaps(net, s)) {
+        // a peer owning one could send from it and attract it. (A larger route
+        // that merely includes one, such as 64.0.0.0/2, stays allowed.)
+        if super::special_nets().any(|s| s.contains(&net)) {
             return Err(unavailable(
-                "is not ordinary unicast (loopback, link-local, multicast…)",
+                "lies in a range that is not ordinary unicast (loopback, link-local, multicast…)",
             ));
         }
         if alloc::overlaps(net, IpNet::V4(tenant.subnet)) && net.prefix_len() < 32 {

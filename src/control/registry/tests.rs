@@ -280,7 +280,8 @@ fn a_single_address_a_router_routes_is_never_another_routers() {
 }
 
 /// A router may not route loopback, link-local or multicast ranges (it could
-/// send from them and attract them), of either family; ordinary LANs are fine.
+/// send from them and attract them), of either family; ordinary LANs, and
+/// larger routes that include such a range, are fine.
 #[test]
 fn a_router_routes_no_special_range() {
     let mut r = registry();
@@ -313,6 +314,9 @@ fn a_router_routes_no_special_range() {
     r.put_router(&id("a"), &id("r1"), &extra("192.168.88.0/24"))
         .unwrap();
     r.put_router(&id("a"), &id("r2"), &extra("fd00:88::/64"))
+        .unwrap();
+    // A larger route that merely includes such a range is a route like any.
+    r.put_router(&id("a"), &id("r3"), &extra("64.0.0.0/2"))
         .unwrap();
 }
 

@@ -109,14 +109,8 @@ pub(super) fn route(
             let Some((endpoint, listed)) = peers.get(peer).map(|p| (p.endpoint, p.listed)) else {
                 return stats.drop(DropReason::NoRoute);
             };
-            let Some(to) = endpoint else {
-                stats.drop(DropReason::NoEndpoint);
-                let error = Error::HostUnreachable;
-                return answer(
-                    peers, routing, stats, tx, icmp, origin, error, packet, now, sink,
-                );
-            };
-            // A router's hop: what arrives with none left goes no further.
+            // A router's hop, checked first as a kernel's forwarding does: what
+            // arrives with none left goes no further.
             if matches!(origin, Origin::Peer(_)) && !icmp::decrement_hop_limit(packet) {
                 stats.drop(DropReason::TtlExpired);
                 let error = Error::TimeExceeded;
@@ -124,6 +118,13 @@ pub(super) fn route(
                     peers, routing, stats, tx, icmp, origin, error, packet, now, sink,
                 );
             }
+            let Some(to) = endpoint else {
+                stats.drop(DropReason::NoEndpoint);
+                let error = Error::HostUnreachable;
+                return answer(
+                    peers, routing, stats, tx, icmp, origin, error, packet, now, sink,
+                );
+            };
             if !listed {
                 peers.activate(peer);
             }
@@ -210,9 +211,11 @@ pub(super) fn route(
 }
 
 /// Answers a peer's packet that went no further with the ICMP `error`, from the
-/// tunnel's own address of its family, within the tunnel's error budget. Sent
-/// as the host would send it: routed to the packet's source, which rule 2
-/// proved is the sender's. Nothing answers the host's own packets.
+/// tunnel's own address of its family, within the tunnel's error budget, and
+/// routed as the host's own packet to the packet's source. Only a source the
+/// sender owns is answered: a gateway may send from any address towards its
+/// pool (rule 2), and an error must not go to an address it chose. Nothing
+/// answers the host's own packets.
 #[allow(clippy::too_many_arguments)]
 #[cold]
 fn answer(
@@ -227,21 +230,31 @@ fn answer(
     now: Instant,
     sink: &mut impl Sink,
 ) {
-    if !matches!(origin, Origin::Peer(_)) {
+    let Origin::Peer(sender) = origin else {
+        return;
+    };
+    let Ok(header) = packet::parse(packet) else {
+        return;
+    };
+    if routing.routes.lookup(header.src) != Some(&sender) {
         return;
     }
-    let family_v4 = packet.first().is_some_and(|b| b >> 4 == 4);
-    let Some(&from) = routing.local.iter().find(|a| a.is_ipv4() == family_v4) else {
+    let Some(&from) = routing
+        .local
+        .iter()
+        .find(|a| a.is_ipv4() == header.src.is_ipv4())
+    else {
+        return;
+    };
+    let mut out = [0u8; icmp::ERROR_MAX];
+    let Some(len) = icmp::build(error, packet, from, &mut out) else {
         return;
     };
     if !budget.take(now) {
         return;
     }
-    let mut out = [0u8; icmp::ERROR_MAX];
-    let Some(len) = icmp::build(error, packet, from, &mut out) else {
-        return;
-    };
-    stats.icmp_errors += 1;
+    // Counted once it leaves for the sender, or waits for its handshake.
+    let before = stats.forwarded_host + stats.queued;
     route(
         peers,
         routing,
@@ -254,4 +267,7 @@ fn answer(
         now,
         sink,
     );
+    if stats.forwarded_host + stats.queued > before {
+        stats.icmp_errors += 1;
+    }
 }

@@ -669,6 +669,42 @@ fn packets_for_a_peer_without_a_session_wait_then_count_as_queue_full() {
     );
 }
 
+/// A router that sends to every sessionless peer of its tunnel fills their
+/// queues only up to the tunnel's limit; beyond it packets are `queue_full`.
+#[test]
+fn the_peers_of_a_tunnel_wait_with_no_more_than_its_limit() {
+    use crate::core::harness::Collect;
+    use crate::core::packet::build::ip_packet;
+    use crate::core::peer::{QUEUE_BYTES, TUNNEL_QUEUE_BYTES};
+
+    let now = Instant::now();
+    let (mut engine, mut r1) = one_client();
+    assert!(r1.handshake(&mut engine, now));
+    let peers: u8 = 80;
+    for n in 0..peers {
+        let mut quiet = peer(&format!("10.100.2.{n}/32"));
+        quiet.endpoint = Some(SocketAddr::from(([198, 51, 100, 2], 1000 + u16::from(n))));
+        engine.upsert_peer(quiet, 100 + u32::from(n)).unwrap();
+    }
+    let len = 60_000;
+    let per_peer = QUEUE_BYTES as usize / len;
+    for n in 0..peers {
+        let packet = ip_packet([10, 100, 1, 1].into(), [10, 100, 2, n].into(), len - 28);
+        for _ in 0..per_peer {
+            let datagram = r1.encrypt(&packet).unwrap();
+            engine.handle_datagram(r1.addr, &datagram, now, &mut Collect::default());
+        }
+    }
+    let queued = engine.stats().queued;
+    let full = engine.stats().dropped(DropReason::QueueFull);
+    assert_eq!(queued + full, u64::from(peers) * per_peer as u64);
+    assert_eq!(
+        queued,
+        TUNNEL_QUEUE_BYTES / len as u64,
+        "{queued} queued, {full} full"
+    );
+}
+
 /// A packet for the tunnel's own address that nothing takes (no userspace
 /// stack, and the host device refuses it: absent, or its batch full) is
 /// dropped and counted as `local_unavailable`, not lost silently.

@@ -15,6 +15,7 @@ use std::net::Ipv4Addr;
 use ipnet::{IpNet, Ipv4Net};
 
 use super::model::{Id, Tenant};
+use super::registry::special_nets;
 use crate::core::alloc;
 
 /// A peer of the tenant, named in an error: "router r1", "client phone".
@@ -153,7 +154,8 @@ fn check_ranges(t: &Tenant, before: &[&Tenant]) -> Result<(), RestoreError> {
 /// What is wrong with `tenant` but was let in by earlier releases, so that a
 /// state they wrote still starts: a host prefix that overlaps the tenant's own
 /// subnet, pool or a router's prefix (in TUN mode packets to it go to the host
-/// device rather than the peer). The caller logs them; the API refuses them now.
+/// device rather than the peer), or a router's prefix inside a loopback,
+/// link-local or multicast range. The caller logs them; the API refuses them now.
 pub fn warnings(t: &Tenant) -> Vec<String> {
     let overlap = |a: Ipv4Net, b: Ipv4Net| alloc::overlaps(IpNet::V4(a), IpNet::V4(b));
     let mut out = Vec::new();
@@ -164,6 +166,12 @@ pub fn warnings(t: &Tenant) -> Vec<String> {
     }
     for r in t.routers.values() {
         for extra in &r.extra_prefixes {
+            if let Some(special) = special_nets().find(|s| s.contains(extra)) {
+                out.push(format!(
+                    "router {} routes {extra}, which lies in {special}, not ordinary unicast",
+                    r.id
+                ));
+            }
             let host = t.host_prefixes.iter();
             if let Some(host) = host.into_iter().find(|h| alloc::overlaps(*extra, **h)) {
                 out.push(format!(

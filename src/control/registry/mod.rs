@@ -53,7 +53,7 @@ const SPECIAL_NETS_V6: [ipnet::Ipv6Net; 5] = [
 ];
 
 /// Every range, of both families, that is not ordinary unicast.
-fn special_nets() -> impl Iterator<Item = IpNet> {
+pub(crate) fn special_nets() -> impl Iterator<Item = IpNet> {
     SPECIAL_NETS
         .into_iter()
         .map(IpNet::V4)

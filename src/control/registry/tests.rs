@@ -416,23 +416,32 @@ fn what_the_host_routes_no_tunnel_may_hold_later() {
 }
 
 /// A state that earlier releases let in (a tenant's host prefix inside its own
-/// subnet, or over one of its routers' prefixes) still starts; what is wrong
-/// with it is said, for the log.
+/// subnet, or over one of its routers' prefixes; a router's multicast prefix)
+/// still starts; what is wrong with it is said, for the log.
 #[test]
 fn a_tenants_own_overlaps_are_warned_about_not_refused() {
     let mut state = built_state();
     state[0].host_prefixes = vec!["10.100.1.0/24".parse().unwrap()];
     state[1].host_prefixes = vec!["192.168.0.0/16".parse().unwrap()];
     let r1 = state[1].routers.get_mut(&id("r1")).unwrap();
-    r1.extra_prefixes = vec!["192.168.88.0/24".parse().unwrap()];
+    r1.extra_prefixes = vec![
+        "192.168.88.0/24".parse().unwrap(),
+        "224.0.0.0/24".parse().unwrap(),
+    ];
     let said: Vec<String> = state
         .iter()
         .flat_map(crate::control::restore::warnings)
         .collect();
-    assert_eq!(said.len(), 2, "{said:?}");
+    assert_eq!(said.len(), 3, "{said:?}");
     assert!(said[0].contains("10.100.0.0/16 overlaps its own host prefix 10.100.1.0/24"));
     assert!(
-        said[1].contains("router r1 routes 192.168.88.0/24"),
+        said.iter()
+            .any(|w| w.contains("router r1 routes 192.168.88.0/24")),
+        "{said:?}"
+    );
+    assert!(
+        said.iter()
+            .any(|w| w.contains("router r1 routes 224.0.0.0/24, which lies in 224.0.0.0/3")),
         "{said:?}"
     );
     assert!(restored(state).is_ok());

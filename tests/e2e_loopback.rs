@@ -166,6 +166,33 @@ fn ktn_and_site_traffic_through_the_real_binary() {
     );
 }
 
+/// On a wildcard address (the default), a router that dialled one of the
+/// host's addresses hears back from that one, even where the kernel would
+/// answer it from another: here it reaches the tunnel at 127.0.0.5, which the
+/// kernel would not pick to answer 127.0.0.1 from, and its socket (connected,
+/// as a NAT's mapping is) takes nothing from elsewhere.
+#[test]
+fn a_peer_hears_back_from_the_address_it_dialled() {
+    let app = Appliance::start_with_env(&[("WGPLANE_BIND", "0.0.0.0")]);
+    let tenant = app.expect("PUT", "/v1/tenants/kitonga", None, 201);
+    let server_key = tenant["server_public_key"].as_str().unwrap().to_owned();
+    let (secret, public) = keypair();
+    let body = format!(r#"{{"public_key":"{public}"}}"#);
+    app.expect("PUT", "/v1/tenants/kitonga/routers/r1", Some(&body), 201);
+    let dialled: SocketAddr = ([127, 0, 0, 5], app.first_port).into();
+    let mut router = UdpPeer::new(secret, &server_key, dialled, 1);
+    router.connect_socket();
+    assert!(router.handshake(), "no answer from the address dialled");
+    // And what the tunnel sends it later (the server's ping reply) too.
+    router.send(&wgplane::core::packet::build::icmp_echo_request(
+        [10, 100, 1, 1].into(),
+        [10, 100, 0, 1].into(),
+        1,
+    ));
+    let reply = router.recv(Duration::from_secs(2)).expect("the echo reply");
+    assert_eq!(parse(&reply).unwrap().src, ip("10.100.0.1"));
+}
+
 #[test]
 fn two_tenants_get_their_own_ports_and_subnets() {
     let app = Appliance::start();

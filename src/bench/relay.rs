@@ -85,9 +85,9 @@ impl Relay {
                     for datagram in buf[..m.len].chunks(m.stride.max(1)) {
                         if m.addr != *upstream {
                             *client = Some(m.addr);
-                            tx.push(*upstream, datagram);
+                            tx.push(*upstream, None, datagram);
                         } else if let Some(to) = *client {
-                            tx.push(to, datagram);
+                            tx.push(to, None, datagram);
                         }
                     }
                 }

@@ -123,6 +123,14 @@ pub fn canonical_endpoint(endpoint: SocketAddr) -> SocketAddr {
     }
 }
 
+/// Where an authenticated datagram came from, and which of the tunnel's own
+/// addresses it was sent to (`None` where the socket is bound to one address).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Path {
+    pub remote: SocketAddr,
+    pub local: Option<IpAddr>,
+}
+
 /// Roams of one peer are announced at most this often: a peer that sends
 /// from a new address with every datagram (its own doing, or an on-path
 /// attacker's) moves its endpoint at once, but costs the control plane one
@@ -153,6 +161,11 @@ pub struct Peer {
     pub(crate) index: u32,
     /// Current endpoint: the source of the last authenticated datagram.
     pub(crate) endpoint: Option<SocketAddr>,
+    /// Which of the tunnel's addresses the peer last reached it at, where the
+    /// socket is bound to a wildcard address: replies leave from it, as kernel
+    /// WireGuard's do, so that a peer behind NAT that dialled one of several
+    /// addresses hears back from that one. `None`: the kernel picks.
+    pub(crate) local: Option<IpAddr>,
     pub(crate) last_handshake: Option<Instant>,
     pub(crate) last_rx: Option<Instant>,
     /// When we last started protocol work for the peer: sent an initiation or a
@@ -195,6 +208,7 @@ impl Peer {
             rate_limiter,
             listed: false,
             endpoint: config.endpoint,
+            local: None,
             config,
             index,
             last_handshake: None,

@@ -40,8 +40,9 @@
 //! to drop ([`Hold::Full`]).
 
 use std::cell::Cell;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::core::peer::Path;
 
 /// Size of a WireGuard handshake initiation.
 const INITIATION_LEN: usize = 148;
@@ -60,9 +61,9 @@ pub(crate) enum Step<'a> {
     /// here (behind the older ones) while [`Deferred::room`] allows. Comes more
     /// than once before a turn when another tunnel's turn came first.
     Resume(&'a mut Deferred),
-    /// The next held initiation and its sender, oldest first. The caller answers
-    /// whether the turn goes on.
-    Initiation(SocketAddr, &'a [u8]),
+    /// The next held initiation and where it came from (and to), oldest first.
+    /// The caller answers whether the turn goes on.
+    Initiation(Path, &'a [u8]),
 }
 
 /// What [`Deferred::hold`] did with a datagram.
@@ -89,7 +90,7 @@ thread_local! {
 /// when the first initiation comes (tunnels that never see one pay nothing) and
 /// never grows.
 pub(crate) struct Deferred {
-    held: Vec<(SocketAddr, [u8; INITIATION_LEN])>,
+    held: Vec<(Path, [u8; INITIATION_LEN])>,
     /// How many of `held` were handed out already.
     released: usize,
     limit: usize,
@@ -110,7 +111,7 @@ impl Deferred {
 
     /// Holds `datagram` back if it is a handshake initiation and there is room.
     #[inline]
-    pub(crate) fn hold(&mut self, from: SocketAddr, datagram: &[u8]) -> Hold {
+    pub(crate) fn hold(&mut self, from: Path, datagram: &[u8]) -> Hold {
         let Ok(bytes) = <[u8; INITIATION_LEN]>::try_from(datagram) else {
             return Hold::Other;
         };
@@ -139,7 +140,7 @@ impl Deferred {
 
     /// Hands every held initiation to `handle`, in arrival order, and forgets them.
     #[cfg(test)]
-    pub(crate) fn release(&mut self, mut handle: impl FnMut(SocketAddr, &[u8])) {
+    pub(crate) fn release(&mut self, mut handle: impl FnMut(Path, &[u8])) {
         while let Some((from, datagram)) = self.next() {
             handle(from, &datagram);
         }
@@ -183,7 +184,7 @@ impl Deferred {
 
     /// The oldest initiation not handed out yet; the storage is reset (keeping its
     /// capacity) once all have been.
-    fn next(&mut self) -> Option<(SocketAddr, [u8; INITIATION_LEN])> {
+    fn next(&mut self) -> Option<(Path, [u8; INITIATION_LEN])> {
         let next = self.held.get(self.released).copied();
         if next.is_some() {
             self.released += 1;
@@ -198,8 +199,7 @@ impl Deferred {
 
 #[cfg(test)]
 mod tests {
-    use super::{Deferred, Hold, INITIATION_LEN};
-    use std::net::SocketAddr;
+    use super::{Deferred, Hold, Path, INITIATION_LEN};
 
     fn initiation(tag: u8) -> Vec<u8> {
         let mut d = vec![tag; INITIATION_LEN];
@@ -209,7 +209,10 @@ mod tests {
 
     #[test]
     fn only_initiations_are_held_and_they_come_back_in_order() {
-        let from: SocketAddr = "127.0.0.1:9".parse().expect("address");
+        let from = Path {
+            remote: "127.0.0.1:9".parse().expect("address"),
+            local: None,
+        };
         let mut deferred = Deferred::new(4);
         // Data, a response, a cookie reply, a short or long type 1: handled now.
         let mut data = vec![0u8; INITIATION_LEN];
@@ -248,7 +251,10 @@ mod tests {
     async fn other_tasks_run_between_turns() {
         use super::Step;
         use std::sync::{Arc, Mutex};
-        let from: SocketAddr = "127.0.0.1:9".parse().expect("address");
+        let from = Path {
+            remote: "127.0.0.1:9".parse().expect("address"),
+            local: None,
+        };
         let mut deferred = Deferred::new(64);
         for tag in 0..20 {
             assert_eq!(deferred.hold(from, &initiation(tag)), Hold::Held);
@@ -297,7 +303,10 @@ mod tests {
     #[tokio::test(flavor = "current_thread")]
     async fn initiations_read_between_turns_queue_behind_and_the_store_bounds_them() {
         use super::Step;
-        let from: SocketAddr = "127.0.0.1:9".parse().expect("address");
+        let from = Path {
+            remote: "127.0.0.1:9".parse().expect("address"),
+            local: None,
+        };
         let mut deferred = Deferred::new(4);
         assert_eq!(
             deferred.held.capacity(),
@@ -367,7 +376,10 @@ mod tests {
         let tunnel = |name: &'static str| {
             let (log, sender, sent) = (Arc::clone(&log), Arc::clone(&sender), Arc::clone(&sent));
             tokio::spawn(async move {
-                let from: SocketAddr = "127.0.0.1:9".parse().expect("address");
+                let from = Path {
+                    remote: "127.0.0.1:9".parse().expect("address"),
+                    local: None,
+                };
                 let mut deferred = Deferred::new(4);
                 assert_eq!(deferred.hold(from, &initiation(1)), Hold::Held);
                 assert_eq!(deferred.hold(from, &initiation(2)), Hold::Held);

@@ -26,7 +26,7 @@
 //! Not here: deciding what to send (the engine) and receiving.
 
 use std::io;
-use std::net::{SocketAddr, SocketAddrV6, UdpSocket};
+use std::net::{IpAddr, SocketAddr, SocketAddrV6, UdpSocket};
 use std::os::fd::{AsRawFd, RawFd};
 
 /// Largest GSO send (the kernel's limit is 64 KiB of payload).
@@ -48,10 +48,12 @@ pub(crate) struct SendBatch {
     v6: bool,
 }
 
-/// Datagrams `data[start..start + len]` to `to`, cut every `segment` bytes.
+/// Datagrams `data[start..start + len]` to `to`, from the tunnel's own address
+/// `src` (the kernel picks for `None`), cut every `segment` bytes.
 #[derive(Clone, Copy)]
 struct Run {
     to: SocketAddr,
+    src: Option<IpAddr>,
     start: usize,
     len: usize,
     segment: usize,
@@ -80,11 +82,13 @@ impl SendBatch {
         }
     }
 
-    /// Queues one datagram.
-    pub(crate) fn push(&mut self, to: SocketAddr, datagram: &[u8]) {
+    /// Queues one datagram to `to`, from the tunnel's own address `src` (where
+    /// the socket is bound to a wildcard address; `None`: the kernel picks).
+    pub(crate) fn push(&mut self, to: SocketAddr, src: Option<IpAddr>, datagram: &[u8]) {
         if let Some(run) = self.runs.last_mut() {
             let whole = run.len % run.segment == 0;
             if run.to == to
+                && run.src == src
                 && whole
                 && datagram.len() <= run.segment
                 && run.segment <= self.max_segment_len
@@ -98,6 +102,7 @@ impl SendBatch {
         }
         self.runs.push(Run {
             to,
+            src,
             start: self.data.len(),
             len: datagram.len(),
             segment: datagram.len().max(1),
@@ -118,7 +123,7 @@ impl SendBatch {
                     ecn: None,
                     contents: &self.data[run.start..run.start + run.len],
                     segment_size: Some(run.segment),
-                    src_ip: None,
+                    src_ip: run.src,
                 };
                 let sent = state.try_send(socket.into(), &transmit);
                 match sent {
@@ -134,6 +139,7 @@ impl SendBatch {
                         }
                         let Run {
                             to,
+                            src,
                             start,
                             len,
                             segment,
@@ -142,6 +148,7 @@ impl SendBatch {
                             let len = segment.min(start + len - at);
                             Run {
                                 to,
+                                src,
                                 start: at,
                                 len,
                                 segment: len,
@@ -185,21 +192,31 @@ fn send_singles(
     while i < runs.len() {
         let chunk = &runs[i..runs.len().min(i + MMSG)];
         let sent = match chunk {
-            [one] => {
-                let transmit = quinn_udp::Transmit {
-                    destination: one.to,
-                    ecn: None,
-                    contents: &data[one.start..one.start + one.len],
-                    segment_size: None,
-                    src_ip: None,
-                };
-                state.try_send(socket.into(), &transmit).map(|()| 1)
-            }
+            [one] => send_one(socket, state, data, one).map(|()| 1),
             _ => send_many(socket.as_raw_fd(), data, chunk, v6),
         };
         match sent {
             Ok(n) if n > 0 => i += n,
-            // The first datagram was refused: drop it, go on with the rest.
+            // The first datagram was refused. From a source address the host
+            // no longer has (a floating address moved away; the kernel says
+            // ENETUNREACH or EINVAL)? Once more from whichever the kernel
+            // picks. Otherwise drop it, go on with the rest.
+            Err(e)
+                if runs[i].src.is_some()
+                    && matches!(
+                        e.raw_os_error(),
+                        Some(libc::EINVAL | libc::EADDRNOTAVAIL | libc::ENETUNREACH)
+                    ) =>
+            {
+                let anywhere = Run {
+                    src: None,
+                    ..runs[i]
+                };
+                if send_one(socket, state, data, &anywhere).is_err() {
+                    failures += 1;
+                }
+                i += 1;
+            }
             _ => {
                 failures += 1;
                 i += 1;
@@ -207,6 +224,78 @@ fn send_singles(
         }
     }
     failures
+}
+
+/// One datagram with plain `sendmsg`.
+fn send_one(
+    socket: &UdpSocket,
+    state: &quinn_udp::UdpSocketState,
+    data: &[u8],
+    run: &Run,
+) -> io::Result<()> {
+    let transmit = quinn_udp::Transmit {
+        destination: run.to,
+        ecn: None,
+        contents: &data[run.start..run.start + run.len],
+        segment_size: None,
+        src_ip: run.src,
+    };
+    state.try_send(socket.into(), &transmit)
+}
+
+/// Room for the one control message a datagram may carry: its source address
+/// (`IP_PKTINFO` or `IPV6_PKTINFO`), aligned as the kernel reads it.
+#[repr(C, align(8))]
+#[derive(Clone, Copy)]
+struct Control([u8; 64]);
+
+/// Makes `header` send from `src`, with its control message in `control`.
+///
+/// # Safety
+/// `control` must outlive every use of `header` by the kernel.
+unsafe fn set_source(header: &mut libc::msghdr, control: &mut Control, src: IpAddr) {
+    let (level, kind, len) = match src {
+        IpAddr::V4(_) => (
+            libc::IPPROTO_IP,
+            libc::IP_PKTINFO,
+            std::mem::size_of::<libc::in_pktinfo>(),
+        ),
+        IpAddr::V6(_) => (
+            libc::IPPROTO_IPV6,
+            libc::IPV6_PKTINFO,
+            std::mem::size_of::<libc::in6_pktinfo>(),
+        ),
+    };
+    header.msg_control = control.0.as_mut_ptr().cast();
+    // SAFETY (this block and below): `control` is 64 aligned bytes, more than
+    // `CMSG_SPACE` of either pktinfo (32 and 40), so the header and its data fit.
+    header.msg_controllen = libc::CMSG_SPACE(len as u32) as usize;
+    let cmsg = libc::CMSG_FIRSTHDR(header);
+    (*cmsg).cmsg_level = level;
+    (*cmsg).cmsg_type = kind;
+    (*cmsg).cmsg_len = libc::CMSG_LEN(len as u32) as usize;
+    let data = libc::CMSG_DATA(cmsg);
+    match src {
+        IpAddr::V4(v4) => std::ptr::write_unaligned(
+            data.cast::<libc::in_pktinfo>(),
+            libc::in_pktinfo {
+                ipi_ifindex: 0,
+                ipi_spec_dst: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(v4.octets()),
+                },
+                ipi_addr: libc::in_addr { s_addr: 0 },
+            },
+        ),
+        IpAddr::V6(v6) => std::ptr::write_unaligned(
+            data.cast::<libc::in6_pktinfo>(),
+            libc::in6_pktinfo {
+                ipi6_addr: libc::in6_addr {
+                    s6_addr: v6.octets(),
+                },
+                ipi6_ifindex: 0,
+            },
+        ),
+    }
 }
 
 /// One `sendmmsg` of single datagrams (at most [`MMSG`]); returns how many the
@@ -237,19 +326,31 @@ fn send_many(fd: RawFd, data: &[u8], runs: &[Run], v6: bool) -> io::Result<usize
             iov_len: 0,
         },
     });
+    let mut controls = [Control([0; 64]); MMSG];
     // SAFETY: an all-zero `mmsghdr` is a valid empty header (null pointers,
     // zero lengths).
     let mut headers: [libc::mmsghdr; MMSG] = unsafe { std::mem::zeroed() };
-    for ((header, address), iovec) in headers.iter_mut().zip(&addresses).zip(&mut iovecs).take(n) {
+    let each = headers
+        .iter_mut()
+        .zip(&addresses)
+        .zip(&mut iovecs)
+        .zip(&mut controls);
+    for (((header, address), iovec), (run, control)) in
+        each.zip(runs).take(n).map(|(h, r)| (h.0, (r, h.1)))
+    {
         let Some(address) = address else { break };
         header.msg_hdr.msg_name = address.as_ptr().cast_mut().cast();
         header.msg_hdr.msg_namelen = address.len();
         header.msg_hdr.msg_iov = iovec;
         header.msg_hdr.msg_iovlen = 1;
+        if let Some(src) = run.src {
+            // SAFETY: `controls` lives on this stack frame until the call ends.
+            unsafe { set_source(&mut header.msg_hdr, control, src) };
+        }
     }
-    // SAFETY: the first `n` headers point at live addresses and iovecs on this
-    // stack frame, and the iovecs at `data`, which the kernel only reads; all
-    // outlive the call.
+    // SAFETY: the first `n` headers point at live addresses, iovecs and
+    // control messages on this stack frame, and the iovecs at `data`, which
+    // the kernel only reads; all outlive the call.
     let sent = unsafe { libc::sendmmsg(fd, headers.as_mut_ptr(), n as libc::c_uint, 0) };
     if sent < 0 {
         return Err(io::Error::last_os_error());
@@ -303,7 +404,7 @@ mod tests {
         let mut sent_b = Vec::new();
         let mut seq = 0u8;
         let mut send = |batch: &mut SendBatch, to: SocketAddr, len: usize| {
-            batch.push(to, &vec![seq; len]);
+            batch.push(to, None, &vec![seq; len]);
             if to == to_a {
                 sent_a.push((len, seq));
             } else {
@@ -326,6 +427,73 @@ mod tests {
         assert_eq!(drain(&a, sent_a.len()), sent_a);
         assert_eq!(drain(&b, sent_b.len()), sent_b);
         assert!(batch.runs.is_empty() && batch.data.is_empty());
+    }
+
+    /// On a socket bound to a wildcard address, replies leave from the address
+    /// the peer sent to, not from the one the kernel would pick: a peer whose
+    /// socket is connected to that address (as a NAT's mapping is) gets them,
+    /// as GSO runs, as singles in one `sendmmsg`, and alone. A source the host
+    /// does not have is dropped for the kernel's pick, not the datagram.
+    #[test]
+    fn replies_leave_from_the_address_the_peer_reached() {
+        let test = "replies_leave_from_the_address_the_peer_reached";
+        for bind in ["0.0.0.0:0", "[::]:0"] {
+            crate::io::testnet::in_private_netns(test, 1500, || {
+                let socket = crate::io::udp::bind(bind.parse().unwrap()).expect("bind");
+                socket.set_nonblocking(false).unwrap();
+                let state = crate::io::udp::batching_state(&socket).expect("state");
+                let port = socket.local_addr().unwrap().port();
+                // Two peers that reached the hub at 127.0.0.5, which the kernel
+                // would not pick to answer 127.0.0.1 from.
+                let peers: Vec<_> = (0..2)
+                    .map(|_| {
+                        let peer = receiver("127.0.0.1:0");
+                        peer.connect(("127.0.0.5", port)).expect("connect");
+                        peer.send(b"hello").expect("send");
+                        peer
+                    })
+                    .collect();
+                let mut bufs = vec![vec![0u8; 2048]; crate::io::udp::RX_SLOTS];
+                let mut meta = [quinn_udp::RecvMeta::default(); crate::io::udp::RX_SLOTS];
+                let mut heard = Vec::new();
+                while heard.len() < 2 {
+                    let n = crate::io::udp::recv_batch(&socket, &state, &mut bufs, &mut meta)
+                        .expect("the hellos");
+                    heard.extend(meta[..n].iter().map(|m| (m.addr, m.dst_ip)));
+                }
+                let v6 = bind.starts_with('[');
+                let mut batch = SendBatch::new(state.max_gso_segments(), v6);
+                for &(to, at) in &heard {
+                    assert_eq!(
+                        at.map(|a| a.to_canonical()),
+                        Some("127.0.0.5".parse().unwrap()),
+                        "{bind}"
+                    );
+                    for _ in 0..3 {
+                        batch.push(to, at, &[7; 1000]); // a GSO run
+                    }
+                }
+                for &(to, at) in heard.iter().chain(&heard) {
+                    batch.push(to, at, &[8; 100]); // singles, one sendmmsg
+                }
+                batch.push(heard[0].0, heard[0].1, &[9; 50]); // alone
+                assert_eq!(batch.flush(&socket, &state), 0, "{bind}");
+                for (k, peer) in peers.iter().enumerate() {
+                    let mut expect = vec![(1000, 7); 3];
+                    expect.extend([(100, 8), (100, 8)]);
+                    if heard[0].0.port() == peer.local_addr().unwrap().port() {
+                        expect.push((50, 9));
+                    }
+                    assert_eq!(drain(peer, expect.len()), expect, "{bind}, peer {k}");
+                }
+                // An address the host does not have: sent from the kernel's pick.
+                let plain = receiver("127.0.0.1:0");
+                let gone = Some("10.9.9.9".parse().unwrap());
+                batch.push(plain.local_addr().unwrap(), gone, &[1; 10]);
+                assert_eq!(batch.flush(&socket, &state), 0, "{bind}");
+                assert_eq!(drain(&plain, 1), [(10, 1)]);
+            });
+        }
     }
 
     #[tokio::test]
@@ -354,7 +522,7 @@ mod tests {
         let mut batch = SendBatch::new(130, false);
         let sent: Vec<(usize, u8)> = (0..130).map(|k| (10, k as u8)).collect();
         for (len, seq) in &sent {
-            batch.push(to_a, &vec![*seq; *len]);
+            batch.push(to_a, None, &vec![*seq; *len]);
         }
         assert_eq!(batch.runs.len(), 1, "one GSO run");
         assert_eq!(batch.flush(&socket, &state), 0);
@@ -385,7 +553,7 @@ mod tests {
             for round in 0..2u8 {
                 for k in 0..4 {
                     let seq = round * 10 + k;
-                    batch.push(to_a, &[seq; 1400]);
+                    batch.push(to_a, None, &[seq; 1400]);
                     sent.push((1400, seq));
                 }
                 let runs = batch.runs.len();
@@ -405,7 +573,7 @@ mod tests {
                 return;
             }
             for seq in 0..4 {
-                batch.push(to_a, &[seq; 1000]);
+                batch.push(to_a, None, &[seq; 1000]);
             }
             assert_eq!(batch.runs.len(), 1, "smaller datagrams still go as a run");
             assert_eq!(batch.flush(&socket, &state), 0);

@@ -20,7 +20,7 @@ use crate::core::netstack::StackError;
 use crate::core::engine::{
     EgressConfig, Event, Explanation, PeerStatus, Sink, TunnelEngine, TunnelStats,
 };
-use crate::core::peer::PeerConfig;
+use crate::core::peer::{Path, PeerConfig};
 use crate::core::policy::DropReason;
 
 /// How often peer timers run: boringtun expects about every 250 ms.
@@ -247,7 +247,12 @@ impl HostOut {
 impl Sink for UdpSink<'_> {
     #[inline]
     fn send(&mut self, to: SocketAddr, datagram: &[u8]) {
-        self.tx.push(to, datagram);
+        self.tx.push(to, None, datagram);
+    }
+
+    #[inline]
+    fn send_from(&mut self, to: SocketAddr, local: Option<IpAddr>, datagram: &[u8]) {
+        self.tx.push(to, local, datagram);
     }
 
     fn local(&mut self, packet: &[u8]) -> bool {
@@ -349,8 +354,13 @@ impl Turns<'_> {
                     host: self.host.as_deref_mut(),
                 };
                 let admitted = self.engine.stats().admitted_handshakes;
-                self.engine
-                    .handle_datagram(from, initiation, self.now, &mut sink);
+                self.engine.handle_datagram_at(
+                    from.remote,
+                    from.local,
+                    initiation,
+                    self.now,
+                    &mut sink,
+                );
                 // A Diffie-Hellman handshake fills a turn by itself.
                 return self.engine.stats().admitted_handshakes == admitted
                     && self.now.elapsed() < self.length;
@@ -376,6 +386,12 @@ fn read(
         let outcome = socket.try_io(tokio::io::Interest::READABLE, |inner| {
             let count = super::udp::recv_batch(inner, udp, bufs, &mut meta)?;
             for (m, buf) in meta.iter().zip(bufs.iter()).take(count) {
+                // Which of our addresses it came to: known on a socket bound to
+                // a wildcard address, where replies must leave from it.
+                let from = Path {
+                    remote: m.addr,
+                    local: m.dst_ip,
+                };
                 if m.len == 0 {
                     // An empty datagram: counted and dropped like any non-WireGuard one.
                     engine.handle_datagram(m.addr, &[], now, sink);
@@ -383,10 +399,12 @@ fn read(
                 }
                 let stride = m.stride.max(1);
                 for datagram in buf[..m.len].chunks(stride) {
-                    match held.hold(m.addr, datagram) {
+                    match held.hold(from, datagram) {
                         Hold::Held => {}
                         Hold::Full => engine.refuse_datagram(DropReason::HandshakeQueueFull),
-                        Hold::Other => engine.handle_datagram(m.addr, datagram, now, sink),
+                        Hold::Other => {
+                            engine.handle_datagram_at(from.remote, from.local, datagram, now, sink)
+                        }
                     }
                 }
             }

@@ -79,14 +79,18 @@ pub fn recv_batch(
 /// that batches through quinn-udp is set up here.
 pub fn batching_state(socket: &std::net::UdpSocket) -> io::Result<quinn_udp::UdpSocketState> {
     let state = quinn_udp::UdpSocketState::new(socket.into())?;
-    quiet_control_messages(socket);
+    let wildcard = socket.local_addr()?.ip().is_unspecified();
+    quiet_control_messages(socket, wildcard);
     Ok(state)
 }
 
 /// Undoes what quinn-udp sets up for QUIC and a WireGuard tunnel must not have:
 /// - the per-datagram control messages the tunnel never reads: the destination
-///   address (`IP_PKTINFO`) and the TOS/ECN byte (`IP_RECVTOS`), with their IPv6
-///   twins, and the receive time (`SO_TIMESTAMPNS`). Each costs the kernel a
+///   address (`IP_PKTINFO`, with its IPv6 twin) unless `wildcard` (a socket
+///   bound to a wildcard address reads it, so that replies leave from the
+///   address the peer reached, as kernel WireGuard's do), the TOS/ECN byte
+///   (`IP_RECVTOS`, with its IPv6 twin), and the receive time
+///   (`SO_TIMESTAMPNS`). Each costs the kernel a
 ///   `put_cmsg` per received datagram; the timestamp also makes the kernel read
 ///   the clock for every packet the host receives, on any socket, for as long as
 ///   one socket asks for it.
@@ -97,20 +101,22 @@ pub fn batching_state(socket: &std::net::UdpSocket) -> io::Result<quinn_udp::Udp
 ///
 /// UDP GRO's segment size stays on. Best effort: a failure leaves an option as
 /// it was.
-fn quiet_control_messages(socket: &impl std::os::fd::AsRawFd) {
+fn quiet_control_messages(socket: &impl std::os::fd::AsRawFd, wildcard: bool) {
     let fd = socket.as_raw_fd();
-    // 0 is "off" for the first five, and IP(V6)_PMTUDISC_DONT for the last two.
+    // 0 is "off", and IP(V6)_PMTUDISC_DONT for the MTU options. The last two,
+    // the destination address, stay on for a wildcard socket.
     let off: libc::c_int = 0;
     let options = [
-        (libc::IPPROTO_IP, libc::IP_PKTINFO),
         (libc::IPPROTO_IP, libc::IP_RECVTOS),
-        (libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO),
         (libc::IPPROTO_IPV6, libc::IPV6_RECVTCLASS),
         (libc::SOL_SOCKET, libc::SO_TIMESTAMPNS),
         (libc::IPPROTO_IP, libc::IP_MTU_DISCOVER),
         (libc::IPPROTO_IPV6, libc::IPV6_MTU_DISCOVER),
+        (libc::IPPROTO_IP, libc::IP_PKTINFO),
+        (libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO),
     ];
-    for (level, name) in options {
+    let quieted = if wildcard { 5 } else { options.len() };
+    for (level, name) in options.into_iter().take(quieted) {
         // SAFETY: `fd` is an open socket owned by `socket` for the duration of
         // the call; the option value is a live `c_int` of the size passed. An
         // option that does not apply to this socket's family fails harmlessly.
@@ -217,7 +223,7 @@ mod tests {
             option(&socket, libc::IPPROTO_IP, libc::IP_MTU_DISCOVER),
             libc::IP_PMTUDISC_PROBE
         );
-        quiet_control_messages(&socket);
+        quiet_control_messages(&socket, false);
         assert_eq!(option(&socket, libc::IPPROTO_IP, libc::IP_PKTINFO), 0);
         assert_eq!(option(&socket, libc::IPPROTO_IP, libc::IP_RECVTOS), 0);
         assert_eq!(option(&socket, libc::SOL_SOCKET, libc::SO_TIMESTAMPNS), 0);

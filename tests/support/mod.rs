@@ -156,14 +156,14 @@ impl Appliance {
             .append(true)
             .open(log_file)
             .expect("log file");
+        // Tunnels on loopback only, unless the test names the address itself.
+        let bind: &[&str] = match envs.iter().any(|(k, _)| *k == "WGPLANE_BIND") {
+            true => &[],
+            false => &["--bind", "127.0.0.1"],
+        };
         let child = Command::new(binary())
-            .args([
-                "run",
-                "--api-listen",
-                &api.to_string(),
-                "--bind",
-                "127.0.0.1",
-            ])
+            .args(["run", "--api-listen", &api.to_string()])
+            .args(bind)
             .args([
                 "--first-port",
                 &first_port.to_string(),
@@ -429,6 +429,12 @@ impl UdpPeer {
             received_bytes: 0,
             buf: vec![0u8; 65_600],
         }
+    }
+
+    /// Accepts datagrams only from the appliance's endpoint, as a NAT's mapping
+    /// does: an answer from another of the host's addresses is lost.
+    pub fn connect_socket(&mut self) {
+        self.socket.connect(self.server).expect("connect");
     }
 
     /// Moves to a new UDP socket (a new source port), keeping the session: roaming.

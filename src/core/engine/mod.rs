@@ -62,6 +62,15 @@ const MAX_EVENTS: usize = 4_096;
 pub trait Sink {
     /// Sends `datagram` from the tunnel's socket to `to`.
     fn send(&mut self, to: SocketAddr, datagram: &[u8]);
+    /// Sends `datagram` to `to` from the tunnel's own address `local`, the one
+    /// the peer last reached the tunnel at (a socket bound to a wildcard
+    /// address on a host with several); `None` lets the kernel pick, as
+    /// [`Sink::send`] does. Sinks that stand for no such socket need not care.
+    #[inline]
+    fn send_from(&mut self, to: SocketAddr, local: Option<IpAddr>, datagram: &[u8]) {
+        let _ = local;
+        self.send(to, datagram);
+    }
     /// Delivers a packet addressed to the tunnel's own address; false if nothing
     /// (host device or local stack) takes it.
     fn local(&mut self, packet: &[u8]) -> bool;
@@ -269,7 +278,7 @@ impl TunnelEngine {
                     }
                     stats.tx_datagrams += 1;
                     peer.stats.tx_bytes += datagram.len() as u64;
-                    sink.send(to, datagram);
+                    sink.send_from(to, peer.local, datagram);
                 }
                 receive::announce_roam(peer, now, events);
                 if peer.connected && (expired || !peer.is_live(now)) {

@@ -8,7 +8,7 @@
 //! removed peers, from `changes`.
 
 use std::collections::{HashMap, VecDeque};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
 use super::peers::Peers;
@@ -18,7 +18,8 @@ use super::{trim_events, Event, Sink, TunnelEngine};
 use crate::core::admission::Refusal;
 use crate::core::netstack::LocalStack;
 use crate::core::peer::{
-    canonical_endpoint, initiator_key, message_type, Decap, Message, Peer, ROAM_ANNOUNCE_INTERVAL,
+    canonical_endpoint, initiator_key, message_type, Decap, Message, Path, Peer,
+    ROAM_ANNOUNCE_INTERVAL,
 };
 use crate::core::policy::{DropReason, Origin, PeerId};
 
@@ -30,7 +31,8 @@ impl TunnelEngine {
         self.stats.drop(reason);
     }
 
-    /// Handles one datagram received on the tunnel's socket from `from`.
+    /// Handles one datagram received on the tunnel's socket from `from`, the
+    /// socket bound to one address ([`Self::handle_datagram_at`] with `None`).
     pub fn handle_datagram(
         &mut self,
         from: SocketAddr,
@@ -38,8 +40,26 @@ impl TunnelEngine {
         now: Instant,
         sink: &mut impl Sink,
     ) {
+        self.handle_datagram_at(from, None, datagram, now, sink);
+    }
+
+    /// Handles one datagram received on the tunnel's socket from `from`, sent
+    /// to the tunnel's own address `at` (known where the socket is bound to a
+    /// wildcard address): what answers it leaves from `at`.
+    pub fn handle_datagram_at(
+        &mut self,
+        from: SocketAddr,
+        at: Option<IpAddr>,
+        datagram: &[u8],
+        now: Instant,
+        sink: &mut impl Sink,
+    ) {
         self.stats.rx_datagrams += 1;
         let from = canonical_endpoint(from);
+        let path = Path {
+            remote: from,
+            local: at.map(|a| a.to_canonical()),
+        };
         let Some(message) = Message::classify(datagram) else {
             self.stats.drop(DropReason::InvalidDatagram);
             return;
@@ -70,7 +90,7 @@ impl TunnelEngine {
                 Err(Refusal::Cookie(cookie)) => {
                     stats.cookie_replies += 1;
                     stats.tx_datagrams += 1;
-                    return sink.send(from, cookie);
+                    return sink.send_from(from, path.local, cookie);
                 }
                 Err(Refusal::Drop(reason)) => return stats.drop(reason),
             }
@@ -127,7 +147,7 @@ impl TunnelEngine {
                 let kind = message_type(reply);
                 stats.tx_datagrams += 1;
                 peer.stats.tx_bytes += reply.len() as u64;
-                sink.send(from, reply);
+                sink.send_from(from, path.local, reply);
                 match (message, kind) {
                     // Our response (type 2) to an initiation: the initiator is who
                     // it claims to be, but the session is not usable (nor the peer
@@ -146,14 +166,14 @@ impl TunnelEngine {
                         // so a known endpoint moves only with the first packet
                         // on the session.
                         if peer.endpoint.is_none() {
-                            set_endpoint(peer, id, endpoints, from, now, events);
+                            set_endpoint(peer, id, endpoints, path, now, events);
                         }
                     }
                     // Our keepalive (type 4) after a response to our initiation:
                     // the session is ours to use now.
                     (Message::Response { .. }, 4) => {
                         list = true;
-                        authenticated(peer, id, endpoints, from, datagram.len(), now, events);
+                        authenticated(peer, id, endpoints, path, datagram.len(), now, events);
                         handshake_done(peer, now, stats, events);
                         send_queued(peer, from, tx, stats, sink);
                     }
@@ -162,7 +182,7 @@ impl TunnelEngine {
             }
             Decap::Packet(inner) => {
                 list = true;
-                authenticated(peer, id, endpoints, from, datagram.len(), now, events);
+                authenticated(peer, id, endpoints, path, datagram.len(), now, events);
                 // Queued packets go out before anything this one causes; they
                 // live in `tx`, which `inner` (in `rx`) does not touch.
                 if confirmed(peer, message, now, stats, events) {
@@ -186,7 +206,7 @@ impl TunnelEngine {
             Decap::Nothing => {
                 if matches!(message, Message::Data { .. }) {
                     list = true;
-                    authenticated(peer, id, endpoints, from, datagram.len(), now, events);
+                    authenticated(peer, id, endpoints, path, datagram.len(), now, events);
                     if confirmed(peer, message, now, stats, events) {
                         send_queued(peer, from, tx, stats, sink);
                     }
@@ -216,14 +236,14 @@ pub(super) fn authenticated(
     peer: &mut Peer,
     id: PeerId,
     endpoints: &mut HashMap<SocketAddr, PeerId>,
-    from: SocketAddr,
+    path: Path,
     len: usize,
     now: Instant,
     events: &mut VecDeque<Event>,
 ) {
     peer.stats.rx_bytes += len as u64;
     peer.last_rx = Some(now);
-    set_endpoint(peer, id, endpoints, from, now, events);
+    set_endpoint(peer, id, endpoints, path, now, events);
     if !peer.connected && peer.is_live(now) {
         peer.connected = true;
         peer.roam_unannounced = false;
@@ -268,11 +288,12 @@ pub(super) fn send_queued(
         stats.tx_datagrams += 1;
         peer.stats.tx_bytes += queued.len() as u64;
         peer.stats.tx_packets += 1;
-        sink.send(to, queued);
+        sink.send_from(to, peer.local, queued);
     }
 }
 
-/// The peer's endpoint is `from` now (roaming), with the index that finds it.
+/// The peer's endpoint is `path.remote` now (roaming), with the index that
+/// finds it, and replies leave from `path.local`.
 /// The roam is announced (`Roamed`) if none was in the last
 /// [`ROAM_ANNOUNCE_INTERVAL`]; otherwise the timers announce where the peer is
 /// once the interval is over ([`announce_roam`]).
@@ -281,10 +302,12 @@ pub(super) fn set_endpoint(
     peer: &mut Peer,
     id: PeerId,
     endpoints: &mut HashMap<SocketAddr, PeerId>,
-    from: SocketAddr,
+    path: Path,
     now: Instant,
     events: &mut VecDeque<Event>,
 ) {
+    peer.local = path.local;
+    let from = path.remote;
     if peer.endpoint != Some(from) {
         let previous = peer.endpoint.replace(from);
         if let Some(old) = previous {

@@ -131,6 +131,7 @@ pub(super) fn route(
             let Some(next) = peers.get_mut(peer) else {
                 return stats.drop(DropReason::NoRoute);
             };
+            let local = next.local;
             match next.encapsulate(packet, tx) {
                 Encap::Send(datagram) => {
                     next.stats.tx_bytes += datagram.len() as u64;
@@ -143,7 +144,7 @@ pub(super) fn route(
                         Origin::Peer(_) => stats.forwarded_peer += 1,
                         Origin::Host => stats.forwarded_host += 1,
                     }
-                    sink.send(to, datagram);
+                    sink.send_from(to, local, datagram);
                 }
                 Encap::Waiting { queued, initiation } => {
                     next.last_work = Some(now);
@@ -155,7 +156,7 @@ pub(super) fn route(
                     if let Some(init) = initiation {
                         next.stats.tx_bytes += init.len() as u64;
                         stats.tx_datagrams += 1;
-                        sink.send(to, init);
+                        sink.send_from(to, local, init);
                     }
                 }
                 Encap::Drop(reason) => stats.drop(reason),
@@ -200,10 +201,11 @@ pub(super) fn route(
                     continue;
                 };
                 gateway.last_work = Some(now);
+                let local = gateway.local;
                 if let Some(init) = gateway.initiate(tx) {
                     gateway.stats.tx_bytes += init.len() as u64;
                     stats.tx_datagrams += 1;
-                    sink.send(to, init);
+                    sink.send_from(to, local, init);
                 }
             }
         }

@@ -532,6 +532,59 @@ fn a_peer_back_from_elsewhere_connects_there_and_a_removed_one_is_gone() {
     assert_eq!(events, [Event::Disconnected { peer: key }]);
 }
 
+/// What answers a peer, and what is later sent to it, leaves from the
+/// tunnel's address the peer reached (a wildcard socket on a host with
+/// several), as kernel WireGuard's sticky source does; the kernel picks only
+/// where that is not known.
+#[test]
+fn replies_and_later_traffic_leave_from_the_address_the_peer_reached() {
+    use crate::core::packet::build::ip_packet;
+    use boringtun::noise::TunnResult;
+
+    #[derive(Default)]
+    struct Via(Vec<(SocketAddr, Option<IpAddr>, Vec<u8>)>);
+    impl Sink for Via {
+        fn send(&mut self, to: SocketAddr, datagram: &[u8]) {
+            self.0.push((to, None, datagram.to_vec()));
+        }
+        fn send_from(&mut self, to: SocketAddr, local: Option<IpAddr>, datagram: &[u8]) {
+            self.0.push((to, local, datagram.to_vec()));
+        }
+        fn local(&mut self, _: &[u8]) -> bool {
+            false
+        }
+    }
+
+    let now = Instant::now();
+    let (mut engine, mut r1) = one_client();
+    let at: IpAddr = "198.51.100.10".parse().unwrap();
+    let mut via = Via::default();
+    let init = r1.initiation().unwrap();
+    engine.handle_datagram_at(r1.addr, Some(at), &init, now, &mut via);
+    let (to, from, response) = via.0.pop().expect("the response");
+    assert_eq!((to, from, response[0]), (r1.addr, Some(at), 2));
+
+    // The initiator's first packet completes the handshake; then what the host
+    // sends the router leaves from the same address.
+    let mut buf = vec![0u8; 256];
+    let keepalive = match r1.tunn.decapsulate(None, &response, &mut buf) {
+        TunnResult::WriteToNetwork(k) => k.to_vec(),
+        other => panic!("{other:?}"),
+    };
+    engine.handle_datagram_at(r1.addr, Some(at), &keepalive, now, &mut via);
+    let mut packet = ip_packet([10, 100, 0, 1].into(), [10, 100, 1, 1].into(), 8);
+    engine.handle_host_packet(&mut packet, now, &mut via);
+    let (to, from, data) = via.0.pop().expect("the packet");
+    assert_eq!((to, from, data[0]), (r1.addr, Some(at), 4));
+
+    // Heard at another address, it is answered from that one.
+    let other: IpAddr = "198.51.100.11".parse().unwrap();
+    let datagram = r1.encrypt(&packet).unwrap();
+    engine.handle_datagram_at(r1.addr, Some(other), &datagram, now, &mut via);
+    engine.handle_host_packet(&mut packet, now, &mut via);
+    assert_eq!(via.0.pop().map(|(_, from, _)| from), Some(Some(other)));
+}
+
 /// An IPv4 peer heard on a dual-stack socket (`[::ffff:a.b.c.d]:p`) is known,
 /// announced and answered by its IPv4 address, and its datagrams from either
 /// spelling are one endpoint, not a roam.

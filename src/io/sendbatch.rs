@@ -46,7 +46,17 @@ pub(crate) struct SendBatch {
     max_segment_len: usize,
     /// The socket is IPv6: IPv4 destinations go as IPv4-mapped addresses.
     v6: bool,
+    /// Source addresses the kernel refused lately (a floating address moved
+    /// away), with the flushes left before they are tried again: datagrams
+    /// queued from them go from the kernel's pick meanwhile.
+    vanished: Vec<(IpAddr, u16)>,
 }
+
+/// Flushes a refused source address stays forgotten.
+const VANISHED_FLUSHES: u16 = 1024;
+
+/// Refused source addresses remembered at most.
+const VANISHED_MAX: usize = 16;
 
 /// Datagrams `data[start..start + len]` to `to`, from the tunnel's own address
 /// `src` (the kernel picks for `None`), cut every `segment` bytes.
@@ -79,12 +89,14 @@ impl SendBatch {
             max_segments: max_segments.max(1),
             max_segment_len: usize::MAX,
             v6,
+            vanished: Vec::new(),
         }
     }
 
     /// Queues one datagram to `to`, from the tunnel's own address `src` (where
     /// the socket is bound to a wildcard address; `None`: the kernel picks).
     pub(crate) fn push(&mut self, to: SocketAddr, src: Option<IpAddr>, datagram: &[u8]) {
+        let src = src.filter(|s| !self.vanished.iter().any(|(v, _)| v == s));
         if let Some(run) = self.runs.last_mut() {
             let whole = run.len % run.segment == 0;
             if run.to == to
@@ -118,18 +130,34 @@ impl SendBatch {
         while i < self.runs.len() {
             let run = self.runs[i];
             if run.segmented() {
-                let transmit = quinn_udp::Transmit {
-                    destination: run.to,
-                    ecn: None,
-                    contents: &self.data[run.start..run.start + run.len],
-                    segment_size: Some(run.segment),
-                    src_ip: run.src,
+                let sent = match run.src {
+                    // With a source, by this module's own `sendmmsg`: a source
+                    // the host lost (EINVAL) must not make quinn-udp take it
+                    // for offload trouble and turn GSO off for good.
+                    Some(_) => {
+                        send_many(socket.as_raw_fd(), &self.data, &[run], self.v6).map(|_| ())
+                    }
+                    None => {
+                        let transmit = quinn_udp::Transmit {
+                            destination: run.to,
+                            ecn: None,
+                            contents: &self.data[run.start..run.start + run.len],
+                            segment_size: Some(run.segment),
+                            src_ip: None,
+                        };
+                        state.try_send(socket.into(), &transmit)
+                    }
                 };
-                let sent = state.try_send(socket.into(), &transmit);
                 match sent {
                     Ok(()) => {}
                     // A full buffer takes no single datagram either.
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => failures += run.datagrams(),
+                    // Refused with its source: again without it, by the usual path.
+                    Err(e) if run.src.is_some() => {
+                        forget_source(&mut self.vanished, run.src, &e);
+                        self.runs[i].src = None;
+                        continue;
+                    }
                     Err(e) => {
                         // Segmentation refused (offload off, or segments larger
                         // than the path takes): the run becomes single datagrams
@@ -166,11 +194,23 @@ impl SendBatch {
                 .iter()
                 .position(Run::segmented)
                 .map_or(self.runs.len(), |p| i + p);
-            failures += send_singles(socket, state, &self.data, &self.runs[i..end], self.v6);
+            let singles = &self.runs[i..end];
+            failures += send_singles(
+                socket,
+                state,
+                &self.data,
+                singles,
+                self.v6,
+                &mut self.vanished,
+            );
             i = end;
         }
         self.data.clear();
         self.runs.clear();
+        self.vanished.retain_mut(|(_, left)| {
+            *left -= 1;
+            *left > 0
+        });
         // quinn-udp may have turned GSO off during this flush.
         self.max_segments = state.max_gso_segments().max(1);
         failures
@@ -186,28 +226,24 @@ fn send_singles(
     data: &[u8],
     runs: &[Run],
     v6: bool,
+    vanished: &mut Vec<(IpAddr, u16)>,
 ) -> u64 {
     let mut failures = 0;
     let mut i = 0;
     while i < runs.len() {
         let chunk = &runs[i..runs.len().min(i + MMSG)];
         let sent = match chunk {
-            [one] => send_one(socket, state, data, one).map(|()| 1),
+            // quinn-udp sends no datagram with a source: see `flush`.
+            [one] if one.src.is_none() => send_one(socket, state, data, one).map(|()| 1),
             _ => send_many(socket.as_raw_fd(), data, chunk, v6),
         };
         match sent {
             Ok(n) if n > 0 => i += n,
-            // The first datagram was refused. From a source address the host
-            // no longer has (a floating address moved away; the kernel says
-            // ENETUNREACH or EINVAL)? Once more from whichever the kernel
+            // The first datagram was refused with its source address (one the
+            // host no longer has, say): once more from whichever the kernel
             // picks. Otherwise drop it, go on with the rest.
-            Err(e)
-                if runs[i].src.is_some()
-                    && matches!(
-                        e.raw_os_error(),
-                        Some(libc::EINVAL | libc::EADDRNOTAVAIL | libc::ENETUNREACH)
-                    ) =>
-            {
+            Err(e) if runs[i].src.is_some() && e.kind() != io::ErrorKind::WouldBlock => {
+                forget_source(vanished, runs[i].src, &e);
                 let anywhere = Run {
                     src: None,
                     ..runs[i]
@@ -226,7 +262,27 @@ fn send_singles(
     failures
 }
 
-/// One datagram with plain `sendmsg`.
+/// Remembers `src` as gone when the kernel's refusal `e` says the host has
+/// no such address (EADDRNOTAVAIL; ENETUNREACH or EINVAL from the route
+/// lookup), so that the next datagrams go from the kernel's pick at once.
+fn forget_source(vanished: &mut Vec<(IpAddr, u16)>, src: Option<IpAddr>, e: &io::Error) {
+    let gone = matches!(
+        e.raw_os_error(),
+        Some(libc::EINVAL | libc::EADDRNOTAVAIL | libc::ENETUNREACH)
+    );
+    let Some(src) = src.filter(|_| gone) else {
+        return;
+    };
+    if vanished.iter().any(|(v, _)| *v == src) {
+        return;
+    }
+    if vanished.len() >= VANISHED_MAX {
+        vanished.remove(0);
+    }
+    vanished.push((src, VANISHED_FLUSHES));
+}
+
+/// One datagram with plain `sendmsg`, from the kernel's pick of source.
 fn send_one(
     socket: &UdpSocket,
     state: &quinn_udp::UdpSocketState,
@@ -243,38 +299,45 @@ fn send_one(
     state.try_send(socket.into(), &transmit)
 }
 
-/// Room for the one control message a datagram may carry: its source address
-/// (`IP_PKTINFO` or `IPV6_PKTINFO`), aligned as the kernel reads it.
+/// Room for a message's control messages: its source address (`IP_PKTINFO`
+/// or `IPV6_PKTINFO`, 32 or 40 bytes with its header) and, for a GSO run, the
+/// segment size (`UDP_SEGMENT`, 24 bytes); aligned as the kernel reads them.
 #[repr(C, align(8))]
-#[derive(Clone, Copy)]
 struct Control([u8; 64]);
 
-/// Makes `header` send from `src`, with its control message in `control`.
+/// Gives `header` its control messages, written into `control`: the source
+/// `src`, and the segment size for a run cut every `segment` bytes.
 ///
 /// # Safety
 /// `control` must outlive every use of `header` by the kernel.
-unsafe fn set_source(header: &mut libc::msghdr, control: &mut Control, src: IpAddr) {
+unsafe fn set_control(
+    header: &mut libc::msghdr,
+    control: &mut std::mem::MaybeUninit<Control>,
+    src: IpAddr,
+    segment: Option<u16>,
+) {
+    let control = control.write(Control([0; 64]));
+    let base = control.0.as_mut_ptr();
     let (level, kind, len) = match src {
         IpAddr::V4(_) => (
             libc::IPPROTO_IP,
             libc::IP_PKTINFO,
-            std::mem::size_of::<libc::in_pktinfo>(),
+            std::mem::size_of::<libc::in_pktinfo>() as u32,
         ),
         IpAddr::V6(_) => (
             libc::IPPROTO_IPV6,
             libc::IPV6_PKTINFO,
-            std::mem::size_of::<libc::in6_pktinfo>(),
+            std::mem::size_of::<libc::in6_pktinfo>() as u32,
         ),
     };
-    header.msg_control = control.0.as_mut_ptr().cast();
-    // SAFETY (this block and below): `control` is 64 aligned bytes, more than
-    // `CMSG_SPACE` of either pktinfo (32 and 40), so the header and its data fit.
-    header.msg_controllen = libc::CMSG_SPACE(len as u32) as usize;
-    let cmsg = libc::CMSG_FIRSTHDR(header);
-    (*cmsg).cmsg_level = level;
-    (*cmsg).cmsg_type = kind;
-    (*cmsg).cmsg_len = libc::CMSG_LEN(len as u32) as usize;
-    let data = libc::CMSG_DATA(cmsg);
+    // SAFETY (this block and below): every header and its data lie within the
+    // 64 aligned bytes of `control` (at most 40 + 24), each header at an
+    // aligned offset; the data are written unaligned.
+    let first = base.cast::<libc::cmsghdr>();
+    (*first).cmsg_level = level;
+    (*first).cmsg_type = kind;
+    (*first).cmsg_len = libc::CMSG_LEN(len) as _;
+    let data = base.add(libc::CMSG_LEN(0) as usize);
     match src {
         IpAddr::V4(v4) => std::ptr::write_unaligned(
             data.cast::<libc::in_pktinfo>(),
@@ -296,10 +359,26 @@ unsafe fn set_source(header: &mut libc::msghdr, control: &mut Control, src: IpAd
             },
         ),
     }
+    // The last message counts its length, not its padding: a lone IPv6 source
+    // (36 bytes) then fits the kernel's buffer on its stack.
+    let mut total = libc::CMSG_LEN(len) as usize;
+    if let Some(segment) = segment {
+        let offset = libc::CMSG_SPACE(len) as usize;
+        let second = base.add(offset).cast::<libc::cmsghdr>();
+        (*second).cmsg_level = libc::SOL_UDP;
+        (*second).cmsg_type = libc::UDP_SEGMENT;
+        (*second).cmsg_len = libc::CMSG_LEN(2) as _;
+        let data = base.add(offset + libc::CMSG_LEN(0) as usize);
+        std::ptr::write_unaligned(data.cast::<u16>(), segment);
+        total = offset + libc::CMSG_LEN(2) as usize;
+    }
+    header.msg_control = base.cast();
+    header.msg_controllen = total as _;
 }
 
-/// One `sendmmsg` of single datagrams (at most [`MMSG`]); returns how many the
-/// kernel took from the front. nix's `sendmmsg` is not used: it allocates, and its
+/// One `sendmmsg` of single datagrams (at most [`MMSG`]), or of one GSO run
+/// that carries a source address; returns how many the kernel took from the
+/// front. nix's `sendmmsg` is not used: it allocates, and its
 /// count of sent messages comes from an iterator that reads receive addresses.
 fn send_many(fd: RawFd, data: &[u8], runs: &[Run], v6: bool) -> io::Result<usize> {
     let n = runs.len().min(MMSG);
@@ -326,7 +405,9 @@ fn send_many(fd: RawFd, data: &[u8], runs: &[Run], v6: bool) -> io::Result<usize
             iov_len: 0,
         },
     });
-    let mut controls = [Control([0; 64]); MMSG];
+    // Written only for the messages that carry a source.
+    let mut controls: [std::mem::MaybeUninit<Control>; MMSG] =
+        [const { std::mem::MaybeUninit::uninit() }; MMSG];
     // SAFETY: an all-zero `mmsghdr` is a valid empty header (null pointers,
     // zero lengths).
     let mut headers: [libc::mmsghdr; MMSG] = unsafe { std::mem::zeroed() };
@@ -344,8 +425,10 @@ fn send_many(fd: RawFd, data: &[u8], runs: &[Run], v6: bool) -> io::Result<usize
         header.msg_hdr.msg_iov = iovec;
         header.msg_hdr.msg_iovlen = 1;
         if let Some(src) = run.src {
+            // A GSO run (from `flush`) carries its segment size too.
+            let segment = run.segmented().then_some(run.segment as u16);
             // SAFETY: `controls` lives on this stack frame until the call ends.
-            unsafe { set_source(&mut header.msg_hdr, control, src) };
+            unsafe { set_control(&mut header.msg_hdr, control, src, segment) };
         }
     }
     // SAFETY: the first `n` headers point at live addresses, iovecs and
@@ -362,7 +445,7 @@ fn send_many(fd: RawFd, data: &[u8], runs: &[Run], v6: bool) -> io::Result<usize
 mod tests {
     use super::{SendBatch, MMSG};
     use std::io::Write as _;
-    use std::net::SocketAddr;
+    use std::net::{IpAddr, SocketAddr};
     use std::time::Duration;
 
     fn receiver(addr: &str) -> std::net::UdpSocket {
@@ -432,23 +515,35 @@ mod tests {
     /// On a socket bound to a wildcard address, replies leave from the address
     /// the peer sent to, not from the one the kernel would pick: a peer whose
     /// socket is connected to that address (as a NAT's mapping is) gets them,
-    /// as GSO runs, as singles in one `sendmmsg`, and alone. A source the host
-    /// does not have is dropped for the kernel's pick, not the datagram.
+    /// as GSO runs, as singles in one `sendmmsg`, and alone; over IPv4 (also
+    /// on a dual-stack socket) and IPv6. A source the host does not have gives
+    /// way to the kernel's pick, is skipped from then on, and leaves GSO on.
     #[test]
     fn replies_leave_from_the_address_the_peer_reached() {
         let test = "replies_leave_from_the_address_the_peer_reached";
-        for bind in ["0.0.0.0:0", "[::]:0"] {
+        let cases = [
+            ("0.0.0.0:0", "127.0.0.1:0", "127.0.0.5", "10.9.9.9"),
+            ("[::]:0", "127.0.0.1:0", "127.0.0.5", "10.9.9.9"),
+            ("[::]:0", "[::1]:0", "fd00::5", "fd00::9"),
+        ];
+        for (bind, peer_at, dialled, gone) in cases {
             crate::io::testnet::in_private_netns(test, 1500, || {
+                // A second IPv6 address on loopback, which the kernel would not
+                // pick to answer ::1 from.
+                let added = std::process::Command::new("ip")
+                    .args(["-6", "address", "add", "fd00::5/128", "dev", "lo", "nodad"])
+                    .status();
+                assert!(added.is_ok_and(|s| s.success()), "ip -6 address add");
                 let socket = crate::io::udp::bind(bind.parse().unwrap()).expect("bind");
                 socket.set_nonblocking(false).unwrap();
                 let state = crate::io::udp::batching_state(&socket).expect("state");
+                let gso = state.max_gso_segments();
                 let port = socket.local_addr().unwrap().port();
-                // Two peers that reached the hub at 127.0.0.5, which the kernel
-                // would not pick to answer 127.0.0.1 from.
+                let dialled: IpAddr = dialled.parse().unwrap();
                 let peers: Vec<_> = (0..2)
                     .map(|_| {
-                        let peer = receiver("127.0.0.1:0");
-                        peer.connect(("127.0.0.5", port)).expect("connect");
+                        let peer = receiver(peer_at);
+                        peer.connect((dialled, port)).expect("connect");
                         peer.send(b"hello").expect("send");
                         peer
                     })
@@ -459,16 +554,17 @@ mod tests {
                 while heard.len() < 2 {
                     let n = crate::io::udp::recv_batch(&socket, &state, &mut bufs, &mut meta)
                         .expect("the hellos");
-                    heard.extend(meta[..n].iter().map(|m| (m.addr, m.dst_ip)));
+                    // As the engine keeps them: canonical.
+                    heard.extend(
+                        meta[..n]
+                            .iter()
+                            .map(|m| (m.addr, m.dst_ip.map(|a| a.to_canonical()))),
+                    );
                 }
                 let v6 = bind.starts_with('[');
-                let mut batch = SendBatch::new(state.max_gso_segments(), v6);
+                let mut batch = SendBatch::new(gso, v6);
                 for &(to, at) in &heard {
-                    assert_eq!(
-                        at.map(|a| a.to_canonical()),
-                        Some("127.0.0.5".parse().unwrap()),
-                        "{bind}"
-                    );
+                    assert_eq!(at, Some(dialled), "{bind} {peer_at}");
                     for _ in 0..3 {
                         batch.push(to, at, &[7; 1000]); // a GSO run
                     }
@@ -477,21 +573,34 @@ mod tests {
                     batch.push(to, at, &[8; 100]); // singles, one sendmmsg
                 }
                 batch.push(heard[0].0, heard[0].1, &[9; 50]); // alone
-                assert_eq!(batch.flush(&socket, &state), 0, "{bind}");
+                assert_eq!(batch.flush(&socket, &state), 0, "{bind} {peer_at}");
                 for (k, peer) in peers.iter().enumerate() {
                     let mut expect = vec![(1000, 7); 3];
                     expect.extend([(100, 8), (100, 8)]);
                     if heard[0].0.port() == peer.local_addr().unwrap().port() {
                         expect.push((50, 9));
                     }
-                    assert_eq!(drain(peer, expect.len()), expect, "{bind}, peer {k}");
+                    assert_eq!(
+                        drain(peer, expect.len()),
+                        expect,
+                        "{bind} {peer_at}, peer {k}"
+                    );
                 }
-                // An address the host does not have: sent from the kernel's pick.
-                let plain = receiver("127.0.0.1:0");
-                let gone = Some("10.9.9.9".parse().unwrap());
-                batch.push(plain.local_addr().unwrap(), gone, &[1; 10]);
-                assert_eq!(batch.flush(&socket, &state), 0, "{bind}");
-                assert_eq!(drain(&plain, 1), [(10, 1)]);
+                // An address the host does not have: sent from the kernel's pick,
+                // a run and a single, with GSO still on afterwards.
+                let plain = receiver(peer_at);
+                let gone: Option<IpAddr> = Some(gone.parse().unwrap());
+                for _ in 0..3 {
+                    batch.push(plain.local_addr().unwrap(), gone, &[1; 600]);
+                }
+                assert_eq!(batch.flush(&socket, &state), 0, "{bind} {peer_at}");
+                assert_eq!(drain(&plain, 3), [(600, 1); 3]);
+                assert_eq!(state.max_gso_segments(), gso, "GSO stays on");
+                // And skipped from then on.
+                batch.push(plain.local_addr().unwrap(), gone, &[2; 10]);
+                assert_eq!(batch.runs[0].src, None);
+                assert_eq!(batch.flush(&socket, &state), 0);
+                assert_eq!(drain(&plain, 1), [(10, 2)]);
             });
         }
     }

@@ -103,20 +103,22 @@ pub fn batching_state(socket: &std::net::UdpSocket) -> io::Result<quinn_udp::Udp
 /// it was.
 fn quiet_control_messages(socket: &impl std::os::fd::AsRawFd, wildcard: bool) {
     let fd = socket.as_raw_fd();
-    // 0 is "off", and IP(V6)_PMTUDISC_DONT for the MTU options. The last two,
-    // the destination address, stay on for a wildcard socket.
+    // 0 is "off", and IP(V6)_PMTUDISC_DONT for the MTU options.
     let off: libc::c_int = 0;
-    let options = [
+    let always = [
         (libc::IPPROTO_IP, libc::IP_RECVTOS),
         (libc::IPPROTO_IPV6, libc::IPV6_RECVTCLASS),
         (libc::SOL_SOCKET, libc::SO_TIMESTAMPNS),
         (libc::IPPROTO_IP, libc::IP_MTU_DISCOVER),
         (libc::IPPROTO_IPV6, libc::IPV6_MTU_DISCOVER),
+    ];
+    // The destination address, which a wildcard socket keeps.
+    let destination = [
         (libc::IPPROTO_IP, libc::IP_PKTINFO),
         (libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO),
     ];
-    let quieted = if wildcard { 5 } else { options.len() };
-    for (level, name) in options.into_iter().take(quieted) {
+    let destination = destination.iter().filter(|_| !wildcard);
+    for &(level, name) in always.iter().chain(destination) {
         // SAFETY: `fd` is an open socket owned by `socket` for the duration of
         // the call; the option value is a live `c_int` of the size passed. An
         // option that does not apply to this socket's family fails harmlessly.

@@ -56,9 +56,13 @@ impl TunnelEngine {
     ) {
         self.stats.rx_datagrams += 1;
         let from = canonical_endpoint(from);
+        // A link-local address of ours would need its interface named too:
+        // those are left to the kernel's pick.
         let path = Path {
             remote: from,
-            local: at.map(|a| a.to_canonical()),
+            local: at
+                .map(|a| a.to_canonical())
+                .filter(|a| !matches!(a, IpAddr::V6(v6) if v6.is_unicast_link_local())),
         };
         let Some(message) = Message::classify(datagram) else {
             self.stats.drop(DropReason::InvalidDatagram);

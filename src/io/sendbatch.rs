@@ -19,6 +19,16 @@
 //! again, to any destination of the socket (the limit is the tunnel's, not
 //! per peer: simple, and a path that small is the underlay's, not one peer's).
 //!
+//! On a socket bound to a wildcard address a datagram may carry its source, the
+//! address the peer reached the tunnel at (`IP_PKTINFO`). Such datagrams go by
+//! this module's own `sendmmsg`, GSO runs too, never by quinn-udp: the kernel
+//! refuses a source the host lost with `EINVAL`, which quinn-udp would take for
+//! offload trouble and turn GSO off for good. A refused run becomes singles that
+//! keep their source; a single refused for its source goes again from the
+//! kernel's pick, and that source is left out for 10 s. A run refused with
+//! `EINVAL` or `EIO` (offload trouble and a lost source look alike) ends GSO for
+//! sourced datagrams for 10 s; they leave in `sendmmsg` batches meanwhile.
+//!
 //! A send never waits for the socket: one the kernel refuses (a full buffer) is
 //! dropped and counted, as a link drops, so the socket is not watched for write
 //! readiness at all (see `udp`).
@@ -28,6 +38,7 @@
 use std::io;
 use std::net::{IpAddr, SocketAddr, SocketAddrV6, UdpSocket};
 use std::os::fd::{AsRawFd, RawFd};
+use std::time::{Duration, Instant};
 
 /// Largest GSO send (the kernel's limit is 64 KiB of payload).
 const MAX_GSO_BYTES: usize = 60_000;
@@ -47,13 +58,19 @@ pub(crate) struct SendBatch {
     /// The socket is IPv6: IPv4 destinations go as IPv4-mapped addresses.
     v6: bool,
     /// Source addresses the kernel refused lately (a floating address moved
-    /// away), with the flushes left before they are tried again: datagrams
-    /// queued from them go from the kernel's pick meanwhile.
-    vanished: Vec<(IpAddr, u16)>,
+    /// away), with when they are tried again: datagrams queued from them go
+    /// from the kernel's pick meanwhile.
+    vanished: Vec<(IpAddr, Instant)>,
+    /// Until when datagrams that carry a source are not merged into GSO runs:
+    /// the kernel refused such a run with `EINVAL` or `EIO`, which says
+    /// offload trouble or a lost source alike. They leave in `sendmmsg`
+    /// batches meanwhile.
+    sourced_runs_after: Option<Instant>,
 }
 
-/// Flushes a refused source address stays forgotten.
-const VANISHED_FLUSHES: u16 = 1024;
+/// How long a refused source address, or GSO for sourced datagrams after a
+/// refused run, stays forgotten.
+const FORGOTTEN: Duration = Duration::from_secs(10);
 
 /// Refused source addresses remembered at most.
 const VANISHED_MAX: usize = 16;
@@ -90,6 +107,7 @@ impl SendBatch {
             max_segment_len: usize::MAX,
             v6,
             vanished: Vec::new(),
+            sourced_runs_after: None,
         }
     }
 
@@ -101,6 +119,7 @@ impl SendBatch {
             let whole = run.len % run.segment == 0;
             if run.to == to
                 && run.src == src
+                && (src.is_none() || self.sourced_runs_after.is_none())
                 && whole
                 && datagram.len() <= run.segment
                 && run.segment <= self.max_segment_len
@@ -135,7 +154,7 @@ impl SendBatch {
                     // the host lost (EINVAL) must not make quinn-udp take it
                     // for offload trouble and turn GSO off for good.
                     Some(_) => {
-                        send_many(socket.as_raw_fd(), &self.data, &[run], self.v6).map(|_| ())
+                        send_many(socket.as_raw_fd(), &self.data, &[run], self.v6, &[]).map(|_| ())
                     }
                     None => {
                         let transmit = quinn_udp::Transmit {
@@ -152,18 +171,20 @@ impl SendBatch {
                     Ok(()) => {}
                     // A full buffer takes no single datagram either.
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => failures += run.datagrams(),
-                    // Refused with its source: again without it, by the usual path.
-                    Err(e) if run.src.is_some() => {
-                        forget_source(&mut self.vanished, run.src, &e);
-                        self.runs[i].src = None;
-                        continue;
-                    }
                     Err(e) => {
                         // Segmentation refused (offload off, or segments larger
                         // than the path takes): the run becomes single datagrams
-                        // in its place, sent next as any others are.
-                        if e.raw_os_error() == Some(libc::EMSGSIZE) {
-                            self.max_segment_len = self.max_segment_len.min(run.segment - 1);
+                        // in its place, sent next as any others are. A run with
+                        // a source keeps it: its singles tell whether the source
+                        // is what the kernel refused.
+                        match e.raw_os_error() {
+                            Some(libc::EMSGSIZE) => {
+                                self.max_segment_len = self.max_segment_len.min(run.segment - 1);
+                            }
+                            Some(libc::EINVAL | libc::EIO) if run.src.is_some() => {
+                                self.sourced_runs_after = Some(Instant::now() + FORGOTTEN);
+                            }
+                            _ => {}
                         }
                         let Run {
                             to,
@@ -207,10 +228,11 @@ impl SendBatch {
         }
         self.data.clear();
         self.runs.clear();
-        self.vanished.retain_mut(|(_, left)| {
-            *left -= 1;
-            *left > 0
-        });
+        if !self.vanished.is_empty() || self.sourced_runs_after.is_some() {
+            let now = Instant::now();
+            self.vanished.retain(|(_, until)| now < *until);
+            self.sourced_runs_after = self.sourced_runs_after.filter(|until| now < *until);
+        }
         // quinn-udp may have turned GSO off during this flush.
         self.max_segments = state.max_gso_segments().max(1);
         failures
@@ -226,7 +248,7 @@ fn send_singles(
     data: &[u8],
     runs: &[Run],
     v6: bool,
-    vanished: &mut Vec<(IpAddr, u16)>,
+    vanished: &mut Vec<(IpAddr, Instant)>,
 ) -> u64 {
     let mut failures = 0;
     let mut i = 0;
@@ -235,15 +257,14 @@ fn send_singles(
         let sent = match chunk {
             // quinn-udp sends no datagram with a source: see `flush`.
             [one] if one.src.is_none() => send_one(socket, state, data, one).map(|()| 1),
-            _ => send_many(socket.as_raw_fd(), data, chunk, v6),
+            _ => send_many(socket.as_raw_fd(), data, chunk, v6, vanished),
         };
         match sent {
             Ok(n) if n > 0 => i += n,
-            // The first datagram was refused with its source address (one the
-            // host no longer has, say): once more from whichever the kernel
-            // picks. Otherwise drop it, go on with the rest.
-            Err(e) if runs[i].src.is_some() && e.kind() != io::ErrorKind::WouldBlock => {
-                forget_source(vanished, runs[i].src, &e);
+            // The first datagram was refused for its source address (one the
+            // host no longer has): once more from whichever the kernel picks.
+            // Otherwise drop it, go on with the rest.
+            Err(e) if forget_source(vanished, runs[i].src, &e) => {
                 let anywhere = Run {
                     src: None,
                     ..runs[i]
@@ -262,24 +283,29 @@ fn send_singles(
     failures
 }
 
-/// Remembers `src` as gone when the kernel's refusal `e` says the host has
-/// no such address (EADDRNOTAVAIL; ENETUNREACH or EINVAL from the route
-/// lookup), so that the next datagrams go from the kernel's pick at once.
-fn forget_source(vanished: &mut Vec<(IpAddr, u16)>, src: Option<IpAddr>, e: &io::Error) {
+/// Remembers `src` as gone, and says so, when the kernel's refusal `e` of a
+/// single datagram sent from it says the host has no such address
+/// (EADDRNOTAVAIL; ENETUNREACH or EINVAL from the route lookup), so that the
+/// next datagrams go from the kernel's pick at once.
+fn forget_source(
+    vanished: &mut Vec<(IpAddr, Instant)>,
+    src: Option<IpAddr>,
+    e: &io::Error,
+) -> bool {
     let gone = matches!(
         e.raw_os_error(),
         Some(libc::EINVAL | libc::EADDRNOTAVAIL | libc::ENETUNREACH)
     );
     let Some(src) = src.filter(|_| gone) else {
-        return;
+        return false;
     };
-    if vanished.iter().any(|(v, _)| *v == src) {
-        return;
+    if !vanished.iter().any(|(v, _)| *v == src) {
+        if vanished.len() >= VANISHED_MAX {
+            vanished.remove(0);
+        }
+        vanished.push((src, Instant::now() + FORGOTTEN));
     }
-    if vanished.len() >= VANISHED_MAX {
-        vanished.remove(0);
-    }
-    vanished.push((src, VANISHED_FLUSHES));
+    true
 }
 
 /// One datagram with plain `sendmsg`, from the kernel's pick of source.
@@ -380,7 +406,13 @@ unsafe fn set_control(
 /// that carries a source address; returns how many the kernel took from the
 /// front. nix's `sendmmsg` is not used: it allocates, and its
 /// count of sent messages comes from an iterator that reads receive addresses.
-fn send_many(fd: RawFd, data: &[u8], runs: &[Run], v6: bool) -> io::Result<usize> {
+fn send_many(
+    fd: RawFd,
+    data: &[u8],
+    runs: &[Run],
+    v6: bool,
+    vanished: &[(IpAddr, Instant)],
+) -> io::Result<usize> {
     let n = runs.len().min(MMSG);
     let addresses: [Option<socket2::SockAddr>; MMSG] = std::array::from_fn(|k| {
         runs.get(k).map(|r| {
@@ -424,7 +456,8 @@ fn send_many(fd: RawFd, data: &[u8], runs: &[Run], v6: bool) -> io::Result<usize
         header.msg_hdr.msg_namelen = address.len();
         header.msg_hdr.msg_iov = iovec;
         header.msg_hdr.msg_iovlen = 1;
-        if let Some(src) = run.src {
+        // A source found gone earlier in this flush is left out at once.
+        if let Some(src) = run.src.filter(|s| !vanished.iter().any(|(v, _)| v == s)) {
             // A GSO run (from `flush`) carries its segment size too.
             let segment = run.segmented().then_some(run.segment as u16);
             // SAFETY: `controls` lives on this stack frame until the call ends.

@@ -93,6 +93,15 @@ fn a_forwarded_packet_loses_one_hop_with_a_valid_checksum() {
         Ipv4Packet::new_checked(&at_gw[0][..]).unwrap().hop_limit(),
         8
     );
+
+    // And a phone's packet with no hop left ends at the hub, which answers it
+    // itself: the gateway gets nothing, the phone the hub's "time exceeded".
+    l.sim
+        .send(l.phone, &with_hops("10.200.0.2", "198.18.0.1", 1));
+    assert!(l.sim.take_inbox(l.gw).is_empty());
+    let at_phone = l.sim.take_inbox(l.phone);
+    assert_eq!(at_phone.len(), 1);
+    assert_eq!(addrs(&at_phone[0]), (ip("10.100.0.1"), ip("10.200.0.2")));
 }
 
 #[test]

@@ -3,7 +3,7 @@
 //! handshake initiations of the phone (which random bytes never forge past
 //! mac1) sent as they are, damaged by the input, or from a stranger's address.
 //! The engine must never panic, and a packet from the phone may only ever leave
-//! towards the gateway.
+//! towards the gateway (the hub's own ICMP error about it goes back to the phone).
 #![no_main]
 
 use std::sync::OnceLock;
@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use libfuzzer_sys::fuzz_target;
 use wgplane::core::harness::{Collect, Ktn};
+use wgplane::core::packet;
 
 fuzz_target!(|chunks: Vec<(u8, Vec<u8>)>| {
     // Handshakes cost milliseconds; build one tunnel per input anyway so that no
@@ -19,6 +20,7 @@ fuzz_target!(|chunks: Vec<(u8, Vec<u8>)>| {
     let now = *START.get_or_init(Instant::now);
     let mut ktn = Ktn::new(now);
     let stranger = "198.18.0.77:4444".parse().expect("literal");
+    let server: std::net::IpAddr = "10.100.0.1".parse().expect("literal");
     for (selector, bytes) in chunks.iter().take(64) {
         let mut out = Collect::default();
         match selector % 5 {
@@ -50,7 +52,16 @@ fuzz_target!(|chunks: Vec<(u8, Vec<u8>)>| {
                 if let Some(d) = ktn.phone.encrypt(bytes) {
                     ktn.engine
                         .handle_datagram(ktn.phone.addr, &d, now, &mut out);
-                    for (to, _) in &out.sent {
+                    for (to, d) in &out.sent {
+                        if *to == ktn.phone.addr {
+                            // Only the hub's own ICMP error about the packet
+                            // (no hop left) goes back to the phone.
+                            let error = ktn.phone.decrypt(d).expect("a data packet");
+                            let header = packet::parse(&error).expect("a packet");
+                            assert_eq!(header.src, server, "only the hub answers");
+                            assert_eq!(error.get(9), Some(&1), "and only with ICMP");
+                            continue;
+                        }
                         assert_eq!(*to, ktn.gateway.addr, "phone traffic leaked");
                     }
                     assert!(out.local.is_empty(), "phone reached the appliance");

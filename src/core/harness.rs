@@ -109,6 +109,16 @@ impl MemoryClient {
             _ => None,
         }
     }
+
+    /// Decrypts a data datagram from the engine into its inner packet.
+    pub fn decrypt(&mut self, datagram: &[u8]) -> Option<Vec<u8>> {
+        match self.tunn.decapsulate(None, datagram, &mut self.buf) {
+            TunnResult::WriteToTunnelV4(p, _) | TunnResult::WriteToTunnelV6(p, _) => {
+                Some(p.to_vec())
+            }
+            _ => None,
+        }
+    }
 }
 
 /// The seed's KTN tunnel in memory: an engine at 10.100.0.1 with a gateway

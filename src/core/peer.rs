@@ -178,10 +178,13 @@ pub struct Peer {
     pub(crate) answered: u32,
     /// True between a completed handshake and the session's expiry (for events).
     pub(crate) connected: bool,
-    /// When a roam of this peer was last announced (at most one
-    /// [`ROAM_ANNOUNCE_INTERVAL`]), and whether it moved again since.
+    /// When a roam of this peer was last announced (at most one per
+    /// [`ROAM_ANNOUNCE_INTERVAL`]).
     pub(crate) roam_announced: Option<Instant>,
-    pub(crate) roam_unannounced: bool,
+    /// The endpoint the peer's last `Connected` or `Roamed` event named: a
+    /// roam is news while the endpoint differs from it (a peer that moves and
+    /// comes back within the interval has not moved for whoever listens).
+    pub(crate) told: Option<SocketAddr>,
     /// Packets and bytes queued in boringtun since its queue was last emptied.
     queued_packets: u16,
     queued_bytes: u32,
@@ -217,7 +220,7 @@ impl Peer {
             answered: 0,
             connected: false,
             roam_announced: None,
-            roam_unannounced: false,
+            told: None,
             queued_packets: 0,
             queued_bytes: 0,
             tunnel_held,
@@ -440,6 +443,20 @@ impl Peer {
     /// Forgets the packets waiting for this peer's handshake (it is being
     /// removed): how many there were, for the caller to count.
     pub(crate) fn discard_queue(&mut self) -> u16 {
+        self.queue_emptied()
+    }
+
+    /// Forgets the packets waiting for this peer's handshake, and the peer
+    /// stays: how many there were. boringtun has no call that empties its
+    /// queue, so the protocol state goes with them. A peer holds packets only
+    /// while it has no session, so all that is lost besides is a handshake
+    /// under way; the next packet either way starts another.
+    pub(crate) fn discard_waiting(&mut self) -> u16 {
+        if self.queued_packets == 0 {
+            return 0;
+        }
+        self.tunn = None;
+        self.answered = 0;
         self.queue_emptied()
     }
 

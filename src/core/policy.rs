@@ -101,11 +101,15 @@ pub enum DropReason {
     /// The packet waited for the handshake of a peer that was removed (or
     /// replaced by a new key) meanwhile.
     PeerRemoved,
+    /// The packet waited for the handshake of a gateway that was taken out of
+    /// every egress policy meanwhile: what a client sent through it must not
+    /// reach it any more.
+    GatewayWithdrawn,
 }
 
 impl DropReason {
     /// Every reason, in counter order.
-    pub const ALL: [DropReason; 24] = [
+    pub const ALL: [DropReason; 25] = [
         Self::InvalidDatagram,
         Self::BadMac,
         Self::UnderLoad,
@@ -130,6 +134,7 @@ impl DropReason {
         Self::TtlExpired,
         Self::Martian,
         Self::PeerRemoved,
+        Self::GatewayWithdrawn,
     ];
 
     /// Stable snake_case name, used in metrics and the API.
@@ -157,6 +162,7 @@ impl DropReason {
             Self::HandshakeTimeout => "handshake_timeout",
             Self::HandshakeQueueFull => "handshake_queue_full",
             Self::PeerRemoved => "peer_removed",
+            Self::GatewayWithdrawn => "gateway_withdrawn",
             Self::Martian => "martian",
             Self::TtlExpired => "ttl_expired",
         }

@@ -207,10 +207,28 @@ impl TunnelEngine {
         }
     }
 
-    /// Replaces the egress policies.
+    /// Replaces the egress policies. A peer that stops being a gateway while
+    /// packets wait for its handshake loses them (`gateway_withdrawn`): some
+    /// may be clients' packets sent through it, and a client's packet goes
+    /// only to a gateway of its policy, at any time.
     pub fn set_egress(&mut self, egress: Vec<EgressConfig>) {
+        let before: Vec<PeerId> = self
+            .routing
+            .egress
+            .iter()
+            .flat_map(|e| e.gateways.iter().copied())
+            .collect();
         self.egress = egress;
         self.resolve_egress();
+        for id in before {
+            if self.routing.egress.iter().any(|e| e.gateways.contains(&id)) {
+                continue;
+            }
+            if let Some(peer) = self.peers.get_mut(id) {
+                self.stats.drops[DropReason::GatewayWithdrawn.index()] +=
+                    u64::from(peer.discard_waiting());
+            }
+        }
     }
 
     fn resolve_egress(&mut self) {

@@ -250,7 +250,7 @@ pub(super) fn authenticated(
     set_endpoint(peer, id, endpoints, path, now, events);
     if !peer.connected && peer.is_live(now) {
         peer.connected = true;
-        peer.roam_unannounced = false;
+        peer.told = peer.endpoint;
         events.push_back(Event::Connected {
             peer: *peer.public_key().as_bytes(),
             endpoint: peer.endpoint,
@@ -322,26 +322,28 @@ pub(super) fn set_endpoint(
         endpoints.insert(from, id);
         // A roam is news only about a connected peer: one that connects from
         // a new address says where in its `Connected`.
-        if previous.is_some() && peer.connected {
-            peer.roam_unannounced = true;
+        if previous.is_some() {
             announce_roam(peer, now, events);
         }
     }
 }
 
-/// Announces an unannounced roam of a connected peer, unless one was
-/// announced less than [`ROAM_ANNOUNCE_INTERVAL`] ago.
+/// Announces where a connected peer is when that is not where its last event
+/// said, unless a roam was announced less than [`ROAM_ANNOUNCE_INTERVAL`] ago.
 #[inline]
 pub(super) fn announce_roam(peer: &mut Peer, now: Instant, events: &mut VecDeque<Event>) {
+    let Some(endpoint) = peer.endpoint else {
+        return;
+    };
+    if !peer.connected || peer.told == Some(endpoint) {
+        return;
+    }
     let due = peer
         .roam_announced
         .is_none_or(|at| now.saturating_duration_since(at) >= ROAM_ANNOUNCE_INTERVAL);
-    if !(peer.roam_unannounced && due) {
-        return;
-    }
-    peer.roam_unannounced = false;
-    if let (true, Some(endpoint)) = (peer.connected, peer.endpoint) {
+    if due {
         peer.roam_announced = Some(now);
+        peer.told = Some(endpoint);
         events.push_back(Event::Roamed {
             peer: *peer.public_key().as_bytes(),
             endpoint,
@@ -360,7 +362,7 @@ pub(super) fn handshake_done(
     stats.handshakes += 1;
     if !peer.connected {
         peer.connected = true;
-        peer.roam_unannounced = false;
+        peer.told = peer.endpoint;
         events.push_back(Event::Connected {
             peer: *peer.public_key().as_bytes(),
             endpoint: peer.endpoint,

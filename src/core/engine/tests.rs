@@ -679,6 +679,66 @@ fn a_peer_that_roams_with_every_datagram_is_announced_once_a_second() {
     );
 }
 
+/// A peer that moves and is back where its last event said before the second
+/// is over has not moved for whoever listens: no event; one that stays away
+/// is announced once the second is over.
+#[test]
+fn a_roam_undone_within_the_second_is_not_announced() {
+    use crate::core::harness::Collect;
+
+    let now = Instant::now();
+    let (mut engine, mut r1, packet) = connected_client(now);
+    let key = *r1.public_key.as_bytes();
+    let home = r1.addr;
+    let _connected: Vec<_> = std::iter::from_fn(|| engine.poll_event()).collect();
+    let mut from = |r1: &mut crate::core::harness::MemoryClient, addr: SocketAddr, at| {
+        r1.addr = addr;
+        let datagram = r1.encrypt(&packet).unwrap();
+        engine.handle_datagram(r1.addr, &datagram, at, &mut Collect::default());
+        engine.handle_timers(at, &mut Collect::default());
+        std::iter::from_fn(|| engine.poll_event()).collect::<Vec<_>>()
+    };
+    let away: SocketAddr = "198.51.100.9:5000".parse().unwrap();
+    let ms = |n| now + Duration::from_millis(n);
+
+    assert_eq!(
+        from(&mut r1, away, ms(10)),
+        [Event::Roamed {
+            peer: key,
+            endpoint: away
+        }]
+    );
+    // Back home and away again within the second: each time the endpoint is
+    // where the last event said by the time the second is over.
+    assert!(from(&mut r1, home, ms(200)).is_empty());
+    assert!(from(&mut r1, away, ms(400)).is_empty());
+    assert!(from(&mut r1, away, ms(1100)).is_empty(), "still where told");
+    // Home for good, more than a second after the last event: at once.
+    assert_eq!(
+        from(&mut r1, home, ms(1500)),
+        [Event::Roamed {
+            peer: key,
+            endpoint: home
+        }]
+    );
+    // Away and back within the next second: nothing, then or later.
+    assert!(
+        from(&mut r1, away, ms(1700)).is_empty(),
+        "within the second"
+    );
+    assert!(from(&mut r1, home, ms(1900)).is_empty());
+    assert!(from(&mut r1, home, ms(2550)).is_empty(), "back where told");
+    // A move after that second is news again, once.
+    assert_eq!(
+        from(&mut r1, away, ms(2600)),
+        [Event::Roamed {
+            peer: key,
+            endpoint: away
+        }]
+    );
+    assert!(from(&mut r1, away, ms(3700)).is_empty(), "once");
+}
+
 /// Packets for a peer that has an endpoint but no session wait for its
 /// handshake (counted as queued), up to its limit; the rest are dropped and
 /// counted as `queue_full`, and the handshake starts once. Removed meanwhile,
@@ -720,6 +780,55 @@ fn packets_for_a_peer_without_a_session_wait_then_count_as_queue_full() {
         engine.stats().dropped(DropReason::PeerRemoved),
         u64::from(QUEUE_PACKETS)
     );
+}
+
+/// In the moment between boringtun ending a gateway's session and the engine
+/// seeing its liveness run out, a phone's packet waits for the gateway's next
+/// handshake. A gateway taken out of the egress policy meanwhile never gets
+/// it: the packet is dropped as `gateway_withdrawn`. Kept in the policy, the
+/// gateway gets it once its handshake completes.
+#[test]
+fn a_phone_packet_waiting_for_a_withdrawn_gateway_never_reaches_it() {
+    use crate::core::harness::{Collect, Ktn};
+    use crate::core::packet::build::ip_packet;
+
+    for withdrawn in [false, true] {
+        let now = Instant::now();
+        let mut k = Ktn::new(now);
+        let gateway = k.engine.peers.by_key[k.gateway.public_key.as_bytes()];
+        // boringtun's session is gone; the engine's liveness is not.
+        k.engine.peers.get_mut(gateway).unwrap().stop_protocol();
+        let packet = ip_packet([10, 200, 0, 2].into(), [198, 18, 0, 1].into(), 8);
+        let datagram = k.phone.encrypt(&packet).unwrap();
+        let mut out = Collect::default();
+        k.engine
+            .handle_datagram(k.phone.addr, &datagram, now, &mut out);
+        assert_eq!(k.engine.stats().queued, 1, "waits for the gateway");
+        let (to, initiation) = out.sent.pop().unwrap();
+        assert_eq!((to, message_type(&initiation)), (k.gateway.addr, 1));
+
+        if withdrawn {
+            k.engine.set_egress(Vec::new());
+            assert_eq!(k.engine.stats().dropped(DropReason::GatewayWithdrawn), 1);
+        }
+        let response = response_of(&mut k.gateway, &initiation);
+        let mut out = Collect::default();
+        k.engine
+            .handle_datagram(k.gateway.addr, &response, now, &mut out);
+        let at = k.gateway.addr;
+        let delivered: Vec<_> = out
+            .sent
+            .iter()
+            .filter(|(to, _)| *to == at)
+            .filter_map(|(_, d)| k.gateway.decrypt(d))
+            .collect();
+        if withdrawn {
+            assert!(delivered.is_empty(), "nothing for a withdrawn gateway");
+        } else {
+            assert_eq!(delivered.len(), 1, "kept in the policy, it arrives");
+            assert_eq!(delivered[0][12..20], packet[12..20], "the phone's packet");
+        }
+    }
 }
 
 /// A router that sends to every sessionless peer of its tunnel fills their

@@ -37,7 +37,10 @@ pub struct ApiCounters(DashMap<(String, String, u16), AtomicU64>);
 /// token by default: concurrent ones could otherwise take the memory and the
 /// control lock's turns that changes need.
 /// The turn is held until the text is rendered, also when the client has gone
-/// meanwhile (the render on its blocking thread cannot be stopped).
+/// meanwhile (the render on its blocking thread cannot be stopped), and then
+/// until the client has taken the answer or its connection ended: a client
+/// that asks and never reads keeps one answer in memory, not one per request
+/// (its connection ends after the API's write timeout).
 pub struct OneScrape(Arc<tokio::sync::Semaphore>);
 
 impl Default for OneScrape {
@@ -114,8 +117,6 @@ pub async fn scrape(State(state): State<Arc<AppState>>) -> Response {
         tunnels.push(TunnelLabels::of(t, snapshot, state.metrics_per_peer));
     }
     let rendered = tokio::task::spawn_blocking(move || {
-        // Released when the render ends, not when the handler is dropped.
-        let _turn = turn;
         let recorder = PrometheusBuilder::new().build_recorder();
         metrics::with_local_recorder(&recorder, || {
             describe();
@@ -147,13 +148,13 @@ pub async fn scrape(State(state): State<Arc<AppState>>) -> Response {
                     .absolute(value.load(Ordering::Relaxed));
             }
         });
-        recorder.handle().render()
+        (recorder.handle().render(), turn)
     })
     .await;
     match rendered {
-        Ok(text) => (
+        Ok((text, turn)) => (
             [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
-            text,
+            holding(text, turn),
         )
             .into_response(),
         Err(e) => {
@@ -162,6 +163,22 @@ pub async fn scrape(State(state): State<Arc<AppState>>) -> Response {
         }
     }
 }
+
+/// The answer's body, in pieces of [`ANSWER_PIECE`] bytes that share the
+/// text: `turn` is released once hyper has asked for the last (it asks for
+/// the next only when it has written most of the previous) or dropped the
+/// body (the connection ended).
+fn holding(text: String, turn: tokio::sync::OwnedSemaphorePermit) -> axum::body::Body {
+    let text = axum::body::Bytes::from(text);
+    let pieces = (0..text.len()).step_by(ANSWER_PIECE).map(move |at| {
+        let _turn = &turn;
+        Ok::<_, std::convert::Infallible>(text.slice(at..text.len().min(at + ANSWER_PIECE)))
+    });
+    axum::body::Body::from_stream(futures_util::stream::iter(pieces))
+}
+
+/// See [`holding`].
+const ANSWER_PIECE: usize = 64 * 1024;
 
 /// What one tunnel's series need, taken from the registry under the lock.
 struct TunnelLabels {
@@ -403,6 +420,41 @@ mod tests {
         let response = waiting.await.unwrap();
         assert_eq!(response.status(), axum::http::StatusCode::OK);
         f.state.control.lock().await.runtime.stop(&f.acme).await;
+    }
+
+    /// The turn goes with the answer until it has been taken, or dropped
+    /// with its connection: a client that asks and never reads holds one
+    /// answer, and scrapes meanwhile wait for it.
+    #[tokio::test]
+    async fn the_answer_holds_the_turn_until_it_is_taken() {
+        let f = crate::api::testing::fixture().await;
+        let turns = || f.state.scraping.0.available_permits();
+        let answer = scrape(State(Arc::clone(&f.state))).await;
+        assert_eq!(answer.status(), axum::http::StatusCode::OK);
+        assert_eq!(turns(), 0, "held by the answer");
+        let text = axum::body::to_bytes(answer.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        assert!(text.starts_with(b"# HELP") || text.starts_with(b"# TYPE"));
+        assert_eq!(turns(), 1, "taken: released");
+
+        let unread = scrape(State(Arc::clone(&f.state))).await;
+        assert_eq!(turns(), 0);
+        drop(unread);
+        assert_eq!(turns(), 1, "dropped: released");
+        f.state.control.lock().await.runtime.stop(&f.acme).await;
+    }
+
+    /// A long answer goes in pieces that add up to the text.
+    #[tokio::test]
+    async fn a_long_answer_arrives_whole() {
+        let semaphore = Arc::new(tokio::sync::Semaphore::new(1));
+        let turn = Arc::clone(&semaphore).acquire_owned().await.unwrap();
+        let text: String = (0..100_000).map(|n| format!("s{n} {n}\n")).collect();
+        let body = holding(text.clone(), turn);
+        let got = axum::body::to_bytes(body, usize::MAX).await.unwrap();
+        assert_eq!(got, text.as_bytes());
+        assert_eq!(semaphore.available_permits(), 1);
     }
 
     /// One that waits longer than SCRAPE_WAIT for the scrape under way is

@@ -114,7 +114,7 @@ impl SendBatch {
     /// Queues one datagram to `to`, from the tunnel's own address `src` (where
     /// the socket is bound to a wildcard address; `None`: the kernel picks).
     pub(crate) fn push(&mut self, to: SocketAddr, src: Option<IpAddr>, datagram: &[u8]) {
-        let src = src.filter(|s| !self.vanished.iter().any(|(v, _)| v == s));
+        let src = src.filter(|s| self.present(*s));
         if let Some(run) = self.runs.last_mut() {
             let whole = run.len % run.segment == 0;
             if run.to == to
@@ -139,6 +139,20 @@ impl SendBatch {
             segment: datagram.len().max(1),
         });
         self.data.extend_from_slice(datagram);
+    }
+
+    /// False while `src` is among the sources the host lost. A loss is
+    /// forgotten in time even on a tunnel quiet since: the clock is read only
+    /// for such a source, never for the others.
+    fn present(&mut self, src: IpAddr) -> bool {
+        let Some(at) = self.vanished.iter().position(|(v, _)| *v == src) else {
+            return true;
+        };
+        if Instant::now() < self.vanished[at].1 {
+            return false;
+        }
+        self.vanished.swap_remove(at);
+        true
     }
 
     /// Sends everything in order; returns how many datagrams the socket refused
@@ -476,10 +490,10 @@ fn send_many(
 
 #[cfg(test)]
 mod tests {
-    use super::{SendBatch, MMSG};
+    use super::{SendBatch, FORGOTTEN, MMSG};
     use std::io::Write as _;
     use std::net::{IpAddr, SocketAddr};
-    use std::time::Duration;
+    use std::time::{Duration, Instant};
 
     fn receiver(addr: &str) -> std::net::UdpSocket {
         let socket = std::net::UdpSocket::bind(addr).expect("bind loopback");
@@ -636,6 +650,29 @@ mod tests {
                 assert_eq!(drain(&plain, 1), [(10, 2)]);
             });
         }
+    }
+
+    /// A lost source is skipped for [`FORGOTTEN`], and tried again after it
+    /// even when no flush ran meanwhile (a tunnel quiet since).
+    #[test]
+    fn a_lost_source_is_tried_again_once_forgotten_however_quiet_the_tunnel() {
+        let to: SocketAddr = "198.51.100.2:51820".parse().unwrap();
+        let (lost, other): (IpAddr, IpAddr) = (
+            "203.0.113.5".parse().unwrap(),
+            "203.0.113.6".parse().unwrap(),
+        );
+        let mut batch = SendBatch::new(1, false);
+        batch.vanished.push((lost, Instant::now() + FORGOTTEN));
+        batch.push(to, Some(lost), &[1; 10]);
+        batch.push(to, Some(other), &[2; 10]);
+        assert_eq!(batch.runs[0].src, None, "still lost");
+        assert_eq!(batch.runs[1].src, Some(other));
+
+        let long_ago = Instant::now().checked_sub(Duration::from_secs(1)).unwrap();
+        batch.vanished[0].1 = long_ago;
+        batch.push(to, Some(lost), &[3; 10]);
+        assert_eq!(batch.runs[2].src, Some(lost), "forgotten: tried again");
+        assert!(batch.vanished.is_empty());
     }
 
     #[tokio::test]

@@ -190,6 +190,8 @@ struct UdpSink<'a> {
 pub struct HostOut {
     pending: Vec<Vec<u8>>,
     spare: Vec<Vec<u8>>,
+    /// The capacity of the buffers in `spare`, in bytes.
+    spare_bytes: usize,
     /// The coalescing tables (1.8 MB), made at the first write: tunnels
     /// without host traffic never pay for them.
     gro: Option<Box<tun_rs::GROTable>>,
@@ -206,6 +208,12 @@ const HOST_BATCH: usize = RECV_BATCH * 64;
 /// has sent the host such a burst).
 const HOST_SPARE: usize = 1024;
 
+/// The most their capacity may add up to: a burst of full-size packets, and
+/// some buffers the coalescing grew to 64 KiB. A router that sends the host
+/// large packets (fragmented, up to 64 KiB each) cannot make a tunnel keep
+/// more.
+const HOST_SPARE_BYTES: usize = 4 << 20;
+
 impl HostOut {
     /// Queues `packet` for the host; false when the batch is full.
     fn push(&mut self, packet: &[u8]) -> bool {
@@ -213,6 +221,7 @@ impl HostOut {
             return false;
         }
         let mut buf = self.spare.pop().unwrap_or_default();
+        self.spare_bytes -= buf.capacity();
         buf.clear();
         buf.resize(tun_rs::VIRTIO_NET_HDR_LEN, 0);
         buf.extend_from_slice(packet);
@@ -238,9 +247,20 @@ impl HostOut {
             Ok(_) => 0,
             Err(_) => self.pending.len() as u64,
         };
-        self.spare.append(&mut self.pending);
-        self.spare.truncate(HOST_SPARE);
+        self.recycle();
         failures
+    }
+
+    /// Keeps the written buffers for the next packets, up to [`HOST_SPARE`]
+    /// of them and [`HOST_SPARE_BYTES`]; the others are freed.
+    fn recycle(&mut self) {
+        for buf in self.pending.drain(..) {
+            let bytes = self.spare_bytes + buf.capacity();
+            if self.spare.len() < HOST_SPARE && bytes <= HOST_SPARE_BYTES {
+                self.spare_bytes = bytes;
+                self.spare.push(buf);
+            }
+        }
     }
 }
 
@@ -614,6 +634,30 @@ mod tests {
     use boringtun::x25519::StaticSecret;
     use std::time::Instant;
     use tokio::sync::mpsc;
+
+    /// Written buffers are kept for reuse up to a count and a total size:
+    /// large packets (a router's 64 KiB ones) cannot pin more than that.
+    #[test]
+    fn the_host_buffers_kept_for_reuse_are_bounded_in_bytes() {
+        let mut out = HostOut::default();
+        for size in [1_400, 65_000] {
+            for _ in 0..super::HOST_SPARE {
+                assert!(out.push(&vec![0x45; size]));
+            }
+            out.recycle();
+            let held: usize = out.spare.iter().map(Vec::capacity).sum();
+            assert_eq!(held, out.spare_bytes);
+            assert!(held <= super::HOST_SPARE_BYTES, "{size}: {held}");
+        }
+        assert!(out.spare.len() < 100, "few large buffers kept");
+        // Small packets reuse what is kept, and refill the pool up to its count.
+        for _ in 0..super::HOST_SPARE {
+            assert!(out.push(&[0x45; 100]));
+        }
+        assert_eq!(out.spare_bytes, 0);
+        out.recycle();
+        assert!(out.spare_bytes <= super::HOST_SPARE_BYTES);
+    }
 
     /// A loopback socket set up as a tunnel's is.
     async fn tunnel_socket() -> (TunnelSocket, quinn_udp::UdpSocketState) {

@@ -200,12 +200,17 @@ pub async fn get_client_qr(
             field: None,
         });
     }
-    let png = render::qr_png(&text).map_err(|e| ApiError {
+    // A few milliseconds of CPU: off the workers the tunnels run on.
+    let rendered = tokio::task::spawn_blocking(move || render::qr_png(&text)).await;
+    let failed = |message: String| ApiError {
         status: StatusCode::INTERNAL_SERVER_ERROR,
         code: "render_failed",
-        message: e.to_string(),
+        message,
         field: None,
-    })?;
+    };
+    let png = rendered
+        .map_err(|e| failed(e.to_string()))?
+        .map_err(|e| failed(e.to_string()))?;
     Ok(([(header::CONTENT_TYPE, "image/png")], png).into_response())
 }
 

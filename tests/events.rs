@@ -66,36 +66,45 @@ fn next_event(
     rx.recv_timeout(timeout).expect("an event in time")
 }
 
-#[test]
-fn connected_roamed_disconnected_on_sse_and_webhook() {
-    let (hook, received, attempts) = webhook_receiver();
-    let url = format!("http://{hook}/hook");
+/// An appliance started with `envs`, tenant acme with router r1 (a key made
+/// here), subscribed to its events: the appliance, the events, r1 as a peer
+/// that has not shaken hands yet, and r1's public key.
+fn router_of_acme(
+    envs: &[(&str, &str)],
+) -> (
+    Appliance,
+    std::sync::mpsc::Receiver<(String, Value)>,
+    UdpPeer,
+    String,
+) {
     let state = tempfile::tempdir().expect("tempdir");
-    let app = Appliance::start_with(
-        state,
-        free_tcp_port(),
-        free_udp_ports(2),
-        &[
-            // Long enough that a slow machine delivers the connect and the
-            // roam before the peer counts as silent.
-            ("WGPLANE_LIVENESS_TIMEOUT_SECS", "4"),
-            ("WGPLANE_WEBHOOKS", &url),
-        ],
-    )
-    .expect("start");
+    let app =
+        Appliance::start_with(state, free_tcp_port(), free_udp_ports(2), envs).expect("start");
     let tenant = app.expect("PUT", "/v1/tenants/acme", None, 201);
     let (secret, public) = keypair();
     let body = format!(r#"{{"public_key":"{public}"}}"#);
     app.expect("PUT", "/v1/tenants/acme/routers/r1", Some(&body), 201);
     let events = app.subscribe_events();
-
     let endpoint: SocketAddr = ([127, 0, 0, 1], app.first_port).into();
-    let mut peer = UdpPeer::new(
+    let peer = UdpPeer::new(
         secret,
         tenant["server_public_key"].as_str().unwrap(),
         endpoint,
         7,
     );
+    (app, events, peer, public)
+}
+
+#[test]
+fn connected_roamed_disconnected_on_sse_and_webhook() {
+    let (hook, received, attempts) = webhook_receiver();
+    let url = format!("http://{hook}/hook");
+    let (_app, events, mut peer, public) = router_of_acme(&[
+        // Long enough that a slow machine delivers the connect and the
+        // roam before the peer counts as silent.
+        ("WGPLANE_LIVENESS_TIMEOUT_SECS", "4"),
+        ("WGPLANE_WEBHOOKS", &url),
+    ]);
     assert!(peer.handshake());
     let (name, data) = next_event(&events, Duration::from_secs(5));
     assert_eq!(name, "peer_connected");
@@ -239,4 +248,45 @@ fn removed_peers_are_disconnected_and_a_dead_webhook_holds_up_no_other() {
     let (_r2, r2_key) = connect("r2", provision("r2"), 3);
     app.expect("DELETE", "/v1/tenants/acme", None, 204);
     expect_gone("r2", &r2_key);
+}
+
+/// A pause of the whole appliance (SIGSTOP here; a VM paused, a starved
+/// host) longer than the liveness timeout is not the peers' silence: what a
+/// router sent meanwhile waits in the socket and is read before its silence is
+/// judged. No `peer_disconnected` (and `peer_connected` again) for it.
+#[test]
+fn a_pause_of_the_appliance_is_not_the_peers_silence() {
+    let (app, events, mut peer, _) = router_of_acme(&[("WGPLANE_LIVENESS_TIMEOUT_SECS", "3")]);
+    assert!(peer.handshake());
+    let (name, _) = next_event(&events, Duration::from_secs(5));
+    assert_eq!(name, "peer_connected");
+    let packet = wgplane::core::packet::build::ip_packet(
+        "10.100.1.1".parse().unwrap(),
+        "10.100.0.1".parse().unwrap(),
+        8,
+    );
+    let signal = |which: &str| {
+        let sent = std::process::Command::new("kill")
+            .args([which, &app.pid().to_string()])
+            .status();
+        assert!(sent.is_ok_and(|s| s.success()), "kill {which}");
+    };
+
+    // The router keeps talking, twice a second, through a 5-s pause.
+    signal("-STOP");
+    let resumed = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < resumed {
+        peer.send(&packet);
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    signal("-CONT");
+    let quiet_until = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < quiet_until {
+        peer.send(&packet);
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    match events.try_recv() {
+        Err(std::sync::mpsc::TryRecvError::Empty) => {}
+        other => panic!("an event for the appliance's own pause: {other:?}"),
+    }
 }

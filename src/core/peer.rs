@@ -32,6 +32,11 @@ pub const SESSION_LIFETIME: Duration = Duration::from_secs(180);
 /// means the peer is gone and a gateway should not receive traffic any more.
 pub const DEFAULT_LIVENESS_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// How long a response we sent holds the peer's protocol state while the
+/// initiator's first packet on the session has not come: three of its
+/// retries (REKEY_TIMEOUT, 5 s), which each answer anew.
+pub const ANSWER_HOLD: Duration = Duration::from_secs(15);
+
 /// What kind of object a peer is, for status and events.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PeerKind {
@@ -169,13 +174,25 @@ pub struct Peer {
     pub(crate) last_handshake: Option<Instant>,
     pub(crate) last_rx: Option<Instant>,
     /// When we last started protocol work for the peer: sent an initiation or a
-    /// response, or queued a packet for its handshake.
+    /// response, or queued a packet for its handshake ([`Peer::worked`]).
     pub(crate) last_work: Option<Instant>,
+    /// boringtun's handshake for the peer gave up (it tried for 90 s): its
+    /// `Tunn` does nothing more, keepalives included, until new protocol work
+    /// starts, so the peer has no timer work left ([`Peer::idle`]).
+    gave_up: bool,
+    /// The session ended without a new one (the handshake gave up): the peer
+    /// is not live, however recently it was heard from, until a handshake
+    /// completes ([`Peer::handshake_completed`]).
+    session_lost: bool,
     /// Our index in the last handshake response we sent, 0 for none (no peer
     /// has index 0): that session is usable only once the initiator's first
     /// packet on it arrives (then the handshake is complete, as kernel WireGuard
     /// counts it).
     pub(crate) answered: u32,
+    /// When that response was sent: the peer holds its protocol state for
+    /// [`ANSWER_HOLD`] after it, not for a session's lifetime, since an
+    /// answered initiation may be a replay that never completes.
+    answered_at: Option<Instant>,
     /// True between a completed handshake and the session's expiry (for events).
     pub(crate) connected: bool,
     /// When a roam of this peer was last announced (at most one per
@@ -217,7 +234,10 @@ impl Peer {
             last_handshake: None,
             last_rx: None,
             last_work: None,
+            gave_up: false,
+            session_lost: false,
             answered: 0,
+            answered_at: None,
             connected: false,
             roam_announced: None,
             told: None,
@@ -255,7 +275,34 @@ impl Peer {
     pub fn stop_protocol(&mut self) {
         self.tunn = None;
         self.answered = 0;
+        self.gave_up = false;
         self.queue_emptied();
+    }
+
+    /// Protocol work starts now: an initiation or a response sent, a packet
+    /// queued for a handshake.
+    #[inline]
+    pub(crate) fn worked(&mut self, now: Instant) {
+        self.last_work = Some(now);
+        self.gave_up = false;
+    }
+
+    /// We answered an initiation now, with a response whose sender index is
+    /// `index`: the handshake completes with the initiator's first packet on
+    /// that session. Nothing else is retried by us, so, unconfirmed, this
+    /// keeps the peer busy only for [`ANSWER_HOLD`]: an initiation replayed
+    /// after the peer's protocol state was dropped (boringtun's record of the
+    /// last initiation went with it) costs a `Tunn` for seconds, not minutes.
+    pub(crate) fn answered(&mut self, index: u32, now: Instant) {
+        self.answered = index;
+        self.answered_at = Some(now);
+        self.gave_up = false;
+    }
+
+    /// A handshake completed now: the session is usable.
+    pub(crate) fn handshake_completed(&mut self, now: Instant) {
+        self.last_handshake = Some(now);
+        self.session_lost = false;
     }
 
     /// The peer's `Tunn`, made now if this is its first use.
@@ -283,6 +330,9 @@ impl Peer {
     /// True when traffic sent now would reach the peer on a current session.
     #[inline]
     pub fn is_live(&self, now: Instant) -> bool {
+        if self.session_lost {
+            return false;
+        }
         match (self.last_handshake, self.last_rx) {
             (Some(hs), Some(rx)) => {
                 now.saturating_duration_since(hs) < SESSION_LIFETIME
@@ -300,9 +350,18 @@ impl Peer {
         let recent = |t: Option<Instant>| {
             t.is_some_and(|t| now.saturating_duration_since(t) < SESSION_LIFETIME)
         };
+        if self.gave_up {
+            return self.queued_packets == 0;
+        }
         let keepalive = self.config.keepalive.is_some() && self.endpoint.is_some();
-        let busy =
-            self.queued_packets != 0 || recent(self.last_handshake) || recent(self.last_work);
+        let answering = self.answered != 0
+            && self
+                .answered_at
+                .is_some_and(|t| now.saturating_duration_since(t) < ANSWER_HOLD);
+        let busy = self.queued_packets != 0
+            || answering
+            || recent(self.last_handshake)
+            || recent(self.last_work);
         !keepalive && !busy
     }
 
@@ -433,11 +492,19 @@ impl Peer {
             // gave up): the packets that waited in it are discarded.
             TunnResult::Err(WireGuardError::ConnectionExpired) => Timers {
                 expired: true,
-                discarded: self.queue_emptied(),
+                discarded: self.handshake_gave_up(),
                 ..Timers::default()
             },
             _ => Timers::default(),
         }
+    }
+
+    /// boringtun's handshake gave up (and it says so at every later run of
+    /// its timers): no session, none coming, and the packets that waited are
+    /// gone with it; how many there were.
+    pub(crate) fn handshake_gave_up(&mut self) -> u16 {
+        (self.gave_up, self.session_lost) = (true, true);
+        self.queue_emptied()
     }
 
     /// Forgets the packets waiting for this peer's handshake (it is being

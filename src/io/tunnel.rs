@@ -26,6 +26,14 @@ use crate::core::policy::DropReason;
 /// How often peer timers run: boringtun expects about every 250 ms.
 const TIMER_PERIOD: Duration = Duration::from_millis(250);
 
+/// A timer tick that finds the task away this long (its peer timers run every
+/// [`TIMER_PERIOD`]) comes after a stall: the process was stopped, the machine
+/// paused or starved. What the peers sent meanwhile waits in the socket, so the
+/// socket is read before their silence is judged: otherwise every peer would
+/// be reported disconnected, the gateways found dead and the forwarded
+/// connections timed out, for a silence that was the appliance's.
+const STALL: Duration = Duration::from_secs(1);
+
 /// Receive slots read per wake-up before the task yields to commands and timers,
 /// so a flood on one socket cannot starve the control plane. Without UDP GRO a
 /// slot is one datagram (64 x 1.5 KB = 96 KB, about one socket buffer's worth);
@@ -470,6 +478,8 @@ pub async fn run(
     // When the current run of back-to-back reads of a busy socket began.
     let mut turn: Option<Instant> = None;
     let mut held = Deferred::new(HELD);
+    // When the task last handled its timers or its socket (see `STALL`).
+    let mut last_pass = Instant::now();
     loop {
         let mut backlog = false;
         // The stack's own timers (ACK delay, retransmits, keep-alive, TIME-WAIT)
@@ -540,8 +550,15 @@ pub async fn run(
             // A tunnel whose peers never spoke and that carries no forwarded
             // connection has no timer work: skip the wake-ups.
             _ = timer.tick(), if engine.needs_timers() || !bridges.is_empty() => {
+                let now = Instant::now();
+                let stalled = now.saturating_duration_since(last_pass) >= STALL;
+                last_pass = now;
+                if stalled {
+                    // The socket first; the timers at the next tick.
+                    continue;
+                }
                 let mut sink = UdpSink { tx: &mut tx, host: host.device.is_some().then_some(&mut host.out) };
-                engine.handle_timers(Instant::now(), &mut sink);
+                engine.handle_timers(now, &mut sink);
             }
             // The readiness stays set: `receive` reads through `try_io`, which
             // clears it when the socket runs dry.
@@ -551,6 +568,7 @@ pub async fn run(
                     break;
                 }
                 let now = Instant::now();
+                last_pass = now;
                 let mut sink = UdpSink { tx: &mut tx, host: host.device.is_some().then_some(&mut host.out) };
                 backlog = receive(&socket, &udp, &mut engine, now, &mut sink, &mut held);
                 // The data has left; the handshakes wait until the tunnels that

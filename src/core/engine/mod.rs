@@ -274,7 +274,7 @@ impl TunnelEngine {
                 let expired = timers.expired;
                 if let (Some(datagram), Some(to)) = (timers.send, peer.endpoint) {
                     if message_type(datagram) == 1 {
-                        peer.last_work = Some(now);
+                        peer.worked(now);
                     }
                     stats.tx_datagrams += 1;
                     peer.stats.tx_bytes += datagram.len() as u64;

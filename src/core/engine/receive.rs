@@ -153,25 +153,23 @@ impl TunnelEngine {
                 peer.stats.tx_bytes += reply.len() as u64;
                 sink.send_from(from, path.local, reply);
                 match (message, kind) {
-                    // Our response (type 2) to an initiation: the initiator is who
-                    // it claims to be, but the session is not usable (nor the peer
-                    // live) until its first packet on it arrives.
+                    // Our response (type 2) to an initiation: the initiator
+                    // holds the key it claims, but the session is not usable
+                    // (nor the peer live) until its first packet on it arrives.
+                    // A replayed initiation is answered too once the peer's
+                    // protocol state was dropped (see `Peer::stop_protocol`),
+                    // so the endpoint, known or not, is set only by that
+                    // packet: a replay from a forged source never becomes
+                    // where keepalives and initiations go.
                     (Message::Initiation, 2) => {
                         list = true;
-                        peer.last_work = Some(now);
                         stats.handshake_responses += 1;
-                        peer.answered = reply
+                        let index = reply
                             .get(4..8)
                             .and_then(|b| b.try_into().ok())
                             .map_or(0, u32::from_le_bytes);
+                        peer.answered(index, now);
                         peer.stats.rx_bytes += datagram.len() as u64;
-                        // A replayed initiation is answered too once the peer's
-                        // protocol state was dropped (see `Peer::stop_protocol`),
-                        // so a known endpoint moves only with the first packet
-                        // on the session.
-                        if peer.endpoint.is_none() {
-                            set_endpoint(peer, id, endpoints, path, now, events);
-                        }
                     }
                     // Our keepalive (type 4) after a response to our initiation:
                     // the session is ours to use now.
@@ -357,7 +355,7 @@ pub(super) fn handshake_done(
     stats: &mut TunnelStats,
     events: &mut VecDeque<Event>,
 ) {
-    peer.last_handshake = Some(now);
+    peer.handshake_completed(now);
     peer.stats.handshakes += 1;
     stats.handshakes += 1;
     if !peer.connected {

@@ -147,7 +147,7 @@ pub(super) fn route(
                     sink.send_from(to, local, datagram);
                 }
                 Encap::Waiting { queued, initiation } => {
-                    next.last_work = Some(now);
+                    next.worked(now);
                     if queued {
                         stats.queued += 1;
                     } else {
@@ -200,7 +200,7 @@ pub(super) fn route(
                 let Some(gateway) = peers.get_mut(g) else {
                     continue;
                 };
-                gateway.last_work = Some(now);
+                gateway.worked(now);
                 let local = gateway.local;
                 if let Some(init) = gateway.initiate(tx) {
                     gateway.stats.tx_bytes += init.len() as u64;

@@ -291,6 +291,47 @@ fn a_replayed_initiation_does_not_move_a_quiet_peers_endpoint() {
     assert_eq!(engine.endpoints.get(&elsewhere), None);
 }
 
+/// An initiation captured once and replayed from a forged source to a peer
+/// we keep alive but that has not connected since the start (no endpoint):
+/// it is answered (its timestamp cannot be checked once the peer's protocol
+/// state is gone), but the forged source never becomes the peer's endpoint,
+/// nothing else goes there, and the peer holds its protocol state for
+/// `ANSWER_HOLD`, not for a session's lifetime.
+#[test]
+fn a_replayed_initiation_costs_seconds_and_sends_nothing_to_its_source() {
+    use crate::core::harness::{Collect, MemoryClient};
+    use crate::core::peer::ANSWER_HOLD;
+
+    let now = Instant::now();
+    let (mut engine, _) = one_client();
+    let server = *engine.public_key();
+    let mut r2 = MemoryClient::new(&server, 2, SocketAddr::from(([192, 0, 2, 2], 2)));
+    let mut config = peer("10.100.1.2/32");
+    config.public_key = r2.public_key;
+    config.keepalive = Some(25);
+    engine.upsert_peer(config, 2).unwrap();
+    let initiation = r2.initiation().expect("an initiation");
+
+    let forged_source = SocketAddr::from(([203, 0, 113, 9], 9));
+    let mut out = Collect::default();
+    engine.handle_datagram(forged_source, &initiation, now, &mut out);
+    assert_eq!(engine.stats().handshake_responses, 1);
+    assert_eq!(out.sent.len(), 1, "the response");
+    let status = engine.peer_status(r2.public_key.as_bytes(), now).unwrap();
+    assert_eq!(
+        status.endpoint, None,
+        "no endpoint from an unconfirmed initiation"
+    );
+    assert_eq!(engine.active_peer_count(), 1);
+
+    let mut out = Collect::default();
+    for s in 1..=ANSWER_HOLD.as_secs() + 1 {
+        engine.handle_timers(now + Duration::from_secs(s), &mut out);
+    }
+    assert!(out.sent.is_empty(), "no keepalive, no initiation");
+    assert_eq!(engine.active_peer_count(), 0, "its protocol state is gone");
+}
+
 /// `initiation` with its encrypted timestamp changed and a valid mac1 for
 /// `server`: it passes admission and names its peer, but does not
 /// authenticate.
@@ -829,6 +870,68 @@ fn a_phone_packet_waiting_for_a_withdrawn_gateway_never_reaches_it() {
             assert_eq!(delivered[0][12..20], packet[12..20], "the phone's packet");
         }
     }
+}
+
+/// A gateway whose handshake gave up (boringtun tries for 90 s; given up by
+/// hand here) is not live, however recently it was heard from (a liveness
+/// timeout of minutes): phones' packets are dropped as `egress_down`, not
+/// queued behind one more handshake with it, until a handshake completes.
+#[test]
+fn a_gateway_whose_handshake_gave_up_is_not_live_however_recently_heard() {
+    use crate::core::harness::{Collect, Ktn};
+    use crate::core::packet::build::ip_packet;
+
+    let now = Instant::now();
+    let mut k = Ktn::new(now);
+    let packet = ip_packet([10, 200, 0, 2].into(), [198, 18, 0, 1].into(), 8);
+    let from_phone = |k: &mut Ktn| {
+        let datagram = k.phone.encrypt(&packet).unwrap();
+        k.engine
+            .handle_datagram(k.phone.addr, &datagram, now, &mut Collect::default());
+    };
+    from_phone(&mut k);
+    assert_eq!(k.engine.stats().egress_hits, 1);
+
+    let gateway = k.engine.peers.by_key[k.gateway.public_key.as_bytes()];
+    k.engine.peers.get_mut(gateway).unwrap().handshake_gave_up();
+    let status = k.engine.peer_status(k.gateway.public_key.as_bytes(), now);
+    assert!(!status.unwrap().live, "heard from just now, but no session");
+    from_phone(&mut k);
+    assert_eq!(k.engine.stats().egress_hits, 1);
+    assert_eq!(k.engine.stats().dropped(DropReason::EgressDown), 1);
+    assert_eq!(k.engine.stats().queued, 0, "nothing waits for it");
+
+    assert!(k.gateway.handshake(&mut k.engine, now));
+    from_phone(&mut k);
+    assert_eq!(k.engine.stats().egress_hits, 2, "live again");
+}
+
+/// A peer we keep alive has timer work for good, until its handshake gives up
+/// (boringtun then sends nothing more, keepalives included): it leaves the
+/// active list, and a later change that gives its endpoint again brings it
+/// back, as after a restart.
+#[test]
+fn a_kept_alive_peer_whose_handshake_gave_up_leaves_the_active_list() {
+    use crate::core::harness::Collect;
+
+    let now = Instant::now();
+    let (mut engine, _) = one_client();
+    let mut kept = peer("10.100.1.2/32");
+    kept.keepalive = Some(25);
+    kept.endpoint = Some("198.51.100.2:51820".parse().unwrap());
+    engine.upsert_peer(kept.clone(), 2).unwrap();
+    assert_eq!(engine.active_peer_count(), 1);
+    let later = now + Duration::from_secs(600);
+    engine.handle_timers(later, &mut Collect::default());
+    assert_eq!(engine.active_peer_count(), 1, "kept alive");
+
+    let id = engine.peers.by_key[kept.public_key.as_bytes()];
+    engine.peers.get_mut(id).unwrap().handshake_gave_up();
+    engine.handle_timers(later, &mut Collect::default());
+    assert_eq!(engine.active_peer_count(), 0, "nothing left to do");
+
+    engine.upsert_peer(kept, 2).unwrap();
+    assert_eq!(engine.active_peer_count(), 1, "reached out to again");
 }
 
 /// A router that sends to every sessionless peer of its tunnel fills their

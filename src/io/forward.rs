@@ -4,7 +4,8 @@
 //!
 //! A forward owns its connections: closing or dropping it ends them too. It
 //! carries at most [`MAX_CONNECTIONS`] at once and closes one that moved no
-//! byte for [`IDLE_TIMEOUT`], so that nobody can hold the tunnel's stack.
+//! byte for [`IDLE_TIMEOUT`], so that nobody can hold the tunnel's stack, and
+//! it warns about failed connections at most every [`FAILURE_LOG_INTERVAL`].
 
 use std::future::Future;
 use std::net::{SocketAddr, SocketAddrV4};
@@ -43,6 +44,38 @@ const HOST_KEEPALIVE_RETRIES: u32 = 3;
 /// [`ACCEPT_PAUSE_MAX`].
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 const ACCEPT_PAUSE_MAX: Duration = Duration::from_secs(1);
+
+/// A forward logs failed connections at `warn` at most this often; the others
+/// in between at `debug`, counted in its next warning. A client that connects
+/// in a loop to a forward that cannot reach its router (or that its tunnel's
+/// stack refuses, full) must not write the log at its connection rate.
+const FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// The warnings of one forward's failed connections, at most one per
+/// [`FAILURE_LOG_INTERVAL`].
+#[derive(Default)]
+struct FailureLog {
+    /// When the last warning was written, and how many failures went
+    /// unwarned since.
+    state: std::sync::Mutex<(Option<std::time::Instant>, u64)>,
+}
+
+impl FailureLog {
+    /// `Some(n)`: warn now, about this failure and `n` earlier ones that were
+    /// not; `None`: this one only at `debug`.
+    fn warn_now(&self, now: std::time::Instant) -> Option<u64> {
+        let Ok(mut state) = self.state.lock() else {
+            return Some(0);
+        };
+        let (last, unwarned) = &mut *state;
+        if last.is_some_and(|at| now.saturating_duration_since(at) < FAILURE_LOG_INTERVAL) {
+            *unwarned += 1;
+            return None;
+        }
+        *last = Some(now);
+        Some(std::mem::take(unwarned))
+    }
+}
 
 /// How much a forward carries (tests shrink them).
 #[derive(Debug, Clone, Copy)]
@@ -115,6 +148,7 @@ async fn start_with(
     let task = tokio::spawn(async move {
         // The connections' tasks: dropped with this task, which aborts them.
         let mut connections = JoinSet::new();
+        let failures = Arc::new(FailureLog::default());
         loop {
             let (stream, from) = next_connection(|| listener.accept(), listen).await;
             while connections.try_join_next().is_some() {}
@@ -124,9 +158,16 @@ async fn start_with(
                 continue;
             }
             let (commands, work) = (commands.clone(), Arc::clone(&work));
+            let failures = Arc::clone(&failures);
             connections.spawn(async move {
-                if let Err(e) = serve(stream, target, commands, work, limits.idle).await {
-                    tracing::warn!(%listen, %from, %target, error = %e, "forwarded connection failed");
+                let Err(e) = serve(stream, target, commands, work, limits.idle).await else {
+                    return;
+                };
+                match failures.warn_now(std::time::Instant::now()) {
+                    Some(unwarned) => tracing::warn!(%listen, %from, %target, error = %e,
+                        earlier_failures_not_logged = unwarned, "forwarded connection failed"),
+                    None => tracing::debug!(%listen, %from, %target, error = %e,
+                        "forwarded connection failed"),
                 }
             });
         }
@@ -263,6 +304,24 @@ async fn serve(
 mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Instant;
+
+    /// Failed connections are warned about at most once per interval; the
+    /// next warning says how many went unwarned.
+    #[test]
+    fn failures_are_warned_about_at_most_once_per_interval() {
+        let log = super::FailureLog::default();
+        let t0 = Instant::now();
+        assert_eq!(log.warn_now(t0), Some(0));
+        for ms in [1, 500, 9_999] {
+            assert_eq!(
+                log.warn_now(t0 + std::time::Duration::from_millis(ms)),
+                None
+            );
+        }
+        let later = t0 + super::FAILURE_LOG_INTERVAL;
+        assert_eq!(log.warn_now(later), Some(3));
+        assert_eq!(log.warn_now(later), None);
+    }
 
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpStream;

@@ -515,15 +515,18 @@ impl Peer {
 
     /// Forgets the packets waiting for this peer's handshake, and the peer
     /// stays: how many there were. boringtun has no call that empties its
-    /// queue, so the protocol state goes with them. A peer holds packets only
+    /// queue, so the protocol state is made afresh. A peer holds packets only
     /// while it has no session, so all that is lost besides is a handshake
-    /// under way; the next packet either way starts another.
+    /// under way; the next packet either way starts another, and the fresh
+    /// state's timers (a keepalive we owe the peer) run on, as the peer is
+    /// still on the active list.
     pub(crate) fn discard_waiting(&mut self) -> u16 {
         if self.queued_packets == 0 {
             return 0;
         }
         self.tunn = None;
         self.answered = 0;
+        self.start_protocol();
         self.queue_emptied()
     }
 

@@ -478,8 +478,11 @@ pub async fn run(
     // When the current run of back-to-back reads of a busy socket began.
     let mut turn: Option<Instant> = None;
     let mut held = Deferred::new(HELD);
-    // When the task last handled its timers or its socket (see `STALL`).
+    // When the task last ended a pass of its loop, and whether the last tick
+    // was skipped for a stall (see `STALL`): never two in a row, so that the
+    // timers run at least every other tick however starved the task is.
     let mut last_pass = Instant::now();
+    let mut skipped = false;
     loop {
         let mut backlog = false;
         // The stack's own timers (ACK delay, retransmits, keep-alive, TIME-WAIT)
@@ -551,10 +554,10 @@ pub async fn run(
             // connection has no timer work: skip the wake-ups.
             _ = timer.tick(), if engine.needs_timers() || !bridges.is_empty() => {
                 let now = Instant::now();
-                let stalled = now.saturating_duration_since(last_pass) >= STALL;
-                last_pass = now;
-                if stalled {
+                skipped = !skipped && now.saturating_duration_since(last_pass) >= STALL;
+                if skipped {
                     // The socket first; the timers at the next tick.
+                    last_pass = now;
                     continue;
                 }
                 let mut sink = UdpSink { tx: &mut tx, host: host.device.is_some().then_some(&mut host.out) };
@@ -568,7 +571,6 @@ pub async fn run(
                     break;
                 }
                 let now = Instant::now();
-                last_pass = now;
                 let mut sink = UdpSink { tx: &mut tx, host: host.device.is_some().then_some(&mut host.out) };
                 backlog = receive(&socket, &udp, &mut engine, now, &mut sink, &mut held);
                 // The data has left; the handshakes wait until the tunnels that
@@ -631,9 +633,10 @@ pub async fn run(
                 at: std::time::SystemTime::now(),
             });
         }
+        last_pass = Instant::now();
         if !backlog {
             turn = None;
-        } else if turn.get_or_insert_with(Instant::now).elapsed() >= TURN {
+        } else if turn.get_or_insert(last_pass).elapsed() >= TURN {
             // The socket has kept this task busy for a whole turn: let the other
             // tunnels on this worker run before reading on.
             turn = None;

@@ -267,26 +267,26 @@ impl TunnelEngine {
                 peers.active.swap_remove(i);
                 continue;
             };
-            // Without an endpoint there is nowhere to send to.
-            if peer.endpoint.is_some() {
-                let timers = peer.update_timers(tx);
-                stats.drops[DropReason::HandshakeTimeout.index()] += u64::from(timers.discarded);
-                let expired = timers.expired;
-                if let (Some(datagram), Some(to)) = (timers.send, peer.endpoint) {
-                    if message_type(datagram) == 1 {
-                        peer.worked(now);
-                    }
-                    stats.tx_datagrams += 1;
-                    peer.stats.tx_bytes += datagram.len() as u64;
-                    sink.send_from(to, peer.local, datagram);
+            // Also without an endpoint (a peer we answered, whose first
+            // packet has not come): boringtun stamps a new session with the
+            // time of its last timer run. Without one, nothing is sent.
+            let timers = peer.update_timers(tx);
+            stats.drops[DropReason::HandshakeTimeout.index()] += u64::from(timers.discarded);
+            let expired = timers.expired;
+            if let (Some(datagram), Some(to)) = (timers.send, peer.endpoint) {
+                if message_type(datagram) == 1 {
+                    peer.worked(now);
                 }
-                receive::announce_roam(peer, now, events);
-                if peer.connected && (expired || !peer.is_live(now)) {
-                    peer.connected = false;
-                    events.push_back(Event::Disconnected {
-                        peer: *peer.public_key().as_bytes(),
-                    });
-                }
+                stats.tx_datagrams += 1;
+                peer.stats.tx_bytes += datagram.len() as u64;
+                sink.send_from(to, peer.local, datagram);
+            }
+            receive::announce_roam(peer, now, events);
+            if peer.connected && (expired || !peer.is_live(now)) {
+                peer.connected = false;
+                events.push_back(Event::Disconnected {
+                    peer: *peer.public_key().as_bytes(),
+                });
             }
             if peer.idle(now) {
                 peer.listed = false;

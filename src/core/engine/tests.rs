@@ -851,6 +851,8 @@ fn a_phone_packet_waiting_for_a_withdrawn_gateway_never_reaches_it() {
         if withdrawn {
             k.engine.set_egress(Vec::new());
             assert_eq!(k.engine.stats().dropped(DropReason::GatewayWithdrawn), 1);
+            let peer = k.engine.peers.get(gateway).unwrap();
+            assert!(peer.listed && peer.is_active(), "its timers run on, afresh");
         }
         let response = response_of(&mut k.gateway, &initiation);
         let mut out = Collect::default();

@@ -343,9 +343,10 @@ impl Peer {
     }
 
     /// True when the peer has no timer work left at `now`: no handshake
-    /// completed and no protocol work started within [`SESSION_LIFETIME`] (so
-    /// no session is usable and no handshake is under way), no packet waiting,
-    /// and no keepalive to send.
+    /// completed, no protocol work started and no authenticated packet heard
+    /// within [`SESSION_LIFETIME`] (so no session is usable and no handshake
+    /// is under way), no response of ours awaiting its first packet (for
+    /// [`ANSWER_HOLD`]), no packet waiting, and no keepalive to send.
     pub fn idle(&self, now: Instant) -> bool {
         let recent = |t: Option<Instant>| {
             t.is_some_and(|t| now.saturating_duration_since(t) < SESSION_LIFETIME)
@@ -361,6 +362,7 @@ impl Peer {
         let busy = self.queued_packets != 0
             || answering
             || recent(self.last_handshake)
+            || recent(self.last_rx)
             || recent(self.last_work);
         !keepalive && !busy
     }

@@ -332,6 +332,31 @@ fn a_replayed_initiation_costs_seconds_and_sends_nothing_to_its_source() {
     assert_eq!(engine.active_peer_count(), 0, "its protocol state is gone");
 }
 
+/// A peer whose packets authenticate keeps its protocol state while it is
+/// heard from, even when the engine did not count the handshake that made
+/// the session (its first packet came on an earlier response of ours than
+/// the one we noted: taken out by hand here).
+#[test]
+fn a_peer_heard_from_keeps_its_session_however_it_was_made() {
+    use crate::core::harness::Collect;
+    use crate::core::peer::{ANSWER_HOLD, SESSION_LIFETIME};
+
+    let now = Instant::now();
+    let (mut engine, r1, _) = connected_client(now);
+    let id = engine.peers.by_key[r1.public_key.as_bytes()];
+    engine.peers.get_mut(id).unwrap().last_handshake = None;
+    let later = now + ANSWER_HOLD + Duration::from_secs(1);
+    engine.handle_timers(later, &mut Collect::default());
+    assert_eq!(engine.active_peer_count(), 1, "heard from");
+    assert!(engine.peers.get(id).unwrap().is_active());
+    engine.handle_timers(now + SESSION_LIFETIME, &mut Collect::default());
+    assert_eq!(
+        engine.active_peer_count(),
+        0,
+        "silent for a session's lifetime"
+    );
+}
+
 /// `initiation` with its encrypted timestamp changed and a valid mac1 for
 /// `server`: it passes admission and names its peer, but does not
 /// authenticate.

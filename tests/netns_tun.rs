@@ -629,6 +629,16 @@ fn tun_mode_reaches_routers_and_never_leaks() {
         !v6.contains("fd77:7770:a64::1/64"),
         "the kernel kept the IPv6 address: the test proves nothing\n{v6}"
     );
+    // A router's packets for the host meanwhile are refused by the device,
+    // and counted so.
+    let refused = || lab.metric("wgplane_host_write_failures_total", &["tenant=\"kitonga\""]);
+    let before = refused();
+    let _ = ra_ns.output(&["ping", "-c", "2", "-W", "1", "10.100.0.1"]);
+    assert!(
+        refused() >= before + 2.0,
+        "host writes refused: {}",
+        refused()
+    );
     lab.hub.run_words("ip link set wgplane0 up");
     let back = wait_for(Duration::from_secs(8), || (health() == "200").then_some(()));
     assert!(back.is_some(), "unhealthy after the device is up again");

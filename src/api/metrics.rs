@@ -122,7 +122,7 @@ pub async fn scrape(State(state): State<Arc<AppState>>) -> Response {
             describe();
             let (now, wall) = (Instant::now(), SystemTime::now());
             for tunnel in &tunnels {
-                tunnel_series(tunnel, now, wall);
+                tunnel_series(tunnel, host_up.is_some(), now, wall);
             }
             for entry in state.api_requests.0.iter() {
                 let (route, method, status) = entry.key();
@@ -281,7 +281,15 @@ fn describe() {
     );
     describe_counter!(
         "wgplane_datagrams_total",
-        "Datagrams received and sent on tunnel sockets."
+        "Datagrams on tunnel sockets: received; sent (handed to the socket); send_failed (of those sent, refused by the kernel: buffer full, no route, a firewall)."
+    );
+    describe_counter!(
+        "wgplane_icmp_errors_total",
+        "ICMP errors the tunnel sent as a router hop (time exceeded, host unreachable)."
+    );
+    describe_counter!(
+        "wgplane_host_write_failures_total",
+        "TUN mode: packets for the host the device refused (down, or its queue full)."
     );
     describe_gauge!(
         "wgplane_peers",
@@ -289,7 +297,7 @@ fn describe() {
     );
     describe_gauge!(
         "wgplane_gateway_up",
-        "1 when the egress gateway has a live session."
+        "1 when the egress gateway has a live session (0 also while its tunnel is down)."
     );
     describe_gauge!(
         "wgplane_tunnel_up",
@@ -311,13 +319,30 @@ fn describe() {
 }
 
 /// One tunnel's series; the `wireguard_*` ones for peers that have their labels.
-fn tunnel_series(tunnel: &TunnelLabels, now: Instant, wall: SystemTime) {
+fn tunnel_series(tunnel: &TunnelLabels, tun_mode: bool, now: Instant, wall: SystemTime) {
     let interface = &tunnel.interface;
     let tid = &tunnel.tenant;
     gauge!("wgplane_tunnel_up", "interface" => interface.clone(), "tenant" => tid.clone())
         .set(if tunnel.snapshot.is_some() { 1.0 } else { 0.0 });
+    let by_key: HashMap<&[u8; 32], _> = tunnel
+        .snapshot
+        .iter()
+        .flat_map(|s| &s.peers)
+        .map(|p| (&p.public_key, p))
+        .collect();
+
+    // Gateway liveness, per egress gateway: 0 too while the tunnel is down
+    // (every phone of the pool is cut off then, and an alert on it must fire).
+    for (gateway, key) in &tunnel.gateways {
+        let live = key
+            .as_ref()
+            .and_then(|k| by_key.get(k))
+            .is_some_and(|s| s.live);
+        gauge!("wgplane_gateway_up", "interface" => interface.clone(), "tenant" => tid.clone(),
+            "gateway" => gateway.clone())
+        .set(if live { 1.0 } else { 0.0 });
+    }
     let Some(snap) = &tunnel.snapshot else { return };
-    let by_key: HashMap<&[u8; 32], _> = snap.peers.iter().map(|p| (&p.public_key, p)).collect();
 
     // Per peer, as WireGuard exporters name them.
     let mut peer_status: HashMap<(&'static str, &'static str), u64> = HashMap::new();
@@ -358,17 +383,6 @@ fn tunnel_series(tunnel: &TunnelLabels, now: Instant, wall: SystemTime) {
         }
     }
 
-    // Gateway liveness, per egress gateway.
-    for (gateway, key) in &tunnel.gateways {
-        let live = key
-            .as_ref()
-            .and_then(|k| by_key.get(k))
-            .is_some_and(|s| s.live);
-        gauge!("wgplane_gateway_up", "interface" => interface.clone(), "tenant" => tid.clone(),
-            "gateway" => gateway.clone())
-        .set(if live { 1.0 } else { 0.0 });
-    }
-
     // Tunnel counters.
     let s = &snap.stats;
     let base = || [("interface", interface.clone()), ("tenant", tid.clone())];
@@ -397,11 +411,14 @@ fn tunnel_series(tunnel: &TunnelLabels, now: Instant, wall: SystemTime) {
     for (direction, value) in [
         ("received", s.rx_datagrams),
         ("sent", s.tx_datagrams),
-        ("send_failed", snap.send_failures),
+        ("send_failed", snap.send_failures.socket),
     ] {
         let mut labels = base().to_vec();
         labels.push(("direction", direction.to_owned()));
         counter!("wgplane_datagrams_total", &labels).absolute(value);
+    }
+    if tun_mode {
+        counter!("wgplane_host_write_failures_total", &base()).absolute(snap.send_failures.host);
     }
 }
 
@@ -443,6 +460,32 @@ mod tests {
         drop(unread);
         assert_eq!(turns(), 1, "dropped: released");
         f.state.control.lock().await.runtime.stop(&f.acme).await;
+    }
+
+    /// A tunnel that is down has its gateways down too: the series read 0,
+    /// they do not vanish (an alert on them must fire when every phone of
+    /// the pool is cut off).
+    #[test]
+    fn a_tunnel_down_has_its_gateways_down() {
+        let tunnel = TunnelLabels {
+            interface: "wg0".into(),
+            tenant: "kitonga".into(),
+            peers: Vec::new(),
+            gateways: vec![("mikrotik-1".into(), Some([7; 32]))],
+            snapshot: None,
+        };
+        let recorder = PrometheusBuilder::new().build_recorder();
+        metrics::with_local_recorder(&recorder, || {
+            tunnel_series(&tunnel, false, Instant::now(), SystemTime::now());
+        });
+        let text = recorder.handle().render();
+        assert!(
+            text.contains(
+                r#"wgplane_gateway_up{interface="wg0",tenant="kitonga",gateway="mikrotik-1"} 0"#
+            ),
+            "{text}"
+        );
+        assert!(text.contains(r#"wgplane_tunnel_up{interface="wg0",tenant="kitonga"} 0"#));
     }
 
     /// A long answer goes in pieces that add up to the text.

@@ -117,8 +117,18 @@ pub struct TunnelSnapshot {
     pub peers: Vec<PeerStatus>,
     /// The engine's counters.
     pub stats: TunnelStats,
-    /// Datagrams the socket refused to send (buffer full, no route).
-    pub send_failures: u64,
+    /// What was refused on its way out.
+    pub send_failures: SendFailures,
+}
+
+/// What a tunnel's sends had refused since it started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SendFailures {
+    /// Datagrams the socket refused (buffer full, no route, a firewall).
+    pub socket: u64,
+    /// Packets the host device refused (TUN mode: the device down, its
+    /// queue full).
+    pub host: u64,
 }
 
 /// The tunnel's side of the host TUN device, when there is one.
@@ -336,7 +346,7 @@ struct Turns<'a> {
     host: Option<&'a mut HostOut>,
     /// The host device, in TUN mode.
     device: Option<&'a tun_rs::AsyncDevice>,
-    send_failures: &'a mut u64,
+    send_failures: &'a mut SendFailures,
     /// How long a turn lasts ([`HANDSHAKE_TURN`]).
     length: Duration,
     /// The clock, as read when the turn began.
@@ -348,9 +358,9 @@ struct Turns<'a> {
 impl Turns<'_> {
     /// Sends what the engine produced, to peers and to the host device.
     fn flush(&mut self) {
-        *self.send_failures += self.tx.flush(self.socket.get_ref(), self.udp);
+        self.send_failures.socket += self.tx.flush(self.socket.get_ref(), self.udp);
         if let (Some(out), Some(device)) = (self.host.as_deref_mut(), self.device) {
-            *self.send_failures += out.flush(device);
+            self.send_failures.host += out.flush(device);
         }
     }
 
@@ -473,7 +483,7 @@ pub async fn run(
     let mut tx = SendBatch::new(udp.max_gso_segments(), v6);
     let mut timer = tokio::time::interval(TIMER_PERIOD);
     timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let mut send_failures = 0u64;
+    let mut send_failures = SendFailures::default();
     let mut bridges = Bridges::default();
     // When the current run of back-to-back reads of a busy socket began.
     let mut turn: Option<Instant> = None;
@@ -621,9 +631,9 @@ pub async fn run(
             };
             engine.handle_local(Instant::now(), &mut sink);
         }
-        send_failures += tx.flush(socket.get_ref(), &udp);
+        send_failures.socket += tx.flush(socket.get_ref(), &udp);
         if let Some(device) = &host.device {
-            send_failures += host.out.flush(device);
+            send_failures.host += host.out.flush(device);
         }
         while let Some(event) = engine.poll_event() {
             // No subscriber is fine: events are for whoever listens.
@@ -885,7 +895,7 @@ mod tests {
         assert_eq!(engine.stats().rx_datagrams - before, 1, "the data");
         assert!(!held.is_empty(), "the initiations wait");
 
-        let mut failures = 0;
+        let mut failures = super::SendFailures::default();
         let mut turns = Turns {
             socket: &socket,
             udp: &state,
@@ -928,8 +938,8 @@ mod tests {
         .await;
         assert_eq!(initiations, 2);
         assert_eq!(engine.stats().rx_datagrams - before, 4, "all four read");
-        failures += tx.flush(socket.get_ref(), &state);
-        assert_eq!(failures, 0);
+        failures.socket += tx.flush(socket.get_ref(), &state);
+        assert_eq!(failures, super::SendFailures::default());
         let mut buf = vec![0u8; 2048];
         let (len, _) = routers[1].socket.recv_from(&mut buf).expect("the response");
         let response = buf[..len].to_vec();
@@ -1055,7 +1065,7 @@ mod tests {
         let mut held = wake_up(&socket, &state, &mut engine, now, &mut tx, Some(&mut out));
         assert!(!held.is_empty(), "the initiations wait");
         let dev = device.device();
-        let mut failures = 0;
+        let mut failures = super::SendFailures::default();
         let mut turns = Turns {
             socket: &socket,
             udp: &state,
@@ -1084,7 +1094,7 @@ mod tests {
         })
         .await;
         assert_eq!(initiations, 2);
-        assert_eq!(failures, 0);
+        assert_eq!(failures, super::SendFailures::default());
         assert_eq!(engine.stats().forwarded_local, 2);
     }
 }

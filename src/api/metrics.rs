@@ -114,7 +114,9 @@ pub async fn scrape(State(state): State<Arc<AppState>>) -> Response {
             continue; // deleted meanwhile
         };
         let snapshot = control.runtime.snapshot(&id).await.ok();
-        tunnels.push(TunnelLabels::of(t, snapshot, state.metrics_per_peer));
+        let mut labels = TunnelLabels::of(t, snapshot, state.metrics_per_peer);
+        labels.failures = control.runtime.failures(&id);
+        tunnels.push(labels);
     }
     let rendered = tokio::task::spawn_blocking(move || {
         let recorder = PrometheusBuilder::new().build_recorder();
@@ -189,6 +191,8 @@ struct TunnelLabels {
     gateways: Vec<(String, Option<[u8; 32]>)>,
     /// None: the tunnel is down.
     snapshot: Option<TunnelSnapshot>,
+    /// How often its task ended by itself (see `Runtime::failures`).
+    failures: u64,
 }
 
 struct PeerLabels {
@@ -230,6 +234,7 @@ impl TunnelLabels {
             peers: routers.chain(clients).collect(),
             gateways: gateways.collect(),
             snapshot,
+            failures: 0,
         }
     }
 }
@@ -304,6 +309,10 @@ fn describe() {
         "1 when the tunnel's socket and task run."
     );
     describe_counter!(
+        "wgplane_tunnel_failures_total",
+        "Times the tunnel's task ended by itself (a bug, its socket failed); each is logged, and the supervisor starts the tunnel again within 5 s."
+    );
+    describe_counter!(
         "wgplane_api_requests_total",
         "Admin API requests by route, method and status."
     );
@@ -324,6 +333,8 @@ fn tunnel_series(tunnel: &TunnelLabels, tun_mode: bool, now: Instant, wall: Syst
     let tid = &tunnel.tenant;
     gauge!("wgplane_tunnel_up", "interface" => interface.clone(), "tenant" => tid.clone())
         .set(if tunnel.snapshot.is_some() { 1.0 } else { 0.0 });
+    counter!("wgplane_tunnel_failures_total", "interface" => interface.clone(), "tenant" => tid.clone())
+        .absolute(tunnel.failures);
     let by_key: HashMap<&[u8; 32], _> = tunnel
         .snapshot
         .iter()
@@ -473,6 +484,7 @@ mod tests {
             peers: Vec::new(),
             gateways: vec![("mikrotik-1".into(), Some([7; 32]))],
             snapshot: None,
+            failures: 3,
         };
         let recorder = PrometheusBuilder::new().build_recorder();
         metrics::with_local_recorder(&recorder, || {
@@ -486,6 +498,9 @@ mod tests {
             "{text}"
         );
         assert!(text.contains(r#"wgplane_tunnel_up{interface="wg0",tenant="kitonga"} 0"#));
+        assert!(
+            text.contains(r#"wgplane_tunnel_failures_total{interface="wg0",tenant="kitonga"} 3"#)
+        );
     }
 
     /// A long answer goes in pieces that add up to the text.

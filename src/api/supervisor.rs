@@ -225,6 +225,7 @@ mod tests {
         f.router_handshakes().await;
         end_and_revive(&f).await;
         assert!(f.state.control.lock().await.runtime.is_running(&f.acme));
+        assert_eq!(f.state.control.lock().await.runtime.failures(&f.acme), 1);
         // The ended task could not say its peer went: the runtime says the
         // tunnel stopped, for the event hub to disconnect whom it announced.
         let mut said = Vec::new();

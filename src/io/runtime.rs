@@ -114,6 +114,9 @@ pub struct Runtime {
     events: broadcast::Sender<TunnelEvent>,
     /// TUN mode: the device was up at the last [`Runtime::repair_host`].
     host_up: bool,
+    /// Per tenant, how often its tunnel task ended by itself (a bug, a socket
+    /// that failed) and was cleared away for a restart.
+    failures: HashMap<Id, u64>,
 }
 
 impl Runtime {
@@ -126,7 +129,13 @@ impl Runtime {
             tunnels: HashMap::new(),
             events,
             host_up: true,
+            failures: HashMap::new(),
         }
+    }
+
+    /// How often `id`'s tunnel task ended by itself since the start.
+    pub fn failures(&self, id: &Id) -> u64 {
+        self.failures.get(id).copied().unwrap_or(0)
     }
 
     /// Subscribes to peer events of every tunnel.
@@ -332,10 +341,27 @@ impl Runtime {
             for (_, forward) in h.forwards {
                 forward.close().await;
             }
+            // Ended by itself, not by this stop: say how, and count it.
+            let ended = h.task.is_finished();
             drop(h.commands);
             // The task ends when it sees the closed channel; abort covers a busy socket.
             h.task.abort();
-            let _ = h.task.await;
+            let result = h.task.await;
+            if ended {
+                *self.failures.entry(id.clone()).or_default() += 1;
+                match result {
+                    Err(e) if e.is_panic() => {
+                        let panic = e.into_panic();
+                        let message = panic
+                            .downcast_ref::<&str>()
+                            .copied()
+                            .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+                            .unwrap_or("(no message)");
+                        tracing::error!(tenant = %id, panic = message, "tunnel task panicked");
+                    }
+                    _ => tracing::warn!(tenant = %id, "tunnel task had ended"),
+                }
+            }
             let _ = self.events.send(TunnelEvent {
                 tenant: Arc::from(id.as_str()),
                 event: News::Stopped,

@@ -32,6 +32,7 @@ pub fn bind(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
     // Best effort: a smaller buffer still works, it only drops earlier.
     let _ = socket.set_recv_buffer_size(UDP_BUFFER);
     let _ = socket.set_send_buffer_size(UDP_BUFFER);
+    warn_if_capped(socket.recv_buffer_size(), socket.send_buffer_size());
     socket.set_nonblocking(true)?;
     // `::` takes IPv4 too, whatever `net.ipv6.bindv6only` says.
     if let SocketAddr::V6(v6) = addr {
@@ -41,6 +42,32 @@ pub fn bind(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
     }
     socket.bind(&addr.into())?;
     Ok(socket.into())
+}
+
+/// Below this, the buffers a tunnel socket got are worth a warning: the
+/// kernel's default cap (`net.core.rmem_max` 212,992 bytes) holds about 140
+/// full-size datagrams.
+const UDP_BUFFER_LOW: usize = 1024 * 1024;
+
+/// Says once per process when the kernel gave tunnel sockets small buffers
+/// (Linux reports twice what it grants): bursts are then dropped in the
+/// kernel, where no counter of ours sees them.
+fn warn_if_capped(recv: io::Result<usize>, send: io::Result<usize>) {
+    static SAID: std::sync::Once = std::sync::Once::new();
+    let (Ok(recv), Ok(send)) = (recv, send) else {
+        return;
+    };
+    if recv / 2 < UDP_BUFFER_LOW || send / 2 < UDP_BUFFER_LOW {
+        SAID.call_once(|| {
+            tracing::warn!(
+                wanted_kib = UDP_BUFFER / 1024,
+                receive_kib = recv / 2 / 1024,
+                send_kib = send / 2 / 1024,
+                "tunnel socket buffers capped by net.core.rmem_max / wmem_max: \
+                 bursts may be dropped by the kernel; raise both to 8388608"
+            );
+        });
+    }
 }
 
 /// Registers a non-blocking socket with the current tokio runtime, for reading.

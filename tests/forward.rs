@@ -309,6 +309,12 @@ fn a_forward_carries_64_connections_at_once_and_closes_the_next() {
         .map(|i| open().unwrap_or_else(|e| panic!("connection {i}: {e}")))
         .collect();
     assert!(closed(open()), "the 65th connection is closed");
+    let said = "forward at its connection limit";
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !app.log().contains(said) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(app.log().contains(said), "{}", app.log());
     // Every held connection still works.
     for (i, s) in held.iter_mut().enumerate() {
         s.write_all(b"more").unwrap();

@@ -153,7 +153,14 @@ async fn start_with(
             let (stream, from) = next_connection(|| listener.accept(), listen).await;
             while connections.try_join_next().is_some() {}
             if connections.len() >= limits.connections {
-                tracing::debug!(%listen, %from, "forward at its connection limit; closed");
+                match failures.warn_now(std::time::Instant::now()) {
+                    Some(unwarned) => tracing::warn!(%listen, %from, limit = limits.connections,
+                        earlier_failures_not_logged = unwarned,
+                        "forward at its connection limit: a new connection was closed"),
+                    None => {
+                        tracing::debug!(%listen, %from, "forward at its connection limit; closed")
+                    }
+                }
                 drop(stream);
                 continue;
             }

@@ -77,10 +77,23 @@ fn metrics_match_the_traffic() {
         phone.sent_bytes as f64,
         "every byte the phone sent was authenticated and counted"
     );
+    assert_eq!(
+        sample(&text, "wgplane_peer_spoofed_packets_total", &phone_labels),
+        1.0,
+        "the spoofed packet, counted for the phone"
+    );
     let gw_labels = [
         &format!(r#"public_key="{gw_public}""#)[..],
         r#"allowed_ips="10.100.0.40/32""#,
     ];
+    assert!(
+        !text
+            .lines()
+            .any(|l| l.starts_with("wgplane_peer_spoofed_packets_total") && l.contains(&gw_public)),
+        "no series for a peer that spoofed nothing"
+    );
+    let (_, phone_view) = app.call("GET", "/v1/tenants/kitonga/clients/phone-1", None);
+    assert_eq!(phone_view["spoofed_packets"], 1, "{phone_view}");
     assert_eq!(
         sample(&text, "wireguard_sent_bytes_total", &gw_labels),
         gateway.received_bytes as f64,

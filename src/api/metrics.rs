@@ -248,6 +248,10 @@ fn describe() {
         "wireguard_received_bytes_total",
         "Bytes received from the peer (authenticated WireGuard datagrams)."
     );
+    describe_counter!(
+        "wgplane_peer_spoofed_packets_total",
+        "The peer's packets dropped because their source is not one it may use (only peers with any)."
+    );
     describe_gauge!(
         "wireguard_latest_handshake_seconds",
         "Unix time of the peer's latest handshake, 0 if none."
@@ -379,6 +383,10 @@ fn tunnel_series(tunnel: &TunnelLabels, tun_mode: bool, now: Instant, wall: Syst
         let (rx, tx) = status.map_or((0, 0), |s| (s.stats.rx_bytes, s.stats.tx_bytes));
         counter!("wireguard_sent_bytes_total", &labels).absolute(tx);
         counter!("wireguard_received_bytes_total", &labels).absolute(rx);
+        // Only where it happened: a series per peer costs every scrape.
+        if let Some(spoofed) = status.map(|s| s.stats.spoofed).filter(|&n| n != 0) {
+            counter!("wgplane_peer_spoofed_packets_total", &labels).absolute(spoofed);
+        }
         let unix = handshake
             .map(|h| wall - now.saturating_duration_since(h))
             .and_then(|t| t.duration_since(UNIX_EPOCH).ok())

@@ -69,6 +69,9 @@ pub struct LiveView {
     pub endpoint: Option<String>,
     pub rx_bytes: u64,
     pub tx_bytes: u64,
+    /// Packets of the peer dropped because their source is not one it may
+    /// use (a wrong address on the device, a LAN missing from its allowed IPs).
+    pub spoofed_packets: u64,
 }
 
 impl LiveView {
@@ -90,6 +93,7 @@ impl LiveView {
             endpoint: s.endpoint.map(|e| e.to_string()),
             rx_bytes: s.stats.rx_bytes,
             tx_bytes: s.stats.tx_bytes,
+            spoofed_packets: s.stats.spoofed,
         }
     }
 }

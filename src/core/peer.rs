@@ -74,6 +74,10 @@ pub struct PeerStats {
     pub tx_packets: u64,
     /// Completed handshakes.
     pub handshakes: u64,
+    /// Inner packets dropped because their source is not an address the
+    /// peer may use (`spoofed_source`): a phone or router with a wrong
+    /// address, or a router's LAN missing from its allowed IPs.
+    pub spoofed: u64,
 }
 
 /// The outcome of feeding one datagram to a peer.

@@ -181,6 +181,13 @@ pub(super) fn route(
         }
         Verdict::Drop { reason, wake } => {
             stats.drop(reason);
+            // Counted for the peer too: its status shows it, not only the
+            // tunnel's total.
+            if let (DropReason::SpoofedSource, Origin::Peer(p)) = (reason, origin) {
+                if let Some(sender) = peers.get_mut(p) {
+                    sender.stats.spoofed += 1;
+                }
+            }
             if reason == DropReason::NoRoute {
                 let error = Error::HostUnreachable;
                 answer(

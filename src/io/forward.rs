@@ -5,7 +5,7 @@
 //! A forward owns its connections: closing or dropping it ends them too. It
 //! carries at most [`MAX_CONNECTIONS`] at once and closes one that moved no
 //! byte for [`IDLE_TIMEOUT`], so that nobody can hold the tunnel's stack, and
-//! it warns about failed connections at most every [`FAILURE_LOG_INTERVAL`].
+//! it warns about failed connections at most every 10 s.
 
 use std::future::Future;
 use std::net::{SocketAddr, SocketAddrV4};

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use support::{keypair, Appliance, UdpPeer};
+use support::{keypair, sample, Appliance, UdpPeer};
 use wgplane::core::packet::build::ip_packet;
 
 /// A tmpfs of a few MiB mounted over a directory, unmounted on drop.
@@ -152,6 +152,11 @@ fn a_full_disk_refuses_changes_whole_and_loses_none() {
     let view = app.expect("GET", "/v1/tenants/acme/routers/kept", None, 200);
     assert_eq!(view["name"], "kept", "{view}");
 
+    // The operator sees it in the metrics.
+    let text = app.scrape();
+    assert_eq!(sample(&text, "wgplane_store_writable", &[]), 0.0, "{text}");
+    assert!(sample(&text, "wgplane_store_write_failures_total", &[]) >= 3.0);
+
     // A new tenant: refused, and its port is closed again.
     let port = first_port + 2;
     let body = format!(r#"{{"listen_port":{port}}}"#);
@@ -184,6 +189,7 @@ fn a_full_disk_refuses_changes_whole_and_loses_none() {
         Some(&format!(r#"{{"public_key":"{new_public}"}}"#)),
         201,
     );
+    assert_eq!(sample(&app.scrape(), "wgplane_store_writable", &[]), 1.0);
     let deadline = Instant::now() + wgplane::io::events::STORE_RETRY + Duration::from_secs(10);
     while stored_endpoint(&state_dir, "kept").as_deref() != Some(roamed_to.as_str())
         && Instant::now() < deadline

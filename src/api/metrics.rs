@@ -97,14 +97,19 @@ pub async fn scrape(State(state): State<Arc<AppState>>) -> Response {
                 .into_response()
         }
     };
-    let (ids, host_drops, host_up) = {
+    let (ids, host_drops, host_up, store) = {
         let control = state.control.lock().await;
         let ids: Vec<Id> = control.registry.tenants().map(|t| t.id.clone()).collect();
         let runtime = &control.runtime;
         let host_up = runtime
             .tun_mode()
             .then(|| runtime.host_up() && runtime.host_reading());
-        (ids, runtime.host_drops(), host_up)
+        // A store poisoned by a panic mid-write refuses every write.
+        let store = match control.store.lock() {
+            Ok(store) => store.write_health(),
+            Err(poisoned) => (poisoned.get_ref().write_health().0, true),
+        };
+        (ids, runtime.host_drops(), host_up, store)
     };
     // One tunnel per lock: a change waits for one tunnel's snapshot at most.
     let mut tunnels = Vec::with_capacity(ids.len());
@@ -135,6 +140,9 @@ pub async fn scrape(State(state): State<Arc<AppState>>) -> Response {
             if let Some(up) = host_up {
                 gauge!("wgplane_host_device_up").set(if up { 1.0 } else { 0.0 });
             }
+            let (write_failures, failing) = store;
+            counter!("wgplane_store_write_failures_total").absolute(write_failures);
+            gauge!("wgplane_store_writable").set(if failing { 0.0 } else { 1.0 });
             for (reason, value) in host_drops.into_iter().flatten() {
                 counter!("wgplane_host_packets_dropped_total", "reason" => reason).absolute(value);
             }
@@ -321,6 +329,14 @@ fn describe() {
         "Admin API requests by route, method and status."
     );
     describe_counter!("wgplane_events_total", "Peer events by outcome.");
+    describe_counter!(
+        "wgplane_store_write_failures_total",
+        "Writes of the state store refused (disk full, read-only): each refused API change was answered 503 storage_failed and undone."
+    );
+    describe_gauge!(
+        "wgplane_store_writable",
+        "0 while the state store's last write was refused (changes are refused until it takes one)."
+    );
     describe_gauge!(
         "wgplane_host_device_up",
         "TUN mode: 1 while the device is up and read (0: set down from outside, or its reader ended)."

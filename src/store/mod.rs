@@ -77,6 +77,10 @@ pub enum Change<'a> {
 pub struct Store {
     conn: Connection,
     master: MasterKey,
+    /// Writes refused since the start (a full or read-only disk, say).
+    write_failures: u64,
+    /// Whether the last write was refused.
+    failing: bool,
 }
 
 impl Store {
@@ -107,7 +111,17 @@ impl Store {
         }
         migrate(&mut conn)?;
         check_master_key(&conn, &master)?;
-        Ok(Self { conn, master })
+        Ok(Self {
+            conn,
+            master,
+            write_failures: 0,
+            failing: false,
+        })
+    }
+
+    /// Writes refused since the start, and whether the last one was.
+    pub fn write_health(&self) -> (u64, bool) {
+        (self.write_failures, self.failing)
     }
 
     /// True when the database holds no tenant yet.
@@ -120,6 +134,13 @@ impl Store {
 
     /// Applies changes in one transaction, durable when this returns.
     pub fn apply(&mut self, changes: &[Change<'_>]) -> Result<(), StoreError> {
+        let result = self.apply_all(changes);
+        self.failing = result.is_err();
+        self.write_failures += u64::from(self.failing);
+        result
+    }
+
+    fn apply_all(&mut self, changes: &[Change<'_>]) -> Result<(), StoreError> {
         let tx = self.conn.transaction()?;
         for change in changes {
             write::apply_one(&tx, &self.master, change)?;

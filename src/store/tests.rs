@@ -64,6 +64,22 @@ fn private_keys(tenants: &[Tenant]) -> Vec<[u8; 32]> {
     keys.map(|k| k.secret().to_bytes()).collect()
 }
 
+/// A refused write is counted, and the store says it is failing until a
+/// write is taken again.
+#[test]
+fn refused_writes_are_counted_until_one_is_taken() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open(&dir.path().join("state.db"), MasterKey::generate()).unwrap();
+    assert_eq!(store.write_health(), (0, false));
+    // A forward of a router that does not exist: the foreign key refuses it.
+    let (t, r) = (id("nobody"), id("nothing"));
+    let listen = "127.0.0.1:2222".parse().unwrap();
+    assert!(store.apply(&[Change::Forward(&t, &r, 22, listen)]).is_err());
+    assert_eq!(store.write_health(), (1, true));
+    save_all(&mut store, &provisioned());
+    assert_eq!(store.write_health(), (1, false));
+}
+
 #[test]
 fn a_new_master_key_opens_the_same_keys_and_the_old_one_nothing() {
     let dir = tempfile::tempdir().unwrap();

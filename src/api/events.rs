@@ -26,11 +26,17 @@ use crate::io::events::{Lagged, Published};
 pub async fn stream(
     State(state): State<Arc<AppState>>,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
-    let events = BroadcastStream::new(state.events.subscribe()).map(|item| {
+    let stats = Arc::clone(&state.event_stats);
+    let events = BroadcastStream::new(state.events.subscribe()).map(move |item| {
         let event = match item {
             Ok(e) => e,
             // An event, not a comment: EventSource clients drop comments.
-            Err(BroadcastStreamRecvError::Lagged(n)) => Published::Lagged(Lagged::now(n)),
+            Err(BroadcastStreamRecvError::Lagged(n)) => {
+                stats
+                    .subscriber_missed
+                    .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                Published::Lagged(Lagged::now(n))
+            }
         };
         Ok(Event::default()
             .event(event.name())
@@ -97,6 +103,8 @@ mod tests {
             assert!(e.starts_with("event: peer_connected\n"), "{e}");
             assert!(e.contains(&format!("\"id\":\"r{n}\"")), "{e}");
         }
+        let missed = &f.state.event_stats.subscriber_missed;
+        assert_eq!(missed.load(std::sync::atomic::Ordering::Relaxed), 4);
         f.state.control.lock().await.runtime.stop(&f.acme).await;
     }
 }

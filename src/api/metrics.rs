@@ -152,6 +152,7 @@ pub async fn scrape(State(state): State<Arc<AppState>>) -> Response {
                 ("webhook_delivered", &e.webhook_delivered),
                 ("webhook_failed", &e.webhook_failed),
                 ("webhook_dropped", &e.webhook_dropped),
+                ("subscriber_missed", &e.subscriber_missed),
                 ("lagged", &e.lagged),
             ] {
                 counter!("wgplane_events_total", "outcome" => outcome)

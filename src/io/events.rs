@@ -140,8 +140,15 @@ pub struct EventStats {
     pub webhook_delivered: AtomicU64,
     /// Webhook deliveries that failed after every retry.
     pub webhook_failed: AtomicU64,
-    /// Events not queued for webhooks because the queue was full.
+    /// Events not queued for webhooks because the queue was full (the hub's,
+    /// or one URL's).
     pub webhook_dropped: AtomicU64,
+    /// Of those, the ones the hub's queue refused: lost for every URL, which
+    /// each URL's next `lagged` event counts in.
+    pub webhook_unqueued: AtomicU64,
+    /// Events SSE subscribers missed because they fell behind (each was sent a
+    /// `lagged` event saying how many).
+    pub subscriber_missed: AtomicU64,
     /// Engine events lost because the hub fell behind.
     pub lagged: AtomicU64,
 }
@@ -266,6 +273,7 @@ pub async fn run_hub(
         if let Some(queue) = &webhooks {
             if queue.try_send(event).is_err() {
                 stats.webhook_dropped.fetch_add(1, Ordering::Relaxed);
+                stats.webhook_unqueued.fetch_add(1, Ordering::Relaxed);
             }
         }
     };
@@ -365,7 +373,9 @@ const RETRY_DELAYS: [Duration; 3] = [
 /// Posts every queued event to every URL, with retries, in order. Each URL has
 /// a worker and a queue of its own (as deep as `queue`): a URL that is down
 /// holds up only its own deliveries, and an event that finds its queue full is
-/// dropped for that URL and counted.
+/// dropped for that URL and counted. Once its queue has room again, the URL
+/// is first sent a `lagged` event saying how many it missed (as an SSE
+/// subscriber is), and that is logged.
 pub async fn run_webhooks(
     mut queue: mpsc::Receiver<Published>,
     urls: Vec<String>,
@@ -387,17 +397,32 @@ pub async fn run_webhooks(
             return std::future::pending().await;
         }
     };
-    let workers: Vec<_> = urls
+    // Each URL's queue, how many events it missed since it was last told,
+    // and its name for the logs.
+    let mut workers: Vec<_> = urls
         .into_iter()
         .map(|url| {
             let (tx, rx) = mpsc::channel(queue.max_capacity());
+            let name = redacted(&url);
             tokio::spawn(deliver(rx, url, client.clone(), Arc::clone(&stats)));
-            tx
+            (tx, 0u64, name)
         })
         .collect();
     while let Some(event) = queue.recv().await {
-        for worker in &workers {
-            if worker.try_send(event.clone()).is_err() {
+        let unqueued = stats.webhook_unqueued.swap(0, Ordering::Relaxed);
+        for (worker, missed, url) in &mut workers {
+            *missed += unqueued;
+            if *missed != 0
+                && worker
+                    .try_send(Published::Lagged(Lagged::now(*missed)))
+                    .is_ok()
+            {
+                tracing::warn!(url = %url, missed = *missed,
+                    "webhook receiver fell behind: events were dropped for it, a lagged event says how many");
+                *missed = 0;
+            }
+            if *missed != 0 || worker.try_send(event.clone()).is_err() {
+                *missed += 1;
                 stats.webhook_dropped.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -703,6 +728,68 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(stats.webhook_dropped.load(Ordering::Relaxed), 9);
         assert_eq!(stats.webhook_delivered.load(Ordering::Relaxed), 0);
+    }
+
+    /// A receiver that fell behind and catches up is told how many events it
+    /// missed, before the next one, as an SSE subscriber is.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_url_that_fell_behind_is_told_how_many_it_missed() {
+        use axum::http::StatusCode;
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let bodies = Arc::new(std::sync::Mutex::new(Vec::<serde_json::Value>::new()));
+        let (hook_gate, hook_bodies) = (Arc::clone(&gate), Arc::clone(&bodies));
+        let app = axum::Router::new().route(
+            "/hook",
+            axum::routing::post(move |body: axum::Json<serde_json::Value>| async move {
+                // The first delivery waits until the test opens the gate.
+                if hook_bodies.lock().unwrap().is_empty() {
+                    let _ = hook_gate.acquire().await;
+                }
+                hook_bodies.lock().unwrap().push(body.0);
+                StatusCode::NO_CONTENT
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let stats = Arc::new(EventStats::default());
+        let (queue, rx) = mpsc::channel(2);
+        tokio::spawn(run_webhooks(
+            rx,
+            vec![url],
+            Duration::from_secs(30),
+            Arc::clone(&stats),
+        ));
+        let event = |n| Published::Lagged(Lagged::now(n));
+        queue.send(event(100)).await.unwrap(); // held by the receiver
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        for n in 101..=105 {
+            queue.send(event(n)).await.unwrap(); // 101 and 102 wait, the rest dropped
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while stats.webhook_dropped.load(Ordering::Relaxed) < 3 {
+            assert!(tokio::time::Instant::now() < deadline, "nothing dropped");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        gate.add_permits(1);
+        while bodies.lock().unwrap().len() < 3 {
+            assert!(tokio::time::Instant::now() < deadline, "not caught up");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        queue.send(event(106)).await.unwrap();
+        while bodies.lock().unwrap().len() < 5 {
+            assert!(tokio::time::Instant::now() < deadline, "nothing more came");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let missed: Vec<u64> = bodies
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|b| b["missed"].as_u64().unwrap())
+            .collect();
+        // 100 to 102 as sent, then the news of the three dropped, then 106.
+        assert_eq!(missed, [100, 101, 102, 3, 106]);
+        assert_eq!(stats.webhook_dropped.load(Ordering::Relaxed), 3);
     }
 
     /// A receiver that redirects is not followed: events go only to the URL

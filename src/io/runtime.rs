@@ -296,14 +296,19 @@ impl Runtime {
         }
         let (commands, rx) = mpsc::channel(64);
         let work = Arc::new(Notify::new());
-        let task = tokio::spawn(tunnel::run(
-            engine,
-            socket,
-            rx,
-            self.events.clone(),
-            Arc::from(tenant.id.as_str()),
-            Arc::clone(&work),
-            link,
+        // Whatever the task logs (its socket layer's too) names the tenant.
+        let span = tracing::info_span!("tunnel", tenant = %tenant.id);
+        let task = tokio::spawn(tracing::Instrument::instrument(
+            tunnel::run(
+                engine,
+                socket,
+                rx,
+                self.events.clone(),
+                Arc::from(tenant.id.as_str()),
+                Arc::clone(&work),
+                link,
+            ),
+            span,
         ));
         self.tunnels.insert(
             tenant.id.clone(),

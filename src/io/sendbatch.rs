@@ -193,9 +193,15 @@ impl SendBatch {
                         // is what the kernel refused.
                         match e.raw_os_error() {
                             Some(libc::EMSGSIZE) => {
+                                tracing::info!(segment = run.segment,
+                                    "the path takes no GSO runs of datagrams this large: they go one by one");
                                 self.max_segment_len = self.max_segment_len.min(run.segment - 1);
                             }
                             Some(libc::EINVAL | libc::EIO) if run.src.is_some() => {
+                                if self.sourced_runs_after.is_none() {
+                                    tracing::info!(error = %e,
+                                        "a GSO run with a source address was refused: such runs go as batches for 10 s");
+                                }
                                 self.sourced_runs_after = Some(Instant::now() + FORGOTTEN);
                             }
                             _ => {}
@@ -248,7 +254,13 @@ impl SendBatch {
             self.sourced_runs_after = self.sourced_runs_after.filter(|until| now < *until);
         }
         // quinn-udp may have turned GSO off during this flush.
-        self.max_segments = state.max_gso_segments().max(1);
+        let max_segments = state.max_gso_segments().max(1);
+        if max_segments < self.max_segments {
+            tracing::warn!(
+                "the kernel refused a GSO send: this tunnel's socket sends without GSO from now on"
+            );
+        }
+        self.max_segments = max_segments;
         failures
     }
 }
@@ -314,6 +326,8 @@ fn forget_source(
         return false;
     };
     if !vanished.iter().any(|(v, _)| *v == src) {
+        tracing::warn!(source = %src, error = %e,
+            "a tunnel address the host no longer has: replies that would leave from it leave from the kernel's pick for 10 s");
         if vanished.len() >= VANISHED_MAX {
             vanished.remove(0);
         }

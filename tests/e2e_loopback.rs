@@ -224,4 +224,23 @@ fn two_tenants_get_their_own_ports_and_subnets() {
         !intruder.try_handshake(1),
         "tenant B must not accept tenant A's router"
     );
+
+    // The operator asking why it does not connect: B's tunnel names the key,
+    // where it dials from, and whose peer it is.
+    let strangers = app.expect("GET", "/v1/tenants/kitonga/strangers", None, 200);
+    let list = strangers.as_array().unwrap();
+    assert_eq!(list.len(), 1, "{strangers}");
+    assert_eq!(list[0]["public_key"], public.as_str());
+    assert_eq!(
+        list[0]["endpoint"],
+        intruder.socket.local_addr().unwrap().to_string()
+    );
+    assert!(list[0]["initiations"].as_u64().unwrap() >= 1);
+    assert!(list[0]["last_seen_at"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(
+        list[0]["peer_of"],
+        serde_json::json!({"tenant_id": "acme", "kind": "router", "id": "r1"})
+    );
+    let acme = app.expect("GET", "/v1/tenants/acme/strangers", None, 200);
+    assert_eq!(acme, serde_json::json!([]));
 }

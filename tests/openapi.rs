@@ -46,6 +46,7 @@ const EXPECTED: &[(&str, &str)] = &[
         "/v1/tenants/{tenant_id}/clients/{client_id}/config.png",
     ),
     ("get", "/v1/tenants/{tenant_id}/route"),
+    ("get", "/v1/tenants/{tenant_id}/strangers"),
     ("get", "/v1/events"),
 ];
 

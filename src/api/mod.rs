@@ -249,6 +249,7 @@ fn routes(state: Arc<AppState>) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(get_client_config))
         .routes(routes!(get_client_qr))
         .routes(routes!(explain_route))
+        .routes(routes!(list_strangers))
         .routes(routes!(events::stream))
         .layer(axum::middleware::from_fn(detach::run_to_completion))
         .layer(axum::middleware::from_fn_with_state(

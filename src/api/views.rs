@@ -227,6 +227,32 @@ pub struct PeerRef {
     pub id: String,
 }
 
+/// A key whose handshake initiations reached the tunnel but that is no peer
+/// of it.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct StrangerView {
+    /// The static public key its initiations carry (base64).
+    pub public_key: String,
+    /// Where its last initiation came from.
+    pub endpoint: String,
+    /// When that was (RFC 3339, UTC).
+    pub last_seen_at: String,
+    /// Its initiations since it was first remembered.
+    pub initiations: u64,
+    /// The peer it is in another tenant (`{"tenant_id", "kind", "id"}`): a
+    /// device that dials this tenant's port with another tenant's tunnel.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer_of: Option<ForeignPeer>,
+}
+
+/// A peer of another tenant.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ForeignPeer {
+    pub tenant_id: String,
+    pub kind: String,
+    pub id: String,
+}
+
 /// A management forward.
 #[derive(Serialize, utoipa::ToSchema)]
 pub struct ForwardView {

@@ -19,7 +19,7 @@ use super::tunnel::{self, Command, HostLink, News, TaggedEvent, TunnelSnapshot};
 use crate::control::model::{Client, Router};
 use crate::control::{Id, Tenant};
 use crate::core::budget::HandshakeBudget;
-use crate::core::engine::{EngineError, Explanation, PeerStatus, TunnelEngine};
+use crate::core::engine::{EngineError, Explanation, PeerStatus, Stranger, TunnelEngine};
 use crate::core::peer::PeerConfig;
 
 /// Events from every tunnel.
@@ -561,6 +561,13 @@ impl Runtime {
     ) -> Result<Explanation, RuntimeError> {
         let (reply, rx) = oneshot::channel();
         self.ask(id, Command::Explain { src, dst, reply }, rx).await
+    }
+
+    /// The keys whose initiations reached `id`'s tunnel but that are no peer
+    /// of it, the most recent first.
+    pub async fn strangers(&self, id: &Id) -> Result<Vec<Stranger>, RuntimeError> {
+        let (reply, rx) = oneshot::channel();
+        self.ask(id, Command::Strangers { reply }, rx).await
     }
 
     /// Adds or updates one peer of a running tunnel whose key did not change

@@ -18,7 +18,7 @@ use super::udp::{TunnelSocket, MAX_DATAGRAM, RX_SLOTS};
 use crate::core::netstack::StackError;
 
 use crate::core::engine::{
-    EgressConfig, Event, Explanation, PeerStatus, Sink, TunnelEngine, TunnelStats,
+    EgressConfig, Event, Explanation, PeerStatus, Sink, Stranger, TunnelEngine, TunnelStats,
 };
 use crate::core::peer::{Path, PeerConfig};
 use crate::core::policy::DropReason;
@@ -92,6 +92,10 @@ pub enum Command {
     PeerStatus {
         key: [u8; 32],
         reply: oneshot::Sender<Option<PeerStatus>>,
+    },
+    /// The keys that knocked but are no peer ([`TunnelEngine::strangers`]).
+    Strangers {
+        reply: oneshot::Sender<Vec<Stranger>>,
     },
     /// Explain what would happen to a packet.
     Explain {
@@ -534,6 +538,9 @@ pub async fn run(
                     }
                     Command::PeerStatus { key, reply } => {
                         let _ = reply.send(engine.peer_status(&key, Instant::now()));
+                    }
+                    Command::Strangers { reply } => {
+                        let _ = reply.send(engine.strangers());
                     }
                     Command::Explain { src, dst, reply } => {
                         let _ = reply.send(engine.explain(src, dst, Instant::now()));

@@ -1,4 +1,6 @@
-//! `/v1/tenants/{t}/route`: what the data plane would do with a packet.
+//! Diagnostics: `/v1/tenants/{t}/route`, what the data plane would do with a
+//! packet, and `/v1/tenants/{t}/strangers`, the keys that knocked on the
+//! tunnel but are no peer of it.
 //!
 //! Left out: the decision itself, which the running tunnel's engine makes
 //! ([`crate::core::engine::TunnelEngine::explain`], by the rules of
@@ -12,7 +14,7 @@ use axum::response::IntoResponse;
 use axum::Json;
 
 use crate::api::params::{Path, Query};
-use crate::api::views::{ErrorBody, PeerRef, RouteView};
+use crate::api::views::{ErrorBody, ForeignPeer, PeerRef, RouteView, StrangerView};
 use crate::api::ApiError;
 use crate::core::engine::ExplainVerdict;
 use crate::core::policy::Rule;
@@ -102,4 +104,47 @@ pub async fn explain_route(
         }
     }
     Ok(Json(answer).into_response())
+}
+
+#[utoipa::path(get, path = "/tenants/{tenant_id}/strangers", tag = "diagnostics", params(("tenant_id" = String, Path, description = "Tenant id: 1-64 of [A-Za-z0-9._-]")), responses((status = 200, description = "The last keys (at most 16) whose handshake initiations authenticated against the tunnel's key but that are no peer of it, the most recent first: a router whose key is not registered, or that dials this tenant's port with another tenant's tunnel (`peer_of`)", body = Vec<StrangerView>), (status = 400, description = "Bad input", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 404, description = "Unknown object", body = ErrorBody), (status = 503, description = "The tunnel is down (tunnel_down)", body = ErrorBody)))]
+pub async fn list_strangers(State(state): Shared, Path(t): Path<String>) -> ApiResult {
+    let id = tenant_id(&t)?;
+    let control = state.control.lock().await;
+    control.registry.tenant(&id)?;
+    let strangers = control.runtime.strangers(&id).await?;
+    let (now, wall) = (std::time::Instant::now(), std::time::SystemTime::now());
+    let peer_of = |key: &[u8; 32]| {
+        control.registry.tenants().find_map(|tenant| {
+            let router = tenant
+                .routers
+                .values()
+                .find(|r| r.public_key.as_bytes() == key)
+                .map(|r| ("router", r.id.to_string()));
+            let client = || {
+                tenant
+                    .clients
+                    .values()
+                    .find(|c| c.public_key.as_bytes() == key)
+                    .map(|c| ("client", c.id.to_string()))
+            };
+            router.or_else(client).map(|(kind, id)| ForeignPeer {
+                tenant_id: tenant.id.to_string(),
+                kind: kind.into(),
+                id,
+            })
+        })
+    };
+    let views: Vec<StrangerView> = strangers
+        .iter()
+        .map(|s| StrangerView {
+            public_key: crate::keys::encode(&s.public_key),
+            endpoint: s.endpoint.to_string(),
+            last_seen_at: crate::io::wall::rfc3339(
+                wall - now.saturating_duration_since(s.last_seen),
+            ),
+            initiations: s.initiations,
+            peer_of: peer_of(&s.public_key),
+        })
+        .collect();
+    Ok(Json(views).into_response())
 }

@@ -68,6 +68,7 @@ impl TunnelEngine {
                     Arc::clone(&self.held),
                 );
                 let id = self.peers.insert(peer);
+                self.strangers.welcome(&key);
                 self.reach_at(id, config.endpoint);
                 id
             }

@@ -43,11 +43,13 @@ mod peers;
 mod receive;
 mod route;
 mod status;
+mod strangers;
 #[cfg(test)]
 mod tests;
 
 use peers::Peers;
 pub use status::{ExplainVerdict, Explanation, PeerStatus, TunnelStats};
+pub use strangers::{Stranger, STRANGERS};
 
 /// Largest datagram or inner packet handled, plus room for WireGuard's overhead.
 const BUF_LEN: usize = 65_536 + 256;
@@ -143,6 +145,8 @@ pub struct TunnelEngine {
     local_at: Option<Instant>,
     /// ICMP errors the tunnel may still send ([`crate::core::icmp`]).
     icmp: ErrorBudget,
+    /// The last keys whose initiations authenticated but that are no peer.
+    strangers: strangers::Strangers,
 }
 
 impl TunnelEngine {
@@ -172,7 +176,15 @@ impl TunnelEngine {
             local: None,
             local_at: None,
             icmp: ErrorBudget::default(),
+            strangers: strangers::Strangers::default(),
         }
+    }
+
+    /// The last keys (at most [`STRANGERS`]) whose handshake initiations
+    /// authenticated but that are no peer of this tunnel, the most recent
+    /// first.
+    pub fn strangers(&self) -> Vec<Stranger> {
+        self.strangers.list()
     }
 
     /// Serves the tunnel's own addresses with the userspace stack (ping, TCP to

@@ -81,6 +81,7 @@ impl TunnelEngine {
             tx,
             local,
             icmp,
+            strangers,
             ..
         } = self;
 
@@ -106,13 +107,14 @@ impl TunnelEngine {
             Message::Initiation => endpoints.get(&from).copied(),
             _ => None,
         };
-        let identify = |peers: &Peers| -> Result<PeerId, DropReason> {
+        // A key that is no peer is remembered (`strangers`) for the operator.
+        let mut identify = |peers: &Peers| -> Result<PeerId, DropReason> {
             let key = initiator_key(secret, public, datagram)?;
-            peers
-                .by_key
-                .get(&key)
-                .copied()
-                .ok_or(DropReason::UnknownPeer)
+            let found = peers.by_key.get(&key).copied();
+            if found.is_none() {
+                strangers.knocked(key, from, now);
+            }
+            found.ok_or(DropReason::UnknownPeer)
         };
         let found = match (message.peer_index(), hint) {
             (None, Some(id)) => Ok(id),

@@ -397,6 +397,40 @@ fn an_initiation_that_fails_authentication_lists_no_peer() {
     assert_eq!(engine.active_peer_count(), 1);
 }
 
+/// An initiation that authenticates as a key that is no peer is dropped
+/// (`unknown_peer`) and its key remembered, with where it came from and how
+/// often; once the key is made a peer, it is no stranger, and connects.
+#[test]
+fn a_key_that_is_no_peer_is_remembered_until_it_is_one() {
+    use crate::core::harness::{Collect, MemoryClient};
+
+    let now = Instant::now();
+    let (mut engine, _) = one_client();
+    let server = *engine.public_key();
+    let mut stranger = MemoryClient::new(&server, 9, SocketAddr::from(([192, 0, 2, 9], 9)));
+    for _ in 0..2 {
+        let initiation = stranger.initiation().unwrap();
+        let mut out = Collect::default();
+        engine.handle_datagram(stranger.addr, &initiation, now, &mut out);
+        assert!(out.sent.is_empty());
+    }
+    assert_eq!(engine.stats().dropped(DropReason::UnknownPeer), 2);
+    let known = engine.strangers();
+    assert_eq!(known.len(), 1);
+    assert_eq!(
+        (known[0].public_key, known[0].endpoint, known[0].initiations),
+        (*stranger.public_key.as_bytes(), stranger.addr, 2)
+    );
+
+    stranger.register(
+        &mut engine,
+        &[IpNet::from(IpAddr::from([10, 100, 1, 9]))],
+        9,
+    );
+    assert!(engine.strangers().is_empty());
+    assert!(stranger.handshake(&mut engine, now));
+}
+
 #[test]
 fn a_new_peer_needs_a_24_bit_nonzero_index() {
     let secret = StaticSecret::random_from_rng(rand_core::OsRng);

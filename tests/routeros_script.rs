@@ -82,18 +82,23 @@ fn gateway_script_snapshot() {
     let expected = format!(
         r#"# wgplane: RouterOS v7 script for router "Gateway \"Main\" \$1" (mikrotik-1) of tenant kitonga
 # It can be run again after a change; entries of an earlier run that no longer apply stay (comment "wgplane kitonga").
+# One block: paste it whole, or /import it; an error stops it where it is.
+{{
+:if ([:len [/interface list find name=WAN]] = 0) do={{:error "a KTN gateway masquerades the client pool on the interface list WAN, and this router has none: make it (with the uplink in it) and run the script again"}}
 /system identity set name="Gateway \"Main\" \$1"
-:if ([:len [/interface wireguard find name=wgplane-kitonga]] = 0) do={{/interface wireguard add name=wgplane-kitonga listen-port=13231 comment="wgplane kitonga"}}
+:if ([:len [/interface wireguard find name=wgplane-kitonga]] = 0) do={{/interface wireguard add name=wgplane-kitonga comment="wgplane kitonga"}}
 /interface wireguard set [find name=wgplane-kitonga] mtu=1420 private-key="{private}" comment="wgplane kitonga"
-:if ([:len [/interface wireguard peers find comment="wgplane kitonga"]] = 0) do={{/interface wireguard peers add interface=wgplane-kitonga public-key="{server}" endpoint-address=vpn.example.com endpoint-port=51820 allowed-address=10.100.0.0/16,10.200.0.0/24 persistent-keepalive=25s comment="wgplane kitonga"}} else={{/interface wireguard peers set [find comment="wgplane kitonga"] interface=wgplane-kitonga public-key="{server}" endpoint-address=vpn.example.com endpoint-port=51820 allowed-address=10.100.0.0/16,10.200.0.0/24 persistent-keepalive=25s}}
+:if ([:len [/interface wireguard peers find comment="wgplane kitonga"]] = 0) do={{/interface wireguard peers add interface=wgplane-kitonga public-key="{server}" endpoint-address="vpn.example.com" endpoint-port=51820 allowed-address=10.100.0.0/16,10.200.0.0/24 persistent-keepalive=25s comment="wgplane kitonga"}} else={{/interface wireguard peers set [find comment="wgplane kitonga"] interface=wgplane-kitonga public-key="{server}" endpoint-address="vpn.example.com" endpoint-port=51820 allowed-address=10.100.0.0/16,10.200.0.0/24 persistent-keepalive=25s}}
 :if ([:len [/ip address find comment="wgplane kitonga" address=10.100.0.40/32]] = 0) do={{/ip address add address=10.100.0.40/32 interface=wgplane-kitonga comment="wgplane kitonga"}}
 :if ([:len [/ip route find comment="wgplane kitonga" dst-address=10.100.0.0/16]] = 0) do={{/ip route add dst-address=10.100.0.0/16 gateway=wgplane-kitonga comment="wgplane kitonga"}}
-/ip service set api address=10.100.0.1/32
 # The appliance reaches the router's services (management forwards) ahead of any other rule.
 {accept}
 # KTN gateway: the client pool comes through the tunnel and leaves on the WAN.
 :if ([:len [/ip route find comment="wgplane kitonga" dst-address=10.200.0.0/24]] = 0) do={{/ip route add dst-address=10.200.0.0/24 gateway=wgplane-kitonga comment="wgplane kitonga"}}
 :if ([:len [/ip firewall nat find comment="wgplane kitonga" chain=srcnat src-address=10.200.0.0/24]] = 0) do={{/ip firewall nat add chain=srcnat src-address=10.200.0.0/24 out-interface-list=WAN action=masquerade comment="wgplane kitonga"}}
+# Last: the API service answers the appliance (and the host's networks) only.
+/ip service set api address=10.100.0.1/32
+}}
 "#
     );
     assert_eq!(script, expected);
@@ -111,17 +116,21 @@ fn branch_script_snapshot() {
     let expected = format!(
         r#"# wgplane: RouterOS v7 script for router "Branch-A" (branch-a) of tenant kitonga
 # It can be run again after a change; entries of an earlier run that no longer apply stay (comment "wgplane kitonga").
+# One block: paste it whole, or /import it; an error stops it where it is.
+{{
 /system identity set name="Branch-A"
 # This router keeps its own key: the script takes over its WireGuard interface that holds it.
 # Remove the peers and addresses of an earlier hub on it first: their allowed addresses would overlap.
 :if ([:len [/interface wireguard find public-key="{own}"]] = 0) do={{:error "no WireGuard interface holds the private key of {own}"}}
 /interface wireguard set [find public-key="{own}"] name=wgplane-kitonga mtu=1420 comment="wgplane kitonga"
-:if ([:len [/interface wireguard peers find comment="wgplane kitonga"]] = 0) do={{/interface wireguard peers add interface=wgplane-kitonga public-key="{server}" endpoint-address=203.0.113.1 endpoint-port=51820 allowed-address=10.100.0.0/16 persistent-keepalive=25s comment="wgplane kitonga"}} else={{/interface wireguard peers set [find comment="wgplane kitonga"] interface=wgplane-kitonga public-key="{server}" endpoint-address=203.0.113.1 endpoint-port=51820 allowed-address=10.100.0.0/16 persistent-keepalive=25s}}
+:if ([:len [/interface wireguard peers find comment="wgplane kitonga"]] = 0) do={{/interface wireguard peers add interface=wgplane-kitonga public-key="{server}" endpoint-address="203.0.113.1" endpoint-port=51820 allowed-address=10.100.0.0/16 persistent-keepalive=25s comment="wgplane kitonga"}} else={{/interface wireguard peers set [find comment="wgplane kitonga"] interface=wgplane-kitonga public-key="{server}" endpoint-address="203.0.113.1" endpoint-port=51820 allowed-address=10.100.0.0/16 persistent-keepalive=25s}}
 :if ([:len [/ip address find comment="wgplane kitonga" address=10.100.1.1/32]] = 0) do={{/ip address add address=10.100.1.1/32 interface=wgplane-kitonga comment="wgplane kitonga"}}
 :if ([:len [/ip route find comment="wgplane kitonga" dst-address=10.100.0.0/16]] = 0) do={{/ip route add dst-address=10.100.0.0/16 gateway=wgplane-kitonga comment="wgplane kitonga"}}
-/ip service set api address=10.100.0.1/32
 # The appliance reaches the router's services (management forwards) ahead of any other rule.
 {accept}
+# Last: the API service answers the appliance (and the host's networks) only.
+/ip service set api address=10.100.0.1/32
+}}
 "#
     );
     assert_eq!(script, expected);
@@ -149,18 +158,22 @@ fn ipv6_address_script_snapshot() {
     let expected = format!(
         r#"# wgplane: RouterOS v7 script for router "Branch-A" (branch-a) of tenant kitonga
 # It can be run again after a change; entries of an earlier run that no longer apply stay (comment "wgplane kitonga").
+# One block: paste it whole, or /import it; an error stops it where it is.
+{{
 /system identity set name="Branch-A"
 # This router keeps its own key: the script takes over its WireGuard interface that holds it.
 # Remove the peers and addresses of an earlier hub on it first: their allowed addresses would overlap.
 :if ([:len [/interface wireguard find public-key="{own}"]] = 0) do={{:error "no WireGuard interface holds the private key of {own}"}}
 /interface wireguard set [find public-key="{own}"] name=wgplane-kitonga mtu=1420 comment="wgplane kitonga"
-:if ([:len [/interface wireguard peers find comment="wgplane kitonga"]] = 0) do={{/interface wireguard peers add interface=wgplane-kitonga public-key="{server}" endpoint-address=203.0.113.1 endpoint-port=51820 allowed-address=10.100.0.0/16,fd77:7770:a64::/64 persistent-keepalive=25s comment="wgplane kitonga"}} else={{/interface wireguard peers set [find comment="wgplane kitonga"] interface=wgplane-kitonga public-key="{server}" endpoint-address=203.0.113.1 endpoint-port=51820 allowed-address=10.100.0.0/16,fd77:7770:a64::/64 persistent-keepalive=25s}}
+:if ([:len [/interface wireguard peers find comment="wgplane kitonga"]] = 0) do={{/interface wireguard peers add interface=wgplane-kitonga public-key="{server}" endpoint-address="203.0.113.1" endpoint-port=51820 allowed-address=10.100.0.0/16,fd77:7770:a64::/64 persistent-keepalive=25s comment="wgplane kitonga"}} else={{/interface wireguard peers set [find comment="wgplane kitonga"] interface=wgplane-kitonga public-key="{server}" endpoint-address="203.0.113.1" endpoint-port=51820 allowed-address=10.100.0.0/16,fd77:7770:a64::/64 persistent-keepalive=25s}}
 :if ([:len [/ip address find comment="wgplane kitonga" address=10.100.1.1/32]] = 0) do={{/ip address add address=10.100.1.1/32 interface=wgplane-kitonga comment="wgplane kitonga"}}
 :if ([:len [/ipv6 address find comment="wgplane kitonga" address=fd77:7770:a64::101/64]] = 0) do={{/ipv6 address add address=fd77:7770:a64::101/64 interface=wgplane-kitonga advertise=no comment="wgplane kitonga"}}
 :if ([:len [/ip route find comment="wgplane kitonga" dst-address=10.100.0.0/16]] = 0) do={{/ip route add dst-address=10.100.0.0/16 gateway=wgplane-kitonga comment="wgplane kitonga"}}
-/ip service set api address=10.100.0.1/32
 # The appliance reaches the router's services (management forwards) ahead of any other rule.
 {accept}
+# Last: the API service answers the appliance (and the host's networks) only.
+/ip service set api address=10.100.0.1/32
+}}
 "#
     );
     assert_eq!(script, expected);
@@ -224,7 +237,7 @@ fn script_through_the_api() {
         text.contains("private-key=\""),
         "generated key goes into the script"
     );
-    assert!(text.contains("endpoint-address=127.0.0.1 endpoint-port="));
+    assert!(text.contains("endpoint-address=\"127.0.0.1\" endpoint-port="));
     // The router's view never shows it.
     let view = app.expect("GET", "/v1/tenants/acme/routers/r1", None, 200);
     assert!(view.get("private_key").is_none());
@@ -280,6 +293,7 @@ fn grammar() -> BTreeMap<(&'static str, &'static str), &'static [&'static str]> 
     ][..];
     BTreeMap::from([
         (("/system identity", "set"), &["name"][..]),
+        (("/interface list", "find"), &["name"][..]),
         (("/interface wireguard", "add"), wireguard),
         (("/interface wireguard", "set"), wireguard),
         (("/interface wireguard peers", "add"), peer),
@@ -477,9 +491,18 @@ fn check_command(command: &str, line: &str) {
 }
 
 fn check_script(script: &str) {
+    // One block, so that an error stops the rest, pasted or imported.
+    let body: Vec<&str> = script.lines().skip_while(|l| l.starts_with('#')).collect();
+    assert_eq!(body.first(), Some(&"{"), "one block: {script}");
+    assert_eq!(body.last(), Some(&"}"), "one block: {script}");
+    assert_eq!(
+        body.iter().filter(|l| **l == "{" || **l == "}").count(),
+        2,
+        "{script}"
+    );
     let mut commands = 0;
     for line in script.lines() {
-        if line.is_empty() || line.starts_with('#') {
+        if line.is_empty() || line.starts_with('#') || line == "{" || line == "}" {
             continue;
         }
         check_command(line, line);

@@ -97,7 +97,13 @@ pub fn ros_quote(text: &str) -> String {
 /// (marked with the comment `wgplane <tenant>`) is added unless it is there. A
 /// router that keeps its own key gets no new interface, whose key RouterOS
 /// would make up: the script takes over the one that holds the router's key,
-/// and stops with an error if there is none.
+/// and stops with an error if there is none; a gateway's stops if the router
+/// has no `WAN` interface list to masquerade on.
+///
+/// The commands are one block (`{` … `}`), so that an error stops the rest
+/// also when the script is pasted into a terminal (line by line, each command
+/// would run whatever failed before it), and the API service is limited last,
+/// once everything that lets the appliance reach it is in place.
 pub fn router_script(
     tenant: &Tenant,
     router: &Router,
@@ -141,13 +147,25 @@ pub fn router_script(
         "# It can be run again after a change; entries of an earlier run that no longer apply stay (comment {comment})."
     ));
     line(format_args!(
+        "# One block: paste it whole, or /import it; an error stops it where it is."
+    ));
+    line(format_args!("{{"));
+    if pool.is_some() {
+        line(format_args!(
+            ":if ([:len [/interface list find name=WAN]] = 0) do={{:error {}}}",
+            ros_quote("a KTN gateway masquerades the client pool on the interface list WAN, and this router has none: make it (with the uplink in it) and run the script again")
+        ));
+    }
+    line(format_args!(
         "/system identity set name={}",
         ros_quote(&router.name)
     ));
     match &router.private_key {
         Some(key) => {
+            // No listen port: the router only dials out, and RouterOS's
+            // default (13231) may be another interface's already.
             line(format_args!(
-                ":if ([:len [/interface wireguard find name={ifname}]] = 0) do={{/interface wireguard add name={ifname} listen-port=13231 comment={comment}}}"
+                ":if ([:len [/interface wireguard find name={ifname}]] = 0) do={{/interface wireguard add name={ifname} comment={comment}}}"
             ));
             line(format_args!(
                 "/interface wireguard set [find name={ifname}] mtu=1420 private-key={} comment={comment}",
@@ -177,7 +195,7 @@ pub fn router_script(
     let peer = format!(
         "public-key={} endpoint-address={} endpoint-port={} allowed-address={} persistent-keepalive=25s",
         ros_quote(&keys::encode(tenant.public_key.as_bytes())),
-        public_host.trim_start_matches('[').trim_end_matches(']'),
+        ros_quote(public_host.trim_start_matches('[').trim_end_matches(']')),
         tenant.listen_port,
         allowed.join(",")
     );
@@ -216,11 +234,6 @@ pub fn router_script(
         ipnet::Ipv4Net::new(tenant.server_ip(), 32).unwrap_or_default(),
     )];
     managers.extend(host_routes.iter().copied());
-    let list: Vec<String> = managers.iter().map(ToString::to_string).collect();
-    line(format_args!(
-        "/ip service set api address={}",
-        list.join(",")
-    ));
     line(format_args!(
         "# The appliance reaches the router's services (management forwards) ahead of any other rule."
     ));
@@ -253,6 +266,15 @@ pub fn router_script(
         let rest = "out-interface-list=WAN action=masquerade";
         line(format_args!("{}", ensure("/ip firewall nat", &what, rest)));
     }
+    let list: Vec<String> = managers.iter().map(ToString::to_string).collect();
+    line(format_args!(
+        "# Last: the API service answers the appliance (and the host's networks) only."
+    ));
+    line(format_args!(
+        "/ip service set api address={}",
+        list.join(",")
+    ));
+    line(format_args!("}}"));
     out
 }
 

@@ -48,6 +48,7 @@ pub async fn put_tenant(
     JsonBody(req): JsonBody<TenantRequest>,
 ) -> ApiResult {
     let id = tenant_id(&t)?;
+    reaches_the_appliance(&state.public_host, req.host_prefixes.as_deref())?;
     let mut control = state.control.lock().await;
     let before = control.registry.tenant(&id).ok().cloned();
     let put = ensure_tenant(&mut control, &id, &req).await?;
@@ -56,6 +57,34 @@ pub async fn put_tenant(
     sync(&mut control, &id).await.map_err(stored_but)?;
     let tenant = control.registry.tenant(&id)?;
     Ok((status_of(put), Json(tenant_view(&state, &control, tenant))).into_response())
+}
+
+/// Refuses a host prefix that holds the appliance's public address (where it
+/// is an address, not a name): routers route host prefixes into the tunnel,
+/// and would route the tunnel's own datagrams into it too.
+fn reaches_the_appliance(
+    public_host: &str,
+    prefixes: Option<&[String]>,
+) -> Result<(), crate::api::ApiError> {
+    let host = public_host.trim_start_matches('[').trim_end_matches(']');
+    let Ok(address) = host.parse::<std::net::IpAddr>() else {
+        return Ok(());
+    };
+    for text in prefixes.unwrap_or_default() {
+        if text
+            .parse::<ipnet::IpNet>()
+            .is_ok_and(|net| net.contains(&address))
+        {
+            return Err(crate::api::ApiError::bad_field(
+                "host_prefixes",
+                format!(
+                    "{text} holds the appliance's public address {address}: routers would \
+                     route their tunnel's own datagrams into the tunnel"
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[utoipa::path(delete, path = "/tenants/{tenant_id}", tag = "tenants", params(("tenant_id" = String, Path, description = "Tenant id: 1-64 of [A-Za-z0-9._-]")), responses((status = 204, description = "Deleted; its port is closed"), (status = 400, description = "Bad input", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 404, description = "Unknown object", body = ErrorBody), (status = 503, description = CHANGE_UNAVAILABLE, body = ErrorBody)))]
@@ -69,4 +98,25 @@ pub async fn delete_tenant(State(state): Shared, Path(t): Path<String>) -> ApiRe
     }
     control.runtime.stop(&id).await;
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::reaches_the_appliance;
+
+    #[test]
+    fn a_host_prefix_holding_the_appliances_address_is_refused() {
+        let list = |l: &[&str]| l.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let refused = reaches_the_appliance("203.0.113.1", Some(&list(&["203.0.113.0/24"])));
+        let e = refused.expect_err("holds the public address");
+        assert_eq!(e.field.as_deref(), Some("host_prefixes"));
+        let v6 = list(&["2001:db8::/32"]);
+        assert!(reaches_the_appliance("[2001:db8::1]", Some(&v6)).is_err());
+        assert!(reaches_the_appliance("203.0.113.1", Some(&list(&["198.18.0.0/16"]))).is_ok());
+        assert!(
+            reaches_the_appliance("vpn.example.com", Some(&v6)).is_ok(),
+            "a name"
+        );
+        assert!(reaches_the_appliance("203.0.113.1", None).is_ok());
+    }
 }

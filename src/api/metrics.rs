@@ -332,7 +332,7 @@ fn describe() {
     describe_counter!("wgplane_events_total", "Peer events by outcome.");
     describe_counter!(
         "wgplane_store_write_failures_total",
-        "Writes of the state store refused (disk full, read-only): each refused API change was answered 503 storage_failed and undone."
+        "Writes of the state store refused (disk full, read-only): API changes answered 503 storage_failed and undone; router endpoints and forward ports stored again later."
     );
     describe_gauge!(
         "wgplane_store_writable",

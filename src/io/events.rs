@@ -143,9 +143,6 @@ pub struct EventStats {
     /// Events not queued for webhooks because the queue was full (the hub's,
     /// or one URL's).
     pub webhook_dropped: AtomicU64,
-    /// Of those, the ones the hub's queue refused: lost for every URL, which
-    /// each URL's next `lagged` event counts in.
-    pub webhook_unqueued: AtomicU64,
     /// Events SSE subscribers missed because they fell behind (each was sent a
     /// `lagged` event saying how many).
     pub subscriber_missed: AtomicU64,
@@ -260,20 +257,48 @@ impl Keeping {
     }
 }
 
+/// An event for the webhooks, with how many events the hub's queue refused
+/// just before it (lost for every URL).
+#[derive(Debug)]
+pub struct Queued {
+    pub lost_before: u64,
+    pub event: Published,
+}
+
+impl From<Published> for Queued {
+    fn from(event: Published) -> Self {
+        Queued {
+            lost_before: 0,
+            event,
+        }
+    }
+}
+
 /// Runs the hub until the engines' channel closes.
 pub async fn run_hub(
     mut engines: broadcast::Receiver<TunnelEvent>,
     directory: impl Directory,
     subscribers: broadcast::Sender<Published>,
-    webhooks: Option<mpsc::Sender<Published>>,
+    webhooks: Option<mpsc::Sender<Queued>>,
     stats: Arc<EventStats>,
 ) {
-    let publish = |event: Published| {
+    let mut lost = 0u64;
+    let mut publish = |event: Published| {
         let _ = subscribers.send(event.clone());
         if let Some(queue) = &webhooks {
-            if queue.try_send(event).is_err() {
-                stats.webhook_dropped.fetch_add(1, Ordering::Relaxed);
-                stats.webhook_unqueued.fetch_add(1, Ordering::Relaxed);
+            // What the queue refused is lost for every URL: the next event
+            // that fits carries the count, so that each URL is told at the
+            // gap, after the events that came before it.
+            let queued = Queued {
+                lost_before: lost,
+                event,
+            };
+            match queue.try_send(queued) {
+                Ok(()) => lost = 0,
+                Err(_) => {
+                    lost += 1;
+                    stats.webhook_dropped.fetch_add(1, Ordering::Relaxed);
+                }
             }
         }
     };
@@ -318,7 +343,7 @@ pub async fn run_hub(
             }
             Err(broadcast::error::RecvError::Closed) => break,
         };
-        let announce = |event: PeerEvent| {
+        let mut announce = |event: PeerEvent| {
             tracing::info!(event = event.event, tenant = %event.tenant_id, id = %event.id, "peer event");
             stats.published.fetch_add(1, Ordering::Relaxed);
             publish(Published::Peer(event));
@@ -373,11 +398,14 @@ const RETRY_DELAYS: [Duration; 3] = [
 /// Posts every queued event to every URL, with retries, in order. Each URL has
 /// a worker and a queue of its own (as deep as `queue`): a URL that is down
 /// holds up only its own deliveries, and an event that finds its queue full is
-/// dropped for that URL and counted. Once its queue has room again, the URL
-/// is first sent a `lagged` event saying how many it missed (as an SSE
-/// subscriber is), and that is logged.
+/// dropped for that URL and counted. Once its queue is half empty again,
+/// the URL is first sent a `lagged` event saying how many it missed (as an
+/// SSE subscriber is: at the gap), and that is logged (at most every 10 s per
+/// URL). Half, not one slot: a receiver that stays slower than the events
+/// would otherwise get a `lagged` event for every one it takes, and resync as
+/// often.
 pub async fn run_webhooks(
-    mut queue: mpsc::Receiver<Published>,
+    mut queue: mpsc::Receiver<Queued>,
     urls: Vec<String>,
     timeout: Duration,
     stats: Arc<EventStats>,
@@ -397,35 +425,62 @@ pub async fn run_webhooks(
             return std::future::pending().await;
         }
     };
-    // Each URL's queue, how many events it missed since it was last told,
-    // and its name for the logs.
+    let room = queue.max_capacity().div_ceil(2);
     let mut workers: Vec<_> = urls
         .into_iter()
         .map(|url| {
             let (tx, rx) = mpsc::channel(queue.max_capacity());
             let name = redacted(&url);
             tokio::spawn(deliver(rx, url, client.clone(), Arc::clone(&stats)));
-            (tx, 0u64, name)
+            UrlQueue {
+                tx,
+                missed: 0,
+                name,
+                warned: None,
+            }
         })
         .collect();
-    while let Some(event) = queue.recv().await {
-        let unqueued = stats.webhook_unqueued.swap(0, Ordering::Relaxed);
-        for (worker, missed, url) in &mut workers {
-            *missed += unqueued;
-            if *missed != 0
-                && worker
-                    .try_send(Published::Lagged(Lagged::now(*missed)))
-                    .is_ok()
-            {
-                tracing::warn!(url = %url, missed = *missed,
-                    "webhook receiver fell behind: events were dropped for it, a lagged event says how many");
-                *missed = 0;
+    while let Some(Queued { lost_before, event }) = queue.recv().await {
+        for url in &mut workers {
+            url.missed += lost_before;
+            if url.missed != 0 && url.tx.capacity() >= room {
+                let lagged = Published::Lagged(Lagged::now(url.missed));
+                if url.tx.try_send(lagged).is_ok() {
+                    url.told();
+                }
             }
-            if *missed != 0 || worker.try_send(event.clone()).is_err() {
-                *missed += 1;
+            if url.missed != 0 || url.tx.try_send(event.clone()).is_err() {
+                url.missed += 1;
                 stats.webhook_dropped.fetch_add(1, Ordering::Relaxed);
             }
         }
+    }
+}
+
+/// One URL's queue, seen from the fan-out.
+struct UrlQueue {
+    tx: mpsc::Sender<Published>,
+    /// Events it missed since it was last told.
+    missed: u64,
+    /// The URL as logs show it.
+    name: String,
+    /// When a loss was last logged.
+    warned: Option<std::time::Instant>,
+}
+
+impl UrlQueue {
+    /// The URL was just sent a `lagged` event for what it missed.
+    fn told(&mut self) {
+        let now = std::time::Instant::now();
+        if self
+            .warned
+            .is_none_or(|at| now.duration_since(at) >= Duration::from_secs(10))
+        {
+            self.warned = Some(now);
+            tracing::warn!(url = %self.name, missed = self.missed,
+                "webhook receiver fell behind: events were dropped for it, a lagged event says how many");
+        }
+        self.missed = 0;
     }
 }
 
@@ -615,8 +670,9 @@ mod tests {
         while let Ok(e) = sse.try_recv() {
             heard.0.push(e);
         }
-        while let Ok(e) = hooks.try_recv() {
-            heard.1.push(e);
+        while let Ok(Queued { lost_before, event }) = hooks.try_recv() {
+            assert_eq!(lost_before, 0);
+            heard.1.push(event);
         }
         assert_eq!(heard.0, heard.1, "SSE and webhooks hear the same");
         let summary: Vec<String> = heard
@@ -712,13 +768,13 @@ mod tests {
             Arc::clone(&stats),
         ));
         let event = || Published::Lagged(Lagged::now(1));
-        queue.send(event()).await.unwrap();
+        queue.send(event().into()).await.unwrap();
         tokio::time::timeout(Duration::from_secs(10), accepted.recv())
             .await
             .expect("the first delivery reaches the receiver");
         // The worker is busy with the first: one more fits its queue.
         for _ in 0..10 {
-            queue.send(event()).await.unwrap();
+            queue.send(event().into()).await.unwrap();
         }
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while stats.webhook_dropped.load(Ordering::Relaxed) < 9 {
@@ -734,62 +790,122 @@ mod tests {
     /// missed, before the next one, as an SSE subscriber is.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_url_that_fell_behind_is_told_how_many_it_missed() {
-        use axum::http::StatusCode;
+        let (queue, gate, bodies, stats) = gated_fan_out(2).await;
+        let event = |n| Published::Lagged(Lagged::now(n));
+        queue.send(event(100).into()).await.unwrap(); // held by the receiver
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        for n in 101..=105 {
+            queue.send(event(n).into()).await.unwrap(); // 101 and 102 wait, the rest dropped
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(stats.webhook_dropped.load(Ordering::Relaxed), 3);
+        gate.add_permits(100);
+        assert_eq!(missed_of(&bodies, 3).await, [100, 101, 102]);
+        queue.send(event(106).into()).await.unwrap();
+        // 100 to 102 as sent, then the news of the three dropped, then 106.
+        assert_eq!(missed_of(&bodies, 5).await, [100, 101, 102, 3, 106]);
+        assert_eq!(stats.webhook_dropped.load(Ordering::Relaxed), 3);
+    }
+
+    /// A receiver on loopback that takes a delivery only when `gate` gives it
+    /// a permit, and keeps every body: its URL, the gate, the bodies.
+    async fn gated_receiver() -> (
+        String,
+        Arc<tokio::sync::Semaphore>,
+        Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+    ) {
         let gate = Arc::new(tokio::sync::Semaphore::new(0));
-        let bodies = Arc::new(std::sync::Mutex::new(Vec::<serde_json::Value>::new()));
+        let bodies = Arc::new(std::sync::Mutex::new(Vec::new()));
         let (hook_gate, hook_bodies) = (Arc::clone(&gate), Arc::clone(&bodies));
         let app = axum::Router::new().route(
             "/hook",
             axum::routing::post(move |body: axum::Json<serde_json::Value>| async move {
-                // The first delivery waits until the test opens the gate.
-                if hook_bodies.lock().unwrap().is_empty() {
-                    let _ = hook_gate.acquire().await;
+                if let Ok(permit) = hook_gate.acquire().await {
+                    permit.forget();
                 }
                 hook_bodies.lock().unwrap().push(body.0);
-                StatusCode::NO_CONTENT
+                axum::http::StatusCode::NO_CONTENT
             }),
         );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}/hook", listener.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(listener, app).await });
+        (url, gate, bodies)
+    }
+
+    /// Webhooks with queues `depth` deep, to one [`gated_receiver`]: the
+    /// fan-out's queue, the receiver's gate and bodies, and the counters.
+    async fn gated_fan_out(
+        depth: usize,
+    ) -> (
+        mpsc::Sender<Queued>,
+        Arc<tokio::sync::Semaphore>,
+        Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+        Arc<EventStats>,
+    ) {
+        let (url, gate, bodies) = gated_receiver().await;
         let stats = Arc::new(EventStats::default());
-        let (queue, rx) = mpsc::channel(2);
-        tokio::spawn(run_webhooks(
-            rx,
-            vec![url],
-            Duration::from_secs(30),
-            Arc::clone(&stats),
-        ));
-        let event = |n| Published::Lagged(Lagged::now(n));
-        queue.send(event(100)).await.unwrap(); // held by the receiver
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        for n in 101..=105 {
-            queue.send(event(n)).await.unwrap(); // 101 and 102 wait, the rest dropped
-        }
+        let (queue, rx) = mpsc::channel(depth);
+        let timeout = Duration::from_secs(30);
+        tokio::spawn(run_webhooks(rx, vec![url], timeout, Arc::clone(&stats)));
+        (queue, gate, bodies, stats)
+    }
+
+    /// Waits until `bodies` holds `n`, and returns their `missed` fields.
+    async fn missed_of(bodies: &std::sync::Mutex<Vec<serde_json::Value>>, n: usize) -> Vec<u64> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while stats.webhook_dropped.load(Ordering::Relaxed) < 3 {
-            assert!(tokio::time::Instant::now() < deadline, "nothing dropped");
+        while bodies.lock().unwrap().len() < n {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{:?}",
+                bodies.lock()
+            );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        gate.add_permits(1);
-        while bodies.lock().unwrap().len() < 3 {
-            assert!(tokio::time::Instant::now() < deadline, "not caught up");
-            tokio::time::sleep(Duration::from_millis(10)).await;
+        let got = bodies.lock().unwrap();
+        got.iter().map(|b| b["missed"].as_u64().unwrap()).collect()
+    }
+
+    /// A URL that takes events more slowly than they come is not told of
+    /// each loss as it happens (a `lagged` for every event it takes): only
+    /// once its queue is half empty again, once for all it missed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_url_slower_than_the_events_is_told_once_it_has_room() {
+        let (queue, gate, bodies, stats) = gated_fan_out(4).await;
+        let event = |n| Published::Lagged(Lagged::now(n));
+        let settle = || tokio::time::sleep(Duration::from_millis(200));
+        queue.send(event(100).into()).await.unwrap(); // at the receiver
+        settle().await;
+        for n in 101..=109 {
+            queue.send(event(n).into()).await.unwrap(); // 101-104 wait, 105-109 dropped
         }
-        queue.send(event(106)).await.unwrap();
-        while bodies.lock().unwrap().len() < 5 {
-            assert!(tokio::time::Instant::now() < deadline, "nothing more came");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        let missed: Vec<u64> = bodies
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|b| b["missed"].as_u64().unwrap())
-            .collect();
-        // 100 to 102 as sent, then the news of the three dropped, then 106.
-        assert_eq!(missed, [100, 101, 102, 3, 106]);
-        assert_eq!(stats.webhook_dropped.load(Ordering::Relaxed), 3);
+        settle().await;
+        gate.add_permits(1); // 100 taken: 101 at the receiver, one slot free
+        settle().await;
+        queue.send(event(110).into()).await.unwrap(); // dropped: no room to tell
+        settle().await;
+        gate.add_permits(100);
+        assert_eq!(missed_of(&bodies, 5).await, [100, 101, 102, 103, 104]);
+        queue.send(event(111).into()).await.unwrap();
+        assert_eq!(missed_of(&bodies, 7).await[5..], [6, 111]);
+        assert_eq!(stats.webhook_dropped.load(Ordering::Relaxed), 6);
+    }
+
+    /// Events the hub's own queue refused are told to every URL at the gap:
+    /// after the events that came before them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn events_the_hub_lost_are_told_where_they_were_lost() {
+        let (queue, gate, bodies, _) = gated_fan_out(8).await;
+        gate.add_permits(100);
+        let event = |n| Published::Lagged(Lagged::now(n));
+        queue.send(event(100).into()).await.unwrap();
+        queue.send(event(101).into()).await.unwrap();
+        let after_the_gap = Queued {
+            lost_before: 3,
+            event: event(102),
+        };
+        queue.send(after_the_gap).await.unwrap();
+        assert_eq!(missed_of(&bodies, 4).await, [100, 101, 3, 102]);
     }
 
     /// A receiver that redirects is not followed: events go only to the URL
@@ -827,7 +943,10 @@ mod tests {
             Duration::from_secs(5),
             Arc::default(),
         ));
-        queue.send(Published::Lagged(Lagged::now(1))).await.unwrap();
+        queue
+            .send(Published::Lagged(Lagged::now(1)).into())
+            .await
+            .unwrap();
         // The retry (after 500 ms) comes after the first attempt has ended,
         // redirect and all.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);

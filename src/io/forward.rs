@@ -149,13 +149,14 @@ async fn start_with(
         // The connections' tasks: dropped with this task, which aborts them.
         let mut connections = JoinSet::new();
         let failures = Arc::new(FailureLog::default());
+        let at_limit = FailureLog::default();
         loop {
             let (stream, from) = next_connection(|| listener.accept(), listen).await;
             while connections.try_join_next().is_some() {}
             if connections.len() >= limits.connections {
-                match failures.warn_now(std::time::Instant::now()) {
+                match at_limit.warn_now(std::time::Instant::now()) {
                     Some(unwarned) => tracing::warn!(%listen, %from, limit = limits.connections,
-                        earlier_failures_not_logged = unwarned,
+                        earlier_closed_not_logged = unwarned,
                         "forward at its connection limit: a new connection was closed"),
                     None => {
                         tracing::debug!(%listen, %from, "forward at its connection limit; closed")

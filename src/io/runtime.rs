@@ -563,8 +563,8 @@ impl Runtime {
         self.ask(id, Command::Explain { src, dst, reply }, rx).await
     }
 
-    /// The keys whose initiations reached `id`'s tunnel but that are no peer
-    /// of it, the most recent first.
+    /// The keys initiations to `id`'s tunnel carried that are no peer of it,
+    /// the most recent first.
     pub async fn strangers(&self, id: &Id) -> Result<Vec<Stranger>, RuntimeError> {
         let (reply, rx) = oneshot::channel();
         self.ask(id, Command::Strangers { reply }, rx).await

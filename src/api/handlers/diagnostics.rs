@@ -16,6 +16,7 @@ use axum::Json;
 use crate::api::params::{Path, Query};
 use crate::api::views::{ErrorBody, ForeignPeer, PeerRef, RouteView, StrangerView};
 use crate::api::ApiError;
+use crate::control::registry::PeerWithKey;
 use crate::core::engine::ExplainVerdict;
 use crate::core::policy::Rule;
 
@@ -106,33 +107,30 @@ pub async fn explain_route(
     Ok(Json(answer).into_response())
 }
 
-#[utoipa::path(get, path = "/tenants/{tenant_id}/strangers", tag = "diagnostics", params(("tenant_id" = String, Path, description = "Tenant id: 1-64 of [A-Za-z0-9._-]")), responses((status = 200, description = "The last keys (at most 16) whose handshake initiations authenticated against the tunnel's key but that are no peer of it, the most recent first: a router whose key is not registered, or that dials this tenant's port with another tenant's tunnel (`peer_of`)", body = Vec<StrangerView>), (status = 400, description = "Bad input", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 404, description = "Unknown object", body = ErrorBody), (status = 503, description = "The tunnel is down (tunnel_down)", body = ErrorBody)))]
+#[utoipa::path(get, path = "/tenants/{tenant_id}/strangers", tag = "diagnostics", params(("tenant_id" = String, Path, description = "Tenant id: 1-64 of [A-Za-z0-9._-]")), responses((status = 200, description = "The last keys (at most 16) that handshake initiations to the tunnel carried (with a valid mac1) and that are no peer of it, the most recent first: a router whose key is not registered here, or one that dials this tenant's port with another tenant's tunnel (`peer_of`). Whoever knows the tunnel's public key can make such an initiation, so an entry is a lead, not a proof", body = Vec<StrangerView>), (status = 400, description = "Bad input", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 404, description = "Unknown object", body = ErrorBody), (status = 503, description = "The tunnel is down (tunnel_down)", body = ErrorBody)))]
 pub async fn list_strangers(State(state): Shared, Path(t): Path<String>) -> ApiResult {
     let id = tenant_id(&t)?;
     let control = state.control.lock().await;
     control.registry.tenant(&id)?;
     let strangers = control.runtime.strangers(&id).await?;
     let (now, wall) = (std::time::Instant::now(), std::time::SystemTime::now());
+    // Each tenant's key index: O(tenants) per key, not O(peers).
     let peer_of = |key: &[u8; 32]| {
-        control.registry.tenants().find_map(|tenant| {
-            let router = tenant
-                .routers
-                .values()
-                .find(|r| r.public_key.as_bytes() == key)
-                .map(|r| ("router", r.id.to_string()));
-            let client = || {
-                tenant
-                    .clients
-                    .values()
-                    .find(|c| c.public_key.as_bytes() == key)
-                    .map(|c| ("client", c.id.to_string()))
-            };
-            router.or_else(client).map(|(kind, id)| ForeignPeer {
-                tenant_id: tenant.id.to_string(),
-                kind: kind.into(),
-                id,
+        let registry = &control.registry;
+        registry
+            .tenants()
+            .filter(|t| t.id != id)
+            .find_map(|tenant| {
+                let (kind, peer) = match registry.peer_with_key(&tenant.id, key)? {
+                    PeerWithKey::Router(r) => ("router", &r.id),
+                    PeerWithKey::Client(c) => ("client", &c.id),
+                };
+                Some(ForeignPeer {
+                    tenant_id: tenant.id.to_string(),
+                    kind: kind.into(),
+                    id: peer.to_string(),
+                })
             })
-        })
     };
     let views: Vec<StrangerView> = strangers
         .iter()

@@ -145,7 +145,7 @@ pub struct TunnelEngine {
     local_at: Option<Instant>,
     /// ICMP errors the tunnel may still send ([`crate::core::icmp`]).
     icmp: ErrorBudget,
-    /// The last keys whose initiations authenticated but that are no peer.
+    /// The last keys initiations carried that are no peer.
     strangers: strangers::Strangers,
 }
 
@@ -180,9 +180,9 @@ impl TunnelEngine {
         }
     }
 
-    /// The last keys (at most [`STRANGERS`]) whose handshake initiations
-    /// authenticated but that are no peer of this tunnel, the most recent
-    /// first.
+    /// The last keys (at most [`STRANGERS`]) that handshake initiations to
+    /// this tunnel carried and that are no peer of it, the most recent first
+    /// (see [`Stranger`]: a lead, not a proof).
     pub fn strangers(&self) -> Vec<Stranger> {
         self.strangers.list()
     }

@@ -1,12 +1,14 @@
-//! Keys that knocked: handshake initiations that authenticated as a key that is
-//! no peer of this tunnel (`unknown_peer`), the last few of them, for the
-//! operator who asks why a router does not connect (its key is not registered
-//! here, or it dials another tenant's port).
+//! Keys that knocked: handshake initiations whose static key (decrypted with
+//! the tunnel's key, after a valid mac1) is no peer of this tunnel
+//! (`unknown_peer`), the last few of them, for the operator who asks why a
+//! router does not connect (its key is not registered here, or it dials
+//! another tenant's port). Whoever knows the tunnel's public key can make such
+//! an initiation with any key from any source: an entry is a lead, not a
+//! proof (the proof, the initiation's timestamp, is checked only for peers).
 //!
-//! Left out: anything about initiations that did not authenticate (`bad_mac`
-//! and `handshake_failed` name no key), and memory of more than
-//! [`STRANGERS`] keys: a flood of made-up keys pushes out the older ones, never
-//! more.
+//! Left out: initiations that name no key (`bad_mac`, `handshake_failed`),
+//! and memory of more than [`STRANGERS`] keys: a flood of made-up keys pushes
+//! out the older ones, never more.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;

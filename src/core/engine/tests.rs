@@ -397,7 +397,7 @@ fn an_initiation_that_fails_authentication_lists_no_peer() {
     assert_eq!(engine.active_peer_count(), 1);
 }
 
-/// An initiation that authenticates as a key that is no peer is dropped
+/// An initiation that carries a key that is no peer is dropped
 /// (`unknown_peer`) and its key remembered, with where it came from and how
 /// often; once the key is made a peer, it is no stranger, and connects.
 #[test]

@@ -34,6 +34,13 @@ const TIMER_PERIOD: Duration = Duration::from_millis(250);
 /// connections timed out, for a silence that was the appliance's.
 const STALL: Duration = Duration::from_secs(1);
 
+/// After a stall, the timers wait at most this long for the socket to be read.
+/// Ticks may come back to back then, and a starved task may meet another tick
+/// before the socket, so the wait is not one tick but until the read; the
+/// socket, when it holds anything, is read at the next pass, and one with
+/// nothing in it holds the timers up no longer than this.
+const STALL_READ_WAIT: Duration = Duration::from_secs(2);
+
 /// Receive slots read per wake-up before the task yields to commands and timers,
 /// so a flood on one socket cannot starve the control plane. Without UDP GRO a
 /// slot is one datagram (64 x 1.5 KB = 96 KB, about one socket buffer's worth);
@@ -492,11 +499,10 @@ pub async fn run(
     // When the current run of back-to-back reads of a busy socket began.
     let mut turn: Option<Instant> = None;
     let mut held = Deferred::new(HELD);
-    // When the task last ended a pass of its loop, and whether the last tick
-    // was skipped for a stall (see `STALL`): never two in a row, so that the
-    // timers run at least every other tick however starved the task is.
+    // When the task last ended a pass of its loop, and after a stall (see
+    // `STALL`) until when the timers wait for the socket to be read.
     let mut last_pass = Instant::now();
-    let mut skipped = false;
+    let mut read_first: Option<Instant> = None;
     loop {
         let mut backlog = false;
         // The stack's own timers (ACK delay, retransmits, keep-alive, TIME-WAIT)
@@ -571,12 +577,15 @@ pub async fn run(
             // connection has no timer work: skip the wake-ups.
             _ = timer.tick(), if engine.needs_timers() || !bridges.is_empty() => {
                 let now = Instant::now();
-                skipped = !skipped && now.saturating_duration_since(last_pass) >= STALL;
-                if skipped {
-                    // The socket first; the timers at the next tick.
+                if now.saturating_duration_since(last_pass) >= STALL {
+                    read_first = Some(now + STALL_READ_WAIT);
+                }
+                if read_first.is_some_and(|until| now < until) {
+                    // The socket first; the timers at a tick after it.
                     last_pass = now;
                     continue;
                 }
+                read_first = None;
                 let mut sink = UdpSink { tx: &mut tx, host: host.device.is_some().then_some(&mut host.out) };
                 engine.handle_timers(now, &mut sink);
             }
@@ -588,6 +597,7 @@ pub async fn run(
                     break;
                 }
                 let now = Instant::now();
+                read_first = None;
                 let mut sink = UdpSink { tx: &mut tx, host: host.device.is_some().then_some(&mut host.out) };
                 backlog = receive(&socket, &udp, &mut engine, now, &mut sink, &mut held);
                 // The data has left; the handshakes wait until the tunnels that

@@ -776,6 +776,14 @@ async fn run(settings: Settings) -> Result<()> {
         for why in wgplane::control::restore::warnings(tenant) {
             tracing::warn!(tenant = %tenant.id, problem = %why, "stored tenant: fix it through the API (host_prefixes)");
         }
+        let public_host = &settings.tunnels.public_host;
+        if let Some((net, address)) =
+            wgplane::control::restore::holding_public_address(&tenant.host_prefixes, public_host)
+        {
+            tracing::warn!(tenant = %tenant.id, prefix = %net, public_address = %address,
+                "stored tenant: a host prefix holds the appliance's public address, so routers \
+                 would route their tunnel into itself: fix it through the API (host_prefixes)");
+        }
     }
     let t = &settings.tunnels;
     let registry = Registry::restore(

@@ -184,6 +184,21 @@ pub fn warnings(t: &Tenant) -> Vec<String> {
     out
 }
 
+/// The first of `prefixes` that holds the appliance's public address, where
+/// `public_host` is an address (not a name): routers route a tenant's host
+/// prefixes into its tunnel, and would route the tunnel's own datagrams
+/// there too. The API refuses such a prefix; start-up warns about one stored
+/// before that, or made wrong by a new `public_host`.
+pub fn holding_public_address<'a>(
+    prefixes: impl IntoIterator<Item = &'a IpNet>,
+    public_host: &str,
+) -> Option<(IpNet, std::net::IpAddr)> {
+    let host = public_host.trim_start_matches('[').trim_end_matches(']');
+    let address: std::net::IpAddr = host.parse().ok()?;
+    let net = prefixes.into_iter().find(|n| n.contains(&address))?;
+    Some((*net, address))
+}
+
 fn check_peers(t: &Tenant) -> Result<(), RestoreError> {
     let mut addresses: HashMap<Ipv4Addr, PeerName> = HashMap::new();
     let mut keys: HashMap<[u8; 32], PeerName> = HashMap::new();
@@ -234,4 +249,28 @@ fn check_peers(t: &Tenant) -> Result<(), RestoreError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod public_address_tests {
+    use super::holding_public_address;
+    use ipnet::IpNet;
+
+    #[test]
+    fn a_prefix_holding_the_public_address_is_found_where_it_is_an_address() {
+        let nets: Vec<IpNet> = ["198.18.5.0/24", "2001:db8::/32"]
+            .iter()
+            .map(|n| n.parse().unwrap())
+            .collect();
+        let found = holding_public_address(&nets, "198.18.5.1");
+        assert_eq!(found, Some((nets[0], "198.18.5.1".parse().unwrap())));
+        let found = holding_public_address(&nets, "[2001:db8::7]");
+        assert_eq!(found.map(|(n, _)| n), Some(nets[1]));
+        assert_eq!(holding_public_address(&nets, "203.0.113.1"), None);
+        assert_eq!(
+            holding_public_address(&nets, "vpn.example.com"),
+            None,
+            "a name"
+        );
+    }
 }

@@ -59,32 +59,28 @@ pub async fn put_tenant(
     Ok((status_of(put), Json(tenant_view(&state, &control, tenant))).into_response())
 }
 
-/// Refuses a host prefix that holds the appliance's public address (where it
-/// is an address, not a name): routers route host prefixes into the tunnel,
-/// and would route the tunnel's own datagrams into it too.
+/// Refuses a host prefix that holds the appliance's public address (see
+/// [`crate::control::restore::holding_public_address`]). One that does not
+/// parse is left to the registry, which names it.
 fn reaches_the_appliance(
     public_host: &str,
     prefixes: Option<&[String]>,
 ) -> Result<(), crate::api::ApiError> {
-    let host = public_host.trim_start_matches('[').trim_end_matches(']');
-    let Ok(address) = host.parse::<std::net::IpAddr>() else {
-        return Ok(());
-    };
-    for text in prefixes.unwrap_or_default() {
-        if text
-            .parse::<ipnet::IpNet>()
-            .is_ok_and(|net| net.contains(&address))
-        {
-            return Err(crate::api::ApiError::bad_field(
-                "host_prefixes",
-                format!(
-                    "{text} holds the appliance's public address {address}: routers would \
-                     route their tunnel's own datagrams into the tunnel"
-                ),
-            ));
-        }
+    let parsed: Vec<ipnet::IpNet> = prefixes
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|p| p.parse().ok())
+        .collect();
+    match crate::control::restore::holding_public_address(&parsed, public_host) {
+        None => Ok(()),
+        Some((net, address)) => Err(crate::api::ApiError::bad_field(
+            "host_prefixes",
+            format!(
+                "{net} holds the appliance's public address {address}: routers would \
+                 route their tunnel's own datagrams into the tunnel"
+            ),
+        )),
     }
-    Ok(())
 }
 
 #[utoipa::path(delete, path = "/tenants/{tenant_id}", tag = "tenants", params(("tenant_id" = String, Path, description = "Tenant id: 1-64 of [A-Za-z0-9._-]")), responses((status = 204, description = "Deleted; its port is closed"), (status = 400, description = "Bad input", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 404, description = "Unknown object", body = ErrorBody), (status = 503, description = CHANGE_UNAVAILABLE, body = ErrorBody)))]

@@ -73,23 +73,13 @@ fn ping6(src: &str, dst: &str, seq: u16) -> Vec<u8> {
 #[test]
 fn routers_ping_the_ipv6_server_address() {
     use smoltcp::wire::{Icmpv6Message, Icmpv6Packet, Ipv6Packet};
-    let mut sim = Sim::new();
-    let server6 = wgplane::core::alloc::server_address_v6("10.100.0.0/16".parse().unwrap());
+    let (mut sim, _, r1, server6) = dual_stack();
     assert_eq!(
-        server6.to_string(),
+        server6,
         "fd77:7770:a64:0:0:0:0:1"
             .parse::<std::net::Ipv6Addr>()
             .unwrap()
-            .to_string()
     );
-    let t = sim.tunnel_with_stack_v6(51820, "10.100.0.1", 16, &server6.to_string());
-    let r1 = sim.peer(
-        "r1",
-        t,
-        PeerKind::Router,
-        &["10.100.1.1/32", "fd77:7770:a64:0:1::1/128"],
-    );
-    sim.connect(r1);
     sim.send(r1, &ping6("fd77:7770:a64:0:1::1", &server6.to_string(), 5));
     let inbox = sim.take_inbox(r1);
     assert_eq!(inbox.len(), 1, "an ICMPv6 echo reply");
@@ -139,4 +129,120 @@ fn a_phone_never_reaches_the_stack_and_another_tenant_never_does() {
     let p = Ipv4Packet::new_checked(&at_rb[0][..]).unwrap();
     let icmp = Icmpv4Packet::new_checked(p.payload()).unwrap();
     assert_eq!(icmp.msg_type(), Icmpv4Message::DstUnreachable);
+}
+
+fn udp(src: &str, dst: &str, port: u16) -> Vec<u8> {
+    use smoltcp::wire::{IpAddress, IpRepr, UdpPacket, UdpRepr};
+    let (src, dst) = (ip(src), ip(dst));
+    let (s, d): (IpAddress, IpAddress) = (src.into(), dst.into());
+    let udp = UdpRepr {
+        src_port: 40000,
+        dst_port: port,
+    };
+    let payload = b"traceroute";
+    let repr = IpRepr::new(s, d, IpProtocol::Udp, udp.header_len() + payload.len(), 64);
+    let mut buf = vec![0u8; repr.buffer_len()];
+    let caps = ChecksumCapabilities::default();
+    repr.emit(&mut buf[..], &caps);
+    let header = repr.header_len();
+    udp.emit(
+        &mut UdpPacket::new_unchecked(&mut buf[header..]),
+        &s,
+        &d,
+        payload.len(),
+        |b| b.copy_from_slice(payload),
+        &caps,
+    );
+    buf
+}
+
+/// A tunnel whose stack serves 10.100.0.1 and its IPv6 address (returned),
+/// and a connected router with an address of each family.
+fn dual_stack() -> (Sim, sim::TunnelIx, sim::PeerIx, std::net::Ipv6Addr) {
+    let mut sim = Sim::new();
+    let server6 = wgplane::core::alloc::server_address_v6("10.100.0.0/16".parse().unwrap());
+    let t = sim.tunnel_with_stack_v6(51820, "10.100.0.1", 16, &server6.to_string());
+    let r1 = sim.peer(
+        "r1",
+        t,
+        PeerKind::Router,
+        &["10.100.1.1/32", "fd77:7770:a64:0:1::1/128"],
+    );
+    sim.connect(r1);
+    (sim, t, r1, server6)
+}
+
+/// A UDP traceroute to the server address ends in "port unreachable" (RFC
+/// 1122 3.2.2.1), in either family, not "protocol unreachable"; and the
+/// stack's errors come out of the tunnel's ICMP budget, so that a flood of
+/// them is answered with a burst, not one error per packet.
+#[test]
+fn udp_to_the_server_address_is_port_unreachable_within_the_budget() {
+    use smoltcp::wire::{Icmpv4DstUnreachable, Icmpv6Message, Icmpv6Packet, Ipv6Packet};
+    let (mut sim, t, r1, server6) = dual_stack();
+
+    sim.send(r1, &udp("10.100.1.1", "10.100.0.1", 33434));
+    let inbox = sim.take_inbox(r1);
+    assert_eq!(inbox.len(), 1, "one error");
+    let p = Ipv4Packet::new_checked(&inbox[0][..]).unwrap();
+    let icmp = Icmpv4Packet::new_checked(p.payload()).unwrap();
+    assert_eq!(icmp.msg_type(), Icmpv4Message::DstUnreachable);
+    assert_eq!(
+        icmp.msg_code(),
+        u8::from(Icmpv4DstUnreachable::PortUnreachable)
+    );
+
+    sim.send(
+        r1,
+        &udp("fd77:7770:a64:0:1::1", &server6.to_string(), 33435),
+    );
+    let inbox = sim.take_inbox(r1);
+    assert_eq!(inbox.len(), 1, "one ICMPv6 error");
+    let p = Ipv6Packet::new_checked(&inbox[0][..]).unwrap();
+    let icmp = Icmpv6Packet::new_checked(p.payload()).unwrap();
+    assert_eq!(icmp.msg_type(), Icmpv6Message::DstUnreachable);
+    assert_eq!(icmp.msg_code(), 4, "port unreachable");
+
+    // A flood at one instant: the burst's rest, then nothing; pings are
+    // answered all the same (a reply is no error).
+    for port in 0..200 {
+        sim.send(r1, &udp("10.100.1.1", "10.100.0.1", 20000 + port));
+    }
+    let errors = sim.take_inbox(r1).len();
+    assert_eq!(errors, wgplane::core::icmp::ERROR_BURST as usize - 2);
+    assert_eq!(
+        sim.tunnels[t].engine.stats().icmp_errors,
+        u64::from(wgplane::core::icmp::ERROR_BURST)
+    );
+    sim.send(r1, &ping("10.100.1.1", "10.100.0.1", 7));
+    assert!(is_echo_reply(&sim.take_inbox(r1)[0], 7));
+}
+
+/// The stack reassembles nothing, so a fragment for the server address is
+/// dropped and counted before it (no "unreachable" about a later fragment,
+/// RFC 1122 3.2.2), in either family.
+#[test]
+fn fragments_for_the_server_address_are_counted_not_answered() {
+    use wgplane::core::policy::DropReason;
+    let (mut sim, t, r1, server6) = dual_stack();
+    let mut first = ping("10.100.1.1", "10.100.0.1", 1);
+    Ipv4Packet::new_unchecked(&mut first[..]).set_more_frags(true);
+    Ipv4Packet::new_unchecked(&mut first[..]).fill_checksum();
+    let mut later = udp("10.100.1.1", "10.100.0.1", 33434);
+    Ipv4Packet::new_unchecked(&mut later[..]).set_frag_offset(1480);
+    Ipv4Packet::new_unchecked(&mut later[..]).fill_checksum();
+    // An IPv6 fragment header (44) in front of UDP.
+    let mut v6 = udp("fd77:7770:a64:0:1::1", &server6.to_string(), 33434);
+    let udp_part = v6.split_off(40);
+    v6[6] = 44;
+    v6[4..6].copy_from_slice(&((udp_part.len() + 8) as u16).to_be_bytes());
+    v6.extend_from_slice(&[17, 0, 0, 1, 0, 0, 0, 9]);
+    v6.extend_from_slice(&udp_part);
+    for p in [first, later, v6] {
+        sim.send(r1, &p);
+    }
+    assert!(sim.take_inbox(r1).is_empty(), "no answer to a fragment");
+    let s = sim.tunnels[t].engine.stats();
+    assert_eq!(s.dropped(DropReason::LocalFragment), 3);
+    assert_eq!(s.forwarded_local, 0);
 }

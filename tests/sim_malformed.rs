@@ -62,6 +62,37 @@ fn malformed_inner_packets_are_counted() {
     assert!(sim.take_inbox(r2).is_empty());
 }
 
+/// A router forwards no IPv4 packet whose header checksum fails (RFC 1812
+/// 5.2.2), and answers none, even with no hop left.
+#[test]
+fn a_bad_header_checksum_goes_no_further() {
+    let (mut sim, r1, r2) = setup();
+    let good = wgplane::core::packet::build::ip_packet(
+        "10.100.1.1".parse().unwrap(),
+        "10.100.1.2".parse().unwrap(),
+        8,
+    );
+    let mut bad = good.clone();
+    bad[10] ^= 0x40;
+    let mut expired = good.clone();
+    expired[8] = 1; // TTL 1, checksum left as it was: wrong
+    sim.send(r1, &bad);
+    sim.send(r1, &expired);
+    let s = sim.tunnels[0].engine.stats();
+    assert_eq!(s.dropped(DropReason::Malformed), 2);
+    assert_eq!(s.dropped(DropReason::TtlExpired), 0);
+    assert!(sim.take_inbox(r2).is_empty());
+    assert!(sim.take_inbox(r1).is_empty(), "no error about a bad header");
+    sim.send(r1, &good);
+    assert_eq!(sim.take_inbox(r2), vec![forwarded(good)]);
+}
+
+/// `packet` as the next hop receives it: one hop less, checksum updated.
+fn forwarded(mut packet: Vec<u8>) -> Vec<u8> {
+    assert!(wgplane::core::icmp::decrement_hop_limit(&mut packet));
+    packet
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
 

@@ -13,6 +13,16 @@ use libfuzzer_sys::fuzz_target;
 use wgplane::core::harness::{Collect, Ktn};
 use wgplane::core::packet;
 
+/// `bytes` as an inner packet: an IPv4 header's checksum is set unless the
+/// selector's top bit says otherwise, so that arbitrary headers reach routing.
+fn checked(selector: u8, bytes: &[u8]) -> Vec<u8> {
+    let mut packet = bytes.to_vec();
+    if selector & 0x80 == 0 {
+        packet::build::fix_ipv4_checksum(&mut packet);
+    }
+    packet
+}
+
 fuzz_target!(|chunks: Vec<(u8, Vec<u8>)>| {
     // Handshakes cost milliseconds; build one tunnel per input anyway so that no
     // state leaks between inputs (libFuzzer needs reproducible runs).
@@ -49,7 +59,7 @@ fuzz_target!(|chunks: Vec<(u8, Vec<u8>)>| {
                 }
             }
             1 => {
-                if let Some(d) = ktn.phone.encrypt(bytes) {
+                if let Some(d) = ktn.phone.encrypt(&checked(*selector, bytes)) {
                     ktn.engine
                         .handle_datagram(ktn.phone.addr, &d, now, &mut out);
                     for (to, d) in &out.sent {
@@ -68,7 +78,7 @@ fuzz_target!(|chunks: Vec<(u8, Vec<u8>)>| {
                 }
             }
             _ => {
-                if let Some(d) = ktn.gateway.encrypt(bytes) {
+                if let Some(d) = ktn.gateway.encrypt(&checked(*selector, bytes)) {
                     ktn.engine
                         .handle_datagram(ktn.gateway.addr, &d, now, &mut out);
                 }

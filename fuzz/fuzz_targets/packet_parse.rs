@@ -1,5 +1,6 @@
-//! The inner-packet parser on arbitrary bytes: no panic, and a parsed length
-//! fits. What the router then does to a parsed packet (its hop lowered, an ICMP
+//! The inner-packet parser on arbitrary bytes (IPv4 headers with their
+//! checksum set or not): no panic, and a parsed length fits; nor do the
+//! fragment and ICMP-error probes panic. What the router then does to a parsed packet (its hop lowered, an ICMP
 //! error built about it) never panics either, and an error is a packet the
 //! parser takes, addressed to the packet's source.
 #![no_main]
@@ -8,10 +9,22 @@ use libfuzzer_sys::fuzz_target;
 use wgplane::core::icmp::{self, Error};
 use wgplane::core::packet;
 
-fuzz_target!(|data: &[u8]| {
+fuzz_target!(|input: &[u8]| {
+    // The first byte says whether an IPv4 header's checksum is set first, so
+    // that both the check and what lies past it are reached.
+    let Some((&fix, data)) = input.split_first() else {
+        return;
+    };
+    let mut data = data.to_vec();
+    if fix & 1 == 1 {
+        packet::build::fix_ipv4_checksum(&mut data);
+    }
+    let data = &data[..];
     let Ok(header) = packet::parse(data) else {
         return;
     };
+    let _ = packet::is_fragment(&data[..header.len]);
+    let _ = icmp::is_error(&data[..header.len]);
     assert!(header.len <= data.len());
     let mut hop = data[..header.len].to_vec();
     let _ = icmp::decrement_hop_limit(&mut hop);

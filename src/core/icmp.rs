@@ -13,8 +13,9 @@
 //! Errors are built with smoltcp's wire views, from the tunnel's own address,
 //! and carry as much of the offending packet as RFC 1812 and RFC 4443 allow
 //! (576 and 1280 bytes in all). None is sent about an ICMP error, a fragment
-//! other than the first, or a packet from or to a multicast or unspecified
-//! address; and a tunnel sends at most [`ERRORS_PER_SECOND`] (bursts of
+//! other than the first, a packet to a multicast or broadcast address, or one
+//! from an address that names no single host (a martian: loopback, class E,
+//! "this network", multicast; RFC 1122 3.2.2, RFC 4443 2.4); and a tunnel sends at most [`ERRORS_PER_SECOND`] (bursts of
 //! [`ERROR_BURST`]), so a flood of doomed packets costs no more than that.
 //!
 //! Left out: "fragmentation needed" and "packet too big". Peers and the host
@@ -27,6 +28,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, Instant};
 
+use crate::core::policy::is_martian;
 use smoltcp::wire::{
     Icmpv4Message, Icmpv4Packet, Icmpv6Message, Icmpv6Packet, IpProtocol, Ipv4Packet,
     Ipv6ExtHeader, Ipv6Packet,
@@ -104,9 +106,7 @@ fn build_v4(error: Error, packet: &[u8], from: Ipv4Addr, out: &mut [u8]) -> Opti
     let to = original.src_addr();
     let dst = original.dst_addr();
     if original.frag_offset() != 0
-        || to.is_unspecified()
-        || to.is_multicast()
-        || to.is_broadcast()
+        || is_martian(IpAddr::V4(to))
         || dst.is_multicast()
         || dst.is_broadcast()
     {
@@ -150,7 +150,7 @@ fn build_v4(error: Error, packet: &[u8], from: Ipv4Addr, out: &mut [u8]) -> Opti
 fn build_v6(error: Error, packet: &[u8], from: Ipv6Addr, out: &mut [u8]) -> Option<usize> {
     let original = Ipv6Packet::new_checked(packet).ok()?;
     let to = original.src_addr();
-    if to.is_unspecified() || to.is_multicast() || original.dst_addr().is_multicast() {
+    if is_martian(IpAddr::V6(to)) || original.dst_addr().is_multicast() {
         return None;
     }
     let (upper, payload) = upper_layer(original.next_header(), original.payload())?;
@@ -181,6 +181,26 @@ fn build_v6(error: Error, packet: &[u8], from: Ipv6Addr, out: &mut [u8]) -> Opti
     icmp.payload_mut()[..quoted].copy_from_slice(&packet[..quoted]);
     icmp.fill_checksum(&from, &to);
     Some(len)
+}
+
+/// Whether `packet` is an ICMP or ICMPv6 error (not a query such as an echo):
+/// what the userspace stack sends about a packet it cannot take, paid from
+/// the same [`ErrorBudget`] as the hub's own errors.
+pub fn is_error(packet: &[u8]) -> bool {
+    match packet.first().map(|b| b >> 4) {
+        Some(4) => Ipv4Packet::new_checked(packet).is_ok_and(|p| {
+            p.next_header() == IpProtocol::Icmp
+                && p.payload()
+                    .first()
+                    .is_some_and(|t| matches!(t, 3 | 4 | 5 | 11 | 12))
+        }),
+        Some(6) => Ipv6Packet::new_checked(packet).is_ok_and(|p| {
+            upper_layer(p.next_header(), p.payload()).is_some_and(|(upper, payload)| {
+                upper == IpProtocol::Icmpv6 && payload.first().is_some_and(|&t| t < 128)
+            })
+        }),
+        _ => false,
+    }
 }
 
 /// The upper-layer protocol of an IPv6 packet and its payload, past its
@@ -385,6 +405,26 @@ mod tests {
 
         let multicast = v4("10.100.1.1", "224.0.0.5", 1);
         assert_eq!(build(Error::TimeExceeded, &multicast, from, &mut out), None);
+
+        // Nor to a source that names no single host (RFC 1122 3.2.2).
+        for src in ["127.0.0.1", "240.0.0.1", "0.1.2.3", "224.0.0.1", "0.0.0.0"] {
+            let p = v4(src, "10.100.1.2", 1);
+            assert_eq!(
+                build(Error::TimeExceeded, &p, from, &mut out),
+                None,
+                "{src}"
+            );
+        }
+        let v6_own: IpAddr = "fd77::1".parse().unwrap();
+        for src in ["::1", "::ffff:10.100.1.1", "ff02::1", "::"] {
+            let mut p = ip_packet(src.parse().unwrap(), "fd77::2".parse().unwrap(), 100);
+            p[7] = 1;
+            assert_eq!(
+                build(Error::TimeExceeded, &p, v6_own, &mut out),
+                None,
+                "{src}"
+            );
+        }
 
         let v6_from: IpAddr = "fd77::1".parse().unwrap();
         assert_eq!(

@@ -1,13 +1,15 @@
 //! Checked views of the inner IP packets that come out of a tunnel.
 //!
 //! Only the fields the router needs are read (version, addresses, length), through
-//! smoltcp's `new_checked` views, so a packet that passes here has a complete header
-//! and a length field that fits the buffer. Options, extension headers and payloads
-//! are not inspected.
+//! smoltcp's `new_checked` views, so a packet that passes here has a complete header,
+//! a length field that fits the buffer and, for IPv4, a header checksum that
+//! verifies. Options, extension headers and payloads are not inspected (bar the
+//! first IPv6 next header, to refuse jumbograms); [`is_fragment`] looks for a
+//! fragment where the caller needs to know.
 
 use std::net::IpAddr;
 
-use smoltcp::wire::{Ipv4Packet, Ipv6Packet};
+use smoltcp::wire::{IpProtocol, Ipv4Packet, Ipv6Packet};
 
 /// What the router needs to know about an inner packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,6 +34,14 @@ pub enum PacketError {
     /// The header or the length it announces does not fit the buffer.
     #[error("truncated or inconsistent IP header")]
     Truncated,
+    /// The IPv4 header checksum does not verify (RFC 1812 5.2.2: a router
+    /// forwards no such packet).
+    #[error("IPv4 header checksum does not verify")]
+    BadChecksum,
+    /// An IPv6 jumbogram (payload length 0 and a hop-by-hop header, RFC
+    /// 2675), which no tunnel's MTU carries.
+    #[error("IPv6 jumbogram")]
+    Jumbogram,
 }
 
 /// Parses the header of an IPv4 or IPv6 packet.
@@ -45,6 +55,9 @@ pub fn parse(packet: &[u8]) -> Result<IpHeader, PacketError> {
             if p.header_len() < 20 {
                 return Err(PacketError::Truncated);
             }
+            if !p.verify_checksum() {
+                return Err(PacketError::BadChecksum);
+            }
             Ok(IpHeader {
                 src: IpAddr::V4(p.src_addr()),
                 dst: IpAddr::V4(p.dst_addr()),
@@ -53,6 +66,9 @@ pub fn parse(packet: &[u8]) -> Result<IpHeader, PacketError> {
         }
         6 => {
             let p = Ipv6Packet::new_checked(packet).map_err(|_| PacketError::Truncated)?;
+            if p.payload_len() == 0 && p.next_header() == IpProtocol::HopByHop {
+                return Err(PacketError::Jumbogram);
+            }
             Ok(IpHeader {
                 src: IpAddr::V6(p.src_addr()),
                 dst: IpAddr::V6(p.dst_addr()),
@@ -60,6 +76,38 @@ pub fn parse(packet: &[u8]) -> Result<IpHeader, PacketError> {
             })
         }
         v => Err(PacketError::UnknownVersion(v)),
+    }
+}
+
+/// Whether `packet` (a parsed IPv4 or IPv6 packet) is a fragment: an IPv4
+/// one with more to come or an offset, an IPv6 one with a fragment header
+/// (behind hop-by-hop, routing or destination options headers).
+pub fn is_fragment(packet: &[u8]) -> bool {
+    match packet.first().map(|b| b >> 4) {
+        Some(4) => {
+            Ipv4Packet::new_checked(packet).is_ok_and(|p| p.more_frags() || p.frag_offset() != 0)
+        }
+        Some(6) => {
+            let Ok(p) = Ipv6Packet::new_checked(packet) else {
+                return false;
+            };
+            let (mut next, mut rest) = (p.next_header(), p.payload());
+            for _ in 0..8 {
+                match next {
+                    IpProtocol::Ipv6Frag => return true,
+                    IpProtocol::HopByHop | IpProtocol::Ipv6Route | IpProtocol::Ipv6Opts => {
+                        let (Some(&header), Some(&words)) = (rest.first(), rest.get(1)) else {
+                            return false;
+                        };
+                        next = IpProtocol::from(header);
+                        rest = rest.get(8 + 8 * usize::from(words)..).unwrap_or_default();
+                    }
+                    _ => return false,
+                }
+            }
+            false
+        }
+        _ => false,
     }
 }
 
@@ -93,6 +141,19 @@ pub mod build {
             &caps,
         );
         buf
+    }
+
+    /// Sets the header checksum of `packet` if it starts with an IPv4 header
+    /// that fits (fuzz targets use it, so that arbitrary headers get past the
+    /// check); anything else is left as it is.
+    pub fn fix_ipv4_checksum(packet: &mut [u8]) {
+        let Some(&first) = packet.first() else {
+            return;
+        };
+        let header_len = usize::from(first & 0x0f) * 4;
+        if first >> 4 == 4 && header_len >= 20 && header_len <= packet.len() {
+            Ipv4Packet::new_unchecked(packet).fill_checksum();
+        }
     }
 
     /// An IPv4 or IPv6 UDP-less packet with `payload_len` zero bytes of protocol 253
@@ -170,6 +231,64 @@ mod tests {
         assert_eq!(parse(&p), Err(PacketError::Truncated));
     }
 
+    /// A header whose checksum does not verify is refused (RFC 1812 5.2.2),
+    /// whichever bit is wrong; the same header with its checksum is taken.
+    #[test]
+    fn an_ipv4_header_must_verify() {
+        let good = build::ip_packet("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap(), 8);
+        assert!(parse(&good).is_ok());
+        for byte in [1, 4, 8, 9, 10, 11, 13, 19] {
+            let mut bad = good.clone();
+            bad[byte] ^= 0x01;
+            assert_eq!(parse(&bad), Err(PacketError::BadChecksum), "byte {byte}");
+        }
+    }
+
+    /// Payload length 0 with a hop-by-hop header announces a jumbogram (RFC
+    /// 2675), which is refused, not forwarded as a bare header; an empty
+    /// payload otherwise is a packet.
+    #[test]
+    fn an_ipv6_jumbogram_is_refused() {
+        let mut p = build::ip_packet("fd00::2".parse().unwrap(), "fd00::1".parse().unwrap(), 0);
+        p[6] = 0;
+        p.extend_from_slice(&[0u8; 200]);
+        assert_eq!(parse(&p), Err(PacketError::Jumbogram));
+        p[6] = 59;
+        assert_eq!(parse(&p).map(|h| h.len), Ok(40));
+    }
+
+    #[test]
+    fn fragments_are_recognised() {
+        let whole = build::ip_packet("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap(), 8);
+        assert!(!is_fragment(&whole));
+        let mut first = whole.clone();
+        Ipv4Packet::new_unchecked(&mut first[..]).set_more_frags(true);
+        assert!(is_fragment(&first));
+        let mut later = whole.clone();
+        Ipv4Packet::new_unchecked(&mut later[..]).set_frag_offset(1480);
+        assert!(is_fragment(&later));
+
+        let v6 = |next: u8, ext: &[u8]| {
+            let mut p = build::ip_packet(
+                "fd00::2".parse().unwrap(),
+                "fd00::1".parse().unwrap(),
+                ext.len(),
+            );
+            p[6] = next;
+            p[40..].copy_from_slice(ext);
+            p
+        };
+        assert!(!is_fragment(&v6(17, &[0; 8])));
+        // Fragment header (44), straight or behind destination options (60).
+        assert!(is_fragment(&v6(44, &[17, 0, 0, 1, 0, 0, 0, 7])));
+        assert!(is_fragment(&v6(
+            60,
+            &[44, 0, 0, 0, 0, 0, 0, 0, 17, 0, 0, 1, 0, 0, 0, 7]
+        )));
+        assert!(!is_fragment(&v6(60, &[17, 0, 0, 0, 0, 0, 0, 0])));
+        assert!(!is_fragment(&v6(0, &[60, 9])));
+    }
+
     proptest::proptest! {
         #[test]
         fn never_panics_and_len_fits(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..128)) {
@@ -191,9 +310,12 @@ mod tests {
                 bytes[0] = 0x60;
                 let payload = claimed.saturating_sub(40) as u16;
                 bytes[4..6].copy_from_slice(&payload.to_be_bytes());
+                // Not a jumbogram's hop-by-hop header.
+                bytes[6] = 59;
             } else {
                 bytes[0] = 0x45;
                 bytes[2..4].copy_from_slice(&(claimed as u16).to_be_bytes());
+                Ipv4Packet::new_unchecked(&mut bytes[..]).fill_checksum();
             }
             let total = if v6 { 40 + claimed.saturating_sub(40) } else { claimed };
             match parse(&bytes) {

@@ -95,8 +95,10 @@ pub enum DropReason {
     /// A packet from one peer for another that arrived with no hop left
     /// (IPv4 TTL or IPv6 hop limit 1 or 0): answered "time exceeded".
     TtlExpired,
-    /// A client's packet to an address no host is reached at through a gateway:
-    /// broadcast, multicast, loopback, link-local, "this network", reserved.
+    /// A peer's packet from or to an address no router forwards (RFC 1812
+    /// 5.3.7, RFC 4291 2.5.6): the limited broadcast, multicast, loopback,
+    /// link-local, "this network", reserved, IPv4-mapped; also when a wide
+    /// allowed prefix of the peer covers it.
     Martian,
     /// The packet waited for the handshake of a peer that was removed (or
     /// replaced by a new key) meanwhile.
@@ -105,11 +107,14 @@ pub enum DropReason {
     /// every egress policy meanwhile: what a client sent through it must not
     /// reach it any more.
     GatewayWithdrawn,
+    /// A fragment for the tunnel's userspace stack, which reassembles none
+    /// (its services answer small packets: ping, TCP within the MTU).
+    LocalFragment,
 }
 
 impl DropReason {
     /// Every reason, in counter order.
-    pub const ALL: [DropReason; 25] = [
+    pub const ALL: [DropReason; 26] = [
         Self::InvalidDatagram,
         Self::BadMac,
         Self::UnderLoad,
@@ -135,6 +140,7 @@ impl DropReason {
         Self::Martian,
         Self::PeerRemoved,
         Self::GatewayWithdrawn,
+        Self::LocalFragment,
     ];
 
     /// Stable snake_case name, used in metrics and the API.
@@ -163,6 +169,7 @@ impl DropReason {
             Self::HandshakeQueueFull => "handshake_queue_full",
             Self::PeerRemoved => "peer_removed",
             Self::GatewayWithdrawn => "gateway_withdrawn",
+            Self::LocalFragment => "local_fragment",
             Self::Martian => "martian",
             Self::TtlExpired => "ttl_expired",
         }
@@ -215,12 +222,14 @@ pub enum Origin {
     Host,
 }
 
-/// Whether `dst` is an address no packet from a client should go to: the
-/// limited broadcast and the reserved 240/4, multicast, loopback, link-local,
-/// "this network" (0/8), and for IPv6 the unspecified address.
+/// Whether `addr` is one no router forwards packets from or to (RFC 1812
+/// 5.3.7, RFC 4291 2.5.6): the limited broadcast and the reserved 240/4,
+/// multicast, loopback, link-local, "this network" (0/8), and for IPv6 the
+/// unspecified address and IPv4-mapped addresses. Nor is an ICMP error sent
+/// to one.
 #[inline]
-fn is_martian(dst: IpAddr) -> bool {
-    match dst {
+pub(crate) fn is_martian(addr: IpAddr) -> bool {
+    match addr {
         IpAddr::V4(v4) => {
             let first = v4.octets()[0];
             first == 0 || first >= 224 || v4.is_loopback() || v4.is_link_local()
@@ -230,6 +239,7 @@ fn is_martian(dst: IpAddr) -> bool {
                 || v6.is_loopback()
                 || v6.is_unspecified()
                 || v6.is_unicast_link_local()
+                || v6.to_ipv4_mapped().is_some()
         }
     }
 }
@@ -263,6 +273,13 @@ pub fn decide(
         if !owns_src && !gateway_return() {
             return Verdict::drop(DropReason::SpoofedSource);
         }
+        // No peer's packet is forwarded from or to a martian, nor delivered
+        // here, even under a wide allowed prefix (`128.0.0.0/1` covers the
+        // multicast and broadcast addresses); a client's martian would
+        // otherwise go to its gateway.
+        if is_martian(src) || is_martian(dst) {
+            return Verdict::drop(DropReason::Martian);
+        }
 
         // Rule 3: egress policy. Client traffic leaves through a live gateway, whatever
         // its destination. Packets sent by a gateway itself (hairpin between clients)
@@ -274,9 +291,6 @@ pub fn decide(
             .find(|(_, e)| e.pool.contains(&src))
         {
             if !e.gateways.contains(&p) {
-                if is_martian(dst) {
-                    return Verdict::drop(DropReason::Martian);
-                }
                 return match e.gateways.iter().copied().find(|&g| is_live(g)) {
                     Some(g) => Verdict::Forward {
                         peer: g,
@@ -392,19 +406,23 @@ mod tests {
         assert_eq!(names.len(), DropReason::ALL.len());
     }
 
+    /// IPv4 addresses no router forwards to: broadcast, multicast, class E,
+    /// loopback, link-local, "this network".
+    const MARTIANS_V4: [&str; 7] = [
+        "255.255.255.255",
+        "224.0.0.251",
+        "239.255.255.250",
+        "240.0.0.1",
+        "127.0.0.1",
+        "169.254.169.254",
+        "0.1.2.3",
+    ];
+
     /// A phone's broadcast, multicast and other martian destinations are
     /// dropped, not handed to the gateway; its ordinary ones are not.
     #[test]
     fn client_martians_are_dropped_not_sent_to_the_gateway() {
-        for dst in [
-            "255.255.255.255",
-            "224.0.0.251",
-            "239.255.255.250",
-            "240.0.0.1",
-            "127.0.0.1",
-            "169.254.169.254",
-            "0.1.2.3",
-        ] {
+        for dst in MARTIANS_V4 {
             assert_eq!(
                 from(PHONE_1, "10.200.0.2", dst, &[GATEWAY]),
                 Verdict::drop(DropReason::Martian),
@@ -420,10 +438,57 @@ mod tests {
                 "dst {dst}"
             );
         }
-        for dst in ["ff02::1", "::1", "::", "fe80::1"] {
+        for dst in ["ff02::1", "::1", "::", "fe80::1", "::ffff:10.100.1.1"] {
             assert!(is_martian(dst.parse().unwrap()), "{dst}");
         }
         assert!(!is_martian("2001:db8::1".parse().unwrap()));
+    }
+
+    /// A router whose allowed prefixes are wide enough to cover broadcast,
+    /// multicast and loopback addresses neither receives nor sends them: no
+    /// router forwards those (RFC 1812 5.3.7, RFC 4291 2.5.6), nor does the
+    /// hub deliver them to itself. Its ordinary addresses still work.
+    #[test]
+    fn a_wide_prefix_carries_no_martians() {
+        let mut state = ktn();
+        for net in ["128.0.0.0/1", "64.0.0.0/2", "0.0.0.0/5", "::/1", "fe00::/7"] {
+            state.routes.insert(net.parse().unwrap(), ROUTER_B);
+        }
+        state
+            .routes
+            .insert("2001:db8::1/128".parse().unwrap(), ROUTER_A);
+        let decide =
+            |p, src: &str, dst: &str| decide(&state, Origin::Peer(p), ip(src), ip(dst), |_| true);
+        let martian = Verdict::drop(DropReason::Martian);
+        for dst in MARTIANS_V4 {
+            assert_eq!(decide(ROUTER_A, "10.100.1.1", dst), martian, "to {dst}");
+        }
+        for dst in ["::1", "fe80::1", "ff02::1", "::ffff:10.100.1.2"] {
+            assert_eq!(decide(ROUTER_A, "2001:db8::1", dst), martian, "to {dst}");
+        }
+        for src in [
+            "224.0.0.1",
+            "240.0.0.1",
+            "127.0.0.1",
+            "255.255.255.255",
+            "0.0.0.1",
+        ] {
+            for dst in ["10.100.1.1", "10.100.0.1"] {
+                assert_eq!(decide(ROUTER_B, src, dst), martian, "{src} to {dst}");
+            }
+        }
+        for src in ["::1", "fe80::2", "::ffff:192.0.2.1"] {
+            assert_eq!(decide(ROUTER_B, src, "2001:db8::1"), martian, "{src}");
+        }
+        assert!(matches!(
+            decide(ROUTER_A, "10.100.1.1", "198.18.0.1"),
+            Verdict::Forward { peer: ROUTER_B, .. }
+        ));
+        assert!(matches!(
+            decide(ROUTER_B, "198.18.0.1", "10.100.1.1"),
+            Verdict::Forward { peer: ROUTER_A, .. }
+        ));
+        assert_eq!(decide(ROUTER_B, "198.18.0.1", "10.100.0.1"), Verdict::Local);
     }
 
     #[test]

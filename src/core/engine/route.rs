@@ -37,6 +37,14 @@ impl TunnelEngine {
             let Some(mut packet) = stack.poll_transmit() else {
                 break;
             };
+            // The stack's errors (port unreachable, say) come out of the
+            // tunnel's budget, as the hub's own do.
+            let error = icmp::is_error(&packet);
+            if error && !icmp.take(now) {
+                stack.recycle(packet);
+                continue;
+            }
+            let before = stats.forwarded_host + stats.queued;
             route(
                 peers,
                 routing,
@@ -49,6 +57,9 @@ impl TunnelEngine {
                 now,
                 sink,
             );
+            if error && stats.forwarded_host + stats.queued > before {
+                stats.icmp_errors += 1;
+            }
             stack.recycle(packet);
         }
         *local_at = stack.poll_at(now);
@@ -171,6 +182,7 @@ pub(super) fn route(
         }
         Verdict::Local => {
             let refused = match local {
+                Some(_) if packet::is_fragment(packet) => Some(DropReason::LocalFragment),
                 Some(stack) => (!stack.receive(packet)).then_some(DropReason::LocalQueueFull),
                 None => (!sink.local(packet)).then_some(DropReason::LocalUnavailable),
             };

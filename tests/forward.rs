@@ -374,3 +374,51 @@ fn a_config_forward_on_any_port_keeps_the_port_it_got() {
     }
     assert_eq!(seen[0], seen[1], "the same port after a restart");
 }
+
+/// A forward moved to another address moves: `:0` keeps the port bound
+/// before only on the same address (a forward on 0.0.0.0 restricted to
+/// 127.0.0.1 must stop listening on every interface), and a move to another
+/// address on the same port takes the port over from the old listener.
+#[test]
+fn a_forward_moved_to_another_address_listens_there_only() {
+    let app = Appliance::start();
+    app.expect("PUT", "/v1/tenants/acme/routers/r1", None, 201);
+    let put = |listen: &str, status: u16| -> SocketAddr {
+        let body = format!(r#"{{"listen":"{listen}"}}"#);
+        let v = app.expect(
+            "PUT",
+            "/v1/tenants/acme/routers/r1/forwards/8728",
+            Some(&body),
+            status,
+        );
+        v["listen"]
+            .as_str()
+            .expect("listen")
+            .parse()
+            .expect("an address")
+    };
+    let listed = || -> String {
+        let v = app.expect("GET", "/v1/tenants/acme/routers/r1/forwards", None, 200);
+        v[0]["listen"].as_str().expect("listen").to_owned()
+    };
+    let free = |addr: SocketAddr| TcpListener::bind(addr).map(drop).is_ok();
+
+    let everywhere = put("0.0.0.0:0", 201);
+    assert!(everywhere.ip().is_unspecified() && everywhere.port() != 0);
+    assert!(!free(everywhere), "listening on every interface");
+    // The same request again keeps its port.
+    assert_eq!(put("0.0.0.0:0", 200), everywhere);
+
+    let local = put("127.0.0.1:0", 200);
+    assert_eq!(local.ip().to_string(), "127.0.0.1", "moved, not kept");
+    assert_eq!(listed(), local.to_string());
+    assert!(free(everywhere), "no longer listening on every interface");
+    TcpStream::connect(local).expect("listening on loopback");
+
+    // Back to every interface on the port it has now: the old listener gives
+    // the port up first.
+    let same_port = format!("0.0.0.0:{}", local.port());
+    assert_eq!(put(&same_port, 200).to_string(), same_port);
+    assert_eq!(listed(), same_port);
+    TcpStream::connect(local).expect("listening on the same port");
+}

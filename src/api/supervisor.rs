@@ -247,6 +247,37 @@ mod tests {
         f.state.control.lock().await.runtime.stop(&f.acme).await;
     }
 
+    /// A forward asked for while the tunnel's task has ended (before the next
+    /// pass starts it again) is not opened: the handler stores it and answers
+    /// 503 `tunnel_down`, instead of a listener that closes every connection.
+    /// The pass that starts the task opens it.
+    #[tokio::test]
+    async fn a_forward_on_an_ended_tunnel_waits_for_the_task() {
+        let f = crate::api::testing::fixture().await;
+        f.state.control.lock().await.runtime.end_task(&f.acme);
+        while f.state.control.lock().await.runtime.is_running(&f.acme) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let any: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let target = "10.100.1.1:22".parse().unwrap();
+        let mut c = f.state.control.lock().await;
+        let opened = c.runtime.set_forward(&f.acme, &f.gw, 22, any, target).await;
+        assert!(
+            matches!(opened, Err(crate::io::RuntimeError::TaskGone(_))),
+            "{opened:?}"
+        );
+        assert_eq!(c.runtime.forward_listen(&f.acme, &f.gw, 22), None);
+        c.registry
+            .put_forward(&f.acme, &f.gw, 22, any)
+            .expect("stored");
+        drop(c);
+        revive_all(&f.state, &mut HashMap::new()).await;
+        let c = f.state.control.lock().await;
+        assert!(c.runtime.forward_listen(&f.acme, &f.gw, 22).is_some());
+        drop(c);
+        f.state.control.lock().await.runtime.stop(&f.acme).await;
+    }
+
     /// A forward whose port another program held is opened once it is free.
     #[tokio::test]
     async fn a_forward_whose_port_was_taken_is_opened_once_it_is_free() {

@@ -329,6 +329,12 @@ impl Runtime {
         self.sync(tenant).await
     }
 
+    /// Forgets what is counted of a deleted tenant's tunnel (its failures),
+    /// so that a tenant created again under the same id starts from nothing.
+    pub fn forget(&mut self, id: &Id) {
+        self.failures.remove(id);
+    }
+
     /// Stops a tunnel and closes its port. The event hub is told
     /// ([`News::Stopped`]), after everything the task said: it reports the
     /// peers it announced connected as disconnected, also when the task had
@@ -389,20 +395,32 @@ impl Runtime {
         if self.settings.host.is_some() {
             return Err(RuntimeError::NoStack);
         }
+        // A task that ended (until the supervisor's next pass starts it again)
+        // would take no connection: the forward waits for the new task.
         let handle = self
             .tunnels
             .get_mut(tenant)
+            .filter(|h| !h.task.is_finished())
             .ok_or_else(|| RuntimeError::TaskGone(tenant.to_string()))?;
         let key = (router.clone(), port);
         if let Some(f) = handle.forwards.get(&key).filter(|f| f.is_open()) {
-            if f.target == target && (f.listen == listen || listen.port() == 0) {
+            // `:0` keeps the port bound before, on the same address only: a
+            // forward moved from 0.0.0.0 to 127.0.0.1 must stop listening on
+            // every interface.
+            let same_address = f.listen.ip() == listen.ip();
+            if f.target == target && same_address && (f.listen == listen || listen.port() == 0) {
                 return Ok(f.listen);
             }
         }
-        // The old listener stays open unless the new one wants its very address;
-        // then it is closed first, and opened again should the new one fail.
+        // The old listener stays open unless the new one wants its port (its
+        // very address, or another address on the same port, which the old
+        // one may hold through a wildcard); then it is closed first, and
+        // opened again should the new one fail.
         let reopen = match handle.forwards.get(&key) {
-            Some(f) if f.listen == listen => {
+            Some(f)
+                if f.listen == listen
+                    || (listen.port() != 0 && f.listen.port() == listen.port()) =>
+            {
                 let old = (f.listen, f.target);
                 if let Some(f) = handle.forwards.remove(&key) {
                     f.close().await;

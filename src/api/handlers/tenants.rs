@@ -93,12 +93,35 @@ pub async fn delete_tenant(State(state): Shared, Path(t): Path<String>) -> ApiRe
         return Err(e.into());
     }
     control.runtime.stop(&id).await;
+    control.runtime.forget(&id);
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 #[cfg(test)]
 mod tests {
     use super::reaches_the_appliance;
+
+    /// A deleted tenant's failure count goes with it: one created again under
+    /// the same id does not start with its predecessor's.
+    #[tokio::test]
+    async fn a_deleted_tenant_takes_its_failures_along() {
+        use crate::api::params::Path;
+        use axum::extract::State;
+        let f = crate::api::testing::fixture().await;
+        f.state.control.lock().await.runtime.end_task(&f.acme);
+        while f.state.control.lock().await.runtime.is_running(&f.acme) {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        f.state.control.lock().await.runtime.stop(&f.acme).await;
+        assert_eq!(f.state.control.lock().await.runtime.failures(&f.acme), 1);
+        let state = std::sync::Arc::clone(&f.state);
+        let deleted = super::delete_tenant(State(state), Path("acme".into())).await;
+        assert_eq!(
+            deleted.map(|r| r.status()).ok(),
+            Some(axum::http::StatusCode::NO_CONTENT)
+        );
+        assert_eq!(f.state.control.lock().await.runtime.failures(&f.acme), 0);
+    }
 
     #[test]
     fn a_host_prefix_holding_the_appliances_address_is_refused() {

@@ -178,6 +178,20 @@ fn an_address_nobody_owns_is_answered_host_unreachable() {
     assert_eq!(stats.icmp_errors, 1, "only the router's");
 }
 
+/// A directed broadcast to the tenant's subnet, or its network address, is
+/// dropped as a martian and answered by nothing (RFC 1812 4.3.2.7, 5.3.5.2).
+#[test]
+fn a_directed_broadcast_is_dropped_unanswered() {
+    let mut l = lab();
+    l.sim.send_ip(l.r1, "10.100.1.1", "10.100.255.255");
+    l.sim.send_ip(l.r1, "10.100.1.1", "10.100.0.0");
+    assert!(l.sim.take_inbox(l.r1).is_empty());
+    assert!(l.sim.take_inbox(l.r2).is_empty());
+    let stats = l.sim.tunnels[0].engine.stats();
+    assert_eq!(stats.dropped(DropReason::Martian), 2);
+    assert_eq!(stats.icmp_errors, 0);
+}
+
 /// A gateway may send from any address towards its pool (rule 2), but an
 /// error goes only to a source the sender owns: not to an address it chose.
 #[test]

@@ -6,7 +6,7 @@
 //! from a peer. Nothing here looks at another tunnel, reads a clock or touches a
 //! socket: liveness of gateways is asked through a closure.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use ipnet::IpNet;
 
@@ -41,6 +41,9 @@ pub struct RoutingState {
     /// The tunnel's own address is served by the host device (TUN mode), not
     /// by a userspace stack: then rule 4 takes only `host_sources` too.
     pub local_is_host: bool,
+    /// The network and broadcast addresses of the tenant's IPv4 subnet, which
+    /// no peer's packet goes to (a directed broadcast).
+    pub subnet_edges: Option<(Ipv4Addr, Ipv4Addr)>,
 }
 
 /// Why a packet was dropped. Used as an index into counters, so keep `ALL` in sync.
@@ -98,7 +101,8 @@ pub enum DropReason {
     /// A peer's packet from or to an address no router forwards (RFC 1812
     /// 5.3.7, RFC 4291 2.5.6): the limited broadcast, multicast, loopback,
     /// link-local, "this network", reserved, IPv4-mapped; also when a wide
-    /// allowed prefix of the peer covers it.
+    /// allowed prefix of the peer covers it. Or to the tenant subnet's network
+    /// or broadcast address (a directed broadcast).
     Martian,
     /// The packet waited for the handshake of a peer that was removed (or
     /// replaced by a new key) meanwhile.
@@ -277,7 +281,11 @@ pub fn decide(
         // here, even under a wide allowed prefix (`128.0.0.0/1` covers the
         // multicast and broadcast addresses); a client's martian would
         // otherwise go to its gateway.
-        if is_martian(src) || is_martian(dst) {
+        let directed = |a: IpAddr| match (a, state.subnet_edges) {
+            (IpAddr::V4(a), Some((network, broadcast))) => a == network || a == broadcast,
+            _ => false,
+        };
+        if is_martian(src) || is_martian(dst) || directed(dst) {
             return Verdict::drop(DropReason::Martian);
         }
 
@@ -489,6 +497,35 @@ mod tests {
             Verdict::Forward { peer: ROUTER_A, .. }
         ));
         assert_eq!(decide(ROUTER_B, "198.18.0.1", "10.100.0.1"), Verdict::Local);
+    }
+
+    /// A directed broadcast to the tenant's subnet (or its network address) is
+    /// no router's packet to forward (RFC 1812 5.3.5.2), nor one that earns a
+    /// "host unreachable"; the subnet's other addresses are routed as ever.
+    #[test]
+    fn a_directed_broadcast_to_the_subnet_is_a_martian() {
+        let mut state = ktn();
+        state.subnet_edges = Some((
+            "10.100.0.0".parse().unwrap(),
+            "10.100.255.255".parse().unwrap(),
+        ));
+        let decide = |dst: &str| {
+            decide(
+                &state,
+                Origin::Peer(ROUTER_A),
+                ip("10.100.1.1"),
+                ip(dst),
+                |_| true,
+            )
+        };
+        let martian = Verdict::drop(DropReason::Martian);
+        assert_eq!(decide("10.100.255.255"), martian);
+        assert_eq!(decide("10.100.0.0"), martian);
+        assert_eq!(decide("10.100.255.254"), Verdict::drop(DropReason::NoRoute));
+        assert!(matches!(
+            decide("10.100.1.2"),
+            Verdict::Forward { peer: ROUTER_B, .. }
+        ));
     }
 
     #[test]

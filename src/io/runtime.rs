@@ -286,7 +286,8 @@ impl Runtime {
         let mut engine = TunnelEngine::new(tenant.secret.secret().clone(), own)
             .with_liveness_timeout(self.settings.liveness_timeout)
             .with_handshake_limit(self.settings.handshakes_per_second)
-            .with_handshake_budget(Arc::clone(&self.budget));
+            .with_handshake_budget(Arc::clone(&self.budget))
+            .with_subnet(tenant.subnet);
         if self.settings.host.is_none() {
             engine = engine.with_local_stack(
                 tenant.server_ip(),

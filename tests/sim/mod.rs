@@ -109,10 +109,14 @@ impl Sim {
     /// A tunnel listening on 198.51.100.1:`port` whose own address is `server`.
     pub fn tunnel(&mut self, port: u16, server: &str) -> TunnelIx {
         let secret = StaticSecret::random_from_rng(rand_core::OsRng);
-        let mut engine = TunnelEngine::new(secret.clone(), vec![ip(server)]);
+        let subnet = net(&format!("{server}/16")).trunc();
+        let IpNet::V4(subnet_v4) = subnet else {
+            panic!("an IPv4 server address");
+        };
+        let mut engine = TunnelEngine::new(secret.clone(), vec![ip(server)]).with_subnet(subnet_v4);
         // Without a local stack the sink stands for the host device (TUN mode),
         // which routes the tenant's /16 back into the tunnel.
-        engine.set_host_sources(&[net(&format!("{server}/16")).trunc()]);
+        engine.set_host_sources(&[subnet]);
         self.tunnels.push(SimTunnel {
             addr: SocketAddr::new(ip("198.51.100.1"), port),
             engine,
@@ -151,7 +155,11 @@ impl Sim {
         let std::net::IpAddr::V4(v4) = ip(server) else {
             panic!("IPv4 server address expected")
         };
+        let subnet = ipnet::Ipv4Net::new(v4, prefix_len)
+            .expect("a prefix")
+            .trunc();
         tunnel.engine = TunnelEngine::new(tunnel.secret.clone(), vec![ip(server), ip(server6)])
+            .with_subnet(subnet)
             .with_local_stack(v4, prefix_len, self.now);
         t
     }

@@ -206,6 +206,16 @@ impl TunnelEngine {
         self
     }
 
+    /// Names the tenant's IPv4 subnet, whose network and broadcast addresses
+    /// (a directed broadcast, RFC 1812 5.3.5.2) no peer's packet is forwarded
+    /// to: they are dropped as `martian`, unanswered.
+    #[must_use]
+    pub fn with_subnet(mut self, subnet: ipnet::Ipv4Net) -> Self {
+        self.routing.subnet_edges =
+            (subnet.prefix_len() < 31).then(|| (subnet.network(), subnet.broadcast()));
+        self
+    }
+
     /// Sets how long a peer may stay silent before it counts as gone (gateway
     /// failover, `peer_disconnected`). Applies to peers added afterwards.
     #[must_use]

@@ -35,6 +35,8 @@
 # namespaces this script creates.
 # Env: BORINGTUN_VERSION (0.7.1) to install, HUBS_KEEP=1 keeps logs and iperf3 JSON.
 set -euo pipefail
+# sudo's secure_path aside, a user's PATH has no sbin: iptables and sysctl live there.
+export PATH="/usr/local/sbin:/usr/sbin:/sbin:$PATH"
 
 RUNS=3
 SECONDS_PER_TEST=10
@@ -84,6 +86,8 @@ done
 [[ -e /dev/net/tun ]] || die "/dev/net/tun is missing"
 if [[ -n "$JSON_OUT" ]]; then
     JSON_OUT="$(realpath -m -- "$JSON_OUT")"
+    # Found out now, not after the whole bench.
+    touch -- "$JSON_OUT" 2>/dev/null || die "cannot write --json $JSON_OUT"
 fi
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -91,7 +95,7 @@ TOOLS_ROOT="$REPO/target/hubs-tools"
 BORINGTUN="$TOOLS_ROOT/bin/boringtun-cli"
 TRIXIE_WG="$TOOLS_ROOT/trixie/usr/bin/wireguard-go"
 PEER_WG="wireguard-go" # the phone's and the gateway's; see --peers
-WGPLANE="$REPO/target/release/wgplane"
+WGPLANE="" # set by ensure_binaries: where cargo built it
 TAG="$$"
 API_PORT=7443
 GW_PORT=51821 # the gateway's WireGuard port
@@ -115,6 +119,27 @@ done < <(compgen -e)
 
 log() {
     echo "[hubs $(date +%H:%M:%S)] $*" >&2
+}
+
+# as_caller CMD...: CMD as the user who ran `sudo hubs.sh`, so that what cargo
+# and git write under the repository and CARGO_HOME stays theirs; as root when
+# root ran it.
+as_caller() {
+    if [[ -n "${SUDO_UID:-}" && "$SUDO_UID" != 0 ]]; then
+        local home
+        home="$(getent passwd "$SUDO_UID" | cut -d: -f6)"
+        setpriv --reuid="$SUDO_UID" --regid="${SUDO_GID:-$SUDO_UID}" --init-groups -- \
+            env HOME="${home:-$HOME}" "$@"
+    else
+        "$@"
+    fi
+}
+
+# give_to_caller PATH: what root wrote for a sudo caller becomes theirs.
+give_to_caller() {
+    if [[ -n "${SUDO_UID:-}" && "$SUDO_UID" != 0 ]]; then
+        chown -R "$SUDO_UID:${SUDO_GID:-$SUDO_UID}" -- "$1"
+    fi
 }
 
 # ---------------------------------------------------------------- cleanup ---
@@ -146,8 +171,18 @@ teardown_lab() {
 
 cleanup() {
     local rc=$?
-    trap - EXIT INT TERM
+    # A second Ctrl-C must not cut the teardown short.
+    trap '' INT TERM
+    trap - EXIT
     teardown_lab
+    # A failed run keeps the runs it finished: they are measurements too.
+    if ((rc != 0)) && [[ -s "${RESULTS:-}" ]]; then
+        local kept="$REPO/target/hubs-partial-$TAG.jsonl"
+        if cp -- "$RESULTS" "$kept" 2>/dev/null; then
+            give_to_caller "$kept"
+            log "the runs finished before the failure: $kept"
+        fi
+    fi
     if [[ -n "$WORK" && -d "$WORK" && -z "${HUBS_KEEP:-}" ]]; then
         rm -rf -- "$WORK"
     fi
@@ -175,10 +210,34 @@ ensure_packages() {
         mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
         log "installing ${missing[*]}"
         export DEBIAN_FRONTEND=noninteractive
-        timeout 600 apt-get update -qq || die "apt-get update failed"
-        timeout 900 apt-get install -y -qq "${missing[@]}" >/dev/null ||
+        # --foreground: Ctrl-C reaches apt (timeout's own process group would
+        # keep it out, and the script's trap waits for the step to end).
+        timeout --foreground 600 apt-get update -qq || die "apt-get update failed"
+        timeout --foreground 900 apt-get install -y -qq "${missing[@]}" >/dev/null ||
             die "apt-get install ${missing[*]} failed"
+        for cmd in "${!pkg_of[@]}"; do
+            command -v "$cmd" >/dev/null 2>&1 ||
+                die "\`$cmd\` is still missing after installing ${pkg_of[$cmd]}"
+        done
     fi
+}
+
+# Namespaces of earlier runs that were killed before their cleanup (SIGKILL, a
+# lost terminal): their processes are stopped by PID and the namespaces
+# deleted, once the run that made them (the PID in their name) is gone.
+remove_stale_labs() {
+    local ns owner pid
+    while read -r ns _; do
+        [[ "$ns" =~ ^hb-[a-z]+-([0-9]+)$ ]] || continue
+        owner="${BASH_REMATCH[1]}"
+        [[ "$owner" != "$TAG" ]] || continue
+        ! kill -0 "$owner" 2>/dev/null || continue
+        for pid in $(ip netns pids "$ns" 2>/dev/null); do
+            kill -KILL "$pid" 2>/dev/null || true
+        done
+        ip netns del "$ns" 2>/dev/null || true
+        log "removed $ns, left by run $owner"
+    done < <(ip netns list 2>/dev/null)
 }
 
 find_cargo() {
@@ -202,14 +261,20 @@ ensure_binaries() {
     cargo="$(find_cargo)"
     if needs_boringtun && [[ ! -x "$BORINGTUN" ]]; then
         log "cargo install boringtun-cli $BORINGTUN_VERSION into $TOOLS_ROOT (a few minutes)"
-        timeout 1800 "$cargo" install boringtun-cli --version "$BORINGTUN_VERSION" --locked \
-            --root "$TOOLS_ROOT" || die "cargo install boringtun-cli failed"
+        as_caller timeout --foreground 1800 "$cargo" install boringtun-cli \
+            --version "$BORINGTUN_VERSION" --locked --root "$TOOLS_ROOT" ||
+            die "cargo install boringtun-cli failed"
     fi
     log "cargo build --release --bin wgplane"
-    if ! (cd "$REPO" && timeout 1800 "$cargo" build --release --bin wgplane) >"$WORK/build.log" 2>&1; then
+    if ! (cd "$REPO" && as_caller timeout --foreground 1800 "$cargo" build --release --bin wgplane) \
+        >"$WORK/build.log" 2>&1; then
         tail -n 40 "$WORK/build.log" >&2
         die "cargo build --release of wgplane failed"
     fi
+    local target
+    target="$(target_dir "$REPO" as_caller "$cargo")" ||
+        die "cargo metadata failed: where cargo builds is unknown"
+    WGPLANE="$target/release/wgplane"
     [[ -x "$WGPLANE" ]] || die "$WGPLANE was not built"
 }
 
@@ -227,9 +292,15 @@ ensure_trixie_peers() {
         timeout 600 apt-get "${opts[@]}" update -qq || die "apt-get update (trixie) failed"
         (cd "$apt/deb" && timeout 600 apt-get "${opts[@]}" download -qq wireguard-go) ||
             die "apt-get download wireguard-go (trixie) failed"
-        mkdir -p "$TOOLS_ROOT/trixie"
-        dpkg-deb -x "$apt"/deb/wireguard-go_*.deb "$TOOLS_ROOT/trixie" || die "dpkg-deb -x failed"
-        dpkg-deb -f "$apt"/deb/wireguard-go_*.deb Version >"$TOOLS_ROOT/trixie/VERSION"
+        # Unpacked aside and moved into place whole: an interrupted unpack
+        # leaves nothing that looks installed.
+        local unpacked="$apt/trixie"
+        dpkg-deb -x "$apt"/deb/wireguard-go_*.deb "$unpacked" || die "dpkg-deb -x failed"
+        dpkg-deb -f "$apt"/deb/wireguard-go_*.deb Version >"$unpacked/VERSION"
+        mkdir -p "$TOOLS_ROOT"
+        rm -rf -- "$TOOLS_ROOT/trixie"
+        mv -- "$unpacked" "$TOOLS_ROOT/trixie"
+        give_to_caller "$TOOLS_ROOT/trixie"
     fi
     "$TRIXIE_WG" --version >/dev/null 2>&1 || die "$TRIXIE_WG does not run"
     PEER_WG="$TRIXIE_WG"
@@ -300,7 +371,7 @@ start_wg_userspace() {
     rm -f "/var/run/wireguard/$ifn.sock"
     start_bg "$ns" "$logf" "$@"
     local pid=$LAST_PID
-    if ! wait_until 15 nsx "$ns" wg show "$ifn"; then
+    if ! wait_until 15 timeout 5 ip netns exec "$ns" wg show "$ifn"; then
         tail -n 30 "$logf" >&2 || true
         die "$* did not come up in $ns within 15 s"
     fi
@@ -311,7 +382,7 @@ start_wg_userspace() {
 # Prints the body; fails unless the status is 2xx.
 api() {
     local method=$1 path=$2 body=${3:-} out code
-    local -a args=(-sS --max-time 5 -X "$method" -H "@$DIR/auth-header" -w '\n%{http_code}')
+    local -a args=(-sS --noproxy '*' --max-time 5 -X "$method" -H "@$DIR/auth-header" -w '\n%{http_code}')
     if [[ -n "$body" ]]; then
         args+=(-H 'Content-Type: application/json' --data-binary "$body")
     fi
@@ -329,7 +400,7 @@ json_field() { # json_field FIELD <<<JSON
 
 wgplane_healthy() {
     [[ -s "$STATE/api-token" ]] || return 1
-    [[ "$(nsx "$HUB_NS" curl -s -o /dev/null -w '%{http_code}' --max-time 2 \
+    [[ "$(nsx "$HUB_NS" curl -s --noproxy '*' -o /dev/null -w '%{http_code}' --max-time 2 \
         "http://127.0.0.1:$API_PORT/healthz")" == 200 ]]
 }
 
@@ -536,6 +607,11 @@ if "error" in d:
     sys.exit(f"iperf3 error: {d['error']}")
 end = d["end"]
 hub_s = int(hub_ticks) / int(tck)
+# /proc counts CPU time in ticks: a short run's figure is coarse. Said, not hidden.
+if int(hub_ticks) < 100:
+    print(f"hubs.sh: {hub} run {run} {kind}: the hub's CPU time is {hub_ticks} ticks of "
+          f"1/{tck} s, so its figure is only good to about {100 / max(int(hub_ticks), 1):.0f} %; "
+          "run longer (--seconds) for a figure to compare", file=sys.stderr)
 machine_s = int(machine_ticks) / int(tck)
 r = {"hub": hub, "run": int(run), "kind": kind,
      "hub_cpu_s": hub_s, "machine_cpu_s": machine_s}
@@ -642,6 +718,7 @@ for kind, key, title in metrics:
             print(f"| {hub} | 0 | n/a | n/a | n/a | |" + (" |" if extra else ""))
             continue
         if hub == "wgplane":
+            s["ratio_to_wgplane"] = 1.0
             ratio = "1.0×"
         elif base:
             s["ratio_to_wgplane"] = s["median"] / base
@@ -668,11 +745,12 @@ PY
 WORK="$(mktemp -d /tmp/wgplane-hubs.XXXXXX)"
 [[ -z "${HUBS_KEEP:-}" ]] || log "HUBS_KEEP set: logs and iperf3 JSON stay in $WORK"
 ensure_packages
+remove_stale_labs
 ensure_binaries
 [[ "$PEERS" == bookworm ]] || ensure_trixie_peers
 # wgplane's datagrams so far (received + sent), from its /metrics.
 hub_datagrams() {
-    nsx "$HUB_NS" curl -sS --max-time 5 -H "@$DIR/auth-header" "http://127.0.0.1:$API_PORT/metrics" |
+    nsx "$HUB_NS" curl -sS --noproxy '*' --max-time 5 -H "@$DIR/auth-header" "http://127.0.0.1:$API_PORT/metrics" |
         awk '/^wgplane_datagrams_total\{/ && /direction="(received|sent)"/ {s += $NF} END {printf "%d\n", s}'
 }
 
@@ -772,7 +850,7 @@ PY
 
 RESULTS="$WORK/results.jsonl"
 : >"$RESULTS"
-VERSIONS="wgplane $(cd "$REPO" && git describe --always --dirty 2>/dev/null || echo '?')"
+VERSIONS="wgplane $(cd "$REPO" && as_caller git describe --always --dirty 2>/dev/null || echo '?')"
 VERSIONS+="; wireguard-go $(dpkg-query -W -f '${Version}' wireguard-go 2>/dev/null || echo '?')"
 if needs_boringtun; then
     VERSIONS+="; $("$BORINGTUN" --version 2>/dev/null || echo 'boringtun ?')"

@@ -1,5 +1,17 @@
 # shellcheck shell=bash
-# Process helpers shared by the bench scripts (sourced, not run). The caller keeps
+# Process and build helpers shared by the bench scripts (sourced, not run).
+#
+# target_dir REPO CARGO...: where cargo (the command CARGO...) builds REPO
+# (CARGO_TARGET_DIR or a `build.target-dir` setting move it from REPO/target),
+# so that a script runs the binary it has just built, never an old one.
+target_dir() {
+    local repo=$1
+    shift
+    (cd "$repo" && "$@" metadata --format-version 1 --no-deps) |
+        python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])'
+}
+
+# The caller keeps
 # the PIDs of the processes it started, and has not reaped yet, in the array PIDS.
 # Processes are only ever signalled by PID, and only while they are still the
 # caller's own children: a reaped PID may belong to anyone by then.

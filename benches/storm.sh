@@ -56,10 +56,11 @@ for tool in cargo chrt curl python3 taskset timeout; do
     command -v "$tool" >/dev/null 2>&1 ||
         die "needs \`$tool\` (cargo: Rust's build tool, e.g. from rustup; chrt, taskset: util-linux; timeout: coreutils)"
 done
-CPUS="$(nproc)"
-((CPUS >= 2)) || die "needs 2 CPUs (appliance on one, load generator on another)"
-APP_CPU=$((CPUS - 1))
-GEN_CPU=0
+# The CPUs this process may use (a cpuset may start anywhere, not at 0).
+mapfile -t ALLOWED < <(python3 -c 'import os; print(*sorted(os.sched_getaffinity(0)), sep="\n")')
+((${#ALLOWED[@]} >= 2)) || die "needs 2 CPUs (appliance on one, load generator on another)"
+APP_CPU="${ALLOWED[-1]}"
+GEN_CPU="${ALLOWED[0]}"
 if [[ -n "$JSON_OUT" ]]; then
     JSON_OUT="$(realpath -m -- "$JSON_OUT")"
 fi
@@ -74,7 +75,6 @@ done < <(compgen -e)
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # A failing run's error message, not a backtrace, in the logs quoted on failure.
 export RUST_BACKTRACE=0 RUST_LIB_BACKTRACE=0
-WGPLANE="$REPO/target/release/wgplane"
 (cd "$REPO" && cargo build --release --quiet) || die "cargo build --release failed"
 
 WORK="$(mktemp -d /tmp/wgplane-storm.XXXXXX)"
@@ -83,6 +83,9 @@ PIDS=() # processes we started and have not reaped (all our direct children)
 # proc_alive, forget_pid, stop_pid (by PID, never by name).
 # shellcheck source=benches/procs.sh
 source "$REPO/benches/procs.sh"
+# The binary just built, wherever cargo builds.
+WGPLANE="$(target_dir "$REPO" cargo)/release/wgplane" || die "cargo metadata failed"
+[[ -x "$WGPLANE" ]] || die "$WGPLANE was not built"
 
 # wait_pid PID: waits for our child PID, forgets it, returns its status.
 wait_pid() {
@@ -146,7 +149,7 @@ start_appliance() {
     APP_PID=$!
     PIDS+=("$APP_PID")
     local end=$((SECONDS + 20))
-    until [[ -s "$dir/state/api-token" ]] && curl -fsS --max-time 2 "$API/healthz" >/dev/null 2>&1; do
+    until [[ -s "$dir/state/api-token" ]] && curl -fsS --noproxy '*' --max-time 2 "$API/healthz" >/dev/null 2>&1; do
         proc_alive "$APP_PID" || die "wgplane exited: $(tail -5 "$dir/wgplane.log")"
         ((SECONDS < end)) || die "wgplane did not come up within 20 s"
         sleep 0.2

@@ -304,11 +304,16 @@ impl Settings {
                 format!("{} is outside the supernet {}", t.subnet_start, t.supernet),
             ));
         }
-        for url in &self.events.webhooks {
+        for (i, url) in self.events.webhooks.iter().enumerate() {
             if !(url.starts_with("http://") || url.starts_with("https://")) {
+                // Not the URL itself: it may carry credentials.
+                let scheme = url.split_once("://").map_or("none", |(s, _)| s);
                 return Err(invalid(
                     "events.webhooks",
-                    format!("{url:?} is not an http:// or https:// URL"),
+                    format!(
+                        "entry {} is not an http:// or https:// URL (scheme: {scheme:?})",
+                        i + 1
+                    ),
                 ));
             }
         }

@@ -268,8 +268,18 @@ struct RunArgs {
     /// TUN device name [default: wgplane0]
     #[arg(long, env = "WGPLANE_TUN_NAME")]
     tun_name: Option<String>,
+    /// Ask the API token on /metrics too (it names tenants, peers' keys and
+    /// addresses: set it when the API is reachable beyond the host) [default: false]
+    #[arg(long, env = "WGPLANE_METRICS_NEED_TOKEN", num_args = 0..=1, default_missing_value = "true")]
+    metrics_need_token: Option<bool>,
     /// Webhook URL for peer events (repeat for several).
-    #[arg(long = "webhook", env = "WGPLANE_WEBHOOKS", value_delimiter = ',')]
+    // `--help` names the variable, never its value: URLs may carry credentials.
+    #[arg(
+        long = "webhook",
+        env = "WGPLANE_WEBHOOKS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
     webhooks: Vec<String>,
 }
 
@@ -488,7 +498,7 @@ fn run_appliance(args: RunArgs) -> Result<()> {
     let result = runtime.block_on(run(settings));
     // Blocking work still under way (a scrape's render, say) does not hold
     // the exit up beyond the grace period.
-    runtime.shutdown_timeout(SHUTDOWN_GRACE);
+    runtime.shutdown_timeout(BLOCKING_GRACE);
     result
 }
 
@@ -618,6 +628,9 @@ fn settings(args: &RunArgs) -> Result<Settings> {
     if let Some(v) = args.tun {
         s.tun.enabled = v;
     }
+    if let Some(v) = args.metrics_need_token {
+        s.api.metrics_need_token = v;
+    }
     if let Some(v) = &args.tun_name {
         s.tun.name.clone_from(v);
     }
@@ -741,6 +754,12 @@ async fn run(settings: Settings) -> Result<()> {
                 std::process::exit(0);
             }
             let _ = stop_asked.send(true);
+            // A second signal does not wait for the graceful stop: an operator
+            // who presses Ctrl-C again means now (every stored change is on
+            // disk already; a kill loses nothing).
+            shutdown_signal().await;
+            tracing::warn!("stopped at once: a second signal");
+            std::process::exit(130);
         }
     });
     // Held until the process ends: a second appliance on this directory would
@@ -916,7 +935,7 @@ async fn run(settings: Settings) -> Result<()> {
     // with the lock, none is half-way. It is never given back, so that a change
     // still waiting for it (a detached one) cannot start while the runtime is
     // being torn down, and be cut off after it was stored.
-    match tokio::time::timeout(SHUTDOWN_GRACE, state.control.lock()).await {
+    match tokio::time::timeout(CHANGE_GRACE, state.control.lock()).await {
         Ok(held) => std::mem::forget(held),
         Err(_) => tracing::warn!("a change was still running at exit: its client got no answer, and it may or may not be stored"),
     }
@@ -927,9 +946,16 @@ async fn run(settings: Settings) -> Result<()> {
     }
 }
 
-/// How long a shutdown waits for open requests, and then for a change under
-/// way, before the process exits anyway.
+/// How long a shutdown waits for open requests before it goes on.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// How long a shutdown then waits for a change under way to be stored.
+const CHANGE_GRACE: Duration = Duration::from_secs(2);
+
+/// How long the runtime's blocking work (a scrape's render, say) may hold the
+/// exit up. The three graces add up to 8 s, under the 10 s that `docker stop`
+/// gives before SIGKILL.
+const BLOCKING_GRACE: Duration = Duration::from_secs(1);
 
 async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();

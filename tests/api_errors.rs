@@ -24,6 +24,54 @@ fn token_is_required_and_checked() {
     assert_eq!(status, 200);
 }
 
+/// Every change is logged with its method, path and answer (refused ones
+/// too); reads are not, nor is a refused token at the default level.
+#[test]
+fn changes_are_logged_reads_are_not() {
+    let app = Appliance::start();
+    app.expect("PUT", "/v1/tenants/audited", None, 201);
+    app.expect("PUT", "/v1/tenants/audited/routers/r9", None, 201);
+    app.expect("GET", "/v1/tenants/audited/routers/r9", None, 200);
+    let (status, _) = app.call(
+        "PUT",
+        "/v1/tenants/audited/routers/r9",
+        Some("{\"vpn_ip\":\"nope\"}"),
+    );
+    assert_eq!(status, 400);
+    app.expect("DELETE", "/v1/tenants/audited/routers/r9", None, 204);
+    let (status, _) = app.call_with("DELETE", "/v1/tenants/audited", None, Some("wrong"));
+    assert_eq!(status, 401);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let wanted = [
+        "PUT /v1/tenants/audited 201",
+        "PUT /v1/tenants/audited/routers/r9 201",
+        "PUT /v1/tenants/audited/routers/r9 400",
+        "DELETE /v1/tenants/audited/routers/r9 204",
+    ];
+    let changes = |log: &str| -> Vec<String> {
+        log.lines()
+            .filter(|l| l.contains(" change"))
+            .filter_map(|l| {
+                let field = |name: &str| {
+                    let at = l.find(&format!("{name}="))? + name.len() + 1;
+                    l[at..].split_whitespace().next().map(str::to_owned)
+                };
+                Some(format!(
+                    "{} {} {}",
+                    field("method")?,
+                    field("path")?,
+                    field("status")?
+                ))
+            })
+            .collect()
+    };
+    while changes(&app.log()).len() < wanted.len() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let log = app.log();
+    assert_eq!(changes(&log), wanted, "{log}");
+}
+
 /// Method, path, body, expected status, error code and field.
 type Case<'a> = (
     &'a str,
@@ -374,6 +422,16 @@ fn metrics_can_require_the_token() {
     assert_eq!(status, 200);
     assert!(text.to_string().contains("wgplane_"), "{text}");
     assert_eq!(app.call_with("GET", "/healthz", None, None).0, 200);
+
+    // The same by variable, as a container sets it.
+    let by_variable = Appliance::start_with(
+        tempfile::tempdir().expect("tempdir"),
+        support::free_tcp_port(),
+        support::free_udp_ports(4),
+        &[("WGPLANE_METRICS_NEED_TOKEN", "true")],
+    )
+    .unwrap_or_else(|log| panic!("wgplane did not come up:\n{log}"));
+    assert_eq!(by_variable.call_with("GET", "/metrics", None, None).0, 401);
 }
 
 /// A port the appliance would allocate but another program holds is stepped

@@ -404,6 +404,33 @@ fn run_help_lists_the_defaults() {
     }
 }
 
+/// A webhook URL's credentials show neither in `--help` (which names the
+/// variable only) nor in the error about a URL that is not http(s).
+#[test]
+fn webhook_credentials_stay_out_of_help_and_errors() {
+    let secret = "user:s3cret@hooks.example";
+    let out = exits(
+        Command::new(support::binary())
+            .args(["run", "--help"])
+            .env("WGPLANE_WEBHOOKS", format!("https://{secret}/x")),
+    );
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("WGPLANE_WEBHOOKS"), "{help}");
+    assert!(!help.contains("s3cret"), "{help}");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = exits(
+        Command::new(support::binary())
+            .args(["run", "--state-dir"])
+            .arg(dir.path())
+            .env("WGPLANE_WEBHOOKS", format!("ftp://{secret}/x")),
+    );
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(said.contains("events.webhooks"), "{said}");
+    assert!(!said.contains("s3cret"), "{said}");
+}
+
 /// `wgplane health` (a container health check without curl): exit status 0
 /// with `ok` while the appliance answers 200, 1 when nothing answers.
 #[test]

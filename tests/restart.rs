@@ -218,6 +218,10 @@ fn a_tunnel_whose_port_is_taken_at_start_comes_up_once_it_is_free() {
         (status, body.as_str()),
         (503, Some("1 of 2 tunnels down\n"))
     );
+    // Not ready, but alive: a liveness probe must not restart it for a port
+    // that a restart would not free.
+    let (status, body) = app.call_with("GET", "/livez", None, None);
+    assert_eq!((status, body.as_str()), (200, Some("alive\n")));
     let view = app.expect("GET", "/v1/tenants/second", None, 200);
     assert_eq!(view["status"], "down", "{view}");
     assert_eq!(

@@ -260,6 +260,7 @@ fn routes(state: Arc<AppState>) -> (Router, utoipa::openapi::OpenApi) {
     let (router, mut api) = OpenApiRouter::new()
         .nest("/v1", v1)
         .routes(routes!(healthz))
+        .routes(routes!(livez))
         .routes(routes!(metrics::scrape))
         .route_layer(count)
         .split_for_parts();

@@ -46,6 +46,10 @@ pub enum StoreError {
     /// A row could not be turned back into an object.
     #[error("corrupt row {row}: {reason}")]
     Corrupt { row: String, reason: String },
+    /// The database opens read-only (SQLite falls back to that when the file
+    /// is not writable): every change would be refused.
+    #[error("{0} is not writable by this process: the state directory and its files must belong to the user the appliance runs as")]
+    ReadOnly(std::path::PathBuf),
 }
 
 const KEY_CHECK: &str = "key_check";
@@ -87,8 +91,19 @@ impl Store {
     /// Opens (creating if needed) the database at `path`, migrates it, and checks
     /// that `master` is the key it was created with.
     pub fn open(path: &Path, master: MasterKey) -> Result<Self, StoreError> {
-        let mut conn = Connection::open(path)?;
+        Self::on(Connection::open(path)?, path, master)
+    }
+
+    /// [`Store::open`] on a connection opened already (SQLite opens a file
+    /// it may not write read-only, without an error).
+    fn on(mut conn: Connection, path: &Path, master: MasterKey) -> Result<Self, StoreError> {
+        if conn.is_readonly(rusqlite::MAIN_DB)? {
+            return Err(StoreError::ReadOnly(path.to_path_buf()));
+        }
         conn.pragma_update(None, "journal_mode", "WAL")?;
+        // Temporary files (a large delete's statement journal) stay in memory:
+        // under a read-only root filesystem SQLite finds no directory for them.
+        conn.pragma_update(None, "temp_store", "MEMORY")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         // Deleted rows (sealed keys of deleted or re-keyed peers) are zeroed in

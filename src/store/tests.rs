@@ -66,6 +66,33 @@ fn private_keys(tenants: &[Tenant]) -> Vec<[u8; 32]> {
 
 /// A refused write is counted, and the store says it is failing until a
 /// write is taken again.
+/// A database that opens read-only (a file the appliance's user cannot
+/// write, which SQLite opens so without an error) is refused at start-up,
+/// naming the file, rather than refusing every change later; temporary files
+/// stay in memory (a read-only root filesystem has nowhere for them).
+#[test]
+fn a_read_only_database_is_refused_and_temporary_files_stay_in_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.db");
+    let master = MasterKey::generate();
+    let store = Store::open(&path, master.clone()).unwrap();
+    let temp: i64 = store
+        .conn
+        .pragma_query_value(None, "temp_store", |r| r.get(0))
+        .unwrap();
+    assert_eq!(temp, 2, "MEMORY");
+    drop(store);
+    let read_only =
+        Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+    match Store::on(read_only, &path, master) {
+        Err(e @ StoreError::ReadOnly(_)) => {
+            assert!(e.to_string().contains("state.db"), "{e}");
+        }
+        Err(e) => panic!("another error: {e}"),
+        Ok(_) => panic!("a read-only database was taken"),
+    }
+}
+
 #[test]
 fn refused_writes_are_counted_until_one_is_taken() {
     let dir = tempfile::tempdir().unwrap();

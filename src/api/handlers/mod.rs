@@ -266,6 +266,31 @@ pub async fn healthz(State(state): Shared) -> Response {
     (status, body).into_response()
 }
 
+#[utoipa::path(get, path = "/livez", tag = "operations", security(()), responses((status = 200, description = "The process serves and its control plane answers, whatever the tunnels do: a liveness probe (a restart would not free a tunnel's taken port; `/healthz` is the readiness one)", content_type = "text/plain", body = String), (status = 503, description = "The control plane has been busy for over 30 s", content_type = "text/plain", body = String)))]
+pub async fn livez(State(state): Shared) -> Response {
+    // Alive while the control lock comes within HEALTH_WAIT, or came within
+    // HEALTH_FRESH (the supervisor takes it every 5 s): what `/healthz` calls
+    // busy is the only thing a restart could cure.
+    if tokio::time::timeout(HEALTH_WAIT, state.control.lock())
+        .await
+        .is_ok()
+    {
+        return (StatusCode::OK, "alive\n").into_response();
+    }
+    let fresh = state
+        .last_health
+        .lock()
+        .ok()
+        .and_then(|l| l.as_ref().map(|(at, ..)| at.elapsed() < HEALTH_FRESH))
+        .unwrap_or(false);
+    if fresh {
+        (StatusCode::OK, "alive\n").into_response()
+    } else {
+        let busy = "the control plane is busy: no answer for over 30 s\n";
+        (StatusCode::SERVICE_UNAVAILABLE, busy).into_response()
+    }
+}
+
 /// The health answer, kept for `/healthz` to repeat. The supervisor notes it
 /// after every pass too, so that the answer repeated is at most a pass old
 /// whenever the control plane is responsive, however seldom probes come.
@@ -386,15 +411,23 @@ mod tests {
                 .unwrap();
             (status, String::from_utf8_lossy(&body).into_owned())
         };
+        let alive = || async { livez(State(Arc::clone(&f.state))).await.status() };
         assert_eq!(health().await.0, StatusCode::OK);
         let held = f.state.control.lock().await;
         tokio::time::pause();
         assert_eq!(health().await.0, StatusCode::OK, "the last answer");
+        assert_eq!(alive().await, StatusCode::OK, "held, not for long yet");
         tokio::time::advance(HEALTH_FRESH).await;
         let (status, body) = health().await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
         assert!(body.contains("busy"), "{body}");
+        assert_eq!(
+            alive().await,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "held too long"
+        );
         drop(held);
+        assert_eq!(alive().await, StatusCode::OK);
         tokio::time::resume();
         // An unhealthy answer is repeated likewise.
         f.state.control.lock().await.runtime.stop(&f.acme).await;
@@ -403,6 +436,7 @@ mod tests {
             "1 of 1 tunnels down\n".into(),
         );
         assert_eq!(health().await, down);
+        assert_eq!(alive().await, StatusCode::OK, "down is not dead");
         let held = f.state.control.lock().await;
         tokio::time::pause();
         assert_eq!(health().await, down, "the last answer");

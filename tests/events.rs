@@ -176,6 +176,37 @@ fn sigterm_ends_the_event_streams_and_the_process() {
     assert!(app.log().contains("stopped"), "{}", app.log());
 }
 
+/// A second SIGTERM does not wait for the graceful stop (here held up by a
+/// request whose body never comes): the process ends at once, with status 130
+/// where the graceful stop ends with 0.
+#[test]
+fn a_second_sigterm_stops_at_once() {
+    use std::io::Write;
+    let mut app = Appliance::start();
+    let mut stalled = std::net::TcpStream::connect(app.api).expect("connect");
+    let head = format!(
+        "PUT /v1/tenants/held HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Length: 100\r\n\r\n{{",
+        app.token
+    );
+    stalled.write_all(head.as_bytes()).expect("send");
+    let pid = libc::pid_t::try_from(app.pid()).expect("pid");
+    // SAFETY: kill(2) on our own child's PID, which it keeps until waited for.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !app.log().contains("shutting down") && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(app.log().contains("shutting down"), "{}", app.log());
+    let status = app.terminate(Duration::from_secs(10));
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(130),
+        "{status:?}\n{}",
+        app.log()
+    );
+    assert!(app.log().contains("a second signal"), "{}", app.log());
+}
+
 /// A router whose key changes, or that is deleted, and a tenant deleted with
 /// its connected router: each connected peer is told gone, under the name and
 /// key it connected with. And a URL that is down holds up no other URL's

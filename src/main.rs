@@ -495,10 +495,17 @@ fn run_appliance(args: RunArgs) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    let format = settings.log.format;
     let result = runtime.block_on(run(settings));
     // Blocking work still under way (a scrape's render, say) does not hold
     // the exit up beyond the grace period.
     runtime.shutdown_timeout(BLOCKING_GRACE);
+    // With JSON logs the reason the appliance stops is a JSON line too, for
+    // the collector that reads the others; in text it is printed as it is.
+    if let (Err(e), LogFormat::Json) = (&result, format) {
+        tracing::error!(error = %format!("{e:#}"), "stopped: fatal error");
+        std::process::exit(1);
+    }
     result
 }
 
@@ -983,16 +990,24 @@ async fn shutdown_signal() {
 const DEFAULT_LOG_FILTER: &str = "info,boringtun=off";
 
 fn init_logging(format: LogFormat) {
+    // A RUST_LOG that is no filter is said, not silently replaced.
+    let (filter, refused) = match tracing_subscriber::EnvFilter::try_from_default_env() {
+        Ok(filter) => (filter, None),
+        Err(e) => {
+            let set = std::env::var_os("RUST_LOG").is_some();
+            (DEFAULT_LOG_FILTER.into(), set.then(|| e.to_string()))
+        }
+    };
     let builder = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| DEFAULT_LOG_FILTER.into()),
-        )
+        .with_env_filter(filter)
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .init(),
         LogFormat::Json => builder.json().with_ansi(false).init(),
+    }
+    if let Some(error) = refused {
+        tracing::warn!(%error, default = DEFAULT_LOG_FILTER, "RUST_LOG is not a filter: the default levels apply");
     }
 }

@@ -302,6 +302,14 @@ fn every_thread_runs_sched_batch_unless_turned_off() {
     );
 }
 
+/// Every non-empty line of `log` as JSON; panics at one that is not.
+fn json_lines(log: &str) -> Vec<serde_json::Value> {
+    log.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect()
+}
+
 /// `WGPLANE_LOG_FORMAT=json`: every log line is one JSON object, with the
 /// message and fields apart, and no private key in any of them.
 #[test]
@@ -317,11 +325,7 @@ fn json_logs_are_one_object_per_line() {
         .expect("the script carries the generated key")
         .to_owned();
     let log = app.log();
-    let lines: Vec<serde_json::Value> = log
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
-        .collect();
+    let lines = json_lines(&log);
     let up = lines
         .iter()
         .find(|l| l["fields"]["message"] == "tunnel up")
@@ -402,6 +406,37 @@ fn run_help_lists_the_defaults() {
             "{value} not in:\n{help}"
         );
     }
+}
+
+/// With JSON logs, the error that stops start-up (the API's port taken) is a
+/// JSON line like the others, and a RUST_LOG that is no filter is warned
+/// about, not silently replaced.
+#[test]
+fn a_fatal_error_is_a_json_line_with_json_logs() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = exits(
+        Command::new(support::binary())
+            .args(["run", "--log-format", "json", "--api-listen"])
+            .arg(taken.local_addr().expect("address").to_string())
+            .arg("--state-dir")
+            .arg(dir.path())
+            .args(["--first-port", &support::free_udp_ports(2).to_string()])
+            .env("RUST_LOG", "info,=="),
+    );
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let said = String::from_utf8_lossy(&out.stderr);
+    let lines = json_lines(&said);
+    let fatal = lines.last().expect("a line");
+    assert_eq!(fatal["level"], "ERROR", "{said}");
+    let error = fatal["fields"]["error"].as_str().unwrap_or_default();
+    assert!(error.contains("cannot bind the admin API"), "{said}");
+    assert!(
+        lines.iter().any(|l| l["fields"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("RUST_LOG"))),
+        "{said}"
+    );
 }
 
 /// A webhook URL's credentials show neither in `--help` (which names the

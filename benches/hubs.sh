@@ -86,8 +86,9 @@ done
 [[ -e /dev/net/tun ]] || die "/dev/net/tun is missing"
 if [[ -n "$JSON_OUT" ]]; then
     JSON_OUT="$(realpath -m -- "$JSON_OUT")"
-    # Found out now, not after the whole bench.
-    touch -- "$JSON_OUT" 2>/dev/null || die "cannot write --json $JSON_OUT"
+    # Found out now, not after the whole bench (and no empty file left behind).
+    probe="$JSON_OUT.probe.$$"
+    { : >"$probe" && rm -f -- "$probe"; } 2>/dev/null || die "cannot write --json $JSON_OUT"
 fi
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -121,24 +122,32 @@ log() {
     echo "[hubs $(date +%H:%M:%S)] $*" >&2
 }
 
-# as_caller CMD...: CMD as the user who ran `sudo hubs.sh`, so that what cargo
-# and git write under the repository and CARGO_HOME stays theirs; as root when
-# root ran it.
+# Who builds: the owner of the repository when a user ran `sudo hubs.sh` on
+# their own checkout, so that what cargo and git write under it and in
+# CARGO_HOME stays theirs; root otherwise (root's checkout, or no sudo).
+BUILDER_UID=0
+BUILDER_GID=0
+if [[ -n "${SUDO_UID:-}" && "$SUDO_UID" != 0 && "$(stat -c %u "$REPO")" == "$SUDO_UID" ]]; then
+    BUILDER_UID=$SUDO_UID
+    BUILDER_GID=${SUDO_GID:-$SUDO_UID}
+fi
+
+# as_caller CMD...: CMD as the builder.
 as_caller() {
-    if [[ -n "${SUDO_UID:-}" && "$SUDO_UID" != 0 ]]; then
+    if [[ "$BUILDER_UID" != 0 ]]; then
         local home
-        home="$(getent passwd "$SUDO_UID" | cut -d: -f6)"
-        setpriv --reuid="$SUDO_UID" --regid="${SUDO_GID:-$SUDO_UID}" --init-groups -- \
+        home="$(getent passwd "$BUILDER_UID" | cut -d: -f6)"
+        setpriv --reuid="$BUILDER_UID" --regid="$BUILDER_GID" --init-groups -- \
             env HOME="${home:-$HOME}" "$@"
     else
         "$@"
     fi
 }
 
-# give_to_caller PATH: what root wrote for a sudo caller becomes theirs.
+# give_to_caller PATH: what root wrote under the builder's checkout becomes theirs.
 give_to_caller() {
-    if [[ -n "${SUDO_UID:-}" && "$SUDO_UID" != 0 ]]; then
-        chown -R "$SUDO_UID:${SUDO_GID:-$SUDO_UID}" -- "$1"
+    if [[ "$BUILDER_UID" != 0 ]]; then
+        chown -R "$BUILDER_UID:$BUILDER_GID" -- "$1"
     fi
 }
 
@@ -177,10 +186,12 @@ cleanup() {
     teardown_lab
     # A failed run keeps the runs it finished: they are measurements too.
     if ((rc != 0)) && [[ -s "${RESULTS:-}" ]]; then
-        local kept="$REPO/target/hubs-partial-$TAG.jsonl"
-        if cp -- "$RESULTS" "$kept" 2>/dev/null; then
+        local kept="$TOOLS_ROOT/hubs-partial-$TAG.jsonl"
+        if mkdir -p -- "$TOOLS_ROOT" && cp -- "$RESULTS" "$kept"; then
             give_to_caller "$kept"
             log "the runs finished before the failure: $kept"
+        else
+            log "the runs finished before the failure could not be kept"
         fi
     fi
     if [[ -n "$WORK" && -d "$WORK" && -z "${HUBS_KEEP:-}" ]]; then
@@ -231,12 +242,20 @@ remove_stale_labs() {
         [[ "$ns" =~ ^hb-[a-z]+-([0-9]+)$ ]] || continue
         owner="${BASH_REMATCH[1]}"
         [[ "$owner" != "$TAG" ]] || continue
-        ! kill -0 "$owner" 2>/dev/null || continue
+        if kill -0 "$owner" 2>/dev/null; then
+            # Its run still goes, or its PID went to another process since:
+            # either way not ours to judge.
+            log "kept $ns: process $owner is alive"
+            continue
+        fi
         for pid in $(ip netns pids "$ns" 2>/dev/null); do
             kill -KILL "$pid" 2>/dev/null || true
         done
-        ip netns del "$ns" 2>/dev/null || true
-        log "removed $ns, left by run $owner"
+        if ip netns del "$ns" 2>/dev/null; then
+            log "removed $ns, left by run $owner"
+        else
+            log "could not remove $ns, left by run $owner"
+        fi
     done < <(ip netns list 2>/dev/null)
 }
 
@@ -259,6 +278,14 @@ needs_boringtun() {
 ensure_binaries() {
     local cargo
     cargo="$(find_cargo)"
+    # A target directory an older version of this script filled as root
+    # would refuse the builder: handed back first.
+    if [[ "$BUILDER_UID" != 0 && -d "$REPO/target" ]] &&
+        [[ -n "$(find "$REPO/target" -maxdepth 3 ! -uid "$BUILDER_UID" -print -quit)" ]]; then
+        log "handing $REPO/target back to uid $BUILDER_UID"
+        give_to_caller "$REPO/target"
+    fi
+    as_caller mkdir -p "$TOOLS_ROOT"
     if needs_boringtun && [[ ! -x "$BORINGTUN" ]]; then
         log "cargo install boringtun-cli $BORINGTUN_VERSION into $TOOLS_ROOT (a few minutes)"
         as_caller timeout --foreground 1800 "$cargo" install boringtun-cli \
@@ -289,18 +316,19 @@ ensure_trixie_peers() {
         local -a opts=(-o "Dir::Etc::sourcelist=$apt/sources.list" -o Dir::Etc::sourceparts=/dev/null
             -o "Dir::State::Lists=$apt/lists" -o "Dir::Cache=$apt/cache"
             -o APT::Sandbox::User=root) # the private directories are root's
-        timeout 600 apt-get "${opts[@]}" update -qq || die "apt-get update (trixie) failed"
-        (cd "$apt/deb" && timeout 600 apt-get "${opts[@]}" download -qq wireguard-go) ||
+        timeout --foreground 600 apt-get "${opts[@]}" update -qq || die "apt-get update (trixie) failed"
+        (cd "$apt/deb" && timeout --foreground 600 apt-get "${opts[@]}" download -qq wireguard-go) ||
             die "apt-get download wireguard-go (trixie) failed"
-        # Unpacked aside and moved into place whole: an interrupted unpack
-        # leaves nothing that looks installed.
-        local unpacked="$apt/trixie"
+        # Unpacked beside its place and renamed into it (one file system): an
+        # interrupted unpack leaves nothing that looks installed.
+        as_caller mkdir -p "$TOOLS_ROOT"
+        local unpacked="$TOOLS_ROOT/.trixie.$TAG"
+        rm -rf -- "$unpacked"
         dpkg-deb -x "$apt"/deb/wireguard-go_*.deb "$unpacked" || die "dpkg-deb -x failed"
         dpkg-deb -f "$apt"/deb/wireguard-go_*.deb Version >"$unpacked/VERSION"
-        mkdir -p "$TOOLS_ROOT"
+        give_to_caller "$unpacked"
         rm -rf -- "$TOOLS_ROOT/trixie"
-        mv -- "$unpacked" "$TOOLS_ROOT/trixie"
-        give_to_caller "$TOOLS_ROOT/trixie"
+        mv -T -- "$unpacked" "$TOOLS_ROOT/trixie"
     fi
     "$TRIXIE_WG" --version >/dev/null 2>&1 || die "$TRIXIE_WG does not run"
     PEER_WG="$TRIXIE_WG"

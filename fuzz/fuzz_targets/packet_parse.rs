@@ -23,9 +23,9 @@ fuzz_target!(|input: &[u8]| {
     let Ok(header) = packet::parse(data) else {
         return;
     };
+    assert!(header.len <= data.len());
     let _ = packet::is_fragment(&data[..header.len]);
     let _ = icmp::is_error(&data[..header.len]);
-    assert!(header.len <= data.len());
     let mut hop = data[..header.len].to_vec();
     let _ = icmp::decrement_hop_limit(&mut hop);
     let mut out = [0u8; icmp::ERROR_MAX];

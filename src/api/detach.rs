@@ -10,8 +10,10 @@
 //! Such tasks outlive their connections, so the connection cap does not bound
 //! them: a client that gives up and tries again while the control plane is busy
 //! leaves one behind each time. At most [`MAX_DETACHED`] run; beyond that a
-//! change is refused with `503 busy` before it starts. Left out: which changes
-//! they are (the handlers) and the order they run in (the control lock's).
+//! change is refused with `503 busy` before it starts. Every change is logged
+//! here with its method, path and answer, by the task that finishes it. Left
+//! out: which changes they are (the handlers) and the order they run in (the
+//! control lock's).
 
 use axum::extract::Request;
 use axum::http::header::RETRY_AFTER;
@@ -36,7 +38,17 @@ async fn detached(slots: &'static Semaphore, request: Request, next: Next) -> Re
     if matches!(*request.method(), Method::GET | Method::HEAD) {
         return next.run(request).await;
     }
+    // Logged here, in the task that finishes the change, so that a change
+    // whose client went away is logged all the same.
+    let method = request.method().clone();
+    // The path as the client sent it (a nested router sees it without `/v1`).
+    let path = request
+        .extensions()
+        .get::<axum::extract::OriginalUri>()
+        .map_or_else(|| request.uri().path(), |o| o.path())
+        .to_owned();
     let Ok(slot) = slots.try_acquire() else {
+        tracing::info!(%method, %path, status = 503, "change refused: too many under way");
         let busy = ApiError {
             status: StatusCode::SERVICE_UNAVAILABLE,
             code: "busy",
@@ -47,7 +59,10 @@ async fn detached(slots: &'static Semaphore, request: Request, next: Next) -> Re
     };
     let task = async move {
         let _slot = slot;
-        next.run(request).await
+        let response = next.run(request).await;
+        let status = response.status().as_u16();
+        tracing::info!(%method, %path, status, "change");
+        response
     };
     match tokio::spawn(task).await {
         Ok(response) => response,

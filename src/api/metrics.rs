@@ -52,11 +52,7 @@ impl Default for OneScrape {
 /// How long a scrape waits for the one under way before it is answered `503`.
 const SCRAPE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Middleware counting every request to a matched route, and logging every
-/// change (a request that is not a `GET`) with its path and answer: the audit
-/// trail of who changed what is the backend's; this says what was changed and
-/// when. A refused token is logged at debug level only, so that guessing
-/// floods no log.
+/// Middleware counting every request to a matched route.
 pub async fn count_requests(
     State(state): State<Arc<AppState>>,
     request: Request,
@@ -68,20 +64,7 @@ pub async fn count_requests(
         .map(|m| m.as_str().to_owned())
         .unwrap_or_else(|| "unmatched".to_owned());
     let method = request.method().as_str().to_owned();
-    let change = !matches!(
-        *request.method(),
-        axum::http::Method::GET | axum::http::Method::HEAD
-    );
-    let path = change.then(|| request.uri().path().to_owned());
     let response = next.run(request).await;
-    if let Some(path) = path {
-        let status = response.status().as_u16();
-        if status == 401 {
-            tracing::debug!(%method, %path, status, "change refused: no valid token");
-        } else {
-            tracing::info!(%method, %path, status, "change");
-        }
-    }
     state
         .api_requests
         .0

@@ -8,8 +8,10 @@
 //! socket or clock is touched here.
 //!
 //! Left out: listening sockets (nothing inside a tunnel may open a connection to the
-//! appliance except ping) and UDP. IPv6 is answered only when the runtime adds
-//! an address ([`LocalStack::with_ipv6`]); management connections are IPv4.
+//! appliance except ping; UDP is answered "port unreachable", TCP with a reset),
+//! and reassembly (the engine keeps fragments out). IPv6 is answered only when
+//! the runtime adds an address ([`LocalStack::with_ipv6`]); management
+//! connections are IPv4.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::{Ipv4Addr, SocketAddrV4};

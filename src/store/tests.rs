@@ -64,8 +64,6 @@ fn private_keys(tenants: &[Tenant]) -> Vec<[u8; 32]> {
     keys.map(|k| k.secret().to_bytes()).collect()
 }
 
-/// A refused write is counted, and the store says it is failing until a
-/// write is taken again.
 /// A database that opens read-only (a file the appliance's user cannot
 /// write, which SQLite opens so without an error) is refused at start-up,
 /// naming the file, rather than refusing every change later; temporary files
@@ -93,6 +91,8 @@ fn a_read_only_database_is_refused_and_temporary_files_stay_in_memory() {
     }
 }
 
+/// A refused write is counted, and the store says it is failing until a
+/// write is taken again.
 #[test]
 fn refused_writes_are_counted_until_one_is_taken() {
     let dir = tempfile::tempdir().unwrap();

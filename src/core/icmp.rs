@@ -28,10 +28,10 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, Instant};
 
+use crate::core::packet;
 use crate::core::policy::is_martian;
 use smoltcp::wire::{
-    Icmpv4Message, Icmpv4Packet, Icmpv6Message, Icmpv6Packet, IpProtocol, Ipv4Packet,
-    Ipv6ExtHeader, Ipv6Packet,
+    Icmpv4Message, Icmpv4Packet, Icmpv6Message, Icmpv6Packet, IpProtocol, Ipv4Packet, Ipv6Packet,
 };
 
 /// Errors a tunnel sends per second at most.
@@ -204,31 +204,12 @@ pub fn is_error(packet: &[u8]) -> bool {
 }
 
 /// The upper-layer protocol of an IPv6 packet and its payload, past its
-/// extension headers; `None` for a fragment other than the first, or for
-/// extension headers that do not fit or go on too long.
-fn upper_layer(mut next: IpProtocol, mut rest: &[u8]) -> Option<(IpProtocol, &[u8])> {
-    for _ in 0..8 {
-        let size = match next {
-            IpProtocol::HopByHop | IpProtocol::Ipv6Route | IpProtocol::Ipv6Opts => {
-                8 + 8 * usize::from(Ipv6ExtHeader::new_checked(rest).ok()?.header_len())
-            }
-            IpProtocol::Ipv6Frag => {
-                let offset = rest.get(2..4)?;
-                if u16::from_be_bytes([offset[0], offset[1]]) & 0xfff8 != 0 {
-                    return None;
-                }
-                8
-            }
-            // Its length counts 4-byte words, less two.
-            IpProtocol::IpSecAh => {
-                4 * (usize::from(Ipv6ExtHeader::new_checked(rest).ok()?.header_len()) + 2)
-            }
-            upper => return Some((upper, rest)),
-        };
-        next = IpProtocol::from(*rest.first()?);
-        rest = rest.get(size..)?;
-    }
-    None
+/// extension headers; `None` for a fragment other than the first (its
+/// payload is no upper-layer header), or for extension headers that do not
+/// fit or go on too long.
+fn upper_layer(next: IpProtocol, rest: &[u8]) -> Option<(IpProtocol, &[u8])> {
+    let upper = packet::ipv6_upper_layer(next, rest)?;
+    (upper.fragment_offset.unwrap_or(0) == 0).then_some((upper.protocol, upper.payload))
 }
 
 /// A tunnel's allowance of ICMP errors: a token bucket refilled with time

@@ -82,34 +82,61 @@ pub fn parse(packet: &[u8]) -> Result<IpHeader, PacketError> {
 
 /// Whether `packet` (a parsed IPv4 or IPv6 packet) is a fragment: an IPv4
 /// one with more to come or an offset, an IPv6 one with a fragment header
-/// (behind hop-by-hop, routing or destination options headers).
+/// (behind the extension headers [`ipv6_upper_layer`] walks).
 pub fn is_fragment(packet: &[u8]) -> bool {
     match packet.first().map(|b| b >> 4) {
         Some(4) => {
             Ipv4Packet::new_checked(packet).is_ok_and(|p| p.more_frags() || p.frag_offset() != 0)
         }
-        Some(6) => {
-            let Ok(p) = Ipv6Packet::new_checked(packet) else {
-                return false;
-            };
-            let (mut next, mut rest) = (p.next_header(), p.payload());
-            for _ in 0..8 {
-                match next {
-                    IpProtocol::Ipv6Frag => return true,
-                    IpProtocol::HopByHop | IpProtocol::Ipv6Route | IpProtocol::Ipv6Opts => {
-                        let (Some(&header), Some(&words)) = (rest.first(), rest.get(1)) else {
-                            return false;
-                        };
-                        next = IpProtocol::from(header);
-                        rest = rest.get(8 + 8 * usize::from(words)..).unwrap_or_default();
-                    }
-                    _ => return false,
-                }
-            }
-            false
-        }
+        Some(6) => Ipv6Packet::new_checked(packet).is_ok_and(|p| {
+            ipv6_upper_layer(p.next_header(), p.payload())
+                .is_some_and(|u| u.fragment_offset.is_some())
+        }),
         _ => false,
     }
+}
+
+/// What follows an IPv6 packet's extension headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ipv6UpperLayer<'a> {
+    /// The first header that is no extension header of those walked.
+    pub protocol: IpProtocol,
+    /// The bytes from it on.
+    pub payload: &'a [u8],
+    /// The fragment header's offset (in 8-byte units) if one was met: past a
+    /// non-zero one, `payload` is the middle of the upper layer, not its header.
+    pub fragment_offset: Option<u16>,
+}
+
+/// Walks an IPv6 packet's extension headers (hop-by-hop, routing, fragment,
+/// destination options, authentication) from `next` over `rest`, its payload;
+/// `None` when they do not fit or go on for more than eight.
+pub fn ipv6_upper_layer(mut next: IpProtocol, mut rest: &[u8]) -> Option<Ipv6UpperLayer<'_>> {
+    let mut fragment_offset = None;
+    for _ in 0..8 {
+        let size = match next {
+            IpProtocol::HopByHop | IpProtocol::Ipv6Route | IpProtocol::Ipv6Opts => {
+                8 + 8 * usize::from(*rest.get(1)?)
+            }
+            IpProtocol::Ipv6Frag => {
+                let offset = rest.get(2..4)?;
+                fragment_offset = Some(u16::from_be_bytes([offset[0], offset[1]]) >> 3);
+                8
+            }
+            // Its length counts 4-byte words, less two.
+            IpProtocol::IpSecAh => 4 * (usize::from(*rest.get(1)?) + 2),
+            protocol => {
+                return Some(Ipv6UpperLayer {
+                    protocol,
+                    payload: rest,
+                    fragment_offset,
+                })
+            }
+        };
+        next = IpProtocol::from(*rest.first()?);
+        rest = rest.get(size..)?;
+    }
+    None
 }
 
 /// Builds minimal IP packets for tests, benches and fuzz seeds.
@@ -294,6 +321,9 @@ mod tests {
         )));
         assert!(!is_fragment(&v6(60, &[17, 0, 0, 0, 0, 0, 0, 0])));
         assert!(!is_fragment(&v6(0, &[60, 9])));
+        // Behind an authentication header (51), whose length counts 4-byte words.
+        let ah_then_fragment = [44, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 17, 0, 0, 1, 0, 0, 0, 7];
+        assert!(is_fragment(&v6(51, &ah_then_fragment)));
     }
 
     proptest::proptest! {

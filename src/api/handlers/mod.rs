@@ -252,18 +252,19 @@ pub async fn healthz(State(state): Shared) -> Response {
     // or before any answer, is unhealthy.
     let (status, body) = match tokio::time::timeout(HEALTH_WAIT, state.control.lock()).await {
         Ok(control) => note_health(&state, &control),
-        Err(_) => {
-            let last = state.last_health.lock().ok().and_then(|l| l.clone());
-            match last {
-                Some((at, status, body)) if at.elapsed() < HEALTH_FRESH => (status, body),
-                _ => (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "the control plane is busy: no answer for over 30 s\n".into(),
-                ),
-            }
-        }
+        Err(_) => fresh_answer(&state).unwrap_or((StatusCode::SERVICE_UNAVAILABLE, BUSY.into())),
     };
     (status, body).into_response()
+}
+
+/// The answer of a control plane held for over [`HEALTH_FRESH`].
+const BUSY: &str = "the control plane is busy: no answer for over 30 s\n";
+
+/// The last health answer, while it is fresh (made within [`HEALTH_FRESH`]).
+fn fresh_answer(state: &AppState) -> Option<(StatusCode, String)> {
+    let last = state.last_health.lock().ok().and_then(|l| l.clone())?;
+    let (at, status, body) = last;
+    (at.elapsed() < HEALTH_FRESH).then_some((status, body))
 }
 
 #[utoipa::path(get, path = "/livez", tag = "operations", security(()), responses((status = 200, description = "The process serves and its control plane answers, whatever the tunnels do: a liveness probe (a restart would not free a tunnel's taken port; `/healthz` is the readiness one)", content_type = "text/plain", body = String), (status = 503, description = "The control plane has been busy for over 30 s", content_type = "text/plain", body = String)))]
@@ -277,17 +278,9 @@ pub async fn livez(State(state): Shared) -> Response {
     {
         return (StatusCode::OK, "alive\n").into_response();
     }
-    let fresh = state
-        .last_health
-        .lock()
-        .ok()
-        .and_then(|l| l.as_ref().map(|(at, ..)| at.elapsed() < HEALTH_FRESH))
-        .unwrap_or(false);
-    if fresh {
-        (StatusCode::OK, "alive\n").into_response()
-    } else {
-        let busy = "the control plane is busy: no answer for over 30 s\n";
-        (StatusCode::SERVICE_UNAVAILABLE, busy).into_response()
+    match fresh_answer(&state) {
+        Some(_) => (StatusCode::OK, "alive\n").into_response(),
+        None => (StatusCode::SERVICE_UNAVAILABLE, BUSY).into_response(),
     }
 }
 

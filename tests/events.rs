@@ -184,11 +184,22 @@ fn a_second_sigterm_stops_at_once() {
     use std::io::Write;
     let mut app = Appliance::start();
     let mut stalled = std::net::TcpStream::connect(app.api).expect("connect");
+    // `Expect: 100-continue`: the server says "100 Continue" once the request
+    // is being handled and its body read, so the signal below surely finds a
+    // request under way (not a connection it may close at once).
     let head = format!(
-        "PUT /v1/tenants/held HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Length: 100\r\n\r\n{{",
+        "PUT /v1/tenants/held HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Length: 100\r\nExpect: 100-continue\r\n\r\n",
         app.token
     );
     stalled.write_all(head.as_bytes()).expect("send");
+    stalled
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut answer = [0u8; 64];
+    let n = std::io::Read::read(&mut stalled, &mut answer).expect("100 Continue");
+    let answer = String::from_utf8_lossy(&answer[..n]).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 100"), "{answer}");
+    stalled.write_all(b"{").expect("part of the body");
     let pid = libc::pid_t::try_from(app.pid()).expect("pid");
     // SAFETY: kill(2) on our own child's PID, which it keeps until waited for.
     unsafe { libc::kill(pid, libc::SIGTERM) };

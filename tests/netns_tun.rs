@@ -102,6 +102,17 @@ impl Lab {
     /// One API call; its JSON answer. Panics on a 5xx, and on a 4xx unless the
     /// answer is the error under test (`"error"` in the body is then returned).
     fn api(&self, method: &str, path: &str, body: &str) -> Value {
+        let (code, value) = self.api_status(method, path, body);
+        assert!(
+            (200..300).contains(&code)
+                || ((400..500).contains(&code) && value.get("error").is_some()),
+            "{method} {path} answered {code}: {value}"
+        );
+        value
+    }
+
+    /// One API call: its status and JSON answer (null if it is none).
+    fn api_status(&self, method: &str, path: &str, body: &str) -> (u16, Value) {
         let url = format!("http://{API}{path}");
         let auth = format!("@{}", self.header_file().display());
         let out = self.hub.output(&[
@@ -123,12 +134,7 @@ impl Lab {
         let (json, code) = text.rsplit_once('\n').unwrap_or(("", text.as_str()));
         let code: u16 = code.trim().parse().unwrap_or(0);
         let value: Value = serde_json::from_str(json).unwrap_or(Value::Null);
-        assert!(
-            (200..300).contains(&code)
-                || ((400..500).contains(&code) && value.get("error").is_some()),
-            "{method} {path} answered {code}: {json}"
-        );
-        value
+        (code, value)
     }
 
     /// Starts `wgplane run --tun` in the hub namespace as `procs[0]`, and waits
@@ -669,6 +675,47 @@ fn tun_mode_reaches_routers_and_never_leaks() {
     lab.hub.run_words("ip link del wgplane0");
     let down = wait_for(Duration::from_secs(5), || (health() == "503").then_some(()));
     assert!(down.is_some(), "healthy without the host device's reader");
+
+    // 9. A pool route the kernel refuses (no device to route to) does not undo
+    //    the change: the tunnel takes the new pool, and the answer and health
+    //    say that only the host's route is missing.
+    let (code, answer) = lab.api_status(
+        "PUT",
+        "/v1/tenants/acme/egress",
+        r#"{"pool":"10.202.0.0/24","gateways":["rb"]}"#,
+    );
+    assert_eq!(code, 503, "{answer}");
+    assert_eq!(answer["error"]["code"], "host_route_missing", "{answer}");
+    let message = answer["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("stored and the running tunnel took it")
+            && message.contains("10.202.0.0/24"),
+        "{message}"
+    );
+    let (_, phone2_pub) = lab.keypair("phone2");
+    lab.api(
+        "PUT",
+        "/v1/tenants/acme/clients/phone2",
+        &format!(r#"{{"public_key":"{phone2_pub}","vpn_ip":"10.202.0.9"}}"#),
+    );
+    let (code, route) = lab.api_status(
+        "GET",
+        "/v1/tenants/acme/route?src=10.202.0.9&dst=198.18.0.2",
+        "",
+    );
+    assert_eq!(code, 200, "{route}");
+    assert_eq!(
+        route["rule"], "egress 10.202.0.0/24",
+        "the tunnel has the new pool: {route}"
+    );
+    let body = lab
+        .hub
+        .capture(&["curl", "-s", &format!("http://{API}/healthz")]);
+    assert!(
+        body.contains("the host device's reader is down")
+            && body.contains("the host has no route to a client pool of acme"),
+        "{body}"
+    );
 }
 
 /// Where the host has IPv6 off (as in many containers) the device refuses the

@@ -127,6 +127,9 @@ impl From<ControlError> for ApiError {
     }
 }
 
+/// The code of a change the tunnel took while the host lacks a pool's route.
+pub(crate) const HOST_ROUTE_MISSING: &str = "host_route_missing";
+
 impl From<RuntimeError> for ApiError {
     fn from(e: RuntimeError) -> Self {
         let (status, code, field) = match &e {
@@ -136,6 +139,9 @@ impl From<RuntimeError> for ApiError {
                 Some("listen_port"),
             ),
             RuntimeError::Tun(_) => (StatusCode::SERVICE_UNAVAILABLE, "host_device_failed", None),
+            RuntimeError::PoolRoute(_) => {
+                (StatusCode::SERVICE_UNAVAILABLE, HOST_ROUTE_MISSING, None)
+            }
             RuntimeError::Listen { .. } => {
                 (StatusCode::CONFLICT, "listen_unavailable", Some("listen"))
             }

@@ -46,6 +46,10 @@ pub enum RuntimeError {
     /// The TUN device refused an address or route.
     #[error(transparent)]
     Tun(#[from] super::tun::TunError),
+    /// The tunnel took its peers, but the host refused a route to one of the
+    /// tenant's client pools (the supervisor tries it again).
+    #[error("the host has no route to a client pool yet: {0}")]
+    PoolRoute(#[source] super::tun::TunError),
     /// The engine refused the peer set.
     #[error(transparent)]
     Engine(#[from] EngineError),
@@ -521,7 +525,7 @@ impl Runtime {
         // a pool routed that the tenant gave up. The supervisor tries a
         // missing route again ([`Runtime::pools_routed`]).
         let pools = self.sync_pools(tenant).await;
-        peers.and(pools)
+        peers.and(pools.map_err(RuntimeError::PoolRoute))
     }
 
     /// TUN mode: true when the host routes exactly the tenant's pools into its
@@ -538,7 +542,7 @@ impl Runtime {
     }
 
     /// TUN mode: routes the tenant's client pool into the host device.
-    async fn sync_pools(&mut self, tenant: &Tenant) -> Result<(), RuntimeError> {
+    async fn sync_pools(&mut self, tenant: &Tenant) -> Result<(), super::tun::TunError> {
         let (Some(host), Some(handle)) = (&self.settings.host, self.tunnels.get_mut(&tenant.id))
         else {
             return Ok(());

@@ -25,11 +25,12 @@ use boringtun::x25519::PublicKey;
 
 pub(super) type Shared = State<Arc<AppState>>;
 
-/// The OpenAPI description of a change's `503`: the three codes it may carry.
+/// The OpenAPI description of a change's `503`: the codes it may carry.
 /// The cap behind `busy` is [`super::detach::MAX_DETACHED`].
 const CHANGE_UNAVAILABLE: &str =
     "Change not stored and undone (storage_failed); or stored but not \
-taken by the running tunnel (tunnel_down; the message says so); or refused before it started \
+taken by the running tunnel (tunnel_down; the message says so); or stored and taken while the \
+host (TUN mode) has no route to a client pool yet (host_route_missing); or refused before it started \
 because 256 changes are under way (busy; Retry-After says when to try again)";
 
 /// [`CHANGE_UNAVAILABLE`] for opening a forward, which is kept while its tunnel is down.
@@ -156,10 +157,18 @@ async fn undo(control: &mut Control, id: &Id, before: impl Into<Before>) {
 /// the change is not undone, and the tunnel takes it when it starts again.
 fn stored_but(e: impl Into<ApiError>) -> ApiError {
     let mut e = e.into();
-    e.message = format!(
-        "the change is stored, but the running tunnel did not take it: {}",
-        e.message
-    );
+    e.message = if e.code == crate::api::error::HOST_ROUTE_MISSING {
+        // The tunnel has the change; only the host's way to a pool is missing.
+        format!(
+            "the change is stored and the running tunnel took it, but {} (tried again every 5 s)",
+            e.message
+        )
+    } else {
+        format!(
+            "the change is stored, but the running tunnel did not take it: {}",
+            e.message
+        )
+    };
     e
 }
 
@@ -243,7 +252,7 @@ async fn sync(control: &mut Control, id: &Id) -> Result<(), ApiError> {
 
 // ---- health ----
 
-#[utoipa::path(get, path = "/healthz", tag = "operations", security(()), responses((status = 200, description = "Every tunnel is up", content_type = "text/plain", body = String), (status = 503, description = "A stored tunnel is down (its port taken, say; tried again every 5 s), or the TUN device's reader ended, or the device is down; or the control plane has been busy for over 30 s", content_type = "text/plain", body = String)))]
+#[utoipa::path(get, path = "/healthz", tag = "operations", security(()), responses((status = 200, description = "Every tunnel is up", content_type = "text/plain", body = String), (status = 503, description = "A stored tunnel is down (its port taken, say; tried again every 5 s), or the TUN device's reader ended, or the device is down, or the host lacks a client pool's route (a line per problem); or the control plane has been busy for over 30 s", content_type = "text/plain", body = String)))]
 pub async fn healthz(State(state): Shared) -> Response {
     // A change that holds the control lock long (a disk that stalls an fsync,
     // say) delays the answer at most HEALTH_WAIT: then the last answer is
@@ -302,23 +311,41 @@ const HEALTH_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
 /// How long a last answer may be repeated.
 const HEALTH_FRESH: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// The health answer: 503 while a stored tunnel or the TUN device is down.
+/// The health answer: 503, a line per problem, while a stored tunnel or the
+/// TUN device is down, or the host lacks a route to a client pool.
 fn health_of(control: &Control) -> (StatusCode, String) {
     let (mut tunnels, mut down) = (0usize, 0usize);
+    let mut unrouted = Vec::new();
     for t in control.registry.tenants() {
         tunnels += 1;
         down += usize::from(!control.runtime.is_running(&t.id));
+        if !control.runtime.pools_routed(t) {
+            unrouted.push(&t.id);
+        }
     }
-    let unavailable = StatusCode::SERVICE_UNAVAILABLE;
+    let mut problems = String::new();
     if down > 0 {
-        (unavailable, format!("{down} of {tunnels} tunnels down\n"))
-    } else if !control.runtime.host_reading() {
-        (unavailable, "the host device's reader is down\n".into())
+        problems += &format!("{down} of {tunnels} tunnels down\n");
+    }
+    if !control.runtime.host_reading() {
+        problems += "the host device's reader is down\n";
     } else if !control.runtime.host_up() {
-        let why = "the host device is down (set down outside wgplane)\n";
-        (unavailable, why.into())
-    } else {
+        problems += "the host device is down (set down outside wgplane)\n";
+    }
+    match unrouted.as_slice() {
+        [] => {}
+        [one] => problems += &format!("the host has no route to a client pool of {one}\n"),
+        [first, rest @ ..] => {
+            problems += &format!(
+                "the host has no route to client pools of {first} and {} other tenants\n",
+                rest.len()
+            )
+        }
+    }
+    if problems.is_empty() {
         (StatusCode::OK, "ok\n".into())
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, problems)
     }
 }
 

@@ -248,6 +248,7 @@ struct StateDir {
 fn policy(first_port: u16, prefix_len: u8) -> AllocPolicy {
     AllocPolicy {
         first_port,
+        last_port: u16::MAX,
         supernet: "10.0.0.0/8".parse().expect("supernet"),
         subnet_prefix_len: prefix_len,
         subnet_start: Ipv4Addr::new(10, 100, 0, 0),

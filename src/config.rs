@@ -180,6 +180,9 @@ pub struct TunnelSettings {
     pub bind: IpAddr,
     /// First listen port handed out.
     pub first_port: u16,
+    /// Last listen port handed out (the end of the range a container
+    /// publishes, say): beyond it a new tenant is refused.
+    pub last_port: u16,
     /// Host name or address that routers and phones dial (the `endpoint` field).
     pub public_host: String,
     /// Range tenant subnets are carved from.
@@ -237,6 +240,7 @@ impl Default for TunnelSettings {
         Self {
             bind: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             first_port: 51820,
+            last_port: u16::MAX,
             public_host: "vpn.example.com".into(),
             supernet: Ipv4Net::new(Ipv4Addr::new(10, 0, 0, 0), 8).unwrap_or_default(),
             subnet_prefix_len: 16,
@@ -372,6 +376,12 @@ impl Settings {
         if t.first_port == 0 {
             return Err(invalid("tunnels.first_port", "must not be 0".into()));
         }
+        if t.last_port < t.first_port {
+            return Err(invalid(
+                "tunnels.last_port",
+                format!("must not be below first_port ({})", t.first_port),
+            ));
+        }
         if t.public_host.trim().is_empty() || t.public_host.contains(char::is_whitespace) {
             return Err(invalid(
                 "tunnels.public_host",
@@ -457,6 +467,22 @@ mod tests {
     fn example_file_is_the_defaults_spelled_out() {
         let s = Settings::parse(EXAMPLE, Path::new("config/wgplane.toml")).unwrap();
         assert_eq!(s, Settings::default());
+    }
+
+    #[test]
+    fn the_port_range_must_not_run_backwards() {
+        let e = Settings::parse(
+            "[tunnels]\nfirst_port = 51820\nlast_port = 51819\n",
+            Path::new("a.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("tunnels.last_port") && e.contains("51820"),
+            "{e}"
+        );
+        let s = Settings::parse("[tunnels]\nlast_port = 51820\n", Path::new("a.toml")).unwrap();
+        assert_eq!((s.tunnels.first_port, s.tunnels.last_port), (51820, 51820));
     }
 
     #[test]

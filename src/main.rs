@@ -234,6 +234,10 @@ struct RunArgs {
     /// First tunnel listen port [default: 51820]
     #[arg(long, env = "WGPLANE_FIRST_PORT")]
     first_port: Option<u16>,
+    /// Last tunnel listen port handed out: beyond it a new tenant is refused
+    /// (409) [default: 65535]
+    #[arg(long, env = "WGPLANE_LAST_PORT")]
+    last_port: Option<u16>,
     /// Host name or address peers dial [default: vpn.example.com, a placeholder]
     #[arg(long, env = "WGPLANE_PUBLIC_HOST")]
     public_host: Option<String>,
@@ -605,6 +609,9 @@ fn settings(args: &RunArgs) -> Result<Settings> {
     if let Some(v) = args.first_port {
         s.tunnels.first_port = v;
     }
+    if let Some(v) = args.last_port {
+        s.tunnels.last_port = v;
+    }
     if let Some(v) = &args.public_host {
         s.tunnels.public_host.clone_from(v);
     }
@@ -815,6 +822,7 @@ async fn run(settings: Settings) -> Result<()> {
     let registry = Registry::restore(
         AllocPolicy {
             first_port: t.first_port,
+            last_port: t.last_port,
             supernet: t.supernet,
             subnet_prefix_len: t.subnet_prefix_len,
             subnet_start: t.subnet_start,

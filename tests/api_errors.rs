@@ -434,6 +434,38 @@ fn metrics_can_require_the_token() {
     assert_eq!(by_variable.call_with("GET", "/metrics", None, None).0, 401);
 }
 
+/// `--last-port` / `WGPLANE_LAST_PORT` ends the range tenants' ports come
+/// from (the ports a container publishes): past it a new tenant is refused with
+/// a 409 that names the range, and one that asks for its port may lie outside.
+#[test]
+fn tenant_ports_end_at_the_last_port() {
+    let first = support::free_udp_ports(4);
+    let last = (first + 1).to_string();
+    let state = tempfile::tempdir().expect("tempdir");
+    let app = Appliance::start_with(
+        state,
+        support::free_tcp_port(),
+        first,
+        &[("WGPLANE_LAST_PORT", &last)],
+    )
+    .unwrap_or_else(|log| panic!("wgplane did not come up:\n{log}"));
+    app.expect("PUT", "/v1/tenants/t1", None, 201);
+    app.expect("PUT", "/v1/tenants/t2", None, 201);
+    let (status, v) = app.call("PUT", "/v1/tenants/t3", None);
+    assert_eq!((status, error_of(&v)), (409, ("exhausted", None)), "{v}");
+    let message = v["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains(&format!("{first}-{last}")), "{message}");
+    app.expect("GET", "/v1/tenants/t3", None, 404);
+    let outside = first + 3;
+    let v = app.expect(
+        "PUT",
+        "/v1/tenants/t3",
+        Some(&format!(r#"{{"listen_port":{outside}}}"#)),
+        201,
+    );
+    assert_eq!(v["listen_port"], outside, "{v}");
+}
+
 /// A port the appliance would allocate but another program holds is stepped
 /// over (it used to answer 409 to every new tenant until that program let go);
 /// a port the caller asks for is not, and its refusal names the field.

@@ -12,6 +12,7 @@ fuzz_target!(|data: &[u8]| {
     let mut registry = Registry::new(
         AllocPolicy {
             first_port: 51820,
+            last_port: u16::MAX,
             supernet: "10.0.0.0/8".parse().expect("literal"),
             subnet_prefix_len: 16,
             subnet_start: "10.100.0.0".parse().expect("literal"),

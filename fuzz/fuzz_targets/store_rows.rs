@@ -395,6 +395,7 @@ fuzz_target!(|input: Input| {
     assert_eq!(private_keys(&again), before);
     let policy = AllocPolicy {
         first_port: 51820,
+        last_port: u16::MAX,
         supernet: "10.100.0.0/14".parse().expect("constant"),
         subnet_prefix_len: 16,
         subnet_start: "10.100.0.0".parse().expect("constant"),

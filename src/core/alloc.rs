@@ -12,9 +12,9 @@ use ipnet::{IpNet, Ipv4Net};
 /// Why an allocation found nothing.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AllocError {
-    /// Every port from the first one up to 65535 is taken.
-    #[error("no free listen port at or above {first}")]
-    PortsExhausted { first: u16 },
+    /// Every port of the range is taken.
+    #[error("no free listen port in {first}-{last}")]
+    PortsExhausted { first: u16, last: u16 },
     /// Every subnet of the supernet is taken or overlaps a pool.
     #[error("no free /{prefix_len} left in {supernet}")]
     SubnetsExhausted { supernet: Ipv4Net, prefix_len: u8 },
@@ -29,11 +29,11 @@ pub enum AllocError {
     IndicesExhausted,
 }
 
-/// The first port at or above `first` that is not in `used`.
-pub fn next_port(first: u16, used: &BTreeSet<u16>) -> Result<u16, AllocError> {
-    (first..=u16::MAX)
+/// The first port of `first..=last` that is not in `used`.
+pub fn next_port(first: u16, last: u16, used: &BTreeSet<u16>) -> Result<u16, AllocError> {
+    (first..=last)
         .find(|p| !used.contains(p))
-        .ok_or(AllocError::PortsExhausted { first })
+        .ok_or(AllocError::PortsExhausted { first, last })
 }
 
 /// The first `/prefix_len` of `supernet`, at or after the one holding `start` and
@@ -356,9 +356,18 @@ mod tests {
     #[test]
     fn ports() {
         let used: BTreeSet<u16> = [51820, 51821].into_iter().collect();
-        assert_eq!(next_port(51820, &used), Ok(51822));
+        assert_eq!(next_port(51820, 65535, &used), Ok(51822));
         let full: BTreeSet<u16> = [65534, 65535].into_iter().collect();
-        assert!(next_port(65534, &full).is_err());
+        assert!(next_port(65534, 65535, &full).is_err());
+        // The range ends where the operator says, and exhaustion names it.
+        assert_eq!(
+            next_port(51820, 51821, &used),
+            Err(AllocError::PortsExhausted {
+                first: 51820,
+                last: 51821
+            })
+        );
+        assert_eq!(next_port(51820, 51822, &used), Ok(51822));
     }
 
     #[test]
@@ -433,6 +442,28 @@ mod tests {
                 prop_assert!(!freed.contains(&n) && !held.contains(&n));
                 held.push(n);
             }
+        }
+    }
+
+    proptest! {
+        /// Ports handed out one after another are the range's free ones, lowest
+        /// first, never one another program holds, and then exhaustion.
+        #[test]
+        fn ports_stay_in_their_range(
+            first in 1u16..=65535,
+            span in 0u16..40,
+            held in prop::collection::btree_set(any::<u16>(), 0..20),
+        ) {
+            let last = first.saturating_add(span);
+            let mut used = held.clone();
+            let mut got = Vec::new();
+            while let Ok(p) = next_port(first, last, &used) {
+                prop_assert!((first..=last).contains(&p) && !used.contains(&p));
+                got.push(p);
+                used.insert(p);
+            }
+            let free: Vec<u16> = (first..=last).filter(|p| !held.contains(p)).collect();
+            prop_assert_eq!(got, free);
         }
     }
 

@@ -63,7 +63,10 @@ pub(crate) fn special_nets() -> impl Iterator<Item = IpNet> {
 /// How tenants get ports and subnets.
 #[derive(Debug, Clone)]
 pub struct AllocPolicy {
+    /// The range tenants' listen ports are handed out from (a port given in
+    /// the request may lie outside it).
     pub first_port: u16,
+    pub last_port: u16,
     pub supernet: Ipv4Net,
     pub subnet_prefix_len: u8,
     pub subnet_start: Ipv4Addr,

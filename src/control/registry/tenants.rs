@@ -118,12 +118,16 @@ impl Registry {
         Ok(Put::Created)
     }
 
-    /// The first port from the configured first one that no tenant holds and
-    /// that is not in `skip` (ports found bound by other programs).
+    /// The first port of the configured range that no tenant holds and that
+    /// is not in `skip` (ports found bound by other programs).
     pub fn free_port(&self, skip: &BTreeSet<u16>) -> Result<u16, ControlError> {
         let mut used: BTreeSet<u16> = self.tenants.values().map(|t| t.listen_port).collect();
         used.extend(skip);
-        Ok(alloc::next_port(self.policy.first_port, &used)?)
+        Ok(alloc::next_port(
+            self.policy.first_port,
+            self.policy.last_port,
+            &used,
+        )?)
     }
 
     /// Host prefixes must not overlap any tenant's subnet or pool, the tenants'

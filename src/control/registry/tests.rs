@@ -18,6 +18,7 @@ pub(crate) fn registry() -> Registry {
     Registry::new(
         AllocPolicy {
             first_port: 51820,
+            last_port: u16::MAX,
             supernet: "10.0.0.0/8".parse().unwrap(),
             subnet_prefix_len: 16,
             subnet_start: Ipv4Addr::new(10, 100, 0, 0),
@@ -815,6 +816,7 @@ fn subnet_exhaustion_is_a_clear_error() {
     let mut r = Registry::new(
         AllocPolicy {
             first_port: 51820,
+            last_port: u16::MAX,
             supernet: "10.100.0.0/15".parse().unwrap(),
             subnet_prefix_len: 16,
             subnet_start: Ipv4Addr::new(10, 100, 0, 0),
@@ -860,4 +862,39 @@ fn host_prefixes_are_ordinary_unicast() {
         ..Default::default()
     };
     r.put_tenant(&id("a"), &fine, now()).unwrap();
+}
+
+/// Tenants take ports from the configured range only; one that asks for its
+/// port may lie outside it, and the range's end counts as exhausted.
+#[test]
+fn ports_come_from_the_configured_range() {
+    let mut r = registry();
+    r.policy.last_port = 51821;
+    r.put_tenant(&id("a"), &Default::default(), now()).unwrap();
+    r.put_tenant(&id("b"), &Default::default(), now()).unwrap();
+    let e = r
+        .put_tenant(&id("c"), &Default::default(), now())
+        .unwrap_err();
+    assert!(matches!(
+        e,
+        ControlError::Exhausted(crate::core::alloc::AllocError::PortsExhausted {
+            first: 51820,
+            last: 51821
+        })
+    ));
+    assert_eq!(e.code(), "exhausted");
+    assert!(r.tenant(&id("c")).is_err(), "nothing half-made is left");
+    let chosen = TenantRequest {
+        listen_port: Some(60000),
+        ..Default::default()
+    };
+    r.put_tenant(&id("c"), &chosen, now()).unwrap();
+    assert_eq!(r.tenant(&id("c")).unwrap().listen_port, 60000);
+    assert_eq!(
+        [51820, 51821],
+        [
+            r.tenant(&id("a")).unwrap().listen_port,
+            r.tenant(&id("b")).unwrap().listen_port
+        ]
+    );
 }

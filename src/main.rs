@@ -655,6 +655,33 @@ fn settings(args: &RunArgs) -> Result<Settings> {
     Ok(s)
 }
 
+/// On every SIGHUP, reads the API token file again: a new token is taken at
+/// once (requests with the old one get 401); an unreadable or empty file
+/// keeps the old token, and says so.
+async fn reload_token_on_hangup(
+    mut hangups: tokio::signal::unix::Signal,
+    state: Arc<AppState>,
+    path: PathBuf,
+) {
+    while hangups.recv().await.is_some() {
+        let read = {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || std::fs::read_to_string(path)).await
+        };
+        match read {
+            Ok(Ok(text)) if !text.trim().is_empty() => {
+                state.token.replace(text.trim().to_owned());
+                tracing::info!(path = %path.display(), "SIGHUP: API token read again");
+            }
+            Ok(Ok(_)) => tracing::error!(path = %path.display(),
+                "SIGHUP: the API token file is empty; the token is unchanged"),
+            Ok(Err(e)) => tracing::error!(path = %path.display(), error = %e,
+                "SIGHUP: the API token file cannot be read; the token is unchanged"),
+            Err(e) => tracing::error!(error = %e, "SIGHUP: the token was not read"),
+        }
+    }
+}
+
 /// Reads the API token, creating it (mode 0600, random) on first start.
 fn load_or_create_token(path: &Path) -> Result<String> {
     match std::fs::read_to_string(path) {
@@ -776,6 +803,11 @@ async fn run(settings: Settings) -> Result<()> {
             std::process::exit(130);
         }
     });
+    // SIGHUP re-reads the API token; caught from the start, so that one sent
+    // during start-up does not end the process (its default), and acted on
+    // once the API serves.
+    let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("cannot catch SIGHUP")?;
     // Held until the process ends: a second appliance on this directory would
     // keep its own registry over the same database.
     let _lock = StateLock::acquire(&settings.state.dir)?;
@@ -876,7 +908,7 @@ async fn run(settings: Settings) -> Result<()> {
             runtime,
             store: std::sync::Mutex::new(store),
         }),
-        token,
+        token: api::Token::new(token),
         metrics_need_token: settings.api.metrics_need_token,
         metrics_per_peer: settings.api.metrics_per_peer,
         public_host: t.public_host.clone(),
@@ -887,6 +919,11 @@ async fn run(settings: Settings) -> Result<()> {
         last_health: Default::default(),
         stopping,
     });
+    tokio::spawn(reload_token_on_hangup(
+        hangups,
+        Arc::clone(&state),
+        settings.token_file(),
+    ));
     state.control.lock().await.record_bound_forwards();
     // The background tasks run as long as the process: one that ends (a bug)
     // stops the appliance with an error, for its supervisor (systemd, the

@@ -434,6 +434,47 @@ fn metrics_can_require_the_token() {
     assert_eq!(by_variable.call_with("GET", "/metrics", None, None).0, 401);
 }
 
+/// SIGHUP reads the token file again: the new token opens `/v1` and the old
+/// one no longer does; an empty file keeps the token and says so. The process
+/// lives on (SIGHUP's default would end it).
+#[test]
+fn sighup_reads_the_token_again() {
+    let app = Appliance::start();
+    let hangup = || {
+        let pid = libc::pid_t::try_from(app.pid()).expect("pid");
+        // SAFETY: kill(2) on our own child's PID, which it keeps until waited for.
+        unsafe { libc::kill(pid, libc::SIGHUP) };
+    };
+    let file = app.state_dir().join("api-token");
+    std::fs::write(&file, "rotated-token-1\n").expect("write the token");
+    hangup();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while app
+        .call_with("GET", "/v1/tenants", None, Some("rotated-token-1"))
+        .0
+        != 200
+    {
+        assert!(std::time::Instant::now() < deadline, "{}", app.log());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let (status, v) = app.call("GET", "/v1/tenants", None);
+    assert_eq!((status, error_of(&v)), (401, ("unauthorized", None)), "{v}");
+
+    std::fs::write(&file, "").expect("empty the token file");
+    hangup();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !app.log().contains("the API token file is empty") {
+        assert!(std::time::Instant::now() < deadline, "{}", app.log());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let (status, _) = app.call_with("GET", "/v1/tenants", None, Some("rotated-token-1"));
+    assert_eq!(status, 200, "the token stays when the file is empty");
+    assert!(
+        !app.log().contains("rotated-token-1"),
+        "the token is never logged"
+    );
+}
+
 /// `--last-port` / `WGPLANE_LAST_PORT` ends the range tenants' ports come
 /// from (the ports a container publishes): past it a new tenant is refused with
 /// a 409 that names the range, and one that asks for its port may lie outside.

@@ -1,10 +1,11 @@
 //! Bearer-token check for `/v1` (and `/metrics` when the config asks for it),
 //! compared in constant time.
 //!
-//! Left out: roles and per-tenant tokens (the one token opens all of `/v1`), and the
-//! token itself, which `main` reads or creates at start-up. `/healthz` needs none.
+//! Left out: roles and per-tenant tokens (the one token opens all of `/v1`), and
+//! reading the token, which `main` does at start-up and on SIGHUP ([`Token::replace`]).
+//! `/healthz` needs none.
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use axum::extract::{Request, State};
 use axum::http::header::AUTHORIZATION;
@@ -13,6 +14,34 @@ use axum::response::Response;
 use subtle::ConstantTimeEq;
 
 use super::{ApiError, AppState};
+
+/// The API token, which a SIGHUP may replace while requests are checked.
+pub struct Token(RwLock<String>);
+
+impl Token {
+    pub fn new(token: String) -> Self {
+        Self(RwLock::new(token))
+    }
+
+    /// The token from now on; requests already checked are not checked again.
+    pub fn replace(&self, token: String) {
+        // A poisoned lock still holds a whole string: a write replaces it.
+        let mut held = self.0.write().unwrap_or_else(|p| p.into_inner());
+        *held = token;
+    }
+
+    /// Whether `presented` is the token, compared in constant time.
+    fn matches(&self, presented: &str) -> bool {
+        let held = self.0.read().unwrap_or_else(|p| p.into_inner());
+        bool::from(presented.as_bytes().ct_eq(held.as_bytes()))
+    }
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Token(..)")
+    }
+}
 
 /// Rejects requests without `Authorization: Bearer <token>` with 401.
 pub async fn require_token(
@@ -43,14 +72,14 @@ pub async fn guard_metrics(
     Ok(next.run(request).await)
 }
 
-fn holds_token(request: &Request, token: &str) -> bool {
+fn holds_token(request: &Request, token: &Token) -> bool {
     let presented = request
         .headers()
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(bearer)
         .unwrap_or("");
-    bool::from(presented.as_bytes().ct_eq(token.as_bytes()))
+    token.matches(presented)
 }
 
 /// The credentials of a `Bearer` authorization (the scheme is
@@ -64,7 +93,16 @@ fn bearer(value: &str) -> Option<&str> {
 
 #[cfg(test)]
 mod tests {
-    use super::bearer;
+    use super::{bearer, Token};
+
+    #[test]
+    fn a_replaced_token_is_the_only_one() {
+        let token = Token::new("old".into());
+        assert!(token.matches("old") && !token.matches("new"));
+        token.replace("new".into());
+        assert!(token.matches("new") && !token.matches("old") && !token.matches(""));
+        assert_eq!(format!("{token:?}"), "Token(..)", "never printed");
+    }
 
     #[test]
     fn the_scheme_is_case_insensitive_and_nothing_else_passes() {

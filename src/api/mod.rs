@@ -5,6 +5,7 @@
 //! `{"error": {"code", "message", "field"}}` with 4xx for every bad input.
 
 mod auth;
+pub use auth::Token;
 mod body;
 mod detach;
 mod error;
@@ -87,7 +88,7 @@ impl Control {
 /// Shared state of every handler.
 pub struct AppState {
     pub control: Mutex<Control>,
-    pub token: String,
+    pub token: auth::Token,
     /// `/metrics` needs the token too (`api.metrics_need_token`).
     pub metrics_need_token: bool,
     /// `/metrics` has the per-peer `wireguard_*` series (`api.metrics_per_peer`).
@@ -410,7 +411,7 @@ pub(crate) mod testing {
                 runtime,
                 store: std::sync::Mutex::new(store),
             }),
-            token: String::new(),
+            token: auth::Token::new(String::new()),
             metrics_need_token: false,
             metrics_per_peer: true,
             public_host: "127.0.0.1".into(),

@@ -9,7 +9,8 @@
 //!
 //! Left out: listening sockets (nothing inside a tunnel may open a connection to the
 //! appliance except ping; UDP is answered "port unreachable", TCP with a reset),
-//! and reassembly (the engine keeps fragments out). IPv6 is answered only when
+//! and IPv6 reassembly (the engine keeps IPv6 fragments out; IPv4 datagrams
+//! of up to 4 KiB are put together, one at a time). IPv6 is answered only when
 //! the runtime adds an address ([`LocalStack::with_ipv6`]); management
 //! connections are IPv4.
 
@@ -43,6 +44,12 @@ const TCP_TIMEOUT: Duration = Duration::from_secs(10);
 /// router's last segment, so without probes an idle connection to a live router
 /// would be given up too, and with them a router that vanished is noticed.
 const TCP_KEEP_ALIVE: Duration = Duration::from_secs(3);
+
+/// How long the stack keeps the fragments of an IPv4 datagram it has not all
+/// of. It puts one datagram together at a time (up to 4 KiB, smoltcp's
+/// `reassembly-buffer-size-4096`): a stray fragment blocks the next large ping
+/// this long at most, where smoltcp's own default is a minute.
+const REASSEMBLY_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Upper bound of egress passes per poll (see [`LocalStack::poll`]).
 const MAX_EGRESS_PASSES: usize = 1024;
@@ -213,6 +220,9 @@ impl LocalStack {
         // Peers also own prefixes outside the subnet (LANs behind routers): answer
         // them through the tunnel too. On an IP device the gateway is not used.
         let _ = iface.routes_mut().add_default_ipv4_route(address);
+        iface.set_reassembly_timeout(smoltcp::time::Duration::from_millis(
+            REASSEMBLY_TIMEOUT.as_millis() as u64,
+        ));
         Self {
             iface,
             device,

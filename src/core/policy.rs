@@ -111,8 +111,9 @@ pub enum DropReason {
     /// every egress policy meanwhile: what a client sent through it must not
     /// reach it any more.
     GatewayWithdrawn,
-    /// A fragment for the tunnel's userspace stack, which reassembles none
-    /// (its services answer small packets: ping, TCP within the MTU).
+    /// An IPv6 fragment for the tunnel's userspace stack, which puts together
+    /// IPv4 datagrams only (its services answer small packets: ping, TCP
+    /// within the MTU).
     LocalFragment,
 }
 

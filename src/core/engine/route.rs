@@ -182,7 +182,13 @@ pub(super) fn route(
         }
         Verdict::Local => {
             let refused = match local {
-                Some(_) if packet::is_fragment(packet) => Some(DropReason::LocalFragment),
+                // IPv4 fragments the stack puts together; IPv6 ones it cannot.
+                Some(_)
+                    if packet.first().is_some_and(|b| b >> 4 == 6)
+                        && packet::is_fragment(packet) =>
+                {
+                    Some(DropReason::LocalFragment)
+                }
                 Some(stack) => (!stack.receive(packet)).then_some(DropReason::LocalQueueFull),
                 None => (!sink.local(packet)).then_some(DropReason::LocalUnavailable),
             };

@@ -10,7 +10,7 @@ mod sim;
 use sim::{addrs, ip, Sim};
 use smoltcp::wire::{Icmpv4Message, Icmpv4Packet, Icmpv6Message, Icmpv6Packet};
 use smoltcp::wire::{Ipv4Packet, Ipv6Packet};
-use wgplane::core::icmp::ERROR_BURST;
+use wgplane::core::icmp::{ERROR_BURST, PEER_ERROR_BURST};
 use wgplane::core::packet::build::ip_packet;
 use wgplane::core::peer::PeerKind;
 use wgplane::core::policy::DropReason;
@@ -215,9 +215,9 @@ fn a_flood_of_doomed_packets_gets_no_more_errors_than_the_budget() {
     for _ in 0..200 {
         l.sim.send(l.r1, &with_hops("10.100.1.1", "10.100.1.2", 1));
     }
-    // All at one moment (simulated time): exactly a burst.
+    // All at one moment (simulated time): exactly the peer's burst.
     let errors = l.sim.take_inbox(l.r1).len();
-    assert_eq!(errors, ERROR_BURST as usize);
+    assert_eq!(errors, PEER_ERROR_BURST as usize);
     assert_eq!(
         l.sim.tunnels[0]
             .engine
@@ -225,4 +225,23 @@ fn a_flood_of_doomed_packets_gets_no_more_errors_than_the_budget() {
             .dropped(DropReason::TtlExpired),
         200
     );
+    // The tunnel's other peers still get theirs, up to the tunnel's burst.
+    for _ in 0..200 {
+        l.sim.send(l.r2, &with_hops("10.100.1.2", "10.100.1.1", 1));
+    }
+    assert_eq!(
+        l.sim.take_inbox(l.r2).len(),
+        PEER_ERROR_BURST as usize,
+        "r1's flood left r2 its errors"
+    );
+    l.sim.send(l.gw, &with_hops("10.100.0.40", "10.100.1.1", 1));
+    assert_eq!(
+        l.sim.take_inbox(l.gw).len(),
+        0,
+        "the tunnel's burst ({ERROR_BURST}) is spent"
+    );
+    // A second later each peer has its rate again.
+    l.sim.advance(std::time::Duration::from_secs(1));
+    l.sim.send(l.gw, &with_hops("10.100.0.40", "10.100.1.1", 1));
+    assert_eq!(l.sim.take_inbox(l.gw).len(), 1);
 }

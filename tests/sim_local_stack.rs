@@ -174,8 +174,8 @@ fn dual_stack() -> (Sim, sim::TunnelIx, sim::PeerIx, std::net::Ipv6Addr) {
 
 /// A UDP traceroute to the server address ends in "port unreachable" (RFC
 /// 1122 3.2.2.1), in either family, not "protocol unreachable"; and the
-/// stack's errors come out of the tunnel's ICMP budget, so that a flood of
-/// them is answered with a burst, not one error per packet.
+/// stack's errors come out of the router's and the tunnel's ICMP budgets, so
+/// that a flood of them is answered with a burst, not one error per packet.
 #[test]
 fn udp_to_the_server_address_is_port_unreachable_within_the_budget() {
     use smoltcp::wire::{Icmpv4DstUnreachable, Icmpv6Message, Icmpv6Packet, Ipv6Packet};
@@ -203,16 +203,16 @@ fn udp_to_the_server_address_is_port_unreachable_within_the_budget() {
     assert_eq!(icmp.msg_type(), Icmpv6Message::DstUnreachable);
     assert_eq!(icmp.msg_code(), 4, "port unreachable");
 
-    // A flood at one instant: the burst's rest, then nothing; pings are
-    // answered all the same (a reply is no error).
+    // A flood at one instant: the rest of the router's burst, then nothing;
+    // pings are answered all the same (a reply is no error).
     for port in 0..200 {
         sim.send(r1, &udp("10.100.1.1", "10.100.0.1", 20000 + port));
     }
     let errors = sim.take_inbox(r1).len();
-    assert_eq!(errors, wgplane::core::icmp::ERROR_BURST as usize - 2);
+    assert_eq!(errors, wgplane::core::icmp::PEER_ERROR_BURST as usize - 2);
     assert_eq!(
         sim.tunnels[t].engine.stats().icmp_errors,
-        u64::from(wgplane::core::icmp::ERROR_BURST)
+        u64::from(wgplane::core::icmp::PEER_ERROR_BURST)
     );
     sim.send(r1, &ping("10.100.1.1", "10.100.0.1", 7));
     assert!(is_echo_reply(&sim.take_inbox(r1)[0], 7));

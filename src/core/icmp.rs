@@ -15,8 +15,11 @@
 //! (576 and 1280 bytes in all). None is sent about an ICMP error, a fragment
 //! other than the first, a packet to a multicast or broadcast address, or one
 //! from an address that names no single host (a martian: loopback, class E,
-//! "this network", multicast; RFC 1122 3.2.2, RFC 4443 2.4); and a tunnel sends at most [`ERRORS_PER_SECOND`] (bursts of
-//! [`ERROR_BURST`]), so a flood of doomed packets costs no more than that.
+//! "this network", multicast; RFC 1122 3.2.2, RFC 4443 2.4). A tunnel sends at
+//! most [`ERRORS_PER_SECOND`] (bursts of [`ERROR_BURST`]), so a flood of doomed
+//! packets costs no more than that; and each peer gets at most
+//! [`PEER_ERRORS_PER_SECOND`] of them (bursts of [`PEER_ERROR_BURST`]), so one
+//! router's flood leaves the rest to the tunnel's other peers.
 //!
 //! Left out: "fragmentation needed" and "packet too big". Peers and the host
 //! device share one MTU (1420), and a larger inner packet leaves in outer
@@ -38,6 +41,11 @@ use smoltcp::wire::{
 pub const ERRORS_PER_SECOND: u32 = 100;
 /// Errors a tunnel may send at once after a quiet spell.
 pub const ERROR_BURST: u32 = 20;
+/// Errors one peer gets per second at most (a traceroute's three probes a
+/// hop, several at once, fit).
+pub const PEER_ERRORS_PER_SECOND: u32 = 10;
+/// Errors one peer may get at once after a quiet spell.
+pub const PEER_ERROR_BURST: u32 = 10;
 
 /// Largest IPv4 error (RFC 1812: as much of the packet as fits in 576 bytes).
 const V4_ERROR_MAX: usize = 576;
@@ -212,35 +220,41 @@ fn upper_layer(next: IpProtocol, rest: &[u8]) -> Option<(IpProtocol, &[u8])> {
     (upper.fragment_offset.unwrap_or(0) == 0).then_some((upper.protocol, upper.payload))
 }
 
-/// A tunnel's allowance of ICMP errors: a token bucket refilled with time
-/// passed in.
+/// An allowance of ICMP errors, `RATE` a second in bursts of `BURST`: a token
+/// bucket refilled with time passed in.
 #[derive(Debug, Clone)]
-pub struct ErrorBudget {
+pub struct Budget<const RATE: u32, const BURST: u32> {
     tokens: u32,
     refilled: Option<Instant>,
 }
 
-impl Default for ErrorBudget {
+/// A tunnel's allowance of ICMP errors.
+pub type ErrorBudget = Budget<ERRORS_PER_SECOND, ERROR_BURST>;
+
+/// One peer's share of its tunnel's errors.
+pub type PeerErrorBudget = Budget<PEER_ERRORS_PER_SECOND, PEER_ERROR_BURST>;
+
+impl<const RATE: u32, const BURST: u32> Default for Budget<RATE, BURST> {
     fn default() -> Self {
         Self {
-            tokens: ERROR_BURST,
+            tokens: BURST,
             refilled: None,
         }
     }
 }
 
-impl ErrorBudget {
+impl<const RATE: u32, const BURST: u32> Budget<RATE, BURST> {
     /// Takes one error's worth if there is one at `now`.
     #[inline]
     pub fn take(&mut self, now: Instant) -> bool {
-        let every = Duration::from_secs(1) / ERRORS_PER_SECOND;
+        let every = Duration::from_secs(1) / RATE;
         let at = *self.refilled.get_or_insert(now);
         let earned = now.saturating_duration_since(at).as_nanos() / every.as_nanos();
         if earned > 0 {
             let earned = u32::try_from(earned).unwrap_or(u32::MAX);
-            self.tokens = self.tokens.saturating_add(earned).min(ERROR_BURST);
+            self.tokens = self.tokens.saturating_add(earned).min(BURST);
             // What was earned is spent from the clock; a full bucket banks nothing.
-            self.refilled = Some(if self.tokens == ERROR_BURST {
+            self.refilled = Some(if self.tokens == BURST {
                 now
             } else {
                 at + every * earned
@@ -490,5 +504,13 @@ mod tests {
         let later = start + Duration::from_secs(3600);
         let burst = (0..100).filter(|_| budget.take(later)).count();
         assert_eq!(burst, ERROR_BURST as usize);
+        // A peer's share, the same way at its own rate.
+        let mut peer = PeerErrorBudget::default();
+        let burst = (0..100).filter(|_| peer.take(start)).count();
+        assert_eq!(burst, PEER_ERROR_BURST as usize);
+        let sent = (1..=1000u64)
+            .filter(|ms| peer.take(start + Duration::from_millis(*ms)))
+            .count();
+        assert_eq!(sent, PEER_ERRORS_PER_SECOND as usize);
     }
 }

@@ -214,6 +214,9 @@ pub struct Peer {
     /// Silence after which the peer is not live any more.
     pub(crate) liveness_timeout: Duration,
     pub(crate) stats: PeerStats,
+    /// The ICMP errors about this peer's packets it may still get
+    /// ([`crate::core::icmp`]).
+    pub(crate) icmp: crate::core::icmp::PeerErrorBudget,
 }
 
 impl Peer {
@@ -250,6 +253,7 @@ impl Peer {
             tunnel_held,
             liveness_timeout,
             stats: PeerStats::default(),
+            icmp: Default::default(),
         }
     }
 

@@ -38,9 +38,10 @@ impl TunnelEngine {
                 break;
             };
             // The stack's errors (port unreachable, say) come out of the
-            // tunnel's budget, as the hub's own do.
+            // budgets of the peer they go to and of the tunnel, as the hub's
+            // own do.
             let error = icmp::is_error(&packet);
-            if error && !icmp.take(now) {
+            if error && !(peer_allows_error(peers, routing, &packet, now) && icmp.take(now)) {
                 stack.recycle(packet);
                 continue;
             }
@@ -88,6 +89,24 @@ impl TunnelEngine {
             now,
             sink,
         );
+    }
+}
+
+/// Takes one error's worth from the budget of the peer an error from the
+/// local stack goes to (the one that owns its destination); an error for no
+/// peer is not held back here (routing drops it).
+fn peer_allows_error(
+    peers: &mut Peers,
+    routing: &RoutingState,
+    error: &[u8],
+    now: Instant,
+) -> bool {
+    let Ok(header) = packet::parse(error) else {
+        return true;
+    };
+    match routing.routes.lookup(header.dst) {
+        Some(&to) => peers.get_mut(to).is_none_or(|p| p.icmp.take(now)),
+        None => true,
     }
 }
 
@@ -277,7 +296,9 @@ fn answer(
     let Some(len) = icmp::build(error, packet, from, &mut out) else {
         return;
     };
-    if !budget.take(now) {
+    // The sender's share first: one peer's flood leaves the tunnel's other
+    // errors to its other peers.
+    if !peers.get_mut(sender).is_some_and(|p| p.icmp.take(now)) || !budget.take(now) {
         return;
     }
     // Counted once it leaves for the sender, or waits for its handshake.

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use ipnet::Ipv4Net;
 use tokio::sync::{broadcast, mpsc, Mutex};
 
@@ -288,7 +288,7 @@ struct RunArgs {
 }
 
 fn main() -> Result<()> {
-    match Cli::parse().command {
+    match parse_cli().command {
         Command::Genkey => genkey(),
         Command::Pubkey => pubkey(),
         Command::Relay(args) => relay(args),
@@ -680,6 +680,49 @@ async fn reload_token_on_hangup(
             Err(e) => tracing::error!(error = %e, "SIGHUP: the token was not read"),
         }
     }
+}
+
+/// The command line; a bad value that came from a `WGPLANE_*` variable is
+/// said to come from it (clap's error names only the flag).
+fn parse_cli() -> Cli {
+    Cli::try_parse().unwrap_or_else(|e| {
+        let note = variable_behind(&e);
+        let _ = e.print();
+        if let Some(variable) = note {
+            eprintln!("note: the value came from the environment variable {variable}");
+        }
+        std::process::exit(e.exit_code())
+    })
+}
+
+/// The variable a refused value came from: set, with no flag on the command
+/// line.
+fn variable_behind(e: &clap::Error) -> Option<String> {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if !matches!(
+        e.kind(),
+        ErrorKind::InvalidValue | ErrorKind::ValueValidation
+    ) {
+        return None;
+    }
+    let Some(ContextValue::String(arg)) = e.get(ContextKind::InvalidArg) else {
+        return None;
+    };
+    // "--last-port <LAST_PORT>"
+    let long = arg.split_whitespace().next()?.strip_prefix("--")?;
+    let flag = format!("--{long}");
+    if std::env::args().any(|a| a == flag || a.starts_with(&format!("{flag}="))) {
+        return None;
+    }
+    let cli = Cli::command();
+    let variable = std::iter::once(&cli)
+        .chain(cli.get_subcommands())
+        .flat_map(|c| c.get_arguments())
+        .find(|a| a.get_long() == Some(long))?
+        .get_env()?
+        .to_str()?
+        .to_owned();
+    std::env::var_os(&variable).is_some().then_some(variable)
 }
 
 /// Reads the API token, creating it (mode 0600, random) on first start.

@@ -579,3 +579,36 @@ fn relay_passes_datagrams_both_ways() {
         std::panic::resume_unwind(panic);
     }
 }
+
+/// A bad value in a `WGPLANE_*` variable is said to come from it: clap's own
+/// error names only the flag, which the operator of a container never typed.
+#[test]
+fn a_bad_variable_is_named() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = exits(
+        Command::new(support::binary())
+            .args(["run", "--state-dir"])
+            .arg(dir.path())
+            .env("WGPLANE_LAST_PORT", "sixty"),
+    );
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{said}");
+    assert!(
+        said.contains("--last-port") && said.contains("sixty"),
+        "{said}"
+    );
+    assert!(
+        said.contains("the value came from the environment variable WGPLANE_LAST_PORT"),
+        "{said}"
+    );
+    // Given as a flag, the flag is what is wrong.
+    let out = exits(
+        Command::new(support::binary())
+            .args(["run", "--last-port", "sixty", "--state-dir"])
+            .arg(dir.path())
+            .env("WGPLANE_LAST_PORT", "sixty"),
+    );
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{said}");
+    assert!(!said.contains("environment variable"), "{said}");
+}

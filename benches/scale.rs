@@ -826,26 +826,10 @@ fn verdict(ok: bool) -> &'static str {
     }
 }
 
-/// Raises the soft open-files limit to the hard one (inherited by the appliances:
-/// each tunnel holds a socket).
-fn raise_nofile() {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: the pointer is to a live local of the right type.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
-        {
-            limit.rlim_cur = limit.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-        }
-    }
-}
-
 fn main() {
     let o = options();
-    raise_nofile();
+    // Inherited by the appliances: each tunnel holds a socket.
+    let _ = wgplane::io::limits::raise_open_files();
     let bin = binary();
     let http = reqwest::blocking::Client::builder()
         .no_proxy()

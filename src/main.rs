@@ -1052,22 +1052,17 @@ const CHANGE_GRACE: Duration = Duration::from_secs(2);
 /// gives before SIGKILL.
 const BLOCKING_GRACE: Duration = Duration::from_secs(1);
 
+/// Ctrl-C or SIGTERM, whichever comes first.
 async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => return ctrl_c.await.unwrap_or(()),
-            };
-        tokio::select! {
-            _ = ctrl_c => {},
-            _ = term.recv() => {},
-        }
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return ctrl_c.await.unwrap_or(()),
+    };
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term.recv() => {},
     }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
 }
 
 /// Logs to stderr, `info` and up unless `RUST_LOG` says otherwise.

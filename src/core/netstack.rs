@@ -402,19 +402,6 @@ impl LocalStack {
         Ok(s.send_slice(data).unwrap_or(0))
     }
 
-    /// Room left in the send buffer.
-    pub fn send_room(&mut self, id: ConnId) -> usize {
-        self.socket(id)
-            .map(|s| {
-                if s.may_send() {
-                    s.send_capacity() - s.send_queue()
-                } else {
-                    0
-                }
-            })
-            .unwrap_or(0)
-    }
-
     /// Reads received bytes into `buf`; 0 when nothing is waiting.
     pub fn recv(&mut self, id: ConnId, buf: &mut [u8]) -> Result<usize, StackError> {
         let s = self.socket(id)?;

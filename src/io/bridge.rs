@@ -6,6 +6,9 @@
 //! only while the stack has send room, so a slow router stops the reader; and it
 //! reads from the stack only while the writer's channel has room, so a slow host
 //! lets smoltcp's receive window close towards the router.
+//!
+//! Left out: accepting connections and their limits (`forward`), and the TCP
+//! itself (the stack's, `core::netstack`).
 
 use std::collections::BTreeMap;
 

@@ -6,6 +6,10 @@
 //! carries at most [`MAX_CONNECTIONS`] at once and closes one that moved no
 //! byte for [`IDLE_TIMEOUT`], so that nobody can hold the tunnel's stack, and
 //! it warns about failed connections at most every 10 s.
+//!
+//! Left out: the bytes' way through the tunnel task and its stack (`bridge`),
+//! TLS or any authentication (the listener is the operator's to bind where only
+//! the backend reaches it), and UDP.
 
 use std::future::Future;
 use std::net::{SocketAddr, SocketAddrV4};

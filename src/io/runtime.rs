@@ -5,6 +5,9 @@
 //! A stored tunnel that cannot come up (its port taken at start, its task ended)
 //! is down, not gone: [`Runtime::bring_up`] starts it again, with its peers and
 //! forwards, whenever the control plane asks (see `api::supervisor`).
+//!
+//! Left out: what tunnels and peers there should be (the registry's, handed in
+//! as [`Tenant`]s), storing anything, and the packet path (the tasks').
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr, SocketAddrV4};

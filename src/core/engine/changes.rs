@@ -53,7 +53,7 @@ impl TunnelEngine {
                 id
             }
             None => {
-                if index == 0 || index >= crate::core::alloc::INDEX_SPACE {
+                if !crate::core::alloc::IndexAllocator::is_valid(index) {
                     return Err(EngineError::BadIndex { index });
                 }
                 if self.peers.by_index.contains_key(&index) {

@@ -20,8 +20,8 @@
 //! The engine's parts: `receive` (datagrams from the socket, sessions' bookkeeping),
 //! `route` (one inner packet to its next hop), `changes` (the control plane's
 //! peers, prefixes and egress), `peers` (the peer slots), `status` (counters,
-//! peer status, `explain`). Timers, the local stack's connections and events are
-//! here.
+//! peer status, `explain`), `strangers` (keys of initiations from no peer).
+//! Timers, the local stack's connections and events are here.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};

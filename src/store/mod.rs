@@ -33,8 +33,15 @@ pub enum StoreError {
     #[error("state database: {0}")]
     Sqlite(#[from] rusqlite::Error),
     /// The database was written by a newer wgplane.
-    #[error("state database has schema version {found}, this wgplane knows up to {known}")]
+    #[error("state database has schema version {found}, this wgplane knows up to {known}: run the newer wgplane, or put back the copy that kept the database as it was before the upgrade (state.db.v{known}, beside it)")]
     TooNew { found: i64, known: i64 },
+    /// The copy of an older database, kept before migrating it, could not be
+    /// made: the database is left as it was.
+    #[error("state database of schema version {version} not migrated: its copy could not be kept first: {source}")]
+    KeepFailed {
+        version: i64,
+        source: Box<backup::BackupError>,
+    },
     /// The master key does not open this state.
     #[error(
         "the master key does not match this state directory ({0}); use the key it was created with"
@@ -105,6 +112,10 @@ impl Store {
         // under a read-only root filesystem SQLite finds no directory for them.
         conn.pragma_update(None, "temp_store", "MEMORY")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
+        // The WAL is cut back to 4 MiB after a checkpoint: a large change
+        // (a big tenant deleted, every page zeroed) leaves no file of its size
+        // behind for the rest of the process's life.
+        conn.pragma_update(None, "journal_size_limit", 4 * 1024 * 1024)?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         // Deleted rows (sealed keys of deleted or re-keyed peers) are zeroed in
         // the database file, not left in its free pages (their old pages stay
@@ -123,6 +134,9 @@ impl Store {
         }
         if version >= 1 {
             check_master_key(&conn, &master)?;
+        }
+        if (1..schema::VERSION).contains(&version) {
+            keep_before_migration(path, version)?;
         }
         migrate(&mut conn)?;
         check_master_key(&conn, &master)?;
@@ -231,6 +245,22 @@ fn check_master_key(conn: &Connection, master: &MasterKey) -> Result<(), StoreEr
 
 fn user_version(conn: &Connection) -> Result<i64, StoreError> {
     Ok(conn.pragma_query_value(None, "user_version", |r| r.get(0))?)
+}
+
+/// Copies the database of schema `version`, as it is, to `<path>.v<version>`
+/// before a migration changes it for good: the way back to the wgplane that
+/// wrote it, which refuses the migrated one.
+fn keep_before_migration(path: &Path, version: i64) -> Result<(), StoreError> {
+    let mut name = path.as_os_str().to_owned();
+    name.push(format!(".v{version}"));
+    let kept = std::path::PathBuf::from(name);
+    backup::backup(path, &kept, &[]).map_err(|source| StoreError::KeepFailed {
+        version,
+        source: Box::new(source),
+    })?;
+    tracing::info!(from = version, to = schema::VERSION, kept = %kept.display(),
+        "state database to be migrated: the old one is kept for a way back");
+    Ok(())
 }
 
 fn migrate(conn: &mut Connection) -> Result<(), StoreError> {

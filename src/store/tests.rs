@@ -221,7 +221,7 @@ fn version_of(path: &Path) -> i64 {
 fn a_version_1_state_is_migrated_with_its_data() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("state.db");
-    let master = MasterKey::generate();
+    let master = MasterKey::from_bytes([5; 32]);
     version_1_state(&path, &master);
     let store = Store::open(&path, master).unwrap();
     assert_eq!(version_of(&path), schema::VERSION);
@@ -230,6 +230,36 @@ fn a_version_1_state_is_migrated_with_its_data() {
     assert_eq!(tenants[0].listen_port, 51820);
     let gw = &tenants[0].routers[&id("gw")];
     assert_eq!((gw.index, gw.endpoint), (7, None), "not heard from yet");
+    // The database as it was is kept beside it, for the release that wrote it.
+    let kept = dir.path().join("state.db.v1");
+    assert_eq!(version_of(&kept), 1);
+    let conn = Connection::open(&kept).unwrap();
+    let n: i64 = conn
+        .query_row("SELECT COUNT(*) FROM routers", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, 1);
+    // Opened again, the migrated database needs no copy and makes none.
+    std::fs::remove_file(&kept).unwrap();
+    drop(store);
+    drop(Store::open(&path, MasterKey::from_bytes([5; 32])).unwrap());
+    assert!(!kept.exists());
+}
+
+/// A copy that cannot be kept (its place is a directory) leaves the older
+/// database unmigrated, and says why.
+#[test]
+fn no_migration_without_its_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.db");
+    let master = MasterKey::generate();
+    version_1_state(&path, &master);
+    std::fs::create_dir(dir.path().join("state.db.v1")).unwrap();
+    let err = Store::open(&path, master).err().unwrap();
+    assert!(
+        matches!(err, StoreError::KeepFailed { version: 1, .. }),
+        "{err}"
+    );
+    assert_eq!(version_of(&path), 1);
 }
 
 /// A wrong key must not upgrade the state: the release that wrote it could

@@ -131,6 +131,11 @@ const HEARD_BATCH: usize = 1024;
 /// disk is mended still finds its routers.
 pub const STORE_RETRY: Duration = Duration::from_secs(10);
 
+/// After the hub fell behind, how long it waits before it takes every
+/// router's endpoint from the tunnels: further lags meanwhile (a reconnect
+/// wave) cost that one pass, not one each.
+pub const LAG_SETTLE: Duration = Duration::from_secs(2);
+
 /// Counters of the event path.
 #[derive(Debug, Default)]
 pub struct EventStats {
@@ -246,6 +251,13 @@ impl Keeping {
         }
     }
 
+    /// Events were lost: every router's endpoint is taken from the tunnels
+    /// within [`LAG_SETTLE`] (or sooner, if a pass was due already).
+    fn reconcile_soon(&mut self) {
+        let at = tokio::time::Instant::now() + LAG_SETTLE;
+        self.retry_at = Some(self.retry_at.map_or(at, |due| due.min(at)));
+    }
+
     /// Has every router's endpoint taken from the tunnels, which covers
     /// whatever was heard, lost or refused before.
     async fn reconcile(&mut self, directory: &impl Directory) {
@@ -338,7 +350,7 @@ pub async fn run_hub(
                 publish(Published::Lagged(Lagged::now(n)));
                 // What was lost may have moved a router: the tunnels know
                 // where each one is now, which also covers what is pending.
-                keeping.reconcile(&directory).await;
+                keeping.reconcile_soon();
                 continue;
             }
             Err(broadcast::error::RecvError::Closed) => break,
@@ -385,6 +397,10 @@ pub async fn run_hub(
     }
     if !keeping.heard.is_empty() {
         keeping.hand_over(&directory).await;
+    }
+    // A pass that was due (after a lag, or the store's refusal) is not skipped.
+    if keeping.retry_at.is_some() {
+        keeping.reconcile(&directory).await;
     }
 }
 
@@ -644,6 +660,34 @@ mod tests {
         assert_eq!(reconciled, 1);
         let ports: Vec<u16> = got.concat().iter().map(|h| h.endpoint.port()).collect();
         assert_eq!(ports, [6, 7, 8, 9]);
+    }
+
+    /// A reconnect wave that makes the hub fall behind again and again costs
+    /// one pass over the tunnels, once it has settled, not one per lag.
+    #[tokio::test(start_paused = true)]
+    async fn lags_in_a_row_cost_one_pass_over_the_tunnels() {
+        let (tx, rx) = broadcast::channel(4);
+        let directory = Recorder::default();
+        let (subscribers, _) = broadcast::channel(8);
+        let hub = tokio::spawn(run_hub(
+            rx,
+            directory.clone(),
+            subscribers,
+            None,
+            Arc::default(),
+        ));
+        for wave in 0..5u16 {
+            for n in 0..10 {
+                tx.send(connected(0, wave * 100 + n)).unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(directory.reconciled.load(Ordering::Relaxed), 0, "settling");
+        tokio::time::sleep(LAG_SETTLE).await;
+        assert_eq!(directory.reconciled.load(Ordering::Relaxed), 1);
+        drop(tx);
+        hub.await.unwrap();
+        assert_eq!(directory.reconciled.load(Ordering::Relaxed), 1);
     }
 
     #[tokio::test]

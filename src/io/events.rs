@@ -616,6 +616,18 @@ mod tests {
         }
     }
 
+    /// A hub running on `directory`, fed by the returned sender through a
+    /// channel of `capacity`.
+    fn spawn_hub(
+        capacity: usize,
+        directory: &Recorder,
+    ) -> (broadcast::Sender<TunnelEvent>, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = broadcast::channel(capacity);
+        let (subscribers, _) = broadcast::channel(8);
+        let hub = run_hub(rx, directory.clone(), subscribers, None, Arc::default());
+        (tx, tokio::spawn(hub))
+    }
+
     /// Runs the hub over `events`, queued before it starts in a channel of
     /// `capacity`, to the end: the batches handed over, and reconciliations.
     async fn run(events: Vec<TunnelEvent>, capacity: usize) -> (Vec<Vec<Heard>>, u64) {
@@ -666,16 +678,8 @@ mod tests {
     /// one pass over the tunnels, once it has settled, not one per lag.
     #[tokio::test(start_paused = true)]
     async fn lags_in_a_row_cost_one_pass_over_the_tunnels() {
-        let (tx, rx) = broadcast::channel(4);
         let directory = Recorder::default();
-        let (subscribers, _) = broadcast::channel(8);
-        let hub = tokio::spawn(run_hub(
-            rx,
-            directory.clone(),
-            subscribers,
-            None,
-            Arc::default(),
-        ));
+        let (tx, hub) = spawn_hub(4, &directory);
         for wave in 0..5u16 {
             for n in 0..10 {
                 tx.send(connected(0, wave * 100 + n)).unwrap();
@@ -1035,17 +1039,9 @@ mod tests {
     async fn endpoints_the_store_refuses_are_taken_from_the_tunnels_until_it_takes_them() {
         // The disk is full for the hand-over and the first retry; the second
         // retry stores them, and then the hub waits for events again.
-        let (tx, rx) = broadcast::channel(16);
         let directory = Recorder::default();
         directory.refusals.store(2, Ordering::Relaxed);
-        let (subscribers, _) = broadcast::channel(8);
-        let hub = tokio::spawn(run_hub(
-            rx,
-            directory.clone(),
-            subscribers,
-            None,
-            Arc::default(),
-        ));
+        let (tx, hub) = spawn_hub(16, &directory);
         let start = tokio::time::Instant::now();
         tx.send(connected(0, 7)).unwrap();
         tokio::time::sleep(STORE_RETRY * 5).await;

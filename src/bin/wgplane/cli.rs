@@ -322,62 +322,34 @@ pub(crate) fn settings(args: &RunArgs) -> Result<Settings> {
         Some(file) => (Settings::load(file)?, file.display().to_string()),
         None => (Settings::default(), "embedded defaults".to_owned()),
     };
-    if let Some(v) = &args.state_dir {
-        s.state.dir.clone_from(v);
+    // Each flag (or its variable) given replaces the setting.
+    macro_rules! given {
+        ($($flag:ident => $setting:expr),* $(,)?) => {
+            $(if let Some(v) = &args.$flag {
+                $setting = v.clone().into();
+            })*
+        };
     }
-    if let Some(v) = args.api_listen {
-        s.api.listen = v;
-    }
-    if let Some(v) = &args.api_token_file {
-        s.api.token_file = Some(v.clone());
-    }
-    if let Some(v) = &args.master_key_file {
-        s.state.master_key_file = Some(v.clone());
-    }
-    if let Some(v) = args.bind {
-        s.tunnels.bind = v;
-    }
-    if let Some(v) = args.first_port {
-        s.tunnels.first_port = v;
-    }
-    if let Some(v) = args.last_port {
-        s.tunnels.last_port = v;
-    }
-    if let Some(v) = &args.public_host {
-        s.tunnels.public_host.clone_from(v);
-    }
-    if let Some(v) = args.supernet {
-        s.tunnels.supernet = v;
-    }
-    if let Some(v) = args.subnet_prefix_len {
-        s.tunnels.subnet_prefix_len = v;
-    }
-    if let Some(v) = args.subnet_start {
-        s.tunnels.subnet_start = v;
-    }
-    if let Some(v) = args.liveness_timeout_secs {
-        s.tunnels.liveness_timeout_secs = v;
-    }
-    if let Some(v) = args.handshakes_per_second {
-        s.tunnels.handshakes_per_second = v;
-    }
-    if let Some(v) = args.handshake_budget_per_second {
-        s.tunnels.handshake_budget_per_second = v;
-    }
-    if let Some(v) = args.log_format {
-        s.log.format = v;
-    }
-    if let Some(v) = args.batch_scheduling {
-        s.tunnels.batch_scheduling = v;
-    }
-    if let Some(v) = args.tun {
-        s.tun.enabled = v;
-    }
-    if let Some(v) = args.metrics_need_token {
-        s.api.metrics_need_token = v;
-    }
-    if let Some(v) = &args.tun_name {
-        s.tun.name.clone_from(v);
+    given! {
+        state_dir => s.state.dir,
+        api_listen => s.api.listen,
+        api_token_file => s.api.token_file,
+        master_key_file => s.state.master_key_file,
+        bind => s.tunnels.bind,
+        first_port => s.tunnels.first_port,
+        last_port => s.tunnels.last_port,
+        public_host => s.tunnels.public_host,
+        supernet => s.tunnels.supernet,
+        subnet_prefix_len => s.tunnels.subnet_prefix_len,
+        subnet_start => s.tunnels.subnet_start,
+        liveness_timeout_secs => s.tunnels.liveness_timeout_secs,
+        handshakes_per_second => s.tunnels.handshakes_per_second,
+        handshake_budget_per_second => s.tunnels.handshake_budget_per_second,
+        log_format => s.log.format,
+        batch_scheduling => s.tunnels.batch_scheduling,
+        tun => s.tun.enabled,
+        metrics_need_token => s.api.metrics_need_token,
+        tun_name => s.tun.name,
     }
     if !args.webhooks.is_empty() {
         s.events.webhooks.clone_from(&args.webhooks);

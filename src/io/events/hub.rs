@@ -1,0 +1,252 @@
+//! The event hub: names each engine event after its tenant and object, keeps
+//! the routers' endpoints on their way to the store, and fans events out to
+//! SSE subscribers and the webhooks' queue.
+//!
+//! Left out: delivery to URLs (`webhooks`), and the SSE streams (`api::events`).
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use tokio::sync::{broadcast, mpsc};
+
+use crate::core::engine::Event;
+use crate::io::runtime::TunnelEvent;
+use crate::io::tunnel::News;
+
+use super::{
+    Directory, EventStats, Heard, Lagged, NotStored, PeerEvent, Published, Queued, HEARD_BATCH,
+    LAG_SETTLE, STORE_RETRY,
+};
+
+/// Turns an engine event of `tenant`'s tunnel, seen `at`, into a platform event.
+pub(super) fn describe(
+    tenant: &str,
+    at: std::time::SystemTime,
+    e: &Event,
+    kind: &'static str,
+    id: String,
+) -> PeerEvent {
+    let (event, key, endpoint) = match e {
+        Event::Connected { peer, endpoint } => ("peer_connected", peer, *endpoint),
+        Event::Disconnected { peer } => ("peer_disconnected", peer, None),
+        Event::Roamed { peer, endpoint } => ("peer_roamed", peer, Some(*endpoint)),
+    };
+    PeerEvent {
+        event,
+        tenant_id: tenant.to_owned(),
+        kind,
+        id,
+        public_key: crate::keys::encode(key),
+        endpoint: endpoint.map(|a| a.to_string()),
+        at: crate::io::wall::rfc3339(at),
+    }
+}
+
+pub(super) fn peer_key(e: &Event) -> &[u8; 32] {
+    match e {
+        Event::Connected { peer, .. }
+        | Event::Disconnected { peer }
+        | Event::Roamed { peer, .. } => peer,
+    }
+}
+
+/// The names of the peers the platform was told are connected, as they were
+/// then: a peer deleted, or given a new key, is still named in its
+/// `peer_disconnected` as in its `peer_connected`.
+#[derive(Default)]
+pub(super) struct Names(HashMap<(Arc<str>, [u8; 32]), Name>);
+
+/// A peer's kind (`router`, `client`) and id.
+pub(super) type Name = (&'static str, String);
+
+impl Names {
+    /// The (kind, id) of `e`'s peer: for a disconnect the name it connected
+    /// under, and none for a peer whose connect was not published (a second
+    /// report of the same disconnect, say: every `peer_connected` gets one
+    /// `peer_disconnected`); otherwise the registry's (remembered for the
+    /// disconnect).
+    async fn name(
+        &mut self,
+        directory: &impl Directory,
+        tenant: &Arc<str>,
+        e: &Event,
+    ) -> Option<Name> {
+        let at = (Arc::clone(tenant), *peer_key(e));
+        if let Event::Disconnected { .. } = e {
+            return self.0.remove(&at);
+        }
+        let name = directory.resolve(tenant, &at.1).await?;
+        self.0.insert(at, name.clone());
+        Some(name)
+    }
+
+    /// `tenant`'s tunnel stopped: its peers that were announced connected,
+    /// forgotten now (each gets its `peer_disconnected`).
+    fn stopped(&mut self, tenant: &str) -> Vec<([u8; 32], Name)> {
+        let keys: Vec<_> = self
+            .0
+            .keys()
+            .filter(|(t, _)| &**t == tenant)
+            .cloned()
+            .collect();
+        keys.into_iter()
+            .filter_map(|at| self.0.remove(&at).map(|name| (at.1, name)))
+            .collect()
+    }
+}
+
+/// Router endpoints on their way to the store.
+#[derive(Default)]
+pub(super) struct Keeping {
+    /// Heard since the last hand-over, oldest first.
+    heard: Vec<Heard>,
+    /// Set while the store has refused endpoints: when to take every router's
+    /// endpoint from the tunnels again.
+    retry_at: Option<tokio::time::Instant>,
+}
+
+impl Keeping {
+    /// Hands what was heard to the directory; a refusal schedules a retry.
+    async fn hand_over(&mut self, directory: &impl Directory) {
+        let heard = std::mem::take(&mut self.heard);
+        if directory.routers_heard_at(heard).await.is_err() && self.retry_at.is_none() {
+            self.retry_at = Some(tokio::time::Instant::now() + STORE_RETRY);
+        }
+    }
+
+    /// Events were lost: every router's endpoint is taken from the tunnels
+    /// within [`LAG_SETTLE`] (or sooner, if a pass was due already).
+    fn reconcile_soon(&mut self) {
+        let at = tokio::time::Instant::now() + LAG_SETTLE;
+        self.retry_at = Some(self.retry_at.map_or(at, |due| due.min(at)));
+    }
+
+    /// Has every router's endpoint taken from the tunnels, which covers
+    /// whatever was heard, lost or refused before.
+    async fn reconcile(&mut self, directory: &impl Directory) {
+        self.heard.clear();
+        self.retry_at = match directory.reconcile_router_endpoints().await {
+            Ok(()) => None,
+            Err(NotStored) => Some(tokio::time::Instant::now() + STORE_RETRY),
+        };
+    }
+}
+
+/// Runs the hub until the engines' channel closes.
+pub async fn run_hub(
+    mut engines: broadcast::Receiver<TunnelEvent>,
+    directory: impl Directory,
+    subscribers: broadcast::Sender<Published>,
+    webhooks: Option<mpsc::Sender<Queued>>,
+    stats: Arc<EventStats>,
+) {
+    let mut lost = 0u64;
+    let mut publish = |event: Published| {
+        let _ = subscribers.send(event.clone());
+        if let Some(queue) = &webhooks {
+            // What the queue refused is lost for every URL: the next event
+            // that fits carries the count, so that each URL is told at the
+            // gap, after the events that came before it.
+            let queued = Queued {
+                lost_before: lost,
+                event,
+            };
+            match queue.try_send(queued) {
+                Ok(()) => lost = 0,
+                Err(_) => {
+                    lost += 1;
+                    stats.webhook_dropped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    };
+    let mut keeping = Keeping::default();
+    let mut names = Names::default();
+    loop {
+        let next = if !keeping.heard.is_empty() {
+            match engines.try_recv() {
+                Ok(e) => Ok(e),
+                Err(broadcast::error::TryRecvError::Empty) => {
+                    keeping.hand_over(&directory).await;
+                    continue;
+                }
+                Err(broadcast::error::TryRecvError::Lagged(n)) => {
+                    Err(broadcast::error::RecvError::Lagged(n))
+                }
+                Err(broadcast::error::TryRecvError::Closed) => {
+                    Err(broadcast::error::RecvError::Closed)
+                }
+            }
+        } else if let Some(at) = keeping.retry_at {
+            tokio::select! {
+                next = engines.recv() => next,
+                () = tokio::time::sleep_until(at) => {
+                    keeping.reconcile(&directory).await;
+                    continue;
+                }
+            }
+        } else {
+            engines.recv().await
+        };
+        let e = match next {
+            Ok(e) => e,
+            Err(broadcast::error::RecvError::Lagged(n)) => {
+                stats.lagged.fetch_add(n, Ordering::Relaxed);
+                tracing::warn!(lost = n, "event hub fell behind");
+                publish(Published::Lagged(Lagged::now(n)));
+                // What was lost may have moved a router: the tunnels know
+                // where each one is now, which also covers what is pending.
+                keeping.reconcile_soon();
+                continue;
+            }
+            Err(broadcast::error::RecvError::Closed) => break,
+        };
+        let mut announce = |event: PeerEvent| {
+            tracing::info!(event = event.event, tenant = %event.tenant_id, id = %event.id, "peer event");
+            stats.published.fetch_add(1, Ordering::Relaxed);
+            publish(Published::Peer(event));
+        };
+        let news = match &e.event {
+            News::Peer(news) => news,
+            News::Stopped => {
+                for (peer, (kind, id)) in names.stopped(&e.tenant) {
+                    let gone = Event::Disconnected { peer };
+                    announce(describe(&e.tenant, e.at, &gone, kind, id));
+                }
+                continue;
+            }
+        };
+        let key = peer_key(news);
+        let Some((kind, id)) = names.name(&directory, &e.tenant, news).await else {
+            // Never connected, and deleted meanwhile: its event is moot.
+            continue;
+        };
+        // Routers are where the appliance may have to reach out first (a
+        // gateway to wake, a router the backend talks to): their endpoint is
+        // kept. Clients always dial in, from wherever their network puts them.
+        let heard_at = match *news {
+            Event::Connected { endpoint, .. } => endpoint,
+            Event::Roamed { endpoint, .. } => Some(endpoint),
+            Event::Disconnected { .. } => None,
+        };
+        if let (Some(endpoint), "router") = (heard_at, kind) {
+            keeping.heard.push(Heard {
+                tenant: Arc::clone(&e.tenant),
+                key: *key,
+                endpoint,
+            });
+        }
+        announce(describe(&e.tenant, e.at, news, kind, id));
+        if keeping.heard.len() >= HEARD_BATCH {
+            keeping.hand_over(&directory).await;
+        }
+    }
+    if !keeping.heard.is_empty() {
+        keeping.hand_over(&directory).await;
+    }
+    // A pass that was due (after a lag, or the store's refusal) is not skipped.
+    if keeping.retry_at.is_some() {
+        keeping.reconcile(&directory).await;
+    }
+}

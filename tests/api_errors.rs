@@ -440,6 +440,7 @@ fn metrics_can_require_the_token() {
 #[test]
 fn sighup_reads_the_token_again() {
     let app = Appliance::start();
+    let stream = app.subscribe_events();
     let hangup = || {
         let pid = libc::pid_t::try_from(app.pid()).expect("pid");
         // SAFETY: kill(2) on our own child's PID, which it keeps until waited for.
@@ -459,6 +460,14 @@ fn sighup_reads_the_token_again() {
     }
     let (status, v) = app.call("GET", "/v1/tenants", None);
     assert_eq!((status, error_of(&v)), (401, ("unauthorized", None)), "{v}");
+    // The event stream opened with the old token has ended.
+    assert!(
+        matches!(
+            stream.recv_timeout(std::time::Duration::from_secs(10)),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected)
+        ),
+        "the old token's event stream still runs"
+    );
 
     std::fs::write(&file, "").expect("empty the token file");
     hangup();

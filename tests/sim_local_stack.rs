@@ -292,12 +292,18 @@ fn lone_fragments_for_the_server_address_are_not_answered() {
     v6[4..6].copy_from_slice(&((udp_part.len() + 8) as u16).to_be_bytes());
     v6.extend_from_slice(&[17, 0, 0, 1, 0, 0, 0, 9]);
     v6.extend_from_slice(&udp_part);
-    for p in [later, v6] {
+    // One that reaches far beyond what the stack puts together: kept out, so
+    // that it cannot make the stack's buffer grow to 64 KiB.
+    let mut far = udp("10.100.1.1", "10.100.0.1", 33434);
+    Ipv4Packet::new_unchecked(&mut far[..]).set_more_frags(true);
+    Ipv4Packet::new_unchecked(&mut far[..]).set_frag_offset(65528 - 8);
+    Ipv4Packet::new_unchecked(&mut far[..]).fill_checksum();
+    for p in [later, v6, far] {
         sim.send(r1, &p);
     }
     assert!(sim.take_inbox(r1).is_empty(), "no answer to a fragment");
     let s = sim.tunnels[t].engine.stats();
-    assert_eq!(s.dropped(DropReason::LocalFragment), 1);
+    assert_eq!(s.dropped(DropReason::LocalFragment), 2);
     // A ping after them is answered as ever.
     sim.send(r1, &ping("10.100.1.1", "10.100.0.1", 8));
     assert!(is_echo_reply(&sim.take_inbox(r1)[0], 8));

@@ -16,23 +16,40 @@ use subtle::ConstantTimeEq;
 use super::{ApiError, AppState};
 
 /// The API token, which a SIGHUP may replace while requests are checked.
-pub struct Token(RwLock<String>);
+pub struct Token {
+    held: RwLock<String>,
+    /// How many times it was replaced: what the event streams opened with an
+    /// earlier token watch, to end then.
+    replaced: tokio::sync::watch::Sender<u64>,
+}
 
 impl Token {
     pub fn new(token: String) -> Self {
-        Self(RwLock::new(token))
+        Self {
+            held: RwLock::new(token),
+            replaced: tokio::sync::watch::Sender::new(0),
+        }
     }
 
-    /// The token from now on; requests already checked are not checked again.
+    /// The token from now on. Requests already checked are not checked again,
+    /// but the event streams they opened end ([`Token::replacements`]).
     pub fn replace(&self, token: String) {
-        // A poisoned lock still holds a whole string: a write replaces it.
-        let mut held = self.0.write().unwrap_or_else(|p| p.into_inner());
-        *held = token;
+        {
+            // A poisoned lock still holds a whole string: a write replaces it.
+            let mut held = self.held.write().unwrap_or_else(|p| p.into_inner());
+            *held = token;
+        }
+        self.replaced.send_modify(|n| *n += 1);
+    }
+
+    /// Changes each time the token is replaced.
+    pub fn replacements(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.replaced.subscribe()
     }
 
     /// Whether `presented` is the token, compared in constant time.
     fn matches(&self, presented: &str) -> bool {
-        let held = self.0.read().unwrap_or_else(|p| p.into_inner());
+        let held = self.held.read().unwrap_or_else(|p| p.into_inner());
         bool::from(presented.as_bytes().ct_eq(held.as_bytes()))
     }
 }

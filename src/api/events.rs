@@ -21,7 +21,8 @@ use crate::io::events::{Lagged, Published};
 /// `{"event": "lagged", "missed": N, "at": …}`) says so, and the stream goes on:
 /// the subscriber should read the peers' state again (`GET …/routers`,
 /// `…/clients`), since events are not replayed. The stream ends when the
-/// appliance shuts down.
+/// appliance shuts down, and when the API token is replaced (SIGHUP): a
+/// follower connects again with the new one.
 #[utoipa::path(get, path = "/events", tag = "events", responses((status = 200, description = "Server-Sent Events: peer_connected, peer_disconnected, peer_roamed (data: a PeerEvent); lagged (data: {\"event\": \"lagged\", \"missed\": N, \"at\": RFC 3339}) when events were lost", content_type = "text/event-stream", body = crate::io::events::PeerEvent), (status = 401, description = "Missing or wrong token", body = super::views::ErrorBody)))]
 pub async fn stream(
     State(state): State<Arc<AppState>>,
@@ -44,10 +45,24 @@ pub async fn stream(
             .unwrap_or_else(|_| Event::default().comment("unserializable event")))
     });
     let mut stopping = state.stopping.clone();
+    let mut replaced = state.token.replacements();
     let stop = async move {
         // No sender: nobody can stop the appliance, so the stream runs on.
-        if stopping.wait_for(|s| *s).await.is_err() {
-            std::future::pending::<()>().await;
+        let stopped = async {
+            if stopping.wait_for(|s| *s).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        };
+        // A stream opened with a token that was replaced (a SIGHUP) ends: the
+        // old token must not keep a door open.
+        let token_replaced = async {
+            if replaced.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            () = stopped => {}
+            () = token_replaced => {}
         }
     };
     let events = futures_util::StreamExt::take_until(events, stop);

@@ -197,7 +197,10 @@ fn build_v6(error: Error, packet: &[u8], from: Ipv6Addr, out: &mut [u8]) -> Opti
 pub fn is_error(packet: &[u8]) -> bool {
     match packet.first().map(|b| b >> 4) {
         Some(4) => Ipv4Packet::new_checked(packet).is_ok_and(|p| {
+            // A later fragment's payload is the middle of the message, not
+            // its type (the stack sends large echo replies in fragments).
             p.next_header() == IpProtocol::Icmp
+                && p.frag_offset() == 0
                 && p.payload()
                     .first()
                     .is_some_and(|t| matches!(t, 3 | 4 | 5 | 11 | 12))
@@ -247,6 +250,16 @@ impl<const RATE: u32, const BURST: u32> Budget<RATE, BURST> {
     /// Takes one error's worth if there is one at `now`.
     #[inline]
     pub fn take(&mut self, now: Instant) -> bool {
+        if !self.has(now) {
+            return false;
+        }
+        self.tokens -= 1;
+        true
+    }
+
+    /// Whether there is one error's worth at `now`, taking none.
+    #[inline]
+    pub fn has(&mut self, now: Instant) -> bool {
         let every = Duration::from_secs(1) / RATE;
         let at = *self.refilled.get_or_insert(now);
         let earned = now.saturating_duration_since(at).as_nanos() / every.as_nanos();
@@ -260,11 +273,26 @@ impl<const RATE: u32, const BURST: u32> Budget<RATE, BURST> {
                 at + every * earned
             });
         }
-        if self.tokens == 0 {
-            return false;
+        self.tokens > 0
+    }
+}
+
+/// Takes one error's worth from the peer's share (where the error goes to a
+/// peer) and from its tunnel's budget, or from neither: a share is not spent
+/// on an error the tunnel's budget refuses, nor the other way round.
+pub fn take_shares(
+    peer: Option<&mut PeerErrorBudget>,
+    tunnel: &mut ErrorBudget,
+    now: Instant,
+) -> bool {
+    match peer {
+        Some(peer) => {
+            if !(peer.has(now) && tunnel.has(now)) {
+                return false;
+            }
+            peer.take(now) && tunnel.take(now)
         }
-        self.tokens -= 1;
-        true
+        None => tunnel.take(now),
     }
 }
 
@@ -487,6 +515,47 @@ mod tests {
         let ip = Ipv4Packet::new_unchecked(&p);
         assert_eq!(ip.checksum(), 0x0000);
         assert!(ip.verify_checksum());
+    }
+
+    /// An error the tunnel's budget refuses costs the peer's share nothing,
+    /// and the other way round.
+    #[test]
+    fn shares_are_taken_together_or_not_at_all() {
+        let now = Instant::now();
+        let mut tunnel = ErrorBudget::default();
+        while tunnel.take(now) {}
+        let mut peer = PeerErrorBudget::default();
+        assert!(!take_shares(Some(&mut peer), &mut tunnel, now));
+        let left = (0..100).filter(|_| peer.take(now)).count();
+        assert_eq!(left, PEER_ERROR_BURST as usize, "the share kept");
+
+        let mut tunnel = ErrorBudget::default();
+        assert!(
+            !take_shares(Some(&mut peer), &mut tunnel, now),
+            "no share left"
+        );
+        let left = (0..100).filter(|_| tunnel.take(now)).count();
+        assert_eq!(left, ERROR_BURST as usize, "the tunnel's budget kept");
+        let mut tunnel = ErrorBudget::default();
+        assert!(take_shares(None, &mut tunnel, now), "an error for no peer");
+    }
+
+    /// The type byte names an error only in a message's first fragment: a
+    /// later one of a large echo reply is no error, whatever its bytes.
+    #[test]
+    fn only_a_first_fragment_can_be_an_error() {
+        let echo = crate::core::packet::build::icmp_echo_request(
+            Ipv4Addr::new(10, 100, 0, 1),
+            Ipv4Addr::new(10, 100, 1, 1),
+            1,
+        );
+        assert!(!is_error(&echo), "an echo is a query");
+        let mut p = echo.clone();
+        p[20] = 3; // destination unreachable
+        assert!(is_error(&p));
+        Ipv4Packet::new_unchecked(&mut p[..]).set_frag_offset(1480);
+        Ipv4Packet::new_unchecked(&mut p[..]).fill_checksum();
+        assert!(!is_error(&p), "a later fragment starting with 3");
     }
 
     #[test]

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use smoltcp::iface::{Config, Interface, PollResult, SocketHandle, SocketSet};
 use smoltcp::phy::{self, Device, DeviceCapabilities, Medium};
 use smoltcp::socket::tcp;
-use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr, IpEndpoint};
+use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr, IpEndpoint, Ipv4Packet};
 
 /// MTU of the inner packets the stack sends (the tunnels' MTU).
 pub const MTU: usize = 1420;
@@ -46,10 +46,16 @@ const TCP_TIMEOUT: Duration = Duration::from_secs(10);
 const TCP_KEEP_ALIVE: Duration = Duration::from_secs(3);
 
 /// How long the stack keeps the fragments of an IPv4 datagram it has not all
-/// of. It puts one datagram together at a time (up to 4 KiB, smoltcp's
-/// `reassembly-buffer-size-4096`): a stray fragment blocks the next large ping
-/// this long at most, where smoltcp's own default is a minute.
+/// of. It puts one datagram together at a time: a stray fragment blocks the
+/// next large ping this long at most, where smoltcp's own default is a minute.
 const REASSEMBLY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The largest IPv4 payload the stack puts together from fragments: its reply
+/// (an echo's is as large) must fit smoltcp's 4 KiB fragmenter buffer,
+/// header included. smoltcp's own reassembly buffer grows to whatever offset
+/// a fragment names (with `alloc`, its size feature is not a bound), so the
+/// engine keeps out every fragment that reaches beyond this.
+pub const REASSEMBLY_MAX_PAYLOAD: usize = 4096 - 20;
 
 /// Upper bound of egress passes per poll (see [`LocalStack::poll`]).
 const MAX_EGRESS_PASSES: usize = 1024;
@@ -206,6 +212,14 @@ impl LocalStack {
         });
         let _ = self.iface.routes_mut().add_default_ipv6_route(address);
         self
+    }
+
+    /// Whether the stack takes this fragment to put together: IPv4 only, and
+    /// only within [`REASSEMBLY_MAX_PAYLOAD`] of its datagram's start.
+    pub fn reassembles(packet: &[u8]) -> bool {
+        Ipv4Packet::new_checked(packet).is_ok_and(|p| {
+            usize::from(p.frag_offset()) + p.payload().len() <= REASSEMBLY_MAX_PAYLOAD
+        })
     }
 
     /// A stack owning `address` in the tunnel subnet `address/prefix_len`.

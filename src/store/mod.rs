@@ -33,7 +33,7 @@ pub enum StoreError {
     #[error("state database: {0}")]
     Sqlite(#[from] rusqlite::Error),
     /// The database was written by a newer wgplane.
-    #[error("state database has schema version {found}, this wgplane knows up to {known}: run the newer wgplane, or put back the copy that kept the database as it was before the upgrade (state.db.v{known}, beside it)")]
+    #[error("state database has schema version {found}, this wgplane knows up to {known}: run the newer wgplane, or put back the copy the upgrade kept beside it (state.db.v<N>, N the schema it had before, at most {known})")]
     TooNew { found: i64, known: i64 },
     /// The copy of an older database, kept before migrating it, could not be
     /// made: the database is left as it was.

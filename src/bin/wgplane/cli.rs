@@ -302,7 +302,12 @@ pub(crate) fn variable_behind(e: &clap::Error) -> Option<String> {
     // "--last-port <LAST_PORT>"
     let long = arg.split_whitespace().next()?.strip_prefix("--")?;
     let flag = format!("--{long}");
-    if std::env::args().any(|a| a == flag || a.starts_with(&format!("{flag}="))) {
+    // `args_os`: an argument that is no UTF-8 (a path) must not panic here.
+    let on_command_line = std::env::args_os().any(|a| {
+        let a = a.to_string_lossy();
+        a == flag || a.starts_with(&format!("{flag}="))
+    });
+    if on_command_line {
         return None;
     }
     let cli = Cli::command();

@@ -41,7 +41,7 @@ impl TunnelEngine {
             // budgets of the peer they go to and of the tunnel, as the hub's
             // own do.
             let error = icmp::is_error(&packet);
-            if error && !(peer_allows_error(peers, routing, &packet, now) && icmp.take(now)) {
+            if error && !take_error_shares(peers, routing, icmp, &packet, now) {
                 stack.recycle(packet);
                 continue;
             }
@@ -92,22 +92,22 @@ impl TunnelEngine {
     }
 }
 
-/// Takes one error's worth from the budget of the peer an error from the
-/// local stack goes to (the one that owns its destination); an error for no
-/// peer is not held back here (routing drops it).
-fn peer_allows_error(
+/// Takes one error's worth from the share of the peer an error from the local
+/// stack goes to (the one that owns its destination) and from the tunnel's
+/// budget, or from neither; an error for no peer pays the tunnel's alone
+/// (routing drops it).
+fn take_error_shares(
     peers: &mut Peers,
     routing: &RoutingState,
+    tunnel: &mut ErrorBudget,
     error: &[u8],
     now: Instant,
 ) -> bool {
-    let Ok(header) = packet::parse(error) else {
-        return true;
-    };
-    match routing.routes.lookup(header.dst) {
-        Some(&to) => peers.get_mut(to).is_none_or(|p| p.icmp.take(now)),
-        None => true,
-    }
+    let to = packet::parse(error)
+        .ok()
+        .and_then(|header| routing.routes.lookup(header.dst).copied());
+    let share = to.and_then(|to| peers.get_mut(to)).map(|p| &mut p.icmp);
+    icmp::take_shares(share, tunnel, now)
 }
 
 /// Routing rules 1 to 6 for one packet, then encryption for the next hop.
@@ -201,11 +201,9 @@ pub(super) fn route(
         }
         Verdict::Local => {
             let refused = match local {
-                // IPv4 fragments the stack puts together; IPv6 ones it cannot.
-                Some(_)
-                    if packet.first().is_some_and(|b| b >> 4 == 6)
-                        && packet::is_fragment(packet) =>
-                {
+                // IPv4 fragments of a small datagram the stack puts together;
+                // IPv6 ones, and those of a larger datagram, it never takes.
+                Some(_) if packet::is_fragment(packet) && !LocalStack::reassembles(packet) => {
                     Some(DropReason::LocalFragment)
                 }
                 Some(stack) => (!stack.receive(packet)).then_some(DropReason::LocalQueueFull),
@@ -296,9 +294,12 @@ fn answer(
     let Some(len) = icmp::build(error, packet, from, &mut out) else {
         return;
     };
-    // The sender's share first: one peer's flood leaves the tunnel's other
-    // errors to its other peers.
-    if !peers.get_mut(sender).is_some_and(|p| p.icmp.take(now)) || !budget.take(now) {
+    // The sender's share and the tunnel's: one peer's flood leaves the
+    // tunnel's other errors to its other peers.
+    let Some(share) = peers.get_mut(sender).map(|p| &mut p.icmp) else {
+        return;
+    };
+    if !icmp::take_shares(Some(share), budget, now) {
         return;
     }
     // Counted once it leaves for the sender, or waits for its handshake.

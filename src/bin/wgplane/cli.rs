@@ -6,7 +6,7 @@
 //! settings' own defaults and checks (`wgplane::config`).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::{Args, CommandFactory, Parser, Subcommand};
@@ -69,17 +69,45 @@ pub(crate) struct HealthArgs {
     pub(crate) timeout: u64,
 }
 
+/// Where a command that works on the state directory finds it, as `run`
+/// does: the config file, then the directory and the master key's file given
+/// on their own.
 #[derive(Args)]
-pub(crate) struct RekeyArgs {
-    /// Config file (TOML), for `state.dir` and where the current master key is.
+pub(crate) struct StateArgs {
+    /// Config file (TOML), for `state.dir` and where the master key is.
     #[arg(long, env = "WGPLANE_CONFIG")]
     pub(crate) config: Option<PathBuf>,
     /// State directory (wins over the config file).
     #[arg(long, env = "WGPLANE_STATE_DIR")]
     pub(crate) state_dir: Option<PathBuf>,
-    /// The current master key's file, as `run` has it (wins over the config file).
+    /// The (current) master key's file, as `run` has it (wins over the config
+    /// file).
     #[arg(long, env = "WGPLANE_MASTER_KEY_FILE")]
     pub(crate) master_key_file: Option<PathBuf>,
+}
+
+impl StateArgs {
+    /// The config file's settings (or the defaults), with the directory and
+    /// the master key's file given on their own.
+    pub(crate) fn settings(&self) -> Result<Settings> {
+        let mut settings = match &self.config {
+            Some(file) => Settings::load(file)?,
+            None => Settings::default(),
+        };
+        if let Some(dir) = &self.state_dir {
+            settings.state.dir.clone_from(dir);
+        }
+        if let Some(file) = &self.master_key_file {
+            settings.state.master_key_file = Some(file.clone());
+        }
+        Ok(settings)
+    }
+}
+
+#[derive(Args)]
+pub(crate) struct RekeyArgs {
+    #[command(flatten)]
+    pub(crate) state: StateArgs,
     /// File with the new master key (base64 of 32 bytes); a new random key is
     /// written there (mode 0600) if the file does not exist.
     #[arg(long)]
@@ -88,16 +116,9 @@ pub(crate) struct RekeyArgs {
 
 #[derive(Args)]
 pub(crate) struct BackupArgs {
-    /// Config file (TOML), for `state.dir`.
-    #[arg(long, env = "WGPLANE_CONFIG")]
-    pub(crate) config: Option<PathBuf>,
-    /// State directory (wins over the config file).
-    #[arg(long, env = "WGPLANE_STATE_DIR")]
-    pub(crate) state_dir: Option<PathBuf>,
-    /// The master key's file, as `run` has it (named in the summary; the
-    /// copy is sealed under it).
-    #[arg(long, env = "WGPLANE_MASTER_KEY_FILE")]
-    pub(crate) master_key_file: Option<PathBuf>,
+    // The copy is sealed under the master key, which its summary names.
+    #[command(flatten)]
+    pub(crate) state: StateArgs,
     /// The API token's file, as `run` has it (never a target of the copy).
     #[arg(long, env = "WGPLANE_API_TOKEN_FILE")]
     pub(crate) api_token_file: Option<PathBuf>,
@@ -361,25 +382,4 @@ pub(crate) fn settings(args: &RunArgs) -> Result<Settings> {
     }
     s.validate(&format!("{origin} with flags and WGPLANE_* variables"))?;
     Ok(s)
-}
-
-/// The settings of a command that only works on the state directory: the
-/// config file (or the defaults), and the directory and master key file given
-/// on their own.
-pub(crate) fn state_settings(
-    config: Option<&Path>,
-    state_dir: Option<&Path>,
-    master_key_file: Option<&Path>,
-) -> Result<Settings> {
-    let mut settings = match config {
-        Some(file) => Settings::load(file)?,
-        None => Settings::default(),
-    };
-    if let Some(dir) = state_dir {
-        settings.state.dir = dir.to_owned();
-    }
-    if let Some(file) = master_key_file {
-        settings.state.master_key_file = Some(file.to_owned());
-    }
-    Ok(settings)
 }

@@ -22,8 +22,7 @@ use wgplane::keys::{self, SecretKey};
 
 use crate::appliance::{batch_scheduling, run_appliance};
 use crate::cli::{
-    parse_cli, state_settings, BackupArgs, BenchArgs, BenchMode, Command, HealthArgs, RekeyArgs,
-    RelayArgs,
+    parse_cli, BackupArgs, BenchArgs, BenchMode, Command, HealthArgs, RekeyArgs, RelayArgs,
 };
 use crate::secrets::rekey;
 
@@ -130,11 +129,7 @@ pub(crate) fn bench(args: BenchArgs) -> Result<()> {
 
 /// `wgplane backup`: a consistent copy of the state database.
 pub(crate) fn backup(args: BackupArgs) -> Result<()> {
-    let settings = state_settings(
-        args.config.as_deref(),
-        args.state_dir.as_deref(),
-        args.master_key_file.as_deref(),
-    )?;
+    let settings = args.state.settings()?;
     // The copy holds sealed keys: it is the operator's alone, like the state.
     own_files_only();
     let database = settings.database();
@@ -164,11 +159,7 @@ pub(crate) fn backup(args: BackupArgs) -> Result<()> {
 /// `wgplane rekey`: every private key sealed under a new master key.
 pub(crate) fn rekey_state(args: RekeyArgs) -> Result<()> {
     own_files_only();
-    let settings = state_settings(
-        args.config.as_deref(),
-        args.state_dir.as_deref(),
-        args.master_key_file.as_deref(),
-    )?;
+    let settings = args.state.settings()?;
     rekey(&settings, &args.new_key_file)
 }
 

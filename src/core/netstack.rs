@@ -217,7 +217,8 @@ impl LocalStack {
     /// Whether the stack takes this fragment to put together: IPv4 only, and
     /// only within [`REASSEMBLY_MAX_PAYLOAD`] of its datagram's start.
     pub fn reassembles(packet: &[u8]) -> bool {
-        Ipv4Packet::new_checked(packet).is_ok_and(|p| {
+        let v4 = packet.first().is_some_and(|b| b >> 4 == 4);
+        v4 && Ipv4Packet::new_checked(packet).is_ok_and(|p| {
             usize::from(p.frag_offset()) + p.payload().len() <= REASSEMBLY_MAX_PAYLOAD
         })
     }

@@ -493,6 +493,29 @@ mod tests {
     use crate::core::packet;
     use smoltcp::wire::{Icmpv4Packet, Ipv4Packet};
 
+    /// Only IPv4 fragments within the reassembly bound go to the stack.
+    #[test]
+    fn fragments_taken_are_ipv4_and_near_the_start() {
+        use std::net::IpAddr;
+        let fragment = |src: IpAddr, dst: IpAddr, offset: u16| {
+            let mut p = packet::build::ip_packet(src, dst, 64);
+            if p[0] >> 4 == 4 {
+                let mut ip = Ipv4Packet::new_unchecked(&mut p[..]);
+                ip.set_more_frags(true);
+                ip.set_frag_offset(offset);
+            }
+            p
+        };
+        let (a, b) = (IpAddr::from([10, 100, 1, 1]), IpAddr::from([10, 100, 0, 1]));
+        assert!(LocalStack::reassembles(&fragment(a, b, 0)));
+        let last = (REASSEMBLY_MAX_PAYLOAD - 64) as u16 & !7;
+        assert!(LocalStack::reassembles(&fragment(a, b, last)));
+        assert!(!LocalStack::reassembles(&fragment(a, b, last + 8)));
+        assert!(!LocalStack::reassembles(&fragment(a, b, 65_528 - 8)));
+        let v6 = |last: u8| IpAddr::from([0xfd77, 0, 0, 0, 0, 0, 0, u16::from(last)]);
+        assert!(!LocalStack::reassembles(&fragment(v6(1), v6(2), 0)));
+    }
+
     #[test]
     fn answers_ping_from_the_subnet_and_beyond() {
         let now = Instant::now();

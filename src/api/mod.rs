@@ -133,18 +133,28 @@ impl crate::io::events::Directory for Arc<AppState> {
     /// one tunnel's snapshot at most, not for every tunnel's (the hub runs this
     /// after it lagged, when tunnels are busy). Endpoints of peers removed
     /// meanwhile are dropped by `keep_router_endpoints`, which looks each key up.
-    async fn reconcile_router_endpoints(&self) -> Result<(), crate::io::events::NotStored> {
+    async fn reconcile_router_endpoints(
+        &self,
+    ) -> (
+        crate::io::events::Seen,
+        Result<(), crate::io::events::NotStored>,
+    ) {
         let ids: Vec<crate::control::Id> = {
             let control = self.control.lock().await;
             control.registry.tenants().map(|t| t.id.clone()).collect()
         };
         let mut heard = Vec::new();
+        let mut seen = crate::io::events::Seen::default();
         for id in ids {
             let snapshot = self.control.lock().await.runtime.snapshot(&id).await;
             let Ok(snapshot) = snapshot else {
                 continue;
             };
             let name: Arc<str> = Arc::from(id.as_str());
+            seen.tenants.insert(Arc::clone(&name));
+            for p in snapshot.peers.iter().filter(|p| p.connected) {
+                seen.connected.insert((Arc::clone(&name), p.public_key));
+            }
             heard.extend(snapshot.peers.iter().filter_map(|p| {
                 Some(crate::io::events::Heard {
                     tenant: Arc::clone(&name),
@@ -153,7 +163,8 @@ impl crate::io::events::Directory for Arc<AppState> {
                 })
             }));
         }
-        keep_router_endpoints(&mut *self.control.lock().await, heard)
+        let stored = keep_router_endpoints(&mut *self.control.lock().await, heard);
+        (seen, stored)
     }
 }
 
@@ -510,10 +521,20 @@ mod tests {
         let (acme, gw) = (&f.acme, &f.gw);
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
         loop {
-            state.reconcile_router_endpoints().await.expect("stored");
+            let (seen, stored) = state.reconcile_router_endpoints().await;
+            stored.expect("stored");
+            assert!(
+                seen.tenants.contains(acme.as_str()),
+                "acme's tunnel answered"
+            );
             let control = state.control.lock().await;
-            let endpoint = control.registry.tenant(acme).unwrap().routers[gw].endpoint;
-            if endpoint == Some(heard_at) {
+            let router = &control.registry.tenant(acme).unwrap().routers[gw];
+            let endpoint = router.endpoint;
+            let connected = seen.connected.contains(&(
+                std::sync::Arc::from(acme.as_str()),
+                *router.public_key.as_bytes(),
+            ));
+            if endpoint == Some(heard_at) && connected {
                 break;
             }
             assert!(tokio::time::Instant::now() < deadline, "{endpoint:?}");

@@ -15,8 +15,8 @@ use crate::io::runtime::TunnelEvent;
 use crate::io::tunnel::News;
 
 use super::{
-    Directory, EventStats, Heard, Lagged, NotStored, PeerEvent, Published, Queued, HEARD_BATCH,
-    LAG_SETTLE, STORE_RETRY,
+    Directory, EventStats, Heard, Lagged, NotStored, PeerEvent, Published, Queued, Seen,
+    HEARD_BATCH, LAG_SETTLE, STORE_RETRY,
 };
 
 /// Turns an engine event of `tenant`'s tunnel, seen `at`, into a platform event.
@@ -83,6 +83,27 @@ impl Names {
 
     /// `tenant`'s tunnel stopped: its peers that were announced connected,
     /// forgotten now (each gets its `peer_disconnected`).
+    /// After a pass over the tunnels: takes out, and returns, the peers that
+    /// `seen`'s tunnels no longer count as connected (those of tunnels it did
+    /// not ask stay). Their `peer_disconnected` was lost with the events, or
+    /// is still on its way (then it finds no name and is moot): announced
+    /// now, each connect still gets one disconnect, not one long after, when
+    /// the tunnel stops.
+    fn keep_seen(&mut self, seen: &Seen) -> Vec<(Arc<str>, [u8; 32], Name)> {
+        let gone: Vec<_> = self
+            .0
+            .keys()
+            .filter(|at| seen.tenants.contains(&at.0) && !seen.connected.contains(*at))
+            .cloned()
+            .collect();
+        gone.into_iter()
+            .filter_map(|at| {
+                let name = self.0.remove(&at)?;
+                Some((at.0, at.1, name))
+            })
+            .collect()
+    }
+
     fn stopped(&mut self, tenant: &str) -> Vec<([u8; 32], Name)> {
         let keys: Vec<_> = self
             .0
@@ -123,14 +144,27 @@ impl Keeping {
     }
 
     /// Has every router's endpoint taken from the tunnels, which covers
-    /// whatever was heard, lost or refused before.
-    async fn reconcile(&mut self, directory: &impl Directory) {
+    /// whatever was heard, lost or refused before; returns what the pass saw.
+    async fn reconcile(&mut self, directory: &impl Directory) -> Seen {
         self.heard.clear();
-        self.retry_at = match directory.reconcile_router_endpoints().await {
+        let (seen, stored) = directory.reconcile_router_endpoints().await;
+        self.retry_at = match stored {
             Ok(()) => None,
             Err(NotStored) => Some(tokio::time::Instant::now() + STORE_RETRY),
         };
+        seen
     }
+}
+
+/// A pass over the tunnels ([`Keeping::reconcile`]): returns the peers they
+/// no longer count as connected whose disconnect was not announced yet.
+async fn pass(
+    keeping: &mut Keeping,
+    names: &mut Names,
+    directory: &impl Directory,
+) -> Vec<(Arc<str>, [u8; 32], Name)> {
+    let seen = keeping.reconcile(directory).await;
+    names.keep_seen(&seen)
 }
 
 /// Runs the hub until the engines' channel closes.
@@ -143,6 +177,10 @@ pub async fn run_hub(
 ) {
     let mut lost = 0u64;
     let mut publish = |event: Published| {
+        if let Published::Peer(e) = &event {
+            tracing::info!(event = e.event, tenant = %e.tenant_id, id = %e.id, "peer event");
+            stats.published.fetch_add(1, Ordering::Relaxed);
+        }
         let _ = subscribers.send(event.clone());
         if let Some(queue) = &webhooks {
             // What the queue refused is lost for every URL: the next event
@@ -160,6 +198,10 @@ pub async fn run_hub(
                 }
             }
         }
+    };
+    let gone = |tenant: &Arc<str>, peer: [u8; 32], (kind, id): Name| {
+        let at = std::time::SystemTime::now();
+        describe(tenant, at, &Event::Disconnected { peer }, kind, id)
     };
     let mut keeping = Keeping::default();
     let mut names = Names::default();
@@ -182,7 +224,9 @@ pub async fn run_hub(
             tokio::select! {
                 next = engines.recv() => next,
                 () = tokio::time::sleep_until(at) => {
-                    keeping.reconcile(&directory).await;
+                    for (tenant, peer, name) in pass(&mut keeping, &mut names, &directory).await {
+                        publish(Published::Peer(gone(&tenant, peer, name)));
+                    }
                     continue;
                 }
             }
@@ -202,17 +246,12 @@ pub async fn run_hub(
             }
             Err(broadcast::error::RecvError::Closed) => break,
         };
-        let mut announce = |event: PeerEvent| {
-            tracing::info!(event = event.event, tenant = %event.tenant_id, id = %event.id, "peer event");
-            stats.published.fetch_add(1, Ordering::Relaxed);
-            publish(Published::Peer(event));
-        };
         let news = match &e.event {
             News::Peer(news) => news,
             News::Stopped => {
                 for (peer, (kind, id)) in names.stopped(&e.tenant) {
                     let gone = Event::Disconnected { peer };
-                    announce(describe(&e.tenant, e.at, &gone, kind, id));
+                    publish(Published::Peer(describe(&e.tenant, e.at, &gone, kind, id)));
                 }
                 continue;
             }
@@ -237,7 +276,7 @@ pub async fn run_hub(
                 endpoint,
             });
         }
-        announce(describe(&e.tenant, e.at, news, kind, id));
+        publish(Published::Peer(describe(&e.tenant, e.at, news, kind, id)));
         if keeping.heard.len() >= HEARD_BATCH {
             keeping.hand_over(&directory).await;
         }
@@ -247,6 +286,8 @@ pub async fn run_hub(
     }
     // A pass that was due (after a lag, or the store's refusal) is not skipped.
     if keeping.retry_at.is_some() {
-        keeping.reconcile(&directory).await;
+        for (tenant, peer, name) in pass(&mut keeping, &mut names, &directory).await {
+            publish(Published::Peer(gone(&tenant, peer, name)));
+        }
     }
 }

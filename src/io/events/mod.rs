@@ -114,10 +114,19 @@ pub trait Directory {
 
     /// Events were lost, or endpoints could not be stored: keep every
     /// router's endpoint as the running tunnels know it now, as
-    /// `routers_heard_at` does.
+    /// `routers_heard_at` does; and say which peers the tunnels it asked
+    /// count as connected.
     fn reconcile_router_endpoints(
         &self,
-    ) -> impl std::future::Future<Output = Result<(), NotStored>> + Send;
+    ) -> impl std::future::Future<Output = (Seen, Result<(), NotStored>)> + Send;
+}
+
+/// What a pass over the running tunnels saw: the tenants whose tunnel
+/// answered, and their peers that are connected.
+#[derive(Debug, Default, Clone)]
+pub struct Seen {
+    pub tenants: std::collections::HashSet<Arc<str>>,
+    pub connected: std::collections::HashSet<(Arc<str>, [u8; 32])>,
 }
 
 /// A router of `tenant`, by public key, was authenticated at `endpoint`.

@@ -26,6 +26,8 @@ struct Recorder {
     reconciled: Arc<AtomicU64>,
     reconciled_at: Arc<Mutex<Vec<tokio::time::Instant>>>,
     refusals: Arc<AtomicU64>,
+    /// What a pass over the tunnels sees.
+    seen: Arc<Mutex<Seen>>,
 }
 
 impl Recorder {
@@ -53,11 +55,11 @@ impl Directory for Recorder {
         self.write()
     }
 
-    async fn reconcile_router_endpoints(&self) -> Result<(), NotStored> {
+    async fn reconcile_router_endpoints(&self) -> (Seen, Result<(), NotStored>) {
         self.reconciled.fetch_add(1, Ordering::Relaxed);
         let now = tokio::time::Instant::now();
         self.reconciled_at.lock().unwrap().push(now);
-        self.write()
+        (self.seen.lock().unwrap().clone(), self.write())
     }
 }
 
@@ -249,6 +251,71 @@ async fn a_stopped_tunnel_disconnects_the_peers_announced_connected() {
             "peer_disconnected acme router p0"
         ]
     );
+}
+
+/// A peer whose `peer_disconnected` was lost while the hub fell behind is
+/// announced disconnected at the pass over the tunnels (which no longer count
+/// it connected), not long after, when its tunnel stops; every connect gets
+/// one disconnect. Peers of tunnels the pass did not ask are left alone.
+#[tokio::test(start_paused = true)]
+async fn a_disconnect_lost_in_a_lag_is_announced_at_the_next_pass() {
+    let key = |e: &TunnelEvent| match &e.event {
+        News::Peer(Event::Connected { peer, .. }) => *peer,
+        _ => unreachable!("a connect"),
+    };
+    let (one, two) = (connected(0, 1), connected(0, 2));
+    let mut other = connected(0, 3);
+    other.tenant = Arc::from("other");
+    let directory = Recorder::default();
+    {
+        let mut seen = directory.seen.lock().unwrap();
+        seen.tenants.insert(Arc::from("acme"));
+        seen.connected.insert((Arc::from("acme"), key(&one)));
+    }
+    let (tx, rx) = broadcast::channel(4);
+    let (subscribers, mut sse) = broadcast::channel(64);
+    let hub = tokio::spawn(run_hub(
+        rx,
+        directory.clone(),
+        subscribers,
+        None,
+        Arc::default(),
+    ));
+    for e in [one, two, other] {
+        tx.send(e).unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    // Two's disconnect is among the events lost here.
+    for n in 0..10 {
+        let mut flood = connected(0, 100 + n);
+        flood.tenant = Arc::from("flood");
+        tx.send(flood).unwrap();
+    }
+    tokio::time::sleep(LAG_SETTLE * 2).await;
+    assert_eq!(directory.reconciled.load(Ordering::Relaxed), 1);
+    for tenant in ["acme", "other"] {
+        let mut stopped = connected(0, 1);
+        stopped.tenant = Arc::from(tenant);
+        stopped.event = News::Stopped;
+        tx.send(stopped).unwrap();
+    }
+    drop(tx);
+    hub.await.unwrap();
+    let mut disconnects = Vec::new();
+    while let Ok(e) = sse.try_recv() {
+        if let Published::Peer(e) = e {
+            if e.event == "peer_disconnected" {
+                disconnects.push((e.tenant_id, e.public_key));
+            }
+        }
+    }
+    let b64 = |e: &TunnelEvent| crate::keys::encode(&key(e));
+    let expected = [
+        ("acme".to_owned(), b64(&connected(0, 2))),
+        ("acme".to_owned(), b64(&connected(0, 1))),
+        ("other".to_owned(), b64(&connected(0, 3))),
+    ];
+    assert_eq!(disconnects, expected, "two at the pass, then the stops");
 }
 
 /// A receiver that takes a delivery and never answers holds up its URL:

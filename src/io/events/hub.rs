@@ -55,7 +55,10 @@ pub(super) fn peer_key(e: &Event) -> &[u8; 32] {
 /// then: a peer deleted, or given a new key, is still named in its
 /// `peer_disconnected` as in its `peer_connected`.
 #[derive(Default)]
-pub(super) struct Names(HashMap<(Arc<str>, [u8; 32]), Name>);
+pub(super) struct Names(HashMap<PeerAt, Name>);
+
+/// A peer: its tenant and public key.
+type PeerAt = (Arc<str>, [u8; 32]);
 
 /// A peer's kind (`router`, `client`) and id.
 pub(super) type Name = (&'static str, String);
@@ -83,6 +86,13 @@ impl Names {
 
     /// `tenant`'s tunnel stopped: its peers that were announced connected,
     /// forgotten now (each gets its `peer_disconnected`).
+    fn stopped(&mut self, tenant: &str) -> Vec<([u8; 32], Name)> {
+        self.take(|(t, _)| &**t == tenant)
+            .into_iter()
+            .map(|((_, key), name)| (key, name))
+            .collect()
+    }
+
     /// After a pass over the tunnels: takes out, and returns, the peers that
     /// `seen`'s tunnels no longer count as connected (those of tunnels it did
     /// not ask stay). Their `peer_disconnected` was lost with the events, or
@@ -90,29 +100,18 @@ impl Names {
     /// now, each connect still gets one disconnect, not one long after, when
     /// the tunnel stops.
     fn keep_seen(&mut self, seen: &Seen) -> Vec<(Arc<str>, [u8; 32], Name)> {
-        let gone: Vec<_> = self
-            .0
-            .keys()
-            .filter(|at| seen.tenants.contains(&at.0) && !seen.connected.contains(*at))
-            .cloned()
-            .collect();
-        gone.into_iter()
-            .filter_map(|at| {
-                let name = self.0.remove(&at)?;
-                Some((at.0, at.1, name))
-            })
+        self.take(|at| seen.tenants.contains(&at.0) && !seen.connected.contains(at))
+            .into_iter()
+            .map(|((tenant, key), name)| (tenant, key, name))
             .collect()
     }
 
-    fn stopped(&mut self, tenant: &str) -> Vec<([u8; 32], Name)> {
-        let keys: Vec<_> = self
-            .0
-            .keys()
-            .filter(|(t, _)| &**t == tenant)
-            .cloned()
-            .collect();
-        keys.into_iter()
-            .filter_map(|at| self.0.remove(&at).map(|name| (at.1, name)))
+    /// Takes out the peers `which` picks, with their names.
+    fn take(&mut self, which: impl Fn(&PeerAt) -> bool) -> Vec<(PeerAt, Name)> {
+        let picked: Vec<_> = self.0.keys().filter(|at| which(at)).cloned().collect();
+        picked
+            .into_iter()
+            .filter_map(|at| self.0.remove(&at).map(|name| (at, name)))
             .collect()
     }
 }

@@ -276,135 +276,24 @@ impl Settings {
 
     /// Checks relations between values. `origin` names where they came from.
     pub fn validate(&self, origin: &str) -> Result<(), ConfigError> {
-        let invalid = |key, reason: String| ConfigError::Invalid {
-            file: origin.to_owned(),
-            key,
-            reason,
-        };
-        let t = &self.tunnels;
-        if t.subnet_prefix_len < t.supernet.prefix_len() || t.subnet_prefix_len > 30 {
-            return Err(invalid(
-                "tunnels.subnet_prefix_len",
-                format!(
-                    "must be between the supernet's /{} and /30, got /{}",
-                    t.supernet.prefix_len(),
-                    t.subnet_prefix_len
-                ),
-            ));
-        }
-        if t.supernet.network() != t.supernet.addr() {
-            return Err(invalid(
-                "tunnels.supernet",
-                format!(
-                    "{} has host bits set; did you mean {}?",
-                    t.supernet,
-                    t.supernet.trunc()
-                ),
-            ));
-        }
-        if !t.supernet.contains(&t.subnet_start) {
-            return Err(invalid(
-                "tunnels.subnet_start",
-                format!("{} is outside the supernet {}", t.subnet_start, t.supernet),
-            ));
-        }
-        for (i, url) in self.events.webhooks.iter().enumerate() {
-            if !(url.starts_with("http://") || url.starts_with("https://")) {
-                // Not the URL itself: it may carry credentials.
-                let scheme = url.split_once("://").map_or("none", |(s, _)| s);
-                return Err(invalid(
-                    "events.webhooks",
-                    format!(
-                        "entry {} is not an http:// or https:// URL (scheme: {scheme:?})",
-                        i + 1
-                    ),
-                ));
-            }
-        }
-        for (key, value) in [
-            ("events.webhook_queue", self.events.webhook_queue as u64),
-            (
-                "events.webhook_timeout_secs",
-                self.events.webhook_timeout_secs.into(),
-            ),
-        ] {
-            if value == 0 {
-                return Err(invalid(key, "must be at least 1".into()));
-            }
-        }
-        // Each URL gets a queue this deep: it bounds what a URL that is down
-        // makes the appliance keep.
-        if self.events.webhook_queue > MAX_WEBHOOK_QUEUE {
-            return Err(invalid(
-                "events.webhook_queue",
-                format!("must be at most {MAX_WEBHOOK_QUEUE}"),
-            ));
-        }
-        if self.tun.name.is_empty()
-            || self.tun.name.len() > 15
-            || self.tun.name.contains(['/', ' '])
-        {
-            return Err(invalid(
-                "tun.name",
-                "must be 1-15 characters, no '/' or spaces".into(),
-            ));
-        }
-        if !(576..=9000).contains(&self.tun.mtu) {
-            return Err(invalid(
-                "tun.mtu",
-                format!("{} is outside 576-9000", self.tun.mtu),
-            ));
-        }
-        if t.liveness_timeout_secs == 0 {
-            return Err(invalid(
-                "tunnels.liveness_timeout_secs",
-                "must be at least 1".into(),
-            ));
-        }
-        if t.handshake_budget_per_second == 0 {
-            return Err(invalid(
-                "tunnels.handshake_budget_per_second",
-                "must be at least 1".into(),
-            ));
-        }
-        if t.handshakes_per_second == 0 {
-            return Err(invalid(
-                "tunnels.handshakes_per_second",
-                "must be at least 1".into(),
-            ));
-        }
-        if t.first_port == 0 {
-            return Err(invalid("tunnels.first_port", "must not be 0".into()));
-        }
-        if t.last_port < t.first_port {
-            return Err(invalid(
-                "tunnels.last_port",
-                format!("must not be below first_port ({})", t.first_port),
-            ));
-        }
-        if t.public_host.trim().is_empty() || t.public_host.contains(char::is_whitespace) {
-            return Err(invalid(
-                "tunnels.public_host",
-                "must be a host name or address without spaces".into(),
-            ));
-        }
-        // Peers get it with each tunnel's own port: a port, a scheme or a path
-        // here would make every endpoint wrong. A colon is IPv6's alone.
-        let bare = t.public_host.trim_start_matches('[').trim_end_matches(']');
-        let ipv6 = bare.parse::<std::net::Ipv6Addr>().is_ok();
-        if t.public_host.contains('/') || (t.public_host.contains(':') && !ipv6) {
-            return Err(invalid(
-                "tunnels.public_host",
-                format!(
-                    "{:?} must be a host name or an IP address, without port, scheme or path (each tunnel adds its own port)",
-                    t.public_host
-                ),
-            ));
-        }
+        self.tunnels
+            .check()
+            .and_then(|()| self.events.check())
+            .and_then(|()| self.tun.check())
+            .and_then(|()| self.check_forwards())
+            .map_err(|(key, reason)| ConfigError::Invalid {
+                file: origin.to_owned(),
+                key,
+                reason,
+            })
+    }
+
+    /// The `[[forwards]]` entries, and whether they fit the mode.
+    fn check_forwards(&self) -> Result<(), Problem> {
         if self.tun.enabled && !self.forwards.is_empty() {
             // As the API's `409 tun_mode`: the host reaches routers through the
             // device, and forwards need the userspace stack that TUN mode replaces.
-            return Err(invalid(
+            return Err((
                 "forwards",
                 "TUN mode reaches routers through the host device; forwards need tun.enabled = false".into(),
             ));
@@ -413,19 +302,16 @@ impl Settings {
         for (n, f) in self.forwards.iter().enumerate() {
             let entry = n + 1;
             if let Err(e) = Id::parse(&f.tenant, "tenant") {
-                return Err(invalid("forwards.tenant", format!("entry {entry}: {e}")));
+                return Err(("forwards.tenant", format!("entry {entry}: {e}")));
             }
             if let Err(e) = Id::parse(&f.router, "router") {
-                return Err(invalid("forwards.router", format!("entry {entry}: {e}")));
+                return Err(("forwards.router", format!("entry {entry}: {e}")));
             }
             if f.port == 0 {
-                return Err(invalid(
-                    "forwards.port",
-                    format!("entry {entry}: must not be 0"),
-                ));
+                return Err(("forwards.port", format!("entry {entry}: must not be 0")));
             }
             if !seen.insert((&f.tenant, &f.router, f.port)) {
-                return Err(invalid(
+                return Err((
                     "forwards.port",
                     format!(
                         "entry {entry}: port {} of router {} in tenant {} is listed twice",
@@ -456,6 +342,144 @@ impl Settings {
             .token_file
             .clone()
             .unwrap_or_else(|| self.state.dir.join("api-token"))
+    }
+}
+
+/// A key that is not acceptable, and why: [`ConfigError::Invalid`] without its file.
+type Problem = (&'static str, String);
+
+impl TunnelSettings {
+    /// The address plan, the port range, the handshake budgets and the host
+    /// peers are told.
+    fn check(&self) -> Result<(), Problem> {
+        if self.subnet_prefix_len < self.supernet.prefix_len() || self.subnet_prefix_len > 30 {
+            return Err((
+                "tunnels.subnet_prefix_len",
+                format!(
+                    "must be between the supernet's /{} and /30, got /{}",
+                    self.supernet.prefix_len(),
+                    self.subnet_prefix_len
+                ),
+            ));
+        }
+        if self.supernet.network() != self.supernet.addr() {
+            return Err((
+                "tunnels.supernet",
+                format!(
+                    "{} has host bits set; did you mean {}?",
+                    self.supernet,
+                    self.supernet.trunc()
+                ),
+            ));
+        }
+        if !self.supernet.contains(&self.subnet_start) {
+            return Err((
+                "tunnels.subnet_start",
+                format!(
+                    "{} is outside the supernet {}",
+                    self.subnet_start, self.supernet
+                ),
+            ));
+        }
+        if self.liveness_timeout_secs == 0 {
+            return Err(("tunnels.liveness_timeout_secs", "must be at least 1".into()));
+        }
+        if self.handshake_budget_per_second == 0 {
+            return Err((
+                "tunnels.handshake_budget_per_second",
+                "must be at least 1".into(),
+            ));
+        }
+        if self.handshakes_per_second == 0 {
+            return Err(("tunnels.handshakes_per_second", "must be at least 1".into()));
+        }
+        if self.first_port == 0 {
+            return Err(("tunnels.first_port", "must not be 0".into()));
+        }
+        if self.last_port < self.first_port {
+            return Err((
+                "tunnels.last_port",
+                format!("must not be below first_port ({})", self.first_port),
+            ));
+        }
+        if self.public_host.trim().is_empty() || self.public_host.contains(char::is_whitespace) {
+            return Err((
+                "tunnels.public_host",
+                "must be a host name or address without spaces".into(),
+            ));
+        }
+        // Peers get it with each tunnel's own port: a port, a scheme or a path
+        // here would make every endpoint wrong. A colon is IPv6's alone.
+        let bare = self
+            .public_host
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        let ipv6 = bare.parse::<std::net::Ipv6Addr>().is_ok();
+        if self.public_host.contains('/') || (self.public_host.contains(':') && !ipv6) {
+            return Err((
+                "tunnels.public_host",
+                format!(
+                    "{:?} must be a host name or an IP address, without port, scheme or path (each tunnel adds its own port)",
+                    self.public_host
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl EventSettings {
+    /// Webhook URLs and the bounds of their queues.
+    fn check(&self) -> Result<(), Problem> {
+        for (i, url) in self.webhooks.iter().enumerate() {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                // Not the URL itself: it may carry credentials.
+                let scheme = url.split_once("://").map_or("none", |(s, _)| s);
+                return Err((
+                    "events.webhooks",
+                    format!(
+                        "entry {} is not an http:// or https:// URL (scheme: {scheme:?})",
+                        i + 1
+                    ),
+                ));
+            }
+        }
+        for (key, value) in [
+            ("events.webhook_queue", self.webhook_queue as u64),
+            (
+                "events.webhook_timeout_secs",
+                self.webhook_timeout_secs.into(),
+            ),
+        ] {
+            if value == 0 {
+                return Err((key, "must be at least 1".into()));
+            }
+        }
+        // Each URL gets a queue this deep: it bounds what a URL that is down
+        // makes the appliance keep.
+        if self.webhook_queue > MAX_WEBHOOK_QUEUE {
+            return Err((
+                "events.webhook_queue",
+                format!("must be at most {MAX_WEBHOOK_QUEUE}"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl TunSettings {
+    /// The device's name and MTU.
+    fn check(&self) -> Result<(), Problem> {
+        if self.name.is_empty() || self.name.len() > 15 || self.name.contains(['/', ' ']) {
+            return Err((
+                "tun.name",
+                "must be 1-15 characters, no '/' or spaces".into(),
+            ));
+        }
+        if !(576..=9000).contains(&self.mtu) {
+            return Err(("tun.mtu", format!("{} is outside 576-9000", self.mtu)));
+        }
+        Ok(())
     }
 }
 

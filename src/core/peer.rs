@@ -140,6 +140,22 @@ pub struct Path {
     pub local: Option<IpAddr>,
 }
 
+impl Path {
+    /// The path of a datagram from `from` to the tunnel's own address `at`:
+    /// both canonical (a v4-mapped address is IPv4). A link-local address of
+    /// ours would need its interface named too: those are left to the
+    /// kernel's pick.
+    #[inline]
+    pub fn arrived(from: SocketAddr, at: Option<IpAddr>) -> Path {
+        Path {
+            remote: canonical_endpoint(from),
+            local: at
+                .map(|a| a.to_canonical())
+                .filter(|a| !matches!(a, IpAddr::V6(v6) if v6.is_unicast_link_local())),
+        }
+    }
+}
+
 /// Roams of one peer are announced at most this often: a peer that sends
 /// from a new address with every datagram (its own doing, or an on-path
 /// attacker's) moves its endpoint at once, but costs the control plane one
@@ -623,6 +639,12 @@ impl Message {
                 receiver: p.receiver_idx,
             }),
         }
+    }
+
+    /// A handshake initiation or response: what costs Diffie-Hellman work.
+    #[inline]
+    pub fn is_handshake(self) -> bool {
+        matches!(self, Message::Initiation | Message::Response { .. })
     }
 
     /// The peer index (receiver index without boringtun's 8 session bits).

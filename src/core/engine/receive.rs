@@ -11,15 +11,17 @@ use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
+use boringtun::x25519::{PublicKey, StaticSecret};
+
 use super::peers::Peers;
 use super::route::route;
 use super::status::TunnelStats;
+use super::strangers::Strangers;
 use super::{trim_events, Event, Sink, TunnelEngine};
 use crate::core::admission::Refusal;
 use crate::core::netstack::LocalStack;
 use crate::core::peer::{
-    canonical_endpoint, initiator_key, message_type, Decap, Message, Path, Peer,
-    ROAM_ANNOUNCE_INTERVAL,
+    initiator_key, message_type, Decap, Message, Path, Peer, ROAM_ANNOUNCE_INTERVAL,
 };
 use crate::core::policy::{DropReason, Origin, PeerId};
 
@@ -55,23 +57,18 @@ impl TunnelEngine {
         sink: &mut impl Sink,
     ) {
         self.stats.rx_datagrams += 1;
-        let from = canonical_endpoint(from);
-        // A link-local address of ours would need its interface named too:
-        // those are left to the kernel's pick.
-        let path = Path {
-            remote: from,
-            local: at
-                .map(|a| a.to_canonical())
-                .filter(|a| !matches!(a, IpAddr::V6(v6) if v6.is_unicast_link_local())),
-        };
+        let path = Path::arrived(from, at);
+        let from = path.remote;
         let Some(message) = Message::classify(datagram) else {
             self.stats.drop(DropReason::InvalidDatagram);
             return;
         };
+        if message.is_handshake() && !self.admit(path, datagram, now, sink) {
+            return;
+        }
         let Self {
             secret,
             public,
-            admission,
             peers,
             endpoints,
             routing,
@@ -84,22 +81,6 @@ impl TunnelEngine {
             strangers,
             ..
         } = self;
-
-        if matches!(message, Message::Initiation | Message::Response { .. }) {
-            // Cookie replies under load, and the process-wide budget, before
-            // any Diffie-Hellman work: a response costs boringtun two before
-            // its AEAD check, so responses pass here too (as in kernel
-            // WireGuard), not only initiations.
-            match admission.admit(from.ip(), datagram, now, tx) {
-                Ok(()) => stats.admitted_handshakes += 1,
-                Err(Refusal::Cookie(cookie)) => {
-                    stats.cookie_replies += 1;
-                    stats.tx_datagrams += 1;
-                    return sink.send_from(from, path.local, cookie);
-                }
-                Err(Refusal::Drop(reason)) => return stats.drop(reason),
-            }
-        }
         // An initiation from an endpoint a peer was last seen at goes to that
         // peer's `Tunn` directly; only if it carries another key is the sender
         // found by decrypting its key (one Diffie-Hellman more).
@@ -107,15 +88,8 @@ impl TunnelEngine {
             Message::Initiation => endpoints.get(&from).copied(),
             _ => None,
         };
-        // A key that is no peer is remembered (`strangers`) for the operator.
-        let mut identify = |peers: &Peers| -> Result<PeerId, DropReason> {
-            let key = initiator_key(secret, public, datagram)?;
-            let found = peers.by_key.get(&key).copied();
-            if found.is_none() {
-                strangers.knocked(key, from, now);
-            }
-            found.ok_or(DropReason::UnknownPeer)
-        };
+        let mut identify =
+            |peers: &Peers| identify(secret, public, strangers, peers, from, datagram, now);
         let found = match (message.peer_index(), hint) {
             (None, Some(id)) => Ok(id),
             (None, None) => identify(peers),
@@ -230,6 +204,56 @@ impl TunnelEngine {
             self.flush_local(now, sink);
         }
     }
+}
+
+impl TunnelEngine {
+    /// Lets a handshake message on to the Diffie-Hellman work, or answers it
+    /// with a cookie reply under load, or drops it beyond the process-wide
+    /// budget. A response costs boringtun two Diffie-Hellmans before its AEAD
+    /// check, so responses pass here too (as in kernel WireGuard), not only
+    /// initiations. False when the datagram is dealt with.
+    fn admit(&mut self, path: Path, datagram: &[u8], now: Instant, sink: &mut impl Sink) -> bool {
+        let stats = &mut self.stats;
+        match self
+            .admission
+            .admit(path.remote.ip(), datagram, now, &mut self.tx)
+        {
+            Ok(()) => {
+                stats.admitted_handshakes += 1;
+                true
+            }
+            Err(Refusal::Cookie(cookie)) => {
+                stats.cookie_replies += 1;
+                stats.tx_datagrams += 1;
+                sink.send_from(path.remote, path.local, cookie);
+                false
+            }
+            Err(Refusal::Drop(reason)) => {
+                stats.drop(reason);
+                false
+            }
+        }
+    }
+}
+
+/// The peer whose key sent the initiation `datagram` (one Diffie-Hellman to
+/// decrypt it). A key that is no peer is remembered (`strangers`) for the
+/// operator.
+fn identify(
+    secret: &StaticSecret,
+    public: &PublicKey,
+    strangers: &mut Strangers,
+    peers: &Peers,
+    from: SocketAddr,
+    datagram: &[u8],
+    now: Instant,
+) -> Result<PeerId, DropReason> {
+    let key = initiator_key(secret, public, datagram)?;
+    let found = peers.by_key.get(&key).copied();
+    if found.is_none() {
+        strangers.knocked(key, from, now);
+    }
+    found.ok_or(DropReason::UnknownPeer)
 }
 
 /// Bookkeeping for an authenticated datagram of a session: counters, liveness

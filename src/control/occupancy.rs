@@ -16,6 +16,7 @@ use ipnet::{IpNet, Ipv4Net};
 
 use super::model::{Id, Tenant};
 use crate::core::alloc::{self, AllocError};
+use crate::core::peer::PeerKind;
 
 /// Who holds a key.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,13 +76,14 @@ impl Occupancy {
         }
     }
 
-    /// Who else holds `key` ("router x" / "client y"), ignoring the peer `except`.
-    pub fn key_owner(&self, key: &PublicKey, except: Option<&Id>) -> Option<String> {
-        match self.keys.get(key.as_bytes())? {
-            Holder::Router(id) if Some(id) != except => Some(format!("router {id}")),
-            Holder::Client(id) if Some(id) != except => Some(format!("client {id}")),
-            _ => None,
-        }
+    /// Who else holds `key` ("router x" / "client y"), ignoring the peer
+    /// `except`: a router and a client may share an id, never a key.
+    pub fn key_owner(&self, key: &PublicKey, except: Option<(PeerKind, &Id)>) -> Option<String> {
+        let (kind, id, what) = match self.keys.get(key.as_bytes())? {
+            Holder::Router(id) => (PeerKind::Router, id, "router"),
+            Holder::Client(id) => (PeerKind::Client, id, "client"),
+        };
+        (except != Some((kind, id))).then(|| format!("{what} {id}"))
     }
 
     /// The peer holding `key`: a router (true) or a client (false), and its id.
@@ -182,10 +184,17 @@ mod tests {
         occ.add_router(&r, Ipv4Addr::new(10, 0, 1, 1), &[], &key(1));
         occ.add_client(&c, Ipv4Addr::new(10, 200, 0, 2), &key(2));
         assert_eq!(occ.key_owner(&key(1), None).as_deref(), Some("router r1"));
-        assert_eq!(occ.key_owner(&key(1), Some(&r)), None);
+        assert_eq!(occ.key_owner(&key(1), Some((PeerKind::Router, &r))), None);
         assert_eq!(
-            occ.key_owner(&key(2), Some(&r)).as_deref(),
+            occ.key_owner(&key(2), Some((PeerKind::Router, &r)))
+                .as_deref(),
             Some("client c1")
+        );
+        // A client that shares the router's id is another peer.
+        assert_eq!(
+            occ.key_owner(&key(1), Some((PeerKind::Client, &r)))
+                .as_deref(),
+            Some("router r1")
         );
         assert!(occ.holds(Ipv4Addr::new(10, 0, 1, 1)));
         occ.remove(Ipv4Addr::new(10, 0, 1, 1), &[], &key(1));

@@ -14,6 +14,7 @@ use crate::control::error::ControlError;
 use crate::control::model::{Client, ClientRequest, EgressPolicy, EgressRequest, Id};
 use crate::control::occupancy::Occupancy;
 use crate::core::alloc;
+use crate::core::peer::PeerKind;
 
 impl Registry {
     /// Sets the tenant's egress policy.
@@ -129,7 +130,7 @@ impl Registry {
         };
         let (public_key, private_key, vpn_ip) = key_and_address(
             occupancy,
-            id,
+            (PeerKind::Client, id),
             range,
             (req.public_key.as_deref(), req.vpn_ip.as_deref()),
             existing.map(|c| (c.public_key, &c.private_key, c.vpn_ip)),

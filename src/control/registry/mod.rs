@@ -20,6 +20,7 @@ use super::model::{Client, Id, Router, Tenant};
 use super::occupancy::Occupancy;
 use super::restore::{self, RestoreError};
 use crate::core::alloc::{self, IndexAllocator};
+use crate::core::peer::PeerKind;
 use crate::keys::{self, SecretKey};
 
 mod clients;
@@ -299,13 +300,13 @@ struct AddressRange {
 /// outside `range`, is refused.
 fn key_and_address(
     occupancy: &mut Occupancy,
-    id: &Id,
+    peer: (PeerKind, &Id),
     range: AddressRange,
     (key, vpn_ip): (Option<&str>, Option<&str>),
     existing: Option<(PublicKey, &Option<SecretKey>, Ipv4Addr)>,
 ) -> Result<(PublicKey, Option<SecretKey>, Ipv4Addr), ControlError> {
     let (public_key, private_key) = resolve_key(key, existing.map(|(k, p, _)| (k, p)))?;
-    if let Some(owner) = occupancy.key_owner(&public_key, Some(id)) {
+    if let Some(owner) = occupancy.key_owner(&public_key, Some(peer)) {
         return Err(ControlError::DuplicateKey { owner });
     }
     // A peer with the tunnel's own key could never shake hands with it.

@@ -15,6 +15,7 @@ use crate::control::error::ControlError;
 use crate::control::model::{Id, Router, RouterRequest, Tenant};
 use crate::control::occupancy::Occupancy;
 use crate::core::alloc;
+use crate::core::peer::PeerKind;
 
 impl Registry {
     /// Creates or updates a router; the tenant must exist.
@@ -41,7 +42,7 @@ impl Registry {
         };
         let (public_key, private_key, vpn_ip) = key_and_address(
             occupancy,
-            id,
+            (PeerKind::Router, id),
             range,
             (req.public_key.as_deref(), req.vpn_ip.as_deref()),
             existing.map(|r| (r.public_key, &r.private_key, r.vpn_ip)),

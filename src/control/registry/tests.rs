@@ -321,6 +321,58 @@ fn a_router_routes_no_special_range() {
         .unwrap();
 }
 
+/// A router and a client may have the same id; they are still two peers,
+/// and neither may take the other's key (the running tunnel knows its peers
+/// by key, and a restore refuses a shared one).
+#[test]
+fn a_client_named_like_a_router_cannot_take_its_key() {
+    let mut r = registry();
+    r.put_tenant(&id("a"), &Default::default(), now()).unwrap();
+    r.put_router(&id("a"), &id("gw"), &Default::default())
+        .unwrap();
+    r.put_egress(&id("a"), &egress("10.200.0.0/24", "gw"))
+        .unwrap();
+    let gw_key = keys::encode(
+        r.tenant(&id("a")).unwrap().routers[&id("gw")]
+            .public_key
+            .as_bytes(),
+    );
+    let same = ClientRequest {
+        public_key: Some(gw_key),
+        ..Default::default()
+    };
+    match r.put_client(&id("a"), &id("gw"), &same) {
+        Err(ControlError::DuplicateKey { owner }) => assert_eq!(owner, "router gw"),
+        other => panic!("{other:?}"),
+    }
+    // The other way round: a router named like a client.
+    r.put_client(&id("a"), &id("phone"), &Default::default())
+        .unwrap();
+    let phone_key = keys::encode(
+        r.tenant(&id("a")).unwrap().clients[&id("phone")]
+            .public_key
+            .as_bytes(),
+    );
+    let same = RouterRequest {
+        public_key: Some(phone_key),
+        ..Default::default()
+    };
+    match r.put_router(&id("a"), &id("phone"), &same) {
+        Err(ControlError::DuplicateKey { owner }) => assert_eq!(owner, "client phone"),
+        other => panic!("{other:?}"),
+    }
+    // Each may still be put again with its own key.
+    assert_eq!(
+        r.put_router(&id("a"), &id("gw"), &Default::default()),
+        Ok(Put::Updated)
+    );
+    assert_eq!(
+        r.put_client(&id("a"), &id("phone"), &Default::default()),
+        Ok(Put::Updated)
+    );
+    assert!(restored(r.tenants().cloned().collect()).is_ok());
+}
+
 #[test]
 fn routers_allocate_and_conflict() {
     let mut r = registry();

@@ -44,6 +44,49 @@ fn malformed_datagrams_are_counted() {
     assert_eq!(s.tx_datagrams, tx_before, "garbage is never answered");
 }
 
+/// A peer's genuine initiation, replayed from a source nothing can answer
+/// (port 0, an unspecified, multicast or broadcast address: the kernel
+/// delivers such datagrams but refuses to send to them), is dropped before
+/// anything answers it: no handshake response, no cookie reply.
+#[test]
+fn datagrams_from_unanswerable_sources_are_never_answered() {
+    let mut sim = sim::Sim::new();
+    let t = sim.tunnel(51820, "10.100.0.1");
+    let r1 = sim.peer("r1", t, PeerKind::Router, &["10.100.1.1/32"]);
+    let mut buf = vec![0u8; 256];
+    let boringtun::noise::TunnResult::WriteToNetwork(initiation) = sim.peers[r1]
+        .tunn
+        .format_handshake_initiation(&mut buf, true)
+    else {
+        panic!("an initiation");
+    };
+    let initiation = initiation.to_vec();
+    let sent_before = sim.sent_by_engines.len();
+    let sources = [
+        "203.0.113.50:0",
+        "0.0.0.0:51820",
+        "255.255.255.255:51820",
+        "224.0.0.1:51820",
+        "[ff02::1]:51820",
+        "[::]:51820",
+        "[::ffff:203.0.113.50]:0",
+    ];
+    for from in sources {
+        sim.inject(from.parse().unwrap(), t, &initiation);
+    }
+    let s = sim.tunnels[t].engine.stats();
+    assert_eq!(
+        s.dropped(DropReason::UnanswerableSource),
+        sources.len() as u64
+    );
+    assert_eq!(s.handshake_responses, 0);
+    assert_eq!(sim.sent_by_engines.len(), sent_before, "nothing answered");
+    // The same initiation from the peer's own address is answered.
+    let own = sim.peers[r1].addr;
+    sim.inject(own, t, &initiation);
+    assert_eq!(sim.tunnels[t].engine.stats().handshake_responses, 1);
+}
+
 #[test]
 fn malformed_inner_packets_are_counted() {
     let (mut sim, r1, r2) = setup();

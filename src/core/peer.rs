@@ -132,6 +132,18 @@ pub fn canonical_endpoint(endpoint: SocketAddr) -> SocketAddr {
     }
 }
 
+/// False for an underlay source nothing can be sent back to: port 0, or an
+/// unspecified, multicast or (IPv4) broadcast address. The kernel delivers
+/// datagrams from such sources but refuses to send to them.
+#[inline]
+pub fn answerable(endpoint: SocketAddr) -> bool {
+    let ip = endpoint.ip();
+    endpoint.port() != 0
+        && !ip.is_unspecified()
+        && !ip.is_multicast()
+        && ip != IpAddr::V4(std::net::Ipv4Addr::BROADCAST)
+}
+
 /// Where an authenticated datagram came from, and which of the tunnel's own
 /// addresses it was sent to (`None` where the socket is bound to one address).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

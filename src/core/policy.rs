@@ -115,11 +115,15 @@ pub enum DropReason {
     /// IPv4 datagrams only (its services answer small packets: ping, TCP
     /// within the MTU).
     LocalFragment,
+    /// The datagram came from an underlay address nothing can be sent back to:
+    /// port 0, or an unspecified, multicast or broadcast source. Forged; an
+    /// answer to it would only make the kernel refuse the send.
+    UnanswerableSource,
 }
 
 impl DropReason {
     /// Every reason, in counter order.
-    pub const ALL: [DropReason; 26] = [
+    pub const ALL: [DropReason; 27] = [
         Self::InvalidDatagram,
         Self::BadMac,
         Self::UnderLoad,
@@ -146,6 +150,7 @@ impl DropReason {
         Self::PeerRemoved,
         Self::GatewayWithdrawn,
         Self::LocalFragment,
+        Self::UnanswerableSource,
     ];
 
     /// Stable snake_case name, used in metrics and the API.
@@ -175,6 +180,7 @@ impl DropReason {
             Self::PeerRemoved => "peer_removed",
             Self::GatewayWithdrawn => "gateway_withdrawn",
             Self::LocalFragment => "local_fragment",
+            Self::UnanswerableSource => "unanswerable_source",
             Self::Martian => "martian",
             Self::TtlExpired => "ttl_expired",
         }

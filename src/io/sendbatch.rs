@@ -23,9 +23,12 @@
 //! address the peer reached the tunnel at (`IP_PKTINFO`). Such datagrams go by
 //! this module's own `sendmmsg`, GSO runs too, never by quinn-udp: the kernel
 //! refuses a source the host lost with `EINVAL`, which quinn-udp would take for
-//! offload trouble and turn GSO off for good. A refused run becomes singles that
-//! keep their source; a single refused for its source goes again from the
-//! kernel's pick, and that source is left out for 10 s. A run refused with
+//! offload trouble and turn GSO off for good. Single datagrams never go by
+//! quinn-udp either, with a source or without: their `EINVAL` is about an
+//! address (a destination port 0, say), not offload. A refused run becomes
+//! singles that keep their source; a single refused for an address goes again
+//! from the kernel's pick, and if it leaves from there, its source is left out
+//! for 10 s (if not, the destination was at fault). A run refused with
 //! `EINVAL` or `EIO` (offload trouble and a lost source look alike) ends GSO for
 //! sourced datagrams for 10 s; they leave in `sendmmsg` batches meanwhile.
 //!
@@ -236,14 +239,7 @@ impl SendBatch {
                 .position(Run::segmented)
                 .map_or(self.runs.len(), |p| i + p);
             let singles = &self.runs[i..end];
-            failures += send_singles(
-                socket,
-                state,
-                &self.data,
-                singles,
-                self.v6,
-                &mut self.vanished,
-            );
+            failures += send_singles(socket, &self.data, singles, self.v6, &mut self.vanished);
             i = end;
         }
         self.data.clear();
@@ -265,38 +261,36 @@ impl SendBatch {
     }
 }
 
-/// Sends single datagrams in order, [`MMSG`] per `sendmmsg` (a lone one with
-/// plain `sendmsg`); returns how many the socket refused (each is dropped, the
-/// rest go on).
+/// Sends single datagrams in order, [`MMSG`] per `sendmmsg`; returns how many
+/// the socket refused (each is dropped, the rest go on). Never by quinn-udp,
+/// which takes any `EINVAL` for offload trouble and turns GSO off for good,
+/// though a single datagram's `EINVAL` is about its addresses.
 fn send_singles(
     socket: &UdpSocket,
-    state: &quinn_udp::UdpSocketState,
     data: &[u8],
     runs: &[Run],
     v6: bool,
     vanished: &mut Vec<(IpAddr, Instant)>,
 ) -> u64 {
+    let fd = socket.as_raw_fd();
     let mut failures = 0;
     let mut i = 0;
     while i < runs.len() {
         let chunk = &runs[i..runs.len().min(i + MMSG)];
-        let sent = match chunk {
-            // quinn-udp sends no datagram with a source: see `flush`.
-            [one] if one.src.is_none() => send_one(socket, state, data, one).map(|()| 1),
-            _ => send_many(socket.as_raw_fd(), data, chunk, v6, vanished),
-        };
-        match sent {
+        match send_many(fd, data, chunk, v6, vanished) {
             Ok(n) if n > 0 => i += n,
-            // The first datagram was refused for its source address (one the
-            // host no longer has): once more from whichever the kernel picks.
-            // Otherwise drop it, go on with the rest.
-            Err(e) if forget_source(vanished, runs[i].src, &e) => {
+            // The first datagram was refused, perhaps for its source address
+            // (one the host no longer has): once more from whichever the
+            // kernel picks. Otherwise drop it, go on with the rest.
+            Err(e) if runs[i].src.is_some() && refuses_address(&e) => {
                 let anywhere = Run {
                     src: None,
                     ..runs[i]
                 };
-                if send_one(socket, state, data, &anywhere).is_err() {
-                    failures += 1;
+                match send_many(fd, data, &[anywhere], v6, &[]) {
+                    // Refused from there too: the destination's fault.
+                    Ok(0) | Err(_) => failures += 1,
+                    Ok(_) => forget_source(vanished, runs[i].src, &e),
                 }
                 i += 1;
             }
@@ -309,21 +303,22 @@ fn send_singles(
     failures
 }
 
-/// Remembers `src` as gone, and says so, when the kernel's refusal `e` of a
-/// single datagram sent from it says the host has no such address
-/// (EADDRNOTAVAIL; ENETUNREACH or EINVAL from the route lookup), so that the
-/// next datagrams go from the kernel's pick at once.
-fn forget_source(
-    vanished: &mut Vec<(IpAddr, Instant)>,
-    src: Option<IpAddr>,
-    e: &io::Error,
-) -> bool {
-    let gone = matches!(
+/// The kernel's refusal of a single datagram names one of its addresses: a
+/// source the host does not have (EADDRNOTAVAIL; ENETUNREACH or EINVAL from
+/// the route lookup), or a destination nothing reaches.
+fn refuses_address(e: &io::Error) -> bool {
+    matches!(
         e.raw_os_error(),
         Some(libc::EINVAL | libc::EADDRNOTAVAIL | libc::ENETUNREACH)
-    );
-    let Some(src) = src.filter(|_| gone) else {
-        return false;
+    )
+}
+
+/// Remembers `src` as gone, and says so, after a datagram refused from it
+/// (see [`refuses_address`]) left from the kernel's pick: the next datagrams
+/// go from there at once.
+fn forget_source(vanished: &mut Vec<(IpAddr, Instant)>, src: Option<IpAddr>, e: &io::Error) {
+    let Some(src) = src else {
+        return;
     };
     if !vanished.iter().any(|(v, _)| *v == src) {
         tracing::warn!(source = %src, error = %e,
@@ -333,24 +328,6 @@ fn forget_source(
         }
         vanished.push((src, Instant::now() + FORGOTTEN));
     }
-    true
-}
-
-/// One datagram with plain `sendmsg`, from the kernel's pick of source.
-fn send_one(
-    socket: &UdpSocket,
-    state: &quinn_udp::UdpSocketState,
-    data: &[u8],
-    run: &Run,
-) -> io::Result<()> {
-    let transmit = quinn_udp::Transmit {
-        destination: run.to,
-        ecn: None,
-        contents: &data[run.start..run.start + run.len],
-        segment_size: None,
-        src_ip: run.src,
-    };
-    state.try_send(socket.into(), &transmit)
 }
 
 /// Room for a message's control messages: its source address (`IP_PKTINFO`
@@ -492,14 +469,20 @@ fn send_many(
             unsafe { set_control(&mut header.msg_hdr, control, src, segment) };
         }
     }
-    // SAFETY: the first `n` headers point at live addresses, iovecs and
-    // control messages on this stack frame, and the iovecs at `data`, which
-    // the kernel only reads; all outlive the call.
-    let sent = unsafe { libc::sendmmsg(fd, headers.as_mut_ptr(), n as libc::c_uint, 0) };
-    if sent < 0 {
-        return Err(io::Error::last_os_error());
+    // A signal may interrupt the call before it sent anything.
+    loop {
+        // SAFETY: the first `n` headers point at live addresses, iovecs and
+        // control messages on this stack frame, and the iovecs at `data`,
+        // which the kernel only reads; all outlive the call.
+        let sent = unsafe { libc::sendmmsg(fd, headers.as_mut_ptr(), n as libc::c_uint, 0) };
+        if sent >= 0 {
+            return Ok(sent as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
     }
-    Ok(sent as usize)
 }
 
 #[cfg(test)]
@@ -687,6 +670,35 @@ mod tests {
         batch.push(to, Some(lost), &[3; 10]);
         assert_eq!(batch.runs[2].src, Some(lost), "forgotten: tried again");
         assert!(batch.vanished.is_empty());
+    }
+
+    /// A datagram to port 0 (an answer to a forged source) is refused by the
+    /// kernel with `EINVAL`, which is about its destination: GSO stays on,
+    /// the source the datagram carried is not taken for lost, and the next
+    /// datagrams leave from it as before.
+    #[test]
+    fn a_destination_the_kernel_refuses_costs_neither_gso_nor_the_source() {
+        for bind in ["127.0.0.1:0", "0.0.0.0:0"] {
+            let socket = crate::io::udp::bind(bind.parse().unwrap()).expect("bind");
+            let state = crate::io::udp::batching_state(&socket).expect("state");
+            let gso = state.max_gso_segments();
+            let src: Option<IpAddr> = bind.starts_with("0.").then(|| "127.0.0.1".parse().unwrap());
+            let mut batch = SendBatch::new(gso, false);
+            let nowhere: SocketAddr = "127.0.0.1:0".parse().unwrap();
+            batch.push(nowhere, src, &[1; 100]);
+            assert_eq!(batch.flush(&socket, &state), 1, "{bind}: refused");
+            assert!(
+                batch.vanished.is_empty(),
+                "{bind}: the source is still ours"
+            );
+            assert_eq!(state.max_gso_segments(), gso, "{bind}: GSO stays on");
+            assert_eq!(batch.max_segments, gso.max(1), "{bind}");
+            let plain = receiver("127.0.0.1:0");
+            batch.push(plain.local_addr().unwrap(), src, &[2; 10]);
+            assert_eq!(batch.runs[0].src, src, "{bind}");
+            assert_eq!(batch.flush(&socket, &state), 0, "{bind}");
+            assert_eq!(drain(&plain, 1), [(10, 2)], "{bind}");
+        }
     }
 
     #[tokio::test]

@@ -21,7 +21,7 @@ use super::{trim_events, Event, Sink, TunnelEngine};
 use crate::core::admission::Refusal;
 use crate::core::netstack::LocalStack;
 use crate::core::peer::{
-    initiator_key, message_type, Decap, Message, Path, Peer, ROAM_ANNOUNCE_INTERVAL,
+    answerable, initiator_key, message_type, Decap, Message, Path, Peer, ROAM_ANNOUNCE_INTERVAL,
 };
 use crate::core::policy::{DropReason, Origin, PeerId};
 
@@ -59,6 +59,10 @@ impl TunnelEngine {
         self.stats.rx_datagrams += 1;
         let path = Path::arrived(from, at);
         let from = path.remote;
+        // Before anything could answer it (a cookie reply, say).
+        if !answerable(from) {
+            return self.stats.drop(DropReason::UnanswerableSource);
+        }
         let Some(message) = Message::classify(datagram) else {
             self.stats.drop(DropReason::InvalidDatagram);
             return;

@@ -410,12 +410,15 @@ impl TunnelSettings {
         }
         // Peers get it with each tunnel's own port: a port, a scheme or a path
         // here would make every endpoint wrong. A colon is IPv6's alone.
-        let bare = self
-            .public_host
-            .trim_start_matches('[')
-            .trim_end_matches(']');
-        let ipv6 = bare.parse::<std::net::Ipv6Addr>().is_ok();
-        if self.public_host.contains('/') || (self.public_host.contains(':') && !ipv6) {
+        // Brackets only around a whole IPv6 address: the endpoints add their
+        // own, and a lone one would be copied into every peer's config.
+        let host = self.public_host.as_str();
+        let ok = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+            Some(bare) => bare.parse::<std::net::Ipv6Addr>().is_ok(),
+            None if host.contains(['[', ']', '/']) => false,
+            None => !host.contains(':') || host.parse::<std::net::Ipv6Addr>().is_ok(),
+        };
+        if !ok {
             return Err((
                 "tunnels.public_host",
                 format!(
@@ -425,6 +428,28 @@ impl TunnelSettings {
             ));
         }
         Ok(())
+    }
+}
+
+impl TunnelSettings {
+    /// Why peers may not reach the tunnels at `public_host`: an address of a
+    /// family the sockets do not take (an IPv6 one while they bind to IPv4,
+    /// an IPv4 one while they bind to one IPv6 address; `::` takes both).
+    /// A warning, not an error: a proxy or NAT64 in front may translate.
+    pub fn public_host_mismatch(&self) -> Option<&'static str> {
+        let host = self
+            .public_host
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        match (host.parse::<IpAddr>().ok()?, self.bind) {
+            (IpAddr::V6(_), IpAddr::V4(_)) => Some(
+                "tunnels.public_host is an IPv6 address, but the tunnels bind to IPv4: peers would dial where nothing listens (bind to :: for both families)",
+            ),
+            (IpAddr::V4(_), IpAddr::V6(v6)) if !v6.is_unspecified() => Some(
+                "tunnels.public_host is an IPv4 address, but the tunnels bind to one IPv6 address: peers would dial where nothing listens (bind to :: for both families)",
+            ),
+            _ => None,
+        }
     }
 }
 
@@ -578,9 +603,46 @@ mod tests {
             "https://vpn.example.com",
             "203.0.113.1:1",
             "a/b",
+            "[2001:db8::1",
+            "2001:db8::1]",
+            "[vpn.example.com]",
+            "[203.0.113.1]",
+            "[2001:db8::1]:51820",
         ] {
             let e = with(bad).unwrap_err().to_string();
             assert!(e.contains("tunnels.public_host"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_public_host_of_the_other_family_is_named() {
+        let with = |host: &str, bind: &str| TunnelSettings {
+            public_host: host.into(),
+            bind: bind.parse().unwrap(),
+            ..Default::default()
+        };
+        for (host, bind) in [
+            ("2001:db8::1", "0.0.0.0"),
+            ("[2001:db8::1]", "203.0.113.1"),
+            ("203.0.113.1", "2001:db8::5"),
+        ] {
+            assert!(
+                with(host, bind).public_host_mismatch().is_some(),
+                "{host} {bind}"
+            );
+        }
+        for (host, bind) in [
+            ("2001:db8::1", "::"),
+            ("203.0.113.1", "::"),
+            ("203.0.113.1", "0.0.0.0"),
+            ("vpn.example.com", "0.0.0.0"),
+            ("2001:db8::1", "2001:db8::1"),
+        ] {
+            assert_eq!(
+                with(host, bind).public_host_mismatch(),
+                None,
+                "{host} {bind}"
+            );
         }
     }
 

@@ -64,6 +64,8 @@ fn qr_code_decodes_to_the_config() {
         .unwrap();
     assert_eq!(resp.status().as_u16(), 200);
     assert_eq!(resp.headers()["content-type"], "image/png");
+    // It holds the phone's private key: no cache on the way may keep it.
+    assert_eq!(resp.headers()["cache-control"], "no-store");
     let bytes = resp.bytes().unwrap();
     let decoder = png::Decoder::new(std::io::Cursor::new(bytes.to_vec()));
     let mut reader = decoder.read_info().unwrap();

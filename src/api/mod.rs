@@ -267,7 +267,8 @@ fn routes(state: Arc<AppState>) -> (Router, utoipa::openapi::OpenApi) {
         .layer(axum::middleware::from_fn_with_state(
             Arc::clone(&state),
             auth::require_token,
-        ));
+        ))
+        .layer(axum::middleware::map_response(no_store));
     let count = axum::middleware::from_fn_with_state(Arc::clone(&state), metrics::count_requests);
     let (router, mut api) = OpenApiRouter::new()
         .nest("/v1", v1)
@@ -288,6 +289,16 @@ fn routes(state: Arc<AppState>) -> (Router, utoipa::openapi::OpenApi) {
         .layer(axum::middleware::from_fn(body::read_first))
         .with_state(state);
     (router, api)
+}
+
+/// No cache on the way may keep what `/v1` answers: router scripts, client
+/// configs and QR codes carry private keys, and the rest is live state.
+async fn no_store(mut response: axum::response::Response) -> axum::response::Response {
+    response.headers_mut().insert(
+        axum::http::header::CACHE_CONTROL,
+        axum::http::HeaderValue::from_static("no-store"),
+    );
+    response
 }
 
 /// Runs blocking work (an SQLite commit with its fsync) without stalling the

@@ -147,6 +147,9 @@ pub(crate) async fn run(settings: Settings) -> Result<()> {
     if settings.tunnels.public_host == "vpn.example.com" {
         tracing::warn!("tunnels.public_host is the placeholder vpn.example.com: set it to the address peers dial");
     }
+    if let Some(why) = settings.tunnels.public_host_mismatch() {
+        tracing::warn!("{why}");
+    }
     let master = load_master_key(&settings)?;
     let (mut store, mut registry) = open_state(&settings, master)?;
     let mut runtime = start_runtime(&settings)?;

@@ -369,10 +369,19 @@ fn check_address(
         });
     }
     if !alloc::is_assignable(range, ip) {
+        let reason = if ip == range.network() {
+            "the network address"
+        } else if ip == range.broadcast() {
+            "the broadcast address"
+        } else {
+            // `server_address` of the range: the tunnel's own in a tenant's
+            // subnet; a client pool keeps its .1 free the same way.
+            "the range's first host address, never a peer's (the server's in a tenant's subnet)"
+        };
         return Err(ControlError::AddressUnavailable {
             field,
             addr,
-            reason: "network, broadcast or server address",
+            reason,
         });
     }
     if taken {

@@ -373,6 +373,33 @@ fn a_client_named_like_a_router_cannot_take_its_key() {
     assert!(restored(r.tenants().cloned().collect()).is_ok());
 }
 
+/// A phone may not take its pool's network, broadcast or first host address,
+/// and the answer says which of them it asked for.
+#[test]
+fn a_pools_edge_addresses_are_refused_by_name() {
+    let mut r = registry();
+    r.put_tenant(&id("a"), &Default::default(), now()).unwrap();
+    r.put_router(&id("a"), &id("gw"), &Default::default())
+        .unwrap();
+    r.put_egress(&id("a"), &egress("10.200.0.0/24", "gw"))
+        .unwrap();
+    for (ip, reason) in [
+        ("10.200.0.0", "the network address"),
+        ("10.200.0.255", "the broadcast address"),
+        ("10.200.0.1", "first host address"),
+    ] {
+        let ask = ClientRequest {
+            vpn_ip: Some(ip.into()),
+            ..Default::default()
+        };
+        let e = r.put_client(&id("a"), &id("phone"), &ask).unwrap_err();
+        assert!(
+            matches!(e, ControlError::AddressUnavailable { .. }) && e.to_string().contains(reason),
+            "{ip}: {e}"
+        );
+    }
+}
+
 #[test]
 fn routers_allocate_and_conflict() {
     let mut r = registry();

@@ -32,6 +32,9 @@ pub struct Occupancy {
     keys: HashMap<[u8; 32], Holder>,
     /// Per allocation range: every assignable host number below this is taken.
     dense_below: HashMap<Ipv4Net, u32>,
+    /// Per client pool: the host number handed out last
+    /// ([`Occupancy::next_free_rotating`]).
+    last_given: HashMap<Ipv4Net, u32>,
 }
 
 impl Occupancy {
@@ -123,6 +126,40 @@ impl Occupancy {
     }
 }
 
+impl Occupancy {
+    /// The first free address of `net` after the one handed out last (after
+    /// the highest one held, when none was handed out since the index was
+    /// built), wrapping to host number `start` at the range's end, skipping
+    /// `reserved`. So a freed address goes to a new peer only once every
+    /// other free one has been handed out: what still flows towards the old
+    /// peer's address (a gateway's NAT keeps an established TCP flow's state
+    /// for a day) reaches nobody for as long as the range allows, as a DHCP
+    /// server's iterative allocation does. For client pools, whose phones
+    /// come and go; routers keep the dense numbering of [`Self::next_free`].
+    pub fn next_free_rotating(
+        &mut self,
+        net: Ipv4Net,
+        start: u32,
+        reserved: Ipv4Addr,
+    ) -> Result<Ipv4Addr, AllocError> {
+        let base = u32::from(net.network());
+        let after = match self.last_given.get(&net) {
+            Some(&host) => host.saturating_add(1),
+            None => self
+                .addresses
+                .range(net.network()..=net.broadcast())
+                .next_back()
+                .map_or(start, |highest| u32::from(*highest) - base + 1),
+        };
+        let addresses = &self.addresses;
+        let taken = |a: Ipv4Addr| a == reserved || addresses.contains(&a);
+        let (ip, host) = alloc::next_host_where(net, after.max(start), taken)
+            .or_else(|_| alloc::next_host_where(net, start, taken))?;
+        self.last_given.insert(net, host);
+        Ok(ip)
+    }
+}
+
 /// The addresses a peer holds: `ip` and the single IPv4 addresses in `extra`.
 fn held(ip: Ipv4Addr, extra: &[IpNet]) -> impl Iterator<Item = Ipv4Addr> + '_ {
     let singles = extra.iter().filter_map(|net| match net {
@@ -172,6 +209,64 @@ mod tests {
                 }
             }
         }
+    }
+
+    proptest! {
+        /// Against a plain cyclic scan: each address is the first free one
+        /// after the last handed out, wrapping at the pool's end, through any
+        /// mix of adds and removals; and an error only when none is free.
+        #[test]
+        fn rotating_allocation_goes_round_the_pool(ops in prop::collection::vec((any::<bool>(), 0u8..60), 1..300)) {
+            let net: Ipv4Net = "10.200.0.0/26".parse().unwrap();
+            let outside = Ipv4Addr::new(10, 100, 0, 1);
+            let mut occ = Occupancy::default();
+            let mut held: Vec<(Ipv4Addr, PublicKey)> = Vec::new();
+            let mut last: Option<u32> = None;
+            let id = Id::parse("c", "client").unwrap();
+            for (n, (add, pick)) in ops.into_iter().enumerate() {
+                if add || held.is_empty() {
+                    let free = |h: u32| {
+                        let a = Ipv4Addr::from(u32::from(net.network()) + h);
+                        !held.iter().any(|(b, _)| *b == a)
+                    };
+                    // Host numbers 2..63 (the network, .1 and the broadcast are never handed out).
+                    let from = last.map_or(2, |l| l + 1);
+                    let naive = (from..63).chain(2..from.min(63)).find(|&h| free(h));
+                    let got = occ.next_free_rotating(net, 2, outside);
+                    let got_host = got.as_ref().ok().map(|a| u32::from(*a) - u32::from(net.network()));
+                    prop_assert_eq!(got_host, naive);
+                    if let Ok(ip) = got {
+                        let k = key(n as u8);
+                        occ.add_client(&id, ip, &k);
+                        held.push((ip, k));
+                        last = got_host;
+                    }
+                } else {
+                    let (ip, k) = held.remove(pick as usize % held.len());
+                    occ.remove(ip, &[], &k);
+                }
+            }
+        }
+    }
+
+    /// An index built anew (a restart, an undone change) goes on after the
+    /// highest address held, not from the pool's start.
+    #[test]
+    fn a_new_index_rotates_on_from_the_highest_address_held() {
+        let net: Ipv4Net = "10.200.0.0/24".parse().unwrap();
+        let outside = Ipv4Addr::new(10, 100, 0, 1);
+        let c = Id::parse("c1", "client").unwrap();
+        let mut occ = Occupancy::default();
+        occ.add_client(&c, Ipv4Addr::new(10, 200, 0, 7), &key(1));
+        assert_eq!(
+            occ.next_free_rotating(net, 2, outside),
+            Ok(Ipv4Addr::new(10, 200, 0, 8))
+        );
+        let mut empty = Occupancy::default();
+        assert_eq!(
+            empty.next_free_rotating(net, 2, outside),
+            Ok(Ipv4Addr::new(10, 200, 0, 2))
+        );
     }
 
     #[test]

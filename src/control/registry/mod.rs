@@ -324,7 +324,12 @@ fn key_and_address(
             ip
         }
         (None, Some(ip)) => ip,
-        (None, None) => occupancy.next_free(range.net, range.first, range.server)?,
+        (None, None) => match peer.0 {
+            PeerKind::Router => occupancy.next_free(range.net, range.first, range.server)?,
+            PeerKind::Client => {
+                occupancy.next_free_rotating(range.net, range.first, range.server)?
+            }
+        },
     };
     Ok((public_key, private_key, vpn_ip))
 }

@@ -373,6 +373,47 @@ fn a_client_named_like_a_router_cannot_take_its_key() {
     assert!(restored(r.tenants().cloned().collect()).is_ok());
 }
 
+/// A deleted phone's address goes to a new phone only after every other
+/// free one of the pool: the gateway's NAT may still send the old phone's
+/// flows there. Routers keep their dense numbering.
+#[test]
+fn a_deleted_phones_address_is_handed_out_last() {
+    let mut r = registry();
+    r.put_tenant(&id("a"), &Default::default(), now()).unwrap();
+    r.put_router(&id("a"), &id("gw"), &Default::default())
+        .unwrap();
+    r.put_egress(&id("a"), &egress("10.200.0.0/29", "gw"))
+        .unwrap();
+    let ip = |r: &Registry, c: &str| r.tenant(&id("a")).unwrap().clients[&id(c)].vpn_ip;
+    for c in ["p1", "p2"] {
+        r.put_client(&id("a"), &id(c), &Default::default()).unwrap();
+    }
+    assert_eq!(ip(&r, "p1"), Ipv4Addr::new(10, 200, 0, 2));
+    r.delete_client(&id("a"), &id("p1")).unwrap();
+    // .4, .5, .6 first (a /29 ends at .7, its broadcast), then .2 again.
+    for (c, last) in [("p3", 4), ("p4", 5), ("p5", 6), ("p6", 2)] {
+        r.put_client(&id("a"), &id(c), &Default::default()).unwrap();
+        assert_eq!(ip(&r, c), Ipv4Addr::new(10, 200, 0, last), "{c}");
+    }
+    let e = r.put_client(&id("a"), &id("p7"), &Default::default());
+    assert!(matches!(e, Err(ControlError::Exhausted(_))), "{e:?}");
+    // Asked for by name, a free address is given at once.
+    r.delete_client(&id("a"), &id("p4")).unwrap();
+    let ask = ClientRequest {
+        vpn_ip: Some("10.200.0.5".into()),
+        ..Default::default()
+    };
+    r.put_client(&id("a"), &id("p7"), &ask).unwrap();
+    // Routers: the lowest free address, as before.
+    r.put_router(&id("a"), &id("r1"), &Default::default())
+        .unwrap();
+    r.delete_router(&id("a"), &id("r1")).unwrap();
+    r.put_router(&id("a"), &id("r2"), &Default::default())
+        .unwrap();
+    let r2 = r.tenant(&id("a")).unwrap().routers[&id("r2")].vpn_ip;
+    assert_eq!(r2, Ipv4Addr::new(10, 100, 1, 2));
+}
+
 /// A phone may not take its pool's network, broadcast or first host address,
 /// and the answer says which of them it asked for.
 #[test]

@@ -105,6 +105,53 @@ fn qr_code_decodes_to_the_config() {
     );
 }
 
+/// The secret of a config's `PrivateKey` line.
+fn private_key(config: &str) -> boringtun::x25519::StaticSecret {
+    let line = config
+        .lines()
+        .find_map(|l| l.strip_prefix("PrivateKey = "))
+        .expect("a PrivateKey line");
+    boringtun::x25519::StaticSecret::from(wgplane::keys::decode(line).expect("a key"))
+}
+
+/// A lost phone: `POST …/key` gives it a key pair generated here, keeping its
+/// address. The old key cannot shake hands any more; the new config can.
+#[test]
+fn a_new_key_replaces_a_lost_phones() {
+    let (app, config) = provisioned();
+    let tenant = app.expect("GET", "/v1/tenants/kitonga", None, 200);
+    let server_key = tenant["server_public_key"].as_str().unwrap().to_owned();
+    let server = format!("127.0.0.1:{}", app.first_port).parse().unwrap();
+    let mut lost = support::UdpPeer::new(private_key(&config), &server_key, server, 1);
+    assert!(lost.handshake(), "the first key works");
+
+    let before = app.expect("GET", "/v1/tenants/kitonga/clients/phone-1", None, 200);
+    let view = app.expect("POST", "/v1/tenants/kitonga/clients/phone-1/key", None, 200);
+    let new_config = view["config"].as_str().unwrap().to_owned();
+    assert_ne!(view["public_key"], before["public_key"]);
+    assert_eq!(view["vpn_ip"], before["vpn_ip"]);
+    assert_ne!(
+        private_key(&new_config).to_bytes(),
+        private_key(&config).to_bytes()
+    );
+    assert!(new_config.contains("Address = 10.200.0.2/32"));
+    assert!(new_config.contains("DNS = 1.1.1.1, 2606:4700:4700::1111"));
+    let (status, text) = app.call("GET", "/v1/tenants/kitonga/clients/phone-1/config", None);
+    assert_eq!((status, text.as_str()), (200, Some(new_config.as_str())));
+
+    let mut old = support::UdpPeer::new(private_key(&config), &server_key, server, 2);
+    assert!(!old.try_handshake(1), "the old key is no peer any more");
+    let mut found = support::UdpPeer::new(private_key(&new_config), &server_key, server, 3);
+    assert!(found.handshake(), "the new config connects");
+
+    let (status, v) = app.call("POST", "/v1/tenants/kitonga/clients/nobody/key", None);
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (404, Some("client_not_found")),
+        "{v}"
+    );
+}
+
 /// A tool from the system, or a printed skip (a failure under CI).
 fn support_tool(name: &str) -> Option<std::path::PathBuf> {
     let found = std::env::var_os("PATH")

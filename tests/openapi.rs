@@ -41,6 +41,7 @@ const EXPECTED: &[(&str, &str)] = &[
     ("get", "/v1/tenants/{tenant_id}/clients/{client_id}"),
     ("put", "/v1/tenants/{tenant_id}/clients/{client_id}"),
     ("delete", "/v1/tenants/{tenant_id}/clients/{client_id}"),
+    ("post", "/v1/tenants/{tenant_id}/clients/{client_id}/key"),
     ("get", "/v1/tenants/{tenant_id}/clients/{client_id}/config"),
     (
         "get",

@@ -258,6 +258,7 @@ fn routes(state: Arc<AppState>) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(get_egress, put_egress, delete_egress))
         .routes(routes!(list_clients))
         .routes(routes!(get_client, put_client, delete_client))
+        .routes(routes!(new_client_key))
         .routes(routes!(get_client_config))
         .routes(routes!(get_client_qr))
         .routes(routes!(explain_route))

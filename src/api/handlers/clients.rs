@@ -156,16 +156,54 @@ pub async fn put_client(
             .await
             .map_err(stored_but)?;
     }
-    let (tenant, client) = find_client(&control, &t, &c)?;
-    let st = peer_status(&control, &t, &client.public_key).await;
-    let mut view = ClientView::new(client, &st, Instant::now(), SystemTime::now());
-    view.config = Some(render::client_config(tenant, client, &state.public_host));
+    let view = with_config(&state, &control, &t, &c).await?;
     Ok((status_of(put), Json(view)).into_response())
 }
 
-/// The wg-quick config of client `c` of tenant `t` (ids as given in the path).
-/// The client's wg-quick config, and whether it holds the private key (one
-/// imported with only its public key has the line commented out).
+#[utoipa::path(post, path = "/tenants/{tenant_id}/clients/{client_id}/key", tag = "clients", params(("tenant_id" = String, Path, description = "Tenant id: 1-64 of [A-Za-z0-9._-]"), ("client_id" = String, Path, description = "Client id")), responses((status = 200, description = "A new key pair generated here; includes the new config. The old key's session ends at once.", body = ClientView), (status = 400, description = "Bad input", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 404, description = "Unknown object", body = ErrorBody), (status = 503, description = CHANGE_UNAVAILABLE, body = ErrorBody)))]
+pub async fn new_client_key(
+    State(state): Shared,
+    Path((t, c)): Path<(String, String)>,
+) -> ApiResult {
+    let (t, c) = (tenant_id(&t)?, Id::parse(&c, "client_id")?);
+    let mut control = state.control.lock().await;
+    let previous = control.registry.tenant(&t)?.clients.get(&c).cloned();
+    let before = Before::Client {
+        id: c.clone(),
+        before: previous,
+    };
+    control.registry.new_client_key(&t, &c)?;
+    persist!(control, &t, before, |reg| {
+        reg.tenant(&t)
+            .ok()
+            .and_then(|x| x.clients.get(&c))
+            .map(|client| vec![Change::Client(&t, client)])
+            .unwrap_or_default()
+    });
+    // A new key is a new peer: the old one leaves the running tunnel.
+    sync(&mut control, &t).await.map_err(stored_but)?;
+    let view = with_config(&state, &control, &t, &c).await?;
+    Ok(Json(view).into_response())
+}
+
+/// Client `c` of tenant `t` as a changed one is answered: its status and its
+/// config, with the private key where it is held here.
+async fn with_config(
+    state: &AppState,
+    control: &Control,
+    t: &Id,
+    c: &Id,
+) -> Result<ClientView, ApiError> {
+    let (tenant, client) = find_client(control, t, c)?;
+    let st = peer_status(control, t, &client.public_key).await;
+    let mut view = ClientView::new(client, &st, Instant::now(), SystemTime::now());
+    view.config = Some(render::client_config(tenant, client, &state.public_host));
+    Ok(view)
+}
+
+/// The wg-quick config of client `c` of tenant `t` (ids as given in the
+/// path), and whether it holds the private key (one imported with only its
+/// public key has the line commented out).
 async fn client_config(state: &AppState, t: &str, c: &str) -> Result<(String, bool), ApiError> {
     let (t, c) = (tenant_id(t)?, Id::parse(c, "client_id")?);
     let control = state.control.lock().await;

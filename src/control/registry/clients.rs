@@ -15,6 +15,7 @@ use crate::control::model::{Client, ClientRequest, EgressPolicy, EgressRequest, 
 use crate::control::occupancy::Occupancy;
 use crate::core::alloc;
 use crate::core::peer::PeerKind;
+use crate::keys::{self, SecretKey};
 
 impl Registry {
     /// Sets the tenant's egress policy.
@@ -193,6 +194,28 @@ impl Registry {
             }
             None => Put::Created,
         })
+    }
+
+    /// Gives client `id` a key pair generated here, keeping its address, name
+    /// and DNS: the old key (a lost phone's) stops working, and the new config
+    /// and QR code carry the new private key.
+    pub fn new_client_key(&mut self, tenant_id: &Id, id: &Id) -> Result<(), ControlError> {
+        if !self.tenant(tenant_id)?.clients.contains_key(id) {
+            return Err(ControlError::NoClient(id.to_string()));
+        }
+        let secret = SecretKey::generate();
+        let req = ClientRequest {
+            public_key: Some(keys::encode(secret.public().as_bytes())),
+            ..Default::default()
+        };
+        self.put_client(tenant_id, id, &req)?;
+        let client = self
+            .tenant_mut(tenant_id)?
+            .clients
+            .get_mut(id)
+            .ok_or_else(|| ControlError::NoClient(id.to_string()))?;
+        client.private_key = Some(secret);
+        Ok(())
     }
 
     /// Removes a client.

@@ -46,7 +46,10 @@ fn metrics_match_the_traffic() {
     let endpoint: SocketAddr = ([127, 0, 0, 1], app.first_port).into();
     let mut gateway = UdpPeer::new(gw_secret, &key, endpoint, 1);
     let mut phone = UdpPeer::new(p_secret, &key, endpoint, 2);
-    assert!(gateway.handshake() && phone.handshake());
+    // The phone first: its packet finds no gateway with a session.
+    assert!(phone.handshake());
+    phone.send(&ip_packet(ip("10.200.0.2"), ip("198.18.0.1"), 10));
+    assert!(gateway.handshake());
     const N: usize = 10;
     for i in 0..N {
         phone.send(&ip_packet(ip("10.200.0.2"), ip("198.18.0.1"), 100 + i));
@@ -92,8 +95,18 @@ fn metrics_match_the_traffic() {
             .any(|l| l.starts_with("wgplane_peer_spoofed_packets_total") && l.contains(&gw_public)),
         "no series for a peer that spoofed nothing"
     );
+    assert_eq!(
+        sample(
+            &text,
+            "wgplane_peer_egress_down_packets_total",
+            &phone_labels
+        ),
+        1.0,
+        "the packet sent before the gateway had a session, counted for the phone"
+    );
     let (_, phone_view) = app.call("GET", "/v1/tenants/kitonga/clients/phone-1", None);
     assert_eq!(phone_view["spoofed_packets"], 1, "{phone_view}");
+    assert_eq!(phone_view["egress_down_packets"], 1, "{phone_view}");
     assert_eq!(
         sample(&text, "wireguard_sent_bytes_total", &gw_labels),
         gateway.received_bytes as f64,

@@ -103,6 +103,14 @@ fn no_live_gateway_means_drop_and_count_never_leak() {
     }
     let stats = k.sim.tunnels[0].engine.stats();
     assert_eq!(stats.dropped(DropReason::EgressDown), 4);
+    // Counted for the phone too: its status shows it is cut off.
+    let key = k.sim.public_key(k.phone1);
+    let now = k.sim.now;
+    let phone = k.sim.tunnels[0].engine.peer_status(&key, now).unwrap();
+    assert_eq!(phone.stats.egress_down, 4);
+    let other = k.sim.public_key(k.phone2);
+    let phone2 = k.sim.tunnels[0].engine.peer_status(&other, now).unwrap();
+    assert_eq!(phone2.stats.egress_down, 0);
     assert_eq!(
         k.sim.delivered(),
         delivered_before,

@@ -261,6 +261,10 @@ fn describe() {
         "wgplane_peer_spoofed_packets_total",
         "The peer's packets dropped because their source is not one it may use (only peers with any)."
     );
+    describe_counter!(
+        "wgplane_peer_egress_down_packets_total",
+        "The peer's packets dropped because no gateway of its client pool had a live session (only peers with any)."
+    );
     describe_gauge!(
         "wireguard_latest_handshake_seconds",
         "Unix time of the peer's latest handshake, 0 if none."
@@ -403,6 +407,9 @@ fn tunnel_series(tunnel: &TunnelLabels, tun_mode: bool, now: Instant, wall: Syst
         // Only where it happened: a series per peer costs every scrape.
         if let Some(spoofed) = status.map(|s| s.stats.spoofed).filter(|&n| n != 0) {
             counter!("wgplane_peer_spoofed_packets_total", &labels).absolute(spoofed);
+        }
+        if let Some(down) = status.map(|s| s.stats.egress_down).filter(|&n| n != 0) {
+            counter!("wgplane_peer_egress_down_packets_total", &labels).absolute(down);
         }
         let unix = handshake
             .map(|h| wall - now.saturating_duration_since(h))

@@ -72,6 +72,9 @@ pub struct LiveView {
     /// Packets of the peer dropped because their source is not one it may
     /// use (a wrong address on the device, a LAN missing from its allowed IPs).
     pub spoofed_packets: u64,
+    /// Packets of the peer (a phone) dropped because no gateway of its pool
+    /// had a live session: a connected phone that reaches nothing.
+    pub egress_down_packets: u64,
 }
 
 impl LiveView {
@@ -94,6 +97,7 @@ impl LiveView {
             rx_bytes: s.stats.rx_bytes,
             tx_bytes: s.stats.tx_bytes,
             spoofed_packets: s.stats.spoofed,
+            egress_down_packets: s.stats.egress_down,
         }
     }
 }

@@ -78,6 +78,9 @@ pub struct PeerStats {
     /// peer may use (`spoofed_source`): a phone or router with a wrong
     /// address, or a router's LAN missing from its allowed IPs.
     pub spoofed: u64,
+    /// Inner packets of a client dropped because no gateway of its pool had
+    /// a live session (`egress_down`): connected, yet cut off.
+    pub egress_down: u64,
 }
 
 /// The outcome of feeding one datagram to a peer.

@@ -218,9 +218,13 @@ pub(super) fn route(
             stats.drop(reason);
             // Counted for the peer too: its status shows it, not only the
             // tunnel's total.
-            if let (DropReason::SpoofedSource, Origin::Peer(p)) = (reason, origin) {
+            if let Origin::Peer(p) = origin {
                 if let Some(sender) = peers.get_mut(p) {
-                    sender.stats.spoofed += 1;
+                    match reason {
+                        DropReason::SpoofedSource => sender.stats.spoofed += 1,
+                        DropReason::EgressDown => sender.stats.egress_down += 1,
+                        _ => {}
+                    }
                 }
             }
             if reason == DropReason::NoRoute {

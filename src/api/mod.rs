@@ -144,7 +144,10 @@ impl crate::io::events::Directory for Arc<AppState> {
             control.registry.tenants().map(|t| t.id.clone()).collect()
         };
         let mut heard = Vec::new();
-        let mut seen = crate::io::events::Seen::default();
+        let mut seen = crate::io::events::Seen {
+            registered: ids.iter().map(|id| Arc::from(id.as_str())).collect(),
+            ..Default::default()
+        };
         for id in ids {
             let snapshot = self.control.lock().await.runtime.snapshot(&id).await;
             let Ok(snapshot) = snapshot else {

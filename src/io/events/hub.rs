@@ -94,16 +94,20 @@ impl Names {
     }
 
     /// After a pass over the tunnels: takes out, and returns, the peers that
-    /// `seen`'s tunnels no longer count as connected (those of tunnels it did
-    /// not ask stay). Their `peer_disconnected` was lost with the events, or
-    /// is still on its way (then it finds no name and is moot): announced
-    /// now, each connect still gets one disconnect, not one long after, when
-    /// the tunnel stops.
+    /// `seen`'s tunnels no longer count as connected, and those of tenants
+    /// that are gone (deleted while the `Stopped` of their tunnel was lost);
+    /// those of tunnels that did not answer stay. Their `peer_disconnected`
+    /// was lost with the events, or is still on its way (then it finds no
+    /// name and is moot): announced now, each connect still gets one
+    /// disconnect, not one long after, when the tunnel stops, or never.
     fn keep_seen(&mut self, seen: &Seen) -> Vec<(Arc<str>, [u8; 32], Name)> {
-        self.take(|at| seen.tenants.contains(&at.0) && !seen.connected.contains(at))
-            .into_iter()
-            .map(|((tenant, key), name)| (tenant, key, name))
-            .collect()
+        self.take(|at| {
+            !seen.registered.contains(&at.0)
+                || (seen.tenants.contains(&at.0) && !seen.connected.contains(at))
+        })
+        .into_iter()
+        .map(|((tenant, key), name)| (tenant, key, name))
+        .collect()
     }
 
     /// Takes out the peers `which` picks, with their names.

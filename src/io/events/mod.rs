@@ -121,10 +121,12 @@ pub trait Directory {
     ) -> impl std::future::Future<Output = (Seen, Result<(), NotStored>)> + Send;
 }
 
-/// What a pass over the running tunnels saw: the tenants whose tunnel
-/// answered, and their peers that are connected.
+/// What a pass over the running tunnels saw: the tenants it asked (every
+/// tenant there is), those whose tunnel answered, and their peers that are
+/// connected.
 #[derive(Debug, Default, Clone)]
 pub struct Seen {
+    pub registered: std::collections::HashSet<Arc<str>>,
     pub tenants: std::collections::HashSet<Arc<str>>,
     pub connected: std::collections::HashSet<(Arc<str>, [u8; 32])>,
 }

@@ -19,8 +19,9 @@ use std::sync::Mutex;
 /// Peers whose key starts with 1 are clients, the others routers; every
 /// batch of endpoints handed over is kept, and reconciliations counted
 /// (with the time each began). The first `refusals` writes (hand-overs and
-/// reconciliations alike) fail, as on a full disk.
-#[derive(Clone, Default)]
+/// reconciliations alike) fail, as on a full disk. The tenants the tests use
+/// are registered ("deleted" is not).
+#[derive(Clone)]
 struct Recorder {
     batches: Arc<Mutex<Vec<Vec<Heard>>>>,
     reconciled: Arc<AtomicU64>,
@@ -28,6 +29,22 @@ struct Recorder {
     refusals: Arc<AtomicU64>,
     /// What a pass over the tunnels sees.
     seen: Arc<Mutex<Seen>>,
+}
+
+impl Default for Recorder {
+    fn default() -> Self {
+        let seen = Seen {
+            registered: ["acme", "other", "flood"].map(Arc::from).into(),
+            ..Default::default()
+        };
+        Self {
+            batches: Arc::default(),
+            reconciled: Arc::default(),
+            reconciled_at: Arc::default(),
+            refusals: Arc::default(),
+            seen: Arc::new(Mutex::new(seen)),
+        }
+    }
 }
 
 impl Recorder {
@@ -256,7 +273,9 @@ async fn a_stopped_tunnel_disconnects_the_peers_announced_connected() {
 /// A peer whose `peer_disconnected` was lost while the hub fell behind is
 /// announced disconnected at the pass over the tunnels (which no longer count
 /// it connected), not long after, when its tunnel stops; every connect gets
-/// one disconnect. Peers of tunnels the pass did not ask are left alone.
+/// one disconnect. So is a peer of a tenant deleted while the hub was behind
+/// (its tunnel's `Stopped` lost). Peers of tunnels that did not answer the
+/// pass are left alone.
 #[tokio::test(start_paused = true)]
 async fn a_disconnect_lost_in_a_lag_is_announced_at_the_next_pass() {
     let key = |e: &TunnelEvent| match &e.event {
@@ -266,6 +285,8 @@ async fn a_disconnect_lost_in_a_lag_is_announced_at_the_next_pass() {
     let (one, two) = (connected(0, 1), connected(0, 2));
     let mut other = connected(0, 3);
     other.tenant = Arc::from("other");
+    let mut deleted = connected(0, 4);
+    deleted.tenant = Arc::from("deleted");
     let directory = Recorder::default();
     {
         let mut seen = directory.seen.lock().unwrap();
@@ -281,7 +302,7 @@ async fn a_disconnect_lost_in_a_lag_is_announced_at_the_next_pass() {
         None,
         Arc::default(),
     ));
-    for e in [one, two, other] {
+    for e in [one, two, other, deleted] {
         tx.send(e).unwrap();
     }
     tokio::time::sleep(Duration::from_millis(10)).await;
@@ -310,8 +331,11 @@ async fn a_disconnect_lost_in_a_lag_is_announced_at_the_next_pass() {
         }
     }
     let b64 = |e: &TunnelEvent| crate::keys::encode(&key(e));
+    // The pass's two in either order.
+    disconnects[..2].sort();
     let expected = [
         ("acme".to_owned(), b64(&connected(0, 2))),
+        ("deleted".to_owned(), b64(&connected(0, 4))),
         ("acme".to_owned(), b64(&connected(0, 1))),
         ("other".to_owned(), b64(&connected(0, 3))),
     ];

@@ -127,6 +127,12 @@ impl Occupancy {
 }
 
 impl Occupancy {
+    /// Takes over where `old`'s rotation through client pools stood (an index
+    /// built again after an undone change goes on from there).
+    pub fn keep_rotation(&mut self, old: Occupancy) {
+        self.last_given = old.last_given;
+    }
+
     /// The first free address of `net` after the one handed out last (after
     /// the highest one held, when none was handed out since the index was
     /// built), wrapping to host number `start` at the range's end, skipping

@@ -97,8 +97,11 @@ pub async fn put_router(
     let created_tenant = ensure_tenant(&mut control, &t, &TenantRequest::default()).await?;
     let put = match control.registry.put_router(&t, &r, &req) {
         Ok(put) => put,
+        // A refused router changed nothing; a tenant made for it goes again.
         Err(e) => {
-            undo(&mut control, &t, before).await;
+            if created_tenant == Put::Created {
+                undo(&mut control, &t, before).await;
+            }
             return Err(e.into());
         }
     };

@@ -164,10 +164,15 @@ impl Registry {
     /// Builds tenant `id`'s index of addresses and keys again from the tenant
     /// as it now is (after an undone change), or drops it with the tenant.
     fn reindex(&mut self, id: &Id) {
-        match self.tenants.get(id) {
-            Some(t) => self.occupancy.insert(id.clone(), Occupancy::of(t)),
-            None => self.occupancy.remove(id),
-        };
+        let old = self.occupancy.remove(id);
+        if let Some(t) = self.tenants.get(id) {
+            let mut fresh = Occupancy::of(t);
+            // Where client pools' rotation stands is no part of the tenant.
+            if let Some(old) = old {
+                fresh.keep_rotation(old);
+            }
+            self.occupancy.insert(id.clone(), fresh);
+        }
     }
 
     /// Puts one router back as it was before a change that could not be stored

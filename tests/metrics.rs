@@ -173,6 +173,10 @@ fn metrics_match_the_traffic() {
     assert!(datagrams("received") >= 4.0, "{text}");
     assert!(datagrams("sent") >= 2.0, "{text}");
     assert_eq!(datagrams("send_failed"), 0.0);
+    assert_eq!(
+        sample(&text, "wgplane_socket_receive_drops_total", &[t]),
+        0.0
+    );
     assert_eq!(sample(&text, "wgplane_cookie_replies_total", &[t]), 0.0);
     // Both peers' connects were published to the platform.
     let published = || {

@@ -147,6 +147,11 @@ impl From<RuntimeError> for ApiError {
             }
             RuntimeError::Engine(_) => (StatusCode::CONFLICT, "conflict", None),
             RuntimeError::TaskGone(_) => (StatusCode::SERVICE_UNAVAILABLE, "tunnel_down", None),
+            RuntimeError::NotAnswering(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "tunnel_not_answering",
+                None,
+            ),
             RuntimeError::NoStack => (StatusCode::CONFLICT, "tun_mode", None),
         };
         Self {

@@ -306,6 +306,10 @@ fn describe() {
         "Datagrams on tunnel sockets: received; sent (handed to the socket); send_failed (of those sent, refused by the kernel: buffer full, no route, a firewall)."
     );
     describe_counter!(
+        "wgplane_socket_receive_drops_total",
+        "Datagrams the kernel dropped at the tunnel's socket before the appliance read them (its receive buffer full: a flood, or a stalled tunnel)."
+    );
+    describe_counter!(
         "wgplane_icmp_errors_total",
         "ICMP errors the tunnel sent as a router hop (time exceeded, host unreachable)."
     );
@@ -460,6 +464,7 @@ fn tunnel_series(tunnel: &TunnelLabels, tun_mode: bool, now: Instant, wall: Syst
         labels.push(("direction", direction.to_owned()));
         counter!("wgplane_datagrams_total", &labels).absolute(value);
     }
+    counter!("wgplane_socket_receive_drops_total", &base()).absolute(snap.receive_drops);
     if tun_mode {
         counter!("wgplane_host_write_failures_total", &base()).absolute(snap.send_failures.host);
     }
@@ -503,6 +508,31 @@ mod tests {
         drop(unread);
         assert_eq!(turns(), 1, "dropped: released");
         f.state.control.lock().await.runtime.stop(&f.acme).await;
+    }
+
+    /// A tunnel task stuck by a bug holds neither the scrape nor the API:
+    /// its snapshot is given up after `SNAPSHOT_WAIT`, and the tunnel reads
+    /// as down.
+    #[tokio::test(start_paused = true)]
+    async fn a_stuck_tunnel_holds_up_no_scrape() {
+        let f = crate::api::testing::fixture().await;
+        let queue = f.state.control.lock().await.runtime.wedge_task(&f.acme);
+        let scraped = scrape(State(Arc::clone(&f.state)));
+        let answer = tokio::time::timeout(std::time::Duration::from_secs(10), scraped)
+            .await
+            .expect("answered within 10 s");
+        let text = axum::body::to_bytes(answer.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        let text = String::from_utf8_lossy(&text);
+        assert!(
+            text.contains(r#"wgplane_tunnel_up{interface="wg0",tenant="acme"} 0"#),
+            "{text}"
+        );
+        // The API is free again meanwhile.
+        let control = f.state.control.try_lock();
+        assert!(control.is_ok(), "the control lock is free");
+        drop((control, queue));
     }
 
     /// A tunnel that is down has its gateways down too: the series read 0,

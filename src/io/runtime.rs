@@ -28,6 +28,9 @@ use crate::core::peer::PeerConfig;
 /// Events from every tunnel.
 pub type TunnelEvent = TaggedEvent;
 
+/// How long a tunnel task may take to answer a snapshot.
+pub const SNAPSHOT_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Why the runtime could not do what was asked.
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
@@ -46,6 +49,10 @@ pub enum RuntimeError {
     /// The tunnel task is gone.
     #[error("tunnel task of {0} is not running")]
     TaskGone(String),
+    /// The tunnel task did not answer a snapshot within [`SNAPSHOT_WAIT`]
+    /// (a task stuck by a bug).
+    #[error("tunnel task of {0} did not answer within 2 s")]
+    NotAnswering(String),
     /// The TUN device refused an address or route.
     #[error(transparent)]
     Tun(#[from] super::tun::TunError),
@@ -159,6 +166,15 @@ impl Runtime {
     /// or ended).
     pub fn is_running(&self, id: &Id) -> bool {
         self.tunnels.get(id).is_some_and(|h| !h.task.is_finished())
+    }
+
+    /// Makes the tenant's tunnel task deaf to commands, as a task stuck by a
+    /// bug would be; they wait in the returned queue.
+    #[cfg(test)]
+    pub(crate) fn wedge_task(&mut self, id: &Id) -> Option<mpsc::Receiver<Command>> {
+        let (commands, queue) = mpsc::channel(1);
+        self.tunnels.get_mut(id)?.commands = commands;
+        Some(queue)
     }
 
     /// Ends the tenant's tunnel task as a bug (a panic) would: its handle stays.
@@ -659,9 +675,14 @@ impl Runtime {
     }
 
     /// Peer statuses and counters of one tunnel.
+    /// Within [`SNAPSHOT_WAIT`]: scrapes and the event hub's passes ask under
+    /// the control lock, which a stuck task must not hold for good.
     pub async fn snapshot(&self, id: &Id) -> Result<TunnelSnapshot, RuntimeError> {
         let (reply, rx) = oneshot::channel();
-        self.ask(id, Command::Snapshot { reply }, rx).await
+        let asked = self.ask(id, Command::Snapshot { reply }, rx);
+        tokio::time::timeout(SNAPSHOT_WAIT, asked)
+            .await
+            .unwrap_or_else(|_| Err(RuntimeError::NotAnswering(id.to_string())))
     }
 
     async fn ask<T>(

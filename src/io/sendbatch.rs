@@ -69,6 +69,9 @@ pub(crate) struct SendBatch {
     /// offload trouble or a lost source alike. They leave in `sendmmsg`
     /// batches meanwhile.
     sourced_runs_after: Option<Instant>,
+    /// Until when refused sends are not logged again: the counter says how
+    /// many, one line per [`FORGOTTEN`] says why.
+    quiet_until: Option<Instant>,
 }
 
 /// How long a refused source address, or GSO for sourced datagrams after a
@@ -111,6 +114,7 @@ impl SendBatch {
             v6,
             vanished: Vec::new(),
             sourced_runs_after: None,
+            quiet_until: None,
         }
     }
 
@@ -162,6 +166,7 @@ impl SendBatch {
     /// (full buffer, no route). They are dropped, as a link drops.
     pub(crate) fn flush(&mut self, socket: &UdpSocket, state: &quinn_udp::UdpSocketState) -> u64 {
         let mut failures = 0;
+        let mut refusal = None;
         let mut i = 0;
         while i < self.runs.len() {
             let run = self.runs[i];
@@ -187,7 +192,10 @@ impl SendBatch {
                 match sent {
                     Ok(()) => {}
                     // A full buffer takes no single datagram either.
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => failures += run.datagrams(),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        failures += run.datagrams();
+                        refusal = Some(e);
+                    }
                     Err(e) => {
                         // Segmentation refused (offload off, or segments larger
                         // than the path takes): the run becomes single datagrams
@@ -239,7 +247,14 @@ impl SendBatch {
                 .position(Run::segmented)
                 .map_or(self.runs.len(), |p| i + p);
             let singles = &self.runs[i..end];
-            failures += send_singles(socket, &self.data, singles, self.v6, &mut self.vanished);
+            failures += send_singles(
+                socket,
+                &self.data,
+                singles,
+                self.v6,
+                &mut self.vanished,
+                &mut refusal,
+            );
             i = end;
         }
         self.data.clear();
@@ -257,7 +272,23 @@ impl SendBatch {
             );
         }
         self.max_segments = max_segments;
+        if let Some(e) = refusal {
+            self.say_refused(failures, &e);
+        }
         failures
+    }
+
+    /// Says why the kernel refused datagrams (a full buffer, no route, a
+    /// firewall's EPERM), at most once per [`FORGOTTEN`]; how many is counted.
+    #[cold]
+    fn say_refused(&mut self, refused: u64, e: &io::Error) {
+        let now = Instant::now();
+        if self.quiet_until.is_some_and(|until| now < until) {
+            return;
+        }
+        self.quiet_until = Some(now + FORGOTTEN);
+        tracing::warn!(refused, error = %e,
+            "the kernel refused datagrams to peers: dropped, and counted in wgplane_datagrams_total{{direction=\"send_failed\"}} (said at most once per 10 s)");
     }
 }
 
@@ -271,6 +302,7 @@ fn send_singles(
     runs: &[Run],
     v6: bool,
     vanished: &mut Vec<(IpAddr, Instant)>,
+    refusal: &mut Option<io::Error>,
 ) -> u64 {
     let fd = socket.as_raw_fd();
     let mut failures = 0;
@@ -289,14 +321,21 @@ fn send_singles(
                 };
                 match send_many(fd, data, &[anywhere], v6, &[]) {
                     // Refused from there too: the destination's fault.
-                    Ok(0) | Err(_) => failures += 1,
+                    Ok(0) | Err(_) => {
+                        failures += 1;
+                        *refusal = Some(e);
+                    }
                     Ok(_) => forget_source(vanished, runs[i].src, &e),
                 }
                 i += 1;
             }
-            _ => {
+            other => {
                 failures += 1;
                 i += 1;
+                *refusal = Some(match other {
+                    Err(e) => e,
+                    Ok(_) => io::ErrorKind::WouldBlock.into(),
+                });
             }
         }
     }
@@ -687,6 +726,11 @@ mod tests {
             let nowhere: SocketAddr = "127.0.0.1:0".parse().unwrap();
             batch.push(nowhere, src, &[1; 100]);
             assert_eq!(batch.flush(&socket, &state), 1, "{bind}: refused");
+            let said = batch.quiet_until.expect("the refusal is logged");
+            assert_eq!(batch.flush(&socket, &state), 0);
+            batch.push(nowhere, src, &[1; 100]);
+            assert_eq!(batch.flush(&socket, &state), 1, "{bind}: refused again");
+            assert_eq!(batch.quiet_until, Some(said), "{bind}: not logged again");
             assert!(
                 batch.vanished.is_empty(),
                 "{bind}: the source is still ours"

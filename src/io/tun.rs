@@ -535,10 +535,18 @@ async fn read_loop(
             };
             packet.clear();
             packet.extend_from_slice(&buf[..header.len]);
-            // Full queue: drop, as a congested link would.
-            if let Err(full) = tunnel.try_send(packet) {
-                drops.queue_full.fetch_add(1, Ordering::Relaxed);
-                refused = Some(full.into_inner());
+            // Full queue: drop, as a congested link would. A tunnel whose
+            // task ended (restarted within 5 s by the supervisor) has none.
+            match tunnel.try_send(packet) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(packet)) => {
+                    drops.queue_full.fetch_add(1, Ordering::Relaxed);
+                    refused = Some(packet);
+                }
+                Err(mpsc::error::TrySendError::Closed(packet)) => {
+                    drops.no_tunnel.fetch_add(1, Ordering::Relaxed);
+                    refused = Some(packet);
+                }
             }
         }
     }

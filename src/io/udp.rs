@@ -44,6 +44,33 @@ pub fn bind(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
     Ok(socket.into())
 }
 
+/// Datagrams the kernel dropped at `socket` since it was opened, before the
+/// appliance read them (its receive buffer full, a flood): `SO_MEMINFO`'s
+/// drop count, which wraps at 2^32. 0 where the kernel does not say.
+pub fn receive_drops(socket: &std::net::UdpSocket) -> u64 {
+    use std::os::fd::AsRawFd;
+    // SK_MEMINFO_VARS and SK_MEMINFO_DROPS of linux/sock_diag.h.
+    const VARS: usize = 9;
+    const DROPS: usize = 8;
+    let mut info = [0u32; VARS];
+    let mut len = std::mem::size_of_val(&info) as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes into `info`, which lives
+    // until the call returns, and sets `len` to what it wrote.
+    let done = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_MEMINFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if done != 0 || (len as usize) < (DROPS + 1) * std::mem::size_of::<u32>() {
+        return 0;
+    }
+    u64::from(info[DROPS])
+}
+
 /// Below this, the buffers a tunnel socket got are worth a warning: the
 /// kernel's default cap (`net.core.rmem_max` 212,992 bytes) holds about 140
 /// full-size datagrams.
@@ -166,7 +193,32 @@ mod tests {
     use std::os::fd::AsRawFd;
     use std::time::Duration;
 
-    use super::quiet_control_messages;
+    use super::{quiet_control_messages, receive_drops};
+
+    /// What a full receive buffer dropped is counted by the kernel, and read
+    /// back here.
+    #[test]
+    fn a_full_receive_buffer_counts_its_drops() {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        socket2::SockRef::from(&socket)
+            .set_recv_buffer_size(4096)
+            .expect("a small buffer");
+        assert_eq!(receive_drops(&socket), 0);
+        let to = socket.local_addr().expect("address");
+        let sender = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        for _ in 0..200 {
+            sender.send_to(&[0; 1000], to).expect("send");
+        }
+        let dropped = receive_drops(&socket);
+        let mut buf = [0u8; 2048];
+        socket.set_nonblocking(true).expect("non-blocking");
+        let mut kept = 0;
+        while socket.recv(&mut buf).is_ok() {
+            kept += 1;
+        }
+        assert!(kept > 0 && dropped > 0, "kept {kept}, dropped {dropped}");
+        assert_eq!(kept + dropped, 200);
+    }
 
     /// `--bind ::` serves IPv4 peers too, also on a host whose
     /// `net.ipv6.bindv6only` is 1 (set here in a private namespace).

@@ -151,6 +151,9 @@ pub struct TunnelSnapshot {
     pub stats: TunnelStats,
     /// What was refused on its way out.
     pub send_failures: SendFailures,
+    /// Datagrams the kernel dropped at the tunnel's socket before the
+    /// tunnel read them (see [`super::udp::receive_drops`]).
+    pub receive_drops: u64,
 }
 
 /// What a tunnel's sends had refused since it started.
@@ -254,7 +257,8 @@ pub async fn run(
             command = commands.recv() => {
                 let Some(command) = command else { break };
                 let mut sink = TunnelSink::new(&mut tx, host.device.is_some(), &mut host.out);
-                apply(command, &mut engine, &mut sink, &mut bridges, send_failures);
+                let counters = (send_failures, socket.get_ref());
+                apply(command, &mut engine, &mut sink, &mut bridges, counters);
             }
             // A tunnel whose peers never spoke and that carries no forwarded
             // connection has no timer work: skip the wake-ups.
@@ -357,7 +361,7 @@ fn apply(
     engine: &mut TunnelEngine,
     sink: &mut TunnelSink<'_>,
     bridges: &mut Bridges,
-    send_failures: SendFailures,
+    (send_failures, socket): (SendFailures, &std::net::UdpSocket),
 ) {
     match command {
         Command::Sync {
@@ -413,6 +417,7 @@ fn apply(
                 peers: engine.peer_statuses(Instant::now()),
                 stats: engine.stats().clone(),
                 send_failures,
+                receive_drops: super::udp::receive_drops(socket),
             });
         }
     }

@@ -164,6 +164,17 @@ fn metrics_match_the_traffic() {
         1.0
     );
     assert_eq!(sample(&text, "wgplane_tunnel_up", &[t]), 1.0);
+    let version = format!(r#"version="{}""#, env!("CARGO_PKG_VERSION"));
+    assert_eq!(sample(&text, "wgplane_build_info", &[&version]), 1.0);
+    let started = sample(&text, "wgplane_start_time_seconds", &[]);
+    let unix_now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(
+        unix_now - started >= 0.0 && unix_now - started < 120.0,
+        "{started}"
+    );
     assert_eq!(sample(&text, "wgplane_tunnel_events_lost_total", &[t]), 0.0);
     // Two handshakes and their traffic in, answers out; no load, no cookies.
     let datagrams = |direction: &str| {

@@ -140,6 +140,9 @@ pub async fn scrape(State(state): State<Arc<AppState>>) -> Response {
             if let Some(up) = host_up {
                 gauge!("wgplane_host_device_up").set(if up { 1.0 } else { 0.0 });
             }
+            gauge!("wgplane_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+            let started = state.started.duration_since(UNIX_EPOCH).unwrap_or_default();
+            gauge!("wgplane_start_time_seconds").set(started.as_secs_f64().floor());
             let (write_failures, failing) = store;
             counter!("wgplane_store_write_failures_total").absolute(write_failures);
             gauge!("wgplane_store_writable").set(if failing { 0.0 } else { 1.0 });
@@ -311,7 +314,7 @@ fn describe() {
     );
     describe_counter!(
         "wgplane_icmp_errors_total",
-        "ICMP errors the tunnel sent as a router hop (time exceeded, host unreachable)."
+        "ICMP errors sent to peers: the hub's as a router hop (time exceeded, host unreachable) and the userspace stack's (port unreachable)."
     );
     describe_counter!(
         "wgplane_host_write_failures_total",
@@ -341,6 +344,14 @@ fn describe() {
     describe_counter!(
         "wgplane_store_write_failures_total",
         "Writes of the state store refused (disk full, read-only): API changes answered 503 storage_failed and undone; router endpoints and forward ports stored again later."
+    );
+    describe_gauge!(
+        "wgplane_build_info",
+        "1, labelled with the appliance's version."
+    );
+    describe_gauge!(
+        "wgplane_start_time_seconds",
+        "Unix time the appliance started (a process restart, not a tunnel's)."
     );
     describe_gauge!(
         "wgplane_store_writable",

@@ -109,6 +109,9 @@ pub struct AppState {
     /// Turns true when the appliance shuts down: event streams end, so that
     /// their connections close instead of holding the shutdown up.
     pub stopping: tokio::sync::watch::Receiver<bool>,
+    /// When the appliance started: `wgplane_start_time_seconds`, which tells
+    /// a restart of the process from one of a tunnel.
+    pub started: std::time::SystemTime,
 }
 
 impl crate::io::events::Directory for Arc<AppState> {
@@ -447,6 +450,7 @@ pub(crate) mod testing {
             scraping: Default::default(),
             last_health: Default::default(),
             stopping: tokio::sync::watch::channel(false).1,
+            started: std::time::SystemTime::now(),
         });
         Some(Fixture {
             state,

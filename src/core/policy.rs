@@ -53,7 +53,10 @@ pub enum DropReason {
     InvalidDatagram,
     /// A handshake's MAC did not verify against the tunnel's key.
     BadMac,
-    /// A handshake came while under load without a valid cookie (a cookie was sent).
+    /// A handshake that proved its address (a valid cookie) while the tunnel
+    /// is under load, but found the handshake budget, or its source's share
+    /// of it, spent: dropped, and retried by its sender. (One without a
+    /// valid cookie is answered with a cookie reply instead, counted apart.)
     UnderLoad,
     /// A handshake initiation from a key that is not a peer of this tunnel.
     UnknownPeer,

@@ -132,6 +132,7 @@ pub(crate) fn apply_config_forwards(
 }
 
 pub(crate) async fn run(settings: Settings) -> Result<()> {
+    let started = std::time::SystemTime::now();
     let serving = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut stop_requested = catch_stop_signals(Arc::clone(&serving));
     // SIGHUP re-reads the API token; caught from the start, so that one sent
@@ -173,6 +174,7 @@ pub(crate) async fn run(settings: Settings) -> Result<()> {
         scraping: Default::default(),
         last_health: Default::default(),
         stopping,
+        started,
     });
     tokio::spawn(reload_token_on_hangup(
         hangups,

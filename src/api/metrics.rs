@@ -318,7 +318,7 @@ fn describe() {
     );
     describe_counter!(
         "wgplane_host_write_failures_total",
-        "TUN mode: packets for the host the device refused (down, or its queue full)."
+        "TUN mode: packets for the host the device refused (down, or its queue full); a batch with a refusal counts whole."
     );
     describe_gauge!(
         "wgplane_peers",

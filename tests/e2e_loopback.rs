@@ -244,3 +244,60 @@ fn two_tenants_get_their_own_ports_and_subnets() {
     let acme = app.expect("GET", "/v1/tenants/acme/strangers", None, 200);
     assert_eq!(acme, serde_json::json!([]));
 }
+
+/// The private key in a router's script.
+fn script_key(app: &Appliance, router: &str) -> boringtun::x25519::StaticSecret {
+    let (status, script) = app.call(
+        "GET",
+        &format!("/v1/tenants/acme/routers/{router}/script"),
+        None,
+    );
+    assert_eq!(status, 200);
+    let script = script.as_str().expect("script text").to_owned();
+    let key = script
+        .split("private-key=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("a private-key in the script");
+    boringtun::x25519::StaticSecret::from(wgplane::keys::decode(key).expect("a key"))
+}
+
+/// A replaced MikroTik (or a key that leaked): `POST …/key` gives the router
+/// a key pair generated here, keeping its address; the old key cannot shake
+/// hands any more, the new script's can. A router that kept its own key gets
+/// one generated here the same way.
+#[test]
+fn a_new_key_replaces_a_routers() {
+    let app = Appliance::start();
+    let tenant = app.expect("PUT", "/v1/tenants/acme", None, 201);
+    let server_key = tenant["server_public_key"].as_str().unwrap().to_owned();
+    let server: SocketAddr = ([127, 0, 0, 1], app.first_port).into();
+    let before = app.expect("PUT", "/v1/tenants/acme/routers/r1", None, 201);
+    let old = script_key(&app, "r1");
+    assert!(UdpPeer::new(old.clone(), &server_key, server, 1).handshake());
+
+    let after = app.expect("POST", "/v1/tenants/acme/routers/r1/key", None, 200);
+    assert_ne!(after["public_key"], before["public_key"]);
+    assert_eq!(after["vpn_ip"], before["vpn_ip"]);
+    let new = script_key(&app, "r1");
+    assert_ne!(new.to_bytes(), old.to_bytes());
+    assert!(
+        !UdpPeer::new(old, &server_key, server, 2).try_handshake(1),
+        "the old key is no peer any more"
+    );
+    assert!(UdpPeer::new(new, &server_key, server, 3).handshake());
+
+    let (_, own) = keypair();
+    let body = format!(r#"{{"public_key":"{own}"}}"#);
+    app.expect("PUT", "/v1/tenants/acme/routers/r2", Some(&body), 201);
+    let generated = app.expect("POST", "/v1/tenants/acme/routers/r2/key", None, 200);
+    assert_ne!(generated["public_key"], own.as_str());
+    assert!(UdpPeer::new(script_key(&app, "r2"), &server_key, server, 4).handshake());
+
+    let (status, v) = app.call("POST", "/v1/tenants/acme/routers/nobody/key", None);
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (404, Some("router_not_found")),
+        "{v}"
+    );
+}

@@ -42,6 +42,7 @@ const EXPECTED: &[(&str, &str)] = &[
     ("put", "/v1/tenants/{tenant_id}/clients/{client_id}"),
     ("delete", "/v1/tenants/{tenant_id}/clients/{client_id}"),
     ("post", "/v1/tenants/{tenant_id}/clients/{client_id}/key"),
+    ("post", "/v1/tenants/{tenant_id}/routers/{router_id}/key"),
     ("get", "/v1/tenants/{tenant_id}/clients/{client_id}/config"),
     (
         "get",

@@ -258,6 +258,7 @@ fn routes(state: Arc<AppState>) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(get_tenant, put_tenant, delete_tenant))
         .routes(routes!(list_routers))
         .routes(routes!(get_router, put_router, delete_router))
+        .routes(routes!(new_router_key))
         .routes(routes!(get_router_script))
         .routes(routes!(list_forwards))
         .routes(routes!(put_forward, delete_forward))

@@ -131,6 +131,32 @@ pub async fn put_router(
     router_answer(&control, &t, &r, status_of(put)).await
 }
 
+#[utoipa::path(post, path = "/tenants/{tenant_id}/routers/{router_id}/key", tag = "routers", params(("tenant_id" = String, Path, description = "Tenant id: 1-64 of [A-Za-z0-9._-]"), ("router_id" = String, Path, description = "Router id")), responses((status = 200, description = "A new key pair generated here: the router's script (GET …/script) carries the new private key. The old key's session ends at once.", body = RouterView), (status = 400, description = "Bad input", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 404, description = "Unknown object", body = ErrorBody), (status = 503, description = CHANGE_UNAVAILABLE, body = ErrorBody)))]
+pub async fn new_router_key(
+    State(state): Shared,
+    Path((t, r)): Path<(String, String)>,
+) -> ApiResult {
+    let (t, r) = (tenant_id(&t)?, Id::parse(&r, "router_id")?);
+    let mut control = state.control.lock().await;
+    let before = Before::Router {
+        id: r.clone(),
+        before: control.registry.tenant(&t)?.routers.get(&r).cloned(),
+    };
+    control.registry.new_router_key(&t, &r)?;
+    persist!(control, &t, before, |reg| {
+        reg.tenant(&t)
+            .ok()
+            .and_then(|x| x.routers.get(&r))
+            .map(|router| vec![Change::Router(&t, router)])
+            .unwrap_or_default()
+    });
+    // A new key is a new peer (and a gateway's egress follows it): the
+    // whole peer set.
+    sync(&mut control, &t).await.map_err(stored_but)?;
+    apply_forwards(&mut control, &t, &r).await;
+    router_answer(&control, &t, &r, StatusCode::OK).await
+}
+
 #[utoipa::path(get, path = "/tenants/{tenant_id}/routers/{router_id}/script", tag = "routers", params(("tenant_id" = String, Path, description = "Tenant id: 1-64 of [A-Za-z0-9._-]"), ("router_id" = String, Path, description = "Router id")), responses((status = 200, description = "RouterOS v7 script", content_type = "text/plain", body = String), (status = 400, description = "Bad input", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 404, description = "Unknown object", body = ErrorBody)))]
 pub async fn get_router_script(
     State(state): Shared,

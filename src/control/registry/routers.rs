@@ -16,8 +16,32 @@ use crate::control::model::{Id, Router, RouterRequest, Tenant};
 use crate::control::occupancy::Occupancy;
 use crate::core::alloc;
 use crate::core::peer::PeerKind;
+use crate::keys::{self, SecretKey};
 
 impl Registry {
+    /// Gives router `id` a key pair generated here, keeping its address,
+    /// prefixes, name and forwards: its script then carries the new private
+    /// key (a replaced MikroTik, or a key that leaked). The old key's session
+    /// ends, and its endpoint is forgotten with it.
+    pub fn new_router_key(&mut self, tenant_id: &Id, id: &Id) -> Result<(), ControlError> {
+        if !self.tenant(tenant_id)?.routers.contains_key(id) {
+            return Err(ControlError::NoRouter(id.to_string()));
+        }
+        let secret = SecretKey::generate();
+        let req = RouterRequest {
+            public_key: Some(keys::encode(secret.public().as_bytes())),
+            ..Default::default()
+        };
+        self.put_router(tenant_id, id, &req)?;
+        let router = self
+            .tenant_mut(tenant_id)?
+            .routers
+            .get_mut(id)
+            .ok_or_else(|| ControlError::NoRouter(id.to_string()))?;
+        router.private_key = Some(secret);
+        Ok(())
+    }
+
     /// Creates or updates a router; the tenant must exist.
     pub fn put_router(
         &mut self,

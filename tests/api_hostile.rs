@@ -95,6 +95,11 @@ fn hostile_input_gets_4xx_and_changes_nothing() {
                     {
                         continue; // deleting existing objects is not hostile
                     }
+                    if method == "post"
+                        && ["/gw/key", "/c1/key"].iter().any(|x| concrete.ends_with(x))
+                    {
+                        continue; // nor is a new key for one
+                    }
                     let (status, v) =
                         app.call(&method.to_uppercase(), &concrete, body.map(String::as_str));
                     tried += 1;

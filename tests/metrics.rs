@@ -221,6 +221,30 @@ fn metrics_match_the_traffic() {
             ]
         ) >= 1.0
     );
+    // Requests no route answered count too, and an unknown method as `other`.
+    let (status, _) = app.call("GET", "/v1/nowhere", None);
+    assert_eq!(status, 404);
+    let (status, _) = app.call("BREW", "/v1/tenants", None);
+    assert!(status >= 400, "{status}");
+    let (status, _) = app.call("GET", "/v1/openapi.json", None);
+    assert_eq!(status, 200);
+    let text = app.scrape();
+    let requests = |labels: &[&str]| sample(&text, "wgplane_api_requests_total", labels);
+    let unmatched = r#"route="unmatched""#;
+    assert_eq!(
+        requests(&[unmatched, r#"method="GET""#, r#"status="404""#]),
+        1.0
+    );
+    assert!(
+        text.contains(r#"method="other""#) && !text.contains("BREW"),
+        "{text}"
+    );
+    let openapi = r#"route="/v1/openapi.json""#;
+    assert_eq!(
+        requests(&[openapi, r#"method="GET""#, r#"status="200""#]),
+        1.0
+    );
+    assert!(requests(&[r#"route="/metrics""#, r#"method="GET""#, r#"status="200""#]) >= 1.0);
 
     // A deleted peer's series are gone at the next scrape.
     app.expect("DELETE", "/v1/tenants/kitonga/clients/phone-1", None, 204);

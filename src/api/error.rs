@@ -147,7 +147,7 @@ impl From<RuntimeError> for ApiError {
             }
             RuntimeError::Engine(_) => (StatusCode::CONFLICT, "conflict", None),
             RuntimeError::TaskGone(_) => (StatusCode::SERVICE_UNAVAILABLE, "tunnel_down", None),
-            RuntimeError::NotAnswering(_) => (
+            RuntimeError::NotAnswering { .. } => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "tunnel_not_answering",
                 None,

@@ -52,23 +52,53 @@ impl Default for OneScrape {
 /// How long a scrape waits for the one under way before it is answered `503`.
 const SCRAPE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Middleware counting every request to a matched route.
+/// The route that answered a request, carried out with its response to
+/// [`count_requests`], which runs outside the routing.
+#[derive(Clone)]
+struct Routed(String);
+
+/// Route layer: tells [`count_requests`] which route answered.
+pub async fn tag_route(request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|m| Routed(m.as_str().to_owned()));
+    let mut response = next.run(request).await;
+    if let Some(route) = route {
+        response.extensions_mut().insert(route);
+    }
+    response
+}
+
+/// Middleware around the whole API counting every request by the route that
+/// answered it, or `unmatched`: a 404 or 405, or one refused before routing
+/// (a body too large, `/metrics` without its token). Methods outside the
+/// usual ones count as `other`, so that no client can add label values.
 pub async fn count_requests(
     State(state): State<Arc<AppState>>,
     request: Request,
     next: Next,
 ) -> Response {
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|m| m.as_str().to_owned())
-        .unwrap_or_else(|| "unmatched".to_owned());
-    let method = request.method().as_str().to_owned();
+    use axum::http::Method;
+    let method = match *request.method() {
+        Method::GET => "GET",
+        Method::PUT => "PUT",
+        Method::POST => "POST",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::PATCH => "PATCH",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    };
     let response = next.run(request).await;
+    let route = response
+        .extensions()
+        .get::<Routed>()
+        .map_or_else(|| "unmatched".to_owned(), |r| r.0.clone());
     state
         .api_requests
         .0
-        .entry((route, method, response.status().as_u16()))
+        .entry((route, method.to_owned(), response.status().as_u16()))
         .or_default()
         .fetch_add(1, Ordering::Relaxed);
     response
@@ -338,7 +368,7 @@ fn describe() {
     );
     describe_counter!(
         "wgplane_api_requests_total",
-        "Admin API requests by route, method and status."
+        "Admin API requests by route (unmatched: none answered), method and status."
     );
     describe_counter!("wgplane_events_total", "Peer events by outcome.");
     describe_counter!(
@@ -522,10 +552,11 @@ mod tests {
     }
 
     /// A tunnel task stuck by a bug holds neither the scrape nor the API:
-    /// its snapshot is given up after `SNAPSHOT_WAIT`, and the tunnel reads
-    /// as down.
+    /// its snapshot is given up after `ANSWER_WAIT`, and the tunnel reads as
+    /// down; a question or a change is given up too, and answered `503`.
     #[tokio::test(start_paused = true)]
     async fn a_stuck_tunnel_holds_up_no_scrape() {
+        use crate::io::runtime::{RuntimeError, ANSWER_WAIT, CHANGE_WAIT};
         let f = crate::api::testing::fixture().await;
         let queue = f.state.control.lock().await.runtime.wedge_task(&f.acme);
         let scraped = scrape(State(Arc::clone(&f.state)));
@@ -543,6 +574,27 @@ mod tests {
         // The API is free again meanwhile.
         let control = f.state.control.try_lock();
         assert!(control.is_ok(), "the control lock is free");
+        drop(control);
+        let control = f.state.control.lock().await;
+        let limit = std::time::Duration::from_secs(60);
+        let asked = control.runtime.peer_status(&f.acme, [0; 32]);
+        let e = tokio::time::timeout(limit, asked).await.expect("given up");
+        assert!(
+            matches!(e, Err(RuntimeError::NotAnswering { waited, .. }) if waited == ANSWER_WAIT),
+            "{e:?}"
+        );
+        let tenant = control.registry.tenant(&f.acme).unwrap();
+        let change = control.runtime.remove_peer(tenant, [0; 32]);
+        let e = tokio::time::timeout(limit, change).await.expect("given up");
+        let Err(e @ RuntimeError::NotAnswering { waited, .. }) = e else {
+            panic!("{e:?}");
+        };
+        assert_eq!(waited, CHANGE_WAIT);
+        let answer = crate::api::ApiError::from(e);
+        assert_eq!(
+            (answer.status.as_u16(), answer.code),
+            (503, "tunnel_not_answering")
+        );
         drop((control, queue));
     }
 

@@ -236,17 +236,26 @@ fn keep_router_endpoints(
 pub fn router(state: Arc<AppState>) -> Router {
     let (router, api) = routes(Arc::clone(&state));
     let api = Arc::new(api);
-    router.route(
-        "/v1/openapi.json",
-        get(move || {
-            let api = Arc::clone(&api);
-            async move { axum::Json(api.as_ref().clone()) }
-        })
+    router
+        .route(
+            "/v1/openapi.json",
+            get(move || {
+                let api = Arc::clone(&api);
+                async move { axum::Json(api.as_ref().clone()) }
+            })
+            .layer(axum::middleware::from_fn_with_state(
+                Arc::clone(&state),
+                auth::require_token,
+            ))
+            .layer(axum::middleware::from_fn(metrics::tag_route)),
+        )
+        // Outside everything: every request is counted, routed or not, and
+        // no answer is kept by a cache on the way.
+        .layer(axum::middleware::map_response(no_store))
         .layer(axum::middleware::from_fn_with_state(
-            Arc::clone(&state),
-            auth::require_token,
-        )),
-    )
+            state,
+            metrics::count_requests,
+        ))
 }
 
 fn routes(state: Arc<AppState>) -> (Router, utoipa::openapi::OpenApi) {
@@ -275,15 +284,13 @@ fn routes(state: Arc<AppState>) -> (Router, utoipa::openapi::OpenApi) {
         .layer(axum::middleware::from_fn_with_state(
             Arc::clone(&state),
             auth::require_token,
-        ))
-        .layer(axum::middleware::map_response(no_store));
-    let count = axum::middleware::from_fn_with_state(Arc::clone(&state), metrics::count_requests);
+        ));
     let (router, mut api) = OpenApiRouter::new()
         .nest("/v1", v1)
         .routes(routes!(healthz))
         .routes(routes!(livez))
         .routes(routes!(metrics::scrape))
-        .route_layer(count)
+        .route_layer(axum::middleware::from_fn(metrics::tag_route))
         .split_for_parts();
     describe(&mut api);
     let router = router
@@ -299,7 +306,7 @@ fn routes(state: Arc<AppState>) -> (Router, utoipa::openapi::OpenApi) {
     (router, api)
 }
 
-/// No cache on the way may keep what `/v1` answers: router scripts, client
+/// No cache on the way may keep what the API answers: router scripts, client
 /// configs and QR codes carry private keys, and the rest is live state.
 async fn no_store(mut response: axum::response::Response) -> axum::response::Response {
     response.headers_mut().insert(

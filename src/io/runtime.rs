@@ -28,8 +28,14 @@ use crate::core::peer::PeerConfig;
 /// Events from every tunnel.
 pub type TunnelEvent = TaggedEvent;
 
-/// How long a tunnel task may take to answer a snapshot.
-pub const SNAPSHOT_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+/// How long a tunnel task may take to answer a question (a snapshot, a
+/// peer's status): the API and scrapes ask under the control lock, which a
+/// task stuck by a bug must not hold for good.
+pub const ANSWER_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// How long a tunnel task may take to take a change (a full peer set of a
+/// large tenant included).
+pub const CHANGE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Why the runtime could not do what was asked.
 #[derive(Debug, thiserror::Error)]
@@ -49,10 +55,13 @@ pub enum RuntimeError {
     /// The tunnel task is gone.
     #[error("tunnel task of {0} is not running")]
     TaskGone(String),
-    /// The tunnel task did not answer a snapshot within [`SNAPSHOT_WAIT`]
-    /// (a task stuck by a bug).
-    #[error("tunnel task of {0} did not answer within 2 s")]
-    NotAnswering(String),
+    /// The tunnel task did not answer within [`ANSWER_WAIT`], or take a
+    /// change within [`CHANGE_WAIT`] (a task stuck by a bug).
+    #[error("tunnel task of {tenant} did not answer within {} s", waited.as_secs())]
+    NotAnswering {
+        tenant: String,
+        waited: std::time::Duration,
+    },
     /// The TUN device refused an address or route.
     #[error(transparent)]
     Tun(#[from] super::tun::TunError),
@@ -169,12 +178,16 @@ impl Runtime {
     }
 
     /// Makes the tenant's tunnel task deaf to commands, as a task stuck by a
-    /// bug would be; they wait in the returned queue.
+    /// bug would be: it runs on with the returned sender, and commands wait
+    /// in the returned queue.
     #[cfg(test)]
-    pub(crate) fn wedge_task(&mut self, id: &Id) -> Option<mpsc::Receiver<Command>> {
+    pub(crate) fn wedge_task(
+        &mut self,
+        id: &Id,
+    ) -> Option<(mpsc::Sender<Command>, mpsc::Receiver<Command>)> {
         let (commands, queue) = mpsc::channel(1);
-        self.tunnels.get_mut(id)?.commands = commands;
-        Some(queue)
+        let old = std::mem::replace(&mut self.tunnels.get_mut(id)?.commands, commands);
+        Some((old, queue))
     }
 
     /// Ends the tenant's tunnel task as a bug (a panic) would: its handle stays.
@@ -675,25 +688,36 @@ impl Runtime {
     }
 
     /// Peer statuses and counters of one tunnel.
-    /// Within [`SNAPSHOT_WAIT`]: scrapes and the event hub's passes ask under
-    /// the control lock, which a stuck task must not hold for good.
     pub async fn snapshot(&self, id: &Id) -> Result<TunnelSnapshot, RuntimeError> {
         let (reply, rx) = oneshot::channel();
-        let asked = self.ask(id, Command::Snapshot { reply }, rx);
-        tokio::time::timeout(SNAPSHOT_WAIT, asked)
-            .await
-            .unwrap_or_else(|_| Err(RuntimeError::NotAnswering(id.to_string())))
+        self.ask(id, Command::Snapshot { reply }, rx).await
     }
 
+    /// Hands `command` to tunnel `id`'s task and waits for its answer on
+    /// `rx`: within [`CHANGE_WAIT`] for a change, [`ANSWER_WAIT`] for the rest.
     async fn ask<T>(
         &self,
         id: &Id,
         command: Command,
         rx: oneshot::Receiver<T>,
     ) -> Result<T, RuntimeError> {
+        let waited = match command {
+            Command::Sync { .. } | Command::Upsert { .. } | Command::Remove { .. } => CHANGE_WAIT,
+            _ => ANSWER_WAIT,
+        };
         let gone = || RuntimeError::TaskGone(id.to_string());
         let handle = self.tunnels.get(id).ok_or_else(gone)?;
-        handle.commands.send(command).await.map_err(|_| gone())?;
-        rx.await.map_err(|_| gone())
+        let asked = async {
+            handle.commands.send(command).await.map_err(|_| gone())?;
+            rx.await.map_err(|_| gone())
+        };
+        tokio::time::timeout(waited, asked)
+            .await
+            .unwrap_or_else(|_| {
+                Err(RuntimeError::NotAnswering {
+                    tenant: id.to_string(),
+                    waited,
+                })
+            })
     }
 }

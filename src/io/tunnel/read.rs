@@ -13,7 +13,7 @@ use crate::io::sendbatch::SendBatch;
 use crate::io::udp::{TunnelSocket, MAX_DATAGRAM, RX_SLOTS};
 
 use crate::core::engine::TunnelEngine;
-use crate::core::peer::Path;
+use crate::core::peer::{answerable, canonical_endpoint, Path};
 use crate::core::policy::DropReason;
 
 use super::host::HostOut;
@@ -155,8 +155,15 @@ fn read(
                     continue;
                 }
                 let stride = m.stride.max(1);
+                // A source nothing can answer takes no place among the held
+                // initiations: the engine drops it at once.
+                let answerable = answerable(canonical_endpoint(m.addr));
                 for datagram in buf[..m.len].chunks(stride) {
-                    match held.hold(from, datagram) {
+                    let hold = match answerable {
+                        true => held.hold(from, datagram),
+                        false => Hold::Other,
+                    };
+                    match hold {
                         Hold::Held => {}
                         Hold::Full => engine.refuse_datagram(DropReason::HandshakeQueueFull),
                         Hold::Other => {

@@ -104,19 +104,29 @@ fn stored_endpoint(state: &Path, id: &str) -> Option<String> {
     .flatten()
 }
 
-#[test]
-fn a_full_disk_refuses_changes_whole_and_loses_none() {
+/// The appliance on a state directory that is a small tmpfs, with `ports`
+/// UDP ports from its first; `None` (a printed skip) without root. The
+/// appliance goes first when they are dropped, then the tmpfs, then the log.
+fn on_tmpfs(ports: u16) -> Option<(Appliance, Tmpfs, PathBuf, u16, tempfile::TempDir)> {
     if !common::netns::root_prerequisites_met("full_disk", &["mount", "umount"]) {
-        return;
+        return None;
     }
     let state = tempfile::tempdir().expect("tempdir");
     let logs = tempfile::tempdir().expect("tempdir");
     let log_file = logs.path().join("wgplane.log");
     let disk = Tmpfs::mount(state.path());
     let state_dir = state.path().to_owned();
-    let (api_port, first_port) = (support::free_tcp_port(), support::free_udp_ports(4));
+    let (api_port, first_port) = (support::free_tcp_port(), support::free_udp_ports(ports));
     let app = Appliance::start_logging_to(state, &log_file, api_port, first_port, &[])
         .unwrap_or_else(|log| panic!("wgplane did not come up:\n{log}"));
+    Some((app, disk, state_dir, first_port, logs))
+}
+
+#[test]
+fn a_full_disk_refuses_changes_whole_and_loses_none() {
+    let Some((app, disk, state_dir, first_port, logs)) = on_tmpfs(4) else {
+        return;
+    };
 
     let tenant = app.expect("PUT", "/v1/tenants/acme", None, 201);
     let server_key = tenant["server_public_key"].as_str().unwrap().to_owned();
@@ -210,6 +220,7 @@ fn a_full_disk_refuses_changes_whole_and_loses_none() {
 
     // Exactly the acknowledged state survives a kill -9.
     let (state, api_port, first_port) = app.kill9();
+    let log_file = logs.path().join("wgplane.log");
     let app = Appliance::start_logging_to(state, &log_file, api_port, first_port, &[])
         .unwrap_or_else(|log| panic!("wgplane did not come back:\n{log}"));
     assert_eq!(router_ids(&app), ["kept", "new"]);
@@ -221,4 +232,36 @@ fn a_full_disk_refuses_changes_whole_and_loses_none() {
     assert!(new.handshake(), "{}", app.log());
     drop(app);
     drop(disk);
+}
+
+/// A store whose write was refused reads writable again once the disk has
+/// room, with no change made meanwhile (a quiet appliance: no router roams,
+/// no API call): the supervisor probes it every pass with a write that changes
+/// nothing, which a full disk refuses too.
+#[test]
+fn a_store_reads_writable_again_without_a_change() {
+    let Some((app, disk, _, _, _logs)) = on_tmpfs(2) else {
+        return;
+    };
+    app.expect("PUT", "/v1/tenants/acme", None, 201);
+
+    let filler = disk.fill();
+    assert_refused(&app, "PUT", "/v1/tenants/acme/routers/r1", None);
+    let writable = || sample(&app.scrape(), "wgplane_store_writable", &[]);
+    assert_eq!(writable(), 0.0);
+    // A pass of the supervisor later: the probe was refused as well.
+    std::thread::sleep(wgplane::api::supervisor::RETRY + Duration::from_secs(1));
+    assert_eq!(
+        writable(),
+        0.0,
+        "a write that changes nothing is a write too"
+    );
+
+    std::fs::remove_file(filler).expect("remove filler");
+    let deadline = Instant::now() + wgplane::api::supervisor::RETRY + Duration::from_secs(5);
+    while writable() != 1.0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(writable(), 1.0, "probed writable again");
+    app.expect("PUT", "/v1/tenants/acme/routers/r1", None, 201);
 }

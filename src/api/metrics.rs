@@ -385,7 +385,7 @@ fn describe() {
     );
     describe_gauge!(
         "wgplane_store_writable",
-        "0 while the state store's last write was refused (changes are refused until it takes one)."
+        "0 while the state store's last write was refused (changes are refused until it takes one; probed every 5 s meanwhile)."
     );
     describe_gauge!(
         "wgplane_host_device_up",

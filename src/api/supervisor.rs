@@ -45,8 +45,20 @@ pub async fn run(state: Arc<AppState>) {
         reopen_forwards(&state, &mut closed).await;
         reroute_pools(&state, &mut unrouted).await;
         repair_host(&state, &mut host_failing).await;
+        probe_store(&state).await;
         super::handlers::note_health(&state, &*state.control.lock().await);
     }
+}
+
+/// One pass: a store whose last write was refused is tried again with a
+/// write that changes nothing, so that `wgplane_store_writable` follows the
+/// disk on a quiet appliance too.
+async fn probe_store(state: &AppState) {
+    let control = state.control.lock().await;
+    // A store poisoned by a panic mid-write stays refused.
+    if let Ok(mut store) = control.store.lock() {
+        super::blocking(|| store.probe());
+    };
 }
 
 /// One pass (TUN mode): checks the device and logs what it found, once per

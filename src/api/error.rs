@@ -130,6 +130,10 @@ impl From<ControlError> for ApiError {
 /// The code of a change the tunnel took while the host lacks a pool's route.
 pub(crate) const HOST_ROUTE_MISSING: &str = "host_route_missing";
 
+/// The code of a tunnel task that did not answer in time (a change stored,
+/// perhaps not taken yet).
+pub(crate) const TUNNEL_NOT_ANSWERING: &str = "tunnel_not_answering";
+
 impl From<RuntimeError> for ApiError {
     fn from(e: RuntimeError) -> Self {
         let (status, code, field) = match &e {
@@ -147,11 +151,9 @@ impl From<RuntimeError> for ApiError {
             }
             RuntimeError::Engine(_) => (StatusCode::CONFLICT, "conflict", None),
             RuntimeError::TaskGone(_) => (StatusCode::SERVICE_UNAVAILABLE, "tunnel_down", None),
-            RuntimeError::NotAnswering { .. } => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "tunnel_not_answering",
-                None,
-            ),
+            RuntimeError::NotAnswering { .. } => {
+                (StatusCode::SERVICE_UNAVAILABLE, TUNNEL_NOT_ANSWERING, None)
+            }
             RuntimeError::NoStack => (StatusCode::CONFLICT, "tun_mode", None),
         };
         Self {

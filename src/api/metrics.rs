@@ -558,7 +558,14 @@ mod tests {
     async fn a_stuck_tunnel_holds_up_no_scrape() {
         use crate::io::runtime::{RuntimeError, ANSWER_WAIT, CHANGE_WAIT};
         let f = crate::api::testing::fixture().await;
-        let queue = f.state.control.lock().await.runtime.wedge_task(&f.acme);
+        let (heard, queue) = f
+            .state
+            .control
+            .lock()
+            .await
+            .runtime
+            .wedge_task(&f.acme)
+            .expect("acme's tunnel");
         let scraped = scrape(State(Arc::clone(&f.state)));
         let answer = tokio::time::timeout(std::time::Duration::from_secs(10), scraped)
             .await
@@ -595,7 +602,22 @@ mod tests {
             (answer.status.as_u16(), answer.code),
             (503, "tunnel_not_answering")
         );
-        drop((control, queue));
+        // The change may never have reached the task: once it answers again,
+        // the supervisor's next pass gives it the whole stored peer set.
+        assert_eq!(control.runtime.unsynced(), std::slice::from_ref(&f.acme));
+        drop(control);
+        crate::api::supervisor::resync(&f.state).await;
+        let unsynced = || async { f.state.control.lock().await.runtime.unsynced() };
+        assert_eq!(unsynced().await.len(), 1, "still deaf");
+        f.state
+            .control
+            .lock()
+            .await
+            .runtime
+            .unwedge_task(&f.acme, heard);
+        crate::api::supervisor::resync(&f.state).await;
+        assert!(unsynced().await.is_empty());
+        drop(queue);
     }
 
     /// A tunnel that is down has its gateways down too: the series read 0,

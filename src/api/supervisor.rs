@@ -46,7 +46,26 @@ pub async fn run(state: Arc<AppState>) {
         reroute_pools(&state, &mut unrouted).await;
         repair_host(&state, &mut host_failing).await;
         probe_store(&state).await;
+        resync(&state).await;
         super::handlers::note_health(&state, &*state.control.lock().await);
+    }
+}
+
+/// One pass: tunnels that did not take a change in time are given the
+/// registry's whole peer set again, until one of them takes it.
+pub(crate) async fn resync(state: &AppState) {
+    let mut control = state.control.lock().await;
+    let super::Control {
+        registry, runtime, ..
+    } = &mut *control;
+    for id in runtime.unsynced() {
+        // A deleted tenant's tunnel is stopped, which forgets it.
+        let Ok(tenant) = registry.tenant(&id) else {
+            continue;
+        };
+        if runtime.sync(tenant).await.is_ok() {
+            tracing::info!(tenant = %id, "the tunnel answers again and took the stored peer set");
+        }
     }
 }
 

@@ -140,6 +140,10 @@ pub struct Runtime {
     /// Per tenant, how often its tunnel task ended by itself (a bug, a socket
     /// that failed) and was cleared away for a restart.
     failures: HashMap<Id, u64>,
+    /// Tunnels that did not take a change within [`CHANGE_WAIT`]: they may
+    /// hold an older peer set than the registry's until a full one is taken
+    /// ([`Runtime::unsynced`], which the supervisor sends again).
+    unsynced: std::sync::Mutex<std::collections::BTreeSet<Id>>,
 }
 
 impl Runtime {
@@ -153,6 +157,26 @@ impl Runtime {
             events,
             host_up: true,
             failures: HashMap::new(),
+            unsynced: Default::default(),
+        }
+    }
+
+    /// The tunnels that did not take a change in time (see `unsynced`).
+    pub fn unsynced(&self) -> Vec<Id> {
+        self.unsynced
+            .lock()
+            .map(|set| set.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Notes whether tunnel `id` holds the registry's peer set.
+    fn set_synced(&self, id: &Id, synced: bool) {
+        if let Ok(mut set) = self.unsynced.lock() {
+            if synced {
+                set.remove(id);
+            } else {
+                set.insert(id.clone());
+            }
         }
     }
 
@@ -188,6 +212,14 @@ impl Runtime {
         let (commands, queue) = mpsc::channel(1);
         let old = std::mem::replace(&mut self.tunnels.get_mut(id)?.commands, commands);
         Some((old, queue))
+    }
+
+    /// Lets a task made deaf by [`Self::wedge_task`] hear `commands` again.
+    #[cfg(test)]
+    pub(crate) fn unwedge_task(&mut self, id: &Id, commands: mpsc::Sender<Command>) {
+        if let Some(h) = self.tunnels.get_mut(id) {
+            h.commands = commands;
+        }
     }
 
     /// Ends the tenant's tunnel task as a bug (a panic) would: its handle stays.
@@ -377,6 +409,7 @@ impl Runtime {
     /// peers it announced connected as disconnected, also when the task had
     /// ended by a bug and can say nothing more.
     pub async fn stop(&mut self, id: &Id) {
+        self.set_synced(id, true);
         if let Some(h) = self.tunnels.remove(id) {
             if let Some(host) = &self.settings.host {
                 host.remove_tenant(h.server, h.subnet);
@@ -551,6 +584,9 @@ impl Runtime {
             )
             .await
             .and_then(|taken| taken.map(|_| ()).map_err(RuntimeError::from));
+        if peers.is_ok() {
+            self.set_synced(&tenant.id, true);
+        }
         // The host's routes to the pools after the peers, and whatever the
         // peers did: a route the kernel refuses costs the host its way to the
         // phones, not the tunnel its peers, and a refused peer does not leave
@@ -701,10 +737,11 @@ impl Runtime {
         command: Command,
         rx: oneshot::Receiver<T>,
     ) -> Result<T, RuntimeError> {
-        let waited = match command {
-            Command::Sync { .. } | Command::Upsert { .. } | Command::Remove { .. } => CHANGE_WAIT,
-            _ => ANSWER_WAIT,
-        };
+        let change = matches!(
+            command,
+            Command::Sync { .. } | Command::Upsert { .. } | Command::Remove { .. }
+        );
+        let waited = if change { CHANGE_WAIT } else { ANSWER_WAIT };
         let gone = || RuntimeError::TaskGone(id.to_string());
         let handle = self.tunnels.get(id).ok_or_else(gone)?;
         let asked = async {
@@ -714,6 +751,11 @@ impl Runtime {
         tokio::time::timeout(waited, asked)
             .await
             .unwrap_or_else(|_| {
+                // Queued or not, the change may never be taken: the supervisor
+                // sends the whole peer set again until one is.
+                if change {
+                    self.set_synced(id, false);
+                }
                 Err(RuntimeError::NotAnswering {
                     tenant: id.to_string(),
                     waited,

@@ -92,6 +92,8 @@ pub struct Store {
     write_failures: u64,
     /// Whether the last write was refused.
     failing: bool,
+    /// The database file, whose file system [`Store::probe`] measures.
+    path: std::path::PathBuf,
 }
 
 impl Store {
@@ -145,6 +147,7 @@ impl Store {
             master,
             write_failures: 0,
             failing: false,
+            path: path.to_path_buf(),
         })
     }
 
@@ -164,13 +167,17 @@ impl Store {
     /// While the last write was refused, tries one that changes nothing (the
     /// schema version set to itself: a real write of the header page), so
     /// that the store reads writable again once the disk takes writes, not
-    /// only at the next change. Not counted as a refused write.
+    /// only at the next change. A page fits where a change of many may not:
+    /// the file system must also have [`PROBE_ROOM`] free. Not counted as a
+    /// refused write.
     pub fn probe(&mut self) {
         if self.failing {
-            self.failing = self
-                .conn
-                .pragma_update(None, "user_version", schema::VERSION)
-                .is_err();
+            let room = free_bytes(&self.path).is_none_or(|free| free >= PROBE_ROOM);
+            self.failing = !room
+                || self
+                    .conn
+                    .pragma_update(None, "user_version", schema::VERSION)
+                    .is_err();
         }
     }
 
@@ -263,6 +270,27 @@ fn user_version(conn: &Connection) -> Result<i64, StoreError> {
 /// Copies the database of schema `version`, as it is, to `<path>.v<version>`
 /// before a migration changes it for good: the way back to the wgplane that
 /// wrote it, which refuses the migrated one.
+/// Free space a probe asks for beside its write: a few hundred changes'
+/// worth, far beyond one page.
+pub const PROBE_ROOM: u64 = 1 << 20;
+
+/// Bytes an unprivileged writer may still use on the file system of `path`,
+/// if it says.
+fn free_bytes(path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    let mut stat = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `c_path` is a NUL-terminated path and `stat` room for one
+    // `statvfs`, which the call fills when it returns 0.
+    let stat = unsafe {
+        if libc::statvfs(c_path.as_ptr(), stat.as_mut_ptr()) != 0 {
+            return None;
+        }
+        stat.assume_init()
+    };
+    Some(stat.f_bavail.saturating_mul(stat.f_frsize))
+}
+
 fn keep_before_migration(path: &Path, version: i64) -> Result<(), StoreError> {
     let mut name = path.as_os_str().to_owned();
     name.push(format!(".v{version}"));

@@ -349,3 +349,12 @@ fn deletes_cascade() {
         .unwrap();
     assert_eq!(n, 0);
 }
+
+/// The probe's measure of free space reads the file system's.
+#[test]
+fn free_space_is_read_from_the_file_system() {
+    let dir = tempfile::tempdir().unwrap();
+    let free = super::free_bytes(dir.path()).expect("statvfs answers");
+    assert!(free > 0);
+    assert_eq!(super::free_bytes(&dir.path().join("no\0such")), None);
+}

@@ -160,7 +160,7 @@ pub async fn put_client(
     Ok((status_of(put), Json(view)).into_response())
 }
 
-#[utoipa::path(post, path = "/tenants/{tenant_id}/clients/{client_id}/key", tag = "clients", params(("tenant_id" = String, Path, description = "Tenant id: 1-64 of [A-Za-z0-9._-]"), ("client_id" = String, Path, description = "Client id")), responses((status = 200, description = "A new key pair generated here; includes the new config. The old key's session ends at once.", body = ClientView), (status = 400, description = "Bad input", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 404, description = "Unknown object", body = ErrorBody), (status = 503, description = CHANGE_UNAVAILABLE, body = ErrorBody)))]
+#[utoipa::path(post, path = "/tenants/{tenant_id}/clients/{client_id}/key", tag = "clients", params(("tenant_id" = String, Path, description = "Tenant id: 1-64 of [A-Za-z0-9._-]"), ("client_id" = String, Path, description = "Client id")), responses((status = 200, description = "A new key pair generated here; includes the new config. The old key's session ends at once.", body = ClientView), (status = 400, description = "Bad input", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 404, description = "Unknown object", body = ErrorBody), (status = 409, description = "Conflict", body = ErrorBody), (status = 503, description = CHANGE_UNAVAILABLE, body = ErrorBody)))]
 pub async fn new_client_key(
     State(state): Shared,
     Path((t, c)): Path<(String, String)>,

@@ -103,7 +103,9 @@ async fn ensure_tenant(
         let Err(e) = started else {
             return Ok(put);
         };
-        // A tenant whose port cannot be bound does not exist.
+        // A tenant whose tunnel did not start does not exist: nor does a task
+        // that was spawned but did not take its first peer set in time.
+        control.runtime.stop(id).await;
         let _ = control.registry.delete_tenant(id);
         match e {
             RuntimeError::Bind { addr, source }
@@ -161,6 +163,12 @@ fn stored_but(e: impl Into<ApiError>) -> ApiError {
         // The tunnel has the change; only the host's way to a pool is missing.
         format!(
             "the change is stored and the running tunnel took it, but {} (tried again every 5 s)",
+            e.message
+        )
+    } else if e.code == crate::api::error::TUNNEL_NOT_ANSWERING {
+        // It may still take it, or not: it gets the whole stored state.
+        format!(
+            "the change is stored, but {}: the tunnel is given the stored peer set once it answers (tried every 5 s)",
             e.message
         )
     } else {

@@ -131,7 +131,7 @@ pub async fn put_router(
     router_answer(&control, &t, &r, status_of(put)).await
 }
 
-#[utoipa::path(post, path = "/tenants/{tenant_id}/routers/{router_id}/key", tag = "routers", params(("tenant_id" = String, Path, description = "Tenant id: 1-64 of [A-Za-z0-9._-]"), ("router_id" = String, Path, description = "Router id")), responses((status = 200, description = "A new key pair generated here: the router's script (GET …/script) carries the new private key. The old key's session ends at once.", body = RouterView), (status = 400, description = "Bad input", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 404, description = "Unknown object", body = ErrorBody), (status = 503, description = CHANGE_UNAVAILABLE, body = ErrorBody)))]
+#[utoipa::path(post, path = "/tenants/{tenant_id}/routers/{router_id}/key", tag = "routers", params(("tenant_id" = String, Path, description = "Tenant id: 1-64 of [A-Za-z0-9._-]"), ("router_id" = String, Path, description = "Router id")), responses((status = 200, description = "A new key pair generated here: the router's script (GET …/script) carries the new private key. The old key's session ends at once.", body = RouterView), (status = 400, description = "Bad input", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 404, description = "Unknown object", body = ErrorBody), (status = 409, description = "Conflict", body = ErrorBody), (status = 503, description = CHANGE_UNAVAILABLE, body = ErrorBody)))]
 pub async fn new_router_key(
     State(state): Shared,
     Path((t, r)): Path<(String, String)>,

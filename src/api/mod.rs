@@ -247,7 +247,7 @@ pub fn router(state: Arc<AppState>) -> Router {
                 Arc::clone(&state),
                 auth::require_token,
             ))
-            .layer(axum::middleware::from_fn(metrics::tag_route)),
+            .route_layer(axum::middleware::from_fn(metrics::tag_route)),
         )
         // Outside everything: every request is counted, routed or not, and
         // no answer is kept by a cache on the way.

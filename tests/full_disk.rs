@@ -105,9 +105,10 @@ fn stored_endpoint(state: &Path, id: &str) -> Option<String> {
 }
 
 /// The appliance on a state directory that is a small tmpfs, with `ports`
-/// UDP ports from its first; `None` (a printed skip) without root. The
-/// appliance goes first when they are dropped, then the tmpfs, then the log.
-fn on_tmpfs(ports: u16) -> Option<(Appliance, Tmpfs, PathBuf, u16, tempfile::TempDir)> {
+/// UDP ports from its first; `None` (a printed skip) without root. Bound in
+/// this order, they are dropped the other way round, a panic's unwinding
+/// included: the appliance first, then the tmpfs, then the log.
+fn on_tmpfs(ports: u16) -> Option<(tempfile::TempDir, Tmpfs, PathBuf, u16, Appliance)> {
     if !common::netns::root_prerequisites_met("full_disk", &["mount", "umount"]) {
         return None;
     }
@@ -119,12 +120,12 @@ fn on_tmpfs(ports: u16) -> Option<(Appliance, Tmpfs, PathBuf, u16, tempfile::Tem
     let (api_port, first_port) = (support::free_tcp_port(), support::free_udp_ports(ports));
     let app = Appliance::start_logging_to(state, &log_file, api_port, first_port, &[])
         .unwrap_or_else(|log| panic!("wgplane did not come up:\n{log}"));
-    Some((app, disk, state_dir, first_port, logs))
+    Some((logs, disk, state_dir, first_port, app))
 }
 
 #[test]
 fn a_full_disk_refuses_changes_whole_and_loses_none() {
-    let Some((app, disk, state_dir, first_port, logs)) = on_tmpfs(4) else {
+    let Some((logs, disk, state_dir, first_port, app)) = on_tmpfs(4) else {
         return;
     };
 
@@ -240,7 +241,7 @@ fn a_full_disk_refuses_changes_whole_and_loses_none() {
 /// nothing, which a full disk refuses too.
 #[test]
 fn a_store_reads_writable_again_without_a_change() {
-    let Some((app, disk, _, _, _logs)) = on_tmpfs(2) else {
+    let Some((_logs, disk, _, _, app)) = on_tmpfs(2) else {
         return;
     };
     app.expect("PUT", "/v1/tenants/acme", None, 201);
@@ -264,4 +265,6 @@ fn a_store_reads_writable_again_without_a_change() {
     }
     assert_eq!(writable(), 1.0, "probed writable again");
     app.expect("PUT", "/v1/tenants/acme/routers/r1", None, 201);
+    drop(app);
+    drop(disk);
 }

@@ -5,6 +5,11 @@
 //! could not be opened before (their port was taken). A change through the
 //! API does the same at once.
 //!
+//! It also gives a running tunnel that did not take a change in time the
+//! whole stored peer set again, until it takes one, and tries a store whose
+//! last write was refused with a write that changes nothing, so that
+//! `wgplane_store_writable` follows the disk.
+//!
 //! In TUN mode it also routes client pools the kernel refused before, and
 //! checks the device: one set down from outside shows in `/healthz` and
 //! `wgplane_host_device_up`, and gets its addresses and pool routes back once

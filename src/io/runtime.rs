@@ -6,6 +6,11 @@
 //! is down, not gone: [`Runtime::bring_up`] starts it again, with its peers and
 //! forwards, whenever the control plane asks (see `api::supervisor`).
 //!
+//! A task is asked under the control lock, so no question waits for it more
+//! than [`ANSWER_WAIT`] and no change more than [`CHANGE_WAIT`]: one stuck by a
+//! bug holds up its own tenant, not the API. A tunnel that did not take a
+//! change in time is listed ([`Runtime::unsynced`]) for a full peer set later.
+//!
 //! Left out: what tunnels and peers there should be (the registry's, handed in
 //! as [`Tenant`]s), storing anything, and the packet path (the tasks').
 

@@ -27,8 +27,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::netns::{
-    prerequisites_met, run_checked, start_wireguard_go, unique_name, wait_for, wait_wgplane_ready,
-    wg_keypair, write_private, Netns, NsApi, Proc,
+    prerequisites_met, run_args, run_checked, start_wireguard_go, unique_name, wait_for,
+    wait_wgplane_ready, wg_keypair, write_private, Netns, NsApi, Proc,
 };
 use serde_json::{json, Value};
 
@@ -283,18 +283,13 @@ impl Lab {
         let state = self.state_dir();
         fs::create_dir_all(&state).expect("create state dir");
         let api = format!("127.0.0.1:{API_PORT}");
+        let args = run_args(&state, &api, "198.51.100.1");
+        let argv: Vec<&str> = std::iter::once(env!("CARGO_BIN_EXE_wgplane"))
+            .chain(args.iter().map(String::as_str))
+            .collect();
         let proc = self.hub.spawn(
             "wgplane",
-            &[
-                env!("CARGO_BIN_EXE_wgplane"),
-                "run",
-                "--state-dir",
-                path_str(&state),
-                "--api-listen",
-                &api,
-                "--public-host",
-                "198.51.100.1",
-            ],
+            &argv,
             // A gateway that stops sending (keepalive every 25 s) is not live
             // after 30 s instead of the default 60: the gateway-down check waits less.
             &[("NO_COLOR", "1"), ("WGPLANE_LIVENESS_TIMEOUT_SECS", "30")],

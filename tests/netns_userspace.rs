@@ -33,8 +33,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::netns::{
-    prerequisites_met, start_wireguard_go, unique_name, wait_for, wait_wgplane_ready, wg_keypair,
-    Netns, NsApi, Proc,
+    prerequisites_met, run_args, start_wireguard_go, unique_name, wait_for, wait_wgplane_ready,
+    wg_keypair, Netns, NsApi, Proc,
 };
 use serde_json::{json, Value};
 
@@ -449,24 +449,23 @@ impl Lab {
         let api = format!("127.0.0.1:{API_PORT}");
         let id = NOBODY.to_string();
         let (reuid, regid) = (format!("--reuid={id}"), format!("--regid={id}"));
+        let args = run_args(&state, &api, "203.0.113.1");
+        let setpriv = [
+            "setpriv",
+            &reuid,
+            &regid,
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+            path_str(&self.bin),
+        ];
+        let argv: Vec<&str> = setpriv
+            .into_iter()
+            .chain(args.iter().map(String::as_str))
+            .collect();
         let proc = self.hub.spawn(
             "wgplane",
-            &[
-                "setpriv",
-                &reuid,
-                &regid,
-                "--clear-groups",
-                "--inh-caps=-all",
-                "--bounding-set=-all",
-                path_str(&self.bin),
-                "run",
-                "--state-dir",
-                path_str(&state),
-                "--api-listen",
-                &api,
-                "--public-host",
-                "203.0.113.1",
-            ],
+            &argv,
             &[("NO_COLOR", "1")],
             &self.dir().join("wgplane.log"),
         );

@@ -589,3 +589,76 @@ fn changes_whose_clients_hang_up_are_never_half_made() {
     assert_eq!(all.len(), N);
     tunnels_up(&app, &all);
 }
+
+/// Migration: a tenant made with a kernel WireGuard server's key answers a
+/// router configured for that server, keeps the key sealed across a `kill -9`,
+/// and never shows it: not in an answer, a list, the metrics or the log.
+#[test]
+fn a_tunnel_key_brought_from_elsewhere_is_kept_sealed_and_never_shown() {
+    let app = Appliance::start();
+    let (old_secret, old_public) = keypair();
+    let old_private = wgplane::keys::encode(&old_secret.to_bytes());
+    let body = format!("{{\"private_key\":\"{old_private}\",\"subnet\":\"10.100.0.0/16\"}}");
+    let t = app.expect("PUT", "/v1/tenants/moved", Some(&body), 201);
+    assert_eq!(t["server_public_key"], old_public.as_str(), "{t}");
+    // The same key again is no change; another one, or the same for another
+    // tenant, is refused by name.
+    app.expect("PUT", "/v1/tenants/moved", Some(&body), 200);
+    let (other, _) = keypair();
+    let other = format!(
+        "{{\"private_key\":\"{}\"}}",
+        wgplane::keys::encode(&other.to_bytes())
+    );
+    let (status, v) = app.call("PUT", "/v1/tenants/moved", Some(&other));
+    assert_eq!(status, 409, "{v}");
+    assert_eq!(v["error"]["code"], "immutable_field", "{v}");
+    assert_eq!(v["error"]["field"], "private_key", "{v}");
+    let (status, v) = app.call("PUT", "/v1/tenants/twin", Some(&body));
+    assert_eq!(
+        (status, &v["error"]["code"]),
+        (409, &"duplicate_tunnel_key".into()),
+        "{v}"
+    );
+    let (status, v) = app.call("PUT", "/v1/tenants/bad", Some("{\"private_key\":\"AAAA\"}"));
+    assert_eq!(
+        (status, &v["error"]["field"]),
+        (400, &"private_key".into()),
+        "{v}"
+    );
+
+    let (router_secret, router_public) = keypair();
+    let r = format!("{{\"public_key\":\"{router_public}\",\"vpn_ip\":\"10.100.1.1\"}}");
+    app.expect("PUT", "/v1/tenants/moved/routers/branch-a", Some(&r), 201);
+    let port = t["listen_port"].as_u64().expect("listen_port") as u16;
+    let endpoint = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut router = UdpPeer::new(router_secret.clone(), &old_public, endpoint, 0x51);
+    assert!(
+        router.handshake(),
+        "the router knows the old server's key\n{}",
+        app.log()
+    );
+
+    let raw = old_secret.to_bytes();
+    let shown = [
+        app.call("GET", "/v1/tenants", None).1.to_string(),
+        app.call("GET", "/v1/tenants/moved", None).1.to_string(),
+        app.scrape(),
+        app.log(),
+    ];
+    for text in shown {
+        assert!(!text.contains(&old_private), "the key is shown: {text}");
+    }
+    assert!(files_contain(app.state_dir(), old_private.as_bytes()).is_empty());
+    assert!(files_contain(app.state_dir(), &raw).is_empty());
+
+    let (state, api_port, first_port) = app.kill9();
+    let app = Appliance::start_with(state, api_port, first_port, &[]).expect("restart");
+    let again = app.expect("GET", "/v1/tenants/moved", None, 200);
+    assert_eq!(again["server_public_key"], old_public.as_str());
+    let mut router = UdpPeer::new(router_secret, &old_public, endpoint, 0x52);
+    assert!(
+        router.handshake(),
+        "the key survives a restart\n{}",
+        app.log()
+    );
+}

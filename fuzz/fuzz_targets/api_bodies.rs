@@ -9,16 +9,7 @@ use wgplane::control::model::{ClientRequest, EgressRequest, Id, RouterRequest, T
 use wgplane::control::registry::{AllocPolicy, Registry};
 
 fuzz_target!(|data: &[u8]| {
-    let mut registry = Registry::new(
-        AllocPolicy {
-            first_port: 51820,
-            last_port: u16::MAX,
-            supernet: "10.0.0.0/8".parse().expect("literal"),
-            subnet_prefix_len: 16,
-            subnet_start: "10.100.0.0".parse().expect("literal"),
-        },
-        1,
-    );
+    let mut registry = Registry::new(AllocPolicy::default(), 1);
     let t = Id::parse("t", "tenant_id").expect("literal");
     let r = Id::parse("r", "router_id").expect("literal");
     let now = SystemTime::UNIX_EPOCH;

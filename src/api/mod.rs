@@ -391,10 +391,7 @@ pub(crate) mod testing {
         let mut registry = Registry::new(
             AllocPolicy {
                 first_port: port,
-                last_port: u16::MAX,
-                supernet: "10.0.0.0/8".parse().unwrap(),
-                subnet_prefix_len: 16,
-                subnet_start: "10.100.0.0".parse().unwrap(),
+                ..AllocPolicy::default()
             },
             5,
         );

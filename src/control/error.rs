@@ -32,6 +32,9 @@ pub enum ControlError {
     /// The public key is already used by another peer of the tunnel (409).
     #[error("public key is already used by {owner} in this tunnel")]
     DuplicateKey { owner: String },
+    /// Another tenant's tunnel has this key pair already (409).
+    #[error("the key is tenant {tenant}'s tunnel key already")]
+    DuplicateTunnelKey { tenant: String },
     /// The address is taken or not usable (409).
     #[error("{addr} is not available: {reason}")]
     AddressUnavailable {
@@ -92,6 +95,7 @@ impl ControlError {
             | ControlError::Overlap { field, .. }
             | ControlError::Immutable { field, .. } => Some(field),
             ControlError::DuplicateKey { .. } => Some("public_key"),
+            ControlError::DuplicateTunnelKey { .. } => Some("private_key"),
             ControlError::PortInUse(_) => Some("listen_port"),
             ControlError::ListenTaken(_) => Some("listen"),
             _ => None,
@@ -108,6 +112,7 @@ impl ControlError {
             ControlError::NoEgress => "egress_not_found",
             ControlError::NoForward(_) => "forward_not_found",
             ControlError::DuplicateKey { .. } => "duplicate_public_key",
+            ControlError::DuplicateTunnelKey { .. } => "duplicate_tunnel_key",
             ControlError::AddressUnavailable { .. } => "address_unavailable",
             ControlError::PortInUse(_) => "port_in_use",
             ControlError::ListenTaken(_) => "listen_unavailable",

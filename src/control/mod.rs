@@ -6,11 +6,13 @@
 //! (`render`), and anything that happens per packet.
 
 pub mod error;
+pub mod import;
 pub mod model;
 pub mod occupancy;
 pub mod registry;
 pub mod render;
 pub mod restore;
+pub mod wgconf;
 
 pub use error::ControlError;
 pub use model::{Client, EgressPolicy, Id, Router, Tenant};

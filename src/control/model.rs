@@ -196,7 +196,7 @@ impl Tenant {
 }
 
 /// Body of `PUT /v1/tenants/{id}`.
-#[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
+#[derive(Clone, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TenantRequest {
     pub listen_port: Option<u16>,
@@ -204,6 +204,26 @@ pub struct TenantRequest {
     /// TUN mode: host-side prefixes (e.g. the backend's container network) that
     /// this tenant's routers may reach through the host device. Replaces the list.
     pub host_prefixes: Option<Vec<String>>,
+    /// Migration: the tunnel's existing private key (base64, as `wg genkey`
+    /// prints it), so that routers configured for the old server keep working.
+    /// Only when the tenant is created (the same key again is accepted);
+    /// never shown in any answer. Without it a key pair is generated here.
+    pub private_key: Option<String>,
+}
+
+/// Redacted: the request may carry a private key.
+impl std::fmt::Debug for TenantRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TenantRequest")
+            .field("listen_port", &self.listen_port)
+            .field("subnet", &self.subnet)
+            .field("host_prefixes", &self.host_prefixes)
+            .field(
+                "private_key",
+                &self.private_key.as_ref().map(|_| "<redacted>"),
+            )
+            .finish()
+    }
 }
 
 /// Body of `PUT …/routers/{id}`.

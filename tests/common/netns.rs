@@ -500,6 +500,23 @@ impl NsApi<'_> {
     }
 }
 
+/// The arguments of `wgplane run` after the binary's path: state in `state`,
+/// the admin API on `api`, `public_host` as the address the routers dial.
+pub fn run_args(state: &Path, api: &str, public_host: &str) -> Vec<String> {
+    let state = state.to_str().expect("temporary paths are UTF-8");
+    [
+        "run",
+        "--state-dir",
+        state,
+        "--api-listen",
+        api,
+        "--public-host",
+        public_host,
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
 /// A WireGuard keypair from `wg`: (private key file in `dir`, public key).
 pub fn wg_keypair(dir: &Path, name: &str) -> (PathBuf, String) {
     let private = run_checked(Command::new("wg").arg("genkey"));

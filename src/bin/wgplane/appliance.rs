@@ -288,15 +288,8 @@ fn open_state(settings: &Settings, master: wgplane::store::MasterKey) -> Result<
                  would route their tunnel into itself: fix it through the API (host_prefixes)");
         }
     }
-    let t = &settings.tunnels;
     let registry = Registry::restore(
-        AllocPolicy {
-            first_port: t.first_port,
-            last_port: t.last_port,
-            supernet: t.supernet,
-            subnet_prefix_len: t.subnet_prefix_len,
-            subnet_start: t.subnet_start,
-        },
+        AllocPolicy::from(&settings.tunnels),
         rand_core::RngCore::next_u32(&mut rand_core::OsRng),
         tenants,
     )

@@ -49,6 +49,37 @@ pub(crate) enum Command {
     /// Ask a running appliance's `/healthz`: exit status 0 when every tunnel
     /// is up, 1 otherwise (a container health check without curl).
     Health(HealthArgs),
+    /// Move a kernel WireGuard server to a tenant tunnel of a running
+    /// appliance: its configuration file (wg-quick's `wg0.conf`, or what `wg
+    /// showconf` prints) becomes a tenant with the same key, port and subnet,
+    /// and its peers routers with their keys and addresses, so that they
+    /// reconnect without a change. Stop the old interface first (its port).
+    Import(ImportArgs),
+}
+
+#[derive(Args)]
+pub(crate) struct ImportArgs {
+    /// The tenant to create (or to complete, after an import that stopped).
+    pub(crate) tenant: String,
+    /// The server's configuration file.
+    pub(crate) file: PathBuf,
+    /// The tenant's subnet, when the file has no IPv4 `Address` (`wg
+    /// showconf`) or several.
+    #[arg(long)]
+    pub(crate) subnet: Option<Ipv4Net>,
+    /// Admin API of the appliance.
+    #[arg(long, env = "WGPLANE_API_URL", default_value = "http://127.0.0.1:8080")]
+    pub(crate) api: String,
+    /// File with the API token.
+    #[arg(
+        long,
+        env = "WGPLANE_API_TOKEN_FILE",
+        default_value = "./wgplane-state/api-token"
+    )]
+    pub(crate) token_file: PathBuf,
+    /// Print what would be created, and change nothing.
+    #[arg(long)]
+    pub(crate) dry_run: bool,
 }
 
 #[derive(Args)]

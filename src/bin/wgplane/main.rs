@@ -1,5 +1,6 @@
 //! The `wgplane` command: run the appliance; generate keys like `wg`; back up the
-//! state, seal it under a new master key, or ask a running appliance's health; and
+//! state, seal it under a new master key, or ask a running appliance's health;
+//! move a kernel WireGuard server's tunnel to a running appliance (`import`); and
 //! the benchmark tools (`bench`, `relay`).
 //!
 //! Left out: the appliance's work, which is the library's ([`wgplane::api`],
@@ -9,6 +10,7 @@
 
 mod appliance;
 mod cli;
+mod import;
 mod secrets;
 
 use std::io::{Read, Write};
@@ -35,6 +37,7 @@ fn main() -> Result<()> {
         Command::Backup(args) => backup(args),
         Command::Rekey(args) => rekey_state(args),
         Command::Health(args) => health(args),
+        Command::Import(args) => import::import(args),
         Command::Run(args) => run_appliance(*args),
     }
 }

@@ -73,6 +73,26 @@ pub struct AllocPolicy {
     pub subnet_start: Ipv4Addr,
 }
 
+impl From<&crate::config::TunnelSettings> for AllocPolicy {
+    fn from(t: &crate::config::TunnelSettings) -> Self {
+        Self {
+            first_port: t.first_port,
+            last_port: t.last_port,
+            supernet: t.supernet,
+            subnet_prefix_len: t.subnet_prefix_len,
+            subnet_start: t.subnet_start,
+        }
+    }
+}
+
+/// The embedded defaults': ports from 51820, /16 subnets of 10.0.0.0/8 from
+/// 10.100.0.0/16.
+impl Default for AllocPolicy {
+    fn default() -> Self {
+        Self::from(&crate::config::TunnelSettings::default())
+    }
+}
+
 /// What a `PUT` did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Put {

@@ -31,7 +31,27 @@ impl Registry {
             .as_ref()
             .map(|list| self.parse_host_prefixes(id, list))
             .transpose()?;
+        let secret = req
+            .private_key
+            .as_deref()
+            .map(|text| {
+                SecretKey::parse(text)
+                    .map_err(|e| ControlError::field("private_key", e.to_string()))
+            })
+            .transpose()?;
         if let Some(t) = self.tenants.get(id) {
+            if secret
+                .as_ref()
+                .is_some_and(|s| s.public().as_bytes() != t.public_key.as_bytes())
+            {
+                return Err(ControlError::Immutable {
+                    field: "private_key",
+                    current: format!(
+                        "the key of public key {}",
+                        crate::keys::encode(t.public_key.as_bytes())
+                    ),
+                });
+            }
             if req.listen_port.is_some_and(|p| p != t.listen_port) {
                 return Err(ControlError::Immutable {
                     field: "listen_port",
@@ -50,6 +70,17 @@ impl Registry {
             return Ok(Put::Updated);
         }
 
+        if let Some(public) = secret.as_ref().map(SecretKey::public) {
+            if let Some(other) = self
+                .tenants
+                .values()
+                .find(|t| t.public_key.as_bytes() == public.as_bytes())
+            {
+                return Err(ControlError::DuplicateTunnelKey {
+                    tenant: other.id.to_string(),
+                });
+            }
+        }
         let listen_port = match req.listen_port {
             Some(0) => return Err(ControlError::field("listen_port", "must not be 0")),
             Some(p) if self.tenants.values().any(|t| t.listen_port == p) => {
@@ -99,7 +130,7 @@ impl Registry {
             .map(|n| format!("wg{n}"))
             .find(|n| !names.contains(n.as_str()))
             .unwrap_or_default();
-        let secret = SecretKey::generate();
+        let secret = secret.unwrap_or_else(SecretKey::generate);
         let tenant = Tenant {
             id: id.clone(),
             interface_name,

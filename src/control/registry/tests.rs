@@ -15,16 +15,7 @@ fn egress(pool: &str, gateway: &str) -> EgressRequest {
 
 /// An empty registry with the seed's allocation policy.
 pub(crate) fn registry() -> Registry {
-    Registry::new(
-        AllocPolicy {
-            first_port: 51820,
-            last_port: u16::MAX,
-            supernet: "10.0.0.0/8".parse().unwrap(),
-            subnet_prefix_len: 16,
-            subnet_start: Ipv4Addr::new(10, 100, 0, 0),
-        },
-        7,
-    )
+    Registry::new(AllocPolicy::default(), 7)
 }
 fn id(s: &str) -> Id {
     Id::parse(s, "id").unwrap()
@@ -1023,4 +1014,50 @@ fn ports_come_from_the_configured_range() {
             r.tenant(&id("b")).unwrap().listen_port
         ]
     );
+}
+
+/// Migration: a tenant made with the old server's key answers as the old
+/// server did; the key is fixed once the tenant exists, and no two tunnels
+/// share one.
+#[test]
+fn a_tenant_can_be_made_with_an_existing_key_only_once() {
+    let mut r = registry();
+    let old = crate::keys::SecretKey::generate();
+    let with = |key: &crate::keys::SecretKey| TenantRequest {
+        private_key: Some(key.to_base64()),
+        ..Default::default()
+    };
+    assert_eq!(r.put_tenant(&id("a"), &with(&old), now()), Ok(Put::Created));
+    let a = r.tenant(&id("a")).unwrap();
+    assert_eq!(a.public_key.as_bytes(), old.public().as_bytes());
+    assert_eq!(a.secret.to_base64(), old.to_base64());
+    // The same key again (an import run twice) changes nothing.
+    assert_eq!(r.put_tenant(&id("a"), &with(&old), now()), Ok(Put::Updated));
+    // Another key would cut off every router configured for this one.
+    let other = crate::keys::SecretKey::generate();
+    let e = r.put_tenant(&id("a"), &with(&other), now()).unwrap_err();
+    assert_eq!(
+        (e.code(), e.field_name()),
+        ("immutable_field", Some("private_key"))
+    );
+    assert!(!e.to_string().contains(&other.to_base64()), "{e}");
+    assert!(!e.to_string().contains(&old.to_base64()), "{e}");
+    // Another tenant cannot take the same key pair.
+    let e = r.put_tenant(&id("b"), &with(&old), now()).unwrap_err();
+    assert_eq!(
+        (e.code(), e.field_name()),
+        ("duplicate_tunnel_key", Some("private_key"))
+    );
+    assert!(r.tenant(&id("b")).is_err());
+    // Malformed keys name the field and do not echo the text.
+    for bad in ["not base64!", "AAAA", ""] {
+        let req = TenantRequest {
+            private_key: Some(bad.into()),
+            ..Default::default()
+        };
+        let e = r.put_tenant(&id("c"), &req, now()).unwrap_err();
+        assert_eq!(e.field_name(), Some("private_key"), "{bad}");
+    }
+    let req = with(&old);
+    assert!(!format!("{req:?}").contains(&old.to_base64()));
 }

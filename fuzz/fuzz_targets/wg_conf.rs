@@ -1,0 +1,60 @@
+//! wg-quick server configurations on arbitrary text, planned for import and
+//! applied to a registry: refusals, never panics; every planned router has its
+//! address in the planned subnet; the private key never shows in an error or a
+//! note.
+#![no_main]
+
+use std::time::SystemTime;
+
+use libfuzzer_sys::fuzz_target;
+use wgplane::control::import::{plan, ImportError};
+use wgplane::control::model::Id;
+use wgplane::control::registry::{AllocPolicy, Registry};
+use wgplane::control::wgconf;
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let conf = match wgconf::parse(text) {
+        Ok(conf) => conf,
+        Err(e) => {
+            let _ = e.to_string();
+            return;
+        }
+    };
+    let secret = conf.interface.private_key.as_ref().map(|k| k.to_base64());
+    for subnet in [None, Some("10.100.0.0/16".parse().expect("literal"))] {
+        let planned = match plan(&conf, subnet) {
+            Ok(p) => p,
+            Err(ImportError::Refused(problems)) => {
+                if let Some(secret) = &secret {
+                    assert!(problems.iter().all(|p| !p.contains(secret.as_str())));
+                }
+                continue;
+            }
+        };
+        if let Some(secret) = &secret {
+            assert!(planned.notes.iter().all(|n| !n.contains(secret.as_str())));
+        }
+        for r in &planned.routers {
+            let ip: std::net::Ipv4Addr = r
+                .request
+                .vpn_ip
+                .as_deref()
+                .and_then(|v| v.parse().ok())
+                .expect("a planned router has an IPv4 vpn_ip");
+            assert!(planned.subnet.contains(&ip));
+        }
+        let mut registry = Registry::new(AllocPolicy::default(), 1);
+        let t = Id::parse("t", "tenant_id").expect("literal");
+        if registry
+            .put_tenant(&t, &planned.tenant, SystemTime::UNIX_EPOCH)
+            .is_ok()
+        {
+            for r in &planned.routers {
+                let _ = registry.put_router(&t, &r.id, &r.request);
+            }
+        }
+    }
+});

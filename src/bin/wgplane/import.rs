@@ -1,0 +1,212 @@
+//! `wgplane import`: a kernel WireGuard server's configuration made a tenant
+//! tunnel of a running appliance, through its admin API.
+//!
+//! Left out: reading the file and deciding what to create, which are the
+//! library's ([`wgplane::control::wgconf`], [`wgplane::control::import`]);
+//! this sends the requests in order and says what each did. The requests are
+//! the API's ordinary `PUT`s, so an import that stopped (a router refused, the
+//! appliance restarted) can be run again: what exists already and matches is
+//! left as it is, and a router id held by another key is not touched.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+use wgplane::control::import::{plan, Plan};
+use wgplane::control::{wgconf, Id};
+
+use crate::cli::ImportArgs;
+
+pub(crate) fn import(args: ImportArgs) -> Result<()> {
+    let tenant = Id::parse(&args.tenant, "tenant").context("the tenant id")?;
+    let text = std::fs::read_to_string(&args.file)
+        .with_context(|| format!("cannot read {}", args.file.display()))?;
+    let conf = wgconf::parse(&text).with_context(|| format!("{}", args.file.display()))?;
+    let plan = plan(&conf, args.subnet)?;
+    for note in &plan.notes {
+        println!("note: {note}");
+    }
+    if args.dry_run {
+        print_plan(&tenant, &plan);
+        return Ok(());
+    }
+    let token = std::fs::read_to_string(&args.token_file)
+        .with_context(|| format!("cannot read the API token in {}", args.token_file.display()))?;
+    let api = Api {
+        base: format!("{}/v1/tenants/{tenant}", api_base(&args.api)),
+        token: token.trim().to_string(),
+        client: reqwest::Client::builder()
+            // The appliance is asked directly, never through the environment's proxy.
+            .no_proxy()
+            .timeout(Duration::from_secs(30))
+            .build()?,
+    };
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(send(&api, &tenant, &plan))
+}
+
+/// The API's address without a trailing `/`, `http://` unless it names a scheme.
+fn api_base(api: &str) -> String {
+    let api = api.trim_end_matches('/');
+    match api.contains("://") {
+        true => api.to_string(),
+        false => format!("http://{api}"),
+    }
+}
+
+fn print_plan(tenant: &Id, plan: &Plan) {
+    let port = plan
+        .tenant
+        .listen_port
+        .map_or_else(|| "a port allocated here".to_string(), |p| p.to_string());
+    println!(
+        "would create tenant {tenant}: subnet {}, port {port}, the file's private key",
+        plan.subnet
+    );
+    for r in &plan.routers {
+        let req = &r.request;
+        println!(
+            "would create router {} (line {}): vpn_ip {}, public_key {}, allowed_ips [{}]",
+            r.id,
+            r.line,
+            req.vpn_ip.as_deref().unwrap_or_default(),
+            req.public_key.as_deref().unwrap_or_default(),
+            req.allowed_ips.as_deref().unwrap_or_default().join(", ")
+        );
+    }
+}
+
+struct Api {
+    /// `…/v1/tenants/{tenant}`.
+    base: String,
+    token: String,
+    client: reqwest::Client,
+}
+
+impl Api {
+    /// One request; the status and the JSON answer (`null` when there is none).
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<(u16, Value)> {
+        let url = format!("{}{path}", self.base);
+        let mut request = self.client.request(method, &url).bearer_auth(&self.token);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request
+            .send()
+            .await
+            .with_context(|| format!("no answer from {url}"))?;
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap_or_default();
+        Ok((status, serde_json::from_str(&text).unwrap_or(Value::Null)))
+    }
+}
+
+/// What the API said about a refusal: its `error` object's message and field.
+fn refusal(status: u16, answer: &Value) -> String {
+    let error = &answer["error"];
+    match (error["message"].as_str(), error["field"].as_str()) {
+        (Some(message), Some(field)) => format!("{status}: {field}: {message}"),
+        (Some(message), None) => format!("{status}: {message}"),
+        _ => format!("{status}"),
+    }
+}
+
+async fn send(api: &Api, tenant: &Id, plan: &Plan) -> Result<()> {
+    let body = serde_json::json!({
+        "listen_port": plan.tenant.listen_port,
+        "subnet": plan.tenant.subnet,
+        "private_key": plan.tenant.private_key,
+    });
+    let (status, answer) = api.call(reqwest::Method::PUT, "", Some(body)).await?;
+    match status {
+        201 => println!(
+            "tenant {tenant}: created, port {}, subnet {}, public key {}",
+            answer["listen_port"], plan.subnet, answer["server_public_key"]
+        ),
+        200 => println!("tenant {tenant}: exists with this key, port and subnet"),
+        _ => bail!("tenant {tenant}: refused ({})", refusal(status, &answer)),
+    }
+    let mut failed = 0;
+    for r in &plan.routers {
+        let path = format!("/routers/{}", r.id);
+        let wanted = r.request.public_key.as_deref().unwrap_or_default();
+        let (status, existing) = api.call(reqwest::Method::GET, &path, None).await?;
+        if status == 200 && existing["public_key"].as_str() != Some(wanted) {
+            println!(
+                "router {} (line {}): not imported: the id is another key's router here",
+                r.id, r.line
+            );
+            failed += 1;
+            continue;
+        }
+        let body = serde_json::to_value(RouterBody::from(&r.request))?;
+        let (status, answer) = api.call(reqwest::Method::PUT, &path, Some(body)).await?;
+        match status {
+            201 => println!(
+                "router {} (line {}): created, {}",
+                r.id, r.line, answer["vpn_ip"]
+            ),
+            200 => println!("router {} (line {}): exists, up to date", r.id, r.line),
+            _ => {
+                println!(
+                    "router {} (line {}): refused ({})",
+                    r.id,
+                    r.line,
+                    refusal(status, &answer)
+                );
+                failed += 1;
+            }
+        }
+    }
+    if failed > 0 {
+        bail!(
+            "{failed} of {} routers not imported; fix them and run the import again",
+            plan.routers.len()
+        );
+    }
+    println!(
+        "imported: tenant {tenant} with {} routers; they reconnect at their next handshake",
+        plan.routers.len()
+    );
+    Ok(())
+}
+
+/// A router's request as JSON (the model's request type only reads JSON).
+#[derive(serde::Serialize)]
+struct RouterBody<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<&'a str>,
+    public_key: Option<&'a str>,
+    vpn_ip: Option<&'a str>,
+    allowed_ips: Option<&'a [String]>,
+}
+
+impl<'a> From<&'a wgplane::control::model::RouterRequest> for RouterBody<'a> {
+    fn from(r: &'a wgplane::control::model::RouterRequest) -> Self {
+        Self {
+            name: r.name.as_deref(),
+            public_key: r.public_key.as_deref(),
+            vpn_ip: r.vpn_ip.as_deref(),
+            allowed_ips: r.allowed_ips.as_deref(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_api_address_takes_a_scheme_once() {
+        assert_eq!(api_base("127.0.0.1:8080"), "http://127.0.0.1:8080");
+        assert_eq!(api_base("https://h:1/"), "https://h:1");
+    }
+}

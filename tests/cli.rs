@@ -612,3 +612,60 @@ fn a_bad_variable_is_named() {
     assert_eq!(out.status.code(), Some(2), "{said}");
     assert!(!said.contains("environment variable"), "{said}");
 }
+
+/// `wgplane import` says what stops it: a file that does not parse (by line,
+/// never quoting the key), a port the old interface still holds (with the
+/// hint), and imports nothing then.
+#[test]
+fn import_says_what_stops_it() {
+    let app = support::Appliance::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let token = app.state_dir().join("api-token");
+    let secret = wgplane::keys::SecretKey::generate().to_base64();
+    let import = |text: &str| {
+        let file = dir.path().join("wg0.conf");
+        std::fs::write(&file, text).expect("write conf");
+        let out = Command::new(support::binary())
+            .args(["import", "moved"])
+            .arg(&file)
+            .args(["--api", &format!("http://{}", app.api)])
+            .arg("--token-file")
+            .arg(&token)
+            .output()
+            .expect("run wgplane import");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!text.contains(&secret), "{text}");
+        (out.status.success(), text)
+    };
+    let (ok, text) = import(&format!(
+        "[Interface]\nPrivateKey = {secret}\nListen Port = 1\n"
+    ));
+    assert!(
+        !ok && text.contains("line 3: unknown key \"Listen Port\""),
+        "{text}"
+    );
+    let (ok, text) = import(&format!("[Interface]\nPrivateKey = {secret}x\n"));
+    assert!(!ok && text.contains("line 2: PrivateKey"), "{text}");
+
+    // The old interface still holds its port.
+    let held = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");
+    let port = held.local_addr().expect("addr").port();
+    let conf = format!(
+        "[Interface]\nAddress = 10.100.0.1/16\nListenPort = {port}\nPrivateKey = {secret}\n"
+    );
+    let (ok, text) = import(&conf);
+    assert!(
+        !ok && text.contains("is the old interface still up?"),
+        "{text}"
+    );
+    app.expect("GET", "/v1/tenants/moved", None, 404);
+    drop(held);
+    let (ok, text) = import(&conf);
+    assert!(ok, "{text}");
+    let t = app.expect("GET", "/v1/tenants/moved", None, 200);
+    assert_eq!(t["listen_port"], port);
+}

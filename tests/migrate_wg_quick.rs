@@ -1,14 +1,18 @@
-//! Migration from kernel WireGuard, end to end: a wg-quick server
-//! configuration runs first on wireguard-go (the old hub, as the platform ran
-//! it), with a wireguard-go router connected to it; then the old hub stops,
-//! the real `wgplane` binary starts on the same address, `wgplane import` reads
-//! the same file, and the router, whose configuration is never touched, reaches
-//! the server address again through wgplane.
+//! Migration from kernel WireGuard, end to end, with the platform's whole
+//! design: a wg-quick server configuration runs first on wireguard-go (the old
+//! hub), with the host's `ip rule` sending the phones' pool to the MikroTik
+//! gateway, and three wireguard-go peers connected to it: a branch router, the
+//! gateway and a phone. Then the old hub stops, the real `wgplane` binary starts
+//! on the same addresses, `wgplane import --pool … --gateway …` reads the same
+//! file, and the three peers, whose configurations are never touched, get
+//! through again: the router and the gateway to the server address, the phone
+//! through wgplane and the gateway to an address behind the gateway.
 //!
 //! ```text
-//!  router ns                          hub ns
-//!  wg 10.100.1.1/16  --veth--  wireguard-go 10.100.0.1, then wgplane
-//!  198.51.100.2                198.51.100.1, UDP 51820
+//!  router ns   wg 10.100.1.1   198.51.100.2 --veth-- 198.51.100.1 \
+//!  gateway ns  wg 10.100.0.40  203.0.113.2  --veth-- 203.0.113.1  -- hub ns: wireguard-go
+//!              (lo 198.18.9.1)                                       10.100.0.1, then
+//!  phone ns    wg 10.200.0.2   198.18.1.2   --veth-- 198.18.1.1   /  wgplane, UDP 51820
 //! ```
 //!
 //! Needs root, `ip netns`, wireguard-go, wg, wg-quick, curl and ping: without
@@ -17,77 +21,185 @@
 mod common;
 
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Output;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::netns::{
-    prerequisites_met, run_args, start_wireguard_go, unique_name, wait_for, wait_wgplane_ready,
-    wg_keypair, write_private, Netns, NsApi,
+    prerequisites_met, run_args, start_wireguard_go, unique_name, wait_wgplane_ready, wg_keypair,
+    write_private, Netns, NsApi, Proc,
 };
 
 const TEST: &str = "migrate_wg_quick";
 const TOOLS: &[&str] = &["ip", "wireguard-go", "wg", "wg-quick", "curl", "ping"];
 const API_PORT: u16 = 7444;
+/// Behind the gateway: what the phones reach through it.
+const BEHIND_GATEWAY: &str = "198.18.9.1";
+
+/// Where a peer sits: `(role, its underlay address, the hub's, its allowed
+/// IPs, its tunnel address, what it pings to prove its path)`.
+type Spec = (
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static str,
+);
+
+const PEERS: [Spec; 3] = [
+    (
+        "router",
+        "198.51.100.2",
+        "198.51.100.1",
+        "10.100.0.0/16",
+        "10.100.1.1/16",
+        "10.100.0.1",
+    ),
+    (
+        "gateway",
+        "203.0.113.2",
+        "203.0.113.1",
+        "10.100.0.0/16,10.200.0.0/24",
+        "10.100.0.40/16",
+        "10.100.0.1",
+    ),
+    (
+        "phone",
+        "198.18.1.2",
+        "198.18.1.1",
+        "0.0.0.0/0",
+        "10.200.0.2/32",
+        BEHIND_GATEWAY,
+    ),
+];
+
+/// A peer in its own namespace, joined to the hub's by a veth pair:
+/// wireguard-go configured once, for the old hub.
+struct Peer {
+    role: &'static str,
+    // Stopped before its namespace goes (fields drop in order).
+    _wg: Proc,
+    ns: Netns,
+    target: &'static str,
+}
+
+impl Peer {
+    fn start(hub: &Netns, dir: &Path, spec: Spec, key: &Path, server_pub: &str) -> Peer {
+        let (role, underlay, hub_addr, allowed, addr, target) = spec;
+        let tag = &role[..2];
+        let ns = Netns::new(role);
+        ns.veth(
+            "eth0",
+            &format!("{underlay}/24"),
+            hub,
+            &format!("to-{tag}"),
+            &format!("{hub_addr}/24"),
+        );
+        let ifname = unique_name(tag);
+        let wg = start_wireguard_go(&ns, role, &ifname, dir);
+        ns.run_words(&format!(
+            "wg set {ifname} private-key {} peer {server_pub} endpoint {hub_addr}:51820 \
+             allowed-ips {allowed} persistent-keepalive 25",
+            path_str(key)
+        ));
+        ns.run_words(&format!("ip address add {addr} dev {ifname}"));
+        ns.run_words(&format!("ip link set {ifname} mtu 1420 up"));
+        match role {
+            "phone" => ns.run_words(&format!("ip route add {target}/32 dev {ifname}")),
+            "gateway" => {
+                ns.run_words(&format!("ip address add {BEHIND_GATEWAY}/32 dev lo"));
+                ns.run_words(&format!("ip route add 10.200.0.0/24 dev {ifname}"))
+            }
+            _ => String::new(),
+        };
+        Peer {
+            role,
+            _wg: wg,
+            ns,
+            target,
+        }
+    }
+
+    fn pings(&self) -> bool {
+        ok(&self.ns.output(&["ping", "-c", "1", "-W", "1", self.target]))
+    }
+}
+
+/// Pings from every peer until each has got through once, up to `within`.
+/// The roles of those that never did.
+fn all_get_through(peers: &[Peer], within: Duration) -> Vec<&'static str> {
+    let deadline = Instant::now() + within;
+    let mut waiting: Vec<&Peer> = peers.iter().collect();
+    while !waiting.is_empty() && Instant::now() < deadline {
+        waiting.retain(|p| !p.pings());
+    }
+    waiting.iter().map(|p| p.role).collect()
+}
 
 #[test]
-fn a_wg_quick_servers_router_reconnects_unchanged_after_import() {
+fn a_wg_quick_servers_peers_reconnect_unchanged_after_import() {
     if !prerequisites_met(TEST, TOOLS) {
         return;
     }
-    let dir = tempfile::Builder::new()
+    let tmp = tempfile::Builder::new()
         .prefix("wgplane-migrate-")
         .tempdir()
         .expect("create temporary directory");
-    let dir = dir.path();
+    let dir = tmp.path();
     let hub = Netns::new("hub");
-    let router = Netns::new("rtr");
-    router.veth("eth0", "198.51.100.2/24", &hub, "to-rtr", "198.51.100.1/24");
 
     // The platform's server configuration, as wg-quick keeps it.
     let (server_key_file, server_pub) = wg_keypair(dir, "server");
     let server_key = fs::read_to_string(&server_key_file).expect("read the server key");
     let server_key = server_key.trim();
-    let (router_key_file, router_pub) = wg_keypair(dir, "router");
+    let keys: Vec<(PathBuf, String)> = PEERS.iter().map(|spec| wg_keypair(dir, spec.0)).collect();
     let old_if = unique_name("old");
     let conf = dir.join(format!("{old_if}.conf"));
     write_private(
         &conf,
         &format!(
             "[Interface]\nAddress = 10.100.0.1/16\nListenPort = 51820\nPrivateKey = {server_key}\n\
-             PostUp = sysctl -q net.ipv4.ip_forward=1\n\n\
-             [Peer]\n# Name = Branch A\nPublicKey = {router_pub}\n\
-             AllowedIPs = 10.100.1.1/32, 192.168.88.0/24\n"
+             PostUp = ip rule add from 10.200.0.0/24 table 100; ip route add default dev %i table 100\n\n\
+             [Peer]\n# Name = Branch A\nPublicKey = {}\nAllowedIPs = 10.100.1.1/32, 192.168.88.0/24\n\n\
+             [Peer]\n# Name = mikrotik-1\nPublicKey = {}\nAllowedIPs = 10.100.0.40/32, 0.0.0.0/0\n\n\
+             [Peer]\n# Name = phone 1\nPublicKey = {}\nAllowedIPs = 10.200.0.2/32\n",
+            keys[0].1, keys[1].1, keys[2].1
         ),
     );
 
-    // The old hub: wireguard-go with the file, as wg-quick would set it up.
+    // The old hub: wireguard-go with the file, and the host's policy routing
+    // that wg-quick's PostUp set up.
     let mut old = start_wireguard_go(&hub, "old hub wireguard-go", &old_if, dir);
     let stripped = dir.join("stripped.conf");
     write_private(&stripped, &hub.run(&["wg-quick", "strip", path_str(&conf)]));
     hub.run(&["wg", "setconf", &old_if, path_str(&stripped)]);
-    hub.run_words(&format!("ip address add 10.100.0.1/16 dev {old_if}"));
-    hub.run_words(&format!("ip link set {old_if} mtu 1420 up"));
+    hub.sysctl("net.ipv4.ip_forward", "1");
+    for line in [
+        format!("ip address add 10.100.0.1/16 dev {old_if}"),
+        format!("ip link set {old_if} mtu 1420 up"),
+        format!("ip route add 10.200.0.0/24 dev {old_if}"),
+        "ip rule add from 10.200.0.0/24 table 100".to_string(),
+        format!("ip route add default dev {old_if} table 100"),
+    ] {
+        hub.run_words(&line);
+    }
 
-    // The router, configured once for the old hub and never again.
-    let rtr_if = unique_name("rtr");
-    let _router_wg = start_wireguard_go(&router, "router wireguard-go", &rtr_if, dir);
-    router.run_words(&format!(
-        "wg set {rtr_if} private-key {} peer {server_pub} endpoint 198.51.100.1:51820 \
-         allowed-ips 10.100.0.0/16 persistent-keepalive 25",
-        path_str(&router_key_file)
-    ));
-    router.run_words(&format!("ip address add 10.100.1.1/16 dev {rtr_if}"));
-    router.run_words(&format!("ip link set {rtr_if} mtu 1420 up"));
-    let pings = |within: u64| {
-        wait_for(Duration::from_secs(within), || {
-            ok(&router.output(&["ping", "-c", "1", "-W", "1", "10.100.0.1"])).then_some(())
-        })
-    };
-    assert!(pings(20).is_some(), "the router never reached the old hub");
+    // The peers, configured once for the old hub and never again.
+    let peers: Vec<Peer> = PEERS
+        .into_iter()
+        .zip(&keys)
+        .map(|(spec, (key, _))| Peer::start(&hub, dir, spec, key, &server_pub))
+        .collect();
+    let missing = all_get_through(&peers, Duration::from_secs(20));
+    assert!(
+        missing.is_empty(),
+        "through the old hub, never: {missing:?}"
+    );
 
-    // The switch: the old hub goes, wgplane comes on the same address and port.
+    // The switch: the old hub goes, wgplane comes on the same addresses and port.
     old.stop();
+    hub.run_words("ip rule del from 10.200.0.0/24 table 100");
     let state = dir.join("state");
     fs::create_dir_all(&state).expect("create state dir");
     let api = format!("127.0.0.1:{API_PORT}");
@@ -116,6 +228,10 @@ fn a_wg_quick_servers_router_reconnects_unchanged_after_import() {
             &url,
             "--token-file",
             path_str(&token),
+            "--pool",
+            "10.200.0.0/24",
+            "--gateway",
+            "10.100.0.40",
         ];
         argv.extend(extra);
         let out = hub.output(&argv);
@@ -132,11 +248,16 @@ fn a_wg_quick_servers_router_reconnects_unchanged_after_import() {
         text
     };
     let planned = import(&["--dry-run"]);
-    assert!(
-        planned.contains("would create router Branch-A (line 7)"),
-        "{planned}"
-    );
-    assert!(planned.contains("PostUp not carried over"), "{planned}");
+    for line in [
+        "would create router Branch-A (line 7)",
+        "would create router mikrotik-1 (line 12)",
+        "would set the egress policy: pool 10.200.0.0/24 through mikrotik-1",
+        "would create client phone-1 (line 17)",
+        "PostUp not carried over",
+        "0.0.0.0/0 left out",
+    ] {
+        assert!(planned.contains(line), "{line}: {planned}");
+    }
     let api_client = NsApi {
         ns: &hub,
         port: API_PORT,
@@ -145,34 +266,51 @@ fn a_wg_quick_servers_router_reconnects_unchanged_after_import() {
     api_client.expect("GET", "/v1/tenants/kitonga", None, 404);
 
     let done = import(&[]);
-    assert!(done.contains("router Branch-A (line 7): created"), "{done}");
+    for line in [
+        "router Branch-A (line 7): created",
+        "router mikrotik-1 (line 12): created",
+        "client phone-1 (line 17): created",
+    ] {
+        assert!(done.contains(line), "{line}: {done}");
+    }
     let tenant = api_client.expect("GET", "/v1/tenants/kitonga", None, 200);
     assert_eq!(tenant["server_public_key"], server_pub.as_str(), "{tenant}");
     assert_eq!(tenant["listen_port"], 51820, "{tenant}");
     assert_eq!(tenant["subnet_cidr"], "10.100.0.0/16", "{tenant}");
 
-    // The router's stale session finds nothing here; its next handshake (at
-    // most 15 s after its first unanswered packet) finds wgplane.
-    if pings(60).is_none() {
+    // Each peer's stale session finds nothing here; its next handshake (at
+    // most 15 s after its first unanswered packet) finds wgplane. The phone's
+    // packets go nowhere until the gateway is back.
+    let missing = all_get_through(&peers, Duration::from_secs(60));
+    if !missing.is_empty() {
         panic!(
-            "the unchanged router never reached wgplane at 10.100.0.1\nwgplane log:\n{}\n{:#?}",
+            "never got through wgplane: {missing:?}\nwgplane log:\n{}\n{:#?}",
             wgplane.log(),
-            api_client.diagnostics(&["/v1/tenants/kitonga/routers/Branch-A"])
+            api_client.diagnostics(&["/v1/tenants/kitonga/routers", "/v1/tenants/kitonga/clients"])
         );
     }
+    for (path, vpn_ip, key) in [
+        ("routers/Branch-A", "10.100.1.1", &keys[0].1),
+        ("routers/mikrotik-1", "10.100.0.40", &keys[1].1),
+        ("clients/phone-1", "10.200.0.2", &keys[2].1),
+    ] {
+        let p = api_client.expect("GET", &format!("/v1/tenants/kitonga/{path}"), None, 200);
+        assert_eq!(p["status"], "connected", "{p}");
+        assert_eq!(p["vpn_ip"], vpn_ip, "{p}");
+        assert_eq!(p["public_key"], key.as_str(), "{p}");
+    }
     let r = api_client.expect("GET", "/v1/tenants/kitonga/routers/Branch-A", None, 200);
-    assert_eq!(r["status"], "connected", "{r}");
     assert_eq!(r["name"], "Branch A", "{r}");
-    assert_eq!(r["vpn_ip"], "10.100.1.1", "{r}");
-    assert_eq!(r["public_key"], router_pub.as_str(), "{r}");
 
     // Run again (after an import that stopped half-way): nothing changes.
     let again = import(&[]);
-    assert!(again.contains("exists with this key"), "{again}");
-    assert!(
-        again.contains("router Branch-A (line 7): exists, up to date"),
-        "{again}"
-    );
+    for line in [
+        "exists with this key",
+        "router Branch-A (line 7): exists, up to date",
+        "client phone-1 (line 17): exists, up to date",
+    ] {
+        assert!(again.contains(line), "{line}: {again}");
+    }
     wgplane.stop();
 }
 

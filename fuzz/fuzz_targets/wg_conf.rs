@@ -1,13 +1,13 @@
-//! wg-quick server configurations on arbitrary text, planned for import and
-//! applied to a registry: refusals, never panics; every planned router has its
-//! address in the planned subnet; the private key never shows in an error or a
-//! note.
+//! wg-quick server configurations on arbitrary text, planned for import (with
+//! and without a KTN pool) and applied to a registry: refusals, never panics;
+//! every planned router has its address in the planned subnet and every client
+//! in the pool; the private key never shows in an error or a note.
 #![no_main]
 
 use std::time::SystemTime;
 
 use libfuzzer_sys::fuzz_target;
-use wgplane::control::import::{plan, ImportError};
+use wgplane::control::import::{plan, ImportError, Options};
 use wgplane::control::model::Id;
 use wgplane::control::registry::{AllocPolicy, Registry};
 use wgplane::control::wgconf;
@@ -24,8 +24,17 @@ fuzz_target!(|data: &[u8]| {
         }
     };
     let secret = conf.interface.private_key.as_ref().map(|k| k.to_base64());
-    for subnet in [None, Some("10.100.0.0/16".parse().expect("literal"))] {
-        let planned = match plan(&conf, subnet) {
+    let ktn = Options {
+        pool: Some("10.200.0.0/24".parse().expect("literal")),
+        gateways: vec!["10.100.0.40".parse().expect("literal")],
+        ..Options::default()
+    };
+    let given = Options {
+        subnet: Some("10.100.0.0/16".parse().expect("literal")),
+        ..ktn.clone()
+    };
+    for options in [Options::default(), ktn, given] {
+        let planned = match plan(&conf, &options) {
             Ok(p) => p,
             Err(ImportError::Refused(problems)) => {
                 if let Some(secret) = &secret {
@@ -46,6 +55,15 @@ fuzz_target!(|data: &[u8]| {
                 .expect("a planned router has an IPv4 vpn_ip");
             assert!(planned.subnet.contains(&ip));
         }
+        for c in &planned.clients {
+            let ip: std::net::Ipv4Addr = c
+                .request
+                .vpn_ip
+                .as_deref()
+                .and_then(|v| v.parse().ok())
+                .expect("a planned client has an IPv4 vpn_ip");
+            assert!(options.pool.is_some_and(|p| p.contains(&ip)));
+        }
         let mut registry = Registry::new(AllocPolicy::default(), 1);
         let t = Id::parse("t", "tenant_id").expect("literal");
         if registry
@@ -54,6 +72,12 @@ fuzz_target!(|data: &[u8]| {
         {
             for r in &planned.routers {
                 let _ = registry.put_router(&t, &r.id, &r.request);
+            }
+            if let Some(egress) = &planned.egress {
+                let _ = registry.put_egress(&t, egress);
+            }
+            for c in &planned.clients {
+                let _ = registry.put_client(&t, &c.id, &c.request);
             }
         }
     }

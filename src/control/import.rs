@@ -4,21 +4,27 @@
 //! routers keep their configuration: once the appliance answers at the old
 //! server's address and port, they shake hands with it as with the old server.
 //!
+//! The KTN design moves too, when the caller names the phones' pool and its
+//! gateways (by their addresses in the subnet): the peers with an address in
+//! the pool become clients (phones) with their keys and addresses, and the
+//! pool an egress policy through those gateways, as the old host's `ip rule`
+//! sent it.
+//!
 //! What cannot be carried over is refused before anything is asked of the
 //! API, every problem at once: a peer with a preshared key (wgplane has none),
-//! a peer with no address of its own in the subnet, a server address other
-//! than the subnet's first host (wgplane's), or no private key. What is left
-//! out on purpose is listed as notes: default routes through a peer (an egress
-//! policy here), IPv6 addresses of the server, the host's wg-quick commands.
+//! a peer with no address of its own in the subnet (or the pool), a server
+//! address other than the subnet's first host (wgplane's), a gateway that is
+//! no router of the file, or no private key. What is left out on purpose is
+//! listed as notes: default routes through a peer (an egress policy here),
+//! IPv6 addresses of the server, the host's wg-quick commands.
 //!
-//! Left out: sending the requests (`wgplane import`, in the binary), and phones
-//! (clients of a pool, which need an egress policy first).
+//! Left out: sending the requests (`wgplane import`, in the binary).
 
 use std::net::{IpAddr, Ipv4Addr};
 
 use ipnet::{IpNet, Ipv4Net};
 
-use super::model::{Id, RouterRequest, TenantRequest};
+use super::model::{ClientRequest, EgressRequest, Id, RouterRequest, TenantRequest};
 use super::wgconf::{PeerSection, WgConf};
 use crate::core::alloc;
 use crate::keys;
@@ -32,32 +38,55 @@ pub enum ImportError {
     Refused(Vec<String>),
 }
 
-/// One router to create.
+/// One peer to create: a router or a client.
 #[derive(Debug, Clone)]
-pub struct PlannedRouter {
+pub struct Planned<R> {
     pub id: Id,
     /// Line of its `[Peer]` section.
     pub line: usize,
-    pub request: RouterRequest,
+    pub request: R,
 }
 
-/// What to ask of the API, in order: the tenant, then its routers.
+/// One router to create.
+pub type PlannedRouter = Planned<RouterRequest>;
+
+/// One client (phone) to create.
+pub type PlannedClient = Planned<ClientRequest>;
+
+/// What to ask of the API, in order: the tenant, its routers, the egress
+/// policy, its clients.
 #[derive(Debug, Clone)]
 pub struct Plan {
     pub tenant: TenantRequest,
     /// The subnet the tenant gets.
     pub subnet: Ipv4Net,
     pub routers: Vec<PlannedRouter>,
+    /// The phones' pool through its gateways (router ids), when one was named.
+    pub egress: Option<EgressRequest>,
+    pub clients: Vec<PlannedClient>,
     /// What is not carried over, and why; for the operator to read.
     pub notes: Vec<String>,
 }
 
-/// Plans the import of `conf`; `subnet` is the tenant's subnet when the file
-/// does not say it (`wg showconf` prints no `Address`) or says several.
-pub fn plan(conf: &WgConf, subnet: Option<Ipv4Net>) -> Result<Plan, ImportError> {
+/// What the caller says that the file does not.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// The tenant's subnet, when the file does not say it (`wg showconf`
+    /// prints no `Address`) or says several.
+    pub subnet: Option<Ipv4Net>,
+    /// KTN: the phones' pool; its peers become clients.
+    pub pool: Option<Ipv4Net>,
+    /// KTN: the pool's gateways, by their addresses in the subnet, in
+    /// failover order.
+    pub gateways: Vec<Ipv4Addr>,
+}
+
+/// Plans the import of `conf`.
+pub fn plan(conf: &WgConf, options: &Options) -> Result<Plan, ImportError> {
     let mut problems = Vec::new();
     let mut notes = Vec::new();
     let iface = &conf.interface;
+    let subnet = options.subnet;
     if iface.private_key.is_none() {
         problems.push(
             "[Interface] has no PrivateKey: the tunnel's key is what the routers know".into(),
@@ -83,14 +112,45 @@ pub fn plan(conf: &WgConf, subnet: Option<Ipv4Net>) -> Result<Plan, ImportError>
         ));
     }
     let mut routers: Vec<PlannedRouter> = Vec::new();
+    let mut clients: Vec<PlannedClient> = Vec::new();
+    let pool = options.pool.map(|p| p.trunc());
     if let Some(subnet) = subnet {
+        if let Err(problem) = check_pool(subnet, pool, &options.gateways) {
+            problems.push(problem);
+        }
         for peer in &conf.peers {
-            match router(peer, subnet, &routers, &mut notes) {
-                Ok(r) => routers.push(r),
-                Err(problem) => problems.push(problem),
+            let in_pool = pool.filter(|p| {
+                peer.allowed_ips.iter().any(
+                    |n| matches!(n, IpNet::V4(v) if v.prefix_len() == 32 && p.contains(&v.addr())),
+                )
+            });
+            let planned = match in_pool {
+                Some(pool) => client(peer, pool, &clients, &mut notes).map(|c| clients.push(c)),
+                None => router(peer, subnet, &routers, &mut notes).map(|r| routers.push(r)),
+            };
+            if let Err(problem) = planned {
+                problems.push(problem);
             }
         }
     }
+    let egress = pool.map(|pool| EgressRequest {
+        pool: pool.to_string(),
+        gateways: options
+            .gateways
+            .iter()
+            .filter_map(|g| {
+                let found = routers
+                    .iter()
+                    .find(|r| r.request.vpn_ip.as_deref() == Some(g.to_string().as_str()));
+                if found.is_none() {
+                    problems.push(format!(
+                        "the gateway {g} is no router's address in the file"
+                    ));
+                }
+                found.map(|r| r.id.to_string())
+            })
+            .collect(),
+    });
     match (problems.is_empty(), subnet) {
         (true, Some(subnet)) => Ok(Plan {
             tenant: TenantRequest {
@@ -101,10 +161,70 @@ pub fn plan(conf: &WgConf, subnet: Option<Ipv4Net>) -> Result<Plan, ImportError>
             },
             subnet,
             routers,
+            egress,
+            clients,
             notes,
         }),
         _ => Err(ImportError::Refused(problems)),
     }
+}
+
+/// A pool needs gateways and gateways a pool; the pool lies outside the subnet.
+fn check_pool(subnet: Ipv4Net, pool: Option<Ipv4Net>, gateways: &[Ipv4Addr]) -> Result<(), String> {
+    match pool {
+        None if !gateways.is_empty() => {
+            Err("gateways without a pool: give the phones' pool too".into())
+        }
+        None => Ok(()),
+        Some(_) if gateways.is_empty() => {
+            Err("a pool without gateways: phones' traffic leaves only through one".into())
+        }
+        Some(p) if alloc::overlaps(IpNet::V4(p), IpNet::V4(subnet)) => {
+            Err(format!("the pool {p} overlaps the subnet {subnet}"))
+        }
+        Some(_) => Ok(()),
+    }
+}
+
+/// The client a peer with an address in the pool becomes: a phone sends only
+/// from that address, so its other allowed IPs are left out.
+fn client(
+    peer: &PeerSection,
+    pool: Ipv4Net,
+    planned: &[PlannedClient],
+    notes: &mut Vec<String>,
+) -> Result<PlannedClient, String> {
+    let who = describe(peer);
+    if peer.preshared_key {
+        return Err(preshared(&who));
+    }
+    let vpn_ip =
+        host_in(peer, pool, |_| true).ok_or_else(|| format!("{who} has no address in {pool}"))?;
+    let others: Vec<String> = peer
+        .allowed_ips
+        .iter()
+        .filter(|n| **n != IpNet::V4(Ipv4Net::from(vpn_ip)))
+        .map(ToString::to_string)
+        .collect();
+    if !others.is_empty() {
+        notes.push(format!(
+            "{who}: {} left out: a phone sends only from its own address",
+            others.join(", ")
+        ));
+    }
+    let (id, name) = id_and_name(peer, "phone", vpn_ip, |id| {
+        planned.iter().any(|c| &c.id == id)
+    })?;
+    Ok(PlannedClient {
+        id,
+        line: peer.line,
+        request: ClientRequest {
+            name,
+            public_key: Some(keys::encode(&peer.public_key)),
+            vpn_ip: Some(vpn_ip.to_string()),
+            dns: None,
+        },
+    })
 }
 
 /// The subnet given, or the one of the file's IPv4 `Address`, whose address
@@ -169,20 +289,10 @@ fn router(
 ) -> Result<PlannedRouter, String> {
     let who = describe(peer);
     if peer.preshared_key {
-        return Err(format!(
-            "{who} has a PresharedKey, which wgplane does not support: remove it on \
-             both sides first, or leave this peer on the old server"
-        ));
+        return Err(preshared(&who));
     }
     let server = alloc::server_address(subnet);
-    let own = |a: Ipv4Addr| {
-        subnet.contains(&a) && a != subnet.network() && a != subnet.broadcast() && a != server
-    };
-    let vpn_ip = peer.allowed_ips.iter().find_map(|net| match net {
-        IpNet::V4(n) if n.prefix_len() == 32 && own(n.addr()) => Some(n.addr()),
-        _ => None,
-    });
-    let Some(vpn_ip) = vpn_ip else {
+    let Some(vpn_ip) = host_in(peer, subnet, |a| a != server) else {
         return Err(format!(
             "{who} has no address of its own in {subnet} (an AllowedIPs /32 in it): \
              a router needs one"
@@ -199,25 +309,9 @@ fn router(
             allowed_ips.push(net.trunc().to_string());
         }
     }
-    let name = peer.name.as_ref().map(|n| {
-        n.chars()
-            .map(|c| if c.is_control() { ' ' } else { c })
-            .collect::<String>()
-    });
-    let taken = |id: &Id| planned.iter().any(|r| &r.id == id);
-    let by_address = Id::parse(
-        &format!("router-{}", vpn_ip.to_string().replace('.', "-")),
-        "router_id",
-    )
-    .map_err(|e| e.to_string())?;
-    let id = name
-        .as_deref()
-        .and_then(id_from_name)
-        .filter(|id| !taken(id))
-        .unwrap_or(by_address);
-    if taken(&id) {
-        return Err(format!("{who} has the address {vpn_ip} of another peer"));
-    }
+    let (id, name) = id_and_name(peer, "router", vpn_ip, |id| {
+        planned.iter().any(|r| &r.id == id)
+    })?;
     Ok(PlannedRouter {
         id,
         line: peer.line,
@@ -228,6 +322,63 @@ fn router(
             allowed_ips: Some(allowed_ips),
         },
     })
+}
+
+/// "… has a PresharedKey …", for a peer described as `who`.
+fn preshared(who: &str) -> String {
+    format!(
+        "{who} has a PresharedKey, which wgplane does not support: remove it on \
+         both sides first, or leave this peer on the old server"
+    )
+}
+
+/// The peer's first `/32` in `net` that is a host address of it and passes
+/// `also`.
+fn host_in(peer: &PeerSection, net: Ipv4Net, also: impl Fn(Ipv4Addr) -> bool) -> Option<Ipv4Addr> {
+    peer.allowed_ips.iter().find_map(|n| match n {
+        IpNet::V4(v)
+            if v.prefix_len() == 32
+                && net.contains(&v.addr())
+                && v.addr() != net.network()
+                && v.addr() != net.broadcast()
+                && also(v.addr()) =>
+        {
+            Some(v.addr())
+        }
+        _ => None,
+    })
+}
+
+/// The peer's id (from its name, else `<kind>-10-100-1-5` after its address)
+/// and its name, control characters made spaces.
+fn id_and_name(
+    peer: &PeerSection,
+    kind: &str,
+    address: Ipv4Addr,
+    taken: impl Fn(&Id) -> bool,
+) -> Result<(Id, Option<String>), String> {
+    let name = peer.name.as_ref().map(|n| {
+        n.chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect::<String>()
+    });
+    let by_address = Id::parse(
+        &format!("{kind}-{}", address.to_string().replace('.', "-")),
+        "id",
+    )
+    .map_err(|e| e.to_string())?;
+    let id = name
+        .as_deref()
+        .and_then(id_from_name)
+        .filter(|id| !taken(id))
+        .unwrap_or(by_address);
+    if taken(&id) {
+        return Err(format!(
+            "{} has the address {address} of another peer",
+            describe(peer)
+        ));
+    }
+    Ok((id, name))
 }
 
 /// An id made of a name: characters an id cannot hold become `-`.
@@ -282,7 +433,7 @@ mod tests {
                  [Peer]\nPublicKey = {B}\nAllowedIPs = 10.100.0.40/32, 0.0.0.0/0"
             ),
         );
-        let p = plan(&c, None).unwrap();
+        let p = plan(&c, &Options::default()).unwrap();
         assert_eq!(p.tenant.listen_port, Some(51821));
         assert_eq!(p.tenant.subnet.as_deref(), Some("10.100.0.0/16"));
         assert_eq!(p.tenant.private_key.as_deref(), Some(KEY));
@@ -313,7 +464,7 @@ mod tests {
              [Peer]\nPublicKey = {B}\nAllowedIPs = 10.200.0.2/32"
         ))
         .unwrap();
-        let list = problems(plan(&c, None).unwrap_err());
+        let list = problems(plan(&c, &Options::default()).unwrap_err());
         assert_eq!(list.len(), 2, "{list:?}");
         assert!(list[0].contains("no PrivateKey"), "{list:?}");
         assert!(list[1].contains("is not 10.100.0.1"), "{list:?}");
@@ -325,7 +476,7 @@ mod tests {
                  [Peer]\nPublicKey = {B}\nAllowedIPs = 10.200.0.2/32, 10.100.0.1/32"
             ),
         );
-        let list = problems(plan(&c, None).unwrap_err());
+        let list = problems(plan(&c, &Options::default()).unwrap_err());
         assert!(
             list[0].contains("line 4") && list[0].contains("PresharedKey"),
             "{list:?}"
@@ -343,8 +494,15 @@ mod tests {
             "",
             &format!("[Peer]\nPublicKey = {A}\nAllowedIPs = 10.101.1.7/32"),
         );
-        assert!(problems(plan(&c, None).unwrap_err())[0].contains("--subnet"));
-        let p = plan(&c, Some("10.101.0.0/16".parse().unwrap())).unwrap();
+        assert!(problems(plan(&c, &Options::default()).unwrap_err())[0].contains("--subnet"));
+        let p = plan(
+            &c,
+            &Options {
+                subnet: Some("10.101.0.0/16".parse().unwrap()),
+                ..Options::default()
+            },
+        )
+        .unwrap();
         assert_eq!(p.subnet.to_string(), "10.101.0.0/16");
         assert_eq!(p.routers[0].id.as_str(), "router-10-101-1-7");
         assert!(
@@ -363,12 +521,96 @@ mod tests {
                  [Peer]\n# Name = gw 1\nPublicKey = {B}\nAllowedIPs = 10.100.1.2/32"
             ),
         );
-        let ids: Vec<String> = plan(&c, None)
+        let ids: Vec<String> = plan(&c, &Options::default())
             .unwrap()
             .routers
             .iter()
             .map(|r| r.id.to_string())
             .collect();
         assert_eq!(ids, ["gw-1", "router-10-100-1-2"]);
+    }
+
+    /// The KTN design: phones on the same interface as the routers, their
+    /// pool sent through the gateway by the old host's `ip rule`.
+    #[test]
+    fn phones_in_the_named_pool_become_clients_behind_the_gateway() {
+        const P1: &str = "9s0OcPyS5t3ZDl3zGyRPUKnbTtqg1+5RkpIZJ4HS3zQ=";
+        let c = conf(
+            "Address = 10.100.0.1/16\nListenPort = 51820",
+            &format!(
+                "[Peer]\n# Name = mikrotik-1\nPublicKey = {A}\nAllowedIPs = 10.100.0.40/32, 0.0.0.0/0\n\
+                 [Peer]\n# Name = Alice's phone\nPublicKey = {B}\nAllowedIPs = 10.200.0.2/32, 10.100.0.0/16\n\
+                 [Peer]\nPublicKey = {P1}\nAllowedIPs = 10.200.0.3/32"
+            ),
+        );
+        let ktn = |gateways: &[&str]| Options {
+            pool: Some("10.200.0.0/24".parse().unwrap()),
+            gateways: gateways.iter().map(|g| g.parse().unwrap()).collect(),
+            ..Options::default()
+        };
+        let p = plan(&c, &ktn(&["10.100.0.40"])).unwrap();
+        let ids = |list: &[String]| list.join(",");
+        assert_eq!(
+            ids(&p
+                .routers
+                .iter()
+                .map(|r| r.id.to_string())
+                .collect::<Vec<_>>()),
+            "mikrotik-1"
+        );
+        let egress = p.egress.as_ref().unwrap();
+        assert_eq!(
+            (egress.pool.as_str(), egress.gateways.as_slice()),
+            ("10.200.0.0/24", &["mikrotik-1".to_string()][..])
+        );
+        let clients: Vec<(String, Option<String>, Option<String>)> = p
+            .clients
+            .iter()
+            .map(|c| {
+                (
+                    c.id.to_string(),
+                    c.request.name.clone(),
+                    c.request.vpn_ip.clone(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            clients,
+            [
+                (
+                    "Alice-s-phone".into(),
+                    Some("Alice's phone".into()),
+                    Some("10.200.0.2".into())
+                ),
+                ("phone-10-200-0-3".into(), None, Some("10.200.0.3".into())),
+            ]
+        );
+        assert_eq!(p.clients[1].request.public_key.as_deref(), Some(P1));
+        assert!(
+            p.notes.iter().any(|n| n.contains("10.100.0.0/16 left out")),
+            "{:?}",
+            p.notes
+        );
+        // Without the pool, the phones are peers no router can be.
+        let list = problems(plan(&c, &Options::default()).unwrap_err());
+        assert_eq!(list.len(), 2, "{list:?}");
+        // A gateway that is no router of the file, a pool in the subnet.
+        let list = problems(plan(&c, &ktn(&["10.100.0.41"])).unwrap_err());
+        assert!(
+            list.iter().any(|p| p.contains("10.100.0.41 is no router")),
+            "{list:?}"
+        );
+        let mut inside = ktn(&["10.100.0.40"]);
+        inside.pool = Some("10.100.9.0/24".parse().unwrap());
+        let list = problems(plan(&c, &inside).unwrap_err());
+        assert!(
+            list.iter().any(|p| p.contains("overlaps the subnet")),
+            "{list:?}"
+        );
+        let list = problems(plan(&c, &ktn(&[])).unwrap_err());
+        assert!(
+            list.iter().any(|p| p.contains("without gateways")),
+            "{list:?}"
+        );
     }
 }

@@ -67,6 +67,14 @@ pub(crate) struct ImportArgs {
     /// showconf`) or several.
     #[arg(long)]
     pub(crate) subnet: Option<Ipv4Net>,
+    /// KTN: the phones' pool (10.200.0.0/24). Its peers become clients, and
+    /// the pool leaves through `--gateway`.
+    #[arg(long, requires = "gateway")]
+    pub(crate) pool: Option<Ipv4Net>,
+    /// KTN: a gateway of the pool, by its address in the subnet (10.100.0.40);
+    /// again for more, in failover order.
+    #[arg(long, requires = "pool")]
+    pub(crate) gateway: Vec<std::net::Ipv4Addr>,
     /// Admin API of the appliance.
     #[arg(long, env = "WGPLANE_API_URL", default_value = "http://127.0.0.1:8080")]
     pub(crate) api: String,

@@ -13,7 +13,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
-use wgplane::control::import::{plan, Plan};
+use wgplane::control::import::{plan, Options, Plan, Planned};
 use wgplane::control::{wgconf, Id};
 
 use crate::cli::ImportArgs;
@@ -23,7 +23,12 @@ pub(crate) fn import(args: ImportArgs) -> Result<()> {
     let text = std::fs::read_to_string(&args.file)
         .with_context(|| format!("cannot read {}", args.file.display()))?;
     let conf = wgconf::parse(&text).with_context(|| format!("{}", args.file.display()))?;
-    let plan = plan(&conf, args.subnet)?;
+    let options = Options {
+        subnet: args.subnet,
+        pool: args.pool,
+        gateways: args.gateway.clone(),
+    };
+    let plan = plan(&conf, &options)?;
     for note in &plan.notes {
         println!("note: {note}");
     }
@@ -75,6 +80,23 @@ fn print_plan(tenant: &Id, plan: &Plan) {
             req.vpn_ip.as_deref().unwrap_or_default(),
             req.public_key.as_deref().unwrap_or_default(),
             req.allowed_ips.as_deref().unwrap_or_default().join(", ")
+        );
+    }
+    if let Some(egress) = &plan.egress {
+        println!(
+            "would set the egress policy: pool {} through {}",
+            egress.pool,
+            egress.gateways.join(", ")
+        );
+    }
+    for c in &plan.clients {
+        let req = &c.request;
+        println!(
+            "would create client {} (line {}): vpn_ip {}, public_key {}",
+            c.id,
+            c.line,
+            req.vpn_ip.as_deref().unwrap_or_default(),
+            req.public_key.as_deref().unwrap_or_default(),
         );
     }
 }
@@ -132,39 +154,22 @@ async fn send(api: &Api, tenant: &Id, plan: &Plan) -> Result<()> {
             answer["listen_port"], plan.subnet, answer["server_public_key"]
         ),
         200 => println!("tenant {tenant}: exists with this key, port and subnet"),
+        _ if answer["error"]["code"] == "port_unavailable" => bail!(
+            "tenant {tenant}: refused ({}): is the old interface still up? (wg-quick down …)",
+            refusal(status, &answer)
+        ),
         _ => bail!("tenant {tenant}: refused ({})", refusal(status, &answer)),
     }
     let mut failed = 0;
     for r in &plan.routers {
-        let path = format!("/routers/{}", r.id);
-        let wanted = r.request.public_key.as_deref().unwrap_or_default();
-        let (status, existing) = api.call(reqwest::Method::GET, &path, None).await?;
-        if status == 200 && existing["public_key"].as_str() != Some(wanted) {
-            println!(
-                "router {} (line {}): not imported: the id is another key's router here",
-                r.id, r.line
-            );
-            failed += 1;
-            continue;
-        }
-        let body = serde_json::to_value(RouterBody::from(&r.request))?;
-        let (status, answer) = api.call(reqwest::Method::PUT, &path, Some(body)).await?;
-        match status {
-            201 => println!(
-                "router {} (line {}): created, {}",
-                r.id, r.line, answer["vpn_ip"]
-            ),
-            200 => println!("router {} (line {}): exists, up to date", r.id, r.line),
-            _ => {
-                println!(
-                    "router {} (line {}): refused ({})",
-                    r.id,
-                    r.line,
-                    refusal(status, &answer)
-                );
-                failed += 1;
-            }
-        }
+        let body = serde_json::json!({
+            "name": r.request.name,
+            "public_key": r.request.public_key,
+            "vpn_ip": r.request.vpn_ip,
+            "allowed_ips": r.request.allowed_ips,
+        });
+        failed +=
+            usize::from(!put_peer(api, "router", r, r.request.public_key.as_deref(), body).await?);
     }
     if failed > 0 {
         bail!(
@@ -172,32 +177,70 @@ async fn send(api: &Api, tenant: &Id, plan: &Plan) -> Result<()> {
             plan.routers.len()
         );
     }
+    if let Some(egress) = &plan.egress {
+        let body = serde_json::json!({"pool": egress.pool, "gateways": egress.gateways});
+        let (status, answer) = api
+            .call(reqwest::Method::PUT, "/egress", Some(body))
+            .await?;
+        match status {
+            200 | 201 => println!(
+                "egress policy: pool {} through {}",
+                egress.pool,
+                egress.gateways.join(", ")
+            ),
+            _ => bail!("egress policy: refused ({})", refusal(status, &answer)),
+        }
+    }
+    for c in &plan.clients {
+        let body = serde_json::json!({
+            "name": c.request.name,
+            "public_key": c.request.public_key,
+            "vpn_ip": c.request.vpn_ip,
+        });
+        failed +=
+            usize::from(!put_peer(api, "client", c, c.request.public_key.as_deref(), body).await?);
+    }
+    let peers = plan.routers.len() + plan.clients.len();
+    if failed > 0 {
+        bail!("{failed} of {peers} peers not imported; fix them and run the import again");
+    }
     println!(
-        "imported: tenant {tenant} with {} routers; they reconnect at their next handshake",
-        plan.routers.len()
+        "imported: tenant {tenant} with {} routers and {} clients; they reconnect at their next handshake",
+        plan.routers.len(),
+        plan.clients.len()
     );
     Ok(())
 }
 
-/// A router's request as JSON (the model's request type only reads JSON).
-#[derive(serde::Serialize)]
-struct RouterBody<'a> {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    name: Option<&'a str>,
-    public_key: Option<&'a str>,
-    vpn_ip: Option<&'a str>,
-    allowed_ips: Option<&'a [String]>,
-}
-
-impl<'a> From<&'a wgplane::control::model::RouterRequest> for RouterBody<'a> {
-    fn from(r: &'a wgplane::control::model::RouterRequest) -> Self {
-        Self {
-            name: r.name.as_deref(),
-            public_key: r.public_key.as_deref(),
-            vpn_ip: r.vpn_ip.as_deref(),
-            allowed_ips: r.allowed_ips.as_deref(),
+/// Creates one router or client (`kind`) unless its id holds another key
+/// here; says what happened. False when it was not imported.
+async fn put_peer<R>(
+    api: &Api,
+    kind: &str,
+    peer: &Planned<R>,
+    public_key: Option<&str>,
+    body: Value,
+) -> Result<bool> {
+    let (id, line) = (&peer.id, peer.line);
+    let path = format!("/{kind}s/{id}");
+    let (status, existing) = api.call(reqwest::Method::GET, &path, None).await?;
+    if status == 200 && existing["public_key"].as_str() != public_key {
+        println!("{kind} {id} (line {line}): not imported: the id is another key's {kind} here");
+        return Ok(false);
+    }
+    let (status, answer) = api.call(reqwest::Method::PUT, &path, Some(body)).await?;
+    match status {
+        201 => println!("{kind} {id} (line {line}): created, {}", answer["vpn_ip"]),
+        200 => println!("{kind} {id} (line {line}): exists, up to date"),
+        _ => {
+            println!(
+                "{kind} {id} (line {line}): refused ({})",
+                refusal(status, &answer)
+            );
+            return Ok(false);
         }
     }
+    Ok(true)
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! WireGuard keys as text: generation and the base64 form `wg` prints.
 //!
-//! Private keys are wrapped in [`SecretKey`], whose `Debug` never shows the key, so a
-//! stray `{:?}` cannot leak one into a log.
+//! Private keys are wrapped in [`SecretKey`], preshared keys in [`PresharedKey`],
+//! whose `Debug` never shows the key, so a stray `{:?}` cannot leak one into a log.
 //!
 //! Left out: keeping keys at rest (sealed by [`crate::store::seal`]) and using them:
 //! the handshakes are boringtun's (see [`crate::core::peer`]).
@@ -86,6 +86,54 @@ impl std::fmt::Debug for SecretKey {
     }
 }
 
+/// A peer's preshared key (`wg genpsk`): 32 symmetric bytes mixed into every
+/// handshake with that peer. `Debug` is redacted, comparison constant-time.
+#[derive(Clone)]
+pub struct PresharedKey([u8; 32]);
+
+impl PresharedKey {
+    /// A fresh random key, as `wg genpsk` makes one.
+    pub fn generate() -> Self {
+        let mut bytes = [0u8; 32];
+        rand_core::RngCore::fill_bytes(&mut OsRng, &mut bytes);
+        Self(bytes)
+    }
+
+    /// From raw bytes.
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        Self(bytes)
+    }
+
+    /// Parses base64 text.
+    pub fn parse(text: &str) -> Result<Self, KeyError> {
+        decode(text).map(Self)
+    }
+
+    /// The key, for the handshake.
+    pub fn to_bytes(&self) -> [u8; 32] {
+        self.0
+    }
+
+    /// The key as `wg genpsk` prints it. Only for what a device receives.
+    pub fn to_base64(&self) -> String {
+        encode(&self.0)
+    }
+}
+
+impl PartialEq for PresharedKey {
+    fn eq(&self, other: &Self) -> bool {
+        subtle::ConstantTimeEq::ct_eq(&self.0[..], &other.0[..]).into()
+    }
+}
+
+impl Eq for PresharedKey {}
+
+impl std::fmt::Debug for PresharedKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PresharedKey(<redacted>)")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -96,6 +144,10 @@ mod tests {
         let again = SecretKey::parse(&k.to_base64()).unwrap();
         assert_eq!(again.public().as_bytes(), k.public().as_bytes());
         assert_eq!(format!("{k:?}"), "SecretKey(<redacted>)");
+        let psk = PresharedKey::generate();
+        assert_eq!(PresharedKey::parse(&psk.to_base64()), Ok(psk.clone()));
+        assert_eq!(format!("{psk:?}"), "PresharedKey(<redacted>)");
+        assert_ne!(psk, PresharedKey::generate());
         assert_eq!(decode("AAAA"), Err(KeyError::Length(3)));
         assert_eq!(decode("not base64!"), Err(KeyError::Base64));
     }

@@ -620,32 +620,19 @@ fn a_bad_variable_is_named() {
 fn import_says_what_stops_it() {
     let app = support::Appliance::start();
     let dir = tempfile::tempdir().expect("tempdir");
-    let token = app.state_dir().join("api-token");
     let secret = wgplane::keys::SecretKey::generate().to_base64();
     let import = |text: &str| {
         let file = dir.path().join("wg0.conf");
         std::fs::write(&file, text).expect("write conf");
-        let out = Command::new(support::binary())
-            .args(["import", "moved"])
-            .arg(&file)
-            .args(["--api", &format!("http://{}", app.api)])
-            .arg("--token-file")
-            .arg(&token)
-            .output()
-            .expect("run wgplane import");
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let (ok, text) = run_import(&app, "moved", &file);
         assert!(!text.contains(&secret), "{text}");
-        (out.status.success(), text)
+        (ok, text)
     };
     let (ok, text) = import(&format!(
-        "[Interface]\nPrivateKey = {secret}\nListen Port = 1\n"
+        "[Interface]\nPrivateKey = {secret}\nListenPorts = 1\n"
     ));
     assert!(
-        !ok && text.contains("line 3: unknown key \"Listen Port\""),
+        !ok && text.contains("line 3: unknown key \"ListenPorts\""),
         "{text}"
     );
     let (ok, text) = import(&format!("[Interface]\nPrivateKey = {secret}x\n"));
@@ -668,4 +655,83 @@ fn import_says_what_stops_it() {
     assert!(ok, "{text}");
     let t = app.expect("GET", "/v1/tenants/moved", None, 200);
     assert_eq!(t["listen_port"], port);
+}
+
+/// An import that stopped half-way (a router id that holds another key here)
+/// leaves that router alone, and runs again to the end once it is out of the
+/// way, keeping what it made the first time.
+#[test]
+fn an_import_that_stopped_runs_again() {
+    let app = support::Appliance::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let secret = wgplane::keys::SecretKey::generate().to_base64();
+    let public =
+        |_| wgplane::keys::encode(wgplane::keys::SecretKey::generate().public().as_bytes());
+    let (a, b, other) = (public(1), public(2), public(3));
+    let port = support::free_udp_ports(1);
+    let file = dir.path().join("wg0.conf");
+    let interface = format!(
+        "[Interface]\nAddress = 10.100.0.1/16\nListenPort = {port}\nPrivateKey = {secret}\n"
+    );
+    let import = || run_import(&app, "two", &file);
+    // The tunnel first, then a router of that id made by hand with another key.
+    std::fs::write(&file, &interface).expect("write conf");
+    let (ok, text) = import();
+    assert!(ok, "{text}");
+    let by_hand = format!("{{\"public_key\":\"{other}\",\"vpn_ip\":\"10.100.1.9\"}}");
+    app.expect(
+        "PUT",
+        "/v1/tenants/two/routers/Branch-B",
+        Some(&by_hand),
+        201,
+    );
+    let peers = format!(
+        "{interface}\n[Peer]\n# Name = Branch A\nPublicKey = {a}\nAllowedIPs = 10.100.1.1/32\n\n\
+         [Peer]\n# Name = Branch B\nPublicKey = {b}\nAllowedIPs = 10.100.1.2/32\n"
+    );
+    std::fs::write(&file, &peers).expect("write conf");
+    let (ok, text) = import();
+    assert!(!ok, "{text}");
+    assert!(text.contains("router Branch-A (line 6): created"), "{text}");
+    assert!(
+        text.contains(
+            "router Branch-B (line 11): not imported: the id is another key's router here"
+        ),
+        "{text}"
+    );
+    let kept = app.expect("GET", "/v1/tenants/two/routers/Branch-B", None, 200);
+    assert_eq!(kept["public_key"], other.as_str(), "left alone");
+
+    app.expect("DELETE", "/v1/tenants/two/routers/Branch-B", None, 204);
+    let (ok, text) = import();
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("router Branch-A (line 6): exists, up to date"),
+        "{text}"
+    );
+    assert!(
+        text.contains("router Branch-B (line 11): created"),
+        "{text}"
+    );
+    let b_now = app.expect("GET", "/v1/tenants/two/routers/Branch-B", None, 200);
+    assert_eq!(b_now["public_key"], b.as_str());
+}
+
+/// `wgplane import <tenant> <file>` against `app`: whether it succeeded, and
+/// what it printed.
+fn run_import(app: &support::Appliance, tenant: &str, file: &std::path::Path) -> (bool, String) {
+    let out = Command::new(support::binary())
+        .args(["import", tenant])
+        .arg(file)
+        .args(["--api", &format!("http://{}", app.api)])
+        .arg("--token-file")
+        .arg(app.state_dir().join("api-token"))
+        .output()
+        .expect("run wgplane import");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
 }

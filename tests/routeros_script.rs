@@ -46,6 +46,7 @@ fn tenant() -> Tenant {
             index: 1,
             forwards: Default::default(),
             endpoint: None,
+            preshared_key: None,
         },
     );
     t.routers.insert(
@@ -60,6 +61,7 @@ fn tenant() -> Tenant {
             index: 2,
             forwards: Default::default(),
             endpoint: None,
+            preshared_key: None,
         },
     );
     t
@@ -383,7 +385,7 @@ fn check_value(key: &str, value: &str, line: &str) {
         "persistent-keepalive" => unquoted
             .strip_suffix('s')
             .is_some_and(|n| n.parse::<u16>().is_ok()),
-        "public-key" | "private-key" => wgplane::keys::decode(unquoted).is_ok(),
+        "public-key" | "private-key" | "preshared-key" => wgplane::keys::decode(unquoted).is_ok(),
         "endpoint-address" => {
             !unquoted.contains(':') || unquoted.parse::<std::net::Ipv6Addr>().is_ok()
         }

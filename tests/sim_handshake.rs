@@ -364,3 +364,63 @@ fn a_peer_heard_again_after_going_quiet_is_connected_again() {
     assert_eq!(sim.tunnels[t].engine.poll_event(), None);
     assert_eq!(sim.tunnels[t].engine.stats().handshakes, 1);
 }
+
+/// A peer with a preshared key shakes hands only when both sides hold the same
+/// one; a new key on the tunnel's side ends the peer's session at once (the
+/// next handshake needs it).
+#[test]
+fn a_preshared_key_must_match_and_a_new_one_ends_the_session() {
+    let mut sim = Sim::new();
+    let a = sim.tunnel(51820, "10.100.0.1");
+    let r1 = sim.peer("r1", a, PeerKind::Router, &["10.100.1.1/32"]);
+    let r2 = sim.peer("r2", a, PeerKind::Router, &["10.100.1.2/32"]);
+    sim.connect(r2);
+    let (k1, k2) = ([7u8; 32], [9u8; 32]);
+
+    // The router lacks the key the tunnel has: no session.
+    sim.set_preshared_keys(r1, Some(k1), None);
+    // (The initiation carries nothing of it; the router finds the answer
+    // does not authenticate, and has no session to send with.)
+    sim.connect(r1);
+    assert!(sim.peers[r1].tunn.time_since_last_handshake().is_none());
+    sim.send_ip(r1, "10.100.1.1", "10.100.1.2");
+    assert!(sim.take_inbox(r2).is_empty());
+
+    // Both hold it: the handshake completes and traffic flows.
+    sim.set_preshared_keys(r1, Some(k1), Some(k1));
+    while sim.tunnels[a].engine.poll_event().is_some() {}
+    sim.connect(r1);
+    let key = sim.public_key(r1);
+    assert!(matches!(
+        sim.tunnels[a].engine.poll_event(),
+        Some(Event::Connected { peer, .. }) if peer == key
+    ));
+    sim.send_ip(r1, "10.100.1.1", "10.100.1.2");
+    assert_eq!(sim.take_inbox(r2).len(), 1);
+
+    // A new key here: the session ends now, and the old key's handshake fails.
+    while sim.tunnels[a].engine.poll_event().is_some() {}
+    let mut config = sim.peers[r1].config.clone().expect("registered");
+    config.preshared_key = Some(wgplane::keys::PresharedKey::from_bytes(k2));
+    sim.tunnels[a]
+        .engine
+        .upsert_peer(config.clone(), 0)
+        .unwrap();
+    sim.peers[r1].config = Some(config);
+    assert_eq!(
+        sim.tunnels[a].engine.poll_event(),
+        Some(Event::Disconnected { peer: key })
+    );
+    sim.send_ip(r1, "10.100.1.1", "10.100.1.2");
+    assert!(sim.take_inbox(r2).is_empty(), "the old session is gone");
+    sim.connect(r1);
+    sim.send_ip(r1, "10.100.1.1", "10.100.1.2");
+    assert!(
+        sim.take_inbox(r2).is_empty(),
+        "the old key makes no session"
+    );
+    sim.set_preshared_keys(r1, Some(k2), Some(k2));
+    sim.connect(r1);
+    sim.send_ip(r1, "10.100.1.1", "10.100.1.2");
+    assert_eq!(sim.take_inbox(r2).len(), 1);
+}

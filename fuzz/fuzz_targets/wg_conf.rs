@@ -1,7 +1,8 @@
 //! wg-quick server configurations on arbitrary text, planned for import (with
 //! and without a KTN pool) and applied to a registry: refusals, never panics;
 //! every planned router has its address in the planned subnet and every client
-//! in the pool; the private key never shows in an error or a note.
+//! in the pool; a registry takes every plan whole; the private key never shows
+//! in an error or a note.
 #![no_main]
 
 use std::time::SystemTime;
@@ -64,21 +65,26 @@ fuzz_target!(|data: &[u8]| {
                 .expect("a planned client has an IPv4 vpn_ip");
             assert!(options.pool.is_some_and(|p| p.contains(&ip)));
         }
+        // A plan is rehearsed on an empty registry: one like it takes all of it.
         let mut registry = Registry::new(AllocPolicy::default(), 1);
         let t = Id::parse("t", "tenant_id").expect("literal");
-        if registry
+        registry
             .put_tenant(&t, &planned.tenant, SystemTime::UNIX_EPOCH)
-            .is_ok()
-        {
-            for r in &planned.routers {
-                let _ = registry.put_router(&t, &r.id, &r.request);
-            }
-            if let Some(egress) = &planned.egress {
-                let _ = registry.put_egress(&t, egress);
-            }
-            for c in &planned.clients {
-                let _ = registry.put_client(&t, &c.id, &c.request);
-            }
+            .expect("a planned tenant is taken");
+        for r in &planned.routers {
+            registry
+                .put_router(&t, &r.id, &r.request)
+                .expect("a planned router is taken");
+        }
+        if let Some(egress) = &planned.egress {
+            registry
+                .put_egress(&t, egress)
+                .expect("a planned egress policy is taken");
+        }
+        for c in &planned.clients {
+            registry
+                .put_client(&t, &c.id, &c.request)
+                .expect("a planned client is taken");
         }
     }
 });

@@ -113,6 +113,8 @@ pub struct RouterView {
     pub public_key: String,
     pub allowed_ips: Vec<String>,
     pub gateway: bool,
+    /// Whether it has a preshared key (never the key: the script carries it).
+    pub has_preshared_key: bool,
     #[serde(flatten)]
     pub live: LiveView,
 }
@@ -139,6 +141,7 @@ impl RouterView {
                 .egress
                 .as_ref()
                 .is_some_and(|e| e.gateways.contains(&r.id)),
+            has_preshared_key: r.preshared_key.is_some(),
             live: LiveView::new(statuses.get(r.public_key.as_bytes()), now, wall),
         }
     }
@@ -152,6 +155,8 @@ pub struct ClientView {
     pub public_key: String,
     pub allowed_ips: Vec<String>,
     pub dns: Vec<String>,
+    /// Whether it has a preshared key (never the key: the config carries it).
+    pub has_preshared_key: bool,
     #[serde(flatten)]
     pub live: LiveView,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -167,6 +172,7 @@ impl ClientView {
             public_key: keys::encode(c.public_key.as_bytes()),
             allowed_ips: vec![format!("{}/32", c.vpn_ip)],
             dns: c.dns.iter().map(ToString::to_string).collect(),
+            has_preshared_key: c.preshared_key.is_some(),
             live: LiveView::new(statuses.get(c.public_key.as_bytes()), now, wall),
             config: None,
         }

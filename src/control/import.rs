@@ -1,8 +1,9 @@
 //! Migration from kernel WireGuard: the API requests that make a server's
 //! configuration (read by [`super::wgconf`]) a tenant tunnel with the same key,
-//! port and subnet, its peers routers with the same keys and addresses. The
-//! routers keep their configuration: once the appliance answers at the old
-//! server's address and port, they shake hands with it as with the old server.
+//! port and subnet, its peers routers with the same keys (preshared ones too)
+//! and addresses. The routers keep their configuration: once the appliance
+//! answers at the old server's address and port, they shake hands with it as
+//! with the old server.
 //!
 //! The KTN design moves too, when the caller names the phones' pool and its
 //! gateways (by their addresses in the subnet): the peers with an address in
@@ -11,10 +12,10 @@
 //! sent it.
 //!
 //! What cannot be carried over is refused before anything is asked of the
-//! API, every problem at once: a peer with a preshared key (wgplane has none),
-//! a peer with no address of its own in the subnet (or the pool), a server
-//! address other than the subnet's first host (wgplane's), a gateway that is
-//! no router of the file, or no private key. What is left out on purpose is
+//! API, every problem at once (the plan is rehearsed on an empty registry, so
+//! the API's own rules refuse nothing the file alone decides): a peer with no address of its own in the
+//! subnet (or the pool), a server address other than the subnet's first host
+//! (wgplane's), a gateway that is no router of the file, or no private key. What is left out on purpose is
 //! listed as notes: default routes through a peer (an egress policy here),
 //! IPv6 addresses of the server, the host's wg-quick commands.
 //!
@@ -25,6 +26,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use ipnet::{IpNet, Ipv4Net};
 
 use super::model::{ClientRequest, EgressRequest, Id, RouterRequest, TenantRequest};
+use super::registry::{AllocPolicy, Registry};
 use super::wgconf::{PeerSection, WgConf};
 use crate::core::alloc;
 use crate::keys;
@@ -105,6 +107,14 @@ pub fn plan(conf: &WgConf, options: &Options) -> Result<Plan, ImportError> {
                 .into(),
         );
     }
+    if iface.save_config {
+        notes.push(
+            "SaveConfig = true: `wg-quick down` rewrites this file from the running \
+             interface, without its comments (the peers' names, so their ids change): \
+             import a copy made before it"
+                .into(),
+        );
+    }
     if !iface.host_keys.is_empty() {
         notes.push(format!(
             "{} not carried over: the appliance routes and isolates the tunnel itself",
@@ -151,22 +161,61 @@ pub fn plan(conf: &WgConf, options: &Options) -> Result<Plan, ImportError> {
             })
             .collect(),
     });
-    match (problems.is_empty(), subnet) {
-        (true, Some(subnet)) => Ok(Plan {
-            tenant: TenantRequest {
-                listen_port: iface.listen_port,
-                subnet: Some(subnet.to_string()),
-                host_prefixes: None,
-                private_key: iface.private_key.as_ref().map(keys::SecretKey::to_base64),
-            },
-            subnet,
-            routers,
-            egress,
-            clients,
-            notes,
-        }),
-        _ => Err(ImportError::Refused(problems)),
+    let Some(subnet) = subnet.filter(|_| problems.is_empty()) else {
+        return Err(ImportError::Refused(problems));
+    };
+    let plan = Plan {
+        tenant: TenantRequest {
+            listen_port: iface.listen_port,
+            subnet: Some(subnet.to_string()),
+            host_prefixes: None,
+            private_key: iface.private_key.as_ref().map(keys::SecretKey::to_base64),
+        },
+        subnet,
+        routers,
+        egress,
+        clients,
+        notes,
+    };
+    let refused = rehearse(&plan);
+    match refused.is_empty() {
+        true => Ok(plan),
+        false => Err(ImportError::Refused(refused)),
     }
+}
+
+/// What the API's rules refuse of `plan`, found by applying it to an empty
+/// registry, so that an import does not stop half-way (the old interface
+/// already down) for a reason the file alone shows: overlapping prefixes, a
+/// prefix in the subnet or the pool, a key twice, an address the pool keeps.
+/// Other tenants of the appliance can still refuse some of it.
+fn rehearse(plan: &Plan) -> Vec<String> {
+    let mut registry = Registry::new(AllocPolicy::default(), 1);
+    let mut refused = Vec::new();
+    let Ok(t) = Id::parse("import", "tenant") else {
+        return refused;
+    };
+    if let Err(e) = registry.put_tenant(&t, &plan.tenant, std::time::SystemTime::UNIX_EPOCH) {
+        refused.push(format!("the tunnel: {e}"));
+        return refused;
+    }
+    for r in &plan.routers {
+        if let Err(e) = registry.put_router(&t, &r.id, &r.request) {
+            refused.push(format!("[Peer] at line {} (router {}): {e}", r.line, r.id));
+        }
+    }
+    if let Some(egress) = &plan.egress {
+        if let Err(e) = registry.put_egress(&t, egress) {
+            refused.push(format!("the egress policy: {e}"));
+            return refused;
+        }
+    }
+    for c in &plan.clients {
+        if let Err(e) = registry.put_client(&t, &c.id, &c.request) {
+            refused.push(format!("[Peer] at line {} (client {}): {e}", c.line, c.id));
+        }
+    }
+    refused
 }
 
 /// A pool needs gateways and gateways a pool; the pool lies outside the subnet.
@@ -195,9 +244,6 @@ fn client(
     notes: &mut Vec<String>,
 ) -> Result<PlannedClient, String> {
     let who = describe(peer);
-    if peer.preshared_key {
-        return Err(preshared(&who));
-    }
     let vpn_ip =
         host_in(peer, pool, |_| true).ok_or_else(|| format!("{who} has no address in {pool}"))?;
     let others: Vec<String> = peer
@@ -223,6 +269,7 @@ fn client(
             public_key: Some(keys::encode(&peer.public_key)),
             vpn_ip: Some(vpn_ip.to_string()),
             dns: None,
+            preshared_key: psk(peer),
         },
     })
 }
@@ -245,10 +292,19 @@ fn tenant_subnet(
         }
     }
     let (subnet, old_address) = match (given, v4.as_slice()) {
-        (Some(net), _) => (
-            net.trunc(),
-            v4.iter().map(|a| a.addr()).find(|a| net.contains(a)),
-        ),
+        (Some(net), _) => {
+            let outside = v4.iter().filter(|a| !net.contains(&a.addr()));
+            for address in outside {
+                notes.push(format!(
+                    "Address {address} not carried over: the tenant answers only at its \
+                     subnet's first host"
+                ));
+            }
+            (
+                net.trunc(),
+                v4.iter().map(|a| a.addr()).find(|a| net.contains(a)),
+            )
+        }
         (None, [one]) => (one.trunc(), Some(one.addr())),
         (None, []) => {
             return Err(
@@ -288,9 +344,6 @@ fn router(
     notes: &mut Vec<String>,
 ) -> Result<PlannedRouter, String> {
     let who = describe(peer);
-    if peer.preshared_key {
-        return Err(preshared(&who));
-    }
     let server = alloc::server_address(subnet);
     let Some(vpn_ip) = host_in(peer, subnet, |a| a != server) else {
         return Err(format!(
@@ -312,6 +365,21 @@ fn router(
     let (id, name) = id_and_name(peer, "router", vpn_ip, |id| {
         planned.iter().any(|r| &r.id == id)
     })?;
+    // Where the old server last heard it (`wg showconf`, or a file
+    // `SaveConfig` wrote): the appliance can shake hands with it first.
+    let endpoint = peer.endpoint.as_deref().and_then(|text| {
+        let parsed = text
+            .parse::<std::net::SocketAddr>()
+            .ok()
+            .filter(|e| crate::core::peer::answerable(*e));
+        if parsed.is_none() {
+            notes.push(format!(
+                "{who}: Endpoint {text:?} not carried over: not an address and port \
+                 (the router is reached once it speaks)"
+            ));
+        }
+        parsed.map(|e| e.to_string())
+    });
     Ok(PlannedRouter {
         id,
         line: peer.line,
@@ -320,15 +388,20 @@ fn router(
             public_key: Some(keys::encode(&peer.public_key)),
             vpn_ip: Some(IpAddr::V4(vpn_ip).to_string()),
             allowed_ips: Some(allowed_ips),
+            preshared_key: psk(peer),
+            endpoint,
         },
     })
 }
 
-/// "… has a PresharedKey …", for a peer described as `who`.
-fn preshared(who: &str) -> String {
-    format!(
-        "{who} has a PresharedKey, which wgplane does not support: remove it on \
-         both sides first, or leave this peer on the old server"
+/// The peer's preshared key as the API takes it; `""` (none) when it has
+/// none, so that a run again after one was removed from the file removes it.
+fn psk(peer: &PeerSection) -> Option<String> {
+    Some(
+        peer.preshared_key
+            .as_ref()
+            .map(crate::keys::PresharedKey::to_base64)
+            .unwrap_or_default(),
     )
 }
 
@@ -409,7 +482,7 @@ mod tests {
     use crate::control::wgconf::parse;
 
     const KEY: &str = "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=";
-    const A: &str = "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=";
+    const A: &str = "AQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRobHB0eHyA=";
     const B: &str = "3dw2xMD9xm1rs7kp6NkLUxvPJZPYRjA2yjn2z6nj5iY=";
 
     fn conf(interface: &str, peers: &str) -> WgConf {
@@ -430,7 +503,7 @@ mod tests {
             "Address = 10.100.0.1/16, fd00::1/64\nListenPort = 51821\nPostUp = ip rule add from 10.200.0.0/24 table 100",
             &format!(
                 "[Peer]\n# Name = Branch A\nPublicKey = {A}\nAllowedIPs = 10.100.1.1/32, 192.168.88.1/24\n\
-                 [Peer]\nPublicKey = {B}\nAllowedIPs = 10.100.0.40/32, 0.0.0.0/0"
+                 [Peer]\nPublicKey = {B}\nPresharedKey = {KEY}\nAllowedIPs = 10.100.0.40/32, 0.0.0.0/0"
             ),
         );
         let p = plan(&c, &Options::default()).unwrap();
@@ -447,7 +520,11 @@ mod tests {
             a.allowed_ips.as_deref(),
             Some(&["192.168.88.0/24".to_string()][..])
         );
+        // The file's preshared key goes with its peer; a peer without one
+        // asks for none.
         let gw = &p.routers[1].request;
+        assert_eq!(gw.preshared_key.as_deref(), Some(KEY));
+        assert_eq!(a.preshared_key.as_deref(), Some(""));
         assert_eq!(gw.name, None);
         assert_eq!(gw.allowed_ips.as_deref(), Some(&[][..]));
         let notes = p.notes.join("\n");
@@ -477,12 +554,9 @@ mod tests {
             ),
         );
         let list = problems(plan(&c, &Options::default()).unwrap_err());
+        assert_eq!(list.len(), 1, "{list:?}");
         assert!(
-            list[0].contains("line 4") && list[0].contains("PresharedKey"),
-            "{list:?}"
-        );
-        assert!(
-            list[1].contains("line 8") && list[1].contains("no address of its own"),
+            list[0].contains("line 8") && list[0].contains("no address of its own"),
             "{list:?}"
         );
         assert!(!list.join(" ").contains(KEY));
@@ -612,5 +686,51 @@ mod tests {
             list.iter().any(|p| p.contains("without gateways")),
             "{list:?}"
         );
+    }
+
+    /// What the API would refuse half-way is refused before anything is
+    /// asked: a LAN in the subnet, two peers with one LAN, one key twice, a
+    /// phone on the address the pool keeps for the gateway side.
+    #[test]
+    fn what_the_api_would_refuse_is_refused_before_it_is_asked() {
+        const C: &str = "9s0OcPyS5t3ZDl3zGyRPUKnbTtqg1+5RkpIZJ4HS3zQ=";
+        let c = conf(
+            "Address = 10.100.0.1/16",
+            &format!(
+                "[Peer]\nPublicKey = {A}\nAllowedIPs = 10.100.1.1/32, 10.100.5.0/24\n\
+                 [Peer]\nPublicKey = {B}\nAllowedIPs = 10.100.0.40/32, 192.168.88.0/24\n\
+                 [Peer]\nPublicKey = {C}\nAllowedIPs = 10.100.1.3/32, 192.168.88.0/24\n\
+                 [Peer]\nPublicKey = {B}\nAllowedIPs = 10.100.1.4/32\n\
+                 [Peer]\nPublicKey = {KEY}\nAllowedIPs = 10.200.0.1/32\n"
+            ),
+        );
+        let options = Options {
+            pool: Some("10.200.0.0/24".parse().unwrap()),
+            gateways: vec!["10.100.0.40".parse().unwrap()],
+            ..Options::default()
+        };
+        let list = problems(plan(&c, &options).unwrap_err());
+        let expected = [
+            (
+                "line 4 (router router-10-100-1-1)",
+                "overlaps the tenant subnet",
+            ),
+            (
+                "line 10 (router router-10-100-1-3)",
+                "overlaps another peer",
+            ),
+            (
+                "line 13 (router router-10-100-1-4)",
+                "already used by router router-10-100-0-40",
+            ),
+            ("line 16 (client phone-10-200-0-1)", "10.200.0.1"),
+        ];
+        assert_eq!(list.len(), expected.len(), "{list:?}");
+        for (problem, (at, what)) in list.iter().zip(expected) {
+            assert!(
+                problem.contains(at) && problem.contains(what),
+                "{at} {what}: {problem}"
+            );
+        }
     }
 }

@@ -15,7 +15,7 @@ use serde::Deserialize;
 use super::error::ControlError;
 use crate::core::engine::EgressConfig;
 use crate::core::peer::{PeerConfig, PeerKind};
-use crate::keys::SecretKey;
+use crate::keys::{PresharedKey, SecretKey};
 
 /// A caller-chosen id: 1-64 characters of `[A-Za-z0-9._-]`, not `.` or `..`
 /// (which URLs, and clients that normalise them, treat as path steps).
@@ -90,6 +90,8 @@ pub struct Router {
     /// Where the data plane last authenticated the router (kept across
     /// restarts, so that the appliance can reach it before it speaks again).
     pub endpoint: Option<std::net::SocketAddr>,
+    /// Mixed into its handshakes, when it has one (sealed at rest, never shown).
+    pub preshared_key: Option<PresharedKey>,
 }
 
 impl Router {
@@ -104,6 +106,7 @@ impl Router {
                 keepalive,
                 kind: PeerKind::Router,
                 endpoint: self.endpoint,
+                preshared_key: self.preshared_key.clone(),
             },
             self.index,
         )
@@ -120,6 +123,8 @@ pub struct Client {
     pub vpn_ip: Ipv4Addr,
     pub dns: Vec<IpAddr>,
     pub index: u32,
+    /// Mixed into its handshakes, when it has one (sealed at rest, never shown).
+    pub preshared_key: Option<PresharedKey>,
 }
 
 impl Client {
@@ -132,6 +137,7 @@ impl Client {
                 keepalive,
                 kind: PeerKind::Client,
                 endpoint: None,
+                preshared_key: self.preshared_key.clone(),
             },
             self.index,
         )
@@ -218,22 +224,47 @@ impl std::fmt::Debug for TenantRequest {
             .field("listen_port", &self.listen_port)
             .field("subnet", &self.subnet)
             .field("host_prefixes", &self.host_prefixes)
-            .field(
-                "private_key",
-                &self.private_key.as_ref().map(|_| "<redacted>"),
-            )
+            .field("private_key", &redacted(&self.private_key))
             .finish()
     }
 }
 
 /// Body of `PUT …/routers/{id}`.
-#[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
+#[derive(Clone, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RouterRequest {
     pub name: Option<String>,
     pub public_key: Option<String>,
     pub vpn_ip: Option<String>,
     pub allowed_ips: Option<Vec<String>>,
+    /// The peer's preshared key (base64, as `wg genpsk` prints it); `"generate"`
+    /// for one made here (kept once there is one), `""` for none. Omitted: kept.
+    /// Never shown in an answer; it goes into the router's script.
+    pub preshared_key: Option<String>,
+    /// Where the router can be reached before it speaks (`ip:port`, as `wg
+    /// show` lists it): a migrated router's last endpoint, so that the
+    /// appliance can shake hands with it first. Taken only while no endpoint
+    /// is known; where the router is heard from replaces it.
+    pub endpoint: Option<String>,
+}
+
+/// Redacted: the request may carry a preshared key.
+impl std::fmt::Debug for RouterRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RouterRequest")
+            .field("name", &self.name)
+            .field("public_key", &self.public_key)
+            .field("vpn_ip", &self.vpn_ip)
+            .field("allowed_ips", &self.allowed_ips)
+            .field("preshared_key", &redacted(&self.preshared_key))
+            .field("endpoint", &self.endpoint)
+            .finish()
+    }
+}
+
+/// What a `Debug` of a request shows of a secret: whether it was given.
+fn redacted(secret: &Option<String>) -> Option<&'static str> {
+    secret.as_ref().map(|_| "<redacted>")
 }
 
 /// Body of `PUT …/egress`.
@@ -253,13 +284,29 @@ pub struct ForwardRequest {
 }
 
 /// Body of `PUT …/clients/{id}`.
-#[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
+#[derive(Clone, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ClientRequest {
     pub name: Option<String>,
     pub public_key: Option<String>,
     pub vpn_ip: Option<String>,
     pub dns: Option<Vec<String>>,
+    /// As a router's: base64, `"generate"`, `""` for none, omitted: kept. It
+    /// goes into the client's config.
+    pub preshared_key: Option<String>,
+}
+
+/// Redacted: the request may carry a preshared key.
+impl std::fmt::Debug for ClientRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientRequest")
+            .field("name", &self.name)
+            .field("public_key", &self.public_key)
+            .field("vpn_ip", &self.vpn_ip)
+            .field("dns", &self.dns)
+            .field("preshared_key", &redacted(&self.preshared_key))
+            .finish()
+    }
 }
 
 #[cfg(test)]

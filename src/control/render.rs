@@ -32,6 +32,9 @@ pub fn client_config(tenant: &Tenant, client: &Client, public_host: &str) -> Str
         "PublicKey = {}",
         keys::encode(tenant.public_key.as_bytes())
     );
+    if let Some(psk) = &client.preshared_key {
+        let _ = writeln!(out, "PresharedKey = {}", psk.to_base64());
+    }
     let _ = writeln!(
         out,
         "Endpoint = {}",
@@ -192,8 +195,14 @@ pub fn router_script(
             ));
         }
     }
+    // A preshared key removed here stays on the router until removed there.
+    let psk = router
+        .preshared_key
+        .as_ref()
+        .map(|k| format!(" preshared-key={}", ros_quote(&k.to_base64())))
+        .unwrap_or_default();
     let peer = format!(
-        "public-key={} endpoint-address={} endpoint-port={} allowed-address={} persistent-keepalive=25s",
+        "public-key={}{psk} endpoint-address={} endpoint-port={} allowed-address={} persistent-keepalive=25s",
         ros_quote(&keys::encode(tenant.public_key.as_bytes())),
         ros_quote(public_host.trim_start_matches('[').trim_end_matches(']')),
         tenant.listen_port,

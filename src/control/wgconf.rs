@@ -18,7 +18,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use crate::keys::{self, SecretKey};
+use crate::keys::{self, PresharedKey, SecretKey};
 
 /// Why a configuration was refused. `line` counts from 1.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -26,15 +26,17 @@ pub enum WgConfError {
     /// A `Key = Value` line before the first section.
     #[error("line {line}: a setting outside of [Interface] or [Peer]")]
     OutsideSection { line: usize },
-    /// A section other than `[Interface]` and `[Peer]`.
-    #[error("line {line}: unknown section {name:?}")]
-    UnknownSection { line: usize, name: String },
-    /// A key `wg` does not know in that section.
-    #[error("line {line}: unknown key {key:?} in [{section}]")]
+    /// A section other than `[Interface]` and `[Peer]` (not quoted: a line
+    /// that runs a key into its header would show the key).
+    #[error("line {line}: a section other than [Interface] and [Peer]")]
+    UnknownSection { line: usize },
+    /// A key `wg` does not know in that section, quoted only when it looks
+    /// like a key name (`PrivateKey: <key>` must not show the key).
+    #[error("line {line}: unknown key {} in [{section}]", key.as_deref().map_or_else(|| "(not a key name)".to_string(), |k| format!("{k:?}")))]
     UnknownKey {
         line: usize,
         section: &'static str,
-        key: String,
+        key: Option<String>,
     },
     /// A line that is neither a section, a setting nor a comment.
     #[error("line {line}: expected `Key = Value`")]
@@ -68,6 +70,9 @@ pub struct Interface {
     /// The wg-quick keys read but not carried over (`PostUp`, `Table`, …), in
     /// the spelling of the file, each once.
     pub host_keys: Vec<String>,
+    /// `SaveConfig = true`: `wg-quick down` rewrites the file from the running
+    /// interface, without its comments.
+    pub save_config: bool,
 }
 
 /// One `[Peer]` section.
@@ -78,8 +83,7 @@ pub struct PeerSection {
     /// From a `# Name = …` comment in the section.
     pub name: Option<String>,
     pub public_key: [u8; 32],
-    /// Whether it has a `PresharedKey` (the key itself is not kept).
-    pub preshared_key: bool,
+    pub preshared_key: Option<PresharedKey>,
     pub allowed_ips: Vec<IpNet>,
     /// `Endpoint`, as written.
     pub endpoint: Option<String>,
@@ -97,7 +101,7 @@ struct OpenPeer {
     line: usize,
     name: Option<String>,
     public_key: Option<[u8; 32]>,
-    preshared_key: bool,
+    preshared_key: Option<PresharedKey>,
     allowed_ips: Vec<IpNet>,
     endpoint: Option<String>,
 }
@@ -141,16 +145,19 @@ pub fn parse(text: &str) -> Result<WgConf, WgConfError> {
     let mut interface: Option<Interface> = None;
     let mut peers = Vec::new();
     let mut section = Section::None;
+    // A name comment not yet followed by a setting: it names the peer whose
+    // section it is in, or the next one when a `[Peer]` header comes first
+    // (wireguard-ui writes `# Name: …` just above `[Peer]`).
+    let mut pending: Option<String> = None;
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     for (index, raw) in text.lines().enumerate() {
         let line = index + 1;
         let (content, comment) = match raw.split_once('#') {
             Some((content, comment)) => (content.trim(), Some(comment)),
             None => (raw.trim(), None),
         };
-        if let (Some(comment), Section::Peer(peer)) = (comment, &mut section) {
-            if let Some(name) = name_in(comment) {
-                peer.name = Some(name);
-            }
+        if let Some(name) = comment.and_then(name_in) {
+            pending = Some(name);
         }
         if content.is_empty() {
             continue;
@@ -168,22 +175,18 @@ pub fn parse(text: &str) -> Result<WgConf, WgConfError> {
                 }
                 "[interface]" => {
                     interface = Some(Interface::default());
+                    pending = None;
                     Section::Interface
                 }
                 "[peer]" => Section::Peer(OpenPeer {
                     line,
-                    name: None,
+                    name: pending.take(),
                     public_key: None,
-                    preshared_key: false,
+                    preshared_key: None,
                     allowed_ips: Vec::new(),
                     endpoint: None,
                 }),
-                _ => {
-                    return Err(WgConfError::UnknownSection {
-                        line,
-                        name: content.chars().take(64).collect(),
-                    })
-                }
+                _ => return Err(WgConfError::UnknownSection { line }),
             };
             continue;
         }
@@ -205,10 +208,22 @@ pub fn parse(text: &str) -> Result<WgConf, WgConfError> {
                 };
                 interface_key(iface, &setting)?;
             }
-            Section::Peer(peer) => peer_key(peer, &setting)?,
+            Section::Peer(peer) => {
+                if let Some(name) = pending.take() {
+                    peer.name = Some(name);
+                }
+                peer_key(peer, &setting)?;
+            }
+        }
+        if matches!(section, Section::Interface) {
+            pending = None;
         }
     }
-    if let Section::Peer(peer) = section {
+    if let Section::Peer(mut peer) = section {
+        // A name after the last peer's settings: no `[Peer]` follows to take it.
+        if let Some(name) = pending.take() {
+            peer.name.get_or_insert(name);
+        }
         peers.push(peer.close()?);
     }
     let interface = interface.ok_or(WgConfError::NoInterface)?;
@@ -248,6 +263,9 @@ fn interface_key(iface: &mut Interface, setting: &Setting) -> Result<(), WgConfE
             }
         }
         lower if HOST_KEYS.contains(&lower) => {
+            if lower == "saveconfig" {
+                iface.save_config = value.eq_ignore_ascii_case("true");
+            }
             if !iface.host_keys.iter().any(|k| k.eq_ignore_ascii_case(key)) {
                 iface.host_keys.push(key.to_string());
             }
@@ -256,7 +274,7 @@ fn interface_key(iface: &mut Interface, setting: &Setting) -> Result<(), WgConfE
             return Err(WgConfError::UnknownKey {
                 line,
                 section: "Interface",
-                key: shown(key),
+                key: key_name(key),
             })
         }
     }
@@ -273,8 +291,9 @@ fn peer_key(peer: &mut OpenPeer, setting: &Setting) -> Result<(), WgConfError> {
             peer.public_key = Some(keys::decode(value).map_err(bad_key(line, "PublicKey"))?);
         }
         "presharedkey" => {
-            keys::decode(value).map_err(bad_key(line, "PresharedKey"))?;
-            peer.preshared_key = true;
+            once(&peer.preshared_key, line, "PresharedKey")?;
+            peer.preshared_key =
+                Some(PresharedKey::parse(value).map_err(bad_key(line, "PresharedKey"))?);
         }
         "allowedips" => {
             for item in list(value) {
@@ -287,7 +306,7 @@ fn peer_key(peer: &mut OpenPeer, setting: &Setting) -> Result<(), WgConfError> {
             return Err(WgConfError::UnknownKey {
                 line,
                 section: "Peer",
-                key: shown(key),
+                key: key_name(key),
             })
         }
     }
@@ -339,6 +358,12 @@ fn name_in(comment: &str) -> Option<String> {
         .or_else(|| rest.strip_prefix(':'))?
         .trim();
     (!value.is_empty()).then(|| value.chars().take(64).collect())
+}
+
+/// `key` when it looks like a key name (letters, at most 24), for an error.
+fn key_name(key: &str) -> Option<String> {
+    (!key.is_empty() && key.len() <= 24 && key.bytes().all(|b| b.is_ascii_alphabetic()))
+        .then(|| key.to_string())
 }
 
 /// At most 64 characters of something the file says, for an error.
@@ -398,10 +423,16 @@ PersistentKeepalive = 25
             ["10.100.1.1/32", "192.168.88.0/24", "192.168.89.0/24"]
         );
         assert_eq!(a.endpoint.as_deref(), Some("198.51.100.7:13231"));
-        assert!(!a.preshared_key);
+        assert_eq!(a.preshared_key, None);
         let gw = &conf.peers[1];
         assert_eq!((gw.line, gw.name.as_deref()), (16, None));
-        assert!(gw.preshared_key);
+        assert_eq!(
+            gw.preshared_key
+                .as_ref()
+                .map(PresharedKey::to_base64)
+                .as_deref(),
+            Some("9s0OcPyS5t3ZDl3zGyRPUKnbTtqg1+5RkpIZJ4HS3zQ=")
+        );
         assert_eq!(gw.allowed_ips.len(), 2);
     }
 
@@ -418,10 +449,7 @@ PersistentKeepalive = 25
             ),
             (
                 "[Interface]\n[Wat]",
-                WgConfError::UnknownSection {
-                    line: 2,
-                    name: "[Wat]".into(),
-                },
+                WgConfError::UnknownSection { line: 2 },
             ),
             ("[Interface]\nListenPort", WgConfError::NoEquals { line: 2 }),
             (
@@ -429,7 +457,7 @@ PersistentKeepalive = 25
                 WgConfError::UnknownKey {
                     line: 2,
                     section: "Interface",
-                    key: "Colour".into(),
+                    key: Some("Colour".into()),
                 },
             ),
             (
@@ -474,12 +502,22 @@ PersistentKeepalive = 25
     #[test]
     fn secrets_are_never_quoted() {
         let secret = "c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0LXNlY3JldA";
+        let padded = "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=";
         for text in [
             format!("[Interface]\nPrivateKey = {secret}"),
             format!("[Interface]\n[Peer]\nPresharedKey = {secret}"),
+            // Typos that run the key into what would be quoted: the key's
+            // own `=` ends the "key name".
+            format!("[Interface]\nPrivateKey: {padded}"),
+            format!("[Interface]\nPrivateKey {padded}"),
+            format!("[Interface] PrivateKey = {padded}"),
+            format!("[Interface]\n[Peer]\nPresharedKey: {padded}"),
         ] {
             let e = parse(&text).unwrap_err().to_string();
-            assert!(!e.contains(secret), "{e}");
+            assert!(
+                !e.contains(&padded[..8]) && !e.contains(&secret[..8]),
+                "{e}"
+            );
         }
     }
 
@@ -502,8 +540,39 @@ PersistentKeepalive = 25
                 "{comment}"
             );
         }
-        // One in [Interface] names no peer.
-        let text = "[Interface]\n# Name = server\n[Peer]\nPublicKey = HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=";
+        // One among [Interface]'s settings names no peer.
+        let text = "[Interface]\n# Name = server\nListenPort = 1\n[Peer]\nPublicKey = HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=";
         assert_eq!(parse(text).unwrap().peers[0].name, None);
+    }
+
+    /// wireguard-ui writes each peer's name just above its `[Peer]` header;
+    /// others write it inside the section: both name the right peer.
+    #[test]
+    fn names_above_the_header_name_the_next_peer() {
+        let (a, b, c) = (
+            "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=",
+            "3dw2xMD9xm1rs7kp6NkLUxvPJZPYRjA2yjn2z6nj5iY=",
+            "9s0OcPyS5t3ZDl3zGyRPUKnbTtqg1+5RkpIZJ4HS3zQ=",
+        );
+        let text = format!(
+            "[Interface]\nListenPort = 51820\n\n\
+             # ID:   c1\n# Name: Branch A\n# Email: a@example.com\n[Peer]\nPublicKey = {a}\nAllowedIPs = 10.100.1.1/32\n\n\
+             # Name: Branch B\n[Peer]\nPublicKey = {b}\nAllowedIPs = 10.100.1.2/32\n\n\
+             [Peer]\n# Name = Branch C\nPublicKey = {c}\nAllowedIPs = 10.100.1.3/32\n"
+        );
+        let names: Vec<Option<String>> = parse(&text)
+            .unwrap()
+            .peers
+            .into_iter()
+            .map(|p| p.name)
+            .collect();
+        assert_eq!(
+            names,
+            [
+                Some("Branch A".into()),
+                Some("Branch B".into()),
+                Some("Branch C".into())
+            ]
+        );
     }
 }

@@ -69,6 +69,7 @@ impl MemoryClient {
             keepalive: None,
             kind: PeerKind::Router,
             endpoint: None,
+            preshared_key: None,
         };
         // The harness chooses distinct indices and prefixes; a clash is a harness bug.
         engine

@@ -59,6 +59,8 @@ pub struct PeerConfig {
     pub kind: PeerKind,
     /// Where to reach the peer before it has spoken (usually none: routers dial in).
     pub endpoint: Option<SocketAddr>,
+    /// Mixed into every handshake with the peer, when it has one.
+    pub preshared_key: Option<crate::keys::PresharedKey>,
 }
 
 /// Per-peer counters, plain fields bumped inline.
@@ -358,7 +360,10 @@ impl Peer {
             Box::new(Tunn::new(
                 StaticSecret::clone(tunnel_secret),
                 config.public_key,
-                None,
+                config
+                    .preshared_key
+                    .as_ref()
+                    .map(crate::keys::PresharedKey::to_bytes),
                 config.keepalive,
                 *index,
                 Some(Arc::clone(rate_limiter)),
@@ -721,6 +726,7 @@ mod tests {
             keepalive: None,
             kind: PeerKind::Router,
             endpoint: Some("198.51.100.9:51820".parse().unwrap()),
+            preshared_key: None,
         };
         let macs = Arc::new(RateLimiter::new(&our_public, u64::MAX));
         let peer = Peer::new(

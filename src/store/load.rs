@@ -16,13 +16,13 @@ use ipnet::IpNet;
 use super::{corrupt, Store, StoreError};
 use crate::control::model::{Client, EgressPolicy, Id, Router, Tenant};
 use crate::core::peer::canonical_endpoint;
-use crate::keys::{self, SecretKey};
+use crate::keys::{self, PresharedKey, SecretKey};
 
 /// A private key as stored: sealed, or absent when the peer's owner holds it.
 type Sealed = Option<Vec<u8>>;
 
 /// tenant_id, id, name, public_key, private_key, vpn_ip, extra_prefixes,
-/// receiver_index, endpoint.
+/// receiver_index, endpoint, preshared_key.
 type RouterRow = (
     String,
     String,
@@ -33,10 +33,22 @@ type RouterRow = (
     String,
     u32,
     Option<String>,
+    Sealed,
 );
 
-/// tenant_id, id, name, public_key, private_key, vpn_ip, dns, receiver_index.
-type ClientRow = (String, String, String, String, Sealed, String, String, u32);
+/// tenant_id, id, name, public_key, private_key, vpn_ip, dns, receiver_index,
+/// preshared_key.
+type ClientRow = (
+    String,
+    String,
+    String,
+    String,
+    Sealed,
+    String,
+    String,
+    u32,
+    Sealed,
+);
 
 impl Store {
     /// Loads every tenant with its peers and policy.
@@ -90,11 +102,11 @@ impl Store {
     /// Adds the routers to their tenants.
     fn routers(&self, tenants: &mut BTreeMap<Id, Tenant>) -> Result<(), StoreError> {
         let mut stmt = self.conn.prepare(
-            "SELECT tenant_id, id, name, public_key, private_key, vpn_ip, extra_prefixes, receiver_index, endpoint FROM routers",
+            "SELECT tenant_id, id, name, public_key, private_key, vpn_ip, extra_prefixes, receiver_index, endpoint, preshared_key FROM routers",
         )?;
         let rows = stmt.query_map([], |r| RouterRow::try_from(r))?;
         for row in rows {
-            let (tid, id, name, public, sealed, vpn_ip, extra, index, endpoint) = row?;
+            let (tid, id, name, public, sealed, vpn_ip, extra, index, endpoint, psk) = row?;
             let row_name = format!("router/{tid}/{id}");
             let router = Router {
                 id: parse_id(&id, &row_name)?,
@@ -110,6 +122,7 @@ impl Store {
                     .map(|e| e.parse().map(canonical_endpoint))
                     .transpose()
                     .map_err(|_| corrupt(&row_name, "endpoint"))?,
+                preshared_key: self.open_psk(psk, &row_name)?,
             };
             tenant_of(tenants, &tid, &row_name)?
                 .routers
@@ -121,11 +134,11 @@ impl Store {
     /// Adds the clients to their tenants.
     fn clients(&self, tenants: &mut BTreeMap<Id, Tenant>) -> Result<(), StoreError> {
         let mut stmt = self.conn.prepare(
-            "SELECT tenant_id, id, name, public_key, private_key, vpn_ip, dns, receiver_index FROM clients",
+            "SELECT tenant_id, id, name, public_key, private_key, vpn_ip, dns, receiver_index, preshared_key FROM clients",
         )?;
         let rows = stmt.query_map([], |r| ClientRow::try_from(r))?;
         for row in rows {
-            let (tid, id, name, public, sealed, vpn_ip, dns, index) = row?;
+            let (tid, id, name, public, sealed, vpn_ip, dns, index, psk) = row?;
             let row_name = format!("client/{tid}/{id}");
             let client = Client {
                 id: parse_id(&id, &row_name)?,
@@ -136,6 +149,7 @@ impl Store {
                 dns: serde_json::from_str::<Vec<IpAddr>>(&dns)
                     .map_err(|_| corrupt(&row_name, "dns"))?,
                 index,
+                preshared_key: self.open_psk(psk, &row_name)?,
             };
             tenant_of(tenants, &tid, &row_name)?
                 .clients
@@ -186,6 +200,22 @@ impl Store {
             tenant_of(tenants, &tid, &row_name)?.egress = Some(policy);
         }
         Ok(())
+    }
+
+    /// A peer's preshared key, sealed under `<context>/psk`.
+    fn open_psk(
+        &self,
+        sealed: Option<Vec<u8>>,
+        context: &str,
+    ) -> Result<Option<PresharedKey>, StoreError> {
+        sealed
+            .map(|s| {
+                self.master
+                    .open_key(&s, &super::psk_context(context))
+                    .map(PresharedKey::from_bytes)
+                    .map_err(|e| corrupt(context, &format!("preshared_key ({e})")))
+            })
+            .transpose()
     }
 
     fn open_optional(

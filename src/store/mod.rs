@@ -203,28 +203,46 @@ impl Store {
     /// `new` opens the state. Returns how many private keys were sealed again.
     pub fn rekey(&mut self, new: MasterKey) -> Result<usize, StoreError> {
         // Each sealed column with the context its values are bound to.
-        const SEALED: [(&str, &str); 3] = [
-            ("tenants", "'tenant/' || id"),
-            ("routers", "'router/' || tenant_id || '/' || id"),
-            ("clients", "'client/' || tenant_id || '/' || id"),
+        const SEALED: [(&str, &str, &str); 5] = [
+            ("tenants", "private_key", "'tenant/' || id"),
+            (
+                "routers",
+                "private_key",
+                "'router/' || tenant_id || '/' || id",
+            ),
+            (
+                "clients",
+                "private_key",
+                "'client/' || tenant_id || '/' || id",
+            ),
+            (
+                "routers",
+                "preshared_key",
+                "'router/' || tenant_id || '/' || id || '/psk'",
+            ),
+            (
+                "clients",
+                "preshared_key",
+                "'client/' || tenant_id || '/' || id || '/psk'",
+            ),
         ];
         let tx = self.conn.transaction()?;
         let mut count = 0;
-        for (table, context) in SEALED {
+        for (table, column, context) in SEALED {
             let rows: Vec<(i64, String, Vec<u8>)> = tx
                 .prepare(&format!(
-                    "SELECT rowid, {context}, private_key FROM {table} WHERE private_key IS NOT NULL"
+                    "SELECT rowid, {context}, {column} FROM {table} WHERE {column} IS NOT NULL"
                 ))?
                 .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
                 .collect::<Result<_, _>>()?;
             let mut update = tx.prepare(&format!(
-                "UPDATE {table} SET private_key = ?1 WHERE rowid = ?2"
+                "UPDATE {table} SET {column} = ?1 WHERE rowid = ?2"
             ))?;
             for (rowid, context, sealed) in rows {
                 let plain = self
                     .master
                     .open_key(&sealed, &context)
-                    .map_err(|e| corrupt(&context, &format!("private_key ({e})")))?;
+                    .map_err(|e| corrupt(&context, &format!("{column} ({e})")))?;
                 update.execute(params![new.seal(&plain, &context), rowid])?;
                 count += 1;
             }
@@ -237,6 +255,12 @@ impl Store {
         self.master = new;
         Ok(count)
     }
+}
+
+/// The sealing context of a peer's preshared key: its row's, with `/psk`
+/// (the row's private key is sealed under the row's own).
+fn psk_context(row: &str) -> String {
+    format!("{row}/psk")
 }
 
 /// Proves that `master` opens this state, or records its check in a new one.

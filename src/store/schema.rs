@@ -66,6 +66,9 @@ pub const MIGRATIONS: &[&str] = &[
     // 4: where each router was last heard from, so that a restarted appliance
     // can reach its routers (and wake its gateways) before they speak again.
     "ALTER TABLE routers ADD COLUMN endpoint TEXT;",
+    // 5: preshared keys, sealed with the master key under `…/psk`.
+    "ALTER TABLE routers ADD COLUMN preshared_key BLOB;
+     ALTER TABLE clients ADD COLUMN preshared_key BLOB;",
 ];
 
 /// The version this binary writes.

@@ -12,7 +12,8 @@ fn id(s: &str) -> Id {
     Id::parse(s, "id").unwrap()
 }
 
-/// A tenant with a gateway (with a forward), an egress policy and a client.
+/// A tenant with a gateway (with a forward and a preshared key), an egress
+/// policy and a client.
 pub(crate) fn provisioned() -> Registry {
     let mut r = registry();
     let t = id("kitonga");
@@ -21,6 +22,7 @@ pub(crate) fn provisioned() -> Registry {
     let gw = RouterRequest {
         vpn_ip: Some("10.100.0.40".into()),
         allowed_ips: Some(vec!["192.168.88.0/24".into()]),
+        preshared_key: Some("generate".into()),
         ..Default::default()
     };
     r.put_router(&t, &id("gw"), &gw).unwrap();
@@ -115,10 +117,15 @@ fn a_new_master_key_opens_the_same_keys_and_the_old_one_nothing() {
     let mut store = Store::open(&path, old.clone()).unwrap();
     save_all(&mut store, &provisioned());
     let before = private_keys(&store.load().unwrap());
-    // The tunnel key, and the keys generated for the gateway and the phone.
+    let psk = |tenants: &[Tenant]| tenants[0].routers[&id("gw")].preshared_key.clone();
+    let psk_before = psk(&store.load().unwrap());
+    assert!(psk_before.is_some());
+    // The tunnel key, the keys generated for the gateway and the phone, and
+    // the gateway's preshared key.
     assert_eq!(before.len(), 3);
-    assert_eq!(store.rekey(new.clone()).unwrap(), 3);
+    assert_eq!(store.rekey(new.clone()).unwrap(), 4);
     assert_eq!(private_keys(&store.load().unwrap()), before);
+    assert_eq!(psk(&store.load().unwrap()), psk_before);
     drop(store);
     assert!(matches!(
         Store::open(&path, old),
@@ -168,6 +175,8 @@ fn round_trip_with_keys_sealed() {
     assert_eq!(a.egress, b.egress);
     assert_eq!(ga.forwards, gb.forwards);
     assert_eq!(ga.endpoint, Some(heard_at));
+    assert_eq!(ga.preshared_key, gb.preshared_key);
+    assert!(ga.preshared_key.is_some());
     assert_eq!(a.clients[&id("p1")].dns, b.clients[&id("p1")].dns);
 
     // No private key is in the file in plain text (raw or base64).
@@ -176,6 +185,7 @@ fn round_trip_with_keys_sealed() {
     for secret in [
         b.secret.secret().to_bytes(),
         gb.private_key.as_ref().unwrap().secret().to_bytes(),
+        gb.preshared_key.as_ref().unwrap().to_bytes(),
     ] {
         for blob in [&written, &journal, &merged] {
             assert!(!blob.windows(32).any(|w| w == secret));

@@ -53,15 +53,16 @@ pub(super) fn apply_one(
                 .private_key
                 .as_ref()
                 .map(|k| master.seal(&k.secret().to_bytes(), &context));
+            let psk = sealed_psk(master, r.preshared_key.as_ref(), &context);
             // An upsert, not REPLACE: a REPLACE deletes the row first, and with it
             // (by cascade) the router's forwards.
             tx.execute(
                 "INSERT INTO routers
-                   (tenant_id, id, name, public_key, private_key, vpn_ip, extra_prefixes, receiver_index, endpoint)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+                   (tenant_id, id, name, public_key, private_key, vpn_ip, extra_prefixes, receiver_index, endpoint, preshared_key)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
                  ON CONFLICT(tenant_id, id) DO UPDATE SET name = ?3, public_key = ?4,
                    private_key = ?5, vpn_ip = ?6, extra_prefixes = ?7, receiver_index = ?8,
-                   endpoint = ?9",
+                   endpoint = ?9, preshared_key = ?10",
                 params![
                     tid.as_str(),
                     r.id.as_str(),
@@ -71,7 +72,8 @@ pub(super) fn apply_one(
                     r.vpn_ip.to_string(),
                     serde_json::to_string(&r.extra_prefixes).unwrap_or_else(|_| "[]".into()),
                     r.index,
-                    r.endpoint.map(|e| e.to_string())
+                    r.endpoint.map(|e| e.to_string()),
+                    psk
                 ],
             )?;
         }
@@ -103,13 +105,15 @@ pub(super) fn apply_one(
                 .private_key
                 .as_ref()
                 .map(|k| master.seal(&k.secret().to_bytes(), &context));
+            let psk = sealed_psk(master, c.preshared_key.as_ref(), &context);
             let dns: Vec<String> = c.dns.iter().map(ToString::to_string).collect();
             tx.execute(
                 "INSERT INTO clients
-                   (tenant_id, id, name, public_key, private_key, vpn_ip, dns, receiver_index)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                   (tenant_id, id, name, public_key, private_key, vpn_ip, dns, receiver_index, preshared_key)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
                  ON CONFLICT(tenant_id, id) DO UPDATE SET name = ?3, public_key = ?4,
-                   private_key = ?5, vpn_ip = ?6, dns = ?7, receiver_index = ?8",
+                   private_key = ?5, vpn_ip = ?6, dns = ?7, receiver_index = ?8,
+                   preshared_key = ?9",
                 params![
                     tid.as_str(),
                     c.id.as_str(),
@@ -118,7 +122,8 @@ pub(super) fn apply_one(
                     sealed,
                     c.vpn_ip.to_string(),
                     serde_json::to_string(&dns).unwrap_or_else(|_| "[]".into()),
-                    c.index
+                    c.index,
+                    psk
                 ],
             )?;
         }
@@ -143,4 +148,14 @@ pub(super) fn apply_one(
         }
     }
     Ok(())
+}
+
+/// A peer's preshared key sealed under `<context>/psk`, apart from its private
+/// key's context.
+fn sealed_psk(
+    master: &MasterKey,
+    psk: Option<&crate::keys::PresharedKey>,
+    context: &str,
+) -> Option<Vec<u8>> {
+    psk.map(|k| master.seal(&k.to_bytes(), &super::psk_context(context)))
 }

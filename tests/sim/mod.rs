@@ -179,6 +179,7 @@ impl Sim {
             keepalive: None,
             kind,
             endpoint: None,
+            preshared_key: None,
         };
         let t = &mut self.tunnels[tunnel];
         t.engine.upsert_peer(config.clone(), t.next_index).unwrap();
@@ -198,6 +199,34 @@ impl Sim {
             .engine
             .upsert_peer(config, 0)
             .unwrap();
+    }
+
+    /// Gives registered peer `p` the preshared key `ours` on the tunnel's side
+    /// and `theirs` on its own (a fresh protocol state there).
+    pub fn set_preshared_keys(
+        &mut self,
+        p: PeerIx,
+        ours: Option<[u8; 32]>,
+        theirs: Option<[u8; 32]>,
+    ) {
+        let peer = &mut self.peers[p];
+        let mut config = peer.config.clone().expect("a registered peer");
+        config.preshared_key = ours.map(wgplane::keys::PresharedKey::from_bytes);
+        self.tunnels[peer.tunnel]
+            .engine
+            .upsert_peer(config.clone(), 0)
+            .unwrap();
+        peer.config = Some(config);
+        let server_public = PublicKey::from(&self.tunnels[peer.tunnel].secret);
+        let index = 0x00f0_0000 + p as u32;
+        peer.tunn = Tunn::new(
+            peer.secret.clone(),
+            server_public,
+            theirs,
+            None,
+            index,
+            None,
+        );
     }
 
     /// A boringtun peer that dials `tunnel` with `secret`, registered or not.

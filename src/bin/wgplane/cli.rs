@@ -88,6 +88,10 @@ pub(crate) struct ImportArgs {
     /// Print what would be created, and change nothing.
     #[arg(long)]
     pub(crate) dry_run: bool,
+    /// Send the tunnel's private key over plain HTTP to another host (by
+    /// default only over TLS, or to this host).
+    #[arg(long)]
+    pub(crate) allow_plain_http: bool,
 }
 
 #[derive(Args)]

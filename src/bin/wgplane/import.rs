@@ -20,8 +20,10 @@ use crate::cli::ImportArgs;
 
 pub(crate) fn import(args: ImportArgs) -> Result<()> {
     let tenant = Id::parse(&args.tenant, "tenant").context("the tenant id")?;
-    let text = std::fs::read_to_string(&args.file)
+    // Not UTF-8 (a Latin-1 comment, say) is no reason to refuse a file `wg` takes.
+    let bytes = std::fs::read(&args.file)
         .with_context(|| format!("cannot read {}", args.file.display()))?;
+    let text = String::from_utf8_lossy(&bytes);
     let conf = wgconf::parse(&text).with_context(|| format!("{}", args.file.display()))?;
     let options = Options {
         subnet: args.subnet,
@@ -36,10 +38,18 @@ pub(crate) fn import(args: ImportArgs) -> Result<()> {
         print_plan(&tenant, &plan);
         return Ok(());
     }
+    let base = api_base(&args.api);
+    if !args.allow_plain_http && !private_on_the_way(&base) {
+        bail!(
+            "{base} is plain HTTP to another host, and the import sends the tunnel's private \
+             key: run it on the appliance's host (--api http://127.0.0.1:…), through TLS \
+             (https://), or give --allow-plain-http"
+        );
+    }
     let token = std::fs::read_to_string(&args.token_file)
         .with_context(|| format!("cannot read the API token in {}", args.token_file.display()))?;
     let api = Api {
-        base: format!("{}/v1/tenants/{tenant}", api_base(&args.api)),
+        base: format!("{base}/v1/tenants/{tenant}"),
         token: token.trim().to_string(),
         client: reqwest::Client::builder()
             // The appliance is asked directly, never through the environment's proxy.
@@ -62,6 +72,26 @@ fn api_base(api: &str) -> String {
     }
 }
 
+/// True when a secret may go to `base`: over TLS, or over plain HTTP to this
+/// host only (a loopback address or `localhost`).
+fn private_on_the_way(base: &str) -> bool {
+    let Ok(url) = reqwest::Url::parse(base) else {
+        return false;
+    };
+    let host = url.host_str().unwrap_or_default();
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    match url.scheme() {
+        "https" => true,
+        "http" => loopback,
+        _ => false,
+    }
+}
+
 fn print_plan(tenant: &Id, plan: &Plan) {
     let port = plan
         .tenant
@@ -74,12 +104,17 @@ fn print_plan(tenant: &Id, plan: &Plan) {
     for r in &plan.routers {
         let req = &r.request;
         println!(
-            "would create router {} (line {}): vpn_ip {}, public_key {}, allowed_ips [{}]",
+            "would create router {} (line {}): vpn_ip {}, public_key {}, allowed_ips [{}]{}{}",
             r.id,
             r.line,
             req.vpn_ip.as_deref().unwrap_or_default(),
             req.public_key.as_deref().unwrap_or_default(),
-            req.allowed_ips.as_deref().unwrap_or_default().join(", ")
+            req.allowed_ips.as_deref().unwrap_or_default().join(", "),
+            req.endpoint
+                .as_deref()
+                .map(|e| format!(", endpoint {e}"))
+                .unwrap_or_default(),
+            with_psk(req.preshared_key.as_deref())
         );
     }
     if let Some(egress) = &plan.egress {
@@ -92,12 +127,21 @@ fn print_plan(tenant: &Id, plan: &Plan) {
     for c in &plan.clients {
         let req = &c.request;
         println!(
-            "would create client {} (line {}): vpn_ip {}, public_key {}",
+            "would create client {} (line {}): vpn_ip {}, public_key {}{}",
             c.id,
             c.line,
             req.vpn_ip.as_deref().unwrap_or_default(),
             req.public_key.as_deref().unwrap_or_default(),
+            with_psk(req.preshared_key.as_deref())
         );
+    }
+}
+
+/// ", the file's preshared key" when a peer has one (never the key).
+fn with_psk(psk: Option<&str>) -> &'static str {
+    match psk {
+        Some(k) if !k.is_empty() => ", the file's preshared key",
+        _ => "",
     }
 }
 
@@ -167,6 +211,8 @@ async fn send(api: &Api, tenant: &Id, plan: &Plan) -> Result<()> {
             "public_key": r.request.public_key,
             "vpn_ip": r.request.vpn_ip,
             "allowed_ips": r.request.allowed_ips,
+            "preshared_key": r.request.preshared_key,
+            "endpoint": r.request.endpoint,
         });
         failed +=
             usize::from(!put_peer(api, "router", r, r.request.public_key.as_deref(), body).await?);
@@ -196,6 +242,7 @@ async fn send(api: &Api, tenant: &Id, plan: &Plan) -> Result<()> {
             "name": c.request.name,
             "public_key": c.request.public_key,
             "vpn_ip": c.request.vpn_ip,
+            "preshared_key": c.request.preshared_key,
         });
         failed +=
             usize::from(!put_peer(api, "client", c, c.request.public_key.as_deref(), body).await?);
@@ -251,5 +298,25 @@ mod tests {
     fn the_api_address_takes_a_scheme_once() {
         assert_eq!(api_base("127.0.0.1:8080"), "http://127.0.0.1:8080");
         assert_eq!(api_base("https://h:1/"), "https://h:1");
+    }
+
+    #[test]
+    fn the_private_key_goes_only_over_tls_or_to_this_host() {
+        for ok in [
+            "http://127.0.0.1:8080",
+            "http://[::1]:8080",
+            "http://localhost:1",
+            "https://vpn.example.com",
+        ] {
+            assert!(private_on_the_way(ok), "{ok}");
+        }
+        for not in [
+            "http://192.0.2.1:8080",
+            "http://vpn.example.com",
+            "ftp://127.0.0.1",
+            "nonsense",
+        ] {
+            assert!(!private_on_the_way(not), "{not}");
+        }
     }
 }

@@ -163,6 +163,10 @@ impl Registry {
             (None, Some(c)) => c.name.clone(),
             (None, None) => id.to_string(),
         };
+        let preshared_key = super::preshared_key(
+            req.preshared_key.as_deref(),
+            existing.and_then(|c| c.preshared_key.as_ref()),
+        )?;
         // A new key is a new peer: a fresh receiver index (see `put_router`).
         let index = match existing {
             Some(c) if c.public_key == public_key => c.index,
@@ -176,6 +180,7 @@ impl Registry {
             vpn_ip,
             dns,
             index,
+            preshared_key,
         };
         let tenant = self.tenant_mut(tenant_id)?;
         let previous = tenant.clients.insert(id.clone(), client);
@@ -206,6 +211,12 @@ impl Registry {
         let secret = SecretKey::generate();
         let req = ClientRequest {
             public_key: Some(keys::encode(secret.public().as_bytes())),
+            preshared_key: super::renewed_psk(
+                self.tenant(tenant_id)?
+                    .clients
+                    .get(id)
+                    .and_then(|c| c.preshared_key.as_ref()),
+            ),
             ..Default::default()
         };
         self.put_client(tenant_id, id, &req)?;

@@ -452,6 +452,34 @@ fn validate_name(name: &str) -> Result<String, ControlError> {
     Ok(name.to_owned())
 }
 
+/// A peer's preshared key after a request's `preshared_key`: omitted keeps
+/// `current`, `""` removes it, `"generate"` keeps it or makes one, base64 sets
+/// it. The error never quotes the text.
+fn preshared_key(
+    text: Option<&str>,
+    current: Option<&keys::PresharedKey>,
+) -> Result<Option<keys::PresharedKey>, ControlError> {
+    Ok(match text.map(str::trim) {
+        None => current.cloned(),
+        Some("") => None,
+        Some("generate") => Some(
+            current
+                .cloned()
+                .unwrap_or_else(keys::PresharedKey::generate),
+        ),
+        Some(text) => Some(
+            keys::PresharedKey::parse(text)
+                .map_err(|e| ControlError::field("preshared_key", e.to_string()))?,
+        ),
+    })
+}
+
+/// A re-keyed peer's preshared key: a new one when it had one (it was on the
+/// same device as the key it replaces), none otherwise.
+fn renewed_psk(current: Option<&keys::PresharedKey>) -> Option<String> {
+    current.map(|_| keys::PresharedKey::generate().to_base64())
+}
+
 /// The receiver indices of a tenant's routers and clients.
 fn peer_indices(t: &Tenant) -> impl Iterator<Item = u32> + '_ {
     t.routers

@@ -30,6 +30,12 @@ impl Registry {
         let secret = SecretKey::generate();
         let req = RouterRequest {
             public_key: Some(keys::encode(secret.public().as_bytes())),
+            preshared_key: super::renewed_psk(
+                self.tenant(tenant_id)?
+                    .routers
+                    .get(id)
+                    .and_then(|r| r.preshared_key.as_ref()),
+            ),
             ..Default::default()
         };
         self.put_router(tenant_id, id, &req)?;
@@ -99,13 +105,19 @@ impl Registry {
             (None, None) => id.to_string(),
         };
         let forwards = existing.map(|r| r.forwards.clone()).unwrap_or_default();
+        let preshared_key = super::preshared_key(
+            req.preshared_key.as_deref(),
+            existing.and_then(|r| r.preshared_key.as_ref()),
+        )?;
         // A new key is a new peer: a fresh receiver index, so that datagrams still
         // in flight for the old key's sessions find no peer (unknown index)
         // instead of failing to decrypt at the new one.
         // Where it was last heard from belongs to the key, too.
+        let given = req.endpoint.as_deref().map(parse_endpoint).transpose()?;
         let (index, endpoint) = match existing {
-            Some(r) if r.public_key == public_key => (r.index, r.endpoint),
-            _ => (self.indices.allocate()?, None),
+            // One it was heard from stays: the given one is older news.
+            Some(r) if r.public_key == public_key => (r.index, r.endpoint.or(given)),
+            _ => (self.indices.allocate()?, given),
         };
         let router = Router {
             id: id.clone(),
@@ -117,6 +129,7 @@ impl Registry {
             index,
             forwards,
             endpoint,
+            preshared_key,
         };
         if let Some(occupancy) = self.occupancy.get_mut(tenant_id) {
             if let Some(old) = existing {
@@ -309,4 +322,18 @@ impl Registry {
             .map(|_| ())
             .ok_or(ControlError::NoForward(port))
     }
+}
+
+/// A router's endpoint as given: an address and port that can be answered.
+fn parse_endpoint(text: &str) -> Result<std::net::SocketAddr, ControlError> {
+    let endpoint: std::net::SocketAddr = text.trim().parse().map_err(|_| {
+        ControlError::field("endpoint", format!("{text:?} is not an address and port"))
+    })?;
+    if !crate::core::peer::answerable(endpoint) {
+        return Err(ControlError::field(
+            "endpoint",
+            format!("{endpoint} cannot be answered (port 0, or not one host's address)"),
+        ));
+    }
+    Ok(crate::core::peer::canonical_endpoint(endpoint))
 }

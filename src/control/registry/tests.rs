@@ -1061,3 +1061,128 @@ fn a_tenant_can_be_made_with_an_existing_key_only_once() {
     let req = with(&old);
     assert!(!format!("{req:?}").contains(&old.to_base64()));
 }
+
+/// A peer's preshared key: set, kept when not named, made here on
+/// `"generate"` (once), removed by `""`; renewed with a new key pair; a bad
+/// one names the field and is not quoted.
+#[test]
+fn preshared_keys_are_set_kept_generated_removed_and_renewed() {
+    use crate::keys::PresharedKey;
+    let mut r = registry();
+    r.put_tenant(&id("a"), &Default::default(), now()).unwrap();
+    let router_psk = |r: &Registry| {
+        r.tenant(&id("a")).unwrap().routers[&id("r1")]
+            .preshared_key
+            .clone()
+    };
+    let put = |r: &mut Registry, psk: Option<&str>| {
+        let req = RouterRequest {
+            preshared_key: psk.map(Into::into),
+            ..Default::default()
+        };
+        r.put_router(&id("a"), &id("r1"), &req)
+    };
+    put(&mut r, None).unwrap();
+    assert_eq!(router_psk(&r), None);
+    let given = PresharedKey::generate();
+    put(&mut r, Some(&given.to_base64())).unwrap();
+    assert_eq!(router_psk(&r), Some(given.clone()));
+    put(&mut r, None).unwrap();
+    assert_eq!(router_psk(&r), Some(given.clone()), "kept when not named");
+    put(&mut r, Some("generate")).unwrap();
+    assert_eq!(router_psk(&r), Some(given.clone()), "generate keeps one");
+    put(&mut r, Some("")).unwrap();
+    assert_eq!(router_psk(&r), None);
+    put(&mut r, Some("generate")).unwrap();
+    let made = router_psk(&r).expect("generated");
+    put(&mut r, Some("generate")).unwrap();
+    assert_eq!(router_psk(&r), Some(made.clone()), "generate is idempotent");
+    let secret = "c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0LXNlY3JldA";
+    let e = put(&mut r, Some(secret)).unwrap_err();
+    assert_eq!(e.field_name(), Some("preshared_key"));
+    assert!(!e.to_string().contains(secret), "{e}");
+    assert_eq!(
+        router_psk(&r),
+        Some(made.clone()),
+        "a refusal changes nothing"
+    );
+    r.new_router_key(&id("a"), &id("r1")).unwrap();
+    let renewed = router_psk(&r).expect("renewed with the key pair");
+    assert_ne!(renewed, made);
+    let req = RouterRequest {
+        preshared_key: Some(given.to_base64()),
+        ..Default::default()
+    };
+    assert!(!format!("{req:?}").contains(&given.to_base64()));
+
+    // Clients the same way; a client without one is re-keyed without one.
+    r.put_router(&id("a"), &id("gw"), &Default::default())
+        .unwrap();
+    r.put_egress(&id("a"), &egress("10.200.0.0/24", "gw"))
+        .unwrap();
+    let client = |psk: Option<&str>| ClientRequest {
+        preshared_key: psk.map(Into::into),
+        ..Default::default()
+    };
+    r.put_client(&id("a"), &id("p1"), &client(Some("generate")))
+        .unwrap();
+    r.put_client(&id("a"), &id("p2"), &client(None)).unwrap();
+    let psk_of = |r: &Registry, c: &str| {
+        r.tenant(&id("a")).unwrap().clients[&id(c)]
+            .preshared_key
+            .clone()
+    };
+    let before = psk_of(&r, "p1").expect("generated");
+    r.new_client_key(&id("a"), &id("p1")).unwrap();
+    r.new_client_key(&id("a"), &id("p2")).unwrap();
+    assert_ne!(psk_of(&r, "p1"), Some(before));
+    assert!(psk_of(&r, "p1").is_some());
+    assert_eq!(psk_of(&r, "p2"), None);
+    let config = crate::control::render::client_config(
+        r.tenant(&id("a")).unwrap(),
+        &r.tenant(&id("a")).unwrap().clients[&id("p1")],
+        "vpn.example.com",
+    );
+    let psk = psk_of(&r, "p1").unwrap().to_base64();
+    assert!(
+        config.contains(&format!("PresharedKey = {psk}\n")),
+        "{config}"
+    );
+}
+
+/// A router's endpoint given by the caller (a migrated router's last one) is
+/// taken while none is known, never over one it was heard from; one nobody
+/// can answer is refused by name.
+#[test]
+fn a_given_endpoint_fills_in_only_what_is_not_known() {
+    let mut r = registry();
+    r.put_tenant(&id("a"), &Default::default(), now()).unwrap();
+    let put = |r: &mut Registry, endpoint: &str| {
+        let req = RouterRequest {
+            endpoint: Some(endpoint.into()),
+            ..Default::default()
+        };
+        r.put_router(&id("a"), &id("r1"), &req)
+    };
+    let endpoint = |r: &Registry| r.tenant(&id("a")).unwrap().routers[&id("r1")].endpoint;
+    put(&mut r, "198.51.100.7:13231").unwrap();
+    assert_eq!(endpoint(&r), Some("198.51.100.7:13231".parse().unwrap()));
+    let heard = "203.0.113.9:4000".parse().unwrap();
+    r.set_router_endpoint(&id("a"), &id("r1"), heard).unwrap();
+    put(&mut r, "198.51.100.7:13231").unwrap();
+    assert_eq!(endpoint(&r), Some(heard));
+    for bad in [
+        "198.51.100.7",
+        "198.51.100.7:0",
+        "0.0.0.0:1",
+        "224.0.0.1:1",
+        "x:1",
+    ] {
+        let e = put(&mut r, bad).unwrap_err();
+        assert_eq!(e.field_name(), Some("endpoint"), "{bad}");
+    }
+    let peer = r.tenant(&id("a")).unwrap().routers[&id("r1")]
+        .peer_config(None)
+        .0;
+    assert_eq!(peer.endpoint, Some(heard));
+}

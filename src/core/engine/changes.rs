@@ -19,13 +19,26 @@ use crate::core::table::PrefixTable;
 impl TunnelEngine {
     /// Adds a peer, or updates the prefixes and kind of an existing one without
     /// touching its session (its keepalive is fixed once its protocol state
-    /// exists: boringtun has no setter). A configured endpoint is where to reach
+    /// exists: boringtun has no setter). A new preshared key makes it a new
+    /// peer with the same receiver index (its session ends), since every
+    /// handshake depends on it. A configured endpoint is where to reach
     /// a peer that has not spoken yet: it never replaces one the peer was
     /// authenticated from. `index` is used only when the peer is new, and must
     /// then be in 1 to 2^24 - 1.
-    pub fn upsert_peer(&mut self, config: PeerConfig, index: u32) -> Result<(), EngineError> {
+    pub fn upsert_peer(&mut self, config: PeerConfig, mut index: u32) -> Result<(), EngineError> {
         let key = *config.public_key.as_bytes();
-        let existing = self.peers.by_key.get(&key).copied();
+        let mut existing = self.peers.by_key.get(&key).copied();
+        let new_psk = existing
+            .and_then(|id| self.peers.get(id))
+            .is_some_and(|p| p.config.preshared_key != config.preshared_key);
+        if new_psk {
+            // It comes back below, with the same receiver index.
+            if let Some(old) = self.unlink_peer(&key) {
+                index = old;
+            }
+            self.peers.prune_active();
+            existing = None;
+        }
         for prefix in &config.allowed {
             match self.routing.routes.get_exact(*prefix) {
                 Some(&owner) if Some(owner) != existing => {

@@ -21,6 +21,7 @@ fn peer(allowed: &str) -> PeerConfig {
         keepalive: None,
         kind: super::super::peer::PeerKind::Router,
         endpoint: None,
+        preshared_key: None,
     }
 }
 

@@ -152,6 +152,72 @@ fn a_new_key_replaces_a_lost_phones() {
     );
 }
 
+/// A phone with a preshared key made here: its config carries it (and `wg-quick`
+/// takes that config), answers show only that it has one, and only a device
+/// that holds it shakes hands.
+#[test]
+fn a_preshared_key_goes_into_the_config_and_the_handshake() {
+    let (app, _) = provisioned();
+    let c = app.expect(
+        "PUT",
+        "/v1/tenants/kitonga/clients/phone-2",
+        Some(r#"{"preshared_key":"generate"}"#),
+        201,
+    );
+    let config = c["config"].as_str().unwrap().to_owned();
+    let psk = config
+        .lines()
+        .find_map(|l| l.strip_prefix("PresharedKey = "))
+        .expect("a PresharedKey line")
+        .to_owned();
+    let view = app.expect("GET", "/v1/tenants/kitonga/clients/phone-2", None, 200);
+    assert_eq!(view["has_preshared_key"], true, "{view}");
+    for shown in [
+        view.to_string(),
+        app.call("GET", "/v1/tenants/kitonga/clients", None)
+            .1
+            .to_string(),
+        app.scrape(),
+        app.log(),
+    ] {
+        assert!(!shown.contains(&psk), "the preshared key is shown: {shown}");
+    }
+    let tenant = app.expect("GET", "/v1/tenants/kitonga", None, 200);
+    let server_key = tenant["server_public_key"].as_str().unwrap().to_owned();
+    let server = format!("127.0.0.1:{}", app.first_port).parse().unwrap();
+    let bytes = wgplane::keys::decode(&psk).expect("a key");
+    let mut without = support::UdpPeer::new(private_key(&config), &server_key, server, 4);
+    assert!(
+        !without.try_handshake(1),
+        "no session without the preshared key"
+    );
+    let mut with =
+        support::UdpPeer::with_psk(private_key(&config), &server_key, server, 5, Some(bytes));
+    assert!(
+        with.handshake(),
+        "the config's preshared key works\n{}",
+        app.log()
+    );
+
+    let Some(wg_quick) = support_tool("wg-quick") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("wgphone2.conf");
+    std::fs::write(&file, &config).unwrap();
+    let out = Command::new(wg_quick)
+        .arg("strip")
+        .arg(&file)
+        .output()
+        .expect("wg-quick strip");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("PresharedKey = {psk}")));
+}
+
 /// A tool from the system, or a printed skip (a failure under CI).
 fn support_tool(name: &str) -> Option<std::path::PathBuf> {
     let found = std::env::var_os("PATH")

@@ -145,6 +145,30 @@ fn branch_script_snapshot() {
 
 /// A router given an address in the tenant's IPv6 network gets it on its interface
 /// and accepts the network from the tunnel; its other prefixes are its own LANs.
+/// A router with a preshared key: the appliance's peer on the router gets it,
+/// and the line passes the syntax check.
+#[test]
+fn a_preshared_key_goes_onto_the_appliances_peer() {
+    let mut t = tenant();
+    let psk = wgplane::keys::PresharedKey::from_bytes([5; 32]);
+    let r = t.routers.get_mut(&id("branch-a")).unwrap();
+    r.preshared_key = Some(psk.clone());
+    let script = router_script(&t, &t.routers[&id("branch-a")], "203.0.113.1", &[]);
+    let wanted = format!(" preshared-key=\"{}\" ", psk.to_base64());
+    let peers: Vec<&str> = script
+        .lines()
+        .filter(|l| l.contains("/interface wireguard peers"))
+        .collect();
+    assert_eq!(peers.len(), 1, "{script}");
+    assert_eq!(
+        peers[0].matches(&wanted).count(),
+        2,
+        "add and set: {}",
+        peers[0]
+    );
+    check_script(&script);
+}
+
 #[test]
 fn ipv6_address_script_snapshot() {
     let mut t = tenant();

@@ -414,6 +414,17 @@ impl UdpPeer {
         server: SocketAddr,
         index: u32,
     ) -> Self {
+        Self::with_psk(secret, server_public_b64, server, index, None)
+    }
+
+    /// A peer that also mixes `psk` into its handshakes.
+    pub fn with_psk(
+        secret: StaticSecret,
+        server_public_b64: &str,
+        server: SocketAddr,
+        index: u32,
+        psk: Option<[u8; 32]>,
+    ) -> Self {
         let server_public =
             PublicKey::from(wgplane::keys::decode(server_public_b64).expect("server key"));
         let socket = UdpSocket::bind("127.0.0.1:0").expect("bind peer socket");
@@ -421,7 +432,7 @@ impl UdpPeer {
             .set_read_timeout(Some(Duration::from_millis(200)))
             .expect("timeout");
         Self {
-            tunn: Tunn::new(secret.clone(), server_public, None, None, index, None),
+            tunn: Tunn::new(secret.clone(), server_public, psk, None, index, None),
             socket,
             secret,
             server,

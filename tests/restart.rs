@@ -391,7 +391,10 @@ fn rekey_moves_the_state_to_a_new_master_key() {
     let err = String::from_utf8_lossy(&done.stderr);
     assert!(done.status.success(), "{said}{err}");
     // The tunnel's key and the router's generated one.
-    assert!(said.contains("2 private keys sealed"), "{said}");
+    assert!(
+        said.contains("2 keys (private and preshared) sealed"),
+        "{said}"
+    );
     let mode = std::os::unix::fs::PermissionsExt::mode(
         &std::fs::metadata(&new_key_file)
             .expect("new key written")

@@ -91,6 +91,7 @@ fn gateway_script_snapshot() {
 :if ([:len [/interface wireguard find name=wgplane-kitonga]] = 0) do={{/interface wireguard add name=wgplane-kitonga comment="wgplane kitonga"}}
 /interface wireguard set [find name=wgplane-kitonga] mtu=1420 private-key="{private}" comment="wgplane kitonga"
 :if ([:len [/interface wireguard peers find comment="wgplane kitonga"]] = 0) do={{/interface wireguard peers add interface=wgplane-kitonga public-key="{server}" endpoint-address="vpn.example.com" endpoint-port=51820 allowed-address=10.100.0.0/16,10.200.0.0/24 persistent-keepalive=25s comment="wgplane kitonga"}} else={{/interface wireguard peers set [find comment="wgplane kitonga"] interface=wgplane-kitonga public-key="{server}" endpoint-address="vpn.example.com" endpoint-port=51820 allowed-address=10.100.0.0/16,10.200.0.0/24 persistent-keepalive=25s}}
+:do {{/interface wireguard peers set [find comment="wgplane kitonga"] preshared-key=""}} on-error={{}}
 :if ([:len [/ip address find comment="wgplane kitonga" address=10.100.0.40/32]] = 0) do={{/ip address add address=10.100.0.40/32 interface=wgplane-kitonga comment="wgplane kitonga"}}
 :if ([:len [/ip route find comment="wgplane kitonga" dst-address=10.100.0.0/16]] = 0) do={{/ip route add dst-address=10.100.0.0/16 gateway=wgplane-kitonga comment="wgplane kitonga"}}
 # The appliance reaches the router's services (management forwards) ahead of any other rule.
@@ -126,6 +127,7 @@ fn branch_script_snapshot() {
 :if ([:len [/interface wireguard find public-key="{own}"]] = 0) do={{:error "no WireGuard interface holds the private key of {own}"}}
 /interface wireguard set [find public-key="{own}"] name=wgplane-kitonga mtu=1420 comment="wgplane kitonga"
 :if ([:len [/interface wireguard peers find comment="wgplane kitonga"]] = 0) do={{/interface wireguard peers add interface=wgplane-kitonga public-key="{server}" endpoint-address="203.0.113.1" endpoint-port=51820 allowed-address=10.100.0.0/16 persistent-keepalive=25s comment="wgplane kitonga"}} else={{/interface wireguard peers set [find comment="wgplane kitonga"] interface=wgplane-kitonga public-key="{server}" endpoint-address="203.0.113.1" endpoint-port=51820 allowed-address=10.100.0.0/16 persistent-keepalive=25s}}
+:do {{/interface wireguard peers set [find comment="wgplane kitonga"] preshared-key=""}} on-error={{}}
 :if ([:len [/ip address find comment="wgplane kitonga" address=10.100.1.1/32]] = 0) do={{/ip address add address=10.100.1.1/32 interface=wgplane-kitonga comment="wgplane kitonga"}}
 :if ([:len [/ip route find comment="wgplane kitonga" dst-address=10.100.0.0/16]] = 0) do={{/ip route add dst-address=10.100.0.0/16 gateway=wgplane-kitonga comment="wgplane kitonga"}}
 # The appliance reaches the router's services (management forwards) ahead of any other rule.
@@ -192,6 +194,7 @@ fn ipv6_address_script_snapshot() {
 :if ([:len [/interface wireguard find public-key="{own}"]] = 0) do={{:error "no WireGuard interface holds the private key of {own}"}}
 /interface wireguard set [find public-key="{own}"] name=wgplane-kitonga mtu=1420 comment="wgplane kitonga"
 :if ([:len [/interface wireguard peers find comment="wgplane kitonga"]] = 0) do={{/interface wireguard peers add interface=wgplane-kitonga public-key="{server}" endpoint-address="203.0.113.1" endpoint-port=51820 allowed-address=10.100.0.0/16,fd77:7770:a64::/64 persistent-keepalive=25s comment="wgplane kitonga"}} else={{/interface wireguard peers set [find comment="wgplane kitonga"] interface=wgplane-kitonga public-key="{server}" endpoint-address="203.0.113.1" endpoint-port=51820 allowed-address=10.100.0.0/16,fd77:7770:a64::/64 persistent-keepalive=25s}}
+:do {{/interface wireguard peers set [find comment="wgplane kitonga"] preshared-key=""}} on-error={{}}
 :if ([:len [/ip address find comment="wgplane kitonga" address=10.100.1.1/32]] = 0) do={{/ip address add address=10.100.1.1/32 interface=wgplane-kitonga comment="wgplane kitonga"}}
 :if ([:len [/ipv6 address find comment="wgplane kitonga" address=fd77:7770:a64::101/64]] = 0) do={{/ipv6 address add address=fd77:7770:a64::101/64 interface=wgplane-kitonga advertise=no comment="wgplane kitonga"}}
 :if ([:len [/ip route find comment="wgplane kitonga" dst-address=10.100.0.0/16]] = 0) do={{/ip route add dst-address=10.100.0.0/16 gateway=wgplane-kitonga comment="wgplane kitonga"}}
@@ -409,7 +412,9 @@ fn check_value(key: &str, value: &str, line: &str) {
         "persistent-keepalive" => unquoted
             .strip_suffix('s')
             .is_some_and(|n| n.parse::<u16>().is_ok()),
-        "public-key" | "private-key" | "preshared-key" => wgplane::keys::decode(unquoted).is_ok(),
+        "public-key" | "private-key" => wgplane::keys::decode(unquoted).is_ok(),
+        // Empty: none (removed here).
+        "preshared-key" => value == "\"\"" || wgplane::keys::decode(unquoted).is_ok(),
         "endpoint-address" => {
             !unquoted.contains(':') || unquoted.parse::<std::net::Ipv6Addr>().is_ok()
         }
@@ -474,6 +479,15 @@ fn check_find(text: &str, line: &str) {
 
 /// One command: `:if (…) do={…} else={…}`, `:error "…"`, or `<menu> add|set …`.
 fn check_command(command: &str, line: &str) {
+    // `:do {…} on-error={}`: a command whose failure is no error.
+    if let Some(rest) = command.strip_prefix(":do {") {
+        let (inner, tail) = rest
+            .rsplit_once("} on-error={")
+            .unwrap_or_else(|| panic!("a :do without on-error: {line}"));
+        assert_eq!(tail, "}", "{line}");
+        check_command(inner, line);
+        return;
+    }
     if let Some(rest) = command.strip_prefix(":if ") {
         let parts = words(rest);
         // The condition: `([:len [<menu> find …]] = 0)`.

@@ -424,3 +424,45 @@ fn a_preshared_key_must_match_and_a_new_one_ends_the_session() {
     sim.send_ip(r1, "10.100.1.1", "10.100.1.2");
     assert_eq!(sim.take_inbox(r2).len(), 1);
 }
+
+/// A new preshared key that comes with the whole peer set (a restart's, or the
+/// supervisor's resync) takes effect as one given alone does.
+#[test]
+fn a_preshared_key_changed_in_a_full_sync_takes_effect() {
+    let mut sim = Sim::new();
+    let a = sim.tunnel(51820, "10.100.0.1");
+    let r1 = sim.peer("r1", a, PeerKind::Router, &["10.100.1.1/32"]);
+    let r2 = sim.peer("r2", a, PeerKind::Router, &["10.100.1.2/32"]);
+    sim.connect(r2);
+    let (k1, k2) = ([3u8; 32], [4u8; 32]);
+    sim.set_preshared_keys(r1, Some(k1), Some(k1));
+    sim.connect(r1);
+    sim.send_ip(r1, "10.100.1.1", "10.100.1.2");
+    assert_eq!(sim.take_inbox(r2).len(), 1);
+    while sim.tunnels[a].engine.poll_event().is_some() {}
+
+    let mut c1 = sim.peers[r1].config.clone().expect("registered");
+    c1.preshared_key = Some(wgplane::keys::PresharedKey::from_bytes(k2));
+    let c2 = sim.peers[r2].config.clone().expect("registered");
+    let removed = sim.tunnels[a]
+        .engine
+        .sync_peers(vec![(c1.clone(), 0), (c2, 0)])
+        .unwrap();
+    assert!(removed.is_empty(), "nobody left the tunnel");
+    sim.peers[r1].config = Some(c1);
+    assert_eq!(
+        sim.tunnels[a].engine.poll_event(),
+        Some(Event::Disconnected {
+            peer: sim.public_key(r1)
+        })
+    );
+    sim.send_ip(r1, "10.100.1.1", "10.100.1.2");
+    assert!(sim.take_inbox(r2).is_empty(), "the old session is gone");
+    sim.set_preshared_keys(r1, Some(k2), Some(k2));
+    sim.connect(r1);
+    sim.send_ip(r1, "10.100.1.1", "10.100.1.2");
+    assert_eq!(sim.take_inbox(r2).len(), 1, "the new key's session works");
+    // r2 kept its session throughout.
+    sim.send_ip(r2, "10.100.1.2", "10.100.1.1");
+    assert_eq!(sim.take_inbox(r1).len(), 1);
+}

@@ -371,6 +371,7 @@ fn router(
         let parsed = text
             .parse::<std::net::SocketAddr>()
             .ok()
+            .map(crate::core::peer::canonical_endpoint)
             .filter(|e| crate::core::peer::answerable(*e));
         if parsed.is_none() {
             notes.push(format!(
@@ -394,15 +395,12 @@ fn router(
     })
 }
 
-/// The peer's preshared key as the API takes it; `""` (none) when it has
-/// none, so that a run again after one was removed from the file removes it.
+/// The peer's preshared key as the API takes it; none when the file has
+/// none, so that one set through the API since is kept.
 fn psk(peer: &PeerSection) -> Option<String> {
-    Some(
-        peer.preshared_key
-            .as_ref()
-            .map(crate::keys::PresharedKey::to_base64)
-            .unwrap_or_default(),
-    )
+    peer.preshared_key
+        .as_ref()
+        .map(crate::keys::PresharedKey::to_base64)
 }
 
 /// The peer's first `/32` in `net` that is a host address of it and passes
@@ -524,7 +522,7 @@ mod tests {
         // asks for none.
         let gw = &p.routers[1].request;
         assert_eq!(gw.preshared_key.as_deref(), Some(KEY));
-        assert_eq!(a.preshared_key.as_deref(), Some(""));
+        assert_eq!(a.preshared_key, None);
         assert_eq!(gw.name, None);
         assert_eq!(gw.allowed_ips.as_deref(), Some(&[][..]));
         let notes = p.notes.join("\n");

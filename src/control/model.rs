@@ -243,8 +243,9 @@ pub struct RouterRequest {
     pub preshared_key: Option<String>,
     /// Where the router can be reached before it speaks (`ip:port`, as `wg
     /// show` lists it): a migrated router's last endpoint, so that the
-    /// appliance can shake hands with it first. Taken only while no endpoint
-    /// is known; where the router is heard from replaces it.
+    /// appliance can shake hands with it first. It replaces the stored one;
+    /// the data plane keeps the one it heard the router from, if any, and
+    /// where the router is heard from next replaces it in turn.
     pub endpoint: Option<String>,
 }
 

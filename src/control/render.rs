@@ -195,7 +195,6 @@ pub fn router_script(
             ));
         }
     }
-    // A preshared key removed here stays on the router until removed there.
     let psk = router
         .preshared_key
         .as_ref()
@@ -211,6 +210,14 @@ pub fn router_script(
     line(format_args!(
         ":if ([:len [/interface wireguard peers find comment={comment}]] = 0) do={{/interface wireguard peers add interface={ifname} {peer} comment={comment}}} else={{/interface wireguard peers set [find comment={comment}] interface={ifname} {peer}}}"
     ));
+    if router.preshared_key.is_none() {
+        // One removed here goes on the router too (run again after the
+        // removal); a RouterOS that refused the empty value keeps it, and
+        // the rest of the script runs.
+        line(format_args!(
+            ":do {{/interface wireguard peers set [find comment={comment}] preshared-key=\"\"}} on-error={{}}"
+        ));
+    }
     let interface = format!("interface={ifname}");
     let gateway = format!("gateway={ifname}");
     line(format_args!(

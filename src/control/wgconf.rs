@@ -145,9 +145,10 @@ pub fn parse(text: &str) -> Result<WgConf, WgConfError> {
     let mut interface: Option<Interface> = None;
     let mut peers = Vec::new();
     let mut section = Section::None;
-    // A name comment not yet followed by a setting: it names the peer whose
-    // section it is in, or the next one when a `[Peer]` header comes first
-    // (wireguard-ui writes `# Name: …` just above `[Peer]`).
+    // A name comment names the peer whose section it is in, unless that peer
+    // has one already: then it waits for the next `[Peer]` (wireguard-ui
+    // writes `# Name: …` just above each header, so the first one is in
+    // `[Interface]` and each next one at the end of the peer before).
     let mut pending: Option<String> = None;
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     for (index, raw) in text.lines().enumerate() {
@@ -157,7 +158,10 @@ pub fn parse(text: &str) -> Result<WgConf, WgConfError> {
             None => (raw.trim(), None),
         };
         if let Some(name) = comment.and_then(name_in) {
-            pending = Some(name);
+            match &mut section {
+                Section::Peer(peer) if peer.name.is_none() => peer.name = Some(name),
+                _ => pending = Some(name),
+            }
         }
         if content.is_empty() {
             continue;
@@ -208,22 +212,13 @@ pub fn parse(text: &str) -> Result<WgConf, WgConfError> {
                 };
                 interface_key(iface, &setting)?;
             }
-            Section::Peer(peer) => {
-                if let Some(name) = pending.take() {
-                    peer.name = Some(name);
-                }
-                peer_key(peer, &setting)?;
-            }
+            Section::Peer(peer) => peer_key(peer, &setting)?,
         }
         if matches!(section, Section::Interface) {
             pending = None;
         }
     }
-    if let Section::Peer(mut peer) = section {
-        // A name after the last peer's settings: no `[Peer]` follows to take it.
-        if let Some(name) = pending.take() {
-            peer.name.get_or_insert(name);
-        }
+    if let Section::Peer(peer) = section {
         peers.push(peer.close()?);
     }
     let interface = interface.ok_or(WgConfError::NoInterface)?;
@@ -560,19 +555,26 @@ PersistentKeepalive = 25
              # Name: Branch B\n[Peer]\nPublicKey = {b}\nAllowedIPs = 10.100.1.2/32\n\n\
              [Peer]\n# Name = Branch C\nPublicKey = {c}\nAllowedIPs = 10.100.1.3/32\n"
         );
-        let names: Vec<Option<String>> = parse(&text)
-            .unwrap()
-            .peers
-            .into_iter()
-            .map(|p| p.name)
-            .collect();
+        let names = |text: &str| -> Vec<Option<String>> {
+            parse(text)
+                .unwrap()
+                .peers
+                .into_iter()
+                .map(|p| p.name)
+                .collect()
+        };
         assert_eq!(
-            names,
+            names(&text),
             [
                 Some("Branch A".into()),
                 Some("Branch B".into()),
                 Some("Branch C".into())
             ]
         );
+        // A name after a peer's first settings is still that peer's.
+        let text = format!(
+            "[Interface]\n[Peer]\nPublicKey = {a}\n# Name = A\n[Peer]\nPublicKey = {b}\n# Name = B\n"
+        );
+        assert_eq!(names(&text), [Some("A".into()), Some("B".into())]);
     }
 }

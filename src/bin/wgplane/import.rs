@@ -54,6 +54,8 @@ pub(crate) fn import(args: ImportArgs) -> Result<()> {
         client: reqwest::Client::builder()
             // The appliance is asked directly, never through the environment's proxy.
             .no_proxy()
+            // A redirect would send the keys in the body somewhere else.
+            .redirect(reqwest::redirect::Policy::none())
             .timeout(Duration::from_secs(30))
             .build()?,
     };

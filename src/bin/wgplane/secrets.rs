@@ -13,7 +13,7 @@ use wgplane::keys::{self, SecretKey};
 use wgplane::store::files::{write_private, StateLock};
 use wgplane::store::{MasterKey, Store};
 
-/// `wgplane rekey`: the state's private keys sealed under the key in
+/// `wgplane rekey`: the state's private and preshared keys sealed under the key in
 /// `new_key_file` (made there when missing), with the appliance stopped.
 pub(crate) fn rekey(settings: &Settings, new_key_file: &Path) -> Result<()> {
     let database = settings.database();
@@ -40,7 +40,7 @@ pub(crate) fn rekey(settings: &Settings, new_key_file: &Path) -> Result<()> {
         .with_context(|| format!("cannot open {}", database.display()))?;
     let count = store.rekey(new)?;
     println!(
-        "{count} private keys sealed under the new master key; from now on only it opens {}: \
+        "{count} keys (private and preshared) sealed under the new master key; from now on only it opens {}: \
          put it in {} or ${} before the next start, and keep the old key for backups made before",
         database.display(),
         settings.master_key_file().display(),

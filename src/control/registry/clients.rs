@@ -166,6 +166,7 @@ impl Registry {
         let preshared_key = super::preshared_key(
             req.preshared_key.as_deref(),
             existing.and_then(|c| c.preshared_key.as_ref()),
+            existing.is_some_and(|c| c.public_key != public_key),
         )?;
         // A new key is a new peer: a fresh receiver index (see `put_router`).
         let index = match existing {
@@ -211,12 +212,6 @@ impl Registry {
         let secret = SecretKey::generate();
         let req = ClientRequest {
             public_key: Some(keys::encode(secret.public().as_bytes())),
-            preshared_key: super::renewed_psk(
-                self.tenant(tenant_id)?
-                    .clients
-                    .get(id)
-                    .and_then(|c| c.preshared_key.as_ref()),
-            ),
             ..Default::default()
         };
         self.put_client(tenant_id, id, &req)?;

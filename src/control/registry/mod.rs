@@ -453,13 +453,16 @@ fn validate_name(name: &str) -> Result<String, ControlError> {
 }
 
 /// A peer's preshared key after a request's `preshared_key`: omitted keeps
-/// `current`, `""` removes it, `"generate"` keeps it or makes one, base64 sets
-/// it. The error never quotes the text.
+/// `current` (a new one when the peer gets a new key: the old one was on the
+/// same device), `""` removes it, `"generate"` keeps it or makes one, base64
+/// sets it (all zeros is none, as in WireGuard). The error never quotes the text.
 fn preshared_key(
     text: Option<&str>,
     current: Option<&keys::PresharedKey>,
+    new_key: bool,
 ) -> Result<Option<keys::PresharedKey>, ControlError> {
     Ok(match text.map(str::trim) {
+        None if new_key => current.map(|_| keys::PresharedKey::generate()),
         None => current.cloned(),
         Some("") => None,
         Some("generate") => Some(
@@ -470,14 +473,9 @@ fn preshared_key(
         Some(text) => Some(
             keys::PresharedKey::parse(text)
                 .map_err(|e| ControlError::field("preshared_key", e.to_string()))?,
-        ),
+        )
+        .filter(|k| k.to_bytes() != [0; 32]),
     })
-}
-
-/// A re-keyed peer's preshared key: a new one when it had one (it was on the
-/// same device as the key it replaces), none otherwise.
-fn renewed_psk(current: Option<&keys::PresharedKey>) -> Option<String> {
-    current.map(|_| keys::PresharedKey::generate().to_base64())
 }
 
 /// The receiver indices of a tenant's routers and clients.

@@ -30,12 +30,6 @@ impl Registry {
         let secret = SecretKey::generate();
         let req = RouterRequest {
             public_key: Some(keys::encode(secret.public().as_bytes())),
-            preshared_key: super::renewed_psk(
-                self.tenant(tenant_id)?
-                    .routers
-                    .get(id)
-                    .and_then(|r| r.preshared_key.as_ref()),
-            ),
             ..Default::default()
         };
         self.put_router(tenant_id, id, &req)?;
@@ -108,6 +102,7 @@ impl Registry {
         let preshared_key = super::preshared_key(
             req.preshared_key.as_deref(),
             existing.and_then(|r| r.preshared_key.as_ref()),
+            existing.is_some_and(|r| r.public_key != public_key),
         )?;
         // A new key is a new peer: a fresh receiver index, so that datagrams still
         // in flight for the old key's sessions find no peer (unknown index)
@@ -115,8 +110,9 @@ impl Registry {
         // Where it was last heard from belongs to the key, too.
         let given = req.endpoint.as_deref().map(parse_endpoint).transpose()?;
         let (index, endpoint) = match existing {
-            // One it was heard from stays: the given one is older news.
-            Some(r) if r.public_key == public_key => (r.index, r.endpoint.or(given)),
+            // A given one replaces the stored one (a wrong one can be put
+            // right); the data plane never trades the one it heard for it.
+            Some(r) if r.public_key == public_key => (r.index, given.or(r.endpoint)),
             _ => (self.indices.allocate()?, given),
         };
         let router = Router {
@@ -329,11 +325,13 @@ fn parse_endpoint(text: &str) -> Result<std::net::SocketAddr, ControlError> {
     let endpoint: std::net::SocketAddr = text.trim().parse().map_err(|_| {
         ControlError::field("endpoint", format!("{text:?} is not an address and port"))
     })?;
+    // `[::ffff:224.0.0.1]:1` is 224.0.0.1:1: judged as what it is.
+    let endpoint = crate::core::peer::canonical_endpoint(endpoint);
     if !crate::core::peer::answerable(endpoint) {
         return Err(ControlError::field(
             "endpoint",
             format!("{endpoint} cannot be answered (port 0, or not one host's address)"),
         ));
     }
-    Ok(crate::core::peer::canonical_endpoint(endpoint))
+    Ok(endpoint)
 }

@@ -1114,6 +1114,22 @@ fn preshared_keys_are_set_kept_generated_removed_and_renewed() {
         ..Default::default()
     };
     assert!(!format!("{req:?}").contains(&given.to_base64()));
+    // A new device's key through PUT gets a new one too, unless one is given.
+    let new_device = |psk: Option<String>| RouterRequest {
+        public_key: Some(keys::encode(SecretKey::generate().public().as_bytes())),
+        preshared_key: psk,
+        ..Default::default()
+    };
+    r.put_router(&id("a"), &id("r1"), &new_device(None))
+        .unwrap();
+    let after_put = router_psk(&r).expect("renewed");
+    assert_ne!(after_put, renewed);
+    r.put_router(&id("a"), &id("r1"), &new_device(Some(given.to_base64())))
+        .unwrap();
+    assert_eq!(router_psk(&r), Some(given.clone()));
+    // All zeros is WireGuard's "none".
+    put(&mut r, Some(&keys::encode(&[0; 32]))).unwrap();
+    assert_eq!(router_psk(&r), None);
 
     // Clients the same way; a client without one is re-keyed without one.
     r.put_router(&id("a"), &id("gw"), &Default::default())
@@ -1150,11 +1166,12 @@ fn preshared_keys_are_set_kept_generated_removed_and_renewed() {
     );
 }
 
-/// A router's endpoint given by the caller (a migrated router's last one) is
-/// taken while none is known, never over one it was heard from; one nobody
-/// can answer is refused by name.
+/// A router's endpoint given by the caller (a migrated router's last one)
+/// replaces the stored one, so a wrong one can be put right (the engine keeps
+/// one it heard the router from); one nobody can answer is refused by name,
+/// also dressed as an IPv4-mapped IPv6 address.
 #[test]
-fn a_given_endpoint_fills_in_only_what_is_not_known() {
+fn a_given_endpoint_replaces_the_stored_one() {
     let mut r = registry();
     r.put_tenant(&id("a"), &Default::default(), now()).unwrap();
     let put = |r: &mut Registry, endpoint: &str| {
@@ -1167,22 +1184,25 @@ fn a_given_endpoint_fills_in_only_what_is_not_known() {
     let endpoint = |r: &Registry| r.tenant(&id("a")).unwrap().routers[&id("r1")].endpoint;
     put(&mut r, "198.51.100.7:13231").unwrap();
     assert_eq!(endpoint(&r), Some("198.51.100.7:13231".parse().unwrap()));
+    put(&mut r, "[::ffff:198.51.100.8]:13231").unwrap();
+    assert_eq!(endpoint(&r), Some("198.51.100.8:13231".parse().unwrap()));
     let heard = "203.0.113.9:4000".parse().unwrap();
     r.set_router_endpoint(&id("a"), &id("r1"), heard).unwrap();
-    put(&mut r, "198.51.100.7:13231").unwrap();
-    assert_eq!(endpoint(&r), Some(heard));
+    r.put_router(&id("a"), &id("r1"), &RouterRequest::default())
+        .unwrap();
+    assert_eq!(endpoint(&r), Some(heard), "kept when not given");
     for bad in [
         "198.51.100.7",
         "198.51.100.7:0",
         "0.0.0.0:1",
         "224.0.0.1:1",
         "x:1",
+        "[::ffff:0.0.0.0]:1",
+        "[::ffff:224.0.0.1]:1",
+        "[::ffff:255.255.255.255]:1",
     ] {
         let e = put(&mut r, bad).unwrap_err();
         assert_eq!(e.field_name(), Some("endpoint"), "{bad}");
     }
-    let peer = r.tenant(&id("a")).unwrap().routers[&id("r1")]
-        .peer_config(None)
-        .0;
-    assert_eq!(peer.endpoint, Some(heard));
+    assert_eq!(endpoint(&r), Some(heard), "a refusal changes nothing");
 }

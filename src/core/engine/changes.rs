@@ -28,17 +28,6 @@ impl TunnelEngine {
     pub fn upsert_peer(&mut self, config: PeerConfig, mut index: u32) -> Result<(), EngineError> {
         let key = *config.public_key.as_bytes();
         let mut existing = self.peers.by_key.get(&key).copied();
-        let new_psk = existing
-            .and_then(|id| self.peers.get(id))
-            .is_some_and(|p| p.config.preshared_key != config.preshared_key);
-        if new_psk {
-            // It comes back below, with the same receiver index.
-            if let Some(old) = self.unlink_peer(&key) {
-                index = old;
-            }
-            self.peers.prune_active();
-            existing = None;
-        }
         for prefix in &config.allowed {
             match self.routing.routes.get_exact(*prefix) {
                 Some(&owner) if Some(owner) != existing => {
@@ -46,6 +35,18 @@ impl TunnelEngine {
                 }
                 _ => {}
             }
+        }
+        let new_psk = existing
+            .and_then(|id| self.peers.get(id))
+            .is_some_and(|p| p.config.preshared_key != config.preshared_key);
+        if new_psk {
+            // Checked above, so it does come back below, with the same
+            // receiver index.
+            if let Some(old) = self.unlink_peer(&key) {
+                index = old;
+            }
+            self.peers.prune_active();
+            existing = None;
         }
         let id = match existing {
             Some(id) => {

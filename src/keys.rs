@@ -88,30 +88,32 @@ impl std::fmt::Debug for SecretKey {
 
 /// A peer's preshared key (`wg genpsk`): 32 symmetric bytes mixed into every
 /// handshake with that peer. `Debug` is redacted, comparison constant-time.
+/// Boxed: most peers have none, and `Option<PresharedKey>` is then one
+/// pointer in every peer's state, not 33 bytes.
 #[derive(Clone)]
-pub struct PresharedKey([u8; 32]);
+pub struct PresharedKey(Box<[u8; 32]>);
 
 impl PresharedKey {
     /// A fresh random key, as `wg genpsk` makes one.
     pub fn generate() -> Self {
         let mut bytes = [0u8; 32];
         rand_core::RngCore::fill_bytes(&mut OsRng, &mut bytes);
-        Self(bytes)
+        Self::from_bytes(bytes)
     }
 
     /// From raw bytes.
     pub fn from_bytes(bytes: [u8; 32]) -> Self {
-        Self(bytes)
+        Self(Box::new(bytes))
     }
 
     /// Parses base64 text.
     pub fn parse(text: &str) -> Result<Self, KeyError> {
-        decode(text).map(Self)
+        decode(text).map(Self::from_bytes)
     }
 
     /// The key, for the handshake.
     pub fn to_bytes(&self) -> [u8; 32] {
-        self.0
+        *self.0
     }
 
     /// The key as `wg genpsk` prints it. Only for what a device receives.
@@ -119,6 +121,8 @@ impl PresharedKey {
         encode(&self.0)
     }
 }
+
+const _: () = assert!(std::mem::size_of::<Option<PresharedKey>>() == std::mem::size_of::<usize>());
 
 impl PartialEq for PresharedKey {
     fn eq(&self, other: &Self) -> bool {

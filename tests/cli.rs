@@ -706,7 +706,7 @@ fn an_import_that_stopped_runs_again() {
     let (ok, text) = import();
     assert!(ok, "{text}");
     assert!(
-        text.contains("router Branch-A (line 6): exists, up to date"),
+        text.contains("router Branch-A (line 6): exists, now as the file says"),
         "{text}"
     );
     assert!(
@@ -715,6 +715,33 @@ fn an_import_that_stopped_runs_again() {
     );
     let b_now = app.expect("GET", "/v1/tenants/two/routers/Branch-B", None, 200);
     assert_eq!(b_now["public_key"], b.as_str());
+
+    // The same file as another tenant: its port, subnet and key are taken.
+    // Nothing is made, and the dry run says so before anything goes down.
+    let (ok, text) = run_import(&app, "three", &file);
+    assert!(!ok && text.contains("nothing imported"), "{text}");
+    for taken in [
+        format!("port {port} is tenant two's"),
+        "tunnel key".to_string(),
+        "10.100.0.0/16 overlaps 10.100.0.0/16 of tenant two".to_string(),
+    ] {
+        assert!(text.contains(&taken), "{taken}: {text}");
+    }
+    app.expect("GET", "/v1/tenants/three", None, 404);
+    let out = Command::new(support::binary())
+        .args(["import", "three", "--dry-run"])
+        .arg(&file)
+        .args(["--api", &format!("http://{}", app.api)])
+        .arg("--token-file")
+        .arg(app.state_dir().join("api-token"))
+        .output()
+        .expect("run wgplane import --dry-run");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains(&format!("would be refused: port {port} is tenant two's")),
+        "{said}"
+    );
 }
 
 /// `wgplane import <tenant> <file>` against `app`: whether it succeeded, and

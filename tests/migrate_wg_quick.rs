@@ -313,6 +313,7 @@ fn a_wg_quick_servers_peers_reconnect_unchanged_after_import() {
         "would set the egress policy: pool 10.200.0.0/24 through mikrotik-1",
         "would create client phone-1 (line 19)",
         "PostUp not carried over",
+        "has no tenant in the way",
         "0.0.0.0/0 left out",
     ] {
         assert!(planned.contains(line), "{line}: {planned}");
@@ -377,8 +378,8 @@ fn a_wg_quick_servers_peers_reconnect_unchanged_after_import() {
     let again = import(&[]);
     for line in [
         "exists with this key",
-        "router Branch-A (line 7): exists, up to date",
-        "client phone-1 (line 19): exists, up to date",
+        "router Branch-A (line 7): exists, now as the file says",
+        "client phone-1 (line 19): exists, now as the file says",
     ] {
         assert!(again.contains(line), "{line}: {again}");
     }

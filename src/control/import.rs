@@ -83,6 +83,69 @@ pub struct Options {
     pub gateways: Vec<Ipv4Addr>,
 }
 
+/// A tenant the appliance has already, as its API describes it.
+#[derive(Debug, Clone)]
+pub struct Existing {
+    pub id: String,
+    /// Base64, as the API shows it.
+    pub public_key: String,
+    pub listen_port: u16,
+    pub subnet: Ipv4Net,
+    /// Its egress policy's pool, if it has one.
+    pub pool: Option<Ipv4Net>,
+}
+
+/// What the appliance's other tenants (and one of the same id) would refuse
+/// of `plan` for `tenant`: asked before the old interface goes down, not
+/// found out after. Empty when the import can run.
+pub fn conflicts(plan: &Plan, tenant: &Id, existing: &[Existing]) -> Vec<String> {
+    let public = plan
+        .tenant
+        .private_key
+        .as_deref()
+        .and_then(|k| keys::SecretKey::parse(k).ok())
+        .map(|k| keys::encode(k.public().as_bytes()));
+    let pool = plan
+        .egress
+        .as_ref()
+        .and_then(|e| e.pool.parse::<Ipv4Net>().ok());
+    let ours = [Some(plan.subnet), pool];
+    let mut found = Vec::new();
+    for t in existing {
+        if t.id == tenant.as_str() {
+            let same = public.as_deref() == Some(t.public_key.as_str())
+                && plan.tenant.listen_port.is_none_or(|p| p == t.listen_port)
+                && t.subnet == plan.subnet;
+            if !same {
+                found.push(format!(
+                    "tenant {} exists here with another key, port or subnet (port {}, subnet {})",
+                    t.id, t.listen_port, t.subnet
+                ));
+            }
+            continue;
+        }
+        if plan.tenant.listen_port == Some(t.listen_port) {
+            found.push(format!("port {} is tenant {}'s", t.listen_port, t.id));
+        }
+        if public.as_deref() == Some(t.public_key.as_str()) {
+            found.push(format!("the private key is tenant {}'s tunnel key", t.id));
+        }
+        let theirs = [Some(t.subnet), t.pool];
+        for mine in ours.iter().flatten() {
+            for other in theirs.iter().flatten() {
+                if alloc::overlaps(IpNet::V4(*mine), IpNet::V4(*other)) {
+                    found.push(format!(
+                        "{mine} overlaps {other} of tenant {} (one appliance routes each \
+                         address to one tenant: give this one other addresses, or another appliance)",
+                        t.id
+                    ));
+                }
+            }
+        }
+    }
+    found
+}
+
 /// Plans the import of `conf`.
 pub fn plan(conf: &WgConf, options: &Options) -> Result<Plan, ImportError> {
     let mut problems = Vec::new();
@@ -114,6 +177,14 @@ pub fn plan(conf: &WgConf, options: &Options) -> Result<Plan, ImportError> {
              import a copy made before it"
                 .into(),
         );
+    }
+    let kept_up = conf.peers.iter().filter(|p| p.keepalive.is_some()).count();
+    if kept_up > 0 {
+        notes.push(format!(
+            "PersistentKeepalive on {kept_up} peers not carried over: the appliance keeps \
+             every peer up or none (tunnels.keepalive_secs in its config file, off by \
+             default): set it to 25 if the routers behind NAT do not send their own"
+        ));
     }
     if !iface.host_keys.is_empty() {
         notes.push(format!(
@@ -356,7 +427,8 @@ fn router(
         if net.prefix_len() == 0 {
             notes.push(format!(
                 "{who}: {net} left out: traffic leaves through a router by an egress \
-                 policy here (PUT /v1/tenants/{{id}}/egress)"
+                 policy here (PUT /v1/tenants/{{id}}/egress); add its own LAN prefixes \
+                 to its allowed_ips, or its packets from them are dropped as spoofed"
             ));
         } else if *net != IpNet::V4(Ipv4Net::from(vpn_ip)) {
             allowed_ips.push(net.trunc().to_string());
@@ -730,5 +802,69 @@ mod tests {
                 "{at} {what}: {problem}"
             );
         }
+    }
+
+    #[test]
+    fn the_appliances_other_tenants_are_asked_first() {
+        let c = conf(
+            "Address = 10.100.0.1/16\nListenPort = 51820",
+            &format!("[Peer]\nPublicKey = {A}\nAllowedIPs = 10.100.0.40/32"),
+        );
+        let options = Options {
+            pool: Some("10.200.0.0/24".parse().unwrap()),
+            gateways: vec!["10.100.0.40".parse().unwrap()],
+            ..Options::default()
+        };
+        let p = plan(&c, &options).unwrap();
+        let ours = keys::encode(keys::SecretKey::parse(KEY).unwrap().public().as_bytes());
+        let tenant = Id::parse("kitonga", "tenant").unwrap();
+        let other = |id: &str, port: u16, subnet: &str, pool: Option<&str>| Existing {
+            id: id.into(),
+            public_key: B.into(),
+            listen_port: port,
+            subnet: subnet.parse().unwrap(),
+            pool: pool.map(|p| p.parse().unwrap()),
+        };
+        assert!(conflicts(
+            &p,
+            &tenant,
+            &[other("b", 51821, "10.101.0.0/16", Some("10.201.0.0/24"))]
+        )
+        .is_empty());
+        // The same tenant again (a re-run) is no conflict; with another key it is.
+        let again = Existing {
+            public_key: ours.clone(),
+            ..other("kitonga", 51820, "10.100.0.0/16", None)
+        };
+        assert!(conflicts(&p, &tenant, std::slice::from_ref(&again)).is_empty());
+        let moved = Existing {
+            public_key: B.into(),
+            ..again
+        };
+        assert_eq!(conflicts(&p, &tenant, &[moved]).len(), 1);
+        // Every tenant set up alike: the second one cannot come.
+        let alike = conflicts(
+            &p,
+            &tenant,
+            &[other(
+                "first",
+                51820,
+                "10.100.0.0/16",
+                Some("10.200.0.0/24"),
+            )],
+        );
+        assert_eq!(alike.len(), 3, "{alike:?}");
+        assert!(
+            alike[0].contains("port 51820 is tenant first's"),
+            "{alike:?}"
+        );
+        assert!(
+            alike[1].contains("10.100.0.0/16 overlaps 10.100.0.0/16"),
+            "{alike:?}"
+        );
+        assert!(
+            alike[2].contains("10.200.0.0/24 overlaps 10.200.0.0/24"),
+            "{alike:?}"
+        );
     }
 }

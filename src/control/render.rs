@@ -207,6 +207,13 @@ pub fn router_script(
         tenant.listen_port,
         allowed.join(",")
     );
+    // A router moved from kernel WireGuard (`wgplane import`) has a peer
+    // with the appliance's key already, without the comment: it is adopted,
+    // not doubled.
+    line(format_args!(
+        "/interface wireguard peers set [find public-key={}] comment={comment}",
+        ros_quote(&keys::encode(tenant.public_key.as_bytes()))
+    ));
     line(format_args!(
         ":if ([:len [/interface wireguard peers find comment={comment}]] = 0) do={{/interface wireguard peers add interface={ifname} {peer} comment={comment}}} else={{/interface wireguard peers set [find comment={comment}] interface={ifname} {peer}}}"
     ));

@@ -87,6 +87,8 @@ pub struct PeerSection {
     pub allowed_ips: Vec<IpNet>,
     /// `Endpoint`, as written.
     pub endpoint: Option<String>,
+    /// `PersistentKeepalive`, in seconds, when on.
+    pub keepalive: Option<u16>,
 }
 
 /// A whole configuration.
@@ -104,6 +106,7 @@ struct OpenPeer {
     preshared_key: Option<PresharedKey>,
     allowed_ips: Vec<IpNet>,
     endpoint: Option<String>,
+    keepalive: Option<u16>,
 }
 
 impl OpenPeer {
@@ -117,6 +120,7 @@ impl OpenPeer {
             preshared_key: self.preshared_key,
             allowed_ips: self.allowed_ips,
             endpoint: self.endpoint,
+            keepalive: self.keepalive,
         })
     }
 }
@@ -189,6 +193,7 @@ pub fn parse(text: &str) -> Result<WgConf, WgConfError> {
                     preshared_key: None,
                     allowed_ips: Vec::new(),
                     endpoint: None,
+                    keepalive: None,
                 }),
                 _ => return Err(WgConfError::UnknownSection { line }),
             };
@@ -296,7 +301,7 @@ fn peer_key(peer: &mut OpenPeer, setting: &Setting) -> Result<(), WgConfError> {
             }
         }
         "endpoint" => peer.endpoint = Some(value.to_string()),
-        "persistentkeepalive" => {}
+        "persistentkeepalive" => peer.keepalive = value.parse().ok().filter(|&k| k > 0),
         _ => {
             return Err(WgConfError::UnknownKey {
                 line,

@@ -13,7 +13,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
-use wgplane::control::import::{plan, Options, Plan, Planned};
+use wgplane::control::import::{conflicts, plan, Existing, Options, Plan, Planned};
 use wgplane::control::{wgconf, Id};
 
 use crate::cli::ImportArgs;
@@ -34,11 +34,36 @@ pub(crate) fn import(args: ImportArgs) -> Result<()> {
     for note in &plan.notes {
         println!("note: {note}");
     }
+    let base = api_base(&args.api);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let api = connect(&args, &base);
     if args.dry_run {
         print_plan(&tenant, &plan);
+        // The appliance's other tenants are asked too, when it can be: what
+        // they would refuse is better known before the old interface goes down.
+        let asked = match &api {
+            Ok(api) => runtime.block_on(existing(api)),
+            Err(e) => Err(anyhow::anyhow!("{e:#}")),
+        };
+        match asked {
+            Ok(existing) => {
+                let found = conflicts(&plan, &tenant, &existing);
+                for conflict in &found {
+                    println!("would be refused: {conflict}");
+                }
+                if found.is_empty() {
+                    println!("the appliance at {base} has no tenant in the way");
+                }
+            }
+            Err(e) => println!(
+                "note: the appliance was not asked ({e}): its other tenants may still refuse \
+                 the port, the subnet or the pool"
+            ),
+        }
         return Ok(());
     }
-    let base = api_base(&args.api);
     if !args.allow_plain_http && !private_on_the_way(&base) {
         bail!(
             "{base} is plain HTTP to another host, and the import sends the tunnel's private \
@@ -46,10 +71,22 @@ pub(crate) fn import(args: ImportArgs) -> Result<()> {
              (https://), or give --allow-plain-http"
         );
     }
+    let api = api?;
+    runtime.block_on(async {
+        let found = conflicts(&plan, &tenant, &existing(&api).await?);
+        if !found.is_empty() {
+            bail!("nothing imported: {}", found.join("; "));
+        }
+        send(&api, &tenant, &plan).await
+    })
+}
+
+/// A client of the API at `base` with the token of `args`.
+fn connect(args: &ImportArgs, base: &str) -> Result<Api> {
     let token = std::fs::read_to_string(&args.token_file)
         .with_context(|| format!("cannot read the API token in {}", args.token_file.display()))?;
-    let api = Api {
-        base: format!("{base}/v1/tenants/{tenant}"),
+    Ok(Api {
+        root: format!("{base}/v1"),
         token: token.trim().to_string(),
         client: reqwest::Client::builder()
             // The appliance is asked directly, never through the environment's proxy.
@@ -58,11 +95,43 @@ pub(crate) fn import(args: ImportArgs) -> Result<()> {
             .redirect(reqwest::redirect::Policy::none())
             .timeout(Duration::from_secs(30))
             .build()?,
-    };
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?
-        .block_on(send(&api, &tenant, &plan))
+    })
+}
+
+/// The appliance's tenants, with their pools.
+async fn existing(api: &Api) -> Result<Vec<Existing>> {
+    let (status, list) = api.call(reqwest::Method::GET, "/tenants", None).await?;
+    anyhow::ensure!(
+        status == 200,
+        "GET /v1/tenants answered {}",
+        refusal(status, &list)
+    );
+    let mut out = Vec::new();
+    for t in list.as_array().into_iter().flatten() {
+        let id = t["tenant_id"].as_str().unwrap_or_default().to_string();
+        let (status, egress) = api
+            .call(reqwest::Method::GET, &format!("/tenants/{id}/egress"), None)
+            .await?;
+        out.push(Existing {
+            public_key: t["server_public_key"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+            listen_port: t["listen_port"]
+                .as_u64()
+                .and_then(|p| u16::try_from(p).ok())
+                .unwrap_or(0),
+            subnet: t["subnet_cidr"]
+                .as_str()
+                .and_then(|s| s.parse().ok())
+                .context("a tenant without a subnet in GET /v1/tenants")?,
+            pool: (status == 200)
+                .then(|| egress["pool"].as_str().and_then(|p| p.parse().ok()))
+                .flatten(),
+            id,
+        });
+    }
+    Ok(out)
 }
 
 /// The API's address without a trailing `/`, `http://` unless it names a scheme.
@@ -148,8 +217,8 @@ fn with_psk(psk: Option<&str>) -> &'static str {
 }
 
 struct Api {
-    /// `…/v1/tenants/{tenant}`.
-    base: String,
+    /// `…/v1`.
+    root: String,
     token: String,
     client: reqwest::Client,
 }
@@ -162,7 +231,7 @@ impl Api {
         path: &str,
         body: Option<Value>,
     ) -> Result<(u16, Value)> {
-        let url = format!("{}{path}", self.base);
+        let url = format!("{}{path}", self.root);
         let mut request = self.client.request(method, &url).bearer_auth(&self.token);
         if let Some(body) = body {
             request = request.json(&body);
@@ -174,6 +243,13 @@ impl Api {
         let status = response.status().as_u16();
         let text = response.text().await.unwrap_or_default();
         Ok((status, serde_json::from_str(&text).unwrap_or(Value::Null)))
+    }
+}
+
+impl Api {
+    /// A `PUT` of `body` to `path`.
+    async fn put(&self, path: &str, body: Value) -> Result<(u16, Value)> {
+        self.call(reqwest::Method::PUT, path, Some(body)).await
     }
 }
 
@@ -193,7 +269,7 @@ async fn send(api: &Api, tenant: &Id, plan: &Plan) -> Result<()> {
         "subnet": plan.tenant.subnet,
         "private_key": plan.tenant.private_key,
     });
-    let (status, answer) = api.call(reqwest::Method::PUT, "", Some(body)).await?;
+    let (status, answer) = api.put(&format!("/tenants/{tenant}"), body).await?;
     match status {
         201 => println!(
             "tenant {tenant}: created, port {}, subnet {}, public key {}",
@@ -216,20 +292,21 @@ async fn send(api: &Api, tenant: &Id, plan: &Plan) -> Result<()> {
             "preshared_key": r.request.preshared_key,
             "endpoint": r.request.endpoint,
         });
-        failed +=
-            usize::from(!put_peer(api, "router", r, r.request.public_key.as_deref(), body).await?);
+        failed += put_peer(api, tenant, "router", r, body).await?;
     }
     if failed > 0 {
+        let phones = match plan.egress.is_some() {
+            true => " (nor the egress policy and the phones: they stay cut off until it runs to the end)",
+            false => "",
+        };
         bail!(
-            "{failed} of {} routers not imported; fix them and run the import again",
+            "{failed} of {} routers not imported{phones}; fix them and run the import again",
             plan.routers.len()
         );
     }
     if let Some(egress) = &plan.egress {
         let body = serde_json::json!({"pool": egress.pool, "gateways": egress.gateways});
-        let (status, answer) = api
-            .call(reqwest::Method::PUT, "/egress", Some(body))
-            .await?;
+        let (status, answer) = api.put(&format!("/tenants/{tenant}/egress"), body).await?;
         match status {
             200 | 201 => println!(
                 "egress policy: pool {} through {}",
@@ -246,8 +323,7 @@ async fn send(api: &Api, tenant: &Id, plan: &Plan) -> Result<()> {
             "vpn_ip": c.request.vpn_ip,
             "preshared_key": c.request.preshared_key,
         });
-        failed +=
-            usize::from(!put_peer(api, "client", c, c.request.public_key.as_deref(), body).await?);
+        failed += put_peer(api, tenant, "client", c, body).await?;
     }
     let peers = plan.routers.len() + plan.clients.len();
     if failed > 0 {
@@ -262,34 +338,35 @@ async fn send(api: &Api, tenant: &Id, plan: &Plan) -> Result<()> {
 }
 
 /// Creates one router or client (`kind`) unless its id holds another key
-/// here; says what happened. False when it was not imported.
+/// here; says what happened. 1 when it was not imported, else 0.
 async fn put_peer<R>(
     api: &Api,
+    tenant: &Id,
     kind: &str,
     peer: &Planned<R>,
-    public_key: Option<&str>,
     body: Value,
-) -> Result<bool> {
+) -> Result<usize> {
+    let public_key = body["public_key"].as_str();
     let (id, line) = (&peer.id, peer.line);
-    let path = format!("/{kind}s/{id}");
+    let path = format!("/tenants/{tenant}/{kind}s/{id}");
     let (status, existing) = api.call(reqwest::Method::GET, &path, None).await?;
     if status == 200 && existing["public_key"].as_str() != public_key {
         println!("{kind} {id} (line {line}): not imported: the id is another key's {kind} here");
-        return Ok(false);
+        return Ok(1);
     }
-    let (status, answer) = api.call(reqwest::Method::PUT, &path, Some(body)).await?;
+    let (status, answer) = api.put(&path, body).await?;
     match status {
         201 => println!("{kind} {id} (line {line}): created, {}", answer["vpn_ip"]),
-        200 => println!("{kind} {id} (line {line}): exists, up to date"),
+        200 => println!("{kind} {id} (line {line}): exists, now as the file says"),
         _ => {
             println!(
                 "{kind} {id} (line {line}): refused ({})",
                 refusal(status, &answer)
             );
-            return Ok(false);
+            return Ok(1);
         }
     }
-    Ok(true)
+    Ok(0)
 }
 
 #[cfg(test)]

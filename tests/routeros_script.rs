@@ -90,7 +90,7 @@ fn gateway_script_snapshot() {
 /system identity set name="Gateway \"Main\" \$1"
 :if ([:len [/interface wireguard find name=wgplane-kitonga]] = 0) do={{/interface wireguard add name=wgplane-kitonga comment="wgplane kitonga"}}
 /interface wireguard set [find name=wgplane-kitonga] mtu=1420 private-key="{private}" comment="wgplane kitonga"
-/interface wireguard peers set [find public-key="{server}"] comment="wgplane kitonga"
+:if ([:len [/interface wireguard peers find comment="wgplane kitonga"]] = 0) do={{/interface wireguard peers set [find interface=wgplane-kitonga public-key="{server}"] comment="wgplane kitonga"}}
 :if ([:len [/interface wireguard peers find comment="wgplane kitonga"]] = 0) do={{/interface wireguard peers add interface=wgplane-kitonga public-key="{server}" endpoint-address="vpn.example.com" endpoint-port=51820 allowed-address=10.100.0.0/16,10.200.0.0/24 persistent-keepalive=25s comment="wgplane kitonga"}} else={{/interface wireguard peers set [find comment="wgplane kitonga"] interface=wgplane-kitonga public-key="{server}" endpoint-address="vpn.example.com" endpoint-port=51820 allowed-address=10.100.0.0/16,10.200.0.0/24 persistent-keepalive=25s}}
 :do {{/interface wireguard peers set [find comment="wgplane kitonga"] preshared-key=""}} on-error={{}}
 :if ([:len [/ip address find comment="wgplane kitonga" address=10.100.0.40/32]] = 0) do={{/ip address add address=10.100.0.40/32 interface=wgplane-kitonga comment="wgplane kitonga"}}
@@ -127,7 +127,7 @@ fn branch_script_snapshot() {
 # Remove the peers and addresses of an earlier hub on it first: their allowed addresses would overlap.
 :if ([:len [/interface wireguard find public-key="{own}"]] = 0) do={{:error "no WireGuard interface holds the private key of {own}"}}
 /interface wireguard set [find public-key="{own}"] name=wgplane-kitonga mtu=1420 comment="wgplane kitonga"
-/interface wireguard peers set [find public-key="{server}"] comment="wgplane kitonga"
+:if ([:len [/interface wireguard peers find comment="wgplane kitonga"]] = 0) do={{/interface wireguard peers set [find interface=wgplane-kitonga public-key="{server}"] comment="wgplane kitonga"}}
 :if ([:len [/interface wireguard peers find comment="wgplane kitonga"]] = 0) do={{/interface wireguard peers add interface=wgplane-kitonga public-key="{server}" endpoint-address="203.0.113.1" endpoint-port=51820 allowed-address=10.100.0.0/16 persistent-keepalive=25s comment="wgplane kitonga"}} else={{/interface wireguard peers set [find comment="wgplane kitonga"] interface=wgplane-kitonga public-key="{server}" endpoint-address="203.0.113.1" endpoint-port=51820 allowed-address=10.100.0.0/16 persistent-keepalive=25s}}
 :do {{/interface wireguard peers set [find comment="wgplane kitonga"] preshared-key=""}} on-error={{}}
 :if ([:len [/ip address find comment="wgplane kitonga" address=10.100.1.1/32]] = 0) do={{/ip address add address=10.100.1.1/32 interface=wgplane-kitonga comment="wgplane kitonga"}}
@@ -195,7 +195,7 @@ fn ipv6_address_script_snapshot() {
 # Remove the peers and addresses of an earlier hub on it first: their allowed addresses would overlap.
 :if ([:len [/interface wireguard find public-key="{own}"]] = 0) do={{:error "no WireGuard interface holds the private key of {own}"}}
 /interface wireguard set [find public-key="{own}"] name=wgplane-kitonga mtu=1420 comment="wgplane kitonga"
-/interface wireguard peers set [find public-key="{server}"] comment="wgplane kitonga"
+:if ([:len [/interface wireguard peers find comment="wgplane kitonga"]] = 0) do={{/interface wireguard peers set [find interface=wgplane-kitonga public-key="{server}"] comment="wgplane kitonga"}}
 :if ([:len [/interface wireguard peers find comment="wgplane kitonga"]] = 0) do={{/interface wireguard peers add interface=wgplane-kitonga public-key="{server}" endpoint-address="203.0.113.1" endpoint-port=51820 allowed-address=10.100.0.0/16,fd77:7770:a64::/64 persistent-keepalive=25s comment="wgplane kitonga"}} else={{/interface wireguard peers set [find comment="wgplane kitonga"] interface=wgplane-kitonga public-key="{server}" endpoint-address="203.0.113.1" endpoint-port=51820 allowed-address=10.100.0.0/16,fd77:7770:a64::/64 persistent-keepalive=25s}}
 :do {{/interface wireguard peers set [find comment="wgplane kitonga"] preshared-key=""}} on-error={{}}
 :if ([:len [/ip address find comment="wgplane kitonga" address=10.100.1.1/32]] = 0) do={{/ip address add address=10.100.1.1/32 interface=wgplane-kitonga comment="wgplane kitonga"}}

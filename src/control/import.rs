@@ -93,6 +93,8 @@ pub struct Existing {
     pub subnet: Ipv4Net,
     /// Its egress policy's pool, if it has one.
     pub pool: Option<Ipv4Net>,
+    /// TUN mode: host prefixes its routers reach through the host.
+    pub host_prefixes: Vec<IpNet>,
 }
 
 /// What the appliance's other tenants (and one of the same id) would refuse
@@ -130,10 +132,14 @@ pub fn conflicts(plan: &Plan, tenant: &Id, existing: &[Existing]) -> Vec<String>
         if public.as_deref() == Some(t.public_key.as_str()) {
             found.push(format!("the private key is tenant {}'s tunnel key", t.id));
         }
-        let theirs = [Some(t.subnet), t.pool];
-        for mine in ours.iter().flatten() {
-            for other in theirs.iter().flatten() {
-                if alloc::overlaps(IpNet::V4(*mine), IpNet::V4(*other)) {
+        let theirs = [Some(t.subnet), t.pool]
+            .into_iter()
+            .flatten()
+            .map(IpNet::V4)
+            .chain(t.host_prefixes.iter().copied());
+        for other in theirs {
+            for mine in ours.iter().flatten() {
+                if alloc::overlaps(IpNet::V4(*mine), other) {
                     found.push(format!(
                         "{mine} overlaps {other} of tenant {} (one appliance routes each \
                          address to one tenant: give this one other addresses, or another appliance)",
@@ -824,6 +830,7 @@ mod tests {
             listen_port: port,
             subnet: subnet.parse().unwrap(),
             pool: pool.map(|p| p.parse().unwrap()),
+            host_prefixes: Vec::new(),
         };
         assert!(conflicts(
             &p,
@@ -865,6 +872,17 @@ mod tests {
         assert!(
             alike[2].contains("10.200.0.0/24 overlaps 10.200.0.0/24"),
             "{alike:?}"
+        );
+        // A host prefix of another tenant (TUN mode) holds its addresses too.
+        let hosting = Existing {
+            host_prefixes: vec!["10.200.0.0/16".parse().unwrap()],
+            ..other("c", 51822, "10.102.0.0/16", None)
+        };
+        let held = conflicts(&p, &tenant, &[hosting]);
+        assert_eq!(held.len(), 1, "{held:?}");
+        assert!(
+            held[0].contains("10.200.0.0/24 overlaps 10.200.0.0/16 of tenant c"),
+            "{held:?}"
         );
     }
 }

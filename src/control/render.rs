@@ -208,10 +208,10 @@ pub fn router_script(
         allowed.join(",")
     );
     // A router moved from kernel WireGuard (`wgplane import`) has a peer
-    // with the appliance's key already, without the comment: it is adopted,
-    // not doubled.
+    // with the appliance's key already on this interface, without the
+    // comment: it is adopted, not doubled (only while none has the comment).
     line(format_args!(
-        "/interface wireguard peers set [find public-key={}] comment={comment}",
+        ":if ([:len [/interface wireguard peers find comment={comment}]] = 0) do={{/interface wireguard peers set [find interface={ifname} public-key={}] comment={comment}}}",
         ros_quote(&keys::encode(tenant.public_key.as_bytes()))
     ));
     line(format_args!(

@@ -5,8 +5,10 @@
 //! library's ([`wgplane::control::wgconf`], [`wgplane::control::import`]);
 //! this sends the requests in order and says what each did. The requests are
 //! the API's ordinary `PUT`s, so an import that stopped (a router refused, the
-//! appliance restarted) can be run again: what exists already and matches is
-//! left as it is, and a router id held by another key is not touched.
+//! appliance restarted) can be run again: what exists already is made as the
+//! file says, and a router id held by another key is not touched. Before the
+//! first `PUT` (and in a dry run) it asks the appliance what its other tenants
+//! hold.
 
 use std::time::Duration;
 
@@ -38,7 +40,14 @@ pub(crate) fn import(args: ImportArgs) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let api = connect(&args, &base);
+    // Both runs send the API token; the real one the tunnel's private key too.
+    let safe = args.allow_plain_http || private_on_the_way(&base);
+    let api = match safe {
+        true => connect(&args, &base),
+        false => Err(anyhow::anyhow!(
+            "{base} is plain HTTP to another host, which would carry the API token"
+        )),
+    };
     if args.dry_run {
         print_plan(&tenant, &plan);
         // The appliance's other tenants are asked too, when it can be: what
@@ -64,11 +73,11 @@ pub(crate) fn import(args: ImportArgs) -> Result<()> {
         }
         return Ok(());
     }
-    if !args.allow_plain_http && !private_on_the_way(&base) {
+    if !safe {
         bail!(
-            "{base} is plain HTTP to another host, and the import sends the tunnel's private \
-             key: run it on the appliance's host (--api http://127.0.0.1:…), through TLS \
-             (https://), or give --allow-plain-http"
+            "{base} is plain HTTP to another host, and the import sends the API token and the \
+             tunnel's private key: run it on the appliance's host (--api http://127.0.0.1:…), \
+             through TLS (https://), or give --allow-plain-http"
         );
     }
     let api = api?;
@@ -128,6 +137,12 @@ async fn existing(api: &Api) -> Result<Vec<Existing>> {
             pool: (status == 200)
                 .then(|| egress["pool"].as_str().and_then(|p| p.parse().ok()))
                 .flatten(),
+            host_prefixes: t["host_prefixes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|p| p.as_str()?.parse().ok())
+                .collect(),
             id,
         });
     }

@@ -21,7 +21,8 @@
 //!   while another thread scrapes `GET /metrics` back to back; then the first
 //!   adds deleted again (`DELETE`), at both sizes;
 //! - **a scrape**: wall time, the appliance's CPU and the size of `GET /metrics`
-//!   at N x M peers and at the small state.
+//!   at N x M peers and at the small state, as it is and gzip-compressed (as
+//!   Prometheus asks for it).
 //!
 //! The state directories are written directly through the library's `Registry` and
 //! `Store` (the same files `wgplane run --state-dir` opens: `state.db`, `master-key`,
@@ -558,23 +559,28 @@ impl Appliance {
         ms
     }
 
-    /// `count` scrapes of `GET /metrics`: wall times in ms (sorted), the size
-    /// of the last answer in bytes, and the appliance's CPU per scrape.
-    fn scrape(&self, http: &reqwest::blocking::Client, count: usize) -> Scrapes {
+    /// `count` scrapes of `GET /metrics`, gzip-compressed as Prometheus asks
+    /// for them (`gzip`) or not: wall times in ms (sorted), the size of the
+    /// last answer in bytes, and the appliance's CPU per scrape.
+    fn scrape(&self, http: &reqwest::blocking::Client, count: usize, gzip: bool) -> Scrapes {
         let url = self.api.replace("/v1", "/metrics");
         let mut ms = Vec::with_capacity(count);
         let mut bytes = 0;
         let cpu0 = self.cpu_time();
         for _ in 0..count {
             let t0 = Instant::now();
-            let response = http
-                .get(&url)
-                .send()
-                .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+            let mut request = http.get(&url);
+            if gzip {
+                request = request.header("accept-encoding", "gzip");
+            }
+            let response = request.send().unwrap_or_else(|e| panic!("GET {url}: {e}"));
             let status = response.status();
+            let headers = response.headers().clone();
             let text = response.bytes().unwrap_or_default();
             ms.push(t0.elapsed().as_secs_f64() * 1e3);
             assert_eq!(status.as_u16(), 200, "GET {url} answered {status}");
+            let encoding = response_encoding(&headers);
+            assert_eq!(encoding, gzip.then_some("gzip"), "GET {url}: its encoding");
             bytes = text.len();
         }
         let cpu_ms = (self.cpu_time() - cpu0).as_secs_f64() * 1e3 / count.max(1) as f64;
@@ -626,6 +632,8 @@ struct Run {
     commits: Option<Vec<f64>>,
     /// `GET /metrics` after the adds.
     scrapes: Scrapes,
+    /// The same, gzip-compressed (as Prometheus asks for it).
+    scrapes_gzip: Scrapes,
     /// The adds again, with `GET /metrics` running back to back meanwhile.
     adds_scraping: Option<Vec<f64>>,
     /// The routers of the first adds deleted again.
@@ -672,7 +680,8 @@ fn measure(
     let tenants = state.tenants.max(1);
     let adds_count = adds;
     let adds = (adds > 0).then(|| app.add_routers(http, tenants, adds_count, "scale-add"));
-    let scrapes = app.scrape(http, SCRAPES);
+    let scrapes = app.scrape(http, SCRAPES, false);
+    let scrapes_gzip = app.scrape(http, SCRAPES, true);
     // The same adds again while `GET /metrics` runs back to back: a scrape
     // must not hold changes up.
     let adds_scraping = (adds_count > 0).then(|| {
@@ -680,7 +689,7 @@ fn measure(
         std::thread::scope(|s| {
             s.spawn(|| {
                 while !done.load(Ordering::Relaxed) {
-                    app.scrape(http, 1);
+                    app.scrape(http, 1, false);
                 }
             });
             let v = app.add_routers(http, tenants, adds_count, "scraping-add");
@@ -708,9 +717,26 @@ fn measure(
         adds,
         commits,
         scrapes,
+        scrapes_gzip,
         adds_scraping,
         deletes,
     }
+}
+
+/// The `Content-Encoding` of an answer, if any.
+fn response_encoding(headers: &reqwest::header::HeaderMap) -> Option<&str> {
+    headers
+        .get(reqwest::header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+}
+
+/// A run's scrapes, for the JSON report.
+fn scrapes_json(s: &Scrapes) -> serde_json::Value {
+    serde_json::json!({
+        "wall_ms": latency_json(&s.ms),
+        "cpu_ms_per_scrape": s.cpu_ms,
+        "bytes": s.bytes,
+    })
 }
 
 /// Scrapes of `GET /metrics` per appliance.
@@ -1054,15 +1080,20 @@ fn main() {
         verdict(p(during, 0.99) < 5.0)
     );
     for r in [full, small_run] {
-        let v = &r.scrapes.ms;
-        println!(
-            "| `GET /metrics` at {} peers: wall p50 / max, appliance CPU per scrape, size | {:.0} / {:.0} ms, {:.0} ms, {:.1} MiB | | |",
-            r.total_peers(),
-            p(v, 0.5),
-            v.last().copied().unwrap_or(0.0),
-            r.scrapes.cpu_ms,
-            mib(r.scrapes.bytes as u64)
-        );
+        for (how, scrapes) in [
+            ("", &r.scrapes),
+            (" (gzip, as Prometheus asks)", &r.scrapes_gzip),
+        ] {
+            let v = &scrapes.ms;
+            println!(
+                "| `GET /metrics`{how} at {} peers: wall p50 / max, appliance CPU per scrape, size | {:.0} / {:.0} ms, {:.0} ms, {:.1} MiB | | |",
+                r.total_peers(),
+                p(v, 0.5),
+                v.last().copied().unwrap_or(0.0),
+                scrapes.cpu_ms,
+                mib(scrapes.bytes as u64)
+            );
+        }
     }
     println!(
         "| idle CPU over {} s: empty / tunnels only / full | {:.0} / {:.0} / {:.0} ms | full ~ tunnels only (timers follow active peers) | |",
@@ -1098,6 +1129,9 @@ fn main() {
                 "adds": r.adds.as_deref().map(latency_json),
                 "deletes": r.deletes.as_deref().map(latency_json),
                 "commit_floor": r.commits.as_deref().map(latency_json),
+                "adds_while_scraping": r.adds_scraping.as_deref().map(latency_json),
+                "scrapes": scrapes_json(&r.scrapes),
+                "scrapes_gzip": scrapes_json(&r.scrapes_gzip),
             })
         };
         let report = json!({

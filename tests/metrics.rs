@@ -287,3 +287,40 @@ fn per_peer_series_can_be_turned_off() {
     assert_eq!((routers("connected"), routers("pending")), (1.0, 1.0));
     assert_eq!(sample(&text, "wgplane_handshakes_total", &[t]), 1.0);
 }
+
+/// Prometheus asks for gzip: the real server sends the same series
+/// compressed, and says so.
+#[test]
+fn a_scrape_in_gzip_as_prometheus_asks() {
+    use std::io::Read;
+    let app = Appliance::start();
+    app.expect("PUT", "/v1/tenants/kitonga", None, 201);
+    let (_, gw_public) = keypair();
+    let body = format!(r#"{{"name":"gate","public_key":"{gw_public}"}}"#);
+    app.expect("PUT", "/v1/tenants/kitonga/routers/gate", Some(&body), 201);
+    let answer = reqwest::blocking::Client::new()
+        .get(format!("http://{}/metrics", app.api))
+        .header("accept-encoding", "gzip")
+        .send()
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    assert_eq!(answer.headers()["content-encoding"], "gzip");
+    assert_eq!(answer.headers()["vary"], "accept-encoding");
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(answer)
+        .read_to_string(&mut text)
+        .unwrap();
+    let plain = app.scrape();
+    let families = |t: &str| -> Vec<String> {
+        t.lines()
+            .filter(|l| l.starts_with("# TYPE"))
+            .map(str::to_owned)
+            .collect()
+    };
+    assert_eq!(families(&text), families(&plain));
+    let labels = [r#"tenant="kitonga""#, r#"friendly_name="gate""#];
+    assert_eq!(
+        sample(&text, "wireguard_received_bytes_total", &labels),
+        0.0
+    );
+}

@@ -1,5 +1,6 @@
 //! Everything a caller puts in an API request before a handler sees it: the body
-//! (decoded as the handlers decode it), the query string, path ids and keys.
+//! (decoded as the handlers decode it), the query string, path ids and keys,
+//! and the `Accept-Encoding` of a scrape.
 //! Never a panic; every refusal is a 4xx that names a field or the body.
 #![no_main]
 
@@ -23,6 +24,24 @@ fn body<T: serde::de::DeserializeOwned>(data: &[u8]) {
     }
 }
 
+/// `Accept-Encoding`: the order of the items does not matter, a refusal of
+/// gzip added anywhere wins, and gzip is only ever sent to a client that
+/// named it or `*`.
+fn accept_encoding(text: &str) {
+    use wgplane::api::accepts_gzip;
+    let lines: Vec<&str> = text.split('\n').collect();
+    let accepted = accepts_gzip(lines.iter().copied());
+    let items: Vec<&str> = lines.iter().flat_map(|l| l.split(',')).collect();
+    let reversed: Vec<&str> = items.iter().rev().copied().collect();
+    assert_eq!(accepts_gzip([reversed.join(",").as_str()]), accepted, "{text:?}");
+    let refused = format!("{},gzip;q=0", items.join(","));
+    assert!(!accepts_gzip([refused.as_str()]), "{refused:?}");
+    if accepted {
+        let lower = text.to_ascii_lowercase();
+        assert!(lower.contains("gzip") || lower.contains('*'), "{text:?}");
+    }
+}
+
 fuzz_target!(|data: &[u8]| {
     body::<TenantRequest>(data);
     body::<RouterRequest>(data);
@@ -38,4 +57,5 @@ fuzz_target!(|data: &[u8]| {
         assert!(id.as_str() != "." && id.as_str() != "..");
     }
     let _ = wgplane::keys::decode(&text);
+    accept_encoding(&text);
 });

@@ -12,6 +12,7 @@ mod error;
 mod events;
 mod handlers;
 mod metrics;
+pub use metrics::accepts_gzip;
 mod params;
 pub mod server;
 pub mod supervisor;

@@ -119,7 +119,7 @@ pub async fn count_requests(
 /// peer (0.2 s of CPU at 100,000 peers), and compressing it run on a blocking
 /// thread, so that neither API changes nor the tunnels' worker threads wait for
 /// a scrape.
-#[utoipa::path(get, path = "/metrics", tag = "operations", security(()), responses((status = 200, description = "Prometheus text exposition", content_type = "text/plain", body = String), (status = 503, description = "Another scrape was under way for more than 10 s", content_type = "text/plain", body = String)))]
+#[utoipa::path(get, path = "/metrics", tag = "operations", security(()), responses((status = 200, description = "Prometheus text exposition, gzip-compressed when the request's Accept-Encoding takes gzip (as Prometheus sends it)", content_type = "text/plain", body = String, headers(("Content-Encoding" = String, description = "gzip when compressed, absent otherwise"), ("Vary" = String, description = "accept-encoding"))), (status = 503, description = "Another scrape was under way for more than 10 s", content_type = "text/plain", body = String)))]
 pub async fn scrape(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
     // Lossy: a line with a stray non-ASCII byte still says what it refuses.
     let values = headers.get_all(ACCEPT_ENCODING).iter();

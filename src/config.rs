@@ -205,8 +205,9 @@ pub struct TunnelSettings {
     /// tunnel demands cookies for a second, so a storm cannot starve established
     /// flows of CPU.
     pub handshake_budget_per_second: u32,
-    /// Run the appliance's threads under `SCHED_BATCH` (see `io::sched`):
-    /// fewer, larger wake-ups under load.
+    /// Run the tunnels' threads under `SCHED_BATCH` (see `io::sched`):
+    /// fewer, larger wake-ups under load. The admin API's keep the default
+    /// policy.
     pub batch_scheduling: bool,
 }
 

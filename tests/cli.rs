@@ -266,39 +266,57 @@ fn exits(cmd: &mut Command) -> std::process::Output {
     child.wait_with_output().expect("output")
 }
 
-/// The scheduling policy (`SCHED_BATCH` = 3, default = 0) of every thread of
-/// process `pid`, from field 41 of `/proc/<pid>/task/<tid>/stat`.
-fn thread_policies(pid: u32) -> Vec<u32> {
+/// The name and scheduling policy (`SCHED_BATCH` = 3, default = 0) of every
+/// thread of process `pid`, from `/proc/<pid>/task/<tid>/stat` (field 41).
+fn thread_policies(pid: u32) -> Vec<(String, u32)> {
     let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("the process's threads");
     tasks
         .flatten()
         .filter_map(|t| std::fs::read_to_string(t.path().join("stat")).ok())
         .map(|stat| {
+            let (open, close) = (
+                stat.find('(').expect("comm"),
+                stat.rfind(')').expect("comm"),
+            );
+            let name = stat[open + 1..close].to_owned();
             // Fields after the command name, which is in parentheses.
-            let rest = &stat[stat.rfind(')').expect("comm") + 2..];
-            rest.split(' ')
+            let policy = stat[close + 2..]
+                .split(' ')
                 .nth(38)
                 .expect("policy field")
                 .parse()
-                .expect("a number")
+                .expect("a number");
+            (name, policy)
         })
         .collect()
 }
 
+/// The tunnels' threads run under `SCHED_BATCH`; the admin API's and the
+/// rest keep the default policy, so that an answer's wake-ups do not wait
+/// behind other work. Turned off, every thread has the default policy.
 #[test]
-fn every_thread_runs_sched_batch_unless_turned_off() {
+fn the_tunnels_threads_run_sched_batch_unless_turned_off() {
     let on = support::Appliance::start();
-    let policies = thread_policies(on.pid());
-    assert!(policies.len() > 1, "{policies:?}");
+    on.expect("PUT", "/v1/tenants/acme", None, 201);
+    let threads = thread_policies(on.pid());
+    let (tunnels, rest): (Vec<_>, Vec<_>) = threads
+        .iter()
+        .partition(|(name, _)| name == "wgplane-tunnels");
+    assert!(!tunnels.is_empty() && rest.len() > 1, "{threads:?}");
     assert!(
-        policies.iter().all(|&p| p == 3),
-        "SCHED_BATCH: {policies:?}"
+        tunnels.iter().all(|(_, p)| *p == 3),
+        "SCHED_BATCH: {threads:?}"
+    );
+    assert!(
+        rest.iter().all(|(_, p)| *p == 0),
+        "default policy: {threads:?}"
     );
     let off = support::Appliance::start_with_env(&[("WGPLANE_BATCH_SCHEDULING", "false")]);
-    let policies = thread_policies(off.pid());
+    let threads = thread_policies(off.pid());
+    assert!(threads.iter().any(|(name, _)| name == "wgplane-tunnels"));
     assert!(
-        policies.iter().all(|&p| p == 0),
-        "default policy: {policies:?}"
+        threads.iter().all(|(_, p)| *p == 0),
+        "default policy: {threads:?}"
     );
 }
 

@@ -427,14 +427,7 @@ pub(crate) mod testing {
                 crate::store::Change::Router(&acme, router),
             ])
             .unwrap();
-        let mut runtime = Runtime::new(crate::io::RuntimeSettings {
-            bind: [127, 0, 0, 1].into(),
-            keepalive: None,
-            liveness_timeout: std::time::Duration::from_secs(60),
-            handshakes_per_second: 1_000,
-            handshake_budget_per_second: 2_000,
-            host: None,
-        });
+        let mut runtime = Runtime::new(crate::io::RuntimeSettings::loopback());
         match runtime.bring_up(&tenant).await {
             Ok(()) => {}
             Err(crate::io::RuntimeError::Bind { .. }) => return None,

@@ -133,6 +133,21 @@ pub struct RuntimeSettings {
     pub host: Option<Arc<HostDevice>>,
 }
 
+#[cfg(test)]
+impl RuntimeSettings {
+    /// Tests' settings: sockets on 127.0.0.1, userspace mode.
+    pub(crate) fn loopback() -> Self {
+        Self {
+            bind: [127, 0, 0, 1].into(),
+            keepalive: None,
+            liveness_timeout: std::time::Duration::from_secs(60),
+            handshakes_per_second: 1_000,
+            handshake_budget_per_second: 2_000,
+            host: None,
+        }
+    }
+}
+
 /// The running tunnels.
 pub struct Runtime {
     settings: RuntimeSettings,
@@ -149,13 +164,20 @@ pub struct Runtime {
     /// hold an older peer set than the registry's until a full one is taken
     /// ([`Runtime::unsynced`], which the supervisor sends again).
     unsynced: std::sync::Mutex<std::collections::BTreeSet<Id>>,
+    /// Where the tunnels' tasks run and their sockets are registered: the
+    /// tokio runtime [`Runtime::new`] was called in.
+    tasks: tokio::runtime::Handle,
 }
 
 impl Runtime {
     /// A runtime with no tunnels yet.
+    ///
+    /// Call it within the tokio runtime the tunnels are to run on: their
+    /// tasks and sockets go there, wherever a change is asked from.
     pub fn new(settings: RuntimeSettings) -> Self {
         let (events, _) = broadcast::channel(1024);
         Self {
+            tasks: tokio::runtime::Handle::current(),
             budget: Arc::new(HandshakeBudget::new(settings.handshake_budget_per_second)),
             settings,
             tunnels: HashMap::new(),
@@ -329,9 +351,11 @@ impl Runtime {
         // them before binding again.
         self.stop(&tenant.id).await;
         let addr = SocketAddr::new(self.settings.bind, tenant.listen_port);
-        let socket = super::udp::bind(addr)
-            .and_then(super::udp::register)
-            .map_err(|source| RuntimeError::Bind { addr, source })?;
+        let socket = {
+            let _on_tunnels = self.tasks.enter();
+            super::udp::bind(addr).and_then(super::udp::register)
+        }
+        .map_err(|source| RuntimeError::Bind { addr, source })?;
         let local_addr = socket.get_ref().local_addr().unwrap_or(addr);
         // The server addresses: the userspace stack's, or in TUN mode the host
         // kernel's, which has the IPv6 one only where the device took it.
@@ -372,7 +396,7 @@ impl Runtime {
         let work = Arc::new(Notify::new());
         // Whatever the task logs (its socket layer's too) names the tenant.
         let span = tracing::info_span!("tunnel", tenant = %tenant.id);
-        let task = tokio::spawn(tracing::Instrument::instrument(
+        let task = self.tasks.spawn(tracing::Instrument::instrument(
             tunnel::run(
                 engine,
                 socket,
@@ -766,5 +790,71 @@ impl Runtime {
                     waited,
                 })
             })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::model::TenantRequest;
+    use crate::control::registry::AllocPolicy;
+    use crate::control::Registry;
+
+    /// A tunnel started from another runtime (the admin API's) runs on the
+    /// one its `Runtime` was made in, with its socket registered there: it
+    /// reads datagrams while nothing drives the runtime it was started from.
+    #[test]
+    fn tunnels_run_where_their_runtime_was_made() {
+        let tunnels = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let api = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let mut runtime = {
+            let _on_tunnels = tunnels.enter();
+            Runtime::new(RuntimeSettings::loopback())
+        };
+        let port = std::net::UdpSocket::bind("127.0.0.1:0")
+            .and_then(|s| s.local_addr())
+            .unwrap()
+            .port();
+        let mut registry = Registry::new(
+            AllocPolicy {
+                first_port: port,
+                ..AllocPolicy::default()
+            },
+            5,
+        );
+        let id = Id::parse("acme", "id").unwrap();
+        let request = TenantRequest::default();
+        registry
+            .put_tenant(&id, &request, std::time::SystemTime::now())
+            .unwrap();
+        let tenant = registry.tenant(&id).unwrap().clone();
+        api.block_on(async {
+            runtime.bring_up(&tenant).await.unwrap();
+            let here = tokio::runtime::Handle::current().metrics();
+            assert_eq!(here.num_alive_tasks(), 0, "nothing runs on the API's");
+        });
+        assert_eq!(tunnels.metrics().num_alive_tasks(), 1, "the tunnel's task");
+
+        // The API's runtime is idle now: the tunnel still reads.
+        let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        peer.send_to(&[1; 32], ("127.0.0.1", tenant.listen_port))
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let snapshot = tunnels.block_on(runtime.snapshot(&id)).unwrap();
+            if snapshot.stats.rx_datagrams == 1 {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "never read");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        tunnels.block_on(runtime.stop(&id));
     }
 }

@@ -1,4 +1,4 @@
-//! How the appliance's threads are scheduled: `SCHED_BATCH`, no privileges needed.
+//! How the tunnels' threads are scheduled: `SCHED_BATCH`, no privileges needed.
 //!
 //! Forwarding is throughput work. Every wake-up of a tunnel's thread costs an
 //! `epoll_wait` return and a context switch, however many datagrams the
@@ -9,6 +9,12 @@
 //! busy it waits for the running task's turn to end (at most one scheduler
 //! slice, a few milliseconds), and finds a longer queue; on an idle CPU it runs
 //! at once, as before. Its share of the CPU (nice value) is unchanged.
+//!
+//! Only the tunnels' runtime runs so (`wgplane run` sets it on each of that
+//! runtime's threads as it starts): the admin API and the background tasks
+//! keep the default policy, because an API answer is a chain of wake-ups
+//! (the request, the store's `fsync`, the tunnel's acknowledgement) that would
+//! each wait a scheduler tick behind other work on a busy host.
 //!
 //! Leaves out real-time policies, CPU affinity and nice values: those need
 //! privileges or a decision about the rest of the host.

@@ -32,18 +32,28 @@ pub(crate) fn run_appliance(args: RunArgs) -> Result<()> {
     // journal, token, master key) is its own alone: directories 0700,
     // files 0600.
     own_files_only();
-    // Before the runtime exists: its threads inherit the policy.
-    if settings.tunnels.batch_scheduling {
-        batch_scheduling();
-    }
+    // The tunnels run on threads of their own, under SCHED_BATCH (when on);
+    // the admin API and the background tasks on the default policy, so that
+    // an answer's wake-ups never wait a scheduler tick behind other work.
+    let batch = settings.tunnels.batch_scheduling;
+    let tunnels = tokio::runtime::Builder::new_multi_thread()
+        .thread_name("wgplane-tunnels")
+        .on_thread_start(move || {
+            if batch {
+                batch_scheduling();
+            }
+        })
+        .enable_all()
+        .build()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     let format = settings.log.format;
-    let result = runtime.block_on(run(settings));
+    let result = runtime.block_on(run(settings, tunnels.handle().clone()));
     // Blocking work still under way (a scrape's render, say) does not hold
     // the exit up beyond the grace period.
     runtime.shutdown_timeout(BLOCKING_GRACE);
+    tunnels.shutdown_timeout(BLOCKING_GRACE);
     // With JSON logs the reason the appliance stops is a JSON line too, for
     // the collector that reads the others; in text it is printed as it is.
     if let (Err(e), LogFormat::Json) = (&result, format) {
@@ -53,8 +63,9 @@ pub(crate) fn run_appliance(args: RunArgs) -> Result<()> {
     result
 }
 
-/// `SCHED_BATCH` for this thread and every thread it creates (call it before
-/// the runtime exists); refused, the default policy stays.
+/// `SCHED_BATCH` for this thread and every thread it creates (the tunnels'
+/// runtime calls it as each of its threads starts; `wgplane relay` before its
+/// runtime exists); refused, the default policy stays.
 pub(crate) fn batch_scheduling() {
     if let Err(e) = wgplane::io::sched::batch_scheduling() {
         tracing::warn!(error = %e, "SCHED_BATCH refused; the default scheduling policy stays");
@@ -131,7 +142,9 @@ pub(crate) fn apply_config_forwards(
     Ok(())
 }
 
-pub(crate) async fn run(settings: Settings) -> Result<()> {
+/// The appliance on the current runtime (API, background tasks), its tunnels
+/// on `tunnels`.
+pub(crate) async fn run(settings: Settings, tunnels: tokio::runtime::Handle) -> Result<()> {
     let started = std::time::SystemTime::now();
     let serving = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut stop_requested = catch_stop_signals(Arc::clone(&serving));
@@ -153,7 +166,7 @@ pub(crate) async fn run(settings: Settings) -> Result<()> {
     }
     let master = load_master_key(&settings)?;
     let (mut store, mut registry) = open_state(&settings, master)?;
-    let mut runtime = start_runtime(&settings)?;
+    let mut runtime = start_runtime(&settings, &tunnels)?;
     let engine_events = runtime.subscribe();
     apply_config_forwards(&settings, &mut registry, &mut store)?;
     bring_up_all(&mut runtime, &registry, &settings).await;
@@ -298,8 +311,10 @@ fn open_state(settings: &Settings, master: wgplane::store::MasterKey) -> Result<
 }
 
 /// The tunnels' runtime, with the TUN device in TUN mode, and the open-files
-/// limit raised for its sockets.
-fn start_runtime(settings: &Settings) -> Result<Runtime> {
+/// limit raised for its sockets. Its tasks, sockets and device run on
+/// `tunnels`.
+fn start_runtime(settings: &Settings, tunnels: &tokio::runtime::Handle) -> Result<Runtime> {
+    let _on_tunnels = tunnels.enter();
     let host = if settings.tun.enabled {
         let device = HostDevice::open(&settings.tun.name, settings.tun.mtu).context(
             "TUN mode needs /dev/net/tun and CAP_NET_ADMIN (or set tun.enabled = false)",

@@ -11,8 +11,9 @@
 //! at once, as before. Its share of the CPU (nice value) is unchanged.
 //!
 //! Only the tunnels' runtime runs so (`wgplane run` sets it on each of that
-//! runtime's threads as it starts): the admin API and the background tasks
-//! keep the default policy, because an API answer is a chain of wake-ups
+//! runtime's threads as it starts): the admin API, the background tasks, the
+//! management forwards and the TUN device's netlink connection keep the
+//! default policy, because an API answer is a chain of wake-ups
 //! (the request, the store's `fsync`, the tunnel's acknowledgement) that would
 //! each wait a scheduler tick behind other work on a busy host.
 //!

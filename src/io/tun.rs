@@ -165,6 +165,18 @@ const RECYCLED_BUFFERS: usize = 1024;
 impl HostDevice {
     /// Creates the device and starts its reader. Needs `CAP_NET_ADMIN`.
     pub fn open(name: &str, mtu: u16) -> Result<Self, TunError> {
+        Self::open_on(name, mtu, &tokio::runtime::Handle::current())
+    }
+
+    /// [`HostDevice::open`], with the device and its reader on the current
+    /// runtime (the tunnels') and the netlink connection for its routes and
+    /// addresses on `control`: only changes and the periodic check (under the
+    /// control lock) use it, and they should not wait on the tunnels' threads.
+    pub fn open_on(
+        name: &str,
+        mtu: u16,
+        control: &tokio::runtime::Handle,
+    ) -> Result<Self, TunError> {
         let err = |source| TunError::Device {
             name: name.to_owned(),
             source,
@@ -184,7 +196,11 @@ impl HostDevice {
             }
         };
         let index = device.if_index().map_err(err)?;
-        let (mut connection, netlink, _) = rtnetlink::new_connection().map_err(err)?;
+        // Its socket is registered where it is made: made on `control`.
+        let (mut connection, netlink, _) = {
+            let _on_control = control.enter();
+            rtnetlink::new_connection().map_err(err)?
+        };
         // Strict checking (Linux 4.20+) makes the kernel filter route dumps by
         // device, so that `repair` never reads a host's whole routing table;
         // without it the dump is filtered here.
@@ -193,7 +209,7 @@ impl HostDevice {
             tracing::warn!(error = %e, "netlink strict checking unavailable (Linux before 4.20): \
                 the device check every 5 s reads the host's whole routing table");
         }
-        tokio::spawn(connection);
+        control.spawn(connection);
         let device = Arc::new(device);
         let routes = Arc::new(RwLock::new(Arc::new(PrefixTable::new())));
         let (recycle, spare) = mpsc::channel(RECYCLED_BUFFERS);

@@ -33,8 +33,10 @@ pub(crate) fn run_appliance(args: RunArgs) -> Result<()> {
     // files 0600.
     own_files_only();
     // The tunnels run on threads of their own, under SCHED_BATCH (when on);
-    // the admin API and the background tasks on the default policy, so that
-    // an answer's wake-ups never wait a scheduler tick behind other work.
+    // the admin API, the background tasks and the management forwards on the
+    // default policy, so that an answer's own wake-ups do not wait a scheduler
+    // tick behind other work (the tunnel's acknowledgement of a change still
+    // is a tunnel thread's wake-up).
     let batch = settings.tunnels.batch_scheduling;
     let tunnels = tokio::runtime::Builder::new_multi_thread()
         .thread_name("wgplane-tunnels")
@@ -53,7 +55,7 @@ pub(crate) fn run_appliance(args: RunArgs) -> Result<()> {
     // Blocking work still under way (a scrape's render, say) does not hold
     // the exit up beyond the grace period.
     runtime.shutdown_timeout(BLOCKING_GRACE);
-    tunnels.shutdown_timeout(BLOCKING_GRACE);
+    tunnels.shutdown_timeout(TUNNELS_GRACE);
     // With JSON logs the reason the appliance stops is a JSON line too, for
     // the collector that reads the others; in text it is printed as it is.
     if let (Err(e), LogFormat::Json) = (&result, format) {
@@ -312,11 +314,13 @@ fn open_state(settings: &Settings, master: wgplane::store::MasterKey) -> Result<
 
 /// The tunnels' runtime, with the TUN device in TUN mode, and the open-files
 /// limit raised for its sockets. Its tasks, sockets and device run on
-/// `tunnels`.
+/// `tunnels`; the device's netlink connection (routes and addresses, for
+/// changes and the periodic check) on the current runtime, the API's.
 fn start_runtime(settings: &Settings, tunnels: &tokio::runtime::Handle) -> Result<Runtime> {
+    let control = tokio::runtime::Handle::current();
     let _on_tunnels = tunnels.enter();
     let host = if settings.tun.enabled {
-        let device = HostDevice::open(&settings.tun.name, settings.tun.mtu).context(
+        let device = HostDevice::open_on(&settings.tun.name, settings.tun.mtu, &control).context(
             "TUN mode needs /dev/net/tun and CAP_NET_ADMIN (or set tun.enabled = false)",
         )?;
         Some(Arc::new(device))
@@ -435,9 +439,13 @@ pub(crate) const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 pub(crate) const CHANGE_GRACE: Duration = Duration::from_secs(2);
 
 /// How long the runtime's blocking work (a scrape's render, say) may hold the
-/// exit up. The three graces add up to 8 s, under the 10 s that `docker stop`
-/// gives before SIGKILL.
+/// exit up. With [`TUNNELS_GRACE`] the graces add up to 8.2 s, under the 10 s
+/// that `docker stop` gives before SIGKILL.
 pub(crate) const BLOCKING_GRACE: Duration = Duration::from_secs(1);
+
+/// How long the tunnels' runtime may take to stop once the rest has: its
+/// tasks end when their command channels close, and it runs no blocking work.
+pub(crate) const TUNNELS_GRACE: Duration = Duration::from_millis(200);
 
 /// Ctrl-C or SIGTERM, whichever comes first.
 pub(crate) async fn shutdown_signal() {

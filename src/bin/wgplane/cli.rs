@@ -311,7 +311,7 @@ pub(crate) struct RunArgs {
     pub(crate) handshake_budget_per_second: Option<u32>,
     /// Run the tunnels' threads under SCHED_BATCH: no preemption on wake-up,
     /// so a busy tunnel reads longer batches (false: the default policy; the
-    /// admin API's threads always have it) [default: true]
+    /// admin API's threads always keep the default policy) [default: true]
     #[arg(long, env = "WGPLANE_BATCH_SCHEDULING", num_args = 0..=1, default_missing_value = "true")]
     pub(crate) batch_scheduling: Option<bool>,
     /// Log lines as text or as JSON objects [default: text]

@@ -18,6 +18,7 @@ use super::exposition::{Family, Kind, Labels, Text};
 use crate::api::AppState;
 use crate::control::Tenant;
 use crate::core::engine::PeerStatus;
+use crate::core::peer::PeerStats;
 use crate::core::policy::DropReason;
 use crate::io::tunnel::TunnelSnapshot;
 
@@ -157,43 +158,43 @@ pub(super) fn render(taken: &Taken, state: &AppState, now: Instant, wall: System
 /// The `wireguard_*` series, and the per-peer drop counts where they are not 0
 /// (a series per peer costs every scrape).
 fn per_peer(text: &mut Text, peers: &[Peer], now: Instant, wall: SystemTime) {
-    let stats = |p: &Peer| p.status.map(|s| s.stats).unwrap_or_default();
-    let mut f = text.family(
-        "wireguard_sent_bytes_total",
-        Kind::Counter,
-        "Bytes sent to the peer (WireGuard datagrams).",
-    );
-    peers
-        .iter()
-        .for_each(|p| f.sample(&p.labels, stats(p).tx_bytes));
-    drop(f);
-    let mut f = text.family(
-        "wireguard_received_bytes_total",
-        Kind::Counter,
-        "Bytes received from the peer (authenticated WireGuard datagrams).",
-    );
-    peers
-        .iter()
-        .for_each(|p| f.sample(&p.labels, stats(p).rx_bytes));
-    drop(f);
-    let mut f = text.family(
-        "wgplane_peer_spoofed_packets_total",
-        Kind::Counter,
-        "The peer's packets dropped because their source is not one it may use (only peers with any).",
-    );
-    for p in peers.iter().filter(|p| stats(p).spoofed != 0) {
-        f.sample(&p.labels, stats(p).spoofed);
+    // The drop counts only where they are not 0: a series per peer costs
+    // every scrape.
+    let counters: [(&'static str, &'static str, PeerValue, bool); 4] = [
+        (
+            "wireguard_sent_bytes_total",
+            "Bytes sent to the peer (WireGuard datagrams).",
+            |s| s.tx_bytes,
+            false,
+        ),
+        (
+            "wireguard_received_bytes_total",
+            "Bytes received from the peer (authenticated WireGuard datagrams).",
+            |s| s.rx_bytes,
+            false,
+        ),
+        (
+            "wgplane_peer_spoofed_packets_total",
+            "The peer's packets dropped because their source is not one it may use (only peers with any).",
+            |s| s.spoofed,
+            true,
+        ),
+        (
+            "wgplane_peer_egress_down_packets_total",
+            "The peer's packets dropped because no gateway of its client pool had a live session (only peers with any).",
+            |s| s.egress_down,
+            true,
+        ),
+    ];
+    for (name, help, value, only_if_any) in counters {
+        let mut f = text.family(name, Kind::Counter, help);
+        for p in peers {
+            let n = value(&p.status.map(|s| s.stats).unwrap_or_default());
+            if n != 0 || !only_if_any {
+                f.sample(&p.labels, n);
+            }
+        }
     }
-    drop(f);
-    let mut f = text.family(
-        "wgplane_peer_egress_down_packets_total",
-        Kind::Counter,
-        "The peer's packets dropped because no gateway of its client pool had a live session (only peers with any).",
-    );
-    for p in peers.iter().filter(|p| stats(p).egress_down != 0) {
-        f.sample(&p.labels, stats(p).egress_down);
-    }
-    drop(f);
     let mut f = text.family(
         "wireguard_latest_handshake_seconds",
         Kind::Gauge,
@@ -212,6 +213,9 @@ fn per_peer(text: &mut Text, peers: &[Peer], now: Instant, wall: SystemTime) {
 
 /// A tunnel counter, read from its snapshot.
 type Value = fn(&TunnelSnapshot) -> u64;
+
+/// A peer counter, read from its status.
+type PeerValue = fn(&PeerStats) -> u64;
 
 /// Writes `value` of every tunnel that is up, labelled `interface` and
 /// `tenant`.

@@ -22,6 +22,26 @@ fn token_is_required_and_checked() {
     }
     let (status, _) = app.call_with("GET", "/healthz", None, None);
     assert_eq!(status, 200);
+    // Without the token, no path under /v1 tells whether it exists or what
+    // it takes: a 401, not a 404 or a 405.
+    for (method, path) in [
+        ("GET", "/v1/no-such-thing"),
+        ("GET", "/v1"),
+        ("DELETE", "/v1/tenants"),
+        ("POST", "/v1/tenants/acme/routers/r1"),
+    ] {
+        let (status, v) = app.call_with(method, path, None, None);
+        assert_eq!(
+            (status, error_of(&v).0),
+            (401, "unauthorized"),
+            "{method} {path}"
+        );
+    }
+    // With it, they are what they are.
+    assert_eq!(app.call("GET", "/v1/no-such-thing", None).0, 404);
+    assert_eq!(app.call("DELETE", "/v1/tenants", None).0, 405);
+    // Outside /v1, an unknown path is a 404 to anybody.
+    assert_eq!(app.call_with("GET", "/nowhere", None, None).0, 404);
 }
 
 /// Every change is logged with its method, path and answer (refused ones

@@ -136,6 +136,8 @@ fn connected_roamed_disconnected_on_sse_and_webhook() {
     let (name, data) = next_event(&events, Duration::from_secs(10));
     assert_eq!(name, "peer_disconnected");
     assert_eq!(data["id"], "r1");
+    // Where it was last heard: the roamed-to address.
+    assert_eq!(data["endpoint"], new_addr.to_string());
 
     // The webhook got the same three, in order, despite refusing the first attempt.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -153,6 +155,56 @@ fn connected_roamed_disconnected_on_sse_and_webhook() {
         *attempts.lock().unwrap() >= 4,
         "the refused delivery was retried"
     );
+}
+
+/// A phone's events say `client` and its id, with the endpoint it dialled
+/// from; deleting it announces it gone, under the same name.
+#[test]
+fn a_phone_connects_and_is_deleted_as_a_client() {
+    let state = tempfile::tempdir().expect("tempdir");
+    let app = Appliance::start_with(state, free_tcp_port(), free_udp_ports(2), &[]).expect("start");
+    let tenant = app.expect("PUT", "/v1/tenants/acme", None, 201);
+    let (_, gw_public) = keypair();
+    let body = format!(r#"{{"public_key":"{gw_public}","vpn_ip":"10.100.0.40"}}"#);
+    app.expect("PUT", "/v1/tenants/acme/routers/gw", Some(&body), 201);
+    app.expect(
+        "PUT",
+        "/v1/tenants/acme/egress",
+        Some(r#"{"pool":"10.200.0.0/24","gateways":["gw"]}"#),
+        201,
+    );
+    let (secret, public) = keypair();
+    let body = format!(r#"{{"name":"Asha's phone","public_key":"{public}"}}"#);
+    app.expect("PUT", "/v1/tenants/acme/clients/phone-1", Some(&body), 201);
+    let events = app.subscribe_events();
+    let endpoint: SocketAddr = ([127, 0, 0, 1], app.first_port).into();
+    let server = tenant["server_public_key"].as_str().unwrap();
+    let mut phone = UdpPeer::new(secret, server, endpoint, 9);
+    assert!(phone.handshake());
+
+    let (name, data) = next_event(&events, Duration::from_secs(5));
+    assert_eq!(name, "peer_connected");
+    let dialled_from = phone.socket.local_addr().unwrap().to_string();
+    let what = |data: &Value| {
+        (
+            data["kind"].as_str().map(str::to_owned),
+            data["id"].as_str().map(str::to_owned),
+            data["public_key"].as_str().map(str::to_owned),
+            data["endpoint"].as_str().map(str::to_owned),
+        )
+    };
+    let expected = (
+        Some("client".to_owned()),
+        Some("phone-1".to_owned()),
+        Some(public.clone()),
+        Some(dialled_from),
+    );
+    assert_eq!(what(&data), expected, "{data}");
+
+    app.expect("DELETE", "/v1/tenants/acme/clients/phone-1", None, 204);
+    let (name, data) = next_event(&events, Duration::from_secs(5));
+    assert_eq!(name, "peer_disconnected");
+    assert_eq!(what(&data), expected, "{data}");
 }
 
 /// A shutdown (SIGTERM, as `docker stop` and systemd send) ends the event

@@ -100,6 +100,17 @@ fn document_matches_the_routes() {
             );
         }
     }
+    // The reads that ask the running tunnel say what a tunnel that is down
+    // answers.
+    for path in [
+        "/v1/tenants/{tenant_id}/route",
+        "/v1/tenants/{tenant_id}/strangers",
+    ] {
+        let down = doc["paths"][path]["get"]["responses"]["503"]["description"]
+            .as_str()
+            .unwrap_or_else(|| panic!("get {path} documents no 503"));
+        assert!(down.contains("tunnel_down"), "get {path}: {down}");
+    }
 
     // Every documented operation reaches a handler: nothing is 405, and a 404 is
     // about a missing object, never the router's own `not_found`.

@@ -234,6 +234,18 @@ fn a_tunnel_whose_port_is_taken_at_start_comes_up_once_it_is_free() {
         sample(&metrics, "wgplane_tunnel_up", &[&label])
     };
     assert_eq!((up("first"), up("second")), (1.0, 0.0));
+    // What only the running tunnel can tell is answered as documented.
+    for path in [
+        "/v1/tenants/second/route?src=10.101.1.1&dst=10.101.0.1",
+        "/v1/tenants/second/strangers",
+    ] {
+        let (status, error) = app.call("GET", path, None);
+        assert_eq!(
+            (status, error["error"]["code"].as_str()),
+            (503, Some("tunnel_down")),
+            "{path}: {error}"
+        );
+    }
 
     // A change to it is stored and said to wait for the tunnel.
     let (r2_secret, r2_public) = keypair();

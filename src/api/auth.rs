@@ -73,17 +73,21 @@ pub async fn require_token(
     }
 }
 
-/// `/metrics` names tenants, peers' public keys and addresses: with
-/// `api.metrics_need_token` it takes the same token as `/v1`.
-pub async fn guard_metrics(
+/// In front of every route and of the fallbacks: a path under `/v1` without
+/// the token is answered 401 whether or not it names a route (a 404 or 405
+/// would tell a stranger which paths exist); `/metrics` names tenants, peers'
+/// public keys and addresses: with `api.metrics_need_token` it takes the same
+/// token as `/v1`.
+pub async fn guard(
     State(state): State<Arc<AppState>>,
     request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    if state.metrics_need_token
-        && request.uri().path() == "/metrics"
-        && !holds_token(&request, &state.token)
-    {
+    let path = request.uri().path();
+    let needs_token = path == "/v1"
+        || path.starts_with("/v1/")
+        || (state.metrics_need_token && path == "/metrics");
+    if needs_token && !holds_token(&request, &state.token) {
         return Err(ApiError::unauthorized());
     }
     Ok(next.run(request).await)

@@ -299,7 +299,7 @@ fn routes(state: Arc<AppState>) -> (Router, utoipa::openapi::OpenApi) {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(
             Arc::clone(&state),
-            auth::guard_metrics,
+            auth::guard,
         ))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(axum::middleware::from_fn(body::read_first))

@@ -15,6 +15,20 @@ use crate::keys;
 /// A handshake older than this makes a peer `stale` (WireGuard's REJECT_AFTER_TIME).
 const CONNECTED_WITHIN: Duration = Duration::from_secs(180);
 
+/// The statuses a peer shows, in the API and in `wgplane_peers`.
+pub const STATUSES: [&str; 3] = ["pending", "connected", "stale"];
+
+/// Which of [`STATUSES`] a peer whose last handshake was at `last_handshake`
+/// shows at `now`: `pending` (none), `connected` (within 180 s: its session
+/// still carries traffic) or `stale` (older).
+pub fn status_index(last_handshake: Option<Instant>, now: Instant) -> usize {
+    match last_handshake.map(|t| now.saturating_duration_since(t)) {
+        None => 0,
+        Some(age) if age < CONNECTED_WITHIN => 1,
+        Some(_) => 2,
+    }
+}
+
 pub use crate::io::wall::rfc3339;
 
 #[derive(Serialize, utoipa::ToSchema)]
@@ -87,11 +101,7 @@ impl LiveView {
         };
         let age = s.last_handshake.map(|t| now.saturating_duration_since(t));
         Self {
-            status: match age {
-                None => "pending",
-                Some(a) if a < CONNECTED_WITHIN => "connected",
-                Some(_) => "stale",
-            },
+            status: STATUSES[status_index(s.last_handshake, now)],
             last_handshake_at: age.map(|a| rfc3339(wall - a)),
             endpoint: s.endpoint.map(|e| e.to_string()),
             rx_bytes: s.stats.rx_bytes,
@@ -283,5 +293,54 @@ impl ForwardView {
             target: format!("{}:{port}", r.vpn_ip),
             listen: listen.to_string(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A peer is `pending` until its first handshake, `connected` while the
+    /// handshake is younger than 180 s, `stale` from then on; the API's view
+    /// and the `wgplane_peers` series both read it from here.
+    #[test]
+    fn the_status_follows_the_age_of_the_last_handshake() {
+        let now = Instant::now() + Duration::from_secs(1_000);
+        let aged = |secs: u64, nanos: u32| Some(now - Duration::new(secs, nanos));
+        let status = |h| STATUSES[status_index(h, now)];
+        assert_eq!(status(None), "pending");
+        assert_eq!(status(aged(0, 0)), "connected");
+        assert_eq!(status(aged(179, 999_999_999)), "connected");
+        assert_eq!(status(aged(180, 0)), "stale");
+        assert_eq!(status(aged(900, 0)), "stale");
+        // A handshake stamped after `now` (a snapshot taken across a tick).
+        assert_eq!(status(Some(now + Duration::from_millis(5))), "connected");
+
+        let peer = |h| PeerStatus {
+            public_key: [7; 32],
+            endpoint: None,
+            last_handshake: h,
+            live: false,
+            connected: false,
+            stats: crate::core::peer::PeerStats::default(),
+        };
+        let view = |h| {
+            LiveView::new(
+                Some(&peer(h)),
+                now,
+                SystemTime::UNIX_EPOCH + Duration::from_secs(10_000),
+            )
+        };
+        assert_eq!(view(aged(181, 0)).status, "stale");
+        assert_eq!(
+            view(aged(181, 0)).last_handshake_at.as_deref(),
+            Some("1970-01-01T02:43:39Z")
+        );
+        assert_eq!(view(aged(3, 0)).status, "connected");
+        assert_eq!(view(None).status, "pending");
+        assert_eq!(
+            LiveView::new(None, now, SystemTime::UNIX_EPOCH).status,
+            "pending"
+        );
     }
 }

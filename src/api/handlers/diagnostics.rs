@@ -34,7 +34,7 @@ fn query_ip(value: Option<&str>, field: &'static str) -> Result<IpAddr, ApiError
         .map_err(|_| ApiError::bad_field(field, format!("{text:?} is not an IP address")))
 }
 
-#[utoipa::path(get, path = "/tenants/{tenant_id}/route", tag = "diagnostics", params(("tenant_id" = String, Path, description = "Tenant id: 1-64 of [A-Za-z0-9._-]"), ("src" = String, Query, description = "Inner source address"), ("dst" = String, Query, description = "Inner destination address")), responses((status = 200, description = "What the data plane would do", body = RouteView), (status = 400, description = "Bad input", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 404, description = "Unknown object", body = ErrorBody)))]
+#[utoipa::path(get, path = "/tenants/{tenant_id}/route", tag = "diagnostics", params(("tenant_id" = String, Path, description = "Tenant id: 1-64 of [A-Za-z0-9._-]"), ("src" = String, Query, description = "Inner source address"), ("dst" = String, Query, description = "Inner destination address")), responses((status = 200, description = "What the data plane would do", body = RouteView), (status = 400, description = "Bad input", body = ErrorBody), (status = 401, description = "Missing or wrong token", body = ErrorBody), (status = 404, description = "Unknown object", body = ErrorBody), (status = 503, description = "The tunnel is down (tunnel_down): only the running tunnel can say what it would do", body = ErrorBody)))]
 pub async fn explain_route(
     State(state): Shared,
     Path(t): Path<String>,

@@ -15,6 +15,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use super::exposition::{Family, Kind, Labels, Text};
+use crate::api::views::{status_index, STATUSES};
 use crate::api::AppState;
 use crate::control::Tenant;
 use crate::core::engine::PeerStatus;
@@ -344,15 +345,10 @@ fn per_tunnel(text: &mut Text, tunnels: &[Tunnel], tun_mode: bool, now: Instant)
                 .status
                 .get(&peer.public_key)
                 .and_then(|s| s.last_handshake);
-            let state = match handshake.map(|h| now.saturating_duration_since(h)) {
-                None => 0,
-                Some(age) if age.as_secs() < 180 => 1,
-                Some(_) => 2,
-            };
-            counts[usize::from(peer.kind == "client")][state] += 1;
+            counts[usize::from(peer.kind == "client")][status_index(handshake, now)] += 1;
         }
         for (kind, by_state) in ["router", "client"].into_iter().zip(counts) {
-            for (state, n) in ["pending", "connected", "stale"].into_iter().zip(by_state) {
+            for (state, n) in STATUSES.into_iter().zip(by_state) {
                 let labels = t.labels.and("kind", kind).with("status", state);
                 f.sample(&labels, n as f64);
             }

@@ -312,6 +312,41 @@ fn a_router_routes_no_special_range() {
         .unwrap();
 }
 
+/// Two routers' LANs may neither be the same nor lie one inside the other,
+/// whichever comes first (kernel WireGuard would give the overlap to the
+/// longer prefix without a word); apart, they are fine.
+#[test]
+fn routers_lans_may_not_overlap_or_nest() {
+    let mut r = registry();
+    r.put_tenant(&id("a"), &Default::default(), now()).unwrap();
+    let extra = |net: &str| RouterRequest {
+        allowed_ips: Some(vec![net.to_string()]),
+        ..Default::default()
+    };
+    r.put_router(&id("a"), &id("hq"), &extra("192.168.0.0/16"))
+        .unwrap();
+    for (router, lan) in [
+        ("branch", "192.168.88.0/24"),
+        ("same", "192.168.0.0/16"),
+        ("wider", "192.0.0.0/8"),
+    ] {
+        let e = r
+            .put_router(&id("a"), &id(router), &extra(lan))
+            .unwrap_err();
+        assert!(
+            matches!(e, ControlError::AddressUnavailable { .. })
+                && e.to_string().contains("overlaps another peer's addresses"),
+            "{lan}: {e}"
+        );
+        assert_eq!(e.field_name(), Some("allowed_ips"), "{lan}");
+    }
+    r.put_router(&id("a"), &id("branch"), &extra("172.16.88.0/24"))
+        .unwrap();
+    // The router itself may change its own.
+    r.put_router(&id("a"), &id("hq"), &extra("192.168.88.0/24"))
+        .unwrap();
+}
+
 /// A router and a client may have the same id; they are still two peers,
 /// and neither may take the other's key (the running tunnel knows its peers
 /// by key, and a restore refuses a shared one).

@@ -5,6 +5,7 @@
 //! Left out: delivery to URLs (`webhooks`), and the SSE streams (`api::events`).
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -19,27 +20,41 @@ use super::{
     HEARD_BATCH, LAG_SETTLE, STORE_RETRY,
 };
 
-/// Turns an engine event of `tenant`'s tunnel, seen `at`, into a platform event.
+/// Turns an engine event of `tenant`'s tunnel, seen `at`, into a platform
+/// event about `peer`, as it was announced (a disconnect carries the endpoint
+/// the peer was last announced at).
 pub(super) fn describe(
     tenant: &str,
     at: std::time::SystemTime,
     e: &Event,
-    kind: &'static str,
-    id: String,
+    peer: Announced,
 ) -> PeerEvent {
-    let (event, key, endpoint) = match e {
-        Event::Connected { peer, endpoint } => ("peer_connected", peer, *endpoint),
-        Event::Disconnected { peer } => ("peer_disconnected", peer, None),
-        Event::Roamed { peer, endpoint } => ("peer_roamed", peer, Some(*endpoint)),
+    let event = match e {
+        Event::Connected { .. } => "peer_connected",
+        Event::Disconnected { .. } => "peer_disconnected",
+        Event::Roamed { .. } => "peer_roamed",
     };
+    let Announced {
+        name: (kind, id),
+        endpoint,
+    } = peer;
     PeerEvent {
         event,
         tenant_id: tenant.to_owned(),
         kind,
         id,
-        public_key: crate::keys::encode(key),
+        public_key: crate::keys::encode(peer_key(e)),
         endpoint: endpoint.map(|a| a.to_string()),
         at: crate::io::wall::rfc3339(at),
+    }
+}
+
+/// Where `e` heard its peer: none for a disconnect.
+fn heard_at(e: &Event) -> Option<SocketAddr> {
+    match *e {
+        Event::Connected { endpoint, .. } => endpoint,
+        Event::Roamed { endpoint, .. } => Some(endpoint),
+        Event::Disconnected { .. } => None,
     }
 }
 
@@ -51,11 +66,20 @@ pub(super) fn peer_key(e: &Event) -> &[u8; 32] {
     }
 }
 
-/// The names of the peers the platform was told are connected, as they were
-/// then: a peer deleted, or given a new key, is still named in its
-/// `peer_disconnected` as in its `peer_connected`.
+/// The peers the platform was told are connected, named as they were then: a
+/// peer deleted, or given a new key, is still named in its `peer_disconnected`
+/// as in its `peer_connected`, and that event carries the endpoint it was last
+/// announced at.
 #[derive(Default)]
-pub(super) struct Names(HashMap<PeerAt, Name>);
+pub(super) struct Names(HashMap<PeerAt, Announced>);
+
+/// A peer as the platform was told of it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct Announced {
+    pub(super) name: Name,
+    /// The endpoint its last `peer_connected` or `peer_roamed` gave.
+    pub(super) endpoint: Option<SocketAddr>,
+}
 
 /// A peer: its tenant and public key.
 type PeerAt = (Arc<str>, [u8; 32]);
@@ -64,29 +88,33 @@ type PeerAt = (Arc<str>, [u8; 32]);
 pub(super) type Name = (&'static str, String);
 
 impl Names {
-    /// The (kind, id) of `e`'s peer: for a disconnect the name it connected
-    /// under, and none for a peer whose connect was not published (a second
-    /// report of the same disconnect, say: every `peer_connected` gets one
-    /// `peer_disconnected`); otherwise the registry's (remembered for the
-    /// disconnect).
+    /// `e`'s peer as it is to be announced: for a disconnect as it was last
+    /// announced, and none for a peer whose connect was not published (a
+    /// second report of the same disconnect, say: every `peer_connected` gets
+    /// one `peer_disconnected`); otherwise named by the registry and heard
+    /// where `e` says (remembered for the disconnect).
     async fn name(
         &mut self,
         directory: &impl Directory,
         tenant: &Arc<str>,
         e: &Event,
-    ) -> Option<Name> {
+    ) -> Option<Announced> {
         let at = (Arc::clone(tenant), *peer_key(e));
         if let Event::Disconnected { .. } = e {
             return self.0.remove(&at);
         }
         let name = directory.resolve(tenant, &at.1).await?;
-        self.0.insert(at, name.clone());
-        Some(name)
+        let peer = Announced {
+            name,
+            endpoint: heard_at(e),
+        };
+        self.0.insert(at, peer.clone());
+        Some(peer)
     }
 
     /// `tenant`'s tunnel stopped: its peers that were announced connected,
     /// forgotten now (each gets its `peer_disconnected`).
-    fn stopped(&mut self, tenant: &str) -> Vec<([u8; 32], Name)> {
+    fn stopped(&mut self, tenant: &str) -> Vec<([u8; 32], Announced)> {
         self.take(|(t, _)| &**t == tenant)
             .into_iter()
             .map(|((_, key), name)| (key, name))
@@ -100,7 +128,7 @@ impl Names {
     /// was lost with the events, or is still on its way (then it finds no
     /// name and is moot): announced now, each connect still gets one
     /// disconnect, not one long after, when the tunnel stops, or never.
-    fn keep_seen(&mut self, seen: &Seen) -> Vec<(Arc<str>, [u8; 32], Name)> {
+    fn keep_seen(&mut self, seen: &Seen) -> Vec<(Arc<str>, [u8; 32], Announced)> {
         self.take(|at| {
             !seen.registered.contains(&at.0)
                 || (seen.tenants.contains(&at.0) && !seen.connected.contains(at))
@@ -111,7 +139,7 @@ impl Names {
     }
 
     /// Takes out the peers `which` picks, with their names.
-    fn take(&mut self, which: impl Fn(&PeerAt) -> bool) -> Vec<(PeerAt, Name)> {
+    fn take(&mut self, which: impl Fn(&PeerAt) -> bool) -> Vec<(PeerAt, Announced)> {
         let picked: Vec<_> = self.0.keys().filter(|at| which(at)).cloned().collect();
         picked
             .into_iter()
@@ -165,7 +193,7 @@ async fn pass(
     keeping: &mut Keeping,
     names: &mut Names,
     directory: &impl Directory,
-) -> Vec<(Arc<str>, [u8; 32], Name)> {
+) -> Vec<(Arc<str>, [u8; 32], Announced)> {
     let seen = keeping.reconcile(directory).await;
     names.keep_seen(&seen)
 }
@@ -202,9 +230,9 @@ pub async fn run_hub(
             }
         }
     };
-    let gone = |tenant: &Arc<str>, peer: [u8; 32], (kind, id): Name| {
+    let gone = |tenant: &Arc<str>, key: [u8; 32], peer: Announced| {
         let at = std::time::SystemTime::now();
-        describe(tenant, at, &Event::Disconnected { peer }, kind, id)
+        describe(tenant, at, &Event::Disconnected { peer: key }, peer)
     };
     let mut keeping = Keeping::default();
     let mut names = Names::default();
@@ -252,34 +280,29 @@ pub async fn run_hub(
         let news = match &e.event {
             News::Peer(news) => news,
             News::Stopped => {
-                for (peer, (kind, id)) in names.stopped(&e.tenant) {
-                    let gone = Event::Disconnected { peer };
-                    publish(Published::Peer(describe(&e.tenant, e.at, &gone, kind, id)));
+                for (key, peer) in names.stopped(&e.tenant) {
+                    let gone = Event::Disconnected { peer: key };
+                    publish(Published::Peer(describe(&e.tenant, e.at, &gone, peer)));
                 }
                 continue;
             }
         };
         let key = peer_key(news);
-        let Some((kind, id)) = names.name(&directory, &e.tenant, news).await else {
+        let Some(peer) = names.name(&directory, &e.tenant, news).await else {
             // Never connected, and deleted meanwhile: its event is moot.
             continue;
         };
         // Routers are where the appliance may have to reach out first (a
         // gateway to wake, a router the backend talks to): their endpoint is
         // kept. Clients always dial in, from wherever their network puts them.
-        let heard_at = match *news {
-            Event::Connected { endpoint, .. } => endpoint,
-            Event::Roamed { endpoint, .. } => Some(endpoint),
-            Event::Disconnected { .. } => None,
-        };
-        if let (Some(endpoint), "router") = (heard_at, kind) {
+        if let (Some(endpoint), "router") = (heard_at(news), peer.name.0) {
             keeping.heard.push(Heard {
                 tenant: Arc::clone(&e.tenant),
                 key: *key,
                 endpoint,
             });
         }
-        publish(Published::Peer(describe(&e.tenant, e.at, news, kind, id)));
+        publish(Published::Peer(describe(&e.tenant, e.at, news, peer)));
         if keeping.heard.len() >= HEARD_BATCH {
             keeping.hand_over(&directory).await;
         }

@@ -42,6 +42,8 @@ pub struct PeerEvent {
     pub kind: &'static str,
     pub id: String,
     pub public_key: String,
+    /// Where the peer was heard (`address:port`): for a `peer_disconnected`,
+    /// where its last `peer_connected` or `peer_roamed` said.
     pub endpoint: Option<String>,
     /// RFC 3339 UTC.
     pub at: String,

@@ -248,15 +248,19 @@ async fn a_stopped_tunnel_disconnects_the_peers_announced_connected() {
     run_hub(rx, Recorder::default(), subscribers, None, Arc::default()).await;
     let mut heard = Vec::new();
     while let Ok(Published::Peer(e)) = sse.try_recv() {
-        heard.push(format!("{} {} {} {}", e.event, e.tenant_id, e.kind, e.id));
+        let endpoint = e.endpoint.unwrap_or_default();
+        heard.push(format!(
+            "{} {} {} {} {endpoint}",
+            e.event, e.tenant_id, e.kind, e.id
+        ));
     }
     let (connects, disconnects) = heard.split_at(3);
     assert_eq!(
         connects,
         [
-            "peer_connected acme router p0",
-            "peer_connected acme client p0",
-            "peer_connected other router p0",
+            "peer_connected acme router p0 203.0.113.2:1",
+            "peer_connected acme client p0 203.0.113.2:2",
+            "peer_connected other router p0 203.0.113.2:3",
         ]
     );
     let mut disconnects = disconnects.to_vec();
@@ -264,8 +268,46 @@ async fn a_stopped_tunnel_disconnects_the_peers_announced_connected() {
     assert_eq!(
         disconnects,
         [
-            "peer_disconnected acme client p0",
-            "peer_disconnected acme router p0"
+            "peer_disconnected acme client p0 203.0.113.2:2",
+            "peer_disconnected acme router p0 203.0.113.2:1"
+        ]
+    );
+}
+
+/// A `peer_disconnected` carries the endpoint the peer was last announced
+/// at: where it roamed to, not where it connected from.
+#[tokio::test]
+async fn a_disconnect_names_the_endpoint_last_announced() {
+    let (tx, rx) = broadcast::channel(64);
+    let first = connected(0, 1);
+    let News::Peer(Event::Connected { peer, .. }) = first.event else {
+        unreachable!()
+    };
+    let later = |event| TunnelEvent {
+        event: News::Peer(event),
+        ..first.clone()
+    };
+    let roamed_to = SocketAddr::from(([198, 51, 100, 7], 4500));
+    tx.send(first.clone()).unwrap();
+    tx.send(later(Event::Roamed {
+        peer,
+        endpoint: roamed_to,
+    }))
+    .unwrap();
+    tx.send(later(Event::Disconnected { peer })).unwrap();
+    drop(tx);
+    let (subscribers, mut sse) = broadcast::channel(64);
+    run_hub(rx, Recorder::default(), subscribers, None, Arc::default()).await;
+    let mut heard = Vec::new();
+    while let Ok(Published::Peer(e)) = sse.try_recv() {
+        heard.push(format!("{} {}", e.event, e.endpoint.unwrap_or_default()));
+    }
+    assert_eq!(
+        heard,
+        [
+            "peer_connected 203.0.113.2:1",
+            "peer_roamed 198.51.100.7:4500",
+            "peer_disconnected 198.51.100.7:4500",
         ]
     );
 }
@@ -574,7 +616,11 @@ fn a_published_event_is_serialized_as_the_event_itself() {
     let News::Peer(news) = &e.event else {
         unreachable!()
     };
-    let peer = describe(&e.tenant, e.at, news, "router", "gw".into());
+    let announced = Announced {
+        name: ("router", "gw".into()),
+        endpoint: None,
+    };
+    let peer = describe(&e.tenant, e.at, news, announced);
     assert_eq!(
         serde_json::to_value(Published::Peer(peer.clone())).unwrap(),
         serde_json::to_value(&peer).unwrap()

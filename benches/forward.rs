@@ -70,6 +70,7 @@ fn bench_decide(c: &mut Criterion) {
                 black_box(phone_src),
                 black_box(internet),
                 |p| p == 0,
+                |p| p >= 1_000,
             )
         })
     });
@@ -81,6 +82,7 @@ fn bench_decide(c: &mut Criterion) {
                 black_box(r5),
                 black_box(r200),
                 |_| true,
+                |p| p >= 1_000,
             )
         })
     });

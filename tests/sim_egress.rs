@@ -258,3 +258,46 @@ fn after_a_restart_with_the_primary_gone_the_backup_is_woken_too() {
     assert_eq!(at_backup.len(), 1);
     assert_eq!(addrs(&at_backup[0]), (ip("10.200.0.2"), ip("198.18.0.1")));
 }
+
+/// Phones are reached only through their gateway: another router's packet to
+/// one is dropped and counted (`gateway_bypass`), whatever the phone's session;
+/// what the gateway sends on to the pool arrives.
+#[test]
+fn only_the_gateway_reaches_a_phone() {
+    let mut k = ktn();
+    for dst in ["10.200.0.2", "10.200.0.3"] {
+        k.sim.send_ip(k.router, "10.100.1.1", dst);
+    }
+    assert!(k.sim.take_inbox(k.phone1).is_empty());
+    assert!(k.sim.take_inbox(k.phone2).is_empty());
+    let stats = k.sim.tunnels[0].engine.stats();
+    assert_eq!(stats.dropped(DropReason::GatewayBypass), 2);
+
+    k.sim.send_ip(k.gateway, "10.100.1.1", "10.200.0.2");
+    assert_eq!(k.sim.take_inbox(k.phone1).len(), 1);
+}
+
+/// A phone the tunnel still holds after its egress policy went (a change lost
+/// on its way, until the next full sync) has no way out: not to the server
+/// address, a router or the internet.
+#[test]
+fn a_phone_without_a_policy_goes_nowhere() {
+    let mut k = ktn();
+    let t = 0;
+    k.sim.tunnels[t].engine.set_egress(Vec::new());
+    let delivered_before = k.sim.delivered();
+    for dst in ["198.18.0.1", "10.100.1.1", "10.100.0.40", "10.100.0.1"] {
+        k.sim.send_ip(k.phone1, "10.200.0.2", dst);
+    }
+    assert_eq!(
+        k.sim.delivered(),
+        delivered_before,
+        "nothing reached anybody"
+    );
+    for p in [k.gateway, k.backup, k.router, k.phone2] {
+        assert!(k.sim.take_inbox(p).is_empty());
+    }
+    let stats = k.sim.tunnels[t].engine.stats();
+    assert_eq!(stats.dropped(DropReason::EgressDown), 4);
+    assert_eq!(stats.forwarded_local, 0);
+}

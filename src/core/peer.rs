@@ -371,6 +371,12 @@ impl Peer {
         })
     }
 
+    /// True for a client (a phone): its packets leave only by the egress rule.
+    #[inline]
+    pub fn is_client(&self) -> bool {
+        self.config.kind == PeerKind::Client
+    }
+
     /// True when traffic sent now would reach the peer on a current session.
     #[inline]
     pub fn is_live(&self, now: Instant) -> bool {

@@ -122,11 +122,15 @@ pub enum DropReason {
     /// port 0, or an unspecified, multicast or broadcast source. Forged; an
     /// answer to it would only make the kernel refuse the send.
     UnanswerableSource,
+    /// A peer's packet for a client pool from a peer that is none of its
+    /// gateways: clients are reached only through their gateway (its NAT,
+    /// firewall and billing), as they leave only through it.
+    GatewayBypass,
 }
 
 impl DropReason {
     /// Every reason, in counter order.
-    pub const ALL: [DropReason; 27] = [
+    pub const ALL: [DropReason; 28] = [
         Self::InvalidDatagram,
         Self::BadMac,
         Self::UnderLoad,
@@ -154,6 +158,7 @@ impl DropReason {
         Self::GatewayWithdrawn,
         Self::LocalFragment,
         Self::UnanswerableSource,
+        Self::GatewayBypass,
     ];
 
     /// Stable snake_case name, used in metrics and the API.
@@ -184,6 +189,7 @@ impl DropReason {
             Self::GatewayWithdrawn => "gateway_withdrawn",
             Self::LocalFragment => "local_fragment",
             Self::UnanswerableSource => "unanswerable_source",
+            Self::GatewayBypass => "gateway_bypass",
             Self::Martian => "martian",
             Self::TtlExpired => "ttl_expired",
         }
@@ -260,7 +266,8 @@ pub(crate) fn is_martian(addr: IpAddr) -> bool {
 
 /// Applies routing rules 2 to 6 to a parsed packet (rule 1, parsing, is the caller's).
 ///
-/// `is_live(peer)` tells whether a gateway has a session now.
+/// `is_live(peer)` tells whether a gateway has a session now, `is_client(peer)`
+/// whether a peer is a client (a phone).
 #[inline]
 pub fn decide(
     state: &RoutingState,
@@ -268,6 +275,7 @@ pub fn decide(
     src: IpAddr,
     dst: IpAddr,
     is_live: impl Fn(PeerId) -> bool,
+    is_client: impl Fn(PeerId) -> bool,
 ) -> Verdict {
     let from = match origin {
         Origin::Peer(p) => Some(p),
@@ -320,6 +328,18 @@ pub fn decide(
                     },
                 };
             }
+        } else if is_client(p) {
+            // A client whose address lies in no pool (its policy went while
+            // the tunnel still held it) has no way out, and so no other.
+            return Verdict::Drop {
+                reason: DropReason::EgressDown,
+                wake: None,
+            };
+        }
+        // Clients are reached only through their gateways, as they leave:
+        // no other peer's packet gets to a pool.
+        if state.egress.iter().any(|e| e.pool.contains(&dst)) && !gateway_return() {
+            return Verdict::drop(DropReason::GatewayBypass);
         }
     }
 
@@ -391,9 +411,14 @@ mod tests {
     }
 
     fn from(p: PeerId, src: &str, dst: &str, live: &[PeerId]) -> Verdict {
-        decide(&ktn(), Origin::Peer(p), ip(src), ip(dst), |g| {
-            live.contains(&g)
-        })
+        decide(
+            &ktn(),
+            Origin::Peer(p),
+            ip(src),
+            ip(dst),
+            |g| live.contains(&g),
+            is_phone,
+        )
     }
 
     #[test]
@@ -475,8 +500,16 @@ mod tests {
         state
             .routes
             .insert("2001:db8::1/128".parse().unwrap(), ROUTER_A);
-        let decide =
-            |p, src: &str, dst: &str| decide(&state, Origin::Peer(p), ip(src), ip(dst), |_| true);
+        let decide = |p, src: &str, dst: &str| {
+            decide(
+                &state,
+                Origin::Peer(p),
+                ip(src),
+                ip(dst),
+                |_| true,
+                is_phone,
+            )
+        };
         let martian = Verdict::drop(DropReason::Martian);
         for dst in MARTIANS_V4 {
             assert_eq!(decide(ROUTER_A, "10.100.1.1", dst), martian, "to {dst}");
@@ -526,6 +559,7 @@ mod tests {
                 ip("10.100.1.1"),
                 ip(dst),
                 |_| true,
+                is_phone,
             )
         };
         let martian = Verdict::drop(DropReason::Martian);
@@ -626,7 +660,16 @@ mod tests {
         let mut s = ktn();
         s.host.insert("198.18.5.0/24".parse().unwrap(), ());
         s.host_sources.insert("10.100.0.0/16".parse().unwrap(), ());
-        let d = |p, src: &str| decide(&s, Origin::Peer(p), ip(src), ip("198.18.5.9"), |_| true);
+        let d = |p, src: &str| {
+            decide(
+                &s,
+                Origin::Peer(p),
+                ip(src),
+                ip("198.18.5.9"),
+                |_| true,
+                is_phone,
+            )
+        };
         assert_eq!(d(ROUTER_A, "10.100.1.1"), Verdict::Host);
         // From the router's LAN: the host would have no route back.
         assert_eq!(
@@ -638,9 +681,14 @@ mod tests {
             d(PHONE_1, "10.200.0.2"),
             Verdict::Forward { peer: GATEWAY, .. }
         ));
-        let back = decide(&s, Origin::Host, ip("198.18.5.9"), ip("198.18.5.1"), |_| {
-            true
-        });
+        let back = decide(
+            &s,
+            Origin::Host,
+            ip("198.18.5.9"),
+            ip("198.18.5.1"),
+            |_| true,
+            is_phone,
+        );
         assert_eq!(back, Verdict::drop(DropReason::LoopBack));
     }
 
@@ -649,9 +697,14 @@ mod tests {
         let mut s = ktn();
         s.host_sources.insert("10.100.0.0/16".parse().unwrap(), ());
         let to_server = |s: &RoutingState, src: &str| {
-            decide(s, Origin::Peer(ROUTER_A), ip(src), ip("10.100.0.1"), |_| {
-                true
-            })
+            decide(
+                s,
+                Origin::Peer(ROUTER_A),
+                ip(src),
+                ip("10.100.0.1"),
+                |_| true,
+                is_phone,
+            )
         };
         // A userspace stack routes its answers back itself: from anywhere.
         assert_eq!(to_server(&s, "192.168.88.7"), Verdict::Local);
@@ -663,9 +716,14 @@ mod tests {
             Verdict::drop(DropReason::HostSource)
         );
         // The host's own packets to the address are not the peers' business.
-        let v = decide(&s, Origin::Host, ip("172.16.0.1"), ip("10.100.0.1"), |_| {
-            true
-        });
+        let v = decide(
+            &s,
+            Origin::Host,
+            ip("172.16.0.1"),
+            ip("10.100.0.1"),
+            |_| true,
+            is_phone,
+        );
         assert_eq!(v, Verdict::Local);
     }
 
@@ -677,7 +735,106 @@ mod tests {
             ip("10.100.0.1"),
             ip("10.200.0.2"),
             |_| false,
+            is_phone,
         );
         assert!(matches!(v, Verdict::Forward { peer: PHONE_1, .. }));
+    }
+
+    fn is_phone(p: PeerId) -> bool {
+        [PHONE_1, PHONE_2].contains(&p)
+    }
+
+    /// Phones are reached only through a gateway of their pool: another
+    /// router's packet to one is dropped whatever its protocol, as is one of
+    /// the gateways' to a pool they do not serve; what the gateway sends back
+    /// goes on.
+    #[test]
+    fn only_a_gateway_reaches_the_phones() {
+        let bypass = Verdict::drop(DropReason::GatewayBypass);
+        for dst in ["10.200.0.2", "10.200.0.3", "10.200.0.200"] {
+            assert_eq!(
+                from(ROUTER_A, "10.100.1.1", dst, &[GATEWAY]),
+                bypass,
+                "{dst}"
+            );
+            assert_eq!(
+                from(ROUTER_B, "10.100.1.2", dst, &[GATEWAY]),
+                bypass,
+                "{dst}"
+            );
+        }
+        for gateway in [GATEWAY, GATEWAY_2] {
+            assert!(matches!(
+                from(gateway, "198.18.0.1", "10.200.0.2", &[GATEWAY]),
+                Verdict::Forward { peer: PHONE_1, .. }
+            ));
+        }
+        // A second pool, served by GATEWAY_2 alone: GATEWAY is a bypass there.
+        let mut s = ktn();
+        s.routes.insert("10.201.0.2/32".parse().unwrap(), 6);
+        s.egress.push(Egress {
+            pool: "10.201.0.0/24".parse().unwrap(),
+            gateways: vec![GATEWAY_2],
+        });
+        let to_second = |p, src: &str| {
+            decide(
+                &s,
+                Origin::Peer(p),
+                ip(src),
+                ip("10.201.0.2"),
+                |_| true,
+                is_phone,
+            )
+        };
+        assert_eq!(to_second(GATEWAY, "10.100.0.40"), bypass);
+        assert!(matches!(
+            to_second(GATEWAY_2, "10.100.0.41"),
+            Verdict::Forward { peer: 6, .. }
+        ));
+        // Phones to phones go by their gateway, as everything they send.
+        assert!(matches!(
+            from(PHONE_1, "10.200.0.2", "10.200.0.3", &[GATEWAY]),
+            Verdict::Forward {
+                peer: GATEWAY,
+                rule: Rule::Egress { .. }
+            }
+        ));
+    }
+
+    /// A client the tunnel still holds after its pool's policy went (a change
+    /// lost on its way) has no way out: not by the server address, the host,
+    /// another router or another phone.
+    #[test]
+    fn a_client_outside_every_pool_goes_nowhere() {
+        let mut s = ktn();
+        s.egress.clear();
+        for dst in ["198.18.0.1", "10.100.1.1", "10.100.0.1", "10.200.0.3"] {
+            let v = decide(
+                &s,
+                Origin::Peer(PHONE_1),
+                ip("10.200.0.2"),
+                ip(dst),
+                |_| true,
+                is_phone,
+            );
+            assert_eq!(
+                v,
+                Verdict::Drop {
+                    reason: DropReason::EgressDown,
+                    wake: None
+                },
+                "to {dst}"
+            );
+        }
+        // Routers are routed as before.
+        let v = decide(
+            &s,
+            Origin::Peer(ROUTER_A),
+            ip("10.100.1.1"),
+            ip("10.100.1.2"),
+            |_| true,
+            is_phone,
+        );
+        assert!(matches!(v, Verdict::Forward { peer: ROUTER_B, .. }));
     }
 }

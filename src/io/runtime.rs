@@ -586,6 +586,20 @@ impl Runtime {
 
     /// Pushes the tenant's current peers and egress policy to its task.
     pub async fn sync(&mut self, tenant: &Tenant) -> Result<(), RuntimeError> {
+        let peers = self.sync_peers(tenant).await;
+        // The host's routes to the pools after the peers, and whatever the
+        // peers did: a route the kernel refuses costs the host its way to the
+        // phones, not the tunnel its peers, and a refused peer does not leave
+        // a pool routed that the tenant gave up. The supervisor tries a
+        // missing route again ([`Runtime::pools_routed`]).
+        let pools = self.sync_pools(tenant).await;
+        peers.and(pools.map_err(RuntimeError::PoolRoute))
+    }
+
+    /// The peer half of [`Self::sync`]: the tunnel takes `tenant`'s whole peer
+    /// set, egress policies and host routes; the tunnel counts as synced once
+    /// it did.
+    async fn sync_peers(&self, tenant: &Tenant) -> Result<(), RuntimeError> {
         let peers = tenant.peer_configs(self.settings.keepalive);
         let egress = tenant.egress_configs();
         // What the device routes back into the tunnel: the subnet, and the IPv6
@@ -620,13 +634,12 @@ impl Runtime {
         if peers.is_ok() {
             self.set_synced(&tenant.id, true);
         }
-        // The host's routes to the pools after the peers, and whatever the
-        // peers did: a route the kernel refuses costs the host its way to the
-        // phones, not the tunnel its peers, and a refused peer does not leave
-        // a pool routed that the tenant gave up. The supervisor tries a
-        // missing route again ([`Runtime::pools_routed`]).
-        let pools = self.sync_pools(tenant).await;
-        peers.and(pools.map_err(RuntimeError::PoolRoute))
+        peers
+    }
+
+    /// True while tunnel `id` may lack a change it was sent (see `unsynced`).
+    fn is_unsynced(&self, id: &Id) -> bool {
+        self.unsynced.lock().map_or(true, |set| set.contains(id))
     }
 
     /// TUN mode: true when the host routes exactly the tenant's pools into its
@@ -721,6 +734,12 @@ impl Runtime {
         tenant: &Tenant,
         peer: (PeerConfig, u32),
     ) -> Result<(), RuntimeError> {
+        // A tunnel that may have lost an earlier change takes the whole peer
+        // set instead: one change applied over a lost one could leave the two
+        // at odds (a deleted phone kept while its egress policy went).
+        if self.is_unsynced(&tenant.id) {
+            return self.sync_peers(tenant).await;
+        }
         let (reply, rx) = oneshot::channel();
         let egress = tenant.egress_configs();
         self.ask(
@@ -740,6 +759,10 @@ impl Runtime {
     /// longer has it: O(log n) in the tunnel's peers, where [`Self::sync`]
     /// re-sends all of them.
     pub async fn remove_peer(&self, tenant: &Tenant, key: [u8; 32]) -> Result<(), RuntimeError> {
+        // As in `upsert_peer`: over a lost change, the whole set.
+        if self.is_unsynced(&tenant.id) {
+            return self.sync_peers(tenant).await;
+        }
         let (reply, rx) = oneshot::channel();
         let egress = tenant.egress_configs();
         self.ask(&tenant.id, Command::Remove { key, egress, reply }, rx)
@@ -823,35 +846,8 @@ mod tests {
             Runtime::new(RuntimeSettings::loopback())
         };
         let id = Id::parse("acme", "id").unwrap();
-        // A port free when probed may be taken before the tunnel binds it:
-        // then the next one.
-        let tenant = (0..20)
-            .find_map(|_| {
-                let port = std::net::UdpSocket::bind("127.0.0.1:0")
-                    .and_then(|s| s.local_addr())
-                    .unwrap()
-                    .port();
-                let mut registry = Registry::new(
-                    AllocPolicy {
-                        first_port: port,
-                        ..AllocPolicy::default()
-                    },
-                    5,
-                );
-                let request = TenantRequest::default();
-                registry
-                    .put_tenant(&id, &request, std::time::SystemTime::now())
-                    .unwrap();
-                let tenant = registry.tenant(&id).unwrap().clone();
-                api.block_on(async {
-                    match runtime.bring_up(&tenant).await {
-                        Ok(()) => Some(tenant),
-                        Err(RuntimeError::Bind { .. }) => None,
-                        Err(e) => panic!("{e}"),
-                    }
-                })
-            })
-            .expect("a free port");
+        let (registry, _) = api.block_on(running_tenant(&mut runtime, &id, |_| {}));
+        let tenant = registry.tenant(&id).unwrap().clone();
         api.block_on(async {
             let here = tokio::runtime::Handle::current().metrics();
             assert_eq!(here.num_alive_tasks(), 0, "nothing runs on the API's");
@@ -872,5 +868,129 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
         tunnels.block_on(runtime.stop(&id));
+    }
+
+    /// A registry with tenant `id` (made ready by `prepare`), whose tunnel
+    /// `runtime` runs. A port free when probed may be taken before the tunnel
+    /// binds it: then the next one.
+    async fn running_tenant(
+        runtime: &mut Runtime,
+        id: &Id,
+        prepare: impl Fn(&mut Registry),
+    ) -> (Registry, u16) {
+        for _ in 0..20 {
+            let port = std::net::UdpSocket::bind("127.0.0.1:0")
+                .and_then(|s| s.local_addr())
+                .unwrap()
+                .port();
+            let policy = AllocPolicy {
+                first_port: port,
+                ..AllocPolicy::default()
+            };
+            let mut registry = Registry::new(policy, 5);
+            let request = TenantRequest::default();
+            registry
+                .put_tenant(id, &request, std::time::SystemTime::now())
+                .unwrap();
+            prepare(&mut registry);
+            match runtime.bring_up(registry.tenant(id).unwrap()).await {
+                Ok(()) => return (registry, port),
+                Err(RuntimeError::Bind { .. }) => continue,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        panic!("no free port");
+    }
+
+    /// A change that comes after one the tunnel may have lost (it did not
+    /// answer in time) hands over the whole peer set, not itself alone:
+    /// applied over the lost one, it could leave the tunnel with a phone whose
+    /// egress policy is gone.
+    #[tokio::test]
+    async fn a_change_after_a_lost_one_hands_over_the_whole_peer_set() {
+        use crate::control::model::{ClientRequest, EgressRequest, RouterRequest};
+        let mut runtime = Runtime::new(RuntimeSettings::loopback());
+        let id = Id::parse("acme", "id").unwrap();
+        let router = || {
+            let key = crate::keys::SecretKey::generate().public();
+            RouterRequest {
+                public_key: Some(crate::keys::encode(key.as_bytes())),
+                ..RouterRequest::default()
+            }
+        };
+        let (mut registry, _) = running_tenant(&mut runtime, &id, |r| {
+            r.put_router(&id, &Id::parse("gw", "id").unwrap(), &router())
+                .unwrap();
+            let egress = EgressRequest {
+                pool: "10.200.0.0/24".into(),
+                gateways: vec!["gw".into()],
+            };
+            r.put_egress(&id, &egress).unwrap();
+            let phone = ClientRequest {
+                public_key: router().public_key,
+                ..ClientRequest::default()
+            };
+            r.put_client(&id, &Id::parse("phone", "id").unwrap(), &phone)
+                .unwrap();
+        })
+        .await;
+        let keys = |snapshot: TunnelSnapshot| {
+            let mut keys: Vec<[u8; 32]> = snapshot.peers.iter().map(|p| p.public_key).collect();
+            keys.sort();
+            keys
+        };
+        let registered = |registry: &Registry| {
+            let mut keys: Vec<[u8; 32]> = registry
+                .tenant(&id)
+                .unwrap()
+                .peer_configs(None)
+                .iter()
+                .map(|(c, _)| *c.public_key.as_bytes())
+                .collect();
+            keys.sort();
+            keys
+        };
+        assert_eq!(keys(runtime.snapshot(&id).await.unwrap()).len(), 2);
+
+        // The phone's removal and the policy's are lost on their way.
+        registry
+            .delete_client(&id, &Id::parse("phone", "id").unwrap())
+            .unwrap();
+        registry.delete_egress(&id).unwrap();
+        runtime.set_synced(&id, false);
+
+        // The next change, a new router, brings the tunnel to the registry's set.
+        registry
+            .put_router(&id, &Id::parse("r2", "id").unwrap(), &router())
+            .unwrap();
+        let tenant = registry.tenant(&id).unwrap().clone();
+        let r2 = &tenant.routers[&Id::parse("r2", "id").unwrap()];
+        runtime.upsert_router(&tenant, r2).await.unwrap();
+        let held = keys(runtime.snapshot(&id).await.unwrap());
+        assert_eq!(
+            held,
+            registered(&registry),
+            "the phone is gone, r2 is there"
+        );
+        assert!(runtime.unsynced().is_empty());
+
+        // So does a removal: the gateway's, lost, goes with r2's.
+        let gone = registry
+            .delete_router(&id, &Id::parse("r2", "id").unwrap())
+            .unwrap();
+        registry
+            .delete_router(&id, &Id::parse("gw", "id").unwrap())
+            .unwrap();
+        runtime.set_synced(&id, false);
+        let tenant = registry.tenant(&id).unwrap().clone();
+        runtime
+            .remove_peer(&tenant, *gone.public_key.as_bytes())
+            .await
+            .unwrap();
+        assert_eq!(
+            keys(runtime.snapshot(&id).await.unwrap()),
+            Vec::<[u8; 32]>::new()
+        );
+        runtime.stop(&id).await;
     }
 }

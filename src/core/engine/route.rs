@@ -131,9 +131,14 @@ pub(super) fn route(
         Err(_) => return stats.drop(DropReason::Malformed),
     };
     let packet = &mut packet[..header.len];
-    let verdict = decide(routing, origin, header.src, header.dst, |g| {
-        peers.get(g).is_some_and(|p| p.is_live(now))
-    });
+    let verdict = decide(
+        routing,
+        origin,
+        header.src,
+        header.dst,
+        |g| peers.get(g).is_some_and(|p| p.is_live(now)),
+        |p| peers.get(p).is_some_and(|p| p.is_client()),
+    );
     match verdict {
         Verdict::Forward { peer, rule } => {
             let Some((endpoint, listed)) = peers.get(peer).map(|p| (p.endpoint, p.listed)) else {

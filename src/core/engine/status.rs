@@ -137,9 +137,14 @@ impl TunnelEngine {
                 verdict: ExplainVerdict::Drop(DropReason::SpoofedSource),
             };
         };
-        let verdict = decide(&self.routing, origin, src, dst, |g| {
-            self.peers.get(g).is_some_and(|p| p.is_live(now))
-        });
+        let verdict = decide(
+            &self.routing,
+            origin,
+            src,
+            dst,
+            |g| self.peers.get(g).is_some_and(|p| p.is_live(now)),
+            |p| self.peers.get(p).is_some_and(|p| p.is_client()),
+        );
         Explanation {
             from: match origin {
                 Origin::Peer(p) => Some(key(p)),

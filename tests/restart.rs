@@ -398,10 +398,21 @@ fn rekey_moves_the_state_to_a_new_master_key() {
     assert!(said.contains("another wgplane is running"), "{said}");
 
     let (state, api_port, first_port) = app.kill9();
+    // A copy kept before an upgrade is named: the old key still opens it.
+    let copy = state.path().join("state.db.v3");
+    std::fs::copy(state.path().join("state.db"), &copy).expect("a copy");
     let done = rekey(state.path());
     let said = String::from_utf8_lossy(&done.stdout);
     let err = String::from_utf8_lossy(&done.stderr);
     assert!(done.status.success(), "{said}{err}");
+    assert!(
+        said.contains(&format!(
+            "{} (kept before an upgrade) is still sealed under the old key",
+            copy.display()
+        )),
+        "{said}"
+    );
+    std::fs::remove_file(&copy).expect("removed");
     // The tunnel's key and the router's generated one.
     assert!(
         said.contains("2 keys (private and preshared) sealed"),

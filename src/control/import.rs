@@ -499,18 +499,14 @@ fn host_in(peer: &PeerSection, net: Ipv4Net, also: impl Fn(Ipv4Addr) -> bool) ->
 }
 
 /// The peer's id (from its name, else `<kind>-10-100-1-5` after its address)
-/// and its name, control characters made spaces.
+/// and its name (without control characters: the parser made them spaces).
 fn id_and_name(
     peer: &PeerSection,
     kind: &str,
     address: Ipv4Addr,
     taken: impl Fn(&Id) -> bool,
 ) -> Result<(Id, Option<String>), String> {
-    let name = peer.name.as_ref().map(|n| {
-        n.chars()
-            .map(|c| if c.is_control() { ' ' } else { c })
-            .collect::<String>()
-    });
+    let name = peer.name.clone();
     let by_address = Id::parse(
         &format!("{kind}-{}", address.to_string().replace('.', "-")),
         "id",

@@ -348,15 +348,21 @@ fn prefix(item: &str, line: usize, key: &'static str) -> Result<IpNet, WgConfErr
         })
 }
 
-/// The name in a `Name = …` or `Name: …` comment, if the comment is one.
+/// The name in a `Name = …` or `Name: …` comment, if the comment is one: at
+/// most 64 characters, control characters made spaces (it is shown in notes
+/// and errors on the operator's terminal, where an escape sequence would
+/// act).
 fn name_in(comment: &str) -> Option<String> {
     let text = comment.trim_start_matches('#').trim();
     let rest = text.get(..4).filter(|k| k.eq_ignore_ascii_case("name"))?;
     let rest = text[rest.len()..].trim_start();
-    let value = rest
+    let value: String = rest
         .strip_prefix('=')
         .or_else(|| rest.strip_prefix(':'))?
-        .trim();
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    let value = value.trim();
     (!value.is_empty()).then(|| value.chars().take(64).collect())
 }
 
@@ -530,6 +536,9 @@ PersistentKeepalive = 25
             ("# Names = x", None),
             ("# Name =", None),
             ("# branch-a", None),
+            // An escape sequence never reaches the terminal that shows it.
+            ("# Name = \x1b]0;pwned\x07\x1b[2JB", Some("]0;pwned  [2JB")),
+            ("# Name = \x1b\t", None),
         ] {
             let text = format!(
                 "[Interface]\n[Peer]\n{comment}\nPublicKey = HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw="

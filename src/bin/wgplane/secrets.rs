@@ -46,7 +46,43 @@ pub(crate) fn rekey(settings: &Settings, new_key_file: &Path) -> Result<()> {
         settings.master_key_file().display(),
         settings.state.master_key_env
     );
+    // The copies kept before upgrades are sealed under the old key, which
+    // whoever the rekey is against may still hold.
+    for copy in copies_before_upgrades(&database) {
+        println!(
+            "{} (kept before an upgrade) is still sealed under the old key: delete it once the \
+             upgrade has proved itself, or keep it as safe as the old key",
+            copy.display()
+        );
+    }
     Ok(())
+}
+
+/// The copies of `database` kept before schema upgrades (`state.db.v<N>`).
+fn copies_before_upgrades(database: &Path) -> Vec<std::path::PathBuf> {
+    let (Some(dir), Some(name)) = (database.parent(), database.file_name()) else {
+        return Vec::new();
+    };
+    let prefix = format!("{}.v", name.to_string_lossy());
+    let Ok(entries) = std::fs::read_dir(if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    }) else {
+        return Vec::new();
+    };
+    let mut copies: Vec<_> = entries
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            let file = e.file_name();
+            let file = file.to_string_lossy();
+            file.strip_prefix(&prefix)
+                .is_some_and(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .map(|e| e.path())
+        .collect();
+    copies.sort();
+    copies
 }
 
 /// Reads the API token, creating it (mode 0600, random) on first start.

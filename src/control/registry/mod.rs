@@ -443,7 +443,7 @@ fn parse_v4_net(text: &str, field: &'static str) -> Result<Ipv4Net, ControlError
 }
 
 fn validate_name(name: &str) -> Result<String, ControlError> {
-    if name.is_empty() || name.len() > 128 || name.chars().any(char::is_control) {
+    if name.is_empty() || name.chars().count() > 128 || name.chars().any(char::is_control) {
         return Err(ControlError::field(
             "name",
             "must be 1-128 characters without control characters",

@@ -274,6 +274,26 @@ fn a_single_address_a_router_routes_is_never_another_routers() {
 /// A router may not route loopback, link-local or multicast ranges (it could
 /// send from them and attract them), of either family; ordinary LANs, and
 /// larger routes that include such a range, are fine.
+/// A name is up to 128 characters, not bytes: a name in Chinese or Amharic
+/// fits as one in Latin letters does.
+#[test]
+fn names_are_counted_in_characters() {
+    let mut r = registry();
+    r.put_tenant(&id("a"), &Default::default(), now()).unwrap();
+    let named = |name: String| RouterRequest {
+        name: Some(name),
+        ..Default::default()
+    };
+    r.put_router(&id("a"), &id("r1"), &named("分店".repeat(64)))
+        .unwrap();
+    r.put_router(&id("a"), &id("r2"), &named("x".repeat(128)))
+        .unwrap();
+    for name in ["分".repeat(129), String::new(), "a\u{1b}b".into()] {
+        let e = r.put_router(&id("a"), &id("r3"), &named(name.clone()));
+        assert_eq!(e.unwrap_err().field_name(), Some("name"), "{name:?}");
+    }
+}
+
 #[test]
 fn a_router_routes_no_special_range() {
     let mut r = registry();

@@ -41,7 +41,7 @@ use crate::core::peer::PeerConfig;
 
 use host::{recv_host, recycle, take_host_packets};
 pub use host::{HostLink, HostOut};
-use read::{receive, Turns};
+use read::{wake_up, Io};
 use sink::TunnelSink;
 
 /// How often peer timers run: boringtun expects about every 250 ms.
@@ -71,8 +71,9 @@ const RECV_BATCH: usize = 64;
 
 /// Longest a tunnel keeps reading a busy socket before it lets the other tunnels
 /// on its worker thread run. Without it, a socket that stays readable (a flood, a
-/// handshake storm) keeps its task running until tokio's budget of 128 polls runs
-/// out: thousands of datagrams while a flow on another tunnel waits. Yielding is
+/// handshake storm) keeps its task running until tokio's budget of 128 units runs
+/// out (each read pays one: a socket's readiness pays none by itself):
+/// thousands of datagrams while a flow on another tunnel waits. Yielding is
 /// not free (tokio polls its driver and may wake an idle worker, which can take
 /// the task to another core), so a turn is long enough to keep that under 1 % of
 /// a busy tunnel's time.
@@ -237,6 +238,7 @@ pub async fn run(
     let mut read_first: Option<Instant> = None;
     loop {
         let mut backlog = false;
+        let mut socket_turn = false;
         // The stack's own timers (ACK delay, retransmits, keep-alive, TIME-WAIT)
         // need finer ticks than the peers' timers while it has connections,
         // forwarded or closing: only its polls forget the closed ones.
@@ -283,35 +285,10 @@ pub async fn run(
                     tracing::error!(tenant = %tenant, error = %e, "tunnel socket failed");
                     break;
                 }
-                let now = Instant::now();
                 read_first = None;
-                let mut sink = TunnelSink::new(&mut tx, host.device.is_some(), &mut host.out);
-                backlog = receive(&socket, &udp, &mut engine, now, &mut sink, &mut held);
-                // The data has left; the handshakes wait until the tunnels that
-                // are ready now have had their turn, and again after each turn.
-                if !held.is_empty() {
-                    let mut turns = Turns {
-                        socket: &socket,
-                        udp: &udp,
-                        engine: &mut engine,
-                        tx: &mut tx,
-                        host: host.device.is_some().then_some(&mut host.out),
-                        device: host.device.as_deref(),
-                        send_failures: &mut send_failures,
-                        length: HANDSHAKE_TURN,
-                        now,
-                        backlog,
-                    };
-                    held.release_in_turns(|step| turns.step(step)).await;
-                    backlog = turns.backlog;
-                }
-                // The biased select reaches the host's packets only once the
-                // socket is quiet: while it stays busy (a flood, a bulk
-                // upload), they go in the same wake-up instead of starving.
-                if backlog {
-                    let mut sink = TunnelSink::new(&mut tx, host.device.is_some(), &mut host.out);
-                    take_host_packets(&mut host.packets, &host.recycle, &mut engine, now, &mut sink, RECV_BATCH);
-                }
+                let io = Io { socket: &socket, udp: &udp, tx: &mut tx, send_failures: &mut send_failures };
+                backlog = wake_up(io, &mut engine, &mut host, &mut held, Instant::now()).await;
+                socket_turn = true;
             }
             packet = recv_host(&mut host.packets) => {
                 let Some(mut packet) = packet else { break };
@@ -350,6 +327,14 @@ pub async fn run(
             // tunnels on this worker run before reading on.
             turn = None;
             tokio::task::yield_now().await;
+        }
+        if socket_turn {
+            // A socket's readiness takes nothing from tokio's budget: one
+            // that another worker marks ready again during every pass (a
+            // steady flow, each pass short of a backlog) would keep this task
+            // from ever returning to the runtime. Each read pays a unit, so
+            // that the budget's end lets the worker's other tasks run.
+            tokio::task::consume_budget().await;
         }
     }
     tracing::debug!(tenant = %tenant, "tunnel task stopped");

@@ -16,9 +16,9 @@ use crate::core::engine::TunnelEngine;
 use crate::core::peer::{answerable, canonical_endpoint, Path};
 use crate::core::policy::DropReason;
 
-use super::host::HostOut;
+use super::host::{take_host_packets, HostLink, HostOut};
 use super::sink::TunnelSink;
-use super::{SendFailures, RECV_BATCH};
+use super::{SendFailures, HANDSHAKE_TURN, RECV_BATCH};
 
 thread_local! {
     /// Receive buffers, one set per worker thread: a tunnel task borrows them only
@@ -54,6 +54,66 @@ pub(super) fn receive(
         };
         read(socket, udp, &mut bufs, held, engine, now, sink)
     })
+}
+
+/// A tunnel's socket and what goes out through it, for one wake-up.
+pub(super) struct Io<'a> {
+    pub(super) socket: &'a TunnelSocket,
+    pub(super) udp: &'a quinn_udp::UdpSocketState,
+    pub(super) tx: &'a mut SendBatch,
+    pub(super) send_failures: &'a mut SendFailures,
+}
+
+/// A wake-up for a readable socket: what it holds goes to the engine, the
+/// held initiations in turns after the data, and then up to a batch of the
+/// host's packets (TUN mode). The host's packets are taken at every such
+/// wake-up, not only once the socket is quiet: the task's select looks at the
+/// socket first, and under a steady flow another worker may mark it ready
+/// again during every pass, so that the select would never reach them.
+/// Returns whether datagrams may still be waiting on the socket.
+pub(super) async fn wake_up(
+    io: Io<'_>,
+    engine: &mut TunnelEngine,
+    host: &mut HostLink,
+    held: &mut Deferred,
+    now: Instant,
+) -> bool {
+    let Io {
+        socket,
+        udp,
+        tx,
+        send_failures,
+    } = io;
+    let mut sink = TunnelSink::new(tx, host.device.is_some(), &mut host.out);
+    let mut backlog = receive(socket, udp, engine, now, &mut sink, held);
+    // The data has left; the handshakes wait until the tunnels that are
+    // ready now have had their turn, and again after each turn.
+    if !held.is_empty() {
+        let mut turns = Turns {
+            socket,
+            udp,
+            engine,
+            tx,
+            host: host.device.is_some().then_some(&mut host.out),
+            device: host.device.as_deref(),
+            send_failures,
+            length: HANDSHAKE_TURN,
+            now,
+            backlog,
+        };
+        held.release_in_turns(|step| turns.step(step)).await;
+        backlog = turns.backlog;
+    }
+    let mut sink = TunnelSink::new(tx, host.device.is_some(), &mut host.out);
+    take_host_packets(
+        &mut host.packets,
+        &host.recycle,
+        engine,
+        now,
+        &mut sink,
+        RECV_BATCH,
+    );
+    backlog
 }
 
 /// What a tunnel does at each step of handling its held initiations

@@ -1,7 +1,7 @@
 //! The tunnel task's parts, on loopback and in a private network namespace.
 
-use super::host::{self, HostOut};
-use super::read::{receive, Turns};
+use super::host::{self, HostLink, HostOut};
+use super::read::{self, receive, Turns};
 use super::sink::TunnelSink;
 use super::{HELD, RECV_BATCH};
 use crate::core::engine::TunnelEngine;
@@ -145,6 +145,49 @@ async fn host_packets_are_taken_up_to_the_limit() {
         5,
         "the rest, and no wait"
     );
+}
+
+/// A wake-up for the socket takes the host's queued packets too, even when it
+/// leaves no backlog: under a steady flow the socket may be ready again at
+/// every pass of the task, whose select looks at it first, so the host's
+/// packets must not wait for a quiet socket.
+#[tokio::test]
+async fn a_socket_wake_up_takes_the_hosts_packets_too() {
+    use crate::core::packet::build::ip_packet;
+    use crate::core::policy::DropReason;
+    let (socket, state) = tunnel_socket().await;
+    let sender = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind loopback");
+    let tunnel = socket.get_ref().local_addr().expect("address");
+    // One datagram, far from a backlog: not WireGuard, counted and dropped.
+    sender.send_to(&[0xee; 40], tunnel).expect("send");
+    socket.readable().await.expect("readable").retain_ready();
+    let (to_tunnel, from_host) = mpsc::channel(16);
+    for _ in 0..5 {
+        // To nobody in this tunnel: each is taken and counted as no_route.
+        let packet = ip_packet([172, 18, 0, 5].into(), [10, 100, 9, 9].into(), 8);
+        to_tunnel.try_send(packet).expect("room");
+    }
+    let mut host = HostLink {
+        packets: Some(from_host),
+        recycle: None,
+        device: None,
+        out: HostOut::default(),
+    };
+    let mut engine = TunnelEngine::new(server_key(), vec!["10.100.0.1".parse().expect("address")]);
+    let mut tx = SendBatch::new(1, false);
+    let mut failures = super::SendFailures::default();
+    let io = read::Io {
+        socket: &socket,
+        udp: &state,
+        tx: &mut tx,
+        send_failures: &mut failures,
+    };
+    let mut held = Deferred::new(HELD);
+    let backlog = read::wake_up(io, &mut engine, &mut host, &mut held, Instant::now()).await;
+    assert!(!backlog);
+    let stats = engine.stats();
+    assert_eq!(stats.rx_datagrams, 1);
+    assert_eq!(stats.dropped(DropReason::NoRoute), 5, "the host's packets");
 }
 
 /// A socket holding more than one turn's worth says so, and the rest is read

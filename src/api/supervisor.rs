@@ -57,7 +57,10 @@ pub async fn run(state: Arc<AppState>) {
 }
 
 /// One pass: tunnels that did not take a change in time are given the
-/// registry's whole peer set again, until one of them takes it.
+/// registry's whole peer set again, until one of them takes it; one that does
+/// not answer a question within [`PROBE_WAIT`](crate::io::runtime::PROBE_WAIT) is left for the next pass, so
+/// that a task stuck by a bug does not hold the control lock for a change's
+/// whole wait at every pass.
 pub(crate) async fn resync(state: &AppState) {
     let mut control = state.control.lock().await;
     let super::Control {
@@ -68,6 +71,9 @@ pub(crate) async fn resync(state: &AppState) {
         let Ok(tenant) = registry.tenant(&id) else {
             continue;
         };
+        if !runtime.answers(&id).await {
+            continue;
+        }
         if runtime.sync(tenant).await.is_ok() {
             tracing::info!(tenant = %id, "the tunnel answers again and took the stored peer set");
         }

@@ -42,6 +42,13 @@ pub const ANSWER_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 /// large tenant included).
 pub const CHANGE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// How long the supervisor's pass waits for a tunnel that did not take a
+/// change to show that it answers again, before handing it the whole peer
+/// set: a task that answers at all answers a question within a turn (a
+/// millisecond), and a stuck one then holds the pass, and the control lock,
+/// this long rather than [`CHANGE_WAIT`] every few seconds.
+pub const PROBE_WAIT: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// Why the runtime could not do what was asked.
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
@@ -777,6 +784,25 @@ impl Runtime {
     ) -> Result<Option<PeerStatus>, RuntimeError> {
         let (reply, rx) = oneshot::channel();
         self.ask(id, Command::PeerStatus { key, reply }, rx).await
+    }
+
+    /// Whether tunnel `id`'s task answers a question (one peer's status)
+    /// within [`PROBE_WAIT`].
+    pub async fn answers(&self, id: &Id) -> bool {
+        let Some(handle) = self.tunnels.get(id) else {
+            return false;
+        };
+        let (reply, rx) = oneshot::channel();
+        let asked = async {
+            let command = Command::PeerStatus {
+                key: [0; 32],
+                reply,
+            };
+            handle.commands.send(command).await.is_ok() && rx.await.is_ok()
+        };
+        tokio::time::timeout(PROBE_WAIT, asked)
+            .await
+            .unwrap_or(false)
     }
 
     /// Peer statuses and counters of one tunnel.

@@ -269,7 +269,7 @@ mod tests {
     /// down; a question or a change is given up too, and answered `503`.
     #[tokio::test(start_paused = true)]
     async fn a_stuck_tunnel_holds_up_no_scrape() {
-        use crate::io::runtime::{RuntimeError, ANSWER_WAIT, CHANGE_WAIT};
+        use crate::io::runtime::{RuntimeError, ANSWER_WAIT, CHANGE_WAIT, PROBE_WAIT};
         let f = crate::api::testing::fixture().await;
         let (heard, queue) = f
             .state
@@ -319,7 +319,13 @@ mod tests {
         // the supervisor's next pass gives it the whole stored peer set.
         assert_eq!(control.runtime.unsynced(), std::slice::from_ref(&f.acme));
         drop(control);
+        let started = tokio::time::Instant::now();
         crate::api::supervisor::resync(&f.state).await;
+        assert_eq!(
+            started.elapsed(),
+            PROBE_WAIT,
+            "the pass waited for the deaf tunnel only as long as a probe"
+        );
         let unsynced = || async { f.state.control.lock().await.runtime.unsynced() };
         assert_eq!(unsynced().await.len(), 1, "still deaf");
         f.state

@@ -4,7 +4,8 @@
 //! server addresses, the prefixes of its peers and its egress policies. [`decide`]
 //! applies the rules of ARCHITECTURE.md in order to one packet that arrived decrypted
 //! from a peer. Nothing here looks at another tunnel, reads a clock or touches a
-//! socket: liveness of gateways is asked through a closure.
+//! socket: whether a gateway is live, and whether a peer is a client, are asked
+//! through closures.
 
 use std::net::{IpAddr, Ipv4Addr};
 
